@@ -1,0 +1,45 @@
+//! dpllm's inference engine.
+//!
+//! - [`cpu`]: hand-written CPU kernels (SIMD dot products, GEMV/GEMM, attention, ...).
+//! - [`linear`]: the [`linear::Linear`] interface every weight format implements.
+//! - [`model`]: the transformer and its forward pass with a [`kv_cache::KvCache`].
+//! - [`sampler`], [`tokenizer`], [`chat_template`]: turning logits and text into each other.
+//! - [`generate`]: the decoding loop used by the CLI and the server.
+
+// pub mod chat_template;
+pub mod cpu;
+// pub mod generate;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+// pub mod sampler;
+// pub mod tokenizer;
+
+pub use kv_cache::KvCache;
+pub use model::Model;
+
+/// Errors of a forward pass on valid weights (bad requests, not bad files).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No tokens given.
+    #[error("empty input: at least one token is needed")]
+    EmptyInput,
+    /// A token id is not in the vocabulary.
+    #[error("token id {token} is out of range for a vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The id.
+        token: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// The context window is full.
+    #[error("context full: {have} positions cached + {add} new > capacity {capacity}")]
+    ContextFull {
+        /// Positions already cached.
+        have: usize,
+        /// Positions requested.
+        add: usize,
+        /// Cache capacity.
+        capacity: usize,
+    },
+}

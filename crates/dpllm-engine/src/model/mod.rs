@@ -1,0 +1,116 @@
+//! The decoder-only transformer (Llama family layout) and its forward pass.
+
+mod forward;
+mod loader;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dpllm_format::{ModelConfig, TensorData};
+
+use crate::cpu::rope::Rope;
+use crate::kv_cache::KvCache;
+use crate::linear::{DenseLinear, Linear};
+
+/// Query/key/value projections: three matrices, or one fused (Phi-3).
+pub enum QkvProj {
+    /// Separate q, k, v projections.
+    Separate {
+        /// Query projection.
+        q: Box<dyn Linear>,
+        /// Key projection.
+        k: Box<dyn Linear>,
+        /// Value projection.
+        v: Box<dyn Linear>,
+    },
+    /// One [q + 2·kv, hidden] projection.
+    Fused(Box<dyn Linear>),
+}
+
+/// Gate/up projections of the SwiGLU MLP: two matrices, or one fused (Phi-3).
+pub enum GateUpProj {
+    /// Separate gate and up projections.
+    Separate {
+        /// Gate projection.
+        gate: Box<dyn Linear>,
+        /// Up projection.
+        up: Box<dyn Linear>,
+    },
+    /// One [2·intermediate, hidden] projection (gate rows first).
+    Fused(Box<dyn Linear>),
+}
+
+/// One transformer block.
+pub struct Block {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// q/k/v projections.
+    pub qkv: QkvProj,
+    /// Per-head RMSNorm weights on q and k (Qwen3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Attention output projection.
+    pub o_proj: Box<dyn Linear>,
+    /// RMSNorm before the MLP.
+    pub mlp_norm: Vec<f32>,
+    /// gate/up projections.
+    pub gate_up: GateUpProj,
+    /// MLP down projection.
+    pub down_proj: Box<dyn Linear>,
+}
+
+impl Block {
+    /// Every linear of the block with a short name, in execution order.
+    pub fn linears(&self) -> Vec<(&'static str, &dyn Linear)> {
+        let mut v: Vec<(&'static str, &dyn Linear)> = Vec::new();
+        match &self.qkv {
+            QkvProj::Separate { q, k, v: vv } => {
+                v.push(("q_proj", q.as_ref()));
+                v.push(("k_proj", k.as_ref()));
+                v.push(("v_proj", vv.as_ref()));
+            }
+            QkvProj::Fused(f) => v.push(("qkv_proj", f.as_ref())),
+        }
+        v.push(("o_proj", self.o_proj.as_ref()));
+        match &self.gate_up {
+            GateUpProj::Separate { gate, up } => {
+                v.push(("gate_proj", gate.as_ref()));
+                v.push(("up_proj", up.as_ref()));
+            }
+            GateUpProj::Fused(f) => v.push(("gate_up_proj", f.as_ref())),
+        }
+        v.push(("down_proj", self.down_proj.as_ref()));
+        v
+    }
+}
+
+/// A loaded causal language model.
+pub struct Model {
+    /// Validated config.
+    pub config: ModelConfig,
+    /// Directory it was loaded from.
+    pub dir: PathBuf,
+    embed: Arc<TensorData>,
+    /// Transformer blocks.
+    pub blocks: Vec<Block>,
+    final_norm: Vec<f32>,
+    lm_head: DenseLinear,
+    rope: Rope,
+}
+
+impl Model {
+    /// A fresh KV cache sized for `capacity` positions (at most the trained context unless asked).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity)
+    }
+
+    /// Bytes of weights read to decode one token (all linears and the lm_head).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(|(_, l)| l.weight_bytes()).sum();
+        blocks + self.lm_head.weight_bytes()
+    }
+
+    /// Storage type of the embedding (and the dense weights of a plain checkpoint).
+    pub fn weight_dtype(&self) -> dpllm_format::DType {
+        self.embed.dtype()
+    }
+}

@@ -1,0 +1,20 @@
+//! Model configs and checkpoint files in the Hugging Face layout.
+//!
+//! This crate knows how models are stored, not how they run: it parses
+//! `config.json` into a [`ModelConfig`], finds and memory-maps the safetensors
+//! shards of a checkpoint directory ([`Checkpoint`]) and hands out tensors as
+//! owned, typed buffers ([`TensorData`]). Every failure names the file and what
+//! is wrong with it ([`FormatError`]).
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod tensor;
+
+pub use checkpoint::{Checkpoint, TensorInfo};
+pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use error::FormatError;
+pub use tensor::{DType, TensorData};
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, FormatError>;
