@@ -1,2 +1,71 @@
-//! placeholder
-fn main() {}
+//! `dpllm`: run, measure and (soon) quantize Hugging Face causal LMs on CPU.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// dpllm: an any-precision LLM inference engine.
+#[derive(Parser)]
+#[command(name = "dpllm", version, about, long_about = None)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a model's architecture, parameter count, tensor dtypes and memory.
+    Inspect(commands::inspect::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
+    /// Perplexity of a text file over non-overlapping chunks.
+    Perplexity(commands::perplexity::Args),
+    /// Benchmarks (print a table with units, optionally write JSON).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("DPLLM_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
+            eprintln!("error: cannot set up {t} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Perplexity(a) => commands::perplexity::run(a),
+        Command::Bench(b) => commands::bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A model directory argument, checked to exist.
+pub(crate) fn model_dir(p: &PathBuf) -> anyhow::Result<&PathBuf> {
+    if !p.is_dir() {
+        anyhow::bail!("model directory {} not found", p.display());
+    }
+    Ok(p)
+}

@@ -6,14 +6,14 @@
 //! - [`sampler`], [`tokenizer`], [`chat_template`]: turning logits and text into each other.
 //! - [`generate`]: the decoding loop used by the CLI and the server.
 
-// pub mod chat_template;
+pub mod chat_template;
 pub mod cpu;
-// pub mod generate;
+pub mod generate;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
-// pub mod sampler;
-// pub mod tokenizer;
+pub mod sampler;
+pub mod tokenizer;
 
 pub use kv_cache::KvCache;
 pub use model::Model;

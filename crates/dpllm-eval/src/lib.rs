@@ -1,1 +1,6 @@
-//! placeholder
+//! Measurements of a model: perplexity on real text, memory bandwidth, decode speed.
+
+pub mod bandwidth;
+pub mod bench_decode;
+pub mod perplexity;
+pub mod report;

@@ -6,11 +6,13 @@
 //! owned, typed buffers ([`TensorData`]). Every failure names the file and what
 //! is wrong with it ([`FormatError`]).
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod tensor;
 
+pub use atomic::{write_atomic, write_atomic_with};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;

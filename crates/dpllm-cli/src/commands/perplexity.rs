@@ -1,0 +1,41 @@
+//! `dpllm perplexity MODEL --text FILE`.
+
+use std::path::PathBuf;
+
+use dpllm_eval::perplexity::perplexity;
+
+/// Arguments of `perplexity`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory.
+    pub model: PathBuf,
+    /// UTF-8 text file to evaluate (e.g. ../shared/data/docs/test.txt).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens per chunk (non-overlapping; the tail shorter than one chunk is dropped).
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Evaluate at most this many chunks.
+    #[arg(long)]
+    pub max_chunks: Option<usize>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Tokenize the file, evaluate, print the result.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
+    let (model, tok) = super::load(&a.model)?;
+    let ids = tok.encode(&text, true)?;
+    eprintln!("{} tokens from {}", ids.len(), a.text.display());
+    let r = perplexity(&model, &ids, a.ctx, a.max_chunks, true)?;
+    println!(
+        "perplexity {:.4}  (mean NLL {:.4} nats, {} chunks x {} tokens, {} predictions, {:.1} tok/s)",
+        r.perplexity, r.mean_nll, r.chunks, r.ctx, r.predictions, r.tokens_per_sec
+    );
+    if let Some(p) = &a.json {
+        dpllm_eval::report::write_json(p, &r)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Perplexity over non-overlapping chunks (the GPTQ / Any-Precision protocol).
+//!
+//! The token stream is cut into `len / ctx` chunks of exactly `ctx` tokens (the
+//! tail is dropped); each chunk runs from an empty cache, and every position but
+//! the last predicts the next token. Perplexity = exp(mean NLL over all
+//! predictions).
+
+use std::time::Instant;
+
+use dpllm_engine::Model;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Rows of logits materialized at once (bounds memory for large vocabularies).
+const LOGIT_BLOCK: usize = 128;
+
+/// Result of a perplexity run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Perplexity {
+    /// exp(mean negative log-likelihood).
+    pub perplexity: f64,
+    /// Mean negative log-likelihood (nats per token).
+    pub mean_nll: f64,
+    /// Chunks evaluated.
+    pub chunks: usize,
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// Next-token predictions scored.
+    pub predictions: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Tokens processed per second.
+    pub tokens_per_sec: f64,
+}
+
+/// Σ −log softmax(logits)[target] for rows of logits [rows × vocab].
+pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
+    logits
+        .chunks(vocab)
+        .zip(targets)
+        .map(|(row, &t)| {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+            m + z.ln() - row[t as usize] as f64
+        })
+        .sum()
+}
+
+/// Perplexity of `model` on `tokens` with chunks of `ctx` tokens; at most `max_chunks` chunks when given.
+pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool) -> anyhow::Result<Perplexity> {
+    if ctx < 2 {
+        anyhow::bail!("--ctx must be at least 2 (got {ctx})");
+    }
+    let max_ctx = model.config.max_position_embeddings;
+    if ctx > max_ctx {
+        anyhow::bail!("--ctx {ctx} exceeds the model's context window of {max_ctx} tokens");
+    }
+    let mut chunks = tokens.len() / ctx;
+    if chunks == 0 {
+        anyhow::bail!("the text has only {} tokens, fewer than one chunk of --ctx {ctx}", tokens.len());
+    }
+    if let Some(m) = max_chunks {
+        chunks = chunks.min(m.max(1));
+    }
+    let bar = if progress { ProgressBar::new(chunks as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta} left)")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    let vocab = model.config.vocab_size;
+    let d = model.config.hidden_size;
+    let t0 = Instant::now();
+    let mut total = 0f64;
+    let mut count = 0usize;
+    for c in 0..chunks {
+        let chunk = &tokens[c * ctx..(c + 1) * ctx];
+        let mut cache = model.new_cache(ctx);
+        let hidden = model.forward_hidden(chunk, &mut cache)?;
+        for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
+            let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
+            let logits = model.logits(&hidden[r0 * d..r1 * d]);
+            total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
+            count += r1 - r0;
+        }
+        bar.set_message(format!("ppl {:.3}", (total / count as f64).exp()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let mean_nll = total / count as f64;
+    Ok(Perplexity {
+        perplexity: mean_nll.exp(),
+        mean_nll,
+        chunks,
+        ctx,
+        predictions: count,
+        seconds,
+        tokens_per_sec: (chunks * ctx) as f64 / seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nll_of_uniform_and_peaked_rows() {
+        let v = 4;
+        let uniform = vec![0.0f32; v];
+        assert!((nll_sum(&uniform, v, &[2]) - (4f64).ln()).abs() < 1e-12);
+        let peaked = vec![0.0f32, 0.0, 100.0, 0.0];
+        assert!(nll_sum(&peaked, v, &[2]) < 1e-12);
+        assert!((nll_sum(&peaked, v, &[0]) - 100.0).abs() < 1e-9);
+    }
+}
