@@ -38,6 +38,7 @@ impl TensorInfo {
 struct Shard {
     path: PathBuf,
     map: Mmap,
+    metadata: HashMap<String, String>,
 }
 
 /// All safetensors shards of a model directory, indexed by tensor name.
@@ -135,6 +136,9 @@ impl Checkpoint {
         let st = SafeTensors::deserialize(&map).map_err(|e| {
             FormatError::invalid(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
         })?;
+        let (_, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| FormatError::invalid(path, format!("not a valid safetensors header: {e}")))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
         let base = map.as_ptr() as usize;
         let infos = st
             .tensors()
@@ -151,7 +155,7 @@ impl Checkpoint {
                 (name, info)
             })
             .collect();
-        Ok((Shard { path: path.into(), map }, infos))
+        Ok((Shard { path: path.into(), map, metadata }, infos))
     }
 
     /// The model directory.
@@ -162,6 +166,16 @@ impl Checkpoint {
     /// Paths of the shard files.
     pub fn shard_paths(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// The `__metadata__` string map of the first shard (empty when absent).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.shards[0].metadata
+    }
+
+    /// Path of the shard that holds a tensor.
+    pub fn shard_path_of(&self, info: &TensorInfo) -> &Path {
+        &self.shards[info.shard].path
     }
 
     /// Metadata of a tensor, if present.

@@ -10,6 +10,8 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod st_writer;
+pub mod anyprec;
 pub mod tensor;
 
 pub use atomic::{write_atomic, write_atomic_with};

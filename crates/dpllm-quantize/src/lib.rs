@@ -4,7 +4,9 @@
 //! - [`kmeans`]: exact sensitivity-weighted 1-D k-means (the 3-bit seed).
 //! - [`upscale`]: incremental upscaling by optimal weighted 2-way splits, giving
 //!   nested indices: the top b bits of the 8-bit index are the b-bit index.
+//! - [`sensitivity`]: the diagonal Fisher (squared LM-loss gradients) of every quantized weight.
 
 pub mod kmeans;
+pub mod sensitivity;
 pub mod sorted_row;
 pub mod upscale;

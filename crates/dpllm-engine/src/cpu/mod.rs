@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bitplane;
 pub mod dot;
 pub mod matmul;
 pub mod norm;

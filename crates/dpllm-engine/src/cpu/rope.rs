@@ -62,6 +62,31 @@ impl Rope {
             }
         });
     }
+
+    /// The inverse rotation (by −angle) of `x` [n × heads × head_dim], i.e. the
+    /// transpose of [`Rope::apply`]: back-propagates a gradient through RoPE.
+    pub fn apply_inverse(&self, x: &mut [f32], heads: usize, pos0: usize) {
+        let hd = self.head_dim;
+        let half = self.rot_dim / 2;
+        x.par_chunks_mut(heads * hd).enumerate().for_each(|(t, tok)| {
+            let pos = (pos0 + t) as f64;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = self
+                .inv_freq
+                .iter()
+                .map(|f| {
+                    let a = pos * f;
+                    (a.cos() as f32, a.sin() as f32)
+                })
+                .unzip();
+            for h in tok.chunks_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = (h[i], h[i + half]);
+                    h[i] = a * cos[i] + b * sin[i];
+                    h[i + half] = b * cos[i] - a * sin[i];
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

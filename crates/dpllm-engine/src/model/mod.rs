@@ -109,6 +109,26 @@ impl Model {
         blocks + self.lm_head.weight_bytes()
     }
 
+    /// The embedding matrix [vocab × hidden] as f32.
+    pub fn embedding_f32(&self) -> Vec<f32> {
+        self.embed.to_f32()
+    }
+
+    /// Weights of the final RMSNorm.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.final_norm
+    }
+
+    /// The output projection [vocab × hidden] (the embedding when tied).
+    pub fn lm_head(&self) -> &DenseLinear {
+        &self.lm_head
+    }
+
+    /// The model's rotary embedding.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// Storage type of the embedding (and the dense weights of a plain checkpoint).
     pub fn weight_dtype(&self) -> dpllm_format::DType {
         self.embed.dtype()

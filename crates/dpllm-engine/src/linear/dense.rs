@@ -1,24 +1,11 @@
-//! Linear layers behind one interface, so dense and quantized weights plug into the same model.
+//! Dense f32 / f16 / bf16 weights.
 
 use std::sync::Arc;
 
 use dpllm_format::TensorData;
 
+use super::{add_bias, Linear};
 use crate::cpu::matmul::matmul_dense;
-
-/// A linear map `y = x·Wᵀ (+ b)` with W of shape [out × in].
-pub trait Linear: Send + Sync {
-    /// Output features (rows of W).
-    fn out_features(&self) -> usize;
-    /// Input features (columns of W).
-    fn in_features(&self) -> usize;
-    /// `y [n × out] = x [n × in] · Wᵀ (+ b)`.
-    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
-    /// Bytes of weight storage read by one full forward (for bandwidth accounting).
-    fn weight_bytes(&self) -> usize;
-    /// Short description of the storage ("bf16", "f32", ...).
-    fn storage(&self) -> String;
-}
 
 /// A dense weight in its stored float type (f32, f16 or bf16).
 pub struct DenseLinear {
@@ -53,18 +40,18 @@ impl Linear for DenseLinear {
     }
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         matmul_dense(&self.weight, self.rows, self.cols, x, n, y);
-        if let Some(b) = &self.bias {
-            for row in y.chunks_mut(self.rows) {
-                for (a, c) in row.iter_mut().zip(b) {
-                    *a += c;
-                }
-            }
-        }
+        add_bias(y, self.bias.as_deref());
     }
     fn weight_bytes(&self) -> usize {
         self.weight.nbytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
     fn storage(&self) -> String {
         self.weight.dtype().name().to_lowercase()
+    }
+    fn weight_f32(&self) -> Vec<f32> {
+        self.weight.to_f32()
+    }
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
 }

@@ -1,0 +1,377 @@
+//! End-to-end tests of the `dpllm` binary on tiny random-weight models (written by
+//! dpllm-testkit) and, when present, the real `docs-llama-12m` model in ../shared.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
+use safetensors::Dtype;
+use tempfile::TempDir;
+
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Run `dpllm --threads 2 ARGS...`.
+fn dpllm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dpllm"))
+        .arg("--threads")
+        .arg("2")
+        .args(args)
+        .env_remove("DPLLM_LOG")
+        .output()
+        .expect("cannot start the dpllm binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Run and require success; returns (stdout, stderr).
+fn ok(args: &[&str]) -> (String, String) {
+    let o = dpllm(args);
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(o.status.success(), "dpllm {args:?} failed ({:?})\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    (out, err)
+}
+
+/// Run and require a clean failure (non-zero, not a panic, `error:` on stderr
+/// containing every phrase); returns stderr.
+fn fails(args: &[&str], phrases: &[&str]) -> String {
+    let o = dpllm(args);
+    let err = stderr(&o);
+    let code = o.status.code();
+    assert!(!o.status.success(), "dpllm {args:?} should fail\nstdout:\n{}\nstderr:\n{err}", stdout(&o));
+    assert!(code.is_some() && code != Some(101), "dpllm {args:?} exited with {code:?} (panic?)\nstderr:\n{err}");
+    assert!(!err.contains("panicked"), "dpllm {args:?} panicked:\n{err}");
+    assert!(err.contains("error:"), "dpllm {args:?}: no `error:` on stderr:\n{err}");
+    for p in phrases {
+        assert!(err.contains(p), "dpllm {args:?}: stderr lacks {p:?}:\n{err}");
+    }
+    err
+}
+
+/// A temporary directory holding a tiny model written from `spec` in `DIR/model`.
+fn tiny(spec: &TinySpec, seed: u64) -> (TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("model");
+    write_tiny_model(&m, spec, seed).unwrap();
+    (t, m)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Parameter count implied by the spec, computed from the family's layout (independently of the testkit).
+fn expected_params(spec: &TinySpec) -> usize {
+    let (d, v, i, l) = (spec.hidden, TINY_VOCAB, spec.intermediate, spec.layers);
+    let hd = d / spec.heads;
+    let (q, kv) = (spec.heads * hd, spec.kv_heads * hd);
+    let mut block = 2 * d + (q + 2 * kv) * d + d * q + 3 * i * d;
+    match spec.arch {
+        "Qwen2ForCausalLM" => block += q + 2 * kv,
+        "Qwen3ForCausalLM" => block += 2 * hd,
+        _ => {}
+    }
+    let embed = v * d * if spec.tie_embeddings { 1 } else { 2 };
+    embed + d + l * block
+}
+
+/// A few KB of English-like text.
+fn sample_text() -> String {
+    let words = [
+        "the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "standard", "output", "while", "each",
+        "layer", "keeps", "its", "cache", "of", "keys", "values", "for", "every", "position", "in", "context",
+    ];
+    let mut out = String::new();
+    let mut x: u64 = 12345;
+    while out.len() < 4096 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        out.push_str(words[(x >> 33) as usize % words.len()]);
+        out.push(if (x >> 20) % 11 == 0 { '\n' } else { ' ' });
+    }
+    out
+}
+
+fn json_file(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn family_specs() -> Vec<TinySpec> {
+    vec![
+        TinySpec::default(),
+        TinySpec { dtype: Dtype::F16, tie_embeddings: true, ..TinySpec::with_arch("MistralForCausalLM") },
+        TinySpec { dtype: Dtype::F32, shards: 2, ..TinySpec::with_arch("Qwen2ForCausalLM") },
+        TinySpec { tie_embeddings: true, shards: 3, layers: 3, ..TinySpec::with_arch("Qwen3ForCausalLM") },
+        TinySpec { dtype: Dtype::F16, heads: 8, kv_heads: 4, hidden: 64, intermediate: 96, ..TinySpec::with_arch("Phi3ForCausalLM") },
+    ]
+}
+
+// ---------------------------------------------------------------- inspect
+
+#[test]
+fn inspect_every_family_reports_architecture_and_exact_parameters() {
+    for spec in family_specs() {
+        let (_t, m) = tiny(&spec, 1);
+        let (out, _) = ok(&["inspect", s(&m)]);
+        let want = expected_params(&spec);
+        assert!(out.contains(&format!("architecture   {}", spec.arch)), "{}:\n{out}", spec.arch);
+        assert!(out.contains(&format!("parameters     {want} (")), "{}: expected {want} parameters:\n{out}", spec.arch);
+        assert!(out.contains(&format!("in {} shard(s)", spec.shards)), "{}:\n{out}", spec.arch);
+        assert!(out.contains(&format!("vocab          {TINY_VOCAB}")), "{out}");
+        // --tensors lists every tensor of the family's layout.
+        let (out, _) = ok(&["inspect", s(&m), "--tensors"]);
+        for (name, _) in spec.tensor_shapes() {
+            assert!(out.contains(&name), "{}: --tensors lacks {name}:\n{out}", spec.arch);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- generate
+
+#[test]
+fn generate_every_family_runs() {
+    for spec in family_specs() {
+        let (_t, m) = tiny(&spec, 2);
+        let (out, err) = ok(&["generate", s(&m), "--prompt", "hello", "--max-tokens", "4", "--ignore-eos"]);
+        assert!(out.starts_with("hello"), "{}: {out}", spec.arch);
+        // 5 byte tokens + <s>.
+        assert!(err.contains("prompt 6 tokens"), "{}: {err}", spec.arch);
+        assert!(err.contains("generated 4 tokens"), "{}: {err}", spec.arch);
+        assert!(err.contains(spec.arch), "{err}");
+    }
+}
+
+#[test]
+fn generate_is_deterministic_greedy_and_seeded() {
+    let (_t, m) = tiny(&TinySpec::default(), 3);
+    let base = ["generate", s(&m), "--prompt", "Once upon a time", "--max-tokens", "20", "--ignore-eos"];
+    let greedy1 = ok(&base).0;
+    let greedy2 = ok(&base).0;
+    assert!(greedy1.starts_with("Once upon a time"), "{greedy1}");
+    assert_eq!(greedy1, greedy2, "greedy decoding must be deterministic");
+
+    let sampled = |seed: &str| {
+        let mut a = base.to_vec();
+        a.extend([
+            "--temperature", "1.0", "--top-k", "100", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", seed,
+        ]);
+        ok(&a).0
+    };
+    let a1 = sampled("42");
+    let a2 = sampled("42");
+    assert_eq!(a1, a2, "same seed must give the same sample");
+    let b = sampled("7");
+    assert_ne!(a1, b, "different seeds gave the same 20 sampled tokens");
+}
+
+#[test]
+fn generate_max_tokens_with_ignore_eos() {
+    let (_t, m) = tiny(&TinySpec::default(), 4);
+    let (_, err) = ok(&["generate", s(&m), "--prompt", "abc", "--max-tokens", "5", "--ignore-eos"]);
+    assert!(err.contains("generated 5 tokens"), "{err}");
+    assert!(err.contains("stop: max tokens"), "{err}");
+    // A context of 16 positions stops generation early instead of failing.
+    let (_t2, m2) = tiny(&TinySpec { max_positions: 16, ..TinySpec::default() }, 4);
+    let (_, err) = ok(&["generate", s(&m2), "--prompt", "abc", "--max-tokens", "50", "--ignore-eos"]);
+    assert!(err.contains("stop: context full") || err.contains("generated 12 tokens"), "{err}");
+}
+
+#[test]
+fn generate_chat_uses_the_template() {
+    let spec = TinySpec { chat_template: Some(CHATML.to_string()), ..TinySpec::default() };
+    let (_t, m) = tiny(&spec, 5);
+    let (out, err) = ok(&["generate", s(&m), "--prompt", "hi", "--chat", "--max-tokens", "3", "--ignore-eos"]);
+    // Rendered without BOS; one byte-level token per byte.
+    let rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+    assert!(err.contains(&format!("prompt {} tokens", rendered.len())), "{err}");
+    assert!(err.contains("generated 3 tokens"), "{err}");
+    assert!(!out.starts_with("hi"), "--chat must not echo the prompt: {out:?}");
+    let (_, err) = ok(&[
+        "generate", s(&m), "--prompt", "hi", "--chat", "--system", "Be brief.", "--max-tokens", "2", "--ignore-eos",
+    ]);
+    let rendered_sys = format!("<|im_start|>system\nBe brief.<|im_end|>\n{rendered}");
+    assert!(err.contains(&format!("prompt {} tokens", rendered_sys.len())), "{err}");
+}
+
+#[test]
+fn generate_chat_without_template_fails() {
+    let (_t, m) = tiny(&TinySpec::default(), 6);
+    fails(&["generate", s(&m), "--prompt", "hi", "--chat", "--max-tokens", "3"], &["chat_template"]);
+}
+
+// ---------------------------------------------------------------- perplexity
+
+#[test]
+fn perplexity_on_tiny_model_writes_json() {
+    let (t, m) = tiny(&TinySpec::default(), 8);
+    let text = t.path().join("text.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let json = t.path().join("ppl.json");
+    let (out, _) =
+        ok(&["perplexity", s(&m), "--text", s(&text), "--ctx", "32", "--max-chunks", "3", "--json", s(&json)]);
+    assert!(out.contains("perplexity"), "{out}");
+    assert!(out.contains("3 chunks x 32 tokens"), "{out}");
+    let v = json_file(&json);
+    let ppl = v["perplexity"].as_f64().expect("perplexity field");
+    assert!(ppl.is_finite() && ppl > 1.0, "perplexity {ppl}");
+    assert_eq!(v["chunks"], 3);
+    assert_eq!(v["predictions"], 3 * 31);
+}
+
+// ---------------------------------------------------------------- bench
+
+#[test]
+fn bench_decode_prints_units_and_writes_json() {
+    let (t, m) = tiny(&TinySpec::default(), 9);
+    let json = t.path().join("bench.json");
+    let (out, _) = ok(&[
+        "bench", "decode", s(&m), "--prompt-tokens", "8", "--tokens", "4", "--bandwidth-mib", "8", "--json", s(&json),
+    ]);
+    assert!(out.contains("tok/s") && out.contains("GB/s"), "{out}");
+    let v = json_file(&json);
+    let tps = v["decode_tokens_per_sec"].as_f64().expect("decode_tokens_per_sec");
+    assert!(tps.is_finite() && tps > 0.0, "{v}");
+    assert!(v["weight_bytes_per_token"].as_u64().unwrap() > 0, "{v}");
+}
+
+// ---------------------------------------------------------------- bad inputs
+
+#[test]
+fn bad_model_directories_are_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("no-such-model");
+    fails(&["inspect", s(&missing)], &["no-such-model", "not found"]);
+    fails(&["generate", s(&missing), "--prompt", "x"], &["not found"]);
+
+    // Unsupported architecture.
+    let (_t, m) = tiny(&TinySpec::default(), 10);
+    let cfg = m.join("config.json");
+    let mut v = json_file(&cfg);
+    v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    fails(&["inspect", s(&m)], &["GPT2LMHeadModel", "unsupported architecture"]);
+    fails(&["generate", s(&m), "--prompt", "x"], &["GPT2LMHeadModel"]);
+
+    // config.json that is not JSON.
+    std::fs::write(&cfg, "{ this is not json").unwrap();
+    fails(&["inspect", s(&m)], &["config.json", "JSON"]);
+}
+
+#[test]
+fn truncated_weights_name_the_file() {
+    let (_t, m) = tiny(&TinySpec::default(), 11);
+    let st = m.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    fails(&["inspect", s(&m)], &["model.safetensors", "truncated"]);
+    fails(&["generate", s(&m), "--prompt", "x"], &["model.safetensors"]);
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let (_t, m) = tiny(&TinySpec { shards: 2, ..TinySpec::default() }, 12);
+    ok(&["inspect", s(&m)]);
+    std::fs::remove_file(m.join("model-00002-of-00002.safetensors")).unwrap();
+    fails(&["inspect", s(&m)], &["model-00002-of-00002.safetensors", "missing", "model.safetensors.index.json"]);
+}
+
+#[test]
+fn wrong_tensor_shape_is_named() {
+    let (_t, m) = tiny(&TinySpec::default(), 13);
+    let path = m.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let bad = "model.layers.1.mlp.down_proj.weight";
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let mut shape = v.shape().to_vec();
+            if n == bad {
+                shape.reverse(); // [32, 64] -> [64, 32]: same bytes, wrong layout
+            }
+            (n, v.dtype(), shape, v.data().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    fails(&["generate", s(&m), "--prompt", "x"], &[bad, "shape", "[64, 32]", "[32, 64]"]);
+    fails(&["perplexity", s(&m), "--text", s(&path), "--ctx", "8"], &[bad]);
+}
+
+#[test]
+fn missing_tokenizer_fails_generate() {
+    let (_t, m) = tiny(&TinySpec::default(), 14);
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
+    fails(&["generate", s(&m), "--prompt", "x"], &["tokenizer.json", "not found"]);
+    // inspect does not need the tokenizer.
+    ok(&["inspect", s(&m)]);
+}
+
+#[test]
+fn bad_sampling_flags_are_rejected() {
+    let (_t, m) = tiny(&TinySpec::default(), 15);
+    fails(&["generate", s(&m), "--prompt", "x", "--top-p", "0"], &["--top-p"]);
+    fails(&["generate", s(&m), "--prompt", "x", "--temperature", "-1"], &["--temperature"]);
+    fails(&["generate", s(&m), "--prompt", "x", "--temperature=-1"], &["--temperature"]);
+    fails(&["generate", s(&m), "--prompt", "x", "--repetition-penalty", "0"], &["--repetition-penalty"]);
+}
+
+#[test]
+fn bad_perplexity_requests_are_rejected() {
+    let (t, m) = tiny(&TinySpec { max_positions: 64, ..TinySpec::default() }, 16);
+    let text = t.path().join("text.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    fails(&["perplexity", s(&m), "--text", s(&text), "--ctx", "128"], &["--ctx 128", "context window of 64"]);
+
+    let short = t.path().join("short.txt");
+    std::fs::write(&short, "tiny").unwrap();
+    fails(&["perplexity", s(&m), "--text", s(&short), "--ctx", "32"], &["fewer than one chunk"]);
+
+    fails(&["perplexity", s(&m), "--text", s(&t.path().join("nope.txt")), "--ctx", "32"], &["nope.txt"]);
+
+    // --json into a directory that does not exist: an error naming the file, and nothing left behind.
+    let before: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let out = t.path().join("no-such-dir").join("ppl.json");
+    fails(
+        &["perplexity", s(&m), "--text", s(&text), "--ctx", "32", "--max-chunks", "1", "--json", s(&out)],
+        &["ppl.json", "cannot write"],
+    );
+    let after: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after, "stray files after a failed --json write");
+    assert!(!t.path().join("no-such-dir").exists());
+}
+
+// ---------------------------------------------------------------- real model
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+#[test]
+fn real_model_perplexity_and_generate() {
+    let model = shared().join("models/docs-llama-12m");
+    let text = shared().join("data/docs/test.txt");
+    if !model.join("config.json").is_file() || !text.is_file() {
+        eprintln!("SKIP: {} or {} is missing", model.display(), text.display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let json = t.path().join("ppl.json");
+    let (out, _) =
+        ok(&["perplexity", s(&model), "--text", s(&text), "--ctx", "1024", "--max-chunks", "2", "--json", s(&json)]);
+    let ppl = json_file(&json)["perplexity"].as_f64().unwrap();
+    assert!((10.0..25.0).contains(&ppl), "perplexity {ppl} outside [10, 25] (reference 15.65 over the whole file)\n{out}");
+    assert!(out.contains("2 chunks x 1024 tokens"), "{out}");
+
+    let (out, err) = ok(&["generate", s(&model), "--prompt", "The os module", "--max-tokens", "16"]);
+    assert!(out.starts_with("The os module") && out.len() > "The os module".len() + 4, "{out}");
+    assert!(err.contains("LlamaForCausalLM"), "{err}");
+}

@@ -1,0 +1,191 @@
+//! Any-precision weights: bit-planes + per-row centroid tables, run at any
+//! bit-width from the seed precision up to the loaded maximum.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::{add_bias, Linear};
+use crate::cpu::bitplane::{dequantize_row, dot_row};
+use crate::cpu::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
+
+/// A quantized linear holding planes 0..max_bits and LUTs seed_bits..=max_bits.
+pub struct AnyPrecLinear {
+    rows: usize,
+    cols: usize,
+    words: usize,
+    seed_bits: u32,
+    max_bits: u32,
+    /// [rows][max_bits][words].
+    planes: Vec<u32>,
+    /// luts[b - seed_bits]: [rows × 2^b].
+    luts: Vec<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    bits: AtomicU32,
+}
+
+impl AnyPrecLinear {
+    /// Build from planes laid out [rows][max_bits][ceil(cols/32)] and LUTs for seed..=max bits.
+    pub fn new(rows: usize, cols: usize, seed_bits: u32, max_bits: u32, planes: Vec<u32>, luts: Vec<Vec<f32>>, bias: Option<Vec<f32>>) -> AnyPrecLinear {
+        let words = cols.div_ceil(32);
+        assert!(seed_bits <= max_bits && max_bits <= 8);
+        assert_eq!(planes.len(), rows * max_bits as usize * words, "planes size");
+        assert_eq!(luts.len(), (max_bits - seed_bits + 1) as usize, "one LUT per bit-width");
+        for (i, l) in luts.iter().enumerate() {
+            assert_eq!(l.len(), rows << (seed_bits as usize + i), "LUT size");
+        }
+        AnyPrecLinear { rows, cols, words, seed_bits, max_bits, planes, luts, bias, bits: AtomicU32::new(max_bits) }
+    }
+
+    /// Lowest runnable precision.
+    pub fn seed_bits(&self) -> u32 {
+        self.seed_bits
+    }
+
+    /// Highest loaded precision.
+    pub fn max_bits(&self) -> u32 {
+        self.max_bits
+    }
+
+    /// Precision used by [`Linear::forward`].
+    pub fn bits(&self) -> u32 {
+        self.bits.load(Ordering::Relaxed)
+    }
+
+    /// Set the precision used by [`Linear::forward`] (must be in seed..=max).
+    pub fn set_bits(&self, bits: u32) -> Result<(), String> {
+        self.check_bits(bits)?;
+        self.bits.store(bits, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn check_bits(&self, bits: u32) -> Result<(), String> {
+        if bits < self.seed_bits || bits > self.max_bits {
+            return Err(format!("{bits} bits is outside the loaded range {}..={}", self.seed_bits, self.max_bits));
+        }
+        Ok(())
+    }
+
+    fn row_planes(&self, r: usize) -> &[u32] {
+        let stride = self.max_bits as usize * self.words;
+        &self.planes[r * stride..(r + 1) * stride]
+    }
+
+    fn lut(&self, bits: u32, r: usize) -> &[f32] {
+        let k = 1usize << bits;
+        &self.luts[(bits - self.seed_bits) as usize][r * k..(r + 1) * k]
+    }
+
+    /// `y = x·W_bᵀ (+ b)` at an explicit precision.
+    pub fn forward_bits(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32) {
+        assert!(self.check_bits(bits).is_ok(), "bits out of range");
+        let (rows, cols, words) = (self.rows, self.cols, self.words);
+        if n <= GEMV_MAX_TOKENS {
+            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row(self.row_planes(r), words, bits, self.lut(bits, r), xt));
+        } else {
+            matmul_tiled(rows, cols, x, n, y, |r0, tile| {
+                for (i, out) in tile.chunks_mut(cols).enumerate() {
+                    dequantize_row(self.row_planes(r0 + i), words, bits, self.lut(bits, r0 + i), out);
+                }
+            });
+        }
+        add_bias(y, self.bias.as_deref());
+    }
+
+    /// The weight dequantized at `bits`, [rows × cols].
+    pub fn dequantize(&self, bits: u32) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+            dequantize_row(self.row_planes(r), self.words, bits, self.lut(bits, r), row);
+        }
+        out
+    }
+
+    /// Bytes read by one forward at `bits`: b planes + the f16 LUT of each row.
+    pub fn bytes_at(&self, bits: u32) -> usize {
+        self.rows * (bits as usize * self.words * 4 + (2usize << bits))
+    }
+}
+
+impl Linear for AnyPrecLinear {
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.forward_bits(x, n, y, self.bits())
+    }
+    fn weight_bytes(&self) -> usize {
+        self.bytes_at(self.bits())
+    }
+    fn storage(&self) -> String {
+        format!("anyprec {}-bit (max {})", self.bits(), self.max_bits)
+    }
+    fn weight_f32(&self) -> Vec<f32> {
+        self.dequantize(self.bits())
+    }
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+    fn as_anyprec(&self) -> Option<&AnyPrecLinear> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_layer(rng: &mut impl Rng, rows: usize, cols: usize, max_bits: u32) -> AnyPrecLinear {
+        let words = cols.div_ceil(32);
+        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words).map(|_| rng.random()).collect();
+        // Padding bits beyond `cols` are zero, as the packer writes them.
+        if cols % 32 != 0 {
+            let mask = (1u32 << (cols % 32)) - 1;
+            for r in 0..rows {
+                for j in 0..max_bits as usize {
+                    planes[(r * max_bits as usize + j) * words + words - 1] &= mask;
+                }
+            }
+        }
+        let luts = (3..=max_bits).map(|b| (0..rows << b).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+        let bias = Some((0..rows).map(|_| rng.random_range(-1.0..1.0)).collect());
+        AnyPrecLinear::new(rows, cols, 3, max_bits, planes, luts, bias)
+    }
+
+    #[test]
+    fn forward_matches_dequantized_reference_every_bits_and_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for &(rows, cols) in &[(5usize, 33usize), (40, 64), (17, 300)] {
+            let layer = random_layer(&mut rng, rows, cols, 8);
+            for bits in 3..=8 {
+                let w = layer.dequantize(bits);
+                for n in [1usize, 3, 9] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let mut y = vec![0f32; n * rows];
+                    layer.forward_bits(&x, n, &mut y, bits);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let want: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum::<f64>()
+                                + layer.bias.as_ref().unwrap()[r] as f64;
+                            let got = y[t * rows + r] as f64;
+                            assert!((got - want).abs() < 1e-4, "bits={bits} n={n} {rows}x{cols}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bits_outside_loaded_range_are_rejected() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let layer = random_layer(&mut rng, 4, 32, 5);
+        assert!(layer.set_bits(6).is_err());
+        assert!(layer.set_bits(2).is_err());
+        layer.set_bits(4).unwrap();
+        assert_eq!(layer.bits(), 4);
+        assert_eq!(layer.bytes_at(4), 4 * (4 * 4 + 32));
+    }
+}
