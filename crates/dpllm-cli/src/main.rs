@@ -1,4 +1,4 @@
-//! `dpllm`: run, measure and (soon) quantize Hugging Face causal LMs on CPU.
+//! `dpllm`: quantize, run and measure Hugging Face causal LMs on CPU.
 
 mod commands;
 
@@ -24,6 +24,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(commands::generate::Args),
+    /// Quantize a checkpoint into an any-precision model (3..8 bits in one file).
+    Quantize(commands::quantize::Args),
     /// Perplexity of a text file over non-overlapping chunks.
     Perplexity(commands::perplexity::Args),
     /// Benchmarks (print a table with units, optionally write JSON).
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Bench(b) => commands::bench::run(b),
     };
     match result {

@@ -303,7 +303,7 @@ fn wrong_tensor_shape_is_named() {
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
     fails(&["generate", s(&m), "--prompt", "x"], &[bad, "shape", "[64, 32]", "[32, 64]"]);
-    fails(&["perplexity", s(&m), "--text", s(&path), "--ctx", "8"], &[bad]);
+    fails(&["perplexity", s(&m), "--text", s(&m.join("config.json")), "--ctx", "8"], &[bad]);
 }
 
 #[test]

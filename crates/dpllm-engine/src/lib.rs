@@ -16,7 +16,7 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use kv_cache::KvCache;
-pub use model::Model;
+pub use model::{LoadOptions, Model};
 
 /// Errors of a forward pass on valid weights (bad requests, not bad files).
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,12 @@ pub enum EngineError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// A bit-width was requested from a model that is not any-precision.
+    #[error("this model is not a dpllm any-precision model; quantize it with `dpllm quantize` to choose bits")]
+    NotAnyPrecision,
+    /// A bit-width outside what the model holds.
+    #[error("bad bit-width: {0}")]
+    Bits(String),
     /// The context window is full.
     #[error("context full: {have} positions cached + {add} new > capacity {capacity}")]
     ContextFull {

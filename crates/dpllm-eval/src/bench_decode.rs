@@ -87,7 +87,7 @@ pub fn run(model: &Model, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench
     Ok(DecodeBench {
         config: cfg.clone(),
         model: model.dir.display().to_string(),
-        weights: model.weight_dtype().name().to_lowercase(),
+        weights: model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage())).unwrap_or_default(),
         prefill_tokens_per_sec: prompt.len() as f64 / prefill,
         decode_tokens_per_sec: tps,
         ms_per_token_median: median * 1e3,

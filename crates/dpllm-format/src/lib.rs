@@ -10,6 +10,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod layout;
 pub mod st_writer;
 pub mod anyprec;
 pub mod tensor;
@@ -18,6 +19,7 @@ pub use atomic::{write_atomic, write_atomic_with};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;
+pub use layout::{LinearKind, LinearSpec};
 pub use tensor::{DType, TensorData};
 
 /// Result type of this crate.

@@ -230,7 +230,7 @@ fn check_spec(spec: &TinySpec) -> io::Result<()> {
     {
         return bad(format!("unknown architecture {:?}", spec.arch));
     }
-    if spec.heads == 0 || spec.kv_heads == 0 || spec.hidden % spec.heads != 0 || spec.heads % spec.kv_heads != 0 {
+    if spec.heads == 0 || spec.kv_heads == 0 || !spec.hidden.is_multiple_of(spec.heads) || !spec.heads.is_multiple_of(spec.kv_heads) {
         return bad(format!(
             "hidden {} / heads {} / kv_heads {} are inconsistent",
             spec.hidden, spec.heads, spec.kv_heads

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
-use dpllm_engine::Model;
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -18,6 +17,8 @@ pub enum BenchCommand {
 pub struct DecodeArgs {
     /// Model directory.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub bits: super::BitsArg,
     /// Prompt length in tokens (synthetic ids).
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
@@ -39,7 +40,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if a.tokens == 0 {
                 anyhow::bail!("--tokens must be at least 1");
             }
-            let model = Model::load(crate::model_dir(&a.model)?)?;
+            let model = super::load_model(&a.model, a.bits)?;
             let cfg = DecodeBenchConfig {
                 prompt_tokens: a.prompt_tokens,
                 decode_tokens: a.tokens,

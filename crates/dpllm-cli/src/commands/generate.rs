@@ -12,6 +12,8 @@ use dpllm_engine::sampler::SamplingParams;
 pub struct Args {
     /// Model directory.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub bits: super::BitsArg,
     /// The prompt.
     #[arg(long, short)]
     pub prompt: String,
@@ -19,16 +21,16 @@ pub struct Args {
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling: keep the smallest set of tokens with this total probability.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Penalize tokens already in the context (1.0 = off; HF semantics).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -54,7 +56,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let (model, tok) = super::load(&a.model)?;
+    let (model, tok) = super::load(&a.model, a.bits)?;
     let ids = if a.chat {
         let tpl = tok
             .chat_template()

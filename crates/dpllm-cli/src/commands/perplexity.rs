@@ -9,6 +9,8 @@ use dpllm_eval::perplexity::perplexity;
 pub struct Args {
     /// Model directory.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub bits: super::BitsArg,
     /// UTF-8 text file to evaluate (e.g. ../shared/data/docs/test.txt).
     #[arg(long)]
     pub text: PathBuf,
@@ -26,7 +28,7 @@ pub struct Args {
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
-    let (model, tok) = super::load(&a.model)?;
+    let (model, tok) = super::load(&a.model, a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
     let r = perplexity(&model, &ids, a.ctx, a.max_chunks, true)?;

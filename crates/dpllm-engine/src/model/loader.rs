@@ -1,23 +1,44 @@
-//! Building a [`Model`] from a checkpoint directory, per architecture.
+//! Building a [`Model`] from a checkpoint directory: a Hugging Face checkpoint
+//! (dense weights) or a dpllm any-precision model (bit-plane weights).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use dpllm_format::{Architecture, Checkpoint, FormatError, ModelConfig};
+use dpllm_format::anyprec::{self, AnyPrecInfo};
+use dpllm_format::{Checkpoint, FormatError, LinearKind, LinearSpec, ModelConfig};
 
 use super::{Block, GateUpProj, Model, QkvProj};
 use crate::cpu::rope::Rope;
-use crate::linear::{DenseLinear, Linear};
+use crate::linear::{AnyPrecLinear, DenseLinear, Linear};
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// For any-precision models: keep bit-planes and LUTs only up to this precision
+    /// (default: every stored precision).
+    pub max_bits: Option<u32>,
+}
 
 struct Loader<'a> {
     ck: &'a Checkpoint,
+    anyprec: Option<(AnyPrecInfo, u32)>,
 }
 
 impl Loader<'_> {
-    fn dense(&self, name: &str, rows: usize, cols: usize, bias: Option<&str>) -> Result<Box<dyn Linear>, FormatError> {
-        let w = self.ck.tensor(name, &[rows, cols])?;
-        let b = bias.map(|b| self.ck.tensor_f32(b, &[rows])).transpose()?;
-        Ok(Box::new(DenseLinear::new(Arc::new(w), rows, cols, b)))
+    fn linear(&self, s: &LinearSpec) -> Result<Box<dyn Linear>, FormatError> {
+        let bias = s.has_bias.then(|| self.ck.tensor_f32(&s.bias_name(), &[s.rows])).transpose()?;
+        if let Some((info, keep)) = &self.anyprec {
+            if self.ck.contains(&anyprec::planes_name(&s.prefix)) {
+                let planes = anyprec::read_planes(self.ck, &s.prefix, s.rows, s.cols, *keep)?;
+                let luts = (info.seed_bits..=*keep)
+                    .map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Box::new(AnyPrecLinear::new(s.rows, s.cols, info.seed_bits, *keep, planes, luts, bias)));
+            }
+        }
+        let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
+        Ok(Box::new(DenseLinear::new(Arc::new(w), s.rows, s.cols, bias)))
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, FormatError> {
@@ -26,41 +47,65 @@ impl Loader<'_> {
 }
 
 impl Model {
-    /// Load the model in `dir` (config.json + safetensors shards).
+    /// Load the model in `dir` with default options.
     pub fn load(dir: &Path) -> Result<Model, FormatError> {
-        let config = ModelConfig::from_dir(dir)?;
-        let ck = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &ck)
+        Self::load_with(dir, &LoadOptions::default())
     }
 
-    /// Build the model from an opened checkpoint.
+    /// Load the model in `dir`: `config.json` plus either the any-precision
+    /// weights file or the Hugging Face safetensors shards.
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model, FormatError> {
+        let config = ModelConfig::from_dir(dir)?;
+        if anyprec::is_anyprec_dir(dir) {
+            let path = dir.join(anyprec::ANYPREC_WEIGHTS);
+            let ck = Checkpoint::open_file(&path)?;
+            let info = AnyPrecInfo::from_metadata(ck.metadata(), &path)?;
+            if info.architecture != config.arch.hf_name() {
+                return Err(FormatError::invalid(&path, format!("quantized a {}, but config.json says {}", info.architecture, config.arch.hf_name())));
+            }
+            let keep = opts.max_bits.unwrap_or(info.max_bits);
+            if keep < info.seed_bits || keep > info.max_bits {
+                return Err(FormatError::invalid(&path, format!("cannot load at {keep} bits: the file holds {}..={} bits", info.seed_bits, info.max_bits)));
+            }
+            Self::build(config, &ck, Some((info, keep)))
+        } else {
+            if opts.max_bits.is_some() {
+                return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)"));
+            }
+            let ck = Checkpoint::open(dir)?;
+            Self::build(config, &ck, None)
+        }
+    }
+
+    /// Build the model from an opened Hugging Face checkpoint.
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint) -> Result<Model, FormatError> {
+        Self::build(config, ck, None)
+    }
+
+    fn build(config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>) -> Result<Model, FormatError> {
         let c = &config;
-        let ld = Loader { ck };
-        let (d, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let ld = Loader { ck, anyprec };
+        let d = c.hidden_size;
         let embed = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}.");
-            let n = |s: &str| format!("{p}{s}");
-            let bias = |s: &str| c.qkv_bias.then(|| n(s));
-            let qkv = if c.arch == Architecture::Phi3 {
-                QkvProj::Fused(ld.dense(&n("self_attn.qkv_proj.weight"), qd + 2 * kvd, d, None)?)
-            } else {
-                QkvProj::Separate {
-                    q: ld.dense(&n("self_attn.q_proj.weight"), qd, d, bias("self_attn.q_proj.bias").as_deref())?,
-                    k: ld.dense(&n("self_attn.k_proj.weight"), kvd, d, bias("self_attn.k_proj.bias").as_deref())?,
-                    v: ld.dense(&n("self_attn.v_proj.weight"), kvd, d, bias("self_attn.v_proj.bias").as_deref())?,
-                }
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            let mut lin: HashMap<LinearKind, Box<dyn Linear>> = HashMap::new();
+            for spec in c.block_linears(i) {
+                lin.insert(spec.kind, ld.linear(&spec)?);
+            }
+            let mut take = |k: LinearKind| lin.remove(&k).expect("layout lists every linear of the block");
+            let qkv = match c.block_linears(i)[0].kind {
+                LinearKind::Qkv => QkvProj::Fused(take(LinearKind::Qkv)),
+                _ => QkvProj::Separate { q: take(LinearKind::Q), k: take(LinearKind::K), v: take(LinearKind::V) },
             };
-            let gate_up = if c.arch == Architecture::Phi3 {
-                GateUpProj::Fused(ld.dense(&n("mlp.gate_up_proj.weight"), 2 * inter, d, None)?)
+            let o_proj = take(LinearKind::O);
+            let gate_up = if c.block_linears(i).iter().any(|s| s.kind == LinearKind::GateUp) {
+                GateUpProj::Fused(take(LinearKind::GateUp))
             } else {
-                GateUpProj::Separate {
-                    gate: ld.dense(&n("mlp.gate_proj.weight"), inter, d, None)?,
-                    up: ld.dense(&n("mlp.up_proj.weight"), inter, d, None)?,
-                }
+                GateUpProj::Separate { gate: take(LinearKind::Gate), up: take(LinearKind::Up) }
             };
+            let down_proj = take(LinearKind::Down);
             let qk_norm = if c.qk_norm {
                 Some((ld.vector(&n("self_attn.q_norm.weight"), c.head_dim)?, ld.vector(&n("self_attn.k_norm.weight"), c.head_dim)?))
             } else {
@@ -70,16 +115,13 @@ impl Model {
                 attn_norm: ld.vector(&n("input_layernorm.weight"), d)?,
                 qkv,
                 qk_norm,
-                o_proj: ld.dense(&n("self_attn.o_proj.weight"), d, qd, None)?,
+                o_proj,
                 mlp_norm: ld.vector(&n("post_attention_layernorm.weight"), d)?,
                 gate_up,
-                down_proj: ld.dense(&n("mlp.down_proj.weight"), d, inter, None)?,
+                down_proj,
             });
         }
-        let lm_head = if c.tie_word_embeddings || !ck.contains("lm_head.weight") {
-            if !c.tie_word_embeddings {
-                return Err(FormatError::MissingTensor { name: "lm_head.weight".into(), dir: ck.dir().into() });
-            }
+        let lm_head = if c.tie_word_embeddings {
             DenseLinear::new(embed.clone(), c.vocab_size, d, None)
         } else {
             DenseLinear::new(Arc::new(ck.tensor("lm_head.weight", &[c.vocab_size, d])?), c.vocab_size, d, None)
@@ -91,6 +133,7 @@ impl Model {
             blocks,
             lm_head,
             dir: ck.dir().into(),
+            anyprec: ld.anyprec.map(|(info, _)| info),
             config,
         })
     }

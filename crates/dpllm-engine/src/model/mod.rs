@@ -3,14 +3,18 @@
 mod forward;
 mod loader;
 
+pub use loader::LoadOptions;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use dpllm_format::anyprec::AnyPrecInfo;
 use dpllm_format::{ModelConfig, TensorData};
 
 use crate::cpu::rope::Rope;
 use crate::kv_cache::KvCache;
 use crate::linear::{DenseLinear, Linear};
+use crate::EngineError;
 
 /// Query/key/value projections: three matrices, or one fused (Phi-3).
 pub enum QkvProj {
@@ -95,6 +99,7 @@ pub struct Model {
     final_norm: Vec<f32>,
     lm_head: DenseLinear,
     rope: Rope,
+    anyprec: Option<AnyPrecInfo>,
 }
 
 impl Model {
@@ -107,6 +112,32 @@ impl Model {
     pub fn decode_weight_bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(|(_, l)| l.weight_bytes()).sum();
         blocks + self.lm_head.weight_bytes()
+    }
+
+    /// Facts of the any-precision file, when this is a quantized model.
+    pub fn anyprec_info(&self) -> Option<&AnyPrecInfo> {
+        self.anyprec.as_ref()
+    }
+
+    /// Run every quantized linear at `bits` (uniform precision).
+    pub fn set_bits(&self, bits: u32) -> Result<(), EngineError> {
+        if self.anyprec.is_none() {
+            return Err(EngineError::NotAnyPrecision);
+        }
+        for b in &self.blocks {
+            for (name, l) in b.linears() {
+                if let Some(q) = l.as_anyprec() {
+                    q.set_bits(bits).map_err(|e| EngineError::Bits(format!("{name}: {e}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Precision range every quantized linear can run at (seed..=loaded max).
+    pub fn bits_range(&self) -> Option<(u32, u32)> {
+        let q = self.blocks.first()?.linears().into_iter().find_map(|(_, l)| l.as_anyprec().map(|q| (q.seed_bits(), q.max_bits())));
+        q
     }
 
     /// The embedding matrix [vocab × hidden] as f32.

@@ -51,7 +51,8 @@ impl Sensitivities {
 
 /// The Hugging Face name of linear `linear` ("q_proj", "gate_up_proj", ...) of block `layer`.
 pub fn hf_weight_name(layer: usize, linear: &str) -> String {
-    let part = if matches!(linear, "gate_proj" | "up_proj" | "down_proj" | "gate_up_proj") { "mlp" } else { "self_attn" };
+    let part =
+        if matches!(linear, "gate_proj" | "up_proj" | "down_proj" | "gate_up_proj") { "mlp" } else { "self_attn" };
     format!("model.layers.{layer}.{part}.{linear}.weight")
 }
 
@@ -61,7 +62,10 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     for (i, s) in sequences.iter().enumerate() {
         ensure!(s.len() >= 2, "calibration sequence {i} has {} tokens; at least 2 are needed", s.len());
         if let Some(&t) = s.iter().find(|&&t| t as usize >= model.config.vocab_size) {
-            bail!("calibration sequence {i}: token id {t} is out of range for a vocabulary of {}", model.config.vocab_size);
+            bail!(
+                "calibration sequence {i}: token id {t} is out of range for a vocabulary of {}",
+                model.config.vocab_size
+            );
         }
     }
     let gm = GradModel::from_model(model);
@@ -73,7 +77,9 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     let shapes = gm.blocks.iter().map(|b| b.linears().iter().map(|l| [l.out_f, l.in_f]).collect()).collect();
     let bar = if progress {
         let b = indicatif::ProgressBar::new(sequences.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("sensitivity {bar:30} {pos}/{len} seq [{elapsed_precise}<{eta_precise}] {msg}") {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "sensitivity {bar:30} {pos}/{len} seq [{elapsed_precise}<{eta_precise}] {msg}",
+        ) {
             b.set_style(style);
         }
         b
@@ -94,7 +100,12 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
 
 /// Write `s` to `path` as safetensors (F32 [out, in] per linear), atomically and streamed.
 pub fn save(s: &Sensitivities, path: &Path) -> Result<()> {
-    ensure!(s.layers.len() == s.shapes.len(), "sensitivities: {} layers but {} shape lists", s.layers.len(), s.shapes.len());
+    ensure!(
+        s.layers.len() == s.shapes.len(),
+        "sensitivities: {} layers but {} shape lists",
+        s.layers.len(),
+        s.shapes.len()
+    );
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "dpllm-sensitivity", "kind": "diagonal-fisher"}));
     let mut offset = 0usize;
@@ -128,6 +139,9 @@ pub fn save(s: &Sensitivities, path: &Path) -> Result<()> {
     .with_context(|| format!("writing sensitivities to {}", path.display()))
 }
 
+/// A tensor's shape and values.
+pub type NamedTensor = (Vec<usize>, Vec<f32>);
+
 /// A sensitivity file opened for lookups (memory-mapped; tensors are read on demand).
 pub struct SensitivityFile {
     ck: Checkpoint,
@@ -147,9 +161,9 @@ impl SensitivityFile {
             "sensitivity file {} has no tensor {hf_name:?} (was it computed for another model?)",
             self.path.display()
         );
-        self.ck
-            .tensor_f32(hf_name, &[out, inp])
-            .with_context(|| format!("sensitivity file {}: tensor {hf_name:?} expected shape [{out}, {inp}]", self.path.display()))
+        self.ck.tensor_f32(hf_name, &[out, inp]).with_context(|| {
+            format!("sensitivity file {}: tensor {hf_name:?} expected shape [{out}, {inp}]", self.path.display())
+        })
     }
 
     /// F of linear `linear` ("q_proj", ...) of block `layer`, checked to have shape [out, in].
@@ -175,8 +189,8 @@ impl SensitivityFile {
         Ok(Sensitivities { layers, shapes })
     }
 
-    /// Every tensor of the file as (name, shape, F).
-    pub fn all(&self) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    /// Every tensor of the file: name → (shape, F).
+    pub fn all(&self) -> Result<BTreeMap<String, NamedTensor>> {
         let mut m = BTreeMap::new();
         for (name, info) in self.ck.tensors() {
             m.insert(name.to_string(), (info.shape.clone(), self.ck.tensor_f32(name, &info.shape)?));

@@ -30,7 +30,13 @@ pub struct LinearF32 {
 
 impl LinearF32 {
     fn from_linear(name: &'static str, l: &dyn Linear) -> LinearF32 {
-        LinearF32 { name, w: l.weight_f32(), bias: l.bias().map(|b| b.to_vec()), out_f: l.out_features(), in_f: l.in_features() }
+        LinearF32 {
+            name,
+            w: l.weight_f32(),
+            bias: l.bias().map(|b| b.to_vec()),
+            out_f: l.out_features(),
+            in_f: l.in_features(),
+        }
     }
 
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
@@ -208,7 +214,10 @@ impl GradModel {
                 };
                 let gate_up = match &b.gate_up {
                     GateUpProj::Separate { gate, up } => {
-                        vec![LinearF32::from_linear("gate_proj", gate.as_ref()), LinearF32::from_linear("up_proj", up.as_ref())]
+                        vec![
+                            LinearF32::from_linear("gate_proj", gate.as_ref()),
+                            LinearF32::from_linear("up_proj", up.as_ref()),
+                        ]
                     }
                     GateUpProj::Fused(f) => vec![LinearF32::from_linear("gate_up_proj", f.as_ref())],
                 };
@@ -235,11 +244,20 @@ impl GradModel {
 
     fn attn_shape(&self) -> AttnShape {
         let c = &self.config;
-        AttnShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, window: c.sliding_window }
+        AttnShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            window: c.sliding_window,
+        }
     }
 
     fn check(&self, tokens: &[u32]) -> anyhow::Result<()> {
-        anyhow::ensure!(tokens.len() >= 2, "a sequence needs at least 2 tokens for a next-token loss, got {}", tokens.len());
+        anyhow::ensure!(
+            tokens.len() >= 2,
+            "a sequence needs at least 2 tokens for a next-token loss, got {}",
+            tokens.len()
+        );
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             anyhow::bail!("token id {t} is out of range for a vocabulary of {}", self.config.vocab_size);
         }

@@ -80,7 +80,15 @@ pub fn linear_forward(x: &[f32], n: usize, w: &[f32], out_f: usize, in_f: usize,
 }
 
 /// Input gradient of a linear: `dx [n × in] (+)= dy [n × out] · W`.
-pub fn linear_backward_input(dy: &[f32], n: usize, w: &[f32], out_f: usize, in_f: usize, dx: &mut [f32], accumulate: bool) {
+pub fn linear_backward_input(
+    dy: &[f32],
+    n: usize,
+    w: &[f32],
+    out_f: usize,
+    in_f: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
     assert_eq!(dy.len(), n * out_f);
     assert_eq!(w.len(), out_f * in_f);
     assert_eq!(dx.len(), n * in_f);
@@ -295,7 +303,14 @@ const LM_CHUNK: usize = 64;
 /// lm_head W [vocab × d]: row t predicts `targets[t]` for t < targets.len().
 /// Returns the loss and, when `dh` is given, writes ∂loss/∂h into it (rows without
 /// a target get zero). The logits are produced chunk by chunk.
-pub fn lm_head_cross_entropy(h: &[f32], d: usize, w: &[f32], vocab: usize, targets: &[u32], dh: Option<&mut [f32]>) -> f64 {
+pub fn lm_head_cross_entropy(
+    h: &[f32],
+    d: usize,
+    w: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    dh: Option<&mut [f32]>,
+) -> f64 {
     let n = h.len() / d;
     let m = targets.len();
     assert!(m <= n && m > 0);

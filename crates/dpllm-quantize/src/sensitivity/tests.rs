@@ -59,7 +59,8 @@ fn grads_of(gm: &GradModel, tokens: &[u32]) -> (f64, Vec<Vec<Vec<f32>>>) {
     (loss, g)
 }
 
-const ARCHS: [&str; 5] = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "MistralForCausalLM"];
+const ARCHS: [&str; 5] =
+    ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "MistralForCausalLM"];
 
 #[test]
 fn f32_forward_matches_engine_loss() {
@@ -75,6 +76,7 @@ fn f32_forward_matches_engine_loss() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn model_gradient_matches_finite_differences() {
     // eps 1e-2 on weights of scale 0.1; the loss is accumulated in f64 but the
     // activations are f32, so elements with tiny gradients only get an absolute check.
@@ -137,7 +139,11 @@ fn accumulation_is_the_sum_of_squared_gradients() {
             assert_eq!(s.shapes[l][i], [o, inp]);
             for e in 0..f.len() {
                 let want = g1[l][i][e] * g1[l][i][e] + g2[l][i][e] * g2[l][i][e];
-                assert!((f[e] - want).abs() <= 1e-6 * want.abs() + 1e-12, "layer {l} linear {i} elem {e}: {} vs {want}", f[e]);
+                assert!(
+                    (f[e] - want).abs() <= 1e-6 * want.abs() + 1e-12,
+                    "layer {l} linear {i} elem {e}: {} vs {want}",
+                    f[e]
+                );
             }
             assert!(f.iter().all(|x| x.is_finite() && *x >= 0.0));
         }
@@ -226,6 +232,12 @@ fn real_model_docs_llama_12m() {
     let (a, b) = (gm.loss(&seqs[0]).unwrap(), engine_loss(&m, &seqs[0]));
     eprintln!("loss seq0: f32 forward {a:.6}, engine {b:.6} ({:.2}s for both)", t0.elapsed().as_secs_f64());
     assert!((a - b).abs() < 1e-3);
+    let t = std::time::Instant::now();
+    gm.loss(&seqs[0]).unwrap();
+    let fwd = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    gm.gradient(&seqs[0], &mut |_, _, _| {}).unwrap();
+    eprintln!("one sequence: forward only {fwd:.3}s, forward+backward {:.3}s", t.elapsed().as_secs_f64());
     let t = std::time::Instant::now();
     let s = accumulate_sensitivities(&m, &seqs, true).unwrap();
     let el = t.elapsed().as_secs_f64();

@@ -1,0 +1,262 @@
+//! Quantize a Hugging Face checkpoint into a dpllm any-precision model directory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dpllm_format::anyprec::{self, AnyPrecInfo, STORED_BITS};
+use dpllm_format::st_writer::{write_safetensors, TensorSpec};
+use dpllm_format::{Checkpoint, LinearSpec, ModelConfig};
+use half::f16;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::bitplane::pack_row;
+use crate::upscale::{quantize_row, weighted_error};
+
+/// Files copied unchanged from the source directory when present.
+const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// Settings of a quantization run.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    /// Seed precision (the k-means step), default 3.
+    pub seed_bits: u32,
+    /// Sensitivity file (from `dpllm sensitivity`); uniform weights when absent.
+    pub sensitivity: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions { seed_bits: 3, sensitivity: None, progress: false, overwrite: false }
+    }
+}
+
+/// Summary of a quantization run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeReport {
+    /// Quantized linears.
+    pub linears: usize,
+    /// Quantized parameters.
+    pub params: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Size of the weights file.
+    pub bytes: u64,
+    /// Per linear: Σ F·(W − Q_b(W))² for b = seed..=8.
+    pub errors: Vec<(String, Vec<f64>)>,
+}
+
+/// One quantized linear, held while its tensors are written.
+struct Quantized {
+    planes: Vec<u32>,
+    luts: Vec<Vec<f16>>,
+    errors: Vec<f64>,
+}
+
+fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, seed_bits: u32, bar: &ProgressBar) -> Result<Quantized> {
+    let w = ck.tensor_f32(&s.weight_name(), &[s.rows, s.cols])?;
+    let f = match sens {
+        Some(sc) => sc.tensor_f32(&s.weight_name(), &[s.rows, s.cols]).context("sensitivity file does not match the model")?,
+        None => vec![1.0; s.rows * s.cols],
+    };
+    let words = anyprec::words_per_row(s.cols);
+    let nb = (STORED_BITS - seed_bits + 1) as usize;
+    let rows: Vec<(Vec<u32>, Vec<Vec<f16>>, Vec<f64>)> = (0..s.rows)
+        .into_par_iter()
+        .map(|r| {
+            let (wr, fr) = (&w[r * s.cols..(r + 1) * s.cols], &f[r * s.cols..(r + 1) * s.cols]);
+            let q = quantize_row(wr, fr, seed_bits);
+            let mut planes = vec![0u32; 8 * words];
+            pack_row(&q.indices, &mut planes);
+            let luts: Vec<Vec<f16>> = q.luts.iter().map(|l| l.iter().map(|&v| f16::from_f32(v)).collect()).collect();
+            // Errors of what is deployed: the f16-rounded centroids.
+            let errs = (0..nb)
+                .map(|i| {
+                    let b = seed_bits + i as u32;
+                    let deq: Vec<f32> = q.indices.iter().map(|&ix| luts[i][(ix >> (8 - b)) as usize].to_f32()).collect();
+                    weighted_error(wr, fr, &deq)
+                })
+                .collect();
+            bar.inc(1);
+            (planes, luts, errs)
+        })
+        .collect();
+    let mut out = Quantized { planes: Vec::with_capacity(s.rows * 8 * words), luts: vec![Vec::new(); nb], errors: vec![0.0; nb] };
+    for (p, l, e) in rows {
+        out.planes.extend(p);
+        for i in 0..nb {
+            out.luts[i].extend(&l[i]);
+            out.errors[i] += e[i];
+        }
+    }
+    Ok(out)
+}
+
+/// What the i-th output tensor is.
+enum Source {
+    Copy(String),
+    Planes(usize),
+    Lut(usize, usize),
+    Errors(usize),
+}
+
+fn dtype_name(d: safetensors::Dtype) -> Result<&'static str> {
+    Ok(match d {
+        safetensors::Dtype::F32 => "F32",
+        safetensors::Dtype::F16 => "F16",
+        safetensors::Dtype::BF16 => "BF16",
+        safetensors::Dtype::I64 => "I64",
+        safetensors::Dtype::I32 => "I32",
+        safetensors::Dtype::U8 => "U8",
+        other => bail!("cannot copy tensor dtype {other:?}"),
+    })
+}
+
+/// Quantize the checkpoint in `src` into a new any-precision model directory `out`.
+pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    if !(1..=4).contains(&opts.seed_bits) {
+        bail!("seed precision must be 1..=4 bits (got {})", opts.seed_bits);
+    }
+    if anyprec::is_anyprec_dir(src) {
+        bail!("{} is already an any-precision model", src.display());
+    }
+    if out.exists() && !opts.overwrite && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("output {} already exists and is not empty (use --force to replace it)", out.display());
+    }
+    let cfg = ModelConfig::from_dir(src)?;
+    let ck = Checkpoint::open(src)?;
+    let sens = opts.sensitivity.as_deref().map(Checkpoint::open_file).transpose().context("cannot open the sensitivity file")?;
+    let linears = cfg.linears();
+    if let Some(sc) = &sens {
+        for s in &linears {
+            let info = sc.info(&s.weight_name()).with_context(|| format!("sensitivity file has no {}", s.weight_name()))?;
+            if info.shape != [s.rows, s.cols] {
+                bail!("sensitivity {} has shape {:?}, the model {:?}", s.weight_name(), info.shape, [s.rows, s.cols]);
+            }
+        }
+    }
+    let seed = opts.seed_bits;
+    let mut specs = Vec::new();
+    let mut sources = Vec::new();
+    let quantized: BTreeMap<String, usize> = linears.iter().enumerate().map(|(i, s)| (s.weight_name(), i)).collect();
+    for (name, info) in ck.tensors() {
+        match quantized.get(name) {
+            Some(&li) => {
+                let s = &linears[li];
+                specs.push(TensorSpec { name: anyprec::planes_name(&s.prefix), dtype: "U32", shape: vec![s.rows, 8, anyprec::words_per_row(s.cols)] });
+                sources.push(Source::Planes(li));
+                for b in seed..=STORED_BITS {
+                    specs.push(TensorSpec { name: anyprec::lut_name(&s.prefix, b), dtype: "F16", shape: vec![s.rows, 1 << b] });
+                    sources.push(Source::Lut(li, (b - seed) as usize));
+                }
+                specs.push(TensorSpec { name: format!("{}.sq_err", s.prefix), dtype: "F32", shape: vec![(STORED_BITS - seed + 1) as usize] });
+                sources.push(Source::Errors(li));
+            }
+            None => {
+                specs.push(TensorSpec { name: name.to_string(), dtype: dtype_name(info.dtype)?, shape: info.shape.clone() });
+                sources.push(Source::Copy(name.to_string()));
+            }
+        }
+    }
+    let missing: Vec<&str> = linears.iter().filter(|s| !ck.contains(&s.weight_name())).map(|s| s.prefix.as_str()).collect();
+    if let Some(m) = missing.first() {
+        bail!("checkpoint {} has no weight for {m}", src.display());
+    }
+    let mut provenance = BTreeMap::new();
+    provenance.insert("source".to_string(), src.display().to_string());
+    provenance.insert(
+        "sensitivity".to_string(),
+        opts.sensitivity.as_ref().map_or("none (uniform weights)".into(), |p| p.display().to_string()),
+    );
+    let info = AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: seed, max_bits: STORED_BITS, architecture: cfg.arch.hf_name().into(), provenance };
+
+    // Everything goes to a temporary sibling directory that is renamed at the end.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("output parent directory {} does not exist", parent.display());
+    }
+    let tmp = parent.join(format!(".{}.tmp-{}", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<QuantizeReport> {
+        for f in SIDE_FILES {
+            let p = src.join(f);
+            if p.exists() {
+                std::fs::copy(&p, tmp.join(f)).with_context(|| format!("cannot copy {}", p.display()))?;
+            }
+        }
+        let total_rows: usize = linears.iter().map(|s| s.rows).sum();
+        let bar = if opts.progress { ProgressBar::new(total_rows as u64) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("{spinner} quantize [{bar:30}] {pos}/{len} rows {msg} ({eta} left)").unwrap().progress_chars("=> "));
+        let t0 = Instant::now();
+        let mut current: Option<(usize, Quantized)> = None;
+        let mut errors = Vec::new();
+        let weights = tmp.join(anyprec::ANYPREC_WEIGHTS);
+        write_safetensors(&weights, &specs, &info.to_metadata(), |i, w: &mut dyn Write| {
+            let q = |li: usize, cur: &mut Option<(usize, Quantized)>| -> std::io::Result<()> {
+                if cur.as_ref().map(|c| c.0) != Some(li) {
+                    bar.set_message(linears[li].prefix.clone());
+                    let qz = quantize_linear(&ck, sens.as_ref(), &linears[li], seed, &bar).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                    *cur = Some((li, qz));
+                }
+                Ok(())
+            };
+            match &sources[i] {
+                Source::Copy(name) => w.write_all(ck.raw(name).map_err(std::io::Error::other)?.1),
+                Source::Planes(li) => {
+                    q(*li, &mut current)?;
+                    let qz = &current.as_ref().unwrap().1;
+                    let bytes: Vec<u8> = qz.planes.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    w.write_all(&bytes)
+                }
+                Source::Lut(li, k) => {
+                    q(*li, &mut current)?;
+                    let bytes: Vec<u8> = current.as_ref().unwrap().1.luts[*k].iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
+                    w.write_all(&bytes)
+                }
+                Source::Errors(li) => {
+                    q(*li, &mut current)?;
+                    let e = &current.as_ref().unwrap().1.errors;
+                    errors.push((linears[*li].prefix.clone(), e.clone()));
+                    let bytes: Vec<u8> = e.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+                    w.write_all(&bytes)
+                }
+            }
+        })?;
+        bar.finish_and_clear();
+        Ok(QuantizeReport {
+            linears: linears.len(),
+            params: linears.iter().map(LinearSpec::size).sum(),
+            seconds: t0.elapsed().as_secs_f64(),
+            bytes: std::fs::metadata(&weights)?.len(),
+            errors,
+        })
+    })();
+    match result {
+        Ok(r) => {
+            if out.exists() {
+                std::fs::remove_dir_all(out).with_context(|| format!("cannot replace {}", out.display()))?;
+            }
+            std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
+            Ok(r)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
