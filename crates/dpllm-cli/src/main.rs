@@ -24,6 +24,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(commands::generate::Args),
+    /// Sensitivity of every quantized weight (squared LM-loss gradients) on calibration text.
+    Sensitivity(commands::sensitivity::Args),
     /// Quantize a checkpoint into an any-precision model (3..8 bits in one file).
     Quantize(commands::quantize::Args),
     /// Perplexity of a text file over non-overlapping chunks.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
+        Command::Sensitivity(a) => commands::sensitivity::run(a),
         Command::Bench(b) => commands::bench::run(b),
     };
     match result {

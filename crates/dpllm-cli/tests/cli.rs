@@ -375,3 +375,80 @@ fn real_model_perplexity_and_generate() {
     assert!(out.starts_with("The os module") && out.len() > "The os module".len() + 4, "{out}");
     assert!(err.contains("LlamaForCausalLM"), "{err}");
 }
+
+// ---------------------------------------------------------------- quantize
+
+#[test]
+fn sensitivity_quantize_and_run_at_every_bit_width() {
+    let (t, m) = tiny(&TinySpec::default(), 30);
+    let text = t.path().join("calib.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let sens = t.path().join("sens.safetensors");
+    let calib = ["--calib", s(&text), "--samples", "2", "--seq-len", "16"];
+    let (_, err) = ok(&[&["sensitivity", s(&m)][..], &calib, &["--out", s(&sens)]].concat());
+    assert!(sens.is_file() && err.contains("sensitivities of 14 linears"), "{err}");
+    let q = t.path().join("q");
+    let (out, _) = ok(&["quantize", s(&m), "--out", s(&q), "--sensitivity", s(&sens)]);
+    assert!(out.contains("quantized 14 linears") && out.contains("8b "), "{out}");
+    // --calib computes the sensitivities on the fly and leaves no temporary file.
+    let q2 = t.path().join("q2");
+    ok(&[&["quantize", s(&m), "--out", s(&q2)][..], &calib].concat());
+    let stray: Vec<_> = std::fs::read_dir(t.path()).unwrap().filter_map(|e| {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        n.starts_with('.').then_some(n)
+    }).collect();
+    assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    for bits in ["3", "5", "8"] {
+        let (out, err) = ok(&["perplexity", s(&q), "--bits", bits, "--text", s(&text), "--ctx", "32", "--max-chunks", "2"]);
+        assert!(out.contains("perplexity"), "{out}");
+        assert!(err.contains(&format!("any-precision at {bits} bits")), "{err}");
+    }
+    let (out, _) = ok(&["generate", s(&q2), "--bits", "4", "--prompt", "the", "--max-tokens", "3", "--ignore-eos"]);
+    assert!(out.starts_with("the"), "{out}");
+    ok(&["bench", "decode", s(&q), "--bits", "3", "--tokens", "2", "--prompt-tokens", "4"]);
+
+    fails(&["perplexity", s(&q), "--bits", "9", "--text", s(&text)], &["--bits 9", "out of range"]);
+    fails(&["perplexity", s(&q), "--bits", "2", "--text", s(&text)], &["cannot load at 2 bits"]);
+    fails(&["generate", s(&m), "--bits", "4", "--prompt", "x"], &["not a dpllm any-precision model"]);
+    fails(&["quantize", s(&m), "--out", s(&q)], &["already exists", "--force"]);
+    fails(&["quantize", s(&q), "--out", s(&t.path().join("q3"))], &["already an any-precision model"]);
+    fails(&["sensitivity", s(&q), "--calib", s(&text), "--out", s(&sens)], &["already quantized"]);
+    fails(&["sensitivity", s(&m)], &["--calib FILE is required"]);
+    fails(&["sensitivity", s(&m), "--calib", s(&t.path().join("none.txt"))], &["cannot read --calib"]);
+    fails(&["sensitivity", s(&m), "--calib", s(&text), "--seq-len", "5000"], &["fewer than one sequence"]);
+    let o = dpllm(&["quantize", s(&m), "--out", s(&t.path().join("q4")), "--sensitivity", s(&sens), "--calib", s(&text)]);
+    assert!(!o.status.success() && stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+}
+
+/// Perplexity of `model` (at `bits` when given) on the first `chunks` chunks of 1024 tokens of `text`.
+fn real_perplexity(model: &Path, bits: Option<u32>, text: &Path, chunks: usize, json: &Path) -> f64 {
+    let b = bits.map(|b| b.to_string());
+    let mut args = vec!["perplexity", s(model), "--text", s(text), "--ctx", "1024", "--max-chunks"];
+    let c = chunks.to_string();
+    args.extend([c.as_str(), "--json", s(json)]);
+    if let Some(b) = &b {
+        args.extend(["--bits", b.as_str()]);
+    }
+    ok(&args);
+    json_file(json)["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn real_model_quantized_perplexity_falls_with_bits() {
+    let model = shared().join("models/docs-llama-12m");
+    let (test, calib) = (shared().join("data/docs/test.txt"), shared().join("data/docs/calib.txt"));
+    if !model.join("config.json").is_file() || !test.is_file() || !calib.is_file() {
+        eprintln!("SKIP: docs-llama-12m or its text in {} is missing", shared().display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    ok(&["quantize", s(&model), "--out", s(&q), "--calib", s(&calib), "--samples", "16", "--seq-len", "512"]);
+    let json = t.path().join("p.json");
+    let full = real_perplexity(&model, None, &test, 24, &json);
+    let ppl: Vec<f64> = (3..=8).map(|b| real_perplexity(&q, Some(b), &test, 24, &json)).collect();
+    eprintln!("docs-llama-12m, 24 x 1024 tokens of test.txt: full precision {full:.4}, 3..8 bits {ppl:.4?}");
+    assert!(ppl.windows(2).all(|p| p[1] < p[0]), "perplexity does not fall with every added bit: {ppl:?}");
+    assert!(ppl[5] < full * 1.01, "8-bit perplexity {} is not within 1% of full precision {full}", ppl[5]);
+    assert!(ppl[0] < full * 1.6, "3-bit perplexity {} is implausibly far from {full}", ppl[0]);
+}

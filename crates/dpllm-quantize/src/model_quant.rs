@@ -69,6 +69,9 @@ struct Quantized {
 
 fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, seed_bits: u32, bar: &ProgressBar) -> Result<Quantized> {
     let w = ck.tensor_f32(&s.weight_name(), &[s.rows, s.cols])?;
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        bail!("{}: weight [{}, {}] is {} (corrupt checkpoint?)", s.weight_name(), i / s.cols, i % s.cols, w[i]);
+    }
     let f = match sens {
         Some(sc) => sc.tensor_f32(&s.weight_name(), &[s.rows, s.cols]).context("sensitivity file does not match the model")?,
         None => vec![1.0; s.rows * s.cols],

@@ -1,10 +1,12 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod calib_text;
 pub mod generate;
 pub mod inspect;
 pub mod perplexity;
 pub mod quantize;
+pub mod sensitivity;
 
 use std::path::Path;
 

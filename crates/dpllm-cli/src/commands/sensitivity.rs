@@ -1,0 +1,46 @@
+//! `dpllm sensitivity MODEL --calib FILE`: the diagonal Fisher of every quantized weight.
+
+use std::path::{Path, PathBuf};
+
+use dpllm_quantize::sensitivity::{accumulate_sensitivities, save};
+
+use super::calib_text::CalibArgs;
+
+/// Arguments of `sensitivity`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Full-precision model directory (Hugging Face layout).
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Output safetensors file (default: `<model name>.sensitivity.safetensors` in the current directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Compute the sensitivities of `model` on the calibration windows and write them to `out`.
+pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path) -> anyhow::Result<()> {
+    let (m, tok) = super::load(model, super::BitsArg::default())?;
+    if m.anyprec_info().is_some() {
+        anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
+    }
+    let seqs = calib.sequences(file, &tok)?;
+    let t = std::time::Instant::now();
+    let s = accumulate_sensitivities(&m, &seqs, true)?;
+    save(&s, out)?;
+    eprintln!("sensitivities of {} linears written to {} in {:.1}s", s.tensors().count(), out.display(), t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Run the command.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dir = crate::model_dir(&a.model)?;
+    let Some(file) = a.calib.calib.clone() else {
+        anyhow::bail!("--calib FILE is required (the calibration text)");
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        PathBuf::from(format!("{}.sensitivity.safetensors", name.unwrap_or_else(|| "model".into())))
+    });
+    compute(dir, &a.calib, &file, &out)
+}
