@@ -2,5 +2,6 @@
 
 pub mod bandwidth;
 pub mod bench_decode;
+pub mod bench_gemv;
 pub mod perplexity;
 pub mod report;

@@ -128,8 +128,8 @@ pub fn read_planes(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize, keep
     Ok(out)
 }
 
-/// Read the b-bit centroid table of linear `prefix` as f32 [rows × 2^b].
-pub fn read_lut(ck: &Checkpoint, prefix: &str, rows: usize, bits: u32) -> Result<Vec<f32>> {
+/// Read the b-bit centroid table of linear `prefix` [rows × 2^b] (f16, checked finite).
+pub fn read_lut(ck: &Checkpoint, prefix: &str, rows: usize, bits: u32) -> Result<Vec<f16>> {
     let name = lut_name(prefix, bits);
     let (info, bytes) = ck.raw(&name)?;
     let expect = [rows, 1usize << bits];
@@ -140,7 +140,7 @@ pub fn read_lut(ck: &Checkpoint, prefix: &str, rows: usize, bits: u32) -> Result
             reason: format!("{:?} {:?}, expected F16 {:?}", info.dtype, info.shape, expect),
         });
     }
-    let lut: Vec<f32> = bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect();
+    let lut: Vec<f16> = bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
     if let Some(i) = lut.iter().position(|v| !v.is_finite()) {
         return Err(FormatError::BadTensor {
             name,

@@ -3,13 +3,49 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use dpllm_engine::cpu::bitplane::BitplaneKernel;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
+use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
 
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Decode speed (tokens/s) and the fraction of the measured memory bandwidth it reaches.
     Decode(DecodeArgs),
+    /// One-token GEMV through a single linear: bit-plane weights at each precision
+    /// versus dense f16/f32, time per call and effective GB/s against the measured bandwidth.
+    Gemv(GemvArgs),
+}
+
+/// Arguments of `bench gemv`.
+#[derive(clap::Args)]
+pub struct GemvArgs {
+    /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
+    /// 8B Llama, and docs-llama-12m's up projection).
+    #[arg(long, value_delimiter = ',', default_value = "4096x4096,14336x4096,4096x14336,1024x384")]
+    pub shapes: Vec<String>,
+    /// Precisions of the bit-plane weights.
+    #[arg(long, value_delimiter = ',', default_value = "3,4,5,6,7,8")]
+    pub bits: Vec<u32>,
+    /// Bit-plane kernels to time: portable, avx2, avx512 (default: every one this CPU has).
+    #[arg(long, value_delimiter = ',')]
+    pub kernels: Vec<String>,
+    /// Minimum timed seconds per case.
+    #[arg(long, default_value_t = 0.3)]
+    pub seconds: f64,
+    /// Size of each bandwidth-test buffer, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub bandwidth_mib: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Parse "ROWSxCOLS".
+fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS (e.g. 4096x4096)");
+    let (r, c) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    Ok((r.trim().parse().map_err(|_| bad())?, c.trim().parse().map_err(|_| bad())?))
 }
 
 /// Arguments of `bench decode`.
@@ -48,6 +84,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
             };
             let r = bench_decode::run(&model, &cfg)?;
+            print!("{}", r.table());
+            if let Some(p) = &a.json {
+                dpllm_eval::report::write_json(p, &r)?;
+            }
+            Ok(())
+        }
+        BenchCommand::Gemv(a) => {
+            let kernels = if a.kernels.is_empty() {
+                BitplaneKernel::available().iter().map(|k| k.name().to_string()).collect()
+            } else {
+                a.kernels
+            };
+            let cfg = GemvBenchConfig {
+                shapes: a.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?,
+                bits: a.bits,
+                kernels,
+                min_seconds: a.seconds.max(0.0),
+                bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
+            };
+            let r = bench_gemv::run(&cfg)?;
             print!("{}", r.table());
             if let Some(p) = &a.json {
                 dpllm_eval::report::write_json(p, &r)?;

@@ -3,8 +3,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use half::f16;
+
 use super::{add_bias, Linear};
-use crate::cpu::bitplane::{dequantize_row, dot_row};
+use crate::cpu::bitplane::{dequantize_row, dot_row_with, BitplaneKernel};
 use crate::cpu::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
 
 /// A quantized linear holding planes 0..max_bits and LUTs seed_bits..=max_bits.
@@ -17,14 +19,14 @@ pub struct AnyPrecLinear {
     /// [rows][max_bits][words].
     planes: Vec<u32>,
     /// luts[b - seed_bits]: [rows × 2^b].
-    luts: Vec<Vec<f32>>,
+    luts: Vec<Vec<f16>>,
     bias: Option<Vec<f32>>,
     bits: AtomicU32,
 }
 
 impl AnyPrecLinear {
     /// Build from planes laid out [rows][max_bits][ceil(cols/32)] and LUTs for seed..=max bits.
-    pub fn new(rows: usize, cols: usize, seed_bits: u32, max_bits: u32, planes: Vec<u32>, luts: Vec<Vec<f32>>, bias: Option<Vec<f32>>) -> AnyPrecLinear {
+    pub fn new(rows: usize, cols: usize, seed_bits: u32, max_bits: u32, planes: Vec<u32>, luts: Vec<Vec<f16>>, bias: Option<Vec<f32>>) -> AnyPrecLinear {
         let words = cols.div_ceil(32);
         assert!(seed_bits <= max_bits && max_bits <= 8);
         assert_eq!(planes.len(), rows * max_bits as usize * words, "planes size");
@@ -33,6 +35,23 @@ impl AnyPrecLinear {
             assert_eq!(l.len(), rows << (seed_bits as usize + i), "LUT size");
         }
         AnyPrecLinear { rows, cols, words, seed_bits, max_bits, planes, luts, bias, bits: AtomicU32::new(max_bits) }
+    }
+
+    /// A layer of random planes (padding bits zero, as the packer writes them) and
+    /// random LUTs in [-1, 1) for precisions 3..=`max_bits`, no bias: for tests and benchmarks.
+    pub fn random(rows: usize, cols: usize, max_bits: u32, seed: u64) -> AnyPrecLinear {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let words = cols.div_ceil(32);
+        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words).map(|_| rng.random()).collect();
+        if cols % 32 != 0 {
+            let mask = (1u32 << (cols % 32)) - 1;
+            for row in planes.chunks_mut(words) {
+                row[words - 1] &= mask;
+            }
+        }
+        let luts = (3..=max_bits).map(|b| (0..rows << b).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()).collect();
+        AnyPrecLinear::new(rows, cols, 3, max_bits, planes, luts, None)
     }
 
     /// Lowest runnable precision.
@@ -69,17 +88,22 @@ impl AnyPrecLinear {
         &self.planes[r * stride..(r + 1) * stride]
     }
 
-    fn lut(&self, bits: u32, r: usize) -> &[f32] {
+    fn lut(&self, bits: u32, r: usize) -> &[f16] {
         let k = 1usize << bits;
         &self.luts[(bits - self.seed_bits) as usize][r * k..(r + 1) * k]
     }
 
     /// `y = x·W_bᵀ (+ b)` at an explicit precision.
     pub fn forward_bits(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32) {
+        self.forward_bits_with(x, n, y, bits, BitplaneKernel::best())
+    }
+
+    /// [`AnyPrecLinear::forward_bits`] with a chosen GEMV kernel (for benchmarks and tests).
+    pub fn forward_bits_with(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32, kernel: BitplaneKernel) {
         assert!(self.check_bits(bits).is_ok(), "bits out of range");
         let (rows, cols, words) = (self.rows, self.cols, self.words);
         if n <= GEMV_MAX_TOKENS {
-            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row(self.row_planes(r), words, bits, self.lut(bits, r), xt));
+            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row_with(kernel, self.row_planes(r), words, bits, self.lut(bits, r), xt));
         } else {
             matmul_tiled(rows, cols, x, n, y, |r0, tile| {
                 for (i, out) in tile.chunks_mut(cols).enumerate() {
@@ -138,20 +162,9 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn random_layer(rng: &mut impl Rng, rows: usize, cols: usize, max_bits: u32) -> AnyPrecLinear {
-        let words = cols.div_ceil(32);
-        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words).map(|_| rng.random()).collect();
-        // Padding bits beyond `cols` are zero, as the packer writes them.
-        if cols % 32 != 0 {
-            let mask = (1u32 << (cols % 32)) - 1;
-            for r in 0..rows {
-                for j in 0..max_bits as usize {
-                    planes[(r * max_bits as usize + j) * words + words - 1] &= mask;
-                }
-            }
-        }
-        let luts = (3..=max_bits).map(|b| (0..rows << b).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
-        let bias = Some((0..rows).map(|_| rng.random_range(-1.0..1.0)).collect());
-        AnyPrecLinear::new(rows, cols, 3, max_bits, planes, luts, bias)
+        let mut l = AnyPrecLinear::random(rows, cols, max_bits, rng.random());
+        l.bias = Some((0..rows).map(|_| rng.random_range(-1.0..1.0)).collect());
+        l
     }
 
     #[test]

@@ -1,0 +1,198 @@
+//! Bit-plane kernels: a b-bit row of an any-precision weight is b bit-planes
+//! (planes 0..b−1 of the stored 8, most significant first) plus a per-row table
+//! of 2^b centroids. These kernels read only those b planes.
+//!
+//! Plane layout per row: `planes[j * words + w]` holds bit (b−1−j) of the b-bit
+//! index of columns 32w..32w+31 (bit t ↔ column 32w+t). LUTs are f16, as stored.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Indices of columns 32w..32w+31 (portable).
+#[inline(always)]
+fn word_indices(planes: &[u32], words: usize, bits: u32, w: usize, out: &mut [u8; 32]) {
+    *out = [0; 32];
+    for j in 0..bits as usize {
+        let word = planes[j * words + w];
+        let shift = bits as usize - 1 - j;
+        for (t, o) in out.iter_mut().enumerate() {
+            *o |= (((word >> t) & 1) as u8) << shift;
+        }
+    }
+}
+
+/// A row's f16 LUT widened to f32 (2^bits entries used).
+#[inline]
+fn lut_f32(lut: &[f16]) -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (d, s) in t.iter_mut().zip(lut) {
+        *d = s.to_f32();
+    }
+    t
+}
+
+/// Dequantize one row at `bits` into `out` (len = cols).
+pub fn dequantize_row(planes: &[u32], words: usize, bits: u32, lut: &[f16], out: &mut [f32]) {
+    let lut = lut_f32(lut);
+    let cols = out.len();
+    let mut idx = [0u8; 32];
+    for w in 0..words {
+        word_indices(planes, words, bits, w, &mut idx);
+        let c0 = w * 32;
+        let n = (cols - c0).min(32);
+        for t in 0..n {
+            out[c0 + t] = lut[idx[t] as usize];
+        }
+    }
+}
+
+/// Portable Σ_c lut[idx_c]·x_c over one row (f32 LUT).
+fn dot_row_portable(planes: &[u32], words: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
+    let cols = x.len();
+    let mut idx = [0u8; 32];
+    let mut acc = [0f32; 8];
+    let mut tail = 0f32;
+    for w in 0..words {
+        word_indices(planes, words, bits, w, &mut idx);
+        let c0 = w * 32;
+        if c0 + 32 <= cols {
+            let xs = &x[c0..c0 + 32];
+            for t in 0..32 {
+                acc[t % 8] += lut[idx[t] as usize] * xs[t];
+            }
+        } else {
+            for t in 0..cols - c0 {
+                tail += lut[idx[t] as usize] * x[c0 + t];
+            }
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// An implementation of the bit-plane dot product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitplaneKernel {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+    /// AVX-512F + AVX-512BW (x86-64).
+    Avx512,
+}
+
+impl BitplaneKernel {
+    /// Short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            BitplaneKernel::Portable => "portable",
+            BitplaneKernel::Avx2 => "avx2",
+            BitplaneKernel::Avx512 => "avx512",
+        }
+    }
+
+    /// True when this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            BitplaneKernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    pub fn available() -> Vec<BitplaneKernel> {
+        [BitplaneKernel::Portable, BitplaneKernel::Avx2, BitplaneKernel::Avx512].into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest kernel this CPU can run (detected once).
+    pub fn best() -> BitplaneKernel {
+        static BEST: std::sync::OnceLock<BitplaneKernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Self::available().last().unwrap_or(&BitplaneKernel::Portable))
+    }
+}
+
+/// Σ_c lut[idx_c]·x_c over one row at `bits` with a chosen kernel (falls back to
+/// the portable one when the CPU lacks it).
+#[inline]
+pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], words: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
+    assert!((3..=8).contains(&bits), "bit-plane kernels run 3..=8 bits, not {bits}");
+    assert!(planes.len() >= bits as usize * words && lut.len() == 1 << bits && x.len() <= 32 * words);
+    #[cfg(target_arch = "x86_64")]
+    if kernel.is_available() {
+        match kernel {
+            // SAFETY: the CPU features are checked and the slices cover the row (asserted above).
+            BitplaneKernel::Avx512 => {
+                return unsafe { avx512::dot_row(planes, words, bits, lut.reinterpret_cast(), x) };
+            }
+            // SAFETY: as above.
+            BitplaneKernel::Avx2 => return unsafe { avx2::dot_row(planes, words, bits, &lut_f32(lut), x) },
+            BitplaneKernel::Portable => {}
+        }
+    }
+    let _ = kernel;
+    dot_row_portable(planes, words, bits, &lut_f32(lut), x)
+}
+
+/// Σ_c lut[idx_c]·x_c over one row at `bits` with the fastest kernel of this CPU.
+#[inline]
+pub fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
+    dot_row_with(BitplaneKernel::best(), planes, words, bits, lut, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Pack b-bit indices into b planes (reference packer, independent of the kernels).
+    fn pack(idx: &[u8], bits: u32) -> (Vec<u32>, usize) {
+        let words = idx.len().div_ceil(32);
+        let mut p = vec![0u32; bits as usize * words];
+        for (c, &v) in idx.iter().enumerate() {
+            for j in 0..bits as usize {
+                if (v >> (bits as usize - 1 - j)) & 1 == 1 {
+                    p[j * words + c / 32] |= 1 << (c % 32);
+                }
+            }
+        }
+        (p, words)
+    }
+
+    #[test]
+    fn kernels_match_dequantize_then_multiply() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for bits in 3..=8u32 {
+            for cols in [1usize, 31, 32, 33, 64, 100, 257, 1024] {
+                let idx: Vec<u8> = (0..cols).map(|_| rng.random_range(0..(1u32 << bits)) as u8).collect();
+                let lut: Vec<f16> = (0..1 << bits).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
+                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let (planes, words) = pack(&idx, bits);
+                let mut deq = vec![0f32; cols];
+                dequantize_row(&planes, words, bits, &lut, &mut deq);
+                let want: Vec<f32> = idx.iter().map(|&i| lut[i as usize].to_f32()).collect();
+                assert_eq!(deq, want, "dequantize b={bits} cols={cols}");
+                let r: f64 = want.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let tol = 1e-5 * (cols as f64).sqrt();
+                assert!((dot_row(&planes, words, bits, &lut, &x) as f64 - r).abs() < tol, "dispatch b={bits} cols={cols}");
+                for k in BitplaneKernel::available() {
+                    let v = dot_row_with(k, &planes, words, bits, &lut, &x);
+                    assert!((v as f64 - r).abs() < tol, "{} b={bits} cols={cols}", k.name());
+                }
+            }
+        }
+        for k in [BitplaneKernel::Avx2, BitplaneKernel::Avx512] {
+            if !k.is_available() {
+                eprintln!("SKIP {} kernel check: this CPU lacks it", k.name());
+            }
+        }
+    }
+}

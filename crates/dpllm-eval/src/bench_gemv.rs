@@ -1,0 +1,198 @@
+//! GEMV benchmark: one token through one linear layer, for bit-plane weights at
+//! every precision and the dense f16 / f32 references, against the machine's
+//! measured memory bandwidth.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dpllm_engine::cpu::bitplane::BitplaneKernel;
+use dpllm_engine::linear::{AnyPrecLinear, DenseLinear, Linear};
+use dpllm_format::TensorData;
+use half::f16;
+use serde::Serialize;
+
+use crate::bandwidth::{self, Bandwidth};
+
+/// Settings of a GEMV benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemvBenchConfig {
+    /// (rows, cols) of each weight matrix.
+    pub shapes: Vec<(usize, usize)>,
+    /// Precisions of the bit-plane weights.
+    pub bits: Vec<u32>,
+    /// Bit-plane kernels to time (default: the fastest this CPU has).
+    pub kernels: Vec<String>,
+    /// Minimum timed wall time per case, seconds.
+    pub min_seconds: f64,
+    /// Size of each bandwidth-test buffer in bytes.
+    pub bandwidth_bytes: usize,
+}
+
+/// One timed case.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemvCase {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// "anyprec-4b", "f16", "f32".
+    pub weights: String,
+    /// Kernel name ("avx512", "avx2", "portable", or "dense").
+    pub kernel: String,
+    /// Median time per call, microseconds.
+    pub us_per_call: f64,
+    /// Weight bytes read per call.
+    pub bytes: usize,
+    /// bytes / time, GB/s.
+    pub gbs: f64,
+    /// gbs / measured read bandwidth.
+    pub fraction_of_read_bandwidth: f64,
+    /// f16 time / this time (same shape).
+    pub speedup_vs_f16: f64,
+}
+
+/// Results of a GEMV benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemvBench {
+    /// Settings used.
+    pub config: GemvBenchConfig,
+    /// Measured machine bandwidth.
+    pub bandwidth: Bandwidth,
+    /// Threads.
+    pub threads: usize,
+    /// Every case, shape by shape.
+    pub cases: Vec<GemvCase>,
+}
+
+/// Median seconds per call of `f`, run for at least `min_seconds` (and 5 calls) after a warm-up call.
+fn time_calls(min_seconds: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || start.elapsed().as_secs_f64() < min_seconds {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// Parse a kernel name.
+pub fn kernel_by_name(name: &str) -> anyhow::Result<BitplaneKernel> {
+    let k = match name {
+        "portable" => BitplaneKernel::Portable,
+        "avx2" => BitplaneKernel::Avx2,
+        "avx512" => BitplaneKernel::Avx512,
+        other => anyhow::bail!("unknown kernel {other:?} (portable, avx2, avx512)"),
+    };
+    if !k.is_available() {
+        anyhow::bail!("this CPU cannot run the {name} kernel");
+    }
+    Ok(k)
+}
+
+/// Run the benchmark.
+pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
+    if let Some(b) = cfg.bits.iter().find(|b| !(3..=8).contains(*b)) {
+        anyhow::bail!("--bits {b} is out of range 3..=8");
+    }
+    if let Some((r, c)) = cfg.shapes.iter().find(|(r, c)| *r == 0 || *c == 0) {
+        anyhow::bail!("shape {r}x{c} is empty");
+    }
+    let kernels = cfg.kernels.iter().map(|k| kernel_by_name(k)).collect::<anyhow::Result<Vec<_>>>()?;
+    let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
+    let mut cases = Vec::new();
+    for &(rows, cols) in &cfg.shapes {
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let mut y = vec![0f32; rows];
+        let mut shape_cases = Vec::new();
+        let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 1001.0).collect();
+        let dense = [
+            ("f16", TensorData::F16(wf.iter().map(|&v| f16::from_f32(v)).collect())),
+            ("f32", TensorData::F32(wf)),
+        ];
+        for (name, w) in dense {
+            let l = DenseLinear::new(Arc::new(w), rows, cols, None);
+            let s = time_calls(cfg.min_seconds, || l.forward(&x, 1, &mut y));
+            shape_cases.push((name.to_string(), "dense".to_string(), s, l.weight_bytes()));
+        }
+        let max_bits = *cfg.bits.iter().max().unwrap_or(&8);
+        let q = AnyPrecLinear::random(rows, cols, max_bits, 7);
+        for &b in &cfg.bits {
+            for &k in &kernels {
+                let s = time_calls(cfg.min_seconds, || q.forward_bits_with(&x, 1, &mut y, b, k));
+                shape_cases.push((format!("anyprec-{b}b"), k.name().to_string(), s, q.bytes_at(b)));
+            }
+        }
+        let f16_time = shape_cases[0].2;
+        for (weights, kernel, s, bytes) in shape_cases {
+            let gbs = bytes as f64 / s / 1e9;
+            cases.push(GemvCase {
+                rows,
+                cols,
+                weights,
+                kernel,
+                us_per_call: s * 1e6,
+                bytes,
+                gbs,
+                fraction_of_read_bandwidth: gbs / bw.read_gbs,
+                speedup_vs_f16: f16_time / s,
+            });
+        }
+    }
+    Ok(GemvBench { config: cfg.clone(), threads: rayon::current_num_threads(), bandwidth: bw, cases })
+}
+
+impl GemvBench {
+    /// A human-readable table with units.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "machine read bandwidth {:.2} GB/s, copy {:.2} GB/s (r+w), {} threads\n",
+            self.bandwidth.read_gbs, self.bandwidth.copy_gbs, self.threads
+        );
+        out.push_str(&format!(
+            "{:>13}  {:<12} {:<9} {:>12} {:>11} {:>9} {:>8} {:>9}\n",
+            "shape", "weights", "kernel", "time (us)", "bytes (MB)", "GB/s", "% of BW", "vs f16"
+        ));
+        for c in &self.cases {
+            out.push_str(&format!(
+                "{:>13}  {:<12} {:<9} {:>12.1} {:>11.3} {:>9.2} {:>7.1}% {:>8.2}x\n",
+                format!("{}x{}", c.rows, c.cols),
+                c.weights,
+                c.kernel,
+                c.us_per_call,
+                c.bytes as f64 / 1e6,
+                c.gbs,
+                100.0 * c.fraction_of_read_bandwidth,
+                c.speedup_vs_f16
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_every_case_and_rejects_bad_settings() {
+        let cfg = GemvBenchConfig {
+            shapes: vec![(64, 96)],
+            bits: vec![3, 8],
+            kernels: vec!["portable".into()],
+            min_seconds: 0.0,
+            bandwidth_bytes: 1 << 20,
+        };
+        let r = run(&cfg).unwrap();
+        let names: Vec<&str> = r.cases.iter().map(|c| c.weights.as_str()).collect();
+        assert_eq!(names, ["f16", "f32", "anyprec-3b", "anyprec-8b"]);
+        assert!(r.cases.iter().all(|c| c.us_per_call > 0.0 && c.gbs.is_finite()));
+        assert_eq!(r.cases[2].bytes, 64 * (3 * 3 * 4 + 2 * 8));
+        assert!(r.table().contains("anyprec-8b"));
+        assert!(run(&GemvBenchConfig { bits: vec![9], ..cfg.clone() }).is_err());
+        assert!(run(&GemvBenchConfig { shapes: vec![(0, 4)], ..cfg.clone() }).is_err());
+        assert!(run(&GemvBenchConfig { kernels: vec!["sse9".into()], ..cfg }).is_err());
+    }
+}
