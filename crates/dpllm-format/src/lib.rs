@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod layout;
+pub mod plan;
 pub mod st_writer;
 pub mod anyprec;
 pub mod tensor;
