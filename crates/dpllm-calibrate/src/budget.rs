@@ -20,7 +20,8 @@ pub const MAX_CELLS: usize = 50_000_000;
 pub struct Item {
     /// Parameter count.
     pub size: usize,
-    /// `cost[i]` = estimated loss at precision `min_bits + i`.
+    /// `cost[i]` = estimated loss at precision `min_bits + i` (items may offer
+    /// different numbers of precisions, e.g. up to their own maximum).
     pub cost: Vec<f64>,
 }
 
@@ -48,11 +49,11 @@ fn gcd(a: usize, b: usize) -> usize {
 /// Minimize Σ cost subject to Σ size·bits ≤ budget·Σ size, bits in `min_bits..min_bits+cost.len()`.
 pub fn solve(items: &[Item], min_bits: u32, budget: f64) -> Result<Assignment> {
     ensure!(!items.is_empty(), "no linears to assign precisions to");
-    let choices = items[0].cost.len();
-    ensure!(choices >= 1, "every linear needs at least one precision");
+    let choices = items.iter().map(|i| i.cost.len()).max().unwrap_or(0);
+    ensure!(choices <= 256, "at most 256 precisions per linear");
     for (i, it) in items.iter().enumerate() {
         ensure!(it.size > 0, "linear {i} has size 0");
-        ensure!(it.cost.len() == choices, "linear {i} has {} choices, expected {choices}", it.cost.len());
+        ensure!(!it.cost.is_empty(), "linear {i} offers no precision");
         ensure!(it.cost.iter().all(|c| c.is_finite()), "linear {i} has a non-finite cost");
     }
     let max_bits = min_bits + choices as u32 - 1;
@@ -155,6 +156,14 @@ mod tests {
             assert!((a.cost - want).abs() <= 1e-9 * want.abs(), "dp {} vs brute {want}", a.cost);
             assert!(a.avg_bits <= budget + 1e-12);
         }
+    }
+
+    #[test]
+    fn items_may_offer_fewer_precisions() {
+        let items = vec![Item { size: 10, cost: vec![5.0, 1.0] }, Item { size: 10, cost: vec![5.0, 4.0, 3.0, 0.0] }];
+        let a = solve(&items, 3, 6.0).unwrap();
+        assert_eq!(a.bits, vec![4, 6]);
+        assert!(solve(&[Item { size: 3, cost: vec![] }], 3, 4.0).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`cpu`]: hand-written CPU kernels (SIMD dot products, GEMV/GEMM, attention, ...).
 //! - [`linear`]: the [`linear::Linear`] interface every weight format implements.
 //! - [`model`]: the transformer and its forward pass with a [`kv_cache::KvCache`].
+//! - [`select`]: DP-LLM plans at run time: per-token precision selection and effective-bit counting.
 //! - [`sampler`], [`tokenizer`], [`chat_template`]: turning logits and text into each other.
 //! - [`generate`]: the decoding loop used by the CLI and the server.
 
@@ -13,10 +14,12 @@ pub mod kv_cache;
 pub mod linear;
 pub mod model;
 pub mod sampler;
+pub mod select;
 pub mod tokenizer;
 
 pub use kv_cache::KvCache;
 pub use model::{LoadOptions, Model};
+pub use select::{BitStats, Precision, RuntimePlan};
 
 /// Errors of a forward pass on valid weights (bad requests, not bad files).
 #[derive(Debug, thiserror::Error)]

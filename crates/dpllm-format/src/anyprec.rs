@@ -150,3 +150,20 @@ pub fn read_lut(ck: &Checkpoint, prefix: &str, rows: usize, bits: u32) -> Result
     }
     Ok(lut)
 }
+
+/// Name of the per-precision weighted squared error vector of linear `prefix`.
+pub fn sq_err_name(prefix: &str) -> String {
+    format!("{prefix}.sq_err")
+}
+
+/// Σ F·(W − Q_b(W))² of linear `prefix` for b = seed..=8 (written by the quantizer).
+pub fn read_sq_err(ck: &Checkpoint, prefix: &str, seed_bits: u32) -> Result<Vec<f64>> {
+    let name = sq_err_name(prefix);
+    let n = (STORED_BITS - seed_bits + 1) as usize;
+    let v = ck.tensor_f32(&name, &[n])?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite() || *x < 0.0) {
+        let info = ck.info(&name).expect("tensor_f32 found it");
+        return Err(FormatError::BadTensor { name, path: ck.shard_path_of(info).into(), reason: format!("error {i} is {} (corrupt file?)", v[i]) });
+    }
+    Ok(v.into_iter().map(f64::from).collect())
+}

@@ -131,8 +131,8 @@ fn dtype_name(d: safetensors::Dtype) -> Result<&'static str> {
 
 /// Quantize the checkpoint in `src` into a new any-precision model directory `out`.
 pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
-    if !(1..=4).contains(&opts.seed_bits) {
-        bail!("seed precision must be 1..=4 bits (got {})", opts.seed_bits);
+    if !(3..=4).contains(&opts.seed_bits) {
+        bail!("seed precision must be 3 or 4 bits (got {}): models run at 3..=8 bits", opts.seed_bits);
     }
     if anyprec::is_anyprec_dir(src) {
         bail!("{} is already an any-precision model", src.display());
@@ -166,7 +166,7 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
                     specs.push(TensorSpec { name: anyprec::lut_name(&s.prefix, b), dtype: "F16", shape: vec![s.rows, 1 << b] });
                     sources.push(Source::Lut(li, (b - seed) as usize));
                 }
-                specs.push(TensorSpec { name: format!("{}.sq_err", s.prefix), dtype: "F32", shape: vec![(STORED_BITS - seed + 1) as usize] });
+                specs.push(TensorSpec { name: anyprec::sq_err_name(&s.prefix), dtype: "F32", shape: vec![(STORED_BITS - seed + 1) as usize] });
                 sources.push(Source::Errors(li));
             }
             None => {
@@ -251,10 +251,22 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
     })();
     match result {
         Ok(r) => {
-            if out.exists() {
-                std::fs::remove_dir_all(out).with_context(|| format!("cannot replace {}", out.display()))?;
+            // Replace an existing OUT by renames only, so a failure keeps the old model.
+            let old = parent.join(format!(".{}.old-{}", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+            let had_old = out.exists();
+            if had_old {
+                std::fs::rename(out, &old).with_context(|| format!("cannot move the existing {} aside", out.display()))?;
             }
-            std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
+            if let Err(e) = std::fs::rename(&tmp, out) {
+                if had_old {
+                    let _ = std::fs::rename(&old, out);
+                }
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e).with_context(|| format!("cannot move the result to {}", out.display()));
+            }
+            if had_old {
+                let _ = std::fs::remove_dir_all(&old);
+            }
             Ok(r)
         }
         Err(e) => {

@@ -124,7 +124,7 @@ fn quantized_model_matches_dequantized_reference_at_every_bit_width() {
         let orig = logits(&Model::load(&src).unwrap(), &ids);
         let mut prev_err = f32::INFINITY;
         for bits in 3..=8u32 {
-            let m = Model::load_with(&out, &LoadOptions { max_bits: Some(bits) }).unwrap();
+            let m = Model::load_with(&out, &LoadOptions { max_bits: Some(bits), ..Default::default() }).unwrap();
             assert_eq!(m.bits_range(), Some((3, bits)));
             let ref_dir = t.path().join(format!("ref{bits}"));
             dense_reference(&src, &out, bits, &ref_dir);
@@ -205,8 +205,24 @@ fn rewrite(dir: &Path, edit_meta: impl Fn(&mut HashMap<String, String>), edit: i
     safetensors::serialize_to_file(views, Some(meta), &path).unwrap();
 }
 
+/// Rewrite the any-precision file of `dir` without tensor `name`.
+fn rewrite_drop(dir: &Path, name: &str) {
+    let path = dir.join(ANYPREC_WEIGHTS);
+    let ck = Checkpoint::open_file(&path).unwrap();
+    let meta = ck.metadata().clone();
+    let tensors: Vec<(String, Owned)> = ck
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| *n != name)
+        .map(|(n, i)| (n.to_string(), Owned { dtype: i.dtype, shape: i.shape.clone(), data: ck.raw(n).unwrap().1.to_vec() }))
+        .collect();
+    drop(ck);
+    let views: Vec<(String, &Owned)> = tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
+    safetensors::serialize_to_file(views, Some(meta), &path).unwrap();
+}
+
 fn load_err(dir: &Path, max_bits: Option<u32>) -> String {
-    match Model::load_with(dir, &LoadOptions { max_bits }) {
+    match Model::load_with(dir, &LoadOptions { max_bits, ..Default::default() }) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -276,7 +292,7 @@ fn corrupt_or_mismatched_files_get_clear_errors() {
     assert!(load_err(&q, Some(9)).contains("cannot load at 9 bits"));
     assert!(load_err(&q, Some(2)).contains("cannot load at 2 bits"));
     assert!(load_err(&src, Some(4)).contains("not a dpllm any-precision model"));
-    let m = Model::load_with(&q, &LoadOptions { max_bits: Some(5) }).unwrap();
+    let m = Model::load_with(&q, &LoadOptions { max_bits: Some(5), ..Default::default() }).unwrap();
     assert!(m.set_bits(6).is_err() && m.set_bits(2).is_err() && m.set_bits(4).is_ok());
     assert!(Model::load(&src).unwrap().set_bits(4).is_err());
 }
@@ -330,8 +346,14 @@ fn failed_runs_leave_no_output_behind() {
     quantize_model(&src, &good, &QuantizeOptions { overwrite: true, ..Default::default() }).unwrap();
     let e = quantize_model(&good, &t.path().join("q3"), &QuantizeOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("already an any-precision model"));
-    let e = quantize_model(&src, &t.path().join("q4"), &QuantizeOptions { seed_bits: 0, ..Default::default() }).unwrap_err();
-    assert!(format!("{e:#}").contains("seed precision"));
+    for seed_bits in [0, 2, 5] {
+        let e = quantize_model(&src, &t.path().join("q4"), &QuantizeOptions { seed_bits, ..Default::default() }).unwrap_err();
+        assert!(format!("{e:#}").contains("seed precision"));
+    }
+    // A quantized model missing one linear's planes names that tensor.
+    rewrite_drop(&good, "model.layers.1.mlp.gate_proj.planes");
+    let e = Model::load(&good).err().expect("loading must fail").to_string();
+    assert!(e.contains("model.layers.1.mlp.gate_proj.planes"), "{e}");
 }
 
 /// Byte offset in a safetensors `file` where tensor `name`'s data starts.

@@ -26,11 +26,11 @@ pub struct BitsArg {
 pub fn load_model(dir: &Path, bits: BitsArg) -> anyhow::Result<Model> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     if let Some(b) = bits.bits {
-        if !(1..=8).contains(&b) {
+        if !(3..=8).contains(&b) {
             anyhow::bail!("--bits {b} is out of range (any-precision models run at 3..=8 bits)");
         }
     }
-    let model = Model::load_with(&dir, &LoadOptions { max_bits: bits.bits })?;
+    let model = Model::load_with(&dir, &LoadOptions { max_bits: bits.bits, ..Default::default() })?;
     if let Some(b) = bits.bits {
         model.set_bits(b)?;
     }
@@ -48,7 +48,7 @@ pub fn load(dir: &Path, bits: BitsArg) -> anyhow::Result<(Model, TextTokenizer)>
         dir.display(),
         model.config.arch.hf_name(),
         model.config.num_layers,
-        model.bits_range().map(|_| format!(", any-precision at {} bits", bits.bits.unwrap_or(8))).unwrap_or_default(),
+        model.bits_range().map(|(_, max)| format!(", any-precision at {} bits", bits.bits.unwrap_or(max))).unwrap_or_default(),
         t.elapsed().as_secs_f64()
     );
     Ok((model, tok))

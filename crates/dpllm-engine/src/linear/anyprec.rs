@@ -139,6 +139,9 @@ impl Linear for AnyPrecLinear {
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         self.forward_bits(x, n, y, self.bits())
     }
+    fn forward_at(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32) {
+        self.forward_bits(x, n, y, bits)
+    }
     fn weight_bytes(&self) -> usize {
         self.bytes_at(self.bits())
     }

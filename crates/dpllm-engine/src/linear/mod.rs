@@ -14,6 +14,11 @@ pub trait Linear: Send + Sync {
     fn in_features(&self) -> usize;
     /// `y [n × out] = x [n × in] · Wᵀ (+ b)`.
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
+    /// [`Linear::forward`] at an explicit precision (quantized layers; others ignore `bits`).
+    fn forward_at(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32) {
+        let _ = bits;
+        self.forward(x, n, y)
+    }
     /// Bytes of weight storage read by one full forward (for bandwidth accounting).
     fn weight_bytes(&self) -> usize;
     /// Short description of the storage ("bf16", "f32", ...).

@@ -18,24 +18,38 @@ pub struct LoadOptions {
     /// For any-precision models: keep bit-planes and LUTs only up to this precision
     /// (default: every stored precision).
     pub max_bits: Option<u32>,
+    /// Per linear (tensor-name prefix): keep planes only up to this precision,
+    /// e.g. the m_l of a DP-LLM plan; overrides `max_bits` for the linears it names.
+    pub linear_max_bits: Option<HashMap<String, u32>>,
+}
+
+impl LoadOptions {
+    /// Keep for each linear exactly the planes a plan may use (its m_l): the plan's memory budget.
+    pub fn for_plan(plan: &dpllm_format::plan::Plan) -> LoadOptions {
+        LoadOptions {
+            max_bits: None,
+            linear_max_bits: Some(plan.linears.iter().map(|l| (l.name.clone(), l.max_bits.max(l.high_bits))).collect()),
+        }
+    }
 }
 
 struct Loader<'a> {
     ck: &'a Checkpoint,
     anyprec: Option<(AnyPrecInfo, u32)>,
+    per_linear: Option<&'a HashMap<String, u32>>,
 }
 
 impl Loader<'_> {
     fn linear(&self, s: &LinearSpec) -> Result<Box<dyn Linear>, FormatError> {
         let bias = s.has_bias.then(|| self.ck.tensor_f32(&s.bias_name(), &[s.rows])).transpose()?;
         if let Some((info, keep)) = &self.anyprec {
-            if self.ck.contains(&anyprec::planes_name(&s.prefix)) {
-                let planes = anyprec::read_planes(self.ck, &s.prefix, s.rows, s.cols, *keep)?;
-                let luts = (info.seed_bits..=*keep)
-                    .map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b))
-                    .collect::<Result<Vec<_>, _>>()?;
-                return Ok(Box::new(AnyPrecLinear::new(s.rows, s.cols, info.seed_bits, *keep, planes, luts, bias)));
+            let keep = self.per_linear.and_then(|m| m.get(&s.prefix)).copied().unwrap_or(*keep);
+            if keep < info.seed_bits || keep > info.max_bits {
+                return Err(FormatError::invalid(self.ck.dir(), format!("cannot load {} at {keep} bits: the file holds {}..={} bits", s.prefix, info.seed_bits, info.max_bits)));
             }
+            let planes = anyprec::read_planes(self.ck, &s.prefix, s.rows, s.cols, keep)?;
+            let luts = (info.seed_bits..=keep).map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b)).collect::<Result<Vec<_>, _>>()?;
+            return Ok(Box::new(AnyPrecLinear::new(s.rows, s.cols, info.seed_bits, keep, planes, luts, bias)));
         }
         let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
         Ok(Box::new(DenseLinear::new(Arc::new(w), s.rows, s.cols, bias)))
@@ -67,24 +81,24 @@ impl Model {
             if keep < info.seed_bits || keep > info.max_bits {
                 return Err(FormatError::invalid(&path, format!("cannot load at {keep} bits: the file holds {}..={} bits", info.seed_bits, info.max_bits)));
             }
-            Self::build(config, &ck, Some((info, keep)))
+            Self::build(config, &ck, Some((info, keep)), opts.linear_max_bits.as_ref())
         } else {
-            if opts.max_bits.is_some() {
+            if opts.max_bits.is_some() || opts.linear_max_bits.is_some() {
                 return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)"));
             }
             let ck = Checkpoint::open(dir)?;
-            Self::build(config, &ck, None)
+            Self::build(config, &ck, None, None)
         }
     }
 
     /// Build the model from an opened Hugging Face checkpoint.
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint) -> Result<Model, FormatError> {
-        Self::build(config, ck, None)
+        Self::build(config, ck, None, None)
     }
 
-    fn build(config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>) -> Result<Model, FormatError> {
+    fn build(config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>, per_linear: Option<&HashMap<String, u32>>) -> Result<Model, FormatError> {
         let c = &config;
-        let ld = Loader { ck, anyprec };
+        let ld = Loader { ck, anyprec, per_linear };
         let d = c.hidden_size;
         let embed = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);
         let mut blocks = Vec::with_capacity(c.num_layers);

@@ -166,22 +166,29 @@ impl BlockF32 {
     }
 }
 
-/// Activations of one block kept for the backward pass.
-struct BlockActs {
-    h_in: Vec<f32>,
-    xn1: Vec<f32>,
+/// Activations of one block kept for the backward pass (and read by DP-LLM
+/// calibration: the inputs of every linear).
+pub struct BlockActs {
+    /// Residual stream entering the block.
+    pub h_in: Vec<f32>,
+    /// Normed input of q/k/v.
+    pub xn1: Vec<f32>,
     /// q and k before the per-head norm (Qwen3 only).
     qk_pre: Option<(Vec<f32>, Vec<f32>)>,
     /// q, k after RoPE; v.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    att: Vec<f32>,
-    h_mid: Vec<f32>,
-    xn2: Vec<f32>,
+    /// Attention output: the input of o_proj.
+    pub att: Vec<f32>,
+    /// Residual stream after the attention sub-block.
+    pub h_mid: Vec<f32>,
+    /// Normed input of gate/up.
+    pub xn2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Vec<f32>,
+    /// silu(gate)·up: the input of down_proj.
+    pub act: Vec<f32>,
 }
 
 /// The model in f32, ready for forward/backward passes over whole sequences.
@@ -305,6 +312,12 @@ impl GradModel {
         let mut hf = vec![0f32; n * d];
         ops::rms_norm_forward(&h, &self.final_norm, eps, &mut hf);
         (acts, h, hf)
+    }
+
+    /// Forward over `tokens`, returning every block's activations.
+    pub fn activations(&self, tokens: &[u32]) -> anyhow::Result<Vec<BlockActs>> {
+        self.check(tokens)?;
+        Ok(self.forward(tokens).0)
     }
 
     /// Mean next-token cross-entropy of `tokens` (forward only).
