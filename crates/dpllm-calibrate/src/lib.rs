@@ -2,5 +2,17 @@
 //! calibration text to precision plans.
 //!
 //! - [`budget`]: memory budget → per-linear maximum precision (exact knapsack), and the static baseline.
+//! - [`weights`]: dequantized weights at every precision a plan may use.
+//! - [`finetune`]: learning each linear's average precision for a target.
+//! - [`collect`]: true relative errors and estimator inputs on calibration tokens.
+//! - [`estimators`]: regression / random-projection error estimators.
+//! - [`threshold`]: thresholds from error quantiles.
+//! - [`pipeline`]: the whole calibration for one budget and several targets, writing plan files.
 
 pub mod budget;
+pub mod collect;
+pub mod estimators;
+pub mod finetune;
+pub mod pipeline;
+pub mod threshold;
+pub mod weights;

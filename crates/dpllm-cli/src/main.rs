@@ -28,6 +28,8 @@ enum Command {
     Sensitivity(commands::sensitivity::Args),
     /// Quantize a checkpoint into an any-precision model (3..8 bits in one file).
     Quantize(commands::quantize::Args),
+    /// DP-LLM: calibrate precision plans for a memory budget and target precisions.
+    Calibrate(commands::calibrate::Args),
     /// Perplexity of a text file over non-overlapping chunks.
     Perplexity(commands::perplexity::Args),
     /// Benchmarks (print a table with units, optionally write JSON).
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Sensitivity(a) => commands::sensitivity::run(a),
+        Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Bench(b) => commands::bench::run(b),
     };
     match result {

@@ -1,8 +1,10 @@
 //! The decoding loop: prefill the prompt, then sample token by token with streaming output.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::sampler::{Sampler, SamplingParams};
+use crate::select::{BitStats, Precision, RuntimePlan};
 use crate::tokenizer::{TextTokenizer, TokenStream};
 use crate::Model;
 
@@ -15,11 +17,14 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Stop at an end-of-sequence token.
     pub stop_at_eos: bool,
+    /// DP-LLM plan: the prompt runs every linear at its maximum precision, each
+    /// decoded token selects per linear. None: the layers' fixed precision.
+    pub plan: Option<Arc<RuntimePlan>>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true }
+        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true, plan: None }
     }
 }
 
@@ -49,6 +54,8 @@ pub struct Generation {
     pub decode_secs: f64,
     /// Why it stopped.
     pub stop: StopReason,
+    /// Precisions used while decoding (quantized models).
+    pub decode_bits: BitStats,
 }
 
 impl Generation {
@@ -81,8 +88,13 @@ pub fn generate(
     let mut stream = TokenStream::new(tok);
     let mut out = Vec::new();
     let mut text = String::new();
+    let (prefill_prec, decode_prec) = match opts.plan.as_deref() {
+        Some(p) => (Precision::Max(p), Precision::Dynamic(p)),
+        None => (Precision::Fixed, Precision::Fixed),
+    };
+    let mut decode_bits = model.new_bit_stats();
     let t0 = Instant::now();
-    let mut logits = model.forward_last(prompt, &mut cache)?;
+    let mut logits = model.forward_last_with(prompt, &mut cache, prefill_prec, None)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut stop = StopReason::MaxTokens;
@@ -105,7 +117,7 @@ pub fn generate(
             stop = StopReason::ContextFull;
             break;
         }
-        logits = model.forward_last(&[next], &mut cache)?;
+        logits = model.forward_last_with(&[next], &mut cache, decode_prec, Some(&mut decode_bits))?;
     }
     if let Some(piece) = stream.finish()? {
         on_text(&piece);
@@ -118,5 +130,6 @@ pub fn generate(
         prefill_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
         stop,
+        decode_bits,
     })
 }

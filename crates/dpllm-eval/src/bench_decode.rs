@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use dpllm_engine::Model;
+use dpllm_engine::{Model, Precision, RuntimePlan};
 use serde::Serialize;
 
 use crate::bandwidth::{self, Bandwidth};
@@ -41,8 +41,12 @@ pub struct DecodeBench {
     pub decode_tokens_per_sec: f64,
     /// Median time per decoded token, ms.
     pub ms_per_token_median: f64,
-    /// Weight bytes read per decoded token.
+    /// Weight bytes read per decoded token (at the precisions actually used).
     pub weight_bytes_per_token: usize,
+    /// Effective bits of the decoded tokens (quantized models).
+    pub effective_bits: Option<f64>,
+    /// Estimator multiply-adds as a fraction of the linears' (DP-LLM plans).
+    pub estimator_overhead: Option<f64>,
     /// Weight bytes per token × tokens/s, GB/s.
     pub achieved_gbs: f64,
     /// Measured machine bandwidth.
@@ -55,8 +59,14 @@ pub struct DecodeBench {
     pub threads: usize,
 }
 
-/// Run the benchmark: measure bandwidth, prefill a synthetic prompt, then time greedy decoding.
-pub fn run(model: &Model, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench> {
+/// Run the benchmark: measure bandwidth, prefill a synthetic prompt, then time
+/// greedy decoding (under `plan`: prefill at maximum precision, per-token selection).
+pub fn run(model: &Model, plan: Option<&RuntimePlan>, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench> {
+    let (prefill_prec, decode_prec) = match plan {
+        Some(p) => (Precision::Max(p), Precision::Dynamic(p)),
+        None => (Precision::Fixed, Precision::Fixed),
+    };
+    let mut stats = model.new_bit_stats();
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
@@ -66,15 +76,16 @@ pub fn run(model: &Model, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench
     }
     let mut cache = model.new_cache(total);
     let t = Instant::now();
-    let mut logits = model.forward_last(&prompt, &mut cache)?;
+    let mut logits = model.forward_last_with(&prompt, &mut cache, prefill_prec, None)?;
     let prefill = t.elapsed().as_secs_f64();
     let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     let mut times = Vec::with_capacity(cfg.decode_tokens);
     for step in 0..cfg.warmup_tokens + cfg.decode_tokens {
         let next = argmax(&logits);
         let t = Instant::now();
-        logits = model.forward_last(&[next], &mut cache)?;
-        if step >= cfg.warmup_tokens {
+        let timed = step >= cfg.warmup_tokens;
+        logits = model.forward_last_with(&[next], &mut cache, decode_prec, if timed { Some(&mut stats) } else { None })?;
+        if timed {
             times.push(t.elapsed().as_secs_f64());
         }
     }
@@ -82,7 +93,7 @@ pub fn run(model: &Model, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench
     let tps = times.len() as f64 / total_s;
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    let bytes = model.decode_weight_bytes();
+    let bytes = model.weight_bytes_per_token(&stats) as usize;
     let achieved = bytes as f64 * tps / 1e9;
     Ok(DecodeBench {
         config: cfg.clone(),
@@ -92,6 +103,8 @@ pub fn run(model: &Model, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench
         decode_tokens_per_sec: tps,
         ms_per_token_median: median * 1e3,
         weight_bytes_per_token: bytes,
+        effective_bits: stats.effective_bits(),
+        estimator_overhead: plan.map(|_| stats.estimator_overhead()),
         achieved_gbs: achieved,
         fraction_of_copy_bandwidth: achieved / bw.copy_gbs,
         fraction_of_read_bandwidth: achieved / bw.read_gbs,
@@ -112,6 +125,8 @@ impl DecodeBench {
             ("decode", format!("{:.2} tok/s", self.decode_tokens_per_sec)),
             ("decode latency (median)", format!("{:.2} ms/token", self.ms_per_token_median)),
             ("weight bytes per token", format!("{:.2} MB", self.weight_bytes_per_token as f64 / 1e6)),
+            ("effective bits (decode)", self.effective_bits.map_or("-".into(), |b| format!("{b:.3}"))),
+            ("estimator work / linear work", self.estimator_overhead.map_or("-".into(), |o| format!("{:.2} %", 100.0 * o))),
             ("achieved weight bandwidth", format!("{:.2} GB/s", self.achieved_gbs)),
             ("machine copy bandwidth (r+w)", format!("{:.2} GB/s", self.bandwidth.copy_gbs)),
             ("machine read bandwidth", format!("{:.2} GB/s", self.bandwidth.read_gbs)),

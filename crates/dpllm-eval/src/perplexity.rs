@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use dpllm_engine::Model;
+use dpllm_engine::{BitStats, Model, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -31,6 +31,12 @@ pub struct Perplexity {
     pub seconds: f64,
     /// Tokens processed per second.
     pub tokens_per_sec: f64,
+    /// Σ bits·size·tokens / Σ size·tokens over the quantized linears (None for dense models).
+    pub effective_bits: Option<f64>,
+    /// Estimator multiply-adds as a fraction of the linear layers' (DP-LLM plans).
+    pub estimator_overhead: Option<f64>,
+    /// Per quantized linear (model order): average precision it ran at.
+    pub linear_bits: Vec<f64>,
 }
 
 /// Σ −log softmax(logits)[target] for rows of logits [rows × vocab].
@@ -46,8 +52,10 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
         .sum()
 }
 
-/// Perplexity of `model` on `tokens` with chunks of `ctx` tokens; at most `max_chunks` chunks when given.
-pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool) -> anyhow::Result<Perplexity> {
+/// Perplexity of `model` on `tokens` with chunks of `ctx` tokens; at most
+/// `max_chunks` chunks when given. Under a DP-LLM plan (`prec`), every token of
+/// a chunk selects its precision per linear ("prefill by decode").
+pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool, prec: Precision<'_>) -> anyhow::Result<Perplexity> {
     if ctx < 2 {
         anyhow::bail!("--ctx must be at least 2 (got {ctx})");
     }
@@ -73,17 +81,21 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
     let t0 = Instant::now();
     let mut total = 0f64;
     let mut count = 0usize;
+    let mut stats: BitStats = model.new_bit_stats();
     for c in 0..chunks {
         let chunk = &tokens[c * ctx..(c + 1) * ctx];
         let mut cache = model.new_cache(ctx);
-        let hidden = model.forward_hidden(chunk, &mut cache)?;
+        let hidden = model.forward_hidden_with(chunk, &mut cache, prec, Some(&mut stats))?;
         for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
             let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
             let logits = model.logits(&hidden[r0 * d..r1 * d]);
             total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
             count += r1 - r0;
         }
-        bar.set_message(format!("ppl {:.3}", (total / count as f64).exp()));
+        match stats.effective_bits() {
+            Some(b) => bar.set_message(format!("ppl {:.3}, {b:.3} bits", (total / count as f64).exp())),
+            None => bar.set_message(format!("ppl {:.3}", (total / count as f64).exp())),
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -97,6 +109,9 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
         predictions: count,
         seconds,
         tokens_per_sec: (chunks * ctx) as f64 / seconds,
+        effective_bits: stats.effective_bits(),
+        estimator_overhead: matches!(prec, Precision::Dynamic(_)).then(|| stats.estimator_overhead()),
+        linear_bits: (0..stats.sizes.len()).filter_map(|i| stats.linear_bits(i)).collect(),
     })
 }
 

@@ -47,12 +47,15 @@ pub enum EstimatorSpec {
         /// R² of the fit on calibration inputs.
         r2: f32,
     },
-    /// ê = ||G x|| with G [k × in] stored in the estimators file.
+    /// ê = ||G x|| + bias with G [k × in] stored in the estimators file.
     Jl {
         /// Tensor name in [`ESTIMATORS_FILE`].
         tensor: String,
         /// Rows of G.
         k: usize,
+        /// Added to ||G x||.
+        #[serde(default)]
+        bias: f32,
         /// R² of ||Gx|| against the true error on calibration inputs.
         r2: f32,
     },

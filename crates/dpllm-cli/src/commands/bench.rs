@@ -76,14 +76,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if a.tokens == 0 {
                 anyhow::bail!("--tokens must be at least 1");
             }
-            let model = super::load_model(&a.model, a.bits)?;
+            let loaded = super::load_model(&a.model, &a.bits)?;
             let cfg = DecodeBenchConfig {
                 prompt_tokens: a.prompt_tokens,
                 decode_tokens: a.tokens,
                 warmup_tokens: 4,
                 bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
             };
-            let r = bench_decode::run(&model, &cfg)?;
+            let r = bench_decode::run(&loaded.model, loaded.plan.as_deref(), &cfg)?;
             print!("{}", r.table());
             if let Some(p) = &a.json {
                 dpllm_eval::report::write_json(p, &r)?;

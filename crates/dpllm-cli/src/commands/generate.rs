@@ -56,7 +56,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let (model, tok) = super::load(&a.model, a.bits)?;
+    let (loaded, tok) = super::load(&a.model, &a.bits)?;
+    let model = &loaded.model;
     let ids = if a.chat {
         let tpl = tok
             .chat_template()
@@ -70,12 +71,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         tok.encode(&a.prompt, true)?
     };
-    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling, stop_at_eos: !a.ignore_eos };
+    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling, stop_at_eos: !a.ignore_eos, plan: loaded.plan.clone() };
     let mut stdout = std::io::stdout();
     if !a.chat {
         print!("{}", a.prompt);
     }
-    let g = generate(&model, &tok, &ids, &opts, |piece| {
+    let g = generate(model, &tok, &ids, &opts, |piece| {
         print!("{piece}");
         let _ = stdout.flush();
     })?;
@@ -85,8 +86,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         StopReason::MaxTokens => "max tokens",
         StopReason::ContextFull => "context full",
     };
+    let bits = g.decode_bits.effective_bits().map(|b| format!(" | decode effective bits {b:.3}")).unwrap_or_default();
     eprintln!(
-        "prompt {} tokens in {:.2}s ({:.1} tok/s) | generated {} tokens, {:.2} tok/s | stop: {stop}",
+        "prompt {} tokens in {:.2}s ({:.1} tok/s) | generated {} tokens, {:.2} tok/s | stop: {stop}{bits}",
         g.prompt_tokens,
         g.prefill_secs,
         g.prompt_tokens as f64 / g.prefill_secs.max(1e-9),

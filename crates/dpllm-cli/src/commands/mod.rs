@@ -2,54 +2,134 @@
 
 pub mod bench;
 pub mod calib_text;
+pub mod calibrate;
 pub mod generate;
 pub mod inspect;
 pub mod perplexity;
 pub mod quantize;
 pub mod sensitivity;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dpllm_engine::tokenizer::TextTokenizer;
-use dpllm_engine::{LoadOptions, Model};
+use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
+use dpllm_format::plan::{self, Plan, PlanKind};
 
-/// `--bits B`: run an any-precision model at a uniform precision.
-#[derive(clap::Args, Clone, Copy, Debug, Default)]
+/// How an any-precision model picks its precision: uniform `--bits`, or a DP-LLM plan.
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct BitsArg {
     /// Run every quantized linear at B bits (any-precision models only, 3..=8).
     /// Only the planes up to B are loaded. Default: the highest stored precision.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["target", "plan"])]
     pub bits: Option<u32>,
+    /// Run the DP-LLM plan for this target average precision (see `dpllm calibrate`):
+    /// each linear picks, per token, its lower or higher precision.
+    #[arg(long, conflicts_with = "plan")]
+    pub target: Option<f64>,
+    /// Memory budget of the plan (default: the only calibrated budget). The model
+    /// keeps in memory only the planes this budget allows.
+    #[arg(long, requires = "target")]
+    pub budget: Option<f64>,
+    /// With --target: the static layer-wise baseline at that target instead of DP-LLM.
+    #[arg(long = "static", requires = "target")]
+    pub static_plan: bool,
+    /// Run this plan file.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Feed every estimator its exact input instead of the asynchronous
+    /// residual-stream approximation for q/k/v and gate/up.
+    #[arg(long)]
+    pub exact_estimator_input: bool,
 }
 
-/// Load only the weights needed for `bits` and select that precision.
-pub fn load_model(dir: &Path, bits: BitsArg) -> anyhow::Result<Model> {
+impl BitsArg {
+    /// The plan file these arguments name, if any.
+    pub fn plan_path(&self, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(p) = &self.plan {
+            return Ok(Some(p.clone()));
+        }
+        let Some(target) = self.target else { return Ok(None) };
+        let budgets = plan::available_budgets(dir);
+        let budget = match (self.budget, budgets.as_slice()) {
+            (Some(b), _) => b,
+            (None, [b]) => *b,
+            (None, []) => anyhow::bail!("{} has no plans: run `dpllm calibrate` first", dir.display()),
+            (None, many) => anyhow::bail!("{} has plans for several budgets ({many:?}): choose one with --budget", dir.display()),
+        };
+        let bdir = plan::budget_dir(dir, budget);
+        let kind = if self.static_plan { PlanKind::Static } else { PlanKind::Dynamic };
+        let path = plan::plan_path(&bdir, kind, target);
+        if !path.is_file() {
+            let have = plan::available_targets(&bdir, kind);
+            anyhow::bail!("no {} plan for target {target} at budget {budget} in {} (calibrated targets: {have:?})", if self.static_plan { "static" } else { "DP-LLM" }, bdir.display());
+        }
+        Ok(Some(path))
+    }
+}
+
+/// A loaded model with the plan it runs, if any.
+pub struct Loaded {
+    /// The model.
+    pub model: Model,
+    /// The DP-LLM or static plan.
+    pub plan: Option<Arc<RuntimePlan>>,
+}
+
+impl Loaded {
+    /// Precision of evaluation passes: per-token selection under the plan.
+    pub fn precision(&self) -> Precision<'_> {
+        self.plan.as_deref().map_or(Precision::Fixed, Precision::Dynamic)
+    }
+}
+
+/// Load only the weights the precision arguments need, and set up that precision.
+pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     if let Some(b) = bits.bits {
         if !(3..=8).contains(&b) {
             anyhow::bail!("--bits {b} is out of range (any-precision models run at 3..=8 bits)");
         }
     }
+    if let Some(path) = bits.plan_path(&dir)? {
+        let p = Plan::load(&path)?;
+        let model = Model::load_with(&dir, &LoadOptions::for_plan(&p))?;
+        let mut rp = RuntimePlan::load(&path, &model)?;
+        if bits.exact_estimator_input {
+            rp.async_estimation = false;
+        }
+        return Ok(Loaded { model, plan: Some(Arc::new(rp)) });
+    }
     let model = Model::load_with(&dir, &LoadOptions { max_bits: bits.bits, ..Default::default() })?;
     if let Some(b) = bits.bits {
         model.set_bits(b)?;
     }
-    Ok(model)
+    Ok(Loaded { model, plan: None })
 }
 
-/// Load a model (at `bits` when given) and its tokenizer, reporting the load time on stderr.
-pub fn load(dir: &Path, bits: BitsArg) -> anyhow::Result<(Model, TextTokenizer)> {
+/// Load a model (as `bits` asks) and its tokenizer, reporting the load time on stderr.
+pub fn load(dir: &Path, bits: &BitsArg) -> anyhow::Result<(Loaded, TextTokenizer)> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     let t = std::time::Instant::now();
-    let model = load_model(&dir, bits)?;
+    let loaded = load_model(&dir, bits)?;
+    let model = &loaded.model;
     let tok = TextTokenizer::from_dir(&dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
+    let precision = match (&loaded.plan, model.bits_range()) {
+        (Some(p), _) => format!(
+            ", {} plan: target {:.2} bits, budget {:.2} bits",
+            if p.plan.kind == PlanKind::Static { "static" } else { "DP-LLM" },
+            p.plan.target_bits,
+            p.plan.budget_bits
+        ),
+        (None, Some((_, max))) => format!(", any-precision at {} bits", bits.bits.unwrap_or(max)),
+        (None, None) => String::new(),
+    };
     eprintln!(
-        "loaded {} ({}, {} layers{}) in {:.2}s",
+        "loaded {} ({}, {} layers{precision}) in {:.2}s",
         dir.display(),
         model.config.arch.hf_name(),
         model.config.num_layers,
-        model.bits_range().map(|(_, max)| format!(", any-precision at {} bits", bits.bits.unwrap_or(max))).unwrap_or_default(),
         t.elapsed().as_secs_f64()
     );
-    Ok((model, tok))
+    Ok((loaded, tok))
 }

@@ -28,12 +28,14 @@ pub struct Args {
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
-    let (model, tok) = super::load(&a.model, a.bits)?;
+    let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
-    let r = perplexity(&model, &ids, a.ctx, a.max_chunks, true)?;
+    let r = perplexity(&loaded.model, &ids, a.ctx, a.max_chunks, true, loaded.precision())?;
+    let bits = r.effective_bits.map(|b| format!(", effective bits {b:.3}")).unwrap_or_default();
+    let overhead = r.estimator_overhead.map(|o| format!(", estimator work {:.2}% of linear", 100.0 * o)).unwrap_or_default();
     println!(
-        "perplexity {:.4}  (mean NLL {:.4} nats, {} chunks x {} tokens, {} predictions, {:.1} tok/s)",
+        "perplexity {:.4}  (mean NLL {:.4} nats, {} chunks x {} tokens, {} predictions, {:.1} tok/s{bits}{overhead})",
         r.perplexity, r.mean_nll, r.chunks, r.ctx, r.predictions, r.tokens_per_sec
     );
     if let Some(p) = &a.json {

@@ -20,7 +20,8 @@ pub struct Args {
 
 /// Compute the sensitivities of `model` on the calibration windows and write them to `out`.
 pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path) -> anyhow::Result<()> {
-    let (m, tok) = super::load(model, super::BitsArg::default())?;
+    let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
+    let m = loaded.model;
     if m.anyprec_info().is_some() {
         anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
     }

@@ -233,7 +233,12 @@ impl Model {
 
     /// Process `tokens` and return the logits of the last one.
     pub fn forward_last(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-        let h = self.forward_hidden(tokens, cache)?;
+        self.forward_last_with(tokens, cache, Precision::Fixed, None)
+    }
+
+    /// [`Model::forward_last`] with a precision mode, counting the bits used into `stats`.
+    pub fn forward_last_with(&self, tokens: &[u32], cache: &mut KvCache, prec: Precision<'_>, stats: Option<&mut BitStats>) -> Result<Vec<f32>, EngineError> {
+        let h = self.forward_hidden_with(tokens, cache, prec, stats)?;
         let d = self.config.hidden_size;
         Ok(self.logits(&h[h.len() - d..]))
     }

@@ -114,6 +114,23 @@ impl Model {
         blocks + self.lm_head.weight_bytes()
     }
 
+    /// Average weight bytes read per token by a run whose precisions `stats` counted
+    /// (quantized linears at the precisions they ran at, plus every dense layer).
+    pub fn weight_bytes_per_token(&self, stats: &crate::select::BitStats) -> f64 {
+        let mut bytes = self.lm_head.weight_bytes() as f64;
+        for (g, (_, lin)) in self.blocks.iter().flat_map(|b| b.linears()).enumerate() {
+            let c = &stats.counts[g];
+            let tokens: u64 = c.iter().sum();
+            bytes += match lin.as_anyprec() {
+                Some(q) if tokens > 0 => {
+                    c.iter().enumerate().filter(|(_, &k)| k > 0).map(|(b, &k)| q.bytes_at(b as u32) as f64 * k as f64).sum::<f64>() / tokens as f64
+                }
+                _ => lin.weight_bytes() as f64,
+            };
+        }
+        bytes
+    }
+
     /// Facts of the any-precision file, when this is a quantized model.
     pub fn anyprec_info(&self) -> Option<&AnyPrecInfo> {
         self.anyprec.as_ref()

@@ -16,12 +16,14 @@ pub enum Estimator {
         /// Intercept.
         c: f32,
     },
-    /// ê = ||G x|| with G [k × in], row-major.
+    /// ê = ||G x|| + bias with G [k × in], row-major.
     Jl {
         /// Rows of G.
         k: usize,
         /// G as f32.
         g: TensorData,
+        /// Added to ||G x||.
+        bias: f32,
     },
 }
 
@@ -37,10 +39,10 @@ impl Estimator {
         match self {
             Estimator::None => vec![0.0; n],
             Estimator::Linear { a, c } => row_norms(x, d).map(|v| a * v + c).collect(),
-            Estimator::Jl { k, g } => {
+            Estimator::Jl { k, g, bias } => {
                 let mut gx = vec![0f32; n * k];
                 matmul_dense(g, *k, d, x, n, &mut gx);
-                row_norms(&gx, *k).collect()
+                row_norms(&gx, *k).map(|v| v + bias).collect()
             }
         }
     }
@@ -66,7 +68,7 @@ mod tests {
         assert_eq!(lin.estimate(&x, 2), vec![10.5, 2.5]);
         // G = [[1,0,0],[0,2,0]]: ||Gx|| = sqrt(x0² + 4x1²).
         let g = TensorData::F32(vec![1.0, 0.0, 0.0, 0.0, 2.0, 0.0]);
-        let jl = Estimator::Jl { k: 2, g };
+        let jl = Estimator::Jl { k: 2, g, bias: 0.0 };
         let e = jl.estimate(&x, 2);
         assert!((e[0] - (9.0f32 + 64.0).sqrt()).abs() < 1e-5 && (e[1] - 1.0).abs() < 1e-6, "{e:?}");
         // The batched path (more than the GEMV token count) gives the same numbers.
@@ -74,5 +76,7 @@ mod tests {
         let e8 = jl.estimate(&many, 16);
         assert!((e8[0] - e[0]).abs() < 1e-5 && (e8[15] - e[1]).abs() < 1e-5);
         assert_eq!(Estimator::None.estimate(&x, 2), vec![0.0, 0.0]);
+        let shifted = Estimator::Jl { k: 2, g: TensorData::F32(vec![1.0, 0.0, 0.0, 0.0, 2.0, 0.0]), bias: -0.5 };
+        assert!((shifted.estimate(&x, 2)[1] - 0.5).abs() < 1e-6);
     }
 }

@@ -99,13 +99,13 @@ impl RuntimePlan {
             let estimator = match &lp.estimator {
                 EstimatorSpec::None => Estimator::None,
                 EstimatorSpec::Linear { a, c, .. } => Estimator::Linear { a: *a, c: *c },
-                EstimatorSpec::Jl { tensor, k, .. } => {
+                EstimatorSpec::Jl { tensor, k, bias, .. } => {
                     let ck = estimators.ok_or_else(|| FormatError::invalid(path, format!("{ESTIMATORS_FILE} is missing")))?;
                     let g = ck.tensor_f32(tensor, &[*k, spec.cols])?;
                     if g.iter().any(|v| !v.is_finite()) {
                         return Err(FormatError::invalid(path, format!("estimator {tensor} has non-finite values")));
                     }
-                    Estimator::Jl { k: *k, g: TensorData::F32(g) }
+                    Estimator::Jl { k: *k, g: TensorData::F32(g), bias: *bias }
                 }
             };
             blocks[spec.layer].push(LinearSelect {

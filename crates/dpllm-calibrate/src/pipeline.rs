@@ -1,0 +1,416 @@
+//! The calibration of one memory budget and several targets, end to end:
+//! knapsack → fine-tuning per target → estimator inputs at m_l → estimators
+//! (shared by every target that needs the same linear and precision pair) →
+//! thresholds → plan files, written to a fresh budget directory atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use dpllm_engine::{LoadOptions, Model};
+use dpllm_format::anyprec::{self, AnyPrecInfo, ANYPREC_WEIGHTS};
+use dpllm_format::plan::{self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMATORS_FILE, PLAN_FORMAT, PLAN_VERSION};
+use dpllm_format::st_writer::{write_safetensors, TensorSpec};
+use dpllm_format::Checkpoint;
+use dpllm_quantize::sensitivity::GradModel;
+use serde::Serialize;
+
+use crate::budget::{self, Item};
+use crate::collect::{collect, LinearCalib};
+use crate::estimators::{fit, FitOptions, Fitted};
+use crate::finetune::{finetune, FinetuneOptions};
+use crate::threshold::{decide, quantile, Decision};
+use crate::weights::{dequantize_all, split_precision, LinearWeights};
+
+/// Which errors the thresholds are quantiles of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThresholdSource {
+    /// The true relative error (METHOD.md 2d).
+    True,
+    /// The estimator's output on the same inputs: hits the intended fraction of
+    /// high-precision tokens exactly on calibration text, whatever the estimator's bias.
+    Estimate,
+}
+
+/// Where precision fine-tuning starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneInit {
+    /// p = T for every linear (METHOD.md's option "at the target").
+    Target,
+    /// The static knapsack assignment at T: fine-tuning then only has to improve
+    /// on the static baseline, which matters when few fine-tuning steps are affordable.
+    Static,
+}
+
+/// Settings of a calibration run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrateOptions {
+    /// Memory budget, average bits.
+    pub budget: f64,
+    /// Target average precisions.
+    pub targets: Vec<f64>,
+    /// Lowest precision (b_min).
+    pub min_bits: u32,
+    /// Highest precision any linear may keep (b_max).
+    pub max_bits: u32,
+    /// Estimators read the asynchronous input for q/k/v and gate/up.
+    pub async_estimation: bool,
+    /// What thresholds are quantiles of.
+    pub threshold_source: ThresholdSource,
+    /// Precision fine-tuning settings.
+    pub finetune: FinetuneOptions,
+    /// Where fine-tuning starts.
+    pub init: FinetuneInit,
+    /// Estimator settings.
+    pub fit: FitOptions,
+    /// Estimator inputs sampled per linear for random projections.
+    pub max_samples: usize,
+    /// Also write the static layer-wise baseline plan of every target.
+    pub static_plans: bool,
+    /// Replace an existing plan directory of this budget.
+    pub overwrite: bool,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        CalibrateOptions {
+            budget: 5.0,
+            targets: vec![3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 4.75],
+            min_bits: 3,
+            max_bits: 6,
+            async_estimation: true,
+            threshold_source: ThresholdSource::True,
+            finetune: FinetuneOptions::default(),
+            init: FinetuneInit::Static,
+            fit: FitOptions::default(),
+            max_samples: 4096,
+            static_plans: true,
+            overwrite: false,
+            progress: false,
+        }
+    }
+}
+
+/// Token sequences of a calibration run.
+#[derive(Debug, Clone)]
+pub struct CalibrationData {
+    /// For precision fine-tuning.
+    pub finetune: Vec<Vec<u32>>,
+    /// For estimators and thresholds.
+    pub estimator: Vec<Vec<u32>>,
+}
+
+/// What one target's calibration produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    /// Target average precision.
+    pub target: f64,
+    /// Σ size·p / Σ size right after fine-tuning.
+    pub trained_mean_bits: f64,
+    /// Σ size·p / Σ size of the plan.
+    pub mean_bits: f64,
+    /// Mean CE of the last fine-tuning epoch.
+    pub last_epoch_ce: f64,
+    /// Average bits the plan's thresholds give on the calibration tokens.
+    pub calibration_effective_bits: f64,
+    /// Linears that select per token.
+    pub dynamic_linears: usize,
+    /// Of those, how many use regression and random projections.
+    pub linear_estimators: usize,
+    /// Random-projection estimators.
+    pub jl_estimators: usize,
+    /// Average bits of the static baseline plan.
+    pub static_bits: Option<f64>,
+    /// Plan file.
+    pub plan: PathBuf,
+}
+
+/// Result of a calibration run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrateReport {
+    /// Where the plans are.
+    pub budget_dir: PathBuf,
+    /// Σ size·m / Σ size.
+    pub memory_bits: f64,
+    /// Whether the knapsack was solved exactly.
+    pub exact_knapsack: bool,
+    /// Per target.
+    pub targets: Vec<TargetReport>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
+    ensure!(o.min_bits >= info.seed_bits && o.min_bits >= 3, "--min-bits {} is below the model's lowest precision {}", o.min_bits, info.seed_bits.max(3));
+    ensure!(o.max_bits <= info.max_bits && o.max_bits > o.min_bits, "--max-bits {} must be in {}..={}", o.max_bits, o.min_bits + 1, info.max_bits);
+    ensure!(o.budget.is_finite() && o.budget >= o.min_bits as f64 && o.budget <= o.max_bits as f64, "--budget {} must be within {}..={} bits", o.budget, o.min_bits, o.max_bits);
+    ensure!(!o.targets.is_empty(), "no --targets given");
+    for &t in &o.targets {
+        ensure!(t.is_finite() && t >= o.min_bits as f64 && t <= o.budget, "target {t} must be within {}..={} (the lowest precision and the budget)", o.min_bits, o.budget);
+    }
+    ensure!(o.fit.k >= 1 && o.max_samples >= 1, "estimator settings must be positive");
+    Ok(())
+}
+
+/// Per-linear fitted estimators, keyed by (linear, lower precision).
+type EstimatorCache = HashMap<(usize, u32), Fitted>;
+
+/// Fraction of a linear's calibration tokens whose estimate exceeds τ, and the estimates used.
+fn estimates_of(f: &Fitted, c: &LinearCalib) -> Vec<f32> {
+    match f {
+        Fitted::Linear { .. } => f.estimate(&[], &c.est_norm, c.cols),
+        Fitted::Jl { .. } => f.estimate(&c.sample, &[], c.cols),
+    }
+}
+
+/// Build the plan entry of linear `g` for precision `p`, fitting its estimator if needed.
+#[allow(clippy::too_many_arguments)]
+fn linear_plan(
+    g: usize,
+    l: &LinearWeights,
+    calib: &LinearCalib,
+    p: f64,
+    opts: &CalibrateOptions,
+    cache: &mut EstimatorCache,
+) -> (LinearPlan, f64) {
+    let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
+    let base = LinearPlan {
+        name: l.name.clone(),
+        size: l.size(),
+        max_bits: l.max_bits,
+        avg_bits: p as f32,
+        low_bits: lo,
+        high_bits: lo,
+        threshold: 0.0,
+        estimator: EstimatorSpec::None,
+    };
+    if lo == hi {
+        // m_l = b_min: the linear has a single precision.
+        return (LinearPlan { avg_bits: lo as f32, ..base }, lo as f64);
+    }
+    let e = &calib.e[(lo - l.min_bits) as usize];
+    match decide(e, r) {
+        Decision::AlwaysLow => (LinearPlan { avg_bits: lo as f32, ..base }, lo as f64),
+        Decision::AlwaysHigh => (LinearPlan { avg_bits: hi as f32, low_bits: hi, high_bits: hi, ..base }, hi as f64),
+        Decision::Threshold(tau_true) => {
+            let fitted = cache.entry((g, lo)).or_insert_with(|| {
+                let e_sample: Vec<f32> = calib.sample_idx.iter().map(|&t| e[t]).collect();
+                fit(&calib.est_norm, e, &l.delta(lo), l.rows, l.cols, &calib.sample, &e_sample, &opts.fit, opts.fit.seed ^ (g as u64) << 8 ^ lo as u64)
+            });
+            let est = estimates_of(fitted, calib);
+            let tau = match opts.threshold_source {
+                ThresholdSource::True => tau_true,
+                ThresholdSource::Estimate => quantile(&est, r),
+            };
+            let high = est.iter().filter(|&&v| v > tau).count() as f64 / est.len().max(1) as f64;
+            let estimator = match fitted {
+                Fitted::Linear { a, c, r2 } => EstimatorSpec::Linear { a: *a, c: *c, r2: *r2 },
+                Fitted::Jl { k, r2, bias, .. } => EstimatorSpec::Jl { tensor: format!("{}.jl{lo}", l.name), k: *k, bias: *bias, r2: *r2 },
+            };
+            (LinearPlan { high_bits: hi, threshold: tau, estimator, ..base }, lo as f64 + high)
+        }
+    }
+}
+
+fn new_plan(kind: PlanKind, opts: &CalibrateOptions, target: f64, linears: Vec<LinearPlan>, calibration: serde_json::Map<String, serde_json::Value>) -> Plan {
+    Plan {
+        format: PLAN_FORMAT.into(),
+        version: PLAN_VERSION,
+        kind,
+        budget_bits: opts.budget,
+        target_bits: target,
+        min_bits: opts.min_bits,
+        max_bits: opts.max_bits,
+        async_estimation: opts.async_estimation,
+        calibration,
+        linears,
+    }
+}
+
+/// Write the random-projection matrices the plans use.
+fn write_estimators(path: &Path, w: &[LinearWeights], cache: &EstimatorCache) -> Result<()> {
+    let mut keys: Vec<&(usize, u32)> = cache.keys().filter(|k| matches!(cache[k], Fitted::Jl { .. })).collect();
+    keys.sort();
+    let specs: Vec<TensorSpec> = keys
+        .iter()
+        .map(|&&(g, lo)| {
+            let k = match &cache[&(g, lo)] {
+                Fitted::Jl { k, .. } => *k,
+                Fitted::Linear { .. } => unreachable!("filtered above"),
+            };
+            TensorSpec { name: format!("{}.jl{lo}", w[g].name), dtype: "F32", shape: vec![k, w[g].cols] }
+        })
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "dpllm-estimators".to_string())]);
+    write_safetensors(path, &specs, &meta, |i, out: &mut dyn Write| match &cache[keys[i]] {
+        Fitted::Jl { g, .. } => out.write_all(&g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        Fitted::Linear { .. } => unreachable!("filtered above"),
+    })?;
+    Ok(())
+}
+
+/// Replace `dst` with the directory `tmp` by renames (an existing `dst` needs `overwrite`).
+fn publish_dir(tmp: &Path, dst: &Path) -> Result<()> {
+    if dst.exists() {
+        let old = dst.with_extension(format!("old-{}", std::process::id()));
+        std::fs::rename(dst, &old).with_context(|| format!("cannot move the old {} aside", dst.display()))?;
+        if let Err(e) = std::fs::rename(tmp, dst) {
+            let _ = std::fs::rename(&old, dst);
+            return Err(e).with_context(|| format!("cannot move the plans to {}", dst.display()));
+        }
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(tmp, dst).with_context(|| format!("cannot move the plans to {}", dst.display()))?;
+    }
+    Ok(())
+}
+
+/// Calibrate the any-precision model in `model_dir` for one budget and its targets,
+/// writing `model_dir/plans/budget-M/`.
+pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptions) -> Result<CalibrateReport> {
+    let t0 = Instant::now();
+    let path = model_dir.join(ANYPREC_WEIGHTS);
+    ensure!(path.is_file(), "{} is not a dpllm any-precision model (no {ANYPREC_WEIGHTS}; run `dpllm quantize` first)", model_dir.display());
+    let ck = Checkpoint::open_file(&path)?;
+    let info = AnyPrecInfo::from_metadata(ck.metadata(), &path)?;
+    check_options(opts, &info)?;
+    ensure!(!data.finetune.is_empty() && !data.estimator.is_empty(), "calibration needs fine-tuning and estimator sequences");
+    let out_dir = plan::budget_dir(model_dir, opts.budget);
+    if out_dir.exists() && !opts.overwrite {
+        bail!("{} already exists (use --force to recalibrate this budget)", out_dir.display());
+    }
+    let model = Model::load_with(model_dir, &LoadOptions { max_bits: Some(opts.max_bits), ..Default::default() })?;
+    let specs = model.config.linears();
+
+    // 2a: memory budget → m_l from the quantizer's weighted errors.
+    let items: Vec<Item> = specs
+        .iter()
+        .map(|s| {
+            let err = anyprec::read_sq_err(&ck, &s.prefix, info.seed_bits)?;
+            let cost = (opts.min_bits..=opts.max_bits).map(|b| err[(b - info.seed_bits) as usize]).collect();
+            Ok(Item { size: s.size(), cost })
+        })
+        .collect::<Result<_>>()?;
+    let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
+    let weights = dequantize_all(&model, opts.min_bits, &assign.bits)?;
+    let mut gm = GradModel::from_model(&model);
+    drop(model);
+
+    // The static baseline per target: the same knapsack at T, each linear up to its m_l.
+    let static_items: Vec<Item> =
+        weights.iter().zip(&items).map(|(l, it)| Item { size: it.size, cost: it.cost[..=(l.max_bits - opts.min_bits) as usize].to_vec() }).collect();
+    let statics = opts.targets.iter().map(|&t| budget::solve(&static_items, opts.min_bits, t)).collect::<Result<Vec<_>>>()?;
+
+    // 2b: one fine-tuning per target.
+    let mut tuned = Vec::new();
+    for (&t, st) in opts.targets.iter().zip(&statics) {
+        let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static).then(|| st.bits.iter().map(|&b| b as f64).collect());
+        tuned.push(finetune(&mut gm, &weights, t, init.as_deref(), &data.finetune, &opts.finetune)?);
+    }
+
+    // 2c/2d inputs: the model at m_l.
+    for l in &weights {
+        gm.blocks[l.layer].linear_mut(l.index).w.copy_from_slice(l.at(l.max_bits));
+    }
+    let calib = collect(&gm, &weights, &data.estimator, opts.async_estimation, opts.max_samples, opts.progress)?;
+
+    let parent = out_dir.parent().expect("budget dir has a parent");
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", out_dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<Vec<TargetReport>> {
+        let mut cache = EstimatorCache::new();
+        let mut reports = Vec::new();
+        for ((&target, ft), st) in opts.targets.iter().zip(&tuned).zip(&statics) {
+            let mut linears = Vec::new();
+            let mut expected = 0.0;
+            for (g, l) in weights.iter().enumerate() {
+                let (lp, bits) = linear_plan(g, l, &calib[g], ft.p[g], opts, &mut cache);
+                expected += bits * l.size() as f64;
+                linears.push(lp);
+            }
+            let total: f64 = weights.iter().map(|l| l.size() as f64).sum();
+            let expected = expected / total;
+            let count = |f: fn(&EstimatorSpec) -> bool| linears.iter().filter(|l| f(&l.estimator)).count();
+            let (nlin, njl) = (count(|e| matches!(e, EstimatorSpec::Linear { .. })), count(|e| matches!(e, EstimatorSpec::Jl { .. })));
+            let mut info = serde_json::Map::new();
+            info.insert("finetune".into(), serde_json::to_value(&opts.finetune)?);
+            info.insert("finetune_init".into(), serde_json::to_value(opts.init)?);
+            info.insert("finetune_sequences".into(), data.finetune.len().into());
+            info.insert("estimator_sequences".into(), data.estimator.len().into());
+            info.insert("sequence_tokens".into(), data.finetune.first().map_or(0, Vec::len).into());
+            info.insert("estimators".into(), serde_json::to_value(&opts.fit)?);
+            info.insert("threshold_source".into(), serde_json::to_value(opts.threshold_source)?);
+            info.insert("trained_mean_bits".into(), ft.trained_mean_bits.into());
+            info.insert("last_epoch_ce".into(), ft.last_epoch_ce.into());
+            info.insert("calibration_effective_bits".into(), expected.into());
+            info.insert("exact_knapsack".into(), assign.exact.into());
+            let plan = new_plan(PlanKind::Dynamic, opts, target, linears, info);
+            let plan_file = plan::plan_path(&tmp, PlanKind::Dynamic, target);
+            plan.validate(&plan_file)?;
+            plan.save(&plan_file)?;
+            let static_bits = if opts.static_plans {
+                let linears = weights
+                    .iter()
+                    .zip(&st.bits)
+                    .map(|(l, &b)| LinearPlan {
+                        name: l.name.clone(),
+                        size: l.size(),
+                        max_bits: l.max_bits,
+                        avg_bits: b as f32,
+                        low_bits: b,
+                        high_bits: b,
+                        threshold: 0.0,
+                        estimator: EstimatorSpec::None,
+                    })
+                    .collect();
+                let mut info = serde_json::Map::new();
+                info.insert("exact_knapsack".into(), st.exact.into());
+                let sp = new_plan(PlanKind::Static, opts, target, linears, info);
+                sp.save(&plan::plan_path(&tmp, PlanKind::Static, target))?;
+                Some(st.avg_bits)
+            } else {
+                None
+            };
+            reports.push(TargetReport {
+                target,
+                trained_mean_bits: ft.trained_mean_bits,
+                mean_bits: ft.mean_bits,
+                last_epoch_ce: ft.last_epoch_ce,
+                calibration_effective_bits: expected,
+                dynamic_linears: nlin + njl,
+                linear_estimators: nlin,
+                jl_estimators: njl,
+                static_bits,
+                plan: plan::plan_path(&out_dir, PlanKind::Dynamic, target),
+            });
+        }
+        write_estimators(&tmp.join(ESTIMATORS_FILE), &weights, &cache)?;
+        Ok(reports)
+    })();
+    let reports = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if let Err(e) = publish_dir(&tmp, &out_dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(CalibrateReport {
+        budget_dir: out_dir,
+        memory_bits: assign.avg_bits,
+        exact_knapsack: assign.exact,
+        targets: reports,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

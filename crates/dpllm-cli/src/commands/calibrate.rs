@@ -1,0 +1,152 @@
+//! `dpllm calibrate MODEL --budget M --targets T,... --calib FILE`: DP-LLM plans.
+
+use std::path::PathBuf;
+
+use dpllm_calibrate::estimators::FitOptions;
+use dpllm_calibrate::finetune::FinetuneOptions;
+use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions, CalibrationData, FinetuneInit, ThresholdSource};
+use dpllm_engine::tokenizer::TextTokenizer;
+
+use super::calib_text::CalibArgs;
+
+/// Arguments of `calibrate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Any-precision model directory (from `dpllm quantize`); plans go to MODEL/plans/budget-M/.
+    pub model: PathBuf,
+    /// Memory budget in average bits: each linear keeps at most the precision the
+    /// budget's knapsack gives it.
+    #[arg(long, default_value_t = 5.0)]
+    pub budget: f64,
+    /// Target average precisions, one plan each (each ≤ the budget).
+    #[arg(long, value_delimiter = ',', default_value = "3.25,3.5,3.75,4.0,4.25,4.5,4.75")]
+    pub targets: Vec<f64>,
+    /// Calibration text and fine-tuning sequences (--samples x --seq-len; the paper uses 1000 x 512).
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Epochs of precision fine-tuning (paper: 5).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// AdamW learning rate of precision fine-tuning.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    /// Weight α of the (P − T)² penalty (default: 1, or 10 for targets ≤ 3.25).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Start fine-tuning from the static knapsack assignment (default) or from p = T everywhere.
+    #[arg(long, value_enum, default_value = "static")]
+    pub init: Init,
+    /// Keep the trained average precision instead of shifting it onto the target exactly.
+    #[arg(long)]
+    pub no_exact_target: bool,
+    /// Sequences (of --seq-len tokens) for estimators and thresholds (paper: 40 x 512).
+    #[arg(long, default_value_t = 40)]
+    pub estimator_samples: usize,
+    /// Lowest precision a linear may run at.
+    #[arg(long, default_value_t = 3)]
+    pub min_bits: u32,
+    /// Highest precision a linear may keep.
+    #[arg(long, default_value_t = 6)]
+    pub max_bits: u32,
+    /// Fit estimators on the exact inputs of q/k/v and gate/up instead of the
+    /// asynchronous residual-stream approximation.
+    #[arg(long)]
+    pub sync_estimation: bool,
+    /// Thresholds are quantiles of the true error (METHOD.md) or of the estimates.
+    #[arg(long, value_enum, default_value = "true")]
+    pub threshold_from: ThresholdFrom,
+    /// SGD steps of each random-projection estimator (paper: ~10000).
+    #[arg(long, default_value_t = 2000)]
+    pub jl_steps: usize,
+    /// Rows of each random projection.
+    #[arg(long, default_value_t = 64)]
+    pub jl_k: usize,
+    /// Skip the static layer-wise baseline plans.
+    #[arg(long)]
+    pub no_static: bool,
+    /// Replace this budget's existing plans.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `--init`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Init {
+    /// The static layer-wise assignment at the target.
+    Static,
+    /// Every linear at the target.
+    Target,
+}
+
+/// `--threshold-from`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ThresholdFrom {
+    /// Quantiles of the true relative error.
+    True,
+    /// Quantiles of the estimator's output.
+    Estimate,
+}
+
+/// Run the calibration and print a table of targets.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dir = crate::model_dir(&a.model)?;
+    let Some(file) = a.calib.calib.clone() else {
+        anyhow::bail!("--calib FILE is required (the calibration text)");
+    };
+    if !dir.join(dpllm_format::anyprec::ANYPREC_WEIGHTS).is_file() {
+        anyhow::bail!("{} is not a dpllm any-precision model: run `dpllm quantize` first", dir.display());
+    }
+    if a.estimator_samples == 0 || a.epochs == 0 {
+        anyhow::bail!("--estimator-samples and --epochs must be at least 1");
+    }
+    let config = dpllm_format::ModelConfig::from_dir(dir)?;
+    let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
+    let finetune_seqs = a.calib.sequences(&file, &tok)?;
+    let est_args = CalibArgs { samples: a.estimator_samples, seed: a.calib.seed.wrapping_add(1), ..a.calib.clone() };
+    let estimator_seqs = est_args.sequences(&file, &tok)?;
+    let opts = CalibrateOptions {
+        budget: a.budget,
+        targets: a.targets.clone(),
+        min_bits: a.min_bits,
+        max_bits: a.max_bits,
+        async_estimation: !a.sync_estimation,
+        threshold_source: match a.threshold_from {
+            ThresholdFrom::True => ThresholdSource::True,
+            ThresholdFrom::Estimate => ThresholdSource::Estimate,
+        },
+        finetune: FinetuneOptions { lr: a.lr, epochs: a.epochs, alpha: a.alpha, exact_target: !a.no_exact_target, progress: true, ..Default::default() },
+        init: match a.init {
+            Init::Static => FinetuneInit::Static,
+            Init::Target => FinetuneInit::Target,
+        },
+        fit: FitOptions { steps: a.jl_steps, k: a.jl_k, ..Default::default() },
+        static_plans: !a.no_static,
+        overwrite: a.force,
+        progress: true,
+        ..Default::default()
+    };
+    let r = calibrate(dir, &CalibrationData { finetune: finetune_seqs, estimator: estimator_seqs }, &opts)?;
+    println!(
+        "budget {:.2} bits: memory {:.3} bits/weight ({} knapsack), plans in {} ({:.1}s)",
+        a.budget,
+        r.memory_bits,
+        if r.exact_knapsack { "exact" } else { "coarsened" },
+        r.budget_dir.display(),
+        r.seconds
+    );
+    println!("{:>7} {:>9} {:>9} {:>10} {:>9} {:>8} {:>5} {:>7}", "target", "trained P", "plan P", "calib bits", "static", "dynamic", "jl", "last CE");
+    for t in &r.targets {
+        println!(
+            "{:>7.2} {:>9.3} {:>9.3} {:>10.3} {:>9} {:>8} {:>5} {:>7.4}",
+            t.target,
+            t.trained_mean_bits,
+            t.mean_bits,
+            t.calibration_effective_bits,
+            t.static_bits.map_or("-".into(), |b| format!("{b:.3}")),
+            t.dynamic_linears,
+            t.jl_estimators,
+            t.last_epoch_ce
+        );
+    }
+    Ok(())
+}
