@@ -85,6 +85,30 @@ fn load_mixed(gm: &mut GradModel, w: &[LinearWeights], p: &[f64]) -> Vec<(u32, u
         .collect()
 }
 
+/// Map (block, index in `Block::linears()`) → position in `w`.
+pub type LinearIndex = std::collections::HashMap<(usize, usize), usize>;
+
+/// The index of `w`.
+pub fn linear_index(w: &[LinearWeights]) -> LinearIndex {
+    w.iter().enumerate().map(|(g, l)| ((l.layer, l.index), g)).collect()
+}
+
+/// CE of `seq` through the model interpolated at precisions `p`, and ∂CE/∂p per
+/// linear: ⟨∂CE/∂W, W_hi − W_lo⟩ (r falls as p rises; 0 for single-precision linears).
+pub fn ce_and_gradient(gm: &mut GradModel, w: &[LinearWeights], index: &LinearIndex, p: &[f64], seq: &[u32]) -> Result<(f64, Vec<f64>)> {
+    let mixes = load_mixed(gm, w, p);
+    let mut dce_dp = vec![0f64; w.len()];
+    let ce = gm.gradient(seq, &mut |layer, idx, dw| {
+        let g = index[&(layer, idx)];
+        let (lo, hi, _) = mixes[g];
+        if lo != hi {
+            let (a, b) = (w[g].at(lo), w[g].at(hi));
+            dce_dp[g] = dw.iter().zip(a).zip(b).map(|((d, l), h)| *d as f64 * (*h - *l) as f64).sum();
+        }
+    })?;
+    Ok((ce, dce_dp))
+}
+
 /// The common shift δ of every trainable z that makes P(z + δ) = target (bisection).
 fn shift_to_target(z: &[f64], w: &[LinearWeights], target: f64) -> Vec<f64> {
     let at = |d: f64| -> Vec<f64> { z.iter().zip(w).map(|(&z, l)| if l.max_bits > l.min_bits { z + d } else { z }).collect() };
@@ -131,24 +155,14 @@ pub fn finetune(gm: &mut GradModel, w: &[LinearWeights], target: f64, init: Opti
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(format!("{target:.2}"));
-    let index: std::collections::HashMap<(usize, usize), usize> = w.iter().enumerate().map(|(g, l)| ((l.layer, l.index), g)).collect();
+    let index = linear_index(w);
     let mut step = 0usize;
     let mut last_epoch_ce = 0.0;
     for _epoch in 0..opts.epochs {
         let mut ce_sum = 0.0;
         for seq in seqs {
             let p = precisions(&z, w);
-            let mixes = load_mixed(gm, w, &p);
-            // ∂CE/∂p per linear: ⟨∂CE/∂W, W_hi − W_lo⟩ (r falls as p rises).
-            let mut dce_dp = vec![0f64; w.len()];
-            let ce = gm.gradient(seq, &mut |layer, idx, dw| {
-                let g = index[&(layer, idx)];
-                let (lo, hi, _) = mixes[g];
-                if lo != hi {
-                    let (a, b) = (w[g].at(lo), w[g].at(hi));
-                    dce_dp[g] = dw.iter().zip(a).zip(b).map(|((d, l), h)| *d as f64 * (*h - *l) as f64).sum();
-                }
-            })?;
+            let (ce, dce_dp) = ce_and_gradient(gm, w, &index, &p, seq)?;
             ensure!(ce.is_finite(), "the loss diverged ({ce}) at step {step}");
             ce_sum += ce;
             let pm = mean_bits(&p, w);

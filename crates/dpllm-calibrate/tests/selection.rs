@@ -1,0 +1,234 @@
+//! Run-time selection (METHOD.md 2e–2g) on a tiny quantized model with hand-made
+//! plans: per-token decisions, the asynchronous estimator input, the batch split
+//! against token-by-token decoding, effective-bit counting, plan validation.
+
+use std::path::Path;
+
+use dpllm_engine::select::estimator::row_norms;
+use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
+use dpllm_format::plan::{EstimatorSpec, LinearPlan, Plan, PlanKind, PLAN_FORMAT, PLAN_VERSION};
+use dpllm_format::Checkpoint;
+use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
+use dpllm_quantize::sensitivity::ops::rms_norm_forward;
+use dpllm_quantize::sensitivity::GradModel;
+use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
+
+fn quantized(dir: &Path, spec: &TinySpec) -> std::path::PathBuf {
+    let src = dir.join("src");
+    write_tiny_model(&src, spec, 17).unwrap();
+    let q = dir.join("q");
+    quantize_model(&src, &q, &QuantizeOptions::default()).unwrap();
+    q
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n as u64).map(|i| ((i * 7919 + 11) % TINY_VOCAB as u64) as u32).collect()
+}
+
+/// A plan where every linear runs `lo`/`hi` with a norm-regression estimator
+/// ê = ||x|| and threshold `tau` (`edit` adjusts single linears).
+fn plan_for(model: &Model, lo: u32, hi: u32, tau: f32, edit: impl Fn(usize, &mut LinearPlan)) -> Plan {
+    let linears = model
+        .config
+        .linears()
+        .iter()
+        .enumerate()
+        .map(|(g, s)| {
+            let mut l = LinearPlan {
+                name: s.prefix.clone(),
+                size: s.size(),
+                max_bits: hi,
+                avg_bits: (lo + hi) as f32 / 2.0,
+                low_bits: lo,
+                high_bits: hi,
+                threshold: tau,
+                estimator: if lo == hi { EstimatorSpec::None } else { EstimatorSpec::Linear { a: 1.0, c: 0.0, r2: 1.0 } },
+            };
+            edit(g, &mut l);
+            l
+        })
+        .collect();
+    Plan {
+        format: PLAN_FORMAT.into(),
+        version: PLAN_VERSION,
+        kind: PlanKind::Dynamic,
+        budget_bits: 6.0,
+        target_bits: 4.5,
+        min_bits: 3,
+        max_bits: 6,
+        async_estimation: false,
+        calibration: Default::default(),
+        linears,
+    }
+}
+
+fn runtime(plan: Plan, model: &Model) -> RuntimePlan {
+    RuntimePlan::from_plan(plan, None, model, Path::new("test-plan.json")).unwrap()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn logits(model: &Model, ids: &[u32], prec: Precision<'_>) -> (Vec<f32>, dpllm_engine::BitStats) {
+    let mut stats = model.new_bit_stats();
+    let mut cache = model.new_cache(ids.len());
+    let h = model.forward_hidden_with(ids, &mut cache, prec, Some(&mut stats)).unwrap();
+    (model.logits(&h), stats)
+}
+
+#[test]
+fn extreme_thresholds_equal_fixed_precisions() {
+    let t = tempfile::tempdir().unwrap();
+    let q = quantized(t.path(), &TinySpec::default());
+    let model = Model::load_with(&q, &LoadOptions { max_bits: Some(6), ..Default::default() }).unwrap();
+    let ids = tokens(10);
+    for (bits, tau) in [(4u32, f32::MAX), (5, f32::MIN)] {
+        let rp = runtime(plan_for(&model, 4, 5, tau, |_, _| {}), &model);
+        let (got, stats) = logits(&model, &ids, Precision::Dynamic(&rp));
+        model.set_bits(bits).unwrap();
+        let (want, _) = logits(&model, &ids, Precision::Fixed);
+        assert!(max_abs(&got, &want) < 1e-5, "threshold {tau} should run everything at {bits} bits");
+        assert!((stats.effective_bits().unwrap() - bits as f64).abs() < 1e-12);
+        assert!(stats.estimator_overhead() > 0.0);
+    }
+    // Precision::Max runs every linear at its m_l.
+    let rp = runtime(plan_for(&model, 4, 5, 0.0, |g, l| l.max_bits = if g % 2 == 0 { 5 } else { 6 }), &model);
+    let (_, stats) = logits(&model, &ids, Precision::Max(&rp));
+    for g in 0..stats.sizes.len() {
+        assert_eq!(stats.linear_bits(g), Some(if g % 2 == 0 { 5.0 } else { 6.0 }));
+    }
+}
+
+#[test]
+fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
+    for spec in [TinySpec::default(), TinySpec { hidden: 64, heads: 8, kv_heads: 4, intermediate: 40, ..TinySpec::with_arch("Phi3ForCausalLM") }] {
+        let t = tempfile::tempdir().unwrap();
+        let q = quantized(t.path(), &spec);
+        let model = Model::load_with(&q, &LoadOptions { max_bits: Some(6), ..Default::default() }).unwrap();
+        let ids = tokens(24);
+        let o_index = model.blocks[0].linears().iter().position(|(n, _)| *n == "o_proj").unwrap();
+        // With every other linear at 3 bits, o_proj of block 0 reads the attention
+        // output of the 3-bit model: put its threshold between the middle two input norms.
+        model.set_bits(3).unwrap();
+        let acts = GradModel::from_model(&model).activations(&ids).unwrap();
+        let mut norms: Vec<f32> = row_norms(&acts[0].att, model.config.q_dim()).collect();
+        norms.sort_by(|a, b| a.total_cmp(b));
+        let tau = 0.5 * (norms[11] + norms[12]);
+        for async_est in [false, true] {
+            let mut plan = plan_for(&model, 3, 5, f32::MAX, |_, _| {});
+            plan.async_estimation = async_est;
+            let rp0 = runtime(plan.clone(), &model);
+            let (_, s0) = logits(&model, &ids, Precision::Dynamic(&rp0));
+            assert_eq!(s0.effective_bits(), Some(3.0));
+            plan.linears[o_index].threshold = tau;
+            let rp = runtime(plan, &model);
+            let (batched, stats) = logits(&model, &ids, Precision::Dynamic(&rp));
+            // Token by token through the KV cache: the same decisions, so the same logits.
+            let mut cache = model.new_cache(ids.len());
+            let mut single = Vec::new();
+            let mut s1 = model.new_bit_stats();
+            for &tok in &ids {
+                single.extend(model.forward_last_with(&[tok], &mut cache, Precision::Dynamic(&rp), Some(&mut s1)).unwrap());
+            }
+            assert!(max_abs(&batched, &single) < 1e-4, "{} async={async_est}: batched and token-by-token differ", spec.arch);
+            assert_eq!(stats.counts, s1.counts, "{}: the same tokens must pick the same precisions", spec.arch);
+            for c in &stats.counts {
+                assert_eq!(c.iter().sum::<u64>(), ids.len() as u64);
+            }
+            // o_proj of block 0 split its tokens in half; nothing else left 3 bits.
+            assert_eq!(stats.counts[o_index][5], 12, "{}: half the tokens exceed the median", spec.arch);
+            let high: u64 = stats.counts.iter().map(|c| c[5]).sum();
+            assert_eq!(high, 12);
+        }
+    }
+}
+
+#[test]
+fn asynchronous_estimates_read_the_previous_residual() {
+    let t = tempfile::tempdir().unwrap();
+    let spec = TinySpec { dtype: safetensors::Dtype::F32, ..TinySpec::default() };
+    let q = quantized(t.path(), &spec);
+    let model = Model::load_with(&q, &LoadOptions { max_bits: Some(5), ..Default::default() }).unwrap();
+    let ids = tokens(32);
+    let nlin = model.blocks[0].linears().len();
+    // Only block 1's q_proj (index nlin) and gate_proj (index nlin + 4) select, at 3 or 5 bits;
+    // everything else runs at 5 bits. ê = ||x_est||, τ = the median of ||x_est||.
+    model.set_bits(5).unwrap();
+    let gm = GradModel::from_model(&model);
+    let acts = gm.activations(&ids).unwrap();
+    let eps = model.config.rms_norm_eps;
+    let d = model.config.hidden_size;
+    let normed = |x: &[f32], w: &[f32]| {
+        let mut o = vec![0f32; x.len()];
+        rms_norm_forward(x, w, eps, &mut o);
+        row_norms(&o, d).collect::<Vec<f32>>()
+    };
+    let median = |v: &[f32]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[s.len() / 2]
+    };
+    for async_est in [true, false] {
+        // Expected estimator inputs (METHOD.md 2f): q/k/v of block 1 read block 0's residual
+        // before its MLP output (h_mid), gate/up read block 1's input before its attention output.
+        let (q_in, g_in) = if async_est {
+            (normed(&acts[0].h_mid, &gm.blocks[1].attn_norm), normed(&acts[1].h_in, &gm.blocks[1].mlp_norm))
+        } else {
+            (row_norms(&acts[1].xn1, d).collect(), row_norms(&acts[1].xn2, d).collect())
+        };
+        let (tq, tg) = (median(&q_in), median(&g_in));
+        let mut plan = plan_for(&model, 5, 5, 0.0, |_, _| {});
+        plan.async_estimation = async_est;
+        for (g, tau) in [(nlin, tq), (nlin + 4, tg)] {
+            let l = &mut plan.linears[g];
+            (l.low_bits, l.high_bits, l.threshold, l.avg_bits) = (3, 5, tau, 4.0);
+            l.estimator = EstimatorSpec::Linear { a: 1.0, c: 0.0, r2: 1.0 };
+        }
+        let rp = runtime(plan, &model);
+        let (_, stats) = logits(&model, &ids, Precision::Dynamic(&rp));
+        let want_q = q_in.iter().filter(|&&v| v > tq).count() as u64;
+        let want_g = g_in.iter().filter(|&&v| v > tg).count() as u64;
+        assert_eq!(stats.counts[nlin][5], want_q, "async={async_est}: q_proj high-precision tokens");
+        assert_eq!(stats.counts[nlin + 4][5], want_g, "async={async_est}: gate_proj high-precision tokens");
+        assert!(want_q > 0 && want_q < ids.len() as u64);
+    }
+}
+
+#[test]
+fn plans_that_do_not_fit_the_model_are_rejected() {
+    let t = tempfile::tempdir().unwrap();
+    let q = quantized(t.path(), &TinySpec::default());
+    let model = Model::load_with(&q, &LoadOptions { max_bits: Some(5), ..Default::default() }).unwrap();
+    let err = |plan: Plan| RuntimePlan::from_plan(plan, None, &model, Path::new("p.json")).unwrap_err().to_string();
+    // Needs 6 bits, the model holds 5.
+    assert!(err(plan_for(&model, 4, 6, 0.0, |_, _| {})).contains("the model holds 3..=5"));
+    let mut p = plan_for(&model, 4, 5, 0.0, |_, _| {});
+    p.linears.pop();
+    assert!(err(p).contains("linears"));
+    let p = plan_for(&model, 4, 5, 0.0, |g, l| if g == 3 { l.name = "model.layers.0.self_attn.x_proj".into() });
+    assert!(err(p).contains("does not match"));
+    let p = plan_for(&model, 4, 5, 0.0, |g, l| {
+        if g == 2 {
+            l.estimator = EstimatorSpec::Jl { tensor: "t".into(), k: 4, bias: 0.0, r2: 0.5 };
+        }
+    });
+    assert!(err(p).contains("estimators.safetensors is missing"));
+    // A JL tensor of the wrong shape in the estimators file.
+    let est = t.path().join("est.safetensors");
+    let data = vec![0u8; 4 * 3 * 4];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 3], &data).unwrap();
+    safetensors::serialize_to_file(vec![("t", view)], None, &est).unwrap();
+    let ck = Checkpoint::open_file(&est).unwrap();
+    let p = plan_for(&model, 4, 5, 0.0, |g, l| {
+        if g == 2 {
+            l.estimator = EstimatorSpec::Jl { tensor: "t".into(), k: 4, bias: 0.0, r2: 0.5 };
+        }
+    });
+    let e = RuntimePlan::from_plan(p, Some(&ck), &model, Path::new("p.json")).unwrap_err().to_string();
+    assert!(e.contains("\"t\""), "{e}");
+    // A dense model cannot run a plan.
+    let dense = Model::load(&t.path().join("src")).unwrap();
+    let e = RuntimePlan::from_plan(plan_for(&dense, 4, 5, 0.0, |_, _| {}), None, &dense, Path::new("p.json")).unwrap_err().to_string();
+    assert!(e.contains("not quantized"), "{e}");
+}
