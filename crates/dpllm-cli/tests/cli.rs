@@ -452,3 +452,48 @@ fn real_model_quantized_perplexity_falls_with_bits() {
     assert!(ppl[5] < full * 1.01, "8-bit perplexity {} is not within 1% of full precision {full}", ppl[5]);
     assert!(ppl[0] < full * 1.6, "3-bit perplexity {} is implausibly far from {full}", ppl[0]);
 }
+
+// ---------------------------------------------------------------- calibrate
+
+#[test]
+fn calibrate_then_run_targets_and_baselines() {
+    let (t, m) = tiny(&TinySpec::default(), 31);
+    let text = t.path().join("calib.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let q = t.path().join("q");
+    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let small = ["--calib", s(&text), "--samples", "3", "--seq-len", "32", "--epochs", "1", "--estimator-samples", "3", "--jl-steps", "20", "--jl-k", "8"];
+    let (out, _) = ok(&[&["calibrate", s(&q), "--budget", "4.5", "--max-bits", "5", "--targets", "3.5,4.25"][..], &small].concat());
+    assert!(out.contains("budget 4.50 bits") && out.contains("3.50") && out.contains("4.25"), "{out}");
+    for target in ["3.5", "4.25"] {
+        let json = t.path().join("p.json");
+        let (out, _) = ok(&["perplexity", s(&q), "--target", target, "--text", s(&text), "--ctx", "32", "--max-chunks", "2", "--json", s(&json)]);
+        assert!(out.contains("effective bits"), "{out}");
+        let v = json_file(&json);
+        let eff = v["effective_bits"].as_f64().unwrap();
+        assert!((3.0..=5.0).contains(&eff), "{eff}");
+        assert!(v["estimator_overhead"].as_f64().is_some());
+        let (out, _) = ok(&["perplexity", s(&q), "--target", target, "--static", "--text", s(&text), "--ctx", "32", "--max-chunks", "2", "--json", s(&json)]);
+        let eff = json_file(&json)["effective_bits"].as_f64().unwrap();
+        assert!(eff <= target.parse::<f64>().unwrap() + 1e-9, "static plan above its target: {eff}\n{out}");
+    }
+    let (_, err) = ok(&["generate", s(&q), "--target", "3.5", "--prompt", "the", "--max-tokens", "4", "--ignore-eos"]);
+    assert!(err.contains("DP-LLM plan: target 3.50") && err.contains("decode effective bits"), "{err}");
+    let (out, _) = ok(&["bench", "decode", s(&q), "--target", "4.25", "--tokens", "3", "--prompt-tokens", "4", "--bandwidth-mib", "8"]);
+    assert!(out.contains("effective bits (decode)"), "{out}");
+    let plan = q.join("plans/budget-4.50/target-3.50.json");
+    ok(&["perplexity", s(&q), "--plan", s(&plan), "--exact-estimator-input", "--text", s(&text), "--ctx", "32", "--max-chunks", "1"]);
+
+    fails(&["perplexity", s(&q), "--target", "4.0", "--text", s(&text)], &["no DP-LLM plan for target 4", "[3.5, 4.25]"]);
+    fails(&["perplexity", s(&q), "--target", "3.5", "--budget", "5", "--text", s(&text)], &["budget 5"]);
+    fails(&["perplexity", s(&m), "--target", "3.5", "--text", s(&text)], &["has no plans", "dpllm calibrate"]);
+    let o = dpllm(&["perplexity", s(&q), "--target", "3.5", "--bits", "4", "--text", s(&text)]);
+    assert!(!o.status.success() && stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+    fails(&[&["calibrate", s(&q), "--budget", "4.5", "--max-bits", "5", "--targets", "3.5"][..], &small].concat(), &["already exists", "--force"]);
+    fails(&[&["calibrate", s(&q), "--budget", "4.5", "--max-bits", "5", "--targets", "4.75", "--force"][..], &small].concat(), &["target 4.75"]);
+    fails(&[&["calibrate", s(&m), "--targets", "3.5"][..], &small].concat(), &["not a dpllm any-precision model"]);
+    fails(&["calibrate", s(&q), "--targets", "3.5"], &["--calib FILE is required"]);
+    // A corrupt plan file is named in the error.
+    std::fs::write(&plan, "{ not json").unwrap();
+    fails(&["perplexity", s(&q), "--target", "3.5", "--text", s(&text)], &["target-3.50.json", "not a plan"]);
+}
