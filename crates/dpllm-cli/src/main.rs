@@ -30,6 +30,9 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// DP-LLM: calibrate precision plans for a memory budget and target precisions.
     Calibrate(commands::calibrate::Args),
+    /// The whole pipeline on one model (sensitivity, quantize, calibrate), then
+    /// perplexity and effective bits of every plan against static and uniform baselines.
+    Pipeline(commands::pipeline::Args),
     /// Perplexity of a text file over non-overlapping chunks.
     Perplexity(commands::perplexity::Args),
     /// Benchmarks (print a table with units, optionally write JSON).
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Sensitivity(a) => commands::sensitivity::run(a),
         Command::Calibrate(a) => commands::calibrate::run(a),
+        Command::Pipeline(a) => commands::pipeline::run(a),
         Command::Bench(b) => commands::bench::run(b),
     };
     match result {

@@ -497,3 +497,29 @@ fn calibrate_then_run_targets_and_baselines() {
     std::fs::write(&plan, "{ not json").unwrap();
     fails(&["perplexity", s(&q), "--target", "3.5", "--text", s(&text)], &["target-3.50.json", "not a plan"]);
 }
+
+#[test]
+fn pipeline_runs_every_stage_and_reports_every_method() {
+    let (t, m) = tiny(&TinySpec::default(), 32);
+    let text = t.path().join("text.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let work = t.path().join("work");
+    let (md, json) = (t.path().join("r.md"), t.path().join("r.json"));
+    let args = [
+        "pipeline", s(&m), "--work", s(&work), "--text", s(&text), "--calib", s(&text), "--ctx", "32", "--max-chunks", "2",
+        "--sensitivity-samples", "2", "--samples", "2", "--seq-len", "32", "--epochs", "1", "--estimator-samples", "2",
+        "--jl-steps", "10", "--jl-k", "4", "--budget", "4.5", "--max-bits", "5", "--targets", "3.5,4", "--markdown", s(&md), "--json", s(&json),
+    ];
+    let (out, err) = ok(&args);
+    assert!(err.contains("[1/3]") && err.contains("[2/3]") && err.contains("[3/3]"), "{err}");
+    for method in ["full precision", "uniform", "static", "dp-llm"] {
+        assert!(out.contains(&format!("| {method} |")), "{method} missing:\n{out}");
+    }
+    assert_eq!(std::fs::read_to_string(&md).unwrap(), out);
+    let rows = json_file(&json)["rows"].as_array().unwrap().len();
+    assert_eq!(rows, 1 + 3 + 2 * 2, "full + uniform 3..5 + (static, dp-llm) x 2 targets");
+    // A second run reuses every stage.
+    let (_, err) = ok(&args);
+    assert!(!err.contains("[1/3]") && !err.contains("[3/3]"), "{err}");
+    fails(&["pipeline", s(&m), "--work", s(&work), "--text", s(&text)], &["--calib FILE is required"]);
+}

@@ -1,6 +1,6 @@
 //! `dpllm calibrate MODEL --budget M --targets T,... --calib FILE`: DP-LLM plans.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use dpllm_calibrate::estimators::FitOptions;
 use dpllm_calibrate::finetune::FinetuneOptions;
@@ -14,6 +14,16 @@ use super::calib_text::CalibArgs;
 pub struct Args {
     /// Any-precision model directory (from `dpllm quantize`); plans go to MODEL/plans/budget-M/.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    /// Replace this budget's existing plans.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The settings of a calibration (shared by `calibrate` and `pipeline`).
+#[derive(clap::Args)]
+pub struct CalibrationArgs {
     /// Memory budget in average bits: each linear keeps at most the precision the
     /// budget's knapsack gives it.
     #[arg(long, default_value_t = 5.0)]
@@ -64,9 +74,6 @@ pub struct Args {
     /// Skip the static layer-wise baseline plans.
     #[arg(long)]
     pub no_static: bool,
-    /// Replace this budget's existing plans.
-    #[arg(long)]
-    pub force: bool,
 }
 
 /// `--init`.
@@ -87,48 +94,56 @@ pub enum ThresholdFrom {
     Estimate,
 }
 
+impl CalibrationArgs {
+    /// Pipeline options and token sequences for calibrating the model in `dir` on `file`.
+    pub fn options_and_data(&self, dir: &Path, file: &Path) -> anyhow::Result<(CalibrateOptions, CalibrationData)> {
+        if !dir.join(dpllm_format::anyprec::ANYPREC_WEIGHTS).is_file() {
+            anyhow::bail!("{} is not a dpllm any-precision model: run `dpllm quantize` first", dir.display());
+        }
+        if self.estimator_samples == 0 || self.epochs == 0 {
+            anyhow::bail!("--estimator-samples and --epochs must be at least 1");
+        }
+        let config = dpllm_format::ModelConfig::from_dir(dir)?;
+        let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
+        let finetune = self.calib.sequences(file, &tok)?;
+        let est_args = CalibArgs { samples: self.estimator_samples, seed: self.calib.seed.wrapping_add(1), ..self.calib.clone() };
+        let estimator = est_args.sequences(file, &tok)?;
+        let opts = CalibrateOptions {
+            budget: self.budget,
+            targets: self.targets.clone(),
+            min_bits: self.min_bits,
+            max_bits: self.max_bits,
+            async_estimation: !self.sync_estimation,
+            threshold_source: match self.threshold_from {
+                ThresholdFrom::True => ThresholdSource::True,
+                ThresholdFrom::Estimate => ThresholdSource::Estimate,
+            },
+            finetune: FinetuneOptions { lr: self.lr, epochs: self.epochs, alpha: self.alpha, exact_target: !self.no_exact_target, progress: true, ..Default::default() },
+            init: match self.init {
+                Init::Static => FinetuneInit::Static,
+                Init::Target => FinetuneInit::Target,
+            },
+            fit: FitOptions { steps: self.jl_steps, k: self.jl_k, ..Default::default() },
+            static_plans: !self.no_static,
+            progress: true,
+            ..Default::default()
+        };
+        Ok((opts, CalibrationData { finetune, estimator }))
+    }
+}
+
 /// Run the calibration and print a table of targets.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
-    let Some(file) = a.calib.calib.clone() else {
+    let Some(file) = a.calibration.calib.calib.clone() else {
         anyhow::bail!("--calib FILE is required (the calibration text)");
     };
-    if !dir.join(dpllm_format::anyprec::ANYPREC_WEIGHTS).is_file() {
-        anyhow::bail!("{} is not a dpllm any-precision model: run `dpllm quantize` first", dir.display());
-    }
-    if a.estimator_samples == 0 || a.epochs == 0 {
-        anyhow::bail!("--estimator-samples and --epochs must be at least 1");
-    }
-    let config = dpllm_format::ModelConfig::from_dir(dir)?;
-    let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
-    let finetune_seqs = a.calib.sequences(&file, &tok)?;
-    let est_args = CalibArgs { samples: a.estimator_samples, seed: a.calib.seed.wrapping_add(1), ..a.calib.clone() };
-    let estimator_seqs = est_args.sequences(&file, &tok)?;
-    let opts = CalibrateOptions {
-        budget: a.budget,
-        targets: a.targets.clone(),
-        min_bits: a.min_bits,
-        max_bits: a.max_bits,
-        async_estimation: !a.sync_estimation,
-        threshold_source: match a.threshold_from {
-            ThresholdFrom::True => ThresholdSource::True,
-            ThresholdFrom::Estimate => ThresholdSource::Estimate,
-        },
-        finetune: FinetuneOptions { lr: a.lr, epochs: a.epochs, alpha: a.alpha, exact_target: !a.no_exact_target, progress: true, ..Default::default() },
-        init: match a.init {
-            Init::Static => FinetuneInit::Static,
-            Init::Target => FinetuneInit::Target,
-        },
-        fit: FitOptions { steps: a.jl_steps, k: a.jl_k, ..Default::default() },
-        static_plans: !a.no_static,
-        overwrite: a.force,
-        progress: true,
-        ..Default::default()
-    };
-    let r = calibrate(dir, &CalibrationData { finetune: finetune_seqs, estimator: estimator_seqs }, &opts)?;
+    let (opts, data) = a.calibration.options_and_data(dir, &file)?;
+    let opts = CalibrateOptions { overwrite: a.force, ..opts };
+    let r = calibrate(dir, &data, &opts)?;
     println!(
         "budget {:.2} bits: memory {:.3} bits/weight ({} knapsack), plans in {} ({:.1}s)",
-        a.budget,
+        opts.budget,
         r.memory_bits,
         if r.exact_knapsack { "exact" } else { "coarsened" },
         r.budget_dir.display(),

@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod generate;
 pub mod inspect;
 pub mod perplexity;
+pub mod pipeline;
 pub mod quantize;
 pub mod sensitivity;
 
