@@ -26,6 +26,9 @@ pub struct GemvBenchConfig {
     pub min_seconds: f64,
     /// Size of each bandwidth-test buffer in bytes.
     pub bandwidth_bytes: usize,
+    /// Each case cycles through enough copies of its weights to read at least
+    /// this many bytes per round, so the last-level cache cannot hold them (0 = one copy).
+    pub working_set_bytes: usize,
 }
 
 /// One timed case.
@@ -43,6 +46,8 @@ pub struct GemvCase {
     pub us_per_call: f64,
     /// Weight bytes read per call.
     pub bytes: usize,
+    /// Copies of the weights cycled through.
+    pub copies: usize,
     /// bytes / time, GB/s.
     pub gbs: f64,
     /// gbs / measured read bandwidth.
@@ -108,25 +113,42 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
         let mut y = vec![0f32; rows];
         let mut shape_cases = Vec::new();
         let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 1001.0).collect();
-        let dense = [
-            ("f16", TensorData::F16(wf.iter().map(|&v| f16::from_f32(v)).collect())),
-            ("f32", TensorData::F32(wf)),
-        ];
-        for (name, w) in dense {
-            let l = DenseLinear::new(Arc::new(w), rows, cols, None);
-            let s = time_calls(cfg.min_seconds, || l.forward(&x, 1, &mut y));
-            shape_cases.push((name.to_string(), "dense".to_string(), s, l.weight_bytes()));
+        let copies_for = |bytes: usize| cfg.working_set_bytes.div_ceil(bytes.max(1)).max(1);
+        for name in ["f16", "f32"] {
+            let make = || match name {
+                "f16" => TensorData::F16(wf.iter().map(|&v| f16::from_f32(v)).collect()),
+                _ => TensorData::F32(wf.clone()),
+            };
+            let first = DenseLinear::new(Arc::new(make()), rows, cols, None);
+            let n = copies_for(first.weight_bytes());
+            let mut ls = vec![first];
+            ls.extend((1..n).map(|_| DenseLinear::new(Arc::new(make()), rows, cols, None)));
+            let mut i = 0;
+            let s = time_calls(cfg.min_seconds, || {
+                ls[i % n].forward(&x, 1, &mut y);
+                i += 1;
+            });
+            shape_cases.push((name.to_string(), "dense".to_string(), s, ls[0].weight_bytes(), n));
         }
         let max_bits = *cfg.bits.iter().max().unwrap_or(&8);
-        let q = AnyPrecLinear::random(rows, cols, max_bits, 7);
+        let first = AnyPrecLinear::random(rows, cols, max_bits, 7);
+        let n = copies_for(first.bytes_at(max_bits));
+        let mut qs = vec![first];
+        qs.extend((1..n).map(|c| AnyPrecLinear::random(rows, cols, max_bits, 7 + c as u64)));
         for &b in &cfg.bits {
+            // Fewer bits read less: cycle through as many copies as that working set needs.
+            let nb = copies_for(qs[0].bytes_at(b)).min(n);
             for &k in &kernels {
-                let s = time_calls(cfg.min_seconds, || q.forward_bits_with(&x, 1, &mut y, b, k));
-                shape_cases.push((format!("anyprec-{b}b"), k.name().to_string(), s, q.bytes_at(b)));
+                let mut i = 0;
+                let s = time_calls(cfg.min_seconds, || {
+                    qs[i % nb].forward_bits_with(&x, 1, &mut y, b, k);
+                    i += 1;
+                });
+                shape_cases.push((format!("anyprec-{b}b"), k.name().to_string(), s, qs[0].bytes_at(b), nb));
             }
         }
         let f16_time = shape_cases[0].2;
-        for (weights, kernel, s, bytes) in shape_cases {
+        for (weights, kernel, s, bytes, copies) in shape_cases {
             let gbs = bytes as f64 / s / 1e9;
             cases.push(GemvCase {
                 rows,
@@ -135,6 +157,7 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
                 kernel,
                 us_per_call: s * 1e6,
                 bytes,
+                copies,
                 gbs,
                 fraction_of_read_bandwidth: gbs / bw.read_gbs,
                 speedup_vs_f16: f16_time / s,
@@ -148,8 +171,11 @@ impl GemvBench {
     /// A human-readable table with units.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "machine read bandwidth {:.2} GB/s, copy {:.2} GB/s (r+w), {} threads\n",
-            self.bandwidth.read_gbs, self.bandwidth.copy_gbs, self.threads
+            "machine read bandwidth {:.2} GB/s, copy {:.2} GB/s (r+w), {} threads, weights cycled over >= {:.0} MB\n",
+            self.bandwidth.read_gbs,
+            self.bandwidth.copy_gbs,
+            self.threads,
+            self.config.working_set_bytes as f64 / 1e6
         );
         out.push_str(&format!(
             "{:>13}  {:<12} {:<9} {:>12} {:>11} {:>9} {:>8} {:>9}\n",
@@ -184,12 +210,16 @@ mod tests {
             kernels: vec!["portable".into()],
             min_seconds: 0.0,
             bandwidth_bytes: 1 << 20,
+            working_set_bytes: 1 << 20,
         };
         let r = run(&cfg).unwrap();
         let names: Vec<&str> = r.cases.iter().map(|c| c.weights.as_str()).collect();
         assert_eq!(names, ["f16", "f32", "anyprec-3b", "anyprec-8b"]);
         assert!(r.cases.iter().all(|c| c.us_per_call > 0.0 && c.gbs.is_finite()));
         assert_eq!(r.cases[2].bytes, 64 * (3 * 3 * 4 + 2 * 8));
+        // 1 MiB working set: f16 weights of 12 KiB need 86 copies; 3-bit ones of 3.3 KiB get the 8-bit count (cap).
+        assert_eq!(r.cases[0].copies, (1usize << 20).div_ceil(64 * 96 * 2));
+        assert!(r.cases.iter().all(|c| c.copies >= 1));
         assert!(r.table().contains("anyprec-8b"));
         assert!(run(&GemvBenchConfig { bits: vec![9], ..cfg.clone() }).is_err());
         assert!(run(&GemvBenchConfig { shapes: vec![(0, 4)], ..cfg.clone() }).is_err());

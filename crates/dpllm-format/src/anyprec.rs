@@ -3,9 +3,10 @@
 //! A quantized model directory holds the source `config.json` and tokenizer
 //! files plus one safetensors file, [`ANYPREC_WEIGHTS`], in which every quantized
 //! linear `P` (e.g. `model.layers.0.self_attn.q_proj`) is stored as
-//! - `P.planes`: U32 `[out, 8, ceil(in/32)]`: for row r and plane j, word w holds
-//!   bit (7 − j) of the 8-bit indices of columns 32w .. 32w+31 (bit t ↔ column
-//!   32w + t, padding bits zero). A b-bit index is the top b bits: planes 0..b−1.
+//! - `P.planes`: U32 `[8, out, ceil(in/32)]`, plane-major: for plane j and row
+//!   r, word w holds bit (7 − j) of the 8-bit indices of columns 32w .. 32w+31
+//!   (bit t ↔ column 32w + t, padding bits zero). A b-bit index is the top b bits:
+//!   planes 0..b−1, the first b slabs of the tensor.
 //! - `P.lut{b}` for b = seed..8: F16 `[out, 2^b]`, the centroids of each row.
 //! - `P.bias` when the source has one (unquantized).
 //!
@@ -23,8 +24,8 @@ use crate::{Checkpoint, FormatError, Result};
 pub const ANYPREC_WEIGHTS: &str = "dpllm-anyprec.safetensors";
 /// `format` metadata value.
 pub const FORMAT_NAME: &str = "dpllm-anyprec";
-/// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version (2: plane-major `planes`).
+pub const FORMAT_VERSION: u32 = 2;
 /// Bit-planes stored per weight (the parent precision).
 pub const STORED_BITS: u32 = 8;
 
@@ -105,12 +106,13 @@ impl AnyPrecInfo {
 }
 
 /// Read the bit-planes of linear `prefix` [rows × cols], keeping planes 0..`keep`:
-/// returns u32 words laid out [rows][keep][words].
+/// returns u32 words laid out plane-major, [keep][rows][words] (the first `keep`
+/// slabs of the tensor: a contiguous prefix of the file).
 pub fn read_planes(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize, keep: u32) -> Result<Vec<u32>> {
     let name = planes_name(prefix);
     let words = words_per_row(cols);
     let (info, bytes) = ck.raw(&name)?;
-    let expect = [rows, STORED_BITS as usize, words];
+    let expect = [STORED_BITS as usize, rows, words];
     if info.dtype != safetensors::Dtype::U32 || info.shape != expect {
         return Err(FormatError::BadTensor {
             name,
@@ -118,14 +120,8 @@ pub fn read_planes(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize, keep
             reason: format!("{:?} {:?}, expected U32 {:?}", info.dtype, info.shape, expect),
         });
     }
-    let keep = keep as usize;
-    let mut out = Vec::with_capacity(rows * keep * words);
-    let row_bytes = STORED_BITS as usize * words * 4;
-    for r in 0..rows {
-        let row = &bytes[r * row_bytes..r * row_bytes + keep * words * 4];
-        out.extend(row.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-    }
-    Ok(out)
+    let n = keep as usize * rows * words;
+    Ok(bytes[..4 * n].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Read the b-bit centroid table of linear `prefix` [rows × 2^b] (f16, checked finite).

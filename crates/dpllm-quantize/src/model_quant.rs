@@ -98,9 +98,12 @@ fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, s
             (planes, luts, errs)
         })
         .collect();
-    let mut out = Quantized { planes: Vec::with_capacity(s.rows * 8 * words), luts: vec![Vec::new(); nb], errors: vec![0.0; nb] };
-    for (p, l, e) in rows {
-        out.planes.extend(p);
+    // Plane-major: plane j of every row, then plane j+1 (docs/format.md).
+    let mut out = Quantized { planes: vec![0; 8 * s.rows * words], luts: vec![Vec::new(); nb], errors: vec![0.0; nb] };
+    for (r, (p, l, e)) in rows.into_iter().enumerate() {
+        for (j, plane) in p.chunks(words).enumerate() {
+            out.planes[(j * s.rows + r) * words..(j * s.rows + r + 1) * words].copy_from_slice(plane);
+        }
         for i in 0..nb {
             out.luts[i].extend(&l[i]);
             out.errors[i] += e[i];
@@ -160,7 +163,7 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
         match quantized.get(name) {
             Some(&li) => {
                 let s = &linears[li];
-                specs.push(TensorSpec { name: anyprec::planes_name(&s.prefix), dtype: "U32", shape: vec![s.rows, 8, anyprec::words_per_row(s.cols)] });
+                specs.push(TensorSpec { name: anyprec::planes_name(&s.prefix), dtype: "U32", shape: vec![8, s.rows, anyprec::words_per_row(s.cols)] });
                 sources.push(Source::Planes(li));
                 for b in seed..=STORED_BITS {
                     specs.push(TensorSpec { name: anyprec::lut_name(&s.prefix, b), dtype: "F16", shape: vec![s.rows, 1 << b] });

@@ -56,8 +56,9 @@ fn dequantize_from_file(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize,
     let (_, planes) = ck.raw(&anyprec::planes_name(prefix)).unwrap();
     let (_, lut) = ck.raw(&anyprec::lut_name(prefix, bits)).unwrap();
     let words = cols.div_ceil(32);
+    // Plane-major: [8][rows][words].
     let word = |r: usize, j: usize, w: usize| {
-        let o = ((r * 8 + j) * words + w) * 4;
+        let o = ((j * rows + r) * words + w) * 4;
         u32::from_le_bytes(planes[o..o + 4].try_into().unwrap())
     };
     let mut out = vec![0f32; rows * cols];

@@ -33,6 +33,10 @@ pub struct GemvArgs {
     /// Minimum timed seconds per case.
     #[arg(long, default_value_t = 0.3)]
     pub seconds: f64,
+    /// Cycle through copies of each weight until this many MiB are read per round,
+    /// so the caches cannot hold them (0: one copy, cache-resident for small shapes).
+    #[arg(long, default_value_t = 512)]
+    pub working_set_mib: usize,
     /// Size of each bandwidth-test buffer, MiB.
     #[arg(long, default_value_t = 512)]
     pub bandwidth_mib: usize,
@@ -102,6 +106,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 kernels,
                 min_seconds: a.seconds.max(0.0),
                 bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
+                working_set_bytes: a.working_set_mib << 20,
             };
             let r = bench_gemv::run(&cfg)?;
             print!("{}", r.table());

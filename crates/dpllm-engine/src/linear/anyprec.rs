@@ -16,7 +16,7 @@ pub struct AnyPrecLinear {
     words: usize,
     seed_bits: u32,
     max_bits: u32,
-    /// [rows][max_bits][words].
+    /// Plane-major: [max_bits][rows][words].
     planes: Vec<u32>,
     /// luts[b - seed_bits]: [rows × 2^b].
     luts: Vec<Vec<f16>>,
@@ -25,7 +25,7 @@ pub struct AnyPrecLinear {
 }
 
 impl AnyPrecLinear {
-    /// Build from planes laid out [rows][max_bits][ceil(cols/32)] and LUTs for seed..=max bits.
+    /// Build from planes laid out plane-major, [max_bits][rows][ceil(cols/32)], and LUTs for seed..=max bits.
     pub fn new(rows: usize, cols: usize, seed_bits: u32, max_bits: u32, planes: Vec<u32>, luts: Vec<Vec<f16>>, bias: Option<Vec<f32>>) -> AnyPrecLinear {
         let words = cols.div_ceil(32);
         assert!(seed_bits <= max_bits && max_bits <= 8);
@@ -83,9 +83,14 @@ impl AnyPrecLinear {
         Ok(())
     }
 
+    /// Row r's words of plane 0 onwards; plane j of the row starts `plane_stride()` words later each.
     fn row_planes(&self, r: usize) -> &[u32] {
-        let stride = self.max_bits as usize * self.words;
-        &self.planes[r * stride..(r + 1) * stride]
+        &self.planes[r * self.words..]
+    }
+
+    /// Words between consecutive planes of one row.
+    fn plane_stride(&self) -> usize {
+        self.rows * self.words
     }
 
     fn lut(&self, bits: u32, r: usize) -> &[f16] {
@@ -101,13 +106,13 @@ impl AnyPrecLinear {
     /// [`AnyPrecLinear::forward_bits`] with a chosen GEMV kernel (for benchmarks and tests).
     pub fn forward_bits_with(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32, kernel: BitplaneKernel) {
         assert!(self.check_bits(bits).is_ok(), "bits out of range");
-        let (rows, cols, words) = (self.rows, self.cols, self.words);
+        let (rows, cols, stride) = (self.rows, self.cols, self.plane_stride());
         if n <= GEMV_MAX_TOKENS {
-            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row_with(kernel, self.row_planes(r), words, bits, self.lut(bits, r), xt));
+            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row_with(kernel, self.row_planes(r), stride, bits, self.lut(bits, r), xt));
         } else {
             matmul_tiled(rows, cols, x, n, y, |r0, tile| {
                 for (i, out) in tile.chunks_mut(cols).enumerate() {
-                    dequantize_row(self.row_planes(r0 + i), words, bits, self.lut(bits, r0 + i), out);
+                    dequantize_row(self.row_planes(r0 + i), stride, bits, self.lut(bits, r0 + i), out);
                 }
             });
         }
@@ -118,7 +123,7 @@ impl AnyPrecLinear {
     pub fn dequantize(&self, bits: u32) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         for (r, row) in out.chunks_mut(self.cols).enumerate() {
-            dequantize_row(self.row_planes(r), self.words, bits, self.lut(bits, r), row);
+            dequantize_row(self.row_planes(r), self.plane_stride(), bits, self.lut(bits, r), row);
         }
         out
     }

@@ -5,12 +5,12 @@ use std::arch::x86_64::*;
 
 /// 32 byte-indices of one word column group, built from `bits` planes.
 #[inline(always)]
-unsafe fn indices(planes: *const u32, words: usize, bits: u32, w: usize) -> __m256i {
+unsafe fn indices(planes: *const u32, stride: usize, bits: u32, w: usize) -> __m256i {
     let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let mut idx = _mm256_setzero_si256();
     for j in 0..bits as usize {
-        let word = *planes.add(j * words + w);
+        let word = *planes.add(j * stride + w);
         let v = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), shuf);
         let hit = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
         let bit = _mm256_set1_epi8((1u32 << (bits as usize - 1 - j)) as u8 as i8);
@@ -34,8 +34,13 @@ unsafe fn lookup(lut: *const f32, bits: u32, lo: __m256, hi: __m256, i: __m256i)
     }
 }
 
+/// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `planes` holds `bits` planes `stride`
+/// words apart, each of ceil(x.len()/32) words, and `lut` 2^bits entries.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
+pub unsafe fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
     let cols = x.len();
     let full = cols / 32;
     let lp = lut.as_ptr();
@@ -46,7 +51,7 @@ pub unsafe fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[f32], x: &
     let xp = x.as_ptr();
     let pp = planes.as_ptr();
     for w in 0..full {
-        let idx = indices(pp, words, bits, w);
+        let idx = indices(pp, stride, bits, w);
         let l128 = _mm256_castsi256_si128(idx);
         let h128 = _mm256_extracti128_si256(idx, 1);
         let i0 = _mm256_cvtepu8_epi32(l128);
@@ -65,7 +70,7 @@ pub unsafe fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[f32], x: &
     let mut s: f32 = buf.iter().sum();
     if full * 32 < cols {
         let mut idx = [0u8; 32];
-        super::word_indices(planes, words, bits, full, &mut idx);
+        super::word_indices(planes, stride, bits, full, &mut idx);
         for t in 0..cols - full * 32 {
             s += lut[idx[t] as usize] * x[full * 32 + t];
         }

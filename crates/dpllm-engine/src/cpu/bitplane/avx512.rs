@@ -41,7 +41,7 @@ unsafe fn lookup32<const B: usize>(tables: &[__m512i; 8], word: impl Fn(usize) -
 }
 
 #[inline(always)]
-unsafe fn dot_row_b<const B: usize>(planes: &[u32], words: usize, lut: &[u16], x: &[f32]) -> f32 {
+unsafe fn dot_row_b<const B: usize>(planes: &[u32], stride: usize, lut: &[u16], x: &[f32]) -> f32 {
     let cols = x.len();
     let full = cols / 32;
     let lp = lut.as_ptr();
@@ -58,7 +58,7 @@ unsafe fn dot_row_b<const B: usize>(planes: &[u32], words: usize, lut: &[u16], x
     let mut acc0 = _mm512_setzero_ps();
     let mut acc1 = _mm512_setzero_ps();
     for w in 0..full {
-        let v = lookup32::<B>(&tables, |j| *pp.add(j * words + w));
+        let v = lookup32::<B>(&tables, |j| *pp.add(j * stride + w));
         let xb = xp.add(w * 32);
         let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
         let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v));
@@ -68,7 +68,7 @@ unsafe fn dot_row_b<const B: usize>(planes: &[u32], words: usize, lut: &[u16], x
     let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     if full * 32 < cols {
         let mut idx = [0u8; 32];
-        super::word_indices(planes, words, B as u32, full, &mut idx);
+        super::word_indices(planes, stride, B as u32, full, &mut idx);
         for t in 0..cols - full * 32 {
             s += half::f16::from_bits(lut[idx[t] as usize]).to_f32() * x[full * 32 + t];
         }
@@ -79,17 +79,17 @@ unsafe fn dot_row_b<const B: usize>(planes: &[u32], words: usize, lut: &[u16], x
 /// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8), LUT as f16 bit patterns.
 ///
 /// # Safety
-/// The CPU must support AVX-512F and AVX-512BW; `planes` holds `bits` planes of
-/// `words` words, `lut` 2^bits entries and `x` at most 32·words values.
+/// The CPU must support AVX-512F and AVX-512BW; `planes` holds `bits` planes
+/// `stride` words apart, each of ceil(x.len()/32) words, and `lut` 2^bits entries.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[u16], x: &[f32]) -> f32 {
+pub unsafe fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[u16], x: &[f32]) -> f32 {
     match bits {
-        3 => dot_row_b::<3>(planes, words, lut, x),
-        4 => dot_row_b::<4>(planes, words, lut, x),
-        5 => dot_row_b::<5>(planes, words, lut, x),
-        6 => dot_row_b::<6>(planes, words, lut, x),
-        7 => dot_row_b::<7>(planes, words, lut, x),
-        8 => dot_row_b::<8>(planes, words, lut, x),
+        3 => dot_row_b::<3>(planes, stride, lut, x),
+        4 => dot_row_b::<4>(planes, stride, lut, x),
+        5 => dot_row_b::<5>(planes, stride, lut, x),
+        6 => dot_row_b::<6>(planes, stride, lut, x),
+        7 => dot_row_b::<7>(planes, stride, lut, x),
+        8 => dot_row_b::<8>(planes, stride, lut, x),
         _ => unreachable!("bits {bits} outside 3..=8"),
     }
 }

@@ -2,18 +2,21 @@
 //! (planes 0..b−1 of the stored 8, most significant first) plus a per-row table
 //! of 2^b centroids. These kernels read only those b planes.
 //!
-//! Plane layout per row: `planes[j * words + w]` holds bit (b−1−j) of the b-bit
-//! index of columns 32w..32w+31 (bit t ↔ column 32w+t). LUTs are f16, as stored.
+//! Plane layout: a row's plane j starts `j * stride` words after its plane 0, and
+//! word w of it holds bit (b−1−j) of the b-bit index of columns 32w..32w+31 (bit
+//! t ↔ column 32w+t). Weights are stored plane-major ([plane][row][word]), so the
+//! stride is rows × words and a b-bit pass streams b contiguous slabs. LUTs are
+//! f16, as stored.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// Indices of columns 32w..32w+31 (portable).
 #[inline(always)]
-fn word_indices(planes: &[u32], words: usize, bits: u32, w: usize, out: &mut [u8; 32]) {
+fn word_indices(planes: &[u32], stride: usize, bits: u32, w: usize, out: &mut [u8; 32]) {
     *out = [0; 32];
     for j in 0..bits as usize {
-        let word = planes[j * words + w];
+        let word = planes[j * stride + w];
         let shift = bits as usize - 1 - j;
         for (t, o) in out.iter_mut().enumerate() {
             *o |= (((word >> t) & 1) as u8) << shift;
@@ -32,12 +35,12 @@ fn lut_f32(lut: &[f16]) -> [f32; 256] {
 }
 
 /// Dequantize one row at `bits` into `out` (len = cols).
-pub fn dequantize_row(planes: &[u32], words: usize, bits: u32, lut: &[f16], out: &mut [f32]) {
+pub fn dequantize_row(planes: &[u32], stride: usize, bits: u32, lut: &[f16], out: &mut [f32]) {
     let lut = lut_f32(lut);
     let cols = out.len();
     let mut idx = [0u8; 32];
-    for w in 0..words {
-        word_indices(planes, words, bits, w, &mut idx);
+    for w in 0..cols.div_ceil(32) {
+        word_indices(planes, stride, bits, w, &mut idx);
         let c0 = w * 32;
         let n = (cols - c0).min(32);
         for t in 0..n {
@@ -47,13 +50,13 @@ pub fn dequantize_row(planes: &[u32], words: usize, bits: u32, lut: &[f16], out:
 }
 
 /// Portable Σ_c lut[idx_c]·x_c over one row (f32 LUT).
-fn dot_row_portable(planes: &[u32], words: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
+fn dot_row_portable(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
     let cols = x.len();
     let mut idx = [0u8; 32];
     let mut acc = [0f32; 8];
     let mut tail = 0f32;
-    for w in 0..words {
-        word_indices(planes, words, bits, w, &mut idx);
+    for w in 0..cols.div_ceil(32) {
+        word_indices(planes, stride, bits, w, &mut idx);
         let c0 = w * 32;
         if c0 + 32 <= cols {
             let xs = &x[c0..c0 + 32];
@@ -123,29 +126,30 @@ impl BitplaneKernel {
 /// Σ_c lut[idx_c]·x_c over one row at `bits` with a chosen kernel (falls back to
 /// the portable one when the CPU lacks it).
 #[inline]
-pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], words: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
+pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], stride: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
     assert!((3..=8).contains(&bits), "bit-plane kernels run 3..=8 bits, not {bits}");
-    assert!(planes.len() >= bits as usize * words && lut.len() == 1 << bits && x.len() <= 32 * words);
+    let words = x.len().div_ceil(32);
+    assert!(stride >= words && planes.len() >= (bits as usize - 1) * stride + words && lut.len() == 1 << bits);
     #[cfg(target_arch = "x86_64")]
     if kernel.is_available() {
         match kernel {
             // SAFETY: the CPU features are checked and the slices cover the row (asserted above).
             BitplaneKernel::Avx512 => {
-                return unsafe { avx512::dot_row(planes, words, bits, lut.reinterpret_cast(), x) };
+                return unsafe { avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), x) };
             }
             // SAFETY: as above.
-            BitplaneKernel::Avx2 => return unsafe { avx2::dot_row(planes, words, bits, &lut_f32(lut), x) },
+            BitplaneKernel::Avx2 => return unsafe { avx2::dot_row(planes, stride, bits, &lut_f32(lut), x) },
             BitplaneKernel::Portable => {}
         }
     }
     let _ = kernel;
-    dot_row_portable(planes, words, bits, &lut_f32(lut), x)
+    dot_row_portable(planes, stride, bits, &lut_f32(lut), x)
 }
 
 /// Σ_c lut[idx_c]·x_c over one row at `bits` with the fastest kernel of this CPU.
 #[inline]
-pub fn dot_row(planes: &[u32], words: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
-    dot_row_with(BitplaneKernel::best(), planes, words, bits, lut, x)
+pub fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
+    dot_row_with(BitplaneKernel::best(), planes, stride, bits, lut, x)
 }
 
 #[cfg(test)]
@@ -153,18 +157,22 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// Pack b-bit indices into b planes (reference packer, independent of the kernels).
-    fn pack(idx: &[u8], bits: u32) -> (Vec<u32>, usize) {
-        let words = idx.len().div_ceil(32);
-        let mut p = vec![0u32; bits as usize * words];
+    /// Pack b-bit indices into b planes `stride` words apart, other words filled
+    /// with garbage (reference packer, independent of the kernels).
+    fn pack(idx: &[u8], bits: u32, extra: usize) -> (Vec<u32>, usize) {
+        let stride = idx.len().div_ceil(32) + extra;
+        let mut p = vec![0xdead_beefu32; bits as usize * stride];
+        for j in 0..bits as usize {
+            p[j * stride..j * stride + idx.len().div_ceil(32)].fill(0);
+        }
         for (c, &v) in idx.iter().enumerate() {
             for j in 0..bits as usize {
                 if (v >> (bits as usize - 1 - j)) & 1 == 1 {
-                    p[j * words + c / 32] |= 1 << (c % 32);
+                    p[j * stride + c / 32] |= 1 << (c % 32);
                 }
             }
         }
-        (p, words)
+        (p, stride)
     }
 
     #[test]
@@ -175,7 +183,7 @@ mod tests {
                 let idx: Vec<u8> = (0..cols).map(|_| rng.random_range(0..(1u32 << bits)) as u8).collect();
                 let lut: Vec<f16> = (0..1 << bits).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
                 let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let (planes, words) = pack(&idx, bits);
+                let (planes, words) = pack(&idx, bits, cols % 3);
                 let mut deq = vec![0f32; cols];
                 dequantize_row(&planes, words, bits, &lut, &mut deq);
                 let want: Vec<f32> = idx.iter().map(|&i| lut[i as usize].to_f32()).collect();
