@@ -98,7 +98,10 @@ pub fn run(model: &Model, plan: Option<&RuntimePlan>, cfg: &DecodeBenchConfig) -
     Ok(DecodeBench {
         config: cfg.clone(),
         model: model.dir.display().to_string(),
-        weights: model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage())).unwrap_or_default(),
+        weights: match plan {
+            Some(p) => format!("{:?} plan, target {:.2}, budget {:.2}", p.plan.kind, p.plan.target_bits, p.plan.budget_bits).to_lowercase(),
+            None => model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage())).unwrap_or_default(),
+        },
         prefill_tokens_per_sec: prompt.len() as f64 / prefill,
         decode_tokens_per_sec: tps,
         ms_per_token_median: median * 1e3,

@@ -2,7 +2,12 @@
 
 use dpllm_format::TensorData;
 
+use crate::cpu::dot::dot_f32;
 use crate::cpu::matmul::matmul_dense;
+
+/// Below this many multiply-adds a projection runs on the calling thread: one
+/// decode token's estimate (k × in) costs microseconds, less than a parallel dispatch.
+const SERIAL_MACS: usize = 1 << 20;
 
 /// An estimator of one linear's relative error (METHOD.md 2c).
 #[derive(Debug, Clone)]
@@ -41,7 +46,16 @@ impl Estimator {
             Estimator::Linear { a, c } => row_norms(x, d).map(|v| a * v + c).collect(),
             Estimator::Jl { k, g, bias } => {
                 let mut gx = vec![0f32; n * k];
-                matmul_dense(g, *k, d, x, n, &mut gx);
+                match g {
+                    TensorData::F32(gw) if n * k * d <= SERIAL_MACS => {
+                        for (xt, out) in x.chunks(d).zip(gx.chunks_mut(*k)) {
+                            for (o, row) in out.iter_mut().zip(gw.chunks(d)) {
+                                *o = dot_f32(row, xt);
+                            }
+                        }
+                    }
+                    _ => matmul_dense(g, *k, d, x, n, &mut gx),
+                }
                 row_norms(&gx, *k).map(|v| v + bias).collect()
             }
         }
@@ -75,6 +89,10 @@ mod tests {
         let many: Vec<f32> = x.iter().cycle().take(6 * 8).cloned().collect();
         let e8 = jl.estimate(&many, 16);
         assert!((e8[0] - e[0]).abs() < 1e-5 && (e8[15] - e[1]).abs() < 1e-5);
+        // ... and so does the parallel path of large batches.
+        let big: Vec<f32> = x.iter().cycle().take(3 * 2 * 200_000).cloned().collect();
+        let eb = jl.estimate(&big, 400_000);
+        assert!((eb[0] - e[0]).abs() < 1e-5 && (eb[399_999] - e[1]).abs() < 1e-5);
         assert_eq!(Estimator::None.estimate(&x, 2), vec![0.0, 0.0]);
         let shifted = Estimator::Jl { k: 2, g: TensorData::F32(vec![1.0, 0.0, 0.0, 0.0, 2.0, 0.0]), bias: -0.5 };
         assert!((shifted.estimate(&x, 2)[1] - 0.5).abs() < 1e-6);
