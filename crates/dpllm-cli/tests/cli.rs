@@ -433,20 +433,37 @@ fn real_perplexity(model: &Path, bits: Option<u32>, text: &Path, chunks: usize, 
     json_file(json)["perplexity"].as_f64().unwrap()
 }
 
+/// docs-llama-12m quantized with 16-sequence sensitivities into a temporary directory.
+struct RealModel {
+    dir: TempDir,
+    model: PathBuf,
+    q: PathBuf,
+    test: PathBuf,
+    calib: PathBuf,
+}
+
+impl RealModel {
+    /// None (with a SKIP message) when ../shared lacks the model or its text.
+    fn quantized() -> Option<RealModel> {
+        let model = shared().join("models/docs-llama-12m");
+        let (test, calib) = (shared().join("data/docs/test.txt"), shared().join("data/docs/calib.txt"));
+        if !model.join("config.json").is_file() || !test.is_file() || !calib.is_file() {
+            eprintln!("SKIP: docs-llama-12m or its text in {} is missing", shared().display());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        ok(&["quantize", s(&model), "--out", s(&q), "--calib", s(&calib), "--samples", "16", "--seq-len", "512"]);
+        Some(RealModel { dir, model, q, test, calib })
+    }
+}
+
 #[test]
 fn real_model_quantized_perplexity_falls_with_bits() {
-    let model = shared().join("models/docs-llama-12m");
-    let (test, calib) = (shared().join("data/docs/test.txt"), shared().join("data/docs/calib.txt"));
-    if !model.join("config.json").is_file() || !test.is_file() || !calib.is_file() {
-        eprintln!("SKIP: docs-llama-12m or its text in {} is missing", shared().display());
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&model), "--out", s(&q), "--calib", s(&calib), "--samples", "16", "--seq-len", "512"]);
-    let json = t.path().join("p.json");
-    let full = real_perplexity(&model, None, &test, 24, &json);
-    let ppl: Vec<f64> = (3..=8).map(|b| real_perplexity(&q, Some(b), &test, 24, &json)).collect();
+    let Some(r) = RealModel::quantized() else { return };
+    let json = r.dir.path().join("p.json");
+    let full = real_perplexity(&r.model, None, &r.test, 24, &json);
+    let ppl: Vec<f64> = (3..=8).map(|b| real_perplexity(&r.q, Some(b), &r.test, 24, &json)).collect();
     eprintln!("docs-llama-12m, 24 x 1024 tokens of test.txt: full precision {full:.4}, 3..8 bits {ppl:.4?}");
     assert!(ppl.windows(2).all(|p| p[1] < p[0]), "perplexity does not fall with every added bit: {ppl:?}");
     assert!(ppl[5] < full * 1.01, "8-bit perplexity {} is not within 1% of full precision {full}", ppl[5]);
@@ -526,21 +543,14 @@ fn pipeline_runs_every_stage_and_reports_every_method() {
 
 #[test]
 fn real_model_dp_llm_runs_at_its_targets() {
-    let model = shared().join("models/docs-llama-12m");
-    let (test, calib) = (shared().join("data/docs/test.txt"), shared().join("data/docs/calib.txt"));
-    if !model.join("config.json").is_file() || !test.is_file() || !calib.is_file() {
-        eprintln!("SKIP: docs-llama-12m or its text in {} is missing", shared().display());
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&model), "--out", s(&q), "--calib", s(&calib), "--samples", "16", "--seq-len", "512"]);
+    let Some(r) = RealModel::quantized() else { return };
+    let (q, test, calib) = (&r.q, &r.test, &r.calib);
     let (out, _) = ok(&[
         "calibrate", s(&q), "--budget", "5.0", "--targets", "3.5,4.5", "--calib", s(&calib), "--samples", "24", "--seq-len", "256",
         "--epochs", "1", "--estimator-samples", "8", "--jl-steps", "300",
     ]);
     eprintln!("{out}");
-    let json = t.path().join("p.json");
+    let json = r.dir.path().join("p.json");
     for target in [3.5, 4.5] {
         let ts = target.to_string();
         ok(&["perplexity", s(&q), "--target", &ts, "--text", s(&test), "--ctx", "1024", "--max-chunks", "8", "--json", s(&json)]);
