@@ -115,7 +115,7 @@ pub fn collect(gm: &GradModel, w: &[LinearWeights], seqs: &[Vec<u32>], async_est
             }
             c.est_norm.extend(row_norms(xe, l.cols));
             for t in 0..n {
-                if (seen + t) % stride == 0 {
+                if (seen + t).is_multiple_of(stride) {
                     c.sample.extend_from_slice(&xe[t * l.cols..(t + 1) * l.cols]);
                     c.sample_idx.push(seen + t);
                 }

@@ -117,7 +117,7 @@ fn calibrate_writes_plans_that_run_at_their_targets() {
             let mut cache = model.new_cache(ids.len());
             model.forward_hidden_with(ids, &mut cache, Precision::Dynamic(&rp), Some(&mut stats)).unwrap();
             let eff = stats.effective_bits().unwrap();
-            assert!(eff >= 3.0 && eff <= 5.0, "{eff}");
+            assert!((3.0..=5.0).contains(&eff), "{eff}");
         }
     }
     // The budget directory is one run's output: a second run needs overwrite.

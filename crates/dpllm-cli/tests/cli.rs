@@ -91,7 +91,7 @@ fn sample_text() -> String {
     while out.len() < 4096 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         out.push_str(words[(x >> 33) as usize % words.len()]);
-        out.push(if (x >> 20) % 11 == 0 { '\n' } else { ' ' });
+        out.push(if (x >> 20).is_multiple_of(11) { '\n' } else { ' ' });
     }
     out
 }
@@ -546,14 +546,14 @@ fn real_model_dp_llm_runs_at_its_targets() {
     let Some(r) = RealModel::quantized() else { return };
     let (q, test, calib) = (&r.q, &r.test, &r.calib);
     let (out, _) = ok(&[
-        "calibrate", s(&q), "--budget", "5.0", "--targets", "3.5,4.5", "--calib", s(&calib), "--samples", "24", "--seq-len", "256",
+        "calibrate", s(q), "--budget", "5.0", "--targets", "3.5,4.5", "--calib", s(calib), "--samples", "24", "--seq-len", "256",
         "--epochs", "1", "--estimator-samples", "8", "--jl-steps", "300",
     ]);
     eprintln!("{out}");
     let json = r.dir.path().join("p.json");
     for target in [3.5, 4.5] {
         let ts = target.to_string();
-        ok(&["perplexity", s(&q), "--target", &ts, "--text", s(&test), "--ctx", "1024", "--max-chunks", "8", "--json", s(&json)]);
+        ok(&["perplexity", s(q), "--target", &ts, "--text", s(test), "--ctx", "1024", "--max-chunks", "8", "--json", s(&json)]);
         let v = json_file(&json);
         let (eff, ppl) = (v["effective_bits"].as_f64().unwrap(), v["perplexity"].as_f64().unwrap());
         eprintln!("target {target}: effective bits {eff:.3}, perplexity {ppl:.3}");

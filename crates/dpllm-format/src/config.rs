@@ -238,7 +238,7 @@ impl ModelConfig {
                 format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"),
             ));
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(FormatError::invalid(path, format!("head_dim {head_dim} must be positive and even")));
         }
         let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
@@ -259,7 +259,7 @@ impl ModelConfig {
         };
         let rope = parse_rope(&v, path)?;
         let rot = (head_dim as f64 * rope.partial_rotary_factor).round() as usize;
-        if rot == 0 || rot % 2 != 0 {
+        if rot == 0 || !rot.is_multiple_of(2) {
             return Err(FormatError::invalid(path, format!("rotary dimension {rot} must be positive and even")));
         }
         let cfg = ModelConfig {

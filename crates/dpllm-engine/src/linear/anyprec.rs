@@ -44,7 +44,7 @@ impl AnyPrecLinear {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let words = cols.div_ceil(32);
         let mut planes: Vec<u32> = (0..rows * max_bits as usize * words).map(|_| rng.random()).collect();
-        if cols % 32 != 0 {
+        if !cols.is_multiple_of(32) {
             let mask = (1u32 << (cols % 32)) - 1;
             for row in planes.chunks_mut(words) {
                 row[words - 1] &= mask;
