@@ -121,9 +121,9 @@ pub struct TargetReport {
     pub calibration_effective_bits: f64,
     /// Linears that select per token.
     pub dynamic_linears: usize,
-    /// Of those, how many use regression and random projections.
+    /// Of those, the ones estimating by norm regression.
     pub linear_estimators: usize,
-    /// Random-projection estimators.
+    /// Of those, the ones estimating by random projection.
     pub jl_estimators: usize,
     /// Average bits of the static baseline plan.
     pub static_bits: Option<f64>,
@@ -161,7 +161,8 @@ fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
 /// Per-linear fitted estimators, keyed by (linear, lower precision).
 type EstimatorCache = HashMap<(usize, u32), Fitted>;
 
-/// Fraction of a linear's calibration tokens whose estimate exceeds τ, and the estimates used.
+/// The estimates of a linear's calibration tokens: every token for a regression,
+/// the sampled tokens for a projection (only those inputs are kept).
 fn estimates_of(f: &Fitted, c: &LinearCalib) -> Vec<f32> {
     match f {
         Fitted::Linear { .. } => f.estimate(&[], &c.est_norm, c.cols),
@@ -169,8 +170,8 @@ fn estimates_of(f: &Fitted, c: &LinearCalib) -> Vec<f32> {
     }
 }
 
-/// Build the plan entry of linear `g` for precision `p`, fitting its estimator if needed.
-#[allow(clippy::too_many_arguments)]
+/// Build the plan entry of linear `g` for precision `p`, fitting its estimator if
+/// needed; also returns the average bits its rule gives on the calibration tokens.
 fn linear_plan(
     g: usize,
     l: &LinearWeights,
