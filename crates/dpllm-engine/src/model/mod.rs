@@ -108,12 +108,6 @@ impl Model {
         KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity)
     }
 
-    /// Bytes of weights read to decode one token (all linears and the lm_head).
-    pub fn decode_weight_bytes(&self) -> usize {
-        let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(|(_, l)| l.weight_bytes()).sum();
-        blocks + self.lm_head.weight_bytes()
-    }
-
     /// Average weight bytes read per token by a run whose precisions `stats` counted
     /// (quantized linears at the precisions they ran at, plus every dense layer).
     pub fn weight_bytes_per_token(&self, stats: &crate::select::BitStats) -> f64 {
@@ -175,10 +169,5 @@ impl Model {
     /// The model's rotary embedding.
     pub fn rope(&self) -> &Rope {
         &self.rope
-    }
-
-    /// Storage type of the embedding (and the dense weights of a plain checkpoint).
-    pub fn weight_dtype(&self) -> dpllm_format::DType {
-        self.embed.dtype()
     }
 }
