@@ -13,7 +13,7 @@ use dpllm_engine::{LoadOptions, Model};
 use dpllm_format::anyprec::{self, AnyPrecInfo, ANYPREC_WEIGHTS};
 use dpllm_format::plan::{self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMATORS_FILE, PLAN_FORMAT, PLAN_VERSION};
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
-use dpllm_format::Checkpoint;
+use dpllm_format::{Checkpoint, StagingDir};
 use dpllm_quantize::sensitivity::GradModel;
 use serde::Serialize;
 
@@ -256,22 +256,6 @@ fn write_estimators(path: &Path, w: &[LinearWeights], cache: &EstimatorCache) ->
     Ok(())
 }
 
-/// Replace `dst` with the directory `tmp` by renames (an existing `dst` needs `overwrite`).
-fn publish_dir(tmp: &Path, dst: &Path) -> Result<()> {
-    if dst.exists() {
-        let old = dst.with_extension(format!("old-{}", std::process::id()));
-        std::fs::rename(dst, &old).with_context(|| format!("cannot move the old {} aside", dst.display()))?;
-        if let Err(e) = std::fs::rename(tmp, dst) {
-            let _ = std::fs::rename(&old, dst);
-            return Err(e).with_context(|| format!("cannot move the plans to {}", dst.display()));
-        }
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(tmp, dst).with_context(|| format!("cannot move the plans to {}", dst.display()))?;
-    }
-    Ok(())
-}
-
 /// Calibrate the any-precision model in `model_dir` for one budget and its targets,
 /// writing `model_dir/plans/budget-M/`.
 pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptions) -> Result<CalibrateReport> {
@@ -323,10 +307,11 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
 
     let parent = out_dir.parent().expect("budget dir has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", out_dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<Vec<TargetReport>> {
+    // The budget directory is written beside its place and renamed in at the end
+    // (removed if anything fails on the way).
+    let staging = StagingDir::new(&out_dir)?;
+    let tmp = staging.path();
+    let reports = {
         let mut cache = EstimatorCache::new();
         let mut reports = Vec::new();
         for ((&target, ft), st) in opts.targets.iter().zip(&tuned).zip(&statics) {
@@ -394,19 +379,9 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
             });
         }
         write_estimators(&tmp.join(ESTIMATORS_FILE), &weights, &cache)?;
-        Ok(reports)
-    })();
-    let reports = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+        reports
     };
-    if let Err(e) = publish_dir(&tmp, &out_dir) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    staging.publish().with_context(|| format!("cannot move the plans to {}", out_dir.display()))?;
     Ok(CalibrateReport {
         budget_dir: out_dir,
         memory_bits: assign.avg_bits,

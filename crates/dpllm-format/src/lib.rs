@@ -16,7 +16,7 @@ pub mod st_writer;
 pub mod anyprec;
 pub mod tensor;
 
-pub use atomic::{write_atomic, write_atomic_with};
+pub use atomic::{write_atomic, write_atomic_with, StagingDir};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dpllm_format::anyprec::{self, AnyPrecInfo, STORED_BITS};
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
-use dpllm_format::{Checkpoint, LinearSpec, ModelConfig};
+use dpllm_format::{Checkpoint, LinearSpec, ModelConfig, StagingDir};
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -190,15 +190,11 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
     );
     let info = AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: seed, max_bits: STORED_BITS, architecture: cfg.arch.hf_name().into(), provenance };
 
-    // Everything goes to a temporary sibling directory that is renamed at the end.
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        bail!("output parent directory {} does not exist", parent.display());
-    }
-    let tmp = parent.join(format!(".{}.tmp-{}", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<QuantizeReport> {
+    // Everything goes to a temporary sibling directory that is renamed at the end
+    // (and removed if anything fails on the way).
+    let staging = StagingDir::new(out)?;
+    let tmp = staging.path();
+    let report = {
         for f in SIDE_FILES {
             let p = src.join(f);
             if p.exists() {
@@ -244,37 +240,14 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
             }
         })?;
         bar.finish_and_clear();
-        Ok(QuantizeReport {
+        QuantizeReport {
             linears: linears.len(),
             params: linears.iter().map(LinearSpec::size).sum(),
             seconds: t0.elapsed().as_secs_f64(),
             bytes: std::fs::metadata(&weights)?.len(),
             errors,
-        })
-    })();
-    match result {
-        Ok(r) => {
-            // Replace an existing OUT by renames only, so a failure keeps the old model.
-            let old = parent.join(format!(".{}.old-{}", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
-            let had_old = out.exists();
-            if had_old {
-                std::fs::rename(out, &old).with_context(|| format!("cannot move the existing {} aside", out.display()))?;
-            }
-            if let Err(e) = std::fs::rename(&tmp, out) {
-                if had_old {
-                    let _ = std::fs::rename(&old, out);
-                }
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e).with_context(|| format!("cannot move the result to {}", out.display()));
-            }
-            if had_old {
-                let _ = std::fs::remove_dir_all(&old);
-            }
-            Ok(r)
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    };
+    staging.publish().with_context(|| format!("cannot move the result to {}", out.display()))?;
+    Ok(report)
 }

@@ -347,6 +347,8 @@ fn failed_runs_leave_no_output_behind() {
     quantize_model(&src, &good, &QuantizeOptions { overwrite: true, ..Default::default() }).unwrap();
     let e = quantize_model(&good, &t.path().join("q3"), &QuantizeOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("already an any-precision model"));
+    let e = quantize_model(&src, &t.path().join("missing/q"), &QuantizeOptions::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
     for seed_bits in [0, 2, 5] {
         let e = quantize_model(&src, &t.path().join("q4"), &QuantizeOptions { seed_bits, ..Default::default() }).unwrap_err();
         assert!(format!("{e:#}").contains("seed precision"));
