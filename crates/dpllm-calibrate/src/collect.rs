@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use dpllm_engine::select::estimator::row_norms;
+use dpllm_format::LinearKind;
 use dpllm_quantize::sensitivity::model_grad::BlockActs;
 use dpllm_quantize::sensitivity::ops::{linear_forward, rms_norm_forward};
 use dpllm_quantize::sensitivity::GradModel;
@@ -43,15 +44,12 @@ enum Input {
     Act,
 }
 
-fn input_of(name: &str) -> Input {
-    if name.ends_with("o_proj") {
-        Input::AttnOut
-    } else if name.ends_with("down_proj") {
-        Input::Act
-    } else if name.contains(".mlp.") {
-        Input::Mlp
-    } else {
-        Input::Attn
+fn input_of(kind: LinearKind) -> Input {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Qkv => Input::Attn,
+        LinearKind::O => Input::AttnOut,
+        LinearKind::Gate | LinearKind::Up | LinearKind::GateUp => Input::Mlp,
+        LinearKind::Down => Input::Act,
     }
 }
 
@@ -98,7 +96,7 @@ pub fn collect(gm: &GradModel, w: &[LinearWeights], seqs: &[Vec<u32>], async_est
         let n = seq.len();
         for (g, l) in w.iter().enumerate() {
             let a = &acts[l.layer];
-            let input = input_of(&l.name);
+            let input = input_of(l.kind);
             let x: &[f32] = match input {
                 Input::Attn => &a.xn1,
                 Input::AttnOut => &a.att,

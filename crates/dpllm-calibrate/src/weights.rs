@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 use dpllm_engine::Model;
+use dpllm_format::LinearKind;
 
 /// One linear's weights at precisions `min_bits..=max_bits`.
 pub struct LinearWeights {
@@ -12,6 +13,8 @@ pub struct LinearWeights {
     pub layer: usize,
     /// Index in `Block::linears()` order.
     pub index: usize,
+    /// Which projection it is.
+    pub kind: LinearKind,
     /// Output features.
     pub rows: usize,
     /// Input features.
@@ -65,6 +68,7 @@ pub fn dequantize_all(model: &Model, min_bits: u32, max_bits: &[u32]) -> Result<
             name: spec.prefix.clone(),
             layer: spec.layer,
             index,
+            kind: spec.kind,
             rows: spec.rows,
             cols: spec.cols,
             min_bits,

@@ -23,6 +23,11 @@ pub struct CalibArgs {
 }
 
 impl CalibArgs {
+    /// The `--calib` file, for commands that cannot run without one.
+    pub fn required_file(&self) -> anyhow::Result<PathBuf> {
+        self.calib.clone().ok_or_else(|| anyhow::anyhow!("--calib FILE is required (the calibration text)"))
+    }
+
     /// Tokenize `file` with the tokenizer of `model_dir` and draw the windows.
     pub fn sequences(&self, file: &Path, tok: &TextTokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
         if self.samples == 0 {

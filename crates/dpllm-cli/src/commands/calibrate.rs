@@ -135,9 +135,7 @@ impl CalibrationArgs {
 /// Run the calibration and print a table of targets.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
-    let Some(file) = a.calibration.calib.calib.clone() else {
-        anyhow::bail!("--calib FILE is required (the calibration text)");
-    };
+    let file = a.calibration.calib.required_file()?;
     let (opts, data) = a.calibration.options_and_data(dir, &file)?;
     let opts = CalibrateOptions { overwrite: a.force, ..opts };
     let r = calibrate(dir, &data, &opts)?;

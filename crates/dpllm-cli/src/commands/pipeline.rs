@@ -78,9 +78,7 @@ fn eval(model: &Model, ids: &[u32], a: &Args, prec: Precision<'_>) -> anyhow::Re
 /// Run the stages that are missing, then evaluate.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let src = crate::model_dir(&a.model)?;
-    let Some(calib_file) = a.calibration.calib.calib.clone() else {
-        anyhow::bail!("--calib FILE is required (the calibration text)");
-    };
+    let calib_file = a.calibration.calib.required_file()?;
     let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
     std::fs::create_dir_all(&a.work).map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
     let q = a.work.join("model");

@@ -36,9 +36,7 @@ pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path) -> anyh
 /// Run the command.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
-    let Some(file) = a.calib.calib.clone() else {
-        anyhow::bail!("--calib FILE is required (the calibration text)");
-    };
+    let file = a.calib.required_file()?;
     let out = a.out.clone().unwrap_or_else(|| {
         let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
         PathBuf::from(format!("{}.sensitivity.safetensors", name.unwrap_or_else(|| "model".into())))
