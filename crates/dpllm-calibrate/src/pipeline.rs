@@ -8,11 +8,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use dpllm_engine::{LoadOptions, Model};
 use dpllm_format::anyprec::{self, AnyPrecInfo, ANYPREC_WEIGHTS};
 use dpllm_format::plan::{self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMATORS_FILE, PLAN_FORMAT, PLAN_VERSION};
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
+use dpllm_format::output::{check_replaceable, OutputKind};
 use dpllm_format::{Checkpoint, StagingDir};
 use dpllm_quantize::sensitivity::GradModel;
 use serde::Serialize;
@@ -71,10 +72,13 @@ pub struct CalibrateOptions {
     pub max_samples: usize,
     /// Also write the static layer-wise baseline plan of every target.
     pub static_plans: bool,
-    /// Replace an existing plan directory of this budget.
+    /// Replace an existing plan directory of this budget (only one dpllm wrote).
     pub overwrite: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// What else produced these plans (e.g. a cache key), stored in the plan directory's manifest.
+    #[serde(skip)]
+    pub inputs: serde_json::Value,
 }
 
 impl Default for CalibrateOptions {
@@ -93,6 +97,7 @@ impl Default for CalibrateOptions {
             static_plans: true,
             overwrite: false,
             progress: false,
+            inputs: serde_json::Value::Null,
         }
     }
 }
@@ -146,15 +151,48 @@ pub struct CalibrateReport {
     pub seconds: f64,
 }
 
-fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
-    ensure!(o.min_bits >= info.seed_bits && o.min_bits >= 3, "--min-bits {} is below the model's lowest precision {}", o.min_bits, info.seed_bits.max(3));
-    ensure!(o.max_bits <= info.max_bits && o.max_bits > o.min_bits, "--max-bits {} must be in {}..={}", o.max_bits, o.min_bits + 1, info.max_bits);
-    ensure!(o.budget.is_finite() && o.budget >= o.min_bits as f64 && o.budget <= o.max_bits as f64, "--budget {} must be within {}..={} bits", o.budget, o.min_bits, o.max_bits);
+/// Largest distance, in average bits, between a plan's precision and its target.
+pub const TARGET_TOLERANCE: f64 = 0.05;
+
+/// Check every setting against the model's precisions and a sane range, before any work.
+pub fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
+    let (lo, hi) = (info.seed_bits.max(3), info.max_bits);
+    ensure!((lo..=hi).contains(&o.min_bits), "--min-bits {} is out of range: this model runs at {lo}..={hi} bits", o.min_bits);
+    ensure!(
+        (lo..=hi).contains(&o.max_bits) && o.max_bits > o.min_bits,
+        "--max-bits {} is out of range: it must be above --min-bits {} and at most the model's {hi} bits",
+        o.max_bits,
+        o.min_bits
+    );
+    ensure!(o.budget.is_finite() && o.budget >= o.min_bits as f64 && o.budget <= o.max_bits as f64, "--budget {} must be within {}..={} bits (--min-bits..=--max-bits)", o.budget, o.min_bits, o.max_bits);
     ensure!(!o.targets.is_empty(), "no --targets given");
     for &t in &o.targets {
         ensure!(t.is_finite() && t >= o.min_bits as f64 && t <= o.budget, "target {t} must be within {}..={} (the lowest precision and the budget)", o.min_bits, o.budget);
     }
-    ensure!(o.fit.k >= 1 && o.max_samples >= 1, "estimator settings must be positive");
+    let f = &o.finetune;
+    ensure!(f.lr.is_finite() && f.lr > 0.0 && f.lr <= 1.0, "--lr {} is out of range (0, 1]", f.lr);
+    ensure!(f.weight_decay.is_finite() && (0.0..1.0).contains(&f.weight_decay), "weight decay {} is out of range [0, 1)", f.weight_decay);
+    if let Some(a) = f.alpha {
+        ensure!(a.is_finite() && (0.0..=1e6).contains(&a), "--alpha {a} is out of range [0, 1e6]");
+    }
+    ensure!((1..=1000).contains(&f.epochs), "--epochs {} is out of range 1..=1000", f.epochs);
+    ensure!((1..=1_000_000).contains(&o.fit.steps), "--jl-steps {} is out of range 1..=1000000", o.fit.steps);
+    ensure!((1..=4096).contains(&o.fit.k), "--jl-k {} is out of range 1..=4096", o.fit.k);
+    ensure!((1..=1 << 20).contains(&o.max_samples), "estimator input samples {} is out of range 1..=1048576", o.max_samples);
+    Ok(())
+}
+
+/// Refuse a plan whose precision misses its target: the average of its linears'
+/// precisions, and the average its thresholds give on the calibration tokens.
+fn check_plan_precision(target: f64, mean_bits: f64, calibration_bits: f64, opts: &CalibrateOptions) -> Result<()> {
+    for (what, bits) in [("the plan's average precision", mean_bits), ("its thresholds on the calibration tokens", calibration_bits)] {
+        ensure!(
+            (bits - target).abs() <= TARGET_TOLERANCE,
+            "target {target}: {what} is {bits:.3} bits, more than {TARGET_TOLERANCE} from the target (fine-tuning diverged or saturated: lower --lr (now {}){}); no plans were written",
+            opts.finetune.lr,
+            if opts.finetune.exact_target { "" } else { ", or drop --no-exact-target" }
+        );
+    }
     Ok(())
 }
 
@@ -267,9 +305,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
     check_options(opts, &info)?;
     ensure!(!data.finetune.is_empty() && !data.estimator.is_empty(), "calibration needs fine-tuning and estimator sequences");
     let out_dir = plan::budget_dir(model_dir, opts.budget);
-    if out_dir.exists() && !opts.overwrite {
-        bail!("{} already exists (use --force to recalibrate this budget)", out_dir.display());
-    }
+    check_replaceable(&out_dir, OutputKind::Plans, opts.overwrite)?;
     let model = Model::load_with(model_dir, &LoadOptions { max_bits: Some(opts.max_bits), ..Default::default() })?;
     let specs = model.config.linears();
 
@@ -309,7 +345,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     // The budget directory is written beside its place and renamed in at the end
     // (removed if anything fails on the way).
-    let staging = StagingDir::new(&out_dir)?;
+    let mut staging = StagingDir::new(&out_dir, OutputKind::Plans, opts.overwrite)?;
     let tmp = staging.path();
     let reports = {
         let mut cache = EstimatorCache::new();
@@ -324,6 +360,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
             }
             let total: f64 = weights.iter().map(|l| l.size() as f64).sum();
             let expected = expected / total;
+            check_plan_precision(target, ft.mean_bits, expected, opts)?;
             let count = |f: fn(&EstimatorSpec) -> bool| linears.iter().filter(|l| f(&l.estimator)).count();
             let (nlin, njl) = (count(|e| matches!(e, EstimatorSpec::Linear { .. })), count(|e| matches!(e, EstimatorSpec::Jl { .. })));
             let mut info = serde_json::Map::new();
@@ -381,6 +418,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
         write_estimators(&tmp.join(ESTIMATORS_FILE), &weights, &cache)?;
         reports
     };
+    staging.set_inputs(serde_json::json!({ "options": opts, "inputs": opts.inputs }));
     staging.publish().with_context(|| format!("cannot move the plans to {}", out_dir.display()))?;
     Ok(CalibrateReport {
         budget_dir: out_dir,

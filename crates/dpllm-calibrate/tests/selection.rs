@@ -74,7 +74,7 @@ fn logits(model: &Model, ids: &[u32], prec: Precision<'_>) -> (Vec<f32>, dpllm_e
     let mut stats = model.new_bit_stats();
     let mut cache = model.new_cache(ids.len());
     let h = model.forward_hidden_with(ids, &mut cache, prec, Some(&mut stats)).unwrap();
-    (model.logits(&h), stats)
+    (model.logits(&h).unwrap(), stats)
 }
 
 #[test]

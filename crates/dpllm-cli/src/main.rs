@@ -40,15 +40,47 @@ enum Command {
     Bench(commands::bench::BenchCommand),
 }
 
+/// Most worker threads per core `--threads` may ask for: more only thrashes (and
+/// thousands of spinning workers make every parallel step crawl).
+const MAX_THREADS_PER_CORE: usize = 4;
+
+/// On SIGINT, SIGTERM or SIGHUP: remove this process's temporary files and
+/// staging directories, then exit with the conventional 128 + signal.
+#[cfg(unix)]
+fn install_signal_cleanup() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            dpllm_format::atomic::remove_pending_then(|| {
+                eprintln!("\ninterrupted (signal {sig}): temporary files removed, nothing was published");
+                std::process::exit(128 + sig)
+            });
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn install_signal_cleanup() -> std::io::Result<()> {
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("DPLLM_LOG"))
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = install_signal_cleanup() {
+        eprintln!("error: cannot install the signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(t) = cli.threads {
-        if t == 0 {
-            eprintln!("error: --threads must be at least 1");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max = MAX_THREADS_PER_CORE * cores;
+        if t == 0 || t > max {
+            eprintln!("error: --threads {t} is out of range 1..={max} ({MAX_THREADS_PER_CORE} per core on this machine's {cores} cores)");
             return ExitCode::from(2);
         }
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
@@ -75,10 +107,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// A model directory argument, checked to exist.
+/// A model directory argument, checked to exist and be a directory.
 pub(crate) fn model_dir(p: &PathBuf) -> anyhow::Result<&PathBuf> {
-    if !p.is_dir() {
-        anyhow::bail!("model directory {} not found", p.display());
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(p),
+        Ok(_) => anyhow::bail!("{} is a file, not a model directory (give the directory that holds config.json)", p.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!("model directory {} not found", p.display()),
+        Err(e) => anyhow::bail!("cannot read model directory {}: {e}", p.display()),
     }
-    Ok(p)
 }

@@ -1,69 +1,16 @@
 //! End-to-end tests of the `dpllm` binary on tiny random-weight models (written by
 //! dpllm-testkit) and, when present, the real `docs-llama-12m` model in ../shared.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
+use std::path::{Path, PathBuf};
+
+use common::{dpllm, fails, json_file, ok, s, sample_text, stderr, tiny};
+use dpllm_testkit::{TinySpec, TINY_VOCAB};
 use safetensors::Dtype;
 use tempfile::TempDir;
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// Run `dpllm --threads 2 ARGS...`.
-fn dpllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dpllm"))
-        .arg("--threads")
-        .arg("2")
-        .args(args)
-        .env_remove("DPLLM_LOG")
-        .output()
-        .expect("cannot start the dpllm binary")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Run and require success; returns (stdout, stderr).
-fn ok(args: &[&str]) -> (String, String) {
-    let o = dpllm(args);
-    let (out, err) = (stdout(&o), stderr(&o));
-    assert!(o.status.success(), "dpllm {args:?} failed ({:?})\nstdout:\n{out}\nstderr:\n{err}", o.status);
-    (out, err)
-}
-
-/// Run and require a clean failure (non-zero, not a panic, `error:` on stderr
-/// containing every phrase); returns stderr.
-fn fails(args: &[&str], phrases: &[&str]) -> String {
-    let o = dpllm(args);
-    let err = stderr(&o);
-    let code = o.status.code();
-    assert!(!o.status.success(), "dpllm {args:?} should fail\nstdout:\n{}\nstderr:\n{err}", stdout(&o));
-    assert!(code.is_some() && code != Some(101), "dpllm {args:?} exited with {code:?} (panic?)\nstderr:\n{err}");
-    assert!(!err.contains("panicked"), "dpllm {args:?} panicked:\n{err}");
-    assert!(err.contains("error:"), "dpllm {args:?}: no `error:` on stderr:\n{err}");
-    for p in phrases {
-        assert!(err.contains(p), "dpllm {args:?}: stderr lacks {p:?}:\n{err}");
-    }
-    err
-}
-
-/// A temporary directory holding a tiny model written from `spec` in `DIR/model`.
-fn tiny(spec: &TinySpec, seed: u64) -> (TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let m = t.path().join("model");
-    write_tiny_model(&m, spec, seed).unwrap();
-    (t, m)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Parameter count implied by the spec, computed from the family's layout (independently of the testkit).
 fn expected_params(spec: &TinySpec) -> usize {
@@ -78,26 +25,6 @@ fn expected_params(spec: &TinySpec) -> usize {
     }
     let embed = v * d * if spec.tie_embeddings { 1 } else { 2 };
     embed + d + l * block
-}
-
-/// A few KB of English-like text.
-fn sample_text() -> String {
-    let words = [
-        "the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "standard", "output", "while", "each",
-        "layer", "keeps", "its", "cache", "of", "keys", "values", "for", "every", "position", "in", "context",
-    ];
-    let mut out = String::new();
-    let mut x: u64 = 12345;
-    while out.len() < 4096 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        out.push_str(words[(x >> 33) as usize % words.len()]);
-        out.push(if (x >> 20).is_multiple_of(11) { '\n' } else { ' ' });
-    }
-    out
-}
-
-fn json_file(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn family_specs() -> Vec<TinySpec> {
@@ -415,7 +342,11 @@ fn sensitivity_quantize_and_run_at_every_bit_width() {
     fails(&["sensitivity", s(&q), "--calib", s(&text), "--out", s(&sens)], &["already quantized"]);
     fails(&["sensitivity", s(&m)], &["--calib FILE is required"]);
     fails(&["sensitivity", s(&m), "--calib", s(&t.path().join("none.txt"))], &["cannot read --calib"]);
-    fails(&["sensitivity", s(&m), "--calib", s(&text), "--seq-len", "5000"], &["fewer than one sequence"]);
+    // Windows beyond the model's context (256), and a text shorter than one window.
+    fails(&["sensitivity", s(&m), "--calib", s(&text), "--seq-len", "5000"], &["--seq-len 5000 is out of range", "context"]);
+    let short = t.path().join("short.txt");
+    std::fs::write(&short, "only a few words").unwrap();
+    fails(&["sensitivity", s(&m), "--calib", s(&short), "--seq-len", "128"], &["fewer than one sequence"]);
     let o = dpllm(&["quantize", s(&m), "--out", s(&t.path().join("q4")), "--sensitivity", s(&sens), "--calib", s(&text)]);
     assert!(!o.status.success() && stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 }
@@ -532,7 +463,9 @@ fn pipeline_runs_every_stage_and_reports_every_method() {
     for method in ["full precision", "uniform", "static", "dp-llm"] {
         assert!(out.contains(&format!("| {method} |")), "{method} missing:\n{out}");
     }
-    assert_eq!(std::fs::read_to_string(&md).unwrap(), out);
+    // The file is the printed table plus the marker line that lets a later run replace it.
+    let file = std::fs::read_to_string(&md).unwrap();
+    assert!(file.starts_with(&out) && file[out.len()..].starts_with("<!-- written by dpllm"), "{file}");
     let rows = json_file(&json)["rows"].as_array().unwrap().len();
     assert_eq!(rows, 1 + 3 + 2 * 2, "full + uniform 3..5 + (static, dp-llm) x 2 targets");
     // A second run reuses every stage.

@@ -83,7 +83,7 @@ pub fn generate(
         anyhow::bail!("prompt of {} tokens does not fit the model's context of {max_ctx}", prompt.len());
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut cache = model.new_cache((prompt.len() + opts.max_tokens).min(max_ctx));
+    let mut cache = model.new_cache(prompt.len().saturating_add(opts.max_tokens).min(max_ctx));
     let mut history = prompt.to_vec();
     let mut stream = TokenStream::new(tok);
     let mut out = Vec::new();

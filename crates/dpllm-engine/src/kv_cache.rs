@@ -46,10 +46,14 @@ impl KvCache {
     }
 
     /// Append `n` positions to layer `layer` (call for every layer, then [`KvCache::advance`]).
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+    /// The cache grows as positions arrive; memory it cannot get is an error, not an abort.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), crate::EngineError> {
         debug_assert_eq!(self.keys[layer].len(), self.len * self.kv_dim);
-        self.keys[layer].extend_from_slice(k);
-        self.values[layer].extend_from_slice(v);
+        for (buf, x) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
+            buf.try_reserve(x.len()).map_err(|_| crate::EngineError::OutOfMemory { what: "the KV cache", bytes: 4 * (buf.len() + x.len()) })?;
+            buf.extend_from_slice(x);
+        }
+        Ok(())
     }
 
     /// Mark `n` appended positions as stored.

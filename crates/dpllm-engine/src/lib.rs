@@ -41,6 +41,22 @@ pub enum EngineError {
     /// A bit-width outside what the model holds.
     #[error("bad bit-width: {0}")]
     Bits(String),
+    /// A NaN or infinity appeared in the activations (never silently passed on).
+    #[error("non-finite activation (NaN or infinity) first appeared in {stage} at token {token} of the call; the weights or the input drive the model out of the f32 range")]
+    NonFinite {
+        /// Where: "layer 3 attention output", "the logits", ...
+        stage: String,
+        /// Index of the first affected token within the call.
+        token: usize,
+    },
+    /// Memory for a buffer that grows with the request could not be had.
+    #[error("out of memory: cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// What the memory was for.
+        what: &'static str,
+        /// Bytes requested.
+        bytes: usize,
+    },
     /// The context window is full.
     #[error("context full: {have} positions cached + {add} new > capacity {capacity}")]
     ContextFull {

@@ -26,6 +26,27 @@ impl Default for DecodeBenchConfig {
     }
 }
 
+impl DecodeBenchConfig {
+    /// Check the settings against a model context of `max_ctx` positions and the
+    /// memory available (before loading anything).
+    pub fn check(&self, max_ctx: usize) -> anyhow::Result<()> {
+        if self.decode_tokens == 0 {
+            anyhow::bail!("--tokens must be at least 1");
+        }
+        let total = self.prompt_tokens.max(1).checked_add(self.warmup_tokens).and_then(|t| t.checked_add(self.decode_tokens));
+        match total {
+            Some(t) if t <= max_ctx => {}
+            _ => anyhow::bail!(
+                "--prompt-tokens {} + {} warm-up + --tokens {} exceed the model's context of {max_ctx} positions",
+                self.prompt_tokens,
+                self.warmup_tokens,
+                self.decode_tokens
+            ),
+        }
+        crate::memory::ensure_fits(crate::memory::product(&[self.bandwidth_bytes as u128, 2]), "the bandwidth test buffers (--bandwidth-mib)")
+    }
+}
+
 /// Results of a decode benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeBench {
@@ -66,14 +87,12 @@ pub fn run(model: &Model, plan: Option<&RuntimePlan>, cfg: &DecodeBenchConfig) -
         Some(p) => (Precision::Max(p), Precision::Dynamic(p)),
         None => (Precision::Fixed, Precision::Fixed),
     };
+    cfg.check(model.config.max_position_embeddings)?;
     let mut stats = model.new_bit_stats();
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
     let total = prompt.len() + cfg.warmup_tokens + cfg.decode_tokens;
-    if total > model.config.max_position_embeddings {
-        anyhow::bail!("prompt + decode tokens ({total}) exceed the model's context of {}", model.config.max_position_embeddings);
-    }
     let mut cache = model.new_cache(total);
     let t = Instant::now();
     let mut logits = model.forward_last_with(&prompt, &mut cache, prefill_prec, None)?;

@@ -105,6 +105,19 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
     if let Some((r, c)) = cfg.shapes.iter().find(|(r, c)| *r == 0 || *c == 0) {
         anyhow::bail!("shape {r}x{c} is empty");
     }
+    if !(cfg.min_seconds.is_finite() && (0.0..=3600.0).contains(&cfg.min_seconds)) {
+        anyhow::bail!("--seconds {} is out of range 0..=3600", cfg.min_seconds);
+    }
+    if cfg.bits.is_empty() {
+        anyhow::bail!("--bits lists no precision");
+    }
+    crate::memory::ensure_fits(crate::memory::product(&[cfg.bandwidth_bytes as u128, 2]), "the bandwidth test buffers (--bandwidth-mib)")?;
+    for &(rows, cols) in &cfg.shapes {
+        // The f32 source, then at a time one kind of weights cycled over the working set (plus one copy).
+        let one = crate::memory::product(&[rows as u128, cols as u128, 4]);
+        let peak = one.and_then(|b| b.checked_mul(2)?.checked_add(cfg.working_set_bytes as u128)?.checked_add(b));
+        crate::memory::ensure_fits(peak, &format!("shape {rows}x{cols} (with --working-set-mib)"))?;
+    }
     let kernels = cfg.kernels.iter().map(|k| kernel_by_name(k)).collect::<anyhow::Result<Vec<_>>>()?;
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let mut cases = Vec::new();

@@ -3,5 +3,6 @@
 pub mod bandwidth;
 pub mod bench_decode;
 pub mod bench_gemv;
+pub mod memory;
 pub mod perplexity;
 pub mod report;

@@ -65,7 +65,8 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
     }
     let mut chunks = tokens.len() / ctx;
     if chunks == 0 {
-        anyhow::bail!("the text has only {} tokens, fewer than one chunk of --ctx {ctx}", tokens.len());
+        let n = tokens.len();
+        anyhow::bail!("the text has only {n} token{}, fewer than one chunk of --ctx {ctx}", if n == 1 { "" } else { "s" });
     }
     if let Some(m) = max_chunks {
         chunks = chunks.min(m.max(1));
@@ -85,10 +86,10 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
     for c in 0..chunks {
         let chunk = &tokens[c * ctx..(c + 1) * ctx];
         let mut cache = model.new_cache(ctx);
-        let hidden = model.forward_hidden_with(chunk, &mut cache, prec, Some(&mut stats))?;
+        let hidden = model.forward_hidden_with(chunk, &mut cache, prec, Some(&mut stats)).map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
         for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
             let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
-            let logits = model.logits(&hidden[r0 * d..r1 * d]);
+            let logits = model.logits(&hidden[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
             total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
             count += r1 - r0;
         }

@@ -219,7 +219,15 @@ impl Checkpoint {
             path: path.clone(),
             reason: format!("dtype {:?} is not a float type the engine reads (F32, F16, BF16)", info.dtype),
         })?;
-        Ok(TensorData::from_le_bytes(dtype, bytes))
+        let data = TensorData::from_le_bytes(dtype, bytes);
+        if let Some(i) = data.first_non_finite() {
+            return Err(FormatError::BadTensor {
+                name: name.into(),
+                path: path.clone(),
+                reason: format!("element {} is {} (every weight must be a finite number; corrupt checkpoint?)", index_of(i, shape), data.get_f32(i)),
+            });
+        }
+        Ok(data)
     }
 
     /// Load a tensor of any float dtype converted to f32 (shape checked).
@@ -243,6 +251,18 @@ impl Checkpoint {
         let v = bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
         Ok((v, info.shape.clone()))
     }
+}
+
+/// Multi-dimensional index `[a, b, ..]` of flat element `i` of `shape`.
+fn index_of(mut i: usize, shape: &[usize]) -> String {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    format!("{idx:?}")
 }
 
 /// The engine's float dtype for a safetensors dtype, if it is one.

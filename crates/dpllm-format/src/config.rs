@@ -161,7 +161,7 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
         .and_then(|p| opt_f64(p, "partial_rotary_factor"))
         .or_else(|| opt_f64(v, "partial_rotary_factor"))
         .unwrap_or(1.0);
-    if !(theta > 0.0) || !(partial > 0.0 && partial <= 1.0) {
+    if !(theta > 0.0 && theta.is_finite()) || !(partial > 0.0 && partial <= 1.0) {
         return Err(FormatError::invalid(path, format!("bad RoPE settings: theta {theta}, partial_rotary_factor {partial}")));
     }
     let scaling = match scaling {
@@ -189,6 +189,19 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
             }
         }
     };
+    let factors: Vec<f64> = match &scaling {
+        RopeScaling::None => vec![],
+        RopeScaling::Linear { factor } => vec![*factor],
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            if low_freq_factor >= high_freq_factor {
+                return Err(FormatError::invalid(path, format!("rope scaling: low_freq_factor {low_freq_factor} must be below high_freq_factor {high_freq_factor}")));
+            }
+            vec![*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings]
+        }
+    };
+    if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+        return Err(FormatError::invalid(path, format!("rope scaling factor {f} must be a positive finite number")));
+    }
     Ok(RopeConfig { theta, partial_rotary_factor: partial, scaling })
 }
 
@@ -287,7 +300,53 @@ impl ModelConfig {
         if cfg.intermediate_size == 0 || cfg.num_layers == 0 || cfg.vocab_size == 0 {
             return Err(FormatError::invalid(path, "intermediate_size, num_hidden_layers and vocab_size must be positive"));
         }
+        let eps = opt_f64(&v, "rms_norm_eps").unwrap_or(1e-6);
+        if !(eps > 0.0 && eps.is_finite() && cfg.rms_norm_eps > 0.0) {
+            return Err(FormatError::invalid(path, format!("rms_norm_eps {eps} must be a positive number (at least {:e} in f32)", f32::MIN_POSITIVE)));
+        }
+        if cfg.max_position_embeddings == 0 {
+            return Err(FormatError::invalid(path, "max_position_embeddings must be positive"));
+        }
+        // Sizes far beyond any real model are corrupt values, and would overflow size arithmetic.
+        let limits = [
+            ("hidden_size", cfg.hidden_size, 1 << 20),
+            ("intermediate_size", cfg.intermediate_size, 1 << 22),
+            ("num_hidden_layers", cfg.num_layers, 1 << 12),
+            ("num_attention_heads", cfg.num_heads, 1 << 12),
+            ("head_dim", cfg.head_dim, 1 << 14),
+            ("vocab_size", cfg.vocab_size, 1 << 24),
+            ("max_position_embeddings", cfg.max_position_embeddings, 1 << 24),
+        ];
+        for (name, value, max) in limits {
+            if value > max {
+                return Err(FormatError::invalid(path, format!("{name} {value} is beyond what dpllm supports ({max})")));
+            }
+        }
+        if cfg.sliding_window.is_some_and(|w| w > 1 << 24) {
+            return Err(FormatError::invalid(path, "sliding_window is beyond what dpllm supports"));
+        }
+        if cfg.bos_token_id.is_some_and(|t| t as usize >= cfg.vocab_size) || cfg.eos_token_ids.iter().any(|&t| t as usize >= cfg.vocab_size) {
+            return Err(FormatError::invalid(path, format!("bos_token_id / eos_token_id must be below vocab_size {}", cfg.vocab_size)));
+        }
         Ok(cfg)
+    }
+
+    /// Check that a checkpoint holds no blocks beyond `num_hidden_layers`: a config
+    /// that undercounts the layers would otherwise run a silently smaller model.
+    pub fn check_layer_count(&self, ck: &crate::Checkpoint) -> Result<()> {
+        let beyond = ck
+            .tensors()
+            .keys()
+            .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .filter(|&l| l >= self.num_layers)
+            .max();
+        match beyond {
+            Some(l) => Err(FormatError::invalid(
+                ck.dir().join("config.json"),
+                format!("num_hidden_layers is {}, but the weights hold layers up to model.layers.{l} ({} layers)", self.num_layers, l + 1),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Number of dimensions per head that RoPE rotates.
@@ -343,6 +402,24 @@ mod tests {
         assert!(e.to_string().contains("multiple"), "{e}");
         let e = parse("{not json").unwrap_err();
         assert!(e.to_string().contains("JSON"), "{e}");
+    }
+
+    #[test]
+    fn non_positive_eps_and_absurd_sizes_are_errors() {
+        for eps in ["0", "-1e-5", "1e-60"] {
+            let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"rms_norm_eps":{eps}}}"#)).unwrap_err().to_string();
+            assert!(e.contains("rms_norm_eps"), "{eps}: {e}");
+        }
+        let e = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100000000000}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vocab_size"), "{e}");
+        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"max_position_embeddings":0}}"#)).unwrap_err().to_string();
+        assert!(e.contains("max_position_embeddings"), "{e}");
+        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"eos_token_id":100}}"#)).unwrap_err().to_string();
+        assert!(e.contains("eos_token_id"), "{e}");
+        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"rope_scaling":{{"type":"linear","factor":-2.0}}}}"#)).unwrap_err().to_string();
+        assert!(e.contains("factor"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,22 @@ pub enum FormatError {
         /// Why it is needed.
         what: String,
     },
+    /// A file or directory could not be created, written or moved into place.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// dpllm refuses to write or replace an output (it is an input, or not dpllm's own).
+    #[error("cannot write {path}: {reason}")]
+    Refused {
+        /// The output path.
+        path: PathBuf,
+        /// Why, and what to do instead.
+        reason: String,
+    },
     /// A file exists but its content is malformed, truncated or inconsistent.
     #[error("{path} is invalid: {reason}")]
     Invalid {
@@ -65,8 +81,18 @@ impl FormatError {
         FormatError::Invalid { path: path.into(), reason: reason.into() }
     }
 
-    /// Shorthand for [`FormatError::Io`].
+    /// Shorthand for [`FormatError::Io`] (a read that failed).
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         FormatError::Io { path: path.into(), source }
+    }
+
+    /// Shorthand for [`FormatError::Write`] (a write, create or rename that failed).
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        FormatError::Write { path: path.into(), source }
+    }
+
+    /// Shorthand for [`FormatError::Refused`].
+    pub fn refused(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        FormatError::Refused { path: path.into(), reason: reason.into() }
     }
 }

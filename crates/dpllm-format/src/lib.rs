@@ -10,13 +10,16 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod layout;
+pub mod output;
 pub mod plan;
 pub mod st_writer;
 pub mod anyprec;
 pub mod tensor;
 
-pub use atomic::{write_atomic, write_atomic_with, StagingDir};
+pub use atomic::{write_atomic, write_atomic_with, write_output_file, StagingDir};
+pub use output::{check_output, OutputKind};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;

@@ -133,6 +133,9 @@ impl Plan {
         if !(1..=8).contains(&self.min_bits) || self.min_bits > self.max_bits || self.max_bits > 8 {
             return bad(format!("bad precision range {}..={}", self.min_bits, self.max_bits));
         }
+        if !(self.target_bits.is_finite() && self.budget_bits.is_finite()) || self.target_bits > self.budget_bits + 1e-9 || self.budget_bits > self.max_bits as f64 {
+            return bad(format!("bad target {} / budget {} bits (plan precisions {}..={})", self.target_bits, self.budget_bits, self.min_bits, self.max_bits));
+        }
         if self.linears.is_empty() {
             return bad("the plan has no linears".into());
         }
@@ -150,6 +153,14 @@ impl Plan {
                     "linear {}: inconsistent precisions (min {}, low {}, avg {}, high {}, max {}, plan max {}) or threshold {}",
                     l.name, self.min_bits, l.low_bits, l.avg_bits, l.high_bits, l.max_bits, self.max_bits, l.threshold
                 ));
+            }
+            let finite = match &l.estimator {
+                EstimatorSpec::None => true,
+                EstimatorSpec::Linear { a, c, r2 } => a.is_finite() && c.is_finite() && r2.is_finite(),
+                EstimatorSpec::Jl { k, bias, r2, .. } => *k > 0 && bias.is_finite() && r2.is_finite(),
+            };
+            if !finite {
+                return bad(format!("linear {}: estimator parameters must be finite numbers (and k > 0)", l.name));
             }
             if l.low_bits != l.high_bits && l.estimator == EstimatorSpec::None {
                 return bad(format!("linear {}: picks between {} and {} bits but has no estimator", l.name, l.low_bits, l.high_bits));

@@ -88,6 +88,24 @@ impl TensorData {
         self.len() * self.dtype().size()
     }
 
+    /// Index of the first NaN or infinite element, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            TensorData::F32(v) => v.par_iter().position_first(|x| !x.is_finite()),
+            TensorData::F16(v) => v.par_iter().position_first(|x| !x.is_finite()),
+            TensorData::BF16(v) => v.par_iter().position_first(|x| !x.is_finite()),
+        }
+    }
+
+    /// Element `i` as f32.
+    pub fn get_f32(&self, i: usize) -> f32 {
+        match self {
+            TensorData::F32(v) => v[i],
+            TensorData::F16(v) => v[i].to_f32(),
+            TensorData::BF16(v) => v[i].to_f32(),
+        }
+    }
+
     /// Convert (copy) to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dpllm_format::anyprec::{self, AnyPrecInfo, STORED_BITS};
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
-use dpllm_format::{Checkpoint, LinearSpec, ModelConfig, StagingDir};
+use dpllm_format::{check_output, Checkpoint, LinearSpec, ModelConfig, OutputKind, StagingDir};
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -35,13 +35,17 @@ pub struct QuantizeOptions {
     pub sensitivity: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory (only one dpllm wrote: see `dpllm_format::output`).
     pub overwrite: bool,
+    /// How the sensitivities were obtained, for the provenance metadata (default: the file's path).
+    pub sensitivity_source: Option<String>,
+    /// What produced this model (stored in its manifest; caches compare it).
+    pub inputs: serde_json::Value,
 }
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { seed_bits: 3, sensitivity: None, progress: false, overwrite: false }
+        QuantizeOptions { seed_bits: 3, sensitivity: None, progress: false, overwrite: false, sensitivity_source: None, inputs: serde_json::Value::Null }
     }
 }
 
@@ -68,10 +72,8 @@ struct Quantized {
 }
 
 fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, seed_bits: u32, bar: &ProgressBar) -> Result<Quantized> {
+    // Finite: Checkpoint::tensor refuses NaN / inf, naming the element.
     let w = ck.tensor_f32(&s.weight_name(), &[s.rows, s.cols])?;
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        bail!("{}: weight [{}, {}] is {} (corrupt checkpoint?)", s.weight_name(), i / s.cols, i % s.cols, w[i]);
-    }
     let f = match sens {
         Some(sc) => sc.tensor_f32(&s.weight_name(), &[s.rows, s.cols]).context("sensitivity file does not match the model")?,
         None => vec![1.0; s.rows * s.cols],
@@ -132,19 +134,58 @@ fn dtype_name(d: safetensors::Dtype) -> Result<&'static str> {
     })
 }
 
-/// Quantize the checkpoint in `src` into a new any-precision model directory `out`.
-pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+/// Largest magnitude an f16 centroid table can hold.
+const LUT_MAX: f32 = 65504.0;
+
+/// Check the source before any long work: a supported config, no blocks beyond
+/// its layer count, every float tensor finite, and every quantized weight within
+/// the range of the f16 centroid tables (a centroid is a weighted mean of
+/// weights, so it is within range when every weight is).
+pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<(ModelConfig, Checkpoint)> {
     if !(3..=4).contains(&opts.seed_bits) {
-        bail!("seed precision must be 3 or 4 bits (got {}): models run at 3..=8 bits", opts.seed_bits);
+        bail!("--seed-bits {} is out of range: the seed precision must be 3 or 4 bits (models run at 3..=8 bits)", opts.seed_bits);
     }
     if anyprec::is_anyprec_dir(src) {
         bail!("{} is already an any-precision model", src.display());
     }
-    if out.exists() && !opts.overwrite && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("output {} already exists and is not empty (use --force to replace it)", out.display());
-    }
     let cfg = ModelConfig::from_dir(src)?;
     let ck = Checkpoint::open(src)?;
+    cfg.check_layer_count(&ck)?;
+    let linears: BTreeMap<String, ()> = cfg.linears().iter().map(|s| (s.weight_name(), ())).collect();
+    for (name, info) in ck.tensors() {
+        if dpllm_format::checkpoint::float_dtype(info.dtype).is_none() {
+            continue;
+        }
+        let t = ck.tensor(name, &info.shape)?;
+        if linears.contains_key(name) {
+            let max = t.to_f32().iter().fold(0f32, |m, v| m.max(v.abs()));
+            if max > LUT_MAX {
+                bail!(
+                    "{name}: a weight of magnitude {max:e} is beyond the range of the f16 centroid tables (±{LUT_MAX}); dpllm cannot quantize this checkpoint"
+                );
+            }
+        }
+    }
+    Ok((cfg, ck))
+}
+
+/// Quantize the checkpoint in `src` into a new any-precision model directory `out`
+/// (checked first: never an input, replaced only when dpllm wrote it and `overwrite`).
+pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    let mut inputs: Vec<&Path> = vec![src];
+    inputs.extend(opts.sensitivity.as_deref());
+    check_output(out, OutputKind::AnyPrecModel, &inputs, opts.overwrite)?;
+    let mut staging = StagingDir::new(out, OutputKind::AnyPrecModel, opts.overwrite)?;
+    let report = quantize_into(src, &staging, opts)?;
+    staging.set_inputs(opts.inputs.clone());
+    staging.publish().with_context(|| format!("cannot move the result to {}", out.display()))?;
+    Ok(report)
+}
+
+/// Quantize `src` into `staging` and load the result back (the same loader every
+/// later run uses) before it may be published.
+pub fn quantize_into(src: &Path, staging: &StagingDir, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    let (cfg, ck) = check_source(src, opts)?;
     let sens = opts.sensitivity.as_deref().map(Checkpoint::open_file).transpose().context("cannot open the sensitivity file")?;
     let linears = cfg.linears();
     if let Some(sc) = &sens {
@@ -186,13 +227,11 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
     provenance.insert("source".to_string(), src.display().to_string());
     provenance.insert(
         "sensitivity".to_string(),
-        opts.sensitivity.as_ref().map_or("none (uniform weights)".into(), |p| p.display().to_string()),
+        opts.sensitivity_source.clone().unwrap_or_else(|| opts.sensitivity.as_ref().map_or("none (uniform weights)".into(), |p| p.display().to_string())),
     );
     let info = AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: seed, max_bits: STORED_BITS, architecture: cfg.arch.hf_name().into(), provenance };
 
-    // Everything goes to a temporary sibling directory that is renamed at the end
-    // (and removed if anything fails on the way).
-    let staging = StagingDir::new(out)?;
+    // Everything goes to the staging directory, published by the caller.
     let tmp = staging.path();
     let report = {
         for f in SIDE_FILES {
@@ -248,6 +287,17 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
             errors,
         }
     };
-    staging.publish().with_context(|| format!("cannot move the result to {}", out.display()))?;
+    verify_written(src, tmp)?;
     Ok(report)
+}
+
+/// Load the written model back at its highest precision (and its tokenizer), as any later run would.
+fn verify_written(src: &Path, dir: &Path) -> Result<()> {
+    dpllm_engine::Model::load(dir).context("the quantized model does not load back (nothing was published)")?;
+    if src.join("tokenizer.json").is_file() {
+        let cfg = ModelConfig::from_dir(dir)?;
+        dpllm_engine::tokenizer::TextTokenizer::from_dir(dir, cfg.bos_token_id, &cfg.eos_token_ids)
+            .context("the quantized model's tokenizer does not load back")?;
+    }
+    Ok(())
 }

@@ -175,7 +175,7 @@ fn sensitivity_weighting_minimizes_the_weighted_error() {
     let seqs = vec![tokens(24, 1), tokens(24, 2)];
     let s = dpllm_quantize::sensitivity::accumulate_sensitivities(&model, &seqs, false).unwrap();
     let sens = t.path().join("sens.safetensors");
-    dpllm_quantize::sensitivity::save(&s, &sens).unwrap();
+    dpllm_quantize::sensitivity::save(&s, &sens, &serde_json::Value::Null).unwrap();
     let (plain, weighted) = (t.path().join("plain"), t.path().join("weighted"));
     quantize_model(&src, &plain, &QuantizeOptions::default()).unwrap();
     quantize_model(&src, &weighted, &QuantizeOptions { sensitivity: Some(sens.clone()), ..Default::default() }).unwrap();
@@ -318,7 +318,7 @@ fn failed_runs_leave_no_output_behind() {
     let om = Model::load(&other).unwrap();
     let s = dpllm_quantize::sensitivity::accumulate_sensitivities(&om, &[tokens(8, 0)], false).unwrap();
     let sens = t.path().join("sens.safetensors");
-    dpllm_quantize::sensitivity::save(&s, &sens).unwrap();
+    dpllm_quantize::sensitivity::save(&s, &sens, &serde_json::Value::Null).unwrap();
     let out = t.path().join("q");
     let e = quantize_model(&src, &out, &QuantizeOptions { sensitivity: Some(sens), ..Default::default() }).unwrap_err();
     assert!(format!("{e:#}").contains("has shape"), "{e:#}");

@@ -45,11 +45,20 @@ pub struct GemvArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Parse "ROWSxCOLS".
+/// Parse "ROWSxCOLS" (each at most 2^24).
 fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
-    let bad = || anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS (e.g. 4096x4096)");
+    let bad = || anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS with sizes 1..=16777216 (e.g. 4096x4096)");
     let (r, c) = s.split_once(['x', 'X']).ok_or_else(bad)?;
-    Ok((r.trim().parse().map_err(|_| bad())?, c.trim().parse().map_err(|_| bad())?))
+    let (r, c): (usize, usize) = (r.trim().parse().map_err(|_| bad())?, c.trim().parse().map_err(|_| bad())?);
+    if !(1..=1 << 24).contains(&r) || !(1..=1 << 24).contains(&c) {
+        return Err(bad());
+    }
+    Ok((r, c))
+}
+
+/// MiB given on the command line, in bytes (checked).
+fn mib(flag: &str, v: usize) -> anyhow::Result<usize> {
+    v.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("{flag} {v} is too large"))
 }
 
 /// Arguments of `bench decode`.
@@ -77,16 +86,17 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => {
-            if a.tokens == 0 {
-                anyhow::bail!("--tokens must be at least 1");
-            }
-            let loaded = super::load_model(&a.model, &a.bits)?;
+            super::check_json(a.json.as_deref(), &[&a.model])?;
+            let dir = crate::model_dir(&a.model)?;
             let cfg = DecodeBenchConfig {
                 prompt_tokens: a.prompt_tokens,
                 decode_tokens: a.tokens,
                 warmup_tokens: 4,
-                bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
+                bandwidth_bytes: mib("--bandwidth-mib", a.bandwidth_mib.max(1))?,
             };
+            // Settings first: the context and memory they need, before the model loads.
+            cfg.check(dpllm_format::ModelConfig::from_dir(dir)?.max_position_embeddings)?;
+            let loaded = super::load_model(dir, &a.bits)?;
             let r = bench_decode::run(&loaded.model, loaded.plan.as_deref(), &cfg)?;
             print!("{}", r.table());
             if let Some(p) = &a.json {
@@ -95,6 +105,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Gemv(a) => {
+            super::check_json(a.json.as_deref(), &[])?;
             let kernels = if a.kernels.is_empty() {
                 BitplaneKernel::available().iter().map(|k| k.name().to_string()).collect()
             } else {
@@ -104,9 +115,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 shapes: a.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?,
                 bits: a.bits,
                 kernels,
-                min_seconds: a.seconds.max(0.0),
-                bandwidth_bytes: a.bandwidth_mib.max(1) << 20,
-                working_set_bytes: a.working_set_mib << 20,
+                min_seconds: a.seconds,
+                bandwidth_bytes: mib("--bandwidth-mib", a.bandwidth_mib.max(1))?,
+                working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
             };
             let r = bench_gemv::run(&cfg)?;
             print!("{}", r.table());

@@ -105,9 +105,9 @@ impl CalibrationArgs {
         }
         let config = dpllm_format::ModelConfig::from_dir(dir)?;
         let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
-        let finetune = self.calib.sequences(file, &tok)?;
+        let finetune = self.calib.sequences(file, &tok, config.max_position_embeddings)?;
         let est_args = CalibArgs { samples: self.estimator_samples, seed: self.calib.seed.wrapping_add(1), ..self.calib.clone() };
-        let estimator = est_args.sequences(file, &tok)?;
+        let estimator = est_args.sequences(file, &tok, config.max_position_embeddings)?;
         let opts = CalibrateOptions {
             budget: self.budget,
             targets: self.targets.clone(),

@@ -17,6 +17,34 @@ use dpllm_engine::tokenizer::TextTokenizer;
 use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
 use dpllm_format::plan::{self, Plan, PlanKind};
 
+/// Check a `--json` output before any work: its directory exists and is
+/// writable, it is none of `inputs`, and an existing file is a dpllm result.
+pub fn check_json(path: Option<&Path>, inputs: &[&Path]) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        dpllm_format::check_output(p, dpllm_format::OutputKind::Json, inputs, false)?;
+    }
+    Ok(())
+}
+
+/// Bytes of memory per byte of text to tokenize (the text, its encoding and ids).
+const TOKENIZE_BYTES_PER_BYTE: u128 = 16;
+
+/// Read a UTF-8 text argument (`flag` names it in errors): it must be a non-empty
+/// file that fits in memory once tokenized.
+pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    if meta.is_dir() {
+        anyhow::bail!("{flag} {} is a directory, not a text file", path.display());
+    }
+    let what = format!("tokenizing {flag} {}", path.display());
+    dpllm_eval::memory::ensure_fits((meta.len() as u128).checked_mul(TOKENIZE_BYTES_PER_BYTE), &what)?;
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        anyhow::bail!("{flag} {} is empty", path.display());
+    }
+    Ok(text)
+}
+
 /// How an any-precision model picks its precision: uniform `--bits`, or a DP-LLM plan.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct BitsArg {

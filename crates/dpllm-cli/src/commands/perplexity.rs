@@ -27,7 +27,8 @@ pub struct Args {
 
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
+    super::check_json(a.json.as_deref(), &[&a.model, &a.text])?;
+    let text = super::read_text(&a.text, "--text")?;
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());

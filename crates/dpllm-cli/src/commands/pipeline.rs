@@ -1,18 +1,24 @@
 //! `dpllm pipeline MODEL --work DIR --calib FILE --text FILE`: the whole product
 //! on one model: sensitivities → any-precision model → DP-LLM plans → perplexity
 //! and effective bits of every plan against the static and uniform baselines.
-//! Stages whose output already exists in DIR are skipped.
+//! Each stage records what it was made from (content fingerprints of the source
+//! and calibration text, and the settings); a stage already in DIR is reused only
+//! when that record matches this run's, recomputed with `--force`, refused otherwise.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use dpllm_calibrate::pipeline::calibrate;
+use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions};
 use dpllm_engine::tokenizer::TextTokenizer;
 use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
 use dpllm_eval::perplexity::{perplexity, Perplexity};
-use dpllm_format::anyprec::ANYPREC_WEIGHTS;
+use dpllm_format::fingerprint::{model_fingerprint, sha256_file, sha256_hex};
+use dpllm_format::output::{Manifest, MARKDOWN_MARKER, VERSION};
+use dpllm_format::{check_output, OutputKind};
 use dpllm_format::plan::{self, Plan, PlanKind};
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use super::calib_text::CalibArgs;
 use super::calibrate::CalibrationArgs;
@@ -45,6 +51,10 @@ pub struct Args {
     /// Write the results table as Markdown.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Recompute the stages of WORK that were made from other inputs or settings
+    /// (without it such stages are an error; matching stages are always reused).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// One evaluated configuration.
@@ -75,29 +85,120 @@ fn eval(model: &Model, ids: &[u32], a: &Args, prec: Precision<'_>) -> anyhow::Re
     perplexity(model, ids, a.ctx, a.max_chunks, true, prec)
 }
 
-/// Run the stages that are missing, then evaluate.
+/// `record` with its key: the sha256 of the record's JSON text.
+fn keyed(mut record: Value) -> Value {
+    let key = sha256_hex(record.to_string().as_bytes());
+    record["key"] = key.into();
+    record
+}
+
+/// What the stored stage at `path` was made from, as recorded when it was written.
+fn stored_record(path: &Path, kind: OutputKind) -> Option<Value> {
+    match kind {
+        OutputKind::Sensitivity => {
+            let ck = dpllm_format::Checkpoint::open_file(path).ok()?;
+            serde_json::from_str(ck.metadata().get("inputs")?).ok()
+        }
+        OutputKind::Plans => Manifest::read(path).ok().map(|m| m.inputs["inputs"].clone()),
+        _ => Manifest::read(path).ok().map(|m| m.inputs),
+    }
+}
+
+/// Whether a stage must be computed: false when WORK holds it made from exactly
+/// `record`; true when it is missing, or (with `force`) made from other inputs.
+/// Made from other inputs without `force`: an error naming what differs.
+fn must_compute(path: &Path, kind: OutputKind, record: &Value, force: bool) -> anyhow::Result<bool> {
+    if !path.exists() {
+        return Ok(true);
+    }
+    let stored = stored_record(path, kind);
+    if stored.as_ref().map(|s| &s["key"]) == Some(&record["key"]) {
+        eprintln!("reusing {} (made from the same inputs and settings)", path.display());
+        return Ok(false);
+    }
+    let differs: Vec<String> = match stored.as_ref().and_then(Value::as_object) {
+        Some(s) => record
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| k.as_str() != "key" && s.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.clone())
+            .collect(),
+        None => vec!["no record of its inputs: made by another command or dpllm version".into()],
+    };
+    if !force {
+        anyhow::bail!(
+            "{} was made from other inputs than this run's (differs in: {}): use --force to recompute it, or another --work",
+            path.display(),
+            differs.join(", ")
+        );
+    }
+    eprintln!("recomputing {} (made from other inputs: {})", path.display(), differs.join(", "));
+    Ok(true)
+}
+
+/// The calibration settings that decide what the plans are (not progress bars or --force).
+fn plan_settings(opts: &CalibrateOptions) -> CalibrateOptions {
+    let mut o = opts.clone();
+    o.progress = false;
+    o.overwrite = false;
+    o.finetune.progress = false;
+    o.inputs = Value::Null;
+    o
+}
+
+/// Run the stages that are missing (or, with --force, made from other inputs), then evaluate.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let src = crate::model_dir(&a.model)?;
     let calib_file = a.calibration.calib.required_file()?;
-    let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("cannot read --text {}: {e}", a.text.display()))?;
-    std::fs::create_dir_all(&a.work).map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
     let q = a.work.join("model");
-    if !q.join(ANYPREC_WEIGHTS).is_file() {
-        let sens = a.work.join("sensitivity.safetensors");
-        if !sens.is_file() {
+    let sens = a.work.join("sensitivity.safetensors");
+    // Every output is checked before the long work starts.
+    let inputs: [&Path; 3] = [src, &calib_file, &a.text];
+    super::check_json(a.json.as_deref(), &inputs)?;
+    if let Some(p) = &a.markdown {
+        check_output(p, OutputKind::Markdown, &inputs, false)?;
+    }
+    let text = super::read_text(&a.text, "--text")?;
+    std::fs::create_dir_all(&a.work).map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
+    check_output(&q, OutputKind::AnyPrecModel, &inputs, true)?;
+    check_output(&sens, OutputKind::Sensitivity, &inputs, true)?;
+    let sens_args = CalibArgs { samples: a.sensitivity_samples, ..a.calibration.calib.clone() };
+    sens_args.check(dpllm_format::ModelConfig::from_dir(src)?.max_position_embeddings)?;
+
+    // What each stage is made from: the source's content, the calibration text's, the settings.
+    eprintln!("fingerprinting {} and {}", src.display(), calib_file.display());
+    let source = model_fingerprint(src)?;
+    let calib_sha = sha256_file(&calib_file)?;
+    let c = &a.calibration.calib;
+    let sens_record = keyed(json!({
+        "stage": "sensitivity", "source": source, "calib_sha256": calib_sha,
+        "samples": a.sensitivity_samples, "seq_len": c.seq_len, "seed": c.seed,
+    }));
+    let seed_bits = QuantizeOptions::default().seed_bits;
+    let model_record = keyed(json!({ "stage": "quantize", "source": source, "sensitivity": sens_record["key"], "seed_bits": seed_bits }));
+    let quantize = must_compute(&q, OutputKind::AnyPrecModel, &model_record, a.force)?;
+    if quantize {
+        if must_compute(&sens, OutputKind::Sensitivity, &sens_record, a.force)? {
             eprintln!("[1/3] sensitivities of {}", src.display());
-            let args = CalibArgs { samples: a.sensitivity_samples, ..a.calibration.calib.clone() };
-            super::sensitivity::compute(src, &args, &calib_file, &sens)?;
+            super::sensitivity::compute(src, &sens_args, &calib_file, &sens, &sens_record)?;
         }
         eprintln!("[2/3] quantizing into {}", q.display());
-        let r = quantize_model(src, &q, &QuantizeOptions { sensitivity: Some(sens), progress: true, ..Default::default() })?;
+        let opts = QuantizeOptions { sensitivity: Some(sens.clone()), progress: true, overwrite: a.force, inputs: model_record.clone(), ..Default::default() };
+        let r = quantize_model(src, &q, &opts)?;
         eprintln!("quantized {} linears in {:.1}s", r.linears, r.seconds);
     }
     let budget = a.calibration.budget;
     let bdir = plan::budget_dir(&q, budget);
-    if !bdir.is_dir() {
+    let (opts, data) = a.calibration.options_and_data(&q, &calib_file)?;
+    let plans_record = keyed(json!({
+        "stage": "calibrate", "model": model_record["key"], "calib_sha256": calib_sha,
+        "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed, "estimator_samples": a.calibration.estimator_samples,
+        "options": plan_settings(&opts),
+    }));
+    if must_compute(&bdir, OutputKind::Plans, &plans_record, a.force)? {
         eprintln!("[3/3] calibrating budget {budget} for targets {:?}", a.calibration.targets);
-        let (opts, data) = a.calibration.options_and_data(&q, &calib_file)?;
+        let opts = CalibrateOptions { overwrite: a.force, inputs: plans_record, ..opts };
         let r = calibrate(&q, &data, &opts)?;
         eprintln!("calibrated in {:.1}s", r.seconds);
     }
@@ -134,7 +235,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         dpllm_eval::report::write_json(p, &report)?;
     }
     if let Some(p) = &a.markdown {
-        dpllm_format::write_atomic(p, table.as_bytes())?;
+        let file = format!("{table}{MARKDOWN_MARKER} {VERSION} -->\n");
+        dpllm_format::write_output_file(p, OutputKind::Markdown, |f| f.write_all(file.as_bytes()))?;
     }
     Ok(())
 }

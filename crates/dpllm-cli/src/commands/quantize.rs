@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
+use dpllm_format::{check_output, OutputKind, StagingDir};
+use dpllm_quantize::model_quant::{check_source, quantize_into, QuantizeOptions};
 
 use super::calib_text::CalibArgs;
 
@@ -25,7 +26,7 @@ pub struct Args {
     /// Seed precision of the k-means step; upscaling goes from there to 8 bits.
     #[arg(long, default_value_t = 3)]
     pub seed_bits: u32,
-    /// Replace OUT if it exists.
+    /// Replace OUT if it exists and is a model dpllm wrote (never anything else).
     #[arg(long)]
     pub force: bool,
 }
@@ -33,26 +34,30 @@ pub struct Args {
 /// Quantize and print a per-precision error summary.
 pub fn run(a: Args) -> anyhow::Result<()> {
     crate::model_dir(&a.model)?;
-    // Sensitivities computed here live in a temporary file beside OUT, removed on exit.
-    let mut _tmp = None;
-    let sensitivity = match (&a.sensitivity, &a.calib.calib) {
-        (Some(p), _) => Some(p.clone()),
+    // Outputs first: OUT is never an input and is replaced only when dpllm wrote it (and --force).
+    let mut inputs: Vec<&std::path::Path> = vec![&a.model];
+    inputs.extend(a.sensitivity.as_deref());
+    inputs.extend(a.calib.calib.as_deref());
+    check_output(&a.out, OutputKind::AnyPrecModel, &inputs, a.force)?;
+    let opts = QuantizeOptions { seed_bits: a.seed_bits, progress: true, overwrite: a.force, ..Default::default() };
+    // The source is checked before the sensitivities are computed.
+    check_source(&a.model, &opts)?;
+    let mut staging = StagingDir::new(&a.out, OutputKind::AnyPrecModel, a.force)?;
+    // Sensitivities computed here live in the staging directory's scratch space:
+    // every cleanup (error, signal, the next run after a kill) removes them.
+    let (sensitivity, source) = match (&a.sensitivity, &a.calib.calib) {
+        (Some(p), _) => (Some(p.clone()), None),
         (None, Some(file)) => {
-            let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            let t = tempfile::Builder::new()
-                .prefix(".dpllm-sensitivity-")
-                .suffix(".safetensors")
-                .tempfile_in(parent)
-                .map_err(|e| anyhow::anyhow!("cannot create a temporary file in {}: {e}", parent.display()))?;
-            super::sensitivity::compute(&a.model, &a.calib, file, t.path())?;
-            let p = t.path().to_path_buf();
-            _tmp = Some(t);
-            Some(p)
+            let p = staging.scratch()?.join("sensitivity.safetensors");
+            super::sensitivity::compute(&a.model, &a.calib, file, &p, &serde_json::Value::Null)?;
+            (Some(p), Some(format!("computed from {} ({} x {} tokens, seed {})", file.display(), a.calib.samples, a.calib.seq_len, a.calib.seed)))
         }
-        (None, None) => None,
+        (None, None) => (None, None),
     };
-    let opts = QuantizeOptions { seed_bits: a.seed_bits, sensitivity, progress: true, overwrite: a.force };
-    let r = quantize_model(&a.model, &a.out, &opts)?;
+    let opts = QuantizeOptions { sensitivity, sensitivity_source: source, ..opts };
+    let r = quantize_into(&a.model, &staging, &opts)?;
+    staging.set_inputs(serde_json::json!({ "source": a.model.display().to_string(), "seed_bits": a.seed_bits }));
+    staging.publish()?;
     println!(
         "quantized {} linears ({:.2} M params) in {:.1}s -> {} ({:.2} MB)",
         r.linears,

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dpllm_format::{check_output, OutputKind};
 use dpllm_quantize::sensitivity::{accumulate_sensitivities, save};
 
 use super::calib_text::CalibArgs;
@@ -18,17 +19,22 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// Compute the sensitivities of `model` on the calibration windows and write them to `out`.
-pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path) -> anyhow::Result<()> {
+/// Compute the sensitivities of `model` on the calibration windows and write them
+/// to `out`, recording `inputs` (what produced them) in its metadata.
+pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs: &serde_json::Value) -> anyhow::Result<()> {
+    if dpllm_format::anyprec::is_anyprec_dir(model) {
+        anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
+    }
+    calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
     let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
     let m = loaded.model;
     if m.anyprec_info().is_some() {
         anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
     }
-    let seqs = calib.sequences(file, &tok)?;
+    let seqs = calib.sequences(file, &tok, m.config.max_position_embeddings)?;
     let t = std::time::Instant::now();
     let s = accumulate_sensitivities(&m, &seqs, true)?;
-    save(&s, out)?;
+    save(&s, out, inputs)?;
     eprintln!("sensitivities of {} linears written to {} in {:.1}s", s.tensors().count(), out.display(), t.elapsed().as_secs_f64());
     Ok(())
 }
@@ -41,5 +47,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
         PathBuf::from(format!("{}.sensitivity.safetensors", name.unwrap_or_else(|| "model".into())))
     });
-    compute(dir, &a.calib, &file, &out)
+    check_output(&out, OutputKind::Sensitivity, &[dir, &file], false)?;
+    compute(dir, &a.calib, &file, &out, &serde_json::json!({ "model": dir.display().to_string() }))
 }

@@ -40,6 +40,14 @@ fn split_fused(buf: &[f32], n: usize, parts: &mut [&mut Vec<f32>]) {
     }
 }
 
+/// Error at the first NaN / infinity of `x` [n × width], naming `stage`.
+fn check_finite(x: &[f32], width: usize, stage: impl FnOnce() -> String) -> Result<(), EngineError> {
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(EngineError::NonFinite { stage: stage(), token: i / width.max(1) }),
+        None => Ok(()),
+    }
+}
+
 fn add_inplace(h: &mut [f32], x: &[f32]) {
     for (a, b) in h.iter_mut().zip(x) {
         *a += b;
@@ -135,7 +143,7 @@ impl Model {
                 Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
             };
             let mut run = BlockRun { prec, sels, stats: stats.as_deref_mut(), offset, n };
-            self.block_forward(l, block, &mut h, cache, &mut s, &mut run);
+            self.block_forward(l, block, &mut h, cache, &mut s, &mut run)?;
             offset += block.linears().len();
         }
         cache.advance(n);
@@ -144,7 +152,7 @@ impl Model {
         Ok(out)
     }
 
-    fn block_forward(&self, l: usize, b: &Block, h: &mut [f32], cache: &mut KvCache, s: &mut Scratch, run: &mut BlockRun<'_, '_>) {
+    fn block_forward(&self, l: usize, b: &Block, h: &mut [f32], cache: &mut KvCache, s: &mut Scratch, run: &mut BlockRun<'_, '_>) -> Result<(), EngineError> {
         let c = &self.config;
         let (n, eps) = (run.n, c.rms_norm_eps);
         let pos0 = cache.len();
@@ -178,7 +186,7 @@ impl Model {
         }
         self.rope.apply(&mut s.q, c.num_heads, pos0);
         self.rope.apply(&mut s.k, c.num_kv_heads, pos0);
-        cache.append(l, &s.k, &s.v);
+        cache.append(l, &s.k, &s.v)?;
         let (kc, vc) = cache.layer(l);
         let shape = AttnShape {
             num_heads: c.num_heads,
@@ -198,6 +206,7 @@ impl Model {
             rms_norm(h, &b.mlp_norm, eps, &mut s.xe);
         }
         add_inplace(h, &s.out);
+        check_finite(h, c.hidden_size, || format!("layer {l} (attention output)"))?;
 
         rms_norm(h, &b.mlp_norm, eps, &mut s.xn);
         let xe: &[f32] = if mlp_async { &s.xe } else { &s.xn };
@@ -220,15 +229,17 @@ impl Model {
             s.h_prev.extend_from_slice(h);
         }
         add_inplace(h, &s.out);
+        check_finite(h, c.hidden_size, || format!("layer {l} (MLP output)"))
     }
 
-    /// Logits [rows × vocab] for final hidden states [rows × hidden].
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    /// Logits [rows × vocab] for final hidden states [rows × hidden]; a non-finite logit is an error.
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
         let d = self.config.hidden_size;
         let rows = hidden.len() / d;
         let mut out = vec![0f32; rows * self.config.vocab_size];
         self.lm_head.forward(hidden, rows, &mut out);
-        out
+        check_finite(&out, self.config.vocab_size, || "the logits (output layer)".into())?;
+        Ok(out)
     }
 
     /// Process `tokens` and return the logits of the last one.
@@ -240,12 +251,12 @@ impl Model {
     pub fn forward_last_with(&self, tokens: &[u32], cache: &mut KvCache, prec: Precision<'_>, stats: Option<&mut BitStats>) -> Result<Vec<f32>, EngineError> {
         let h = self.forward_hidden_with(tokens, cache, prec, stats)?;
         let d = self.config.hidden_size;
-        Ok(self.logits(&h[h.len() - d..]))
+        self.logits(&h[h.len() - d..])
     }
 
     /// Process `tokens` and return the logits of every position [n × vocab].
     pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
         let h = self.forward_hidden(tokens, cache)?;
-        Ok(self.logits(&h))
+        self.logits(&h)
     }
 }

@@ -98,6 +98,7 @@ impl Model {
 
     fn build(config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>, per_linear: Option<&HashMap<String, u32>>) -> Result<Model, FormatError> {
         let c = &config;
+        c.check_layer_count(ck)?;
         let ld = Loader { ck, anyprec, per_linear };
         let d = c.hidden_size;
         let embed = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);

@@ -98,8 +98,10 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     Ok(Sensitivities { layers, shapes })
 }
 
-/// Write `s` to `path` as safetensors (F32 [out, in] per linear), atomically and streamed.
-pub fn save(s: &Sensitivities, path: &Path) -> Result<()> {
+/// Write `s` to `path` as safetensors (F32 [out, in] per linear), atomically and
+/// streamed; `inputs` (what produced it) goes into the metadata. An existing file
+/// is replaced only when it is a sensitivity file dpllm wrote.
+pub fn save(s: &Sensitivities, path: &Path, inputs: &serde_json::Value) -> Result<()> {
     ensure!(
         s.layers.len() == s.shapes.len(),
         "sensitivities: {} layers but {} shape lists",
@@ -107,7 +109,10 @@ pub fn save(s: &Sensitivities, path: &Path) -> Result<()> {
         s.shapes.len()
     );
     let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "dpllm-sensitivity", "kind": "diagonal-fisher"}));
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": dpllm_format::output::SENSITIVITY_FORMAT, "kind": "diagonal-fisher", "inputs": inputs.to_string()}),
+    );
     let mut offset = 0usize;
     let mut order = Vec::new();
     for (name, shape, v) in s.tensors() {
@@ -122,7 +127,7 @@ pub fn save(s: &Sensitivities, path: &Path) -> Result<()> {
     }
     let mut hdr = serde_json::to_vec(&serde_json::Value::Object(header))?;
     hdr.resize(hdr.len().next_multiple_of(8), b' ');
-    dpllm_format::write_atomic_with(path, |f| {
+    dpllm_format::write_output_file(path, dpllm_format::OutputKind::Sensitivity, |f| {
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(&(hdr.len() as u64).to_le_bytes())?;
         w.write_all(&hdr)?;

@@ -160,7 +160,7 @@ fn save_load_round_trip_and_errors() {
     let s = accumulate_sensitivities(&m, &seqs, false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sens.safetensors");
-    save(&s, &path).unwrap();
+    save(&s, &path, &serde_json::Value::Null).unwrap();
     let f = load(&path).unwrap();
     assert_eq!(f.for_model(&m).unwrap(), s);
     let names = f.names();
@@ -255,7 +255,7 @@ fn real_model_docs_llama_12m() {
         eprintln!("{name:45} {shape:?} mean {mean:.3e} max {max:.3e} zeros {zeros}");
     }
     let out = std::env::temp_dir().join("docs-llama-12m.sens.safetensors");
-    save(&s, &out).unwrap();
+    save(&s, &out, &serde_json::Value::Null).unwrap();
     assert_eq!(load(&out).unwrap().for_model(&m).unwrap(), s);
     eprintln!("saved {} ({} bytes)", out.display(), std::fs::metadata(&out).unwrap().len());
 }
