@@ -376,7 +376,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
             info.insert("calibration_effective_bits".into(), expected.into());
             info.insert("exact_knapsack".into(), assign.exact.into());
             let plan = new_plan(PlanKind::Dynamic, opts, target, linears, info);
-            let plan_file = plan::plan_path(&tmp, PlanKind::Dynamic, target);
+            let plan_file = plan::plan_path(tmp, PlanKind::Dynamic, target);
             plan.validate(&plan_file)?;
             plan.save(&plan_file)?;
             let static_bits = if opts.static_plans {
@@ -397,7 +397,7 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
                 let mut info = serde_json::Map::new();
                 info.insert("exact_knapsack".into(), st.exact.into());
                 let sp = new_plan(PlanKind::Static, opts, target, linears, info);
-                sp.save(&plan::plan_path(&tmp, PlanKind::Static, target))?;
+                sp.save(&plan::plan_path(tmp, PlanKind::Static, target))?;
                 Some(st.avg_bits)
             } else {
                 None
@@ -427,4 +427,45 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
         targets: reports,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> AnyPrecInfo {
+        AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: 3, max_bits: 8, architecture: "LlamaForCausalLM".into(), provenance: Default::default() }
+    }
+
+    #[test]
+    fn plans_off_their_target_are_refused() {
+        let o = CalibrateOptions::default();
+        check_plan_precision(4.0, 4.0, 4.03, &o).unwrap();
+        let e = check_plan_precision(4.0, 5.2, 5.1, &o).unwrap_err().to_string();
+        assert!(e.contains("target 4") && e.contains("5.200") && e.contains("--lr"), "{e}");
+        let e = check_plan_precision(3.5, 3.5, 3.3, &o).unwrap_err().to_string();
+        assert!(e.contains("thresholds") && e.contains("3.300"), "{e}");
+    }
+
+    #[test]
+    fn every_numeric_setting_is_range_checked() {
+        let ok = CalibrateOptions::default();
+        check_options(&ok, &info()).unwrap();
+        let bad: Vec<(CalibrateOptions, &str)> = vec![
+            (CalibrateOptions { finetune: FinetuneOptions { lr: 1e3, ..Default::default() }, ..ok.clone() }, "--lr"),
+            (CalibrateOptions { finetune: FinetuneOptions { lr: f64::NAN, ..Default::default() }, ..ok.clone() }, "--lr"),
+            (CalibrateOptions { finetune: FinetuneOptions { alpha: Some(f64::INFINITY), ..Default::default() }, ..ok.clone() }, "--alpha"),
+            (CalibrateOptions { finetune: FinetuneOptions { epochs: 0, ..Default::default() }, ..ok.clone() }, "--epochs"),
+            (CalibrateOptions { fit: FitOptions { k: 0, ..Default::default() }, ..ok.clone() }, "--jl-k"),
+            (CalibrateOptions { fit: FitOptions { steps: usize::MAX, ..Default::default() }, ..ok.clone() }, "--jl-steps"),
+            (CalibrateOptions { min_bits: 2, ..ok.clone() }, "--min-bits 2"),
+            (CalibrateOptions { min_bits: 7, max_bits: 6, ..ok.clone() }, "--max-bits 6"),
+            (CalibrateOptions { budget: f64::NAN, ..ok.clone() }, "--budget"),
+            (CalibrateOptions { targets: vec![5.5], ..ok.clone() }, "target 5.5"),
+        ];
+        for (o, want) in bad {
+            let e = check_options(&o, &info()).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
 }

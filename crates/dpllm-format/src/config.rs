@@ -161,7 +161,7 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
         .and_then(|p| opt_f64(p, "partial_rotary_factor"))
         .or_else(|| opt_f64(v, "partial_rotary_factor"))
         .unwrap_or(1.0);
-    if !(theta > 0.0 && theta.is_finite()) || !(partial > 0.0 && partial <= 1.0) {
+    if !(theta > 0.0 && theta.is_finite() && partial > 0.0 && partial <= 1.0) {
         return Err(FormatError::invalid(path, format!("bad RoPE settings: theta {theta}, partial_rotary_factor {partial}")));
     }
     let scaling = match scaling {

@@ -305,4 +305,31 @@ mod tests {
         assert!(Plan::load(&p).unwrap_err().to_string().contains("not a plan"));
         assert!(Plan::load(&d.path().join("missing.json")).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+
+        /// Any mutation of a valid plan file, and any garbage, loads or fails cleanly.
+        #[test]
+        fn arbitrary_and_mutated_plans_load_or_fail_cleanly(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), b' '..=b'~'), 0..6),
+            truncate in proptest::option::of(proptest::prelude::any::<usize>()),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("target-4.00.json");
+            let mut bytes = serde_json::to_vec_pretty(&plan()).unwrap();
+            let n = bytes.len();
+            for (i, v) in edits {
+                bytes[i % n] = v;
+            }
+            bytes.truncate(truncate.map_or(n, |t| t % (n + 1)));
+            std::fs::write(&p, &bytes).unwrap();
+            if let Ok(pl) = Plan::load(&p) {
+                let _ = (pl.mean_bits(), pl.memory_bits());
+            }
+            std::fs::write(&p, &garbage).unwrap();
+            proptest::prop_assert!(Plan::load(&p).is_err());
+        }
+    }
 }

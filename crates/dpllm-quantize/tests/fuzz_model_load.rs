@@ -93,7 +93,7 @@ fn plan(model: &Model) -> Plan {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_weights_load_or_fail_cleanly(

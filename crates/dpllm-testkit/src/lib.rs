@@ -374,6 +374,43 @@ pub fn byte_level_tokenizer_json() -> String {
     serde_json::to_string_pretty(&v).expect("JSON serialization of a Value cannot fail")
 }
 
+/// Rewrite tensor `name` of the single-file model in `dir` (`model.safetensors`):
+/// `edit` gets its values as f32 and may change them; they are stored back in the
+/// tensor's own dtype. For tests of corrupt or extreme weights.
+pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> io::Result<()> {
+    let mut edit = Some(edit);
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut found = false;
+    for (n, v) in st.tensors() {
+        let mut data = v.data().to_vec();
+        if n == name && !found {
+            found = true;
+            let mut values: Vec<f32> = match v.dtype() {
+                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                other => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is {other:?}"))),
+            };
+            if let Some(f) = edit.take() {
+                f(&mut values);
+            }
+            data = to_le_bytes(v.dtype(), &values)?;
+        }
+        tensors.push((n, v.dtype(), v.shape().to_vec(), data));
+    }
+    if !found {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no tensor {name} in {}", path.display())));
+    }
+    let views = tensors
+        .iter()
+        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| io::Error::other(e.to_string())))
+        .collect::<io::Result<HashMap<String, TensorView>>>()?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| io::Error::other(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,41 +522,4 @@ mod tests {
         assert!(write_tiny_model(&d, &TinySpec { kv_heads: 3, ..TinySpec::default() }, 0).is_err());
         let _ = std::fs::remove_dir_all(&d);
     }
-}
-
-/// Rewrite tensor `name` of the single-file model in `dir` (`model.safetensors`):
-/// `edit` gets its values as f32 and may change them; they are stored back in the
-/// tensor's own dtype. For tests of corrupt or extreme weights.
-pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> io::Result<()> {
-    let mut edit = Some(edit);
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut found = false;
-    for (n, v) in st.tensors() {
-        let mut data = v.data().to_vec();
-        if n == name && !found {
-            found = true;
-            let mut values: Vec<f32> = match v.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                other => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is {other:?}"))),
-            };
-            if let Some(f) = edit.take() {
-                f(&mut values);
-            }
-            data = to_le_bytes(v.dtype(), &values)?;
-        }
-        tensors.push((n, v.dtype(), v.shape().to_vec(), data));
-    }
-    if !found {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no tensor {name} in {}", path.display())));
-    }
-    let views = tensors
-        .iter()
-        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| io::Error::other(e.to_string())))
-        .collect::<io::Result<HashMap<String, TensorView>>>()?;
-    safetensors::serialize_to_file(views, None, &path).map_err(|e| io::Error::other(e.to_string()))
 }

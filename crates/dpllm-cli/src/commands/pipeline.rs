@@ -158,6 +158,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     super::check_json(a.json.as_deref(), &inputs)?;
     if let Some(p) = &a.markdown {
         check_output(p, OutputKind::Markdown, &inputs, false)?;
+        if a.json.as_ref() == Some(p) {
+            anyhow::bail!("--json and --markdown name the same file {}", p.display());
+        }
     }
     let text = super::read_text(&a.text, "--text")?;
     std::fs::create_dir_all(&a.work).map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
