@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use dpllm_format::anyprec::{self, AnyPrecInfo, STORED_BITS};
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::{check_output, Checkpoint, LinearSpec, ModelConfig, OutputKind, StagingDir};
@@ -137,11 +137,19 @@ fn dtype_name(d: safetensors::Dtype) -> Result<&'static str> {
 /// Largest magnitude an f16 centroid table can hold.
 const LUT_MAX: f32 = 65504.0;
 
+/// A source checkpoint that passed [`check_source`].
+pub struct CheckedSource {
+    dir: PathBuf,
+    cfg: ModelConfig,
+    ck: Checkpoint,
+    seed_bits: u32,
+}
+
 /// Check the source before any long work: a supported config, no blocks beyond
 /// its layer count, every float tensor finite, and every quantized weight within
 /// the range of the f16 centroid tables (a centroid is a weighted mean of
 /// weights, so it is within range when every weight is).
-pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<(ModelConfig, Checkpoint)> {
+pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<CheckedSource> {
     if !(3..=4).contains(&opts.seed_bits) {
         bail!("--seed-bits {} is out of range: the seed precision must be 3 or 4 bits (models run at 3..=8 bits)", opts.seed_bits);
     }
@@ -166,7 +174,7 @@ pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<(ModelConfig, 
             }
         }
     }
-    Ok((cfg, ck))
+    Ok(CheckedSource { dir: src.to_path_buf(), cfg, ck, seed_bits: opts.seed_bits })
 }
 
 /// Quantize the checkpoint in `src` into a new any-precision model directory `out`
@@ -175,17 +183,20 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
     let mut inputs: Vec<&Path> = vec![src];
     inputs.extend(opts.sensitivity.as_deref());
     check_output(out, OutputKind::AnyPrecModel, &inputs, opts.overwrite)?;
+    let source = check_source(src, opts)?;
     let mut staging = StagingDir::new(out, OutputKind::AnyPrecModel, opts.overwrite)?;
-    let report = quantize_into(src, &staging, opts)?;
+    let report = quantize_into(&source, &staging, opts)?;
     staging.set_inputs(opts.inputs.clone());
     staging.publish().with_context(|| format!("cannot move the result to {}", out.display()))?;
     Ok(report)
 }
 
-/// Quantize `src` into `staging` and load the result back (the same loader every
+/// Quantize the checked `source` into `staging` (with `opts.seed_bits`, which must
+/// be the seed it was checked for) and load the result back (the same loader every
 /// later run uses) before it may be published.
-pub fn quantize_into(src: &Path, staging: &StagingDir, opts: &QuantizeOptions) -> Result<QuantizeReport> {
-    let (cfg, ck) = check_source(src, opts)?;
+pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    ensure!(opts.seed_bits == source.seed_bits, "the source was checked for a {}-bit seed, not {}", source.seed_bits, opts.seed_bits);
+    let (src, cfg, ck) = (source.dir.as_path(), &source.cfg, &source.ck);
     let sens = opts.sensitivity.as_deref().map(Checkpoint::open_file).transpose().context("cannot open the sensitivity file")?;
     let linears = cfg.linears();
     if let Some(sc) = &sens {

@@ -41,11 +41,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     check_output(&a.out, OutputKind::AnyPrecModel, &inputs, a.force)?;
     let opts = QuantizeOptions { seed_bits: a.seed_bits, progress: true, overwrite: a.force, ..Default::default() };
     // The source is checked before the sensitivities are computed.
-    check_source(&a.model, &opts)?;
+    let checked = check_source(&a.model, &opts)?;
     let mut staging = StagingDir::new(&a.out, OutputKind::AnyPrecModel, a.force)?;
     // Sensitivities computed here live in the staging directory's scratch space:
     // every cleanup (error, signal, the next run after a kill) removes them.
-    let (sensitivity, source) = match (&a.sensitivity, &a.calib.calib) {
+    let (sensitivity, origin) = match (&a.sensitivity, &a.calib.calib) {
         (Some(p), _) => (Some(p.clone()), None),
         (None, Some(file)) => {
             let p = staging.scratch()?.join("sensitivity.safetensors");
@@ -54,8 +54,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         (None, None) => (None, None),
     };
-    let opts = QuantizeOptions { sensitivity, sensitivity_source: source, ..opts };
-    let r = quantize_into(&a.model, &staging, &opts)?;
+    let opts = QuantizeOptions { sensitivity, sensitivity_source: origin, ..opts };
+    let r = quantize_into(&checked, &staging, &opts)?;
     staging.set_inputs(serde_json::json!({ "source": a.model.display().to_string(), "seed_bits": a.seed_bits }));
     staging.publish()?;
     println!(
