@@ -2,7 +2,8 @@
 //! and published by rename, so readers see the old output or the complete new
 //! one, never a partial one.
 //!
-//! Temporaries are named `.NAME.tmp-PID-N` and
+//! Temporaries are named `.NAME.tmp-PID-N` (and `.NAME.tmp-PID-probe` for the
+//! write probe of [`crate::output::check_output`]) and
 //! - are removed on an error or a panic (drop);
 //! - are registered while they exist, so a signal handler can remove them
 //!   ([`remove_pending_then`]) before the process exits;

@@ -115,9 +115,9 @@ impl Manifest {
     }
 }
 
-/// True for the names of dpllm's temporaries (`.NAME.tmp-PID-N`, `.NAME.probe-PID`).
+/// True for the names of dpllm's temporaries (`.NAME.tmp-PID-…`).
 pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && (name.contains(".tmp-") || name.contains(".probe-"))
+    name.starts_with('.') && name.contains(".tmp-")
 }
 
 /// Why `dir` is not a directory dpllm wrote as a `kind` output, if it is not.
@@ -247,7 +247,8 @@ pub fn check_output(dst: &Path, kind: OutputKind, inputs: &[&Path], force: bool)
 /// Create and remove a file beside `dst`: the directory accepts new files.
 fn probe_writable(dst: &Path) -> Result<()> {
     let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let probe = parent_dir(dst).join(format!(".{name}.probe-{}", std::process::id()));
+    // Named like a temporary, so that a run killed right here leaves nothing the next run keeps.
+    let probe = parent_dir(dst).join(format!(".{name}.tmp-{}-probe", std::process::id()));
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
