@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fingerprint;
+pub mod gguf;
 pub mod layout;
 pub mod output;
 pub mod plan;
