@@ -107,11 +107,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// A model directory argument, checked to exist and be a directory.
+/// A model argument, checked to be a directory or a GGUF file.
 pub(crate) fn model_dir(p: &PathBuf) -> anyhow::Result<&PathBuf> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => Ok(p),
-        Ok(_) => anyhow::bail!("{} is a file, not a model directory (give the directory that holds config.json)", p.display()),
+        Ok(_) if dpllm_format::gguf::is_gguf(p) => Ok(p),
+        Ok(_) => anyhow::bail!("{} is a file, not a model directory or a GGUF file (give the directory that holds config.json)", p.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!("model directory {} not found", p.display()),
         Err(e) => anyhow::bail!("cannot read model directory {}: {e}", p.display()),
     }

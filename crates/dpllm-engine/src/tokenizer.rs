@@ -61,24 +61,55 @@ impl TextTokenizer {
     /// template) and DIR/generation_config.json (eos_token_id: int or list;
     /// bos_token_id). `config_bos`/`config_eos` are fallbacks from config.json.
     pub fn from_dir(dir: &Path, config_bos: Option<u32>, config_eos: &[u32]) -> Result<TextTokenizer> {
+        if dpllm_format::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir, config_bos, config_eos);
+        }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             bail!("tokenizer file {} not found", tok_path.display());
         }
         let inner = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("failed to load tokenizer {}: {e}", tok_path.display()))?;
-
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_optional_json(&tc_path)?;
         let gc_path = dir.join("generation_config.json");
         let gc = read_optional_json(&gc_path)?;
+        let jinja_path = dir.join("chat_template.jinja");
+        let jinja = if jinja_path.is_file() {
+            Some((std::fs::read_to_string(&jinja_path).with_context(|| format!("failed to read {}", jinja_path.display()))?, jinja_path))
+        } else {
+            None
+        };
+        Self::from_parts(inner, (tc, &tc_path), (gc, &gc_path), jinja, config_bos, config_eos)
+    }
 
+    /// The tokenizer of a GGUF file, rebuilt from its `tokenizer.*` metadata
+    /// (vocabulary, merges, pre-tokenizer, special tokens, chat template).
+    pub fn from_gguf(path: &Path, config_bos: Option<u32>, config_eos: &[u32]) -> Result<TextTokenizer> {
+        let file = dpllm_format::gguf::GgufFile::open(path)?;
+        let (json, tc) = dpllm_format::gguf::model::tokenizer_files(&file)?;
+        let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| anyhow!("cannot build the tokenizer of {} from its metadata: {e}", path.display()))?;
+        Self::from_parts(inner, (Some(tc), path), (None, path), None, config_bos, config_eos)
+    }
+
+    /// Special tokens and chat template from a tokenizer config `tc` and a
+    /// generation config `gc` (each with the path that names it in errors), a
+    /// chat template file used when `tc` has none, and config.json's ids as fallbacks.
+    fn from_parts(
+        inner: Tokenizer,
+        (tc, tc_path): (Option<serde_json::Value>, &Path),
+        (gc, gc_path): (Option<serde_json::Value>, &Path),
+        jinja: Option<(String, std::path::PathBuf)>,
+        config_bos: Option<u32>,
+        config_eos: &[u32],
+    ) -> Result<TextTokenizer> {
         let lookup = |v: Option<&serde_json::Value>| token_content(v).and_then(|s| inner.token_to_id(&s));
 
         // BOS: the tokenizer's own bos_token, else generation_config, else config.json.
         let tc_bos = tc.as_ref().and_then(|v| lookup(v.get("bos_token")));
         let gc_bos = match &gc {
-            Some(v) => ids_from_json(v.get("bos_token_id"), "bos_token_id", &gc_path)?.first().copied(),
+            Some(v) => ids_from_json(v.get("bos_token_id"), "bos_token_id", gc_path)?.first().copied(),
             None => None,
         };
         let bos = tc_bos.or(gc_bos).or(config_bos);
@@ -86,7 +117,7 @@ impl TextTokenizer {
         // EOS: union of generation_config, tokenizer_config and config.json, in that order.
         let mut eos: Vec<u32> = Vec::new();
         if let Some(v) = &gc {
-            eos.extend(ids_from_json(v.get("eos_token_id"), "eos_token_id", &gc_path)?);
+            eos.extend(ids_from_json(v.get("eos_token_id"), "eos_token_id", gc_path)?);
         }
         if let Some(id) = tc.as_ref().and_then(|v| lookup(v.get("eos_token"))) {
             eos.push(id);
@@ -101,17 +132,13 @@ impl TextTokenizer {
             Some(v) => ChatTemplate::from_tokenizer_config(v).with_context(|| format!("in {}", tc_path.display()))?,
             None => None,
         };
-        let jinja_path = dir.join("chat_template.jinja");
-        if chat_template.is_none() && jinja_path.is_file() {
-            let src = std::fs::read_to_string(&jinja_path)
-                .with_context(|| format!("failed to read {}", jinja_path.display()))?;
+        if let (None, Some((src, jinja_path))) = (&chat_template, jinja) {
             let bos_s = tc.as_ref().and_then(|v| token_content(v.get("bos_token"))).unwrap_or_default();
             let eos_s = tc.as_ref().and_then(|v| token_content(v.get("eos_token"))).unwrap_or_default();
             chat_template = Some(
                 ChatTemplate::new(&src, &bos_s, &eos_s).with_context(|| format!("in {}", jinja_path.display()))?,
             );
         }
-
         Ok(TextTokenizer { inner, bos, eos, add_bos_token, chat_template })
     }
 

@@ -19,6 +19,8 @@ pub struct TensorInfo {
     pub dtype: safetensors::Dtype,
     /// Shape.
     pub shape: Vec<usize>,
+    /// The ggml type it is stored in, for tensors of a GGUF file (read as F32).
+    pub ggml: Option<crate::gguf::GgmlType>,
     offset: usize,
     len: usize,
 }
@@ -41,11 +43,42 @@ struct Shard {
     metadata: HashMap<String, String>,
 }
 
-/// All safetensors shards of a model directory, indexed by tensor name.
+/// A GGUF file behind a checkpoint: Hugging Face names → GGUF tensors, read as f32.
+struct GgufSource {
+    file: crate::gguf::GgufFile,
+    /// Hugging Face name → GGUF name.
+    names: HashMap<String, String>,
+    /// (query heads, key/value heads) when llama.cpp permuted the q/k rows.
+    unpermute: Option<(usize, usize)>,
+    /// Dequantized f32 bytes of the tensors [`Checkpoint::raw`] was asked for.
+    raw: HashMap<String, std::sync::OnceLock<Vec<u8>>>,
+}
+
+impl GgufSource {
+    /// Tensor `hf` (a Hugging Face name) as f32, q/k rows in Hugging Face order.
+    fn read(&self, hf: &str, info: &TensorInfo) -> Result<Vec<f32>> {
+        let w = self.file.dequantize(&self.names[hf])?;
+        let rows = info.shape[0];
+        let cols = info.numel() / rows.max(1);
+        let heads = match self.unpermute {
+            Some((q, _)) if hf.contains(".self_attn.q_proj.") => Some(q),
+            Some((_, kv)) if hf.contains(".self_attn.k_proj.") => Some(kv),
+            _ => None,
+        };
+        Ok(match heads {
+            Some(h) => crate::gguf::model::unpermute_rows(&w, rows, cols, h),
+            None => w,
+        })
+    }
+}
+
+/// All safetensors shards of a model directory, or one GGUF file, indexed by
+/// (Hugging Face) tensor name.
 pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorInfo>,
+    gguf: Option<GgufSource>,
 }
 
 /// Shard files of a directory: from `model.safetensors.index.json` when present,
@@ -99,8 +132,11 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Checkpoint {
-    /// Open every shard of the model in `dir` and index its tensors.
+    /// Open every shard of the model in `dir` (or the GGUF file `dir`) and index its tensors.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if crate::gguf::is_gguf(dir) {
+            return Self::open_gguf(dir);
+        }
         if !dir.is_dir() {
             return Err(FormatError::Missing { path: dir.into(), what: "model directory not found".into() });
         }
@@ -115,7 +151,39 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Checkpoint { dir: dir.into(), shards, tensors })
+        Ok(Checkpoint { dir: dir.into(), shards, tensors, gguf: None })
+    }
+
+    /// Open a GGUF file: its tensors under their Hugging Face names, read as f32
+    /// (dequantized; llama.cpp's q/k row permutation undone).
+    pub fn open_gguf(path: &Path) -> Result<Checkpoint> {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let (_, cfg) = crate::gguf::model::config(&file)?;
+        let unpermute = crate::gguf::model::permutes_qk(&file).then_some((cfg.num_heads, cfg.num_kv_heads));
+        let mut tensors = HashMap::new();
+        let mut names = HashMap::new();
+        for t in file.tensors() {
+            if let Some(hf) = crate::gguf::model::hf_name(&t.name) {
+                let info = TensorInfo { shard: 0, dtype: safetensors::Dtype::F32, shape: t.shape.clone(), ggml: Some(t.dtype), offset: 0, len: t.nbytes };
+                tensors.insert(hf.clone(), info);
+                names.insert(hf, t.name.clone());
+            }
+        }
+        let raw = names.keys().map(|k| (k.clone(), std::sync::OnceLock::new())).collect();
+        let f = File::open(path).map_err(|e| FormatError::io(path, e))?;
+        // SAFETY: read-only map, as in `open_shard`; only its path is used for GGUF.
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| FormatError::io(path, e))?;
+        Ok(Checkpoint {
+            dir: path.into(),
+            shards: vec![Shard { path: path.into(), map, metadata: HashMap::new() }],
+            tensors,
+            gguf: Some(GgufSource { file, names, unpermute, raw }),
+        })
+    }
+
+    /// The GGUF file behind this checkpoint, if it is one.
+    pub fn gguf(&self) -> Option<&crate::gguf::GgufFile> {
+        self.gguf.as_ref().map(|g| &g.file)
     }
 
     /// Open a single safetensors file as a checkpoint.
@@ -125,6 +193,7 @@ impl Checkpoint {
             dir: path.parent().unwrap_or(Path::new(".")).into(),
             shards: vec![shard],
             tensors: infos.into_iter().collect(),
+            gguf: None,
         })
     }
 
@@ -149,6 +218,7 @@ impl Checkpoint {
                     shard: idx,
                     dtype: view.dtype(),
                     shape: view.shape().to_vec(),
+                    ggml: None,
                     offset: data.as_ptr() as usize - base,
                     len: data.len(),
                 };
@@ -193,19 +263,28 @@ impl Checkpoint {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v)).collect()
     }
 
-    /// Raw stored bytes of a tensor.
+    /// Raw stored bytes of a tensor (for a GGUF file: its f32 values, dequantized once).
     pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
+        if let Some(g) = &self.gguf {
+            let cell = &g.raw[name];
+            if cell.get().is_none() {
+                let bytes: Vec<u8> = g.read(name, info)?.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let _ = cell.set(bytes);
+            }
+            return Ok((info, cell.get().expect("set above")));
+        }
         let map = &self.shards[info.shard].map;
         Ok((info, &map[info.offset..info.offset + info.len]))
     }
 
-    /// Load a float tensor, checking its shape, into an owned buffer in its stored type.
+    /// Load a float tensor, checking its shape, into an owned buffer in its stored
+    /// type (f32 for GGUF tensors, dequantized).
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
-        let (info, bytes) = self.raw(name)?;
+        let info = self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
         let path = &self.shards[info.shard].path;
         if info.shape != shape {
             return Err(FormatError::BadTensor {
@@ -214,12 +293,17 @@ impl Checkpoint {
                 reason: format!("shape {:?}, but the config implies {:?}", info.shape, shape),
             });
         }
-        let dtype = float_dtype(info.dtype).ok_or_else(|| FormatError::BadTensor {
-            name: name.into(),
-            path: path.clone(),
-            reason: format!("dtype {:?} is not a float type the engine reads (F32, F16, BF16)", info.dtype),
-        })?;
-        let data = TensorData::from_le_bytes(dtype, bytes);
+        let data = match &self.gguf {
+            Some(g) => TensorData::F32(g.read(name, info)?),
+            None => {
+                let dtype = float_dtype(info.dtype).ok_or_else(|| FormatError::BadTensor {
+                    name: name.into(),
+                    path: path.clone(),
+                    reason: format!("dtype {:?} is not a float type the engine reads (F32, F16, BF16)", info.dtype),
+                })?;
+                TensorData::from_le_bytes(dtype, self.raw(name)?.1)
+            }
+        };
         if let Some(i) = data.first_non_finite() {
             return Err(FormatError::BadTensor {
                 name: name.into(),

@@ -206,8 +206,11 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
 }
 
 impl ModelConfig {
-    /// Read and validate `DIR/config.json`.
+    /// Read and validate `DIR/config.json` (or, for a GGUF file, its metadata).
     pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
+        if crate::gguf::is_gguf(dir) {
+            return Ok(crate::gguf::model::config(&crate::gguf::GgufFile::open(dir)?)?.1);
+        }
         let path = dir.join("config.json");
         if !path.exists() {
             return Err(FormatError::Missing { path, what: "every Hugging Face model directory has a config.json".into() });

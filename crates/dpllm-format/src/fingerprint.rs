@@ -33,8 +33,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Fingerprint of the model in `dir`: sha256 over the names and content hashes
-/// of its config, tokenizer files and weight files (every shard).
+/// of its config, tokenizer files and weight files (every shard), or of the GGUF file `dir`.
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    if crate::gguf::is_gguf(dir) {
+        return sha256_file(dir);
+    }
     let mut files: Vec<std::path::PathBuf> = ["config.json", "tokenizer.json", "tokenizer_config.json"]
         .iter()
         .map(|f| dir.join(f))

@@ -245,10 +245,23 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
     // Everything goes to the staging directory, published by the caller.
     let tmp = staging.path();
     let report = {
-        for f in SIDE_FILES {
-            let p = src.join(f);
-            if p.exists() {
-                std::fs::copy(&p, tmp.join(f)).with_context(|| format!("cannot copy {}", p.display()))?;
+        match ck.gguf() {
+            // A GGUF source carries its config and tokenizer as metadata: write them out as files.
+            Some(g) => {
+                let (config, _) = dpllm_format::gguf::model::config(g)?;
+                let (tokenizer, tokenizer_config) = dpllm_format::gguf::model::tokenizer_files(g)?;
+                for (name, v) in [("config.json", config), ("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)] {
+                    let p = tmp.join(name);
+                    std::fs::write(&p, serde_json::to_string_pretty(&v)?).with_context(|| format!("cannot write {}", p.display()))?;
+                }
+            }
+            None => {
+                for f in SIDE_FILES {
+                    let p = src.join(f);
+                    if p.exists() {
+                        std::fs::copy(&p, tmp.join(f)).with_context(|| format!("cannot copy {}", p.display()))?;
+                    }
+                }
             }
         }
         let total_rows: usize = linears.iter().map(|s| s.rows).sum();
@@ -262,7 +275,7 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
             let q = |li: usize, cur: &mut Option<(usize, Quantized)>| -> std::io::Result<()> {
                 if cur.as_ref().map(|c| c.0) != Some(li) {
                     bar.set_message(linears[li].prefix.clone());
-                    let qz = quantize_linear(&ck, sens.as_ref(), &linears[li], seed, &bar).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                    let qz = quantize_linear(ck, sens.as_ref(), &linears[li], seed, &bar).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
                     *cur = Some((li, qz));
                 }
                 Ok(())
@@ -305,7 +318,7 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
 /// Load the written model back at its highest precision (and its tokenizer), as any later run would.
 fn verify_written(src: &Path, dir: &Path) -> Result<()> {
     dpllm_engine::Model::load(dir).context("the quantized model does not load back (nothing was published)")?;
-    if src.join("tokenizer.json").is_file() {
+    if src.join("tokenizer.json").is_file() || dpllm_format::gguf::is_gguf(src) {
         let cfg = ModelConfig::from_dir(dir)?;
         dpllm_engine::tokenizer::TextTokenizer::from_dir(dir, cfg.bos_token_id, &cfg.eos_token_ids)
             .context("the quantized model's tokenizer does not load back")?;

@@ -15,6 +15,10 @@
 //! write_tiny_model(&dir, &TinySpec::default(), 0).unwrap();
 //! ```
 
+mod gguf;
+
+pub use gguf::write_tiny_gguf;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;

@@ -8,7 +8,7 @@ use dpllm_format::{Checkpoint, ModelConfig, RopeScaling};
 /// Arguments of `inspect`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json).
+    /// Model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json) or GGUF file.
     pub model: PathBuf,
     /// List every tensor.
     #[arg(long)]
@@ -35,7 +35,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut by_dtype: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     let (mut params, mut bytes) = (0usize, 0usize);
     for info in tensors.values() {
-        let e = by_dtype.entry(format!("{:?}", info.dtype)).or_default();
+        // GGUF tensors are read as f32 but stored in their ggml type: report that.
+        let stored = info.ggml.map_or_else(|| format!("{:?}", info.dtype), |g| format!("{g:?}"));
+        let e = by_dtype.entry(stored).or_default();
         e.0 += 1;
         e.1 += info.numel();
         e.2 += info.nbytes();

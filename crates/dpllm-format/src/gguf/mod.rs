@@ -11,6 +11,7 @@
 //! a huge allocation.
 
 pub mod dequant;
+pub mod model;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -249,6 +250,13 @@ fn value_min_bytes(ty: u32) -> usize {
         9 => 12,
         _ => 1,
     }
+}
+
+/// True when `path` is a GGUF file (by its magic), the form a model path takes for llama.cpp models.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file() && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && u32::from_le_bytes(magic) == MAGIC
 }
 
 impl GgufFile {

@@ -1,0 +1,53 @@
+//! A GGUF file as a model source: a tiny Llama written as llama.cpp's converter
+//! writes it (dpllm-testkit, independently of dpllm's reader: its own names and
+//! q/k permutation) must give the same logits, tokens and chat template as the
+//! Hugging Face checkpoint it was made from.
+
+use dpllm_engine::tokenizer::TextTokenizer;
+use dpllm_engine::Model;
+use dpllm_testkit::{write_tiny_gguf, write_tiny_model, TinySpec};
+use safetensors::Dtype;
+
+const TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}";
+
+fn pair(spec: &TinySpec) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let hf = t.path().join("hf");
+    write_tiny_model(&hf, spec, 5).unwrap();
+    let gguf = t.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, spec, 5, Some(TEMPLATE)).unwrap();
+    (t, hf, gguf)
+}
+
+#[test]
+fn gguf_gives_the_logits_of_the_checkpoint_it_was_made_from() {
+    // F32 weights: both files hold the same numbers, so the logits must agree to rounding.
+    for spec in [TinySpec { dtype: Dtype::F32, ..TinySpec::default() }, TinySpec { dtype: Dtype::F32, heads: 8, kv_heads: 2, hidden: 64, layers: 3, ..TinySpec::default() }] {
+        let (_t, hf, gguf) = pair(&spec);
+        let (a, b) = (Model::load(&hf).unwrap(), Model::load(&gguf).unwrap());
+        assert_eq!(b.config.num_kv_heads, spec.kv_heads);
+        assert!(b.config.tie_word_embeddings == spec.tie_embeddings);
+        let ids = [256u32, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100];
+        let la = a.forward_all(&ids, &mut a.new_cache(16)).unwrap();
+        let lb = b.forward_all(&ids, &mut b.new_cache(16)).unwrap();
+        let max = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max < 1e-5, "max |Δlogit| {max} between the checkpoint and its GGUF");
+    }
+}
+
+#[test]
+fn gguf_tokenizer_matches_the_checkpoint_tokenizer() {
+    let (_t, hf, gguf) = pair(&TinySpec::default());
+    let cfg = dpllm_format::ModelConfig::from_dir(&gguf).unwrap();
+    let a = TextTokenizer::from_dir(&hf, Some(256), &[257]).unwrap();
+    let b = TextTokenizer::from_dir(&gguf, cfg.bos_token_id, &cfg.eos_token_ids).unwrap();
+    for text in ["hello world", "  two  spaces\nand a newline", "unicode: héllo ✓", "12345 digits"] {
+        assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap(), "{text:?}");
+        let ids = b.encode(text, false).unwrap();
+        assert_eq!(b.decode(&ids, true).unwrap(), text);
+    }
+    assert_eq!(b.bos_id(), Some(256));
+    assert!(b.is_eos(257));
+    let msgs = [dpllm_engine::chat_template::ChatMessage { role: "user".into(), content: "hi".into() }];
+    assert_eq!(b.chat_template().expect("template from the metadata").render(&msgs, false).unwrap(), "<|user|>hi");
+}
