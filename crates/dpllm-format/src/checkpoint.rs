@@ -160,10 +160,11 @@ impl Checkpoint {
         let file = crate::gguf::GgufFile::open(path)?;
         let (_, cfg) = crate::gguf::model::config(&file)?;
         let unpermute = crate::gguf::model::permutes_qk(&file).then_some((cfg.num_heads, cfg.num_kv_heads));
+        let arch = crate::gguf::model::arch(&file)?.to_string();
         let mut tensors = HashMap::new();
         let mut names = HashMap::new();
         for t in file.tensors() {
-            if let Some(hf) = crate::gguf::model::hf_name(&t.name) {
+            if let Some(hf) = crate::gguf::model::hf_name(&t.name, &arch) {
                 let info = TensorInfo { shard: 0, dtype: safetensors::Dtype::F32, shape: t.shape.clone(), ggml: Some(t.dtype), offset: 0, len: t.nbytes };
                 tensors.insert(hf.clone(), info);
                 names.insert(hf, t.name.clone());

@@ -34,8 +34,9 @@ const BLOCK_NAMES: &[(&str, &str)] = &[
     ("ffn_down.weight", "mlp.down_proj.weight"),
 ];
 
-/// The Hugging Face name of GGUF tensor `name`, if it is one dpllm uses.
-pub fn hf_name(name: &str) -> Option<String> {
+/// The Hugging Face name of GGUF tensor `name` of a file of llama.cpp
+/// architecture `arch`, if it is one dpllm uses.
+pub fn hf_name(name: &str, arch: &str) -> Option<String> {
     match name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -45,7 +46,11 @@ pub fn hf_name(name: &str) -> Option<String> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (_, hf) = BLOCK_NAMES.iter().find(|(g, _)| *g == suffix)?;
+    // Phi-3's ffn_up holds the fused gate and up projections.
+    let hf = match (arch, suffix) {
+        ("phi3", "ffn_up.weight") => "mlp.gate_up_proj.weight",
+        _ => BLOCK_NAMES.iter().find(|(g, _)| *g == suffix)?.1,
+    };
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
@@ -215,11 +220,14 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.11.attn_q.weight").as_deref(), Some("model.layers.11.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down.weight").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
-        assert_eq!(hf_name("rope_freqs.weight"), None);
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("blk.11.attn_q.weight", "llama").as_deref(), Some("model.layers.11.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("blk.0.ffn_down.weight", "llama").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
+        assert_eq!(hf_name("blk.0.ffn_up.weight", "llama").as_deref(), Some("model.layers.0.mlp.up_proj.weight"));
+        assert_eq!(hf_name("blk.0.ffn_up.weight", "phi3").as_deref(), Some("model.layers.0.mlp.gate_up_proj.weight"));
+        assert_eq!(hf_name("blk.2.attn_qkv.weight", "phi3").as_deref(), Some("model.layers.2.self_attn.qkv_proj.weight"));
+        assert_eq!(hf_name("token_embd.weight", "qwen2").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", "llama"), None);
     }
 
     #[test]
