@@ -149,6 +149,33 @@ fn perplexity_on_tiny_model_writes_json() {
     assert_eq!(v["predictions"], 3 * 31);
 }
 
+#[test]
+fn perplexity_compare_to_reports_kl_and_top1_agreement() {
+    let (t, m) = tiny(&TinySpec::default(), 17);
+    let text = t.path().join("text.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let json = t.path().join("p.json");
+    let run = |model: &Path, extra: &[&str]| {
+        let args = [&["perplexity", s(model), "--compare-to", s(&m), "--text", s(&text), "--ctx", "32", "--max-chunks", "3", "--json", s(&json)][..], extra].concat();
+        let (out, _) = ok(&args);
+        assert!(out.contains("mean KL") && out.contains("top-1 agreement"), "{out}");
+        json_file(&json)["fidelity"].clone()
+    };
+    // Against itself: no divergence, full agreement, the same perplexity.
+    let f = run(&m, &[]);
+    assert!(f["mean_kl"].as_f64().unwrap() < 1e-9 && f["max_kl"].as_f64().unwrap() < 1e-9, "{f}");
+    assert_eq!(f["top1_agreement"].as_f64(), Some(1.0));
+    assert!((f["reference_perplexity"].as_f64().unwrap() - json_file(&json)["perplexity"].as_f64().unwrap()).abs() < 1e-9);
+    // Quantized: divergence grows as bits fall.
+    let q = t.path().join("q");
+    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let (k3, k8) = (run(&q, &["--bits", "3"]), run(&q, &["--bits", "8"]));
+    let (m3, m8) = (k3["mean_kl"].as_f64().unwrap(), k8["mean_kl"].as_f64().unwrap());
+    assert!(m8 > 0.0 && m8 < m3, "KL at 8 bits {m8}, at 3 bits {m3}");
+    assert!(k3["p99_kl"].as_f64().unwrap() >= m3 * 0.5 && k3["top1_agreement"].as_f64().unwrap() <= 1.0);
+    fails(&["perplexity", s(&q), "--compare-to", s(&t.path().join("none")), "--text", s(&text)], &["none", "not found"]);
+}
+
 // ---------------------------------------------------------------- bench
 
 #[test]

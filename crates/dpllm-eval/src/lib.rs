@@ -3,6 +3,7 @@
 pub mod bandwidth;
 pub mod bench_decode;
 pub mod bench_gemv;
+pub mod fidelity;
 pub mod memory;
 pub mod perplexity;
 pub mod report;

@@ -8,6 +8,8 @@
 use std::time::Instant;
 
 use dpllm_engine::{BitStats, Model, Precision};
+
+use crate::fidelity::{Fidelity, FidelityAcc};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -37,6 +39,8 @@ pub struct Perplexity {
     pub estimator_overhead: Option<f64>,
     /// Per quantized linear (model order): average precision it ran at.
     pub linear_bits: Vec<f64>,
+    /// KL divergence and top-1 agreement against a reference model, when one was given.
+    pub fidelity: Option<Fidelity>,
 }
 
 /// Σ −log softmax(logits)[target] for rows of logits [rows × vocab].
@@ -56,6 +60,26 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
 /// `max_chunks` chunks when given. Under a DP-LLM plan (`prec`), every token of
 /// a chunk selects its precision per linear ("prefill by decode").
 pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool, prec: Precision<'_>) -> anyhow::Result<Perplexity> {
+    perplexity_vs(model, None, tokens, ctx, max_chunks, progress, prec)
+}
+
+/// [`perplexity`], also comparing every prediction with `reference` (run at its
+/// own precision on the same chunks): KL divergence and top-1 agreement.
+pub fn perplexity_vs(
+    model: &Model,
+    reference: Option<&Model>,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    progress: bool,
+    prec: Precision<'_>,
+) -> anyhow::Result<Perplexity> {
+    if let Some(r) = reference {
+        if r.config.vocab_size != model.config.vocab_size {
+            anyhow::bail!("the reference {} has a vocabulary of {}, the model {}", r.dir.display(), r.config.vocab_size, model.config.vocab_size);
+        }
+    }
+    let mut acc = reference.map(|_| FidelityAcc::default());
     if ctx < 2 {
         anyhow::bail!("--ctx must be at least 2 (got {ctx})");
     }
@@ -87,10 +111,18 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
         let chunk = &tokens[c * ctx..(c + 1) * ctx];
         let mut cache = model.new_cache(ctx);
         let hidden = model.forward_hidden_with(chunk, &mut cache, prec, Some(&mut stats)).map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
+        let ref_hidden = match reference {
+            Some(r) => Some(r.forward_hidden(chunk, &mut r.new_cache(ctx)).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?),
+            None => None,
+        };
         for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
             let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
             let logits = model.logits(&hidden[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
             total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
+            if let (Some(r), Some(rh), Some(acc)) = (reference, &ref_hidden, acc.as_mut()) {
+                let rl = r.logits(&rh[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?;
+                acc.add(&logits, &rl, vocab, &chunk[r0 + 1..r1 + 1]);
+            }
             count += r1 - r0;
         }
         match stats.effective_bits() {
@@ -113,6 +145,10 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<
         effective_bits: stats.effective_bits(),
         estimator_overhead: matches!(prec, Precision::Dynamic(_)).then(|| stats.estimator_overhead()),
         linear_bits: (0..stats.sizes.len()).filter_map(|i| stats.linear_bits(i)).collect(),
+        fidelity: match (acc, reference) {
+            (Some(a), Some(r)) => Some(a.finish(r.dir.display().to_string())),
+            _ => None,
+        },
     })
 }
 

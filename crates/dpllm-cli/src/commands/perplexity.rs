@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use dpllm_eval::perplexity::perplexity;
+use dpllm_eval::perplexity::perplexity_vs;
 
 /// Arguments of `perplexity`.
 #[derive(clap::Args)]
@@ -20,6 +20,11 @@ pub struct Args {
     /// Evaluate at most this many chunks.
     #[arg(long)]
     pub max_chunks: Option<usize>,
+    /// Also run this full-precision reference model (same tokenizer) on the same
+    /// chunks and report the KL divergence of this model's predictions from it
+    /// (mean, 99th percentile, max) and their top-1 agreement.
+    #[arg(long)]
+    pub compare_to: Option<PathBuf>,
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -27,18 +32,35 @@ pub struct Args {
 
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    super::check_json(a.json.as_deref(), &[&a.model, &a.text])?;
+    let mut inputs = vec![a.model.as_path(), a.text.as_path()];
+    inputs.extend(a.compare_to.as_deref());
+    super::check_json(a.json.as_deref(), &inputs)?;
+    if let Some(r) = &a.compare_to {
+        crate::model_dir(r)?;
+    }
     let text = super::read_text(&a.text, "--text")?;
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
-    let r = perplexity(&loaded.model, &ids, a.ctx, a.max_chunks, true, loaded.precision())?;
+    let reference = a.compare_to.as_deref().map(dpllm_engine::Model::load).transpose()?;
+    let r = perplexity_vs(&loaded.model, reference.as_ref(), &ids, a.ctx, a.max_chunks, true, loaded.precision())?;
     let bits = r.effective_bits.map(|b| format!(", effective bits {b:.3}")).unwrap_or_default();
     let overhead = r.estimator_overhead.map(|o| format!(", estimator work {:.2}% of linear", 100.0 * o)).unwrap_or_default();
     println!(
         "perplexity {:.4}  (mean NLL {:.4} nats, {} chunks x {} tokens, {} predictions, {:.1} tok/s{bits}{overhead})",
         r.perplexity, r.mean_nll, r.chunks, r.ctx, r.predictions, r.tokens_per_sec
     );
+    if let Some(f) = &r.fidelity {
+        println!(
+            "vs {}: mean KL {:.6} nats, p99 {:.6}, max {:.4}, top-1 agreement {:.2}% (reference perplexity {:.4})",
+            f.reference,
+            f.mean_kl,
+            f.p99_kl,
+            f.max_kl,
+            100.0 * f.top1_agreement,
+            f.reference_perplexity
+        );
+    }
     if let Some(p) = &a.json {
         dpllm_eval::report::write_json(p, &r)?;
     }
