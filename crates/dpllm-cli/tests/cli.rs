@@ -147,6 +147,12 @@ fn perplexity_on_tiny_model_writes_json() {
     assert!(ppl.is_finite() && ppl > 1.0, "perplexity {ppl}");
     assert_eq!(v["chunks"], 3);
     assert_eq!(v["predictions"], 3 * 31);
+    // Provenance: the dpllm version and revision, the device, the model and the text's sha256.
+    let sha = v["text_sha256"].as_str().expect("text_sha256");
+    assert!(sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()), "{sha}");
+    assert!(v["dpllm_version"].is_string() && !v["git_revision"].as_str().unwrap().is_empty(), "{v}");
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
+    assert_eq!(v["model"].as_str(), Some(s(&m)));
 }
 
 #[test]

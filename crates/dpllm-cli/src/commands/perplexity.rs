@@ -62,7 +62,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(p) = &a.json {
-        dpllm_eval::report::write_json(p, &r)?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("model".into(), a.model.display().to_string().into());
+        extra.insert("text".into(), a.text.display().to_string().into());
+        extra.insert("text_sha256".into(), dpllm_format::fingerprint::sha256_hex(text.as_bytes()).into());
+        dpllm_eval::report::write_json_with(p, &r, extra)?;
     }
     Ok(())
 }
