@@ -7,7 +7,10 @@ use dpllm_format::output::{JSON_MARKER, VERSION};
 use dpllm_format::OutputKind;
 
 /// The git revision dpllm was built from (`-dirty` with uncommitted changes).
-pub const GIT_REVISION: &str = env!("DPLLM_GIT_REVISION");
+pub const GIT_REVISION: &str = match option_env!("DPLLM_GIT_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
 
 /// What ran the measurement: "cpu: MODEL NAME, N threads".
 pub fn device() -> String {
