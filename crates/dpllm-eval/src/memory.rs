@@ -9,13 +9,13 @@ pub fn available_bytes() -> Option<u64> {
     Some(kb.saturating_mul(1024))
 }
 
-/// Human-readable size.
+/// Human-readable size (decimal units: kB, MB, GB, TB).
 pub fn human(bytes: u128) -> String {
     let b = bytes as f64;
     match b {
-        b if b >= 1e12 => format!("{:.1} TB", b / 1e12),
+        b if b >= 1e12 => format!("{:.2} TB", b / 1e12),
         b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e6 => format!("{:.2} MB", b / 1e6),
         _ => format!("{:.1} kB", b / 1e3),
     }
 }

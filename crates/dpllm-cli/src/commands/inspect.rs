@@ -16,14 +16,7 @@ pub struct Args {
 }
 
 fn human(bytes: usize) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else {
-        format!("{:.1} kB", b / 1e3)
-    }
+    dpllm_eval::memory::human(bytes as u128)
 }
 
 /// Print architecture, parameters, dtypes and memory.

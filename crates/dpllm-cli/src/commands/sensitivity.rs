@@ -22,15 +22,13 @@ pub struct Args {
 /// Compute the sensitivities of `model` on the calibration windows and write them
 /// to `out`, recording `inputs` (what produced them) in its metadata.
 pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs: &serde_json::Value) -> anyhow::Result<()> {
+    // Checked before anything loads (a quantized model is recognised by its weights file).
     if dpllm_format::anyprec::is_anyprec_dir(model) {
         anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
     }
     calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
     let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
     let m = loaded.model;
-    if m.anyprec_info().is_some() {
-        anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
-    }
     let seqs = calib.sequences(file, &tok, m.config.max_position_embeddings)?;
     let t = std::time::Instant::now();
     let s = accumulate_sensitivities(&m, &seqs, true)?;
