@@ -35,6 +35,8 @@ enum Command {
     Pipeline(commands::pipeline::Args),
     /// Perplexity of a text file over non-overlapping chunks.
     Perplexity(commands::perplexity::Args),
+    /// A Markdown report with SVG plots from JSON results and plan files.
+    Report(commands::report::Args),
     /// Benchmarks (print a table with units, optionally write JSON).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         Command::Calibrate(a) => commands::calibrate::run(a),
         Command::Pipeline(a) => commands::pipeline::run(a),
         Command::Bench(b) => commands::bench::run(b),
+        Command::Report(a) => commands::report::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,4 +6,5 @@ pub mod bench_gemv;
 pub mod fidelity;
 pub mod memory;
 pub mod perplexity;
+pub mod plots;
 pub mod report;

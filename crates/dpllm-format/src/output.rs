@@ -45,12 +45,14 @@ pub enum OutputKind {
     Json,
     /// A Markdown report (`--markdown`).
     Markdown,
+    /// A report directory: Markdown and SVG plots (`dpllm report`).
+    Report,
 }
 
 impl OutputKind {
     /// True for outputs that are directories.
     pub fn is_dir(self) -> bool {
-        matches!(self, OutputKind::AnyPrecModel | OutputKind::Plans)
+        matches!(self, OutputKind::AnyPrecModel | OutputKind::Plans | OutputKind::Report)
     }
 
     /// What it is, with its article, for messages.
@@ -61,6 +63,7 @@ impl OutputKind {
             OutputKind::Sensitivity => "a sensitivity file",
             OutputKind::Json => "a JSON results file",
             OutputKind::Markdown => "a Markdown report",
+            OutputKind::Report => "a report directory",
         }
     }
 
@@ -170,7 +173,7 @@ fn owned_file(path: &Path, kind: OutputKind) -> bool {
         }
         OutputKind::Sensitivity => crate::Checkpoint::open_file(path)
             .is_ok_and(|ck| ck.metadata().get("format").map(String::as_str) == Some(SENSITIVITY_FORMAT)),
-        OutputKind::AnyPrecModel | OutputKind::Plans => false,
+        OutputKind::AnyPrecModel | OutputKind::Plans | OutputKind::Report => false,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod perplexity;
 pub mod pipeline;
 pub mod quantize;
+pub mod report;
 pub mod sensitivity;
 
 use std::path::{Path, PathBuf};

@@ -66,6 +66,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         extra.insert("model".into(), a.model.display().to_string().into());
         extra.insert("text".into(), a.text.display().to_string().into());
         extra.insert("text_sha256".into(), dpllm_format::fingerprint::sha256_hex(text.as_bytes()).into());
+        // What ran, so that reports can put results of one method on one line.
+        let (method, target) = match (&loaded.plan, loaded.model.bits_range()) {
+            (Some(p), _) => (if p.plan.kind == dpllm_format::plan::PlanKind::Static { "static" } else { "dp-llm" }, Some(p.plan.target_bits)),
+            (None, Some((_, max))) => ("uniform", Some(a.bits.bits.unwrap_or(max) as f64)),
+            (None, None) => ("full precision", None),
+        };
+        extra.insert("method".into(), method.into());
+        extra.insert("target".into(), target.into());
         dpllm_eval::report::write_json_with(p, &r, extra)?;
     }
     Ok(())
