@@ -500,6 +500,7 @@ fn pipeline_runs_every_stage_and_reports_every_method() {
     let file = std::fs::read_to_string(&md).unwrap();
     assert!(file.starts_with(&out) && file[out.len()..].starts_with("<!-- written by dpllm"), "{file}");
     let rows = json_file(&json)["rows"].as_array().unwrap().len();
+    assert_eq!(json_file(&json)["text_sha256"].as_str().map(str::len), Some(64), "the text's sha256 is recorded");
     assert_eq!(rows, 1 + 3 + 2 * 2, "full + uniform 3..5 + (static, dp-llm) x 2 targets");
     // A second run reuses every stage.
     let (_, err) = ok(&args);

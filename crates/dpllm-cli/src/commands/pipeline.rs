@@ -235,7 +235,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let table = markdown(&report);
     print!("{table}");
     if let Some(p) = &a.json {
-        dpllm_eval::report::write_json(p, &report)?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("text_sha256".into(), sha256_hex(text.as_bytes()).into());
+        extra.insert("calib_sha256".into(), calib_sha.clone().into());
+        dpllm_eval::report::write_json_with(p, &report, extra)?;
     }
     if let Some(p) = &a.markdown {
         let file = format!("{table}{MARKDOWN_MARKER} {VERSION} -->\n");
