@@ -438,11 +438,7 @@ fn real_model_quantized_perplexity_falls_with_bits() {
 
 #[test]
 fn calibrate_then_run_targets_and_baselines() {
-    let (t, m) = tiny(&TinySpec::default(), 31);
-    let text = t.path().join("calib.txt");
-    std::fs::write(&text, sample_text()).unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let common::Quantized { dir: t, model: m, text, q } = common::tiny_quantized(31);
     let small = ["--calib", s(&text), "--samples", "3", "--seq-len", "32", "--epochs", "1", "--estimator-samples", "3", "--jl-steps", "20", "--jl-k", "8"];
     let (out, _) = ok(&[&["calibrate", s(&q), "--budget", "4.5", "--max-bits", "5", "--targets", "3.5,4.25"][..], &small].concat());
     assert!(out.contains("budget 4.50 bits") && out.contains("3.50") && out.contains("4.25"), "{out}");

@@ -160,11 +160,7 @@ fn a_quantized_model_that_does_not_load_back_is_never_published() {
 
 #[test]
 fn calibration_settings_out_of_range_are_refused() {
-    let (t, m) = tiny(&TinySpec::default(), 7);
-    let text = t.path().join("calib.txt");
-    std::fs::write(&text, sample_text()).unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let common::Quantized { dir: _dir, text, q, .. } = common::tiny_quantized(7);
     let base = ["calibrate", s(&q), "--calib", s(&text), "--estimator-samples", "2"];
     for (flag, value, phrase) in [
         ("--lr", "100", "--lr 100 is out of range"),
@@ -325,11 +321,7 @@ fn the_next_run_removes_what_a_killed_run_left() {
 
 #[test]
 fn outputs_are_checked_before_the_work_and_messages_say_what_is_wrong() {
-    let (t, m) = tiny(&TinySpec::default(), 13);
-    let text = t.path().join("text.txt");
-    std::fs::write(&text, sample_text()).unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let common::Quantized { dir: t, model: m, text, q } = common::tiny_quantized(13);
     // An existing --out is found before the sensitivities are computed.
     let err = fails(&["quantize", s(&m), "--out", s(&q), "--calib", s(&text), "--samples", "2", "--seq-len", "16"], &["already exists", "--force"]);
     assert!(!err.contains("calibration sequences"), "sensitivities were computed first:\n{err}");

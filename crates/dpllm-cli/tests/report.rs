@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::{fails, ok, s, sample_text, tiny};
+use common::{fails, ok, s};
 use dpllm_format::plan::{EstimatorSpec, LinearPlan, Plan, PlanKind, PLAN_FORMAT, PLAN_VERSION};
 use dpllm_format::ModelConfig;
-use dpllm_testkit::TinySpec;
 
 fn svg_ok(p: &std::path::Path) -> String {
     let t = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -16,11 +15,7 @@ fn svg_ok(p: &std::path::Path) -> String {
 
 #[test]
 fn report_plots_perplexity_kl_plans_and_speed() {
-    let (t, m) = tiny(&TinySpec::default(), 21);
-    let text = t.path().join("text.txt");
-    std::fs::write(&text, sample_text()).unwrap();
-    let q = t.path().join("q");
-    ok(&["quantize", s(&m), "--out", s(&q)]);
+    let common::Quantized { dir: t, model: m, text, q } = common::tiny_quantized(21);
     let mut results = Vec::new();
     for bits in ["3", "5", "8"] {
         let json = t.path().join(format!("uniform-{bits}.json"));

@@ -119,3 +119,22 @@ pub fn entries(dir: &Path) -> Vec<String> {
 pub fn hidden(dir: &Path) -> Vec<String> {
     entries(dir).into_iter().filter(|n| n.starts_with('.')).collect()
 }
+
+/// A tiny default model (`dir/model`), a sample text (`dir/text.txt`) and the
+/// model quantized by `dpllm quantize` (`dir/q`).
+pub struct Quantized {
+    pub dir: TempDir,
+    pub model: PathBuf,
+    pub text: PathBuf,
+    pub q: PathBuf,
+}
+
+/// [`Quantized`] for the tiny default model of `seed`.
+pub fn tiny_quantized(seed: u64) -> Quantized {
+    let (dir, model) = tiny(&TinySpec::default(), seed);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, sample_text()).unwrap();
+    let q = dir.path().join("q");
+    ok(&["quantize", s(&model), "--out", s(&q)]);
+    Quantized { dir, model, text, q }
+}
