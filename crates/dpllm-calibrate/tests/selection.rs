@@ -86,8 +86,7 @@ fn extreme_thresholds_equal_fixed_precisions() {
     for (bits, tau) in [(4u32, f32::MAX), (5, f32::MIN)] {
         let rp = runtime(plan_for(&model, 4, 5, tau, |_, _| {}), &model);
         let (got, stats) = logits(&model, &ids, Precision::Dynamic(&rp));
-        model.set_bits(bits).unwrap();
-        let (want, _) = logits(&model, &ids, Precision::Fixed);
+        let (want, _) = logits(&model, &ids, Precision::Uniform(bits));
         assert!(max_abs(&got, &want) < 1e-5, "threshold {tau} should run everything at {bits} bits");
         assert!((stats.effective_bits().unwrap() - bits as f64).abs() < 1e-12);
         assert!(stats.estimator_overhead() > 0.0);
@@ -110,8 +109,7 @@ fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
         let o_index = model.blocks[0].linears().iter().position(|(n, _)| *n == "o_proj").unwrap();
         // With every other linear at 3 bits, o_proj of block 0 reads the attention
         // output of the 3-bit model: put its threshold between the middle two input norms.
-        model.set_bits(3).unwrap();
-        let acts = GradModel::from_model(&model).activations(&ids).unwrap();
+        let acts = GradModel::from_model_at(&model, Some(3)).activations(&ids).unwrap();
         let mut norms: Vec<f32> = row_norms(&acts[0].att, model.config.q_dim()).collect();
         norms.sort_by(|a, b| a.total_cmp(b));
         let tau = 0.5 * (norms[11] + norms[12]);
@@ -154,8 +152,7 @@ fn asynchronous_estimates_read_the_previous_residual() {
     let nlin = model.blocks[0].linears().len();
     // Only block 1's q_proj (index nlin) and gate_proj (index nlin + 4) select, at 3 or 5 bits;
     // everything else runs at 5 bits. ê = ||x_est||, τ = the median of ||x_est||.
-    model.set_bits(5).unwrap();
-    let gm = GradModel::from_model(&model);
+    let gm = GradModel::from_model_at(&model, Some(5));
     let acts = gm.activations(&ids).unwrap();
     let eps = model.config.rms_norm_eps;
     let d = model.config.hidden_size;
@@ -231,4 +228,85 @@ fn plans_that_do_not_fit_the_model_are_rejected() {
     let dense = Model::load(&t.path().join("src")).unwrap();
     let e = RuntimePlan::from_plan(plan_for(&dense, 4, 5, 0.0, |_, _| {}), None, &dense, Path::new("p.json")).unwrap_err().to_string();
     assert!(e.contains("not quantized"), "{e}");
+}
+
+/// Logits of every step of a session: the prompt, then `ids` decoded one at a time.
+fn session_logits(s: &mut dpllm_engine::Session, ids: &[u32]) -> Vec<f32> {
+    let mut out = s.prefill(&ids[..4]).unwrap();
+    for &t in &ids[4..] {
+        out.extend(s.decode_step(t).unwrap());
+    }
+    out
+}
+
+#[test]
+fn one_model_serves_concurrent_sessions_at_different_precisions() {
+    use dpllm_engine::{RunPrecision, ServedModel};
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let q = quantized(t.path(), &TinySpec::default());
+    let served = ServedModel::from_model(Model::load_with(&q, &LoadOptions { max_bits: Some(6), ..Default::default() }).unwrap());
+    let ids = tokens(20);
+    // Two DP-LLM targets (thresholds that split the tokens differently) and two uniform widths.
+    let model = served.model().clone();
+    let precisions = vec![
+        RunPrecision::Plan(Arc::new(runtime(plan_for(&model, 3, 5, 9.0, |_, _| {}), &model))),
+        RunPrecision::Plan(Arc::new(runtime(plan_for(&model, 4, 6, 12.0, |_, _| {}), &model))),
+        RunPrecision::Uniform(3),
+        RunPrecision::Uniform(6),
+    ];
+    let sequential: Vec<(Vec<f32>, Vec<[u64; 9]>)> = precisions
+        .iter()
+        .map(|p| {
+            let mut s = served.session(p.clone(), ids.len()).unwrap();
+            (session_logits(&mut s, &ids), s.stats().counts.clone())
+        })
+        .collect();
+    assert_ne!(sequential[0].0, sequential[1].0, "the two targets must differ for the test to mean anything");
+    assert_ne!(sequential[2].0, sequential[3].0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = precisions
+            .iter()
+            .map(|p| {
+                let served = &served;
+                let ids = &ids;
+                scope.spawn(move || {
+                    (0..3)
+                        .map(|_| {
+                            let mut s = served.session(p.clone(), ids.len()).unwrap();
+                            (session_logits(&mut s, ids), s.stats().counts.clone())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&sequential) {
+            for got in h.join().unwrap() {
+                assert_eq!(&got, want, "a concurrent session must give exactly its sequential result");
+            }
+        }
+    });
+}
+
+#[test]
+fn sessions_check_their_precision_and_stop_when_cancelled() {
+    use dpllm_engine::{ErrorKind, RunPrecision, ServedModel};
+    let t = tempfile::tempdir().unwrap();
+    let q = quantized(t.path(), &TinySpec::default());
+    let served = ServedModel::from_model(Model::load_with(&q, &LoadOptions { max_bits: Some(5), ..Default::default() }).unwrap());
+    for bad in [2, 6] {
+        let e = served.session(RunPrecision::Uniform(bad), 8).err().expect("bits outside the loaded range");
+        assert_eq!(e.kind(), ErrorKind::User, "{e}");
+        assert!(e.to_string().contains("loaded range 3..=5"), "{e}");
+    }
+    let mut s = served.session(RunPrecision::Uniform(4), 8).unwrap();
+    s.prefill(&tokens(3)).unwrap();
+    let cancel = s.cancel_token();
+    cancel.cancel();
+    let e = s.decode_step(1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled);
+    // The cache is the session's own: a full one is a user error, not a panic.
+    let mut s = served.session(RunPrecision::Highest, 4).unwrap();
+    s.prefill(&tokens(4)).unwrap();
+    assert_eq!(s.decode_step(1).unwrap_err().kind(), ErrorKind::User);
 }

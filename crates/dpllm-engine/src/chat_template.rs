@@ -2,7 +2,7 @@
 //! rendered with minijinja configured like transformers: `trim_blocks`,
 //! `lstrip_blocks`, Python string methods and a `raise_exception` function.
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{EngineError, Result};
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -57,11 +57,11 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| anyhow!("invalid chat template: {}", describe(&e)))?;
+            .map_err(|e| EngineError::ModelFiles(format!("invalid chat template: {}", describe(&e))))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
@@ -84,10 +84,10 @@ impl ChatTemplate {
                 chosen
                     .get("template")
                     .and_then(|t| t.as_str())
-                    .context("chat_template list entry has no string \"template\" field")?
+                    .ok_or_else(|| EngineError::ModelFiles("chat_template list entry has no string \"template\" field".into()))?
                     .to_string()
             }
-            Some(other) => bail!("chat_template must be a string or a list, got {other}"),
+            Some(other) => return Err(EngineError::ModelFiles(format!("chat_template must be a string or a list, got {other}"))),
         };
         let bos = token_content(v.get("bos_token")).unwrap_or_default();
         let eos = token_content(v.get("eos_token")).unwrap_or_default();
@@ -110,7 +110,7 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
+            .map_err(|e| EngineError::ModelFiles(format!("chat template: {}", describe(&e))))?;
         let msgs: Vec<Value> = messages
             .iter()
             .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
@@ -121,7 +121,7 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         })
-        .map_err(|e| anyhow!("chat template rendering failed: {}", describe(&e)))
+        .map_err(|e| EngineError::Template(format!("rendering failed: {}", describe(&e))))
     }
 }
 

@@ -1,14 +1,13 @@
-//! The decoding loop: prefill the prompt, then sample token by token with streaming output.
+//! Text generation on a [`Session`]: the prompt's ids in, streamed text out.
 
-use std::sync::Arc;
-use std::time::Instant;
-
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
-use crate::select::{BitStats, Precision, RuntimePlan};
+use crate::select::BitStats;
+use crate::session::{DecodeOptions, Session, StopReason};
 use crate::tokenizer::{TextTokenizer, TokenStream};
-use crate::Model;
 
-/// Options of one generation request.
+/// Options of one generation request (its precision is the session's).
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     /// Maximum new tokens.
@@ -17,26 +16,12 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Stop at an end-of-sequence token.
     pub stop_at_eos: bool,
-    /// DP-LLM plan: the prompt runs every linear at its maximum precision, each
-    /// decoded token selects per linear. None: the layers' fixed precision.
-    pub plan: Option<Arc<RuntimePlan>>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true, plan: None }
+        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true }
     }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// An end-of-sequence token was sampled.
-    Eos,
-    /// `max_tokens` reached.
-    MaxTokens,
-    /// The model's context window is full.
-    ContextFull,
 }
 
 /// What a generation produced and how fast.
@@ -70,66 +55,38 @@ impl Generation {
     }
 }
 
-/// Generate from `prompt` (token ids); `on_text` receives text pieces as they are completed.
-pub fn generate(
-    model: &Model,
-    tok: &TextTokenizer,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    mut on_text: impl FnMut(&str),
-) -> anyhow::Result<Generation> {
-    let max_ctx = model.config.max_position_embeddings;
+/// Generate from `prompt` (token ids) in `session`; `on_text` receives text pieces as they are completed.
+pub fn generate<B: Backend>(session: &mut Session<B>, tok: &TextTokenizer, prompt: &[u32], opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+    let max_ctx = session.capacity();
     if prompt.len() >= max_ctx {
-        anyhow::bail!("prompt of {} tokens does not fit the model's context of {max_ctx}", prompt.len());
+        return Err(EngineError::ContextFull { have: 0, add: prompt.len(), capacity: max_ctx });
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut cache = model.new_cache(prompt.len().saturating_add(opts.max_tokens).min(max_ctx));
-    let mut history = prompt.to_vec();
     let mut stream = TokenStream::new(tok);
-    let mut out = Vec::new();
     let mut text = String::new();
-    let (prefill_prec, decode_prec) = match opts.plan.as_deref() {
-        Some(p) => (Precision::Max(p), Precision::Dynamic(p)),
-        None => (Precision::Fixed, Precision::Fixed),
+    let decode = DecodeOptions {
+        max_tokens: opts.max_tokens,
+        stop_tokens: if opts.stop_at_eos { tok.eos_ids().to_vec() } else { Vec::new() },
+        warmup_steps: 0,
     };
-    let mut decode_bits = model.new_bit_stats();
-    let t0 = Instant::now();
-    let mut logits = model.forward_last_with(prompt, &mut cache, prefill_prec, None)?;
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut stop = StopReason::MaxTokens;
-    for i in 0..opts.max_tokens {
-        let next = sampler.sample(&mut logits, &history);
-        if opts.stop_at_eos && tok.eos_ids().contains(&next) {
-            stop = StopReason::Eos;
-            break;
-        }
-        out.push(next);
-        history.push(next);
-        if let Some(piece) = stream.push(next)? {
+    let g = session.generate(prompt, &mut sampler, &decode, |id| {
+        if let Some(piece) = stream.push(id)? {
             on_text(&piece);
             text.push_str(&piece);
         }
-        if i + 1 == opts.max_tokens {
-            break;
-        }
-        if cache.len() + 1 > cache.capacity() {
-            stop = StopReason::ContextFull;
-            break;
-        }
-        logits = model.forward_last_with(&[next], &mut cache, decode_prec, Some(&mut decode_bits))?;
-    }
+        Ok(true)
+    })?;
     if let Some(piece) = stream.finish()? {
         on_text(&piece);
         text.push_str(&piece);
     }
     Ok(Generation {
-        tokens: out,
+        decode_secs: g.decode_secs(),
+        tokens: g.tokens,
         text,
-        prompt_tokens: prompt.len(),
-        prefill_secs,
-        decode_secs: t1.elapsed().as_secs_f64(),
-        stop,
-        decode_bits,
+        prompt_tokens: g.prompt_tokens,
+        prefill_secs: g.prefill_secs,
+        stop: g.stop,
+        decode_bits: session.stats().clone(),
     })
 }

@@ -1,18 +1,21 @@
-//! Per-sequence key/value cache (f32).
+//! Per-sequence key/value cache, held by the backend.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 
 /// Keys and values of every layer for the positions processed so far.
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    kv_dim: usize,
+pub struct KvCache<B: Backend = CpuBackend> {
+    backend: B,
+    store: B::Kv,
     len: usize,
     capacity: usize,
 }
 
-impl KvCache {
+impl<B: Backend> KvCache<B> {
     /// An empty cache for `layers` layers of width `kv_dim`, holding at most `capacity` positions.
-    pub fn new(layers: usize, kv_dim: usize, capacity: usize) -> KvCache {
-        KvCache { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], kv_dim, len: 0, capacity }
+    pub fn new(backend: B, layers: usize, kv_dim: usize, capacity: usize) -> KvCache<B> {
+        let store = backend.kv_new(layers, kv_dim);
+        KvCache { backend, store, len: 0, capacity }
     }
 
     /// Positions stored.
@@ -38,22 +41,15 @@ impl KvCache {
     /// Keep only the first `len` positions.
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.len);
-        for (k, v) in self.keys.iter_mut().zip(self.values.iter_mut()) {
-            k.truncate(len * self.kv_dim);
-            v.truncate(len * self.kv_dim);
-        }
+        self.backend.kv_truncate(&mut self.store, len);
         self.len = len;
     }
 
-    /// Append `n` positions to layer `layer` (call for every layer, then [`KvCache::advance`]).
-    /// The cache grows as positions arrive; memory it cannot get is an error, not an abort.
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), crate::EngineError> {
-        debug_assert_eq!(self.keys[layer].len(), self.len * self.kv_dim);
-        for (buf, x) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            buf.try_reserve(x.len()).map_err(|_| crate::EngineError::OutOfMemory { what: "the KV cache", bytes: 4 * (buf.len() + x.len()) })?;
-            buf.extend_from_slice(x);
-        }
-        Ok(())
+    /// Append new positions' keys and values to `layer` (call for every layer, then
+    /// [`KvCache::advance`]). The cache grows as positions arrive; memory it cannot
+    /// get is an error, not an abort.
+    pub fn append(&mut self, layer: usize, k: &B::Buf, v: &B::Buf) -> Result<(), crate::EngineError> {
+        self.backend.kv_append(&mut self.store, layer, k, v)
     }
 
     /// Mark `n` appended positions as stored.
@@ -61,13 +57,13 @@ impl KvCache {
         self.len += n;
     }
 
-    /// Keys and values of `layer` including appended-but-not-advanced positions.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    /// The backend's storage (including appended-but-not-advanced positions).
+    pub fn store(&self) -> &B::Kv {
+        &self.store
     }
 
     /// Bytes in use.
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.len() * 4).sum()
+        self.backend.kv_bytes(&self.store)
     }
 }

@@ -2,7 +2,7 @@
 //! top-k, top-p (nucleus) and seeded random draws, following the semantics of
 //! Hugging Face transformers' logits processors.
 
-use anyhow::{bail, Result};
+use crate::error::{EngineError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -33,16 +33,13 @@ impl SamplingParams {
     /// Check that the parameters are usable; the error names the offending command-line flag.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            bail!("--temperature must be a finite number >= 0, got {}", self.temperature);
+            return Err(EngineError::Sampling(format!("--temperature must be a finite number >= 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("--top-p must be in the range (0, 1], got {}", self.top_p);
+            return Err(EngineError::Sampling(format!("--top-p must be in the range (0, 1], got {}", self.top_p)));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            bail!(
-                "--repetition-penalty must be a finite number > 0, got {}",
-                self.repetition_penalty
-            );
+            return Err(EngineError::Sampling(format!("--repetition-penalty must be a finite number > 0, got {}", self.repetition_penalty)));
         }
         Ok(())
     }
@@ -180,7 +177,7 @@ impl Sampler {
 
 /// Index of the largest value, lowest index on ties; NaNs are never chosen
 /// unless everything is NaN (then 0).
-fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_v = f32::NEG_INFINITY;
     let mut found = false;

@@ -3,7 +3,7 @@
 //! `generation_config.json`), plus an incremental detokenizer for streaming.
 
 use crate::chat_template::{token_content, ChatTemplate};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{EngineError, Result};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -28,14 +28,19 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// A template error from a model file, naming the file.
+fn in_file(e: EngineError, path: &Path) -> EngineError {
+    EngineError::ModelFiles(format!("{e} (in {})", path.display()))
+}
+
 /// Read and parse an optional JSON file: `Ok(None)` if absent, an error naming
 /// the path if unreadable or invalid.
 fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let v = serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::ModelFiles(format!("failed to read {}: {e}", path.display())))?;
+    let v = serde_json::from_str(&text).map_err(|e| EngineError::ModelFiles(format!("invalid JSON in {}: {e}", path.display())))?;
     Ok(Some(v))
 }
 
@@ -44,7 +49,7 @@ fn ids_from_json(v: Option<&serde_json::Value>, what: &str, path: &Path) -> Resu
     let to_id = |x: &serde_json::Value| -> Result<u32> {
         x.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| anyhow!("{what} in {} must be a non-negative integer, got {x}", path.display()))
+            .ok_or_else(|| EngineError::ModelFiles(format!("{what} in {} must be a non-negative integer, got {x}", path.display())))
     };
     match v {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),
@@ -66,17 +71,17 @@ impl TextTokenizer {
         }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            bail!("tokenizer file {} not found", tok_path.display());
+            return Err(EngineError::ModelFiles(format!("tokenizer file {} not found", tok_path.display())));
         }
         let inner = Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("failed to load tokenizer {}: {e}", tok_path.display()))?;
+            .map_err(|e| EngineError::ModelFiles(format!("failed to load tokenizer {}: {e}", tok_path.display())))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_optional_json(&tc_path)?;
         let gc_path = dir.join("generation_config.json");
         let gc = read_optional_json(&gc_path)?;
         let jinja_path = dir.join("chat_template.jinja");
         let jinja = if jinja_path.is_file() {
-            Some((std::fs::read_to_string(&jinja_path).with_context(|| format!("failed to read {}", jinja_path.display()))?, jinja_path))
+            Some((std::fs::read_to_string(&jinja_path).map_err(|e| EngineError::ModelFiles(format!("failed to read {}: {e}", jinja_path.display())))?, jinja_path))
         } else {
             None
         };
@@ -89,7 +94,7 @@ impl TextTokenizer {
         let file = dpllm_format::gguf::GgufFile::open(path)?;
         let (json, tc) = dpllm_format::gguf::model::tokenizer_files(&file)?;
         let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| anyhow!("cannot build the tokenizer of {} from its metadata: {e}", path.display()))?;
+            .map_err(|e| EngineError::ModelFiles(format!("cannot build the tokenizer of {} from its metadata: {e}", path.display())))?;
         Self::from_parts(inner, (Some(tc), path), (None, path), None, config_bos, config_eos)
     }
 
@@ -129,14 +134,14 @@ impl TextTokenizer {
         let add_bos_token = tc.as_ref().and_then(|v| v.get("add_bos_token")).and_then(|b| b.as_bool()).unwrap_or(false);
 
         let mut chat_template = match &tc {
-            Some(v) => ChatTemplate::from_tokenizer_config(v).with_context(|| format!("in {}", tc_path.display()))?,
+            Some(v) => ChatTemplate::from_tokenizer_config(v).map_err(|e| in_file(e, tc_path))?,
             None => None,
         };
         if let (None, Some((src, jinja_path))) = (&chat_template, jinja) {
             let bos_s = tc.as_ref().and_then(|v| token_content(v.get("bos_token"))).unwrap_or_default();
             let eos_s = tc.as_ref().and_then(|v| token_content(v.get("eos_token"))).unwrap_or_default();
             chat_template = Some(
-                ChatTemplate::new(&src, &bos_s, &eos_s).with_context(|| format!("in {}", jinja_path.display()))?,
+                ChatTemplate::new(&src, &bos_s, &eos_s).map_err(|e| in_file(e, &jinja_path))?,
             );
         }
         Ok(TextTokenizer { inner, bos, eos, add_bos_token, chat_template })
@@ -146,7 +151,7 @@ impl TextTokenizer {
     /// post-processor (add_special_tokens=true), and if tokenizer_config says
     /// add_bos_token=true and the result does not start with the BOS id, prepend BOS.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizer encode failed: {e}"))?;
+        let enc = self.inner.encode(text, add_special).map_err(|e| EngineError::Tokenize(format!("encode failed: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special && self.add_bos_token {
             if let Some(bos) = self.bos {
@@ -163,9 +168,9 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let vocab = self.vocab_size();
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {bad} is out of range for a vocabulary of {vocab}");
+            return Err(EngineError::TokenOutOfRange { token: *bad, vocab });
         }
-        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer decode failed: {e}"))
+        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenize(format!("decode failed: {e}")))
     }
 
     /// The BOS token id, if the model has one.

@@ -1,8 +1,10 @@
 //! Decode benchmark: tokens per second and the fraction of memory bandwidth reached.
 
-use std::time::Instant;
+use std::sync::Arc;
 
-use dpllm_engine::{Model, Precision, RuntimePlan};
+use dpllm_engine::sampler::{Sampler, SamplingParams};
+use dpllm_engine::session::DecodeOptions;
+use dpllm_engine::{Model, RunPrecision, Session};
 use serde::Serialize;
 
 use crate::bandwidth::{self, Bandwidth};
@@ -81,52 +83,45 @@ pub struct DecodeBench {
 }
 
 /// Run the benchmark: measure bandwidth, prefill a synthetic prompt, then time
-/// greedy decoding (under `plan`: prefill at maximum precision, per-token selection).
-pub fn run(model: &Model, plan: Option<&RuntimePlan>, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench> {
-    let (prefill_prec, decode_prec) = match plan {
-        Some(p) => (Precision::Max(p), Precision::Dynamic(p)),
-        None => (Precision::Fixed, Precision::Fixed),
-    };
+/// greedy decoding at `precision` (under a plan: prefill at maximum precision,
+/// per-token selection).
+pub fn run(model: Arc<Model>, precision: RunPrecision, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench> {
     cfg.check(model.config.max_position_embeddings)?;
-    let mut stats = model.new_bit_stats();
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
     let total = prompt.len() + cfg.warmup_tokens + cfg.decode_tokens;
-    let mut cache = model.new_cache(total);
-    let t = Instant::now();
-    let mut logits = model.forward_last_with(&prompt, &mut cache, prefill_prec, None)?;
-    let prefill = t.elapsed().as_secs_f64();
-    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
-    let mut times = Vec::with_capacity(cfg.decode_tokens);
-    for step in 0..cfg.warmup_tokens + cfg.decode_tokens {
-        let next = argmax(&logits);
-        let t = Instant::now();
-        let timed = step >= cfg.warmup_tokens;
-        logits = model.forward_last_with(&[next], &mut cache, decode_prec, if timed { Some(&mut stats) } else { None })?;
-        if timed {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let total_s: f64 = times.iter().sum();
-    let tps = times.len() as f64 / total_s;
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let weights = match precision.plan() {
+        Some(p) => format!("{:?} plan, target {:.2}, budget {:.2}", p.plan.kind, p.plan.target_bits, p.plan.budget_bits).to_lowercase(),
+        None => match (&precision, model.bits_range()) {
+            (RunPrecision::Uniform(b), _) => format!("anyprec {b}-bit"),
+            (_, Some((_, max))) => format!("anyprec {max}-bit"),
+            (_, None) => model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage().to_string())).unwrap_or_default(),
+        },
+    };
+    let has_plan = precision.plan().is_some();
+    let mut session = Session::new(model.clone(), precision, total)?;
+    let mut greedy = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() })?;
+    // Every decoded token is fed back: warm-up steps, then the timed ones.
+    let opts = DecodeOptions { max_tokens: cfg.warmup_tokens + cfg.decode_tokens + 1, stop_tokens: Vec::new(), warmup_steps: cfg.warmup_tokens };
+    let g = session.generate(&prompt, &mut greedy, &opts, |_| Ok(true))?;
+    let stats = session.stats();
+    let tps = g.decode_tokens_per_sec();
+    let mut times = g.step_secs.clone();
+    times.sort_by(|a, b| a.total_cmp(b));
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    let bytes = model.weight_bytes_per_token(&stats) as usize;
+    let bytes = model.weight_bytes_per_token(stats) as usize;
     let achieved = bytes as f64 * tps / 1e9;
     Ok(DecodeBench {
         config: cfg.clone(),
         model: model.dir.display().to_string(),
-        weights: match plan {
-            Some(p) => format!("{:?} plan, target {:.2}, budget {:.2}", p.plan.kind, p.plan.target_bits, p.plan.budget_bits).to_lowercase(),
-            None => model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage())).unwrap_or_default(),
-        },
-        prefill_tokens_per_sec: prompt.len() as f64 / prefill,
+        weights,
+        prefill_tokens_per_sec: prompt.len() as f64 / g.prefill_secs,
         decode_tokens_per_sec: tps,
         ms_per_token_median: median * 1e3,
         weight_bytes_per_token: bytes,
         effective_bits: stats.effective_bits(),
-        estimator_overhead: plan.map(|_| stats.estimator_overhead()),
+        estimator_overhead: has_plan.then(|| stats.estimator_overhead()),
         achieved_gbs: achieved,
         fraction_of_copy_bandwidth: achieved / bw.copy_gbs,
         fraction_of_read_bandwidth: achieved / bw.read_gbs,

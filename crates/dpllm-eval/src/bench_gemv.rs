@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dpllm_engine::cpu::bitplane::BitplaneKernel;
-use dpllm_engine::linear::{AnyPrecLinear, DenseLinear, Linear};
+use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
+use dpllm_engine::backend::cpu::{AnyPrecLinear, DenseLinear};
 use dpllm_format::TensorData;
 use half::f16;
 use serde::Serialize;

@@ -3,6 +3,7 @@
 //! next-token distribution from the reference's, per predicted token (mean, 99th
 //! percentile, maximum), and how often both put the same token first.
 
+use dpllm_engine::sampler::argmax;
 use serde::Serialize;
 
 /// Fidelity of a run to its reference.
@@ -35,10 +36,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
     row.iter().map(|&x| x as f64 - lse).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
 }
 
 impl FidelityAcc {

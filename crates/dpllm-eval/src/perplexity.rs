@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use dpllm_engine::{BitStats, Model, Precision};
+use dpllm_engine::Session;
 
 use crate::fidelity::{Fidelity, FidelityAcc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -56,36 +56,42 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
         .sum()
 }
 
-/// Perplexity of `model` on `tokens` with chunks of `ctx` tokens; at most
-/// `max_chunks` chunks when given. Under a DP-LLM plan (`prec`), every token of
-/// a chunk selects its precision per linear ("prefill by decode").
-pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool, prec: Precision<'_>) -> anyhow::Result<Perplexity> {
-    perplexity_vs(model, None, tokens, ctx, max_chunks, progress, prec)
+/// Perplexity of the session's model on `tokens` with chunks of `ctx` tokens; at
+/// most `max_chunks` chunks when given. Under a DP-LLM plan every token of a
+/// chunk selects its precision per linear ("prefill by decode").
+pub fn perplexity(session: &mut Session, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool) -> anyhow::Result<Perplexity> {
+    perplexity_vs(session, None, tokens, ctx, max_chunks, progress)
 }
 
-/// [`perplexity`], also comparing every prediction with `reference` (run at its
-/// own precision on the same chunks): KL divergence and top-1 agreement.
+/// [`perplexity`], also comparing every prediction with a `reference` session
+/// (its own model and precision) on the same chunks: KL divergence and top-1 agreement.
+/// Both sessions need room for `ctx` positions.
 pub fn perplexity_vs(
-    model: &Model,
-    reference: Option<&Model>,
+    session: &mut Session,
+    mut reference: Option<&mut Session>,
     tokens: &[u32],
     ctx: usize,
     max_chunks: Option<usize>,
     progress: bool,
-    prec: Precision<'_>,
 ) -> anyhow::Result<Perplexity> {
-    if let Some(r) = reference {
-        if r.config.vocab_size != model.config.vocab_size {
-            anyhow::bail!("the reference {} has a vocabulary of {}, the model {}", r.dir.display(), r.config.vocab_size, model.config.vocab_size);
+    let model = session.model();
+    if let Some(r) = reference.as_deref() {
+        if r.model().config.vocab_size != model.config.vocab_size {
+            anyhow::bail!("the reference {} has a vocabulary of {}, the model {}", r.model().dir.display(), r.model().config.vocab_size, model.config.vocab_size);
         }
     }
-    let mut acc = reference.map(|_| FidelityAcc::default());
+    let mut acc = reference.as_ref().map(|_| FidelityAcc::default());
     if ctx < 2 {
         anyhow::bail!("--ctx must be at least 2 (got {ctx})");
     }
     let max_ctx = model.config.max_position_embeddings;
     if ctx > max_ctx {
         anyhow::bail!("--ctx {ctx} exceeds the model's context window of {max_ctx} tokens");
+    }
+    for s in std::iter::once(&*session).chain(reference.as_deref()) {
+        if s.capacity() < ctx {
+            anyhow::bail!("a session of {} positions cannot hold chunks of {ctx} tokens", s.capacity());
+        }
     }
     let mut chunks = tokens.len() / ctx;
     if chunks == 0 {
@@ -106,26 +112,29 @@ pub fn perplexity_vs(
     let t0 = Instant::now();
     let mut total = 0f64;
     let mut count = 0usize;
-    let mut stats: BitStats = model.new_bit_stats();
+    session.reset_stats();
     for c in 0..chunks {
         let chunk = &tokens[c * ctx..(c + 1) * ctx];
-        let mut cache = model.new_cache(ctx);
-        let hidden = model.forward_hidden_with(chunk, &mut cache, prec, Some(&mut stats)).map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
-        let ref_hidden = match reference {
-            Some(r) => Some(r.forward_hidden(chunk, &mut r.new_cache(ctx)).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?),
+        session.reset();
+        let hidden = session.score(chunk).map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
+        let ref_hidden = match reference.as_deref_mut() {
+            Some(r) => {
+                r.reset();
+                Some(r.score(chunk).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?)
+            }
             None => None,
         };
         for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
             let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
-            let logits = model.logits(&hidden[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
+            let logits = session.model().logits(&hidden[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
             total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
-            if let (Some(r), Some(rh), Some(acc)) = (reference, &ref_hidden, acc.as_mut()) {
-                let rl = r.logits(&rh[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?;
+            if let (Some(r), Some(rh), Some(acc)) = (reference.as_deref(), &ref_hidden, acc.as_mut()) {
+                let rl = r.model().logits(&rh[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?;
                 acc.add(&logits, &rl, vocab, &chunk[r0 + 1..r1 + 1]);
             }
             count += r1 - r0;
         }
-        match stats.effective_bits() {
+        match session.stats().effective_bits() {
             Some(b) => bar.set_message(format!("ppl {:.3}, {b:.3} bits", (total / count as f64).exp())),
             None => bar.set_message(format!("ppl {:.3}", (total / count as f64).exp())),
         }
@@ -133,6 +142,7 @@ pub fn perplexity_vs(
     }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
+    let stats = session.stats();
     let mean_nll = total / count as f64;
     Ok(Perplexity {
         perplexity: mean_nll.exp(),
@@ -143,10 +153,10 @@ pub fn perplexity_vs(
         seconds,
         tokens_per_sec: (chunks * ctx) as f64 / seconds,
         effective_bits: stats.effective_bits(),
-        estimator_overhead: matches!(prec, Precision::Dynamic(_)).then(|| stats.estimator_overhead()),
+        estimator_overhead: session.precision().plan().is_some().then(|| stats.estimator_overhead()),
         linear_bits: (0..stats.sizes.len()).filter_map(|i| stats.linear_bits(i)).collect(),
         fidelity: match (acc, reference) {
-            (Some(a), Some(r)) => Some(a.finish(r.dir.display().to_string())),
+            (Some(a), Some(r)) => Some(a.finish(r.model().dir.display().to_string())),
             _ => None,
         },
     })

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use dpllm_engine::{LoadOptions, Model};
+use dpllm_engine::{LoadOptions, Model, Precision};
 use dpllm_format::anyprec::{self, ANYPREC_WEIGHTS};
 use dpllm_format::{Checkpoint, ModelConfig};
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
@@ -294,8 +294,9 @@ fn corrupt_or_mismatched_files_get_clear_errors() {
     assert!(load_err(&q, Some(2)).contains("cannot load at 2 bits"));
     assert!(load_err(&src, Some(4)).contains("not a dpllm any-precision model"));
     let m = Model::load_with(&q, &LoadOptions { max_bits: Some(5), ..Default::default() }).unwrap();
-    assert!(m.set_bits(6).is_err() && m.set_bits(2).is_err() && m.set_bits(4).is_ok());
-    assert!(Model::load(&src).unwrap().set_bits(4).is_err());
+    let runs_at = |m: &Model, b: u32| m.check_precision(Precision::Uniform(b)).is_ok();
+    assert!(!runs_at(&m, 6) && !runs_at(&m, 2) && runs_at(&m, 4));
+    assert!(!runs_at(&Model::load(&src).unwrap(), 4));
 }
 
 /// Entries of `dir` whose name starts with `prefix`.

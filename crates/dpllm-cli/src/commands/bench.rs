@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use dpllm_engine::cpu::bitplane::BitplaneKernel;
+use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
 use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
 
@@ -97,7 +97,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             // Settings first: the context and memory they need, before the model loads.
             cfg.check(dpllm_format::ModelConfig::from_dir(dir)?.max_position_embeddings)?;
             let loaded = super::load_model(dir, &a.bits)?;
-            let r = bench_decode::run(&loaded.model, loaded.plan.as_deref(), &cfg)?;
+            let r = bench_decode::run(loaded.model().clone(), loaded.precision.clone(), &cfg)?;
             print!("{}", r.table());
             if let Some(p) = &a.json {
                 dpllm_eval::report::write_json(p, &r)?;

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use dpllm_engine::chat_template::ChatMessage;
-use dpllm_engine::generate::{generate, GenerateOptions, StopReason};
+use dpllm_engine::generate::{generate, GenerateOptions};
+use dpllm_engine::session::StopReason;
 use dpllm_engine::sampler::SamplingParams;
 
 /// Arguments of `generate`.
@@ -57,7 +58,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
-    let model = &loaded.model;
     let ids = if a.chat {
         let tpl = tok
             .chat_template()
@@ -71,12 +71,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         tok.encode(&a.prompt, true)?
     };
-    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling, stop_at_eos: !a.ignore_eos, plan: loaded.plan.clone() };
+    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling, stop_at_eos: !a.ignore_eos };
+    let mut session = loaded.session(ids.len().saturating_add(a.max_tokens))?;
     let mut stdout = std::io::stdout();
     if !a.chat {
         print!("{}", a.prompt);
     }
-    let g = generate(model, &tok, &ids, &opts, |piece| {
+    let g = generate(&mut session, &tok, &ids, &opts, |piece| {
         print!("{piece}");
         let _ = stdout.flush();
     })?;
@@ -85,6 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         StopReason::Eos => "end of sequence",
         StopReason::MaxTokens => "max tokens",
         StopReason::ContextFull => "context full",
+        StopReason::Caller => "stopped",
     };
     let bits = g.decode_bits.effective_bits().map(|b| format!(" | decode effective bits {b:.3}")).unwrap_or_default();
     eprintln!(

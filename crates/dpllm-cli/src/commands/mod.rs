@@ -14,9 +14,10 @@ pub mod sensitivity;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use dpllm_engine::session::{find_plan, PlanKey};
 use dpllm_engine::tokenizer::TextTokenizer;
-use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
-use dpllm_format::plan::{self, Plan, PlanKind};
+use dpllm_engine::{Model, RunPrecision, RuntimePlan, ServedModel, Session};
+use dpllm_format::plan::PlanKind;
 
 /// Check a `--json` output before any work: its directory exists and is
 /// writable, it is none of `inputs`, and an existing file is a dpllm result.
@@ -80,40 +81,37 @@ impl BitsArg {
             return Ok(Some(p.clone()));
         }
         let Some(target) = self.target else { return Ok(None) };
-        let budgets = plan::available_budgets(dir);
-        let budget = match (self.budget, budgets.as_slice()) {
-            (Some(b), _) => b,
-            (None, [b]) => *b,
-            (None, []) => anyhow::bail!("{} has no plans: run `dpllm calibrate` first", dir.display()),
-            (None, many) => anyhow::bail!("{} has plans for several budgets ({many:?}): choose one with --budget", dir.display()),
-        };
-        let bdir = plan::budget_dir(dir, budget);
         let kind = if self.static_plan { PlanKind::Static } else { PlanKind::Dynamic };
-        let path = plan::plan_path(&bdir, kind, target);
-        if !path.is_file() {
-            let have = plan::available_targets(&bdir, kind);
-            anyhow::bail!("no {} plan for target {target} at budget {budget} in {} (calibrated targets: {have:?})", if self.static_plan { "static" } else { "DP-LLM" }, bdir.display());
-        }
-        Ok(Some(path))
+        Ok(Some(find_plan(dir, self.budget, target, kind)?))
     }
 }
 
-/// A loaded model with the plan it runs, if any.
+/// A model loaded for the precision arguments, and the precision they ask for.
 pub struct Loaded {
-    /// The model.
-    pub model: Model,
-    /// The DP-LLM or static plan.
-    pub plan: Option<Arc<RuntimePlan>>,
+    /// The model, with the planes the precision needs.
+    pub served: ServedModel,
+    /// Uniform bits, highest precision, or a plan.
+    pub precision: RunPrecision,
 }
 
 impl Loaded {
-    /// Precision of evaluation passes: per-token selection under the plan.
-    pub fn precision(&self) -> Precision<'_> {
-        self.plan.as_deref().map_or(Precision::Fixed, Precision::Dynamic)
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        self.served.model()
+    }
+
+    /// The DP-LLM or static plan, if one runs.
+    pub fn plan(&self) -> Option<&RuntimePlan> {
+        self.precision.plan()
+    }
+
+    /// A session at this precision with room for `capacity` positions.
+    pub fn session(&self, capacity: usize) -> anyhow::Result<Session> {
+        Ok(self.served.session(self.precision.clone(), capacity)?)
     }
 }
 
-/// Load only the weights the precision arguments need, and set up that precision.
+/// Load only the weights the precision arguments need.
 pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     if let Some(b) = bits.bits {
@@ -122,19 +120,18 @@ pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
         }
     }
     if let Some(path) = bits.plan_path(&dir)? {
-        let p = Plan::load(&path)?;
-        let model = Model::load_with(&dir, &LoadOptions::for_plan(&p))?;
-        let mut rp = RuntimePlan::load(&path, &model)?;
+        let served = ServedModel::load_for_plan_file(&dir, &path)?;
+        let mut rp = served.plan(&PlanKey::File(path))?;
         if bits.exact_estimator_input {
-            rp.async_estimation = false;
+            let mut p = (*rp).clone();
+            p.async_estimation = false;
+            rp = Arc::new(p);
         }
-        return Ok(Loaded { model, plan: Some(Arc::new(rp)) });
+        return Ok(Loaded { served, precision: RunPrecision::Plan(rp) });
     }
-    let model = Model::load_with(&dir, &LoadOptions { max_bits: bits.bits, ..Default::default() })?;
-    if let Some(b) = bits.bits {
-        model.set_bits(b)?;
-    }
-    Ok(Loaded { model, plan: None })
+    let served = ServedModel::load(&dir, None, bits.bits)?;
+    let precision = bits.bits.map_or(RunPrecision::Highest, RunPrecision::Uniform);
+    Ok(Loaded { served, precision })
 }
 
 /// Load a model (as `bits` asks) and its tokenizer, reporting the load time on stderr.
@@ -142,9 +139,9 @@ pub fn load(dir: &Path, bits: &BitsArg) -> anyhow::Result<(Loaded, TextTokenizer
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     let t = std::time::Instant::now();
     let loaded = load_model(&dir, bits)?;
-    let model = &loaded.model;
+    let model = loaded.model();
     let tok = TextTokenizer::from_dir(&dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
-    let precision = match (&loaded.plan, model.bits_range()) {
+    let precision = match (loaded.plan(), model.bits_range()) {
         (Some(p), _) => format!(
             ", {} plan: target {:.2} bits, budget {:.2} bits",
             if p.plan.kind == PlanKind::Static { "static" } else { "DP-LLM" },

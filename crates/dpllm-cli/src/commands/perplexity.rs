@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use dpllm_engine::{RunPrecision, ServedModel};
 use dpllm_eval::perplexity::perplexity_vs;
 
 /// Arguments of `perplexity`.
@@ -42,8 +43,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
-    let reference = a.compare_to.as_deref().map(dpllm_engine::Model::load).transpose()?;
-    let r = perplexity_vs(&loaded.model, reference.as_ref(), &ids, a.ctx, a.max_chunks, true, loaded.precision())?;
+    let reference = a.compare_to.as_deref().map(|r| ServedModel::load(r, None, None)).transpose()?;
+    let mut session = loaded.session(a.ctx)?;
+    let mut ref_session = reference.map(|r| r.session(RunPrecision::Highest, a.ctx)).transpose()?;
+    let r = perplexity_vs(&mut session, ref_session.as_mut(), &ids, a.ctx, a.max_chunks, true)?;
     let bits = r.effective_bits.map(|b| format!(", effective bits {b:.3}")).unwrap_or_default();
     let overhead = r.estimator_overhead.map(|o| format!(", estimator work {:.2}% of linear", 100.0 * o)).unwrap_or_default();
     println!(
@@ -67,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         extra.insert("text".into(), a.text.display().to_string().into());
         extra.insert("text_sha256".into(), dpllm_format::fingerprint::sha256_hex(text.as_bytes()).into());
         // What ran, so that reports can put results of one method on one line.
-        let (method, target) = match (&loaded.plan, loaded.model.bits_range()) {
+        let (method, target) = match (loaded.plan(), loaded.model().bits_range()) {
             (Some(p), _) => (if p.plan.kind == dpllm_format::plan::PlanKind::Static { "static" } else { "dp-llm" }, Some(p.plan.target_bits)),
             (None, Some((_, max))) => ("uniform", Some(a.bits.bits.unwrap_or(max) as f64)),
             (None, None) => ("full precision", None),

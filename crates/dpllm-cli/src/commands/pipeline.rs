@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions};
 use dpllm_engine::tokenizer::TextTokenizer;
-use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
+use dpllm_engine::session::PlanKey;
+use dpllm_engine::{RunPrecision, ServedModel};
 use dpllm_eval::perplexity::{perplexity, Perplexity};
 use dpllm_format::fingerprint::{model_fingerprint, sha256_file, sha256_hex};
 use dpllm_format::output::{Manifest, MARKDOWN_MARKER, VERSION};
 use dpllm_format::{check_output, OutputKind};
-use dpllm_format::plan::{self, Plan, PlanKind};
+use dpllm_format::plan::{self, PlanKind};
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -81,8 +82,8 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-fn eval(model: &Model, ids: &[u32], a: &Args, prec: Precision<'_>) -> anyhow::Result<Perplexity> {
-    perplexity(model, ids, a.ctx, a.max_chunks, true, prec)
+fn eval(served: &ServedModel, ids: &[u32], a: &Args, precision: RunPrecision) -> anyhow::Result<Perplexity> {
+    perplexity(&mut served.session(precision, a.ctx)?, ids, a.ctx, a.max_chunks, true)
 }
 
 /// `record` with its key: the sha256 of the record's JSON text.
@@ -209,25 +210,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = TextTokenizer::from_dir(&q, config.bos_token_id, &config.eos_token_ids)?;
     let ids = tok.encode(&text, true)?;
     let mut rows = Vec::new();
-    let full = Model::load(src)?;
-    rows.push(Row { method: "full precision".into(), target: None, result: eval(&full, &ids, &a, Precision::Fixed)? });
+    let full = ServedModel::load(src, None, None)?;
+    rows.push(Row { method: "full precision".into(), target: None, result: eval(&full, &ids, &a, RunPrecision::Highest)? });
     drop(full);
-    let uniform = Model::load_with(&q, &LoadOptions { max_bits: Some(a.calibration.max_bits), ..Default::default() })?;
+    let uniform = ServedModel::load(&q, None, Some(a.calibration.max_bits))?;
     for b in a.calibration.min_bits..=a.calibration.max_bits {
-        uniform.set_bits(b)?;
-        rows.push(Row { method: "uniform".into(), target: Some(b as f64), result: eval(&uniform, &ids, &a, Precision::Fixed)? });
+        rows.push(Row { method: "uniform".into(), target: Some(b as f64), result: eval(&uniform, &ids, &a, RunPrecision::Uniform(b))? });
     }
     drop(uniform);
     // One model loaded for the budget serves every plan of it: only the small tables change.
-    let targets = plan::available_targets(&bdir, PlanKind::Dynamic);
-    let first = targets.first().ok_or_else(|| anyhow::anyhow!("{} holds no plans", bdir.display()))?;
-    let model = Model::load_with(&q, &LoadOptions::for_plan(&Plan::load(&plan::plan_path(&bdir, PlanKind::Dynamic, *first))?))?;
-    for &t in &targets {
+    let served = ServedModel::load(&q, Some(budget), None)?;
+    for t in plan::available_targets(&bdir, PlanKind::Dynamic) {
         for (kind, name) in [(PlanKind::Static, "static"), (PlanKind::Dynamic, "dp-llm")] {
-            let path = plan::plan_path(&bdir, kind, t);
-            if path.is_file() {
-                let rp = RuntimePlan::load(&path, &model)?;
-                rows.push(Row { method: name.into(), target: Some(t), result: eval(&model, &ids, &a, Precision::Dynamic(&rp))? });
+            if plan::plan_path(&bdir, kind, t).is_file() {
+                let rp = served.plan(&PlanKey::Target { target: t, kind })?;
+                rows.push(Row { method: name.into(), target: Some(t), result: eval(&served, &ids, &a, RunPrecision::Plan(rp))? });
             }
         }
     }

@@ -28,10 +28,10 @@ pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs:
     }
     calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
     let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
-    let m = loaded.model;
+    let m = loaded.model();
     let seqs = calib.sequences(file, &tok, m.config.max_position_embeddings)?;
     let t = std::time::Instant::now();
-    let s = accumulate_sensitivities(&m, &seqs, true)?;
+    let s = accumulate_sensitivities(m, &seqs, true)?;
     save(&s, out, inputs)?;
     eprintln!("sensitivities of {} linears written to {} in {:.1}s", s.tensors().count(), out.display(), t.elapsed().as_secs_f64());
     Ok(())

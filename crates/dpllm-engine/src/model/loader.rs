@@ -6,11 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dpllm_format::anyprec::{self, AnyPrecInfo};
-use dpllm_format::{Checkpoint, FormatError, LinearKind, LinearSpec, ModelConfig};
+use dpllm_format::{Checkpoint, FormatError, LinearKind, LinearSpec, ModelConfig, TensorData};
 
+use super::rope::Rope;
 use super::{Block, GateUpProj, Model, QkvProj};
-use crate::cpu::rope::Rope;
-use crate::linear::{AnyPrecLinear, DenseLinear, Linear};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AnyPrecHost, Backend};
+use crate::error::Result;
+use crate::linear::{Linear, Weight};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
@@ -33,79 +36,104 @@ impl LoadOptions {
     }
 }
 
-struct Loader<'a> {
+struct Loader<'a, B: Backend> {
+    be: &'a B,
     ck: &'a Checkpoint,
     anyprec: Option<(AnyPrecInfo, u32)>,
     per_linear: Option<&'a HashMap<String, u32>>,
 }
 
-impl Loader<'_> {
-    fn linear(&self, s: &LinearSpec) -> Result<Box<dyn Linear>, FormatError> {
+impl<B: Backend> Loader<'_, B> {
+    fn linear(&self, s: &LinearSpec) -> Result<Linear<B>> {
         let bias = s.has_bias.then(|| self.ck.tensor_f32(&s.bias_name(), &[s.rows])).transpose()?;
         if let Some((info, keep)) = &self.anyprec {
             let keep = self.per_linear.and_then(|m| m.get(&s.prefix)).copied().unwrap_or(*keep);
             if keep < info.seed_bits || keep > info.max_bits {
-                return Err(FormatError::invalid(self.ck.dir(), format!("cannot load {} at {keep} bits: the file holds {}..={} bits", s.prefix, info.seed_bits, info.max_bits)));
+                return Err(FormatError::invalid(self.ck.dir(), format!("cannot load {} at {keep} bits: the file holds {}..={} bits", s.prefix, info.seed_bits, info.max_bits)).into());
             }
             let planes = anyprec::read_planes(self.ck, &s.prefix, s.rows, s.cols, keep)?;
             let luts = (info.seed_bits..=keep).map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b)).collect::<Result<Vec<_>, _>>()?;
-            return Ok(Box::new(AnyPrecLinear::new(s.rows, s.cols, info.seed_bits, keep, planes, luts, bias)));
+            let host = AnyPrecHost { rows: s.rows, cols: s.cols, seed_bits: info.seed_bits, max_bits: keep, planes, luts, bias };
+            return Ok(Linear::anyprec(self.be.anyprec(host)?, s.rows, s.cols, info.seed_bits, keep));
         }
         let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
-        Ok(Box::new(DenseLinear::new(Arc::new(w), s.rows, s.cols, bias)))
+        self.dense(Arc::new(w), s.rows, s.cols, bias)
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, FormatError> {
-        self.ck.tensor_f32(name, &[len])
+    fn dense(&self, w: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Linear<B>> {
+        let bytes = w.nbytes() + bias.as_ref().map_or(0, |b| b.len() * 4);
+        let storage = w.dtype().name().to_lowercase();
+        Ok(Linear::dense(Arc::new(self.be.dense(w, rows, cols, bias)?), rows, cols, bytes, storage))
+    }
+
+    /// The backend's copy of a dense linear's weight (to share it).
+    fn shared(lin: &Linear<B>) -> Arc<B::Dense> {
+        match lin.weight() {
+            Weight::Dense(w) => w.clone(),
+            Weight::AnyPrec { .. } => unreachable!("built dense"),
+        }
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<B::Buf> {
+        self.be.upload(&self.ck.tensor_f32(name, &[len])?)
     }
 }
 
-impl Model {
-    /// Load the model in `dir` with default options.
-    pub fn load(dir: &Path) -> Result<Model, FormatError> {
+impl Model<CpuBackend> {
+    /// Load the model in `dir` on the CPU with default options.
+    pub fn load(dir: &Path) -> Result<Model> {
         Self::load_with(dir, &LoadOptions::default())
     }
 
-    /// Load the model in `dir`: `config.json` plus either the any-precision
-    /// weights file or the Hugging Face safetensors shards.
-    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model, FormatError> {
+    /// Load the model in `dir` on the CPU (see [`Model::load_on`]).
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        Self::load_on(CpuBackend, dir, opts)
+    }
+
+    /// Build the model from an opened Hugging Face checkpoint, on the CPU.
+    pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint) -> Result<Model> {
+        Self::build(CpuBackend, config, ck, None, None)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Load the model in `dir` onto `backend`: `config.json` plus either the
+    /// any-precision weights file or the Hugging Face safetensors shards (or a GGUF file).
+    pub fn load_on(backend: B, dir: &Path, opts: &LoadOptions) -> Result<Model<B>> {
         let config = ModelConfig::from_dir(dir)?;
         if anyprec::is_anyprec_dir(dir) {
             let path = dir.join(anyprec::ANYPREC_WEIGHTS);
             let ck = Checkpoint::open_file(&path)?;
             let info = AnyPrecInfo::from_metadata(ck.metadata(), &path)?;
             if info.architecture != config.arch.hf_name() {
-                return Err(FormatError::invalid(&path, format!("quantized a {}, but config.json says {}", info.architecture, config.arch.hf_name())));
+                return Err(FormatError::invalid(&path, format!("quantized a {}, but config.json says {}", info.architecture, config.arch.hf_name())).into());
             }
             let keep = opts.max_bits.unwrap_or(info.max_bits);
             if keep < info.seed_bits || keep > info.max_bits {
-                return Err(FormatError::invalid(&path, format!("cannot load at {keep} bits: the file holds {}..={} bits", info.seed_bits, info.max_bits)));
+                return Err(FormatError::invalid(&path, format!("cannot load at {keep} bits: the file holds {}..={} bits", info.seed_bits, info.max_bits)).into());
             }
-            Self::build(config, &ck, Some((info, keep)), opts.linear_max_bits.as_ref())
+            Self::build(backend, config, &ck, Some((info, keep)), opts.linear_max_bits.as_ref())
         } else {
             if opts.max_bits.is_some() || opts.linear_max_bits.is_some() {
-                return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)"));
+                return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)").into());
             }
             let ck = Checkpoint::open(dir)?;
-            Self::build(config, &ck, None, None)
+            Self::build(backend, config, &ck, None, None)
         }
     }
 
-    /// Build the model from an opened Hugging Face checkpoint.
-    pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint) -> Result<Model, FormatError> {
-        Self::build(config, ck, None, None)
-    }
-
-    fn build(config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>, per_linear: Option<&HashMap<String, u32>>) -> Result<Model, FormatError> {
+    fn build(backend: B, config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>, per_linear: Option<&HashMap<String, u32>>) -> Result<Model<B>> {
         let c = &config;
         c.check_layer_count(ck)?;
-        let ld = Loader { ck, anyprec, per_linear };
+        let ld = Loader { be: &backend, ck, anyprec, per_linear };
         let d = c.hidden_size;
-        let embed = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);
+        let embed_w = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);
+        let embed_lin = ld.dense(embed_w, c.vocab_size, d, None)?;
+        let embed = Loader::shared(&embed_lin);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let n = |s: &str| format!("model.layers.{i}.{s}");
-            let mut lin: HashMap<LinearKind, Box<dyn Linear>> = HashMap::new();
+            let mut lin: HashMap<LinearKind, Linear<B>> = HashMap::new();
             for spec in c.block_linears(i) {
                 lin.insert(spec.kind, ld.linear(&spec)?);
             }
@@ -137,12 +165,15 @@ impl Model {
             });
         }
         let lm_head = if c.tie_word_embeddings {
-            DenseLinear::new(embed.clone(), c.vocab_size, d, None)
+            embed_lin
         } else {
-            DenseLinear::new(Arc::new(ck.tensor("lm_head.weight", &[c.vocab_size, d])?), c.vocab_size, d, None)
+            ld.dense(Arc::new(ck.tensor("lm_head.weight", &[c.vocab_size, d])?), c.vocab_size, d, None)?
         };
+        let rope = Rope::new(c);
+        let rope_table = backend.upload(&rope.table(0, c.max_position_embeddings))?;
         Ok(Model {
-            rope: Rope::new(c),
+            rope,
+            rope_table,
             final_norm: ld.vector("model.norm.weight", d)?,
             embed,
             blocks,
@@ -150,6 +181,7 @@ impl Model {
             dir: ck.dir().into(),
             anyprec: ld.anyprec.map(|(info, _)| info),
             config,
+            backend,
         })
     }
 }

@@ -1,7 +1,9 @@
-//! The decoder-only transformer (Llama family layout) and its forward pass.
+//! The decoder-only transformer (Llama family layout) and its forward pass,
+//! generic over the [`Backend`] that holds its weights and runs its ops.
 
 mod forward;
 mod loader;
+pub mod rope;
 
 pub use loader::LoadOptions;
 
@@ -9,103 +11,110 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dpllm_format::anyprec::AnyPrecInfo;
-use dpllm_format::{ModelConfig, TensorData};
+use dpllm_format::ModelConfig;
 
-use crate::cpu::rope::Rope;
+use crate::backend::cpu::{CpuBackend, DenseLinear};
+use crate::backend::Backend;
 use crate::kv_cache::KvCache;
-use crate::linear::{DenseLinear, Linear};
+use crate::linear::Linear;
+use crate::select::Precision;
 use crate::EngineError;
+use rope::Rope;
 
 /// Query/key/value projections: three matrices, or one fused (Phi-3).
-pub enum QkvProj {
+pub enum QkvProj<B: Backend = CpuBackend> {
     /// Separate q, k, v projections.
     Separate {
         /// Query projection.
-        q: Box<dyn Linear>,
+        q: Linear<B>,
         /// Key projection.
-        k: Box<dyn Linear>,
+        k: Linear<B>,
         /// Value projection.
-        v: Box<dyn Linear>,
+        v: Linear<B>,
     },
     /// One [q + 2·kv, hidden] projection.
-    Fused(Box<dyn Linear>),
+    Fused(Linear<B>),
 }
 
 /// Gate/up projections of the SwiGLU MLP: two matrices, or one fused (Phi-3).
-pub enum GateUpProj {
+pub enum GateUpProj<B: Backend = CpuBackend> {
     /// Separate gate and up projections.
     Separate {
         /// Gate projection.
-        gate: Box<dyn Linear>,
+        gate: Linear<B>,
         /// Up projection.
-        up: Box<dyn Linear>,
+        up: Linear<B>,
     },
     /// One [2·intermediate, hidden] projection (gate rows first).
-    Fused(Box<dyn Linear>),
+    Fused(Linear<B>),
 }
 
 /// One transformer block.
-pub struct Block {
+pub struct Block<B: Backend = CpuBackend> {
     /// RMSNorm before attention.
-    pub attn_norm: Vec<f32>,
+    pub attn_norm: B::Buf,
     /// q/k/v projections.
-    pub qkv: QkvProj,
+    pub qkv: QkvProj<B>,
     /// Per-head RMSNorm weights on q and k (Qwen3).
-    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub qk_norm: Option<(B::Buf, B::Buf)>,
     /// Attention output projection.
-    pub o_proj: Box<dyn Linear>,
+    pub o_proj: Linear<B>,
     /// RMSNorm before the MLP.
-    pub mlp_norm: Vec<f32>,
+    pub mlp_norm: B::Buf,
     /// gate/up projections.
-    pub gate_up: GateUpProj,
+    pub gate_up: GateUpProj<B>,
     /// MLP down projection.
-    pub down_proj: Box<dyn Linear>,
+    pub down_proj: Linear<B>,
 }
 
-impl Block {
+impl<B: Backend> Block<B> {
     /// Every linear of the block with a short name, in execution order.
-    pub fn linears(&self) -> Vec<(&'static str, &dyn Linear)> {
-        let mut v: Vec<(&'static str, &dyn Linear)> = Vec::new();
+    pub fn linears(&self) -> Vec<(&'static str, &Linear<B>)> {
+        let mut v: Vec<(&'static str, &Linear<B>)> = Vec::new();
         match &self.qkv {
             QkvProj::Separate { q, k, v: vv } => {
-                v.push(("q_proj", q.as_ref()));
-                v.push(("k_proj", k.as_ref()));
-                v.push(("v_proj", vv.as_ref()));
+                v.push(("q_proj", q));
+                v.push(("k_proj", k));
+                v.push(("v_proj", vv));
             }
-            QkvProj::Fused(f) => v.push(("qkv_proj", f.as_ref())),
+            QkvProj::Fused(f) => v.push(("qkv_proj", f)),
         }
-        v.push(("o_proj", self.o_proj.as_ref()));
+        v.push(("o_proj", &self.o_proj));
         match &self.gate_up {
             GateUpProj::Separate { gate, up } => {
-                v.push(("gate_proj", gate.as_ref()));
-                v.push(("up_proj", up.as_ref()));
+                v.push(("gate_proj", gate));
+                v.push(("up_proj", up));
             }
-            GateUpProj::Fused(f) => v.push(("gate_up_proj", f.as_ref())),
+            GateUpProj::Fused(f) => v.push(("gate_up_proj", f)),
         }
-        v.push(("down_proj", self.down_proj.as_ref()));
+        v.push(("down_proj", &self.down_proj));
         v
     }
 }
 
-/// A loaded causal language model.
-pub struct Model {
+/// A loaded causal language model on backend `B`.
+pub struct Model<B: Backend = CpuBackend> {
     /// Validated config.
     pub config: ModelConfig,
     /// Directory it was loaded from.
     pub dir: PathBuf,
-    embed: Arc<TensorData>,
+    /// The backend holding the weights and running the ops.
+    pub backend: B,
+    embed: Arc<B::Dense>,
     /// Transformer blocks.
-    pub blocks: Vec<Block>,
-    final_norm: Vec<f32>,
-    lm_head: DenseLinear,
+    pub blocks: Vec<Block<B>>,
+    final_norm: B::Buf,
+    lm_head: Linear<B>,
     rope: Rope,
+    /// cos/sin of every position up to the context window, on the backend.
+    rope_table: B::Buf,
     anyprec: Option<AnyPrecInfo>,
 }
 
-impl Model {
-    /// A fresh KV cache sized for `capacity` positions (at most the trained context unless asked).
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.config.num_layers, self.config.kv_dim(), capacity)
+impl<B: Backend> Model<B> {
+    /// A fresh KV cache sized for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
+        KvCache::new(self.backend.clone(), self.config.num_layers, self.config.kv_dim(), capacity)
     }
 
     /// Average weight bytes read per token by a run whose precisions `stats` counted
@@ -115,9 +124,9 @@ impl Model {
         for (g, (_, lin)) in self.blocks.iter().flat_map(|b| b.linears()).enumerate() {
             let c = &stats.counts[g];
             let tokens: u64 = c.iter().sum();
-            bytes += match lin.as_anyprec() {
-                Some(q) if tokens > 0 => {
-                    c.iter().enumerate().filter(|(_, &k)| k > 0).map(|(b, &k)| q.bytes_at(b as u32) as f64 * k as f64).sum::<f64>() / tokens as f64
+            bytes += match lin.bits_range() {
+                Some(_) if tokens > 0 => {
+                    c.iter().enumerate().filter(|(_, &k)| k > 0).map(|(b, &k)| lin.bytes_at(b as u32) as f64 * k as f64).sum::<f64>() / tokens as f64
                 }
                 _ => lin.weight_bytes() as f64,
             };
@@ -130,44 +139,57 @@ impl Model {
         self.anyprec.as_ref()
     }
 
-    /// Run every quantized linear at `bits` (uniform precision).
-    pub fn set_bits(&self, bits: u32) -> Result<(), EngineError> {
-        if self.anyprec.is_none() {
-            return Err(EngineError::NotAnyPrecision);
-        }
-        for b in &self.blocks {
-            for (name, l) in b.linears() {
-                if let Some(q) = l.as_anyprec() {
-                    q.set_bits(bits).map_err(|e| EngineError::Bits(format!("{name}: {e}")))?;
+    /// Check that this model can run a call at `prec`: uniform bits within the
+    /// loaded range of an any-precision model, a plan made for this model.
+    pub fn check_precision(&self, prec: Precision<'_, B>) -> Result<(), EngineError> {
+        match prec {
+            Precision::Highest => Ok(()),
+            Precision::Uniform(bits) => {
+                let (lo, hi) = self.bits_range().ok_or(EngineError::NotAnyPrecision)?;
+                if !(lo..=hi).contains(&bits) {
+                    return Err(EngineError::Bits(format!("{bits} bits is outside the loaded range {lo}..={hi} (load the model with more planes to run higher)")));
                 }
+                Ok(())
+            }
+            Precision::Max(p) | Precision::Dynamic(p) => {
+                if p.blocks.len() != self.blocks.len() || p.blocks.iter().zip(&self.blocks).any(|(s, b)| s.len() != b.linears().len()) {
+                    return Err(EngineError::Plan("the plan was made for a model with other layers".into()));
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Precision range every quantized linear can run at (seed..=loaded max).
     pub fn bits_range(&self) -> Option<(u32, u32)> {
-        let q = self.blocks.first()?.linears().into_iter().find_map(|(_, l)| l.as_anyprec().map(|q| (q.seed_bits(), q.max_bits())));
-        q
-    }
-
-    /// The embedding matrix [vocab × hidden] as f32.
-    pub fn embedding_f32(&self) -> Vec<f32> {
-        self.embed.to_f32()
-    }
-
-    /// Weights of the final RMSNorm.
-    pub fn final_norm(&self) -> &[f32] {
-        &self.final_norm
+        self.blocks.first()?.linears().into_iter().find_map(|(_, l)| l.bits_range())
     }
 
     /// The output projection [vocab × hidden] (the embedding when tied).
-    pub fn lm_head(&self) -> &DenseLinear {
+    pub fn lm_head(&self) -> &Linear<B> {
         &self.lm_head
     }
 
     /// The model's rotary embedding.
     pub fn rope(&self) -> &Rope {
         &self.rope
+    }
+}
+
+/// Host access to the weights of a model on the CPU backend.
+impl Model<CpuBackend> {
+    /// The embedding matrix [vocab × hidden] as f32.
+    pub fn embedding_f32(&self) -> Vec<f32> {
+        self.embed.weight_f32()
+    }
+
+    /// The embedding table.
+    pub fn embedding(&self) -> &DenseLinear {
+        &self.embed
+    }
+
+    /// Weights of the final RMSNorm.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.final_norm
     }
 }

@@ -12,6 +12,8 @@ pub mod stats;
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use dpllm_format::plan::{EstimatorSpec, Plan, PlanKind, ESTIMATORS_FILE};
 use dpllm_format::{Checkpoint, FormatError, TensorData};
 
@@ -19,22 +21,36 @@ pub use estimator::Estimator;
 pub(crate) use run::run_linear;
 pub use stats::BitStats;
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::error::Result;
 use crate::Model;
 
-/// How the quantized linears of one forward call choose their precision.
-#[derive(Clone, Copy)]
-pub enum Precision<'a> {
-    /// Each linear at the precision set on it ([`Model::set_bits`]); dense layers as stored.
-    Fixed,
+/// How the quantized linears of one forward call choose their precision: an
+/// argument of every call, never state on the shared weights, so one loaded
+/// model serves concurrent calls at different precisions.
+pub enum Precision<'a, B: Backend = CpuBackend> {
+    /// Every quantized linear at the highest precision loaded; dense layers as stored.
+    Highest,
+    /// Every quantized linear at this many bits (within the loaded range).
+    Uniform(u32),
     /// Every linear at its maximum precision m_l under the plan (generation prefill).
-    Max(&'a RuntimePlan),
+    Max(&'a RuntimePlan<B>),
     /// Per token and linear: estimate, compare with the threshold, run at b_l or b_h.
-    Dynamic(&'a RuntimePlan),
+    Dynamic(&'a RuntimePlan<B>),
 }
 
+impl<B: Backend> Clone for Precision<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Precision<'_, B> {}
+
 /// The selection rule of one linear.
-#[derive(Debug, Clone)]
-pub struct LinearSelect {
+#[derive(Debug)]
+pub struct LinearSelect<B: Backend = CpuBackend> {
     /// Tensor-name prefix.
     pub name: String,
     /// Maximum precision m_l.
@@ -45,11 +61,11 @@ pub struct LinearSelect {
     pub high: u32,
     /// Threshold τ.
     pub threshold: f32,
-    /// Estimator.
-    pub estimator: Estimator,
+    /// Estimator, its weights on the model's backend.
+    pub estimator: Estimator<B>,
 }
 
-impl LinearSelect {
+impl<B: Backend> LinearSelect<B> {
     /// True when this linear needs a per-token estimate.
     pub fn selects(&self) -> bool {
         self.low != self.high
@@ -57,20 +73,27 @@ impl LinearSelect {
 }
 
 /// A plan ready to run on one model.
-#[derive(Debug, Clone)]
-pub struct RuntimePlan {
+#[derive(Debug)]
+pub struct RuntimePlan<B: Backend = CpuBackend> {
     /// The plan as stored.
     pub plan: Plan,
-    /// Per block, per linear in `Block::linears()` order.
-    pub blocks: Vec<Vec<LinearSelect>>,
+    /// Per block, per linear in `Block::linears()` order (shared by copies that
+    /// change only the estimator input).
+    pub blocks: Arc<Vec<Vec<LinearSelect<B>>>>,
     /// Feed q/k/v and gate/up estimators the residual-stream approximation of
     /// their input (METHOD.md 2f) instead of the exact input.
     pub async_estimation: bool,
 }
 
-impl RuntimePlan {
+impl<B: Backend> Clone for RuntimePlan<B> {
+    fn clone(&self) -> Self {
+        RuntimePlan { plan: self.plan.clone(), blocks: self.blocks.clone(), async_estimation: self.async_estimation }
+    }
+}
+
+impl<B: Backend> RuntimePlan<B> {
     /// Load the plan at `path` (with the estimator file beside it) for `model`.
-    pub fn load(path: &Path, model: &Model) -> Result<RuntimePlan, FormatError> {
+    pub fn load(path: &Path, model: &Model<B>) -> Result<RuntimePlan<B>> {
         let plan = Plan::load(path)?;
         let est_path = path.parent().unwrap_or(Path::new(".")).join(ESTIMATORS_FILE);
         let needs_file = plan.linears.iter().any(|l| matches!(l.estimator, EstimatorSpec::Jl { .. }));
@@ -79,22 +102,22 @@ impl RuntimePlan {
     }
 
     /// Check `plan` against `model` and resolve its estimators; `path` names the plan in errors.
-    pub fn from_plan(plan: Plan, estimators: Option<&Checkpoint>, model: &Model, path: &Path) -> Result<RuntimePlan, FormatError> {
+    pub fn from_plan(plan: Plan, estimators: Option<&Checkpoint>, model: &Model<B>, path: &Path) -> Result<RuntimePlan<B>> {
         let specs = model.config.linears();
         if specs.len() != plan.linears.len() {
-            return Err(FormatError::invalid(path, format!("plan has {} linears, the model {}", plan.linears.len(), specs.len())));
+            return Err(FormatError::invalid(path, format!("plan has {} linears, the model {}", plan.linears.len(), specs.len())).into());
         }
-        let mut blocks: Vec<Vec<LinearSelect>> = model.blocks.iter().map(|_| Vec::new()).collect();
+        let mut blocks: Vec<Vec<LinearSelect<B>>> = model.blocks.iter().map(|_| Vec::new()).collect();
         for ((spec, lp), (_, lin)) in specs.iter().zip(&plan.linears).zip(model.blocks.iter().flat_map(|b| b.linears())) {
             if spec.prefix != lp.name || spec.size() != lp.size {
-                return Err(FormatError::invalid(path, format!("plan linear {} ({} params) does not match the model's {} ({} params)", lp.name, lp.size, spec.prefix, spec.size())));
+                return Err(FormatError::invalid(path, format!("plan linear {} ({} params) does not match the model's {} ({} params)", lp.name, lp.size, spec.prefix, spec.size())).into());
             }
-            let Some(q) = lin.as_anyprec() else {
-                return Err(FormatError::invalid(path, "a plan needs a dpllm any-precision model (this one is not quantized)"));
+            let Some((seed, max)) = lin.bits_range() else {
+                return Err(FormatError::invalid(path, "a plan needs a dpllm any-precision model (this one is not quantized)").into());
             };
             let need = lp.max_bits.max(lp.high_bits);
-            if q.max_bits() < need || q.seed_bits() > lp.low_bits {
-                return Err(FormatError::invalid(path, format!("{} needs {}..={} bits but the model holds {}..={} (load it for this plan's budget)", lp.name, lp.low_bits, need, q.seed_bits(), q.max_bits())));
+            if max < need || seed > lp.low_bits {
+                return Err(FormatError::invalid(path, format!("{} needs {}..={} bits but the model holds {seed}..={max} (load it for this plan's budget)", lp.name, lp.low_bits, need)).into());
             }
             let estimator = match &lp.estimator {
                 EstimatorSpec::None => Estimator::None,
@@ -103,9 +126,9 @@ impl RuntimePlan {
                     let ck = estimators.ok_or_else(|| FormatError::invalid(path, format!("{ESTIMATORS_FILE} is missing")))?;
                     let g = ck.tensor_f32(tensor, &[*k, spec.cols])?;
                     if g.iter().any(|v| !v.is_finite()) {
-                        return Err(FormatError::invalid(path, format!("estimator {tensor} has non-finite values")));
+                        return Err(FormatError::invalid(path, format!("estimator {tensor} has non-finite values")).into());
                     }
-                    Estimator::Jl { k: *k, g: TensorData::F32(g), bias: *bias }
+                    Estimator::Jl { k: *k, g: model.backend.dense(Arc::new(TensorData::F32(g)), *k, spec.cols, None)?, bias: *bias }
                 }
             };
             blocks[spec.layer].push(LinearSelect {
@@ -118,7 +141,7 @@ impl RuntimePlan {
             });
         }
         let async_estimation = plan.async_estimation;
-        Ok(RuntimePlan { plan, blocks, async_estimation })
+        Ok(RuntimePlan { plan, blocks: Arc::new(blocks), async_estimation })
     }
 
     /// Dynamic or static.

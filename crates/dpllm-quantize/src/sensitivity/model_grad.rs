@@ -5,8 +5,8 @@
 //! token t+1). Gradients flow through lm_head, the final norm and every block;
 //! only the gradients of the block linears are produced (nothing else is quantized).
 
-use dpllm_engine::cpu::attention::AttnShape;
-use dpllm_engine::cpu::rope::Rope;
+use dpllm_engine::backend::cpu::attention::AttnShape;
+use dpllm_engine::model::rope::Rope;
 use dpllm_engine::linear::Linear;
 use dpllm_engine::model::{GateUpProj, QkvProj};
 use dpllm_engine::Model;
@@ -29,10 +29,10 @@ pub struct LinearF32 {
 }
 
 impl LinearF32 {
-    fn from_linear(name: &'static str, l: &dyn Linear) -> LinearF32 {
+    fn from_linear(name: &'static str, l: &Linear, bits: Option<u32>) -> LinearF32 {
         LinearF32 {
             name,
-            w: l.weight_f32(),
+            w: l.weight_f32_at(bits),
             bias: l.bias().map(|b| b.to_vec()),
             out_f: l.out_features(),
             in_f: l.in_features(),
@@ -204,8 +204,14 @@ pub struct GradModel {
 }
 
 impl GradModel {
-    /// Copy every weight of `model` to f32.
+    /// Copy every weight of `model` to f32 (quantized linears at their highest loaded precision).
     pub fn from_model(model: &Model) -> GradModel {
+        Self::from_model_at(model, None)
+    }
+
+    /// Copy every weight of `model` to f32, quantized linears dequantized at `bits`
+    /// (at most their loaded precision; None: the highest loaded).
+    pub fn from_model_at(model: &Model, bits: Option<u32>) -> GradModel {
         let c = &model.config;
         let blocks = model
             .blocks
@@ -213,29 +219,29 @@ impl GradModel {
             .map(|b| {
                 let qkv = match &b.qkv {
                     QkvProj::Separate { q, k, v } => vec![
-                        LinearF32::from_linear("q_proj", q.as_ref()),
-                        LinearF32::from_linear("k_proj", k.as_ref()),
-                        LinearF32::from_linear("v_proj", v.as_ref()),
+                        LinearF32::from_linear("q_proj", q, bits),
+                        LinearF32::from_linear("k_proj", k, bits),
+                        LinearF32::from_linear("v_proj", v, bits),
                     ],
-                    QkvProj::Fused(f) => vec![LinearF32::from_linear("qkv_proj", f.as_ref())],
+                    QkvProj::Fused(f) => vec![LinearF32::from_linear("qkv_proj", f, bits)],
                 };
                 let gate_up = match &b.gate_up {
                     GateUpProj::Separate { gate, up } => {
                         vec![
-                            LinearF32::from_linear("gate_proj", gate.as_ref()),
-                            LinearF32::from_linear("up_proj", up.as_ref()),
+                            LinearF32::from_linear("gate_proj", gate, bits),
+                            LinearF32::from_linear("up_proj", up, bits),
                         ]
                     }
-                    GateUpProj::Fused(f) => vec![LinearF32::from_linear("gate_up_proj", f.as_ref())],
+                    GateUpProj::Fused(f) => vec![LinearF32::from_linear("gate_up_proj", f, bits)],
                 };
                 BlockF32 {
                     attn_norm: b.attn_norm.clone(),
                     qkv: Group { linears: qkv, widths: vec![c.q_dim(), c.kv_dim(), c.kv_dim()] },
                     qk_norm: b.qk_norm.clone(),
-                    o_proj: LinearF32::from_linear("o_proj", b.o_proj.as_ref()),
+                    o_proj: LinearF32::from_linear("o_proj", &b.o_proj, bits),
                     mlp_norm: b.mlp_norm.clone(),
                     gate_up: Group { linears: gate_up, widths: vec![c.intermediate_size, c.intermediate_size] },
-                    down_proj: LinearF32::from_linear("down_proj", b.down_proj.as_ref()),
+                    down_proj: LinearF32::from_linear("down_proj", &b.down_proj, bits),
                 }
             })
             .collect();

@@ -6,11 +6,11 @@
 //! and the sequence starts at position 0 (no KV cache). Forward kernels that the
 //! engine already has are reused so the forward pass matches it bit for bit.
 
-use dpllm_engine::cpu::activation::{silu, swiglu_inplace};
-use dpllm_engine::cpu::attention::{attention, AttnShape};
-use dpllm_engine::cpu::dot::dot_f32;
-use dpllm_engine::cpu::norm::{rms_norm, rms_norm_inplace};
-use dpllm_engine::cpu::rope::Rope;
+use dpllm_engine::backend::cpu::activation::{silu, swiglu_inplace};
+use dpllm_engine::backend::cpu::attention::{attention, AttnShape};
+use dpllm_engine::backend::cpu::dot::dot_f32;
+use dpllm_engine::backend::cpu::norm::{rms_norm, rms_norm_inplace};
+use dpllm_engine::model::rope::Rope;
 use rayon::prelude::*;
 
 /// `dst [m × n] = (accumulate ? dst : 0) + lhs · rhs`, all through explicit strides

@@ -1,13 +1,12 @@
 //! Any-precision weights: bit-planes + per-row centroid tables, run at any
 //! bit-width from the seed precision up to the loaded maximum.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use half::f16;
 
-use super::{add_bias, Linear};
-use crate::cpu::bitplane::{dequantize_row, dot_row_with, BitplaneKernel};
-use crate::cpu::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
+use super::add_bias;
+use super::bitplane::{dequantize_row, dot_row_with, BitplaneKernel};
+use super::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
+use crate::backend::AnyPrecHost;
 
 /// A quantized linear holding planes 0..max_bits and LUTs seed_bits..=max_bits.
 pub struct AnyPrecLinear {
@@ -21,7 +20,6 @@ pub struct AnyPrecLinear {
     /// luts[b - seed_bits]: [rows × 2^b].
     luts: Vec<Vec<f16>>,
     bias: Option<Vec<f32>>,
-    bits: AtomicU32,
 }
 
 impl AnyPrecLinear {
@@ -34,7 +32,7 @@ impl AnyPrecLinear {
         for (i, l) in luts.iter().enumerate() {
             assert_eq!(l.len(), rows << (seed_bits as usize + i), "LUT size");
         }
-        AnyPrecLinear { rows, cols, words, seed_bits, max_bits, planes, luts, bias, bits: AtomicU32::new(max_bits) }
+        AnyPrecLinear { rows, cols, words, seed_bits, max_bits, planes, luts, bias }
     }
 
     /// A layer of random planes (padding bits zero, as the packer writes them) and
@@ -64,19 +62,8 @@ impl AnyPrecLinear {
         self.max_bits
     }
 
-    /// Precision used by [`Linear::forward`].
-    pub fn bits(&self) -> u32 {
-        self.bits.load(Ordering::Relaxed)
-    }
-
-    /// Set the precision used by [`Linear::forward`] (must be in seed..=max).
-    pub fn set_bits(&self, bits: u32) -> Result<(), String> {
-        self.check_bits(bits)?;
-        self.bits.store(bits, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn check_bits(&self, bits: u32) -> Result<(), String> {
+    /// Ok when the layer can run at `bits` (seed..=max loaded), else why not.
+    pub fn check_bits(&self, bits: u32) -> Result<(), String> {
         if bits < self.seed_bits || bits > self.max_bits {
             return Err(format!("{bits} bits is outside the loaded range {}..={}", self.seed_bits, self.max_bits));
         }
@@ -134,33 +121,25 @@ impl AnyPrecLinear {
     }
 }
 
-impl Linear for AnyPrecLinear {
-    fn out_features(&self) -> usize {
+impl AnyPrecLinear {
+    /// Take a weight as read from the file.
+    pub fn from_host(w: AnyPrecHost) -> AnyPrecLinear {
+        AnyPrecLinear::new(w.rows, w.cols, w.seed_bits, w.max_bits, w.planes, w.luts, w.bias)
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
         self.rows
     }
-    fn in_features(&self) -> usize {
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
         self.cols
     }
-    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        self.forward_bits(x, n, y, self.bits())
-    }
-    fn forward_at(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32) {
-        self.forward_bits(x, n, y, bits)
-    }
-    fn weight_bytes(&self) -> usize {
-        self.bytes_at(self.bits())
-    }
-    fn storage(&self) -> String {
-        format!("anyprec {}-bit (max {})", self.bits(), self.max_bits)
-    }
-    fn weight_f32(&self) -> Vec<f32> {
-        self.dequantize(self.bits())
-    }
-    fn bias(&self) -> Option<&[f32]> {
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
-    }
-    fn as_anyprec(&self) -> Option<&AnyPrecLinear> {
-        Some(self)
     }
 }
 
@@ -203,10 +182,9 @@ mod tests {
     fn bits_outside_loaded_range_are_rejected() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let layer = random_layer(&mut rng, 4, 32, 5);
-        assert!(layer.set_bits(6).is_err());
-        assert!(layer.set_bits(2).is_err());
-        layer.set_bits(4).unwrap();
-        assert_eq!(layer.bits(), 4);
+        assert!(layer.check_bits(6).is_err());
+        assert!(layer.check_bits(2).is_err());
+        layer.check_bits(4).unwrap();
         assert_eq!(layer.bytes_at(4), 4 * (4 * 4 + 32));
     }
 }

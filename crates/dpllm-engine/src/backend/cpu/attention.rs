@@ -5,18 +5,7 @@ use rayon::prelude::*;
 use super::dot::dot_f32;
 use super::SendPtr;
 
-/// Head layout of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    /// Query heads.
-    pub num_heads: usize,
-    /// Key/value heads (divides `num_heads`).
-    pub num_kv_heads: usize,
-    /// Dimension per head.
-    pub head_dim: usize,
-    /// Each query sees at most this many most recent positions (itself included).
-    pub window: Option<usize>,
-}
+pub use crate::backend::AttnShape;
 
 /// `out [n × heads·hd]` = softmax(q·kᵀ/√hd)·v for queries at positions
 /// `pos0..pos0+n`, over cached keys/values `k`, `v` [(pos0+n) × kv_heads·hd].

@@ -1,8 +1,10 @@
 //! Rotary position embeddings (Hugging Face "rotate_half" layout), with the
-//! linear and Llama 3.1 frequency scalings.
+//! linear and Llama 3.1 frequency scalings: the frequencies of a model and the
+//! cos/sin table the backends' RoPE kernels read.
 
 use dpllm_format::{ModelConfig, RopeScaling};
-use rayon::prelude::*;
+
+use crate::backend::cpu::rope::rope_apply;
 
 /// Precomputed RoPE frequencies for one model.
 #[derive(Debug, Clone)]
@@ -39,53 +41,47 @@ impl Rope {
         Rope { inv_freq, head_dim: cfg.head_dim, rot_dim }
     }
 
+    /// Dimensions rotated per head.
+    pub fn rot_dim(&self) -> usize {
+        self.rot_dim
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// cos/sin of positions `pos0..pos0 + n`: per position, rot_dim/2 cosines then
+    /// rot_dim/2 sines (angles in f64, rounded once to f32).
+    pub fn table(&self, pos0: usize, n: usize) -> Vec<f32> {
+        let half = self.rot_dim / 2;
+        let mut t = vec![0f32; n * self.rot_dim];
+        for (i, row) in t.chunks_mut(self.rot_dim.max(1)).enumerate().take(n) {
+            let pos = (pos0 + i) as f64;
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let a = pos * f;
+                row[j] = a.cos() as f32;
+                row[half + j] = a.sin() as f32;
+            }
+        }
+        t
+    }
+
     /// Rotate `x` [n × heads × head_dim] in place; token t sits at position `pos0 + t`.
     pub fn apply(&self, x: &mut [f32], heads: usize, pos0: usize) {
-        let hd = self.head_dim;
-        let half = self.rot_dim / 2;
-        x.par_chunks_mut(heads * hd).enumerate().for_each(|(t, tok)| {
-            let pos = (pos0 + t) as f64;
-            let (cos, sin): (Vec<f32>, Vec<f32>) = self
-                .inv_freq
-                .iter()
-                .map(|f| {
-                    let a = pos * f;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .unzip();
-            for h in tok.chunks_mut(hd) {
-                for i in 0..half {
-                    let (a, b) = (h[i], h[i + half]);
-                    h[i] = a * cos[i] - b * sin[i];
-                    h[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
-        });
+        self.rotate(x, heads, pos0, false)
     }
 
     /// The inverse rotation (by −angle) of `x` [n × heads × head_dim], i.e. the
     /// transpose of [`Rope::apply`]: back-propagates a gradient through RoPE.
     pub fn apply_inverse(&self, x: &mut [f32], heads: usize, pos0: usize) {
-        let hd = self.head_dim;
-        let half = self.rot_dim / 2;
-        x.par_chunks_mut(heads * hd).enumerate().for_each(|(t, tok)| {
-            let pos = (pos0 + t) as f64;
-            let (cos, sin): (Vec<f32>, Vec<f32>) = self
-                .inv_freq
-                .iter()
-                .map(|f| {
-                    let a = pos * f;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .unzip();
-            for h in tok.chunks_mut(hd) {
-                for i in 0..half {
-                    let (a, b) = (h[i], h[i + half]);
-                    h[i] = a * cos[i] + b * sin[i];
-                    h[i + half] = b * cos[i] - a * sin[i];
-                }
-            }
-        });
+        self.rotate(x, heads, pos0, true)
+    }
+
+    fn rotate(&self, x: &mut [f32], heads: usize, pos0: usize, inverse: bool) {
+        let n = x.len() / (heads * self.head_dim).max(1);
+        let table = self.table(pos0, n);
+        rope_apply(x, heads, self.head_dim, self.rot_dim, 0, &table, inverse);
     }
 }
 

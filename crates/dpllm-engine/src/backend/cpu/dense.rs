@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use dpllm_format::TensorData;
 
-use super::{add_bias, Linear};
-use crate::cpu::matmul::matmul_dense;
+use super::matmul::matmul_dense;
+use super::add_bias;
 
 /// A dense weight in its stored float type (f32, f16 or bf16).
 pub struct DenseLinear {
@@ -31,27 +31,34 @@ impl DenseLinear {
     }
 }
 
-impl Linear for DenseLinear {
-    fn out_features(&self) -> usize {
+impl DenseLinear {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
         self.rows
     }
-    fn in_features(&self) -> usize {
+    /// Input features.
+    pub fn in_features(&self) -> usize {
         self.cols
     }
-    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+    /// `y [n × out] = x [n × in] · Wᵀ (+ b)`.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         matmul_dense(&self.weight, self.rows, self.cols, x, n, y);
         add_bias(y, self.bias.as_deref());
     }
-    fn weight_bytes(&self) -> usize {
+    /// Bytes of weight (and bias) storage read by one forward.
+    pub fn weight_bytes(&self) -> usize {
         self.weight.nbytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
-    fn storage(&self) -> String {
+    /// The stored type ("bf16", "f32", ...).
+    pub fn storage(&self) -> String {
         self.weight.dtype().name().to_lowercase()
     }
-    fn weight_f32(&self) -> Vec<f32> {
+    /// W [out × in] as f32.
+    pub fn weight_f32(&self) -> Vec<f32> {
         self.weight.to_f32()
     }
-    fn bias(&self) -> Option<&[f32]> {
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
 }

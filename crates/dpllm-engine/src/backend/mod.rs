@@ -1,0 +1,189 @@
+//! The seam between the model and the hardware, at the level of this engine's
+//! ops (not a general tensor library).
+//!
+//! The forward pass ([`crate::model`]) is written once against [`Backend`]:
+//! activations, weights, the KV cache and the DP-LLM precision decisions all
+//! live in the backend's own buffers, so a device backend runs a whole forward
+//! call without copying to the host between ops or synchronising at a precision
+//! decision. Only the logits (and, for evaluation, final hidden states) come back.
+//!
+//! - [`cpu`]: the CPU backend: SIMD kernels chosen at run time beside portable references.
+//! - A CUDA backend plugs in as a second implementation of [`Backend`] (issue #10);
+//!   until then [`Device::Cuda`] is answered with a clear error.
+//!
+//! Shapes: activations are row-major `[n × width]`, one row per token; weights
+//! are `[out × in]` as in Hugging Face checkpoints.
+
+pub mod cpu;
+mod device;
+
+use std::sync::Arc;
+
+use dpllm_format::TensorData;
+use half::f16;
+
+pub use cpu::CpuBackend;
+pub use device::Device;
+
+use crate::error::Result;
+
+/// Head layout of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (divides `num_heads`).
+    pub num_kv_heads: usize,
+    /// Dimension per head.
+    pub head_dim: usize,
+    /// Each query sees at most this many most recent positions (itself included).
+    pub window: Option<usize>,
+}
+
+/// An any-precision weight as read from the file, before a backend takes it:
+/// planes 0..max_bits plane-major ([plane][rows][ceil(cols/32)] words) and one
+/// f16 LUT per precision seed..=max ([rows × 2^b]).
+pub struct AnyPrecHost {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Lowest precision held.
+    pub seed_bits: u32,
+    /// Highest precision held.
+    pub max_bits: u32,
+    /// Bit-planes.
+    pub planes: Vec<u32>,
+    /// LUTs, `luts[b - seed_bits]`.
+    pub luts: Vec<Vec<f16>>,
+    /// Optional bias [rows].
+    pub bias: Option<Vec<f32>>,
+}
+
+/// A DP-LLM error estimator (METHOD.md 2c) with its weights on a backend.
+pub enum Estimator<B: Backend = CpuBackend> {
+    /// No estimate: the linear always runs at one precision.
+    None,
+    /// ê = a·||x|| + c.
+    Linear {
+        /// Slope.
+        a: f32,
+        /// Intercept.
+        c: f32,
+    },
+    /// ê = ||G x|| + bias with G [k × in].
+    Jl {
+        /// Rows of G.
+        k: usize,
+        /// G, a dense f32 weight.
+        g: B::Dense,
+        /// Added to ||G x||.
+        bias: f32,
+    },
+}
+
+impl<B: Backend> Estimator<B> {
+    /// Multiply-adds per token (for overhead accounting).
+    pub fn flops_per_token(&self, in_features: usize) -> usize {
+        match self {
+            Estimator::None => 0,
+            Estimator::Linear { .. } => in_features,
+            Estimator::Jl { k, .. } => k * in_features + k,
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Estimator<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Estimator::None => write!(f, "None"),
+            Estimator::Linear { a, c } => write!(f, "Linear {{ a: {a}, c: {c} }}"),
+            Estimator::Jl { k, bias, .. } => write!(f, "Jl {{ k: {k}, bias: {bias} }}"),
+        }
+    }
+}
+
+/// The ops a device must provide to run the model. Kernels take buffers and
+/// shapes, never `ModelConfig` or file types.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// f32 activations in device memory.
+    type Buf: Send + Sync;
+    /// A dense weight in its stored float type, with its optional bias.
+    type Dense: Send + Sync;
+    /// An any-precision weight (bit-planes + LUTs), with its optional bias.
+    type AnyPrec: Send + Sync;
+    /// Keys and values of every layer of one sequence.
+    type Kv: Send + Sync;
+    /// Per-token precision decisions of one linear (true = the higher precision).
+    type Mask: Send + Sync;
+
+    /// Short name ("cpu (avx2)", "cuda:0 (H100)", ...).
+    fn name(&self) -> String;
+
+    // --- memory ---
+    /// A zeroed buffer of `len` floats.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// Copy host data to the device.
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// Copy a buffer to the host, consuming it.
+    fn download(&self, buf: Self::Buf) -> Result<Vec<f32>>;
+    /// Floats in a buffer.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Wait until every queued op has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    // --- weights ---
+    /// Take a dense [rows × cols] weight (and bias).
+    fn dense(&self, w: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Self::Dense>;
+    /// Take an any-precision weight.
+    fn anyprec(&self, w: AnyPrecHost) -> Result<Self::AnyPrec>;
+
+    // --- KV cache ---
+    /// An empty cache for `layers` layers of width `kv_dim`.
+    fn kv_new(&self, layers: usize, kv_dim: usize) -> Self::Kv;
+    /// Append the keys and values [n × kv_dim] of new positions to `layer`; memory
+    /// that cannot be had is an error.
+    fn kv_append(&self, kv: &mut Self::Kv, layer: usize, k: &Self::Buf, v: &Self::Buf) -> Result<()>;
+    /// Keep the first `positions` positions of every layer.
+    fn kv_truncate(&self, kv: &mut Self::Kv, positions: usize);
+    /// Bytes the cache holds.
+    fn kv_bytes(&self, kv: &Self::Kv) -> usize;
+
+    // --- ops ---
+    /// Rows `tokens` of the embedding table into `out` [n × cols].
+    fn embed(&self, table: &Self::Dense, tokens: &[u32], out: &mut Self::Buf);
+    /// RMSNorm of every `w`-sized row of `x` into `out`.
+    fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf);
+    /// In-place RMSNorm of every `w`-sized segment (per-head q/k norm).
+    fn rms_norm_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, eps: f32);
+    /// Rotate `x` [n × heads × head_dim] for positions pos0..pos0+n with a
+    /// precomputed table ([position][cos 0..rot/2 | sin 0..rot/2]).
+    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, rot_dim: usize, pos0: usize, table: &Self::Buf);
+    /// Causal attention of queries `q` [n × heads·hd] at positions pos0.. over
+    /// `layer` of the cache (which already holds their keys and values).
+    fn attention(&self, q: &Self::Buf, kv: &Self::Kv, layer: usize, pos0: usize, shape: AttnShape, out: &mut Self::Buf);
+    /// `gate = silu(gate) ⊙ up`.
+    fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `h += x`.
+    fn add(&self, h: &mut Self::Buf, x: &Self::Buf);
+    /// `dst` becomes a copy of `src` (resized to it).
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
+    /// Rows row0..row0+n of `x` [· × width] as a new buffer.
+    fn rows(&self, x: &Self::Buf, width: usize, row0: usize, n: usize) -> Result<Self::Buf>;
+    /// Split each row of `x` [n × Σ widths] into consecutive parts [n × width_i].
+    fn split_columns(&self, x: &Self::Buf, n: usize, parts: &mut [&mut Self::Buf]);
+    /// `y [n × rows] = x [n × cols] · Wᵀ (+ b)`.
+    fn dense_linear(&self, w: &Self::Dense, x: &Self::Buf, n: usize, y: &mut Self::Buf);
+    /// `y = x · W_bᵀ (+ b)` at `bits` precision.
+    fn anyprec_linear(&self, w: &Self::AnyPrec, x: &Self::Buf, n: usize, bits: u32, y: &mut Self::Buf);
+    /// Per-token decisions: estimate of each row of `x` [n × in] above `threshold`.
+    fn estimate(&self, est: &Estimator<Self>, x: &Self::Buf, n: usize, threshold: f32) -> Result<Self::Mask>;
+    /// Tokens a mask sends to the higher precision.
+    fn mask_count(&self, mask: &Self::Mask) -> Result<usize>;
+    /// The rows of `x` [n × width] whose decision equals `high`, in order.
+    fn gather_rows(&self, x: &Self::Buf, width: usize, mask: &Self::Mask, high: bool) -> Result<Self::Buf>;
+    /// Write the rows of `src` back to the rows of `dst` whose decision equals `high`.
+    fn scatter_rows(&self, src: &Self::Buf, width: usize, mask: &Self::Mask, high: bool, dst: &mut Self::Buf);
+    /// Index of the first NaN or infinity in `x`, if any.
+    fn first_non_finite(&self, x: &Self::Buf) -> Result<Option<usize>>;
+}
