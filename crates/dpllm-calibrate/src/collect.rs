@@ -6,9 +6,9 @@
 use anyhow::Result;
 use dpllm_engine::select::estimator::row_norms;
 use dpllm_format::LinearKind;
-use dpllm_quantize::sensitivity::model_grad::BlockActs;
-use dpllm_quantize::sensitivity::ops::{linear_forward, rms_norm_forward};
-use dpllm_quantize::sensitivity::GradModel;
+use dpllm_grad::BlockActs;
+use dpllm_grad::ops::{linear_forward, rms_norm_forward};
+use dpllm_grad::GradModel;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::weights::LinearWeights;

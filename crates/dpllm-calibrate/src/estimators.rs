@@ -4,11 +4,11 @@
 //! matches the true error on calibration inputs. The paper fine-tunes with plain
 //! SGD (lr 1e-3); its step size depends on the model's scale, so this uses Adam.
 
-use dpllm_quantize::sensitivity::ops::{linear_backward_weight, linear_forward};
+use dpllm_grad::ops::{linear_backward_weight, linear_forward};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use dpllm_engine::select::estimator::row_norms;
+use dpllm_engine::select::estimator::Estimator;
 
 /// Settings of estimator fitting.
 #[derive(Debug, Clone, Serialize)]
@@ -68,7 +68,9 @@ impl Fitted {
         }
     }
 
-    /// Estimates for rows of `x` [n × cols] with norms `norms`.
+    /// Estimates for rows of `x` [n × cols] with norms `norms` (the engine's
+    /// `row_norms` of the rows), computed as the engine's estimator computes
+    /// them at inference, so thresholds are fitted with the numerics that run.
     pub fn estimate(&self, x: &[f32], norms: &[f32], cols: usize) -> Vec<f32> {
         match self {
             Fitted::Linear { a, c, .. } => norms.iter().map(|v| a * v + c).collect(),
@@ -124,12 +126,9 @@ impl Adam {
     }
 }
 
-/// Norms of G·x for rows of `x`, plus `bias`.
+/// ||G·x|| + bias for rows of `x`, by the engine's estimator code.
 fn projected(g: &[f32], k: usize, x: &[f32], cols: usize, bias: f32) -> Vec<f32> {
-    let n = x.len() / cols;
-    let mut gx = vec![0f32; n * k];
-    linear_forward(x, n, g, k, cols, None, &mut gx);
-    row_norms(&gx, k).map(|v| v + bias).collect()
+    Estimator::jl(g.to_vec(), k, bias).estimate(x, x.len() / cols)
 }
 
 /// A fitted projection: ê = ||G x|| + bias.
@@ -240,6 +239,7 @@ pub fn fit(norms: &[f32], e: &[f32], delta: &[f32], rows: usize, cols: usize, x:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dpllm_engine::select::estimator::row_norms;
 
     #[test]
     fn regression_recovers_a_line() {

@@ -7,7 +7,7 @@
 //! [`GradModel`] serves unchanged, and ∂CE/∂r = ⟨∂CE/∂W, W_lo − W_hi⟩.
 
 use anyhow::{ensure, Result};
-use dpllm_quantize::sensitivity::GradModel;
+use dpllm_grad::GradModel;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 

@@ -15,7 +15,7 @@ use dpllm_format::plan::{self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMA
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::output::{check_replaceable, OutputKind};
 use dpllm_format::{Checkpoint, StagingDir};
-use dpllm_quantize::sensitivity::GradModel;
+use dpllm_grad::GradModel;
 use serde::Serialize;
 
 use crate::budget::{self, Item};

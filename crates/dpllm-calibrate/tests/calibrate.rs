@@ -10,7 +10,7 @@ use dpllm_calibrate::weights::dequantize_all;
 use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
 use dpllm_format::plan::{self, EstimatorSpec, Plan, PlanKind};
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
-use dpllm_quantize::sensitivity::GradModel;
+use dpllm_grad::GradModel;
 use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
 
 fn quantized(dir: &Path, spec: &TinySpec) -> PathBuf {

@@ -9,8 +9,8 @@ use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
 use dpllm_format::plan::{EstimatorSpec, LinearPlan, Plan, PlanKind, PLAN_FORMAT, PLAN_VERSION};
 use dpllm_format::Checkpoint;
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
-use dpllm_quantize::sensitivity::ops::rms_norm_forward;
-use dpllm_quantize::sensitivity::GradModel;
+use dpllm_grad::ops::rms_norm_forward;
+use dpllm_grad::GradModel;
 use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
 
 fn quantized(dir: &Path, spec: &TinySpec) -> std::path::PathBuf {

@@ -248,6 +248,8 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
         (vec!["bench", "gemv", "--shapes", "64x64", "--seconds", "inf"], vec!["--seconds inf is out of range"]),
         (vec!["bench", "gemv", "--shapes", "64x64", "--seconds", "NaN"], vec!["--seconds NaN is out of range"]),
         (vec!["bench", "decode", s(&m), "--prompt-tokens", &max], vec!["exceed the model's context of 64"]),
+        (vec!["generate", s(&m), "-p", "x", "--device", "cuda:0"], vec!["cuda:0", "not built yet", "--device cpu"]),
+        (vec!["perplexity", s(&m), "--text", s(&tokenizer), "--device", "tpu"], vec!["unknown device", "cpu, cuda or cuda:N"]),
         (vec!["bench", "decode", s(&m), "--tokens", &max], vec!["exceed the model's context of 64"]),
         (vec!["bench", "decode", s(&m), "--bandwidth-mib", &max], vec!["--bandwidth-mib", "too large"]),
         (vec!["sensitivity", s(&m), "--calib", s(&tokenizer), "--samples", "1000000000000"], vec!["--samples 1000000000000 is out of range"]),

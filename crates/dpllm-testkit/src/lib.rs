@@ -246,6 +246,20 @@ fn check_spec(spec: &TinySpec) -> io::Result<()> {
     Ok(())
 }
 
+/// An f32 tiny model of `arch` for gradient tests: tied embeddings for Qwen3,
+/// a sliding window of 5 positions for Mistral.
+pub fn write_tiny_f32(dir: &Path, arch: &'static str, seed: u64) -> io::Result<()> {
+    let spec = TinySpec { dtype: Dtype::F32, tie_embeddings: arch == "Qwen3ForCausalLM", ..TinySpec::with_arch(arch) };
+    write_tiny_model(dir, &spec, seed)?;
+    if arch == "MistralForCausalLM" {
+        let p = dir.join("config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).map_err(io::Error::other)?;
+        v["sliding_window"] = json!(5);
+        std::fs::write(&p, v.to_string())?;
+    }
+    Ok(())
+}
+
 /// Write a tiny random-weight model in the Hugging Face layout into `dir` (created if needed).
 ///
 /// Linear weights and biases are drawn from N(0, 0.1²), norm weights are

@@ -64,6 +64,8 @@ fn mib(flag: &str, v: usize) -> anyhow::Result<usize> {
 /// Arguments of `bench decode`.
 #[derive(clap::Args)]
 pub struct DecodeArgs {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Model directory.
     pub model: PathBuf,
     #[command(flatten)]
@@ -86,6 +88,7 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => {
+            a.device.check()?;
             super::check_json(a.json.as_deref(), &[&a.model])?;
             let dir = crate::model_dir(&a.model)?;
             let cfg = DecodeBenchConfig {

@@ -12,6 +12,8 @@ use super::calib_text::CalibArgs;
 /// Arguments of `calibrate`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Any-precision model directory (from `dpllm quantize`); plans go to MODEL/plans/budget-M/.
     pub model: PathBuf,
     #[command(flatten)]
@@ -134,6 +136,7 @@ impl CalibrationArgs {
 
 /// Run the calibration and print a table of targets.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calibration.calib.required_file()?;
     let (opts, data) = a.calibration.options_and_data(dir, &file)?;

@@ -11,6 +11,8 @@ use dpllm_engine::sampler::SamplingParams;
 /// Arguments of `generate`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Model directory.
     pub model: PathBuf,
     #[command(flatten)]
@@ -49,6 +51,7 @@ pub struct Args {
 
 /// Generate and stream to stdout; a summary goes to stderr.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -47,6 +47,21 @@ pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Where a command runs the model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DeviceArg {
+    /// Device to run on: cpu, or cuda / cuda:N (the CUDA backend is not built yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
+}
+
+impl DeviceArg {
+    /// Ok when this build can run on the device.
+    pub fn check(&self) -> anyhow::Result<()> {
+        Ok(self.device.check()?)
+    }
+}
+
 /// How an any-precision model picks its precision: uniform `--bits`, or a DP-LLM plan.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct BitsArg {

@@ -8,6 +8,8 @@ use dpllm_eval::perplexity::perplexity_vs;
 /// Arguments of `perplexity`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Model directory.
     pub model: PathBuf,
     #[command(flatten)]
@@ -33,6 +35,7 @@ pub struct Args {
 
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     let mut inputs = vec![a.model.as_path(), a.text.as_path()];
     inputs.extend(a.compare_to.as_deref());
     super::check_json(a.json.as_deref(), &inputs)?;

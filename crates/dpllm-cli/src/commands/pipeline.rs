@@ -27,6 +27,8 @@ use super::calibrate::CalibrationArgs;
 /// Arguments of `pipeline`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Full-precision model directory (Hugging Face layout).
     pub model: PathBuf,
     /// Working directory: WORK/model is the any-precision model (with its plans).
@@ -150,6 +152,7 @@ fn plan_settings(opts: &CalibrateOptions) -> CalibrateOptions {
 
 /// Run the stages that are missing (or, with --force, made from other inputs), then evaluate.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     let src = crate::model_dir(&a.model)?;
     let calib_file = a.calibration.calib.required_file()?;
     let q = a.work.join("model");

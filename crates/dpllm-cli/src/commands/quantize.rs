@@ -10,6 +10,8 @@ use super::calib_text::CalibArgs;
 /// Arguments of `quantize`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Source model directory (Hugging Face layout).
     pub model: PathBuf,
     /// Output directory for the any-precision model (written to a temporary
@@ -33,6 +35,7 @@ pub struct Args {
 
 /// Quantize and print a per-precision error summary.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     crate::model_dir(&a.model)?;
     // Outputs first: OUT is never an input and is replaced only when dpllm wrote it (and --force).
     let mut inputs: Vec<&std::path::Path> = vec![&a.model];

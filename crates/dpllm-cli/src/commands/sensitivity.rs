@@ -10,6 +10,8 @@ use super::calib_text::CalibArgs;
 /// Arguments of `sensitivity`.
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub device: super::DeviceArg,
     /// Full-precision model directory (Hugging Face layout).
     pub model: PathBuf,
     #[command(flatten)]
@@ -39,6 +41,7 @@ pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs:
 
 /// Run the command.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check()?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calib.required_file()?;
     let out = a.out.clone().unwrap_or_else(|| {

@@ -15,6 +15,7 @@
 //! are `[out × in]` as in Hugging Face checkpoints.
 
 pub mod cpu;
+pub mod conformance;
 mod device;
 
 use std::sync::Arc;

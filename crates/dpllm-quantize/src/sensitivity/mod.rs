@@ -11,8 +11,6 @@
 //! (`model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.down_proj.weight`, ...,
 //! `qkv_proj` / `gate_up_proj` for Phi-3), metadata `format = dpllm-sensitivity`.
 
-pub mod model_grad;
-pub mod ops;
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -24,7 +22,7 @@ use dpllm_format::Checkpoint;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub use model_grad::GradModel;
+pub use dpllm_grad::GradModel;
 
 /// Accumulated sensitivities of every quantized linear.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +86,7 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     };
     let mut loss_sum = 0f64;
     for (i, seq) in sequences.iter().enumerate() {
-        let loss = gm.gradient(seq, &mut |l, idx, g| ops::add_squared(&mut layers[l][idx].1, g))?;
+        let loss = gm.gradient(seq, &mut |l, idx, g| dpllm_grad::ops::add_squared(&mut layers[l][idx].1, g))?;
         ensure!(loss.is_finite(), "calibration sequence {i}: the loss is not finite ({loss})");
         loss_sum += loss;
         bar.inc(1);

@@ -25,31 +25,42 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out
         let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let kvh = h / group;
         let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in lo..=pos {
-            let kj = &k[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-            let sc = dot_f32(qh, kj) * scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
+        attention_probs(qh, k, kvd, kvh, lo, pos, scale, scores);
         // SAFETY: each (t, h) job owns out[(t*nh+h)*hd .. +hd].
         let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((t * nh + h) * hd), hd) };
         o.fill(0.0);
         for (idx, j) in (lo..=pos).enumerate() {
-            let p = scores[idx] * inv;
+            let p = scores[idx];
             let vj = &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
             for (a, b) in o.iter_mut().zip(vj) {
                 *a += p * b;
             }
         }
     });
+}
+
+/// Softmax over positions lo..=pos of the scaled scores of query `qh` [hd]
+/// against the keys of KV head `kvh` in `k` [· × kvd], into `p` (one per position).
+/// The forward pass and the attention backward both use it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_probs(qh: &[f32], k: &[f32], kvd: usize, kvh: usize, lo: usize, pos: usize, scale: f32, p: &mut Vec<f32>) {
+    let hd = qh.len();
+    p.clear();
+    let mut max = f32::NEG_INFINITY;
+    for j in lo..=pos {
+        let s = dot_f32(qh, &k[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale;
+        max = max.max(s);
+        p.push(s);
+    }
+    let mut sum = 0f32;
+    for s in p.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in p.iter_mut() {
+        *s *= inv;
+    }
 }
 
 #[cfg(test)]

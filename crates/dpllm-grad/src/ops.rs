@@ -7,7 +7,7 @@
 //! engine already has are reused so the forward pass matches it bit for bit.
 
 use dpllm_engine::backend::cpu::activation::{silu, swiglu_inplace};
-use dpllm_engine::backend::cpu::attention::{attention, AttnShape};
+use dpllm_engine::backend::cpu::attention::{attention, attention_probs, AttnShape};
 use dpllm_engine::backend::cpu::dot::dot_f32;
 use dpllm_engine::backend::cpu::norm::{rms_norm, rms_norm_inplace};
 use dpllm_engine::model::rope::Rope;
@@ -185,24 +185,10 @@ pub fn attention_backward(
                 let lo = shape.window.map_or(0, |w| (t + 1).saturating_sub(w));
                 let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
                 let dot_ = &dout[t * qd + h * hd..t * qd + (h + 1) * hd];
-                p.clear();
+                attention_probs(qt, k, kvd, kvh, lo, t, scale, &mut p);
                 dp.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in lo..=t {
-                    let kj = &k[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    let s = dot_f32(qt, kj) * scale;
-                    max = max.max(s);
-                    p.push(s);
-                }
-                let mut sum = 0f32;
-                for s in p.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
                 let mut pdp = 0f32;
                 for (idx, j) in (lo..=t).enumerate() {
-                    p[idx] *= inv;
                     let vj = &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
                     let g = dot_f32(dot_, vj);
                     dp.push(g);

@@ -6,13 +6,14 @@
 //! only the gradients of the block linears are produced (nothing else is quantized).
 
 use dpllm_engine::backend::cpu::attention::AttnShape;
-use dpllm_engine::model::rope::Rope;
+use dpllm_engine::backend::cpu::rows::{join_columns, split_columns};
 use dpllm_engine::linear::Linear;
+use dpllm_engine::model::rope::Rope;
 use dpllm_engine::model::{GateUpProj, QkvProj};
 use dpllm_engine::Model;
 use dpllm_format::ModelConfig;
 
-use super::ops;
+use crate::ops;
 
 /// One linear layer with an f32 copy of its weight.
 pub struct LinearF32 {
@@ -65,19 +66,10 @@ impl Group {
             return self.linears.iter().map(|l| l.forward(x, n)).collect();
         }
         let y = self.linears[0].forward(x, n);
-        let total: usize = self.widths.iter().sum();
-        let mut off = 0;
-        self.widths
-            .iter()
-            .map(|&w| {
-                let mut p = vec![0f32; n * w];
-                for t in 0..n {
-                    p[t * w..(t + 1) * w].copy_from_slice(&y[t * total + off..t * total + off + w]);
-                }
-                off += w;
-                p
-            })
-            .collect()
+        let mut parts: Vec<Vec<f32>> = self.widths.iter().map(|&w| vec![0f32; n * w]).collect();
+        let mut views: Vec<&mut [f32]> = parts.iter_mut().map(|p| p.as_mut_slice()).collect();
+        split_columns(&y, n, &mut views);
+        parts
     }
 
     /// Given the gradients of the parts, report each linear's dW (index `first + i`)
@@ -87,13 +79,7 @@ impl Group {
         let dys: Vec<&[f32]> = if self.fused() {
             let total: usize = self.widths.iter().sum();
             let mut c = vec![0f32; n * total];
-            for t in 0..n {
-                let mut off = 0;
-                for (p, &w) in dparts.iter().zip(&self.widths) {
-                    c[t * total + off..t * total + off + w].copy_from_slice(&p[t * w..(t + 1) * w]);
-                    off += w;
-                }
-            }
+            join_columns(dparts, n, &mut c);
             concat = c;
             vec![&concat[..]]
         } else {
@@ -354,6 +340,13 @@ impl GradModel {
         Ok(loss)
     }
 
+    /// Loss of `tokens` and every block linear's gradient, `[layer][idx]` = dW [out × in].
+    pub fn gradients(&self, tokens: &[u32]) -> anyhow::Result<(f64, Vec<Vec<Vec<f32>>>)> {
+        let mut g: Vec<Vec<Vec<f32>>> = self.blocks.iter().map(|b| vec![Vec::new(); b.linears().len()]).collect();
+        let loss = self.gradient(tokens, &mut |l, i, dw| g[l][i] = dw.to_vec())?;
+        Ok((loss, g))
+    }
+
     /// Back-propagate `dh` (gradient w.r.t. the block output) to the block input, in place.
     fn block_backward(&self, b: &BlockF32, a: &BlockActs, n: usize, dh: &mut [f32], s: &mut Sink<'_>) {
         let c = &self.config;
@@ -400,4 +393,22 @@ impl GradModel {
         b.qkv.backward(&a.xn1, n, &[&dq, &dk, &dv], &mut dxn, 0, s);
         ops::rms_norm_backward_add(&a.h_in, &b.attn_norm, eps, &dxn, dh);
     }
+}
+
+/// Mean next-token cross-entropy (f64) of `tokens` from the engine's own forward
+/// pass: the reference the f32 model is checked against.
+pub fn engine_loss(model: &Model, tokens: &[u32]) -> anyhow::Result<f64> {
+    let mut cache = model.new_cache(tokens.len());
+    let logits = model.forward_all(tokens, &mut cache)?;
+    let v = model.config.vocab_size;
+    let n = tokens.len();
+    let nll: f64 = (0..n - 1)
+        .map(|t| {
+            let row = &logits[t * v..(t + 1) * v];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+            lse - row[tokens[t + 1] as usize] as f64
+        })
+        .sum();
+    Ok(nll / (n - 1) as f64)
 }

@@ -1,0 +1,254 @@
+//! A backend's ops against plain reference implementations on fresh random
+//! inputs: every backend's tests call [`check`] (the CPU backend's below, the
+//! CUDA backend's on a GPU machine).
+
+use std::sync::Arc;
+
+use dpllm_format::TensorData;
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{AnyPrecHost, AttnShape, Backend, Estimator};
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Max |a − b| over two equal-length slices, or an error naming `what`.
+fn close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let within = (*g as f64 - w).abs().partial_cmp(&(tol * (1.0 + w.abs()))).is_some_and(|o| o.is_le());
+        if !within {
+            return Err(format!("{what}: element {i} is {g}, want {w}"));
+        }
+    }
+    Ok(())
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// y = x·Wᵀ (+ b) in f64.
+fn matmul_ref(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f64> {
+    let mut y = vec![0f64; n * rows];
+    for t in 0..n {
+        for r in 0..rows {
+            let dot: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+            y[t * rows + r] = dot + bias.map_or(0.0, |b| b[r] as f64);
+        }
+    }
+    y
+}
+
+/// The weight an any-precision layer means at `bits`, read bit by bit.
+fn dequant_ref(h: &AnyPrecHost, bits: u32) -> Vec<f32> {
+    let words = h.cols.div_ceil(32);
+    let stride = h.rows * words;
+    let lut = &h.luts[(bits - h.seed_bits) as usize];
+    let mut w = vec![0f32; h.rows * h.cols];
+    for r in 0..h.rows {
+        for c in 0..h.cols {
+            let mut idx = 0usize;
+            for j in 0..bits as usize {
+                let word = h.planes[j * stride + r * words + c / 32];
+                idx |= (((word >> (c % 32)) & 1) as usize) << (bits as usize - 1 - j);
+            }
+            w[r * h.cols + c] = lut[(r << bits) + idx].to_f32();
+        }
+    }
+    w
+}
+
+fn random_anyprec(rng: &mut StdRng, rows: usize, cols: usize, bias: bool) -> AnyPrecHost {
+    let words = cols.div_ceil(32);
+    let mut planes: Vec<u32> = (0..8 * rows * words).map(|_| rng.random()).collect();
+    if !cols.is_multiple_of(32) {
+        let mask = (1u32 << (cols % 32)) - 1;
+        planes.chunks_mut(words).for_each(|row| row[words - 1] &= mask);
+    }
+    let luts = (3..=8).map(|b| (0..rows << b).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()).collect();
+    AnyPrecHost { rows, cols, seed_bits: 3, max_bits: 8, planes, luts, bias: bias.then(|| rand_vec(rng, rows)) }
+}
+
+/// Run every op of `be` on random inputs and compare with the references;
+/// the error names the op and the first wrong element.
+pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let e = |x: crate::EngineError| x.to_string();
+    let (n, d) = (5usize, 48usize);
+
+    // Elementwise ops, norms, copies.
+    let (x, y) = (rand_vec(&mut rng, n * d), rand_vec(&mut rng, n * d));
+    let w: Vec<f32> = (0..d).map(|_| rng.random_range(0.5..1.5)).collect();
+    let (bx, by, bw) = (be.upload(&x).map_err(e)?, be.upload(&y).map_err(e)?, be.upload(&w).map_err(e)?);
+    let norm_ref = |x: &[f32], w: &[f32]| -> Vec<f64> {
+        x.chunks(w.len())
+            .flat_map(|r| {
+                let inv = 1.0 / (r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / r.len() as f64 + 1e-5).sqrt();
+                r.iter().zip(w).map(move |(v, g)| *v as f64 * inv * *g as f64).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut out = be.zeros(n * d).map_err(e)?;
+    be.rms_norm(&bx, &bw, 1e-5, &mut out);
+    close("rms_norm", &be.download(out).map_err(e)?, &norm_ref(&x, &w), 1e-5)?;
+    let mut inplace = be.upload(&x).map_err(e)?;
+    be.rms_norm_inplace(&mut inplace, &be.upload(&w[..8]).map_err(e)?, 1e-5);
+    close("rms_norm_inplace", &be.download(inplace).map_err(e)?, &norm_ref(&x, &w[..8]), 1e-5)?;
+    let mut h = be.upload(&x).map_err(e)?;
+    be.add(&mut h, &by);
+    close("add", &be.download(h).map_err(e)?, &x.iter().zip(&y).map(|(a, b)| *a as f64 + *b as f64).collect::<Vec<_>>(), 1e-6)?;
+    let mut g = be.upload(&x).map_err(e)?;
+    be.swiglu(&mut g, &by);
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    close("swiglu", &be.download(g).map_err(e)?, &x.iter().zip(&y).map(|(a, b)| silu(*a as f64) * *b as f64).collect::<Vec<_>>(), 1e-5)?;
+    let mut c = be.zeros(0).map_err(e)?;
+    be.copy(&bx, &mut c);
+    close("copy", &be.download(c).map_err(e)?, &f64s(&x), 0.0)?;
+    close("rows", &be.download(be.rows(&bx, d, 2, 2).map_err(e)?).map_err(e)?, &f64s(&x[2 * d..4 * d]), 0.0)?;
+    let (mut p1, mut p2) = (be.zeros(n * 16).map_err(e)?, be.zeros(n * 32).map_err(e)?);
+    be.split_columns(&bx, n, &mut [&mut p1, &mut p2]);
+    let want: Vec<f64> = x.chunks(d).flat_map(|r| f64s(&r[16..])).collect();
+    close("split_columns", &be.download(p2).map_err(e)?, &want, 0.0)?;
+    let mut bad = x.clone();
+    bad[7] = f32::NAN;
+    if be.first_non_finite(&be.upload(&bad).map_err(e)?).map_err(e)? != Some(7) || be.first_non_finite(&bx).map_err(e)?.is_some() {
+        return Err("first_non_finite: wrong index".into());
+    }
+
+    // Linears: dense in every stored type, any-precision at every width, embedding rows.
+    let (rows, cols) = (37usize, 70usize);
+    let wf = rand_vec(&mut rng, rows * cols);
+    let bias = rand_vec(&mut rng, rows);
+    for m in [1usize, 3, 9] {
+        let xm = rand_vec(&mut rng, m * cols);
+        let bxm = be.upload(&xm).map_err(e)?;
+        let stored = [
+            TensorData::F32(wf.clone()),
+            TensorData::F16(wf.iter().map(|&v| f16::from_f32(v)).collect()),
+            TensorData::BF16(wf.iter().map(|&v| bf16::from_f32(v)).collect()),
+        ];
+        for t in stored {
+            let wr = t.to_f32();
+            let dense = be.dense(Arc::new(t), rows, cols, Some(bias.clone())).map_err(e)?;
+            let mut ym = be.zeros(m * rows).map_err(e)?;
+            be.dense_linear(&dense, &bxm, m, &mut ym);
+            close("dense_linear", &be.download(ym).map_err(e)?, &matmul_ref(&wr, rows, cols, &xm, m, Some(&bias)), 1e-4)?;
+        }
+        let host = random_anyprec(&mut rng, rows, cols, true);
+        let refs: Vec<(u32, Vec<f32>)> = (3..=8).map(|b| (b, dequant_ref(&host, b))).collect();
+        let hb = host.bias.clone();
+        let q = be.anyprec(host).map_err(e)?;
+        for (b, wq) in refs {
+            let mut ym = be.zeros(m * rows).map_err(e)?;
+            be.anyprec_linear(&q, &bxm, m, b, &mut ym);
+            close(&format!("anyprec_linear at {b} bits"), &be.download(ym).map_err(e)?, &matmul_ref(&wq, rows, cols, &xm, m, hb.as_deref()), 1e-4)?;
+        }
+    }
+    let table = be.dense(Arc::new(TensorData::F32(wf.clone())), rows, cols, None).map_err(e)?;
+    let mut emb = be.zeros(2 * cols).map_err(e)?;
+    be.embed(&table, &[4, 36], &mut emb);
+    let want: Vec<f64> = f64s(&wf[4 * cols..5 * cols]).into_iter().chain(f64s(&wf[36 * cols..])).collect();
+    close("embed", &be.download(emb).map_err(e)?, &want, 0.0)?;
+
+    // Estimators, decisions, gather/scatter.
+    let k = 6;
+    let gw = rand_vec(&mut rng, k * d);
+    let jl = Estimator::<B>::Jl { k, g: be.dense(Arc::new(TensorData::F32(gw.clone())), k, d, None).map_err(e)?, bias: 0.1 };
+    let est_ref: Vec<f64> = matmul_ref(&gw, k, d, &x, n, None).chunks(k).map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt() + 0.1).collect();
+    let mut sorted = est_ref.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let tau = ((sorted[1] + sorted[2]) / 2.0) as f32;
+    let mask = be.estimate(&jl, &bx, n, tau).map_err(e)?;
+    if be.mask_count(&mask).map_err(e)? != n - 2 {
+        return Err(format!("estimate (projection): {} tokens above the threshold, want {}", be.mask_count(&mask).map_err(e)?, n - 2));
+    }
+    let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
+    if be.mask_count(&be.estimate(&lin, &bx, n, 0.5).map_err(e)?).map_err(e)? != n {
+        return Err("estimate (norm regression): a constant estimate above the threshold must select every token".into());
+    }
+    let high_rows: Vec<usize> = (0..n).filter(|&t| est_ref[t] > tau as f64).collect();
+    let gathered = be.download(be.gather_rows(&bx, d, &mask, true).map_err(e)?).map_err(e)?;
+    let want: Vec<f64> = high_rows.iter().flat_map(|&t| f64s(&x[t * d..(t + 1) * d])).collect();
+    close("gather_rows", &gathered, &want, 0.0)?;
+    let mut dst = be.upload(&y).map_err(e)?;
+    be.scatter_rows(&be.upload(&gathered).map_err(e)?, d, &mask, true, &mut dst);
+    let mut want = f64s(&y);
+    for &t in &high_rows {
+        want[t * d..(t + 1) * d].copy_from_slice(&f64s(&x[t * d..(t + 1) * d]));
+    }
+    close("scatter_rows", &be.download(dst).map_err(e)?, &want, 0.0)?;
+
+    // RoPE and attention over the backend's KV cache.
+    let shape = AttnShape { num_heads: 4, num_kv_heads: 2, head_dim: 8, window: Some(6) };
+    let (pos0, m) = (5usize, 3usize);
+    let (qd, kvd, rot) = (32usize, 16usize, 8usize);
+    let table: Vec<f32> = (0..pos0 + m).flat_map(|p| (0..rot / 2).map(move |i| (p as f64 * 0.3f64.powi(i as i32)).cos() as f32).chain((0..rot / 2).map(move |i| (p as f64 * 0.3f64.powi(i as i32)).sin() as f32))).collect();
+    let q = rand_vec(&mut rng, m * qd);
+    let mut bq = be.upload(&q).map_err(e)?;
+    be.rope(&mut bq, 4, 8, rot, pos0, &be.upload(&table).map_err(e)?);
+    let mut q_ref = f64s(&q);
+    for t in 0..m {
+        let row = &table[(pos0 + t) * rot..(pos0 + t + 1) * rot];
+        for hh in 0..4 {
+            let o = t * qd + hh * 8;
+            for i in 0..rot / 2 {
+                let (a, b) = (q[o + i] as f64, q[o + i + rot / 2] as f64);
+                let (cs, sn) = (row[i] as f64, row[rot / 2 + i] as f64);
+                q_ref[o + i] = a * cs - b * sn;
+                q_ref[o + i + rot / 2] = b * cs + a * sn;
+            }
+        }
+    }
+    let q_rot = be.download(bq).map_err(e)?;
+    close("rope", &q_rot, &q_ref, 1e-6)?;
+    let (keys, values) = (rand_vec(&mut rng, (pos0 + m) * kvd), rand_vec(&mut rng, (pos0 + m) * kvd));
+    let mut kv = be.kv_new(2, kvd);
+    for (a, b) in [(0, pos0), (pos0, pos0 + m)] {
+        be.kv_append(&mut kv, 1, &be.upload(&keys[a * kvd..b * kvd]).map_err(e)?, &be.upload(&values[a * kvd..b * kvd]).map_err(e)?).map_err(e)?;
+    }
+    let mut att = be.zeros(m * qd).map_err(e)?;
+    be.attention(&be.upload(&q_rot).map_err(e)?, &kv, 1, pos0, shape, &mut att);
+    let mut att_ref = vec![0f64; m * qd];
+    for t in 0..m {
+        let pos = pos0 + t;
+        for hh in 0..4 {
+            let kvh = hh / 2;
+            let js: Vec<usize> = (0..=pos).filter(|&j| pos - j < 6).collect();
+            let sc: Vec<f64> = js.iter().map(|&j| (0..8).map(|i| q_rot[t * qd + hh * 8 + i] as f64 * keys[j * kvd + kvh * 8 + i] as f64).sum::<f64>() / 8f64.sqrt()).collect();
+            let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = sc.iter().map(|s| (s - mx).exp()).sum();
+            for (s, &j) in sc.iter().zip(&js) {
+                for i in 0..8 {
+                    att_ref[t * qd + hh * 8 + i] += (s - mx).exp() / z * values[j * kvd + kvh * 8 + i] as f64;
+                }
+            }
+        }
+    }
+    close("attention", &be.download(att).map_err(e)?, &att_ref, 1e-5)?;
+    if be.kv_bytes(&kv) != 2 * (pos0 + m) * kvd * 4 {
+        return Err(format!("kv_bytes: {} after {} positions of width {kvd}", be.kv_bytes(&kv), pos0 + m));
+    }
+    be.kv_truncate(&mut kv, 2);
+    if be.kv_bytes(&kv) != 2 * 2 * kvd * 4 {
+        return Err("kv_truncate: wrong size after truncation".into());
+    }
+    be.synchronize().map_err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::CpuBackend;
+
+    #[test]
+    fn cpu_backend_matches_the_references() {
+        for seed in 0..3 {
+            super::check(&CpuBackend, seed).unwrap();
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The training-side model used by `quantize` (sensitivities) and `calibrate`
+//! (precision fine-tuning, estimator data): every weight as f32, a forward pass
+//! that keeps the activations, and the backward pass that yields ∂L/∂W of every
+//! block linear.
+//!
+//! - [`ops`]: forward and backward of each op on f32 slices. Forward ops are the
+//!   engine's CPU kernels, and ops that are the same in both directions (RoPE,
+//!   attention probabilities, fused-output splits) are the engine's, written once.
+//! - [`GradModel`]: the model built from a loaded engine model.
+
+mod model;
+pub mod ops;
+#[cfg(test)]
+mod tests;
+
+pub use model::{engine_loss, BlockActs, BlockF32, GradModel, Group, LinearF32};
