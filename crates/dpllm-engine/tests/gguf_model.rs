@@ -5,7 +5,7 @@
 
 use dpllm_engine::tokenizer::TextTokenizer;
 use dpllm_engine::Model;
-use dpllm_testkit::{write_tiny_gguf, write_tiny_model, TinySpec};
+use dpllm_testkit::{write_tiny_gguf, write_tiny_gguf_with, write_tiny_model, TinySpec};
 use safetensors::Dtype;
 
 const TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}";
@@ -50,4 +50,32 @@ fn gguf_tokenizer_matches_the_checkpoint_tokenizer() {
     assert!(b.is_eos(257));
     let msgs = [dpllm_engine::chat_template::ChatMessage { role: "user".into(), content: "hi".into() }];
     assert_eq!(b.chat_template().expect("template from the metadata").render(&msgs, false).unwrap(), "<|user|>hi");
+}
+
+#[test]
+fn a_q8_0_embedding_stays_8_bit_and_gives_the_logits_of_its_values() {
+    let spec = TinySpec { dtype: Dtype::F32, tie_embeddings: true, hidden: 64, heads: 4, kv_heads: 2, ..TinySpec::default() };
+    let t = tempfile::tempdir().unwrap();
+    let (hf, gguf) = (t.path().join("hf"), t.path().join("q8.gguf"));
+    write_tiny_model(&hf, &spec, 5).unwrap();
+    let emb = write_tiny_gguf_with(&gguf, &spec, 5, None, true).unwrap();
+    // The checkpoint with its embedding replaced by the values the Q8_0 blocks stand for.
+    dpllm_testkit::edit_tensor(&hf, "model.embed_tokens.weight", |w| w.copy_from_slice(&emb)).unwrap();
+    let (a, b) = (Model::load(&hf).unwrap(), Model::load(&gguf).unwrap());
+    assert_eq!(b.lm_head().storage(), "q8_0");
+    assert!(b.lm_head().weight_bytes() * 3 < a.lm_head().weight_bytes(), "{} vs {} bytes", b.lm_head().weight_bytes(), a.lm_head().weight_bytes());
+    assert_eq!(b.embedding_f32(), emb);
+    let ids = [256u32, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100];
+    let la = a.forward_all(&ids, &mut a.new_cache(16)).unwrap();
+    let lb = b.forward_all(&ids, &mut b.new_cache(16)).unwrap();
+    let max = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max < 1e-5, "prefill: max |Δlogit| {max}");
+    // Token by token: the 8-bit GEMV kernel of the output layer.
+    let mut cache = b.new_cache(16);
+    let vocab = b.config.vocab_size;
+    for (t, &id) in ids.iter().enumerate() {
+        let row = b.forward_last(&[id], &mut cache).unwrap();
+        let max = row.iter().zip(&la[t * vocab..(t + 1) * vocab]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max < 1e-4, "decode step {t}: max |Δlogit| {max}");
+    }
 }

@@ -315,6 +315,49 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// A [rows × cols] tensor kept in 8-bit blocks when it is stored so: a GGUF
+    /// Q8_0 tensor, or a safetensors pair `NAME.q8_0` (I8 [rows, cols]) +
+    /// `NAME.q8_0_scales` (F16 [rows, cols/32]) as `dpllm quantize` writes it.
+    /// None when the tensor is stored another way (read it with [`Checkpoint::tensor`]).
+    pub fn tensor_q8_0(&self, name: &str, rows: usize, cols: usize) -> Result<Option<crate::Q8Matrix>> {
+        let bad = |path: &Path, reason: String| FormatError::BadTensor { name: name.into(), path: path.to_path_buf(), reason };
+        let m = if let Some(g) = &self.gguf {
+            let info = self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
+            if info.ggml != Some(crate::gguf::GgmlType::Q8_0) || !cols.is_multiple_of(crate::q8::Q8_BLOCK) {
+                return Ok(None);
+            }
+            if info.shape != [rows, cols] {
+                return Err(bad(g.file.path(), format!("shape {:?}, but the config implies {:?}", info.shape, [rows, cols])));
+            }
+            let t = g.file.tensor(&g.names[name]).expect("indexed tensor");
+            crate::Q8Matrix::from_gguf_blocks(g.file.data(t), rows, cols).ok_or_else(|| bad(g.file.path(), "Q8_0 data of the wrong size".into()))?
+        } else {
+            let (qn, sn) = (format!("{name}.q8_0"), format!("{name}.q8_0_scales"));
+            if !self.contains(&qn) {
+                return Ok(None);
+            }
+            let (qi, qb) = self.raw(&qn)?;
+            let path = self.shard_path_of(qi).to_path_buf();
+            if qi.dtype != safetensors::Dtype::I8 || qi.shape != [rows, cols] || !cols.is_multiple_of(crate::q8::Q8_BLOCK) {
+                return Err(bad(&path, format!("{qn} must be I8 [{rows}, {cols}] with {cols} a multiple of 32, found {:?} {:?}", qi.dtype, qi.shape)));
+            }
+            let (si, sb) = self.raw(&sn)?;
+            if si.dtype != safetensors::Dtype::F16 || si.shape != [rows, cols / crate::q8::Q8_BLOCK] {
+                return Err(bad(&path, format!("{sn} must be F16 [{rows}, {}], found {:?} {:?}", cols / crate::q8::Q8_BLOCK, si.dtype, si.shape)));
+            }
+            crate::Q8Matrix {
+                rows,
+                cols,
+                scales: sb.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                quants: qb.iter().map(|&b| b as i8).collect(),
+            }
+        };
+        if let Some(b) = m.first_non_finite_scale() {
+            return Err(bad(&self.dir, format!("the scale of block {b} is not finite (corrupt checkpoint?)")));
+        }
+        Ok(Some(m))
+    }
+
     /// Load a tensor of any float dtype converted to f32 (shape checked).
     pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(match self.tensor(name, shape)? {

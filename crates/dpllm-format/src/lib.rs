@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod layout;
 pub mod output;
 pub mod plan;
+pub mod q8;
 pub mod st_writer;
 pub mod anyprec;
 pub mod tensor;
@@ -25,6 +26,7 @@ pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;
 pub use layout::{LinearKind, LinearSpec};
+pub use q8::Q8Matrix;
 pub use tensor::{DType, TensorData};
 
 /// Result type of this crate.

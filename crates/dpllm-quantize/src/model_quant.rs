@@ -120,6 +120,10 @@ enum Source {
     Planes(usize),
     Lut(usize, usize),
     Errors(usize),
+    /// The bytes of a matrix kept in 8-bit blocks.
+    Q8Quants(std::sync::Arc<dpllm_format::Q8Matrix>),
+    /// Its block scales.
+    Q8Scales(std::sync::Arc<dpllm_format::Q8Matrix>),
 }
 
 fn dtype_name(d: safetensors::Dtype) -> Result<&'static str> {
@@ -225,8 +229,24 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
                 sources.push(Source::Errors(li));
             }
             None => {
-                specs.push(TensorSpec { name: name.to_string(), dtype: dtype_name(info.dtype)?, shape: info.shape.clone() });
-                sources.push(Source::Copy(name.to_string()));
+                // A matrix stored in 8-bit blocks (a GGUF Q8_0 output layer) stays so, exactly.
+                let q8 = match info.shape[..] {
+                    [r, c] => ck.tensor_q8_0(name, r, c)?,
+                    _ => None,
+                };
+                match q8 {
+                    Some(q) => {
+                        let q = std::sync::Arc::new(q);
+                        specs.push(TensorSpec { name: format!("{name}.q8_0"), dtype: "I8", shape: vec![q.rows, q.cols] });
+                        sources.push(Source::Q8Quants(q.clone()));
+                        specs.push(TensorSpec { name: format!("{name}.q8_0_scales"), dtype: "F16", shape: vec![q.rows, q.cols / dpllm_format::q8::Q8_BLOCK] });
+                        sources.push(Source::Q8Scales(q));
+                    }
+                    None => {
+                        specs.push(TensorSpec { name: name.to_string(), dtype: dtype_name(info.dtype)?, shape: info.shape.clone() });
+                        sources.push(Source::Copy(name.to_string()));
+                    }
+                }
             }
         }
     }
@@ -282,6 +302,8 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
             };
             match &sources[i] {
                 Source::Copy(name) => w.write_all(ck.raw(name).map_err(std::io::Error::other)?.1),
+                Source::Q8Quants(q) => w.write_all(&q.quants.iter().map(|&v| v as u8).collect::<Vec<u8>>()),
+                Source::Q8Scales(q) => w.write_all(&q.scales.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect::<Vec<u8>>()),
                 Source::Planes(li) => {
                     q(*li, &mut current)?;
                     let qz = &current.as_ref().unwrap().1;

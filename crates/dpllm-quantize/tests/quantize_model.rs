@@ -366,3 +366,19 @@ fn data_start(file: &[u8], name: &str) -> usize {
     let header: serde_json::Value = serde_json::from_slice(&file[8..8 + n]).unwrap();
     8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize
 }
+
+#[test]
+fn a_q8_0_output_layer_is_kept_in_8_bit_blocks() {
+    let spec = TinySpec { dtype: Dtype::F32, tie_embeddings: true, hidden: 64, heads: 4, kv_heads: 2, ..TinySpec::default() };
+    let t = tempfile::tempdir().unwrap();
+    let (gguf, q) = (t.path().join("q8.gguf"), t.path().join("q"));
+    let emb = dpllm_testkit::write_tiny_gguf_with(&gguf, &spec, 3, None, true).unwrap();
+    quantize_model(&gguf, &q, &QuantizeOptions::default()).unwrap();
+    let ck = dpllm_format::Checkpoint::open_file(&q.join(dpllm_format::anyprec::ANYPREC_WEIGHTS)).unwrap();
+    assert!(ck.contains("model.embed_tokens.weight.q8_0") && !ck.contains("model.embed_tokens.weight"));
+    let m = Model::load(&q).unwrap();
+    assert_eq!(m.lm_head().storage(), "q8_0");
+    assert_eq!(m.embedding_f32(), emb, "the blocks are copied, not re-rounded");
+    let ids: Vec<u32> = (0..10).collect();
+    assert!(m.forward_all(&ids, &mut m.new_cache(10)).unwrap().iter().all(|v| v.is_finite()));
+}

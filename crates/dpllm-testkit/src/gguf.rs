@@ -110,6 +110,33 @@ fn put_meta(b: &mut Vec<u8>, key: &str, v: &Meta) {
 /// Write the tiny Llama model of `spec` and `seed` (the same weights
 /// [`write_tiny_model`] writes) as an F32 GGUF file at `path`, with `chat_template` in its metadata.
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, seed: u64, chat_template: Option<&str>) -> io::Result<()> {
+    write_tiny_gguf_with(path, spec, seed, chat_template, false).map(|_| ())
+}
+
+/// Q8_0 blocks of rows of `cols` values, as llama.cpp quantizes them: per 32
+/// values d = max|x| / 127 (stored f16), q = round(x / d). Returns the bytes and
+/// the values they stand for (f16(d) · q).
+fn q8_0(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let (mut bytes, mut deq) = (Vec::new(), Vec::new());
+    for block in values.chunks(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let dh = half::f16::from_f32(d);
+        bytes.extend(dh.to_bits().to_le_bytes());
+        for &v in block {
+            let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            bytes.push(q as u8);
+            deq.push(q as f32 * dh.to_f32());
+        }
+    }
+    (bytes, deq)
+}
+
+/// [`write_tiny_gguf`], with the token embedding in Q8_0 blocks when `q8_embedding`
+/// (the hidden size must be a multiple of 32); returns the embedding's values
+/// as the file stores them (row-major [vocab × hidden]).
+pub fn write_tiny_gguf_with(path: &Path, spec: &TinySpec, seed: u64, chat_template: Option<&str>, q8_embedding: bool) -> io::Result<Vec<f32>> {
     if spec.arch != "LlamaForCausalLM" || spec.shards != 1 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "tiny GGUF models are single-file Llama models"));
     }
@@ -137,6 +164,23 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, seed: u64, chat_template: O
         tensors.push((g, shape, values));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    // Per tensor: (ggml type, bytes).
+    let mut embedding = Vec::new();
+    let data: Vec<(u32, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, _, values)| {
+            if q8_embedding && name == "token_embd.weight" {
+                let (bytes, deq) = q8_0(values);
+                embedding = deq;
+                (8, bytes)
+            } else {
+                if name == "token_embd.weight" {
+                    embedding = values.clone();
+                }
+                (0, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+        })
+        .collect();
 
     let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
     tokens.extend(["<s>".to_string(), "</s>".to_string()]);
@@ -176,20 +220,21 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, seed: u64, chat_template: O
         put_meta(&mut b, k, v);
     }
     let mut offset = 0u64;
-    for (name, shape, values) in &tensors {
+    for ((name, shape, _), (ty, bytes)) in tensors.iter().zip(&data) {
         put_str(&mut b, name);
         b.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             b.extend((*d as u64).to_le_bytes());
         }
-        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(ty.to_le_bytes());
         b.extend(offset.to_le_bytes());
-        offset += (values.len() * 4).next_multiple_of(32) as u64;
+        offset += bytes.len().next_multiple_of(32) as u64;
     }
     b.resize(b.len().next_multiple_of(32), 0);
-    for (_, _, values) in &tensors {
-        b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    for (_, bytes) in &data {
+        b.extend(bytes);
         b.resize(b.len().next_multiple_of(32), 0);
     }
-    std::fs::File::create(path)?.write_all(&b)
+    std::fs::File::create(path)?.write_all(&b)?;
+    Ok(embedding)
 }

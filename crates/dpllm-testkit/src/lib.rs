@@ -17,7 +17,7 @@
 
 mod gguf;
 
-pub use gguf::write_tiny_gguf;
+pub use gguf::{write_tiny_gguf, write_tiny_gguf_with};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use dpllm_format::TensorData;
+use dpllm_format::{Q8Matrix, TensorData};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{AnyPrecHost, AttnShape, Backend, Estimator};
+use super::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -135,11 +135,23 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         ];
         for t in stored {
             let wr = t.to_f32();
-            let dense = be.dense(Arc::new(t), rows, cols, Some(bias.clone())).map_err(e)?;
+            let dense = be.dense(DenseHost::Float(Arc::new(t)), rows, cols, Some(bias.clone())).map_err(e)?;
             let mut ym = be.zeros(m * rows).map_err(e)?;
             be.dense_linear(&dense, &bxm, m, &mut ym);
             close("dense_linear", &be.download(ym).map_err(e)?, &matmul_ref(&wr, rows, cols, &xm, m, Some(&bias)), 1e-4)?;
         }
+        // 8-bit blocks: columns a multiple of 32.
+        let q8 = Q8Matrix {
+            rows,
+            cols: 64,
+            scales: (0..rows * 2).map(|_| f16::from_f32(rng.random_range(-0.05..0.05))).collect(),
+            quants: (0..rows * 64).map(|_| rng.random()).collect(),
+        };
+        let (wq8, x64) = (q8.to_f32(), rand_vec(&mut rng, m * 64));
+        let dense = be.dense(DenseHost::Q8_0(Arc::new(q8)), rows, 64, None).map_err(e)?;
+        let mut ym = be.zeros(m * rows).map_err(e)?;
+        be.dense_linear(&dense, &be.upload(&x64).map_err(e)?, m, &mut ym);
+        close("dense_linear (q8_0)", &be.download(ym).map_err(e)?, &matmul_ref(&wq8, rows, 64, &x64, m, None), 1e-4)?;
         let host = random_anyprec(&mut rng, rows, cols, true);
         let refs: Vec<(u32, Vec<f32>)> = (3..=8).map(|b| (b, dequant_ref(&host, b))).collect();
         let hb = host.bias.clone();
@@ -150,7 +162,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
             close(&format!("anyprec_linear at {b} bits"), &be.download(ym).map_err(e)?, &matmul_ref(&wq, rows, cols, &xm, m, hb.as_deref()), 1e-4)?;
         }
     }
-    let table = be.dense(Arc::new(TensorData::F32(wf.clone())), rows, cols, None).map_err(e)?;
+    let table = be.dense(DenseHost::Float(Arc::new(TensorData::F32(wf.clone()))), rows, cols, None).map_err(e)?;
     let mut emb = be.zeros(2 * cols).map_err(e)?;
     be.embed(&table, &[4, 36], &mut emb);
     let want: Vec<f64> = f64s(&wf[4 * cols..5 * cols]).into_iter().chain(f64s(&wf[36 * cols..])).collect();
@@ -159,7 +171,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     // Estimators, decisions, gather/scatter.
     let k = 6;
     let gw = rand_vec(&mut rng, k * d);
-    let jl = Estimator::<B>::Jl { k, g: be.dense(Arc::new(TensorData::F32(gw.clone())), k, d, None).map_err(e)?, bias: 0.1 };
+    let jl = Estimator::<B>::Jl { k, g: be.dense(DenseHost::Float(Arc::new(TensorData::F32(gw.clone()))), k, d, None).map_err(e)?, bias: 0.1 };
     let est_ref: Vec<f64> = matmul_ref(&gw, k, d, &x, n, None).chunks(k).map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt() + 0.1).collect();
     let mut sorted = est_ref.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));

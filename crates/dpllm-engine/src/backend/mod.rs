@@ -20,7 +20,7 @@ mod device;
 
 use std::sync::Arc;
 
-use dpllm_format::TensorData;
+use dpllm_format::{Q8Matrix, TensorData};
 use half::f16;
 
 pub use cpu::CpuBackend;
@@ -39,6 +39,47 @@ pub struct AttnShape {
     pub head_dim: usize,
     /// Each query sees at most this many most recent positions (itself included).
     pub window: Option<usize>,
+}
+
+/// A dense weight as read from the file, before a backend takes it.
+#[derive(Debug, Clone)]
+pub enum DenseHost {
+    /// f32, f16 or bf16 elements.
+    Float(Arc<TensorData>),
+    /// 8-bit blocks (llama.cpp's Q8_0), kept so: an output layer stored this way
+    /// is read at a quarter of its f32 size.
+    Q8_0(Arc<Q8Matrix>),
+}
+
+impl DenseHost {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            DenseHost::Float(w) => w.len(),
+            DenseHost::Q8_0(w) => w.quants.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            DenseHost::Float(w) => w.nbytes(),
+            DenseHost::Q8_0(w) => w.nbytes(),
+        }
+    }
+
+    /// Short name of the stored form ("bf16", "q8_0", ...).
+    pub fn storage(&self) -> String {
+        match self {
+            DenseHost::Float(w) => w.dtype().name().to_lowercase(),
+            DenseHost::Q8_0(_) => "q8_0".into(),
+        }
+    }
 }
 
 /// An any-precision weight as read from the file, before a backend takes it:
@@ -135,7 +176,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     // --- weights ---
     /// Take a dense [rows × cols] weight (and bias).
-    fn dense(&self, w: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Self::Dense>;
+    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Self::Dense>;
     /// Take an any-precision weight.
     fn anyprec(&self, w: AnyPrecHost) -> Result<Self::AnyPrec>;
 

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dpllm_format::anyprec::{self, AnyPrecInfo};
-use dpllm_format::{Checkpoint, FormatError, LinearKind, LinearSpec, ModelConfig, TensorData};
+use dpllm_format::{Checkpoint, FormatError, LinearKind, LinearSpec, ModelConfig};
 
 use super::rope::Rope;
 use super::{Block, GateUpProj, Model, QkvProj};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AnyPrecHost, Backend};
+use crate::backend::{AnyPrecHost, Backend, DenseHost};
 use crate::error::Result;
 use crate::linear::{Linear, Weight};
 
@@ -57,13 +57,22 @@ impl<B: Backend> Loader<'_, B> {
             return Ok(Linear::anyprec(self.be.anyprec(host)?, s.rows, s.cols, info.seed_bits, keep));
         }
         let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
-        self.dense(Arc::new(w), s.rows, s.cols, bias)
+        self.dense(DenseHost::Float(Arc::new(w)), s.rows, s.cols, bias)
     }
 
-    fn dense(&self, w: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Linear<B>> {
+    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Linear<B>> {
         let bytes = w.nbytes() + bias.as_ref().map_or(0, |b| b.len() * 4);
-        let storage = w.dtype().name().to_lowercase();
+        let storage = w.storage();
         Ok(Linear::dense(Arc::new(self.be.dense(w, rows, cols, bias)?), rows, cols, bytes, storage))
+    }
+
+    /// The embedding or output layer [rows × cols], kept in 8-bit blocks when stored so.
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<Linear<B>> {
+        let w = match self.ck.tensor_q8_0(name, rows, cols)? {
+            Some(q) => DenseHost::Q8_0(Arc::new(q)),
+            None => DenseHost::Float(Arc::new(self.ck.tensor(name, &[rows, cols])?)),
+        };
+        self.dense(w, rows, cols, None)
     }
 
     /// The backend's copy of a dense linear's weight (to share it).
@@ -127,8 +136,7 @@ impl<B: Backend> Model<B> {
         c.check_layer_count(ck)?;
         let ld = Loader { be: &backend, ck, anyprec, per_linear };
         let d = c.hidden_size;
-        let embed_w = Arc::new(ck.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?);
-        let embed_lin = ld.dense(embed_w, c.vocab_size, d, None)?;
+        let embed_lin = ld.table("model.embed_tokens.weight", c.vocab_size, d)?;
         let embed = Loader::shared(&embed_lin);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -167,7 +175,7 @@ impl<B: Backend> Model<B> {
         let lm_head = if c.tie_word_embeddings {
             embed_lin
         } else {
-            ld.dense(Arc::new(ck.tensor("lm_head.weight", &[c.vocab_size, d])?), c.vocab_size, d, None)?
+            ld.table("lm_head.weight", c.vocab_size, d)?
         };
         let rope = Rope::new(c);
         let rope_table = backend.upload(&rope.table(0, c.max_position_embeddings))?;

@@ -22,7 +22,7 @@ pub(crate) use run::run_linear;
 pub use stats::BitStats;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, DenseHost};
 use crate::error::Result;
 use crate::Model;
 
@@ -128,7 +128,7 @@ impl<B: Backend> RuntimePlan<B> {
                     if g.iter().any(|v| !v.is_finite()) {
                         return Err(FormatError::invalid(path, format!("estimator {tensor} has non-finite values")).into());
                     }
-                    Estimator::Jl { k: *k, g: model.backend.dense(Arc::new(TensorData::F32(g)), *k, spec.cols, None)?, bias: *bias }
+                    Estimator::Jl { k: *k, g: model.backend.dense(DenseHost::Float(Arc::new(TensorData::F32(g))), *k, spec.cols, None)?, bias: *bias }
                 }
             };
             blocks[spec.layer].push(LinearSelect {

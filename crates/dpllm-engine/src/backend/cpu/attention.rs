@@ -7,9 +7,26 @@ use super::SendPtr;
 
 pub use crate::backend::AttnShape;
 
+/// From this many queries in one call (prefill), attention runs as two matrix
+/// products per head and query tile ([`attention_tiled`]); fewer (decode) take
+/// one pass per query and head.
+pub const TILED_MIN_QUERIES: usize = 16;
+
+/// Queries per tile of [`attention_tiled`]: a tile's scores are TILE × keys floats.
+const TILE: usize = 64;
+
 /// `out [n × heads·hd]` = softmax(q·kᵀ/√hd)·v for queries at positions
 /// `pos0..pos0+n`, over cached keys/values `k`, `v` [(pos0+n) × kv_heads·hd].
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
+    if q.len() / (s.num_heads * s.head_dim) >= TILED_MIN_QUERIES {
+        attention_tiled(q, k, v, pos0, s, out)
+    } else {
+        attention_rows(q, k, v, pos0, s, out)
+    }
+}
+
+/// [`attention`] one query and head at a time (the decode path).
+pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
     let (nh, hd) = (s.num_heads, s.head_dim);
     let kvd = s.num_kv_heads * hd;
     let group = nh / s.num_kv_heads;
@@ -35,6 +52,93 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out
             for (a, b) in o.iter_mut().zip(vj) {
                 *a += p * b;
             }
+        }
+    });
+}
+
+/// `gemm` on strided row-major views: `dst [m × n] = lhs [m × k] · rhs [k × n]`, each
+/// given as (pointer offset already applied, row stride, column stride).
+///
+/// # Safety
+/// The views must lie inside their buffers; `dst` must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_view(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// [`attention`] as matrix products: per head and tile of up to 64 queries,
+/// S = Q·Kᵀ over the keys the tile can see (the `gemm` crate), a masked softmax
+/// per row, then O = P·V. Tiles of different heads run in parallel.
+pub fn attention_tiled(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
+    let (nh, hd) = (s.num_heads, s.head_dim);
+    let (qd, kvd) = (nh * hd, s.num_kv_heads * hd);
+    let group = nh / s.num_kv_heads;
+    let n = q.len() / qd;
+    assert_eq!(out.len(), q.len());
+    assert!(k.len() >= (pos0 + n) * kvd && v.len() >= (pos0 + n) * kvd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tiles = n.div_ceil(TILE);
+    let op = SendPtr(out.as_mut_ptr());
+    (0..nh * tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scores, job| {
+        let op = op;
+        let (h, tile) = (job / tiles, job % tiles);
+        let kvh = h / group;
+        let (t0, t1) = (tile * TILE, ((tile + 1) * TILE).min(n));
+        let rows = t1 - t0;
+        // Keys visible to some query of the tile: lo of its first query ..= its last position.
+        let lo = s.window.map_or(0, |w| (pos0 + t0 + 1).saturating_sub(w));
+        let hi = pos0 + t1;
+        let cols = hi - lo;
+        scores.clear();
+        scores.resize(rows * cols, 0.0);
+        // SAFETY: Q rows t0..t1 of head h, K rows lo..hi of KV head kvh and the scores
+        // tile are in bounds (asserted above); scores is this task's own buffer.
+        unsafe {
+            gemm_view(rows, cols, hd, scores.as_mut_ptr(), cols, q.as_ptr().add(t0 * qd + h * hd), qd, 1, k.as_ptr().add(lo * kvd + kvh * hd), 1, kvd);
+        }
+        for (r, row) in scores.chunks_mut(cols).enumerate() {
+            let pos = pos0 + t0 + r;
+            let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - lo;
+            let last = pos - lo;
+            let mut max = f32::NEG_INFINITY;
+            for x in &mut row[first..=last] {
+                *x *= scale;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in &mut row[first..=last] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..first].fill(0.0);
+            row[first..=last].iter_mut().for_each(|x| *x *= inv);
+            row[last + 1..].fill(0.0);
+        }
+        // SAFETY: this (head, tile) job alone writes out rows t0..t1, columns h·hd..(h+1)·hd;
+        // V rows lo..hi of KV head kvh are in bounds.
+        unsafe {
+            gemm_view(rows, hd, cols, op.0.add(t0 * qd + h * hd), qd, scores.as_ptr(), cols, 1, v.as_ptr().add(lo * kvd + kvh * hd), kvd, 1);
         }
     });
 }
@@ -99,16 +203,20 @@ mod tests {
     #[test]
     fn matches_naive_with_gqa_window_and_offset() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for window in [None, Some(3)] {
+        // A few queries, and more than two tiles of the tiled path, with windows
+        // shorter and longer than a tile.
+        for (window, pos0, n) in [(None, 5, 4), (Some(3), 5, 4), (None, 3, 150), (Some(3), 7, 150), (Some(70), 0, 150)] {
             let s = AttnShape { num_heads: 6, num_kv_heads: 2, head_dim: 8, window };
-            let (pos0, n) = (5, 4);
             let q: Vec<f32> = (0..n * 48).map(|_| rng.random_range(-1.0..1.0)).collect();
             let k: Vec<f32> = (0..(pos0 + n) * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
             let v: Vec<f32> = (0..(pos0 + n) * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut out = vec![0f32; q.len()];
-            attention(&q, &k, &v, pos0, s, &mut out);
-            for (a, b) in out.iter().zip(naive(&q, &k, &v, pos0, s)) {
-                assert!((*a as f64 - b).abs() < 1e-5);
+            let want = naive(&q, &k, &v, pos0, s);
+            for kernel in [attention_rows, attention_tiled] {
+                let mut out = vec![0f32; q.len()];
+                kernel(&q, &k, &v, pos0, s, &mut out);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() < 1e-5);
+                }
             }
         }
     }

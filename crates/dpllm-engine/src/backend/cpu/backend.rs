@@ -1,11 +1,7 @@
 //! [`Backend`] for the CPU: each op calls the kernel of its module.
 
-use std::sync::Arc;
-
-use dpllm_format::TensorData;
-
 use super::{activation, attention, bitplane, estimate, norm, rope, rows, AnyPrecLinear, CpuBackend, CpuKv, DenseLinear};
-use crate::backend::{AnyPrecHost, AttnShape, Backend, Estimator};
+use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
 use crate::error::{EngineError, Result};
 
 impl Backend for CpuBackend {
@@ -42,8 +38,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn dense(&self, w: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<DenseLinear> {
-        Ok(DenseLinear::new(w, rows, cols, bias))
+    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<DenseLinear> {
+        Ok(DenseLinear::from_host(w, rows, cols, bias))
     }
 
     fn anyprec(&self, w: AnyPrecHost) -> Result<AnyPrecLinear> {
@@ -76,7 +72,7 @@ impl Backend for CpuBackend {
     fn embed(&self, table: &DenseLinear, tokens: &[u32], out: &mut Vec<f32>) {
         let d = table.in_features();
         for (t, &tok) in tokens.iter().enumerate() {
-            table.weight().copy_range_f32(tok as usize * d, &mut out[t * d..(t + 1) * d]);
+            table.row_f32(tok as usize, &mut out[t * d..(t + 1) * d]);
         }
     }
 

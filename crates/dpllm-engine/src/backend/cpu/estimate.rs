@@ -1,9 +1,8 @@
 //! The DP-LLM error estimators on the CPU: ê = a·||x|| + c, or ||G x|| + bias.
 
 use super::dot::dot_f32;
-use super::matmul::matmul_dense;
 use super::CpuBackend;
-use crate::backend::Estimator;
+use crate::backend::{DenseHost, Estimator};
 use dpllm_format::TensorData;
 
 /// Below this many multiply-adds a projection runs on the calling thread: one
@@ -23,15 +22,16 @@ pub fn estimate(est: &Estimator<CpuBackend>, x: &[f32], n: usize) -> Vec<f32> {
         Estimator::Linear { a, c } => row_norms(x, d).map(|v| a * v + c).collect(),
         Estimator::Jl { k, g, bias } => {
             let mut gx = vec![0f32; n * k];
-            match g.weight() {
-                TensorData::F32(gw) if n * k * d <= SERIAL_MACS => {
+            match g.stored() {
+                DenseHost::Float(w) if n * k * d <= SERIAL_MACS && matches!(**w, TensorData::F32(_)) => {
+                    let TensorData::F32(gw) = &**w else { unreachable!() };
                     for (xt, out) in x.chunks(d).zip(gx.chunks_mut(*k)) {
                         for (o, row) in out.iter_mut().zip(gw.chunks(d)) {
                             *o = dot_f32(row, xt);
                         }
                     }
                 }
-                w => matmul_dense(w, *k, d, x, n, &mut gx),
+                _ => g.forward(x, n, &mut gx),
             }
             row_norms(&gx, *k).map(|v| v + bias).collect()
         }

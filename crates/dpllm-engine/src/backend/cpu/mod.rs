@@ -12,6 +12,7 @@ pub mod dot;
 pub mod estimate;
 pub mod matmul;
 pub mod norm;
+pub mod q8;
 pub mod rope;
 pub mod rows;
 
