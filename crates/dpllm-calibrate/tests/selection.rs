@@ -249,7 +249,7 @@ fn one_model_serves_concurrent_sessions_at_different_precisions() {
     let ids = tokens(20);
     // Two DP-LLM targets (thresholds that split the tokens differently) and two uniform widths.
     let model = served.model().clone();
-    let precisions = vec![
+    let precisions = [
         RunPrecision::Plan(Arc::new(runtime(plan_for(&model, 3, 5, 9.0, |_, _| {}), &model))),
         RunPrecision::Plan(Arc::new(runtime(plan_for(&model, 4, 6, 12.0, |_, _| {}), &model))),
         RunPrecision::Uniform(3),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{fails, json_file, ok, s, sample_text};
 use dpllm_testkit::{write_tiny_gguf, TinySpec};
@@ -38,16 +38,7 @@ fn a_gguf_file_is_a_model_for_every_command() {
     fails(&["generate", s(&g), "--prompt", "x"], &["tiny.gguf"]);
 }
 
-/// SmolLM2-135M-Instruct's GGUF, if fetched.
-fn smollm2() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: {} is missing (run tools/fetch-smollm2.sh)", p.display());
-        None
-    }
-}
+use dpllm_testkit::smollm2_gguf as smollm2;
 
 #[test]
 fn smollm2_answers_a_chat_question() {

@@ -9,7 +9,7 @@
 //! layers: measured max |Δlogit| 5.9e-5 (printed), tolerance 5e-4. A real bug (a wrong RoPE band, a
 //! mis-permuted q/k, a wrong dequantization) moves logits by far more.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use dpllm_engine::chat_template::ChatMessage;
@@ -20,15 +20,7 @@ use dpllm_format::Checkpoint;
 
 const LOGIT_TOL: f32 = 5e-4;
 
-fn smollm2() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: {} is missing (run tools/fetch-smollm2.sh)", p.display());
-        None
-    }
-}
+use dpllm_testkit::smollm2_gguf as smollm2;
 
 fn ids(ck: &Checkpoint, name: &str) -> Vec<u32> {
     ck.tensor_i64(name).unwrap().0.iter().map(|&v| v as u32).collect()

@@ -246,6 +246,18 @@ fn check_spec(spec: &TinySpec) -> io::Result<()> {
     Ok(())
 }
 
+/// SmolLM2-135M-Instruct's GGUF as `tools/fetch-smollm2.sh` caches it in the
+/// repository, or None (after printing a SKIP line) when it has not been fetched.
+pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} is missing (run tools/fetch-smollm2.sh)", p.display());
+        None
+    }
+}
+
 /// An f32 tiny model of `arch` for gradient tests: tied embeddings for Qwen3,
 /// a sliding window of 5 positions for Mistral.
 pub fn write_tiny_f32(dir: &Path, arch: &'static str, seed: u64) -> io::Result<()> {

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::dot::dot_f32;
+use super::matmul::gemm_view;
 use super::SendPtr;
 
 pub use crate::backend::AttnShape;
@@ -54,36 +55,6 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
             }
         }
     });
-}
-
-/// `gemm` on strided row-major views: `dst [m × n] = lhs [m × k] · rhs [k × n]`, each
-/// given as (pointer offset already applied, row stride, column stride).
-///
-/// # Safety
-/// The views must lie inside their buffers; `dst` must not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_view(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 /// [`attention`] as matrix products: per head and tile of up to 64 queries,

@@ -57,30 +57,38 @@ pub fn matmul_tiled(rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]
         fill(r0, tile);
         // SAFETY: dst covers columns r0..r0+nr of every row of y, disjoint per task;
         // strides describe y [n × rows], x [n × cols] and the tile [nr × cols] used transposed.
-        unsafe {
-            gemm::gemm(
-                n,
-                nr,
-                cols,
-                yp.0.add(r0),
-                1,
-                rows as isize,
-                false,
-                x.as_ptr(),
-                1,
-                cols as isize,
-                tile.as_ptr(),
-                cols as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        unsafe { gemm_view(n, nr, cols, yp.0.add(r0), rows, x.as_ptr(), cols, 1, tile.as_ptr(), 1, cols) }
     });
+}
+
+/// `gemm` on strided row-major views: `dst [m × n] = lhs [m × k] · rhs [k × n]`, each
+/// given as (pointer offset already applied, row stride, column stride).
+///
+/// # Safety
+/// The views must lie inside their buffers; `dst` must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_view(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 fn matmul_elems<T: WeightElem>(w: &[T], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
