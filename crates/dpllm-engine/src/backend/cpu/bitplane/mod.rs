@@ -24,29 +24,40 @@ fn word_indices(planes: &[u32], stride: usize, bits: u32, w: usize, out: &mut [u
     }
 }
 
-/// A row's f16 LUT widened to f32 (2^bits entries used).
-#[inline]
-fn lut_f32(lut: &[f16]) -> [f32; 256] {
-    let mut t = [0f32; 256];
-    for (d, s) in t.iter_mut().zip(lut) {
-        *d = s.to_f32();
+/// Run `f` on a row's f16 LUT widened to f32, in a stack buffer no larger than
+/// the LUT's size class: a decode pass widens one LUT per row, so a fixed
+/// 256-entry buffer (1 KiB zeroed, then copied) cost more than a 4-bit row's
+/// dot product on rows of a few hundred columns.
+#[inline(always)]
+fn with_lut_f32<R>(lut: &[f16], f: impl FnOnce(&[f32]) -> R) -> R {
+    #[inline(always)]
+    fn run<const N: usize, R>(lut: &[f16], f: impl FnOnce(&[f32]) -> R) -> R {
+        let mut t = [0f32; N];
+        let t = &mut t[..lut.len()];
+        t.iter_mut().zip(lut).for_each(|(d, s)| *d = s.to_f32());
+        f(t)
     }
-    t
+    match lut.len() {
+        0..=16 => run::<16, R>(lut, f),
+        17..=64 => run::<64, R>(lut, f),
+        _ => run::<256, R>(lut, f),
+    }
 }
 
 /// Dequantize one row at `bits` into `out` (len = cols).
 pub fn dequantize_row(planes: &[u32], stride: usize, bits: u32, lut: &[f16], out: &mut [f32]) {
-    let lut = lut_f32(lut);
-    let cols = out.len();
-    let mut idx = [0u8; 32];
-    for w in 0..cols.div_ceil(32) {
-        word_indices(planes, stride, bits, w, &mut idx);
-        let c0 = w * 32;
-        let n = (cols - c0).min(32);
-        for t in 0..n {
-            out[c0 + t] = lut[idx[t] as usize];
+    with_lut_f32(lut, |lut| {
+        let cols = out.len();
+        let mut idx = [0u8; 32];
+        for w in 0..cols.div_ceil(32) {
+            word_indices(planes, stride, bits, w, &mut idx);
+            let c0 = w * 32;
+            let n = (cols - c0).min(32);
+            for t in 0..n {
+                out[c0 + t] = lut[idx[t] as usize];
+            }
         }
-    }
+    })
 }
 
 /// Portable Σ_c lut[idx_c]·x_c over one row (f32 LUT).
@@ -138,12 +149,12 @@ pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], stride: usize, bits:
                 return unsafe { avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), x) };
             }
             // SAFETY: as above.
-            BitplaneKernel::Avx2 => return unsafe { avx2::dot_row(planes, stride, bits, &lut_f32(lut), x) },
+            BitplaneKernel::Avx2 => return with_lut_f32(lut, |l| unsafe { avx2::dot_row(planes, stride, bits, l, x) }),
             BitplaneKernel::Portable => {}
         }
     }
     let _ = kernel;
-    dot_row_portable(planes, stride, bits, &lut_f32(lut), x)
+    with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, x))
 }
 
 
