@@ -79,3 +79,21 @@ fn a_q8_0_embedding_stays_8_bit_and_gives_the_logits_of_its_values() {
         assert!(max < 1e-4, "decode step {t}: max |Δlogit| {max}");
     }
 }
+
+#[test]
+fn a_sentencepiece_gguf_tokenizer_matches_sentencepiece() {
+    // tools/make_spm_gguf_fixture.py: a SentencePiece BPE model (byte fallback, no
+    // normalization, as Llama 2's) written as llama.cpp writes a "llama" tokenizer,
+    // with the ids sentencepiece itself gives.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf");
+    let tok = TextTokenizer::from_gguf(&dir.join("spm-tokenizer.gguf"), None, &[]).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("spm-reference.json")).unwrap()).unwrap();
+    for s in reference["samples"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let want: Vec<u32> = s["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, true).unwrap(), text, "decoding {text:?}");
+    }
+    // With special tokens: the GGUF asks for a BOS.
+    assert_eq!(tok.encode("Hello", true).unwrap()[0], 1);
+}

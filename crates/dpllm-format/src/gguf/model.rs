@@ -172,33 +172,36 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<(Json, Json)> {
             .collect()
     };
     let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-    if model != "gpt2" {
-        return Err(FormatError::invalid(path, format!("tokenizer.ggml.model {model:?} is not supported yet (gpt2 byte-level BPE is)")));
-    }
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = f.get("tokenizer.ggml.token_type").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
-    let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
     let vocab: Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
-    // Token types 3 (control) and 4 (user defined) are added tokens, matched before BPE.
+    // Token types 3 (control) and 4 (user defined) are added tokens, matched before the model.
     let added: Vec<Json> = tokens
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
         .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}))
         .collect();
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre, path)?,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
+    let tokenizer = match model {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer(pre, path)?,
+                "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                          "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+            })
+        }
+        "llama" => spm_tokenizer(f, &tokens, &types, vocab, added)?,
+        other => return Err(FormatError::invalid(path, format!("tokenizer.ggml.model {other:?} is not supported (gpt2 byte-level BPE and llama SentencePiece are)"))),
+    };
     let token = |k: &str| f.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(Value::as_u64).and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
     let mut tc = Map::new();
     tc.insert("add_bos_token".into(), json!(f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false)));
@@ -212,6 +215,63 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<(Json, Json)> {
         tc.insert("chat_template".into(), json!(t));
     }
     Ok((tokenizer, Json::Object(tc)))
+}
+
+/// A SentencePiece BPE tokenizer (llama.cpp's "llama" model: Llama 2, Mistral,
+/// TinyLlama...) as a `tokenizers` BPE: SentencePiece merges the adjacent pair
+/// whose joined piece scores highest, so every split of a normal piece into two
+/// vocabulary pieces is a merge ranked by that piece's score. Characters outside
+/// the vocabulary fall back to byte pieces `<0xXX>`; spaces become `▁`, with one
+/// prepended unless `tokenizer.ggml.add_space_prefix` is false.
+fn spm_tokenizer(f: &GgufFile, tokens: &[&str], types: &[u64], vocab: Map<String, Json>, added: Vec<Json>) -> Result<Json> {
+    let path = f.path();
+    let scores: Vec<f64> = f
+        .get("tokenizer.ggml.scores")
+        .and_then(Value::as_array)
+        .ok_or_else(|| FormatError::invalid(path, "metadata has no tokenizer.ggml.scores (a llama tokenizer needs them)"))?
+        .iter()
+        .map(|v| v.as_f64().ok_or_else(|| FormatError::invalid(path, "tokenizer.ggml.scores holds a non-number")))
+        .collect::<Result<_>>()?;
+    if scores.len() != tokens.len() {
+        return Err(FormatError::invalid(path, format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let mut merges: Vec<(f64, usize, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.get(id).is_some_and(|&t| t != 1) {
+            continue;
+        }
+        for (b, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(b);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((scores[id], id, format!("{l} {r}")));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let merges: Vec<String> = merges.into_iter().map(|m| m.2).collect();
+    let unk = f.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64).and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+    let prefix = f.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let mut normalizers = Vec::new();
+    if prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    }))
 }
 
 #[cfg(test)]
