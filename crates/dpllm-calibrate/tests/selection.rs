@@ -200,6 +200,9 @@ fn plans_that_do_not_fit_the_model_are_rejected() {
     let err = |plan: Plan| RuntimePlan::from_plan(plan, None, &model, Path::new("p.json")).unwrap_err().to_string();
     // Needs 6 bits, the model holds 5.
     assert!(err(plan_for(&model, 4, 6, 0.0, |_, _| {})).contains("the model holds 3..=5"));
+    // A plan for another model is the request's mistake (a server answers 400), not a broken file.
+    let kind = RuntimePlan::from_plan(plan_for(&model, 4, 6, 0.0, |_, _| {}), None, &model, Path::new("p.json")).unwrap_err().kind();
+    assert_eq!(kind, dpllm_engine::ErrorKind::User);
     let mut p = plan_for(&model, 4, 5, 0.0, |_, _| {});
     p.linears.pop();
     assert!(err(p).contains("linears"));

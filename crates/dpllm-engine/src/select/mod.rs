@@ -23,8 +23,14 @@ pub use stats::BitStats;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DenseHost};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::Model;
+
+/// A plan that is a valid file but was made for another model (or budget): the
+/// request's mistake, not the files'.
+fn unfit(path: &Path, reason: String) -> EngineError {
+    EngineError::Plan(format!("{} does not fit this model: {reason}", path.display()))
+}
 
 /// How the quantized linears of one forward call choose their precision: an
 /// argument of every call, never state on the shared weights, so one loaded
@@ -105,19 +111,19 @@ impl<B: Backend> RuntimePlan<B> {
     pub fn from_plan(plan: Plan, estimators: Option<&Checkpoint>, model: &Model<B>, path: &Path) -> Result<RuntimePlan<B>> {
         let specs = model.config.linears();
         if specs.len() != plan.linears.len() {
-            return Err(FormatError::invalid(path, format!("plan has {} linears, the model {}", plan.linears.len(), specs.len())).into());
+            return Err(unfit(path, format!("plan has {} linears, the model {}", plan.linears.len(), specs.len())));
         }
         let mut blocks: Vec<Vec<LinearSelect<B>>> = model.blocks.iter().map(|_| Vec::new()).collect();
         for ((spec, lp), (_, lin)) in specs.iter().zip(&plan.linears).zip(model.blocks.iter().flat_map(|b| b.linears())) {
             if spec.prefix != lp.name || spec.size() != lp.size {
-                return Err(FormatError::invalid(path, format!("plan linear {} ({} params) does not match the model's {} ({} params)", lp.name, lp.size, spec.prefix, spec.size())).into());
+                return Err(unfit(path, format!("plan linear {} ({} params) does not match the model's {} ({} params)", lp.name, lp.size, spec.prefix, spec.size())));
             }
             let Some((seed, max)) = lin.bits_range() else {
-                return Err(FormatError::invalid(path, "a plan needs a dpllm any-precision model (this one is not quantized)").into());
+                return Err(unfit(path, "a plan needs a dpllm any-precision model (this one is not quantized)".into()));
             };
             let need = lp.max_bits.max(lp.high_bits);
             if max < need || seed > lp.low_bits {
-                return Err(FormatError::invalid(path, format!("{} needs {}..={} bits but the model holds {seed}..={max} (load it for this plan's budget)", lp.name, lp.low_bits, need)).into());
+                return Err(unfit(path, format!("{} needs {}..={} bits but the model holds {seed}..={max} (load it for this plan's budget)", lp.name, lp.low_bits, need)));
             }
             let estimator = match &lp.estimator {
                 EstimatorSpec::None => Estimator::None,

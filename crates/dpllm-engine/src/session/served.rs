@@ -100,7 +100,7 @@ impl<B: Backend> ServedModel<B> {
         if let Some(p) = self.plans.lock().expect("plan cache lock").get(&name) {
             return Ok(p.clone());
         }
-        let rp = RuntimePlan::load(&path, &self.model).map_err(|e| EngineError::Plan(e.to_string()))?;
+        let rp = RuntimePlan::load(&path, &self.model)?;
         let rp = Arc::new(rp);
         self.plans.lock().expect("plan cache lock").insert(name, rp.clone());
         Ok(rp)
