@@ -83,7 +83,7 @@ impl DenseHost {
 }
 
 /// An any-precision weight as read from the file, before a backend takes it:
-/// planes 0..max_bits plane-major ([plane][rows][ceil(cols/32)] words) and one
+/// planes 0..max_bits plane-major (`[plane][rows][ceil(cols/32)]` words) and one
 /// f16 LUT per precision seed..=max ([rows × 2^b]).
 pub struct AnyPrecHost {
     /// Output features.
@@ -98,7 +98,7 @@ pub struct AnyPrecHost {
     pub planes: Vec<u32>,
     /// LUTs, `luts[b - seed_bits]`.
     pub luts: Vec<Vec<f16>>,
-    /// Optional bias [rows].
+    /// Optional bias, `rows` values.
     pub bias: Option<Vec<f32>>,
 }
 

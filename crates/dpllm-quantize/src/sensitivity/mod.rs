@@ -2,9 +2,8 @@
 //! linear weight, F = Σ over calibration sequences of (∂L/∂W)², where L is the mean
 //! next-token cross-entropy of one sequence.
 //!
-//! - [`ops`]: forward and backward of each op on f32 slices (the op set a GPU backend would supply).
-//! - [`model_grad`]: the model in f32, forward with saved activations, backward to every block linear.
-//! - here: accumulation over sequences, calibration windows, and the safetensors file.
+//! The gradients come from `dpllm-grad` (the f32 model with its backward pass);
+//! here: accumulation over sequences, calibration windows, and the safetensors file.
 //!
 //! File format: a safetensors file with one F32 tensor of shape [out, in] per
 //! quantized linear, named like the Hugging Face weight

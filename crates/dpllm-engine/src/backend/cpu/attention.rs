@@ -114,7 +114,7 @@ pub fn attention_tiled(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShap
     });
 }
 
-/// Softmax over positions lo..=pos of the scaled scores of query `qh` [hd]
+/// Softmax over positions lo..=pos of the scaled scores of query `qh` (hd values)
 /// against the keys of KV head `kvh` in `k` [· × kvd], into `p` (one per position).
 /// The forward pass and the attention backward both use it.
 #[allow(clippy::too_many_arguments)]

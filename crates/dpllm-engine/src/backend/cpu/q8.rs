@@ -6,7 +6,7 @@ use half::f16;
 
 use super::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
 
-/// Σ_j w_j·x_j of one row: `scales` [cols/32], `quants` [cols] (portable).
+/// Σ_j w_j·x_j of one row: `scales` (cols/32), `quants` (cols) (portable).
 pub fn dot_q8_portable(scales: &[f16], quants: &[i8], x: &[f32]) -> f32 {
     let mut acc = 0f32;
     for ((q, xb), s) in quants.chunks(Q8_BLOCK).zip(x.chunks(Q8_BLOCK)).zip(scales) {
