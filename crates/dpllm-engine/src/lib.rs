@@ -5,7 +5,7 @@
 //! - [`linear`]: a linear layer on a backend, dense or any-precision.
 //! - [`model`]: the transformer and its forward pass with a [`kv_cache::KvCache`].
 //! - [`select`]: DP-LLM plans at run time: per-token precision selection and effective-bit counting.
-//! - [`sampler`], [`tokenizer`], [`chat_template`]: turning logits and text into each other.
+//! - [`sampler`], [`tokenizer`], [`chat_template`]: turning logits and text into each other; [`loss`]: their next-token loss.
 //! - [`session`]: a model served for a budget and one session per request: prefill, decode, cancellation.
 //! - [`generate`]: text generation on a session.
 
@@ -15,6 +15,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;
+pub mod loss;
 pub mod model;
 pub mod sampler;
 pub mod select;

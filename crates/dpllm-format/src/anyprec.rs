@@ -34,6 +34,12 @@ pub fn words_per_row(cols: usize) -> usize {
     cols.div_ceil(32)
 }
 
+/// Bytes one pass over a `[rows × cols]` any-precision weight reads at `bits`:
+/// b planes of `words_per_row(cols)` u32 words plus the f16 LUT of every row.
+pub fn bytes_at(rows: usize, cols: usize, bits: u32) -> usize {
+    rows * (bits as usize * words_per_row(cols) * 4 + (2usize << bits))
+}
+
 /// Name of the bit-plane tensor of linear `prefix`.
 pub fn planes_name(prefix: &str) -> String {
     format!("{prefix}.planes")

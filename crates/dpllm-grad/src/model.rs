@@ -400,15 +400,7 @@ impl GradModel {
 pub fn engine_loss(model: &Model, tokens: &[u32]) -> anyhow::Result<f64> {
     let mut cache = model.new_cache(tokens.len());
     let logits = model.forward_all(tokens, &mut cache)?;
-    let v = model.config.vocab_size;
     let n = tokens.len();
-    let nll: f64 = (0..n - 1)
-        .map(|t| {
-            let row = &logits[t * v..(t + 1) * v];
-            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln() + mx;
-            lse - row[tokens[t + 1] as usize] as f64
-        })
-        .sum();
-    Ok(nll / (n - 1) as f64)
+    let v = model.config.vocab_size;
+    Ok(dpllm_engine::loss::nll_sum(&logits[..(n - 1) * v], v, &tokens[1..]) / (n - 1) as f64)
 }

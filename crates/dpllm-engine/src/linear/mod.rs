@@ -80,7 +80,7 @@ impl<B: Backend> Linear<B> {
     pub fn bytes_at(&self, bits: u32) -> usize {
         match &self.weight {
             Weight::Dense(_) => self.dense_bytes,
-            Weight::AnyPrec { .. } => self.rows * (bits as usize * self.cols.div_ceil(32) * 4 + (2usize << bits)),
+            Weight::AnyPrec { .. } => dpllm_format::anyprec::bytes_at(self.rows, self.cols, bits),
         }
     }
 

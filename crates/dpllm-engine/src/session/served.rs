@@ -32,8 +32,7 @@ pub enum PlanKey {
 /// with the runtime plans it has served cached by target. Shared by every session.
 pub struct ServedModel<B: Backend = CpuBackend> {
     model: Arc<Model<B>>,
-    /// Directory of the plans of the budget (None: no budget chosen, every plane loaded).
-    budget_dir: Option<PathBuf>,
+    /// The memory budget it was loaded for (None: no budget chosen, the planes asked for loaded).
     budget: Option<f64>,
     plans: Mutex<HashMap<String, Arc<RuntimePlan<B>>>>,
 }
@@ -57,16 +56,14 @@ impl<B: Backend> ServedModel<B> {
     pub fn load_on(backend: B, dir: &Path, budget: Option<f64>, max_bits: Option<u32>) -> Result<ServedModel<B>> {
         let Some(b) = budget else {
             let model = Model::load_on(backend, dir, &LoadOptions { max_bits, ..Default::default() })?;
-            return Ok(ServedModel { model: Arc::new(model), budget_dir: None, budget: None, plans: Mutex::default() });
+            return Ok(ServedModel { model: Arc::new(model), budget: None, plans: Mutex::default() });
         };
         let bdir = plan::budget_dir(dir, b);
         let first = [PlanKind::Dynamic, PlanKind::Static]
             .into_iter()
             .find_map(|k| plan::available_targets(&bdir, k).first().map(|t| plan::plan_path(&bdir, k, *t)))
             .ok_or_else(|| EngineError::Plan(no_plans(dir, b)))?;
-        let mut served = Self::load_for_plan(backend, dir, &first, Some(bdir))?;
-        served.budget = Some(b);
-        Ok(served)
+        Self::load_for_plan(backend, dir, &first, Some(b))
     }
 
     /// Load the model at `dir` onto `backend` with the planes the plan file `path` uses.
@@ -74,15 +71,15 @@ impl<B: Backend> ServedModel<B> {
         Self::load_for_plan(backend, dir, path, None)
     }
 
-    fn load_for_plan(backend: B, dir: &Path, path: &Path, budget_dir: Option<PathBuf>) -> Result<ServedModel<B>> {
+    fn load_for_plan(backend: B, dir: &Path, path: &Path, budget: Option<f64>) -> Result<ServedModel<B>> {
         let p = Plan::load(path)?;
         let model = Model::load_on(backend, dir, &LoadOptions::for_plan(&p))?;
-        Ok(ServedModel { model: Arc::new(model), budget_dir, budget: None, plans: Mutex::default() })
+        Ok(ServedModel { model: Arc::new(model), budget, plans: Mutex::default() })
     }
 
     /// Wrap a model loaded by other means (no budget).
     pub fn from_model(model: Model<B>) -> ServedModel<B> {
-        ServedModel { model: Arc::new(model), budget_dir: None, budget: None, plans: Mutex::default() }
+        ServedModel { model: Arc::new(model), budget: None, plans: Mutex::default() }
     }
 
     /// The model.
@@ -108,11 +105,7 @@ impl<B: Backend> ServedModel<B> {
 
     /// The file of the plan for `target`, in the loaded budget or the model's only budget.
     fn plan_path(&self, target: f64, kind: PlanKind) -> Result<PathBuf> {
-        let budget = match &self.budget_dir {
-            Some(b) => return target_file(b, self.budget.unwrap_or_default(), target, kind),
-            None => None,
-        };
-        find_plan(&self.model.dir, budget, target, kind)
+        find_plan(&self.model.dir, self.budget, target, kind)
     }
 
     /// A new session at `precision` with room for `capacity` positions.

@@ -117,7 +117,7 @@ impl AnyPrecLinear {
 
     /// Bytes read by one forward at `bits`: b planes + the f16 LUT of each row.
     pub fn bytes_at(&self, bits: u32) -> usize {
-        self.rows * (bits as usize * self.words * 4 + (2usize << bits))
+        dpllm_format::anyprec::bytes_at(self.rows, self.cols, bits)
     }
 }
 

@@ -37,6 +37,17 @@ impl DenseLinear {
         &self.weight
     }
 
+    /// The elements, when W is stored as f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.weight {
+            DenseHost::Float(w) => match &**w {
+                TensorData::F32(v) => Some(v),
+                _ => None,
+            },
+            DenseHost::Q8_0(_) => None,
+        }
+    }
+
     /// Row `r` of W as f32 into `out` (len = cols): an embedding lookup.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match &self.weight {

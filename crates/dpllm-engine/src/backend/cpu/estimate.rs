@@ -2,8 +2,7 @@
 
 use super::dot::dot_f32;
 use super::CpuBackend;
-use crate::backend::{DenseHost, Estimator};
-use dpllm_format::TensorData;
+use crate::backend::Estimator;
 
 /// Below this many multiply-adds a projection runs on the calling thread: one
 /// decode token's estimate (k × in) costs microseconds, less than a parallel dispatch.
@@ -22,9 +21,8 @@ pub fn estimate(est: &Estimator<CpuBackend>, x: &[f32], n: usize) -> Vec<f32> {
         Estimator::Linear { a, c } => row_norms(x, d).map(|v| a * v + c).collect(),
         Estimator::Jl { k, g, bias } => {
             let mut gx = vec![0f32; n * k];
-            match g.stored() {
-                DenseHost::Float(w) if n * k * d <= SERIAL_MACS && matches!(**w, TensorData::F32(_)) => {
-                    let TensorData::F32(gw) = &**w else { unreachable!() };
+            match g.as_f32() {
+                Some(gw) if n * k * d <= SERIAL_MACS => {
                     for (xt, out) in x.chunks(d).zip(gx.chunks_mut(*k)) {
                         for (o, row) in out.iter_mut().zip(gw.chunks(d)) {
                             *o = dot_f32(row, xt);
