@@ -12,8 +12,15 @@ fn main() {
         .output()
         .ok()
         .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
-    println!("cargo:rustc-env=DPLLM_GIT_REVISION={rev}{}", if dirty { "-dirty" } else { "" });
-    for p in ["../../.git/HEAD", "../../.git/refs/heads", "../../.git/index"] {
+    println!(
+        "cargo:rustc-env=DPLLM_GIT_REVISION={rev}{}",
+        if dirty { "-dirty" } else { "" }
+    );
+    for p in [
+        "../../.git/HEAD",
+        "../../.git/refs/heads",
+        "../../.git/index",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
 }

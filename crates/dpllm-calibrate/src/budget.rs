@@ -54,7 +54,10 @@ pub fn solve(items: &[Item], min_bits: u32, budget: f64) -> Result<Assignment> {
     for (i, it) in items.iter().enumerate() {
         ensure!(it.size > 0, "linear {i} has size 0");
         ensure!(!it.cost.is_empty(), "linear {i} offers no precision");
-        ensure!(it.cost.iter().all(|c| c.is_finite()), "linear {i} has a non-finite cost");
+        ensure!(
+            it.cost.iter().all(|c| c.is_finite()),
+            "linear {i} has a non-finite cost"
+        );
     }
     let max_bits = min_bits + choices as u32 - 1;
     if !(budget >= min_bits as f64) {
@@ -62,7 +65,9 @@ pub fn solve(items: &[Item], min_bits: u32, budget: f64) -> Result<Assignment> {
     }
     let total: usize = items.iter().map(|i| i.size).sum();
     // Capacity in extra bits over min_bits, in units of `unit` parameters.
-    let extra = ((budget.min(max_bits as f64) - min_bits as f64) * total as f64).floor().max(0.0) as usize;
+    let extra = ((budget.min(max_bits as f64) - min_bits as f64) * total as f64)
+        .floor()
+        .max(0.0) as usize;
     let mut unit = items.iter().fold(0, |g, i| gcd(g, i.size));
     let mut exact = true;
     while items.len() * (extra / unit + 1) > MAX_CELLS {
@@ -92,17 +97,37 @@ pub fn solve(items: &[Item], min_bits: u32, budget: f64) -> Result<Assignment> {
         }
         dp = next;
     }
-    let (mut c, _) = dp.iter().enumerate().fold((0, inf), |b, (c, &v)| if v < b.1 { (c, v) } else { b });
-    ensure!(dp[c].is_finite(), "no assignment fits the budget of {budget} bits");
+    let (mut c, _) = dp
+        .iter()
+        .enumerate()
+        .fold((0, inf), |b, (c, &v)| if v < b.1 { (c, v) } else { b });
+    ensure!(
+        dp[c].is_finite(),
+        "no assignment fits the budget of {budget} bits"
+    );
     let mut bits = vec![0u32; items.len()];
     for l in (0..items.len()).rev() {
         let k = choice[l][c] as usize;
         bits[l] = min_bits + k as u32;
         c -= units[l] * k;
     }
-    let cost = items.iter().zip(&bits).map(|(it, &b)| it.cost[(b - min_bits) as usize]).sum();
-    let avg_bits = items.iter().zip(&bits).map(|(it, &b)| it.size as f64 * b as f64).sum::<f64>() / total as f64;
-    Ok(Assignment { bits, cost, avg_bits, exact })
+    let cost = items
+        .iter()
+        .zip(&bits)
+        .map(|(it, &b)| it.cost[(b - min_bits) as usize])
+        .sum();
+    let avg_bits = items
+        .iter()
+        .zip(&bits)
+        .map(|(it, &b)| it.size as f64 * b as f64)
+        .sum::<f64>()
+        / total as f64;
+    Ok(Assignment {
+        bits,
+        cost,
+        avg_bits,
+        exact,
+    })
 }
 
 #[cfg(test)]
@@ -136,7 +161,8 @@ mod tests {
             let n = rng.random_range(1..=6);
             let items: Vec<Item> = (0..n)
                 .map(|_| {
-                    let size = [128usize, 384, 1024, 3 * 128][rng.random_range(0..4)] * rng.random_range(1..4);
+                    let size = [128usize, 384, 1024, 3 * 128][rng.random_range(0..4)]
+                        * rng.random_range(1..4);
                     // Costs fall with bits, as quantization errors do, but not always convexly.
                     let mut c = rng.random_range(1.0..100.0);
                     let cost = (0..4)
@@ -153,36 +179,83 @@ mod tests {
             let a = solve(&items, 3, budget).unwrap();
             assert!(a.exact);
             let want = brute(&items, 3, budget);
-            assert!((a.cost - want).abs() <= 1e-9 * want.abs(), "dp {} vs brute {want}", a.cost);
+            assert!(
+                (a.cost - want).abs() <= 1e-9 * want.abs(),
+                "dp {} vs brute {want}",
+                a.cost
+            );
             assert!(a.avg_bits <= budget + 1e-12);
         }
     }
 
     #[test]
     fn items_may_offer_fewer_precisions() {
-        let items = vec![Item { size: 10, cost: vec![5.0, 1.0] }, Item { size: 10, cost: vec![5.0, 4.0, 3.0, 0.0] }];
+        let items = vec![
+            Item {
+                size: 10,
+                cost: vec![5.0, 1.0],
+            },
+            Item {
+                size: 10,
+                cost: vec![5.0, 4.0, 3.0, 0.0],
+            },
+        ];
         let a = solve(&items, 3, 6.0).unwrap();
         assert_eq!(a.bits, vec![4, 6]);
-        assert!(solve(&[Item { size: 3, cost: vec![] }], 3, 4.0).is_err());
+        assert!(solve(
+            &[Item {
+                size: 3,
+                cost: vec![]
+            }],
+            3,
+            4.0
+        )
+        .is_err());
     }
 
     #[test]
     fn uses_the_budget_and_rejects_bad_input() {
-        let items: Vec<Item> = (0..10).map(|i| Item { size: 1000 + i * 10, cost: vec![8.0, 4.0, 2.0, 1.0] }).collect();
+        let items: Vec<Item> = (0..10)
+            .map(|i| Item {
+                size: 1000 + i * 10,
+                cost: vec![8.0, 4.0, 2.0, 1.0],
+            })
+            .collect();
         let a = solve(&items, 3, 5.0).unwrap();
         assert!(a.avg_bits <= 5.0 && a.avg_bits > 4.9, "{}", a.avg_bits);
         assert_eq!(solve(&items, 3, 9.0).unwrap().bits, vec![6; 10]);
         assert_eq!(solve(&items, 3, 3.0).unwrap().bits, vec![3; 10]);
         assert!(solve(&items, 3, 2.5).is_err());
         assert!(solve(&[], 3, 4.0).is_err());
-        assert!(solve(&[Item { size: 0, cost: vec![1.0] }], 3, 4.0).is_err());
-        assert!(solve(&[Item { size: 4, cost: vec![f64::NAN] }], 3, 4.0).is_err());
+        assert!(solve(
+            &[Item {
+                size: 0,
+                cost: vec![1.0]
+            }],
+            3,
+            4.0
+        )
+        .is_err());
+        assert!(solve(
+            &[Item {
+                size: 4,
+                cost: vec![f64::NAN]
+            }],
+            3,
+            4.0
+        )
+        .is_err());
     }
 
     #[test]
     fn coarsened_sizes_still_respect_the_budget() {
         // Coprime sizes and a large model force coarsening.
-        let items: Vec<Item> = (0..200).map(|i| Item { size: 1_000_003 + 2 * i, cost: vec![4.0, 2.0, 1.0, 0.5] }).collect();
+        let items: Vec<Item> = (0..200)
+            .map(|i| Item {
+                size: 1_000_003 + 2 * i,
+                cost: vec![4.0, 2.0, 1.0, 0.5],
+            })
+            .collect();
         let a = solve(&items, 3, 4.5).unwrap();
         assert!(!a.exact);
         assert!(a.avg_bits <= 4.5 && a.avg_bits > 4.45, "{}", a.avg_bits);

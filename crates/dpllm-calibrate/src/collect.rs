@@ -6,8 +6,8 @@
 use anyhow::Result;
 use dpllm_engine::select::estimator::row_norms;
 use dpllm_format::LinearKind;
-use dpllm_grad::BlockActs;
 use dpllm_grad::ops::{linear_forward, rms_norm_forward};
+use dpllm_grad::BlockActs;
 use dpllm_grad::GradModel;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -55,7 +55,13 @@ fn input_of(kind: LinearKind) -> Input {
 
 /// Estimator input of a linear: the exact input, or (async) the residual stream
 /// before the previous sub-block's output, normed with this sub-block's norm.
-fn estimator_input(gm: &GradModel, acts: &[BlockActs], layer: usize, input: Input, async_est: bool) -> Option<Vec<f32>> {
+fn estimator_input(
+    gm: &GradModel,
+    acts: &[BlockActs],
+    layer: usize,
+    input: Input,
+    async_est: bool,
+) -> Option<Vec<f32>> {
     if !async_est {
         return None;
     }
@@ -72,10 +78,20 @@ fn estimator_input(gm: &GradModel, acts: &[BlockActs], layer: usize, input: Inpu
 
 /// Run `seqs` through `gm` (weights already at each linear's m_l) and gather the
 /// calibration data of every linear; at most `max_samples` sampled rows per linear.
-pub fn collect(gm: &GradModel, w: &[LinearWeights], seqs: &[Vec<u32>], async_est: bool, max_samples: usize, progress: bool) -> Result<Vec<LinearCalib>> {
+pub fn collect(
+    gm: &GradModel,
+    w: &[LinearWeights],
+    seqs: &[Vec<u32>],
+    async_est: bool,
+    max_samples: usize,
+    progress: bool,
+) -> Result<Vec<LinearCalib>> {
     let total: usize = seqs.iter().map(Vec::len).sum();
     let stride = total.div_ceil(max_samples.max(1)).max(1);
-    let deltas: Vec<Vec<Vec<f32>>> = w.iter().map(|l| (l.min_bits..l.max_bits).map(|b| l.delta(b)).collect()).collect();
+    let deltas: Vec<Vec<Vec<f32>>> = w
+        .iter()
+        .map(|l| (l.min_bits..l.max_bits).map(|b| l.delta(b)).collect())
+        .collect();
     let mut out: Vec<LinearCalib> = w
         .iter()
         .map(|l| LinearCalib {
@@ -86,8 +102,14 @@ pub fn collect(gm: &GradModel, w: &[LinearWeights], seqs: &[Vec<u32>], async_est
             sample_idx: Vec::new(),
         })
         .collect();
-    let bar = if progress { ProgressBar::new(seqs.len() as u64) } else { ProgressBar::hidden() };
-    if let Ok(style) = ProgressStyle::with_template("estimator inputs [{bar:30}] {pos}/{len} seq ({eta} left)") {
+    let bar = if progress {
+        ProgressBar::new(seqs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("estimator inputs [{bar:30}] {pos}/{len} seq ({eta} left)")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     let mut seen = 0usize;
@@ -114,7 +136,8 @@ pub fn collect(gm: &GradModel, w: &[LinearWeights], seqs: &[Vec<u32>], async_est
             c.est_norm.extend(row_norms(xe, l.cols));
             for t in 0..n {
                 if (seen + t).is_multiple_of(stride) {
-                    c.sample.extend_from_slice(&xe[t * l.cols..(t + 1) * l.cols]);
+                    c.sample
+                        .extend_from_slice(&xe[t * l.cols..(t + 1) * l.cols]);
                     c.sample_idx.push(seen + t);
                 }
             }

@@ -29,7 +29,14 @@ pub struct FitOptions {
 
 impl Default for FitOptions {
     fn default() -> Self {
-        FitOptions { r2_min: 0.9, k: 64, steps: 2000, lr: 1e-3, batch: 32, seed: 0 }
+        FitOptions {
+            r2_min: 0.9,
+            k: 64,
+            steps: 2000,
+            lr: 1e-3,
+            batch: 32,
+            seed: 0,
+        }
     }
 }
 
@@ -83,7 +90,11 @@ impl Fitted {
 pub fn r_squared(pred: &[f32], y: &[f32]) -> f64 {
     let mean = y.iter().map(|&v| v as f64).sum::<f64>() / y.len().max(1) as f64;
     let ss_tot: f64 = y.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
-    let ss_res: f64 = pred.iter().zip(y).map(|(&p, &v)| (p as f64 - v as f64).powi(2)).sum();
+    let ss_res: f64 = pred
+        .iter()
+        .zip(y)
+        .map(|(&p, &v)| (p as f64 - v as f64).powi(2))
+        .sum();
     if ss_tot == 0.0 {
         return if ss_res == 0.0 { 1.0 } else { 0.0 };
     }
@@ -93,8 +104,15 @@ pub fn r_squared(pred: &[f32], y: &[f32]) -> f64 {
 /// Least squares y ≈ a·x + c; returns (a, c, R²).
 pub fn fit_linear(x: &[f32], y: &[f32]) -> (f32, f32, f64) {
     let n = x.len().max(1) as f64;
-    let (mx, my) = (x.iter().map(|&v| v as f64).sum::<f64>() / n, y.iter().map(|&v| v as f64).sum::<f64>() / n);
-    let sxy: f64 = x.iter().zip(y).map(|(&a, &b)| (a as f64 - mx) * (b as f64 - my)).sum();
+    let (mx, my) = (
+        x.iter().map(|&v| v as f64).sum::<f64>() / n,
+        y.iter().map(|&v| v as f64).sum::<f64>() / n,
+    );
+    let sxy: f64 = x
+        .iter()
+        .zip(y)
+        .map(|(&a, &b)| (a as f64 - mx) * (b as f64 - my))
+        .sum();
     let sxx: f64 = x.iter().map(|&a| (a as f64 - mx).powi(2)).sum();
     let a = if sxx > 0.0 { sxy / sxx } else { 0.0 };
     let c = my - a * mx;
@@ -112,7 +130,11 @@ struct Adam {
 
 impl Adam {
     fn new(n: usize, lr: f64) -> Adam {
-        Adam { lr: lr as f32, m: vec![0.0; n], v: vec![0.0; n] }
+        Adam {
+            lr: lr as f32,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 
     fn step(&mut self, w: &mut [f32], g: &[f32], t: i32) {
@@ -146,7 +168,15 @@ pub struct Projection {
 /// gradient descent with Adam (step size `opts.lr` relative to G's RMS entry);
 /// ê = s·||Gx|| + b with (s, b) from least squares on the training rows (s folded
 /// into G). Returns the iterate with the best R² on the held-out fifth.
-pub fn fit_projection(delta: &[f32], rows: usize, cols: usize, x: &[f32], e: &[f32], opts: &FitOptions, seed: u64) -> Projection {
+pub fn fit_projection(
+    delta: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    e: &[f32],
+    opts: &FitOptions,
+    seed: u64,
+) -> Projection {
     let k = opts.k;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // A [k × rows], N(0, 1/k) by Box-Muller.
@@ -169,7 +199,11 @@ pub fn fit_projection(delta: &[f32], rows: usize, cols: usize, x: &[f32], e: &[f
     let n = e.len();
     let n_train = (n * 4 / 5).max(1).min(n);
     let (xt, et) = (&x[..n_train * cols], &e[..n_train]);
-    let (xv, ev) = if n_train < n { (&x[n_train * cols..], &e[n_train..]) } else { (xt, et) };
+    let (xv, ev) = if n_train < n {
+        (&x[n_train * cols..], &e[n_train..])
+    } else {
+        (xt, et)
+    };
     let rms = (g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / g.len().max(1) as f64).sqrt();
     let b = opts.batch.max(1).min(n_train);
     let mut xb = vec![0f32; b * cols];
@@ -181,7 +215,11 @@ pub fn fit_projection(delta: &[f32], rows: usize, cols: usize, x: &[f32], e: &[f
     let calibrated = |g: &[f32]| -> Projection {
         let (s, bias, _) = fit_linear(&projected(g, k, xt, cols, 0.0), et);
         if !(s > 0.0) {
-            return Projection { g: g.to_vec(), bias: 0.0, r2: f64::NEG_INFINITY };
+            return Projection {
+                g: g.to_vec(),
+                bias: 0.0,
+                r2: f64::NEG_INFINITY,
+            };
         }
         let g: Vec<f32> = g.iter().map(|v| v * s).collect();
         let r2 = r_squared(&projected(&g, k, xv, cols, bias), ev);
@@ -222,18 +260,42 @@ const EVAL_EVERY: i32 = 100;
 /// sampled rows `x` with errors `e_sample`, unless the projection's held-out R²
 /// is no better than the regression's.
 #[allow(clippy::too_many_arguments)]
-pub fn fit(norms: &[f32], e: &[f32], delta: &[f32], rows: usize, cols: usize, x: &[f32], e_sample: &[f32], opts: &FitOptions, seed: u64) -> Fitted {
+pub fn fit(
+    norms: &[f32],
+    e: &[f32],
+    delta: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    e_sample: &[f32],
+    opts: &FitOptions,
+    seed: u64,
+) -> Fitted {
     let (a, c, r2) = fit_linear(norms, e);
     if r2 >= opts.r2_min || e_sample.is_empty() {
-        return Fitted::Linear { a, c, r2: r2 as f32 };
+        return Fitted::Linear {
+            a,
+            c,
+            r2: r2 as f32,
+        };
     }
     let p = fit_projection(delta, rows, cols, x, e_sample, opts, seed);
     // A projection that predicts worse than the norm regression (as happens when
     // the asynchronous input is far from the true one) is not worth its cost.
     if p.r2 <= r2 {
-        return Fitted::Linear { a, c, r2: r2 as f32 };
+        return Fitted::Linear {
+            a,
+            c,
+            r2: r2 as f32,
+        };
     }
-    Fitted::Jl { g: p.g, bias: p.bias, k: opts.k, r2: p.r2 as f32, linear_r2: r2 as f32 }
+    Fitted::Jl {
+        g: p.g,
+        bias: p.bias,
+        k: opts.k,
+        r2: p.r2 as f32,
+        linear_r2: r2 as f32,
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +308,10 @@ mod tests {
         let x: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
         let y: Vec<f32> = x.iter().map(|v| 3.0 * v - 2.0).collect();
         let (a, c, r2) = fit_linear(&x, &y);
-        assert!((a - 3.0).abs() < 1e-4 && (c + 2.0).abs() < 1e-3 && r2 > 0.9999, "{a} {c} {r2}");
+        assert!(
+            (a - 3.0).abs() < 1e-4 && (c + 2.0).abs() < 1e-3 && r2 > 0.9999,
+            "{a} {c} {r2}"
+        );
         let noise: Vec<f32> = (0..100).map(|i| ((i * 7919) % 13) as f32).collect();
         assert!(fit_linear(&x, &noise).2 < 0.5);
     }
@@ -254,7 +319,15 @@ mod tests {
     /// Rows of x with varying direction, so ||x|| alone predicts ||Δx|| badly.
     fn problem(rows: usize, cols: usize, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let delta: Vec<f32> = (0..rows * cols).map(|i| if i % cols < 4 { rng.random_range(-1.0..1.0) } else { rng.random_range(-0.01..0.01) }).collect();
+        let delta: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                if i % cols < 4 {
+                    rng.random_range(-1.0..1.0)
+                } else {
+                    rng.random_range(-0.01..0.01)
+                }
+            })
+            .collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut y = vec![0f32; n * rows];
         linear_forward(&x, n, &delta, rows, cols, None, &mut y);
@@ -267,10 +340,19 @@ mod tests {
     fn projection_tracks_the_true_error_where_norms_cannot() {
         let (rows, cols, n) = (48, 32, 1500);
         let (delta, x, e, norms) = problem(rows, cols, n);
-        let opts = FitOptions { k: 16, steps: 500, ..Default::default() };
+        let opts = FitOptions {
+            k: 16,
+            steps: 500,
+            ..Default::default()
+        };
         match fit(&norms, &e, &delta, rows, cols, &x, &e, &opts, 1) {
-            Fitted::Jl { r2, linear_r2, g, .. } => {
-                assert!(linear_r2 < 0.5, "norm regression should fail here: {linear_r2}");
+            Fitted::Jl {
+                r2, linear_r2, g, ..
+            } => {
+                assert!(
+                    linear_r2 < 0.5,
+                    "norm regression should fail here: {linear_r2}"
+                );
                 assert!(r2 > 0.6, "projection R² {r2}");
                 assert_eq!(g.len(), 16 * cols);
             }
@@ -282,10 +364,30 @@ mod tests {
     fn fine_tuning_lowers_the_error_of_a_noisy_projection() {
         let (rows, cols, n) = (48, 32, 1500);
         let (delta, x, e, _) = problem(rows, cols, n);
-        let base = FitOptions { k: 4, steps: 0, ..Default::default() };
+        let base = FitOptions {
+            k: 4,
+            steps: 0,
+            ..Default::default()
+        };
         let p0 = fit_projection(&delta, rows, cols, &x, &e, &base, 3);
-        let p1 = fit_projection(&delta, rows, cols, &x, &e, &FitOptions { steps: 1000, ..base }, 3);
-        assert!(p1.r2 > p0.r2 + 0.02, "fine-tuning did not help: {} -> {}", p0.r2, p1.r2);
+        let p1 = fit_projection(
+            &delta,
+            rows,
+            cols,
+            &x,
+            &e,
+            &FitOptions {
+                steps: 1000,
+                ..base
+            },
+            3,
+        );
+        assert!(
+            p1.r2 > p0.r2 + 0.02,
+            "fine-tuning did not help: {} -> {}",
+            p0.r2,
+            p1.r2
+        );
         assert_ne!(p0.g, p1.g);
     }
 }

@@ -32,7 +32,14 @@ pub struct FinetuneOptions {
 
 impl Default for FinetuneOptions {
     fn default() -> Self {
-        FinetuneOptions { lr: 0.01, weight_decay: 0.01, epochs: 5, alpha: None, exact_target: true, progress: false }
+        FinetuneOptions {
+            lr: 0.01,
+            weight_decay: 0.01,
+            epochs: 5,
+            alpha: None,
+            exact_target: true,
+            progress: false,
+        }
     }
 }
 
@@ -60,12 +67,19 @@ fn logit(s: f64) -> f64 {
 }
 
 fn precisions(z: &[f64], w: &[LinearWeights]) -> Vec<f64> {
-    z.iter().zip(w).map(|(&z, l)| l.min_bits as f64 + sigmoid(z) * (l.max_bits - l.min_bits) as f64).collect()
+    z.iter()
+        .zip(w)
+        .map(|(&z, l)| l.min_bits as f64 + sigmoid(z) * (l.max_bits - l.min_bits) as f64)
+        .collect()
 }
 
 fn mean_bits(p: &[f64], w: &[LinearWeights]) -> f64 {
     let total: f64 = w.iter().map(|l| l.size() as f64).sum();
-    p.iter().zip(w).map(|(p, l)| p * l.size() as f64).sum::<f64>() / total
+    p.iter()
+        .zip(w)
+        .map(|(p, l)| p * l.size() as f64)
+        .sum::<f64>()
+        / total
 }
 
 /// Load the interpolated weights of precisions `p` into `gm`; returns (lo, hi, r) per linear.
@@ -90,12 +104,21 @@ pub type LinearIndex = std::collections::HashMap<(usize, usize), usize>;
 
 /// The index of `w`.
 pub fn linear_index(w: &[LinearWeights]) -> LinearIndex {
-    w.iter().enumerate().map(|(g, l)| ((l.layer, l.index), g)).collect()
+    w.iter()
+        .enumerate()
+        .map(|(g, l)| ((l.layer, l.index), g))
+        .collect()
 }
 
 /// CE of `seq` through the model interpolated at precisions `p`, and ∂CE/∂p per
 /// linear: ⟨∂CE/∂W, W_hi − W_lo⟩ (r falls as p rises; 0 for single-precision linears).
-pub fn ce_and_gradient(gm: &mut GradModel, w: &[LinearWeights], index: &LinearIndex, p: &[f64], seq: &[u32]) -> Result<(f64, Vec<f64>)> {
+pub fn ce_and_gradient(
+    gm: &mut GradModel,
+    w: &[LinearWeights],
+    index: &LinearIndex,
+    p: &[f64],
+    seq: &[u32],
+) -> Result<(f64, Vec<f64>)> {
     let mixes = load_mixed(gm, w, p);
     let mut dce_dp = vec![0f64; w.len()];
     let ce = gm.gradient(seq, &mut |layer, idx, dw| {
@@ -103,7 +126,12 @@ pub fn ce_and_gradient(gm: &mut GradModel, w: &[LinearWeights], index: &LinearIn
         let (lo, hi, _) = mixes[g];
         if lo != hi {
             let (a, b) = (w[g].at(lo), w[g].at(hi));
-            dce_dp[g] = dw.iter().zip(a).zip(b).map(|((d, l), h)| *d as f64 * (*h - *l) as f64).sum();
+            dce_dp[g] = dw
+                .iter()
+                .zip(a)
+                .zip(b)
+                .map(|((d, l), h)| *d as f64 * (*h - *l) as f64)
+                .sum();
         }
     })?;
     Ok((ce, dce_dp))
@@ -111,7 +139,12 @@ pub fn ce_and_gradient(gm: &mut GradModel, w: &[LinearWeights], index: &LinearIn
 
 /// The common shift δ of every trainable z that makes P(z + δ) = target (bisection).
 fn shift_to_target(z: &[f64], w: &[LinearWeights], target: f64) -> Vec<f64> {
-    let at = |d: f64| -> Vec<f64> { z.iter().zip(w).map(|(&z, l)| if l.max_bits > l.min_bits { z + d } else { z }).collect() };
+    let at = |d: f64| -> Vec<f64> {
+        z.iter()
+            .zip(w)
+            .map(|(&z, l)| if l.max_bits > l.min_bits { z + d } else { z })
+            .collect()
+    };
     let (mut lo, mut hi) = (-40.0, 40.0);
     for _ in 0..200 {
         let mid = 0.5 * (lo + hi);
@@ -127,15 +160,29 @@ fn shift_to_target(z: &[f64], w: &[LinearWeights], target: f64) -> Vec<f64> {
 /// Learn per-linear average precisions for `target` on `seqs`, starting from
 /// `init` (per-linear precisions, e.g. the static assignment) or, when None, from
 /// p = T everywhere.
-pub fn finetune(gm: &mut GradModel, w: &[LinearWeights], target: f64, init: Option<&[f64]>, seqs: &[Vec<u32>], opts: &FinetuneOptions) -> Result<FinetuneResult> {
+pub fn finetune(
+    gm: &mut GradModel,
+    w: &[LinearWeights],
+    target: f64,
+    init: Option<&[f64]>,
+    seqs: &[Vec<u32>],
+    opts: &FinetuneOptions,
+) -> Result<FinetuneResult> {
     ensure!(!seqs.is_empty(), "fine-tuning needs calibration sequences");
     let min_bits = w.iter().map(|l| l.min_bits).min().unwrap_or(0) as f64;
     let max_mem = mean_bits(&w.iter().map(|l| l.max_bits as f64).collect::<Vec<_>>(), w);
     ensure!(target >= min_bits && target <= max_mem + 1e-9, "target {target} bits is outside {min_bits}..={max_mem:.3} (the lowest precision and the budget's memory)");
-    let alpha = opts.alpha.unwrap_or(if target <= 3.25 { 10.0 } else { 1.0 });
+    let alpha = opts
+        .alpha
+        .unwrap_or(if target <= 3.25 { 10.0 } else { 1.0 });
     let total: f64 = w.iter().map(|l| l.size() as f64).sum();
     if let Some(i) = init {
-        ensure!(i.len() == w.len(), "{} initial precisions for {} linears", i.len(), w.len());
+        ensure!(
+            i.len() == w.len(),
+            "{} initial precisions for {} linears",
+            i.len(),
+            w.len()
+        );
     }
     // z starts at p0 (the target, or the given start): sigmoid(z) = (p0 − b_min)/(m − b_min), inside (0.01, 0.99).
     let mut z: Vec<f64> = w
@@ -144,14 +191,24 @@ pub fn finetune(gm: &mut GradModel, w: &[LinearWeights], target: f64, init: Opti
         .map(|(g, l)| {
             let span = (l.max_bits - l.min_bits) as f64;
             let p0 = init.map_or(target, |i| i[g]);
-            if span == 0.0 { 0.0 } else { logit(((p0 - l.min_bits as f64) / span).clamp(0.01, 0.99)) }
+            if span == 0.0 {
+                0.0
+            } else {
+                logit(((p0 - l.min_bits as f64) / span).clamp(0.01, 0.99))
+            }
         })
         .collect();
     let (mut m1, mut m2) = (vec![0f64; z.len()], vec![0f64; z.len()]);
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
     let steps_total = opts.epochs * seqs.len();
-    let bar = if opts.progress { ProgressBar::new(steps_total as u64) } else { ProgressBar::hidden() };
-    if let Ok(style) = ProgressStyle::with_template("fine-tune T={prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta} left)") {
+    let bar = if opts.progress {
+        ProgressBar::new(steps_total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "fine-tune T={prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta} left)",
+    ) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(format!("{target:.2}"));
@@ -175,7 +232,8 @@ pub fn finetune(gm: &mut GradModel, w: &[LinearWeights], target: f64, init: Opti
                 }
                 let s = sigmoid(z[g]);
                 let dp_dz = s * (1.0 - s) * span;
-                let grad = (dce_dp[g] + 2.0 * alpha * (pm - target) * l.size() as f64 / total) * dp_dz;
+                let grad =
+                    (dce_dp[g] + 2.0 * alpha * (pm - target) * l.size() as f64 / total) * dp_dz;
                 m1[g] = b1 * m1[g] + (1.0 - b1) * grad;
                 m2[g] = b2 * m2[g] + (1.0 - b2) * grad * grad;
                 z[g] -= opts.lr * opts.weight_decay * z[g];
@@ -192,5 +250,11 @@ pub fn finetune(gm: &mut GradModel, w: &[LinearWeights], target: f64, init: Opti
         z = shift_to_target(&z, w, target);
     }
     let p = precisions(&z, w);
-    Ok(FinetuneResult { mean_bits: mean_bits(&p, w), p, trained_mean_bits, last_epoch_ce, steps: step })
+    Ok(FinetuneResult {
+        mean_bits: mean_bits(&p, w),
+        p,
+        trained_mean_bits,
+        last_epoch_ce,
+        steps: step,
+    })
 }

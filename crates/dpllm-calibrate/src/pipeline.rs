@@ -11,9 +11,11 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use dpllm_engine::{LoadOptions, Model};
 use dpllm_format::anyprec::{self, AnyPrecInfo, ANYPREC_WEIGHTS};
-use dpllm_format::plan::{self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMATORS_FILE, PLAN_FORMAT, PLAN_VERSION};
-use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::output::{check_replaceable, OutputKind};
+use dpllm_format::plan::{
+    self, EstimatorSpec, LinearPlan, Plan, PlanKind, ESTIMATORS_FILE, PLAN_FORMAT, PLAN_VERSION,
+};
+use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::{Checkpoint, StagingDir};
 use dpllm_grad::GradModel;
 use serde::Serialize;
@@ -157,35 +159,85 @@ pub const TARGET_TOLERANCE: f64 = 0.05;
 /// Check every setting against the model's precisions and a sane range, before any work.
 pub fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
     let (lo, hi) = (info.seed_bits.max(3), info.max_bits);
-    ensure!((lo..=hi).contains(&o.min_bits), "--min-bits {} is out of range: this model runs at {lo}..={hi} bits", o.min_bits);
+    ensure!(
+        (lo..=hi).contains(&o.min_bits),
+        "--min-bits {} is out of range: this model runs at {lo}..={hi} bits",
+        o.min_bits
+    );
     ensure!(
         (lo..=hi).contains(&o.max_bits) && o.max_bits > o.min_bits,
         "--max-bits {} is out of range: it must be above --min-bits {} and at most the model's {hi} bits",
         o.max_bits,
         o.min_bits
     );
-    ensure!(o.budget.is_finite() && o.budget >= o.min_bits as f64 && o.budget <= o.max_bits as f64, "--budget {} must be within {}..={} bits (--min-bits..=--max-bits)", o.budget, o.min_bits, o.max_bits);
+    ensure!(
+        o.budget.is_finite() && o.budget >= o.min_bits as f64 && o.budget <= o.max_bits as f64,
+        "--budget {} must be within {}..={} bits (--min-bits..=--max-bits)",
+        o.budget,
+        o.min_bits,
+        o.max_bits
+    );
     ensure!(!o.targets.is_empty(), "no --targets given");
     for &t in &o.targets {
-        ensure!(t.is_finite() && t >= o.min_bits as f64 && t <= o.budget, "target {t} must be within {}..={} (the lowest precision and the budget)", o.min_bits, o.budget);
+        ensure!(
+            t.is_finite() && t >= o.min_bits as f64 && t <= o.budget,
+            "target {t} must be within {}..={} (the lowest precision and the budget)",
+            o.min_bits,
+            o.budget
+        );
     }
     let f = &o.finetune;
-    ensure!(f.lr.is_finite() && f.lr > 0.0 && f.lr <= 1.0, "--lr {} is out of range (0, 1]", f.lr);
-    ensure!(f.weight_decay.is_finite() && (0.0..1.0).contains(&f.weight_decay), "weight decay {} is out of range [0, 1)", f.weight_decay);
+    ensure!(
+        f.lr.is_finite() && f.lr > 0.0 && f.lr <= 1.0,
+        "--lr {} is out of range (0, 1]",
+        f.lr
+    );
+    ensure!(
+        f.weight_decay.is_finite() && (0.0..1.0).contains(&f.weight_decay),
+        "weight decay {} is out of range [0, 1)",
+        f.weight_decay
+    );
     if let Some(a) = f.alpha {
-        ensure!(a.is_finite() && (0.0..=1e6).contains(&a), "--alpha {a} is out of range [0, 1e6]");
+        ensure!(
+            a.is_finite() && (0.0..=1e6).contains(&a),
+            "--alpha {a} is out of range [0, 1e6]"
+        );
     }
-    ensure!((1..=1000).contains(&f.epochs), "--epochs {} is out of range 1..=1000", f.epochs);
-    ensure!((1..=1_000_000).contains(&o.fit.steps), "--jl-steps {} is out of range 1..=1000000", o.fit.steps);
-    ensure!((1..=4096).contains(&o.fit.k), "--jl-k {} is out of range 1..=4096", o.fit.k);
-    ensure!((1..=1 << 20).contains(&o.max_samples), "estimator input samples {} is out of range 1..=1048576", o.max_samples);
+    ensure!(
+        (1..=1000).contains(&f.epochs),
+        "--epochs {} is out of range 1..=1000",
+        f.epochs
+    );
+    ensure!(
+        (1..=1_000_000).contains(&o.fit.steps),
+        "--jl-steps {} is out of range 1..=1000000",
+        o.fit.steps
+    );
+    ensure!(
+        (1..=4096).contains(&o.fit.k),
+        "--jl-k {} is out of range 1..=4096",
+        o.fit.k
+    );
+    ensure!(
+        (1..=1 << 20).contains(&o.max_samples),
+        "estimator input samples {} is out of range 1..=1048576",
+        o.max_samples
+    );
     Ok(())
 }
 
 /// Refuse a plan whose precision misses its target: the average of its linears'
 /// precisions, and the average its thresholds give on the calibration tokens.
-fn check_plan_precision(target: f64, mean_bits: f64, calibration_bits: f64, opts: &CalibrateOptions) -> Result<()> {
-    for (what, bits) in [("the plan's average precision", mean_bits), ("its thresholds on the calibration tokens", calibration_bits)] {
+fn check_plan_precision(
+    target: f64,
+    mean_bits: f64,
+    calibration_bits: f64,
+    opts: &CalibrateOptions,
+) -> Result<()> {
+    for (what, bits) in [
+        ("the plan's average precision", mean_bits),
+        ("its thresholds on the calibration tokens", calibration_bits),
+    ] {
         ensure!(
             (bits - target).abs() <= TARGET_TOLERANCE,
             "target {target}: {what} is {bits:.3} bits, more than {TARGET_TOLERANCE} from the target (fine-tuning diverged or saturated: lower --lr (now {}){}); no plans were written",
@@ -231,16 +283,46 @@ fn linear_plan(
     };
     if lo == hi {
         // m_l = b_min: the linear has a single precision.
-        return (LinearPlan { avg_bits: lo as f32, ..base }, lo as f64);
+        return (
+            LinearPlan {
+                avg_bits: lo as f32,
+                ..base
+            },
+            lo as f64,
+        );
     }
     let e = &calib.e[(lo - l.min_bits) as usize];
     match decide(e, r) {
-        Decision::AlwaysLow => (LinearPlan { avg_bits: lo as f32, ..base }, lo as f64),
-        Decision::AlwaysHigh => (LinearPlan { avg_bits: hi as f32, low_bits: hi, high_bits: hi, ..base }, hi as f64),
+        Decision::AlwaysLow => (
+            LinearPlan {
+                avg_bits: lo as f32,
+                ..base
+            },
+            lo as f64,
+        ),
+        Decision::AlwaysHigh => (
+            LinearPlan {
+                avg_bits: hi as f32,
+                low_bits: hi,
+                high_bits: hi,
+                ..base
+            },
+            hi as f64,
+        ),
         Decision::Threshold(tau_true) => {
             let fitted = cache.entry((g, lo)).or_insert_with(|| {
                 let e_sample: Vec<f32> = calib.sample_idx.iter().map(|&t| e[t]).collect();
-                fit(&calib.est_norm, e, &l.delta(lo), l.rows, l.cols, &calib.sample, &e_sample, &opts.fit, opts.fit.seed ^ (g as u64) << 8 ^ lo as u64)
+                fit(
+                    &calib.est_norm,
+                    e,
+                    &l.delta(lo),
+                    l.rows,
+                    l.cols,
+                    &calib.sample,
+                    &e_sample,
+                    &opts.fit,
+                    opts.fit.seed ^ (g as u64) << 8 ^ lo as u64,
+                )
             });
             let est = estimates_of(fitted, calib);
             let tau = match opts.threshold_source {
@@ -249,15 +331,38 @@ fn linear_plan(
             };
             let high = est.iter().filter(|&&v| v > tau).count() as f64 / est.len().max(1) as f64;
             let estimator = match fitted {
-                Fitted::Linear { a, c, r2 } => EstimatorSpec::Linear { a: *a, c: *c, r2: *r2 },
-                Fitted::Jl { k, r2, bias, .. } => EstimatorSpec::Jl { tensor: format!("{}.jl{lo}", l.name), k: *k, bias: *bias, r2: *r2 },
+                Fitted::Linear { a, c, r2 } => EstimatorSpec::Linear {
+                    a: *a,
+                    c: *c,
+                    r2: *r2,
+                },
+                Fitted::Jl { k, r2, bias, .. } => EstimatorSpec::Jl {
+                    tensor: format!("{}.jl{lo}", l.name),
+                    k: *k,
+                    bias: *bias,
+                    r2: *r2,
+                },
             };
-            (LinearPlan { high_bits: hi, threshold: tau, estimator, ..base }, lo as f64 + high)
+            (
+                LinearPlan {
+                    high_bits: hi,
+                    threshold: tau,
+                    estimator,
+                    ..base
+                },
+                lo as f64 + high,
+            )
         }
     }
 }
 
-fn new_plan(kind: PlanKind, opts: &CalibrateOptions, target: f64, linears: Vec<LinearPlan>, calibration: serde_json::Map<String, serde_json::Value>) -> Plan {
+fn new_plan(
+    kind: PlanKind,
+    opts: &CalibrateOptions,
+    target: f64,
+    linears: Vec<LinearPlan>,
+    calibration: serde_json::Map<String, serde_json::Value>,
+) -> Plan {
     Plan {
         format: PLAN_FORMAT.into(),
         version: PLAN_VERSION,
@@ -274,7 +379,10 @@ fn new_plan(kind: PlanKind, opts: &CalibrateOptions, target: f64, linears: Vec<L
 
 /// Write the random-projection matrices the plans use.
 fn write_estimators(path: &Path, w: &[LinearWeights], cache: &EstimatorCache) -> Result<()> {
-    let mut keys: Vec<&(usize, u32)> = cache.keys().filter(|k| matches!(cache[k], Fitted::Jl { .. })).collect();
+    let mut keys: Vec<&(usize, u32)> = cache
+        .keys()
+        .filter(|k| matches!(cache[k], Fitted::Jl { .. }))
+        .collect();
     keys.sort();
     let specs: Vec<TensorSpec> = keys
         .iter()
@@ -283,30 +391,55 @@ fn write_estimators(path: &Path, w: &[LinearWeights], cache: &EstimatorCache) ->
                 Fitted::Jl { k, .. } => *k,
                 Fitted::Linear { .. } => unreachable!("filtered above"),
             };
-            TensorSpec { name: format!("{}.jl{lo}", w[g].name), dtype: "F32", shape: vec![k, w[g].cols] }
+            TensorSpec {
+                name: format!("{}.jl{lo}", w[g].name),
+                dtype: "F32",
+                shape: vec![k, w[g].cols],
+            }
         })
         .collect();
     let meta = BTreeMap::from([("format".to_string(), "dpllm-estimators".to_string())]);
-    write_safetensors(path, &specs, &meta, |i, out: &mut dyn Write| match &cache[keys[i]] {
-        Fitted::Jl { g, .. } => out.write_all(&g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
-        Fitted::Linear { .. } => unreachable!("filtered above"),
+    write_safetensors(path, &specs, &meta, |i, out: &mut dyn Write| {
+        match &cache[keys[i]] {
+            Fitted::Jl { g, .. } => {
+                out.write_all(&g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+            }
+            Fitted::Linear { .. } => unreachable!("filtered above"),
+        }
     })?;
     Ok(())
 }
 
 /// Calibrate the any-precision model in `model_dir` for one budget and its targets,
 /// writing `model_dir/plans/budget-M/`.
-pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptions) -> Result<CalibrateReport> {
+pub fn calibrate(
+    model_dir: &Path,
+    data: &CalibrationData,
+    opts: &CalibrateOptions,
+) -> Result<CalibrateReport> {
     let t0 = Instant::now();
     let path = model_dir.join(ANYPREC_WEIGHTS);
-    ensure!(path.is_file(), "{} is not a dpllm any-precision model (no {ANYPREC_WEIGHTS}; run `dpllm quantize` first)", model_dir.display());
+    ensure!(
+        path.is_file(),
+        "{} is not a dpllm any-precision model (no {ANYPREC_WEIGHTS}; run `dpllm quantize` first)",
+        model_dir.display()
+    );
     let ck = Checkpoint::open_file(&path)?;
     let info = AnyPrecInfo::from_metadata(ck.metadata(), &path)?;
     check_options(opts, &info)?;
-    ensure!(!data.finetune.is_empty() && !data.estimator.is_empty(), "calibration needs fine-tuning and estimator sequences");
+    ensure!(
+        !data.finetune.is_empty() && !data.estimator.is_empty(),
+        "calibration needs fine-tuning and estimator sequences"
+    );
     let out_dir = plan::budget_dir(model_dir, opts.budget);
     check_replaceable(&out_dir, OutputKind::Plans, opts.overwrite)?;
-    let model = Model::load_with(model_dir, &LoadOptions { max_bits: Some(opts.max_bits), ..Default::default() })?;
+    let model = Model::load_with(
+        model_dir,
+        &LoadOptions {
+            max_bits: Some(opts.max_bits),
+            ..Default::default()
+        },
+    )?;
     let specs = model.config.linears();
 
     // 2a: memory budget → m_l from the quantizer's weighted errors.
@@ -314,8 +447,13 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
         .iter()
         .map(|s| {
             let err = anyprec::read_sq_err(&ck, &s.prefix, info.seed_bits)?;
-            let cost = (opts.min_bits..=opts.max_bits).map(|b| err[(b - info.seed_bits) as usize]).collect();
-            Ok(Item { size: s.size(), cost })
+            let cost = (opts.min_bits..=opts.max_bits)
+                .map(|b| err[(b - info.seed_bits) as usize])
+                .collect();
+            Ok(Item {
+                size: s.size(),
+                cost,
+            })
         })
         .collect::<Result<_>>()?;
     let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
@@ -324,25 +462,54 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
     drop(model);
 
     // The static baseline per target: the same knapsack at T, each linear up to its m_l.
-    let static_items: Vec<Item> =
-        weights.iter().zip(&items).map(|(l, it)| Item { size: it.size, cost: it.cost[..=(l.max_bits - opts.min_bits) as usize].to_vec() }).collect();
-    let statics = opts.targets.iter().map(|&t| budget::solve(&static_items, opts.min_bits, t)).collect::<Result<Vec<_>>>()?;
+    let static_items: Vec<Item> = weights
+        .iter()
+        .zip(&items)
+        .map(|(l, it)| Item {
+            size: it.size,
+            cost: it.cost[..=(l.max_bits - opts.min_bits) as usize].to_vec(),
+        })
+        .collect();
+    let statics = opts
+        .targets
+        .iter()
+        .map(|&t| budget::solve(&static_items, opts.min_bits, t))
+        .collect::<Result<Vec<_>>>()?;
 
     // 2b: one fine-tuning per target.
     let mut tuned = Vec::new();
     for (&t, st) in opts.targets.iter().zip(&statics) {
-        let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static).then(|| st.bits.iter().map(|&b| b as f64).collect());
-        tuned.push(finetune(&mut gm, &weights, t, init.as_deref(), &data.finetune, &opts.finetune)?);
+        let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static)
+            .then(|| st.bits.iter().map(|&b| b as f64).collect());
+        tuned.push(finetune(
+            &mut gm,
+            &weights,
+            t,
+            init.as_deref(),
+            &data.finetune,
+            &opts.finetune,
+        )?);
     }
 
     // 2c/2d inputs: the model at m_l.
     for l in &weights {
-        gm.blocks[l.layer].linear_mut(l.index).w.copy_from_slice(l.at(l.max_bits));
+        gm.blocks[l.layer]
+            .linear_mut(l.index)
+            .w
+            .copy_from_slice(l.at(l.max_bits));
     }
-    let calib = collect(&gm, &weights, &data.estimator, opts.async_estimation, opts.max_samples, opts.progress)?;
+    let calib = collect(
+        &gm,
+        &weights,
+        &data.estimator,
+        opts.async_estimation,
+        opts.max_samples,
+        opts.progress,
+    )?;
 
     let parent = out_dir.parent().expect("budget dir has a parent");
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
     // The budget directory is written beside its place and renamed in at the end
     // (removed if anything fails on the way).
     let mut staging = StagingDir::new(&out_dir, OutputKind::Plans, opts.overwrite)?;
@@ -361,16 +528,26 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
             let total: f64 = weights.iter().map(|l| l.size() as f64).sum();
             let expected = expected / total;
             check_plan_precision(target, ft.mean_bits, expected, opts)?;
-            let count = |f: fn(&EstimatorSpec) -> bool| linears.iter().filter(|l| f(&l.estimator)).count();
-            let (nlin, njl) = (count(|e| matches!(e, EstimatorSpec::Linear { .. })), count(|e| matches!(e, EstimatorSpec::Jl { .. })));
+            let count =
+                |f: fn(&EstimatorSpec) -> bool| linears.iter().filter(|l| f(&l.estimator)).count();
+            let (nlin, njl) = (
+                count(|e| matches!(e, EstimatorSpec::Linear { .. })),
+                count(|e| matches!(e, EstimatorSpec::Jl { .. })),
+            );
             let mut info = serde_json::Map::new();
             info.insert("finetune".into(), serde_json::to_value(&opts.finetune)?);
             info.insert("finetune_init".into(), serde_json::to_value(opts.init)?);
             info.insert("finetune_sequences".into(), data.finetune.len().into());
             info.insert("estimator_sequences".into(), data.estimator.len().into());
-            info.insert("sequence_tokens".into(), data.finetune.first().map_or(0, Vec::len).into());
+            info.insert(
+                "sequence_tokens".into(),
+                data.finetune.first().map_or(0, Vec::len).into(),
+            );
             info.insert("estimators".into(), serde_json::to_value(&opts.fit)?);
-            info.insert("threshold_source".into(), serde_json::to_value(opts.threshold_source)?);
+            info.insert(
+                "threshold_source".into(),
+                serde_json::to_value(opts.threshold_source)?,
+            );
             info.insert("trained_mean_bits".into(), ft.trained_mean_bits.into());
             info.insert("last_epoch_ce".into(), ft.last_epoch_ce.into());
             info.insert("calibration_effective_bits".into(), expected.into());
@@ -419,7 +596,9 @@ pub fn calibrate(model_dir: &Path, data: &CalibrationData, opts: &CalibrateOptio
         reports
     };
     staging.set_inputs(serde_json::json!({ "options": opts, "inputs": opts.inputs }));
-    staging.publish().with_context(|| format!("cannot move the plans to {}", out_dir.display()))?;
+    staging
+        .publish()
+        .with_context(|| format!("cannot move the plans to {}", out_dir.display()))?;
     Ok(CalibrateReport {
         budget_dir: out_dir,
         memory_bits: assign.avg_bits,
@@ -434,16 +613,29 @@ mod tests {
     use super::*;
 
     fn info() -> AnyPrecInfo {
-        AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: 3, max_bits: 8, architecture: "LlamaForCausalLM".into(), provenance: Default::default() }
+        AnyPrecInfo {
+            version: anyprec::FORMAT_VERSION,
+            seed_bits: 3,
+            max_bits: 8,
+            architecture: "LlamaForCausalLM".into(),
+            provenance: Default::default(),
+        }
     }
 
     #[test]
     fn plans_off_their_target_are_refused() {
         let o = CalibrateOptions::default();
         check_plan_precision(4.0, 4.0, 4.03, &o).unwrap();
-        let e = check_plan_precision(4.0, 5.2, 5.1, &o).unwrap_err().to_string();
-        assert!(e.contains("target 4") && e.contains("5.200") && e.contains("--lr"), "{e}");
-        let e = check_plan_precision(3.5, 3.5, 3.3, &o).unwrap_err().to_string();
+        let e = check_plan_precision(4.0, 5.2, 5.1, &o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target 4") && e.contains("5.200") && e.contains("--lr"),
+            "{e}"
+        );
+        let e = check_plan_precision(3.5, 3.5, 3.3, &o)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("thresholds") && e.contains("3.300"), "{e}");
     }
 
@@ -452,16 +644,95 @@ mod tests {
         let ok = CalibrateOptions::default();
         check_options(&ok, &info()).unwrap();
         let bad: Vec<(CalibrateOptions, &str)> = vec![
-            (CalibrateOptions { finetune: FinetuneOptions { lr: 1e3, ..Default::default() }, ..ok.clone() }, "--lr"),
-            (CalibrateOptions { finetune: FinetuneOptions { lr: f64::NAN, ..Default::default() }, ..ok.clone() }, "--lr"),
-            (CalibrateOptions { finetune: FinetuneOptions { alpha: Some(f64::INFINITY), ..Default::default() }, ..ok.clone() }, "--alpha"),
-            (CalibrateOptions { finetune: FinetuneOptions { epochs: 0, ..Default::default() }, ..ok.clone() }, "--epochs"),
-            (CalibrateOptions { fit: FitOptions { k: 0, ..Default::default() }, ..ok.clone() }, "--jl-k"),
-            (CalibrateOptions { fit: FitOptions { steps: usize::MAX, ..Default::default() }, ..ok.clone() }, "--jl-steps"),
-            (CalibrateOptions { min_bits: 2, ..ok.clone() }, "--min-bits 2"),
-            (CalibrateOptions { min_bits: 7, max_bits: 6, ..ok.clone() }, "--max-bits 6"),
-            (CalibrateOptions { budget: f64::NAN, ..ok.clone() }, "--budget"),
-            (CalibrateOptions { targets: vec![5.5], ..ok.clone() }, "target 5.5"),
+            (
+                CalibrateOptions {
+                    finetune: FinetuneOptions {
+                        lr: 1e3,
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--lr",
+            ),
+            (
+                CalibrateOptions {
+                    finetune: FinetuneOptions {
+                        lr: f64::NAN,
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--lr",
+            ),
+            (
+                CalibrateOptions {
+                    finetune: FinetuneOptions {
+                        alpha: Some(f64::INFINITY),
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--alpha",
+            ),
+            (
+                CalibrateOptions {
+                    finetune: FinetuneOptions {
+                        epochs: 0,
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--epochs",
+            ),
+            (
+                CalibrateOptions {
+                    fit: FitOptions {
+                        k: 0,
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--jl-k",
+            ),
+            (
+                CalibrateOptions {
+                    fit: FitOptions {
+                        steps: usize::MAX,
+                        ..Default::default()
+                    },
+                    ..ok.clone()
+                },
+                "--jl-steps",
+            ),
+            (
+                CalibrateOptions {
+                    min_bits: 2,
+                    ..ok.clone()
+                },
+                "--min-bits 2",
+            ),
+            (
+                CalibrateOptions {
+                    min_bits: 7,
+                    max_bits: 6,
+                    ..ok.clone()
+                },
+                "--max-bits 6",
+            ),
+            (
+                CalibrateOptions {
+                    budget: f64::NAN,
+                    ..ok.clone()
+                },
+                "--budget",
+            ),
+            (
+                CalibrateOptions {
+                    targets: vec![5.5],
+                    ..ok.clone()
+                },
+                "target 5.5",
+            ),
         ];
         for (o, want) in bad {
             let e = check_options(&o, &info()).unwrap_err().to_string();

@@ -40,7 +40,11 @@ impl LinearWeights {
 
     /// W_{b+1} − W_b.
     pub fn delta(&self, b: u32) -> Vec<f32> {
-        self.at(b + 1).iter().zip(self.at(b)).map(|(h, l)| h - l).collect()
+        self.at(b + 1)
+            .iter()
+            .zip(self.at(b))
+            .map(|(h, l)| h - l)
+            .collect()
     }
 }
 
@@ -56,14 +60,37 @@ pub fn split_precision(p: f64, min_bits: u32, max_bits: u32) -> (u32, u32, f64) 
 }
 
 /// Dequantize every quantized linear of `model` at `min_bits..=max_bits[g]` (g in model order).
-pub fn dequantize_all(model: &Model, min_bits: u32, max_bits: &[u32]) -> Result<Vec<LinearWeights>> {
+pub fn dequantize_all(
+    model: &Model,
+    min_bits: u32,
+    max_bits: &[u32],
+) -> Result<Vec<LinearWeights>> {
     let specs = model.config.linears();
-    ensure!(specs.len() == max_bits.len(), "{} linears but {} maximum precisions", specs.len(), max_bits.len());
+    ensure!(
+        specs.len() == max_bits.len(),
+        "{} linears but {} maximum precisions",
+        specs.len(),
+        max_bits.len()
+    );
     let mut out = Vec::with_capacity(specs.len());
-    let lins = model.blocks.iter().flat_map(|b| b.linears().into_iter().enumerate());
+    let lins = model
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears().into_iter().enumerate());
     for ((spec, (index, (_, lin))), &m) in specs.iter().zip(lins).zip(max_bits) {
-        let q = lin.as_anyprec().ok_or_else(|| anyhow::anyhow!("{} is not quantized: calibrate needs a dpllm any-precision model", spec.prefix))?;
-        ensure!(q.seed_bits() <= min_bits && m <= q.max_bits(), "{} holds {}..={} bits, calibration needs {min_bits}..={m}", spec.prefix, q.seed_bits(), q.max_bits());
+        let q = lin.as_anyprec().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not quantized: calibrate needs a dpllm any-precision model",
+                spec.prefix
+            )
+        })?;
+        ensure!(
+            q.seed_bits() <= min_bits && m <= q.max_bits(),
+            "{} holds {}..={} bits, calibration needs {min_bits}..={m}",
+            spec.prefix,
+            q.seed_bits(),
+            q.max_bits()
+        );
         out.push(LinearWeights {
             name: spec.prefix.clone(),
             layer: spec.layer,

@@ -55,7 +55,9 @@ fn install_signal_cleanup() -> std::io::Result<()> {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             dpllm_format::atomic::remove_pending_then(|| {
-                eprintln!("\ninterrupted (signal {sig}): temporary files removed, nothing was published");
+                eprintln!(
+                    "\ninterrupted (signal {sig}): temporary files removed, nothing was published"
+                );
                 std::process::exit(128 + sig)
             });
         }
@@ -85,7 +87,10 @@ fn main() -> ExitCode {
             eprintln!("error: --threads {t} is out of range 1..={max} ({MAX_THREADS_PER_CORE} per core on this machine's {cores} cores)");
             return ExitCode::from(2);
         }
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+        {
             eprintln!("error: cannot set up {t} threads: {e}");
             return ExitCode::FAILURE;
         }

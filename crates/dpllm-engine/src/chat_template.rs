@@ -19,7 +19,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// Convenience constructor.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -44,7 +47,10 @@ impl std::fmt::Debug for ChatTemplate {
 pub(crate) fn token_content(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(m) => m.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(m) => m
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -57,12 +63,21 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| EngineError::ModelFiles(format!("invalid chat template: {}", describe(&e))))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+            .map_err(|e| {
+                EngineError::ModelFiles(format!("invalid chat template: {}", describe(&e)))
+            })?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
     }
 
     /// Build the template from a parsed `tokenizer_config.json`. Its `chat_template`
@@ -84,10 +99,18 @@ impl ChatTemplate {
                 chosen
                     .get("template")
                     .and_then(|t| t.as_str())
-                    .ok_or_else(|| EngineError::ModelFiles("chat_template list entry has no string \"template\" field".into()))?
+                    .ok_or_else(|| {
+                        EngineError::ModelFiles(
+                            "chat_template list entry has no string \"template\" field".into(),
+                        )
+                    })?
                     .to_string()
             }
-            Some(other) => return Err(EngineError::ModelFiles(format!("chat_template must be a string or a list, got {other}"))),
+            Some(other) => {
+                return Err(EngineError::ModelFiles(format!(
+                    "chat_template must be a string or a list, got {other}"
+                )))
+            }
         };
         let bos = token_content(v.get("bos_token")).unwrap_or_default();
         let eos = token_content(v.get("eos_token")).unwrap_or_default();
@@ -159,7 +182,12 @@ You are a helpful assistant.<|im_end|>
     #[test]
     fn llama3_instruct() {
         let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").unwrap();
-        let out = t.render(&[m("system", "You are helpful."), m("user", "  Hi there \n")], true).unwrap();
+        let out = t
+            .render(
+                &[m("system", "You are helpful."), m("user", "  Hi there \n")],
+                true,
+            )
+            .unwrap();
         assert_eq!(
             out,
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>\
@@ -167,7 +195,10 @@ You are a helpful assistant.<|im_end|>
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
         let out = t.render(&[m("user", "Hi")], false).unwrap();
-        assert_eq!(out, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
+        assert_eq!(
+            out,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        );
     }
 
     #[test]
@@ -179,7 +210,16 @@ You are a helpful assistant.<|im_end|>
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
              <|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t.render(&[m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hey")], false).unwrap();
+        let out = t
+            .render(
+                &[
+                    m("system", "Be brief."),
+                    m("user", "Hi"),
+                    m("assistant", "Hey"),
+                ],
+                false,
+            )
+            .unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
@@ -190,10 +230,21 @@ You are a helpful assistant.<|im_end|>
     #[test]
     fn mistral_inst_and_alternation_error() {
         let t = ChatTemplate::new(MISTRAL, "<s>", "</s>").unwrap();
-        let out = t.render(&[m("user", "Hi"), m("assistant", "Hello"), m("user", "How?")], true).unwrap();
+        let out = t
+            .render(
+                &[m("user", "Hi"), m("assistant", "Hello"), m("user", "How?")],
+                true,
+            )
+            .unwrap();
         assert_eq!(out, "<s>[INST] Hi [/INST]Hello</s>[INST] How? [/INST]");
-        let err = t.render(&[m("user", "a"), m("user", "b")], true).unwrap_err().to_string();
-        assert!(err.contains("Conversation roles must alternate user/assistant/user/assistant/..."), "{err}");
+        let err = t
+            .render(&[m("user", "a"), m("user", "b")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
+            "{err}"
+        );
         let err = t.render(&[m("system", "x")], true).unwrap_err().to_string();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
     }
@@ -202,7 +253,16 @@ You are a helpful assistant.<|im_end|>
     fn trim_lstrip_blocks_and_python_methods() {
         let src = "{% for message in messages %}\n    {% if message.content.startswith('!') %}\n[{{ message.role.upper() }}]{{ message.content.strip('!').strip() }}\n    {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        let out = t.render(&[m("user", "!  hi  "), m("assistant", "skip"), m("user", "!x!")], false).unwrap();
+        let out = t
+            .render(
+                &[
+                    m("user", "!  hi  "),
+                    m("assistant", "skip"),
+                    m("user", "!x!"),
+                ],
+                false,
+            )
+            .unwrap();
         assert_eq!(out, "[USER]hi\n[USER]x\n");
     }
 
@@ -219,13 +279,19 @@ You are a helpful assistant.<|im_end|>
         let v = serde_json::json!({"chat_template": [{"name": "rag", "template": "first"}]});
         let t = ChatTemplate::from_tokenizer_config(&v).unwrap().unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "first");
-        assert!(ChatTemplate::from_tokenizer_config(&serde_json::json!({})).unwrap().is_none());
-        assert!(ChatTemplate::from_tokenizer_config(&serde_json::json!({"chat_template": 5})).is_err());
+        assert!(ChatTemplate::from_tokenizer_config(&serde_json::json!({}))
+            .unwrap()
+            .is_none());
+        assert!(
+            ChatTemplate::from_tokenizer_config(&serde_json::json!({"chat_template": 5})).is_err()
+        );
     }
 
     #[test]
     fn syntax_error_is_reported() {
-        let err = ChatTemplate::new("{% for x in %}", "", "").unwrap_err().to_string();
+        let err = ChatTemplate::new("{% for x in %}", "", "")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid chat template"), "{err}");
     }
 }

@@ -97,7 +97,15 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         use EngineError::*;
         match self {
-            EmptyInput | TokenOutOfRange { .. } | NotAnyPrecision | Bits(_) | Plan(_) | Sampling(_) | Tokenize(_) | Template(_) | ContextFull { .. } => ErrorKind::User,
+            EmptyInput
+            | TokenOutOfRange { .. }
+            | NotAnyPrecision
+            | Bits(_)
+            | Plan(_)
+            | Sampling(_)
+            | Tokenize(_)
+            | Template(_)
+            | ContextFull { .. } => ErrorKind::User,
             Cancelled => ErrorKind::Cancelled,
             Format(_) | ModelFiles(_) => ErrorKind::Model,
             OutOfMemory { .. } => ErrorKind::Resource,
@@ -116,13 +124,35 @@ mod tests {
     #[test]
     fn kinds_separate_requests_from_files_and_faults() {
         assert_eq!(EngineError::Bits("9 bits".into()).kind(), ErrorKind::User);
-        assert_eq!(EngineError::ContextFull { have: 1, add: 2, capacity: 2 }.kind(), ErrorKind::User);
+        assert_eq!(
+            EngineError::ContextFull {
+                have: 1,
+                add: 2,
+                capacity: 2
+            }
+            .kind(),
+            ErrorKind::User
+        );
         let f = FormatError::invalid(std::path::Path::new("m/config.json"), "bad");
         let e: EngineError = f.into();
         assert_eq!(e.kind(), ErrorKind::Model);
         assert!(e.to_string().contains("m/config.json"), "{e}");
-        assert_eq!(EngineError::OutOfMemory { what: "x", bytes: 1 }.kind(), ErrorKind::Resource);
-        assert_eq!(EngineError::NonFinite { stage: "logits".into(), token: 0 }.kind(), ErrorKind::Internal);
+        assert_eq!(
+            EngineError::OutOfMemory {
+                what: "x",
+                bytes: 1
+            }
+            .kind(),
+            ErrorKind::Resource
+        );
+        assert_eq!(
+            EngineError::NonFinite {
+                stage: "logits".into(),
+                token: 0
+            }
+            .kind(),
+            ErrorKind::Internal
+        );
         assert_eq!(EngineError::Cancelled.kind(), ErrorKind::Cancelled);
     }
 }

@@ -20,7 +20,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true }
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
     }
 }
 
@@ -56,17 +60,31 @@ impl Generation {
 }
 
 /// Generate from `prompt` (token ids) in `session`; `on_text` receives text pieces as they are completed.
-pub fn generate<B: Backend>(session: &mut Session<B>, tok: &TextTokenizer, prompt: &[u32], opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+pub fn generate<B: Backend>(
+    session: &mut Session<B>,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
     let max_ctx = session.capacity();
     if prompt.len() >= max_ctx {
-        return Err(EngineError::ContextFull { have: 0, add: prompt.len(), capacity: max_ctx });
+        return Err(EngineError::ContextFull {
+            have: 0,
+            add: prompt.len(),
+            capacity: max_ctx,
+        });
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     let mut stream = TokenStream::new(tok);
     let mut text = String::new();
     let decode = DecodeOptions {
         max_tokens: opts.max_tokens,
-        stop_tokens: if opts.stop_at_eos { tok.eos_ids().to_vec() } else { Vec::new() },
+        stop_tokens: if opts.stop_at_eos {
+            tok.eos_ids().to_vec()
+        } else {
+            Vec::new()
+        },
         warmup_steps: 0,
     };
     let g = session.generate(prompt, &mut sampler, &decode, |id| {

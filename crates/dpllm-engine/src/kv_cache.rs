@@ -15,7 +15,12 @@ impl<B: Backend> KvCache<B> {
     /// An empty cache for `layers` layers of width `kv_dim`, holding at most `capacity` positions.
     pub fn new(backend: B, layers: usize, kv_dim: usize, capacity: usize) -> KvCache<B> {
         let store = backend.kv_new(layers, kv_dim);
-        KvCache { backend, store, len: 0, capacity }
+        KvCache {
+            backend,
+            store,
+            len: 0,
+            capacity,
+        }
     }
 
     /// Positions stored.
@@ -48,7 +53,12 @@ impl<B: Backend> KvCache<B> {
     /// Append new positions' keys and values to `layer` (call for every layer, then
     /// [`KvCache::advance`]). The cache grows as positions arrive; memory it cannot
     /// get is an error, not an abort.
-    pub fn append(&mut self, layer: usize, k: &B::Buf, v: &B::Buf) -> Result<(), crate::EngineError> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &B::Buf,
+        v: &B::Buf,
+    ) -> Result<(), crate::EngineError> {
         self.backend.kv_append(&mut self.store, layer, k, v)
     }
 

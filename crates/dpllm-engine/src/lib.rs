@@ -25,7 +25,7 @@ pub mod tokenizer;
 pub use backend::{Backend, CpuBackend, Device};
 pub use kv_cache::KvCache;
 pub use model::{LoadOptions, Model};
-pub use select::{BitStats, Precision, RuntimePlan};
+pub use select::{BitStats, Precision, RuntimePlan, Selector};
 pub use session::{RunPrecision, ServedModel, Session};
 
 pub use error::{EngineError, ErrorKind};

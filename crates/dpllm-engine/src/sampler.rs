@@ -25,7 +25,13 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// Greedy decoding with every filter disabled and seed 0.
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -33,13 +39,22 @@ impl SamplingParams {
     /// Check that the parameters are usable; the error names the offending command-line flag.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::Sampling(format!("--temperature must be a finite number >= 0, got {}", self.temperature)));
+            return Err(EngineError::Sampling(format!(
+                "--temperature must be a finite number >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::Sampling(format!("--top-p must be in the range (0, 1], got {}", self.top_p)));
+            return Err(EngineError::Sampling(format!(
+                "--top-p must be in the range (0, 1], got {}",
+                self.top_p
+            )));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(EngineError::Sampling(format!("--repetition-penalty must be a finite number > 0, got {}", self.repetition_penalty)));
+            return Err(EngineError::Sampling(format!(
+                "--repetition-penalty must be a finite number > 0, got {}",
+                self.repetition_penalty
+            )));
         }
         Ok(())
     }
@@ -60,7 +75,9 @@ pub struct Sampler {
 /// Order by descending logit, then ascending index (deterministic tie-break).
 /// NaNs must have been replaced before calling.
 fn desc(logits: &[f32], a: u32, b: u32) -> Ordering {
-    logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+    logits[b as usize]
+        .total_cmp(&logits[a as usize])
+        .then(a.cmp(&b))
 }
 
 impl Sampler {
@@ -68,7 +85,12 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng, idx: Vec::new(), probs: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng,
+            idx: Vec::new(),
+            probs: Vec::new(),
+        })
     }
 
     /// The parameters this sampler was built with.
@@ -109,7 +131,8 @@ impl Sampler {
         self.idx.clear();
         self.idx.extend(0..n as u32);
         if k > 0 && k < n {
-            self.idx.select_nth_unstable_by(k - 1, |&a, &b| desc(logits, a, b));
+            self.idx
+                .select_nth_unstable_by(k - 1, |&a, &b| desc(logits, a, b));
             self.idx.truncate(k);
             self.idx.sort_unstable_by(|&a, &b| desc(logits, a, b));
         } else if use_top_p {
@@ -117,13 +140,18 @@ impl Sampler {
         }
 
         // Numerically stable softmax over the candidates.
-        let max = self.idx.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+        let max = self
+            .idx
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
             // All -inf (or +inf present): no usable distribution, fall back to greedy.
             return argmax(logits);
         }
         self.probs.clear();
-        self.probs.extend(self.idx.iter().map(|&i| (logits[i as usize] - max).exp()));
+        self.probs
+            .extend(self.idx.iter().map(|&i| (logits[i as usize] - max).exp()));
         let mut total: f32 = self.probs.iter().sum();
 
         // Top-p: smallest prefix (sorted descending) whose mass reaches top_p.
@@ -161,7 +189,11 @@ impl Sampler {
         if penalty == 1.0 || history.is_empty() {
             return;
         }
-        let mut ids: Vec<u32> = history.iter().copied().filter(|&t| (t as usize) < logits.len()).collect();
+        let mut ids: Vec<u32> = history
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < logits.len())
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         for t in ids {
@@ -199,7 +231,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, repetition_penalty: 1.0, seed }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty: 1.0,
+            seed,
+        }
     }
 
     fn random_logits(n: usize, seed: u64) -> Vec<f32> {
@@ -229,7 +267,13 @@ mod tests {
         let expect = big
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            })
             .0 as u32;
         assert_eq!(s.sample(&mut big.clone(), &[]), expect);
     }
@@ -241,7 +285,11 @@ mod tests {
             for round in 0..20 {
                 let logits = random_logits(1000, round);
                 let want = argmax(&logits);
-                assert_eq!(s.sample(&mut logits.clone(), &[]), want, "t={t} round={round}");
+                assert_eq!(
+                    s.sample(&mut logits.clone(), &[]),
+                    want,
+                    "t={t} round={round}"
+                );
             }
         }
     }
@@ -250,7 +298,9 @@ mod tests {
     fn same_seed_same_sequence_different_seed_differs() {
         let run = |seed: u64| -> Vec<u32> {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed)).unwrap();
-            (0..64).map(|_| s.sample(&mut vec![0.0f32; 100], &[])).collect()
+            (0..64)
+                .map(|_| s.sample(&mut vec![0.0f32; 100], &[]))
+                .collect()
         };
         let a = run(42);
         assert_eq!(a, run(42));
@@ -307,7 +357,11 @@ mod tests {
         }
         for i in 0..4 {
             let f = counts[i] as f32 / n as f32;
-            assert!((f - want[i]).abs() < 0.02, "token {i}: got {f}, want {}", want[i]);
+            assert!(
+                (f - want[i]).abs() < 0.02,
+                "token {i}: got {f}, want {}",
+                want[i]
+            );
         }
         // temperature 2 flattens: compare against softmax(logits/2)
         let exps: Vec<f32> = logits.iter().map(|l| ((l - max) / 2.0).exp()).collect();
@@ -336,12 +390,19 @@ mod tests {
             assert!(top.contains(&t), "{t} not in top-5");
             seen.insert(t);
         }
-        assert!(seen.len() >= 3, "high temperature should spread over the top-5");
+        assert!(
+            seen.len() >= 3,
+            "high temperature should spread over the top-5"
+        );
     }
 
     #[test]
     fn repetition_penalty_switches_argmax() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        })
+        .unwrap();
         let mut l = vec![3.0, 2.0, -1.0];
         // 3.0/2 = 1.5 < 2.0 -> token 1 wins
         assert_eq!(s.sample(&mut l, &[0, 0, 0]), 1);
@@ -366,29 +427,86 @@ mod tests {
             assert!(t == 1 || t == 3);
         }
         assert_eq!(s.sample(&mut [f32::NAN; 4], &[]), 0);
-        assert_eq!(s.sample(&mut [f32::NEG_INFINITY, f32::NEG_INFINITY], &[]), 0);
+        assert_eq!(
+            s.sample(&mut [f32::NEG_INFINITY, f32::NEG_INFINITY], &[]),
+            0
+        );
         assert_eq!(s.sample(&mut [0.0, f32::INFINITY, 1.0], &[]), 1);
     }
 
     #[test]
     fn validate_rejects_bad_values() {
         let bad = [
-            (SamplingParams { temperature: -0.1, ..Default::default() }, "--temperature"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "--temperature"),
-            (SamplingParams { temperature: f32::INFINITY, ..Default::default() }, "--temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "--top-p"),
-            (SamplingParams { top_p: 1.5, ..Default::default() }, "--top-p"),
-            (SamplingParams { top_p: f32::NAN, ..Default::default() }, "--top-p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "--repetition-penalty"),
-            (SamplingParams { repetition_penalty: f32::NAN, ..Default::default() }, "--repetition-penalty"),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    top_p: f32::NAN,
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "--repetition-penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "--repetition-penalty",
+            ),
         ];
         for (p, flag) in bad {
             let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");
             assert!(Sampler::new(p).is_err());
         }
-        assert!(SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 5 }
-            .validate()
-            .is_ok());
+        assert!(SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            seed: 5
+        }
+        .validate()
+        .is_ok());
     }
 }

@@ -39,8 +39,10 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| EngineError::ModelFiles(format!("failed to read {}: {e}", path.display())))?;
-    let v = serde_json::from_str(&text).map_err(|e| EngineError::ModelFiles(format!("invalid JSON in {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::ModelFiles(format!("failed to read {}: {e}", path.display())))?;
+    let v = serde_json::from_str(&text)
+        .map_err(|e| EngineError::ModelFiles(format!("invalid JSON in {}: {e}", path.display())))?;
     Ok(Some(v))
 }
 
@@ -49,7 +51,12 @@ fn ids_from_json(v: Option<&serde_json::Value>, what: &str, path: &Path) -> Resu
     let to_id = |x: &serde_json::Value| -> Result<u32> {
         x.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| EngineError::ModelFiles(format!("{what} in {} must be a non-negative integer, got {x}", path.display())))
+            .ok_or_else(|| {
+                EngineError::ModelFiles(format!(
+                    "{what} in {} must be a non-negative integer, got {x}",
+                    path.display()
+                ))
+            })
     };
     match v {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),
@@ -65,37 +72,75 @@ impl TextTokenizer {
     /// chat_template; a DIR/chat_template.jinja file is used when the config has no
     /// template) and DIR/generation_config.json (eos_token_id: int or list;
     /// bos_token_id). `config_bos`/`config_eos` are fallbacks from config.json.
-    pub fn from_dir(dir: &Path, config_bos: Option<u32>, config_eos: &[u32]) -> Result<TextTokenizer> {
+    pub fn from_dir(
+        dir: &Path,
+        config_bos: Option<u32>,
+        config_eos: &[u32],
+    ) -> Result<TextTokenizer> {
         if dpllm_format::gguf::is_gguf(dir) {
             return Self::from_gguf(dir, config_bos, config_eos);
         }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(EngineError::ModelFiles(format!("tokenizer file {} not found", tok_path.display())));
+            return Err(EngineError::ModelFiles(format!(
+                "tokenizer file {} not found",
+                tok_path.display()
+            )));
         }
-        let inner = Tokenizer::from_file(&tok_path)
-            .map_err(|e| EngineError::ModelFiles(format!("failed to load tokenizer {}: {e}", tok_path.display())))?;
+        let inner = Tokenizer::from_file(&tok_path).map_err(|e| {
+            EngineError::ModelFiles(format!(
+                "failed to load tokenizer {}: {e}",
+                tok_path.display()
+            ))
+        })?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_optional_json(&tc_path)?;
         let gc_path = dir.join("generation_config.json");
         let gc = read_optional_json(&gc_path)?;
         let jinja_path = dir.join("chat_template.jinja");
         let jinja = if jinja_path.is_file() {
-            Some((std::fs::read_to_string(&jinja_path).map_err(|e| EngineError::ModelFiles(format!("failed to read {}: {e}", jinja_path.display())))?, jinja_path))
+            Some((
+                std::fs::read_to_string(&jinja_path).map_err(|e| {
+                    EngineError::ModelFiles(format!("failed to read {}: {e}", jinja_path.display()))
+                })?,
+                jinja_path,
+            ))
         } else {
             None
         };
-        Self::from_parts(inner, (tc, &tc_path), (gc, &gc_path), jinja, config_bos, config_eos)
+        Self::from_parts(
+            inner,
+            (tc, &tc_path),
+            (gc, &gc_path),
+            jinja,
+            config_bos,
+            config_eos,
+        )
     }
 
     /// The tokenizer of a GGUF file, rebuilt from its `tokenizer.*` metadata
     /// (vocabulary, merges, pre-tokenizer, special tokens, chat template).
-    pub fn from_gguf(path: &Path, config_bos: Option<u32>, config_eos: &[u32]) -> Result<TextTokenizer> {
+    pub fn from_gguf(
+        path: &Path,
+        config_bos: Option<u32>,
+        config_eos: &[u32],
+    ) -> Result<TextTokenizer> {
         let file = dpllm_format::gguf::GgufFile::open(path)?;
         let (json, tc) = dpllm_format::gguf::model::tokenizer_files(&file)?;
-        let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| EngineError::ModelFiles(format!("cannot build the tokenizer of {} from its metadata: {e}", path.display())))?;
-        Self::from_parts(inner, (Some(tc), path), (None, path), None, config_bos, config_eos)
+        let inner = Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+            EngineError::ModelFiles(format!(
+                "cannot build the tokenizer of {} from its metadata: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_parts(
+            inner,
+            (Some(tc), path),
+            (None, path),
+            None,
+            config_bos,
+            config_eos,
+        )
     }
 
     /// Special tokens and chat template from a tokenizer config `tc` and a
@@ -109,12 +154,15 @@ impl TextTokenizer {
         config_bos: Option<u32>,
         config_eos: &[u32],
     ) -> Result<TextTokenizer> {
-        let lookup = |v: Option<&serde_json::Value>| token_content(v).and_then(|s| inner.token_to_id(&s));
+        let lookup =
+            |v: Option<&serde_json::Value>| token_content(v).and_then(|s| inner.token_to_id(&s));
 
         // BOS: the tokenizer's own bos_token, else generation_config, else config.json.
         let tc_bos = tc.as_ref().and_then(|v| lookup(v.get("bos_token")));
         let gc_bos = match &gc {
-            Some(v) => ids_from_json(v.get("bos_token_id"), "bos_token_id", gc_path)?.first().copied(),
+            Some(v) => ids_from_json(v.get("bos_token_id"), "bos_token_id", gc_path)?
+                .first()
+                .copied(),
             None => None,
         };
         let bos = tc_bos.or(gc_bos).or(config_bos);
@@ -122,7 +170,11 @@ impl TextTokenizer {
         // EOS: union of generation_config, tokenizer_config and config.json, in that order.
         let mut eos: Vec<u32> = Vec::new();
         if let Some(v) = &gc {
-            eos.extend(ids_from_json(v.get("eos_token_id"), "eos_token_id", gc_path)?);
+            eos.extend(ids_from_json(
+                v.get("eos_token_id"),
+                "eos_token_id",
+                gc_path,
+            )?);
         }
         if let Some(id) = tc.as_ref().and_then(|v| lookup(v.get("eos_token"))) {
             eos.push(id);
@@ -131,27 +183,45 @@ impl TextTokenizer {
         let mut seen = std::collections::HashSet::new();
         eos.retain(|id| seen.insert(*id));
 
-        let add_bos_token = tc.as_ref().and_then(|v| v.get("add_bos_token")).and_then(|b| b.as_bool()).unwrap_or(false);
+        let add_bos_token = tc
+            .as_ref()
+            .and_then(|v| v.get("add_bos_token"))
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
 
         let mut chat_template = match &tc {
             Some(v) => ChatTemplate::from_tokenizer_config(v).map_err(|e| in_file(e, tc_path))?,
             None => None,
         };
         if let (None, Some((src, jinja_path))) = (&chat_template, jinja) {
-            let bos_s = tc.as_ref().and_then(|v| token_content(v.get("bos_token"))).unwrap_or_default();
-            let eos_s = tc.as_ref().and_then(|v| token_content(v.get("eos_token"))).unwrap_or_default();
-            chat_template = Some(
-                ChatTemplate::new(&src, &bos_s, &eos_s).map_err(|e| in_file(e, &jinja_path))?,
-            );
+            let bos_s = tc
+                .as_ref()
+                .and_then(|v| token_content(v.get("bos_token")))
+                .unwrap_or_default();
+            let eos_s = tc
+                .as_ref()
+                .and_then(|v| token_content(v.get("eos_token")))
+                .unwrap_or_default();
+            chat_template =
+                Some(ChatTemplate::new(&src, &bos_s, &eos_s).map_err(|e| in_file(e, &jinja_path))?);
         }
-        Ok(TextTokenizer { inner, bos, eos, add_bos_token, chat_template })
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            eos,
+            add_bos_token,
+            chat_template,
+        })
     }
 
     /// Encode text. When `add_special` is true: run the tokenizer's own
     /// post-processor (add_special_tokens=true), and if tokenizer_config says
     /// add_bos_token=true and the result does not start with the BOS id, prepend BOS.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| EngineError::Tokenize(format!("encode failed: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| EngineError::Tokenize(format!("encode failed: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special && self.add_bos_token {
             if let Some(bos) = self.bos {
@@ -170,7 +240,9 @@ impl TextTokenizer {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(EngineError::TokenOutOfRange { token: *bad, vocab });
         }
-        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenize(format!("decode failed: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| EngineError::Tokenize(format!("decode failed: {e}")))
     }
 
     /// The BOS token id, if the model has one.
@@ -219,7 +291,13 @@ pub struct TokenStream<'a> {
 impl<'a> TokenStream<'a> {
     /// Start an empty stream over `tok` (special tokens are kept in the output).
     pub fn new(tok: &'a TextTokenizer) -> Self {
-        TokenStream { tok, tokens: Vec::new(), prefix: 0, read: 0, skip_special: false }
+        TokenStream {
+            tok,
+            tokens: Vec::new(),
+            prefix: 0,
+            read: 0,
+            skip_special: false,
+        }
     }
 
     /// Builder option: omit special tokens from the streamed text.
@@ -237,8 +315,12 @@ impl<'a> TokenStream<'a> {
     /// emitted yet (e.g. an incomplete UTF-8 sequence).
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.tokens.push(id);
-        let prefix_text = self.tok.decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
-        let new_text = self.tok.decode(&self.tokens[self.prefix..], self.skip_special)?;
+        let prefix_text = self
+            .tok
+            .decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
+        let new_text = self
+            .tok
+            .decode(&self.tokens[self.prefix..], self.skip_special)?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             let delta = new_text.get(prefix_text.len()..).unwrap_or("").to_string();
             self.prefix = self.read;
@@ -255,8 +337,12 @@ impl<'a> TokenStream<'a> {
         if self.read >= self.tokens.len() {
             return Ok(None);
         }
-        let prefix_text = self.tok.decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
-        let new_text = self.tok.decode(&self.tokens[self.prefix..], self.skip_special)?;
+        let prefix_text = self
+            .tok
+            .decode(&self.tokens[self.prefix..self.read], self.skip_special)?;
+        let new_text = self
+            .tok
+            .decode(&self.tokens[self.prefix..], self.skip_special)?;
         self.prefix = self.read;
         self.read = self.tokens.len();
         match new_text.get(prefix_text.len()..) {
@@ -316,7 +402,13 @@ mod tests {
     #[test]
     fn roundtrip_multibyte() {
         let Some(t) = load() else { return };
-        for s in ["héllo wörld", "日本語のテキスト", "emoji 🦀🚀 and ñ", "  leading spaces\nnew line\ttab", "Ελληνικά ✓"] {
+        for s in [
+            "héllo wörld",
+            "日本語のテキスト",
+            "emoji 🦀🚀 and ñ",
+            "  leading spaces\nnew line\ttab",
+            "Ελληνικά ✓",
+        ] {
             let ids = t.encode(s, false).unwrap();
             assert_eq!(t.decode(&ids, false).unwrap(), s);
             let ids = t.encode(s, true).unwrap();
@@ -345,13 +437,19 @@ mod tests {
                 held += 1;
             }
         }
-        assert!(held > 0, "expected some tokens to end mid-character (held back)");
+        assert!(
+            held > 0,
+            "expected some tokens to end mid-character (held back)"
+        );
         if let Some(s) = stream.finish().unwrap() {
             out.push_str(&s);
         }
         assert_eq!(out, t.decode(&ids, false).unwrap());
         assert_eq!(out, text);
-        assert!(pieces > 3, "expected incremental output, got {pieces} pieces");
+        assert!(
+            pieces > 3,
+            "expected incremental output, got {pieces} pieces"
+        );
         assert_eq!(stream.tokens(), &ids[..]);
     }
 
@@ -374,18 +472,33 @@ mod tests {
     #[test]
     fn missing_or_corrupt_tokenizer_json_names_file() {
         let dir = tempfile::tempdir().unwrap();
-        let err = TextTokenizer::from_dir(dir.path(), None, &[]).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("not found"), "{err}");
+        let err = TextTokenizer::from_dir(dir.path(), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not found"),
+            "{err}"
+        );
         std::fs::write(dir.path().join("tokenizer.json"), "{ this is not json").unwrap();
-        let err = format!("{:#}", TextTokenizer::from_dir(dir.path(), None, &[]).unwrap_err());
-        assert!(err.contains(&dir.path().join("tokenizer.json").display().to_string()), "{err}");
+        let err = format!(
+            "{:#}",
+            TextTokenizer::from_dir(dir.path(), None, &[]).unwrap_err()
+        );
+        assert!(
+            err.contains(&dir.path().join("tokenizer.json").display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
     fn reads_configs_in_all_shapes() {
         let Some(src) = model_dir() else { return };
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+        std::fs::copy(
+            src.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
         // no configs: only fallbacks; no BOS prepended
         let t = TextTokenizer::from_dir(dir.path(), Some(1), &[2, 0]).unwrap();
         assert_eq!(t.bos_id(), Some(1));
@@ -398,18 +511,29 @@ mod tests {
                 "eos_token": {"content": "</s>"}, "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [0, 2]}"#)
-            .unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"bos_token_id": 1, "eos_token_id": [0, 2]}"#,
+        )
+        .unwrap();
         let t = TextTokenizer::from_dir(dir.path(), None, &[7]).unwrap();
         assert_eq!(t.bos_id(), Some(1));
         assert_eq!(t.eos_ids(), &[0, 2, 7]);
         assert_eq!(t.encode("hello", true).unwrap()[0], 1);
         let ct = t.chat_template().expect("template");
-        let out = ct.render(&[crate::chat_template::ChatMessage::new("user", "x")], false).unwrap();
+        let out = ct
+            .render(
+                &[crate::chat_template::ChatMessage::new("user", "x")],
+                false,
+            )
+            .unwrap();
         assert_eq!(out, "<s>x</s>");
 
         std::fs::write(dir.path().join("generation_config.json"), "not json").unwrap();
-        let err = format!("{:#}", TextTokenizer::from_dir(dir.path(), None, &[]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            TextTokenizer::from_dir(dir.path(), None, &[]).unwrap_err()
+        );
         assert!(err.contains("generation_config.json"), "{err}");
     }
 }

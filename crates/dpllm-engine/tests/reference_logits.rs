@@ -30,12 +30,19 @@ fn reference(dir: &Path) -> Reference {
     let (ids, _) = ck.tensor_i64("input_ids").unwrap();
     let shape = ck.info("logits").unwrap().shape.clone();
     let logits = ck.tensor_f32("logits", &shape).unwrap();
-    Reference { ids: ids.iter().map(|&x| x as u32).collect(), logits, vocab: shape[1] }
+    Reference {
+        ids: ids.iter().map(|&x| x as u32).collect(),
+        logits,
+        vocab: shape[1],
+    }
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Full prefill, chunked prefill + token-by-token decode through the KV cache.
@@ -48,7 +55,11 @@ fn check_model(model_dir: &Path, reference: &Reference, tol: f32) {
     let all = model.forward_all(ids, &mut cache).unwrap();
     let err = max_abs(&all, &reference.logits);
     println!("{}: prefill max |Δlogit| = {err:.2e}", model_dir.display());
-    assert!(err < tol, "{}: prefill logits differ by {err}", model_dir.display());
+    assert!(
+        err < tol,
+        "{}: prefill logits differ by {err}",
+        model_dir.display()
+    );
 
     // Prefill a prefix (GEMM path), then decode one token at a time (GEMV path).
     let split = n / 2 + 3;
@@ -59,8 +70,15 @@ fn check_model(model_dir: &Path, reference: &Reference, tol: f32) {
         got.extend(model.forward_last(&[t], &mut cache).unwrap());
     }
     let err = max_abs(&got, &reference.logits[..n * v]);
-    println!("{}: cached decode max |Δlogit| = {err:.2e}", model_dir.display());
-    assert!(err < tol, "{}: KV-cache decode logits differ by {err}", model_dir.display());
+    println!(
+        "{}: cached decode max |Δlogit| = {err:.2e}",
+        model_dir.display()
+    );
+    assert!(
+        err < tol,
+        "{}: KV-cache decode logits differ by {err}",
+        model_dir.display()
+    );
 }
 
 fn check_family(name: &str) {
@@ -95,11 +113,19 @@ fn phi3_fused_projections_bf16() {
 
 #[test]
 fn docs_llama_12m_real_checkpoint() {
-    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/docs-llama-12m");
+    let model_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/docs-llama-12m");
     if !model_dir.join("config.json").exists() {
-        eprintln!("SKIP: {} not found (real checkpoint from ../shared)", model_dir.display());
+        eprintln!(
+            "SKIP: {} not found (real checkpoint from ../shared)",
+            model_dir.display()
+        );
         return;
     }
     // Logits reach ±15 over 6 layers of width 384: allow 5e-4 (still ~100x below any bug).
-    check_model(&model_dir, &reference(&fixtures().join("docs-llama-12m")), 5e-4);
+    check_model(
+        &model_dir,
+        &reference(&fixtures().join("docs-llama-12m")),
+        5e-4,
+    );
 }

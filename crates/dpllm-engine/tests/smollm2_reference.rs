@@ -23,13 +23,19 @@ const LOGIT_TOL: f32 = 5e-4;
 use dpllm_testkit::smollm2_gguf as smollm2;
 
 fn ids(ck: &Checkpoint, name: &str) -> Vec<u32> {
-    ck.tensor_i64(name).unwrap().0.iter().map(|&v| v as u32).collect()
+    ck.tensor_i64(name)
+        .unwrap()
+        .0
+        .iter()
+        .map(|&v| v as u32)
+        .collect()
 }
 
 #[test]
 fn smollm2_matches_transformers_tokens_logits_and_greedy_continuation() {
     let Some(gguf) = smollm2() else { return };
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/reference.safetensors");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/smollm2/reference.safetensors");
     let ck = Checkpoint::open_file(&fx).unwrap();
     let model = Arc::new(Model::load(&gguf).unwrap());
     let c = &model.config;
@@ -37,7 +43,11 @@ fn smollm2_matches_transformers_tokens_logits_and_greedy_continuation() {
 
     // Tokens of a text with digits, punctuation, accents, CJK, an emoji, tabs and code.
     let text = ck.metadata().get("text").unwrap().clone();
-    assert_eq!(tok.encode(&text, false).unwrap(), ids(&ck, "text_ids"), "token ids of {text:?}");
+    assert_eq!(
+        tok.encode(&text, false).unwrap(),
+        ids(&ck, "text_ids"),
+        "token ids of {text:?}"
+    );
 
     // Logits of three short sequences (each from an empty cache).
     let seqs = ids(&ck, "seq_ids");
@@ -60,18 +70,40 @@ fn smollm2_matches_transformers_tokens_logits_and_greedy_continuation() {
         }
     }
     eprintln!("max |Δlogit| against transformers (float64): {worst:.2e}");
-    assert!(worst < LOGIT_TOL, "max |Δlogit| {worst} against transformers");
+    assert!(
+        worst < LOGIT_TOL,
+        "max |Δlogit| {worst} against transformers"
+    );
 
     // The chat prompt and its greedy continuation: the first 32 tokens identical.
     let prompt = ck.metadata().get("prompt").unwrap();
-    let tpl = tok.chat_template().expect("SmolLM2's GGUF carries a chat template");
-    let rendered = tpl.render(&[ChatMessage { role: "user".into(), content: prompt.clone() }], true).unwrap();
+    let tpl = tok
+        .chat_template()
+        .expect("SmolLM2's GGUF carries a chat template");
+    let rendered = tpl
+        .render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: prompt.clone(),
+            }],
+            true,
+        )
+        .unwrap();
     let prompt_ids = tok.encode(&rendered, false).unwrap();
-    assert_eq!(prompt_ids, ids(&ck, "prompt_ids"), "chat prompt {rendered:?}");
+    assert_eq!(
+        prompt_ids,
+        ids(&ck, "prompt_ids"),
+        "chat prompt {rendered:?}"
+    );
     let want = ids(&ck, "greedy_ids");
     // transformers generated with min_new_tokens = 32, which masks the
     // end-of-sequence ids until then: do the same, greedily, through a session.
-    let mut session = Session::new(model.clone(), RunPrecision::Highest, prompt_ids.len() + want.len()).unwrap();
+    let mut session = Session::new(
+        model.clone(),
+        RunPrecision::Highest,
+        prompt_ids.len() + want.len(),
+    )
+    .unwrap();
     let mut logits = session.prefill(&prompt_ids).unwrap();
     let mut got = Vec::new();
     for i in 0..want.len() {
@@ -84,5 +116,11 @@ fn smollm2_matches_transformers_tokens_logits_and_greedy_continuation() {
             logits = session.decode_step(next).unwrap();
         }
     }
-    assert_eq!(got, want, "greedy continuation: {:?} vs {:?}", tok.decode(&got, false).unwrap(), tok.decode(&want, false).unwrap());
+    assert_eq!(
+        got,
+        want,
+        "greedy continuation: {:?} vs {:?}",
+        tok.decode(&got, false).unwrap(),
+        tok.decode(&want, false).unwrap()
+    );
 }

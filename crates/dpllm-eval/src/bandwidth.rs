@@ -21,7 +21,10 @@ pub struct Bandwidth {
 /// Copy and read `bytes`-sized buffers (well beyond the caches) a few times; best of `reps`.
 pub fn measure(bytes: usize, reps: usize) -> Bandwidth {
     let n = bytes / 8;
-    let src: Vec<u64> = (0..n as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let src: Vec<u64> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
     let mut dst = vec![0u64; n];
     dst.par_chunks_mut(1 << 16).for_each(|c| c.fill(1)); // fault pages in
     let chunk = (n / (rayon::current_num_threads() * 8)).max(1 << 14);
@@ -30,10 +33,15 @@ pub fn measure(bytes: usize, reps: usize) -> Bandwidth {
     let mut sink = 0u64;
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         best_copy = best_copy.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        sink ^= src.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b))).reduce(|| 0, u64::wrapping_add);
+        sink ^= src
+            .par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            .reduce(|| 0, u64::wrapping_add);
         best_read = best_read.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box((sink, &dst));

@@ -24,7 +24,12 @@ pub struct DecodeBenchConfig {
 
 impl Default for DecodeBenchConfig {
     fn default() -> Self {
-        DecodeBenchConfig { prompt_tokens: 64, decode_tokens: 64, warmup_tokens: 4, bandwidth_bytes: 512 << 20 }
+        DecodeBenchConfig {
+            prompt_tokens: 64,
+            decode_tokens: 64,
+            warmup_tokens: 4,
+            bandwidth_bytes: 512 << 20,
+        }
     }
 }
 
@@ -35,7 +40,11 @@ impl DecodeBenchConfig {
         if self.decode_tokens == 0 {
             anyhow::bail!("--tokens must be at least 1");
         }
-        let total = self.prompt_tokens.max(1).checked_add(self.warmup_tokens).and_then(|t| t.checked_add(self.decode_tokens));
+        let total = self
+            .prompt_tokens
+            .max(1)
+            .checked_add(self.warmup_tokens)
+            .and_then(|t| t.checked_add(self.decode_tokens));
         match total {
             Some(t) if t <= max_ctx => {}
             _ => anyhow::bail!(
@@ -45,7 +54,10 @@ impl DecodeBenchConfig {
                 self.decode_tokens
             ),
         }
-        crate::memory::ensure_fits(crate::memory::product(&[self.bandwidth_bytes as u128, 2]), "the bandwidth test buffers (--bandwidth-mib)")
+        crate::memory::ensure_fits(
+            crate::memory::product(&[self.bandwidth_bytes as u128, 2]),
+            "the bandwidth test buffers (--bandwidth-mib)",
+        )
     }
 }
 
@@ -85,25 +97,46 @@ pub struct DecodeBench {
 /// Run the benchmark: measure bandwidth, prefill a synthetic prompt, then time
 /// greedy decoding at `precision` (under a plan: prefill at maximum precision,
 /// per-token selection).
-pub fn run(model: Arc<Model>, precision: RunPrecision, cfg: &DecodeBenchConfig) -> anyhow::Result<DecodeBench> {
+pub fn run(
+    model: Arc<Model>,
+    precision: RunPrecision,
+    cfg: &DecodeBenchConfig,
+) -> anyhow::Result<DecodeBench> {
     cfg.check(model.config.max_position_embeddings)?;
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let vocab = model.config.vocab_size as u64;
-    let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect();
     let total = prompt.len() + cfg.warmup_tokens + cfg.decode_tokens;
     let weights = match precision.plan() {
-        Some(p) => format!("{:?} plan, target {:.2}, budget {:.2}", p.plan.kind, p.plan.target_bits, p.plan.budget_bits).to_lowercase(),
+        Some(p) => format!(
+            "{:?} plan, target {:.2}, budget {:.2}",
+            p.plan.kind, p.plan.target_bits, p.plan.budget_bits
+        )
+        .to_lowercase(),
         None => match (&precision, model.bits_range()) {
             (RunPrecision::Uniform(b), _) => format!("anyprec {b}-bit"),
             (_, Some((_, max))) => format!("anyprec {max}-bit"),
-            (_, None) => model.blocks.first().and_then(|b| b.linears().first().map(|(_, l)| l.storage().to_string())).unwrap_or_default(),
+            (_, None) => model
+                .blocks
+                .first()
+                .and_then(|b| b.linears().first().map(|(_, l)| l.storage().to_string()))
+                .unwrap_or_default(),
         },
     };
     let has_plan = precision.plan().is_some();
     let mut session = Session::new(model.clone(), precision, total)?;
-    let mut greedy = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() })?;
+    let mut greedy = Sampler::new(SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    })?;
     // Every decoded token is fed back: warm-up steps, then the timed ones.
-    let opts = DecodeOptions { max_tokens: cfg.warmup_tokens + cfg.decode_tokens + 1, stop_tokens: Vec::new(), warmup_steps: cfg.warmup_tokens };
+    let opts = DecodeOptions {
+        max_tokens: cfg.warmup_tokens + cfg.decode_tokens + 1,
+        stop_tokens: Vec::new(),
+        warmup_steps: cfg.warmup_tokens,
+    };
     let g = session.generate(&prompt, &mut greedy, &opts, |_| Ok(true))?;
     let stats = session.stats();
     let tps = g.decode_tokens_per_sec();
@@ -137,20 +170,60 @@ impl DecodeBench {
             ("model", self.model.clone()),
             ("weights", self.weights.clone()),
             ("threads", self.threads.to_string()),
-            ("prompt / decoded tokens", format!("{} / {}", self.config.prompt_tokens, self.config.decode_tokens)),
-            ("prefill", format!("{:.1} tok/s", self.prefill_tokens_per_sec)),
+            (
+                "prompt / decoded tokens",
+                format!(
+                    "{} / {}",
+                    self.config.prompt_tokens, self.config.decode_tokens
+                ),
+            ),
+            (
+                "prefill",
+                format!("{:.1} tok/s", self.prefill_tokens_per_sec),
+            ),
             ("decode", format!("{:.2} tok/s", self.decode_tokens_per_sec)),
-            ("decode latency (median)", format!("{:.2} ms/token", self.ms_per_token_median)),
-            ("weight bytes per token", format!("{:.2} MB", self.weight_bytes_per_token as f64 / 1e6)),
-            ("effective bits (decode)", self.effective_bits.map_or("-".into(), |b| format!("{b:.3}"))),
-            ("estimator work / linear work", self.estimator_overhead.map_or("-".into(), |o| format!("{:.2} %", 100.0 * o))),
-            ("achieved weight bandwidth", format!("{:.2} GB/s", self.achieved_gbs)),
-            ("machine copy bandwidth (r+w)", format!("{:.2} GB/s", self.bandwidth.copy_gbs)),
-            ("machine read bandwidth", format!("{:.2} GB/s", self.bandwidth.read_gbs)),
-            ("fraction of copy bandwidth", format!("{:.1} %", 100.0 * self.fraction_of_copy_bandwidth)),
-            ("fraction of read bandwidth", format!("{:.1} %", 100.0 * self.fraction_of_read_bandwidth)),
+            (
+                "decode latency (median)",
+                format!("{:.2} ms/token", self.ms_per_token_median),
+            ),
+            (
+                "weight bytes per token",
+                format!("{:.2} MB", self.weight_bytes_per_token as f64 / 1e6),
+            ),
+            (
+                "effective bits (decode)",
+                self.effective_bits
+                    .map_or("-".into(), |b| format!("{b:.3}")),
+            ),
+            (
+                "estimator work / linear work",
+                self.estimator_overhead
+                    .map_or("-".into(), |o| format!("{:.2} %", 100.0 * o)),
+            ),
+            (
+                "achieved weight bandwidth",
+                format!("{:.2} GB/s", self.achieved_gbs),
+            ),
+            (
+                "machine copy bandwidth (r+w)",
+                format!("{:.2} GB/s", self.bandwidth.copy_gbs),
+            ),
+            (
+                "machine read bandwidth",
+                format!("{:.2} GB/s", self.bandwidth.read_gbs),
+            ),
+            (
+                "fraction of copy bandwidth",
+                format!("{:.1} %", 100.0 * self.fraction_of_copy_bandwidth),
+            ),
+            (
+                "fraction of read bandwidth",
+                format!("{:.1} %", 100.0 * self.fraction_of_read_bandwidth),
+            ),
         ];
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-        rows.iter().map(|(k, v)| format!("{k:<w$}  {v}\n")).collect()
+        rows.iter()
+            .map(|(k, v)| format!("{k:<w$}  {v}\n"))
+            .collect()
     }
 }

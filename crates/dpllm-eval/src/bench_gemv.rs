@@ -111,21 +111,39 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
     if cfg.bits.is_empty() {
         anyhow::bail!("--bits lists no precision");
     }
-    crate::memory::ensure_fits(crate::memory::product(&[cfg.bandwidth_bytes as u128, 2]), "the bandwidth test buffers (--bandwidth-mib)")?;
+    crate::memory::ensure_fits(
+        crate::memory::product(&[cfg.bandwidth_bytes as u128, 2]),
+        "the bandwidth test buffers (--bandwidth-mib)",
+    )?;
     for &(rows, cols) in &cfg.shapes {
         // The f32 source, then at a time one kind of weights cycled over the working set (plus one copy).
         let one = crate::memory::product(&[rows as u128, cols as u128, 4]);
-        let peak = one.and_then(|b| b.checked_mul(2)?.checked_add(cfg.working_set_bytes as u128)?.checked_add(b));
-        crate::memory::ensure_fits(peak, &format!("shape {rows}x{cols} (with --working-set-mib)"))?;
+        let peak = one.and_then(|b| {
+            b.checked_mul(2)?
+                .checked_add(cfg.working_set_bytes as u128)?
+                .checked_add(b)
+        });
+        crate::memory::ensure_fits(
+            peak,
+            &format!("shape {rows}x{cols} (with --working-set-mib)"),
+        )?;
     }
-    let kernels = cfg.kernels.iter().map(|k| kernel_by_name(k)).collect::<anyhow::Result<Vec<_>>>()?;
+    let kernels = cfg
+        .kernels
+        .iter()
+        .map(|k| kernel_by_name(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let mut cases = Vec::new();
     for &(rows, cols) in &cfg.shapes {
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
         let mut y = vec![0f32; rows];
         let mut shape_cases = Vec::new();
-        let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 1001.0).collect();
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 1001.0)
+            .collect();
         let copies_for = |bytes: usize| cfg.working_set_bytes.div_ceil(bytes.max(1)).max(1);
         for name in ["f16", "f32"] {
             let make = || match name {
@@ -141,7 +159,13 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
                 ls[i % n].forward(&x, 1, &mut y);
                 i += 1;
             });
-            shape_cases.push((name.to_string(), "dense".to_string(), s, ls[0].weight_bytes(), n));
+            shape_cases.push((
+                name.to_string(),
+                "dense".to_string(),
+                s,
+                ls[0].weight_bytes(),
+                n,
+            ));
         }
         let max_bits = *cfg.bits.iter().max().unwrap_or(&8);
         let first = AnyPrecLinear::random(rows, cols, max_bits, 7);
@@ -157,7 +181,13 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
                     qs[i % nb].forward_bits_with(&x, 1, &mut y, b, k);
                     i += 1;
                 });
-                shape_cases.push((format!("anyprec-{b}b"), k.name().to_string(), s, qs[0].bytes_at(b), nb));
+                shape_cases.push((
+                    format!("anyprec-{b}b"),
+                    k.name().to_string(),
+                    s,
+                    qs[0].bytes_at(b),
+                    nb,
+                ));
             }
         }
         let f16_time = shape_cases[0].2;
@@ -177,7 +207,12 @@ pub fn run(cfg: &GemvBenchConfig) -> anyhow::Result<GemvBench> {
             });
         }
     }
-    Ok(GemvBench { config: cfg.clone(), threads: rayon::current_num_threads(), bandwidth: bw, cases })
+    Ok(GemvBench {
+        config: cfg.clone(),
+        threads: rayon::current_num_threads(),
+        bandwidth: bw,
+        cases,
+    })
 }
 
 impl GemvBench {
@@ -228,14 +263,29 @@ mod tests {
         let r = run(&cfg).unwrap();
         let names: Vec<&str> = r.cases.iter().map(|c| c.weights.as_str()).collect();
         assert_eq!(names, ["f16", "f32", "anyprec-3b", "anyprec-8b"]);
-        assert!(r.cases.iter().all(|c| c.us_per_call > 0.0 && c.gbs.is_finite()));
+        assert!(r
+            .cases
+            .iter()
+            .all(|c| c.us_per_call > 0.0 && c.gbs.is_finite()));
         assert_eq!(r.cases[2].bytes, 64 * (3 * 3 * 4 + 2 * 8));
         // 1 MiB working set: f16 weights of 12 KiB need 86 copies; 3-bit ones of 3.3 KiB get the 8-bit count (cap).
         assert_eq!(r.cases[0].copies, (1usize << 20).div_ceil(64 * 96 * 2));
         assert!(r.cases.iter().all(|c| c.copies >= 1));
         assert!(r.table().contains("anyprec-8b"));
-        assert!(run(&GemvBenchConfig { bits: vec![9], ..cfg.clone() }).is_err());
-        assert!(run(&GemvBenchConfig { shapes: vec![(0, 4)], ..cfg.clone() }).is_err());
-        assert!(run(&GemvBenchConfig { kernels: vec!["sse9".into()], ..cfg }).is_err());
+        assert!(run(&GemvBenchConfig {
+            bits: vec![9],
+            ..cfg.clone()
+        })
+        .is_err());
+        assert!(run(&GemvBenchConfig {
+            shapes: vec![(0, 4)],
+            ..cfg.clone()
+        })
+        .is_err());
+        assert!(run(&GemvBenchConfig {
+            kernels: vec!["sse9".into()],
+            ..cfg
+        })
+        .is_err());
     }
 }

@@ -42,7 +42,11 @@ impl FidelityAcc {
     /// Compare rows of `logits` with the reference's `ref_logits` [rows × vocab];
     /// `targets` are the true next tokens (for the reference's perplexity).
     pub fn add(&mut self, logits: &[f32], ref_logits: &[f32], vocab: usize, targets: &[u32]) {
-        for ((row, rrow), &t) in logits.chunks(vocab).zip(ref_logits.chunks(vocab)).zip(targets) {
+        for ((row, rrow), &t) in logits
+            .chunks(vocab)
+            .zip(ref_logits.chunks(vocab))
+            .zip(targets)
+        {
             let (lp, lq) = (log_softmax(rrow), log_softmax(row));
             let kl: f64 = lp.iter().zip(&lq).map(|(&p, &q)| p.exp() * (p - q)).sum();
             self.kl.push(kl.max(0.0));
@@ -55,7 +59,11 @@ impl FidelityAcc {
     pub fn finish(mut self, reference: String) -> Fidelity {
         let n = self.kl.len().max(1) as f64;
         self.kl.sort_by(f64::total_cmp);
-        let p99 = self.kl.get(((self.kl.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+        let p99 = self
+            .kl
+            .get(((self.kl.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0);
         Fidelity {
             reference,
             reference_perplexity: (self.ref_nll / n).exp(),

@@ -22,10 +22,16 @@ pub fn human(bytes: u128) -> String {
 
 /// Error unless `bytes` (None: beyond any size arithmetic) fit in the memory available now.
 pub fn ensure_fits(bytes: Option<u128>, what: &str) -> anyhow::Result<()> {
-    let Some(bytes) = bytes else { anyhow::bail!("{what} would need more memory than any machine has") };
+    let Some(bytes) = bytes else {
+        anyhow::bail!("{what} would need more memory than any machine has")
+    };
     let limit = available_bytes().map_or(usize::MAX as u128, u128::from);
     if bytes > limit {
-        anyhow::bail!("{what} would need {} of memory, but only {} is available", human(bytes), human(limit));
+        anyhow::bail!(
+            "{what} would need {} of memory, but only {} is available",
+            human(bytes),
+            human(limit)
+        );
     }
     Ok(())
 }
@@ -42,9 +48,14 @@ mod tests {
     #[test]
     fn sizes_beyond_memory_are_refused() {
         assert!(ensure_fits(Some(1024), "a small buffer").is_ok());
-        let e = ensure_fits(Some(1 << 100), "the weights").unwrap_err().to_string();
+        let e = ensure_fits(Some(1 << 100), "the weights")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the weights") && e.contains("available"), "{e}");
-        assert!(ensure_fits(None, "x").unwrap_err().to_string().contains("more memory"));
+        assert!(ensure_fits(None, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("more memory"));
         assert_eq!(product(&[u128::MAX, 2]), None);
         assert_eq!(product(&[3, 4, 5]), Some(60));
         assert_eq!(human(2_500_000_000), "2.50 GB");

@@ -41,6 +41,26 @@ pub struct Perplexity {
     pub linear_bits: Vec<f64>,
     /// KL divergence and top-1 agreement against a reference model, when one was given.
     pub fidelity: Option<Fidelity>,
+    /// Per selecting linear, the estimator against the true error (oracle runs only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub selection: Vec<LinearSelection>,
+}
+
+/// One linear's estimator against its true error on the evaluated tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearSelection {
+    /// Tensor-name prefix.
+    pub name: String,
+    /// Tokens compared.
+    pub tokens: u64,
+    /// Pearson correlation of estimate and true error.
+    pub correlation: Option<f64>,
+    /// Share of tokens where the estimate and the true error decide alike.
+    pub agreement: Option<f64>,
+    /// Share of tokens the estimator sends high.
+    pub estimate_high: f64,
+    /// Share of tokens the true error sends high.
+    pub true_high: f64,
 }
 
 pub use dpllm_engine::loss::nll_sum;
@@ -48,7 +68,13 @@ pub use dpllm_engine::loss::nll_sum;
 /// Perplexity of the session's model on `tokens` with chunks of `ctx` tokens; at
 /// most `max_chunks` chunks when given. Under a DP-LLM plan every token of a
 /// chunk selects its precision per linear ("prefill by decode").
-pub fn perplexity(session: &mut Session, tokens: &[u32], ctx: usize, max_chunks: Option<usize>, progress: bool) -> anyhow::Result<Perplexity> {
+pub fn perplexity(
+    session: &mut Session,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    progress: bool,
+) -> anyhow::Result<Perplexity> {
     perplexity_vs(session, None, tokens, ctx, max_chunks, progress)
 }
 
@@ -66,7 +92,12 @@ pub fn perplexity_vs(
     let model = session.model();
     if let Some(r) = reference.as_deref() {
         if r.model().config.vocab_size != model.config.vocab_size {
-            anyhow::bail!("the reference {} has a vocabulary of {}, the model {}", r.model().dir.display(), r.model().config.vocab_size, model.config.vocab_size);
+            anyhow::bail!(
+                "the reference {} has a vocabulary of {}, the model {}",
+                r.model().dir.display(),
+                r.model().config.vocab_size,
+                model.config.vocab_size
+            );
         }
     }
     let mut acc = reference.as_ref().map(|_| FidelityAcc::default());
@@ -79,22 +110,34 @@ pub fn perplexity_vs(
     }
     for s in std::iter::once(&*session).chain(reference.as_deref()) {
         if s.capacity() < ctx {
-            anyhow::bail!("a session of {} positions cannot hold chunks of {ctx} tokens", s.capacity());
+            anyhow::bail!(
+                "a session of {} positions cannot hold chunks of {ctx} tokens",
+                s.capacity()
+            );
         }
     }
     let mut chunks = tokens.len() / ctx;
     if chunks == 0 {
         let n = tokens.len();
-        anyhow::bail!("the text has only {n} token{}, fewer than one chunk of --ctx {ctx}", if n == 1 { "" } else { "s" });
+        anyhow::bail!(
+            "the text has only {n} token{}, fewer than one chunk of --ctx {ctx}",
+            if n == 1 { "" } else { "s" }
+        );
     }
     if let Some(m) = max_chunks {
         chunks = chunks.min(m.max(1));
     }
-    let bar = if progress { ProgressBar::new(chunks as u64) } else { ProgressBar::hidden() };
+    let bar = if progress {
+        ProgressBar::new(chunks as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta} left)")
-            .unwrap()
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} perplexity [{bar:30}] {pos}/{len} chunks {msg} ({eta} left)",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     let vocab = model.config.vocab_size;
     let d = model.config.hidden_size;
@@ -105,26 +148,42 @@ pub fn perplexity_vs(
     for c in 0..chunks {
         let chunk = &tokens[c * ctx..(c + 1) * ctx];
         session.reset();
-        let hidden = session.score(chunk).map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
+        let hidden = session
+            .score(chunk)
+            .map_err(|e| anyhow::anyhow!("chunk {c}: {e}"))?;
         let ref_hidden = match reference.as_deref_mut() {
             Some(r) => {
                 r.reset();
-                Some(r.score(chunk).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?)
+                Some(
+                    r.score(chunk)
+                        .map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?,
+                )
             }
             None => None,
         };
         for r0 in (0..ctx - 1).step_by(LOGIT_BLOCK) {
             let r1 = (r0 + LOGIT_BLOCK).min(ctx - 1);
-            let logits = session.model().logits(&hidden[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
+            let logits = session
+                .model()
+                .logits(&hidden[r0 * d..r1 * d])
+                .map_err(|e| anyhow::anyhow!("chunk {c}, positions {r0}..{r1}: {e}"))?;
             total += nll_sum(&logits, vocab, &chunk[r0 + 1..r1 + 1]);
-            if let (Some(r), Some(rh), Some(acc)) = (reference.as_deref(), &ref_hidden, acc.as_mut()) {
-                let rl = r.model().logits(&rh[r0 * d..r1 * d]).map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?;
+            if let (Some(r), Some(rh), Some(acc)) =
+                (reference.as_deref(), &ref_hidden, acc.as_mut())
+            {
+                let rl = r
+                    .model()
+                    .logits(&rh[r0 * d..r1 * d])
+                    .map_err(|e| anyhow::anyhow!("reference, chunk {c}: {e}"))?;
                 acc.add(&logits, &rl, vocab, &chunk[r0 + 1..r1 + 1]);
             }
             count += r1 - r0;
         }
         match session.stats().effective_bits() {
-            Some(b) => bar.set_message(format!("ppl {:.3}, {b:.3} bits", (total / count as f64).exp())),
+            Some(b) => bar.set_message(format!(
+                "ppl {:.3}, {b:.3} bits",
+                (total / count as f64).exp()
+            )),
             None => bar.set_message(format!("ppl {:.3}", (total / count as f64).exp())),
         }
         bar.inc(1);
@@ -142,11 +201,33 @@ pub fn perplexity_vs(
         seconds,
         tokens_per_sec: (chunks * ctx) as f64 / seconds,
         effective_bits: stats.effective_bits(),
-        estimator_overhead: session.precision().plan().is_some().then(|| stats.estimator_overhead()),
-        linear_bits: (0..stats.sizes.len()).filter_map(|i| stats.linear_bits(i)).collect(),
+        estimator_overhead: session
+            .precision()
+            .plan()
+            .is_some()
+            .then(|| stats.estimator_overhead()),
+        linear_bits: (0..stats.sizes.len())
+            .filter_map(|i| stats.linear_bits(i))
+            .collect(),
         fidelity: match (acc, reference) {
             (Some(a), Some(r)) => Some(a.finish(r.model().dir.display().to_string())),
             _ => None,
         },
+        selection: session
+            .model()
+            .config
+            .linears()
+            .iter()
+            .zip(&stats.selection)
+            .filter(|(_, d)| d.tokens > 0)
+            .map(|(spec, d)| LinearSelection {
+                name: spec.prefix.clone(),
+                tokens: d.tokens,
+                correlation: d.correlation(),
+                agreement: d.agreement(),
+                estimate_high: d.estimate_high as f64 / d.tokens as f64,
+                true_high: d.true_high as f64 / d.tokens as f64,
+            })
+            .collect(),
     })
 }

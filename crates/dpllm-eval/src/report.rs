@@ -16,7 +16,12 @@ pub const GIT_REVISION: &str = match option_env!("DPLLM_GIT_REVISION") {
 pub fn device() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("cpu: {cpu}, {} threads", rayon::current_num_threads())
 }
@@ -25,7 +30,11 @@ pub fn device() -> String {
 /// also marks the file as dpllm's so a later run may refresh it; git revision;
 /// device) and the `extra` fields, and write it atomically to `path`. An
 /// existing file is replaced only when it is a JSON result dpllm wrote.
-pub fn write_json_with(path: &Path, value: &impl serde::Serialize, extra: serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
+pub fn write_json_with(
+    path: &Path,
+    value: &impl serde::Serialize,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
     let mut v = serde_json::to_value(value)?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert(JSON_MARKER.into(), VERSION.into());

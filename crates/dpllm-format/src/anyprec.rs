@@ -84,21 +84,42 @@ impl AnyPrecInfo {
 
     /// Parse and validate stored metadata; `path` names the file in errors.
     pub fn from_metadata(m: &HashMap<String, String>, path: &Path) -> Result<AnyPrecInfo> {
-        let get = |k: &str| m.get(k).ok_or_else(|| FormatError::invalid(path, format!("metadata has no {k:?}: not a dpllm any-precision file")));
+        let get = |k: &str| {
+            m.get(k).ok_or_else(|| {
+                FormatError::invalid(
+                    path,
+                    format!("metadata has no {k:?}: not a dpllm any-precision file"),
+                )
+            })
+        };
         if get("format")? != FORMAT_NAME {
-            return Err(FormatError::invalid(path, format!("metadata format is {:?}, expected {FORMAT_NAME:?}", m["format"])));
+            return Err(FormatError::invalid(
+                path,
+                format!(
+                    "metadata format is {:?}, expected {FORMAT_NAME:?}",
+                    m["format"]
+                ),
+            ));
         }
         let num = |k: &str| -> Result<u32> {
-            get(k)?.parse().map_err(|_| FormatError::invalid(path, format!("metadata {k:?} is not a number")))
+            get(k)?
+                .parse()
+                .map_err(|_| FormatError::invalid(path, format!("metadata {k:?} is not a number")))
         };
         let version = num("version")?;
         if version != FORMAT_VERSION {
-            return Err(FormatError::invalid(path, format!("format version {version}; this dpllm reads version {FORMAT_VERSION}")));
+            return Err(FormatError::invalid(
+                path,
+                format!("format version {version}; this dpllm reads version {FORMAT_VERSION}"),
+            ));
         }
         let seed_bits = num("seed_bits")?;
         let max_bits = num("max_bits")?;
         if !(1..=max_bits).contains(&seed_bits) || max_bits != STORED_BITS {
-            return Err(FormatError::invalid(path, format!("bad precisions: seed {seed_bits}, max {max_bits}")));
+            return Err(FormatError::invalid(
+                path,
+                format!("bad precisions: seed {seed_bits}, max {max_bits}"),
+            ));
         }
         let reserved = ["format", "version", "seed_bits", "max_bits", "architecture"];
         Ok(AnyPrecInfo {
@@ -106,7 +127,11 @@ impl AnyPrecInfo {
             seed_bits,
             max_bits,
             architecture: get("architecture")?.clone(),
-            provenance: m.iter().filter(|(k, _)| !reserved.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            provenance: m
+                .iter()
+                .filter(|(k, _)| !reserved.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 }
@@ -114,7 +139,13 @@ impl AnyPrecInfo {
 /// Read the bit-planes of linear `prefix` [rows × cols], keeping planes 0..`keep`:
 /// returns u32 words laid out plane-major, [keep][rows][words] (the first `keep`
 /// slabs of the tensor: a contiguous prefix of the file).
-pub fn read_planes(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize, keep: u32) -> Result<Vec<u32>> {
+pub fn read_planes(
+    ck: &Checkpoint,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    keep: u32,
+) -> Result<Vec<u32>> {
     let name = planes_name(prefix);
     let words = words_per_row(cols);
     let (info, bytes) = ck.raw(&name)?;
@@ -123,11 +154,17 @@ pub fn read_planes(ck: &Checkpoint, prefix: &str, rows: usize, cols: usize, keep
         return Err(FormatError::BadTensor {
             name,
             path: ck.shard_path_of(info).into(),
-            reason: format!("{:?} {:?}, expected U32 {:?}", info.dtype, info.shape, expect),
+            reason: format!(
+                "{:?} {:?}, expected U32 {:?}",
+                info.dtype, info.shape, expect
+            ),
         });
     }
     let n = keep as usize * rows * words;
-    Ok(bytes[..4 * n].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(bytes[..4 * n]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Read the b-bit centroid table of linear `prefix` [rows × 2^b] (f16, checked finite).
@@ -139,10 +176,16 @@ pub fn read_lut(ck: &Checkpoint, prefix: &str, rows: usize, bits: u32) -> Result
         return Err(FormatError::BadTensor {
             name,
             path: ck.shard_path_of(info).into(),
-            reason: format!("{:?} {:?}, expected F16 {:?}", info.dtype, info.shape, expect),
+            reason: format!(
+                "{:?} {:?}, expected F16 {:?}",
+                info.dtype, info.shape, expect
+            ),
         });
     }
-    let lut: Vec<f16> = bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+    let lut: Vec<f16> = bytes
+        .chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
     if let Some(i) = lut.iter().position(|v| !v.is_finite()) {
         return Err(FormatError::BadTensor {
             name,
@@ -165,7 +208,11 @@ pub fn read_sq_err(ck: &Checkpoint, prefix: &str, seed_bits: u32) -> Result<Vec<
     let v = ck.tensor_f32(&name, &[n])?;
     if let Some(i) = v.iter().position(|x| !x.is_finite() || *x < 0.0) {
         let info = ck.info(&name).expect("tensor_f32 found it");
-        return Err(FormatError::BadTensor { name, path: ck.shard_path_of(info).into(), reason: format!("error {i} is {} (corrupt file?)", v[i]) });
+        return Err(FormatError::BadTensor {
+            name,
+            path: ck.shard_path_of(info).into(),
+            reason: format!("error {i} is {} (corrupt file?)", v[i]),
+        });
     }
     Ok(v.into_iter().map(f64::from).collect())
 }

@@ -57,9 +57,15 @@ pub fn remove_pending_then<T>(f: impl FnOnce() -> T) -> T {
 
 /// A fresh temporary path beside `dst`.
 fn temp_path(dst: &Path) -> Result<PathBuf> {
-    let name = dst.file_name().ok_or_else(|| FormatError::invalid(dst, "not a file or directory path"))?;
+    let name = dst
+        .file_name()
+        .ok_or_else(|| FormatError::invalid(dst, "not a file or directory path"))?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Ok(parent_dir(dst).join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id())))
+    Ok(parent_dir(dst).join(format!(
+        ".{}.tmp-{}-{n}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
 }
 
 /// True when process `pid` is known to be running (always true where it cannot be told).
@@ -73,7 +79,11 @@ fn pid_alive(pid: u32) -> bool {
 
 /// True when the advisory lock of temporary `path` is held by some process.
 fn lock_held(path: &Path) -> bool {
-    let lock = if path.is_dir() { path.join(LOCK) } else { path.to_path_buf() };
+    let lock = if path.is_dir() {
+        path.join(LOCK)
+    } else {
+        path.to_path_buf()
+    };
     match File::open(&lock) {
         Ok(f) => f.try_lock().is_err(),
         Err(_) => false,
@@ -86,11 +96,21 @@ fn lock_held(path: &Path) -> bool {
 pub fn remove_stale(dst: &Path) {
     let Some(name) = dst.file_name() else { return };
     let prefix = format!(".{}.tmp-", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(parent_dir(dst)) else { return };
+    let Ok(entries) = std::fs::read_dir(parent_dir(dst)) else {
+        return;
+    };
     for e in entries.flatten() {
         let fname = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = fname.strip_prefix(&prefix) else { continue };
-        let Some(pid) = rest.split(['-', '.']).next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = fname.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split(['-', '.'])
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
         let path = e.path();
         if pid == std::process::id() || pid_alive(pid) || lock_held(&path) {
             continue;
@@ -99,7 +119,10 @@ pub fn remove_stale(dst: &Path) {
             tracing::warn!("restored {} from an interrupted replacement", dst.display());
             continue;
         }
-        tracing::info!("removing {} left by process {pid}, which no longer exists", path.display());
+        tracing::info!(
+            "removing {} left by process {pid}, which no longer exists",
+            path.display()
+        );
         remove_any(&path);
     }
 }
@@ -110,7 +133,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Create `path` atomically from a writer callback; on any error the target is untouched and the temp file removed.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     remove_stale(path);
     let tmp = temp_path(path)?;
     pending().push(tmp.clone());
@@ -133,7 +159,11 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> std::io::
 
 /// Write a `kind` result file atomically, after checking (again) that an existing
 /// file at `path` is one dpllm wrote ([`check_replaceable`]).
-pub fn write_output_file(path: &Path, kind: OutputKind, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+pub fn write_output_file(
+    path: &Path,
+    kind: OutputKind,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     check_replaceable(path, kind, false)?;
     write_atomic_with(path, write)
 }
@@ -161,13 +191,24 @@ impl StagingDir {
     pub fn new(dst: &Path, kind: OutputKind, force: bool) -> Result<StagingDir> {
         let parent = parent_dir(dst);
         if !parent.is_dir() {
-            return Err(FormatError::refused(dst, format!("the directory {} does not exist", parent.display())));
+            return Err(FormatError::refused(
+                dst,
+                format!("the directory {} does not exist", parent.display()),
+            ));
         }
         check_replaceable(dst, kind, force)?;
         remove_stale(dst);
         let path = temp_path(dst)?;
         pending().push(path.clone());
-        let mut s = StagingDir { path, dst: dst.to_path_buf(), kind, force, inputs: serde_json::Value::Null, _lock: None, done: false };
+        let mut s = StagingDir {
+            path,
+            dst: dst.to_path_buf(),
+            kind,
+            force,
+            inputs: serde_json::Value::Null,
+            _lock: None,
+            done: false,
+        };
         std::fs::create_dir(&s.path).map_err(|e| FormatError::write(&s.path, e))?;
         let lock = File::create(s.path.join(LOCK)).map_err(|e| FormatError::write(&s.path, e))?;
         let _ = lock.try_lock();
@@ -241,7 +282,10 @@ mod tests {
     use super::*;
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
@@ -255,7 +299,11 @@ mod tests {
         std::fs::write(s.scratch().unwrap().join("tmp"), b"x").unwrap();
         s.publish().unwrap();
         assert_eq!(std::fs::read(dst.join("a")).unwrap(), b"1");
-        assert_eq!(names(&dst), ["a", crate::output::MANIFEST], "scratch and lock are not published");
+        assert_eq!(
+            names(&dst),
+            ["a", crate::output::MANIFEST],
+            "scratch and lock are not published"
+        );
         // Replacing an existing output needs --force.
         assert!(StagingDir::new(&dst, OutputKind::Plans, false).is_err());
         let s = StagingDir::new(&dst, OutputKind::Plans, true).unwrap();
@@ -279,7 +327,10 @@ mod tests {
         let mine = d.path().join("mine");
         std::fs::create_dir(&mine).unwrap();
         std::fs::write(mine.join("thesis.tex"), b"!").unwrap();
-        let e = StagingDir::new(&mine, OutputKind::Plans, true).err().unwrap().to_string();
+        let e = StagingDir::new(&mine, OutputKind::Plans, true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("not written by dpllm"), "{e}");
     }
 
@@ -294,7 +345,11 @@ mod tests {
         let e = r.unwrap_err().to_string();
         assert!(e.contains("cannot write") && e.contains("out.json"), "{e}");
         assert!(!p.exists());
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "temp file left behind"
+        );
         write_atomic(&p, b"ok").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"ok");
     }
@@ -320,8 +375,15 @@ mod tests {
         std::fs::write(d.path().join(".other.tmp-5"), b"").unwrap();
         if cfg!(target_os = "linux") {
             remove_stale(&dst);
-            assert!(!stale_dir.exists() && !stale_file.exists(), "stale temporaries kept");
-            assert_eq!(std::fs::read(dst.join("x")).unwrap(), b"old model", "the old output was not put back");
+            assert!(
+                !stale_dir.exists() && !stale_file.exists(),
+                "stale temporaries kept"
+            );
+            assert_eq!(
+                std::fs::read(dst.join("x")).unwrap(),
+                b"old model",
+                "the old output was not put back"
+            );
             assert!(live.exists() && d.path().join(".other.tmp-5").exists());
         }
         // A held lock keeps a temporary whatever its pid says.

@@ -87,17 +87,22 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| FormatError::io(&index, e))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| FormatError::invalid(&index, format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| FormatError::invalid(&index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
             .ok_or_else(|| FormatError::invalid(&index, "no \"weight_map\" object"))?;
         let mut files: Vec<String> = Vec::new();
         for (name, f) in map {
-            let f = f.as_str().ok_or_else(|| FormatError::invalid(&index, format!("weight_map[{name:?}] is not a file name")))?;
+            let f = f.as_str().ok_or_else(|| {
+                FormatError::invalid(&index, format!("weight_map[{name:?}] is not a file name"))
+            })?;
             if f.contains('/') || f.contains("..") {
-                return Err(FormatError::invalid(&index, format!("shard name {f:?} must be a plain file name")));
+                return Err(FormatError::invalid(
+                    &index,
+                    format!("shard name {f:?} must be a plain file name"),
+                ));
             }
             if !files.iter().any(|x| x == f) {
                 files.push(f.to_string());
@@ -107,7 +112,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.exists() {
-                return Err(FormatError::Missing { path: p.clone(), what: format!("it is listed in {}", index.display()) });
+                return Err(FormatError::Missing {
+                    path: p.clone(),
+                    what: format!("it is listed in {}", index.display()),
+                });
             }
         }
         return Ok(paths);
@@ -138,7 +146,10 @@ impl Checkpoint {
             return Self::open_gguf(dir);
         }
         if !dir.is_dir() {
-            return Err(FormatError::Missing { path: dir.into(), what: "model directory not found".into() });
+            return Err(FormatError::Missing {
+                path: dir.into(),
+                what: "model directory not found".into(),
+            });
         }
         let mut shards = Vec::new();
         let mut tensors = HashMap::new();
@@ -146,12 +157,20 @@ impl Checkpoint {
             let (shard, infos) = Self::open_shard(&path, shards.len())?;
             for (name, info) in infos {
                 if tensors.insert(name.clone(), info).is_some() {
-                    return Err(FormatError::invalid(&path, format!("tensor {name:?} also appears in another shard")));
+                    return Err(FormatError::invalid(
+                        &path,
+                        format!("tensor {name:?} also appears in another shard"),
+                    ));
                 }
             }
             shards.push(shard);
         }
-        Ok(Checkpoint { dir: dir.into(), shards, tensors, gguf: None })
+        Ok(Checkpoint {
+            dir: dir.into(),
+            shards,
+            tensors,
+            gguf: None,
+        })
     }
 
     /// Open a GGUF file: its tensors under their Hugging Face names, read as f32
@@ -159,26 +178,46 @@ impl Checkpoint {
     pub fn open_gguf(path: &Path) -> Result<Checkpoint> {
         let file = crate::gguf::GgufFile::open(path)?;
         let (_, cfg) = crate::gguf::model::config(&file)?;
-        let unpermute = crate::gguf::model::permutes_qk(&file).then_some((cfg.num_heads, cfg.num_kv_heads));
+        let unpermute =
+            crate::gguf::model::permutes_qk(&file).then_some((cfg.num_heads, cfg.num_kv_heads));
         let arch = crate::gguf::model::arch(&file)?.to_string();
         let mut tensors = HashMap::new();
         let mut names = HashMap::new();
         for t in file.tensors() {
             if let Some(hf) = crate::gguf::model::hf_name(&t.name, &arch) {
-                let info = TensorInfo { shard: 0, dtype: safetensors::Dtype::F32, shape: t.shape.clone(), ggml: Some(t.dtype), offset: 0, len: t.nbytes };
+                let info = TensorInfo {
+                    shard: 0,
+                    dtype: safetensors::Dtype::F32,
+                    shape: t.shape.clone(),
+                    ggml: Some(t.dtype),
+                    offset: 0,
+                    len: t.nbytes,
+                };
                 tensors.insert(hf.clone(), info);
                 names.insert(hf, t.name.clone());
             }
         }
-        let raw = names.keys().map(|k| (k.clone(), std::sync::OnceLock::new())).collect();
+        let raw = names
+            .keys()
+            .map(|k| (k.clone(), std::sync::OnceLock::new()))
+            .collect();
         let f = File::open(path).map_err(|e| FormatError::io(path, e))?;
         // SAFETY: read-only map, as in `open_shard`; only its path is used for GGUF.
         let map = unsafe { Mmap::map(&f) }.map_err(|e| FormatError::io(path, e))?;
         Ok(Checkpoint {
             dir: path.into(),
-            shards: vec![Shard { path: path.into(), map, metadata: HashMap::new() }],
+            shards: vec![Shard {
+                path: path.into(),
+                map,
+                metadata: HashMap::new(),
+            }],
             tensors,
-            gguf: Some(GgufSource { file, names, unpermute, raw }),
+            gguf: Some(GgufSource {
+                file,
+                names,
+                unpermute,
+                raw,
+            }),
         })
     }
 
@@ -204,10 +243,14 @@ impl Checkpoint {
         // mapped is outside what any mmap-based loader can guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let st = SafeTensors::deserialize(&map).map_err(|e| {
-            FormatError::invalid(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+            FormatError::invalid(
+                path,
+                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            )
         })?;
-        let (_, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| FormatError::invalid(path, format!("not a valid safetensors header: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+            FormatError::invalid(path, format!("not a valid safetensors header: {e}"))
+        })?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let base = map.as_ptr() as usize;
         let infos = st
@@ -226,7 +269,14 @@ impl Checkpoint {
                 (name, info)
             })
             .collect();
-        Ok((Shard { path: path.into(), map, metadata }, infos))
+        Ok((
+            Shard {
+                path: path.into(),
+                map,
+                metadata,
+            },
+            infos,
+        ))
     }
 
     /// The model directory.
@@ -269,11 +319,18 @@ impl Checkpoint {
         let info = self
             .tensors
             .get(name)
-            .ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
+            .ok_or_else(|| FormatError::MissingTensor {
+                name: name.into(),
+                dir: self.dir.clone(),
+            })?;
         if let Some(g) = &self.gguf {
             let cell = &g.raw[name];
             if cell.get().is_none() {
-                let bytes: Vec<u8> = g.read(name, info)?.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let bytes: Vec<u8> = g
+                    .read(name, info)?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
                 let _ = cell.set(bytes);
             }
             return Ok((info, cell.get().expect("set above")));
@@ -285,7 +342,13 @@ impl Checkpoint {
     /// Load a float tensor, checking its shape, into an owned buffer in its stored
     /// type (f32 for GGUF tensors, dequantized).
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
-        let info = self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FormatError::MissingTensor {
+                name: name.into(),
+                dir: self.dir.clone(),
+            })?;
         let path = &self.shards[info.shard].path;
         if info.shape != shape {
             return Err(FormatError::BadTensor {
@@ -300,7 +363,10 @@ impl Checkpoint {
                 let dtype = float_dtype(info.dtype).ok_or_else(|| FormatError::BadTensor {
                     name: name.into(),
                     path: path.clone(),
-                    reason: format!("dtype {:?} is not a float type the engine reads (F32, F16, BF16)", info.dtype),
+                    reason: format!(
+                        "dtype {:?} is not a float type the engine reads (F32, F16, BF16)",
+                        info.dtype
+                    ),
                 })?;
                 TensorData::from_le_bytes(dtype, self.raw(name)?.1)
             }
@@ -309,7 +375,11 @@ impl Checkpoint {
             return Err(FormatError::BadTensor {
                 name: name.into(),
                 path: path.clone(),
-                reason: format!("element {} is {} (every weight must be a finite number; corrupt checkpoint?)", index_of(i, shape), data.get_f32(i)),
+                reason: format!(
+                    "element {} is {} (every weight must be a finite number; corrupt checkpoint?)",
+                    index_of(i, shape),
+                    data.get_f32(i)
+                ),
             });
         }
         Ok(data)
@@ -319,18 +389,43 @@ impl Checkpoint {
     /// Q8_0 tensor, or a safetensors pair `NAME.q8_0` (I8 [rows, cols]) +
     /// `NAME.q8_0_scales` (F16 [rows, cols/32]) as `dpllm quantize` writes it.
     /// None when the tensor is stored another way (read it with [`Checkpoint::tensor`]).
-    pub fn tensor_q8_0(&self, name: &str, rows: usize, cols: usize) -> Result<Option<crate::Q8Matrix>> {
-        let bad = |path: &Path, reason: String| FormatError::BadTensor { name: name.into(), path: path.to_path_buf(), reason };
+    pub fn tensor_q8_0(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<crate::Q8Matrix>> {
+        let bad = |path: &Path, reason: String| FormatError::BadTensor {
+            name: name.into(),
+            path: path.to_path_buf(),
+            reason,
+        };
         let m = if let Some(g) = &self.gguf {
-            let info = self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
-            if info.ggml != Some(crate::gguf::GgmlType::Q8_0) || !cols.is_multiple_of(crate::q8::Q8_BLOCK) {
+            let info = self
+                .tensors
+                .get(name)
+                .ok_or_else(|| FormatError::MissingTensor {
+                    name: name.into(),
+                    dir: self.dir.clone(),
+                })?;
+            if info.ggml != Some(crate::gguf::GgmlType::Q8_0)
+                || !cols.is_multiple_of(crate::q8::Q8_BLOCK)
+            {
                 return Ok(None);
             }
             if info.shape != [rows, cols] {
-                return Err(bad(g.file.path(), format!("shape {:?}, but the config implies {:?}", info.shape, [rows, cols])));
+                return Err(bad(
+                    g.file.path(),
+                    format!(
+                        "shape {:?}, but the config implies {:?}",
+                        info.shape,
+                        [rows, cols]
+                    ),
+                ));
             }
             let t = g.file.tensor(&g.names[name]).expect("indexed tensor");
-            crate::Q8Matrix::from_gguf_blocks(g.file.data(t), rows, cols).ok_or_else(|| bad(g.file.path(), "Q8_0 data of the wrong size".into()))?
+            crate::Q8Matrix::from_gguf_blocks(g.file.data(t), rows, cols)
+                .ok_or_else(|| bad(g.file.path(), "Q8_0 data of the wrong size".into()))?
         } else {
             let (qn, sn) = (format!("{name}.q8_0"), format!("{name}.q8_0_scales"));
             if !self.contains(&qn) {
@@ -338,22 +433,40 @@ impl Checkpoint {
             }
             let (qi, qb) = self.raw(&qn)?;
             let path = self.shard_path_of(qi).to_path_buf();
-            if qi.dtype != safetensors::Dtype::I8 || qi.shape != [rows, cols] || !cols.is_multiple_of(crate::q8::Q8_BLOCK) {
+            if qi.dtype != safetensors::Dtype::I8
+                || qi.shape != [rows, cols]
+                || !cols.is_multiple_of(crate::q8::Q8_BLOCK)
+            {
                 return Err(bad(&path, format!("{qn} must be I8 [{rows}, {cols}] with {cols} a multiple of 32, found {:?} {:?}", qi.dtype, qi.shape)));
             }
             let (si, sb) = self.raw(&sn)?;
-            if si.dtype != safetensors::Dtype::F16 || si.shape != [rows, cols / crate::q8::Q8_BLOCK] {
-                return Err(bad(&path, format!("{sn} must be F16 [{rows}, {}], found {:?} {:?}", cols / crate::q8::Q8_BLOCK, si.dtype, si.shape)));
+            if si.dtype != safetensors::Dtype::F16 || si.shape != [rows, cols / crate::q8::Q8_BLOCK]
+            {
+                return Err(bad(
+                    &path,
+                    format!(
+                        "{sn} must be F16 [{rows}, {}], found {:?} {:?}",
+                        cols / crate::q8::Q8_BLOCK,
+                        si.dtype,
+                        si.shape
+                    ),
+                ));
             }
             crate::Q8Matrix {
                 rows,
                 cols,
-                scales: sb.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                scales: sb
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
                 quants: qb.iter().map(|&b| b as i8).collect(),
             }
         };
         if let Some(b) = m.first_non_finite_scale() {
-            return Err(bad(&self.dir, format!("the scale of block {b} is not finite (corrupt checkpoint?)")));
+            return Err(bad(
+                &self.dir,
+                format!("the scale of block {b} is not finite (corrupt checkpoint?)"),
+            ));
         }
         Ok(Some(m))
     }
@@ -376,7 +489,10 @@ impl Checkpoint {
                 reason: format!("dtype {:?}, expected I64", info.dtype),
             });
         }
-        let v = bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         Ok((v, info.shape.clone()))
     }
 }
@@ -411,11 +527,23 @@ mod tests {
     fn write_st(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
         let bufs: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
             .iter()
-            .map(|(n, s, d)| (n.to_string(), d.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone()))
+            .map(|(n, s, d)| {
+                (
+                    n.to_string(),
+                    d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    s.clone(),
+                )
+            })
             .collect();
         let views: Map<String, safetensors::tensor::TensorView> = bufs
             .iter()
-            .map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .map(|(n, b, s)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
             .collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
@@ -423,9 +551,15 @@ mod tests {
     #[test]
     fn reads_single_file_and_checks_shapes() {
         let d = tempfile::tempdir().unwrap();
-        write_st(&d.path().join("model.safetensors"), &[("a", vec![2, 3], (0..6).map(|x| x as f32).collect())]);
+        write_st(
+            &d.path().join("model.safetensors"),
+            &[("a", vec![2, 3], (0..6).map(|x| x as f32).collect())],
+        );
         let ck = Checkpoint::open(d.path()).unwrap();
-        assert_eq!(ck.tensor_f32("a", &[2, 3]).unwrap(), vec![0., 1., 2., 3., 4., 5.]);
+        assert_eq!(
+            ck.tensor_f32("a", &[2, 3]).unwrap(),
+            vec![0., 1., 2., 3., 4., 5.]
+        );
         let e = ck.tensor("a", &[3, 2]).unwrap_err().to_string();
         assert!(e.contains("shape") && e.contains("[2, 3]"), "{e}");
         let e = ck.tensor("b", &[1]).unwrap_err().to_string();
@@ -440,7 +574,10 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
         let e = Checkpoint::open(d.path()).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
         std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
         assert!(Checkpoint::open(d.path()).is_err());
         std::fs::write(&p, b"").unwrap();
@@ -450,8 +587,14 @@ mod tests {
     #[test]
     fn sharded_index_and_missing_shard() {
         let d = tempfile::tempdir().unwrap();
-        write_st(&d.path().join("s1.safetensors"), &[("a", vec![1], vec![1.0])]);
-        write_st(&d.path().join("s2.safetensors"), &[("b", vec![1], vec![2.0])]);
+        write_st(
+            &d.path().join("s1.safetensors"),
+            &[("a", vec![1], vec![1.0])],
+        );
+        write_st(
+            &d.path().join("s2.safetensors"),
+            &[("b", vec![1], vec![2.0])],
+        );
         let idx = r#"{"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#;
         std::fs::write(d.path().join("model.safetensors.index.json"), idx).unwrap();
         let ck = Checkpoint::open(d.path()).unwrap();
@@ -466,7 +609,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = Checkpoint::open(d.path()).err().unwrap().to_string();
         assert!(e.contains("no *.safetensors"), "{e}");
-        let e = Checkpoint::open(&d.path().join("nope")).err().unwrap().to_string();
+        let e = Checkpoint::open(&d.path().join("nope"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("not found"), "{e}");
     }
 }

@@ -33,7 +33,11 @@ impl Architecture {
 
     /// The Hugging Face class name.
     pub fn hf_name(self) -> &'static str {
-        Self::SUPPORTED.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).unwrap_or("?")
+        Self::SUPPORTED
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
     }
 
     fn from_model_type(t: &str) -> Option<Architecture> {
@@ -125,7 +129,12 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
     v.get(key)
         .and_then(Value::as_u64)
         .map(|x| x as usize)
-        .ok_or_else(|| FormatError::invalid(path, format!("field {key:?} is missing or not a non-negative integer")))
+        .ok_or_else(|| {
+            FormatError::invalid(
+                path,
+                format!("field {key:?} is missing or not a non-negative integer"),
+            )
+        })
 }
 
 fn opt_usize(v: &Value, key: &str) -> Option<usize> {
@@ -143,7 +152,11 @@ fn opt_bool(v: &Value, key: &str) -> Option<bool> {
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -162,14 +175,23 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
         .or_else(|| opt_f64(v, "partial_rotary_factor"))
         .unwrap_or(1.0);
     if !(theta > 0.0 && theta.is_finite() && partial > 0.0 && partial <= 1.0) {
-        return Err(FormatError::invalid(path, format!("bad RoPE settings: theta {theta}, partial_rotary_factor {partial}")));
+        return Err(FormatError::invalid(
+            path,
+            format!("bad RoPE settings: theta {theta}, partial_rotary_factor {partial}"),
+        ));
     }
     let scaling = match scaling {
         None => RopeScaling::None,
         Some(s) => {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let need = |k: &str| {
-                opt_f64(s, k).ok_or_else(|| FormatError::invalid(path, format!("rope scaling {kind:?} needs field {k:?}")))
+                opt_f64(s, k).ok_or_else(|| {
+                    FormatError::invalid(path, format!("rope scaling {kind:?} needs field {k:?}"))
+                })
             };
             match kind {
                 "default" => RopeScaling::None,
@@ -192,17 +214,34 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeConfig> {
     let factors: Vec<f64> = match &scaling {
         RopeScaling::None => vec![],
         RopeScaling::Linear { factor } => vec![*factor],
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             if low_freq_factor >= high_freq_factor {
                 return Err(FormatError::invalid(path, format!("rope scaling: low_freq_factor {low_freq_factor} must be below high_freq_factor {high_freq_factor}")));
             }
-            vec![*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings]
+            vec![
+                *factor,
+                *low_freq_factor,
+                *high_freq_factor,
+                *original_max_position_embeddings,
+            ]
         }
     };
     if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
-        return Err(FormatError::invalid(path, format!("rope scaling factor {f} must be a positive finite number")));
+        return Err(FormatError::invalid(
+            path,
+            format!("rope scaling factor {f} must be a positive finite number"),
+        ));
     }
-    Ok(RopeConfig { theta, partial_rotary_factor: partial, scaling })
+    Ok(RopeConfig {
+        theta,
+        partial_rotary_factor: partial,
+        scaling,
+    })
 }
 
 impl ModelConfig {
@@ -213,7 +252,10 @@ impl ModelConfig {
         }
         let path = dir.join("config.json");
         if !path.exists() {
-            return Err(FormatError::Missing { path, what: "every Hugging Face model directory has a config.json".into() });
+            return Err(FormatError::Missing {
+                path,
+                what: "every Hugging Face model directory has a config.json".into(),
+            });
         }
         let text = std::fs::read_to_string(&path).map_err(|e| FormatError::io(&path, e))?;
         Self::from_json_str(&text, &path)
@@ -221,23 +263,40 @@ impl ModelConfig {
 
     /// Parse a config from JSON text; `path` is used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<ModelConfig> {
-        let v: Value = serde_json::from_str(text).map_err(|e| FormatError::invalid(path, format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| FormatError::invalid(path, format!("not valid JSON: {e}")))?;
         let arch_name = v
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .map(str::to_string);
-        let supported = Architecture::SUPPORTED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+        let supported = Architecture::SUPPORTED
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ");
         let arch = match &arch_name {
-            Some(name) => Architecture::SUPPORTED.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
-                FormatError::UnsupportedArchitecture { path: path.into(), name: name.clone(), supported: supported.clone() }
-            })?,
+            Some(name) => Architecture::SUPPORTED
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, a)| *a)
+                .ok_or_else(|| FormatError::UnsupportedArchitecture {
+                    path: path.into(),
+                    name: name.clone(),
+                    supported: supported.clone(),
+                })?,
             None => {
                 let mt = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-                Architecture::from_model_type(mt).ok_or_else(|| FormatError::UnsupportedArchitecture {
-                    path: path.into(),
-                    name: if mt.is_empty() { "<no architectures or model_type>".into() } else { mt.to_string() },
-                    supported: supported.clone(),
+                Architecture::from_model_type(mt).ok_or_else(|| {
+                    FormatError::UnsupportedArchitecture {
+                        path: path.into(),
+                        name: if mt.is_empty() {
+                            "<no architectures or model_type>".into()
+                        } else {
+                            mt.to_string()
+                        },
+                        supported: supported.clone(),
+                    }
                 })?
             }
         };
@@ -245,7 +304,10 @@ impl ModelConfig {
         let num_heads = get_usize(&v, "num_attention_heads", path)?;
         let num_kv_heads = opt_usize(&v, "num_key_value_heads").unwrap_or(num_heads);
         if num_heads == 0 || hidden_size == 0 {
-            return Err(FormatError::invalid(path, "hidden_size and num_attention_heads must be positive"));
+            return Err(FormatError::invalid(
+                path,
+                "hidden_size and num_attention_heads must be positive",
+            ));
         }
         let head_dim = opt_usize(&v, "head_dim").unwrap_or(hidden_size / num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -255,19 +317,34 @@ impl ModelConfig {
             ));
         }
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(FormatError::invalid(path, format!("head_dim {head_dim} must be positive and even")));
+            return Err(FormatError::invalid(
+                path,
+                format!("head_dim {head_dim} must be positive and even"),
+            ));
         }
-        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
-            return Err(FormatError::invalid(path, format!("hidden_act {act:?} is not supported (only silu / SwiGLU)")));
+            return Err(FormatError::invalid(
+                path,
+                format!("hidden_act {act:?} is not supported (only silu / SwiGLU)"),
+            ));
         }
         if opt_bool(&v, "mlp_bias").unwrap_or(false) {
-            return Err(FormatError::invalid(path, "mlp_bias = true is not supported"));
+            return Err(FormatError::invalid(
+                path,
+                "mlp_bias = true is not supported",
+            ));
         }
         let sliding_window = match arch {
             Architecture::Qwen2 | Architecture::Qwen3 => {
                 if opt_bool(&v, "use_sliding_window").unwrap_or(false) {
-                    return Err(FormatError::invalid(path, "use_sliding_window = true is not supported for Qwen models"));
+                    return Err(FormatError::invalid(
+                        path,
+                        "use_sliding_window = true is not supported for Qwen models",
+                    ));
                 }
                 None
             }
@@ -276,7 +353,10 @@ impl ModelConfig {
         let rope = parse_rope(&v, path)?;
         let rot = (head_dim as f64 * rope.partial_rotary_factor).round() as usize;
         if rot == 0 || !rot.is_multiple_of(2) {
-            return Err(FormatError::invalid(path, format!("rotary dimension {rot} must be positive and even")));
+            return Err(FormatError::invalid(
+                path,
+                format!("rotary dimension {rot} must be positive and even"),
+            ));
         }
         let cfg = ModelConfig {
             arch,
@@ -297,18 +377,33 @@ impl ModelConfig {
             qk_norm: arch == Architecture::Qwen3,
             sliding_window,
             max_position_embeddings: opt_usize(&v, "max_position_embeddings").unwrap_or(4096),
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids: token_ids(v.get("eos_token_id")),
         };
         if cfg.intermediate_size == 0 || cfg.num_layers == 0 || cfg.vocab_size == 0 {
-            return Err(FormatError::invalid(path, "intermediate_size, num_hidden_layers and vocab_size must be positive"));
+            return Err(FormatError::invalid(
+                path,
+                "intermediate_size, num_hidden_layers and vocab_size must be positive",
+            ));
         }
         let eps = opt_f64(&v, "rms_norm_eps").unwrap_or(1e-6);
         if !(eps > 0.0 && eps.is_finite() && cfg.rms_norm_eps > 0.0) {
-            return Err(FormatError::invalid(path, format!("rms_norm_eps {eps} must be a positive number (at least {:e} in f32)", f32::MIN_POSITIVE)));
+            return Err(FormatError::invalid(
+                path,
+                format!(
+                    "rms_norm_eps {eps} must be a positive number (at least {:e} in f32)",
+                    f32::MIN_POSITIVE
+                ),
+            ));
         }
         if cfg.max_position_embeddings == 0 {
-            return Err(FormatError::invalid(path, "max_position_embeddings must be positive"));
+            return Err(FormatError::invalid(
+                path,
+                "max_position_embeddings must be positive",
+            ));
         }
         // Sizes far beyond any real model are corrupt values, and would overflow size arithmetic.
         let limits = [
@@ -318,18 +413,41 @@ impl ModelConfig {
             ("num_attention_heads", cfg.num_heads, 1 << 12),
             ("head_dim", cfg.head_dim, 1 << 14),
             ("vocab_size", cfg.vocab_size, 1 << 24),
-            ("max_position_embeddings", cfg.max_position_embeddings, 1 << 24),
+            (
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                1 << 24,
+            ),
         ];
         for (name, value, max) in limits {
             if value > max {
-                return Err(FormatError::invalid(path, format!("{name} {value} is beyond what dpllm supports ({max})")));
+                return Err(FormatError::invalid(
+                    path,
+                    format!("{name} {value} is beyond what dpllm supports ({max})"),
+                ));
             }
         }
         if cfg.sliding_window.is_some_and(|w| w > 1 << 24) {
-            return Err(FormatError::invalid(path, "sliding_window is beyond what dpllm supports"));
+            return Err(FormatError::invalid(
+                path,
+                "sliding_window is beyond what dpllm supports",
+            ));
         }
-        if cfg.bos_token_id.is_some_and(|t| t as usize >= cfg.vocab_size) || cfg.eos_token_ids.iter().any(|&t| t as usize >= cfg.vocab_size) {
-            return Err(FormatError::invalid(path, format!("bos_token_id / eos_token_id must be below vocab_size {}", cfg.vocab_size)));
+        if cfg
+            .bos_token_id
+            .is_some_and(|t| t as usize >= cfg.vocab_size)
+            || cfg
+                .eos_token_ids
+                .iter()
+                .any(|&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(FormatError::invalid(
+                path,
+                format!(
+                    "bos_token_id / eos_token_id must be below vocab_size {}",
+                    cfg.vocab_size
+                ),
+            ));
         }
         Ok(cfg)
     }
@@ -340,7 +458,13 @@ impl ModelConfig {
         let beyond = ck
             .tensors()
             .keys()
-            .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
             .filter(|&l| l >= self.num_layers)
             .max();
         match beyond {
@@ -393,15 +517,27 @@ mod tests {
 
     #[test]
     fn unknown_architecture_is_named() {
-        let e = parse(&format!(r#"{{"architectures":["GPT2LMHeadModel"],{BASE}}}"#)).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"), "{e}");
+        let e = parse(&format!(
+            r#"{{"architectures":["GPT2LMHeadModel"],{BASE}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_field_and_bad_gqa_are_errors() {
-        let e = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64}"#).unwrap_err().to_string();
+        let e = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_attention_heads"), "{e}");
-        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"num_key_value_heads":3}}"#)).unwrap_err();
+        let e = parse(&format!(
+            r#"{{"architectures":["LlamaForCausalLM"],{BASE},"num_key_value_heads":3}}"#
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
         let e = parse("{not json").unwrap_err();
         assert!(e.to_string().contains("JSON"), "{e}");
@@ -410,16 +546,28 @@ mod tests {
     #[test]
     fn non_positive_eps_and_absurd_sizes_are_errors() {
         for eps in ["0", "-1e-5", "1e-60"] {
-            let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"rms_norm_eps":{eps}}}"#)).unwrap_err().to_string();
+            let e = parse(&format!(
+                r#"{{"architectures":["LlamaForCausalLM"],{BASE},"rms_norm_eps":{eps}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("rms_norm_eps"), "{eps}: {e}");
         }
         let e = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100000000000}"#)
             .unwrap_err()
             .to_string();
         assert!(e.contains("vocab_size"), "{e}");
-        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"max_position_embeddings":0}}"#)).unwrap_err().to_string();
+        let e = parse(&format!(
+            r#"{{"architectures":["LlamaForCausalLM"],{BASE},"max_position_embeddings":0}}"#
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("max_position_embeddings"), "{e}");
-        let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"eos_token_id":100}}"#)).unwrap_err().to_string();
+        let e = parse(&format!(
+            r#"{{"architectures":["LlamaForCausalLM"],{BASE},"eos_token_id":100}}"#
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("eos_token_id"), "{e}");
         let e = parse(&format!(r#"{{"architectures":["LlamaForCausalLM"],{BASE},"rope_scaling":{{"type":"linear","factor":-2.0}}}}"#)).unwrap_err().to_string();
         assert!(e.contains("factor"), "{e}");
@@ -435,12 +583,18 @@ mod tests {
 
     #[test]
     fn family_specific_flags() {
-        let q2 = parse(&format!(r#"{{"architectures":["Qwen2ForCausalLM"],{BASE},"eos_token_id":[5,6]}}"#)).unwrap();
+        let q2 = parse(&format!(
+            r#"{{"architectures":["Qwen2ForCausalLM"],{BASE},"eos_token_id":[5,6]}}"#
+        ))
+        .unwrap();
         assert!(q2.qkv_bias && !q2.qk_norm);
         assert_eq!(q2.eos_token_ids, vec![5, 6]);
         let q3 = parse(&format!(r#"{{"model_type":"qwen3",{BASE},"head_dim":32}}"#)).unwrap();
         assert!(q3.qk_norm && q3.head_dim == 32 && q3.q_dim() == 128);
-        let m = parse(&format!(r#"{{"architectures":["MistralForCausalLM"],{BASE},"sliding_window":4096}}"#)).unwrap();
+        let m = parse(&format!(
+            r#"{{"architectures":["MistralForCausalLM"],{BASE},"sliding_window":4096}}"#
+        ))
+        .unwrap();
         assert_eq!(m.sliding_window, Some(4096));
     }
 }

@@ -78,21 +78,33 @@ pub enum FormatError {
 impl FormatError {
     /// Shorthand for [`FormatError::Invalid`].
     pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        FormatError::Invalid { path: path.into(), reason: reason.into() }
+        FormatError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Shorthand for [`FormatError::Io`] (a read that failed).
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        FormatError::Io { path: path.into(), source }
+        FormatError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Shorthand for [`FormatError::Write`] (a write, create or rename that failed).
     pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        FormatError::Write { path: path.into(), source }
+        FormatError::Write {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Shorthand for [`FormatError::Refused`].
     pub fn refused(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        FormatError::Refused { path: path.into(), reason: reason.into() }
+        FormatError::Refused {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -38,19 +38,28 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     if crate::gguf::is_gguf(dir) {
         return sha256_file(dir);
     }
-    let mut files: Vec<std::path::PathBuf> = ["config.json", "tokenizer.json", "tokenizer_config.json"]
-        .iter()
-        .map(|f| dir.join(f))
-        .filter(|p| p.is_file())
-        .collect();
+    let mut files: Vec<std::path::PathBuf> =
+        ["config.json", "tokenizer.json", "tokenizer_config.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.is_file())
+            .collect();
     if anyprec::is_anyprec_dir(dir) {
         files.push(dir.join(anyprec::ANYPREC_WEIGHTS));
     } else {
-        files.extend(Checkpoint::open(dir)?.shard_paths().into_iter().map(Path::to_path_buf));
+        files.extend(
+            Checkpoint::open(dir)?
+                .shard_paths()
+                .into_iter()
+                .map(Path::to_path_buf),
+        );
     }
     let mut h = Sha256::new();
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         h.update(format!("{name}\0{}\n", sha256_file(f)?).as_bytes());
     }
     Ok(hex(&h.finalize()))
@@ -65,9 +74,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.txt");
         std::fs::write(&p, "abc").unwrap();
-        assert_eq!(sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         std::fs::write(d.path().join("config.json"), "{}").unwrap();
-        std::fs::write(d.path().join("model.safetensors"), b"\x02\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+        std::fs::write(
+            d.path().join("model.safetensors"),
+            b"\x02\x00\x00\x00\x00\x00\x00\x00{}",
+        )
+        .unwrap();
         let a = model_fingerprint(d.path()).unwrap();
         std::fs::write(d.path().join("config.json"), "{ }").unwrap();
         assert_ne!(a, model_fingerprint(d.path()).unwrap());

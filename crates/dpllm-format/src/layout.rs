@@ -80,7 +80,12 @@ impl LinearSpec {
 impl ModelConfig {
     /// The linears of block `layer`, in execution order.
     pub fn block_linears(&self, layer: usize) -> Vec<LinearSpec> {
-        let (d, qd, kvd, inter) = (self.hidden_size, self.q_dim(), self.kv_dim(), self.intermediate_size);
+        let (d, qd, kvd, inter) = (
+            self.hidden_size,
+            self.q_dim(),
+            self.kv_dim(),
+            self.intermediate_size,
+        );
         let fused = self.arch == Architecture::Phi3;
         let mut v: Vec<(LinearKind, usize, usize, bool)> = Vec::new();
         if fused {
@@ -112,7 +117,9 @@ impl ModelConfig {
 
     /// Every quantizable linear of the model, block by block.
     pub fn linears(&self) -> Vec<LinearSpec> {
-        (0..self.num_layers).flat_map(|l| self.block_linears(l)).collect()
+        (0..self.num_layers)
+            .flat_map(|l| self.block_linears(l))
+            .collect()
     }
 }
 
@@ -124,13 +131,27 @@ mod tests {
     #[test]
     fn phi3_is_fused_and_llama_is_not() {
         let base = r#""hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":10"#;
-        let l = ModelConfig::from_json_str(&format!(r#"{{"architectures":["LlamaForCausalLM"],{base}}}"#), Path::new("c")).unwrap();
-        let p = ModelConfig::from_json_str(&format!(r#"{{"architectures":["Phi3ForCausalLM"],{base}}}"#), Path::new("c")).unwrap();
+        let l = ModelConfig::from_json_str(
+            &format!(r#"{{"architectures":["LlamaForCausalLM"],{base}}}"#),
+            Path::new("c"),
+        )
+        .unwrap();
+        let p = ModelConfig::from_json_str(
+            &format!(r#"{{"architectures":["Phi3ForCausalLM"],{base}}}"#),
+            Path::new("c"),
+        )
+        .unwrap();
         assert_eq!(l.linears().len(), 14);
         assert_eq!(p.linears().len(), 8);
         let qkv = &p.block_linears(1)[0];
-        assert_eq!((qkv.prefix.as_str(), qkv.rows, qkv.cols), ("model.layers.1.self_attn.qkv_proj", 64 + 2 * 32, 64));
+        assert_eq!(
+            (qkv.prefix.as_str(), qkv.rows, qkv.cols),
+            ("model.layers.1.self_attn.qkv_proj", 64 + 2 * 32, 64)
+        );
         let down = l.block_linears(0).pop().unwrap();
-        assert_eq!((down.rows, down.cols, down.weight_name().as_str()), (64, 128, "model.layers.0.mlp.down_proj.weight"));
+        assert_eq!(
+            (down.rows, down.cols, down.weight_name().as_str()),
+            (64, 128, "model.layers.0.mlp.down_proj.weight")
+        );
     }
 }

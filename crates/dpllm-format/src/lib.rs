@@ -6,6 +6,7 @@
 //! owned, typed buffers ([`TensorData`]). Every failure names the file and what
 //! is wrong with it ([`FormatError`]).
 
+pub mod anyprec;
 pub mod atomic;
 pub mod checkpoint;
 pub mod config;
@@ -17,15 +18,14 @@ pub mod output;
 pub mod plan;
 pub mod q8;
 pub mod st_writer;
-pub mod anyprec;
 pub mod tensor;
 
 pub use atomic::{write_atomic, write_atomic_with, write_output_file, StagingDir};
-pub use output::{check_output, OutputKind};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;
 pub use layout::{LinearKind, LinearSpec};
+pub use output::{check_output, OutputKind};
 pub use q8::Q8Matrix;
 pub use tensor::{DType, TensorData};
 

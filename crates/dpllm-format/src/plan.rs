@@ -112,29 +112,52 @@ impl Plan {
     /// Σ size·p / Σ size: the plan's intended average precision.
     pub fn mean_bits(&self) -> f64 {
         let total: f64 = self.linears.iter().map(|l| l.size as f64).sum();
-        self.linears.iter().map(|l| l.size as f64 * l.avg_bits as f64).sum::<f64>() / total.max(1.0)
+        self.linears
+            .iter()
+            .map(|l| l.size as f64 * l.avg_bits as f64)
+            .sum::<f64>()
+            / total.max(1.0)
     }
 
     /// Σ size·m / Σ size: the memory the plan needs, in average bits.
     pub fn memory_bits(&self) -> f64 {
         let total: f64 = self.linears.iter().map(|l| l.size as f64).sum();
-        self.linears.iter().map(|l| l.size as f64 * l.max_bits as f64).sum::<f64>() / total.max(1.0)
+        self.linears
+            .iter()
+            .map(|l| l.size as f64 * l.max_bits as f64)
+            .sum::<f64>()
+            / total.max(1.0)
     }
 
     /// Check internal consistency; `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(FormatError::invalid(path, m));
         if self.format != PLAN_FORMAT {
-            return bad(format!("format is {:?}, expected {PLAN_FORMAT:?}", self.format));
+            return bad(format!(
+                "format is {:?}, expected {PLAN_FORMAT:?}",
+                self.format
+            ));
         }
         if self.version != PLAN_VERSION {
-            return bad(format!("plan version {}; this dpllm reads version {PLAN_VERSION}", self.version));
+            return bad(format!(
+                "plan version {}; this dpllm reads version {PLAN_VERSION}",
+                self.version
+            ));
         }
         if !(1..=8).contains(&self.min_bits) || self.min_bits > self.max_bits || self.max_bits > 8 {
-            return bad(format!("bad precision range {}..={}", self.min_bits, self.max_bits));
+            return bad(format!(
+                "bad precision range {}..={}",
+                self.min_bits, self.max_bits
+            ));
         }
-        if !(self.target_bits.is_finite() && self.budget_bits.is_finite()) || self.target_bits > self.budget_bits + 1e-9 || self.budget_bits > self.max_bits as f64 {
-            return bad(format!("bad target {} / budget {} bits (plan precisions {}..={})", self.target_bits, self.budget_bits, self.min_bits, self.max_bits));
+        if !(self.target_bits.is_finite() && self.budget_bits.is_finite())
+            || self.target_bits > self.budget_bits + 1e-9
+            || self.budget_bits > self.max_bits as f64
+        {
+            return bad(format!(
+                "bad target {} / budget {} bits (plan precisions {}..={})",
+                self.target_bits, self.budget_bits, self.min_bits, self.max_bits
+            ));
         }
         if self.linears.is_empty() {
             return bad("the plan has no linears".into());
@@ -156,14 +179,24 @@ impl Plan {
             }
             let finite = match &l.estimator {
                 EstimatorSpec::None => true,
-                EstimatorSpec::Linear { a, c, r2 } => a.is_finite() && c.is_finite() && r2.is_finite(),
-                EstimatorSpec::Jl { k, bias, r2, .. } => *k > 0 && bias.is_finite() && r2.is_finite(),
+                EstimatorSpec::Linear { a, c, r2 } => {
+                    a.is_finite() && c.is_finite() && r2.is_finite()
+                }
+                EstimatorSpec::Jl { k, bias, r2, .. } => {
+                    *k > 0 && bias.is_finite() && r2.is_finite()
+                }
             };
             if !finite {
-                return bad(format!("linear {}: estimator parameters must be finite numbers (and k > 0)", l.name));
+                return bad(format!(
+                    "linear {}: estimator parameters must be finite numbers (and k > 0)",
+                    l.name
+                ));
             }
             if l.low_bits != l.high_bits && l.estimator == EstimatorSpec::None {
-                return bad(format!("linear {}: picks between {} and {} bits but has no estimator", l.name, l.low_bits, l.high_bits));
+                return bad(format!(
+                    "linear {}: picks between {} and {} bits but has no estimator",
+                    l.name, l.low_bits, l.high_bits
+                ));
             }
         }
         Ok(())
@@ -172,14 +205,16 @@ impl Plan {
     /// Read and validate a plan file.
     pub fn load(path: &Path) -> Result<Plan> {
         let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-        let plan: Plan = serde_json::from_str(&text).map_err(|e| FormatError::invalid(path, format!("not a plan: {e}")))?;
+        let plan: Plan = serde_json::from_str(&text)
+            .map_err(|e| FormatError::invalid(path, format!("not a plan: {e}")))?;
         plan.validate(path)?;
         Ok(plan)
     }
 
     /// Write the plan atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| FormatError::invalid(path, e.to_string()))?;
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| FormatError::invalid(path, e.to_string()))?;
         crate::write_atomic(path, text.as_bytes())
     }
 }
@@ -203,7 +238,14 @@ pub fn available_budgets(model_dir: &Path) -> Vec<f64> {
     let mut v: Vec<f64> = std::fs::read_dir(model_dir.join("plans"))
         .into_iter()
         .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("budget-")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("budget-")?
+                .parse()
+                .ok()
+        })
         .collect();
     v.sort_by(|a, b| a.total_cmp(b));
     v
@@ -218,7 +260,15 @@ pub fn available_targets(budget_dir: &Path, kind: PlanKind) -> Vec<f64> {
     let mut v: Vec<f64> = std::fs::read_dir(budget_dir)
         .into_iter()
         .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix(prefix)?.strip_suffix(".json")?.parse().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix(prefix)?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
         .collect();
     v.sort_by(|a, b| a.total_cmp(b));
     v
@@ -248,7 +298,11 @@ mod tests {
                     low_bits: 4,
                     high_bits: 5,
                     threshold: 0.3,
-                    estimator: EstimatorSpec::Linear { a: 1.0, c: 0.0, r2: 0.95 },
+                    estimator: EstimatorSpec::Linear {
+                        a: 1.0,
+                        c: 0.0,
+                        r2: 0.95,
+                    },
                 },
                 LinearPlan {
                     name: "b".into(),
@@ -287,8 +341,14 @@ mod tests {
             (Box::new(|p| p.version = 7), "plan version 7"),
             (Box::new(|p| p.linears[0].high_bits = 6), "inconsistent"),
             (Box::new(|p| p.linears[0].low_bits = 2), "inconsistent"),
-            (Box::new(|p| p.linears[0].threshold = f32::NAN), "inconsistent"),
-            (Box::new(|p| p.linears[0].estimator = EstimatorSpec::None), "no estimator"),
+            (
+                Box::new(|p| p.linears[0].threshold = f32::NAN),
+                "inconsistent",
+            ),
+            (
+                Box::new(|p| p.linears[0].estimator = EstimatorSpec::None),
+                "no estimator",
+            ),
             (Box::new(|p| p.linears.clear()), "no linears"),
             (Box::new(|p| p.max_bits = 9), "precision range"),
         ];
@@ -302,7 +362,10 @@ mod tests {
             assert!(e.contains(want) || e.contains("not a plan"), "{want}: {e}");
         }
         std::fs::write(&p, "{\"format\": \"dpllm-plan\"").unwrap();
-        assert!(Plan::load(&p).unwrap_err().to_string().contains("not a plan"));
+        assert!(Plan::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a plan"));
         assert!(Plan::load(&d.path().join("missing.json")).is_err());
     }
 

@@ -34,14 +34,23 @@ impl Q8Matrix {
             scales.push(f16::from_bits(u16::from_le_bytes([b[0], b[1]])));
             quants.extend(b[2..].iter().map(|&q| q as i8));
         }
-        Some(Q8Matrix { rows, cols, scales, quants })
+        Some(Q8Matrix {
+            rows,
+            cols,
+            scales,
+            quants,
+        })
     }
 
     /// Row `r` as f32 into `out` (len = cols).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / Q8_BLOCK;
         let q = &self.quants[r * self.cols..(r + 1) * self.cols];
-        for ((o, q), s) in out.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(&self.scales[r * nb..(r + 1) * nb]) {
+        for ((o, q), s) in out
+            .chunks_mut(Q8_BLOCK)
+            .zip(q.chunks(Q8_BLOCK))
+            .zip(&self.scales[r * nb..(r + 1) * nb])
+        {
             let d = s.to_f32();
             for (o, &q) in o.iter_mut().zip(q) {
                 *o = q as f32 * d;

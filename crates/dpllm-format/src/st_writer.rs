@@ -49,10 +49,14 @@ pub fn write_safetensors(
     let mut off = 0usize;
     for s in specs {
         let n = s.nbytes();
-        header.insert(s.name.clone(), json!({"dtype": s.dtype, "shape": s.shape, "data_offsets": [off, off + n]}));
+        header.insert(
+            s.name.clone(),
+            json!({"dtype": s.dtype, "shape": s.shape, "data_offsets": [off, off + n]}),
+        );
         off += n;
     }
-    let mut h = serde_json::to_string(&Value::Object(header)).map_err(|e| FormatError::invalid(path, e.to_string()))?;
+    let mut h = serde_json::to_string(&Value::Object(header))
+        .map_err(|e| FormatError::invalid(path, e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(' ');
     }
@@ -61,7 +65,10 @@ pub fn write_safetensors(
         w.write_all(&(h.len() as u64).to_le_bytes())?;
         w.write_all(h.as_bytes())?;
         for (i, s) in specs.iter().enumerate() {
-            let mut counter = CountingWriter { inner: &mut w, count: 0 };
+            let mut counter = CountingWriter {
+                inner: &mut w,
+                count: 0,
+            };
             produce(i, &mut counter)?;
             if counter.count != s.nbytes() {
                 return Err(std::io::Error::other(format!(
@@ -102,8 +109,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x.safetensors");
         let specs = vec![
-            TensorSpec { name: "a".into(), dtype: "F32", shape: vec![2, 2] },
-            TensorSpec { name: "b".into(), dtype: "U32", shape: vec![3] },
+            TensorSpec {
+                name: "a".into(),
+                dtype: "F32",
+                shape: vec![2, 2],
+            },
+            TensorSpec {
+                name: "b".into(),
+                dtype: "U32",
+                shape: vec![3],
+            },
         ];
         let meta = BTreeMap::from([("format".to_string(), "test".to_string())]);
         write_safetensors(&p, &specs, &meta, |i, w| {
@@ -120,8 +135,14 @@ mod tests {
         })
         .unwrap();
         let ck = Checkpoint::open_file(&p).unwrap();
-        assert_eq!(ck.tensor_f32("a", &[2, 2]).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(ck.metadata().get("format").map(String::as_str), Some("test"));
+        assert_eq!(
+            ck.tensor_f32("a", &[2, 2]).unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+        assert_eq!(
+            ck.metadata().get("format").map(String::as_str),
+            Some("test")
+        );
         let (_, raw) = ck.raw("b").unwrap();
         assert_eq!(raw.len(), 12);
     }
@@ -130,7 +151,11 @@ mod tests {
     fn wrong_byte_count_fails_without_a_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x.safetensors");
-        let specs = vec![TensorSpec { name: "a".into(), dtype: "F32", shape: vec![2] }];
+        let specs = vec![TensorSpec {
+            name: "a".into(),
+            dtype: "F32",
+            shape: vec![2],
+        }];
         let r = write_safetensors(&p, &specs, &BTreeMap::new(), |_, w| w.write_all(&[0u8; 4]));
         assert!(r.is_err());
         assert!(!p.exists());

@@ -49,13 +49,22 @@ impl TensorData {
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> TensorData {
         match dtype {
             DType::F32 => TensorData::F32(
-                bytes.par_chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                bytes
+                    .par_chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
             DType::F16 => TensorData::F16(
-                bytes.par_chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                bytes
+                    .par_chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
             ),
             DType::BF16 => TensorData::BF16(
-                bytes.par_chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                bytes
+                    .par_chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
             ),
         }
     }

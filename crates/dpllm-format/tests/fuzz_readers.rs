@@ -13,7 +13,11 @@ use dpllm_format::{Checkpoint, ModelConfig};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 1024,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 /// Byte edits (position, value) and an optional truncation, applied to `base`.
@@ -35,17 +39,46 @@ fn mutate(base: &[u8], edits: &[(usize, u8)], truncate: Option<usize>) -> Vec<u8
 fn anyprec_file(dir: &Path) -> Vec<u8> {
     let (rows, cols) = (3usize, 40usize);
     let words = anyprec::words_per_row(cols);
-    let mut specs = vec![TensorSpec { name: anyprec::planes_name("l"), dtype: "U32", shape: vec![8, rows, words] }];
+    let mut specs = vec![TensorSpec {
+        name: anyprec::planes_name("l"),
+        dtype: "U32",
+        shape: vec![8, rows, words],
+    }];
     for b in 3..=8u32 {
-        specs.push(TensorSpec { name: anyprec::lut_name("l", b), dtype: "F16", shape: vec![rows, 1 << b] });
+        specs.push(TensorSpec {
+            name: anyprec::lut_name("l", b),
+            dtype: "F16",
+            shape: vec![rows, 1 << b],
+        });
     }
-    let info = AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: 3, max_bits: 8, architecture: "LlamaForCausalLM".into(), provenance: BTreeMap::new() };
+    let info = AnyPrecInfo {
+        version: anyprec::FORMAT_VERSION,
+        seed_bits: 3,
+        max_bits: 8,
+        architecture: "LlamaForCausalLM".into(),
+        provenance: BTreeMap::new(),
+    };
     let path = dir.join("a.safetensors");
-    write_safetensors(&path, &specs, &info.to_metadata(), |i, w: &mut dyn Write| {
-        let n = specs[i].nbytes();
-        let bytes: Vec<u8> = (0..n).map(|j| if i == 0 { (j * 37) as u8 } else if j % 2 == 0 { 0x00 } else { 0x3c }).collect();
-        w.write_all(&bytes)
-    })
+    write_safetensors(
+        &path,
+        &specs,
+        &info.to_metadata(),
+        |i, w: &mut dyn Write| {
+            let n = specs[i].nbytes();
+            let bytes: Vec<u8> = (0..n)
+                .map(|j| {
+                    if i == 0 {
+                        (j * 37) as u8
+                    } else if j % 2 == 0 {
+                        0x00
+                    } else {
+                        0x3c
+                    }
+                })
+                .collect();
+            w.write_all(&bytes)
+        },
+    )
     .unwrap();
     std::fs::read(&path).unwrap()
 }
@@ -54,7 +87,9 @@ fn anyprec_file(dir: &Path) -> Vec<u8> {
 fn read_safetensors(dir: &Path, bytes: &[u8]) {
     let path = dir.join("f.safetensors");
     std::fs::write(&path, bytes).unwrap();
-    let Ok(ck) = Checkpoint::open_file(&path) else { return };
+    let Ok(ck) = Checkpoint::open_file(&path) else {
+        return;
+    };
     for (name, info) in ck.tensors() {
         let _ = ck.raw(name);
         let _ = ck.tensor(name, &info.shape);
@@ -81,7 +116,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
         any::<u64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_filter("JSON has no NaN or inf", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or inf", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
         "[a-zA-Z0-9_]{0,12}".prop_map(serde_json::Value::from),
         Just(serde_json::json!([])),
         Just(serde_json::json!({})),

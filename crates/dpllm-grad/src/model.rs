@@ -42,7 +42,15 @@ impl LinearF32 {
 
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; n * self.out_f];
-        ops::linear_forward(x, n, &self.w, self.out_f, self.in_f, self.bias.as_deref(), &mut y);
+        ops::linear_forward(
+            x,
+            n,
+            &self.w,
+            self.out_f,
+            self.in_f,
+            self.bias.as_deref(),
+            &mut y,
+        );
         y
     }
 }
@@ -74,7 +82,15 @@ impl Group {
 
     /// Given the gradients of the parts, report each linear's dW (index `first + i`)
     /// and write the input gradient into `dx` (overwritten).
-    fn backward(&self, x: &[f32], n: usize, dparts: &[&[f32]], dx: &mut [f32], first: usize, sink: &mut Sink<'_>) {
+    fn backward(
+        &self,
+        x: &[f32],
+        n: usize,
+        dparts: &[&[f32]],
+        dx: &mut [f32],
+        first: usize,
+        sink: &mut Sink<'_>,
+    ) {
         let concat;
         let dys: Vec<&[f32]> = if self.fused() {
             let total: usize = self.widths.iter().sum();
@@ -222,11 +238,17 @@ impl GradModel {
                 };
                 BlockF32 {
                     attn_norm: b.attn_norm.clone(),
-                    qkv: Group { linears: qkv, widths: vec![c.q_dim(), c.kv_dim(), c.kv_dim()] },
+                    qkv: Group {
+                        linears: qkv,
+                        widths: vec![c.q_dim(), c.kv_dim(), c.kv_dim()],
+                    },
                     qk_norm: b.qk_norm.clone(),
                     o_proj: LinearF32::from_linear("o_proj", &b.o_proj, bits),
                     mlp_norm: b.mlp_norm.clone(),
-                    gate_up: Group { linears: gate_up, widths: vec![c.intermediate_size, c.intermediate_size] },
+                    gate_up: Group {
+                        linears: gate_up,
+                        widths: vec![c.intermediate_size, c.intermediate_size],
+                    },
                     down_proj: LinearF32::from_linear("down_proj", &b.down_proj, bits),
                 }
             })
@@ -257,8 +279,14 @@ impl GradModel {
             "a sequence needs at least 2 tokens for a next-token loss, got {}",
             tokens.len()
         );
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            anyhow::bail!("token id {t} is out of range for a vocabulary of {}", self.config.vocab_size);
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            anyhow::bail!(
+                "token id {t} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            );
         }
         Ok(())
     }
@@ -270,14 +298,19 @@ impl GradModel {
         let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
         let mut h = vec![0f32; n * d];
         for (t, &tok) in tokens.iter().enumerate() {
-            h[t * d..(t + 1) * d].copy_from_slice(&self.embed[tok as usize * d..(tok as usize + 1) * d]);
+            h[t * d..(t + 1) * d]
+                .copy_from_slice(&self.embed[tok as usize * d..(tok as usize + 1) * d]);
         }
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let mut xn1 = vec![0f32; n * d];
             ops::rms_norm_forward(&h, &b.attn_norm, eps, &mut xn1);
             let mut parts = b.qkv.forward(&xn1, n).into_iter();
-            let (mut q, mut k, v) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+            let (mut q, mut k, v) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
             let qk_pre = b.qk_norm.as_ref().map(|(qn, kn)| {
                 let pre = (q.clone(), k.clone());
                 ops::rms_norm_forward_inplace(&mut q, qn, eps);
@@ -299,7 +332,20 @@ impl GradModel {
             let mut h_out = b.down_proj.forward(&act, n);
             h_out.iter_mut().zip(&h_mid).for_each(|(a, b)| *a += b);
             let h_in = std::mem::replace(&mut h, h_out);
-            acts.push(BlockActs { h_in, xn1, qk_pre, q, k, v, att, h_mid, xn2, gate, up, act });
+            acts.push(BlockActs {
+                h_in,
+                xn1,
+                qk_pre,
+                q,
+                k,
+                v,
+                att,
+                h_mid,
+                xn2,
+                gate,
+                up,
+                act,
+            });
         }
         let mut hf = vec![0f32; n * d];
         ops::rms_norm_forward(&h, &self.final_norm, eps, &mut hf);
@@ -317,22 +363,44 @@ impl GradModel {
         self.check(tokens)?;
         let (_, _, hf) = self.forward(tokens);
         let c = &self.config;
-        Ok(ops::lm_head_cross_entropy(&hf, c.hidden_size, &self.lm_head, c.vocab_size, &tokens[1..], None))
+        Ok(ops::lm_head_cross_entropy(
+            &hf,
+            c.hidden_size,
+            &self.lm_head,
+            c.vocab_size,
+            &tokens[1..],
+            None,
+        ))
     }
 
     /// Loss of `tokens` and the gradient of every block linear: `sink(layer, idx, dW)`
     /// with idx in `Block::linears()` order and dW [out × in]. Layers come last to first.
-    pub fn gradient(&self, tokens: &[u32], sink: &mut dyn FnMut(usize, usize, &[f32])) -> anyhow::Result<f64> {
+    pub fn gradient(
+        &self,
+        tokens: &[u32],
+        sink: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> anyhow::Result<f64> {
         self.check(tokens)?;
         let c = &self.config;
         let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
         let (acts, h_last, hf) = self.forward(tokens);
         let mut dhf = vec![0f32; n * d];
-        let loss = ops::lm_head_cross_entropy(&hf, d, &self.lm_head, c.vocab_size, &tokens[1..], Some(&mut dhf));
+        let loss = ops::lm_head_cross_entropy(
+            &hf,
+            d,
+            &self.lm_head,
+            c.vocab_size,
+            &tokens[1..],
+            Some(&mut dhf),
+        );
         let mut dh = vec![0f32; n * d];
         ops::rms_norm_backward_add(&h_last, &self.final_norm, eps, &dhf, &mut dh);
         drop(dhf);
-        let mut s = Sink { layer: 0, buf: Vec::new(), f: sink };
+        let mut s = Sink {
+            layer: 0,
+            buf: Vec::new(),
+            f: sink,
+        };
         for (l, (b, a)) in self.blocks.iter().zip(&acts).enumerate().rev() {
             s.layer = l;
             self.block_backward(b, a, n, &mut dh, &mut s);
@@ -342,13 +410,24 @@ impl GradModel {
 
     /// Loss of `tokens` and every block linear's gradient, `[layer][idx]` = dW [out × in].
     pub fn gradients(&self, tokens: &[u32]) -> anyhow::Result<(f64, Vec<Vec<Vec<f32>>>)> {
-        let mut g: Vec<Vec<Vec<f32>>> = self.blocks.iter().map(|b| vec![Vec::new(); b.linears().len()]).collect();
+        let mut g: Vec<Vec<Vec<f32>>> = self
+            .blocks
+            .iter()
+            .map(|b| vec![Vec::new(); b.linears().len()])
+            .collect();
         let loss = self.gradient(tokens, &mut |l, i, dw| g[l][i] = dw.to_vec())?;
         Ok((loss, g))
     }
 
     /// Back-propagate `dh` (gradient w.r.t. the block output) to the block input, in place.
-    fn block_backward(&self, b: &BlockF32, a: &BlockActs, n: usize, dh: &mut [f32], s: &mut Sink<'_>) {
+    fn block_backward(
+        &self,
+        b: &BlockF32,
+        a: &BlockActs,
+        n: usize,
+        dh: &mut [f32],
+        s: &mut Sink<'_>,
+    ) {
         let c = &self.config;
         let (d, inter, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let nq = b.qkv.linears.len();
@@ -366,7 +445,8 @@ impl GradModel {
         ops::swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup);
         drop(dact);
         let mut dxn = vec![0f32; n * d];
-        b.gate_up.backward(&a.xn2, n, &[&dgate, &dup], &mut dxn, idx_gu, s);
+        b.gate_up
+            .backward(&a.xn2, n, &[&dgate, &dup], &mut dxn, idx_gu, s);
         drop((dgate, dup));
         ops::rms_norm_backward_add(&a.h_mid, &b.mlp_norm, eps, &dxn, dh);
 
@@ -378,7 +458,16 @@ impl GradModel {
         let mut dq = vec![0f32; n * c.q_dim()];
         let mut dk = vec![0f32; n * c.kv_dim()];
         let mut dv = vec![0f32; n * c.kv_dim()];
-        ops::attention_backward(&a.q, &a.k, &a.v, &datt, self.attn_shape(), &mut dq, &mut dk, &mut dv);
+        ops::attention_backward(
+            &a.q,
+            &a.k,
+            &a.v,
+            &datt,
+            self.attn_shape(),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
         drop(datt);
         ops::rope_backward(&self.rope, &mut dq, c.num_heads);
         ops::rope_backward(&self.rope, &mut dk, c.num_kv_heads);

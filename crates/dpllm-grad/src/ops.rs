@@ -40,7 +40,11 @@ fn gemm_f32(
         }
         return;
     }
-    let par = if m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let par = if m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: callers pass buffers whose sizes match the shapes and strides (asserted by the callers).
     unsafe {
         gemm::gemm(
@@ -68,14 +72,37 @@ fn gemm_f32(
 }
 
 /// `y [n × out] = x [n × in] · Wᵀ (+ b)` with W [out × in].
-pub fn linear_forward(x: &[f32], n: usize, w: &[f32], out_f: usize, in_f: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+pub fn linear_forward(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    out_f: usize,
+    in_f: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     assert_eq!(x.len(), n * in_f);
     assert_eq!(w.len(), out_f * in_f);
     assert_eq!(y.len(), n * out_f);
-    gemm_f32(n, out_f, in_f, y, 1, out_f as isize, false, x, 1, in_f as isize, w, in_f as isize, 1);
+    gemm_f32(
+        n,
+        out_f,
+        in_f,
+        y,
+        1,
+        out_f as isize,
+        false,
+        x,
+        1,
+        in_f as isize,
+        w,
+        in_f as isize,
+        1,
+    );
     if let Some(b) = bias {
         assert_eq!(b.len(), out_f);
-        y.par_chunks_mut(out_f).for_each(|row| row.iter_mut().zip(b).for_each(|(a, c)| *a += c));
+        y.par_chunks_mut(out_f)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(a, c)| *a += c));
     }
 }
 
@@ -92,15 +119,50 @@ pub fn linear_backward_input(
     assert_eq!(dy.len(), n * out_f);
     assert_eq!(w.len(), out_f * in_f);
     assert_eq!(dx.len(), n * in_f);
-    gemm_f32(n, in_f, out_f, dx, 1, in_f as isize, accumulate, dy, 1, out_f as isize, w, 1, in_f as isize);
+    gemm_f32(
+        n,
+        in_f,
+        out_f,
+        dx,
+        1,
+        in_f as isize,
+        accumulate,
+        dy,
+        1,
+        out_f as isize,
+        w,
+        1,
+        in_f as isize,
+    );
 }
 
 /// Weight gradient of a linear: `dw [out × in] = dyᵀ · x` (summed over the n tokens).
-pub fn linear_backward_weight(dy: &[f32], x: &[f32], n: usize, out_f: usize, in_f: usize, dw: &mut [f32]) {
+pub fn linear_backward_weight(
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    out_f: usize,
+    in_f: usize,
+    dw: &mut [f32],
+) {
     assert_eq!(dy.len(), n * out_f);
     assert_eq!(x.len(), n * in_f);
     assert_eq!(dw.len(), out_f * in_f);
-    gemm_f32(out_f, in_f, n, dw, 1, in_f as isize, false, dy, out_f as isize, 1, x, 1, in_f as isize);
+    gemm_f32(
+        out_f,
+        in_f,
+        n,
+        dw,
+        1,
+        in_f as isize,
+        false,
+        dy,
+        out_f as isize,
+        1,
+        x,
+        1,
+        in_f as isize,
+    );
 }
 
 /// RMSNorm of every `w.len()`-sized row of `x` (the engine's kernel).
@@ -120,16 +182,24 @@ pub fn rms_norm_backward_add(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mu
     assert_eq!(x.len(), dy.len());
     assert_eq!(x.len(), dx.len());
     assert_eq!(x.len() % d, 0);
-    dx.par_chunks_mut(d).zip(x.par_chunks(d)).zip(dy.par_chunks(d)).for_each(|((dxr, xr), dyr)| {
-        let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
-        let r = 1.0 / (ss / d as f64 + eps as f64).sqrt();
-        let s: f64 = xr.iter().zip(dyr).zip(w).map(|((a, b), c)| *a as f64 * *b as f64 * *c as f64).sum();
-        let k = (r * r * r * s / d as f64) as f32;
-        let r = r as f32;
-        for j in 0..d {
-            dxr[j] += r * w[j] * dyr[j] - k * xr[j];
-        }
-    });
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(dy.par_chunks(d))
+        .for_each(|((dxr, xr), dyr)| {
+            let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+            let r = 1.0 / (ss / d as f64 + eps as f64).sqrt();
+            let s: f64 = xr
+                .iter()
+                .zip(dyr)
+                .zip(w)
+                .map(|((a, b), c)| *a as f64 * *b as f64 * *c as f64)
+                .sum();
+            let k = (r * r * r * s / d as f64) as f32;
+            let r = r as f32;
+            for j in 0..d {
+                dxr[j] += r * w[j] * dyr[j] - k * xr[j];
+            }
+        });
 }
 
 /// RoPE forward on `x` [n × heads × head_dim], positions 0..n (the engine's kernel).
@@ -221,10 +291,16 @@ pub fn attention_backward(
         let kvh = h / group;
         for t in 0..n {
             dq[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(&dqh[t * hd..(t + 1) * hd]);
-            for (a, b) in dk[t * kvd + kvh * hd..t * kvd + (kvh + 1) * hd].iter_mut().zip(&dkh[t * hd..(t + 1) * hd]) {
+            for (a, b) in dk[t * kvd + kvh * hd..t * kvd + (kvh + 1) * hd]
+                .iter_mut()
+                .zip(&dkh[t * hd..(t + 1) * hd])
+            {
                 *a += b;
             }
-            for (a, b) in dv[t * kvd + kvh * hd..t * kvd + (kvh + 1) * hd].iter_mut().zip(&dvh[t * hd..(t + 1) * hd]) {
+            for (a, b) in dv[t * kvd + kvh * hd..t * kvd + (kvh + 1) * hd]
+                .iter_mut()
+                .zip(&dvh[t * hd..(t + 1) * hd])
+            {
                 *a += b;
             }
         }
@@ -240,12 +316,21 @@ pub fn swiglu_forward(gate: &[f32], up: &[f32], act: &mut [f32]) {
 /// SwiGLU backward: `dgate = dact·up·silu'(gate)`, `dup = dact·silu(gate)`,
 /// with `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dact: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    assert!(gate.len() == up.len() && gate.len() == dact.len() && gate.len() == dgate.len() && gate.len() == dup.len());
+    assert!(
+        gate.len() == up.len()
+            && gate.len() == dact.len()
+            && gate.len() == dgate.len()
+            && gate.len() == dup.len()
+    );
     const C: usize = 4096;
     dgate
         .par_chunks_mut(C)
         .zip(dup.par_chunks_mut(C))
-        .zip(gate.par_chunks(C).zip(up.par_chunks(C)).zip(dact.par_chunks(C)))
+        .zip(
+            gate.par_chunks(C)
+                .zip(up.par_chunks(C))
+                .zip(dact.par_chunks(C)),
+        )
         .for_each(|((dg, du), ((g, u), da))| {
             for i in 0..g.len() {
                 let sig = 1.0 / (1.0 + (-g[i]).exp());
@@ -258,7 +343,12 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dact: &[f32], dgate: &mut [f32]
 /// Softmax cross-entropy of logit rows [targets.len() × vocab]. Returns the sum of
 /// the per-row losses (f64) and overwrites `logits` with `scale · (softmax − onehot)`,
 /// the gradient of `scale · Σ losses`.
-pub fn cross_entropy_backward(logits: &mut [f32], vocab: usize, targets: &[u32], scale: f32) -> f64 {
+pub fn cross_entropy_backward(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+    scale: f32,
+) -> f64 {
     assert_eq!(logits.len(), targets.len() * vocab);
     logits
         .par_chunks_mut(vocab)
@@ -311,10 +401,26 @@ pub fn lm_head_cross_entropy(
     for r0 in (0..m).step_by(LM_CHUNK) {
         let rows = LM_CHUNK.min(m - r0);
         logits.resize(rows * vocab, 0.0);
-        linear_forward(&h[r0 * d..(r0 + rows) * d], rows, w, vocab, d, None, &mut logits);
+        linear_forward(
+            &h[r0 * d..(r0 + rows) * d],
+            rows,
+            w,
+            vocab,
+            d,
+            None,
+            &mut logits,
+        );
         total += cross_entropy_backward(&mut logits, vocab, &targets[r0..r0 + rows], scale);
         if let Some(g) = dh.as_deref_mut() {
-            linear_backward_input(&logits, rows, w, vocab, d, &mut g[r0 * d..(r0 + rows) * d], false);
+            linear_backward_input(
+                &logits,
+                rows,
+                w,
+                vocab,
+                d,
+                &mut g[r0 * d..(r0 + rows) * d],
+                false,
+            );
         }
     }
     total / m as f64
@@ -323,11 +429,13 @@ pub fn lm_head_cross_entropy(
 /// `out[i] += g[i]²` (the per-sequence squared gradient added to the Fisher sum).
 pub fn add_squared(out: &mut [f32], g: &[f32]) {
     assert_eq!(out.len(), g.len());
-    out.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).for_each(|(o, g)| {
-        for (a, b) in o.iter_mut().zip(g) {
-            *a += b * b;
-        }
-    });
+    out.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14))
+        .for_each(|(o, g)| {
+            for (a, b) in o.iter_mut().zip(g) {
+                *a += b * b;
+            }
+        });
 }
 
 #[cfg(test)]
@@ -363,9 +471,16 @@ mod tests {
             let fd = (fp - fm) / (2.0 * eps as f64);
             let err = (fd - g[i] as f64).abs() / (gmax + 1e-6);
             worst = worst.max(err);
-            assert!(err < tol, "{name}[{i}]: analytic {} vs finite difference {fd} (rel. err {err:.2e})", g[i]);
+            assert!(
+                err < tol,
+                "{name}[{i}]: analytic {} vs finite difference {fd} (rel. err {err:.2e})",
+                g[i]
+            );
         }
-        eprintln!("{name}: worst relative error {worst:.2e} over {} elements", x.len());
+        eprintln!(
+            "{name}: worst relative error {worst:.2e} over {} elements",
+            x.len()
+        );
     }
 
     #[test]
@@ -386,7 +501,10 @@ mod tests {
         linear_forward(&x, n, &w, o, i, Some(&b), &mut y);
         for t in 0..n {
             for c in 0..o {
-                let want: f64 = (0..i).map(|k| x[t * i + k] as f64 * w[c * i + k] as f64).sum::<f64>() + b[c] as f64;
+                let want: f64 = (0..i)
+                    .map(|k| x[t * i + k] as f64 * w[c * i + k] as f64)
+                    .sum::<f64>()
+                    + b[c] as f64;
                 assert!((y[t * o + c] as f64 - want).abs() < 1e-5);
             }
         }
@@ -418,13 +536,17 @@ mod tests {
         linear_backward_input(&dy, n, &w, o, i, &mut dx, false);
         for r in 0..o {
             for c in 0..i {
-                let want: f64 = (0..n).map(|t| dy[t * o + r] as f64 * x[t * i + c] as f64).sum();
+                let want: f64 = (0..n)
+                    .map(|t| dy[t * o + r] as f64 * x[t * i + c] as f64)
+                    .sum();
                 assert!((dw[r * i + c] as f64 - want).abs() < 1e-4, "dw");
             }
         }
         for t in 0..n {
             for c in 0..i {
-                let want: f64 = (0..o).map(|r| dy[t * o + r] as f64 * w[r * i + c] as f64).sum();
+                let want: f64 = (0..o)
+                    .map(|r| dy[t * o + r] as f64 * w[r * i + c] as f64)
+                    .sum();
                 assert!((dx[t * i + c] as f64 - want).abs() < 1e-4, "dx");
             }
         }
@@ -487,7 +609,12 @@ mod tests {
     fn attention_backward_gqa_window_causal() {
         let mut rng = StdRng::seed_from_u64(4);
         for window in [None, Some(3)] {
-            let s = AttnShape { num_heads: 4, num_kv_heads: 2, head_dim: 4, window };
+            let s = AttnShape {
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 4,
+                window,
+            };
             let n = 6;
             let (qd, kvd) = (16, 8);
             let q = rand_vec(&mut rng, n * qd, 1.5);
@@ -499,7 +626,8 @@ mod tests {
                 attention_forward(q, k, v, s, &mut o);
                 readout(&o, &r)
             };
-            let (mut dq, mut dk, mut dv) = (vec![9f32; n * qd], vec![9f32; n * kvd], vec![9f32; n * kvd]);
+            let (mut dq, mut dk, mut dv) =
+                (vec![9f32; n * qd], vec![9f32; n * kvd], vec![9f32; n * kvd]);
             attention_backward(&q, &k, &v, &r, s, &mut dq, &mut dk, &mut dv);
             check_grad("attn dq", &q, &dq, 1e-2, 5e-3, |x| f(x, &k, &v));
             check_grad("attn dk", &k, &dk, 1e-2, 5e-3, |x| f(&q, x, &v));
@@ -558,11 +686,15 @@ mod tests {
         let rows = 70; // more than one chunk
         let h = rand_vec(&mut rng, rows * d, 1.0);
         let w = rand_vec(&mut rng, vocab * d, 1.0);
-        let tg: Vec<u32> = (0..rows - 1).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let tg: Vec<u32> = (0..rows - 1)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
         let mut dh = vec![3f32; rows * d];
         let loss = lm_head_cross_entropy(&h, d, &w, vocab, &tg, Some(&mut dh));
         assert!((loss - lm_head_cross_entropy(&h, d, &w, vocab, &tg, None)).abs() < 1e-12);
         assert!(dh[(rows - 1) * d..].iter().all(|x| *x == 0.0));
-        check_grad("lm_head+CE", &h, &dh, 1e-2, 5e-3, |x| lm_head_cross_entropy(x, d, &w, vocab, &tg, None));
+        check_grad("lm_head+CE", &h, &dh, 1e-2, 5e-3, |x| {
+            lm_head_cross_entropy(x, d, &w, vocab, &tg, None)
+        });
     }
 }

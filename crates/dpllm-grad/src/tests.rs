@@ -23,8 +23,13 @@ fn random_tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
-const ARCHS: [&str; 5] =
-    ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "MistralForCausalLM"];
+const ARCHS: [&str; 5] = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "MistralForCausalLM",
+];
 
 #[test]
 fn f32_forward_matches_engine_loss() {
@@ -34,7 +39,10 @@ fn f32_forward_matches_engine_loss() {
         for n in [2usize, 13] {
             let toks = random_tokens(s as u64 * 7 + n as u64, n, m.config.vocab_size);
             let (a, b) = (gm.loss(&toks).unwrap(), engine_loss(&m, &toks).unwrap());
-            assert!((a - b).abs() < 1e-4, "{arch} n={n}: f32 forward loss {a} vs engine {b}");
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{arch} n={n}: f32 forward loss {a} vs engine {b}"
+            );
         }
     }
 }
@@ -53,7 +61,12 @@ fn model_gradient_matches_finite_differences() {
         for (l, b) in grads.iter().enumerate() {
             for (i, w) in b.iter().enumerate() {
                 let lin = gm.blocks[l].linears()[i];
-                assert_eq!(w.len(), lin.out_f * lin.in_f, "layer {l} {} gradient missing or wrong size", lin.name);
+                assert_eq!(
+                    w.len(),
+                    lin.out_f * lin.in_f,
+                    "layer {l} {} gradient missing or wrong size",
+                    lin.name
+                );
             }
         }
         assert!((loss - gm.loss(&toks).unwrap()).abs() < 1e-9);
@@ -63,10 +76,16 @@ fn model_gradient_matches_finite_differences() {
         for l in 0..gm.blocks.len() {
             for i in 0..grads[l].len() {
                 let g = &grads[l][i];
-                let gmax_idx = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+                let gmax_idx = (0..g.len())
+                    .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                    .unwrap();
                 let gmax = g[gmax_idx].abs() as f64;
                 assert!(gmax > 0.0, "{arch} layer {l} linear {i}: zero gradient");
-                let picks = [gmax_idx, rng.random_range(0..g.len()), rng.random_range(0..g.len())];
+                let picks = [
+                    gmax_idx,
+                    rng.random_range(0..g.len()),
+                    rng.random_range(0..g.len()),
+                ];
                 for &e in &picks {
                     let orig = gm.blocks[l].linear_mut(i).w[e];
                     gm.blocks[l].linear_mut(i).w[e] = orig + eps;
@@ -79,7 +98,10 @@ fn model_gradient_matches_finite_differences() {
                     let err = (fd - a).abs();
                     let tol = 1e-2 * a.abs() + 2e-3 * gmax + 2e-5;
                     let name = gm.blocks[l].linears()[i].name;
-                    assert!(err <= tol, "{arch} layer {l} {name}[{e}]: analytic {a:e} vs finite difference {fd:e}");
+                    assert!(
+                        err <= tol,
+                        "{arch} layer {l} {name}[{e}]: analytic {a:e} vs finite difference {fd:e}"
+                    );
                     if e == gmax_idx {
                         worst = worst.max(err / a.abs());
                     }
@@ -90,4 +112,3 @@ fn model_gradient_matches_finite_differences() {
         eprintln!("{arch}: {checked} elements checked, worst relative error at the largest gradients {worst:.2e}");
     }
 }
-

@@ -40,7 +40,16 @@ pub fn optimal_partition(row: &SortedRow, k: usize) -> Vec<usize> {
 
 /// Fill cur[lo..=hi] given that the optimal split of each lies in [opt_lo, opt_hi].
 #[allow(clippy::too_many_arguments)]
-fn fill_row(row: &SortedRow, prev: &[f64], cur: &mut [f64], arg: &mut [u32], lo: usize, hi: usize, opt_lo: usize, opt_hi: usize) {
+fn fill_row(
+    row: &SortedRow,
+    prev: &[f64],
+    cur: &mut [f64],
+    arg: &mut [u32],
+    lo: usize,
+    hi: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+) {
     if lo > hi {
         return;
     }
@@ -77,7 +86,9 @@ mod tests {
         if k == 1 {
             return row.cost(start, row.len());
         }
-        (start..=row.len()).map(|m| row.cost(start, m) + brute(row, k - 1, m)).fold(f64::INFINITY, f64::min)
+        (start..=row.len())
+            .map(|m| row.cost(start, m) + brute(row, k - 1, m))
+            .fold(f64::INFINITY, f64::min)
     }
 
     #[test]
@@ -87,14 +98,25 @@ mod tests {
             let n = rng.random_range(1..13);
             let k = rng.random_range(1..6);
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let w: Vec<f32> = (0..n).map(|_| if rng.random_bool(0.2) { 0.0 } else { rng.random_range(0.0f32..3.0) }).collect();
+            let w: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.random_bool(0.2) {
+                        0.0
+                    } else {
+                        rng.random_range(0.0f32..3.0)
+                    }
+                })
+                .collect();
             let row = SortedRow::new(&v, &w);
             let b = optimal_partition(&row, k);
             assert_eq!(b.len(), k + 1);
             assert!(b.windows(2).all(|p| p[0] <= p[1]) && b[0] == 0 && b[k] == n);
             let got = partition_cost(&row, &b);
             let want = brute(&row, k, 0);
-            assert!((got - want).abs() <= 1e-9 * (1.0 + want), "trial {trial}: n={n} k={k} got {got} want {want}");
+            assert!(
+                (got - want).abs() <= 1e-9 * (1.0 + want),
+                "trial {trial}: n={n} k={k} got {got} want {want}"
+            );
         }
     }
 

@@ -45,7 +45,14 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { seed_bits: 3, sensitivity: None, progress: false, overwrite: false, sensitivity_source: None, inputs: serde_json::Value::Null }
+        QuantizeOptions {
+            seed_bits: 3,
+            sensitivity: None,
+            progress: false,
+            overwrite: false,
+            sensitivity_source: None,
+            inputs: serde_json::Value::Null,
+        }
     }
 }
 
@@ -71,11 +78,19 @@ struct Quantized {
     errors: Vec<f64>,
 }
 
-fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, seed_bits: u32, bar: &ProgressBar) -> Result<Quantized> {
+fn quantize_linear(
+    ck: &Checkpoint,
+    sens: Option<&Checkpoint>,
+    s: &LinearSpec,
+    seed_bits: u32,
+    bar: &ProgressBar,
+) -> Result<Quantized> {
     // Finite: Checkpoint::tensor refuses NaN / inf, naming the element.
     let w = ck.tensor_f32(&s.weight_name(), &[s.rows, s.cols])?;
     let f = match sens {
-        Some(sc) => sc.tensor_f32(&s.weight_name(), &[s.rows, s.cols]).context("sensitivity file does not match the model")?,
+        Some(sc) => sc
+            .tensor_f32(&s.weight_name(), &[s.rows, s.cols])
+            .context("sensitivity file does not match the model")?,
         None => vec![1.0; s.rows * s.cols],
     };
     let words = anyprec::words_per_row(s.cols);
@@ -83,16 +98,27 @@ fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, s
     let rows: Vec<(Vec<u32>, Vec<Vec<f16>>, Vec<f64>)> = (0..s.rows)
         .into_par_iter()
         .map(|r| {
-            let (wr, fr) = (&w[r * s.cols..(r + 1) * s.cols], &f[r * s.cols..(r + 1) * s.cols]);
+            let (wr, fr) = (
+                &w[r * s.cols..(r + 1) * s.cols],
+                &f[r * s.cols..(r + 1) * s.cols],
+            );
             let q = quantize_row(wr, fr, seed_bits);
             let mut planes = vec![0u32; 8 * words];
             pack_row(&q.indices, &mut planes);
-            let luts: Vec<Vec<f16>> = q.luts.iter().map(|l| l.iter().map(|&v| f16::from_f32(v)).collect()).collect();
+            let luts: Vec<Vec<f16>> = q
+                .luts
+                .iter()
+                .map(|l| l.iter().map(|&v| f16::from_f32(v)).collect())
+                .collect();
             // Errors of what is deployed: the f16-rounded centroids.
             let errs = (0..nb)
                 .map(|i| {
                     let b = seed_bits + i as u32;
-                    let deq: Vec<f32> = q.indices.iter().map(|&ix| luts[i][(ix >> (8 - b)) as usize].to_f32()).collect();
+                    let deq: Vec<f32> = q
+                        .indices
+                        .iter()
+                        .map(|&ix| luts[i][(ix >> (8 - b)) as usize].to_f32())
+                        .collect();
                     weighted_error(wr, fr, &deq)
                 })
                 .collect();
@@ -101,10 +127,15 @@ fn quantize_linear(ck: &Checkpoint, sens: Option<&Checkpoint>, s: &LinearSpec, s
         })
         .collect();
     // Plane-major: plane j of every row, then plane j+1 (docs/format.md).
-    let mut out = Quantized { planes: vec![0; 8 * s.rows * words], luts: vec![Vec::new(); nb], errors: vec![0.0; nb] };
+    let mut out = Quantized {
+        planes: vec![0; 8 * s.rows * words],
+        luts: vec![Vec::new(); nb],
+        errors: vec![0.0; nb],
+    };
     for (r, (p, l, e)) in rows.into_iter().enumerate() {
         for (j, plane) in p.chunks(words).enumerate() {
-            out.planes[(j * s.rows + r) * words..(j * s.rows + r + 1) * words].copy_from_slice(plane);
+            out.planes[(j * s.rows + r) * words..(j * s.rows + r + 1) * words]
+                .copy_from_slice(plane);
         }
         for i in 0..nb {
             out.luts[i].extend(&l[i]);
@@ -163,7 +194,11 @@ pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<CheckedSource>
     let cfg = ModelConfig::from_dir(src)?;
     let ck = Checkpoint::open(src)?;
     cfg.check_layer_count(&ck)?;
-    let linears: BTreeMap<String, ()> = cfg.linears().iter().map(|s| (s.weight_name(), ())).collect();
+    let linears: BTreeMap<String, ()> = cfg
+        .linears()
+        .iter()
+        .map(|s| (s.weight_name(), ()))
+        .collect();
     for (name, info) in ck.tensors() {
         if dpllm_format::checkpoint::float_dtype(info.dtype).is_none() {
             continue;
@@ -178,7 +213,12 @@ pub fn check_source(src: &Path, opts: &QuantizeOptions) -> Result<CheckedSource>
             }
         }
     }
-    Ok(CheckedSource { dir: src.to_path_buf(), cfg, ck, seed_bits: opts.seed_bits })
+    Ok(CheckedSource {
+        dir: src.to_path_buf(),
+        cfg,
+        ck,
+        seed_bits: opts.seed_bits,
+    })
 }
 
 /// Quantize the checkpoint in `src` into a new any-precision model directory `out`
@@ -191,41 +231,80 @@ pub fn quantize_model(src: &Path, out: &Path, opts: &QuantizeOptions) -> Result<
     let mut staging = StagingDir::new(out, OutputKind::AnyPrecModel, opts.overwrite)?;
     let report = quantize_into(&source, &staging, opts)?;
     staging.set_inputs(opts.inputs.clone());
-    staging.publish().with_context(|| format!("cannot move the result to {}", out.display()))?;
+    staging
+        .publish()
+        .with_context(|| format!("cannot move the result to {}", out.display()))?;
     Ok(report)
 }
 
 /// Quantize the checked `source` into `staging` (with `opts.seed_bits`, which must
 /// be the seed it was checked for) and load the result back (the same loader every
 /// later run uses) before it may be published.
-pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &QuantizeOptions) -> Result<QuantizeReport> {
-    ensure!(opts.seed_bits == source.seed_bits, "the source was checked for a {}-bit seed, not {}", source.seed_bits, opts.seed_bits);
+pub fn quantize_into(
+    source: &CheckedSource,
+    staging: &StagingDir,
+    opts: &QuantizeOptions,
+) -> Result<QuantizeReport> {
+    ensure!(
+        opts.seed_bits == source.seed_bits,
+        "the source was checked for a {}-bit seed, not {}",
+        source.seed_bits,
+        opts.seed_bits
+    );
     let (src, cfg, ck) = (source.dir.as_path(), &source.cfg, &source.ck);
-    let sens = opts.sensitivity.as_deref().map(Checkpoint::open_file).transpose().context("cannot open the sensitivity file")?;
+    let sens = opts
+        .sensitivity
+        .as_deref()
+        .map(Checkpoint::open_file)
+        .transpose()
+        .context("cannot open the sensitivity file")?;
     let linears = cfg.linears();
     if let Some(sc) = &sens {
         for s in &linears {
-            let info = sc.info(&s.weight_name()).with_context(|| format!("sensitivity file has no {}", s.weight_name()))?;
+            let info = sc
+                .info(&s.weight_name())
+                .with_context(|| format!("sensitivity file has no {}", s.weight_name()))?;
             if info.shape != [s.rows, s.cols] {
-                bail!("sensitivity {} has shape {:?}, the model {:?}", s.weight_name(), info.shape, [s.rows, s.cols]);
+                bail!(
+                    "sensitivity {} has shape {:?}, the model {:?}",
+                    s.weight_name(),
+                    info.shape,
+                    [s.rows, s.cols]
+                );
             }
         }
     }
     let seed = opts.seed_bits;
     let mut specs = Vec::new();
     let mut sources = Vec::new();
-    let quantized: BTreeMap<String, usize> = linears.iter().enumerate().map(|(i, s)| (s.weight_name(), i)).collect();
+    let quantized: BTreeMap<String, usize> = linears
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.weight_name(), i))
+        .collect();
     for (name, info) in ck.tensors() {
         match quantized.get(name) {
             Some(&li) => {
                 let s = &linears[li];
-                specs.push(TensorSpec { name: anyprec::planes_name(&s.prefix), dtype: "U32", shape: vec![8, s.rows, anyprec::words_per_row(s.cols)] });
+                specs.push(TensorSpec {
+                    name: anyprec::planes_name(&s.prefix),
+                    dtype: "U32",
+                    shape: vec![8, s.rows, anyprec::words_per_row(s.cols)],
+                });
                 sources.push(Source::Planes(li));
                 for b in seed..=STORED_BITS {
-                    specs.push(TensorSpec { name: anyprec::lut_name(&s.prefix, b), dtype: "F16", shape: vec![s.rows, 1 << b] });
+                    specs.push(TensorSpec {
+                        name: anyprec::lut_name(&s.prefix, b),
+                        dtype: "F16",
+                        shape: vec![s.rows, 1 << b],
+                    });
                     sources.push(Source::Lut(li, (b - seed) as usize));
                 }
-                specs.push(TensorSpec { name: anyprec::sq_err_name(&s.prefix), dtype: "F32", shape: vec![(STORED_BITS - seed + 1) as usize] });
+                specs.push(TensorSpec {
+                    name: anyprec::sq_err_name(&s.prefix),
+                    dtype: "F32",
+                    shape: vec![(STORED_BITS - seed + 1) as usize],
+                });
                 sources.push(Source::Errors(li));
             }
             None => {
@@ -237,20 +316,36 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
                 match q8 {
                     Some(q) => {
                         let q = std::sync::Arc::new(q);
-                        specs.push(TensorSpec { name: format!("{name}.q8_0"), dtype: "I8", shape: vec![q.rows, q.cols] });
+                        specs.push(TensorSpec {
+                            name: format!("{name}.q8_0"),
+                            dtype: "I8",
+                            shape: vec![q.rows, q.cols],
+                        });
                         sources.push(Source::Q8Quants(q.clone()));
-                        specs.push(TensorSpec { name: format!("{name}.q8_0_scales"), dtype: "F16", shape: vec![q.rows, q.cols / dpllm_format::q8::Q8_BLOCK] });
+                        specs.push(TensorSpec {
+                            name: format!("{name}.q8_0_scales"),
+                            dtype: "F16",
+                            shape: vec![q.rows, q.cols / dpllm_format::q8::Q8_BLOCK],
+                        });
                         sources.push(Source::Q8Scales(q));
                     }
                     None => {
-                        specs.push(TensorSpec { name: name.to_string(), dtype: dtype_name(info.dtype)?, shape: info.shape.clone() });
+                        specs.push(TensorSpec {
+                            name: name.to_string(),
+                            dtype: dtype_name(info.dtype)?,
+                            shape: info.shape.clone(),
+                        });
                         sources.push(Source::Copy(name.to_string()));
                     }
                 }
             }
         }
     }
-    let missing: Vec<&str> = linears.iter().filter(|s| !ck.contains(&s.weight_name())).map(|s| s.prefix.as_str()).collect();
+    let missing: Vec<&str> = linears
+        .iter()
+        .filter(|s| !ck.contains(&s.weight_name()))
+        .map(|s| s.prefix.as_str())
+        .collect();
     if let Some(m) = missing.first() {
         bail!("checkpoint {} has no weight for {m}", src.display());
     }
@@ -258,9 +353,19 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
     provenance.insert("source".to_string(), src.display().to_string());
     provenance.insert(
         "sensitivity".to_string(),
-        opts.sensitivity_source.clone().unwrap_or_else(|| opts.sensitivity.as_ref().map_or("none (uniform weights)".into(), |p| p.display().to_string())),
+        opts.sensitivity_source.clone().unwrap_or_else(|| {
+            opts.sensitivity
+                .as_ref()
+                .map_or("none (uniform weights)".into(), |p| p.display().to_string())
+        }),
     );
-    let info = AnyPrecInfo { version: anyprec::FORMAT_VERSION, seed_bits: seed, max_bits: STORED_BITS, architecture: cfg.arch.hf_name().into(), provenance };
+    let info = AnyPrecInfo {
+        version: anyprec::FORMAT_VERSION,
+        seed_bits: seed,
+        max_bits: STORED_BITS,
+        architecture: cfg.arch.hf_name().into(),
+        provenance,
+    };
 
     // Everything goes to the staging directory, published by the caller.
     let tmp = staging.path();
@@ -270,60 +375,96 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
             Some(g) => {
                 let (config, _) = dpllm_format::gguf::model::config(g)?;
                 let (tokenizer, tokenizer_config) = dpllm_format::gguf::model::tokenizer_files(g)?;
-                for (name, v) in [("config.json", config), ("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)] {
+                for (name, v) in [
+                    ("config.json", config),
+                    ("tokenizer.json", tokenizer),
+                    ("tokenizer_config.json", tokenizer_config),
+                ] {
                     let p = tmp.join(name);
-                    std::fs::write(&p, serde_json::to_string_pretty(&v)?).with_context(|| format!("cannot write {}", p.display()))?;
+                    std::fs::write(&p, serde_json::to_string_pretty(&v)?)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
                 }
             }
             None => {
                 for f in SIDE_FILES {
                     let p = src.join(f);
                     if p.exists() {
-                        std::fs::copy(&p, tmp.join(f)).with_context(|| format!("cannot copy {}", p.display()))?;
+                        std::fs::copy(&p, tmp.join(f))
+                            .with_context(|| format!("cannot copy {}", p.display()))?;
                     }
                 }
             }
         }
         let total_rows: usize = linears.iter().map(|s| s.rows).sum();
-        let bar = if opts.progress { ProgressBar::new(total_rows as u64) } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("{spinner} quantize [{bar:30}] {pos}/{len} rows {msg} ({eta} left)").unwrap().progress_chars("=> "));
+        let bar = if opts.progress {
+            ProgressBar::new(total_rows as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} quantize [{bar:30}] {pos}/{len} rows {msg} ({eta} left)",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
         let t0 = Instant::now();
         let mut current: Option<(usize, Quantized)> = None;
         let mut errors = Vec::new();
         let weights = tmp.join(anyprec::ANYPREC_WEIGHTS);
-        write_safetensors(&weights, &specs, &info.to_metadata(), |i, w: &mut dyn Write| {
-            let q = |li: usize, cur: &mut Option<(usize, Quantized)>| -> std::io::Result<()> {
-                if cur.as_ref().map(|c| c.0) != Some(li) {
-                    bar.set_message(linears[li].prefix.clone());
-                    let qz = quantize_linear(ck, sens.as_ref(), &linears[li], seed, &bar).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-                    *cur = Some((li, qz));
+        write_safetensors(
+            &weights,
+            &specs,
+            &info.to_metadata(),
+            |i, w: &mut dyn Write| {
+                let q = |li: usize, cur: &mut Option<(usize, Quantized)>| -> std::io::Result<()> {
+                    if cur.as_ref().map(|c| c.0) != Some(li) {
+                        bar.set_message(linears[li].prefix.clone());
+                        let qz = quantize_linear(ck, sens.as_ref(), &linears[li], seed, &bar)
+                            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                        *cur = Some((li, qz));
+                    }
+                    Ok(())
+                };
+                match &sources[i] {
+                    Source::Copy(name) => {
+                        w.write_all(ck.raw(name).map_err(std::io::Error::other)?.1)
+                    }
+                    Source::Q8Quants(q) => {
+                        w.write_all(&q.quants.iter().map(|&v| v as u8).collect::<Vec<u8>>())
+                    }
+                    Source::Q8Scales(q) => w.write_all(
+                        &q.scales
+                            .iter()
+                            .flat_map(|v| v.to_bits().to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                    ),
+                    Source::Planes(li) => {
+                        q(*li, &mut current)?;
+                        let qz = &current.as_ref().unwrap().1;
+                        let bytes: Vec<u8> =
+                            qz.planes.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        w.write_all(&bytes)
+                    }
+                    Source::Lut(li, k) => {
+                        q(*li, &mut current)?;
+                        let bytes: Vec<u8> = current.as_ref().unwrap().1.luts[*k]
+                            .iter()
+                            .flat_map(|v| v.to_bits().to_le_bytes())
+                            .collect();
+                        w.write_all(&bytes)
+                    }
+                    Source::Errors(li) => {
+                        q(*li, &mut current)?;
+                        let e = &current.as_ref().unwrap().1.errors;
+                        errors.push((linears[*li].prefix.clone(), e.clone()));
+                        let bytes: Vec<u8> =
+                            e.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+                        w.write_all(&bytes)
+                    }
                 }
-                Ok(())
-            };
-            match &sources[i] {
-                Source::Copy(name) => w.write_all(ck.raw(name).map_err(std::io::Error::other)?.1),
-                Source::Q8Quants(q) => w.write_all(&q.quants.iter().map(|&v| v as u8).collect::<Vec<u8>>()),
-                Source::Q8Scales(q) => w.write_all(&q.scales.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect::<Vec<u8>>()),
-                Source::Planes(li) => {
-                    q(*li, &mut current)?;
-                    let qz = &current.as_ref().unwrap().1;
-                    let bytes: Vec<u8> = qz.planes.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    w.write_all(&bytes)
-                }
-                Source::Lut(li, k) => {
-                    q(*li, &mut current)?;
-                    let bytes: Vec<u8> = current.as_ref().unwrap().1.luts[*k].iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
-                    w.write_all(&bytes)
-                }
-                Source::Errors(li) => {
-                    q(*li, &mut current)?;
-                    let e = &current.as_ref().unwrap().1.errors;
-                    errors.push((linears[*li].prefix.clone(), e.clone()));
-                    let bytes: Vec<u8> = e.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
-                    w.write_all(&bytes)
-                }
-            }
-        })?;
+            },
+        )?;
         bar.finish_and_clear();
         QuantizeReport {
             linears: linears.len(),
@@ -339,7 +480,8 @@ pub fn quantize_into(source: &CheckedSource, staging: &StagingDir, opts: &Quanti
 
 /// Load the written model back at its highest precision (and its tokenizer), as any later run would.
 fn verify_written(src: &Path, dir: &Path) -> Result<()> {
-    dpllm_engine::Model::load(dir).context("the quantized model does not load back (nothing was published)")?;
+    dpllm_engine::Model::load(dir)
+        .context("the quantized model does not load back (nothing was published)")?;
     if src.join("tokenizer.json").is_file() || dpllm_format::gguf::is_gguf(src) {
         let cfg = ModelConfig::from_dir(dir)?;
         dpllm_engine::tokenizer::TextTokenizer::from_dir(dir, cfg.bos_token_id, &cfg.eos_token_ids)

@@ -28,7 +28,10 @@ impl QuantRow {
     /// The row dequantized at `b` bits.
     pub fn dequantize(&self, b: u32) -> Vec<f32> {
         let lut = self.lut(b);
-        self.indices.iter().map(|&i| lut[(i >> (MAX_BITS - b)) as usize]).collect()
+        self.indices
+            .iter()
+            .map(|&i| lut[(i >> (MAX_BITS - b)) as usize])
+            .collect()
     }
 }
 
@@ -65,7 +68,11 @@ pub fn quantize_row(values: &[f32], weights: &[f32], seed_bits: u32) -> QuantRow
     assert!((1..=MAX_BITS).contains(&seed_bits));
     let row = SortedRow::new(values, weights);
     let mut bounds = optimal_partition(&row, 1 << seed_bits);
-    let first_nonempty = bounds.windows(2).map(|w| row.mean(w[0], w[1])).find(|m| !m.is_nan()).unwrap_or(0.0);
+    let first_nonempty = bounds
+        .windows(2)
+        .map(|w| row.mean(w[0], w[1]))
+        .find(|m| !m.is_nan())
+        .unwrap_or(0.0);
     let seed_lut = {
         // Empty seed clusters (rows shorter than 2^seed_bits) repeat the previous centroid.
         let means: Vec<f64> = bounds.windows(2).map(|w| row.mean(w[0], w[1])).collect();
@@ -98,12 +105,21 @@ pub fn quantize_row(values: &[f32], weights: &[f32], seed_bits: u32) -> QuantRow
             indices[col as usize] = c as u8;
         }
     }
-    QuantRow { seed_bits, indices, luts }
+    QuantRow {
+        seed_bits,
+        indices,
+        luts,
+    }
 }
 
 /// Σ w·(v − q)² of a dequantized row.
 pub fn weighted_error(values: &[f32], weights: &[f32], deq: &[f32]) -> f64 {
-    values.iter().zip(weights).zip(deq).map(|((v, w), q)| *w as f64 * ((v - q) as f64).powi(2)).sum()
+    values
+        .iter()
+        .zip(weights)
+        .zip(deq)
+        .map(|((v, w), q)| *w as f64 * ((v - q) as f64).powi(2))
+        .sum()
 }
 
 #[cfg(test)]
@@ -112,8 +128,12 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn random_row(rng: &mut impl Rng, n: usize) -> (Vec<f32>, Vec<f32>) {
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
-        let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0).powi(4)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0).powi(3))
+            .collect();
+        let w: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(0.0f32..1.0).powi(4))
+            .collect();
         (v, w)
     }
 
@@ -134,7 +154,10 @@ mod tests {
             sorted.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
             for b in 3..=8u32 {
                 let idx: Vec<u8> = sorted.iter().map(|&i| q.indices[i] >> (8 - b)).collect();
-                assert!(idx.windows(2).all(|p| p[0] <= p[1]), "b={b}: clusters are not sorted intervals");
+                assert!(
+                    idx.windows(2).all(|p| p[0] <= p[1]),
+                    "b={b}: clusters are not sorted intervals"
+                );
             }
         }
     }
@@ -145,11 +168,16 @@ mod tests {
         for _ in 0..20 {
             let (v, w) = random_row(&mut rng, 512);
             let q = quantize_row(&v, &w, 3);
-            let errs: Vec<f64> = (3..=8).map(|b| weighted_error(&v, &w, &q.dequantize(b))).collect();
+            let errs: Vec<f64> = (3..=8)
+                .map(|b| weighted_error(&v, &w, &q.dequantize(b)))
+                .collect();
             for p in errs.windows(2) {
                 assert!(p[1] <= p[0] * (1.0 + 1e-9) + 1e-15, "{errs:?}");
             }
-            assert!(errs[5] < errs[0] * 0.05, "8-bit should be far better than 3-bit: {errs:?}");
+            assert!(
+                errs[5] < errs[0] * 0.05,
+                "8-bit should be far better than 3-bit: {errs:?}"
+            );
         }
     }
 
@@ -170,7 +198,9 @@ mod tests {
         let v: Vec<f32> = (0..64).map(|i| i as f32 / 64.0 - 0.5).collect();
         let q = quantize_row(&v, &vec![0.0; 64], 3);
         // Uniform data, uniform weights: 8 equal clusters of 8 consecutive values.
-        let counts = (0..8).map(|c| q.indices.iter().filter(|&&i| i >> 5 == c).count()).collect::<Vec<_>>();
+        let counts = (0..8)
+            .map(|c| q.indices.iter().filter(|&&i| i >> 5 == c).count())
+            .collect::<Vec<_>>();
         assert_eq!(counts, vec![8; 8]);
     }
 }

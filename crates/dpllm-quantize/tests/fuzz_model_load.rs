@@ -19,7 +19,15 @@ fn quantized() -> &'static (tempfile::TempDir, PathBuf) {
     Q.get_or_init(|| {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().join("src");
-        write_tiny_model(&src, &TinySpec { layers: 1, ..TinySpec::default() }, 1).unwrap();
+        write_tiny_model(
+            &src,
+            &TinySpec {
+                layers: 1,
+                ..TinySpec::default()
+            },
+            1,
+        )
+        .unwrap();
         let q = t.path().join("q");
         quantize_model(&src, &q, &QuantizeOptions::default()).unwrap();
         (t, q)
@@ -54,7 +62,13 @@ fn mutate(path: &Path, edits: &[(usize, u8)], truncate: Option<usize>) {
 
 /// Load and, when that works, run two tokens: Ok or Err, nothing else.
 fn load_and_run(dir: &Path) {
-    for opts in [LoadOptions::default(), LoadOptions { max_bits: Some(4), ..Default::default() }] {
+    for opts in [
+        LoadOptions::default(),
+        LoadOptions {
+            max_bits: Some(4),
+            ..Default::default()
+        },
+    ] {
         if let Ok(m) = Model::load_with(dir, &opts) {
             let mut cache = m.new_cache(8);
             let _ = m.forward_all(&[1, 2], &mut cache);
@@ -86,7 +100,11 @@ fn plan(model: &Model) -> Plan {
                 low_bits: 3,
                 high_bits: 4,
                 threshold: 0.5,
-                estimator: EstimatorSpec::Linear { a: 0.1, c: 0.0, r2: 0.9 },
+                estimator: EstimatorSpec::Linear {
+                    a: 0.1,
+                    c: 0.0,
+                    r2: 0.9,
+                },
             })
             .collect(),
     }

@@ -33,7 +33,10 @@ fn gguf_name(hf: &str) -> Option<String> {
         _ => {
             let rest = hf.strip_prefix("model.layers.")?;
             let (layer, suffix) = rest.split_once('.')?;
-            NAMES.iter().find(|(h, _)| *h == suffix).map(|(_, g)| format!("blk.{layer}.{g}"))
+            NAMES
+                .iter()
+                .find(|(h, _)| *h == suffix)
+                .map(|(_, g)| format!("blk.{layer}.{g}"))
         }
     }
 }
@@ -109,7 +112,12 @@ fn put_meta(b: &mut Vec<u8>, key: &str, v: &Meta) {
 
 /// Write the tiny Llama model of `spec` and `seed` (the same weights
 /// [`write_tiny_model`] writes) as an F32 GGUF file at `path`, with `chat_template` in its metadata.
-pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, seed: u64, chat_template: Option<&str>) -> io::Result<()> {
+pub fn write_tiny_gguf(
+    path: &Path,
+    spec: &TinySpec,
+    seed: u64,
+    chat_template: Option<&str>,
+) -> io::Result<()> {
     write_tiny_gguf_with(path, spec, seed, chat_template, false).map(|_| ())
 }
 
@@ -136,9 +144,18 @@ fn q8_0(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
 /// [`write_tiny_gguf`], with the token embedding in Q8_0 blocks when `q8_embedding`
 /// (the hidden size must be a multiple of 32); returns the embedding's values
 /// as the file stores them (row-major [vocab × hidden]).
-pub fn write_tiny_gguf_with(path: &Path, spec: &TinySpec, seed: u64, chat_template: Option<&str>, q8_embedding: bool) -> io::Result<Vec<f32>> {
+pub fn write_tiny_gguf_with(
+    path: &Path,
+    spec: &TinySpec,
+    seed: u64,
+    chat_template: Option<&str>,
+    q8_embedding: bool,
+) -> io::Result<Vec<f32>> {
     if spec.arch != "LlamaForCausalLM" || spec.shards != 1 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "tiny GGUF models are single-file Llama models"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "tiny GGUF models are single-file Llama models",
+        ));
     }
     let src = path.with_extension("hf-src");
     write_tiny_model(&src, spec, seed)?;
@@ -148,9 +165,21 @@ pub fn write_tiny_gguf_with(path: &Path, spec: &TinySpec, seed: u64, chat_templa
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (name, view) in st.tensors() {
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => view
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
         };
         let shape = view.shape().to_vec();
         let values = if name.ends_with("q_proj.weight") {
@@ -160,7 +189,8 @@ pub fn write_tiny_gguf_with(path: &Path, spec: &TinySpec, seed: u64, chat_templa
         } else {
             values
         };
-        let g = gguf_name(&name).ok_or_else(|| io::Error::other(format!("no GGUF name for {name}")))?;
+        let g =
+            gguf_name(&name).ok_or_else(|| io::Error::other(format!("no GGUF name for {name}")))?;
         tensors.push((g, shape, values));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -185,19 +215,30 @@ pub fn write_tiny_gguf_with(path: &Path, spec: &TinySpec, seed: u64, chat_templa
     let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
     tokens.extend(["<s>".to_string(), "</s>".to_string()]);
     assert_eq!(tokens.len(), TINY_VOCAB);
-    let types: Vec<i32> = (0..TINY_VOCAB).map(|i| if i < 256 { 1 } else { 3 }).collect();
+    let types: Vec<i32> = (0..TINY_VOCAB)
+        .map(|i| if i < 256 { 1 } else { 3 })
+        .collect();
     let mut meta = vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("general.name", Meta::Str("tiny".into())),
         ("llama.block_count", Meta::U32(spec.layers as u32)),
         ("llama.context_length", Meta::U32(spec.max_positions as u32)),
         ("llama.embedding_length", Meta::U32(spec.hidden as u32)),
-        ("llama.feed_forward_length", Meta::U32(spec.intermediate as u32)),
+        (
+            "llama.feed_forward_length",
+            Meta::U32(spec.intermediate as u32),
+        ),
         ("llama.attention.head_count", Meta::U32(spec.heads as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(spec.kv_heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            Meta::U32(spec.kv_heads as u32),
+        ),
         ("llama.rope.freq_base", Meta::F32(10000.0)),
         ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
-        ("llama.rope.dimension_count", Meta::U32(spec.head_dim() as u32)),
+        (
+            "llama.rope.dimension_count",
+            Meta::U32(spec.head_dim() as u32),
+        ),
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Meta::Str("default".into())),
         ("tokenizer.ggml.tokens", Meta::Strs(tokens)),

@@ -90,7 +90,10 @@ impl Default for TinySpec {
 impl TinySpec {
     /// The same spec with another architecture.
     pub fn with_arch(arch: &'static str) -> TinySpec {
-        TinySpec { arch, ..TinySpec::default() }
+        TinySpec {
+            arch,
+            ..TinySpec::default()
+        }
     }
 
     /// Per-head dimension (`hidden / heads`).
@@ -157,7 +160,10 @@ impl TinySpec {
 
     /// Total number of parameters (sum of the elements of every tensor written).
     pub fn param_count(&self) -> usize {
-        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// The `config.json` content.
@@ -204,8 +210,14 @@ fn dtype_size(d: Dtype) -> usize {
 fn to_le_bytes(dtype: Dtype, values: &[f32]) -> io::Result<Vec<u8>> {
     Ok(match dtype {
         Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
         other => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -229,12 +241,22 @@ fn write_json(path: &Path, v: &Value) -> io::Result<()> {
 
 fn check_spec(spec: &TinySpec) -> io::Result<()> {
     let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
-    if !["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"]
-        .contains(&spec.arch)
+    if ![
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+    ]
+    .contains(&spec.arch)
     {
         return bad(format!("unknown architecture {:?}", spec.arch));
     }
-    if spec.heads == 0 || spec.kv_heads == 0 || !spec.hidden.is_multiple_of(spec.heads) || !spec.heads.is_multiple_of(spec.kv_heads) {
+    if spec.heads == 0
+        || spec.kv_heads == 0
+        || !spec.hidden.is_multiple_of(spec.heads)
+        || !spec.heads.is_multiple_of(spec.kv_heads)
+    {
         return bad(format!(
             "hidden {} / heads {} / kv_heads {} are inconsistent",
             spec.hidden, spec.heads, spec.kv_heads
@@ -249,11 +271,15 @@ fn check_spec(spec: &TinySpec) -> io::Result<()> {
 /// SmolLM2-135M-Instruct's GGUF as `tools/fetch-smollm2.sh` caches it in the
 /// repository, or None (after printing a SKIP line) when it has not been fetched.
 pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("SKIP: {} is missing (run tools/fetch-smollm2.sh)", p.display());
+        eprintln!(
+            "SKIP: {} is missing (run tools/fetch-smollm2.sh)",
+            p.display()
+        );
         None
     }
 }
@@ -261,11 +287,16 @@ pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
 /// An f32 tiny model of `arch` for gradient tests: tied embeddings for Qwen3,
 /// a sliding window of 5 positions for Mistral.
 pub fn write_tiny_f32(dir: &Path, arch: &'static str, seed: u64) -> io::Result<()> {
-    let spec = TinySpec { dtype: Dtype::F32, tie_embeddings: arch == "Qwen3ForCausalLM", ..TinySpec::with_arch(arch) };
+    let spec = TinySpec {
+        dtype: Dtype::F32,
+        tie_embeddings: arch == "Qwen3ForCausalLM",
+        ..TinySpec::with_arch(arch)
+    };
     write_tiny_model(dir, &spec, seed)?;
     if arch == "MistralForCausalLM" {
         let p = dir.join("config.json");
-        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).map_err(io::Error::other)?;
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(&p)?).map_err(io::Error::other)?;
         v["sliding_window"] = json!(5);
         std::fs::write(&p, v.to_string())?;
     }
@@ -308,7 +339,13 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec, seed: u64) -> io::Result<()
             let n: usize = shape.iter().product();
             let is_norm = name.ends_with("norm.weight");
             let values: Vec<f32> = (0..n)
-                .map(|_| if is_norm { 1.0 + 0.01 * normal(&mut rng) } else { 0.1 * normal(&mut rng) })
+                .map(|_| {
+                    if is_norm {
+                        1.0 + 0.01 * normal(&mut rng)
+                    } else {
+                        0.1 * normal(&mut rng)
+                    }
+                })
                 .collect();
             Ok((name, shape, to_le_bytes(spec.dtype, &values)?))
         })
@@ -355,7 +392,9 @@ pub fn bytes_to_unicode() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -411,7 +450,8 @@ pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> 
     let mut edit = Some(edit);
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut found = false;
     for (n, v) in st.tensors() {
@@ -419,10 +459,24 @@ pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> 
         if n == name && !found {
             found = true;
             let mut values: Vec<f32> = match v.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                other => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is {other:?}"))),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{name} is {other:?}"),
+                    ))
+                }
             };
             if let Some(f) = edit.take() {
                 f(&mut values);
@@ -432,11 +486,18 @@ pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> 
         tensors.push((n, v.dtype(), v.shape().to_vec(), data));
     }
     if !found {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no tensor {name} in {}", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no tensor {name} in {}", path.display()),
+        ));
     }
     let views = tensors
         .iter()
-        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| io::Error::other(e.to_string())))
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| io::Error::other(e.to_string()))
+        })
         .collect::<io::Result<HashMap<String, TensorView>>>()?;
     safetensors::serialize_to_file(views, None, &path).map_err(|e| io::Error::other(e.to_string()))
 }
@@ -445,8 +506,13 @@ pub fn edit_tensor(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<f32>)) -> 
 mod tests {
     use super::*;
 
-    const ARCHS: [&str; 5] =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"];
+    const ARCHS: [&str; 5] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+    ];
 
     fn tmpdir(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("dpllm-testkit-{}-{tag}", std::process::id()));
@@ -464,10 +530,18 @@ mod tests {
             };
             let d = tmpdir(arch);
             write_tiny_model(&d, &spec, 7).unwrap();
-            for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+            for f in [
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "model.safetensors",
+            ] {
                 assert!(d.join(f).is_file(), "{arch}: {f} missing");
             }
-            let cfg: Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+            let cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
+                    .unwrap();
             assert_eq!(cfg["architectures"][0], *arch);
             assert_eq!(cfg["vocab_size"], TINY_VOCAB);
             assert_eq!(cfg["head_dim"], 8);
@@ -477,7 +551,9 @@ mod tests {
             assert_eq!(st.len(), expect.len(), "{arch}");
             let mut params = 0;
             for (name, shape) in &expect {
-                let t = st.tensor(name).unwrap_or_else(|_| panic!("{arch}: {name} missing"));
+                let t = st
+                    .tensor(name)
+                    .unwrap_or_else(|_| panic!("{arch}: {name} missing"));
                 assert_eq!(t.shape(), shape.as_slice(), "{name}");
                 assert_eq!(t.dtype(), spec.dtype);
                 params += t.shape().iter().product::<usize>();
@@ -490,25 +566,45 @@ mod tests {
 
     #[test]
     fn family_specific_tensors() {
-        let names = |arch| TinySpec::with_arch(arch).tensor_shapes().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let names = |arch| {
+            TinySpec::with_arch(arch)
+                .tensor_shapes()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
         let phi = names("Phi3ForCausalLM");
         assert!(phi.contains(&"model.layers.0.self_attn.qkv_proj.weight".to_string()));
         assert!(phi.contains(&"model.layers.1.mlp.gate_up_proj.weight".to_string()));
-        assert!(!phi.iter().any(|n| n.contains("q_proj") || n.contains("gate_proj")));
-        assert!(names("Qwen2ForCausalLM").contains(&"model.layers.0.self_attn.k_proj.bias".to_string()));
-        assert!(names("Qwen3ForCausalLM").contains(&"model.layers.1.self_attn.q_norm.weight".to_string()));
+        assert!(!phi
+            .iter()
+            .any(|n| n.contains("q_proj") || n.contains("gate_proj")));
+        assert!(
+            names("Qwen2ForCausalLM").contains(&"model.layers.0.self_attn.k_proj.bias".to_string())
+        );
+        assert!(names("Qwen3ForCausalLM")
+            .contains(&"model.layers.1.self_attn.q_norm.weight".to_string()));
         // Phi3 qkv: (4 + 2*2) heads * 8 = 64 rows.
         let s = TinySpec::with_arch("Phi3ForCausalLM").tensor_shapes();
-        assert!(s.contains(&("model.layers.0.self_attn.qkv_proj.weight".to_string(), vec![64, 32])));
+        assert!(s.contains(&(
+            "model.layers.0.self_attn.qkv_proj.weight".to_string(),
+            vec![64, 32]
+        )));
     }
 
     #[test]
     fn sharded_layout_and_determinism() {
-        let spec = TinySpec { shards: 3, chat_template: Some("{{ bos_token }}".into()), ..TinySpec::default() };
+        let spec = TinySpec {
+            shards: 3,
+            chat_template: Some("{{ bos_token }}".into()),
+            ..TinySpec::default()
+        };
         let d = tmpdir("sharded");
         write_tiny_model(&d, &spec, 1).unwrap();
-        let idx: Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let idx: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
         let map = idx["weight_map"].as_object().unwrap();
         assert_eq!(map.len(), spec.tensor_shapes().len());
         for s in 1..=3 {
@@ -517,13 +613,19 @@ mod tests {
             assert!(map.values().any(|v| v == &Value::String(f.clone())));
         }
         assert!(!d.join("model.safetensors").exists());
-        let tc: Value = serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer_config.json")).unwrap()).unwrap();
+        let tc: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(tc["chat_template"], "{{ bos_token }}");
         // Same seed, same bytes.
         let d2 = tmpdir("sharded2");
         write_tiny_model(&d2, &spec, 1).unwrap();
         let f = "model-00002-of-00003.safetensors";
-        assert_eq!(std::fs::read(d.join(f)).unwrap(), std::fs::read(d2.join(f)).unwrap());
+        assert_eq!(
+            std::fs::read(d.join(f)).unwrap(),
+            std::fs::read(d2.join(f)).unwrap()
+        );
         std::fs::remove_dir_all(&d).unwrap();
         std::fs::remove_dir_all(&d2).unwrap();
     }
@@ -549,7 +651,15 @@ mod tests {
     fn bad_spec_is_an_error() {
         let d = tmpdir("bad");
         assert!(write_tiny_model(&d, &TinySpec::with_arch("GPT2LMHeadModel"), 0).is_err());
-        assert!(write_tiny_model(&d, &TinySpec { kv_heads: 3, ..TinySpec::default() }, 0).is_err());
+        assert!(write_tiny_model(
+            &d,
+            &TinySpec {
+                kv_heads: 3,
+                ..TinySpec::default()
+            },
+            0
+        )
+        .is_err());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -22,7 +22,11 @@ pub enum BenchCommand {
 pub struct GemvArgs {
     /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
     /// 8B Llama, and docs-llama-12m's up projection).
-    #[arg(long, value_delimiter = ',', default_value = "4096x4096,14336x4096,4096x14336,1024x384")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4096x4096,14336x4096,4096x14336,1024x384"
+    )]
     pub shapes: Vec<String>,
     /// Precisions of the bit-plane weights.
     #[arg(long, value_delimiter = ',', default_value = "3,4,5,6,7,8")]
@@ -47,9 +51,14 @@ pub struct GemvArgs {
 
 /// Parse "ROWSxCOLS" (each at most 2^24).
 fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
-    let bad = || anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS with sizes 1..=16777216 (e.g. 4096x4096)");
+    let bad = || {
+        anyhow::anyhow!("--shapes: {s:?} is not ROWSxCOLS with sizes 1..=16777216 (e.g. 4096x4096)")
+    };
     let (r, c) = s.split_once(['x', 'X']).ok_or_else(bad)?;
-    let (r, c): (usize, usize) = (r.trim().parse().map_err(|_| bad())?, c.trim().parse().map_err(|_| bad())?);
+    let (r, c): (usize, usize) = (
+        r.trim().parse().map_err(|_| bad())?,
+        c.trim().parse().map_err(|_| bad())?,
+    );
     if !(1..=1 << 24).contains(&r) || !(1..=1 << 24).contains(&c) {
         return Err(bad());
     }
@@ -58,7 +67,8 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
 
 /// MiB given on the command line, in bytes (checked).
 fn mib(flag: &str, v: usize) -> anyhow::Result<usize> {
-    v.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("{flag} {v} is too large"))
+    v.checked_mul(1 << 20)
+        .ok_or_else(|| anyhow::anyhow!("{flag} {v} is too large"))
 }
 
 /// Arguments of `bench decode`.
@@ -110,12 +120,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gemv(a) => {
             super::check_json(a.json.as_deref(), &[])?;
             let kernels = if a.kernels.is_empty() {
-                BitplaneKernel::available().iter().map(|k| k.name().to_string()).collect()
+                BitplaneKernel::available()
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .collect()
             } else {
                 a.kernels
             };
             let cfg = GemvBenchConfig {
-                shapes: a.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?,
+                shapes: a
+                    .shapes
+                    .iter()
+                    .map(|s| parse_shape(s))
+                    .collect::<anyhow::Result<_>>()?,
                 bits: a.bits,
                 kernels,
                 min_seconds: a.seconds,

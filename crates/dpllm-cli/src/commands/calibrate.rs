@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use dpllm_calibrate::estimators::FitOptions;
 use dpllm_calibrate::finetune::FinetuneOptions;
-use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions, CalibrationData, FinetuneInit, ThresholdSource};
+use dpllm_calibrate::pipeline::{
+    calibrate, CalibrateOptions, CalibrationData, FinetuneInit, ThresholdSource,
+};
 use dpllm_engine::tokenizer::TextTokenizer;
 
 use super::calib_text::CalibArgs;
@@ -31,7 +33,11 @@ pub struct CalibrationArgs {
     #[arg(long, default_value_t = 5.0)]
     pub budget: f64,
     /// Target average precisions, one plan each (each ≤ the budget).
-    #[arg(long, value_delimiter = ',', default_value = "3.25,3.5,3.75,4.0,4.25,4.5,4.75")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "3.25,3.5,3.75,4.0,4.25,4.5,4.75"
+    )]
     pub targets: Vec<f64>,
     /// Calibration text and fine-tuning sequences (--samples x --seq-len; the paper uses 1000 x 512).
     #[command(flatten)]
@@ -98,17 +104,30 @@ pub enum ThresholdFrom {
 
 impl CalibrationArgs {
     /// Pipeline options and token sequences for calibrating the model in `dir` on `file`.
-    pub fn options_and_data(&self, dir: &Path, file: &Path) -> anyhow::Result<(CalibrateOptions, CalibrationData)> {
+    pub fn options_and_data(
+        &self,
+        dir: &Path,
+        file: &Path,
+    ) -> anyhow::Result<(CalibrateOptions, CalibrationData)> {
         if !dir.join(dpllm_format::anyprec::ANYPREC_WEIGHTS).is_file() {
-            anyhow::bail!("{} is not a dpllm any-precision model: run `dpllm quantize` first", dir.display());
+            anyhow::bail!(
+                "{} is not a dpllm any-precision model: run `dpllm quantize` first",
+                dir.display()
+            );
         }
         if self.estimator_samples == 0 || self.epochs == 0 {
             anyhow::bail!("--estimator-samples and --epochs must be at least 1");
         }
         let config = dpllm_format::ModelConfig::from_dir(dir)?;
         let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
-        let finetune = self.calib.sequences(file, &tok, config.max_position_embeddings)?;
-        let est_args = CalibArgs { samples: self.estimator_samples, seed: self.calib.seed.wrapping_add(1), ..self.calib.clone() };
+        let finetune = self
+            .calib
+            .sequences(file, &tok, config.max_position_embeddings)?;
+        let est_args = CalibArgs {
+            samples: self.estimator_samples,
+            seed: self.calib.seed.wrapping_add(1),
+            ..self.calib.clone()
+        };
         let estimator = est_args.sequences(file, &tok, config.max_position_embeddings)?;
         let opts = CalibrateOptions {
             budget: self.budget,
@@ -120,17 +139,34 @@ impl CalibrationArgs {
                 ThresholdFrom::True => ThresholdSource::True,
                 ThresholdFrom::Estimate => ThresholdSource::Estimate,
             },
-            finetune: FinetuneOptions { lr: self.lr, epochs: self.epochs, alpha: self.alpha, exact_target: !self.no_exact_target, progress: true, ..Default::default() },
+            finetune: FinetuneOptions {
+                lr: self.lr,
+                epochs: self.epochs,
+                alpha: self.alpha,
+                exact_target: !self.no_exact_target,
+                progress: true,
+                ..Default::default()
+            },
             init: match self.init {
                 Init::Static => FinetuneInit::Static,
                 Init::Target => FinetuneInit::Target,
             },
-            fit: FitOptions { steps: self.jl_steps, k: self.jl_k, ..Default::default() },
+            fit: FitOptions {
+                steps: self.jl_steps,
+                k: self.jl_k,
+                ..Default::default()
+            },
             static_plans: !self.no_static,
             progress: true,
             ..Default::default()
         };
-        Ok((opts, CalibrationData { finetune, estimator }))
+        Ok((
+            opts,
+            CalibrationData {
+                finetune,
+                estimator,
+            },
+        ))
     }
 }
 
@@ -140,17 +176,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
     let file = a.calibration.calib.required_file()?;
     let (opts, data) = a.calibration.options_and_data(dir, &file)?;
-    let opts = CalibrateOptions { overwrite: a.force, ..opts };
+    let opts = CalibrateOptions {
+        overwrite: a.force,
+        ..opts
+    };
     let r = calibrate(dir, &data, &opts)?;
     println!(
         "budget {:.2} bits: memory {:.3} bits/weight ({} knapsack), plans in {} ({:.1}s)",
         opts.budget,
         r.memory_bits,
-        if r.exact_knapsack { "exact" } else { "coarsened" },
+        if r.exact_knapsack {
+            "exact"
+        } else {
+            "coarsened"
+        },
         r.budget_dir.display(),
         r.seconds
     );
-    println!("{:>7} {:>9} {:>9} {:>10} {:>9} {:>8} {:>5} {:>7}", "target", "trained P", "plan P", "calib bits", "static", "dynamic", "jl", "last CE");
+    println!(
+        "{:>7} {:>9} {:>9} {:>10} {:>9} {:>8} {:>5} {:>7}",
+        "target", "trained P", "plan P", "calib bits", "static", "dynamic", "jl", "last CE"
+    );
     for t in &r.targets {
         println!(
             "{:>7.2} {:>9.3} {:>9.3} {:>10.3} {:>9} {:>8} {:>5} {:>7.4}",

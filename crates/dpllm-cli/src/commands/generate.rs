@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use dpllm_engine::chat_template::ChatMessage;
 use dpllm_engine::generate::{generate, GenerateOptions};
-use dpllm_engine::session::StopReason;
 use dpllm_engine::sampler::SamplingParams;
+use dpllm_engine::session::StopReason;
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -62,19 +62,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     sampling.validate()?;
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = if a.chat {
-        let tpl = tok
-            .chat_template()
-            .ok_or_else(|| anyhow::anyhow!("--chat: {} has no chat_template in tokenizer_config.json", a.model.display()))?;
+        let tpl = tok.chat_template().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--chat: {} has no chat_template in tokenizer_config.json",
+                a.model.display()
+            )
+        })?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
-            msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
         tok.encode(&tpl.render(&msgs, true)?, false)?
     } else {
         tok.encode(&a.prompt, true)?
     };
-    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling, stop_at_eos: !a.ignore_eos };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling,
+        stop_at_eos: !a.ignore_eos,
+    };
     let mut session = loaded.session(ids.len().saturating_add(a.max_tokens))?;
     let mut stdout = std::io::stdout();
     if !a.chat {
@@ -91,7 +104,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         StopReason::ContextFull => "context full",
         StopReason::Caller => "stopped",
     };
-    let bits = g.decode_bits.effective_bits().map(|b| format!(" | decode effective bits {b:.3}")).unwrap_or_default();
+    let bits = g
+        .decode_bits
+        .effective_bits()
+        .map(|b| format!(" | decode effective bits {b:.3}"))
+        .unwrap_or_default();
     eprintln!(
         "prompt {} tokens in {:.2}s ({:.1} tok/s) | generated {} tokens, {:.2} tok/s | stop: {stop}{bits}",
         g.prompt_tokens,

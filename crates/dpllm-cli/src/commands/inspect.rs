@@ -29,7 +29,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (mut params, mut bytes) = (0usize, 0usize);
     for info in tensors.values() {
         // GGUF tensors are read as f32 but stored in their ggml type: report that.
-        let stored = info.ggml.map_or_else(|| format!("{:?}", info.dtype), |g| format!("{g:?}"));
+        let stored = info
+            .ggml
+            .map_or_else(|| format!("{:?}", info.dtype), |g| format!("{g:?}"));
         let e = by_dtype.entry(stored).or_default();
         e.0 += 1;
         e.1 += info.numel();
@@ -45,20 +47,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("model          {}", dir.display());
     println!("architecture   {}", cfg.arch.hf_name());
     println!("layers         {}", cfg.num_layers);
-    println!("hidden / mlp   {} / {}", cfg.hidden_size, cfg.intermediate_size);
-    println!("heads          {} query, {} key/value (GQA {}:1), head_dim {}", cfg.num_heads, cfg.num_kv_heads, cfg.num_heads / cfg.num_kv_heads, cfg.head_dim);
+    println!(
+        "hidden / mlp   {} / {}",
+        cfg.hidden_size, cfg.intermediate_size
+    );
+    println!(
+        "heads          {} query, {} key/value (GQA {}:1), head_dim {}",
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.num_heads / cfg.num_kv_heads,
+        cfg.head_dim
+    );
     println!("vocab          {}", cfg.vocab_size);
-    println!("context        {} tokens{}", cfg.max_position_embeddings, cfg.sliding_window.map(|w| format!(", sliding window {w}")).unwrap_or_default());
-    println!("rope           theta {}, {rope}, rotary dims {}", cfg.rope.theta, cfg.rotary_dim());
+    println!(
+        "context        {} tokens{}",
+        cfg.max_position_embeddings,
+        cfg.sliding_window
+            .map(|w| format!(", sliding window {w}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "rope           theta {}, {rope}, rotary dims {}",
+        cfg.rope.theta,
+        cfg.rotary_dim()
+    );
     println!("tied embedding {}", cfg.tie_word_embeddings);
     println!("qkv bias       {}  qk-norm {}", cfg.qkv_bias, cfg.qk_norm);
     println!("parameters     {} ({:.2} M)", params, params as f64 / 1e6);
-    println!("weights        {} in {} shard(s)", human(bytes), ck.shard_paths().len());
+    println!(
+        "weights        {} in {} shard(s)",
+        human(bytes),
+        ck.shard_paths().len()
+    );
     for (dt, (n, p, b)) in &by_dtype {
         println!("  {dt:<6} {n:>5} tensors {p:>14} params {:>10}", human(*b));
     }
     let kv_per_token = 2 * cfg.num_layers * cfg.kv_dim() * 4;
-    println!("kv cache       {} per token (f32), {} at full context", human(kv_per_token), human(kv_per_token * cfg.max_position_embeddings));
+    println!(
+        "kv cache       {} per token (f32), {} at full context",
+        human(kv_per_token),
+        human(kv_per_token * cfg.max_position_embeddings)
+    );
     if a.tensors {
         for (name, info) in &tensors {
             println!("  {name:<60} {:?} {:?}", info.dtype, info.shape);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use dpllm_engine::session::{find_plan, PlanKey};
 use dpllm_engine::tokenizer::TextTokenizer;
-use dpllm_engine::{Model, RunPrecision, RuntimePlan, ServedModel, Session};
+use dpllm_engine::{Model, RunPrecision, RuntimePlan, Selector, ServedModel, Session};
 use dpllm_format::plan::PlanKind;
 
 /// Check a `--json` output before any work: its directory exists and is
@@ -34,13 +34,18 @@ const TOKENIZE_BYTES_PER_BYTE: u128 = 16;
 /// Read a UTF-8 text argument (`flag` names it in errors): it must be a non-empty
 /// file that fits in memory once tokenized.
 pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
     if meta.is_dir() {
         anyhow::bail!("{flag} {} is a directory, not a text file", path.display());
     }
     let what = format!("tokenizing {flag} {}", path.display());
-    dpllm_eval::memory::ensure_fits((meta.len() as u128).checked_mul(TOKENIZE_BYTES_PER_BYTE), &what)?;
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    dpllm_eval::memory::ensure_fits(
+        (meta.len() as u128).checked_mul(TOKENIZE_BYTES_PER_BYTE),
+        &what,
+    )?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
     if text.trim().is_empty() {
         anyhow::bail!("{flag} {} is empty", path.display());
     }
@@ -87,6 +92,45 @@ pub struct BitsArg {
     /// residual-stream approximation for q/k/v and gate/up.
     #[arg(long)]
     pub exact_estimator_input: bool,
+    /// With a DP-LLM plan, what each token's decision follows: `estimator` (DP-LLM);
+    /// `oracle`, the true error ||(W_h − W_l)x|| against the same thresholds (the
+    /// upper bound of any estimator; runs both precisions, so it is slow, and
+    /// reports each estimator's correlation with the true error); `random`, the
+    /// plan's share of high-precision tokens drawn at random (the lower bound).
+    #[arg(long, value_enum, default_value_t = SelectArg::Estimator)]
+    pub select: SelectArg,
+}
+
+/// `--select`: what DP-LLM's per-token decisions follow.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SelectArg {
+    /// The plan's error estimators (DP-LLM).
+    #[default]
+    Estimator,
+    /// The true error (upper bound).
+    Oracle,
+    /// A random split with the plan's fractions (lower bound).
+    Random,
+}
+
+impl SelectArg {
+    /// The engine's selector.
+    pub fn selector(self) -> Selector {
+        match self {
+            SelectArg::Estimator => Selector::Estimator,
+            SelectArg::Oracle => Selector::Oracle,
+            SelectArg::Random => Selector::Random { seed: 0 },
+        }
+    }
+
+    /// The method's name in results and reports.
+    pub fn method(self) -> &'static str {
+        match self {
+            SelectArg::Estimator => "dp-llm",
+            SelectArg::Oracle => "oracle",
+            SelectArg::Random => "random",
+        }
+    }
 }
 
 impl BitsArg {
@@ -95,8 +139,14 @@ impl BitsArg {
         if let Some(p) = &self.plan {
             return Ok(Some(p.clone()));
         }
-        let Some(target) = self.target else { return Ok(None) };
-        let kind = if self.static_plan { PlanKind::Static } else { PlanKind::Dynamic };
+        let Some(target) = self.target else {
+            return Ok(None);
+        };
+        let kind = if self.static_plan {
+            PlanKind::Static
+        } else {
+            PlanKind::Dynamic
+        };
         Ok(Some(find_plan(dir, self.budget, target, kind)?))
     }
 }
@@ -136,16 +186,35 @@ pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
     }
     if let Some(path) = bits.plan_path(&dir)? {
         let served = ServedModel::load_for_plan_file(&dir, &path)?;
-        let mut rp = served.plan(&PlanKey::File(path))?;
-        if bits.exact_estimator_input {
+        let mut rp = served.plan(&PlanKey::File(path.clone()))?;
+        if bits.select != SelectArg::Estimator && rp.kind() != PlanKind::Dynamic {
+            anyhow::bail!(
+                "--select {} needs a DP-LLM plan; {} is a static plan",
+                bits.select.method(),
+                path.display()
+            );
+        }
+        if bits.exact_estimator_input || bits.select != SelectArg::Estimator {
             let mut p = (*rp).clone();
-            p.async_estimation = false;
+            p.async_estimation &= !bits.exact_estimator_input;
+            p.selector = bits.select.selector();
             rp = Arc::new(p);
         }
-        return Ok(Loaded { served, precision: RunPrecision::Plan(rp) });
+        return Ok(Loaded {
+            served,
+            precision: RunPrecision::Plan(rp),
+        });
+    }
+    if bits.select != SelectArg::Estimator {
+        anyhow::bail!(
+            "--select {} needs a DP-LLM plan (--target or --plan)",
+            bits.select.method()
+        );
     }
     let served = ServedModel::load(&dir, None, bits.bits)?;
-    let precision = bits.bits.map_or(RunPrecision::Highest, RunPrecision::Uniform);
+    let precision = bits
+        .bits
+        .map_or(RunPrecision::Highest, RunPrecision::Uniform);
     Ok(Loaded { served, precision })
 }
 
@@ -155,11 +224,16 @@ pub fn load(dir: &Path, bits: &BitsArg) -> anyhow::Result<(Loaded, TextTokenizer
     let t = std::time::Instant::now();
     let loaded = load_model(&dir, bits)?;
     let model = loaded.model();
-    let tok = TextTokenizer::from_dir(&dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
+    let tok =
+        TextTokenizer::from_dir(&dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
     let precision = match (loaded.plan(), model.bits_range()) {
         (Some(p), _) => format!(
             ", {} plan: target {:.2} bits, budget {:.2} bits",
-            if p.plan.kind == PlanKind::Static { "static" } else { "DP-LLM" },
+            if p.plan.kind == PlanKind::Static {
+                "static"
+            } else {
+                "DP-LLM"
+            },
             p.plan.target_bits,
             p.plan.budget_bits
         ),

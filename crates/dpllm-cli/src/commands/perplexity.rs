@@ -46,12 +46,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (loaded, tok) = super::load(&a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
-    let reference = a.compare_to.as_deref().map(|r| ServedModel::load(r, None, None)).transpose()?;
+    let reference = a
+        .compare_to
+        .as_deref()
+        .map(|r| ServedModel::load(r, None, None))
+        .transpose()?;
     let mut session = loaded.session(a.ctx)?;
-    let mut ref_session = reference.map(|r| r.session(RunPrecision::Highest, a.ctx)).transpose()?;
-    let r = perplexity_vs(&mut session, ref_session.as_mut(), &ids, a.ctx, a.max_chunks, true)?;
-    let bits = r.effective_bits.map(|b| format!(", effective bits {b:.3}")).unwrap_or_default();
-    let overhead = r.estimator_overhead.map(|o| format!(", estimator work {:.2}% of linear", 100.0 * o)).unwrap_or_default();
+    let mut ref_session = reference
+        .map(|r| r.session(RunPrecision::Highest, a.ctx))
+        .transpose()?;
+    let r = perplexity_vs(
+        &mut session,
+        ref_session.as_mut(),
+        &ids,
+        a.ctx,
+        a.max_chunks,
+        true,
+    )?;
+    let bits = r
+        .effective_bits
+        .map(|b| format!(", effective bits {b:.3}"))
+        .unwrap_or_default();
+    let overhead = r
+        .estimator_overhead
+        .map(|o| format!(", estimator work {:.2}% of linear", 100.0 * o))
+        .unwrap_or_default();
     println!(
         "perplexity {:.4}  (mean NLL {:.4} nats, {} chunks x {} tokens, {} predictions, {:.1} tok/s{bits}{overhead})",
         r.perplexity, r.mean_nll, r.chunks, r.ctx, r.predictions, r.tokens_per_sec
@@ -67,14 +86,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             f.reference_perplexity
         );
     }
+    print_selection(&r.selection);
     if let Some(p) = &a.json {
         let mut extra = serde_json::Map::new();
         extra.insert("model".into(), a.model.display().to_string().into());
         extra.insert("text".into(), a.text.display().to_string().into());
-        extra.insert("text_sha256".into(), dpllm_format::fingerprint::sha256_hex(text.as_bytes()).into());
+        extra.insert(
+            "text_sha256".into(),
+            dpllm_format::fingerprint::sha256_hex(text.as_bytes()).into(),
+        );
         // What ran, so that reports can put results of one method on one line.
         let (method, target) = match (loaded.plan(), loaded.model().bits_range()) {
-            (Some(p), _) => (if p.plan.kind == dpllm_format::plan::PlanKind::Static { "static" } else { "dp-llm" }, Some(p.plan.target_bits)),
+            (Some(p), _) => (
+                if p.plan.kind == dpllm_format::plan::PlanKind::Static {
+                    "static"
+                } else {
+                    a.bits.select.method()
+                },
+                Some(p.plan.target_bits),
+            ),
             (None, Some((_, max))) => ("uniform", Some(a.bits.bits.unwrap_or(max) as f64)),
             (None, None) => ("full precision", None),
         };
@@ -83,4 +113,45 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         dpllm_eval::report::write_json_with(p, &r, extra)?;
     }
     Ok(())
+}
+
+/// The estimators against the true error (oracle runs): a line per linear kind.
+fn print_selection(sel: &[dpllm_eval::perplexity::LinearSelection]) {
+    if sel.is_empty() {
+        return;
+    }
+    let mut kinds: Vec<(String, Vec<&dpllm_eval::perplexity::LinearSelection>)> = Vec::new();
+    for s in sel {
+        let kind = s.name.rsplit('.').next().unwrap_or(&s.name).to_string();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, v)) => v.push(s),
+            None => kinds.push((kind, vec![s])),
+        }
+    }
+    println!(
+        "estimator vs true error on these tokens (mean over the selecting linears of each kind):"
+    );
+    println!(
+        "  {:<10} {:>7} {:>12} {:>10} {:>14} {:>10}",
+        "linear", "count", "correlation", "agreement", "estimate high", "true high"
+    );
+    for (kind, v) in kinds {
+        let mean = |f: &dyn Fn(&dpllm_eval::perplexity::LinearSelection) -> Option<f64>| {
+            let xs: Vec<f64> = v.iter().filter_map(|s| f(s)).collect();
+            if xs.is_empty() {
+                f64::NAN
+            } else {
+                xs.iter().sum::<f64>() / xs.len() as f64
+            }
+        };
+        println!(
+            "  {:<10} {:>7} {:>12.3} {:>9.1}% {:>13.1}% {:>9.1}%",
+            kind,
+            v.len(),
+            mean(&|s| s.correlation),
+            100.0 * mean(&|s| s.agreement),
+            100.0 * mean(&|s| Some(s.estimate_high)),
+            100.0 * mean(&|s| Some(s.true_high))
+        );
+    }
 }

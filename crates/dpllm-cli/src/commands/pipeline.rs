@@ -9,14 +9,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions};
-use dpllm_engine::tokenizer::TextTokenizer;
 use dpllm_engine::session::PlanKey;
+use dpllm_engine::tokenizer::TextTokenizer;
 use dpllm_engine::{RunPrecision, ServedModel};
 use dpllm_eval::perplexity::{perplexity, Perplexity};
 use dpllm_format::fingerprint::{model_fingerprint, sha256_file, sha256_hex};
 use dpllm_format::output::{Manifest, MARKDOWN_MARKER, VERSION};
-use dpllm_format::{check_output, OutputKind};
 use dpllm_format::plan::{self, PlanKind};
+use dpllm_format::{check_output, OutputKind};
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -84,8 +84,19 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-fn eval(served: &ServedModel, ids: &[u32], a: &Args, precision: RunPrecision) -> anyhow::Result<Perplexity> {
-    perplexity(&mut served.session(precision, a.ctx)?, ids, a.ctx, a.max_chunks, true)
+fn eval(
+    served: &ServedModel,
+    ids: &[u32],
+    a: &Args,
+    precision: RunPrecision,
+) -> anyhow::Result<Perplexity> {
+    perplexity(
+        &mut served.session(precision, a.ctx)?,
+        ids,
+        a.ctx,
+        a.max_chunks,
+        true,
+    )
 }
 
 /// `record` with its key: the sha256 of the record's JSON text.
@@ -102,7 +113,9 @@ fn stored_record(path: &Path, kind: OutputKind) -> Option<Value> {
             let ck = dpllm_format::Checkpoint::open_file(path).ok()?;
             serde_json::from_str(ck.metadata().get("inputs")?).ok()
         }
-        OutputKind::Plans => Manifest::read(path).ok().map(|m| m.inputs["inputs"].clone()),
+        OutputKind::Plans => Manifest::read(path)
+            .ok()
+            .map(|m| m.inputs["inputs"].clone()),
         _ => Manifest::read(path).ok().map(|m| m.inputs),
     }
 }
@@ -110,13 +123,21 @@ fn stored_record(path: &Path, kind: OutputKind) -> Option<Value> {
 /// Whether a stage must be computed: false when WORK holds it made from exactly
 /// `record`; true when it is missing, or (with `force`) made from other inputs.
 /// Made from other inputs without `force`: an error naming what differs.
-fn must_compute(path: &Path, kind: OutputKind, record: &Value, force: bool) -> anyhow::Result<bool> {
+fn must_compute(
+    path: &Path,
+    kind: OutputKind,
+    record: &Value,
+    force: bool,
+) -> anyhow::Result<bool> {
     if !path.exists() {
         return Ok(true);
     }
     let stored = stored_record(path, kind);
     if stored.as_ref().map(|s| &s["key"]) == Some(&record["key"]) {
-        eprintln!("reusing {} (made from the same inputs and settings)", path.display());
+        eprintln!(
+            "reusing {} (made from the same inputs and settings)",
+            path.display()
+        );
         return Ok(false);
     }
     let differs: Vec<String> = match stored.as_ref().and_then(Value::as_object) {
@@ -136,7 +157,11 @@ fn must_compute(path: &Path, kind: OutputKind, record: &Value, force: bool) -> a
             differs.join(", ")
         );
     }
-    eprintln!("recomputing {} (made from other inputs: {})", path.display(), differs.join(", "));
+    eprintln!(
+        "recomputing {} (made from other inputs: {})",
+        path.display(),
+        differs.join(", ")
+    );
     Ok(true)
 }
 
@@ -167,14 +192,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let text = super::read_text(&a.text, "--text")?;
-    std::fs::create_dir_all(&a.work).map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
+    std::fs::create_dir_all(&a.work)
+        .map_err(|e| anyhow::anyhow!("cannot create --work {}: {e}", a.work.display()))?;
     check_output(&q, OutputKind::AnyPrecModel, &inputs, true)?;
     check_output(&sens, OutputKind::Sensitivity, &inputs, true)?;
-    let sens_args = CalibArgs { samples: a.sensitivity_samples, ..a.calibration.calib.clone() };
+    let sens_args = CalibArgs {
+        samples: a.sensitivity_samples,
+        ..a.calibration.calib.clone()
+    };
     sens_args.check(dpllm_format::ModelConfig::from_dir(src)?.max_position_embeddings)?;
 
     // What each stage is made from: the source's content, the calibration text's, the settings.
-    eprintln!("fingerprinting {} and {}", src.display(), calib_file.display());
+    eprintln!(
+        "fingerprinting {} and {}",
+        src.display(),
+        calib_file.display()
+    );
     let source = model_fingerprint(src)?;
     let calib_sha = sha256_file(&calib_file)?;
     let c = &a.calibration.calib;
@@ -183,7 +216,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "samples": a.sensitivity_samples, "seq_len": c.seq_len, "seed": c.seed,
     }));
     let seed_bits = QuantizeOptions::default().seed_bits;
-    let model_record = keyed(json!({ "stage": "quantize", "source": source, "sensitivity": sens_record["key"], "seed_bits": seed_bits }));
+    let model_record = keyed(
+        json!({ "stage": "quantize", "source": source, "sensitivity": sens_record["key"], "seed_bits": seed_bits }),
+    );
     let quantize = must_compute(&q, OutputKind::AnyPrecModel, &model_record, a.force)?;
     if quantize {
         if must_compute(&sens, OutputKind::Sensitivity, &sens_record, a.force)? {
@@ -191,7 +226,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             super::sensitivity::compute(src, &sens_args, &calib_file, &sens, &sens_record)?;
         }
         eprintln!("[2/3] quantizing into {}", q.display());
-        let opts = QuantizeOptions { sensitivity: Some(sens.clone()), progress: true, overwrite: a.force, inputs: model_record.clone(), ..Default::default() };
+        let opts = QuantizeOptions {
+            sensitivity: Some(sens.clone()),
+            progress: true,
+            overwrite: a.force,
+            inputs: model_record.clone(),
+            ..Default::default()
+        };
         let r = quantize_model(src, &q, &opts)?;
         eprintln!("quantized {} linears in {:.1}s", r.linears, r.seconds);
     }
@@ -204,8 +245,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "options": plan_settings(&opts),
     }));
     if must_compute(&bdir, OutputKind::Plans, &plans_record, a.force)? {
-        eprintln!("[3/3] calibrating budget {budget} for targets {:?}", a.calibration.targets);
-        let opts = CalibrateOptions { overwrite: a.force, inputs: plans_record, ..opts };
+        eprintln!(
+            "[3/3] calibrating budget {budget} for targets {:?}",
+            a.calibration.targets
+        );
+        let opts = CalibrateOptions {
+            overwrite: a.force,
+            inputs: plans_record,
+            ..opts
+        };
         let r = calibrate(&q, &data, &opts)?;
         eprintln!("calibrated in {:.1}s", r.seconds);
     }
@@ -214,11 +262,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ids = tok.encode(&text, true)?;
     let mut rows = Vec::new();
     let full = ServedModel::load(src, None, None)?;
-    rows.push(Row { method: "full precision".into(), target: None, result: eval(&full, &ids, &a, RunPrecision::Highest)? });
+    rows.push(Row {
+        method: "full precision".into(),
+        target: None,
+        result: eval(&full, &ids, &a, RunPrecision::Highest)?,
+    });
     drop(full);
     let uniform = ServedModel::load(&q, None, Some(a.calibration.max_bits))?;
     for b in a.calibration.min_bits..=a.calibration.max_bits {
-        rows.push(Row { method: "uniform".into(), target: Some(b as f64), result: eval(&uniform, &ids, &a, RunPrecision::Uniform(b))? });
+        rows.push(Row {
+            method: "uniform".into(),
+            target: Some(b as f64),
+            result: eval(&uniform, &ids, &a, RunPrecision::Uniform(b))?,
+        });
     }
     drop(uniform);
     // One model loaded for the budget serves every plan of it: only the small tables change.
@@ -227,11 +283,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for (kind, name) in [(PlanKind::Static, "static"), (PlanKind::Dynamic, "dp-llm")] {
             if plan::plan_path(&bdir, kind, t).is_file() {
                 let rp = served.plan(&PlanKey::Target { target: t, kind })?;
-                rows.push(Row { method: name.into(), target: Some(t), result: eval(&served, &ids, &a, RunPrecision::Plan(rp))? });
+                rows.push(Row {
+                    method: name.into(),
+                    target: Some(t),
+                    result: eval(&served, &ids, &a, RunPrecision::Plan(rp))?,
+                });
             }
         }
     }
-    let report = Report { model: src.display().to_string(), text: a.text.display().to_string(), budget, rows };
+    let report = Report {
+        model: src.display().to_string(),
+        text: a.text.display().to_string(),
+        budget,
+        rows,
+    };
     let table = markdown(&report);
     print!("{table}");
     if let Some(p) = &a.json {
@@ -249,16 +314,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// The results as a Markdown table.
 pub fn markdown(r: &Report) -> String {
-    let mut s = format!("Perplexity of {} on {} (memory budget {:.2} bits for the plans)\n\n", r.model, r.text, r.budget);
+    let mut s = format!(
+        "Perplexity of {} on {} (memory budget {:.2} bits for the plans)\n\n",
+        r.model, r.text, r.budget
+    );
     s.push_str("| method | target / bits | effective bits | perplexity | estimator work |\n|---|---|---|---|---|\n");
     for row in &r.rows {
         s.push_str(&format!(
             "| {} | {} | {} | {:.4} | {} |\n",
             row.method,
             row.target.map_or("-".into(), |t| format!("{t:.2}")),
-            row.result.effective_bits.map_or("16 (bf16)".into(), |b| format!("{b:.3}")),
+            row.result
+                .effective_bits
+                .map_or("16 (bf16)".into(), |b| format!("{b:.3}")),
             row.result.perplexity,
-            row.result.estimator_overhead.map_or("-".into(), |o| format!("{:.2}%", 100.0 * o)),
+            row.result
+                .estimator_overhead
+                .map_or("-".into(), |o| format!("{:.2}%", 100.0 * o)),
         ));
     }
     s

@@ -42,7 +42,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     inputs.extend(a.sensitivity.as_deref());
     inputs.extend(a.calib.calib.as_deref());
     check_output(&a.out, OutputKind::AnyPrecModel, &inputs, a.force)?;
-    let opts = QuantizeOptions { seed_bits: a.seed_bits, progress: true, overwrite: a.force, ..Default::default() };
+    let opts = QuantizeOptions {
+        seed_bits: a.seed_bits,
+        progress: true,
+        overwrite: a.force,
+        ..Default::default()
+    };
     // The source is checked before the sensitivities are computed.
     let checked = check_source(&a.model, &opts)?;
     let mut staging = StagingDir::new(&a.out, OutputKind::AnyPrecModel, a.force)?;
@@ -53,13 +58,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, Some(file)) => {
             let p = staging.scratch()?.join("sensitivity.safetensors");
             super::sensitivity::compute(&a.model, &a.calib, file, &p, &serde_json::Value::Null)?;
-            (Some(p), Some(format!("computed from {} ({} x {} tokens, seed {})", file.display(), a.calib.samples, a.calib.seq_len, a.calib.seed)))
+            (
+                Some(p),
+                Some(format!(
+                    "computed from {} ({} x {} tokens, seed {})",
+                    file.display(),
+                    a.calib.samples,
+                    a.calib.seq_len,
+                    a.calib.seed
+                )),
+            )
         }
         (None, None) => (None, None),
     };
-    let opts = QuantizeOptions { sensitivity, sensitivity_source: origin, ..opts };
+    let opts = QuantizeOptions {
+        sensitivity,
+        sensitivity_source: origin,
+        ..opts
+    };
     let r = quantize_into(&checked, &staging, &opts)?;
-    staging.set_inputs(serde_json::json!({ "source": a.model.display().to_string(), "seed_bits": a.seed_bits }));
+    staging.set_inputs(
+        serde_json::json!({ "source": a.model.display().to_string(), "seed_bits": a.seed_bits }),
+    );
     staging.publish()?;
     println!(
         "quantized {} linears ({:.2} M params) in {:.1}s -> {} ({:.2} MB)",

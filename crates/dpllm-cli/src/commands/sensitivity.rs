@@ -23,10 +23,19 @@ pub struct Args {
 
 /// Compute the sensitivities of `model` on the calibration windows and write them
 /// to `out`, recording `inputs` (what produced them) in its metadata.
-pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs: &serde_json::Value) -> anyhow::Result<()> {
+pub fn compute(
+    model: &Path,
+    calib: &CalibArgs,
+    file: &Path,
+    out: &Path,
+    inputs: &serde_json::Value,
+) -> anyhow::Result<()> {
     // Checked before anything loads (a quantized model is recognised by its weights file).
     if dpllm_format::anyprec::is_anyprec_dir(model) {
-        anyhow::bail!("{} is already quantized; sensitivities come from the full-precision model", model.display());
+        anyhow::bail!(
+            "{} is already quantized; sensitivities come from the full-precision model",
+            model.display()
+        );
     }
     calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
     let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
@@ -35,7 +44,12 @@ pub fn compute(model: &Path, calib: &CalibArgs, file: &Path, out: &Path, inputs:
     let t = std::time::Instant::now();
     let s = accumulate_sensitivities(m, &seqs, true)?;
     save(&s, out, inputs)?;
-    eprintln!("sensitivities of {} linears written to {} in {:.1}s", s.tensors().count(), out.display(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "sensitivities of {} linears written to {} in {:.1}s",
+        s.tensors().count(),
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -45,9 +59,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
     let file = a.calib.required_file()?;
     let out = a.out.clone().unwrap_or_else(|| {
-        let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        PathBuf::from(format!("{}.sensitivity.safetensors", name.unwrap_or_else(|| "model".into())))
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        PathBuf::from(format!(
+            "{}.sensitivity.safetensors",
+            name.unwrap_or_else(|| "model".into())
+        ))
     });
     check_output(&out, OutputKind::Sensitivity, &[dir, &file], false)?;
-    compute(dir, &a.calib, &file, &out, &serde_json::json!({ "model": dir.display().to_string() }))
+    compute(
+        dir,
+        &a.calib,
+        &file,
+        &out,
+        &serde_json::json!({ "model": dir.display().to_string() }),
+    )
 }

@@ -17,13 +17,21 @@ pub const TIME_LIMIT: Duration = Duration::from_secs(300);
 /// `dpllm --threads 2 ARGS...` as a command, not started.
 pub fn command(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dpllm"));
-    c.arg("--threads").arg("2").args(args).env_remove("DPLLM_LOG").stdin(Stdio::null());
+    c.arg("--threads")
+        .arg("2")
+        .args(args)
+        .env_remove("DPLLM_LOG")
+        .stdin(Stdio::null());
     c
 }
 
 /// Run `dpllm --threads 2 ARGS...`, failing the test if it runs past `limit`.
 pub fn dpllm_within(args: &[&str], limit: Duration) -> Output {
-    let mut child = command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cannot start the dpllm binary");
+    let mut child = command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the dpllm binary");
     let start = Instant::now();
     while child.try_wait().expect("wait").is_none() {
         if start.elapsed() > limit {
@@ -52,7 +60,11 @@ pub fn stderr(o: &Output) -> String {
 pub fn ok(args: &[&str]) -> (String, String) {
     let o = dpllm(args);
     let (out, err) = (stdout(&o), stderr(&o));
-    assert!(o.status.success(), "dpllm {args:?} failed ({:?})\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    assert!(
+        o.status.success(),
+        "dpllm {args:?} failed ({:?})\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
     (out, err)
 }
 
@@ -61,12 +73,25 @@ pub fn ok(args: &[&str]) -> (String, String) {
 pub fn check_fails(o: &Output, args: &[&str], phrases: &[&str]) -> String {
     let err = stderr(o);
     let code = o.status.code();
-    assert!(!o.status.success(), "dpllm {args:?} should fail\nstdout:\n{}\nstderr:\n{err}", stdout(o));
-    assert!(code.is_some() && code != Some(101), "dpllm {args:?} exited with {code:?} (panic or signal?)\nstderr:\n{err}");
+    assert!(
+        !o.status.success(),
+        "dpllm {args:?} should fail\nstdout:\n{}\nstderr:\n{err}",
+        stdout(o)
+    );
+    assert!(
+        code.is_some() && code != Some(101),
+        "dpllm {args:?} exited with {code:?} (panic or signal?)\nstderr:\n{err}"
+    );
     assert!(!err.contains("panicked"), "dpllm {args:?} panicked:\n{err}");
-    assert!(err.contains("error:"), "dpllm {args:?}: no `error:` on stderr:\n{err}");
+    assert!(
+        err.contains("error:"),
+        "dpllm {args:?}: no `error:` on stderr:\n{err}"
+    );
     for p in phrases {
-        assert!(err.contains(p), "dpllm {args:?}: stderr lacks {p:?}:\n{err}");
+        assert!(
+            err.contains(p),
+            "dpllm {args:?}: stderr lacks {p:?}:\n{err}"
+        );
     }
     err
 }
@@ -91,33 +116,47 @@ pub fn s(p: &Path) -> &str {
 /// A few KB of English-like text.
 pub fn sample_text() -> String {
     let words = [
-        "the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "standard", "output", "while", "each",
-        "layer", "keeps", "its", "cache", "of", "keys", "values", "for", "every", "position", "in", "context",
+        "the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "standard",
+        "output", "while", "each", "layer", "keeps", "its", "cache", "of", "keys", "values", "for",
+        "every", "position", "in", "context",
     ];
     let mut out = String::new();
     let mut x: u64 = 12345;
     while out.len() < 4096 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         out.push_str(words[(x >> 33) as usize % words.len()]);
-        out.push(if (x >> 20).is_multiple_of(11) { '\n' } else { ' ' });
+        out.push(if (x >> 20).is_multiple_of(11) {
+            '\n'
+        } else {
+            ' '
+        });
     }
     out
 }
 
 pub fn json_file(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Names of the entries of `dir`, sorted.
 pub fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
 
 /// Hidden entries of `dir` (dpllm's temporaries are hidden).
 pub fn hidden(dir: &Path) -> Vec<String> {
-    entries(dir).into_iter().filter(|n| n.starts_with('.')).collect()
+    entries(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect()
 }
 
 /// A tiny default model (`dir/model`), a sample text (`dir/text.txt`) and the
@@ -136,5 +175,10 @@ pub fn tiny_quantized(seed: u64) -> Quantized {
     std::fs::write(&text, sample_text()).unwrap();
     let q = dir.path().join("q");
     ok(&["quantize", s(&model), "--out", s(&q)]);
-    Quantized { dir, model, text, q }
+    Quantized {
+        dir,
+        model,
+        text,
+        q,
+    }
 }

@@ -21,7 +21,10 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), String> 
         return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
     }
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let within = (*g as f64 - w).abs().partial_cmp(&(tol * (1.0 + w.abs()))).is_some_and(|o| o.is_le());
+        let within = (*g as f64 - w)
+            .abs()
+            .partial_cmp(&(tol * (1.0 + w.abs())))
+            .is_some_and(|o| o.is_le());
         if !within {
             return Err(format!("{what}: element {i} is {g}, want {w}"));
         }
@@ -34,11 +37,20 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 }
 
 /// y = x·Wᵀ (+ b) in f64.
-fn matmul_ref(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f64> {
+fn matmul_ref(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
     let mut y = vec![0f64; n * rows];
     for t in 0..n {
         for r in 0..rows {
-            let dot: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+            let dot: f64 = (0..cols)
+                .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
+                .sum();
             y[t * rows + r] = dot + bias.map_or(0.0, |b| b[r] as f64);
         }
     }
@@ -69,10 +81,26 @@ fn random_anyprec(rng: &mut StdRng, rows: usize, cols: usize, bias: bool) -> Any
     let mut planes: Vec<u32> = (0..8 * rows * words).map(|_| rng.random()).collect();
     if !cols.is_multiple_of(32) {
         let mask = (1u32 << (cols % 32)) - 1;
-        planes.chunks_mut(words).for_each(|row| row[words - 1] &= mask);
+        planes
+            .chunks_mut(words)
+            .for_each(|row| row[words - 1] &= mask);
     }
-    let luts = (3..=8).map(|b| (0..rows << b).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()).collect();
-    AnyPrecHost { rows, cols, seed_bits: 3, max_bits: 8, planes, luts, bias: bias.then(|| rand_vec(rng, rows)) }
+    let luts = (3..=8)
+        .map(|b| {
+            (0..rows << b)
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect()
+        })
+        .collect();
+    AnyPrecHost {
+        rows,
+        cols,
+        seed_bits: 3,
+        max_bits: 8,
+        planes,
+        luts,
+        bias: bias.then(|| rand_vec(rng, rows)),
+    }
 }
 
 /// Run every op of `be` on random inputs and compare with the references;
@@ -85,39 +113,84 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     // Elementwise ops, norms, copies.
     let (x, y) = (rand_vec(&mut rng, n * d), rand_vec(&mut rng, n * d));
     let w: Vec<f32> = (0..d).map(|_| rng.random_range(0.5..1.5)).collect();
-    let (bx, by, bw) = (be.upload(&x).map_err(e)?, be.upload(&y).map_err(e)?, be.upload(&w).map_err(e)?);
+    let (bx, by, bw) = (
+        be.upload(&x).map_err(e)?,
+        be.upload(&y).map_err(e)?,
+        be.upload(&w).map_err(e)?,
+    );
     let norm_ref = |x: &[f32], w: &[f32]| -> Vec<f64> {
         x.chunks(w.len())
             .flat_map(|r| {
-                let inv = 1.0 / (r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / r.len() as f64 + 1e-5).sqrt();
-                r.iter().zip(w).map(move |(v, g)| *v as f64 * inv * *g as f64).collect::<Vec<_>>()
+                let inv = 1.0
+                    / (r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / r.len() as f64 + 1e-5)
+                        .sqrt();
+                r.iter()
+                    .zip(w)
+                    .map(move |(v, g)| *v as f64 * inv * *g as f64)
+                    .collect::<Vec<_>>()
             })
             .collect()
     };
     let mut out = be.zeros(n * d).map_err(e)?;
     be.rms_norm(&bx, &bw, 1e-5, &mut out);
-    close("rms_norm", &be.download(out).map_err(e)?, &norm_ref(&x, &w), 1e-5)?;
+    close(
+        "rms_norm",
+        &be.download(out).map_err(e)?,
+        &norm_ref(&x, &w),
+        1e-5,
+    )?;
     let mut inplace = be.upload(&x).map_err(e)?;
     be.rms_norm_inplace(&mut inplace, &be.upload(&w[..8]).map_err(e)?, 1e-5);
-    close("rms_norm_inplace", &be.download(inplace).map_err(e)?, &norm_ref(&x, &w[..8]), 1e-5)?;
+    close(
+        "rms_norm_inplace",
+        &be.download(inplace).map_err(e)?,
+        &norm_ref(&x, &w[..8]),
+        1e-5,
+    )?;
     let mut h = be.upload(&x).map_err(e)?;
     be.add(&mut h, &by);
-    close("add", &be.download(h).map_err(e)?, &x.iter().zip(&y).map(|(a, b)| *a as f64 + *b as f64).collect::<Vec<_>>(), 1e-6)?;
+    close(
+        "add",
+        &be.download(h).map_err(e)?,
+        &x.iter()
+            .zip(&y)
+            .map(|(a, b)| *a as f64 + *b as f64)
+            .collect::<Vec<_>>(),
+        1e-6,
+    )?;
     let mut g = be.upload(&x).map_err(e)?;
     be.swiglu(&mut g, &by);
     let silu = |v: f64| v / (1.0 + (-v).exp());
-    close("swiglu", &be.download(g).map_err(e)?, &x.iter().zip(&y).map(|(a, b)| silu(*a as f64) * *b as f64).collect::<Vec<_>>(), 1e-5)?;
+    close(
+        "swiglu",
+        &be.download(g).map_err(e)?,
+        &x.iter()
+            .zip(&y)
+            .map(|(a, b)| silu(*a as f64) * *b as f64)
+            .collect::<Vec<_>>(),
+        1e-5,
+    )?;
     let mut c = be.zeros(0).map_err(e)?;
     be.copy(&bx, &mut c);
     close("copy", &be.download(c).map_err(e)?, &f64s(&x), 0.0)?;
-    close("rows", &be.download(be.rows(&bx, d, 2, 2).map_err(e)?).map_err(e)?, &f64s(&x[2 * d..4 * d]), 0.0)?;
+    close(
+        "rows",
+        &be.download(be.rows(&bx, d, 2, 2).map_err(e)?).map_err(e)?,
+        &f64s(&x[2 * d..4 * d]),
+        0.0,
+    )?;
     let (mut p1, mut p2) = (be.zeros(n * 16).map_err(e)?, be.zeros(n * 32).map_err(e)?);
     be.split_columns(&bx, n, &mut [&mut p1, &mut p2]);
     let want: Vec<f64> = x.chunks(d).flat_map(|r| f64s(&r[16..])).collect();
     close("split_columns", &be.download(p2).map_err(e)?, &want, 0.0)?;
     let mut bad = x.clone();
     bad[7] = f32::NAN;
-    if be.first_non_finite(&be.upload(&bad).map_err(e)?).map_err(e)? != Some(7) || be.first_non_finite(&bx).map_err(e)?.is_some() {
+    if be
+        .first_non_finite(&be.upload(&bad).map_err(e)?)
+        .map_err(e)?
+        != Some(7)
+        || be.first_non_finite(&bx).map_err(e)?.is_some()
+    {
         return Err("first_non_finite: wrong index".into());
     }
 
@@ -135,23 +208,44 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         ];
         for t in stored {
             let wr = t.to_f32();
-            let dense = be.dense(DenseHost::Float(Arc::new(t)), rows, cols, Some(bias.clone())).map_err(e)?;
+            let dense = be
+                .dense(
+                    DenseHost::Float(Arc::new(t)),
+                    rows,
+                    cols,
+                    Some(bias.clone()),
+                )
+                .map_err(e)?;
             let mut ym = be.zeros(m * rows).map_err(e)?;
             be.dense_linear(&dense, &bxm, m, &mut ym);
-            close("dense_linear", &be.download(ym).map_err(e)?, &matmul_ref(&wr, rows, cols, &xm, m, Some(&bias)), 1e-4)?;
+            close(
+                "dense_linear",
+                &be.download(ym).map_err(e)?,
+                &matmul_ref(&wr, rows, cols, &xm, m, Some(&bias)),
+                1e-4,
+            )?;
         }
         // 8-bit blocks: columns a multiple of 32.
         let q8 = Q8Matrix {
             rows,
             cols: 64,
-            scales: (0..rows * 2).map(|_| f16::from_f32(rng.random_range(-0.05..0.05))).collect(),
+            scales: (0..rows * 2)
+                .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+                .collect(),
             quants: (0..rows * 64).map(|_| rng.random()).collect(),
         };
         let (wq8, x64) = (q8.to_f32(), rand_vec(&mut rng, m * 64));
-        let dense = be.dense(DenseHost::Q8_0(Arc::new(q8)), rows, 64, None).map_err(e)?;
+        let dense = be
+            .dense(DenseHost::Q8_0(Arc::new(q8)), rows, 64, None)
+            .map_err(e)?;
         let mut ym = be.zeros(m * rows).map_err(e)?;
         be.dense_linear(&dense, &be.upload(&x64).map_err(e)?, m, &mut ym);
-        close("dense_linear (q8_0)", &be.download(ym).map_err(e)?, &matmul_ref(&wq8, rows, 64, &x64, m, None), 1e-4)?;
+        close(
+            "dense_linear (q8_0)",
+            &be.download(ym).map_err(e)?,
+            &matmul_ref(&wq8, rows, 64, &x64, m, None),
+            1e-4,
+        )?;
         let host = random_anyprec(&mut rng, rows, cols, true);
         let refs: Vec<(u32, Vec<f32>)> = (3..=8).map(|b| (b, dequant_ref(&host, b))).collect();
         let hb = host.bias.clone();
@@ -159,34 +253,89 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         for (b, wq) in refs {
             let mut ym = be.zeros(m * rows).map_err(e)?;
             be.anyprec_linear(&q, &bxm, m, b, &mut ym);
-            close(&format!("anyprec_linear at {b} bits"), &be.download(ym).map_err(e)?, &matmul_ref(&wq, rows, cols, &xm, m, hb.as_deref()), 1e-4)?;
+            close(
+                &format!("anyprec_linear at {b} bits"),
+                &be.download(ym).map_err(e)?,
+                &matmul_ref(&wq, rows, cols, &xm, m, hb.as_deref()),
+                1e-4,
+            )?;
         }
     }
-    let table = be.dense(DenseHost::Float(Arc::new(TensorData::F32(wf.clone()))), rows, cols, None).map_err(e)?;
+    let table = be
+        .dense(
+            DenseHost::Float(Arc::new(TensorData::F32(wf.clone()))),
+            rows,
+            cols,
+            None,
+        )
+        .map_err(e)?;
     let mut emb = be.zeros(2 * cols).map_err(e)?;
     be.embed(&table, &[4, 36], &mut emb);
-    let want: Vec<f64> = f64s(&wf[4 * cols..5 * cols]).into_iter().chain(f64s(&wf[36 * cols..])).collect();
+    let want: Vec<f64> = f64s(&wf[4 * cols..5 * cols])
+        .into_iter()
+        .chain(f64s(&wf[36 * cols..]))
+        .collect();
     close("embed", &be.download(emb).map_err(e)?, &want, 0.0)?;
 
     // Estimators, decisions, gather/scatter.
     let k = 6;
     let gw = rand_vec(&mut rng, k * d);
-    let jl = Estimator::<B>::Jl { k, g: be.dense(DenseHost::Float(Arc::new(TensorData::F32(gw.clone()))), k, d, None).map_err(e)?, bias: 0.1 };
-    let est_ref: Vec<f64> = matmul_ref(&gw, k, d, &x, n, None).chunks(k).map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt() + 0.1).collect();
+    let jl = Estimator::<B>::Jl {
+        k,
+        g: be
+            .dense(
+                DenseHost::Float(Arc::new(TensorData::F32(gw.clone()))),
+                k,
+                d,
+                None,
+            )
+            .map_err(e)?,
+        bias: 0.1,
+    };
+    let est_ref: Vec<f64> = matmul_ref(&gw, k, d, &x, n, None)
+        .chunks(k)
+        .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt() + 0.1)
+        .collect();
     let mut sorted = est_ref.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let tau = ((sorted[1] + sorted[2]) / 2.0) as f32;
+    close(
+        "estimates (projection)",
+        &be.download(be.estimates(&jl, &bx, n).map_err(e)?)
+            .map_err(e)?,
+        &est_ref,
+        1e-4,
+    )?;
     let mask = be.estimate(&jl, &bx, n, tau).map_err(e)?;
+    let from_values = be
+        .threshold_mask(&be.upload(&[0.5, -1.0, 2.0]).map_err(e)?, 0.5)
+        .map_err(e)?;
+    if be.mask_count(&from_values).map_err(e)? != 1 {
+        return Err("threshold_mask: of 0.5, -1 and 2 only 2 is above 0.5".into());
+    }
     if be.mask_count(&mask).map_err(e)? != n - 2 {
-        return Err(format!("estimate (projection): {} tokens above the threshold, want {}", be.mask_count(&mask).map_err(e)?, n - 2));
+        return Err(format!(
+            "estimate (projection): {} tokens above the threshold, want {}",
+            be.mask_count(&mask).map_err(e)?,
+            n - 2
+        ));
     }
     let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
-    if be.mask_count(&be.estimate(&lin, &bx, n, 0.5).map_err(e)?).map_err(e)? != n {
+    if be
+        .mask_count(&be.estimate(&lin, &bx, n, 0.5).map_err(e)?)
+        .map_err(e)?
+        != n
+    {
         return Err("estimate (norm regression): a constant estimate above the threshold must select every token".into());
     }
     let high_rows: Vec<usize> = (0..n).filter(|&t| est_ref[t] > tau as f64).collect();
-    let gathered = be.download(be.gather_rows(&bx, d, &mask, true).map_err(e)?).map_err(e)?;
-    let want: Vec<f64> = high_rows.iter().flat_map(|&t| f64s(&x[t * d..(t + 1) * d])).collect();
+    let gathered = be
+        .download(be.gather_rows(&bx, d, &mask, true).map_err(e)?)
+        .map_err(e)?;
+    let want: Vec<f64> = high_rows
+        .iter()
+        .flat_map(|&t| f64s(&x[t * d..(t + 1) * d]))
+        .collect();
     close("gather_rows", &gathered, &want, 0.0)?;
     let mut dst = be.upload(&y).map_err(e)?;
     be.scatter_rows(&be.upload(&gathered).map_err(e)?, d, &mask, true, &mut dst);
@@ -197,10 +346,21 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     close("scatter_rows", &be.download(dst).map_err(e)?, &want, 0.0)?;
 
     // RoPE and attention over the backend's KV cache.
-    let shape = AttnShape { num_heads: 4, num_kv_heads: 2, head_dim: 8, window: Some(6) };
+    let shape = AttnShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        window: Some(6),
+    };
     let (pos0, m) = (5usize, 3usize);
     let (qd, kvd, rot) = (32usize, 16usize, 8usize);
-    let table: Vec<f32> = (0..pos0 + m).flat_map(|p| (0..rot / 2).map(move |i| (p as f64 * 0.3f64.powi(i as i32)).cos() as f32).chain((0..rot / 2).map(move |i| (p as f64 * 0.3f64.powi(i as i32)).sin() as f32))).collect();
+    let table: Vec<f32> = (0..pos0 + m)
+        .flat_map(|p| {
+            (0..rot / 2)
+                .map(move |i| (p as f64 * 0.3f64.powi(i as i32)).cos() as f32)
+                .chain((0..rot / 2).map(move |i| (p as f64 * 0.3f64.powi(i as i32)).sin() as f32))
+        })
+        .collect();
     let q = rand_vec(&mut rng, m * qd);
     let mut bq = be.upload(&q).map_err(e)?;
     be.rope(&mut bq, 4, 8, rot, pos0, &be.upload(&table).map_err(e)?);
@@ -219,32 +379,63 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     }
     let q_rot = be.download(bq).map_err(e)?;
     close("rope", &q_rot, &q_ref, 1e-6)?;
-    let (keys, values) = (rand_vec(&mut rng, (pos0 + m) * kvd), rand_vec(&mut rng, (pos0 + m) * kvd));
+    let (keys, values) = (
+        rand_vec(&mut rng, (pos0 + m) * kvd),
+        rand_vec(&mut rng, (pos0 + m) * kvd),
+    );
     let mut kv = be.kv_new(2, kvd);
     for (a, b) in [(0, pos0), (pos0, pos0 + m)] {
-        be.kv_append(&mut kv, 1, &be.upload(&keys[a * kvd..b * kvd]).map_err(e)?, &be.upload(&values[a * kvd..b * kvd]).map_err(e)?).map_err(e)?;
+        be.kv_append(
+            &mut kv,
+            1,
+            &be.upload(&keys[a * kvd..b * kvd]).map_err(e)?,
+            &be.upload(&values[a * kvd..b * kvd]).map_err(e)?,
+        )
+        .map_err(e)?;
     }
     let mut att = be.zeros(m * qd).map_err(e)?;
-    be.attention(&be.upload(&q_rot).map_err(e)?, &kv, 1, pos0, shape, &mut att);
+    be.attention(
+        &be.upload(&q_rot).map_err(e)?,
+        &kv,
+        1,
+        pos0,
+        shape,
+        &mut att,
+    );
     let mut att_ref = vec![0f64; m * qd];
     for t in 0..m {
         let pos = pos0 + t;
         for hh in 0..4 {
             let kvh = hh / 2;
             let js: Vec<usize> = (0..=pos).filter(|&j| pos - j < 6).collect();
-            let sc: Vec<f64> = js.iter().map(|&j| (0..8).map(|i| q_rot[t * qd + hh * 8 + i] as f64 * keys[j * kvd + kvh * 8 + i] as f64).sum::<f64>() / 8f64.sqrt()).collect();
+            let sc: Vec<f64> = js
+                .iter()
+                .map(|&j| {
+                    (0..8)
+                        .map(|i| {
+                            q_rot[t * qd + hh * 8 + i] as f64 * keys[j * kvd + kvh * 8 + i] as f64
+                        })
+                        .sum::<f64>()
+                        / 8f64.sqrt()
+                })
+                .collect();
             let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
             let z: f64 = sc.iter().map(|s| (s - mx).exp()).sum();
             for (s, &j) in sc.iter().zip(&js) {
                 for i in 0..8 {
-                    att_ref[t * qd + hh * 8 + i] += (s - mx).exp() / z * values[j * kvd + kvh * 8 + i] as f64;
+                    att_ref[t * qd + hh * 8 + i] +=
+                        (s - mx).exp() / z * values[j * kvd + kvh * 8 + i] as f64;
                 }
             }
         }
     }
     close("attention", &be.download(att).map_err(e)?, &att_ref, 1e-5)?;
     if be.kv_bytes(&kv) != 2 * (pos0 + m) * kvd * 4 {
-        return Err(format!("kv_bytes: {} after {} positions of width {kvd}", be.kv_bytes(&kv), pos0 + m));
+        return Err(format!(
+            "kv_bytes: {} after {} positions of width {kvd}",
+            be.kv_bytes(&kv),
+            pos0 + m
+        ));
     }
     be.kv_truncate(&mut kv, 2);
     if be.kv_bytes(&kv) != 2 * 2 * kvd * 4 {

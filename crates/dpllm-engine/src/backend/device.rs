@@ -66,6 +66,9 @@ mod tests {
         }
         assert!(Device::Cpu.check().is_ok());
         let e = Device::Cuda(0).check().unwrap_err().to_string();
-        assert!(e.contains("not built yet") && e.contains("--device cpu"), "{e}");
+        assert!(
+            e.contains("not built yet") && e.contains("--device cpu"),
+            "{e}"
+        );
     }
 }

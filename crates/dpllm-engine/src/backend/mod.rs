@@ -14,8 +14,8 @@
 //! Shapes: activations are row-major `[n × width]`, one row per token; weights
 //! are `[out × in]` as in Hugging Face checkpoints.
 
-pub mod cpu;
 pub mod conformance;
+pub mod cpu;
 mod device;
 
 use std::sync::Arc;
@@ -176,7 +176,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     // --- weights ---
     /// Take a dense [rows × cols] weight (and bias).
-    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Self::Dense>;
+    fn dense(
+        &self,
+        w: DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self::Dense>;
     /// Take an any-precision weight.
     fn anyprec(&self, w: AnyPrecHost) -> Result<Self::AnyPrec>;
 
@@ -185,7 +191,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn kv_new(&self, layers: usize, kv_dim: usize) -> Self::Kv;
     /// Append the keys and values [n × kv_dim] of new positions to `layer`; memory
     /// that cannot be had is an error.
-    fn kv_append(&self, kv: &mut Self::Kv, layer: usize, k: &Self::Buf, v: &Self::Buf) -> Result<()>;
+    fn kv_append(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+    ) -> Result<()>;
     /// Keep the first `positions` positions of every layer.
     fn kv_truncate(&self, kv: &mut Self::Kv, positions: usize);
     /// Bytes the cache holds.
@@ -200,10 +212,26 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn rms_norm_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, eps: f32);
     /// Rotate `x` [n × heads × head_dim] for positions pos0..pos0+n with a
     /// precomputed table ([position][cos 0..rot/2 | sin 0..rot/2]).
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, rot_dim: usize, pos0: usize, table: &Self::Buf);
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        rot_dim: usize,
+        pos0: usize,
+        table: &Self::Buf,
+    );
     /// Causal attention of queries `q` [n × heads·hd] at positions pos0.. over
     /// `layer` of the cache (which already holds their keys and values).
-    fn attention(&self, q: &Self::Buf, kv: &Self::Kv, layer: usize, pos0: usize, shape: AttnShape, out: &mut Self::Buf);
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        kv: &Self::Kv,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    );
     /// `gate = silu(gate) ⊙ up`.
     fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf);
     /// `h += x`.
@@ -217,15 +245,48 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `y [n × rows] = x [n × cols] · Wᵀ (+ b)`.
     fn dense_linear(&self, w: &Self::Dense, x: &Self::Buf, n: usize, y: &mut Self::Buf);
     /// `y = x · W_bᵀ (+ b)` at `bits` precision.
-    fn anyprec_linear(&self, w: &Self::AnyPrec, x: &Self::Buf, n: usize, bits: u32, y: &mut Self::Buf);
-    /// Per-token decisions: estimate of each row of `x` [n × in] above `threshold`.
-    fn estimate(&self, est: &Estimator<Self>, x: &Self::Buf, n: usize, threshold: f32) -> Result<Self::Mask>;
+    fn anyprec_linear(
+        &self,
+        w: &Self::AnyPrec,
+        x: &Self::Buf,
+        n: usize,
+        bits: u32,
+        y: &mut Self::Buf,
+    );
+    /// The estimate of each row of `x` [n × in], `n` values.
+    fn estimates(&self, est: &Estimator<Self>, x: &Self::Buf, n: usize) -> Result<Self::Buf>;
+    /// Per-token decisions: each of `values` above `threshold`.
+    fn threshold_mask(&self, values: &Self::Buf, threshold: f32) -> Result<Self::Mask>;
+    /// Per-token decisions: estimate of each row of `x` [n × in] above `threshold`
+    /// (a backend may fuse the two steps).
+    fn estimate(
+        &self,
+        est: &Estimator<Self>,
+        x: &Self::Buf,
+        n: usize,
+        threshold: f32,
+    ) -> Result<Self::Mask> {
+        self.threshold_mask(&self.estimates(est, x, n)?, threshold)
+    }
     /// Tokens a mask sends to the higher precision.
     fn mask_count(&self, mask: &Self::Mask) -> Result<usize>;
     /// The rows of `x` [n × width] whose decision equals `high`, in order.
-    fn gather_rows(&self, x: &Self::Buf, width: usize, mask: &Self::Mask, high: bool) -> Result<Self::Buf>;
+    fn gather_rows(
+        &self,
+        x: &Self::Buf,
+        width: usize,
+        mask: &Self::Mask,
+        high: bool,
+    ) -> Result<Self::Buf>;
     /// Write the rows of `src` back to the rows of `dst` whose decision equals `high`.
-    fn scatter_rows(&self, src: &Self::Buf, width: usize, mask: &Self::Mask, high: bool, dst: &mut Self::Buf);
+    fn scatter_rows(
+        &self,
+        src: &Self::Buf,
+        width: usize,
+        mask: &Self::Mask,
+        high: bool,
+        dst: &mut Self::Buf,
+    );
     /// Index of the first NaN or infinity in `x`, if any.
     fn first_non_finite(&self, x: &Self::Buf) -> Result<Option<usize>>;
 }

@@ -33,14 +33,42 @@ pub struct Linear<B: Backend = CpuBackend> {
 
 impl<B: Backend> Linear<B> {
     /// A dense linear over a backend weight of `bytes` bytes stored as `storage` ("bf16", ...).
-    pub fn dense(w: Arc<B::Dense>, rows: usize, cols: usize, bytes: usize, storage: String) -> Linear<B> {
-        Linear { rows, cols, dense_bytes: bytes, storage, weight: Weight::Dense(w) }
+    pub fn dense(
+        w: Arc<B::Dense>,
+        rows: usize,
+        cols: usize,
+        bytes: usize,
+        storage: String,
+    ) -> Linear<B> {
+        Linear {
+            rows,
+            cols,
+            dense_bytes: bytes,
+            storage,
+            weight: Weight::Dense(w),
+        }
     }
 
     /// An any-precision linear holding precisions `seed_bits..=max_bits`.
-    pub fn anyprec(w: B::AnyPrec, rows: usize, cols: usize, seed_bits: u32, max_bits: u32) -> Linear<B> {
+    pub fn anyprec(
+        w: B::AnyPrec,
+        rows: usize,
+        cols: usize,
+        seed_bits: u32,
+        max_bits: u32,
+    ) -> Linear<B> {
         let storage = format!("anyprec {seed_bits}..={max_bits}-bit");
-        Linear { rows, cols, dense_bytes: 0, storage, weight: Weight::AnyPrec { w, seed_bits, max_bits } }
+        Linear {
+            rows,
+            cols,
+            dense_bytes: 0,
+            storage,
+            weight: Weight::AnyPrec {
+                w,
+                seed_bits,
+                max_bits,
+            },
+        }
     }
 
     /// Output features (rows of W).
@@ -61,7 +89,11 @@ impl<B: Backend> Linear<B> {
     /// `(seed, max)` precisions of an any-precision layer.
     pub fn bits_range(&self) -> Option<(u32, u32)> {
         match &self.weight {
-            Weight::AnyPrec { seed_bits, max_bits, .. } => Some((*seed_bits, *max_bits)),
+            Weight::AnyPrec {
+                seed_bits,
+                max_bits,
+                ..
+            } => Some((*seed_bits, *max_bits)),
             Weight::Dense(_) => None,
         }
     }
@@ -71,7 +103,9 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, be: &B, x: &B::Buf, n: usize, bits: Option<u32>, y: &mut B::Buf) {
         match &self.weight {
             Weight::Dense(w) => be.dense_linear(w, x, n, y),
-            Weight::AnyPrec { w, max_bits, .. } => be.anyprec_linear(w, x, n, bits.unwrap_or(*max_bits), y),
+            Weight::AnyPrec { w, max_bits, .. } => {
+                be.anyprec_linear(w, x, n, bits.unwrap_or(*max_bits), y)
+            }
         }
     }
 

@@ -39,14 +39,38 @@ struct BlockRun<'a, 'b, B: Backend> {
 
 impl<B: Backend> BlockRun<'_, '_, B> {
     /// Run linear `i` of the block on `x`, estimating from `xe`.
-    fn run(&mut self, i: usize, lin: &Linear<B>, x: &B::Buf, xe: &B::Buf, y: &mut B::Buf) -> Result<()> {
+    fn run(
+        &mut self,
+        i: usize,
+        lin: &Linear<B>,
+        x: &B::Buf,
+        xe: &B::Buf,
+        y: &mut B::Buf,
+    ) -> Result<()> {
         let sel = self.sels.map(|v| &v[i]);
-        let stats = self.stats.as_deref_mut().map(|s| (s, self.offset + i));
-        run_linear(self.be, lin, self.prec, sel, x, xe, self.n, y, stats)
+        run_linear(
+            self.be,
+            lin,
+            self.prec,
+            sel,
+            x,
+            xe,
+            self.n,
+            y,
+            self.offset + i,
+            self.stats.as_deref_mut(),
+        )
     }
 
     /// Run a fused linear (`parts` consecutive outputs per token) and split its output.
-    fn run_fused(&mut self, i: usize, lin: &Linear<B>, x: &B::Buf, xe: &B::Buf, parts: &mut [&mut B::Buf]) -> Result<()> {
+    fn run_fused(
+        &mut self,
+        i: usize,
+        lin: &Linear<B>,
+        x: &B::Buf,
+        xe: &B::Buf,
+        parts: &mut [&mut B::Buf],
+    ) -> Result<()> {
         let mut fused = self.be.zeros(self.n * lin.out_features())?;
         self.run(i, lin, x, xe, &mut fused)?;
         self.be.split_columns(&fused, self.n, parts);
@@ -56,7 +80,9 @@ impl<B: Backend> BlockRun<'_, '_, B> {
     /// True when the asynchronous estimator input is needed for linears `range`.
     fn wants_async(&self, range: std::ops::Range<usize>) -> bool {
         match (self.prec, self.sels) {
-            (Precision::Dynamic(p), Some(s)) => p.async_estimation && s[range].iter().any(LinearSelect::selects),
+            (Precision::Dynamic(p), Some(s)) => {
+                p.async_estimation && s[range].iter().any(LinearSelect::selects)
+            }
             _ => false,
         }
     }
@@ -66,7 +92,10 @@ impl<B: Backend> Model<B> {
     /// Error at the first NaN / infinity of `x` [n × width], naming `stage`.
     fn check_finite(&self, x: &B::Buf, width: usize, stage: impl FnOnce() -> String) -> Result<()> {
         match self.backend.first_non_finite(x)? {
-            Some(i) => Err(EngineError::NonFinite { stage: stage(), token: i / width.max(1) }),
+            Some(i) => Err(EngineError::NonFinite {
+                stage: stage(),
+                token: i / width.max(1),
+            }),
             None => Ok(()),
         }
     }
@@ -76,11 +105,21 @@ impl<B: Backend> Model<B> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::TokenOutOfRange { token: t, vocab: self.config.vocab_size });
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                token: t,
+                vocab: self.config.vocab_size,
+            });
         }
         if cache.len() + tokens.len() > cache.capacity() {
-            return Err(EngineError::ContextFull { have: cache.len(), add: tokens.len(), capacity: cache.capacity() });
+            return Err(EngineError::ContextFull {
+                have: cache.len(),
+                add: tokens.len(),
+                capacity: cache.capacity(),
+            });
         }
         Ok(())
     }
@@ -97,13 +136,25 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`Model::forward_hidden`] with a precision mode, counting the bits used into `stats`.
-    pub fn forward_hidden_with(&self, tokens: &[u32], cache: &mut KvCache<B>, prec: Precision<'_, B>, stats: Option<&mut BitStats>) -> Result<Vec<f32>> {
+    pub fn forward_hidden_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        prec: Precision<'_, B>,
+        stats: Option<&mut BitStats>,
+    ) -> Result<Vec<f32>> {
         let h = self.forward_device(tokens, cache, prec, stats)?;
         self.backend.download(h)
     }
 
     /// The forward pass on the backend: final normed hidden states [n × hidden].
-    fn forward_device(&self, tokens: &[u32], cache: &mut KvCache<B>, prec: Precision<'_, B>, mut stats: Option<&mut BitStats>) -> Result<B::Buf> {
+    fn forward_device(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        prec: Precision<'_, B>,
+        mut stats: Option<&mut BitStats>,
+    ) -> Result<B::Buf> {
         self.check_input(tokens, cache)?;
         self.check_precision(prec)?;
         let (be, c) = (&self.backend, &self.config);
@@ -129,7 +180,14 @@ impl<B: Backend> Model<B> {
                 Precision::Highest | Precision::Uniform(_) => None,
                 Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
             };
-            let mut run = BlockRun { be, prec, sels, stats: stats.as_deref_mut(), offset, n };
+            let mut run = BlockRun {
+                be,
+                prec,
+                sels,
+                stats: stats.as_deref_mut(),
+                offset,
+                n,
+            };
             self.block_forward(l, block, &mut h, cache, &mut s, &mut run)?;
             offset += block.linears().len();
         }
@@ -139,7 +197,15 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    fn block_forward(&self, l: usize, b: &Block<B>, h: &mut B::Buf, cache: &mut KvCache<B>, s: &mut Scratch<B>, run: &mut BlockRun<'_, '_, B>) -> Result<()> {
+    fn block_forward(
+        &self,
+        l: usize,
+        b: &Block<B>,
+        h: &mut B::Buf,
+        cache: &mut KvCache<B>,
+        s: &mut Scratch<B>,
+        run: &mut BlockRun<'_, '_, B>,
+    ) -> Result<()> {
         let (be, c) = (&self.backend, &self.config);
         let eps = c.rms_norm_eps;
         let pos0 = cache.len();
@@ -161,17 +227,38 @@ impl<B: Backend> Model<B> {
                 run.run(1, k, &s.xn, xe, &mut s.k)?;
                 run.run(2, v, &s.xn, xe, &mut s.v)?;
             }
-            QkvProj::Fused(f) => run.run_fused(0, f, &s.xn, xe, &mut [&mut s.q, &mut s.k, &mut s.v])?,
+            QkvProj::Fused(f) => {
+                run.run_fused(0, f, &s.xn, xe, &mut [&mut s.q, &mut s.k, &mut s.v])?
+            }
         }
         if let Some((qn, kn)) = &b.qk_norm {
             be.rms_norm_inplace(&mut s.q, qn, eps);
             be.rms_norm_inplace(&mut s.k, kn, eps);
         }
         let rot = self.rope.rot_dim();
-        be.rope(&mut s.q, c.num_heads, c.head_dim, rot, pos0, &self.rope_table);
-        be.rope(&mut s.k, c.num_kv_heads, c.head_dim, rot, pos0, &self.rope_table);
+        be.rope(
+            &mut s.q,
+            c.num_heads,
+            c.head_dim,
+            rot,
+            pos0,
+            &self.rope_table,
+        );
+        be.rope(
+            &mut s.k,
+            c.num_kv_heads,
+            c.head_dim,
+            rot,
+            pos0,
+            &self.rope_table,
+        );
         cache.append(l, &s.k, &s.v)?;
-        let shape = AttnShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, window: c.sliding_window };
+        let shape = AttnShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            window: c.sliding_window,
+        };
         be.attention(&s.q, cache.store(), l, pos0, shape, &mut s.att);
         run.run(nq, &b.o_proj, &s.att, &s.att, &mut s.out)?;
         let ngu = match &b.gate_up {
@@ -193,12 +280,16 @@ impl<B: Backend> Model<B> {
                 run.run(nq + 1, gate, &s.xn, xe, &mut s.gate)?;
                 run.run(nq + 2, up, &s.xn, xe, &mut s.up)?;
             }
-            GateUpProj::Fused(f) => run.run_fused(nq + 1, f, &s.xn, xe, &mut [&mut s.gate, &mut s.up])?,
+            GateUpProj::Fused(f) => {
+                run.run_fused(nq + 1, f, &s.xn, xe, &mut [&mut s.gate, &mut s.up])?
+            }
         }
         be.swiglu(&mut s.gate, &s.up);
         run.run(nq + 1 + ngu, &b.down_proj, &s.gate, &s.gate, &mut s.out)?;
         // The next block's q/k/v estimators read this residual (before the MLP output).
-        if l + 1 < self.blocks.len() && matches!(run.prec, Precision::Dynamic(p) if p.async_estimation) {
+        if l + 1 < self.blocks.len()
+            && matches!(run.prec, Precision::Dynamic(p) if p.async_estimation)
+        {
             be.copy(h, &mut s.h_prev);
         }
         be.add(h, &s.out);
@@ -210,7 +301,9 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let mut out = be.zeros(rows * self.config.vocab_size)?;
         self.lm_head.forward(be, hidden, rows, None, &mut out);
-        self.check_finite(&out, self.config.vocab_size, || "the logits (output layer)".into())?;
+        self.check_finite(&out, self.config.vocab_size, || {
+            "the logits (output layer)".into()
+        })?;
         be.download(out)
     }
 
@@ -226,7 +319,13 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`Model::forward_last`] with a precision mode, counting the bits used into `stats`.
-    pub fn forward_last_with(&self, tokens: &[u32], cache: &mut KvCache<B>, prec: Precision<'_, B>, stats: Option<&mut BitStats>) -> Result<Vec<f32>> {
+    pub fn forward_last_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        prec: Precision<'_, B>,
+        stats: Option<&mut BitStats>,
+    ) -> Result<Vec<f32>> {
         let h = self.forward_device(tokens, cache, prec, stats)?;
         let d = self.config.hidden_size;
         let last = self.backend.rows(&h, d, tokens.len() - 1, 1)?;

@@ -31,7 +31,12 @@ impl LoadOptions {
     pub fn for_plan(plan: &dpllm_format::plan::Plan) -> LoadOptions {
         LoadOptions {
             max_bits: None,
-            linear_max_bits: Some(plan.linears.iter().map(|l| (l.name.clone(), l.max_bits.max(l.high_bits))).collect()),
+            linear_max_bits: Some(
+                plan.linears
+                    .iter()
+                    .map(|l| (l.name.clone(), l.max_bits.max(l.high_bits)))
+                    .collect(),
+            ),
         }
     }
 }
@@ -45,25 +50,67 @@ struct Loader<'a, B: Backend> {
 
 impl<B: Backend> Loader<'_, B> {
     fn linear(&self, s: &LinearSpec) -> Result<Linear<B>> {
-        let bias = s.has_bias.then(|| self.ck.tensor_f32(&s.bias_name(), &[s.rows])).transpose()?;
+        let bias = s
+            .has_bias
+            .then(|| self.ck.tensor_f32(&s.bias_name(), &[s.rows]))
+            .transpose()?;
         if let Some((info, keep)) = &self.anyprec {
-            let keep = self.per_linear.and_then(|m| m.get(&s.prefix)).copied().unwrap_or(*keep);
+            let keep = self
+                .per_linear
+                .and_then(|m| m.get(&s.prefix))
+                .copied()
+                .unwrap_or(*keep);
             if keep < info.seed_bits || keep > info.max_bits {
-                return Err(FormatError::invalid(self.ck.dir(), format!("cannot load {} at {keep} bits: the file holds {}..={} bits", s.prefix, info.seed_bits, info.max_bits)).into());
+                return Err(FormatError::invalid(
+                    self.ck.dir(),
+                    format!(
+                        "cannot load {} at {keep} bits: the file holds {}..={} bits",
+                        s.prefix, info.seed_bits, info.max_bits
+                    ),
+                )
+                .into());
             }
             let planes = anyprec::read_planes(self.ck, &s.prefix, s.rows, s.cols, keep)?;
-            let luts = (info.seed_bits..=keep).map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b)).collect::<Result<Vec<_>, _>>()?;
-            let host = AnyPrecHost { rows: s.rows, cols: s.cols, seed_bits: info.seed_bits, max_bits: keep, planes, luts, bias };
-            return Ok(Linear::anyprec(self.be.anyprec(host)?, s.rows, s.cols, info.seed_bits, keep));
+            let luts = (info.seed_bits..=keep)
+                .map(|b| anyprec::read_lut(self.ck, &s.prefix, s.rows, b))
+                .collect::<Result<Vec<_>, _>>()?;
+            let host = AnyPrecHost {
+                rows: s.rows,
+                cols: s.cols,
+                seed_bits: info.seed_bits,
+                max_bits: keep,
+                planes,
+                luts,
+                bias,
+            };
+            return Ok(Linear::anyprec(
+                self.be.anyprec(host)?,
+                s.rows,
+                s.cols,
+                info.seed_bits,
+                keep,
+            ));
         }
         let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
         self.dense(DenseHost::Float(Arc::new(w)), s.rows, s.cols, bias)
     }
 
-    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<Linear<B>> {
+    fn dense(
+        &self,
+        w: DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear<B>> {
         let bytes = w.nbytes() + bias.as_ref().map_or(0, |b| b.len() * 4);
         let storage = w.storage();
-        Ok(Linear::dense(Arc::new(self.be.dense(w, rows, cols, bias)?), rows, cols, bytes, storage))
+        Ok(Linear::dense(
+            Arc::new(self.be.dense(w, rows, cols, bias)?),
+            rows,
+            cols,
+            bytes,
+            storage,
+        ))
     }
 
     /// The embedding or output layer [rows × cols], kept in 8-bit blocks when stored so.
@@ -115,13 +162,34 @@ impl<B: Backend> Model<B> {
             let ck = Checkpoint::open_file(&path)?;
             let info = AnyPrecInfo::from_metadata(ck.metadata(), &path)?;
             if info.architecture != config.arch.hf_name() {
-                return Err(FormatError::invalid(&path, format!("quantized a {}, but config.json says {}", info.architecture, config.arch.hf_name())).into());
+                return Err(FormatError::invalid(
+                    &path,
+                    format!(
+                        "quantized a {}, but config.json says {}",
+                        info.architecture,
+                        config.arch.hf_name()
+                    ),
+                )
+                .into());
             }
             let keep = opts.max_bits.unwrap_or(info.max_bits);
             if keep < info.seed_bits || keep > info.max_bits {
-                return Err(FormatError::invalid(&path, format!("cannot load at {keep} bits: the file holds {}..={} bits", info.seed_bits, info.max_bits)).into());
+                return Err(FormatError::invalid(
+                    &path,
+                    format!(
+                        "cannot load at {keep} bits: the file holds {}..={} bits",
+                        info.seed_bits, info.max_bits
+                    ),
+                )
+                .into());
             }
-            Self::build(backend, config, &ck, Some((info, keep)), opts.linear_max_bits.as_ref())
+            Self::build(
+                backend,
+                config,
+                &ck,
+                Some((info, keep)),
+                opts.linear_max_bits.as_ref(),
+            )
         } else {
             if opts.max_bits.is_some() || opts.linear_max_bits.is_some() {
                 return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)").into());
@@ -131,10 +199,21 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn build(backend: B, config: ModelConfig, ck: &Checkpoint, anyprec: Option<(AnyPrecInfo, u32)>, per_linear: Option<&HashMap<String, u32>>) -> Result<Model<B>> {
+    fn build(
+        backend: B,
+        config: ModelConfig,
+        ck: &Checkpoint,
+        anyprec: Option<(AnyPrecInfo, u32)>,
+        per_linear: Option<&HashMap<String, u32>>,
+    ) -> Result<Model<B>> {
         let c = &config;
         c.check_layer_count(ck)?;
-        let ld = Loader { be: &backend, ck, anyprec, per_linear };
+        let ld = Loader {
+            be: &backend,
+            ck,
+            anyprec,
+            per_linear,
+        };
         let d = c.hidden_size;
         let embed_lin = ld.table("model.embed_tokens.weight", c.vocab_size, d)?;
         let embed = Loader::shared(&embed_lin);
@@ -145,20 +224,37 @@ impl<B: Backend> Model<B> {
             for spec in c.block_linears(i) {
                 lin.insert(spec.kind, ld.linear(&spec)?);
             }
-            let mut take = |k: LinearKind| lin.remove(&k).expect("layout lists every linear of the block");
+            let mut take = |k: LinearKind| {
+                lin.remove(&k)
+                    .expect("layout lists every linear of the block")
+            };
             let qkv = match c.block_linears(i)[0].kind {
                 LinearKind::Qkv => QkvProj::Fused(take(LinearKind::Qkv)),
-                _ => QkvProj::Separate { q: take(LinearKind::Q), k: take(LinearKind::K), v: take(LinearKind::V) },
+                _ => QkvProj::Separate {
+                    q: take(LinearKind::Q),
+                    k: take(LinearKind::K),
+                    v: take(LinearKind::V),
+                },
             };
             let o_proj = take(LinearKind::O);
-            let gate_up = if c.block_linears(i).iter().any(|s| s.kind == LinearKind::GateUp) {
+            let gate_up = if c
+                .block_linears(i)
+                .iter()
+                .any(|s| s.kind == LinearKind::GateUp)
+            {
                 GateUpProj::Fused(take(LinearKind::GateUp))
             } else {
-                GateUpProj::Separate { gate: take(LinearKind::Gate), up: take(LinearKind::Up) }
+                GateUpProj::Separate {
+                    gate: take(LinearKind::Gate),
+                    up: take(LinearKind::Up),
+                }
             };
             let down_proj = take(LinearKind::Down);
             let qk_norm = if c.qk_norm {
-                Some((ld.vector(&n("self_attn.q_norm.weight"), c.head_dim)?, ld.vector(&n("self_attn.k_norm.weight"), c.head_dim)?))
+                Some((
+                    ld.vector(&n("self_attn.q_norm.weight"), c.head_dim)?,
+                    ld.vector(&n("self_attn.k_norm.weight"), c.head_dim)?,
+                ))
             } else {
                 None
             };

@@ -114,7 +114,12 @@ pub struct Model<B: Backend = CpuBackend> {
 impl<B: Backend> Model<B> {
     /// A fresh KV cache sized for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
-        KvCache::new(self.backend.clone(), self.config.num_layers, self.config.kv_dim(), capacity)
+        KvCache::new(
+            self.backend.clone(),
+            self.config.num_layers,
+            self.config.kv_dim(),
+            capacity,
+        )
     }
 
     /// Average weight bytes read per token by a run whose precisions `stats` counted
@@ -126,7 +131,12 @@ impl<B: Backend> Model<B> {
             let tokens: u64 = c.iter().sum();
             bytes += match lin.bits_range() {
                 Some(_) if tokens > 0 => {
-                    c.iter().enumerate().filter(|(_, &k)| k > 0).map(|(b, &k)| lin.bytes_at(b as u32) as f64 * k as f64).sum::<f64>() / tokens as f64
+                    c.iter()
+                        .enumerate()
+                        .filter(|(_, &k)| k > 0)
+                        .map(|(b, &k)| lin.bytes_at(b as u32) as f64 * k as f64)
+                        .sum::<f64>()
+                        / tokens as f64
                 }
                 _ => lin.weight_bytes() as f64,
             };
@@ -152,8 +162,15 @@ impl<B: Backend> Model<B> {
                 Ok(())
             }
             Precision::Max(p) | Precision::Dynamic(p) => {
-                if p.blocks.len() != self.blocks.len() || p.blocks.iter().zip(&self.blocks).any(|(s, b)| s.len() != b.linears().len()) {
-                    return Err(EngineError::Plan("the plan was made for a model with other layers".into()));
+                if p.blocks.len() != self.blocks.len()
+                    || p.blocks
+                        .iter()
+                        .zip(&self.blocks)
+                        .any(|(s, b)| s.len() != b.linears().len())
+                {
+                    return Err(EngineError::Plan(
+                        "the plan was made for a model with other layers".into(),
+                    ));
                 }
                 Ok(())
             }
@@ -162,7 +179,11 @@ impl<B: Backend> Model<B> {
 
     /// Precision range every quantized linear can run at (seed..=loaded max).
     pub fn bits_range(&self) -> Option<(u32, u32)> {
-        self.blocks.first()?.linears().into_iter().find_map(|(_, l)| l.bits_range())
+        self.blocks
+            .first()?
+            .linears()
+            .into_iter()
+            .find_map(|(_, l)| l.bits_range())
     }
 
     /// The output projection [vocab × hidden] (the embedding when tied).

@@ -19,12 +19,18 @@ impl Rope {
     pub fn new(cfg: &ModelConfig) -> Rope {
         let rot_dim = cfg.rotary_dim();
         let base = cfg.rope.theta;
-        let mut inv_freq: Vec<f64> =
-            (0..rot_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / rot_dim as f64)).collect();
+        let mut inv_freq: Vec<f64> = (0..rot_dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / rot_dim as f64))
+            .collect();
         match cfg.rope.scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 for f in inv_freq.iter_mut() {
@@ -32,13 +38,18 @@ impl Rope {
                     if wavelen > low_wavelen {
                         *f /= factor;
                     } else if wavelen >= high_wavelen {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
             }
         }
-        Rope { inv_freq, head_dim: cfg.head_dim, rot_dim }
+        Rope {
+            inv_freq,
+            head_dim: cfg.head_dim,
+            rot_dim,
+        }
     }
 
     /// Dimensions rotated per head.
@@ -119,7 +130,10 @@ mod tests {
         let k: Vec<f32> = (0..16).map(|i| (i as f32 * 0.5).sin()).collect();
         let score = |p: usize, d: usize| {
             let (mut a, mut b) = (q.clone(), k.clone());
-            let r1 = Rope { head_dim: 16, ..r.clone() };
+            let r1 = Rope {
+                head_dim: 16,
+                ..r.clone()
+            };
             r1.apply(&mut a, 1, p);
             r1.apply(&mut b, 1, p + d);
             a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
@@ -129,7 +143,9 @@ mod tests {
 
     #[test]
     fn llama3_scaling_bands() {
-        let c = cfg(r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}"#);
+        let c = cfg(
+            r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}"#,
+        );
         let plain = Rope::new(&cfg(r#","rope_theta":500000.0"#));
         let scaled = Rope::new(&c);
         // Highest frequency (short wavelength) untouched, lowest divided by the factor.

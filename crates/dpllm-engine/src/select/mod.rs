@@ -19,7 +19,7 @@ use dpllm_format::{Checkpoint, FormatError, TensorData};
 
 pub use estimator::Estimator;
 pub(crate) use run::run_linear;
-pub use stats::BitStats;
+pub use stats::{BitStats, SelectionDiag};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DenseHost};
@@ -29,7 +29,10 @@ use crate::Model;
 /// A plan that is a valid file but was made for another model (or budget): the
 /// request's mistake, not the files'.
 fn unfit(path: &Path, reason: String) -> EngineError {
-    EngineError::Plan(format!("{} does not fit this model: {reason}", path.display()))
+    EngineError::Plan(format!(
+        "{} does not fit this model: {reason}",
+        path.display()
+    ))
 }
 
 /// How the quantized linears of one forward call choose their precision: an
@@ -67,6 +70,8 @@ pub struct LinearSelect<B: Backend = CpuBackend> {
     pub high: u32,
     /// Threshold τ.
     pub threshold: f32,
+    /// The learned average precision p (b_l ≤ p ≤ b_h).
+    pub avg_bits: f32,
     /// Estimator, its weights on the model's backend.
     pub estimator: Estimator<B>,
 }
@@ -76,6 +81,35 @@ impl<B: Backend> LinearSelect<B> {
     pub fn selects(&self) -> bool {
         self.low != self.high
     }
+
+    /// The share of tokens the plan sends to the higher precision, (p − b_l) / (b_h − b_l).
+    pub fn high_fraction(&self) -> f32 {
+        if self.selects() {
+            ((self.avg_bits - self.low as f32) / (self.high as f32 - self.low as f32))
+                .clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What a DP-LLM plan's linears decide by, per token. Evaluation swaps the
+/// estimator for the true error or a coin to bound what selection can buy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Selector {
+    /// The plan's error estimators against their thresholds (DP-LLM).
+    #[default]
+    Estimator,
+    /// The true error ||(W_h − W_l)x|| against the thresholds: the upper bound of
+    /// any estimator. Runs both precisions on every token (evaluation only), and
+    /// records how the estimator compares ([`BitStats::selection`]).
+    Oracle,
+    /// High precision for a random share of the tokens equal to the plan's
+    /// [`LinearSelect::high_fraction`]: the lower bound.
+    Random {
+        /// Seed of the draw.
+        seed: u64,
+    },
 }
 
 /// A plan ready to run on one model.
@@ -89,11 +123,18 @@ pub struct RuntimePlan<B: Backend = CpuBackend> {
     /// Feed q/k/v and gate/up estimators the residual-stream approximation of
     /// their input (METHOD.md 2f) instead of the exact input.
     pub async_estimation: bool,
+    /// What the per-token decisions follow (the estimators unless evaluating bounds).
+    pub selector: Selector,
 }
 
 impl<B: Backend> Clone for RuntimePlan<B> {
     fn clone(&self) -> Self {
-        RuntimePlan { plan: self.plan.clone(), blocks: self.blocks.clone(), async_estimation: self.async_estimation }
+        RuntimePlan {
+            plan: self.plan.clone(),
+            blocks: self.blocks.clone(),
+            async_estimation: self.async_estimation,
+            selector: self.selector,
+        }
     }
 }
 
@@ -101,25 +142,64 @@ impl<B: Backend> RuntimePlan<B> {
     /// Load the plan at `path` (with the estimator file beside it) for `model`.
     pub fn load(path: &Path, model: &Model<B>) -> Result<RuntimePlan<B>> {
         let plan = Plan::load(path)?;
-        let est_path = path.parent().unwrap_or(Path::new(".")).join(ESTIMATORS_FILE);
-        let needs_file = plan.linears.iter().any(|l| matches!(l.estimator, EstimatorSpec::Jl { .. }));
-        let est = if needs_file { Some(Checkpoint::open_file(&est_path)?) } else { None };
+        let est_path = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(ESTIMATORS_FILE);
+        let needs_file = plan
+            .linears
+            .iter()
+            .any(|l| matches!(l.estimator, EstimatorSpec::Jl { .. }));
+        let est = if needs_file {
+            Some(Checkpoint::open_file(&est_path)?)
+        } else {
+            None
+        };
         Self::from_plan(plan, est.as_ref(), model, path)
     }
 
     /// Check `plan` against `model` and resolve its estimators; `path` names the plan in errors.
-    pub fn from_plan(plan: Plan, estimators: Option<&Checkpoint>, model: &Model<B>, path: &Path) -> Result<RuntimePlan<B>> {
+    pub fn from_plan(
+        plan: Plan,
+        estimators: Option<&Checkpoint>,
+        model: &Model<B>,
+        path: &Path,
+    ) -> Result<RuntimePlan<B>> {
         let specs = model.config.linears();
         if specs.len() != plan.linears.len() {
-            return Err(unfit(path, format!("plan has {} linears, the model {}", plan.linears.len(), specs.len())));
+            return Err(unfit(
+                path,
+                format!(
+                    "plan has {} linears, the model {}",
+                    plan.linears.len(),
+                    specs.len()
+                ),
+            ));
         }
-        let mut blocks: Vec<Vec<LinearSelect<B>>> = model.blocks.iter().map(|_| Vec::new()).collect();
-        for ((spec, lp), (_, lin)) in specs.iter().zip(&plan.linears).zip(model.blocks.iter().flat_map(|b| b.linears())) {
+        let mut blocks: Vec<Vec<LinearSelect<B>>> =
+            model.blocks.iter().map(|_| Vec::new()).collect();
+        for ((spec, lp), (_, lin)) in specs
+            .iter()
+            .zip(&plan.linears)
+            .zip(model.blocks.iter().flat_map(|b| b.linears()))
+        {
             if spec.prefix != lp.name || spec.size() != lp.size {
-                return Err(unfit(path, format!("plan linear {} ({} params) does not match the model's {} ({} params)", lp.name, lp.size, spec.prefix, spec.size())));
+                return Err(unfit(
+                    path,
+                    format!(
+                        "plan linear {} ({} params) does not match the model's {} ({} params)",
+                        lp.name,
+                        lp.size,
+                        spec.prefix,
+                        spec.size()
+                    ),
+                ));
             }
             let Some((seed, max)) = lin.bits_range() else {
-                return Err(unfit(path, "a plan needs a dpllm any-precision model (this one is not quantized)".into()));
+                return Err(unfit(
+                    path,
+                    "a plan needs a dpllm any-precision model (this one is not quantized)".into(),
+                ));
             };
             let need = lp.max_bits.max(lp.high_bits);
             if max < need || seed > lp.low_bits {
@@ -128,13 +208,30 @@ impl<B: Backend> RuntimePlan<B> {
             let estimator = match &lp.estimator {
                 EstimatorSpec::None => Estimator::None,
                 EstimatorSpec::Linear { a, c, .. } => Estimator::Linear { a: *a, c: *c },
-                EstimatorSpec::Jl { tensor, k, bias, .. } => {
-                    let ck = estimators.ok_or_else(|| FormatError::invalid(path, format!("{ESTIMATORS_FILE} is missing")))?;
+                EstimatorSpec::Jl {
+                    tensor, k, bias, ..
+                } => {
+                    let ck = estimators.ok_or_else(|| {
+                        FormatError::invalid(path, format!("{ESTIMATORS_FILE} is missing"))
+                    })?;
                     let g = ck.tensor_f32(tensor, &[*k, spec.cols])?;
                     if g.iter().any(|v| !v.is_finite()) {
-                        return Err(FormatError::invalid(path, format!("estimator {tensor} has non-finite values")).into());
+                        return Err(FormatError::invalid(
+                            path,
+                            format!("estimator {tensor} has non-finite values"),
+                        )
+                        .into());
                     }
-                    Estimator::Jl { k: *k, g: model.backend.dense(DenseHost::Float(Arc::new(TensorData::F32(g))), *k, spec.cols, None)?, bias: *bias }
+                    Estimator::Jl {
+                        k: *k,
+                        g: model.backend.dense(
+                            DenseHost::Float(Arc::new(TensorData::F32(g))),
+                            *k,
+                            spec.cols,
+                            None,
+                        )?,
+                        bias: *bias,
+                    }
                 }
             };
             blocks[spec.layer].push(LinearSelect {
@@ -143,11 +240,17 @@ impl<B: Backend> RuntimePlan<B> {
                 low: lp.low_bits,
                 high: lp.high_bits,
                 threshold: lp.threshold,
+                avg_bits: lp.avg_bits,
                 estimator,
             });
         }
         let async_estimation = plan.async_estimation;
-        Ok(RuntimePlan { plan, blocks: Arc::new(blocks), async_estimation })
+        Ok(RuntimePlan {
+            plan,
+            blocks: Arc::new(blocks),
+            async_estimation,
+            selector: Selector::Estimator,
+        })
     }
 
     /// Dynamic or static.

@@ -2,16 +2,16 @@
 //! tokens into a low- and a high-precision group, each one matmul. The decisions
 //! stay in a backend buffer; only their count comes back.
 
-use super::{BitStats, LinearSelect, Precision};
+use super::{BitStats, LinearSelect, Precision, Selector};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::linear::Linear;
 
 /// `y [n × out] = x [n × in] · Wᵀ` at the precision `prec` chooses for this linear.
 ///
-/// `sel` is this linear's rule under the plan (None without a plan),
-/// `x_est` the estimator's input (the exact or the asynchronous input), and
-/// `stats` the counters with this linear's index.
+/// `sel` is this linear's rule under the plan (None without a plan), `x_est`
+/// the estimator's input (the exact or the asynchronous input), `idx` the
+/// linear's index in the model and `stats` the session's counters.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_linear<B: Backend>(
     be: &B,
@@ -22,49 +22,168 @@ pub(crate) fn run_linear<B: Backend>(
     x_est: &B::Buf,
     n: usize,
     y: &mut B::Buf,
-    stats: Option<(&mut BitStats, usize)>,
+    idx: usize,
+    mut stats: Option<&mut BitStats>,
 ) -> Result<()> {
-    let fixed = |bits: u32, y: &mut B::Buf, stats: Option<(&mut BitStats, usize)>| {
+    let mut fixed = |bits: u32, y: &mut B::Buf| {
         lin.forward(be, x, n, Some(bits), y);
-        if let Some((s, i)) = stats {
-            s.add(i, bits, n);
+        if let Some(s) = stats.as_deref_mut() {
+            s.add(idx, bits, n);
         }
         Ok(())
     };
-    let sel = match (prec, sel, lin.bits_range()) {
+    let (sel, selector) = match (prec, sel, lin.bits_range()) {
         (_, _, None) => {
             lin.forward(be, x, n, None, y);
             return Ok(());
         }
-        (Precision::Uniform(b), _, Some(_)) => return fixed(b, y, stats),
-        (Precision::Highest, _, Some((_, max))) | (_, None, Some((_, max))) => return fixed(max, y, stats),
-        (Precision::Max(_), Some(s), _) => return fixed(s.max_bits, y, stats),
-        (Precision::Dynamic(_), Some(s), _) => s,
+        (Precision::Uniform(b), _, Some(_)) => return fixed(b, y),
+        (Precision::Highest, _, Some((_, max))) | (_, None, Some((_, max))) => {
+            return fixed(max, y)
+        }
+        (Precision::Max(_), Some(s), _) => return fixed(s.max_bits, y),
+        (Precision::Dynamic(p), Some(s), _) => (s, p.selector),
     };
     if !sel.selects() {
-        return fixed(sel.low, y, stats);
+        return fixed(sel.low, y);
     }
-    let mask = be.estimate(&sel.estimator, x_est, n, sel.threshold)?;
-    let high = be.mask_count(&mask)?;
+    match selector {
+        Selector::Estimator => {
+            let mask = be.estimate(&sel.estimator, x_est, n, sel.threshold)?;
+            if let Some(s) = stats.as_deref_mut() {
+                s.estimator_flops += (sel.estimator.flops_per_token(lin.in_features()) * n) as u64;
+            }
+            run_split(be, lin, sel, x, n, y, &mask, idx, stats)
+        }
+        Selector::Random { seed } => {
+            let u = random_uniforms(
+                &be.download(be.rows(x, lin.in_features(), 0, n)?)?,
+                lin.in_features(),
+                seed,
+                idx,
+            );
+            // P(u > 1 − f) = f: the planned share of high-precision tokens.
+            let mask = be.threshold_mask(&be.upload(&u)?, 1.0 - sel.high_fraction())?;
+            run_split(be, lin, sel, x, n, y, &mask, idx, stats)
+        }
+        Selector::Oracle => run_oracle(be, lin, sel, x, x_est, n, y, idx, stats),
+    }
+}
+
+/// Run the tokens `mask` sends low at `sel.low` and the others at `sel.high`.
+#[allow(clippy::too_many_arguments)]
+fn run_split<B: Backend>(
+    be: &B,
+    lin: &Linear<B>,
+    sel: &LinearSelect<B>,
+    x: &B::Buf,
+    n: usize,
+    y: &mut B::Buf,
+    mask: &B::Mask,
+    idx: usize,
+    mut stats: Option<&mut BitStats>,
+) -> Result<()> {
+    let high = be.mask_count(mask)?;
     let (cols, rows) = (lin.in_features(), lin.out_features());
-    let mut stats = stats;
-    if let Some((s, _)) = stats.as_mut() {
-        s.estimator_flops += (sel.estimator.flops_per_token(cols) * n) as u64;
-    }
-    if high == 0 {
-        return fixed(sel.low, y, stats);
-    }
-    if high == n {
-        return fixed(sel.high, y, stats);
-    }
     for (is_high, count, bits) in [(false, n - high, sel.low), (true, high, sel.high)] {
-        let xg = be.gather_rows(x, cols, &mask, is_high)?;
-        let mut yg = be.zeros(count * rows)?;
-        lin.forward(be, &xg, count, Some(bits), &mut yg);
-        be.scatter_rows(&yg, rows, &mask, is_high, y);
-        if let Some((s, i)) = stats.as_mut() {
-            s.add(*i, bits, count);
+        if count == 0 {
+            continue;
+        }
+        if count == n {
+            lin.forward(be, x, n, Some(bits), y);
+        } else {
+            let xg = be.gather_rows(x, cols, mask, is_high)?;
+            let mut yg = be.zeros(count * rows)?;
+            lin.forward(be, &xg, count, Some(bits), &mut yg);
+            be.scatter_rows(&yg, rows, mask, is_high, y);
+        }
+        if let Some(s) = stats.as_deref_mut() {
+            s.add(idx, bits, count);
         }
     }
     Ok(())
+}
+
+/// Decide by the true error ||(W_h − W_l)x|| against the threshold (both
+/// precisions run on every token), and record how the estimator compares.
+#[allow(clippy::too_many_arguments)]
+fn run_oracle<B: Backend>(
+    be: &B,
+    lin: &Linear<B>,
+    sel: &LinearSelect<B>,
+    x: &B::Buf,
+    x_est: &B::Buf,
+    n: usize,
+    y: &mut B::Buf,
+    idx: usize,
+    stats: Option<&mut BitStats>,
+) -> Result<()> {
+    let rows = lin.out_features();
+    let mut y_high = be.zeros(n * rows)?;
+    lin.forward(be, x, n, Some(sel.low), y);
+    lin.forward(be, x, n, Some(sel.high), &mut y_high);
+    let low = be.download(be.rows(y, rows, 0, n)?)?;
+    let high = be.download(be.rows(&y_high, rows, 0, n)?)?;
+    let err: Vec<f32> = low
+        .chunks(rows)
+        .zip(high.chunks(rows))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| ((q - p) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32
+        })
+        .collect();
+    let mask = be.threshold_mask(&be.upload(&err)?, sel.threshold)?;
+    let picked = be.gather_rows(&y_high, rows, &mask, true)?;
+    be.scatter_rows(&picked, rows, &mask, true, y);
+    if let Some(s) = stats {
+        let est = be.download(be.estimates(&sel.estimator, x_est, n)?)?;
+        s.add_selection(idx, &est, &err, sel.threshold);
+        let h = be.mask_count(&mask)?;
+        s.add(idx, sel.low, n - h);
+        s.add(idx, sel.high, h);
+    }
+    Ok(())
+}
+
+/// One uniform number in [0, 1) per row of `x` [n × cols], a hash of the row,
+/// the linear and the seed: reproducible, independent of the error.
+fn random_uniforms(x: &[f32], cols: usize, seed: u64, idx: usize) -> Vec<f32> {
+    x.chunks(cols.max(1))
+        .map(|row| {
+            let mut h = seed ^ (idx as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for v in row {
+                h = (h ^ v.to_bits() as u64).wrapping_mul(0x1000_0000_01b3);
+            }
+            // splitmix64 finaliser, top 24 bits as the fraction.
+            h ^= h >> 30;
+            h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            h ^= h >> 27;
+            h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+            h ^= h >> 31;
+            (h >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_uniforms;
+
+    #[test]
+    fn random_uniforms_are_uniform_and_reproducible() {
+        let x: Vec<f32> = (0..4000 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
+        let u = random_uniforms(&x, 3, 7, 2);
+        assert_eq!(u, random_uniforms(&x, 3, 7, 2));
+        assert_ne!(
+            u,
+            random_uniforms(&x, 3, 7, 3),
+            "another linear draws other numbers"
+        );
+        assert!(u.iter().all(|v| (0.0..1.0).contains(v)));
+        let below = u.iter().filter(|&&v| v < 0.3).count() as f64 / u.len() as f64;
+        assert!((below - 0.3).abs() < 0.03, "{below}");
+    }
 }

@@ -152,12 +152,22 @@ impl TokenGeneration {
 impl<B: Backend> Session<B> {
     /// A session on `model` at `precision`, caching at most `capacity` positions
     /// (at most the model's context window).
-    pub fn new(model: Arc<Model<B>>, precision: RunPrecision<B>, capacity: usize) -> Result<Session<B>> {
+    pub fn new(
+        model: Arc<Model<B>>,
+        precision: RunPrecision<B>,
+        capacity: usize,
+    ) -> Result<Session<B>> {
         model.check_precision(precision.per_token())?;
         let capacity = capacity.min(model.config.max_position_embeddings);
         let cache = model.new_cache(capacity);
         let stats = model.new_bit_stats();
-        Ok(Session { model, precision, cache, stats, cancel: CancelToken::default() })
+        Ok(Session {
+            model,
+            precision,
+            cache,
+            stats,
+            cancel: CancelToken::default(),
+        })
     }
 
     /// The model.
@@ -215,13 +225,19 @@ impl<B: Backend> Session<B> {
     /// Run a prompt at the prefill precision; returns the last position's logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_cancel()?;
-        self.model.forward_last_with(tokens, &mut self.cache, self.precision.prefill(), None)
+        self.model
+            .forward_last_with(tokens, &mut self.cache, self.precision.prefill(), None)
     }
 
     /// Run one decoded token at the per-token precision (counted); returns its logits.
     pub fn decode_step(&mut self, token: u32) -> Result<Vec<f32>> {
         self.check_cancel()?;
-        self.model.forward_last_with(&[token], &mut self.cache, self.precision.per_token(), Some(&mut self.stats))
+        self.model.forward_last_with(
+            &[token],
+            &mut self.cache,
+            self.precision.per_token(),
+            Some(&mut self.stats),
+        )
     }
 
     /// Run `tokens` at the per-token precision (counted), every token selecting as a
@@ -229,15 +245,30 @@ impl<B: Backend> Session<B> {
     /// states [n × hidden] for [`Model::logits`].
     pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_cancel()?;
-        self.model.forward_hidden_with(tokens, &mut self.cache, self.precision.per_token(), Some(&mut self.stats))
+        self.model.forward_hidden_with(
+            tokens,
+            &mut self.cache,
+            self.precision.per_token(),
+            Some(&mut self.stats),
+        )
     }
 
     /// The decode loop: prefill `prompt`, then pick each next token with `sampler`
     /// until a stop token, `max_tokens`, a full cache, or `on_token` returning false.
     /// `on_token` sees every kept token as soon as it is chosen.
-    pub fn generate(&mut self, prompt: &[u32], sampler: &mut Sampler, opts: &DecodeOptions, mut on_token: impl FnMut(u32) -> Result<bool>) -> Result<TokenGeneration> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        opts: &DecodeOptions,
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<TokenGeneration> {
         if self.cache.len() + prompt.len() > self.cache.capacity() {
-            return Err(EngineError::ContextFull { have: self.cache.len(), add: prompt.len(), capacity: self.cache.capacity() });
+            return Err(EngineError::ContextFull {
+                have: self.cache.len(),
+                add: prompt.len(),
+                capacity: self.cache.capacity(),
+            });
         }
         let mut history = prompt.to_vec();
         let t0 = Instant::now();
@@ -274,6 +305,12 @@ impl<B: Backend> Session<B> {
                 step_secs.push(t.elapsed().as_secs_f64());
             }
         }
-        Ok(TokenGeneration { tokens: out, prompt_tokens: prompt.len(), prefill_secs, step_secs, stop })
+        Ok(TokenGeneration {
+            tokens: out,
+            prompt_tokens: prompt.len(),
+            prefill_secs,
+            step_secs,
+            stop,
+        })
     }
 }

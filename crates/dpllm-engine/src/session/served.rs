@@ -53,15 +53,35 @@ impl<B: Backend> ServedModel<B> {
     /// Load the model at `dir` onto `backend`. With a `budget`, only the planes its
     /// plans may use (each linear's m_l) are loaded; with `max_bits`, planes up to
     /// that precision; otherwise every stored plane.
-    pub fn load_on(backend: B, dir: &Path, budget: Option<f64>, max_bits: Option<u32>) -> Result<ServedModel<B>> {
+    pub fn load_on(
+        backend: B,
+        dir: &Path,
+        budget: Option<f64>,
+        max_bits: Option<u32>,
+    ) -> Result<ServedModel<B>> {
         let Some(b) = budget else {
-            let model = Model::load_on(backend, dir, &LoadOptions { max_bits, ..Default::default() })?;
-            return Ok(ServedModel { model: Arc::new(model), budget: None, plans: Mutex::default() });
+            let model = Model::load_on(
+                backend,
+                dir,
+                &LoadOptions {
+                    max_bits,
+                    ..Default::default()
+                },
+            )?;
+            return Ok(ServedModel {
+                model: Arc::new(model),
+                budget: None,
+                plans: Mutex::default(),
+            });
         };
         let bdir = plan::budget_dir(dir, b);
         let first = [PlanKind::Dynamic, PlanKind::Static]
             .into_iter()
-            .find_map(|k| plan::available_targets(&bdir, k).first().map(|t| plan::plan_path(&bdir, k, *t)))
+            .find_map(|k| {
+                plan::available_targets(&bdir, k)
+                    .first()
+                    .map(|t| plan::plan_path(&bdir, k, *t))
+            })
             .ok_or_else(|| EngineError::Plan(no_plans(dir, b)))?;
         Self::load_for_plan(backend, dir, &first, Some(b))
     }
@@ -71,15 +91,28 @@ impl<B: Backend> ServedModel<B> {
         Self::load_for_plan(backend, dir, path, None)
     }
 
-    fn load_for_plan(backend: B, dir: &Path, path: &Path, budget: Option<f64>) -> Result<ServedModel<B>> {
+    fn load_for_plan(
+        backend: B,
+        dir: &Path,
+        path: &Path,
+        budget: Option<f64>,
+    ) -> Result<ServedModel<B>> {
         let p = Plan::load(path)?;
         let model = Model::load_on(backend, dir, &LoadOptions::for_plan(&p))?;
-        Ok(ServedModel { model: Arc::new(model), budget, plans: Mutex::default() })
+        Ok(ServedModel {
+            model: Arc::new(model),
+            budget,
+            plans: Mutex::default(),
+        })
     }
 
     /// Wrap a model loaded by other means (no budget).
     pub fn from_model(model: Model<B>) -> ServedModel<B> {
-        ServedModel { model: Arc::new(model), budget: None, plans: Mutex::default() }
+        ServedModel {
+            model: Arc::new(model),
+            budget: None,
+            plans: Mutex::default(),
+        }
     }
 
     /// The model.
@@ -99,7 +132,10 @@ impl<B: Backend> ServedModel<B> {
         }
         let rp = RuntimePlan::load(&path, &self.model)?;
         let rp = Arc::new(rp);
-        self.plans.lock().expect("plan cache lock").insert(name, rp.clone());
+        self.plans
+            .lock()
+            .expect("plan cache lock")
+            .insert(name, rp.clone());
         Ok(rp)
     }
 
@@ -119,8 +155,14 @@ pub fn resolve_budget(dir: &Path, budget: Option<f64>) -> Result<f64> {
     match (budget, plan::available_budgets(dir).as_slice()) {
         (Some(b), _) => Ok(b),
         (None, [b]) => Ok(*b),
-        (None, []) => Err(EngineError::Plan(format!("{} has no plans: run `dpllm calibrate` first", dir.display()))),
-        (None, many) => Err(EngineError::Plan(format!("{} has plans for several budgets ({many:?}): choose one with --budget", dir.display()))),
+        (None, []) => Err(EngineError::Plan(format!(
+            "{} has no plans: run `dpllm calibrate` first",
+            dir.display()
+        ))),
+        (None, many) => Err(EngineError::Plan(format!(
+            "{} has plans for several budgets ({many:?}): choose one with --budget",
+            dir.display()
+        ))),
     }
 }
 
@@ -134,7 +176,11 @@ fn target_file(bdir: &Path, budget: f64, target: f64, kind: PlanKind) -> Result<
     let path = plan::plan_path(bdir, kind, target);
     if !path.is_file() {
         let have = plan::available_targets(bdir, kind);
-        let what = if kind == PlanKind::Static { "static" } else { "DP-LLM" };
+        let what = if kind == PlanKind::Static {
+            "static"
+        } else {
+            "DP-LLM"
+        };
         return Err(EngineError::Plan(format!("no {what} plan for target {target} at budget {budget} in {} (calibrated targets: {have:?})", bdir.display())));
     }
     Ok(path)
@@ -143,8 +189,14 @@ fn target_file(bdir: &Path, budget: f64, target: f64, kind: PlanKind) -> Result<
 fn no_plans(dir: &Path, budget: f64) -> String {
     let have = plan::available_budgets(dir);
     if have.is_empty() {
-        format!("{} has no plans: run `dpllm calibrate` first", dir.display())
+        format!(
+            "{} has no plans: run `dpllm calibrate` first",
+            dir.display()
+        )
     } else {
-        format!("{} has no plans for budget {budget} (calibrated budgets: {have:?})", dir.display())
+        format!(
+            "{} has no plans for budget {budget} (calibrated budgets: {have:?})",
+            dir.display()
+        )
     }
 }

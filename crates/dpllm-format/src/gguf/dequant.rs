@@ -70,7 +70,9 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
             GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QK_K,
         }
     }
@@ -106,14 +108,22 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Decode `data` (whole blocks of `ty`) into `out` (block_size elements per block).
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     let (bs, bb) = (ty.block_size(), ty.block_bytes());
-    assert_eq!(data.len() / bb * bs, out.len(), "dequantize: {} bytes of {ty:?} for {} values", data.len(), out.len());
+    assert_eq!(
+        data.len() / bb * bs,
+        out.len(),
+        "dequantize: {} bytes of {ty:?} for {} values",
+        data.len(),
+        out.len()
+    );
     // Rows of blocks in parallel; each chunk a whole number of blocks.
     let per = (1 << 14) / bs.max(1) * bs.max(1);
-    out.par_chunks_mut(per.max(bs)).zip(data.par_chunks(per.max(bs) / bs * bb)).for_each(|(o, d)| {
-        for (y, b) in o.chunks_exact_mut(bs).zip(d.chunks_exact(bb)) {
-            block(ty, b, y);
-        }
-    });
+    out.par_chunks_mut(per.max(bs))
+        .zip(data.par_chunks(per.max(bs) / bs * bb))
+        .for_each(|(o, d)| {
+            for (y, b) in o.chunks_exact_mut(bs).zip(d.chunks_exact(bb)) {
+                block(ty, b, y);
+            }
+        });
 }
 
 /// Decode one block `b` of `ty` into `y`.
@@ -180,7 +190,8 @@ fn q2k(b: &[u8], y: &mut [f32]) {
                 is += 1;
                 let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
                 for l in 0..16 {
-                    y[128 * n + 32 * j + 16 * half + l] = dl * ((q[16 * half + l] >> shift) & 3) as f32 - ml;
+                    y[128 * n + 32 * j + 16 * half + l] =
+                        dl * ((q[16 * half + l] >> shift) & 3) as f32 - ml;
                 }
             }
         }
@@ -191,7 +202,14 @@ fn q2k(b: &[u8], y: &mut [f32]) {
 fn q3k(b: &[u8], y: &mut [f32]) {
     let (hm, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
     let d = f16_at(b, 108);
-    let a = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let a = |i: usize| {
+        u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ])
+    };
     let (a0, a1, tmp) = (a(0), a(1), a(2));
     let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
     let words = [
@@ -200,7 +218,11 @@ fn q3k(b: &[u8], y: &mut [f32]) {
         ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
         ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
     ];
-    let scales: Vec<i32> = words.iter().flat_map(|w| w.to_le_bytes()).map(|s| s as i8 as i32 - 32).collect();
+    let scales: Vec<i32> = words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .map(|s| s as i8 as i32 - 32)
+        .collect();
     let mut is = 0;
     let mut m = 1u8;
     for n in 0..2 {
@@ -226,7 +248,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -238,7 +263,12 @@ fn q4k(b: &[u8], y: &mut [f32]) {
         let q = &qs[32 * g..32 * g + 32];
         let (s1, m1) = scale_min_k4(2 * g, scales);
         let (s2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, m1, d2, m2) = (d * s1 as f32, dmin * m1 as f32, d * s2 as f32, dmin * m2 as f32);
+        let (d1, m1, d2, m2) = (
+            d * s1 as f32,
+            dmin * m1 as f32,
+            d * s2 as f32,
+            dmin * m2 as f32,
+        );
         for l in 0..32 {
             y[64 * g + l] = d1 * (q[l] & 0xF) as f32 - m1;
             y[64 * g + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
@@ -255,7 +285,12 @@ fn q5k(b: &[u8], y: &mut [f32]) {
         let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
         let (s1, m1) = scale_min_k4(2 * g, scales);
         let (s2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, m1, d2, m2) = (d * s1 as f32, dmin * m1 as f32, d * s2 as f32, dmin * m2 as f32);
+        let (d1, m1, d2, m2) = (
+            d * s1 as f32,
+            dmin * m1 as f32,
+            d * s2 as f32,
+            dmin * m2 as f32,
+        );
         for l in 0..32 {
             let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
             let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };

@@ -160,11 +160,21 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn bad(&self, what: impl std::fmt::Display) -> FormatError {
-        FormatError::invalid(self.path, format!("not a valid GGUF file (truncated or corrupt?): {what} at byte {}", self.pos))
+        FormatError::invalid(
+            self.path,
+            format!(
+                "not a valid GGUF file (truncated or corrupt?): {what} at byte {}",
+                self.pos
+            ),
+        )
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| self.bad(format!("{n} bytes needed, the file ends")))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.bad(format!("{n} bytes needed, the file ends")))?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -179,15 +189,21 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A count of items each at least `min_bytes` long, checked against what remains.
@@ -256,7 +272,11 @@ fn value_min_bytes(ty: u32) -> usize {
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    path.is_file() && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && u32::from_le_bytes(magic) == MAGIC
+    path.is_file()
+        && File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && u32::from_le_bytes(magic) == MAGIC
 }
 
 impl GgufFile {
@@ -267,8 +287,19 @@ impl GgufFile {
         // mapped is outside what any mmap-based loader can guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let (version, metadata, tensors) = parse(&map, path)?;
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(GgufFile { path: path.into(), map, version, metadata, tensors, index })
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(GgufFile {
+            path: path.into(),
+            map,
+            version,
+            metadata,
+            tensors,
+            index,
+        })
     }
 
     /// The file.
@@ -298,7 +329,12 @@ impl GgufFile {
 
     /// Tensor `name` dequantized to f32 (row-major, `shape` elements).
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
-        let t = self.tensor(name).ok_or_else(|| FormatError::MissingTensor { name: name.into(), dir: self.path.clone() })?;
+        let t = self
+            .tensor(name)
+            .ok_or_else(|| FormatError::MissingTensor {
+                name: name.into(),
+                dir: self.path.clone(),
+            })?;
         let mut out = vec![0f32; t.numel()];
         dequant::dequantize(t.dtype, self.data(t), &mut out);
         Ok(out)
@@ -307,13 +343,23 @@ impl GgufFile {
 
 /// Parse the header, metadata and tensor infos of the GGUF bytes in `bytes`.
 fn parse(bytes: &[u8], path: &Path) -> Result<(u32, BTreeMap<String, Value>, Vec<GgufTensor>)> {
-    let mut c = Cursor { bytes, pos: 0, path };
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        path,
+    };
     if c.u32()? != MAGIC {
-        return Err(FormatError::invalid(path, "not a GGUF file (no GGUF magic)"));
+        return Err(FormatError::invalid(
+            path,
+            "not a GGUF file (no GGUF magic)",
+        ));
     }
     let version = c.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(FormatError::invalid(path, format!("GGUF version {version}; dpllm reads versions 2 and 3")));
+        return Err(FormatError::invalid(
+            path,
+            format!("GGUF version {version}; dpllm reads versions 2 and 3"),
+        ));
     }
     // A tensor info is at least 8 (name) + 4 (n_dims) + 4 (type) + 8 (offset) bytes; an entry 8 + 4 + 1.
     let n_tensors = c.count("tensor", 24)?;
@@ -331,7 +377,12 @@ fn parse(bytes: &[u8], path: &Path) -> Result<(u32, BTreeMap<String, Value>, Vec
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-            _ => return Err(FormatError::invalid(path, format!("general.alignment {v:?} is not a power of two"))),
+            _ => {
+                return Err(FormatError::invalid(
+                    path,
+                    format!("general.alignment {v:?} is not a power of two"),
+                ))
+            }
         },
     };
     let mut raw = Vec::with_capacity(n_tensors);
@@ -343,32 +394,67 @@ fn parse(bytes: &[u8], path: &Path) -> Result<(u32, BTreeMap<String, Value>, Vec
         }
         let mut dims = Vec::with_capacity(n_dims);
         for _ in 0..n_dims {
-            dims.push(usize::try_from(c.u64()?).map_err(|_| c.bad(format!("tensor {name:?} is too large")))?);
+            dims.push(
+                usize::try_from(c.u64()?)
+                    .map_err(|_| c.bad(format!("tensor {name:?} is too large")))?,
+            );
         }
         let ty = c.u32()?;
         let offset = c.u64()?;
         raw.push((name, dims, ty, offset));
     }
-    let data_start = c.pos.div_ceil(alignment).checked_mul(alignment).ok_or_else(|| c.bad("bad alignment"))?;
+    let data_start = c
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .ok_or_else(|| c.bad("bad alignment"))?;
     let mut tensors = Vec::with_capacity(raw.len());
     let mut seen = HashMap::new();
     for (name, dims, ty, offset) in raw {
-        let bad = |why: String| FormatError::BadTensor { name: name.clone(), path: path.into(), reason: why };
-        let dtype = GgmlType::from_id(ty).ok_or_else(|| bad(format!("ggml type {ty} is not one dpllm reads ({})", GgmlType::supported())))?;
-        let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("shape {dims:?} overflows")))?;
+        let bad = |why: String| FormatError::BadTensor {
+            name: name.clone(),
+            path: path.into(),
+            reason: why,
+        };
+        let dtype = GgmlType::from_id(ty).ok_or_else(|| {
+            bad(format!(
+                "ggml type {ty} is not one dpllm reads ({})",
+                GgmlType::supported()
+            ))
+        })?;
+        let numel = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("shape {dims:?} overflows")))?;
         if numel == 0 || dims[0] % dtype.block_size() != 0 {
-            return Err(bad(format!("shape {dims:?} does not hold whole {dtype:?} blocks of {}", dtype.block_size())));
+            return Err(bad(format!(
+                "shape {dims:?} does not hold whole {dtype:?} blocks of {}",
+                dtype.block_size()
+            )));
         }
-        let nbytes = (numel / dtype.block_size()).checked_mul(dtype.block_bytes()).ok_or_else(|| bad("too large".into()))?;
-        let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start)).filter(|s| s % alignment == 0);
-        let Some(start) = start.filter(|&s| s.checked_add(nbytes).is_some_and(|e| e <= bytes.len())) else {
+        let nbytes = (numel / dtype.block_size())
+            .checked_mul(dtype.block_bytes())
+            .ok_or_else(|| bad("too large".into()))?;
+        let start = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data_start))
+            .filter(|s| s % alignment == 0);
+        let Some(start) =
+            start.filter(|&s| s.checked_add(nbytes).is_some_and(|e| e <= bytes.len()))
+        else {
             return Err(bad(format!("data at offset {offset} ({nbytes} bytes) is misaligned or beyond the end of the file (truncated?)")));
         };
         if seen.insert(name.clone(), ()).is_some() {
             return Err(bad("appears twice".into()));
         }
         let shape = dims.iter().rev().copied().collect();
-        tensors.push(GgufTensor { name, dtype, shape, offset: start, nbytes });
+        tensors.push(GgufTensor {
+            name,
+            dtype,
+            shape,
+            offset: start,
+            nbytes,
+        });
     }
     Ok((version, metadata, tensors))
 }

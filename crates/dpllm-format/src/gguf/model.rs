@@ -56,7 +56,9 @@ pub fn hf_name(name: &str, arch: &str) -> Option<String> {
 
 /// llama.cpp's architecture name of the file.
 pub fn arch(f: &GgufFile) -> Result<&str> {
-    f.get("general.architecture").and_then(Value::as_str).ok_or_else(|| FormatError::invalid(f.path(), "metadata has no general.architecture"))
+    f.get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| FormatError::invalid(f.path(), "metadata has no general.architecture"))
 }
 
 /// Whether llama.cpp's converter permuted the q/k rows of this architecture
@@ -86,51 +88,102 @@ pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec
 /// `config.json` of the model, rebuilt from the metadata, and the parsed config.
 pub fn config(f: &GgufFile) -> Result<(Json, ModelConfig)> {
     let a = arch(f)?;
-    let (_, class, model_type) = ARCHS.iter().find(|(g, ..)| *g == a).ok_or_else(|| FormatError::UnsupportedArchitecture {
-        path: f.path().into(),
-        name: a.to_string(),
-        supported: ARCHS.iter().map(|(g, ..)| *g).collect::<Vec<_>>().join(", "),
+    let (_, class, model_type) = ARCHS.iter().find(|(g, ..)| *g == a).ok_or_else(|| {
+        FormatError::UnsupportedArchitecture {
+            path: f.path().into(),
+            name: a.to_string(),
+            supported: ARCHS
+                .iter()
+                .map(|(g, ..)| *g)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
     })?;
     let key = |k: &str| format!("{a}.{k}");
     let num = |k: &str| f.get(&key(k)).and_then(Value::as_f64);
     let int = |k: &str| f.get(&key(k)).and_then(Value::as_u64);
-    let need = |k: &str| int(k).ok_or_else(|| FormatError::invalid(f.path(), format!("metadata has no integer {}", key(k))));
+    let need = |k: &str| {
+        int(k).ok_or_else(|| {
+            FormatError::invalid(f.path(), format!("metadata has no integer {}", key(k)))
+        })
+    };
     let heads = need("attention.head_count")?;
     let hidden = need("embedding_length")?;
     let vocab = match f.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
         Some(t) => t.len() as u64,
-        None => f.tensor("token_embd.weight").map(|t| t.shape[0] as u64).ok_or_else(|| FormatError::invalid(f.path(), "no vocabulary (tokenizer.ggml.tokens or token_embd.weight)"))?,
+        None => f
+            .tensor("token_embd.weight")
+            .map(|t| t.shape[0] as u64)
+            .ok_or_else(|| {
+                FormatError::invalid(
+                    f.path(),
+                    "no vocabulary (tokenizer.ggml.tokens or token_embd.weight)",
+                )
+            })?,
     };
     let mut c = Map::new();
     c.insert("architectures".into(), json!([class]));
     c.insert("model_type".into(), json!(model_type));
     c.insert("hidden_size".into(), json!(hidden));
-    c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
+    c.insert(
+        "intermediate_size".into(),
+        json!(need("feed_forward_length")?),
+    );
     c.insert("num_hidden_layers".into(), json!(need("block_count")?));
     c.insert("num_attention_heads".into(), json!(heads));
-    c.insert("num_key_value_heads".into(), json!(int("attention.head_count_kv").unwrap_or(heads)));
+    c.insert(
+        "num_key_value_heads".into(),
+        json!(int("attention.head_count_kv").unwrap_or(heads)),
+    );
     if let Some(hd) = int("attention.key_length") {
         c.insert("head_dim".into(), json!(hd));
     }
     c.insert("vocab_size".into(), json!(vocab));
-    c.insert("rms_norm_eps".into(), json!(num("attention.layer_norm_rms_epsilon").unwrap_or(1e-6)));
-    c.insert("rope_theta".into(), json!(num("rope.freq_base").unwrap_or(10000.0)));
-    c.insert("max_position_embeddings".into(), json!(int("context_length").unwrap_or(4096)));
-    c.insert("tie_word_embeddings".into(), json!(f.tensor("output.weight").is_none()));
+    c.insert(
+        "rms_norm_eps".into(),
+        json!(num("attention.layer_norm_rms_epsilon").unwrap_or(1e-6)),
+    );
+    c.insert(
+        "rope_theta".into(),
+        json!(num("rope.freq_base").unwrap_or(10000.0)),
+    );
+    c.insert(
+        "max_position_embeddings".into(),
+        json!(int("context_length").unwrap_or(4096)),
+    );
+    c.insert(
+        "tie_word_embeddings".into(),
+        json!(f.tensor("output.weight").is_none()),
+    );
     c.insert("hidden_act".into(), json!("silu"));
-    if let (Some(rot), Some(hd)) = (int("rope.dimension_count"), int("attention.key_length").or(Some(hidden / heads.max(1)))) {
+    if let (Some(rot), Some(hd)) = (
+        int("rope.dimension_count"),
+        int("attention.key_length").or(Some(hidden / heads.max(1))),
+    ) {
         if rot != hd && hd > 0 {
-            c.insert("partial_rotary_factor".into(), json!(rot as f64 / hd as f64));
+            c.insert(
+                "partial_rotary_factor".into(),
+                json!(rot as f64 / hd as f64),
+            );
         }
     }
     if let Some(w) = int("attention.sliding_window") {
         c.insert("sliding_window".into(), json!(w));
     }
     if let Some(factor) = num("rope.scaling.factor") {
-        let kind = f.get(&key("rope.scaling.type")).and_then(Value::as_str).unwrap_or("linear");
-        c.insert("rope_scaling".into(), json!({"type": kind, "factor": factor}));
+        let kind = f
+            .get(&key("rope.scaling.type"))
+            .and_then(Value::as_str)
+            .unwrap_or("linear");
+        c.insert(
+            "rope_scaling".into(),
+            json!({"type": kind, "factor": factor}),
+        );
     }
-    let tok_id = |k: &str| f.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64);
+    let tok_id = |k: &str| {
+        f.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(Value::as_u64)
+    };
     if let Some(b) = tok_id("bos_token_id") {
         c.insert("bos_token_id".into(), json!(b));
     }
@@ -148,14 +201,21 @@ fn pre_tokenizer(pre: &str, path: &std::path::Path) -> Result<Json> {
     let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "default" | "gpt2" => byte_level(true),
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
         "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
-        other => return Err(FormatError::invalid(path, format!("tokenizer.ggml.pre {other:?} is not supported (smollm, llama-bpe, qwen2, default)"))),
+        other => return Err(FormatError::invalid(
+            path,
+            format!(
+                "tokenizer.ggml.pre {other:?} is not supported (smollm, llama-bpe, qwen2, default)"
+            ),
+        )),
     })
 }
 
@@ -168,13 +228,27 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<(Json, Json)> {
             .and_then(Value::as_array)
             .ok_or_else(|| FormatError::invalid(path, format!("metadata has no {k}")))?
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| FormatError::invalid(path, format!("{k} holds a non-string"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| FormatError::invalid(path, format!("{k} holds a non-string")))
+            })
             .collect()
     };
-    let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+    let model = f
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let types: Vec<u64> = f.get("tokenizer.ggml.token_type").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
-    let vocab: Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+    let types: Vec<u64> = f
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let vocab: Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
     // Token types 3 (control) and 4 (user defined) are added tokens, matched before the model.
     let added: Vec<Json> = tokens
         .iter()
@@ -202,9 +276,20 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<(Json, Json)> {
         "llama" => spm_tokenizer(f, &tokens, &types, vocab, added)?,
         other => return Err(FormatError::invalid(path, format!("tokenizer.ggml.model {other:?} is not supported (gpt2 byte-level BPE and llama SentencePiece are)"))),
     };
-    let token = |k: &str| f.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(Value::as_u64).and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+    let token = |k: &str| {
+        f.get(&format!("tokenizer.ggml.{k}_token_id"))
+            .and_then(Value::as_u64)
+            .and_then(|i| tokens.get(i as usize))
+            .map(|s| s.to_string())
+    };
     let mut tc = Map::new();
-    tc.insert("add_bos_token".into(), json!(f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false)));
+    tc.insert(
+        "add_bos_token".into(),
+        json!(f
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)),
+    );
     if let Some(b) = token("bos") {
         tc.insert("bos_token".into(), json!(b));
     }
@@ -223,17 +308,35 @@ pub fn tokenizer_files(f: &GgufFile) -> Result<(Json, Json)> {
 /// vocabulary pieces is a merge ranked by that piece's score. Characters outside
 /// the vocabulary fall back to byte pieces `<0xXX>`; spaces become `▁`, with one
 /// prepended unless `tokenizer.ggml.add_space_prefix` is false.
-fn spm_tokenizer(f: &GgufFile, tokens: &[&str], types: &[u64], vocab: Map<String, Json>, added: Vec<Json>) -> Result<Json> {
+fn spm_tokenizer(
+    f: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+    vocab: Map<String, Json>,
+    added: Vec<Json>,
+) -> Result<Json> {
     let path = f.path();
     let scores: Vec<f64> = f
         .get("tokenizer.ggml.scores")
         .and_then(Value::as_array)
-        .ok_or_else(|| FormatError::invalid(path, "metadata has no tokenizer.ggml.scores (a llama tokenizer needs them)"))?
+        .ok_or_else(|| {
+            FormatError::invalid(
+                path,
+                "metadata has no tokenizer.ggml.scores (a llama tokenizer needs them)",
+            )
+        })?
         .iter()
-        .map(|v| v.as_f64().ok_or_else(|| FormatError::invalid(path, "tokenizer.ggml.scores holds a non-number")))
+        .map(|v| {
+            v.as_f64().ok_or_else(|| {
+                FormatError::invalid(path, "tokenizer.ggml.scores holds a non-number")
+            })
+        })
         .collect::<Result<_>>()?;
     if scores.len() != tokens.len() {
-        return Err(FormatError::invalid(path, format!("{} scores for {} tokens", scores.len(), tokens.len())));
+        return Err(FormatError::invalid(
+            path,
+            format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        ));
     }
     let mut merges: Vec<(f64, usize, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
@@ -249,14 +352,25 @@ fn spm_tokenizer(f: &GgufFile, tokens: &[&str], types: &[u64], vocab: Map<String
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let merges: Vec<String> = merges.into_iter().map(|m| m.2).collect();
-    let unk = f.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64).and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
-    let prefix = f.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let unk = f
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .and_then(|i| tokens.get(i as usize))
+        .map(|s| s.to_string());
+    let prefix = f
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
     let mut normalizers = Vec::new();
     if prefix {
         normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
     }
     normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
-    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
     if prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
@@ -280,12 +394,30 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.11.attn_q.weight", "llama").as_deref(), Some("model.layers.11.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down.weight", "llama").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_up.weight", "llama").as_deref(), Some("model.layers.0.mlp.up_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_up.weight", "phi3").as_deref(), Some("model.layers.0.mlp.gate_up_proj.weight"));
-        assert_eq!(hf_name("blk.2.attn_qkv.weight", "phi3").as_deref(), Some("model.layers.2.self_attn.qkv_proj.weight"));
-        assert_eq!(hf_name("token_embd.weight", "qwen2").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_name("blk.11.attn_q.weight", "llama").as_deref(),
+            Some("model.layers.11.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight", "llama").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_up.weight", "llama").as_deref(),
+            Some("model.layers.0.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_up.weight", "phi3").as_deref(),
+            Some("model.layers.0.mlp.gate_up_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.2.attn_qkv.weight", "phi3").as_deref(),
+            Some("model.layers.2.self_attn.qkv_proj.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight", "qwen2").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
         assert_eq!(hf_name("blk.x.attn_q.weight", "llama"), None);
     }

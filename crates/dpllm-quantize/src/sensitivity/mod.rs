@@ -10,7 +10,6 @@
 //! (`model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.down_proj.weight`, ...,
 //! `qkv_proj` / `gate_up_proj` for Phi-3), metadata `format = dpllm-sensitivity`.
 
-
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -35,29 +34,53 @@ pub struct Sensitivities {
 impl Sensitivities {
     /// F of linear `name` of block `layer`, if present.
     pub fn get(&self, layer: usize, name: &str) -> Option<&[f32]> {
-        self.layers.get(layer)?.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.layers
+            .get(layer)?
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Every tensor as (Hugging Face weight name, [out, in], F).
     pub fn tensors(&self) -> impl Iterator<Item = (String, [usize; 2], &[f32])> {
-        self.layers.iter().zip(&self.shapes).enumerate().flat_map(|(l, (lin, shapes))| {
-            lin.iter().zip(shapes).map(move |((name, v), s)| (hf_weight_name(l, name), *s, v.as_slice()))
-        })
+        self.layers
+            .iter()
+            .zip(&self.shapes)
+            .enumerate()
+            .flat_map(|(l, (lin, shapes))| {
+                lin.iter()
+                    .zip(shapes)
+                    .map(move |((name, v), s)| (hf_weight_name(l, name), *s, v.as_slice()))
+            })
     }
 }
 
 /// The Hugging Face name of linear `linear` ("q_proj", "gate_up_proj", ...) of block `layer`.
 pub fn hf_weight_name(layer: usize, linear: &str) -> String {
-    let part =
-        if matches!(linear, "gate_proj" | "up_proj" | "down_proj" | "gate_up_proj") { "mlp" } else { "self_attn" };
+    let part = if matches!(
+        linear,
+        "gate_proj" | "up_proj" | "down_proj" | "gate_up_proj"
+    ) {
+        "mlp"
+    } else {
+        "self_attn"
+    };
     format!("model.layers.{layer}.{part}.{linear}.weight")
 }
 
 /// Σ over `sequences` of the squared gradient of each sequence's mean next-token
 /// cross-entropy w.r.t. every block linear of `model` (computed in f32).
-pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress: bool) -> Result<Sensitivities> {
+pub fn accumulate_sensitivities(
+    model: &Model,
+    sequences: &[Vec<u32>],
+    progress: bool,
+) -> Result<Sensitivities> {
     for (i, s) in sequences.iter().enumerate() {
-        ensure!(s.len() >= 2, "calibration sequence {i} has {} tokens; at least 2 are needed", s.len());
+        ensure!(
+            s.len() >= 2,
+            "calibration sequence {i} has {} tokens; at least 2 are needed",
+            s.len()
+        );
         if let Some(&t) = s.iter().find(|&&t| t as usize >= model.config.vocab_size) {
             bail!(
                 "calibration sequence {i}: token id {t} is out of range for a vocabulary of {}",
@@ -69,9 +92,18 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     let mut layers: Vec<Vec<(String, Vec<f32>)>> = gm
         .blocks
         .iter()
-        .map(|b| b.linears().iter().map(|l| (l.name.to_string(), vec![0f32; l.out_f * l.in_f])).collect())
+        .map(|b| {
+            b.linears()
+                .iter()
+                .map(|l| (l.name.to_string(), vec![0f32; l.out_f * l.in_f]))
+                .collect()
+        })
         .collect();
-    let shapes = gm.blocks.iter().map(|b| b.linears().iter().map(|l| [l.out_f, l.in_f]).collect()).collect();
+    let shapes = gm
+        .blocks
+        .iter()
+        .map(|b| b.linears().iter().map(|l| [l.out_f, l.in_f]).collect())
+        .collect();
     let bar = if progress {
         let b = indicatif::ProgressBar::new(sequences.len() as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -85,8 +117,13 @@ pub fn accumulate_sensitivities(model: &Model, sequences: &[Vec<u32>], progress:
     };
     let mut loss_sum = 0f64;
     for (i, seq) in sequences.iter().enumerate() {
-        let loss = gm.gradient(seq, &mut |l, idx, g| dpllm_grad::ops::add_squared(&mut layers[l][idx].1, g))?;
-        ensure!(loss.is_finite(), "calibration sequence {i}: the loss is not finite ({loss})");
+        let loss = gm.gradient(seq, &mut |l, idx, g| {
+            dpllm_grad::ops::add_squared(&mut layers[l][idx].1, g)
+        })?;
+        ensure!(
+            loss.is_finite(),
+            "calibration sequence {i}: the loss is not finite ({loss})"
+        );
         loss_sum += loss;
         bar.inc(1);
         bar.set_message(format!("mean loss {:.4}", loss_sum / (i + 1) as f64));
@@ -113,7 +150,12 @@ pub fn save(s: &Sensitivities, path: &Path, inputs: &serde_json::Value) -> Resul
     let mut offset = 0usize;
     let mut order = Vec::new();
     for (name, shape, v) in s.tensors() {
-        ensure!(v.len() == shape[0] * shape[1], "{name}: {} values for shape {:?}", v.len(), shape);
+        ensure!(
+            v.len() == shape[0] * shape[1],
+            "{name}: {} values for shape {:?}",
+            v.len(),
+            shape
+        );
         let bytes = v.len() * 4;
         header.insert(
             name.clone(),
@@ -164,12 +206,21 @@ impl SensitivityFile {
             self.path.display()
         );
         self.ck.tensor_f32(hf_name, &[out, inp]).with_context(|| {
-            format!("sensitivity file {}: tensor {hf_name:?} expected shape [{out}, {inp}]", self.path.display())
+            format!(
+                "sensitivity file {}: tensor {hf_name:?} expected shape [{out}, {inp}]",
+                self.path.display()
+            )
         })
     }
 
     /// F of linear `linear` ("q_proj", ...) of block `layer`, checked to have shape [out, in].
-    pub fn get_linear(&self, layer: usize, linear: &str, out: usize, inp: usize) -> Result<Vec<f32>> {
+    pub fn get_linear(
+        &self,
+        layer: usize,
+        linear: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<f32>> {
         self.get(&hf_weight_name(layer, linear), out, inp)
     }
 
@@ -195,7 +246,10 @@ impl SensitivityFile {
     pub fn all(&self) -> Result<BTreeMap<String, NamedTensor>> {
         let mut m = BTreeMap::new();
         for (name, info) in self.ck.tensors() {
-            m.insert(name.to_string(), (info.shape.clone(), self.ck.tensor_f32(name, &info.shape)?));
+            m.insert(
+                name.to_string(),
+                (info.shape.clone(), self.ck.tensor_f32(name, &info.shape)?),
+            );
         }
         Ok(m)
     }
@@ -203,14 +257,26 @@ impl SensitivityFile {
 
 /// Open a sensitivity file written by [`save`] (truncated or corrupt files are an error).
 pub fn load(path: &Path) -> Result<SensitivityFile> {
-    let ck = Checkpoint::open_file(path).with_context(|| format!("reading sensitivity file {}", path.display()))?;
-    Ok(SensitivityFile { ck, path: path.into() })
+    let ck = Checkpoint::open_file(path)
+        .with_context(|| format!("reading sensitivity file {}", path.display()))?;
+    Ok(SensitivityFile {
+        ck,
+        path: path.into(),
+    })
 }
 
 /// `n` windows of `seq_len` consecutive tokens of `tokens`, at start positions drawn
 /// uniformly (with replacement) from a `StdRng` seeded with `seed`: deterministic.
-pub fn calibration_sequences(tokens: &[u32], n: usize, seq_len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
-    ensure!(seq_len >= 2, "calibration sequences need at least 2 tokens, got seq_len {seq_len}");
+pub fn calibration_sequences(
+    tokens: &[u32],
+    n: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        seq_len >= 2,
+        "calibration sequences need at least 2 tokens, got seq_len {seq_len}"
+    );
     ensure!(
         tokens.len() >= seq_len,
         "the calibration text has {} tokens, fewer than one sequence of {seq_len}",

@@ -21,7 +21,10 @@ fn random_tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
 fn accumulation_is_the_sum_of_squared_gradients() {
     let (_d, m) = tiny("Qwen2ForCausalLM", 3);
     let gm = GradModel::from_model(&m);
-    let seqs = vec![random_tokens(1, 9, m.config.vocab_size), random_tokens(2, 14, m.config.vocab_size)];
+    let seqs = vec![
+        random_tokens(1, 9, m.config.vocab_size),
+        random_tokens(2, 14, m.config.vocab_size),
+    ];
     let s = accumulate_sensitivities(&m, &seqs, false).unwrap();
     let (_, g1) = gm.gradients(&seqs[0]).unwrap();
     let (_, g2) = gm.gradients(&seqs[1]).unwrap();
@@ -31,7 +34,10 @@ fn accumulation_is_the_sum_of_squared_gradients() {
         let got: Vec<&str> = s.layers[l].iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(got, names);
         for (i, (_, f)) in s.layers[l].iter().enumerate() {
-            let (o, inp) = (b.linears()[i].1.out_features(), b.linears()[i].1.in_features());
+            let (o, inp) = (
+                b.linears()[i].1.out_features(),
+                b.linears()[i].1.in_features(),
+            );
             assert_eq!(s.shapes[l][i], [o, inp]);
             for e in 0..f.len() {
                 let want = g1[l][i][e] * g1[l][i][e] + g2[l][i][e] * g2[l][i][e];
@@ -68,9 +74,16 @@ fn save_load_round_trip_and_errors() {
     // Also readable by the safetensors crate directly.
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor("model.layers.0.self_attn.o_proj.weight").unwrap().shape(), &[32, 32]);
+    assert_eq!(
+        st.tensor("model.layers.0.self_attn.o_proj.weight")
+            .unwrap()
+            .shape(),
+        &[32, 32]
+    );
     // Wrong shape, missing tensor.
-    let e = f.get("model.layers.0.self_attn.o_proj.weight", 32, 33).unwrap_err();
+    let e = f
+        .get("model.layers.0.self_attn.o_proj.weight", 32, 33)
+        .unwrap_err();
     assert!(format!("{e:#}").contains("shape"), "{e:#}");
     let e = f.get_linear(0, "q_proj", 32, 32).unwrap_err();
     assert!(format!("{e:#}").contains("no tensor"), "{e:#}");
@@ -86,7 +99,10 @@ fn save_load_round_trip_and_errors() {
     assert!(load(&trunc).is_err());
     assert!(load(&dir.path().join("missing.safetensors")).is_err());
     // No temp files left next to the output.
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
 
@@ -119,25 +135,44 @@ fn real_model_docs_llama_12m() {
     let tok = dpllm_engine::tokenizer::TextTokenizer::from_dir(dir, None, &[]).unwrap();
     let text = std::fs::read_to_string("/work/shared/data/docs/calib.txt").unwrap();
     let ids = tok.encode(&text, true).unwrap();
-    let n: usize = std::env::var("SENS_N").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let n: usize = std::env::var("SENS_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let seqs = calibration_sequences(&ids, n, 512, 0).unwrap();
-    eprintln!("{} tokens in calib.txt; {} threads", ids.len(), rayon::current_num_threads());
+    eprintln!(
+        "{} tokens in calib.txt; {} threads",
+        ids.len(),
+        rayon::current_num_threads()
+    );
     // Forward check against the engine on one sequence.
     let gm = GradModel::from_model(&m);
     let t0 = std::time::Instant::now();
-    let (a, b) = (gm.loss(&seqs[0]).unwrap(), engine_loss(&m, &seqs[0]).unwrap());
-    eprintln!("loss seq0: f32 forward {a:.6}, engine {b:.6} ({:.2}s for both)", t0.elapsed().as_secs_f64());
+    let (a, b) = (
+        gm.loss(&seqs[0]).unwrap(),
+        engine_loss(&m, &seqs[0]).unwrap(),
+    );
+    eprintln!(
+        "loss seq0: f32 forward {a:.6}, engine {b:.6} ({:.2}s for both)",
+        t0.elapsed().as_secs_f64()
+    );
     assert!((a - b).abs() < 1e-3);
     let t = std::time::Instant::now();
     gm.loss(&seqs[0]).unwrap();
     let fwd = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     gm.gradient(&seqs[0], &mut |_, _, _| {}).unwrap();
-    eprintln!("one sequence: forward only {fwd:.3}s, forward+backward {:.3}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "one sequence: forward only {fwd:.3}s, forward+backward {:.3}s",
+        t.elapsed().as_secs_f64()
+    );
     let t = std::time::Instant::now();
     let s = accumulate_sensitivities(&m, &seqs, true).unwrap();
     let el = t.elapsed().as_secs_f64();
-    eprintln!("accumulate: {n} x 512 tokens in {el:.2}s = {:.3}s per sequence", el / n as f64);
+    eprintln!(
+        "accumulate: {n} x 512 tokens in {el:.2}s = {:.3}s per sequence",
+        el / n as f64
+    );
     let mut rows = Vec::new();
     for (name, shape, f) in s.tensors() {
         assert!(f.iter().all(|x| x.is_finite() && *x >= 0.0), "{name}");
@@ -153,5 +188,9 @@ fn real_model_docs_llama_12m() {
     let out = std::env::temp_dir().join("docs-llama-12m.sens.safetensors");
     save(&s, &out, &serde_json::Value::Null).unwrap();
     assert_eq!(load(&out).unwrap().for_model(&m).unwrap(), s);
-    eprintln!("saved {} ({} bytes)", out.display(), std::fs::metadata(&out).unwrap().len());
+    eprintln!(
+        "saved {} ({} bytes)",
+        out.display(),
+        std::fs::metadata(&out).unwrap().len()
+    );
 }

@@ -11,11 +11,13 @@ pub fn silu(x: f32) -> f32 {
 /// `gate[i] = silu(gate[i]) * up[i]` in place.
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
-        for (a, b) in g.iter_mut().zip(u) {
-            *a = silu(*a) * b;
-        }
-    });
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (a, b) in g.iter_mut().zip(u) {
+                *a = silu(*a) * b;
+            }
+        });
 }
 
 #[cfg(test)]

@@ -24,15 +24,40 @@ pub struct AnyPrecLinear {
 
 impl AnyPrecLinear {
     /// Build from planes laid out plane-major, [max_bits][rows][ceil(cols/32)], and LUTs for seed..=max bits.
-    pub fn new(rows: usize, cols: usize, seed_bits: u32, max_bits: u32, planes: Vec<u32>, luts: Vec<Vec<f16>>, bias: Option<Vec<f32>>) -> AnyPrecLinear {
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        seed_bits: u32,
+        max_bits: u32,
+        planes: Vec<u32>,
+        luts: Vec<Vec<f16>>,
+        bias: Option<Vec<f32>>,
+    ) -> AnyPrecLinear {
         let words = cols.div_ceil(32);
         assert!(seed_bits <= max_bits && max_bits <= 8);
-        assert_eq!(planes.len(), rows * max_bits as usize * words, "planes size");
-        assert_eq!(luts.len(), (max_bits - seed_bits + 1) as usize, "one LUT per bit-width");
+        assert_eq!(
+            planes.len(),
+            rows * max_bits as usize * words,
+            "planes size"
+        );
+        assert_eq!(
+            luts.len(),
+            (max_bits - seed_bits + 1) as usize,
+            "one LUT per bit-width"
+        );
         for (i, l) in luts.iter().enumerate() {
             assert_eq!(l.len(), rows << (seed_bits as usize + i), "LUT size");
         }
-        AnyPrecLinear { rows, cols, words, seed_bits, max_bits, planes, luts, bias }
+        AnyPrecLinear {
+            rows,
+            cols,
+            words,
+            seed_bits,
+            max_bits,
+            planes,
+            luts,
+            bias,
+        }
     }
 
     /// A layer of random planes (padding bits zero, as the packer writes them) and
@@ -41,14 +66,22 @@ impl AnyPrecLinear {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let words = cols.div_ceil(32);
-        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words).map(|_| rng.random()).collect();
+        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words)
+            .map(|_| rng.random())
+            .collect();
         if !cols.is_multiple_of(32) {
             let mask = (1u32 << (cols % 32)) - 1;
             for row in planes.chunks_mut(words) {
                 row[words - 1] &= mask;
             }
         }
-        let luts = (3..=max_bits).map(|b| (0..rows << b).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()).collect();
+        let luts = (3..=max_bits)
+            .map(|b| {
+                (0..rows << b)
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect()
+            })
+            .collect();
         AnyPrecLinear::new(rows, cols, 3, max_bits, planes, luts, None)
     }
 
@@ -65,7 +98,10 @@ impl AnyPrecLinear {
     /// Ok when the layer can run at `bits` (seed..=max loaded), else why not.
     pub fn check_bits(&self, bits: u32) -> Result<(), String> {
         if bits < self.seed_bits || bits > self.max_bits {
-            return Err(format!("{bits} bits is outside the loaded range {}..={}", self.seed_bits, self.max_bits));
+            return Err(format!(
+                "{bits} bits is outside the loaded range {}..={}",
+                self.seed_bits, self.max_bits
+            ));
         }
         Ok(())
     }
@@ -91,15 +127,37 @@ impl AnyPrecLinear {
     }
 
     /// [`AnyPrecLinear::forward_bits`] with a chosen GEMV kernel (for benchmarks and tests).
-    pub fn forward_bits_with(&self, x: &[f32], n: usize, y: &mut [f32], bits: u32, kernel: BitplaneKernel) {
+    pub fn forward_bits_with(
+        &self,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        bits: u32,
+        kernel: BitplaneKernel,
+    ) {
         assert!(self.check_bits(bits).is_ok(), "bits out of range");
         let (rows, cols, stride) = (self.rows, self.cols, self.plane_stride());
         if n <= GEMV_MAX_TOKENS {
-            gemv_rows(rows, n, cols, x, y, |r, xt| dot_row_with(kernel, self.row_planes(r), stride, bits, self.lut(bits, r), xt));
+            gemv_rows(rows, n, cols, x, y, |r, xt| {
+                dot_row_with(
+                    kernel,
+                    self.row_planes(r),
+                    stride,
+                    bits,
+                    self.lut(bits, r),
+                    xt,
+                )
+            });
         } else {
             matmul_tiled(rows, cols, x, n, y, |r0, tile| {
                 for (i, out) in tile.chunks_mut(cols).enumerate() {
-                    dequantize_row(self.row_planes(r0 + i), stride, bits, self.lut(bits, r0 + i), out);
+                    dequantize_row(
+                        self.row_planes(r0 + i),
+                        stride,
+                        bits,
+                        self.lut(bits, r0 + i),
+                        out,
+                    );
                 }
             });
         }
@@ -110,7 +168,13 @@ impl AnyPrecLinear {
     pub fn dequantize(&self, bits: u32) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         for (r, row) in out.chunks_mut(self.cols).enumerate() {
-            dequantize_row(self.row_planes(r), self.plane_stride(), bits, self.lut(bits, r), row);
+            dequantize_row(
+                self.row_planes(r),
+                self.plane_stride(),
+                bits,
+                self.lut(bits, r),
+                row,
+            );
         }
         out
     }
@@ -124,7 +188,15 @@ impl AnyPrecLinear {
 impl AnyPrecLinear {
     /// Take a weight as read from the file.
     pub fn from_host(w: AnyPrecHost) -> AnyPrecLinear {
-        AnyPrecLinear::new(w.rows, w.cols, w.seed_bits, w.max_bits, w.planes, w.luts, w.bias)
+        AnyPrecLinear::new(
+            w.rows,
+            w.cols,
+            w.seed_bits,
+            w.max_bits,
+            w.planes,
+            w.luts,
+            w.bias,
+        )
     }
 
     /// Output features.
@@ -167,10 +239,15 @@ mod tests {
                     layer.forward_bits(&x, n, &mut y, bits);
                     for t in 0..n {
                         for r in 0..rows {
-                            let want: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum::<f64>()
+                            let want: f64 = (0..cols)
+                                .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
+                                .sum::<f64>()
                                 + layer.bias.as_ref().unwrap()[r] as f64;
                             let got = y[t * rows + r] as f64;
-                            assert!((got - want).abs() < 1e-4, "bits={bits} n={n} {rows}x{cols}: {got} vs {want}");
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "bits={bits} n={n} {rows}x{cols}: {got} vs {want}"
+                            );
                         }
                     }
                 }

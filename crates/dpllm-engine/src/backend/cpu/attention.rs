@@ -36,31 +36,40 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
     assert!(k.len() >= (pos0 + n) * kvd && v.len() >= (pos0 + n) * kvd);
     let scale = 1.0 / (hd as f32).sqrt();
     let op = SendPtr(out.as_mut_ptr());
-    (0..n * nh).into_par_iter().for_each_init(Vec::<f32>::new, |scores, job| {
-        let op = op;
-        let (t, h) = (job / nh, job % nh);
-        let pos = pos0 + t;
-        let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let kvh = h / group;
-        let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-        attention_probs(qh, k, kvd, kvh, lo, pos, scale, scores);
-        // SAFETY: each (t, h) job owns out[(t*nh+h)*hd .. +hd].
-        let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((t * nh + h) * hd), hd) };
-        o.fill(0.0);
-        for (idx, j) in (lo..=pos).enumerate() {
-            let p = scores[idx];
-            let vj = &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-            for (a, b) in o.iter_mut().zip(vj) {
-                *a += p * b;
+    (0..n * nh)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |scores, job| {
+            let op = op;
+            let (t, h) = (job / nh, job % nh);
+            let pos = pos0 + t;
+            let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kvh = h / group;
+            let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            attention_probs(qh, k, kvd, kvh, lo, pos, scale, scores);
+            // SAFETY: each (t, h) job owns out[(t*nh+h)*hd .. +hd].
+            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((t * nh + h) * hd), hd) };
+            o.fill(0.0);
+            for (idx, j) in (lo..=pos).enumerate() {
+                let p = scores[idx];
+                let vj = &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                for (a, b) in o.iter_mut().zip(vj) {
+                    *a += p * b;
+                }
             }
-        }
-    });
+        });
 }
 
 /// [`attention`] as matrix products: per head and tile of up to 64 queries,
 /// S = Q·Kᵀ over the keys the tile can see (the `gemm` crate), a masked softmax
 /// per row, then O = P·V. Tiles of different heads run in parallel.
-pub fn attention_tiled(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
+pub fn attention_tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos0: usize,
+    s: AttnShape,
+    out: &mut [f32],
+) {
     let (nh, hd) = (s.num_heads, s.head_dim);
     let (qd, kvd) = (nh * hd, s.num_kv_heads * hd);
     let group = nh / s.num_kv_heads;
@@ -70,55 +79,90 @@ pub fn attention_tiled(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShap
     let scale = 1.0 / (hd as f32).sqrt();
     let tiles = n.div_ceil(TILE);
     let op = SendPtr(out.as_mut_ptr());
-    (0..nh * tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scores, job| {
-        let op = op;
-        let (h, tile) = (job / tiles, job % tiles);
-        let kvh = h / group;
-        let (t0, t1) = (tile * TILE, ((tile + 1) * TILE).min(n));
-        let rows = t1 - t0;
-        // Keys visible to some query of the tile: lo of its first query ..= its last position.
-        let lo = s.window.map_or(0, |w| (pos0 + t0 + 1).saturating_sub(w));
-        let hi = pos0 + t1;
-        let cols = hi - lo;
-        scores.clear();
-        scores.resize(rows * cols, 0.0);
-        // SAFETY: Q rows t0..t1 of head h, K rows lo..hi of KV head kvh and the scores
-        // tile are in bounds (asserted above); scores is this task's own buffer.
-        unsafe {
-            gemm_view(rows, cols, hd, scores.as_mut_ptr(), cols, q.as_ptr().add(t0 * qd + h * hd), qd, 1, k.as_ptr().add(lo * kvd + kvh * hd), 1, kvd);
-        }
-        for (r, row) in scores.chunks_mut(cols).enumerate() {
-            let pos = pos0 + t0 + r;
-            let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - lo;
-            let last = pos - lo;
-            let mut max = f32::NEG_INFINITY;
-            for x in &mut row[first..=last] {
-                *x *= scale;
-                max = max.max(*x);
+    (0..nh * tiles)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |scores, job| {
+            let op = op;
+            let (h, tile) = (job / tiles, job % tiles);
+            let kvh = h / group;
+            let (t0, t1) = (tile * TILE, ((tile + 1) * TILE).min(n));
+            let rows = t1 - t0;
+            // Keys visible to some query of the tile: lo of its first query ..= its last position.
+            let lo = s.window.map_or(0, |w| (pos0 + t0 + 1).saturating_sub(w));
+            let hi = pos0 + t1;
+            let cols = hi - lo;
+            scores.clear();
+            scores.resize(rows * cols, 0.0);
+            // SAFETY: Q rows t0..t1 of head h, K rows lo..hi of KV head kvh and the scores
+            // tile are in bounds (asserted above); scores is this task's own buffer.
+            unsafe {
+                gemm_view(
+                    rows,
+                    cols,
+                    hd,
+                    scores.as_mut_ptr(),
+                    cols,
+                    q.as_ptr().add(t0 * qd + h * hd),
+                    qd,
+                    1,
+                    k.as_ptr().add(lo * kvd + kvh * hd),
+                    1,
+                    kvd,
+                );
             }
-            let mut sum = 0f32;
-            for x in &mut row[first..=last] {
-                *x = (*x - max).exp();
-                sum += *x;
+            for (r, row) in scores.chunks_mut(cols).enumerate() {
+                let pos = pos0 + t0 + r;
+                let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w)) - lo;
+                let last = pos - lo;
+                let mut max = f32::NEG_INFINITY;
+                for x in &mut row[first..=last] {
+                    *x *= scale;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in &mut row[first..=last] {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row[..first].fill(0.0);
+                row[first..=last].iter_mut().for_each(|x| *x *= inv);
+                row[last + 1..].fill(0.0);
             }
-            let inv = 1.0 / sum;
-            row[..first].fill(0.0);
-            row[first..=last].iter_mut().for_each(|x| *x *= inv);
-            row[last + 1..].fill(0.0);
-        }
-        // SAFETY: this (head, tile) job alone writes out rows t0..t1, columns h·hd..(h+1)·hd;
-        // V rows lo..hi of KV head kvh are in bounds.
-        unsafe {
-            gemm_view(rows, hd, cols, op.0.add(t0 * qd + h * hd), qd, scores.as_ptr(), cols, 1, v.as_ptr().add(lo * kvd + kvh * hd), kvd, 1);
-        }
-    });
+            // SAFETY: this (head, tile) job alone writes out rows t0..t1, columns h·hd..(h+1)·hd;
+            // V rows lo..hi of KV head kvh are in bounds.
+            unsafe {
+                gemm_view(
+                    rows,
+                    hd,
+                    cols,
+                    op.0.add(t0 * qd + h * hd),
+                    qd,
+                    scores.as_ptr(),
+                    cols,
+                    1,
+                    v.as_ptr().add(lo * kvd + kvh * hd),
+                    kvd,
+                    1,
+                );
+            }
+        });
 }
 
 /// Softmax over positions lo..=pos of the scaled scores of query `qh` (hd values)
 /// against the keys of KV head `kvh` in `k` [· × kvd], into `p` (one per position).
 /// The forward pass and the attention backward both use it.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_probs(qh: &[f32], k: &[f32], kvd: usize, kvh: usize, lo: usize, pos: usize, scale: f32, p: &mut Vec<f32>) {
+pub fn attention_probs(
+    qh: &[f32],
+    k: &[f32],
+    kvd: usize,
+    kvh: usize,
+    lo: usize,
+    pos: usize,
+    scale: f32,
+    p: &mut Vec<f32>,
+) {
     let hd = qh.len();
     p.clear();
     let mut max = f32::NEG_INFINITY;
@@ -151,11 +195,17 @@ mod tests {
             for h in 0..nh {
                 let kvh = h * s.num_kv_heads / nh;
                 let pos = pos0 + t;
-                let js: Vec<usize> = (0..=pos).filter(|&j| s.window.is_none_or(|w| pos - j < w)).collect();
+                let js: Vec<usize> = (0..=pos)
+                    .filter(|&j| s.window.is_none_or(|w| pos - j < w))
+                    .collect();
                 let sc: Vec<f64> = js
                     .iter()
                     .map(|&j| {
-                        (0..hd).map(|d| q[(t * nh + h) * hd + d] as f64 * k[j * kvd + kvh * hd + d] as f64).sum::<f64>()
+                        (0..hd)
+                            .map(|d| {
+                                q[(t * nh + h) * hd + d] as f64 * k[j * kvd + kvh * hd + d] as f64
+                            })
+                            .sum::<f64>()
                             / (hd as f64).sqrt()
                     })
                     .collect();
@@ -163,7 +213,8 @@ mod tests {
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 for (i, &j) in js.iter().enumerate() {
                     for d in 0..hd {
-                        out[(t * nh + h) * hd + d] += (sc[i] - m).exp() / z * v[j * kvd + kvh * hd + d] as f64;
+                        out[(t * nh + h) * hd + d] +=
+                            (sc[i] - m).exp() / z * v[j * kvd + kvh * hd + d] as f64;
                     }
                 }
             }
@@ -176,11 +227,26 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         // A few queries, and more than two tiles of the tiled path, with windows
         // shorter and longer than a tile.
-        for (window, pos0, n) in [(None, 5, 4), (Some(3), 5, 4), (None, 3, 150), (Some(3), 7, 150), (Some(70), 0, 150)] {
-            let s = AttnShape { num_heads: 6, num_kv_heads: 2, head_dim: 8, window };
+        for (window, pos0, n) in [
+            (None, 5, 4),
+            (Some(3), 5, 4),
+            (None, 3, 150),
+            (Some(3), 7, 150),
+            (Some(70), 0, 150),
+        ] {
+            let s = AttnShape {
+                num_heads: 6,
+                num_kv_heads: 2,
+                head_dim: 8,
+                window,
+            };
             let q: Vec<f32> = (0..n * 48).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let k: Vec<f32> = (0..(pos0 + n) * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let v: Vec<f32> = (0..(pos0 + n) * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let k: Vec<f32> = (0..(pos0 + n) * 16)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let v: Vec<f32> = (0..(pos0 + n) * 16)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let want = naive(&q, &k, &v, pos0, s);
             for kernel in [attention_rows, attention_tiled] {
                 let mut out = vec![0f32; q.len()];

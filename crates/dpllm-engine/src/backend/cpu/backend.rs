@@ -1,6 +1,9 @@
 //! [`Backend`] for the CPU: each op calls the kernel of its module.
 
-use super::{activation, attention, bitplane, estimate, norm, rope, rows, AnyPrecLinear, CpuBackend, CpuKv, DenseLinear};
+use super::{
+    activation, attention, bitplane, estimate, norm, rope, rows, AnyPrecLinear, CpuBackend, CpuKv,
+    DenseLinear,
+};
 use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
 use crate::error::{EngineError, Result};
 
@@ -17,7 +20,11 @@ impl Backend for CpuBackend {
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| EngineError::OutOfMemory { what: "activations", bytes: len.saturating_mul(4) })?;
+        v.try_reserve_exact(len)
+            .map_err(|_| EngineError::OutOfMemory {
+                what: "activations",
+                bytes: len.saturating_mul(4),
+            })?;
         v.resize(len, 0.0);
         Ok(v)
     }
@@ -38,7 +45,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn dense(&self, w: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> Result<DenseLinear> {
+    fn dense(
+        &self,
+        w: DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<DenseLinear> {
         Ok(DenseLinear::from_host(w, rows, cols, bias))
     }
 
@@ -47,12 +60,20 @@ impl Backend for CpuBackend {
     }
 
     fn kv_new(&self, layers: usize, kv_dim: usize) -> CpuKv {
-        CpuKv { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], kv_dim }
+        CpuKv {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+            kv_dim,
+        }
     }
 
     fn kv_append(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>) -> Result<()> {
         for (buf, x) in [(&mut kv.keys[layer], k), (&mut kv.values[layer], v)] {
-            buf.try_reserve(x.len()).map_err(|_| EngineError::OutOfMemory { what: "the KV cache", bytes: 4 * (buf.len() + x.len()) })?;
+            buf.try_reserve(x.len())
+                .map_err(|_| EngineError::OutOfMemory {
+                    what: "the KV cache",
+                    bytes: 4 * (buf.len() + x.len()),
+                })?;
             buf.extend_from_slice(x);
         }
         Ok(())
@@ -84,11 +105,27 @@ impl Backend for CpuBackend {
         norm::rms_norm_inplace(x, w, eps)
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, rot_dim: usize, pos0: usize, table: &Vec<f32>) {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        rot_dim: usize,
+        pos0: usize,
+        table: &Vec<f32>,
+    ) {
         rope::rope_apply(x, heads, head_dim, rot_dim, pos0, table, false)
     }
 
-    fn attention(&self, q: &Vec<f32>, kv: &CpuKv, layer: usize, pos0: usize, shape: AttnShape, out: &mut Vec<f32>) {
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        kv: &CpuKv,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) {
         attention::attention(q, &kv.keys[layer], &kv.values[layer], pos0, shape, out)
     }
 
@@ -120,23 +157,47 @@ impl Backend for CpuBackend {
         w.forward(x, n, y)
     }
 
-    fn anyprec_linear(&self, w: &AnyPrecLinear, x: &Vec<f32>, n: usize, bits: u32, y: &mut Vec<f32>) {
+    fn anyprec_linear(
+        &self,
+        w: &AnyPrecLinear,
+        x: &Vec<f32>,
+        n: usize,
+        bits: u32,
+        y: &mut Vec<f32>,
+    ) {
         w.forward_bits(x, n, y, bits)
     }
 
-    fn estimate(&self, est: &Estimator<CpuBackend>, x: &Vec<f32>, n: usize, threshold: f32) -> Result<Vec<bool>> {
-        Ok(estimate::estimate(est, x, n).into_iter().map(|e| e > threshold).collect())
+    fn estimates(&self, est: &Estimator<CpuBackend>, x: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        Ok(estimate::estimate(est, x, n))
+    }
+
+    fn threshold_mask(&self, values: &Vec<f32>, threshold: f32) -> Result<Vec<bool>> {
+        Ok(values.iter().map(|&e| e > threshold).collect())
     }
 
     fn mask_count(&self, mask: &Vec<bool>) -> Result<usize> {
         Ok(mask.iter().filter(|&&h| h).count())
     }
 
-    fn gather_rows(&self, x: &Vec<f32>, width: usize, mask: &Vec<bool>, high: bool) -> Result<Vec<f32>> {
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        width: usize,
+        mask: &Vec<bool>,
+        high: bool,
+    ) -> Result<Vec<f32>> {
         Ok(rows::gather(x, width, |t| mask[t] == high))
     }
 
-    fn scatter_rows(&self, src: &Vec<f32>, width: usize, mask: &Vec<bool>, high: bool, dst: &mut Vec<f32>) {
+    fn scatter_rows(
+        &self,
+        src: &Vec<f32>,
+        width: usize,
+        mask: &Vec<bool>,
+        high: bool,
+        dst: &mut Vec<f32>,
+    ) {
         rows::scatter(src, width, |t| mask[t] == high, dst)
     }
 

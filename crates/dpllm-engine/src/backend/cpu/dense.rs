@@ -19,17 +19,32 @@ pub struct DenseLinear {
 
 impl DenseLinear {
     /// Wrap a [rows × cols] float matrix and an optional bias of length `rows`.
-    pub fn new(weight: Arc<TensorData>, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> DenseLinear {
+    pub fn new(
+        weight: Arc<TensorData>,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> DenseLinear {
         Self::from_host(DenseHost::Float(weight), rows, cols, bias)
     }
 
     /// Wrap a [rows × cols] matrix in either stored form.
-    pub fn from_host(weight: DenseHost, rows: usize, cols: usize, bias: Option<Vec<f32>>) -> DenseLinear {
+    pub fn from_host(
+        weight: DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> DenseLinear {
         assert_eq!(weight.len(), rows * cols, "weight is not {rows}x{cols}");
         if let Some(b) = &bias {
             assert_eq!(b.len(), rows, "bias length");
         }
-        DenseLinear { rows, cols, weight, bias }
+        DenseLinear {
+            rows,
+            cols,
+            weight,
+            bias,
+        }
     }
 
     /// The stored matrix.

@@ -49,7 +49,12 @@ mod avx2 {
 
     /// Dot product with a loader that turns 8 elements at `i` into f32 lanes.
     #[inline(always)]
-    unsafe fn dot_with(n: usize, x: *const f32, load: impl Fn(usize) -> __m256, tail: impl Fn(usize) -> f32) -> f32 {
+    unsafe fn dot_with(
+        n: usize,
+        x: *const f32,
+        load: impl Fn(usize) -> __m256,
+        tail: impl Fn(usize) -> f32,
+    ) -> f32 {
         let mut a0 = _mm256_setzero_ps();
         let mut a1 = _mm256_setzero_ps();
         let mut a2 = _mm256_setzero_ps();
@@ -77,7 +82,12 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         let p = w.as_ptr();
-        dot_with(w.len(), x.as_ptr(), |i| _mm256_loadu_ps(p.add(i)), |i| *p.add(i))
+        dot_with(
+            w.len(),
+            x.as_ptr(),
+            |i| _mm256_loadu_ps(p.add(i)),
+            |i| *p.add(i),
+        )
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -108,7 +118,9 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 impl WeightElem for f32 {
@@ -192,14 +204,25 @@ mod tests {
             let w: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let tol = 1e-5 * (n as f64).sqrt() + 1e-6;
-            assert!((f32::dot(&w, &x) as f64 - reference(&w, &x)).abs() < tol, "f32 n={n}");
+            assert!(
+                (f32::dot(&w, &x) as f64 - reference(&w, &x)).abs() < tol,
+                "f32 n={n}"
+            );
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            assert!((bf16::dot(&wb, &x) as f64 - reference(&wbf, &x)).abs() < tol, "bf16 n={n}");
+            assert!(
+                (bf16::dot(&wb, &x) as f64 - reference(&wbf, &x)).abs() < tol,
+                "bf16 n={n}"
+            );
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let whf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
-            assert!((f16::dot(&wh, &x) as f64 - reference(&whf, &x)).abs() < tol, "f16 n={n}");
-            assert!((dot_portable(&wb, &x, |v| v.to_f32()) as f64 - reference(&wbf, &x)).abs() < tol);
+            assert!(
+                (f16::dot(&wh, &x) as f64 - reference(&whf, &x)).abs() < tol,
+                "f16 n={n}"
+            );
+            assert!(
+                (dot_portable(&wb, &x, |v| v.to_f32()) as f64 - reference(&wbf, &x)).abs() < tol
+            );
         }
     }
 }

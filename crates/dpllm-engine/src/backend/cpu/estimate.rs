@@ -10,7 +10,12 @@ const SERIAL_MACS: usize = 1 << 20;
 
 /// Euclidean norm of each row of `x` [n × d] (accumulated in f64).
 pub fn row_norms(x: &[f32], d: usize) -> impl Iterator<Item = f32> + '_ {
-    x.chunks(d).map(|r| r.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32)
+    x.chunks(d).map(|r| {
+        r.iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum::<f64>()
+            .sqrt() as f32
+    })
 }
 
 /// Estimates for the `n` rows of `x` [n × in].

@@ -24,41 +24,73 @@ fn tile_rows(cols: usize) -> usize {
 }
 
 /// `y[t, r] = Σ_c w(r, c) · x[t, c]` using a per-row dot product `dot(r, x_t)`.
-pub fn gemv_rows(rows: usize, n: usize, cols: usize, x: &[f32], y: &mut [f32], dot: impl Fn(usize, &[f32]) -> f32 + Sync) {
+pub fn gemv_rows(
+    rows: usize,
+    n: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    dot: impl Fn(usize, &[f32]) -> f32 + Sync,
+) {
     assert_eq!(x.len(), n * cols);
     assert_eq!(y.len(), n * rows);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..rows.div_ceil(GEMV_ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-        let yp = yp;
-        let r0 = task * GEMV_ROWS_PER_TASK;
-        let r1 = (r0 + GEMV_ROWS_PER_TASK).min(rows);
-        for r in r0..r1 {
-            for t in 0..n {
-                let v = dot(r, &x[t * cols..(t + 1) * cols]);
-                // SAFETY: (t, r) pairs are disjoint across tasks; index < n*rows.
-                unsafe { *yp.0.add(t * rows + r) = v };
+    (0..rows.div_ceil(GEMV_ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let yp = yp;
+            let r0 = task * GEMV_ROWS_PER_TASK;
+            let r1 = (r0 + GEMV_ROWS_PER_TASK).min(rows);
+            for r in r0..r1 {
+                for t in 0..n {
+                    let v = dot(r, &x[t * cols..(t + 1) * cols]);
+                    // SAFETY: (t, r) pairs are disjoint across tasks; index < n*rows.
+                    unsafe { *yp.0.add(t * rows + r) = v };
+                }
             }
-        }
-    });
+        });
 }
 
 /// Prefill matmul through f32 tiles: `fill(row0, tile)` writes rows
 /// `row0..row0 + tile.len()/cols` of W as f32 into `tile`.
-pub fn matmul_tiled(rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
+pub fn matmul_tiled(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) {
     assert_eq!(x.len(), n * cols);
     assert_eq!(y.len(), n * rows);
     let th = tile_rows(cols);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..rows.div_ceil(th)).into_par_iter().for_each_init(Vec::<f32>::new, |tile, ti| {
-        let yp = yp;
-        let r0 = ti * th;
-        let nr = th.min(rows - r0);
-        tile.resize(nr * cols, 0.0);
-        fill(r0, tile);
-        // SAFETY: dst covers columns r0..r0+nr of every row of y, disjoint per task;
-        // strides describe y [n × rows], x [n × cols] and the tile [nr × cols] used transposed.
-        unsafe { gemm_view(n, nr, cols, yp.0.add(r0), rows, x.as_ptr(), cols, 1, tile.as_ptr(), 1, cols) }
-    });
+    (0..rows.div_ceil(th))
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |tile, ti| {
+            let yp = yp;
+            let r0 = ti * th;
+            let nr = th.min(rows - r0);
+            tile.resize(nr * cols, 0.0);
+            fill(r0, tile);
+            // SAFETY: dst covers columns r0..r0+nr of every row of y, disjoint per task;
+            // strides describe y [n × rows], x [n × cols] and the tile [nr × cols] used transposed.
+            unsafe {
+                gemm_view(
+                    n,
+                    nr,
+                    cols,
+                    yp.0.add(r0),
+                    rows,
+                    x.as_ptr(),
+                    cols,
+                    1,
+                    tile.as_ptr(),
+                    1,
+                    cols,
+                )
+            }
+        });
 }
 
 /// `gemm` on strided row-major views: `dst [m × n] = lhs [m × k] · rhs [k × n]`, each
@@ -67,7 +99,19 @@ pub fn matmul_tiled(rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]
 /// # Safety
 /// The views must lie inside their buffers; `dst` must not overlap the inputs.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_view(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+pub(crate) unsafe fn gemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
     gemm::gemm(
         m,
         n,
@@ -91,9 +135,18 @@ pub(crate) unsafe fn gemm_view(m: usize, n: usize, k: usize, dst: *mut f32, dst_
     )
 }
 
-fn matmul_elems<T: WeightElem>(w: &[T], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+fn matmul_elems<T: WeightElem>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
     if n <= GEMV_MAX_TOKENS {
-        gemv_rows(rows, n, cols, x, y, |r, xt| T::dot(&w[r * cols..(r + 1) * cols], xt));
+        gemv_rows(rows, n, cols, x, y, |r, xt| {
+            T::dot(&w[r * cols..(r + 1) * cols], xt)
+        });
     } else {
         matmul_tiled(rows, cols, x, n, y, |r0, tile| {
             T::to_f32_slice(&w[r0 * cols..r0 * cols + tile.len()], tile)
@@ -121,7 +174,9 @@ mod tests {
         let mut y = vec![0f64; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                y[t * rows + r] = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                y[t * rows + r] = (0..cols)
+                    .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
+                    .sum();
             }
         }
         y
@@ -132,7 +187,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for &(rows, cols) in &[(1usize, 1usize), (3, 5), (17, 33), (70, 129), (300, 64)] {
             for &n in &[1usize, 2, 4, 5, 9, 40] {
-                let wf: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let wf: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let variants = [
                     TensorData::F32(wf.clone()),
@@ -146,7 +203,11 @@ mod tests {
                     matmul_dense(&w, rows, cols, &x, n, &mut y);
                     let tol = 2e-5 * (cols as f64).sqrt() + 1e-6;
                     for (a, b) in y.iter().zip(&want) {
-                        assert!((*a as f64 - b).abs() < tol, "{:?} {rows}x{cols} n={n}: {a} vs {b}", w.dtype());
+                        assert!(
+                            (*a as f64 - b).abs() < tol,
+                            "{:?} {rows}x{cols} n={n}: {a} vs {b}",
+                            w.dtype()
+                        );
                     }
                 }
             }

@@ -7,7 +7,9 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     assert_eq!(x.len(), out.len());
     assert_eq!(x.len() % d, 0);
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| rms_norm_row(r, w, eps, o));
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, r)| rms_norm_row(r, w, eps, o));
 }
 
 /// RMSNorm of one row (f64 sum of squares for stability).

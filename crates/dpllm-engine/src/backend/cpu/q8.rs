@@ -57,7 +57,10 @@ impl Q8Kernel {
     /// The fastest kernel this CPU runs.
     pub fn best() -> Q8Kernel {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Q8Kernel::Avx2;
         }
         Q8Kernel::Portable
@@ -66,7 +69,10 @@ impl Q8Kernel {
     /// Σ w·x of row `r` of `w`.
     pub fn dot_row(self, w: &Q8Matrix, r: usize, x: &[f32]) -> f32 {
         let nb = w.cols / Q8_BLOCK;
-        let (s, q) = (&w.scales[r * nb..(r + 1) * nb], &w.quants[r * w.cols..(r + 1) * w.cols]);
+        let (s, q) = (
+            &w.scales[r * nb..(r + 1) * nb],
+            &w.quants[r * w.cols..(r + 1) * w.cols],
+        );
         assert_eq!(x.len(), w.cols);
         match self {
             Q8Kernel::Portable => dot_q8_portable(s, q, x),
@@ -106,7 +112,9 @@ mod tests {
         let w = Q8Matrix {
             rows,
             cols,
-            scales: (0..rows * cols / 32).map(|_| f16::from_f32(rng.random_range(-0.05..0.05))).collect(),
+            scales: (0..rows * cols / 32)
+                .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+                .collect(),
             quants: (0..rows * cols).map(|_| rng.random()).collect(),
         };
         let wf = w.to_f32();
@@ -116,9 +124,18 @@ mod tests {
             matmul_q8(&w, &x, n, &mut y);
             for t in 0..n {
                 for r in 0..rows {
-                    let want: f64 = (0..cols).map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
-                    for got in [y[t * rows + r], Q8Kernel::Portable.dot_row(&w, r, &x[t * cols..(t + 1) * cols]), Q8Kernel::best().dot_row(&w, r, &x[t * cols..(t + 1) * cols])] {
-                        assert!((got as f64 - want).abs() < 1e-4, "n={n} row {r}: {got} vs {want}");
+                    let want: f64 = (0..cols)
+                        .map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64)
+                        .sum();
+                    for got in [
+                        y[t * rows + r],
+                        Q8Kernel::Portable.dot_row(&w, r, &x[t * cols..(t + 1) * cols]),
+                        Q8Kernel::best().dot_row(&w, r, &x[t * cols..(t + 1) * cols]),
+                    ] {
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4,
+                            "n={n} row {r}: {got} vs {want}"
+                        );
                     }
                 }
             }

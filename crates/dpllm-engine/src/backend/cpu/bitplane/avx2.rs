@@ -6,7 +6,10 @@ use std::arch::x86_64::*;
 /// 32 byte-indices of one word column group, built from `bits` planes.
 #[inline(always)]
 unsafe fn indices(planes: *const u32, stride: usize, bits: u32, w: usize) -> __m256i {
-    let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let shuf = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
     let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let mut idx = _mm256_setzero_si256();
     for j in 0..bits as usize {
@@ -45,7 +48,11 @@ pub unsafe fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: 
     let full = cols / 32;
     let lp = lut.as_ptr();
     let lo = _mm256_loadu_ps(lp);
-    let hi = if bits >= 4 { _mm256_loadu_ps(lp.add(8)) } else { lo };
+    let hi = if bits >= 4 {
+        _mm256_loadu_ps(lp.add(8))
+    } else {
+        lo
+    };
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
     let xp = x.as_ptr();
@@ -60,9 +67,21 @@ pub unsafe fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: 
         let i3 = _mm256_cvtepu8_epi32(_mm_srli_si128(h128, 8));
         let xb = xp.add(w * 32);
         acc0 = _mm256_fmadd_ps(lookup(lp, bits, lo, hi, i0), _mm256_loadu_ps(xb), acc0);
-        acc1 = _mm256_fmadd_ps(lookup(lp, bits, lo, hi, i1), _mm256_loadu_ps(xb.add(8)), acc1);
-        acc0 = _mm256_fmadd_ps(lookup(lp, bits, lo, hi, i2), _mm256_loadu_ps(xb.add(16)), acc0);
-        acc1 = _mm256_fmadd_ps(lookup(lp, bits, lo, hi, i3), _mm256_loadu_ps(xb.add(24)), acc1);
+        acc1 = _mm256_fmadd_ps(
+            lookup(lp, bits, lo, hi, i1),
+            _mm256_loadu_ps(xb.add(8)),
+            acc1,
+        );
+        acc0 = _mm256_fmadd_ps(
+            lookup(lp, bits, lo, hi, i2),
+            _mm256_loadu_ps(xb.add(16)),
+            acc0,
+        );
+        acc1 = _mm256_fmadd_ps(
+            lookup(lp, bits, lo, hi, i3),
+            _mm256_loadu_ps(xb.add(24)),
+            acc1,
+        );
     }
     let v = _mm256_add_ps(acc0, acc1);
     let mut buf = [0f32; 8];

@@ -114,9 +114,13 @@ impl BitplaneKernel {
         match self {
             BitplaneKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            BitplaneKernel::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+            BitplaneKernel::Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -124,23 +128,48 @@ impl BitplaneKernel {
 
     /// Every kernel this CPU can run, slowest first.
     pub fn available() -> Vec<BitplaneKernel> {
-        [BitplaneKernel::Portable, BitplaneKernel::Avx2, BitplaneKernel::Avx512].into_iter().filter(|k| k.is_available()).collect()
+        [
+            BitplaneKernel::Portable,
+            BitplaneKernel::Avx2,
+            BitplaneKernel::Avx512,
+        ]
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect()
     }
 
     /// The fastest kernel this CPU can run (detected once).
     pub fn best() -> BitplaneKernel {
         static BEST: std::sync::OnceLock<BitplaneKernel> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| *Self::available().last().unwrap_or(&BitplaneKernel::Portable))
+        *BEST.get_or_init(|| {
+            *Self::available()
+                .last()
+                .unwrap_or(&BitplaneKernel::Portable)
+        })
     }
 }
 
 /// Σ_c lut[idx_c]·x_c over one row at `bits` with a chosen kernel (falls back to
 /// the portable one when the CPU lacks it).
 #[inline]
-pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], stride: usize, bits: u32, lut: &[f16], x: &[f32]) -> f32 {
-    assert!((3..=8).contains(&bits), "bit-plane kernels run 3..=8 bits, not {bits}");
+pub fn dot_row_with(
+    kernel: BitplaneKernel,
+    planes: &[u32],
+    stride: usize,
+    bits: u32,
+    lut: &[f16],
+    x: &[f32],
+) -> f32 {
+    assert!(
+        (3..=8).contains(&bits),
+        "bit-plane kernels run 3..=8 bits, not {bits}"
+    );
     let words = x.len().div_ceil(32);
-    assert!(stride >= words && planes.len() >= (bits as usize - 1) * stride + words && lut.len() == 1 << bits);
+    assert!(
+        stride >= words
+            && planes.len() >= (bits as usize - 1) * stride + words
+            && lut.len() == 1 << bits
+    );
     #[cfg(target_arch = "x86_64")]
     if kernel.is_available() {
         match kernel {
@@ -149,14 +178,17 @@ pub fn dot_row_with(kernel: BitplaneKernel, planes: &[u32], stride: usize, bits:
                 return unsafe { avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), x) };
             }
             // SAFETY: as above.
-            BitplaneKernel::Avx2 => return with_lut_f32(lut, |l| unsafe { avx2::dot_row(planes, stride, bits, l, x) }),
+            BitplaneKernel::Avx2 => {
+                return with_lut_f32(lut, |l| unsafe {
+                    avx2::dot_row(planes, stride, bits, l, x)
+                })
+            }
             BitplaneKernel::Portable => {}
         }
     }
     let _ = kernel;
     with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, x))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -186,21 +218,36 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         for bits in 3..=8u32 {
             for cols in [1usize, 31, 32, 33, 64, 100, 257, 1024] {
-                let idx: Vec<u8> = (0..cols).map(|_| rng.random_range(0..(1u32 << bits)) as u8).collect();
-                let lut: Vec<f16> = (0..1 << bits).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
+                let idx: Vec<u8> = (0..cols)
+                    .map(|_| rng.random_range(0..(1u32 << bits)) as u8)
+                    .collect();
+                let lut: Vec<f16> = (0..1 << bits)
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect();
                 let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let (planes, words) = pack(&idx, bits, cols % 3);
                 let mut deq = vec![0f32; cols];
                 dequantize_row(&planes, words, bits, &lut, &mut deq);
                 let want: Vec<f32> = idx.iter().map(|&i| lut[i as usize].to_f32()).collect();
                 assert_eq!(deq, want, "dequantize b={bits} cols={cols}");
-                let r: f64 = want.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let r: f64 = want
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
                 let tol = 1e-5 * (cols as f64).sqrt();
                 let best = dot_row_with(BitplaneKernel::best(), &planes, words, bits, &lut, &x);
-                assert!((best as f64 - r).abs() < tol, "best kernel b={bits} cols={cols}");
+                assert!(
+                    (best as f64 - r).abs() < tol,
+                    "best kernel b={bits} cols={cols}"
+                );
                 for k in BitplaneKernel::available() {
                     let v = dot_row_with(k, &planes, words, bits, &lut, &x);
-                    assert!((v as f64 - r).abs() < tol, "{} b={bits} cols={cols}", k.name());
+                    assert!(
+                        (v as f64 - r).abs() < tol,
+                        "{} b={bits} cols={cols}",
+                        k.name()
+                    );
                 }
             }
         }
