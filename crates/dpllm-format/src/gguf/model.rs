@@ -210,12 +210,14 @@ fn pre_tokenizer(pre: &str, path: &std::path::Path) -> Result<Json> {
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
-        other => return Err(FormatError::invalid(
-            path,
-            format!(
+        other => {
+            return Err(FormatError::invalid(
+                path,
+                format!(
                 "tokenizer.ggml.pre {other:?} is not supported (smollm, llama-bpe, qwen2, default)"
             ),
-        )),
+            ))
+        }
     })
 }
 

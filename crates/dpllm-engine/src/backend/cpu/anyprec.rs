@@ -138,7 +138,11 @@ impl AnyPrecLinear {
         assert!(self.check_bits(bits).is_ok(), "bits out of range");
         let (rows, cols, stride) = (self.rows, self.cols, self.plane_stride());
         if n <= GEMV_MAX_TOKENS {
-            gemv_rows(rows, n, cols, x, y, |r, xt| {
+            let mut xp = Vec::with_capacity(n * kernel.prepared_len(cols));
+            for t in x.chunks(cols) {
+                kernel.prepare_x(t, &mut xp);
+            }
+            gemv_rows(rows, n, kernel.prepared_len(cols), &xp, y, |r, xt| {
                 dot_row_with(
                     kernel,
                     self.row_planes(r),
@@ -146,6 +150,7 @@ impl AnyPrecLinear {
                     bits,
                     self.lut(bits, r),
                     xt,
+                    cols,
                 )
             });
         } else {

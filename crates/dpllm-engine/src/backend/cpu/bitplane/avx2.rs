@@ -1,98 +1,213 @@
-//! AVX2 bit-plane dot product: indices from planes by byte shuffles, LUT lookups
-//! by in-register permutes (3 and 4 bits) or gathers.
+//! AVX2 bit-plane dot product, 256 columns per block.
+//!
+//! A block reads 8 words (256 columns) of each plane into one register: byte i
+//! holds columns 8i..8i+7. For each bit position s the b-bit indices of the 32
+//! columns 8i+s (i = 0..31) are one shift, mask and or per plane, with no
+//! per-column shuffles; the activations are permuted to that order once per
+//! token ([`super::BitplaneKernel::prepare_x`]). The row's f16 LUT becomes byte tables of 16
+//! entries (low and high bytes) looked up by `pshufb`; above 4 bits the lookups
+//! of the 2^(b−4) runs are merged by byte blends whose masks are the top planes
+//! themselves (no gathers), and `vcvtph2ps` widens the result.
 
 use std::arch::x86_64::*;
 
-/// 32 byte-indices of one word column group, built from `bits` planes.
+use half::f16;
+
+use super::{BLOCK, WORDS_PER_BLOCK};
+
+/// Plane `pj` shifted so that bit `s` of every byte lands on bit `k` of the
+/// same byte (other bits are garbage; 16-bit shifts keep the bit in its byte).
 #[inline(always)]
-unsafe fn indices(planes: *const u32, stride: usize, bits: u32, w: usize) -> __m256i {
-    let shuf = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+unsafe fn bit_to(pj: __m256i, s: u32, k: u32) -> __m256i {
+    if s >= k {
+        _mm256_srl_epi16(pj, _mm_cvtsi32_si128((s - k) as i32))
+    } else {
+        _mm256_sll_epi16(pj, _mm_cvtsi32_si128((k - s) as i32))
+    }
+}
+
+/// The low min(B, 4) index bits (a byte each) of columns 8i + s, i = 0..31,
+/// of a block whose planes are `p` (plane 0, the most significant bit, first).
+#[inline(always)]
+unsafe fn low_indices<const B: usize>(p: &[__m256i; B], s: u32) -> __m256i {
     let mut idx = _mm256_setzero_si256();
-    for j in 0..bits as usize {
-        let word = *planes.add(j * stride + w);
-        let v = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), shuf);
-        let hit = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
-        let bit = _mm256_set1_epi8((1u32 << (bits as usize - 1 - j)) as u8 as i8);
-        idx = _mm256_or_si256(idx, _mm256_and_si256(hit, bit));
+    for (j, &pj) in p.iter().enumerate().skip(B.saturating_sub(4)) {
+        let k = (B - 1 - j) as u32;
+        idx = _mm256_or_si256(
+            idx,
+            _mm256_and_si256(bit_to(pj, s, k), _mm256_set1_epi8(1 << k)),
+        );
     }
     idx
 }
 
-/// Look up 8 indices (i32 lanes) in the row's table.
+/// Plane words of block `blk` (8 words per plane; a short last block is padded
+/// with zero words).
 #[inline(always)]
-unsafe fn lookup(lut: *const f32, bits: u32, lo: __m256, hi: __m256, i: __m256i) -> __m256 {
-    match bits {
-        3 => _mm256_permutevar8x32_ps(lo, i),
-        4 => {
-            let a = _mm256_permutevar8x32_ps(lo, i);
-            let b = _mm256_permutevar8x32_ps(hi, i);
-            let m = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28));
-            _mm256_blendv_ps(a, b, m)
+unsafe fn load_planes<const B: usize>(
+    planes: &[u32],
+    stride: usize,
+    words: usize,
+    blk: usize,
+) -> [__m256i; B] {
+    let w0 = blk * WORDS_PER_BLOCK;
+    let mut p = [_mm256_setzero_si256(); B];
+    if w0 + WORDS_PER_BLOCK <= words {
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = _mm256_loadu_si256(planes.as_ptr().add(j * stride + w0) as *const __m256i);
         }
-        _ => _mm256_i32gather_ps::<4>(lut, i),
+    } else {
+        let n = words - w0;
+        for (j, pj) in p.iter_mut().enumerate() {
+            let mut buf = [0u32; WORDS_PER_BLOCK];
+            buf[..n].copy_from_slice(&planes[j * stride + w0..j * stride + w0 + n]);
+            *pj = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
+        }
+    }
+    p
+}
+
+/// Horizontal sum of four accumulators.
+#[inline(always)]
+unsafe fn hsum(a: [__m256; 4]) -> f32 {
+    let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
+/// The low and high bytes of the first 16 LUT entries, each table in both lanes.
+#[inline(always)]
+unsafe fn byte_tables(lut: &[f16]) -> (__m256i, __m256i) {
+    let v = if lut.len() >= 16 {
+        _mm256_loadu_si256(lut.as_ptr() as *const __m256i)
+    } else {
+        _mm256_castsi128_si256(_mm_loadu_si128(lut.as_ptr() as *const __m128i))
+    };
+    // Per lane: the 8 low bytes, then the 8 high bytes.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,
+        7, 9, 11, 13, 15,
+    );
+    // [lo 0..7, lo 8..15, hi 0..7, hi 8..15].
+    let v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0b11_01_10_00);
+    (
+        _mm256_permute2x128_si256(v, v, 0x00),
+        _mm256_permute2x128_si256(v, v, 0x11),
+    )
+}
+
+/// One block of [`dot_tables`]: the 8 bit positions, 32 columns each (16 when `HALF`).
+#[inline(always)]
+unsafe fn table_block<const B: usize, const T: usize, const HALF: bool>(
+    p: &[__m256i; B],
+    tlo: &[__m256i; T],
+    thi: &[__m256i; T],
+    xb: *const f32,
+    acc: &mut [__m256; 4],
+) {
+    for s in 0..8u32 {
+        let idx = low_indices::<B>(p, s);
+        let mut lo = [_mm256_setzero_si256(); T];
+        let mut hi = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            lo[t] = _mm256_shuffle_epi8(tlo[t], idx);
+            hi[t] = _mm256_shuffle_epi8(thi[t], idx);
+        }
+        // Level l merges runs that differ in index bit 4 + l, held by plane
+        // B − 5 − l; the blend reads bit 7 of each byte, so no mask is needed.
+        let mut width = T;
+        let mut l = 0;
+        while width > 1 {
+            let sel = bit_to(p[B - 5 - l], s, 7);
+            for m in 0..width / 2 {
+                lo[m] = _mm256_blendv_epi8(lo[2 * m], lo[2 * m + 1], sel);
+                hi[m] = _mm256_blendv_epi8(hi[2 * m], hi[2 * m + 1], sel);
+            }
+            width /= 2;
+            l += 1;
+        }
+        // f16 of i = 0..7 | 16..23, and of i = 8..15 | 24..31.
+        let a = _mm256_unpacklo_epi8(lo[0], hi[0]);
+        let b = _mm256_unpackhi_epi8(lo[0], hi[0]);
+        let xs = xb.add(s as usize * 32);
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_cvtph_ps(_mm256_castsi256_si128(a)),
+            _mm256_loadu_ps(xs),
+            acc[0],
+        );
+        acc[1] = _mm256_fmadd_ps(
+            _mm256_cvtph_ps(_mm256_castsi256_si128(b)),
+            _mm256_loadu_ps(xs.add(8)),
+            acc[1],
+        );
+        if !HALF {
+            acc[2] = _mm256_fmadd_ps(
+                _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1)),
+                _mm256_loadu_ps(xs.add(16)),
+                acc[2],
+            );
+            acc[3] = _mm256_fmadd_ps(
+                _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1)),
+                _mm256_loadu_ps(xs.add(24)),
+                acc[3],
+            );
+        }
     }
 }
 
-/// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `planes` holds `bits` planes `stride`
-/// words apart, each of ceil(x.len()/32) words, and `lut` 2^bits entries.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_row(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: &[f32]) -> f32 {
-    let cols = x.len();
-    let full = cols / 32;
-    let lp = lut.as_ptr();
-    let lo = _mm256_loadu_ps(lp);
-    let hi = if bits >= 4 {
-        _mm256_loadu_ps(lp.add(8))
-    } else {
-        lo
-    };
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let xp = x.as_ptr();
-    let pp = planes.as_ptr();
-    for w in 0..full {
-        let idx = indices(pp, stride, bits, w);
-        let l128 = _mm256_castsi256_si128(idx);
-        let h128 = _mm256_extracti128_si256(idx, 1);
-        let i0 = _mm256_cvtepu8_epi32(l128);
-        let i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(l128, 8));
-        let i2 = _mm256_cvtepu8_epi32(h128);
-        let i3 = _mm256_cvtepu8_epi32(_mm_srli_si128(h128, 8));
-        let xb = xp.add(w * 32);
-        acc0 = _mm256_fmadd_ps(lookup(lp, bits, lo, hi, i0), _mm256_loadu_ps(xb), acc0);
-        acc1 = _mm256_fmadd_ps(
-            lookup(lp, bits, lo, hi, i1),
-            _mm256_loadu_ps(xb.add(8)),
-            acc1,
-        );
-        acc0 = _mm256_fmadd_ps(
-            lookup(lp, bits, lo, hi, i2),
-            _mm256_loadu_ps(xb.add(16)),
-            acc0,
-        );
-        acc1 = _mm256_fmadd_ps(
-            lookup(lp, bits, lo, hi, i3),
-            _mm256_loadu_ps(xb.add(24)),
-            acc1,
-        );
+/// Σ lut[idx_c]·x_c over one row at `B` bits from `T` = 2^(B−4) (at least 1)
+/// runs of 16 LUT entries: `pshufb` lookups in each run's byte tables, merged by
+/// byte blends on the index bits above the fourth (the top planes themselves).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_tables<const B: usize, const T: usize>(
+    planes: &[u32],
+    stride: usize,
+    words: usize,
+    lut: &[f16],
+    xp: &[f32],
+) -> f32 {
+    let mut tlo = [_mm256_setzero_si256(); T];
+    let mut thi = [_mm256_setzero_si256(); T];
+    for t in 0..T {
+        (tlo[t], thi[t]) = byte_tables(&lut[16 * t..]);
     }
-    let v = _mm256_add_ps(acc0, acc1);
-    let mut buf = [0f32; 8];
-    _mm256_storeu_ps(buf.as_mut_ptr(), v);
-    let mut s: f32 = buf.iter().sum();
-    if full * 32 < cols {
-        let mut idx = [0u8; 32];
-        super::word_indices(planes, stride, bits, full, &mut idx);
-        for t in 0..cols - full * 32 {
-            s += lut[idx[t] as usize] * x[full * 32 + t];
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for blk in 0..words.div_ceil(WORDS_PER_BLOCK) {
+        let p = load_planes::<B>(planes, stride, words, blk);
+        let xb = xp.as_ptr().add(blk * BLOCK);
+        // A last block of at most 4 words (128 columns) has nothing in i = 16..31.
+        if words - blk * WORDS_PER_BLOCK <= WORDS_PER_BLOCK / 2 {
+            table_block::<B, T, true>(&p, &tlo, &thi, xb, &mut acc);
+        } else {
+            table_block::<B, T, false>(&p, &tlo, &thi, xb, &mut acc);
         }
     }
-    s
+    hsum(acc)
+}
+
+/// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8), `xp` prepared by
+/// [`super::prepare_x`] for the row's `words` words.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `planes` holds `bits` planes
+/// `stride` words apart, each of `words` words; `lut` has 2^bits entries and
+/// `xp` covers ceil(words / 8) blocks of 256 floats.
+pub unsafe fn dot_row(
+    planes: &[u32],
+    stride: usize,
+    words: usize,
+    bits: u32,
+    lut: &[f16],
+    xp: &[f32],
+) -> f32 {
+    match bits {
+        3 => dot_tables::<3, 1>(planes, stride, words, lut, xp),
+        4 => dot_tables::<4, 1>(planes, stride, words, lut, xp),
+        5 => dot_tables::<5, 2>(planes, stride, words, lut, xp),
+        6 => dot_tables::<6, 4>(planes, stride, words, lut, xp),
+        7 => dot_tables::<7, 8>(planes, stride, words, lut, xp),
+        _ => dot_tables::<8, 16>(planes, stride, words, lut, xp),
+    }
 }

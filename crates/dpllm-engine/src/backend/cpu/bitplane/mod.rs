@@ -93,7 +93,7 @@ mod avx512;
 pub enum BitplaneKernel {
     /// Plain Rust, any CPU.
     Portable,
-    /// AVX2 + FMA (x86-64).
+    /// AVX2 + FMA + F16C (x86-64).
     Avx2,
     /// AVX-512F + AVX-512BW (x86-64).
     Avx512,
@@ -149,8 +149,43 @@ impl BitplaneKernel {
     }
 }
 
-/// Σ_c lut[idx_c]·x_c over one row at `bits` with a chosen kernel (falls back to
-/// the portable one when the CPU lacks it).
+/// Columns per block of the AVX2 kernel's activation layout.
+pub const BLOCK: usize = 256;
+/// Plane words per block.
+const WORDS_PER_BLOCK: usize = BLOCK / 32;
+
+impl BitplaneKernel {
+    /// Append one token's activations `x` to `out` in the order this kernel reads
+    /// them ([`dot_row_with`] takes them so): as they are, or for AVX2, per block
+    /// of 256 columns, x[8i + s] at position 32s + i, zero-padded to whole blocks.
+    pub fn prepare_x(self, x: &[f32], out: &mut Vec<f32>) {
+        if self != BitplaneKernel::Avx2 || !self.is_available() {
+            out.extend_from_slice(x);
+            return;
+        }
+        let base = out.len();
+        out.resize(base + x.len().div_ceil(BLOCK) * BLOCK, 0.0);
+        for (b, block) in x.chunks(BLOCK).enumerate() {
+            let o = &mut out[base + b * BLOCK..base + (b + 1) * BLOCK];
+            for (c, &v) in block.iter().enumerate() {
+                o[32 * (c % 8) + c / 8] = v;
+            }
+        }
+    }
+
+    /// Floats [`BitplaneKernel::prepare_x`] appends for a row of `cols` columns.
+    pub fn prepared_len(self, cols: usize) -> usize {
+        if self == BitplaneKernel::Avx2 && self.is_available() {
+            cols.div_ceil(BLOCK) * BLOCK
+        } else {
+            cols
+        }
+    }
+}
+
+/// Σ_c lut[idx_c]·x_c over one row of `cols` columns at `bits` with a chosen
+/// kernel (the portable one when the CPU lacks it); `xp` is the token's
+/// activations as `kernel.prepare_x` laid them out.
 #[inline]
 pub fn dot_row_with(
     kernel: BitplaneKernel,
@@ -158,36 +193,43 @@ pub fn dot_row_with(
     stride: usize,
     bits: u32,
     lut: &[f16],
-    x: &[f32],
+    xp: &[f32],
+    cols: usize,
 ) -> f32 {
     assert!(
         (3..=8).contains(&bits),
         "bit-plane kernels run 3..=8 bits, not {bits}"
     );
-    let words = x.len().div_ceil(32);
+    let words = cols.div_ceil(32);
     assert!(
         stride >= words
             && planes.len() >= (bits as usize - 1) * stride + words
             && lut.len() == 1 << bits
+    );
+    assert_eq!(
+        xp.len(),
+        kernel.prepared_len(cols),
+        "activations not prepared for the {} kernel",
+        kernel.name()
     );
     #[cfg(target_arch = "x86_64")]
     if kernel.is_available() {
         match kernel {
             // SAFETY: the CPU features are checked and the slices cover the row (asserted above).
             BitplaneKernel::Avx512 => {
-                return unsafe { avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), x) };
+                return unsafe {
+                    avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), xp)
+                };
             }
-            // SAFETY: as above.
+            // SAFETY: as above; `xp` covers whole blocks (asserted above).
             BitplaneKernel::Avx2 => {
-                return with_lut_f32(lut, |l| unsafe {
-                    avx2::dot_row(planes, stride, bits, l, x)
-                })
+                return unsafe { avx2::dot_row(planes, stride, words, bits, lut, xp) }
             }
             BitplaneKernel::Portable => {}
         }
     }
     let _ = kernel;
-    with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, x))
+    with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, xp))
 }
 
 #[cfg(test)]
@@ -236,13 +278,18 @@ mod tests {
                     .map(|(a, b)| *a as f64 * *b as f64)
                     .sum();
                 let tol = 1e-5 * (cols as f64).sqrt();
-                let best = dot_row_with(BitplaneKernel::best(), &planes, words, bits, &lut, &x);
+                let run = |k: BitplaneKernel| {
+                    let mut xp = Vec::new();
+                    k.prepare_x(&x, &mut xp);
+                    dot_row_with(k, &planes, words, bits, &lut, &xp, cols)
+                };
+                let best = run(BitplaneKernel::best());
                 assert!(
                     (best as f64 - r).abs() < tol,
                     "best kernel b={bits} cols={cols}"
                 );
                 for k in BitplaneKernel::available() {
-                    let v = dot_row_with(k, &planes, words, bits, &lut, &x);
+                    let v = run(k);
                     assert!(
                         (v as f64 - r).abs() < tol,
                         "{} b={bits} cols={cols}",
