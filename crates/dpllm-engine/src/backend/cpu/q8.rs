@@ -35,7 +35,9 @@ mod avx2 {
                 let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
                 blk = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(o + part * 8)), blk);
             }
-            acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(s.to_f32()), acc);
+            // The scale widened in-register (the `half` crate's portable conversion is branchy).
+            let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(s.to_bits() as i32)));
+            acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(scale), acc);
         }
         let hi = _mm256_extractf128_ps(acc, 1);
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
