@@ -1062,7 +1062,10 @@ fn calibrate_then_run_targets_and_baselines() {
         "{out}"
     );
     let v = json_file(&json);
-    assert_eq!(v["method"], "oracle");
+    assert_eq!(
+        (&v["method"], &v["budget"]),
+        (&"oracle".into(), &4.5.into())
+    );
     assert!(
         v["selection"]
             .as_array()

@@ -153,3 +153,31 @@ fn report_plots_perplexity_kl_plans_and_speed() {
         &["other.json", "not a result"],
     );
 }
+
+#[test]
+fn plans_of_two_budgets_draw_two_lines_per_method() {
+    let t = tempfile::tempdir().unwrap();
+    let mut args = vec!["report".to_string()];
+    for (i, (budget, target, bits, ppl)) in [
+        (5.0, 3.5, 3.49, 21.0),
+        (5.0, 4.0, 4.01, 20.5),
+        (4.0, 3.5, 3.5, 21.5),
+        (4.0, 3.75, 3.74, 21.2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = t.path().join(format!("r{i}.json"));
+        let v = serde_json::json!({"perplexity": ppl, "effective_bits": bits, "method": "dp-llm", "target": target, "budget": budget});
+        std::fs::write(&f, v.to_string()).unwrap();
+        args.push(f.display().to_string());
+    }
+    let out = t.path().join("report");
+    args.extend(["--out".to_string(), out.display().to_string()]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ppl = svg_ok(&out.join("perplexity.svg"));
+    assert!(
+        ppl.contains("dp-llm, budget 5") && ppl.contains("dp-llm, budget 4"),
+        "one line per budget"
+    );
+}

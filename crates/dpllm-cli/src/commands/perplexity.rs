@@ -110,6 +110,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         extra.insert("method".into(), method.into());
         extra.insert("target".into(), target.into());
+        extra.insert(
+            "budget".into(),
+            loaded.plan().map(|p| p.plan.budget_bits).into(),
+        );
         dpllm_eval::report::write_json_with(p, &r, extra)?;
     }
     Ok(())

@@ -86,9 +86,13 @@ fn collect(files: &[PathBuf]) -> anyhow::Result<(Vec<Point>, Vec<Speed>)> {
                 );
             }
         } else if v["perplexity"].is_number() {
-            let method = v["method"]
+            let mut method = v["method"]
                 .as_str()
                 .map_or_else(|| source.clone(), str::to_string);
+            // Plans of several budgets: one line per method and budget.
+            if let Some(b) = v["budget"].as_f64() {
+                method = format!("{method}, budget {b}");
+            }
             points.extend(point(&source, method, v["target"].as_f64(), &v));
         } else if let Some(tps) = v["decode_tokens_per_sec"].as_f64() {
             let weights = v["weights"].as_str().unwrap_or("").to_string();
