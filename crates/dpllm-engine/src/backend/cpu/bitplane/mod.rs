@@ -111,18 +111,24 @@ impl BitplaneKernel {
 
     /// True when this CPU can run the kernel.
     pub fn is_available(self) -> bool {
+        // Detected once: the per-row kernels ask for every row.
+        static DETECTED: std::sync::OnceLock<[bool; 2]> = std::sync::OnceLock::new();
+        #[cfg(target_arch = "x86_64")]
+        let detect = || {
+            [
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c"),
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+            ]
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let detect = || [false, false];
+        let [avx2, avx512] = *DETECTED.get_or_init(detect);
         match self {
             BitplaneKernel::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-            }
-            #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx512 => {
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
+            BitplaneKernel::Avx2 => avx2,
+            BitplaneKernel::Avx512 => avx512,
         }
     }
 
@@ -159,7 +165,7 @@ impl BitplaneKernel {
     /// them ([`dot_row_with`] takes them so): as they are, or for AVX2, per block
     /// of 256 columns, x[8i + s] at position 32s + i, zero-padded to whole blocks.
     pub fn prepare_x(self, x: &[f32], out: &mut Vec<f32>) {
-        if self != BitplaneKernel::Avx2 || !self.is_available() {
+        if !self.permutes_x() {
             out.extend_from_slice(x);
             return;
         }
@@ -173,9 +179,14 @@ impl BitplaneKernel {
         }
     }
 
+    /// True when this kernel runs and reads the activations in its block order.
+    fn permutes_x(self) -> bool {
+        self == BitplaneKernel::Avx2 && self.is_available()
+    }
+
     /// Floats [`BitplaneKernel::prepare_x`] appends for a row of `cols` columns.
     pub fn prepared_len(self, cols: usize) -> usize {
-        if self == BitplaneKernel::Avx2 && self.is_available() {
+        if self.permutes_x() {
             cols.div_ceil(BLOCK) * BLOCK
         } else {
             cols
