@@ -21,6 +21,22 @@ fn quantized(dir: &Path, spec: &TinySpec) -> std::path::PathBuf {
     q
 }
 
+/// The tiny model of `spec`, quantized in a fresh directory and loaded with
+/// planes up to `max_bits` (the directory lives as long as the returned guard).
+fn quantized_model(spec: &TinySpec, max_bits: u32) -> (tempfile::TempDir, Model) {
+    let t = tempfile::tempdir().unwrap();
+    let q = quantized(t.path(), spec);
+    let model = Model::load_with(
+        &q,
+        &LoadOptions {
+            max_bits: Some(max_bits),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (t, model)
+}
+
 fn tokens(n: usize) -> Vec<u32> {
     (0..n as u64)
         .map(|i| ((i * 7919 + 11) % TINY_VOCAB as u64) as u32)
@@ -100,16 +116,7 @@ fn logits(model: &Model, ids: &[u32], prec: Precision<'_>) -> (Vec<f32>, dpllm_e
 
 #[test]
 fn extreme_thresholds_equal_fixed_precisions() {
-    let t = tempfile::tempdir().unwrap();
-    let q = quantized(t.path(), &TinySpec::default());
-    let model = Model::load_with(
-        &q,
-        &LoadOptions {
-            max_bits: Some(6),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_t, model) = quantized_model(&TinySpec::default(), 6);
     let ids = tokens(10);
     for (bits, tau) in [(4u32, f32::MAX), (5, f32::MIN)] {
         let rp = runtime(plan_for(&model, 4, 5, tau, |_, _| {}), &model);
@@ -150,16 +157,7 @@ fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
             ..TinySpec::with_arch("Phi3ForCausalLM")
         },
     ] {
-        let t = tempfile::tempdir().unwrap();
-        let q = quantized(t.path(), &spec);
-        let model = Model::load_with(
-            &q,
-            &LoadOptions {
-                max_bits: Some(6),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_t, model) = quantized_model(&spec, 6);
         let ids = tokens(24);
         let o_index = model.blocks[0]
             .linears()
@@ -226,16 +224,7 @@ fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
 
 #[test]
 fn oracle_and_random_selectors_follow_their_rules() {
-    let t = tempfile::tempdir().unwrap();
-    let q = quantized(t.path(), &TinySpec::default());
-    let model = Model::load_with(
-        &q,
-        &LoadOptions {
-            max_bits: Some(5),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_t, model) = quantized_model(&TinySpec::default(), 5);
     let ids = tokens(24);
     let with = |plan: Plan, selector: Selector| {
         let mut rp = runtime(plan, &model);
@@ -335,20 +324,11 @@ fn oracle_and_random_selectors_follow_their_rules() {
 
 #[test]
 fn asynchronous_estimates_read_the_previous_residual() {
-    let t = tempfile::tempdir().unwrap();
     let spec = TinySpec {
         dtype: safetensors::Dtype::F32,
         ..TinySpec::default()
     };
-    let q = quantized(t.path(), &spec);
-    let model = Model::load_with(
-        &q,
-        &LoadOptions {
-            max_bits: Some(5),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_t, model) = quantized_model(&spec, 5);
     let ids = tokens(32);
     let nlin = model.blocks[0].linears().len();
     // Only block 1's q_proj (index nlin) and gate_proj (index nlin + 4) select, at 3 or 5 bits;
@@ -412,16 +392,7 @@ fn asynchronous_estimates_read_the_previous_residual() {
 
 #[test]
 fn plans_that_do_not_fit_the_model_are_rejected() {
-    let t = tempfile::tempdir().unwrap();
-    let q = quantized(t.path(), &TinySpec::default());
-    let model = Model::load_with(
-        &q,
-        &LoadOptions {
-            max_bits: Some(5),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (t, model) = quantized_model(&TinySpec::default(), 5);
     let err = |plan: Plan| {
         RuntimePlan::from_plan(plan, None, &model, Path::new("p.json"))
             .unwrap_err()
@@ -506,18 +477,8 @@ fn session_logits(s: &mut dpllm_engine::Session, ids: &[u32]) -> Vec<f32> {
 fn one_model_serves_concurrent_sessions_at_different_precisions() {
     use dpllm_engine::{RunPrecision, ServedModel};
     use std::sync::Arc;
-    let t = tempfile::tempdir().unwrap();
-    let q = quantized(t.path(), &TinySpec::default());
-    let served = ServedModel::from_model(
-        Model::load_with(
-            &q,
-            &LoadOptions {
-                max_bits: Some(6),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (_t, model) = quantized_model(&TinySpec::default(), 6);
+    let served = ServedModel::from_model(model);
     let ids = tokens(20);
     // Two DP-LLM targets (thresholds that split the tokens differently) and two uniform widths.
     let model = served.model().clone();
@@ -575,18 +536,8 @@ fn one_model_serves_concurrent_sessions_at_different_precisions() {
 #[test]
 fn sessions_check_their_precision_and_stop_when_cancelled() {
     use dpllm_engine::{ErrorKind, RunPrecision, ServedModel};
-    let t = tempfile::tempdir().unwrap();
-    let q = quantized(t.path(), &TinySpec::default());
-    let served = ServedModel::from_model(
-        Model::load_with(
-            &q,
-            &LoadOptions {
-                max_bits: Some(5),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (_t, model) = quantized_model(&TinySpec::default(), 5);
+    let served = ServedModel::from_model(model);
     for bad in [2, 6] {
         let e = served
             .session(RunPrecision::Uniform(bad), 8)
