@@ -85,11 +85,9 @@ fn time_calls(min_seconds: f64, mut f: impl FnMut()) -> f64 {
 
 /// Parse a kernel name.
 pub fn kernel_by_name(name: &str) -> anyhow::Result<BitplaneKernel> {
-    let k = match name {
-        "portable" => BitplaneKernel::Portable,
-        "avx2" => BitplaneKernel::Avx2,
-        "avx512" => BitplaneKernel::Avx512,
-        other => anyhow::bail!("unknown kernel {other:?} (portable, avx2, avx512)"),
+    let Some(k) = BitplaneKernel::by_name(name) else {
+        let names: Vec<_> = BitplaneKernel::ALL.iter().map(|k| k.name()).collect();
+        anyhow::bail!("unknown kernel {name:?} ({})", names.join(", "));
     };
     if !k.is_available() {
         anyhow::bail!("this CPU cannot run the {name} kernel");

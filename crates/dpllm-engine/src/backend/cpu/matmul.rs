@@ -33,6 +33,16 @@ pub fn gemv_rows(
     dot: impl Fn(usize, &[f32]) -> f32 + Sync,
 ) {
     assert_eq!(x.len(), n * cols);
+    gemv_rows_by(rows, n, y, |r, t| dot(r, &x[t * cols..(t + 1) * cols]))
+}
+
+/// `y[t, r] = dot(r, t)` for `n` tokens [n × rows], rows split across threads.
+pub fn gemv_rows_by(
+    rows: usize,
+    n: usize,
+    y: &mut [f32],
+    dot: impl Fn(usize, usize) -> f32 + Sync,
+) {
     assert_eq!(y.len(), n * rows);
     let yp = SendPtr(y.as_mut_ptr());
     (0..rows.div_ceil(GEMV_ROWS_PER_TASK))
@@ -43,7 +53,7 @@ pub fn gemv_rows(
             let r1 = (r0 + GEMV_ROWS_PER_TASK).min(rows);
             for r in r0..r1 {
                 for t in 0..n {
-                    let v = dot(r, &x[t * cols..(t + 1) * cols]);
+                    let v = dot(r, t);
                     // SAFETY: (t, r) pairs are disjoint across tasks; index < n*rows.
                     unsafe { *yp.0.add(t * rows + r) = v };
                 }

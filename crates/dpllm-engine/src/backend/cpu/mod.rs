@@ -10,6 +10,7 @@ pub mod bitplane;
 pub mod dense;
 pub mod dot;
 pub mod estimate;
+pub mod fixed16;
 pub mod matmul;
 pub mod norm;
 pub mod q8;

@@ -4,7 +4,7 @@
 use dpllm_format::q8::{Q8Matrix, Q8_BLOCK};
 use half::f16;
 
-use super::matmul::{gemv_rows, matmul_tiled, GEMV_MAX_TOKENS};
+use super::matmul::{gemv_rows_by, matmul_tiled, GEMV_MAX_TOKENS};
 
 /// Σ_j w_j·x_j of one row: `scales` (cols/32), `quants` (cols) (portable).
 pub fn dot_q8_portable(scales: &[f16], quants: &[i8], x: &[f32]) -> f32 {
@@ -39,10 +39,51 @@ mod avx2 {
             let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(s.to_bits() as i32)));
             acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(scale), acc);
         }
+        hsum(acc)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+
+    /// Σ_j w_j·x_j of one row on 16-bit activations `xq` with one scale per
+    /// block in `xs`: per block, two `pmaddwd` of the sign-extended bytes, then
+    /// one f32 FMA by the product of the two scales.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_i16(scales: &[f16], quants: &[i8], xq: &[i16], xs: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let (q, x) = (quants.as_ptr(), xq.as_ptr());
+        let mut both = [0f32; 8];
+        for b in 0..scales.len() {
+            if b % 8 == 0 {
+                // The products of eight blocks' scales at once.
+                let n = (scales.len() - b).min(8);
+                let (mut ws, mut sx) = ([0u16; 8], [0f32; 8]);
+                for k in 0..n {
+                    ws[k] = scales[b + k].to_bits();
+                    sx[k] = xs[b + k];
+                }
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(ws.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(
+                    both.as_mut_ptr(),
+                    _mm256_mul_ps(w, _mm256_loadu_ps(sx.as_ptr())),
+                );
+            }
+            let o = b * Q8_BLOCK;
+            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o) as *const __m128i));
+            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o + 16) as *const __m128i));
+            let p = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_loadu_si256(x.add(o) as *const __m256i)),
+                _mm256_madd_epi16(w1, _mm256_loadu_si256(x.add(o + 16) as *const __m256i)),
+            );
+            let a = &mut acc[b % 2];
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(both[b % 8]), *a);
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 }
 
@@ -51,38 +92,85 @@ mod avx2 {
 pub enum Q8Kernel {
     /// Plain Rust.
     Portable,
-    /// AVX2 + FMA + F16C.
+    /// AVX2 + FMA + F16C on f32 activations.
     Avx2,
+    /// AVX2 + FMA + F16C on activations rounded to 16 bits per block of 32
+    /// ([`super::fixed16`]): integer products, half the instructions.
+    Avx2I16,
+}
+
+/// One call's activations as a [`Q8Kernel`] reads them.
+pub enum Q8Input<'a> {
+    /// As they are, [n × cols].
+    F32(&'a [f32], usize),
+    /// 16-bit integers [n × cols] and one scale per block of 32 [n × cols/32].
+    I16(Vec<i16>, Vec<f32>, usize),
 }
 
 impl Q8Kernel {
-    /// The fastest kernel this CPU runs.
-    pub fn best() -> Q8Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Q8Kernel::Avx2;
+    /// Every kernel, slowest first.
+    pub const ALL: [Q8Kernel; 3] = [Q8Kernel::Portable, Q8Kernel::Avx2, Q8Kernel::Avx2I16];
+
+    /// True when this CPU runs the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Q8Kernel::Portable => true,
+            Q8Kernel::Avx2 | Q8Kernel::Avx2I16 => {
+                super::bitplane::BitplaneKernel::Avx2.is_available()
+            }
         }
-        Q8Kernel::Portable
     }
 
-    /// Σ w·x of row `r` of `w`.
-    pub fn dot_row(self, w: &Q8Matrix, r: usize, x: &[f32]) -> f32 {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Q8Kernel {
+        if Q8Kernel::Avx2I16.is_available() {
+            Q8Kernel::Avx2I16
+        } else {
+            Q8Kernel::Portable
+        }
+    }
+
+    /// The activations `x` [n × cols] in the form this kernel reads.
+    pub fn prepare(self, x: &[f32], cols: usize) -> Q8Input<'_> {
+        match self {
+            Q8Kernel::Avx2I16 if self.is_available() => {
+                let (mut q, mut s) = (Vec::with_capacity(x.len()), Vec::new());
+                for t in x.chunks(cols) {
+                    super::fixed16::quantize_groups(t, Q8_BLOCK, &mut q, &mut s);
+                }
+                Q8Input::I16(q, s, cols)
+            }
+            _ => Q8Input::F32(x, cols),
+        }
+    }
+
+    /// Σ w·x of row `r` of `w` and token `t` of `x` (prepared by this kernel).
+    pub fn dot_row(self, w: &Q8Matrix, r: usize, x: &Q8Input, t: usize) -> f32 {
         let nb = w.cols / Q8_BLOCK;
         let (s, q) = (
             &w.scales[r * nb..(r + 1) * nb],
             &w.quants[r * w.cols..(r + 1) * w.cols],
         );
-        assert_eq!(x.len(), w.cols);
-        match self {
-            Q8Kernel::Portable => dot_q8_portable(s, q, x),
-            // SAFETY: `best()` returns Avx2 only when the CPU has the features; lengths checked.
-            #[cfg(target_arch = "x86_64")]
-            Q8Kernel::Avx2 => unsafe { avx2::dot_q8(s, q, x) },
-            #[cfg(not(target_arch = "x86_64"))]
-            Q8Kernel::Avx2 => dot_q8_portable(s, q, x),
+        match *x {
+            Q8Input::I16(ref xq, ref xs, cols) => {
+                assert!(cols == w.cols && self == Q8Kernel::Avx2I16);
+                let (xq, xs) = (&xq[t * cols..(t + 1) * cols], &xs[t * nb..(t + 1) * nb]);
+                // SAFETY: `prepare` made I16 input only where the CPU has AVX2; lengths sliced above.
+                #[cfg(target_arch = "x86_64")]
+                return unsafe { avx2::dot_q8_i16(s, q, xq, xs) };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no 16-bit input without AVX2: {xq:?} {xs:?}")
+            }
+            Q8Input::F32(x, cols) => {
+                assert_eq!(cols, w.cols);
+                let x = &x[t * cols..(t + 1) * cols];
+                match self {
+                    // SAFETY: the CPU has the features (checked); lengths sliced above.
+                    #[cfg(target_arch = "x86_64")]
+                    Q8Kernel::Avx2 if self.is_available() => unsafe { avx2::dot_q8(s, q, x) },
+                    _ => dot_q8_portable(s, q, x),
+                }
+            }
         }
     }
 }
@@ -90,9 +178,14 @@ impl Q8Kernel {
 /// `y [n × rows] = x [n × cols] · Wᵀ` for Q8_0 weights: a GEMV streaming the
 /// bytes for a few tokens, f32 tiles through `gemm` for more.
 pub fn matmul_q8(w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
-    let k = Q8Kernel::best();
+    matmul_q8_with(Q8Kernel::best(), w, x, n, y)
+}
+
+/// [`matmul_q8`] with a chosen GEMV kernel.
+pub fn matmul_q8_with(k: Q8Kernel, w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     if n <= GEMV_MAX_TOKENS {
-        gemv_rows(w.rows, n, w.cols, x, y, |r, xt| k.dot_row(w, r, xt));
+        let input = k.prepare(x, w.cols);
+        gemv_rows_by(w.rows, n, y, |r, t| k.dot_row(w, r, &input, t));
     } else {
         matmul_tiled(w.rows, w.cols, x, n, y, |r0, tile| {
             for (i, row) in tile.chunks_mut(w.cols).enumerate() {
@@ -122,25 +215,34 @@ mod tests {
         let wf = w.to_f32();
         for n in [1usize, 3, 7] {
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut y = vec![0f32; n * rows];
-            matmul_q8(&w, &x, n, &mut y);
-            for t in 0..n {
-                for r in 0..rows {
-                    let want: f64 = (0..cols)
-                        .map(|c| wf[r * cols + c] as f64 * x[t * cols + c] as f64)
-                        .sum();
-                    for got in [
-                        y[t * rows + r],
-                        Q8Kernel::Portable.dot_row(&w, r, &x[t * cols..(t + 1) * cols]),
-                        Q8Kernel::best().dot_row(&w, r, &x[t * cols..(t + 1) * cols]),
-                    ] {
+            for k in Q8Kernel::ALL.into_iter().filter(|k| k.is_available()) {
+                let mut y = vec![0f32; n * rows];
+                matmul_q8_with(k, &w, &x, n, &mut y);
+                for t in 0..n {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    for r in 0..rows {
+                        let wr = &wf[r * cols..(r + 1) * cols];
+                        let want: f64 = wr.iter().zip(xt).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        // 16-bit activations: within half a step of 1/32767 of |x| ≤ 1.
+                        let rounding = if k == Q8Kernel::Avx2I16 {
+                            wr.iter().map(|w| w.abs() as f64).sum::<f64>() / 65534.0
+                        } else {
+                            0.0
+                        };
+                        let got = y[t * rows + r];
                         assert!(
-                            (got as f64 - want).abs() < 1e-4,
-                            "n={n} row {r}: {got} vs {want}"
+                            (got as f64 - want).abs() < 1e-4 + rounding,
+                            "{k:?} n={n} row {r}: {got} vs {want}"
                         );
                     }
                 }
             }
         }
+        assert!(
+            Q8Kernel::Avx2I16.is_available() || {
+                eprintln!("SKIP the AVX2 Q8_0 kernels: this CPU lacks AVX2");
+                true
+            }
+        );
     }
 }

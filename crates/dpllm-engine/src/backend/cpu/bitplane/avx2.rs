@@ -18,7 +18,7 @@ use super::{BLOCK, WORDS_PER_BLOCK};
 /// Plane `pj` shifted so that bit `s` of every byte lands on bit `k` of the
 /// same byte (other bits are garbage; 16-bit shifts keep the bit in its byte).
 #[inline(always)]
-unsafe fn bit_to(pj: __m256i, s: u32, k: u32) -> __m256i {
+pub(super) unsafe fn bit_to(pj: __m256i, s: u32, k: u32) -> __m256i {
     if s >= k {
         _mm256_srl_epi16(pj, _mm_cvtsi32_si128((s - k) as i32))
     } else {
@@ -69,7 +69,7 @@ unsafe fn load_planes<const B: usize>(
 
 /// Horizontal sum of four accumulators.
 #[inline(always)]
-unsafe fn hsum(a: [__m256; 4]) -> f32 {
+pub(super) unsafe fn hsum(a: [__m256; 4]) -> f32 {
     let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
     let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -85,6 +85,13 @@ unsafe fn byte_tables(lut: &[f16]) -> (__m256i, __m256i) {
     } else {
         _mm256_castsi128_si256(_mm_loadu_si128(lut.as_ptr() as *const __m128i))
     };
+    split_bytes(v)
+}
+
+/// Sixteen 16-bit values (in order) as two `pshufb` tables of their low and
+/// high bytes, each table in both lanes.
+#[inline(always)]
+pub(super) unsafe fn split_bytes(v: __m256i) -> (__m256i, __m256i) {
     // Per lane: the 8 low bytes, then the 8 high bytes.
     let split = _mm256_setr_epi8(
         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,

@@ -86,6 +86,8 @@ fn dot_row_portable(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: &[
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_i16;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// An implementation of the bit-plane dot product.
@@ -93,20 +95,38 @@ mod avx512;
 pub enum BitplaneKernel {
     /// Plain Rust, any CPU.
     Portable,
-    /// AVX2 + FMA + F16C (x86-64).
+    /// AVX2 + FMA + F16C (x86-64), f16 LUT and f32 activations as they are.
     Avx2,
+    /// AVX2 + FMA + F16C on 16-bit fixed-point operands: the LUT rounded to 15
+    /// bits of its row's largest entry, the activations to 15 bits of the
+    /// largest in their group of 32.
+    Avx2I16,
     /// AVX-512F + AVX-512BW (x86-64).
     Avx512,
 }
 
 impl BitplaneKernel {
-    /// Short name for tables.
+    /// Every kernel, slowest first.
+    pub const ALL: [BitplaneKernel; 4] = [
+        BitplaneKernel::Portable,
+        BitplaneKernel::Avx2,
+        BitplaneKernel::Avx2I16,
+        BitplaneKernel::Avx512,
+    ];
+
+    /// Short name for tables and `--kernels`.
     pub fn name(self) -> &'static str {
         match self {
             BitplaneKernel::Portable => "portable",
             BitplaneKernel::Avx2 => "avx2",
+            BitplaneKernel::Avx2I16 => "avx2-i16",
             BitplaneKernel::Avx512 => "avx512",
         }
+    }
+
+    /// The kernel called `name` (see [`BitplaneKernel::name`]).
+    pub fn by_name(name: &str) -> Option<BitplaneKernel> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// True when this CPU can run the kernel.
@@ -127,21 +147,14 @@ impl BitplaneKernel {
         let [avx2, avx512] = *DETECTED.get_or_init(detect);
         match self {
             BitplaneKernel::Portable => true,
-            BitplaneKernel::Avx2 => avx2,
+            BitplaneKernel::Avx2 | BitplaneKernel::Avx2I16 => avx2,
             BitplaneKernel::Avx512 => avx512,
         }
     }
 
     /// Every kernel this CPU can run, slowest first.
     pub fn available() -> Vec<BitplaneKernel> {
-        [
-            BitplaneKernel::Portable,
-            BitplaneKernel::Avx2,
-            BitplaneKernel::Avx512,
-        ]
-        .into_iter()
-        .filter(|k| k.is_available())
-        .collect()
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
     }
 
     /// The fastest kernel this CPU can run (detected once).
@@ -153,6 +166,16 @@ impl BitplaneKernel {
                 .unwrap_or(&BitplaneKernel::Portable)
         })
     }
+
+    /// The kernel that runs when this one is asked for: itself where the CPU has
+    /// it, else the portable one.
+    fn effective(self) -> BitplaneKernel {
+        if self.is_available() {
+            self
+        } else {
+            BitplaneKernel::Portable
+        }
+    }
 }
 
 /// Columns per block of the AVX2 kernel's activation layout.
@@ -160,87 +183,116 @@ pub const BLOCK: usize = 256;
 /// Plane words per block.
 const WORDS_PER_BLOCK: usize = BLOCK / 32;
 
+/// Activations of `n` tokens laid out for one kernel ([`BitplaneKernel::prepare`]).
+pub struct PreparedX {
+    kernel: BitplaneKernel,
+    cols: usize,
+    /// f32 activations, `f_len` per token (every kernel but AVX2-i16).
+    f: Vec<f32>,
+    f_len: usize,
+    /// 16-bit activations, `q_len` per token, and their group scales, `s_len` per token (AVX2-i16).
+    q: Vec<i16>,
+    q_len: usize,
+    s: Vec<f32>,
+    s_len: usize,
+}
+
 impl BitplaneKernel {
-    /// Append one token's activations `x` to `out` in the order this kernel reads
-    /// them ([`dot_row_with`] takes them so): as they are, or for AVX2, per block
-    /// of 256 columns, x[8i + s] at position 32s + i, zero-padded to whole blocks.
-    pub fn prepare_x(self, x: &[f32], out: &mut Vec<f32>) {
-        if !self.permutes_x() {
-            out.extend_from_slice(x);
-            return;
-        }
-        let base = out.len();
-        out.resize(base + x.len().div_ceil(BLOCK) * BLOCK, 0.0);
-        for (b, block) in x.chunks(BLOCK).enumerate() {
-            let o = &mut out[base + b * BLOCK..base + (b + 1) * BLOCK];
-            for (c, &v) in block.iter().enumerate() {
-                o[32 * (c % 8) + c / 8] = v;
+    /// Lay out the activations `x` [n × cols] in the order and form this kernel
+    /// reads them: as they are (portable, AVX-512); for AVX2, per block of 256
+    /// columns, x[8i + s] at position 32s + i, zero-padded to whole blocks; for
+    /// AVX2-i16, rounded to 16 bits as `avx2_i16::prepare` describes.
+    pub fn prepare(self, x: &[f32], cols: usize) -> PreparedX {
+        let kernel = self.effective();
+        let n = x.len() / cols.max(1);
+        assert_eq!(
+            x.len(),
+            n * cols,
+            "activations are not whole rows of {cols}"
+        );
+        let mut p = PreparedX {
+            kernel,
+            cols,
+            f: Vec::new(),
+            f_len: 0,
+            q: Vec::new(),
+            q_len: 0,
+            s: Vec::new(),
+            s_len: 0,
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx2I16 => {
+                (p.q_len, p.s_len) = avx2_i16::prepared_lens(cols);
+                p.q.reserve(n * p.q_len);
+                p.s.reserve(n * p.s_len);
+                for t in x.chunks(cols) {
+                    avx2_i16::prepare(t, &mut p.q, &mut p.s);
+                }
+            }
+            BitplaneKernel::Avx2 => {
+                p.f_len = cols.div_ceil(BLOCK) * BLOCK;
+                p.f.resize(n * p.f_len, 0.0);
+                for (t, xt) in x.chunks(cols).enumerate() {
+                    let out = &mut p.f[t * p.f_len..(t + 1) * p.f_len];
+                    for (c, &v) in xt.iter().enumerate() {
+                        let o = (c / BLOCK) * BLOCK;
+                        let c = c % BLOCK;
+                        out[o + 32 * (c % 8) + c / 8] = v;
+                    }
+                }
+            }
+            _ => {
+                p.f_len = cols;
+                p.f.extend_from_slice(x);
             }
         }
-    }
-
-    /// True when this kernel runs and reads the activations in its block order.
-    fn permutes_x(self) -> bool {
-        self == BitplaneKernel::Avx2 && self.is_available()
-    }
-
-    /// Floats [`BitplaneKernel::prepare_x`] appends for a row of `cols` columns.
-    pub fn prepared_len(self, cols: usize) -> usize {
-        if self.permutes_x() {
-            cols.div_ceil(BLOCK) * BLOCK
-        } else {
-            cols
-        }
+        p
     }
 }
 
-/// Σ_c lut[idx_c]·x_c over one row of `cols` columns at `bits` with a chosen
-/// kernel (the portable one when the CPU lacks it); `xp` is the token's
-/// activations as `kernel.prepare_x` laid them out.
-#[inline]
-pub fn dot_row_with(
-    kernel: BitplaneKernel,
-    planes: &[u32],
-    stride: usize,
-    bits: u32,
-    lut: &[f16],
-    xp: &[f32],
-    cols: usize,
-) -> f32 {
-    assert!(
-        (3..=8).contains(&bits),
-        "bit-plane kernels run 3..=8 bits, not {bits}"
-    );
-    let words = cols.div_ceil(32);
-    assert!(
-        stride >= words
-            && planes.len() >= (bits as usize - 1) * stride + words
-            && lut.len() == 1 << bits
-    );
-    assert_eq!(
-        xp.len(),
-        kernel.prepared_len(cols),
-        "activations not prepared for the {} kernel",
-        kernel.name()
-    );
-    #[cfg(target_arch = "x86_64")]
-    if kernel.is_available() {
-        match kernel {
-            // SAFETY: the CPU features are checked and the slices cover the row (asserted above).
-            BitplaneKernel::Avx512 => {
-                return unsafe {
-                    avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), xp)
-                };
-            }
-            // SAFETY: as above; `xp` covers whole blocks (asserted above).
-            BitplaneKernel::Avx2 => {
-                return unsafe { avx2::dot_row(planes, stride, words, bits, lut, xp) }
-            }
-            BitplaneKernel::Portable => {}
+impl PreparedX {
+    /// Σ_c lut[idx_c]·x_c of token `t` over one row at `bits` (3..=8): the row's
+    /// plane 0 at the start of `planes`, plane j `j · stride` words later.
+    #[inline]
+    pub fn dot_row(&self, t: usize, planes: &[u32], stride: usize, bits: u32, lut: &[f16]) -> f32 {
+        assert!(
+            (3..=8).contains(&bits),
+            "bit-plane kernels run 3..=8 bits, not {bits}"
+        );
+        let cols = self.cols;
+        let words = cols.div_ceil(32);
+        assert!(
+            stride >= words
+                && planes.len() >= (bits as usize - 1) * stride + words
+                && lut.len() == 1 << bits
+        );
+        let f = || &self.f[t * self.f_len..(t + 1) * self.f_len];
+        match self.kernel {
+            // SAFETY (all three): `effective` checked the CPU features, the
+            // slices cover the row (asserted above) and `prepare` laid out the
+            // activations for this kernel.
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx512 => unsafe {
+                avx512::dot_row(planes, stride, bits, lut.reinterpret_cast(), f())
+            },
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx2 => unsafe { avx2::dot_row(planes, stride, words, bits, lut, f()) },
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx2I16 => unsafe {
+                avx2_i16::dot_row(
+                    planes,
+                    stride,
+                    words,
+                    bits,
+                    lut,
+                    &self.q[t * self.q_len..(t + 1) * self.q_len],
+                    &self.s[t * self.s_len..(t + 1) * self.s_len],
+                )
+            },
+            _ => with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, f())),
         }
     }
-    let _ = kernel;
-    with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, xp))
 }
 
 #[cfg(test)]
@@ -266,18 +318,54 @@ mod tests {
         (p, stride)
     }
 
+    /// How far kernel `k` may be from the exact Σ w·x: f32 rounding, plus for
+    /// AVX2-i16 the rounding of each operand to 1/65534 of its group's largest
+    /// magnitude (activations: groups (c / 256, c mod 8); LUT: the row).
+    fn tolerance(k: BitplaneKernel, w: &[f32], x: &[f32], lut: &[f16]) -> f64 {
+        let f32_tol = 1e-5 * (x.len() as f64).sqrt();
+        if k.effective() != BitplaneKernel::Avx2I16 {
+            return f32_tol;
+        }
+        let half_step = |m: f64| m / (2.0 * 32767.0);
+        let lut_step = half_step(
+            lut.iter()
+                .map(|v| v.to_f32().abs() as f64)
+                .fold(0.0, f64::max),
+        );
+        let group_step = |c: usize| {
+            let (b, r) = (c / 256, c % 8);
+            half_step(
+                (b * 256 + r..x.len().min(b * 256 + 256))
+                    .step_by(8)
+                    .map(|i| x[i].abs() as f64)
+                    .fold(0.0, f64::max),
+            )
+        };
+        f32_tol
+            + (0..x.len())
+                .map(|c| {
+                    let xs = group_step(c);
+                    w[c].abs() as f64 * xs + x[c].abs() as f64 * lut_step + xs * lut_step
+                })
+                .sum::<f64>()
+    }
+
     #[test]
     fn kernels_match_dequantize_then_multiply() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         for bits in 3..=8u32 {
-            for cols in [1usize, 31, 32, 33, 64, 100, 257, 1024] {
+            // Word counts modulo 8 of 0..=7: whole, folded (1..=4) and padded (5..=7) last blocks.
+            for cols in [1usize, 31, 32, 33, 64, 100, 200, 257, 576, 700, 1024, 1536] {
                 let idx: Vec<u8> = (0..cols)
                     .map(|_| rng.random_range(0..(1u32 << bits)) as u8)
                     .collect();
                 let lut: Vec<f16> = (0..1 << bits)
                     .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
                     .collect();
-                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                // Magnitudes over four decades, as activations with outliers have.
+                let x: Vec<f32> = (0..cols)
+                    .map(|_| rng.random_range(-1.0..1.0) * 10f32.powi(rng.random_range(-2..2)))
+                    .collect();
                 let (planes, words) = pack(&idx, bits, cols % 3);
                 let mut deq = vec![0f32; cols];
                 dequantize_row(&planes, words, bits, &lut, &mut deq);
@@ -288,30 +376,34 @@ mod tests {
                     .zip(&x)
                     .map(|(a, b)| *a as f64 * *b as f64)
                     .sum();
-                let tol = 1e-5 * (cols as f64).sqrt();
-                let run = |k: BitplaneKernel| {
-                    let mut xp = Vec::new();
-                    k.prepare_x(&x, &mut xp);
-                    dot_row_with(k, &planes, words, bits, &lut, &xp, cols)
-                };
-                let best = run(BitplaneKernel::best());
-                assert!(
-                    (best as f64 - r).abs() < tol,
-                    "best kernel b={bits} cols={cols}"
-                );
                 for k in BitplaneKernel::available() {
-                    let v = run(k);
+                    let v = k.prepare(&x, cols).dot_row(0, &planes, words, bits, &lut);
+                    let tol = tolerance(k, &want, &x, &lut);
                     assert!(
                         (v as f64 - r).abs() < tol,
-                        "{} b={bits} cols={cols}",
+                        "{} b={bits} cols={cols}: {v} vs {r} (tolerance {tol})",
                         k.name()
                     );
                 }
             }
         }
-        for k in [BitplaneKernel::Avx2, BitplaneKernel::Avx512] {
+        for k in BitplaneKernel::ALL {
             if !k.is_available() {
                 eprintln!("SKIP {} kernel check: this CPU lacks it", k.name());
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_activations_give_non_finite_results() {
+        let (planes, words) = pack(&[1u8; 40], 4, 0);
+        let lut: Vec<f16> = (0..16).map(|i| f16::from_f32(i as f32 / 16.0)).collect();
+        for k in BitplaneKernel::available() {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut x = vec![0.5f32; 40];
+                x[37] = bad;
+                let v = k.prepare(&x, 40).dot_row(0, &planes, words, 4, &lut);
+                assert!(!v.is_finite(), "{}: {bad} in x gave {v}", k.name());
             }
         }
     }
