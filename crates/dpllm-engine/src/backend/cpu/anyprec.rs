@@ -240,12 +240,12 @@ mod tests {
                                 .map(|(&w, &x)| w as f64 * x as f64)
                                 .sum::<f64>()
                                 + layer.bias.as_ref().unwrap()[r] as f64;
-                            // The fastest kernel may round both operands, which lie
-                            // in [-1, 1], to 1/65534 of their group's largest magnitude.
+                            // The fastest kernel may round both operands, which lie in
+                            // [-1, 1]: activations to half of 1/32767, LUTs of 1/16383.
                             let rounding: f64 = wr
                                 .iter()
                                 .zip(xt)
-                                .map(|(&w, &x)| (w.abs() + x.abs()) as f64 / 65534.0)
+                                .map(|(&w, &x)| w.abs() as f64 / 65534.0 + x.abs() as f64 / 32766.0)
                                 .sum();
                             let got = y[t * rows + r] as f64;
                             assert!(

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::dot::dot_f32;
+use super::dot::{axpy, dot_f32};
 use super::matmul::gemm_view;
 use super::SendPtr;
 
@@ -51,10 +51,7 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
             o.fill(0.0);
             for (idx, j) in (lo..=pos).enumerate() {
                 let p = scores[idx];
-                let vj = &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                for (a, b) in o.iter_mut().zip(vj) {
-                    *a += p * b;
-                }
+                axpy(p, &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd], o);
             }
         });
 }

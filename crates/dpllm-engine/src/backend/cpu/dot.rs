@@ -104,6 +104,23 @@ mod avx2 {
         )
     }
 
+    /// y += a·x over equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
+            _mm256_storeu_ps(yp.add(i), v);
+            i += 8;
+        }
+        for j in i..n {
+            *yp.add(j) += a * *xp.add(j);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
         let p = w.as_ptr();
@@ -188,6 +205,19 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     <f32 as WeightElem>::dot(a, b)
 }
 
+/// y += a·x (equal lengths).
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above; lengths equal.
+        return unsafe { avx2::axpy(a, x, y) };
+    }
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +253,21 @@ mod tests {
             assert!(
                 (dot_portable(&wb, &x, |v| v.to_f32()) as f64 - reference(&wbf, &x)).abs() < tol
             );
+        }
+    }
+
+    #[test]
+    fn axpy_matches_scalar_for_odd_lengths() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for n in [1usize, 7, 8, 9, 64, 67] {
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let y0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut y = y0.clone();
+            axpy(0.37, &x, &mut y);
+            for i in 0..n {
+                let want = y0[i] as f64 + 0.37 * x[i] as f64;
+                assert!((y[i] as f64 - want).abs() < 1e-6, "n={n} i={i}");
+            }
         }
     }
 }

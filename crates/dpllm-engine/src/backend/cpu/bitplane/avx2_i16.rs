@@ -1,27 +1,29 @@
 //! AVX2 bit-plane dot product on 16-bit fixed-point operands.
 //!
 //! Planes are read as in [`super::avx2`] (8 words of a plane per register, byte
-//! i holding columns 8i..8i+7), but one shift, mask and or per plane builds the
-//! indices of 64 columns at once: column 8i + σ in the low nibble of byte i and
-//! column 8i + σ + 4 in the high one. The row's LUT is rounded to 16-bit
-//! integers with one scale per row, looked up as byte tables by `pshufb`, and
-//! multiplied by the activations, rounded to 16-bit integers with one scale per
-//! 32 columns, with `pmaddwd`; every pair sum is widened to f32 before it is
-//! scaled and accumulated, so nothing overflows. Each operand keeps 15
-//! significant bits of its group's largest magnitude: more than the f16 LUT's
-//! 11 for its largest entries, and far finer than the 8-bit activations of
-//! llama.cpp's integer kernels.
+//! i holding columns 8i..8i+7). A two-stage bit-matrix transpose turns the low
+//! four planes of a block into nibbles, 24 operations for 256 columns: step σ's
+//! register holds column 8i + σ in the low nibble of byte i and column
+//! 8i + σ + 4 in the high one. The row's LUT is rounded to 14-bit integers with
+//! one scale per row, looked up as byte tables by `pshufb` (above 4 bits merged
+//! by byte blends on the top planes), and multiplied with `pmaddwd` by the
+//! activations, rounded to 16-bit integers with one scale per 32 columns; four
+//! products are summed in 32 bits (below 2^31) before one conversion to f32, a
+//! multiply by the activations' scale and an add. Each activation keeps 15
+//! significant bits of its group's largest magnitude and each LUT entry 14 of
+//! its row's largest: more than an f16's 11 for the largest, and far finer than
+//! the 8-bit activations of llama.cpp's integer kernels.
 //!
-//! A last block of at most 4 words is folded: its second lane holds the first
-//! shifted right by two bits, so the 2 steps of σ cover the 128 columns
-//! instead of 4 steps over a half-empty register.
+//! A last block of at most 4 words is folded: steps σ and σ + 2 share one
+//! register (one per lane), so 2 steps cover its 128 columns instead of 4
+//! steps over half-empty registers.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
 use super::avx2::{bit_to, hsum, split_bytes};
-use crate::backend::cpu::fixed16::{self, Q_MAX};
+use crate::backend::cpu::fixed16;
 
 /// Columns of a full block.
 const BLOCK: usize = 256;
@@ -116,17 +118,72 @@ pub fn prepare(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>) {
     }
 }
 
-/// Index bits of columns 8i + σ (low nibble) and 8i + σ + 4 (high nibble): the
-/// low min(B, 4) bits, from planes B−4..B−1 (plane 0 is the most significant).
+/// The low min(B, 4) index bits of a block's 256 columns, transposed from
+/// planes into nibbles by a two-stage bit-matrix transpose (24 operations):
+/// register σ holds column 8i + σ in the low nibble of byte i and column
+/// 8i + σ + 4 in the high one. A nibble's bits are the index bits reversed
+/// (the most significant of them in bit 0); the LUT tables are permuted to
+/// match ([`reversed`]). For B = 3 bit 3 is zero.
 #[inline(always)]
-unsafe fn pair_indices<const B: usize>(p: &[__m256i; B], sigma: u32) -> __m256i {
-    let mut v = _mm256_setzero_si256();
-    for (j, &pj) in p.iter().enumerate().skip(B.saturating_sub(4)) {
-        let k = (B - 1 - j) as u32;
-        let m = _mm256_set1_epi8(((1u32 << k) | (1 << (k + 4))) as i8);
-        v = _mm256_or_si256(v, _mm256_and_si256(bit_to(pj, sigma, k), m));
+unsafe fn transpose_nibbles<const B: usize>(p: &[__m256i; B]) -> [__m256i; 4] {
+    let m = B.min(4);
+    let plane = |k: usize| {
+        if k < m {
+            p[B - m + k]
+        } else {
+            _mm256_setzero_si256()
+        }
+    };
+    let (mut a, mut b, mut c, mut d) = (plane(0), plane(1), plane(2), plane(3));
+    // Swap bit 2m+1 of the first with bit 2m of the second (then 2-bit fields).
+    let m1 = _mm256_set1_epi8(0x55);
+    let m2 = _mm256_set1_epi8(0x33);
+    let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(a, 1), b), m1);
+    b = _mm256_xor_si256(b, t);
+    a = _mm256_xor_si256(a, _mm256_slli_epi16(t, 1));
+    let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(c, 1), d), m1);
+    d = _mm256_xor_si256(d, t);
+    c = _mm256_xor_si256(c, _mm256_slli_epi16(t, 1));
+    let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(a, 2), c), m2);
+    c = _mm256_xor_si256(c, t);
+    a = _mm256_xor_si256(a, _mm256_slli_epi16(t, 2));
+    let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(b, 2), d), m2);
+    d = _mm256_xor_si256(d, t);
+    b = _mm256_xor_si256(b, _mm256_slli_epi16(t, 2));
+    [a, b, c, d]
+}
+
+/// `pshufb` indices (both lanes) that put LUT entry rev_m(n) at table position
+/// n, rev_m reversing the m low index bits as [`transpose_nibbles`] leaves
+/// them (positions from 2^m on are unused and keep their own entry).
+const fn reversed(m: usize) -> [i8; 32] {
+    let mut t = [0i8; 32];
+    let mut n = 0;
+    while n < 16 {
+        let mut r = n;
+        if n < 1 << m {
+            r = 0;
+            let mut k = 0;
+            while k < m {
+                r |= ((n >> k) & 1) << (m - 1 - k);
+                k += 1;
+            }
+        }
+        t[n] = r as i8;
+        t[n + 16] = r as i8;
+        n += 1;
     }
-    v
+    t
+}
+
+/// [`reversed`] for 3 and 4 low index bits.
+static REVERSED: [[i8; 32]; 2] = [reversed(3), reversed(4)];
+
+/// The table order for B bits (see [`reversed`]).
+#[inline(always)]
+unsafe fn reversed_order<const B: usize>() -> __m256i {
+    let t = &REVERSED[usize::from(B >= 4)];
+    _mm256_loadu_si256(t.as_ptr() as *const __m256i)
 }
 
 /// The 16-bit LUT values of the 32 columns whose low index bits are `idx`
@@ -164,9 +221,12 @@ unsafe fn lookup<const B: usize, const T: usize>(
     )
 }
 
-/// One block: `SIGMAS` steps of 64 columns (4 for a full block, 2 folded).
+/// One block: `S` steps of 64 columns, step σ's nibble pairs in `nib[σ]` (4 for
+/// a full block; 2 folded, lane 1 then holding step σ + 2); `p` are the planes
+/// (only those above the low 4 bits are read, for the blends).
 #[inline(always)]
-unsafe fn block<const B: usize, const T: usize, const SIGMAS: u32>(
+unsafe fn block<const B: usize, const T: usize, const S: usize>(
+    nib: &[__m256i; S],
     p: &[__m256i; B],
     tlo: &[__m256i; T],
     thi: &[__m256i; T],
@@ -174,29 +234,40 @@ unsafe fn block<const B: usize, const T: usize, const SIGMAS: u32>(
     xs: *const f32,
     acc: &mut [__m256; 4],
 ) {
-    let nib = _mm256_set1_epi8(0x0f);
-    for sigma in 0..SIGMAS {
-        let v = pair_indices::<B>(p, sigma);
-        // `pshufb` ignores bits 4..6; bit 7 (index bit 3 of the high column) must be clear.
-        let low = if B >= 4 { _mm256_and_si256(v, nib) } else { v };
-        let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+    let low4 = _mm256_set1_epi8(0x0f);
+    for (sigma, &v) in nib.iter().enumerate() {
+        // `pshufb` ignores bits 4..6; bit 7 (the high column's nibble bit 3) must be clear.
+        let low = if B >= 4 { _mm256_and_si256(v, low4) } else { v };
+        let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         for (h, idx) in [low, high].into_iter().enumerate() {
-            let (a, b) = lookup::<B, T>(tlo, thi, p, idx, sigma + 4 * h as u32);
-            let o = 2 * sigma as usize + h;
+            let (a, b) = lookup::<B, T>(tlo, thi, p, idx, (sigma + 4 * h) as u32);
+            let o = 2 * sigma + h;
             let xo = xq.add(32 * o);
-            let sc = _mm256_loadu_ps(xs.add(8 * o));
-            let pa = _mm256_madd_epi16(a, _mm256_loadu_si256(xo as *const __m256i));
-            let pb = _mm256_madd_epi16(b, _mm256_loadu_si256(xo.add(16) as *const __m256i));
-            acc[2 * h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sc, acc[2 * h]);
-            acc[2 * h + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sc, acc[2 * h + 1]);
+            // Four products of ≤ 32767 · 16383 per lane: below 2^31.
+            let sum = _mm256_add_epi32(
+                _mm256_madd_epi16(a, _mm256_loadu_si256(xo as *const __m256i)),
+                _mm256_madd_epi16(b, _mm256_loadu_si256(xo.add(16) as *const __m256i)),
+            );
+            let k = 2 * (sigma % 2) + h;
+            acc[k] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(sum),
+                _mm256_loadu_ps(xs.add(8 * o)),
+                acc[k],
+            );
         }
     }
 }
 
-/// The row's LUT as 16-bit integers (byte tables of 16 entries each, `T` of
-/// them) and the scale that turns them back into values.
+/// Largest magnitude of a LUT entry as an integer: with activations up to
+/// 32767, four products summed stay below 2^31.
+const LUT_Q_MAX: f32 = 16383.0;
+
+/// The row's LUT as 14-bit integers in byte tables of 16 entries (`T` of them,
+/// each in the order of [`reversed`]) and the scale that turns them back into values.
 #[inline(always)]
-unsafe fn q16_tables<const T: usize>(lut: &[f16]) -> ([__m256i; T], [__m256i; T], f32) {
+unsafe fn q16_tables<const B: usize, const T: usize>(
+    lut: &[f16],
+) -> ([__m256i; T], [__m256i; T], f32) {
     let ptr = lut.as_ptr() as *const __m128i;
     let eight = |k: usize| {
         if 8 * k < lut.len() {
@@ -213,7 +284,8 @@ unsafe fn q16_tables<const T: usize>(lut: &[f16]) -> ([__m256i; T], [__m256i; T]
     let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     let mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-    let inv = _mm256_set1_ps(if mx > 0.0 { Q_MAX / mx } else { 0.0 });
+    let inv = _mm256_set1_ps(if mx > 0.0 { LUT_Q_MAX / mx } else { 0.0 });
+    let order = reversed_order::<B>();
     let mut tlo = [_mm256_setzero_si256(); T];
     let mut thi = [_mm256_setzero_si256(); T];
     for t in 0..T {
@@ -221,9 +293,11 @@ unsafe fn q16_tables<const T: usize>(lut: &[f16]) -> ([__m256i; T], [__m256i; T]
         let q1 = _mm256_cvtps_epi32(_mm256_mul_ps(eight(2 * t + 1), inv));
         // packs works per lane: [0..3, 8..11 | 4..7, 12..15] → in order.
         let q = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0b11_01_10_00);
-        (tlo[t], thi[t]) = split_bytes(q);
+        let (lo, hi) = split_bytes(q);
+        tlo[t] = _mm256_shuffle_epi8(lo, order);
+        thi[t] = _mm256_shuffle_epi8(hi, order);
     }
-    (tlo, thi, mx / Q_MAX)
+    (tlo, thi, mx / LUT_Q_MAX)
 }
 
 /// Words `w0..w0 + n` (n ≤ 8) of every plane, zero beyond n.
@@ -260,13 +334,20 @@ unsafe fn dot<const B: usize, const T: usize>(
     xq: &[i16],
     xs: &[f32],
 ) -> f32 {
-    let (tlo, thi, lut_scale) = q16_tables::<T>(lut);
+    let (tlo, thi, lut_scale) = q16_tables::<B, T>(lut);
     let mut acc = [_mm256_setzero_ps(); 4];
     let (full, rem) = (words / BLOCK_WORDS, words % BLOCK_WORDS);
     let (xq, xs) = (xq.as_ptr(), xs.as_ptr());
-    for blk in 0..full {
-        let p = load_planes::<B>(planes, stride, blk * BLOCK_WORDS, BLOCK_WORDS);
+    for blk in 0..full + usize::from(rem > FOLD_WORDS) {
+        let p = load_planes::<B>(
+            planes,
+            stride,
+            blk * BLOCK_WORDS,
+            (words - blk * BLOCK_WORDS).min(BLOCK_WORDS),
+        );
+        let nib = transpose_nibbles::<B>(&p);
         block::<B, T, 4>(
+            &nib,
             &p,
             &tlo,
             &thi,
@@ -275,17 +356,26 @@ unsafe fn dot<const B: usize, const T: usize>(
             &mut acc,
         );
     }
-    let (xq, xs) = (xq.add(full * BLOCK), xs.add(full * 64));
-    if rem > FOLD_WORDS {
-        let p = load_planes::<B>(planes, stride, full * BLOCK_WORDS, rem);
-        block::<B, T, 4>(&p, &tlo, &thi, xq, xs, &mut acc);
-    } else if rem > 0 {
+    if (1..=FOLD_WORDS).contains(&rem) {
         let mut p = load_planes::<B>(planes, stride, full * BLOCK_WORDS, rem);
-        for pj in p.iter_mut() {
+        let n = transpose_nibbles::<B>(&p);
+        let fold =
+            |a: __m256i, b: __m256i| _mm256_inserti128_si256(a, _mm256_castsi256_si128(b), 1);
+        let nib = [fold(n[0], n[2]), fold(n[1], n[3])];
+        // The blends read plane bit σ + 4h: lane 1's planes shifted by two match step σ + 2.
+        for pj in p.iter_mut().take(B.saturating_sub(4)) {
             let lane0 = _mm256_castsi256_si128(*pj);
             *pj = _mm256_set_m128i(_mm_srli_epi16(lane0, 2), lane0);
         }
-        block::<B, T, 2>(&p, &tlo, &thi, xq, xs, &mut acc);
+        block::<B, T, 2>(
+            &nib,
+            &p,
+            &tlo,
+            &thi,
+            xq.add(full * BLOCK),
+            xs.add(full * 64),
+            &mut acc,
+        );
     }
     hsum(acc) * lut_scale
 }
