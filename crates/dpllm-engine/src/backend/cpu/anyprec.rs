@@ -5,7 +5,7 @@ use half::f16;
 
 use super::add_bias;
 use super::bitplane::{dequantize_row, BitplaneKernel};
-use super::matmul::{gemv_rows_by, matmul_tiled, GEMV_MAX_TOKENS};
+use super::matmul::{gemv_row_ranges, matmul_tiled, GEMV_MAX_TOKENS};
 use crate::backend::AnyPrecHost;
 
 /// A quantized linear holding planes 0..max_bits and LUTs seed_bits..=max_bits.
@@ -139,8 +139,9 @@ impl AnyPrecLinear {
         let (rows, cols, stride) = (self.rows, self.cols, self.plane_stride());
         if n <= GEMV_MAX_TOKENS {
             let xp = kernel.prepare(x, cols);
-            gemv_rows_by(rows, n, y, |r, t| {
-                xp.dot_row(t, self.row_planes(r), stride, bits, self.lut(bits, r))
+            let luts = &self.luts[(bits - self.seed_bits) as usize];
+            gemv_row_ranges(rows, n, y, |t, range, out| {
+                xp.dot_rows(t, &self.planes, stride, bits, luts, range, out)
             });
         } else {
             matmul_tiled(rows, cols, x, n, y, |r0, tile| {

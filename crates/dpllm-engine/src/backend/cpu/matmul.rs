@@ -15,7 +15,7 @@ use super::SendPtr;
 pub const GEMV_MAX_TOKENS: usize = 4;
 
 /// Rows per parallel GEMV task.
-const GEMV_ROWS_PER_TASK: usize = 16;
+pub const GEMV_ROWS_PER_TASK: usize = 16;
 
 /// Weight-row tile height for the prefill path.
 fn tile_rows(cols: usize) -> usize {
@@ -43,6 +43,22 @@ pub fn gemv_rows_by(
     y: &mut [f32],
     dot: impl Fn(usize, usize) -> f32 + Sync,
 ) {
+    gemv_row_ranges(rows, n, y, |t, range, out| {
+        for (o, r) in out.iter_mut().zip(range) {
+            *o = dot(r, t);
+        }
+    })
+}
+
+/// `y [n × rows]` from `fill(t, r0..r1, out)`, which writes y[t, r0..r1] into
+/// `out`, for ranges of [`GEMV_ROWS_PER_TASK`] rows split across threads: a
+/// kernel called once per range instead of once per row.
+pub fn gemv_row_ranges(
+    rows: usize,
+    n: usize,
+    y: &mut [f32],
+    fill: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
     assert_eq!(y.len(), n * rows);
     let yp = SendPtr(y.as_mut_ptr());
     (0..rows.div_ceil(GEMV_ROWS_PER_TASK))
@@ -51,12 +67,12 @@ pub fn gemv_rows_by(
             let yp = yp;
             let r0 = task * GEMV_ROWS_PER_TASK;
             let r1 = (r0 + GEMV_ROWS_PER_TASK).min(rows);
-            for r in r0..r1 {
-                for t in 0..n {
-                    let v = dot(r, t);
-                    // SAFETY: (t, r) pairs are disjoint across tasks; index < n*rows.
-                    unsafe { *yp.0.add(t * rows + r) = v };
-                }
+            for t in 0..n {
+                // SAFETY: y[t, r0..r1] lies inside y (t < n, r1 ≤ rows) and
+                // belongs to this task alone.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * rows + r0), r1 - r0) };
+                fill(t, r0..r1, out);
             }
         });
 }

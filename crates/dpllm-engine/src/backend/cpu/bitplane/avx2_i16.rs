@@ -325,7 +325,7 @@ unsafe fn load_planes<const B: usize>(
 
 /// Σ lut[idx_c]·x_c over one row at `B` bits from `T` = 2^(B−4) (at least 1)
 /// byte tables.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn dot<const B: usize, const T: usize>(
     planes: &[u32],
     stride: usize,
@@ -396,12 +396,66 @@ pub unsafe fn dot_row(
     xq: &[i16],
     xs: &[f32],
 ) -> f32 {
+    let mut out = [0f32];
+    dot_rows(planes, stride, words, bits, lut, 0..1, xq, xs, &mut out);
+    out[0]
+}
+
+/// [`dot`] for rows `rows` of a layer (plane-major planes, `stride` words
+/// apart; LUTs [rows × 2^B]) into `out`, in one call.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_many<const B: usize, const T: usize>(
+    planes: &[u32],
+    stride: usize,
+    words: usize,
+    luts: &[f16],
+    rows: std::ops::Range<usize>,
+    xq: &[i16],
+    xs: &[f32],
+    out: &mut [f32],
+) {
+    for (o, r) in out.iter_mut().zip(rows) {
+        *o = dot::<B, T>(
+            planes.get_unchecked(r * words..),
+            stride,
+            words,
+            luts.get_unchecked(r << B..(r + 1) << B),
+            xq,
+            xs,
+        );
+    }
+}
+
+/// [`dot_row`] for rows `rows` of a layer whose planes are plane-major
+/// ([plane][row][word], `stride` words apart) and LUTs [rows × 2^bits].
+///
+/// # Safety
+/// As [`dot_row`], for every row in `rows`: the planes cover
+/// (bits − 1)·stride + rows.end·words words and the LUTs rows.end·2^bits entries.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dot_rows(
+    planes: &[u32],
+    stride: usize,
+    words: usize,
+    bits: u32,
+    luts: &[f16],
+    rows: std::ops::Range<usize>,
+    xq: &[i16],
+    xs: &[f32],
+    out: &mut [f32],
+) {
+    macro_rules! run {
+        ($b:literal, $t:literal) => {
+            dot_many::<$b, $t>(planes, stride, words, luts, rows, xq, xs, out)
+        };
+    }
     match bits {
-        3 => dot::<3, 1>(planes, stride, words, lut, xq, xs),
-        4 => dot::<4, 1>(planes, stride, words, lut, xq, xs),
-        5 => dot::<5, 2>(planes, stride, words, lut, xq, xs),
-        6 => dot::<6, 4>(planes, stride, words, lut, xq, xs),
-        7 => dot::<7, 8>(planes, stride, words, lut, xq, xs),
-        _ => dot::<8, 16>(planes, stride, words, lut, xq, xs),
+        3 => run!(3, 1),
+        4 => run!(4, 1),
+        5 => run!(5, 2),
+        6 => run!(6, 4),
+        7 => run!(7, 8),
+        _ => run!(8, 16),
     }
 }

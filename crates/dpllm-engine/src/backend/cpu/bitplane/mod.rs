@@ -252,6 +252,58 @@ impl BitplaneKernel {
 }
 
 impl PreparedX {
+    /// [`PreparedX::dot_row`] of token `t` for each row in `rows` of a layer
+    /// whose planes are plane-major ([plane][row][word], `stride` = rows × words
+    /// words apart) and whose LUTs at `bits` are `luts` [rows × 2^bits], into `out`.
+    pub fn dot_rows(
+        &self,
+        t: usize,
+        planes: &[u32],
+        stride: usize,
+        bits: u32,
+        luts: &[f16],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let words = self.cols.div_ceil(32);
+        assert!(
+            (3..=8).contains(&bits)
+                && out.len() == rows.len()
+                && rows.end * words <= stride
+                && planes.len() >= (bits as usize - 1) * stride + rows.end * words
+                && luts.len() >= rows.end << bits,
+            "rows {rows:?} at {bits} bits do not fit the layer"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == BitplaneKernel::Avx2I16 {
+            // SAFETY: `effective` checked the CPU features, the planes and LUTs
+            // cover the rows (asserted above) and `prepare` laid out the activations.
+            return unsafe {
+                avx2_i16::dot_rows(
+                    planes,
+                    stride,
+                    words,
+                    bits,
+                    luts,
+                    rows,
+                    &self.q[t * self.q_len..(t + 1) * self.q_len],
+                    &self.s[t * self.s_len..(t + 1) * self.s_len],
+                    out,
+                )
+            };
+        }
+        let k = 1usize << bits;
+        for (o, r) in out.iter_mut().zip(rows) {
+            *o = self.dot_row(
+                t,
+                &planes[r * words..],
+                stride,
+                bits,
+                &luts[r * k..(r + 1) * k],
+            );
+        }
+    }
+
     /// Σ_c lut[idx_c]·x_c of token `t` over one row at `bits` (3..=8): the row's
     /// plane 0 at the start of `planes`, plane j `j · stride` words later.
     #[inline]
