@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::dot::{axpy, dot_f32};
+use super::dot::{dots_strided, weighted_rows};
 use super::matmul::gemm_view;
 use super::SendPtr;
 
@@ -48,11 +48,7 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
             attention_probs(qh, k, kvd, kvh, lo, pos, scale, scores);
             // SAFETY: each (t, h) job owns out[(t*nh+h)*hd .. +hd].
             let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((t * nh + h) * hd), hd) };
-            o.fill(0.0);
-            for (idx, j) in (lo..=pos).enumerate() {
-                let p = scores[idx];
-                axpy(p, &v[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd], o);
-            }
+            weighted_rows(scores, &v[lo * kvd + kvh * hd..], kvd, o);
         });
 }
 
@@ -162,11 +158,12 @@ pub fn attention_probs(
 ) {
     let hd = qh.len();
     p.clear();
+    p.resize(pos + 1 - lo, 0.0);
+    dots_strided(qh, &k[lo * kvd + kvh * hd..], kvd, p);
     let mut max = f32::NEG_INFINITY;
-    for j in lo..=pos {
-        let s = dot_f32(qh, &k[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale;
-        max = max.max(s);
-        p.push(s);
+    for s in p.iter_mut() {
+        *s *= scale;
+        max = max.max(*s);
     }
     let mut sum = 0f32;
     for s in p.iter_mut() {

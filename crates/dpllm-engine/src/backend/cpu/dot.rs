@@ -104,20 +104,57 @@ mod avx2 {
         )
     }
 
-    /// y += a·x over equal lengths.
+    /// out[j] = q · rows[j·stride .. j·stride + q.len()] for j < out.len().
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
-            _mm256_storeu_ps(yp.add(i), v);
-            i += 8;
+    pub unsafe fn dots_strided(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let (n, qp) = (q.len(), q.as_ptr());
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = rows.as_ptr().add(j * stride);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(r.add(i)), a0);
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(i + 8)),
+                    _mm256_loadu_ps(r.add(i + 8)),
+                    a1,
+                );
+                i += 16;
+            }
+            let mut s = hsum(_mm256_add_ps(a0, a1));
+            for k in i..n {
+                s += *qp.add(k) * *r.add(k);
+            }
+            *o = s;
         }
-        for j in i..n {
-            *yp.add(j) += a * *xp.add(j);
+    }
+
+    /// out = Σ_j p[j] · rows[j·stride .. j·stride + out.len()], 64 columns at a
+    /// time held in registers across all j.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let n = out.len();
+        let mut c0 = 0;
+        while c0 + 64 <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &pj) in p.iter().enumerate() {
+                let r = rows.as_ptr().add(j * stride + c0);
+                let w = _mm256_set1_ps(pj);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * k)), *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * k), *a);
+            }
+            c0 += 64;
+        }
+        out[c0..].fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            let r = &rows[j * stride..];
+            for c in c0..n {
+                out[c] += pj * r[c];
+            }
         }
     }
 
@@ -205,16 +242,38 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     <f32 as WeightElem>::dot(a, b)
 }
 
-/// y += a·x (equal lengths).
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len());
+/// out[j] = q · rows[j·stride ..][..q.len()] for each j < out.len() (the
+/// scores of one query against strided keys).
+pub fn dots_strided(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + q.len());
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: features checked above; lengths equal.
-        return unsafe { avx2::axpy(a, x, y) };
+        // SAFETY: features checked above; every row lies inside `rows` (asserted).
+        return unsafe { avx2::dots_strided(q, rows, stride, out) };
     }
-    for (o, v) in y.iter_mut().zip(x) {
-        *o += a * v;
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_portable(q, &rows[j * stride..j * stride + q.len()], |v| v);
+    }
+}
+
+/// out = Σ_j p[j] · rows[j·stride ..][..out.len()] (the probability-weighted
+/// sum of strided values).
+pub fn weighted_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    if let Some(last) = p.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + out.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above; every row lies inside `rows` (asserted).
+        return unsafe { avx2::weighted_rows(p, rows, stride, out) };
+    }
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&rows[j * stride..]) {
+            *o += pj * v;
+        }
     }
 }
 
@@ -257,16 +316,34 @@ mod tests {
     }
 
     #[test]
-    fn axpy_matches_scalar_for_odd_lengths() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        for n in [1usize, 7, 8, 9, 64, 67] {
-            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let y0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut y = y0.clone();
-            axpy(0.37, &x, &mut y);
-            for i in 0..n {
-                let want = y0[i] as f64 + 0.37 * x[i] as f64;
-                assert!((y[i] as f64 - want).abs() < 1e-6, "n={n} i={i}");
+    fn strided_dots_and_weighted_rows_match_scalar() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        for (hd, stride, n) in [
+            (64usize, 192usize, 5usize),
+            (72, 80, 3),
+            (7, 9, 1),
+            (128, 128, 4),
+        ] {
+            let rows: Vec<f32> = (0..stride * n)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut s = vec![0f32; n];
+            dots_strided(&q, &rows, stride, &mut s);
+            let mut o = vec![9f32; hd];
+            weighted_rows(&s, &rows, stride, &mut o);
+            for j in 0..n {
+                let want = reference(&q, &rows[j * stride..j * stride + hd]);
+                assert!(
+                    (s[j] as f64 - want).abs() < 1e-5 * (hd as f64).sqrt(),
+                    "dot hd={hd} j={j}"
+                );
+            }
+            for c in 0..hd {
+                let want: f64 = (0..n)
+                    .map(|j| s[j] as f64 * rows[j * stride + c] as f64)
+                    .sum();
+                assert!((o[c] as f64 - want).abs() < 1e-5, "weighted hd={hd} c={c}");
             }
         }
     }
