@@ -255,6 +255,7 @@ impl PreparedX {
     /// [`PreparedX::dot_row`] of token `t` for each row in `rows` of a layer
     /// whose planes are plane-major ([plane][row][word], `stride` = rows × words
     /// words apart) and whose LUTs at `bits` are `luts` [rows × 2^bits], into `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn dot_rows(
         &self,
         t: usize,
