@@ -4,7 +4,7 @@
 //! holds columns 8i..8i+7. For each bit position s the b-bit indices of the 32
 //! columns 8i+s (i = 0..31) are one shift, mask and or per plane, with no
 //! per-column shuffles; the activations are permuted to that order once per
-//! token ([`super::BitplaneKernel::prepare_x`]). The row's f16 LUT becomes byte tables of 16
+//! token ([`super::BitplaneKernel::prepare`]). The row's f16 LUT becomes byte tables of 16
 //! entries (low and high bytes) looked up by `pshufb`; above 4 bits the lookups
 //! of the 2^(b−4) runs are merged by byte blends whose masks are the top planes
 //! themselves (no gathers), and `vcvtph2ps` widens the result.
@@ -195,7 +195,7 @@ unsafe fn dot_tables<const B: usize, const T: usize>(
 }
 
 /// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8), `xp` prepared by
-/// [`super::prepare_x`] for the row's `words` words.
+/// [`super::BitplaneKernel::prepare`] for the row's `words` words.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `planes` holds `bits` planes

@@ -32,7 +32,7 @@ const BLOCK_WORDS: usize = BLOCK / 32;
 /// A last block of at most this many words is folded into 128 columns.
 const FOLD_WORDS: usize = 4;
 
-/// Prepared int16 activations and f32 scales of one token's row of `cols` columns.
+/// Lengths of one token's prepared 16-bit activations and of their scales, for `cols` columns.
 pub fn prepared_lens(cols: usize) -> (usize, usize) {
     let words = cols.div_ceil(32);
     let (full, rem) = (words / BLOCK_WORDS, words % BLOCK_WORDS);
