@@ -41,27 +41,25 @@ unsafe fn low_indices<const B: usize>(p: &[__m256i; B], s: u32) -> __m256i {
     idx
 }
 
-/// Plane words of block `blk` (8 words per plane; a short last block is padded
-/// with zero words).
+/// Words `w0..w0 + n` (n ≤ 8) of every plane, zero beyond n (masked loads,
+/// so a short last block reads nothing past the row).
 #[inline(always)]
-unsafe fn load_planes<const B: usize>(
+pub(super) unsafe fn load_planes<const B: usize>(
     planes: &[u32],
     stride: usize,
-    words: usize,
-    blk: usize,
+    w0: usize,
+    n: usize,
 ) -> [__m256i; B] {
-    let w0 = blk * WORDS_PER_BLOCK;
     let mut p = [_mm256_setzero_si256(); B];
-    if w0 + WORDS_PER_BLOCK <= words {
+    if n == WORDS_PER_BLOCK {
         for (j, pj) in p.iter_mut().enumerate() {
             *pj = _mm256_loadu_si256(planes.as_ptr().add(j * stride + w0) as *const __m256i);
         }
     } else {
-        let n = words - w0;
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
         for (j, pj) in p.iter_mut().enumerate() {
-            let mut buf = [0u32; WORDS_PER_BLOCK];
-            buf[..n].copy_from_slice(&planes[j * stride + w0..j * stride + w0 + n]);
-            *pj = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
+            *pj = _mm256_maskload_epi32(planes.as_ptr().add(j * stride + w0) as *const i32, mask);
         }
     }
     p
@@ -105,6 +103,43 @@ pub(super) unsafe fn split_bytes(v: __m256i) -> (__m256i, __m256i) {
     )
 }
 
+/// The 16-bit LUT values (two byte tables each of `T` runs of 16 entries) of
+/// the 32 columns whose low index bits are `idx` (bit 7 clear), as
+/// [i 0..7 | i 16..23] and [i 8..15 | i 24..31]. Above 4 bits the runs are
+/// merged by byte blends: level l merges runs that differ in index bit 4 + l,
+/// held by plane B − 5 − l at bit position `pos` (the blend reads bit 7 of each
+/// byte, so no mask is needed).
+#[inline(always)]
+pub(super) unsafe fn lookup<const B: usize, const T: usize>(
+    tlo: &[__m256i; T],
+    thi: &[__m256i; T],
+    p: &[__m256i; B],
+    idx: __m256i,
+    pos: u32,
+) -> (__m256i, __m256i) {
+    let mut lo = [_mm256_setzero_si256(); T];
+    let mut hi = [_mm256_setzero_si256(); T];
+    for t in 0..T {
+        lo[t] = _mm256_shuffle_epi8(tlo[t], idx);
+        hi[t] = _mm256_shuffle_epi8(thi[t], idx);
+    }
+    let mut width = T;
+    let mut l = 0;
+    while width > 1 {
+        let sel = bit_to(p[B - 5 - l], pos, 7);
+        for m in 0..width / 2 {
+            lo[m] = _mm256_blendv_epi8(lo[2 * m], lo[2 * m + 1], sel);
+            hi[m] = _mm256_blendv_epi8(hi[2 * m], hi[2 * m + 1], sel);
+        }
+        width /= 2;
+        l += 1;
+    }
+    (
+        _mm256_unpacklo_epi8(lo[0], hi[0]),
+        _mm256_unpackhi_epi8(lo[0], hi[0]),
+    )
+}
+
 /// One block of [`dot_tables`]: the 8 bit positions, 32 columns each (16 when `HALF`).
 #[inline(always)]
 unsafe fn table_block<const B: usize, const T: usize, const HALF: bool>(
@@ -115,29 +150,8 @@ unsafe fn table_block<const B: usize, const T: usize, const HALF: bool>(
     acc: &mut [__m256; 4],
 ) {
     for s in 0..8u32 {
-        let idx = low_indices::<B>(p, s);
-        let mut lo = [_mm256_setzero_si256(); T];
-        let mut hi = [_mm256_setzero_si256(); T];
-        for t in 0..T {
-            lo[t] = _mm256_shuffle_epi8(tlo[t], idx);
-            hi[t] = _mm256_shuffle_epi8(thi[t], idx);
-        }
-        // Level l merges runs that differ in index bit 4 + l, held by plane
-        // B − 5 − l; the blend reads bit 7 of each byte, so no mask is needed.
-        let mut width = T;
-        let mut l = 0;
-        while width > 1 {
-            let sel = bit_to(p[B - 5 - l], s, 7);
-            for m in 0..width / 2 {
-                lo[m] = _mm256_blendv_epi8(lo[2 * m], lo[2 * m + 1], sel);
-                hi[m] = _mm256_blendv_epi8(hi[2 * m], hi[2 * m + 1], sel);
-            }
-            width /= 2;
-            l += 1;
-        }
         // f16 of i = 0..7 | 16..23, and of i = 8..15 | 24..31.
-        let a = _mm256_unpacklo_epi8(lo[0], hi[0]);
-        let b = _mm256_unpackhi_epi8(lo[0], hi[0]);
+        let (a, b) = lookup::<B, T>(tlo, thi, p, low_indices::<B>(p, s), s);
         let xs = xb.add(s as usize * 32);
         acc[0] = _mm256_fmadd_ps(
             _mm256_cvtph_ps(_mm256_castsi256_si128(a)),
@@ -182,7 +196,8 @@ unsafe fn dot_tables<const B: usize, const T: usize>(
     }
     let mut acc = [_mm256_setzero_ps(); 4];
     for blk in 0..words.div_ceil(WORDS_PER_BLOCK) {
-        let p = load_planes::<B>(planes, stride, words, blk);
+        let w0 = blk * WORDS_PER_BLOCK;
+        let p = load_planes::<B>(planes, stride, w0, (words - w0).min(WORDS_PER_BLOCK));
         let xb = xp.as_ptr().add(blk * BLOCK);
         // A last block of at most 4 words (128 columns) has nothing in i = 16..31.
         if words - blk * WORDS_PER_BLOCK <= WORDS_PER_BLOCK / 2 {

@@ -22,20 +22,17 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::avx2::{bit_to, hsum, split_bytes};
+use super::avx2::{hsum, load_planes, lookup, split_bytes};
+use super::{BLOCK, WORDS_PER_BLOCK};
 use crate::backend::cpu::fixed16;
 
-/// Columns of a full block.
-const BLOCK: usize = 256;
-/// Plane words of a full block.
-const BLOCK_WORDS: usize = BLOCK / 32;
 /// A last block of at most this many words is folded into 128 columns.
 const FOLD_WORDS: usize = 4;
 
 /// Lengths of one token's prepared 16-bit activations and of their scales, for `cols` columns.
 pub fn prepared_lens(cols: usize) -> (usize, usize) {
     let words = cols.div_ceil(32);
-    let (full, rem) = (words / BLOCK_WORDS, words % BLOCK_WORDS);
+    let (full, rem) = (words / WORDS_PER_BLOCK, words % WORDS_PER_BLOCK);
     match rem {
         0 => (full * BLOCK, full * 64),
         1..=FOLD_WORDS => (full * BLOCK + BLOCK / 2, full * 64 + 32),
@@ -83,7 +80,7 @@ pub fn prepare(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>) {
     scales.resize(s0 + sn, 0.0);
     let (q, scales) = (&mut q[q0..], &mut scales[s0..]);
     let words = cols.div_ceil(32);
-    let (full, rem) = (words / BLOCK_WORDS, words % BLOCK_WORDS);
+    let (full, rem) = (words / WORDS_PER_BLOCK, words % WORDS_PER_BLOCK);
     let (pos_full, pos_folded) = positions();
     for (blk, xb) in x.chunks(BLOCK).enumerate() {
         let folded = blk == full && (1..=FOLD_WORDS).contains(&rem);
@@ -186,41 +183,6 @@ unsafe fn reversed_order<const B: usize>() -> __m256i {
     _mm256_loadu_si256(t.as_ptr() as *const __m256i)
 }
 
-/// The 16-bit LUT values of the 32 columns whose low index bits are `idx`
-/// (bit 7 clear), as [i 0..7 | i 16..23] and [i 8..15 | i 24..31]; above 4 bits
-/// the tables are merged by blends on plane bit `pos` (the columns' bit position).
-#[inline(always)]
-unsafe fn lookup<const B: usize, const T: usize>(
-    tlo: &[__m256i; T],
-    thi: &[__m256i; T],
-    p: &[__m256i; B],
-    idx: __m256i,
-    pos: u32,
-) -> (__m256i, __m256i) {
-    let mut lo = [_mm256_setzero_si256(); T];
-    let mut hi = [_mm256_setzero_si256(); T];
-    for t in 0..T {
-        lo[t] = _mm256_shuffle_epi8(tlo[t], idx);
-        hi[t] = _mm256_shuffle_epi8(thi[t], idx);
-    }
-    // Level l merges runs that differ in index bit 4 + l, held by plane B − 5 − l.
-    let mut width = T;
-    let mut l = 0;
-    while width > 1 {
-        let sel = bit_to(p[B - 5 - l], pos, 7);
-        for m in 0..width / 2 {
-            lo[m] = _mm256_blendv_epi8(lo[2 * m], lo[2 * m + 1], sel);
-            hi[m] = _mm256_blendv_epi8(hi[2 * m], hi[2 * m + 1], sel);
-        }
-        width /= 2;
-        l += 1;
-    }
-    (
-        _mm256_unpacklo_epi8(lo[0], hi[0]),
-        _mm256_unpackhi_epi8(lo[0], hi[0]),
-    )
-}
-
 /// One block: `S` steps of 64 columns, step σ's nibble pairs in `nib[σ]` (4 for
 /// a full block; 2 folded, lane 1 then holding step σ + 2); `p` are the planes
 /// (only those above the low 4 bits are read, for the blends).
@@ -300,29 +262,6 @@ unsafe fn q16_tables<const B: usize, const T: usize>(
     (tlo, thi, mx / LUT_Q_MAX)
 }
 
-/// Words `w0..w0 + n` (n ≤ 8) of every plane, zero beyond n.
-#[inline(always)]
-unsafe fn load_planes<const B: usize>(
-    planes: &[u32],
-    stride: usize,
-    w0: usize,
-    n: usize,
-) -> [__m256i; B] {
-    let mut p = [_mm256_setzero_si256(); B];
-    if n == BLOCK_WORDS {
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = _mm256_loadu_si256(planes.as_ptr().add(j * stride + w0) as *const __m256i);
-        }
-    } else {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = _mm256_maskload_epi32(planes.as_ptr().add(j * stride + w0) as *const i32, mask);
-        }
-    }
-    p
-}
-
 /// Σ lut[idx_c]·x_c over one row at `B` bits from `T` = 2^(B−4) (at least 1)
 /// byte tables.
 #[inline(always)]
@@ -336,14 +275,14 @@ unsafe fn dot<const B: usize, const T: usize>(
 ) -> f32 {
     let (tlo, thi, lut_scale) = q16_tables::<B, T>(lut);
     let mut acc = [_mm256_setzero_ps(); 4];
-    let (full, rem) = (words / BLOCK_WORDS, words % BLOCK_WORDS);
+    let (full, rem) = (words / WORDS_PER_BLOCK, words % WORDS_PER_BLOCK);
     let (xq, xs) = (xq.as_ptr(), xs.as_ptr());
     for blk in 0..full + usize::from(rem > FOLD_WORDS) {
         let p = load_planes::<B>(
             planes,
             stride,
-            blk * BLOCK_WORDS,
-            (words - blk * BLOCK_WORDS).min(BLOCK_WORDS),
+            blk * WORDS_PER_BLOCK,
+            (words - blk * WORDS_PER_BLOCK).min(WORDS_PER_BLOCK),
         );
         let nib = transpose_nibbles::<B>(&p);
         block::<B, T, 4>(
@@ -357,7 +296,7 @@ unsafe fn dot<const B: usize, const T: usize>(
         );
     }
     if (1..=FOLD_WORDS).contains(&rem) {
-        let mut p = load_planes::<B>(planes, stride, full * BLOCK_WORDS, rem);
+        let mut p = load_planes::<B>(planes, stride, full * WORDS_PER_BLOCK, rem);
         let n = transpose_nibbles::<B>(&p);
         let fold =
             |a: __m256i, b: __m256i| _mm256_inserti128_si256(a, _mm256_castsi256_si128(b), 1);

@@ -252,6 +252,14 @@ impl BitplaneKernel {
 }
 
 impl PreparedX {
+    /// Token `t`'s 16-bit activations and their scales (AVX2-i16).
+    fn i16_input(&self, t: usize) -> (&[i16], &[f32]) {
+        (
+            &self.q[t * self.q_len..(t + 1) * self.q_len],
+            &self.s[t * self.s_len..(t + 1) * self.s_len],
+        )
+    }
+
     /// [`PreparedX::dot_row`] of token `t` for each row in `rows` of a layer
     /// whose planes are plane-major ([plane][row][word], `stride` = rows × words
     /// words apart) and whose LUTs at `bits` are `luts` [rows × 2^bits], into `out`.
@@ -277,20 +285,11 @@ impl PreparedX {
         );
         #[cfg(target_arch = "x86_64")]
         if self.kernel == BitplaneKernel::Avx2I16 {
+            let (xq, xs) = self.i16_input(t);
             // SAFETY: `effective` checked the CPU features, the planes and LUTs
             // cover the rows (asserted above) and `prepare` laid out the activations.
             return unsafe {
-                avx2_i16::dot_rows(
-                    planes,
-                    stride,
-                    words,
-                    bits,
-                    luts,
-                    rows,
-                    &self.q[t * self.q_len..(t + 1) * self.q_len],
-                    &self.s[t * self.s_len..(t + 1) * self.s_len],
-                    out,
-                )
+                avx2_i16::dot_rows(planes, stride, words, bits, luts, rows, xq, xs, out)
             };
         }
         let k = 1usize << bits;
@@ -333,15 +332,8 @@ impl PreparedX {
             BitplaneKernel::Avx2 => unsafe { avx2::dot_row(planes, stride, words, bits, lut, f()) },
             #[cfg(target_arch = "x86_64")]
             BitplaneKernel::Avx2I16 => unsafe {
-                avx2_i16::dot_row(
-                    planes,
-                    stride,
-                    words,
-                    bits,
-                    lut,
-                    &self.q[t * self.q_len..(t + 1) * self.q_len],
-                    &self.s[t * self.s_len..(t + 1) * self.s_len],
-                )
+                let (xq, xs) = self.i16_input(t);
+                avx2_i16::dot_row(planes, stride, words, bits, lut, xq, xs)
             },
             _ => with_lut_f32(lut, |l| dot_row_portable(planes, stride, bits, l, f())),
         }
