@@ -1,10 +1,12 @@
 //! Any-precision weights: bit-planes + per-row centroid tables, run at any
 //! bit-width from the seed precision up to the loaded maximum.
 
+use std::sync::OnceLock;
+
 use half::f16;
 
 use super::add_bias;
-use super::bitplane::{dequantize_row, BitplaneKernel};
+use super::bitplane::{dequantize_row, BitplaneKernel, KernelLuts};
 use super::matmul::{gemv_row_ranges, matmul_tiled, GEMV_MAX_TOKENS};
 use crate::backend::AnyPrecHost;
 
@@ -19,6 +21,9 @@ pub struct AnyPrecLinear {
     planes: Vec<u32>,
     /// luts[b - seed_bits]: [rows × 2^b].
     luts: Vec<Vec<f16>>,
+    /// own_luts[b]: the LUTs at b bits in the form of the kernel that has one
+    /// ([`BitplaneKernel::has_own_luts`]), made on the first GEMV at b bits.
+    own_luts: [OnceLock<Option<KernelLuts>>; 9],
     bias: Option<Vec<f32>>,
 }
 
@@ -56,6 +61,7 @@ impl AnyPrecLinear {
             max_bits,
             planes,
             luts,
+            own_luts: Default::default(),
             bias,
         }
     }
@@ -140,8 +146,16 @@ impl AnyPrecLinear {
         if n <= GEMV_MAX_TOKENS {
             let xp = kernel.prepare(x, cols);
             let luts = &self.luts[(bits - self.seed_bits) as usize];
+            let own = kernel
+                .has_own_luts()
+                .then(|| {
+                    self.own_luts[bits as usize]
+                        .get_or_init(|| kernel.kernel_luts(bits, luts))
+                        .as_ref()
+                })
+                .flatten();
             gemv_row_ranges(rows, n, y, |t, range, out| {
-                xp.dot_rows(t, &self.planes, stride, bits, luts, range, out)
+                xp.dot_rows(t, &self.planes, stride, bits, luts, own, range, out)
             });
         } else {
             matmul_tiled(rows, cols, x, n, y, |r0, tile| {

@@ -224,12 +224,16 @@ unsafe fn block<const B: usize, const T: usize, const S: usize>(
 /// 32767, four products summed stay below 2^31.
 const LUT_Q_MAX: f32 = 16383.0;
 
-/// The row's LUT as 14-bit integers in byte tables of 16 entries (`T` of them,
-/// each in the order of [`reversed`]) and the scale that turns them back into values.
+/// Bytes of one row's byte tables at `bits` (see [`write_tables`]).
+pub fn table_bytes(bits: u32) -> usize {
+    32 << bits.saturating_sub(4)
+}
+
+/// Write the row's LUT as 14-bit integers in `T` byte tables of 16 entries to
+/// `out` (each the 16 low bytes then the 16 high bytes, in the order of
+/// [`reversed`]) and return the scale that turns them back into values.
 #[inline(always)]
-unsafe fn q16_tables<const B: usize, const T: usize>(
-    lut: &[f16],
-) -> ([__m256i; T], [__m256i; T], f32) {
+unsafe fn write_tables<const B: usize, const T: usize>(lut: &[f16], out: *mut u8) -> f32 {
     let ptr = lut.as_ptr() as *const __m128i;
     let eight = |k: usize| {
         if 8 * k < lut.len() {
@@ -248,32 +252,86 @@ unsafe fn q16_tables<const B: usize, const T: usize>(
     let mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
     let inv = _mm256_set1_ps(if mx > 0.0 { LUT_Q_MAX / mx } else { 0.0 });
     let order = reversed_order::<B>();
-    let mut tlo = [_mm256_setzero_si256(); T];
-    let mut thi = [_mm256_setzero_si256(); T];
     for t in 0..T {
         let q0 = _mm256_cvtps_epi32(_mm256_mul_ps(eight(2 * t), inv));
         let q1 = _mm256_cvtps_epi32(_mm256_mul_ps(eight(2 * t + 1), inv));
         // packs works per lane: [0..3, 8..11 | 4..7, 12..15] → in order.
         let q = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0b11_01_10_00);
         let (lo, hi) = split_bytes(q);
-        tlo[t] = _mm256_shuffle_epi8(lo, order);
-        thi[t] = _mm256_shuffle_epi8(hi, order);
+        let both = _mm256_permute2x128_si256(
+            _mm256_shuffle_epi8(lo, order),
+            _mm256_shuffle_epi8(hi, order),
+            0x20,
+        );
+        _mm256_storeu_si256(out.add(32 * t) as *mut __m256i, both);
     }
-    (tlo, thi, mx / LUT_Q_MAX)
+    mx / LUT_Q_MAX
 }
 
-/// Σ lut[idx_c]·x_c over one row at `B` bits from `T` = 2^(B−4) (at least 1)
-/// byte tables.
+/// The `T` byte tables [`write_tables`] wrote at `tables`, each broadcast to both lanes.
+#[inline(always)]
+unsafe fn load_tables<const T: usize>(tables: *const u8) -> ([__m256i; T], [__m256i; T]) {
+    let table =
+        |o: usize| _mm256_broadcastsi128_si256(_mm_loadu_si128(tables.add(o) as *const __m128i));
+    (
+        std::array::from_fn(|t| table(32 * t)),
+        std::array::from_fn(|t| table(32 * t + 16)),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn build_tables<const B: usize, const T: usize>(
+    luts: &[f16],
+    tables: &mut [u8],
+    scales: &mut [f32],
+) {
+    for ((lut, out), s) in luts
+        .chunks_exact(1 << B)
+        .zip(tables.chunks_exact_mut(32 * T))
+        .zip(scales)
+    {
+        *s = write_tables::<B, T>(lut, out.as_mut_ptr());
+    }
+}
+
+/// Turn a layer's LUTs at `bits` ([rows × 2^bits]) into the byte tables the
+/// kernel reads ([rows × [`table_bytes`]]) and one scale per row.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+pub unsafe fn tables(bits: u32, luts: &[f16]) -> (Vec<u8>, Vec<f32>) {
+    let rows = luts.len() >> bits;
+    let mut tables = vec![0u8; rows * table_bytes(bits)];
+    let mut scales = vec![0f32; rows];
+    macro_rules! run {
+        ($b:literal, $t:literal) => {
+            build_tables::<$b, $t>(luts, &mut tables, &mut scales)
+        };
+    }
+    match bits {
+        3 => run!(3, 1),
+        4 => run!(4, 1),
+        5 => run!(5, 2),
+        6 => run!(6, 4),
+        7 => run!(7, 8),
+        _ => run!(8, 16),
+    }
+    (tables, scales)
+}
+
+/// Σ lut[idx_c]·x_c over one row at `B` bits from its `T` = 2^(B−4) (at least
+/// 1) byte tables at `tables` and their scale.
 #[inline(always)]
 unsafe fn dot<const B: usize, const T: usize>(
     planes: &[u32],
     stride: usize,
     words: usize,
-    lut: &[f16],
+    tables: *const u8,
+    lut_scale: f32,
     xq: &[i16],
     xs: &[f32],
 ) -> f32 {
-    let (tlo, thi, lut_scale) = q16_tables::<B, T>(lut);
+    let (tlo, thi) = load_tables::<T>(tables);
     let mut acc = [_mm256_setzero_ps(); 4];
     let (full, rem) = (words / WORDS_PER_BLOCK, words % WORDS_PER_BLOCK);
     let (xq, xs) = (xq.as_ptr(), xs.as_ptr());
@@ -319,36 +377,16 @@ unsafe fn dot<const B: usize, const T: usize>(
     hsum(acc) * lut_scale
 }
 
-/// Σ_c lut[idx_c]·x_c over one row at `bits` (3..=8), from activations
-/// [`prepare`]d for the row's `words` words.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `planes` holds `bits` planes
-/// `stride` words apart, each of `words` words; `lut` has 2^bits entries; `xq`
-/// and `xs` are at least [`prepared_lens`] long.
-pub unsafe fn dot_row(
-    planes: &[u32],
-    stride: usize,
-    words: usize,
-    bits: u32,
-    lut: &[f16],
-    xq: &[i16],
-    xs: &[f32],
-) -> f32 {
-    let mut out = [0f32];
-    dot_rows(planes, stride, words, bits, lut, 0..1, xq, xs, &mut out);
-    out[0]
-}
-
 /// [`dot`] for rows `rows` of a layer (plane-major planes, `stride` words
-/// apart; LUTs [rows × 2^B]) into `out`, in one call.
+/// apart; byte tables and scales as [`tables`] made them) into `out`, in one call.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dot_many<const B: usize, const T: usize>(
     planes: &[u32],
     stride: usize,
     words: usize,
-    luts: &[f16],
+    tables: &[u8],
+    scales: &[f32],
     rows: std::ops::Range<usize>,
     xq: &[i16],
     xs: &[f32],
@@ -359,26 +397,32 @@ unsafe fn dot_many<const B: usize, const T: usize>(
             planes.get_unchecked(r * words..),
             stride,
             words,
-            luts.get_unchecked(r << B..(r + 1) << B),
+            tables.as_ptr().add(r * 32 * T),
+            *scales.get_unchecked(r),
             xq,
             xs,
         );
     }
 }
 
-/// [`dot_row`] for rows `rows` of a layer whose planes are plane-major
-/// ([plane][row][word], `stride` words apart) and LUTs [rows × 2^bits].
+/// Σ_c lut[idx_c]·x_c at `bits` (3..=8) for rows `rows` of a layer whose planes
+/// are plane-major ([plane][row][word], `stride` words apart, `words` a row),
+/// from the layer's byte tables and scales ([`tables`]) and activations
+/// [`prepare`]d for the row's `words` words, into `out`.
 ///
 /// # Safety
-/// As [`dot_row`], for every row in `rows`: the planes cover
-/// (bits − 1)·stride + rows.end·words words and the LUTs rows.end·2^bits entries.
+/// The CPU must support AVX2, FMA and F16C; for every row in `rows` the planes
+/// cover (bits − 1)·stride + rows.end·words words, `tables` rows.end ·
+/// [`table_bytes`] bytes and `scales` rows.end entries; `xq` and `xs` are at
+/// least [`prepared_lens`] long.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn dot_rows(
     planes: &[u32],
     stride: usize,
     words: usize,
     bits: u32,
-    luts: &[f16],
+    tables: &[u8],
+    scales: &[f32],
     rows: std::ops::Range<usize>,
     xq: &[i16],
     xs: &[f32],
@@ -386,7 +430,7 @@ pub unsafe fn dot_rows(
 ) {
     macro_rules! run {
         ($b:literal, $t:literal) => {
-            dot_many::<$b, $t>(planes, stride, words, luts, rows, xq, xs, out)
+            dot_many::<$b, $t>(planes, stride, words, tables, scales, rows, xq, xs, out)
         };
     }
     match bits {
