@@ -13,11 +13,12 @@ pub fn round(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// Running largest magnitude of a group; NaN or inf make it NaN, so the
-/// group's results come out non-finite instead of silently zero.
+/// Running largest magnitude of a group; NaN or inf make it NaN for good
+/// (`f32::max` would drop a NaN at the next finite value), so the group's
+/// results come out non-finite instead of silently zero.
 #[inline(always)]
 pub fn track_max(m: f32, v: f32) -> f32 {
-    if v.is_finite() {
+    if v.is_finite() && !m.is_nan() {
         m.max(v.abs())
     } else {
         f32::NAN
@@ -73,8 +74,11 @@ mod tests {
         let (mut q, mut s) = (Vec::new(), Vec::new());
         quantize_groups(&[0.0; 4], 4, &mut q, &mut s);
         quantize_groups(&[1.0, f32::NAN, 2.0, f32::INFINITY], 4, &mut q, &mut s);
+        // A finite value after the NaN must not clear it.
+        quantize_groups(&[f32::INFINITY, 1.0, 2.0], 3, &mut q, &mut s);
+        quantize_groups(&[1.0, f32::NAN, 2.0], 3, &mut q, &mut s);
         assert_eq!(&q[..4], &[0; 4]);
         assert_eq!(s[0], 0.0);
-        assert!(s[1].is_nan());
+        assert!(s[1..].iter().all(|s| s.is_nan()), "{s:?}");
     }
 }

@@ -4,7 +4,7 @@
 use dpllm_format::q8::{Q8Matrix, Q8_BLOCK};
 use half::f16;
 
-use super::matmul::{gemv_rows_by, matmul_tiled, GEMV_MAX_TOKENS};
+use super::matmul::{gemv_row_ranges, matmul_tiled, GEMV_MAX_TOKENS};
 
 /// Σ_j w_j·x_j of one row: `scales` (cols/32), `quants` (cols) (portable).
 pub fn dot_q8_portable(scales: &[f16], quants: &[i8], x: &[f32]) -> f32 {
@@ -52,38 +52,69 @@ mod avx2 {
 
     /// Σ_j w_j·x_j of one row on 16-bit activations `xq` with one scale per
     /// block in `xs`: per block, two `pmaddwd` of the sign-extended bytes, then
-    /// one f32 FMA by the product of the two scales.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_i16(scales: &[f16], quants: &[i8], xq: &[i16], xs: &[f32]) -> f32 {
+    /// one f32 FMA by the product of the two scales (made for 8 blocks at once).
+    #[inline(always)]
+    unsafe fn dot_q8_i16(scales: &[f16], quants: &[i8], xq: &[i16], xs: &[f32]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 2];
         let (q, x) = (quants.as_ptr(), xq.as_ptr());
+        let nb = scales.len();
         let mut both = [0f32; 8];
-        for b in 0..scales.len() {
-            if b % 8 == 0 {
-                // The products of eight blocks' scales at once.
-                let n = (scales.len() - b).min(8);
+        for g in (0..nb).step_by(8) {
+            let n = (nb - g).min(8);
+            let (w, sx) = if n == 8 {
+                (
+                    _mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i),
+                    _mm256_loadu_ps(xs.as_ptr().add(g)),
+                )
+            } else {
                 let (mut ws, mut sx) = ([0u16; 8], [0f32; 8]);
                 for k in 0..n {
-                    ws[k] = scales[b + k].to_bits();
-                    sx[k] = xs[b + k];
+                    ws[k] = scales[g + k].to_bits();
+                    sx[k] = xs[g + k];
                 }
-                let w = _mm256_cvtph_ps(_mm_loadu_si128(ws.as_ptr() as *const __m128i));
-                _mm256_storeu_ps(
-                    both.as_mut_ptr(),
-                    _mm256_mul_ps(w, _mm256_loadu_ps(sx.as_ptr())),
+                (
+                    _mm_loadu_si128(ws.as_ptr() as *const __m128i),
+                    _mm256_loadu_ps(sx.as_ptr()),
+                )
+            };
+            _mm256_storeu_ps(both.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtph_ps(w), sx));
+            for (k, &sk) in both.iter().enumerate().take(n) {
+                let o = (g + k) * Q8_BLOCK;
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o) as *const __m128i));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o + 16) as *const __m128i));
+                let p = _mm256_add_epi32(
+                    _mm256_madd_epi16(w0, _mm256_loadu_si256(x.add(o) as *const __m256i)),
+                    _mm256_madd_epi16(w1, _mm256_loadu_si256(x.add(o + 16) as *const __m256i)),
                 );
+                let a = &mut acc[k % 2];
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sk), *a);
             }
-            let o = b * Q8_BLOCK;
-            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o) as *const __m128i));
-            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o + 16) as *const __m128i));
-            let p = _mm256_add_epi32(
-                _mm256_madd_epi16(w0, _mm256_loadu_si256(x.add(o) as *const __m256i)),
-                _mm256_madd_epi16(w1, _mm256_loadu_si256(x.add(o + 16) as *const __m256i)),
-            );
-            let a = &mut acc[b % 2];
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(both[b % 8]), *a);
         }
         hsum(_mm256_add_ps(acc[0], acc[1]))
+    }
+
+    /// [`dot_q8_i16`] of rows `rows` of `w` into `out`, in one call.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `xq` holds `w.cols` values and
+    /// `xs` `w.cols / 32`; `out` is as long as `rows`, which lie in `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_q8_i16(
+        w: &Q8Matrix,
+        rows: std::ops::Range<usize>,
+        xq: &[i16],
+        xs: &[f32],
+        out: &mut [f32],
+    ) {
+        let nb = w.cols / Q8_BLOCK;
+        for (o, r) in out.iter_mut().zip(rows) {
+            *o = dot_q8_i16(
+                w.scales.get_unchecked(r * nb..(r + 1) * nb),
+                w.quants.get_unchecked(r * w.cols..),
+                xq,
+                xs,
+            );
+        }
     }
 }
 
@@ -144,31 +175,43 @@ impl Q8Kernel {
         }
     }
 
-    /// Σ w·x of row `r` of `w` and token `t` of `x` (prepared by this kernel).
-    pub fn dot_row(self, w: &Q8Matrix, r: usize, x: &Q8Input, t: usize) -> f32 {
+    /// Σ w·x of rows `rows` of `w` and token `t` of `x` (prepared by this
+    /// kernel) into `out`.
+    pub fn dot_rows(
+        self,
+        w: &Q8Matrix,
+        rows: std::ops::Range<usize>,
+        x: &Q8Input,
+        t: usize,
+        out: &mut [f32],
+    ) {
         let nb = w.cols / Q8_BLOCK;
-        let (s, q) = (
-            &w.scales[r * nb..(r + 1) * nb],
-            &w.quants[r * w.cols..(r + 1) * w.cols],
-        );
+        assert!(rows.end <= w.rows && out.len() == rows.len());
         match *x {
             Q8Input::I16(ref xq, ref xs, cols) => {
                 assert!(cols == w.cols && self == Q8Kernel::Avx2I16);
                 let (xq, xs) = (&xq[t * cols..(t + 1) * cols], &xs[t * nb..(t + 1) * nb]);
-                // SAFETY: `prepare` made I16 input only where the CPU has AVX2; lengths sliced above.
+                // SAFETY: `prepare` made I16 input only where the CPU has AVX2;
+                // lengths sliced and rows checked above.
                 #[cfg(target_arch = "x86_64")]
-                return unsafe { avx2::dot_q8_i16(s, q, xq, xs) };
+                return unsafe { avx2::dot_rows_q8_i16(w, rows, xq, xs, out) };
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!("no 16-bit input without AVX2: {xq:?} {xs:?}")
             }
             Q8Input::F32(x, cols) => {
                 assert_eq!(cols, w.cols);
                 let x = &x[t * cols..(t + 1) * cols];
-                match self {
-                    // SAFETY: the CPU has the features (checked); lengths sliced above.
-                    #[cfg(target_arch = "x86_64")]
-                    Q8Kernel::Avx2 if self.is_available() => unsafe { avx2::dot_q8(s, q, x) },
-                    _ => dot_q8_portable(s, q, x),
+                for (o, r) in out.iter_mut().zip(rows) {
+                    let (s, q) = (
+                        &w.scales[r * nb..(r + 1) * nb],
+                        &w.quants[r * w.cols..(r + 1) * w.cols],
+                    );
+                    *o = match self {
+                        // SAFETY: the CPU has the features (checked); lengths sliced above.
+                        #[cfg(target_arch = "x86_64")]
+                        Q8Kernel::Avx2 if self.is_available() => unsafe { avx2::dot_q8(s, q, x) },
+                        _ => dot_q8_portable(s, q, x),
+                    };
                 }
             }
         }
@@ -185,7 +228,9 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 pub fn matmul_q8_with(k: Q8Kernel, w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
     if n <= GEMV_MAX_TOKENS {
         let input = k.prepare(x, w.cols);
-        gemv_rows_by(w.rows, n, y, |r, t| k.dot_row(w, r, &input, t));
+        gemv_row_ranges(w.rows, n, y, |t, range, out| {
+            k.dot_rows(w, range, &input, t, out)
+        });
     } else {
         matmul_tiled(w.rows, w.cols, x, n, y, |r0, tile| {
             for (i, row) in tile.chunks_mut(w.cols).enumerate() {
@@ -203,37 +248,40 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantized_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let (rows, cols) = (19, 160);
-        let w = Q8Matrix {
-            rows,
-            cols,
-            scales: (0..rows * cols / 32)
-                .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
-                .collect(),
-            quants: (0..rows * cols).map(|_| rng.random()).collect(),
-        };
-        let wf = w.to_f32();
-        for n in [1usize, 3, 7] {
-            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-            for k in Q8Kernel::ALL.into_iter().filter(|k| k.is_available()) {
-                let mut y = vec![0f32; n * rows];
-                matmul_q8_with(k, &w, &x, n, &mut y);
-                for t in 0..n {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    for r in 0..rows {
-                        let wr = &wf[r * cols..(r + 1) * cols];
-                        let want: f64 = wr.iter().zip(xt).map(|(&w, &x)| w as f64 * x as f64).sum();
-                        // 16-bit activations: within half a step of 1/32767 of |x| ≤ 1.
-                        let rounding = if k == Q8Kernel::Avx2I16 {
-                            wr.iter().map(|w| w.abs() as f64).sum::<f64>() / 65534.0
-                        } else {
-                            0.0
-                        };
-                        let got = y[t * rows + r];
-                        assert!(
-                            (got as f64 - want).abs() < 1e-4 + rounding,
-                            "{k:?} n={n} row {r}: {got} vs {want}"
-                        );
+        // Fewer than 8 blocks a row; 2 groups of 8 and 2 more.
+        for (rows, cols) in [(19, 160), (21, 576)] {
+            let w = Q8Matrix {
+                rows,
+                cols,
+                scales: (0..rows * cols / 32)
+                    .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+                    .collect(),
+                quants: (0..rows * cols).map(|_| rng.random()).collect(),
+            };
+            let wf = w.to_f32();
+            for n in [1usize, 3, 7] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                for k in Q8Kernel::ALL.into_iter().filter(|k| k.is_available()) {
+                    let mut y = vec![0f32; n * rows];
+                    matmul_q8_with(k, &w, &x, n, &mut y);
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        for r in 0..rows {
+                            let wr = &wf[r * cols..(r + 1) * cols];
+                            let want: f64 =
+                                wr.iter().zip(xt).map(|(&w, &x)| w as f64 * x as f64).sum();
+                            // 16-bit activations: within half a step of 1/32767 of |x| ≤ 1.
+                            let rounding = if k == Q8Kernel::Avx2I16 {
+                                wr.iter().map(|w| w.abs() as f64).sum::<f64>() / 65534.0
+                            } else {
+                                0.0
+                            };
+                            let got = y[t * rows + r];
+                            assert!(
+                                (got as f64 - want).abs() < 1e-4 + rounding,
+                                "{k:?} n={n} row {r}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::{hsum, load_planes, lookup, split_bytes};
-use super::{BLOCK, WORDS_PER_BLOCK};
+use super::{BitplaneKernel, BLOCK, WORDS_PER_BLOCK};
 use crate::backend::cpu::fixed16;
 
 /// A last block of at most this many words is folded into 128 columns.
@@ -84,19 +84,15 @@ pub fn prepare(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>) {
     let (pos_full, pos_folded) = positions();
     for (blk, xb) in x.chunks(BLOCK).enumerate() {
         let folded = blk == full && (1..=FOLD_WORDS).contains(&rem);
-        let mut top = [0f32; 8];
-        for (c, &v) in xb.iter().enumerate() {
-            top[c % 8] = fixed16::track_max(top[c % 8], v);
-        }
-        let (inv, step) = (
-            top.map(|m| fixed16::scales(m).0),
-            top.map(|m| fixed16::scales(m).1),
-        );
         let qb = &mut q[blk * BLOCK..];
         let pos: &[u8] = if folded { pos_folded } else { pos_full };
-        for (c, (&v, &p)) in xb.iter().zip(pos).enumerate() {
-            qb[p as usize] = fixed16::quantize(v, inv[c % 8]);
-        }
+        let step = match <&[f32; BLOCK]>::try_from(xb) {
+            // SAFETY: this kernel runs only where the CPU has AVX2 (`effective`).
+            Ok(xb) if BitplaneKernel::Avx2I16.is_available() => unsafe {
+                quantize_block(xb, pos_full, qb)
+            },
+            _ => quantize_block_portable(xb, pos, qb),
+        };
         let sb = &mut scales[blk * 64..];
         let sigmas = if folded { 2 } else { 4 };
         for sigma in 0..sigmas {
@@ -113,6 +109,56 @@ pub fn prepare(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>) {
             }
         }
     }
+}
+
+/// Quantize one block's columns `xb` (a whole block or the last, shorter one)
+/// to `qb[pos[c]]`, one scale per group c mod 8: returns the groups' steps.
+fn quantize_block_portable(xb: &[f32], pos: &[u8], qb: &mut [i16]) -> [f32; 8] {
+    let mut top = [0f32; 8];
+    for (c, &v) in xb.iter().enumerate() {
+        top[c % 8] = fixed16::track_max(top[c % 8], v);
+    }
+    let inv = top.map(|m| fixed16::scales(m).0);
+    for (c, (&v, &p)) in xb.iter().zip(pos).enumerate() {
+        qb[p as usize] = fixed16::quantize(v, inv[c % 8]);
+    }
+    top.map(|m| fixed16::scales(m).1)
+}
+
+/// [`quantize_block_portable`] of a whole block with AVX2, to the same bits:
+/// the groups are the 8 lanes of the block's 32 registers.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block(xb: &[f32; BLOCK], pos: &[u8; BLOCK], qb: &mut [i16]) -> [f32; 8] {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let (mut top, mut bad) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let x = |i: usize| _mm256_loadu_ps(xb.as_ptr().add(8 * i));
+    for i in 0..BLOCK / 8 {
+        let a = _mm256_and_ps(x(i), abs_mask);
+        top = _mm256_max_ps(top, a);
+        // NaN or ±inf: the group's scale becomes NaN, as `fixed16::track_max` makes it.
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
+    }
+    let top = _mm256_blendv_ps(top, _mm256_set1_ps(f32::NAN), bad);
+    let q_max = _mm256_set1_ps(fixed16::Q_MAX);
+    let inv = _mm256_and_ps(
+        _mm256_div_ps(q_max, top),
+        _mm256_cmp_ps::<_CMP_GT_OQ>(top, _mm256_setzero_ps()),
+    );
+    let mut q = [0i32; BLOCK];
+    for i in 0..BLOCK / 8 {
+        // Rounds to nearest even like `fixed16::round`; a NaN product becomes
+        // i32::MIN, whose low 16 bits are 0 as `NaN as i16` is.
+        let v = _mm256_cvtps_epi32(_mm256_mul_ps(x(i), inv));
+        _mm256_storeu_si256(q.as_mut_ptr().add(8 * i) as *mut __m256i, v);
+    }
+    let qb: &mut [i16; BLOCK] = (&mut qb[..BLOCK]).try_into().expect("a whole block");
+    for (&v, &p) in q.iter().zip(pos) {
+        qb[p as usize] = v as i16;
+    }
+    let mut step = [0f32; 8];
+    _mm256_storeu_ps(step.as_mut_ptr(), _mm256_div_ps(top, q_max));
+    step
 }
 
 /// The low min(B, 4) index bits of a block's 256 columns, transposed from
@@ -440,5 +486,46 @@ pub unsafe fn dot_rows(
         6 => run!(6, 4),
         7 => run!(7, 8),
         _ => run!(8, 16),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn simd_block_quantization_equals_the_portable_one() {
+        if !BitplaneKernel::Avx2I16.is_available() {
+            eprintln!("SKIP AVX2 block quantization check: this CPU lacks AVX2");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let pos = &positions().0;
+        for case in 0..40 {
+            let mut x: [f32; BLOCK] = std::array::from_fn(|_| {
+                rng.random_range(-1.0..1.0) * 10f32.powi(rng.random_range(-3..3))
+            });
+            // Ties at half steps, an all-zero group, and non-finite groups.
+            x[8 * (case % 32)] = 0.5;
+            if case % 4 == 1 {
+                (0..BLOCK).step_by(8).for_each(|c| x[c + 3] = 0.0);
+            }
+            if case % 4 == 2 {
+                x[rng.random_range(0..BLOCK)] =
+                    [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][case % 3];
+            }
+            let (mut want, mut got) = ([0i16; BLOCK], [0i16; BLOCK]);
+            let ws = quantize_block_portable(&x, pos, &mut want);
+            // SAFETY: AVX2 checked above.
+            let gs = unsafe { quantize_block(&x, pos, &mut got) };
+            assert_eq!(want, got, "case {case}");
+            for (a, b) in ws.iter().zip(&gs) {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "case {case}: {ws:?} vs {gs:?}"
+                );
+            }
+        }
     }
 }

@@ -515,14 +515,24 @@ mod tests {
 
     #[test]
     fn non_finite_activations_give_non_finite_results() {
-        let (planes, words) = pack(&[1u8; 40], 4, 0);
         let lut: Vec<f16> = (0..16).map(|i| f16::from_f32(i as f32 / 16.0)).collect();
-        for k in BitplaneKernel::available() {
-            for bad in [f32::NAN, f32::INFINITY] {
-                let mut x = vec![0.5f32; 40];
-                x[37] = bad;
-                let v = k.prepare(&x, 40).dot_row(0, &planes, words, 4, &lut);
-                assert!(!v.is_finite(), "{}: {bad} in x gave {v}", k.name());
+        // A short row and one with whole, SIMD-quantized blocks; the bad value
+        // first, last and mid-row, with finite values of its group after it.
+        for cols in [40usize, 600] {
+            let (planes, words) = pack(&vec![1u8; cols], 4, 0);
+            for at in [0, 3, cols / 2, cols - 1] {
+                for k in BitplaneKernel::available() {
+                    for bad in [f32::NAN, f32::INFINITY] {
+                        let mut x = vec![0.5f32; cols];
+                        x[at] = bad;
+                        let v = k.prepare(&x, cols).dot_row(0, &planes, words, 4, &lut);
+                        assert!(
+                            !v.is_finite(),
+                            "{}: {bad} at {at} of {cols} gave {v}",
+                            k.name()
+                        );
+                    }
+                }
             }
         }
     }
