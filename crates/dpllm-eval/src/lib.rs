@@ -3,6 +3,8 @@
 pub mod bandwidth;
 pub mod bench_decode;
 pub mod bench_gemv;
+#[cfg(feature = "cuda")]
+pub mod bench_gemv_cuda;
 pub mod fidelity;
 pub mod memory;
 pub mod perplexity;

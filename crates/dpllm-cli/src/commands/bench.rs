@@ -12,14 +12,24 @@ use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
 pub enum BenchCommand {
     /// Decode speed (tokens/s) and the fraction of the measured memory bandwidth it reaches.
     Decode(DecodeArgs),
-    /// One-token GEMV through a single linear: bit-plane weights at each precision
-    /// versus dense f16/f32, time per call and effective GB/s against the measured bandwidth.
+    /// GEMV through a single linear: bit-plane weights at each precision versus
+    /// dense f16/f32 (on a GPU: cuBLAS f16 at 1..8 tokens), time per call and
+    /// effective GB/s against the bandwidth measured in the same run.
     Gemv(GemvArgs),
 }
 
 /// Arguments of `bench gemv`.
 #[derive(clap::Args)]
 pub struct GemvArgs {
+    /// cpu, or cuda / cuda:N for the GPU kernels against cuBLAS.
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
+    /// Tokens per call on a GPU, each 1..=8 (the CPU benchmark times one token).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub tokens: Vec<usize>,
+    /// Timed calls per case on a GPU.
+    #[arg(long, default_value_t = 200)]
+    pub calls: usize,
     /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
     /// 8B Llama, and docs-llama-12m's up projection).
     #[arg(
@@ -119,6 +129,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Gemv(a) => {
             super::check_json(a.json.as_deref(), &[])?;
+            if let dpllm_engine::Device::Cuda(ordinal) = a.device {
+                return gemv_cuda(ordinal, a);
+            }
             let kernels = if a.kernels.is_empty() {
                 BitplaneKernel::available()
                     .iter()
@@ -147,4 +160,33 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `bench gemv --device cuda:N`.
+#[cfg(feature = "cuda")]
+fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
+    use dpllm_eval::bench_gemv_cuda::{self, CudaGemvConfig};
+    let cfg = CudaGemvConfig {
+        shapes: a
+            .shapes
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<anyhow::Result<_>>()?,
+        bits: a.bits,
+        tokens: a.tokens,
+        working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
+        calls: a.calls.max(1),
+    };
+    let r = bench_gemv_cuda::run(ordinal, &cfg)?;
+    print!("{}", r.table());
+    if let Some(p) = &a.json {
+        dpllm_eval::report::write_json(p, &r)?;
+    }
+    Ok(())
+}
+
+/// `bench gemv --device cuda:N` in a build without CUDA.
+#[cfg(not(feature = "cuda"))]
+fn gemv_cuda(_: usize, _: GemvArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this dpllm was built without the cuda feature")
 }

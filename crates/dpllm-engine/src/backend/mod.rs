@@ -16,6 +16,8 @@
 
 pub mod conformance;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 
 use std::sync::Arc;
@@ -100,6 +102,41 @@ pub struct AnyPrecHost {
     pub luts: Vec<Vec<f16>>,
     /// Optional bias, `rows` values.
     pub bias: Option<Vec<f32>>,
+}
+
+impl AnyPrecHost {
+    /// A layer of random planes (padding bits zero, as the packer writes them) and
+    /// random LUTs in [-1, 1) for precisions 3..=`max_bits`, no bias: for tests and benchmarks.
+    pub fn random(rows: usize, cols: usize, max_bits: u32, seed: u64) -> AnyPrecHost {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let words = cols.div_ceil(32);
+        let mut planes: Vec<u32> = (0..rows * max_bits as usize * words)
+            .map(|_| rng.random())
+            .collect();
+        if !cols.is_multiple_of(32) {
+            let mask = (1u32 << (cols % 32)) - 1;
+            for row in planes.chunks_mut(words) {
+                row[words - 1] &= mask;
+            }
+        }
+        let luts = (3..=max_bits)
+            .map(|b| {
+                (0..rows << b)
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect()
+            })
+            .collect();
+        AnyPrecHost {
+            rows,
+            cols,
+            seed_bits: 3,
+            max_bits,
+            planes,
+            luts,
+            bias: None,
+        }
+    }
 }
 
 /// A DP-LLM error estimator (METHOD.md 2c) with its weights on a backend.

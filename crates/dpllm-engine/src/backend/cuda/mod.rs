@@ -1,0 +1,187 @@
+//! The CUDA backend (issue #10), built on `cudarc` with the driver, NVRTC and
+//! cuBLAS loaded at run time, so the crate builds and its tests run where there
+//! is no GPU or CUDA SDK (GPU tests skip there with a message).
+//!
+//! Kernels are CUDA C in `kernels/*.cu`, compiled by NVRTC for the GPU's own
+//! architecture at first use and cached as PTX ([`compile`]). Nothing on the
+//! required path uses Hopper-only instructions: the paper's targets are edge
+//! and consumer GPUs (sm_87, sm_89).
+//!
+//! What exists so far: the device ([`CudaDevice`]) and the bit-plane GEMV
+//! ([`bitplane::CudaAnyPrec`]), tested against the CPU reference and timed by
+//! `dpllm bench gemv --device cuda`. The [`super::Backend`] implementation
+//! (the rest of the forward pass, device-side DP-LLM selection, CUDA graphs)
+//! is the next step; `--device cuda` is refused until then.
+
+pub mod bitplane;
+pub mod compile;
+pub mod dense;
+
+/// The `cudarc` this backend is built on, for callers that allocate and copy.
+pub use cudarc;
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaModule, CudaStream};
+
+use crate::error::{EngineError, Result};
+
+/// A CUDA error as an engine error, saying what was being done.
+pub(crate) fn device_err(
+    what: &str,
+) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError + '_ {
+    move |e| EngineError::Device(format!("CUDA: {what}: {e}"))
+}
+
+/// One GPU: its context, the stream all work is queued on, and the kernels
+/// compiled for it (each module compiled on first use).
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: (i32, i32),
+    bitplane: OnceLock<Arc<CudaModule>>,
+    blas: OnceLock<Arc<CudaBlas>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+impl CudaDevice {
+    /// Open GPU `ordinal`; a clear error when there is no driver or no such GPU.
+    pub fn new(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        // SAFETY: only asks whether the library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(EngineError::Device(
+                "no NVIDIA driver found (libcuda.so could not be loaded); run with --device cpu"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(device_err("counting GPUs"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(EngineError::Device(format!(
+                "cuda:{ordinal} does not exist: this machine has {count} GPU(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_err("creating a context"))?;
+        let name = ctx.name().map_err(device_err("reading the GPU's name"))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(device_err("reading the compute capability"))?;
+        let stream = ctx.default_stream();
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            name,
+            arch,
+            bitplane: OnceLock::new(),
+            blas: OnceLock::new(),
+        }))
+    }
+
+    /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
+    pub fn describe(&self) -> String {
+        format!(
+            "cuda:{} ({}, sm_{}{})",
+            self.ordinal, self.name, self.arch.0, self.arch.1
+        )
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every op of this device is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Compute capability (major, minor).
+    pub fn arch(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    /// Wait for every queued op.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(device_err("synchronizing"))
+    }
+
+    /// The cuBLAS handle on this device's stream, made on first use.
+    pub fn blas(&self) -> Result<Arc<CudaBlas>> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b.clone());
+        }
+        // SAFETY: only asks whether the library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(EngineError::Device(
+                "cuBLAS (libcublas.so) was not found: install the CUDA toolkit's cuBLAS or \
+                 add its directory to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let b = CudaBlas::new(self.stream.clone())
+            .map_err(|e| EngineError::Device(format!("cuBLAS: creating a handle: {e}")))?;
+        Ok(self.blas.get_or_init(|| Arc::new(b)).clone())
+    }
+
+    /// Milliseconds per call of `f` on the device, by events around `calls`
+    /// calls queued back to back (after one untimed call).
+    pub fn time_ms(&self, calls: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let ev = || {
+            self.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(device_err("creating an event"))
+        };
+        let (start, end) = (ev()?, ev()?);
+        start
+            .record(&self.stream)
+            .map_err(device_err("recording an event"))?;
+        for _ in 0..calls {
+            f()?;
+        }
+        end.record(&self.stream)
+            .map_err(device_err("recording an event"))?;
+        let ms = start.elapsed_ms(&end).map_err(device_err("timing"))?;
+        Ok(ms as f64 / calls.max(1) as f64)
+    }
+
+    /// The module of `source`, compiled (or read from the PTX cache) and loaded on first use.
+    fn module(
+        &self,
+        cell: &OnceLock<Arc<CudaModule>>,
+        name: &str,
+        source: &str,
+    ) -> Result<Arc<CudaModule>> {
+        if let Some(m) = cell.get() {
+            return Ok(m.clone());
+        }
+        let ptx = compile::ptx(name, source, self.arch)?;
+        let m = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| EngineError::Device(format!("CUDA: loading {name}.cu: {e}")))?;
+        Ok(cell.get_or_init(|| m).clone())
+    }
+}
+
+/// Open GPU `ordinal` for a test, or `None` with a message saying why the test
+/// is skipped (no driver, no GPU).
+pub fn test_device(ordinal: usize) -> Option<Arc<CudaDevice>> {
+    match CudaDevice::new(ordinal) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIP CUDA test: {e}");
+            None
+        }
+    }
+}

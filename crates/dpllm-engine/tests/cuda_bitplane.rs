@@ -1,0 +1,73 @@
+//! The CUDA bit-plane GEMV against the CPU's dequantized weights, on fresh
+//! random layers: every precision 3..=8, 1..=8 tokens, shapes with partial
+//! words, partial row groups and every threads-per-row-group choice. Skips
+//! with a message where there is no GPU.
+#![cfg(feature = "cuda")]
+
+use dpllm_engine::backend::cpu::AnyPrecLinear;
+use dpllm_engine::backend::cuda::{bitplane::CudaAnyPrec, test_device};
+use dpllm_engine::backend::AnyPrecHost;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn gemv_matches_the_dequantized_reference() {
+    let Some(dev) = test_device(0) else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let stream = dev.stream().clone();
+    // (rows, cols): words 1, 2 (partial), 18, 64, 128 and 300; rows not a multiple of 4.
+    for (rows, cols) in [
+        (5, 20),
+        (7, 40),
+        (130, 576),
+        (64, 2048),
+        (33, 4096),
+        (19, 9600),
+    ] {
+        let host = AnyPrecHost::random(rows, cols, 8, rng.random());
+        let gpu = CudaAnyPrec::upload(&dev, &host).expect("upload");
+        let cpu = AnyPrecLinear::from_host(host);
+        for bits in 3..=8u32 {
+            let w = cpu.dequantize(bits);
+            for n in [1usize, 2, 3, 5, 8] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let xd = stream.clone_htod(&x).unwrap();
+                // Poisoned output: every element must be written.
+                let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
+                gpu.gemv(&xd, n, bits, &mut yd).expect("gemv");
+                let y = stream.clone_dtoh(&yd).unwrap();
+                for t in 0..n {
+                    for r in 0..rows {
+                        let (wr, xt) = (&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                        let want: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let scale: f64 =
+                            wr.iter().zip(xt).map(|(&a, &b)| (a * b).abs() as f64).sum();
+                        let got = y[t * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale + 1e-6,
+                            "{rows}x{cols} b={bits} n={n} token {t} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_calls_are_refused() {
+    let Some(dev) = test_device(0) else { return };
+    let host = AnyPrecHost::random(8, 64, 6, 1);
+    let gpu = CudaAnyPrec::upload(&dev, &host).unwrap();
+    let s = dev.stream();
+    let x = s.alloc_zeros::<f32>(64 * 9).unwrap();
+    let mut y = s.alloc_zeros::<f32>(8 * 9).unwrap();
+    assert!(
+        gpu.gemv(&x, 1, 7, &mut y).is_err(),
+        "7 bits of a 6-bit layer"
+    );
+    assert!(gpu.gemv(&x, 1, 2, &mut y).is_err(), "2 bits");
+    assert!(gpu.gemv(&x, 9, 4, &mut y).is_err(), "9 tokens");
+    assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
+    let mut small = s.alloc_zeros::<f32>(4).unwrap();
+    assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
+}

@@ -1,0 +1,229 @@
+//! GEMV benchmark on a GPU: the bit-plane kernel at each precision and token
+//! count against cuBLAS on f16 weights (what PyTorch runs at batch 1..8), both
+//! as a fraction of the device-to-device copy bandwidth measured in the same run.
+
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, MAX_TOKENS};
+use dpllm_engine::backend::cuda::dense::CudaDenseF16;
+use dpllm_engine::backend::cuda::CudaDevice;
+use dpllm_engine::backend::AnyPrecHost;
+use half::f16;
+use serde::Serialize;
+
+/// Settings of a GPU GEMV benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaGemvConfig {
+    /// (rows, cols) of each weight matrix.
+    pub shapes: Vec<(usize, usize)>,
+    /// Precisions of the bit-plane weights.
+    pub bits: Vec<u32>,
+    /// Token counts (1..=8).
+    pub tokens: Vec<usize>,
+    /// Each case cycles through copies of its weights reading at least this many
+    /// bytes per round, so the L2 cache cannot hold them.
+    pub working_set_bytes: usize,
+    /// Timed calls per case.
+    pub calls: usize,
+}
+
+/// One timed case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaGemvCase {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// "anyprec-4b" or "f16 (cuBLAS)".
+    pub weights: String,
+    /// Tokens per call.
+    pub tokens: usize,
+    /// Mean time per call over the timed calls, microseconds.
+    pub us_per_call: f64,
+    /// Weight bytes read per call.
+    pub bytes: usize,
+    /// Copies of the weights cycled through.
+    pub copies: usize,
+    /// bytes / time, GB/s.
+    pub gbs: f64,
+    /// gbs / the measured copy bandwidth.
+    pub fraction_of_bandwidth: f64,
+    /// f16 time / this time (same shape and tokens).
+    pub speedup_vs_f16: f64,
+}
+
+/// Results of a GPU GEMV benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaGemvBench {
+    /// Settings used.
+    pub config: CudaGemvConfig,
+    /// The GPU.
+    pub device: String,
+    /// Device-to-device copy, bytes read plus written per second, GB/s.
+    pub copy_gbs: f64,
+    /// Every case.
+    pub cases: Vec<CudaGemvCase>,
+}
+
+/// The copy bandwidth: two 1 GiB buffers, bytes read plus written per second.
+fn copy_gbs(dev: &CudaDevice) -> anyhow::Result<f64> {
+    let n = 1usize << 28;
+    let s = dev.stream();
+    let src = s.alloc_zeros::<f32>(n)?;
+    let mut dst = s.alloc_zeros::<f32>(n)?;
+    let ms = dev.time_ms(10, || {
+        s.memcpy_dtod(&src, &mut dst)
+            .map_err(|e| dpllm_engine::EngineError::Device(e.to_string()))
+    })?;
+    Ok(2.0 * 4.0 * n as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// Run the benchmark on GPU `ordinal`.
+pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench> {
+    if let Some(b) = cfg.bits.iter().find(|b| !(3..=8).contains(*b)) {
+        anyhow::bail!("--bits {b} is out of range 3..=8");
+    }
+    if let Some(t) = cfg.tokens.iter().find(|t| !(1..=MAX_TOKENS).contains(*t)) {
+        anyhow::bail!("--tokens {t} is out of range 1..={MAX_TOKENS}");
+    }
+    if cfg.bits.is_empty() || cfg.tokens.is_empty() || cfg.shapes.is_empty() {
+        anyhow::bail!("no --bits, --tokens or --shapes to time");
+    }
+    let dev = CudaDevice::new(ordinal)?;
+    let copy = copy_gbs(&dev)?;
+    let s = dev.stream().clone();
+    let copies_for = |bytes: usize| cfg.working_set_bytes.div_ceil(bytes.max(1)).max(1);
+    let max_t = *cfg.tokens.iter().max().unwrap_or(&1);
+    let mut cases = Vec::new();
+    for &(rows, cols) in &cfg.shapes {
+        let xf: Vec<f32> = (0..max_t * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let x32 = s.clone_htod(&xf)?;
+        let x16 = s.clone_htod(&xf.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())?;
+        let mut y32 = s.alloc_zeros::<f32>(max_t * rows)?;
+        let mut y16 = s.alloc_zeros::<f16>(max_t * rows)?;
+        let wf: Vec<f16> = (0..rows * cols)
+            .map(|i| f16::from_f32(((i * 7919 % 2003) as f32 - 1001.0) / 1001.0 * 0.05))
+            .collect();
+        let first = CudaDenseF16::upload(&dev, rows, cols, &wf)?;
+        drop(wf);
+        let mut dense = vec![first];
+        for _ in 1..copies_for(dense[0].bytes()) {
+            let c = dense[0].replicate(&dev)?;
+            dense.push(c);
+        }
+        let mut f16_us = Vec::new();
+        for &t in &cfg.tokens {
+            let mut i = 0;
+            let ms = dev.time_ms(cfg.calls, || {
+                i += 1;
+                dense[i % dense.len()].forward(&x16, t, &mut y16)
+            })?;
+            f16_us.push((t, ms * 1e3));
+            cases.push(case(
+                rows,
+                cols,
+                "f16 (cuBLAS)",
+                t,
+                ms * 1e3,
+                dense[0].bytes(),
+                dense.len(),
+                copy,
+                ms * 1e3,
+            ));
+        }
+        drop(dense);
+        let max_bits = *cfg.bits.iter().max().unwrap_or(&8);
+        let host = AnyPrecHost::random(rows, cols, max_bits, 7);
+        let first = CudaAnyPrec::upload(&dev, &host)?;
+        drop(host);
+        let mut qs = vec![first];
+        for _ in 1..copies_for(qs[0].bytes_at(3)) {
+            let c = qs[0].replicate()?;
+            qs.push(c);
+        }
+        for &b in &cfg.bits {
+            let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
+            for &(t, f16) in &f16_us {
+                let mut i = 0;
+                let ms = dev.time_ms(cfg.calls, || {
+                    i += 1;
+                    qs[i % nb].gemv(&x32, t, b, &mut y32)
+                })?;
+                cases.push(case(
+                    rows,
+                    cols,
+                    &format!("anyprec-{b}b"),
+                    t,
+                    ms * 1e3,
+                    qs[0].bytes_at(b),
+                    nb,
+                    copy,
+                    f16,
+                ));
+            }
+        }
+    }
+    Ok(CudaGemvBench {
+        config: cfg.clone(),
+        device: dev.describe(),
+        copy_gbs: copy,
+        cases,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(
+    rows: usize,
+    cols: usize,
+    weights: &str,
+    tokens: usize,
+    us: f64,
+    bytes: usize,
+    copies: usize,
+    copy_gbs: f64,
+    f16_us: f64,
+) -> CudaGemvCase {
+    let gbs = bytes as f64 / (us * 1e-6) / 1e9;
+    CudaGemvCase {
+        rows,
+        cols,
+        weights: weights.to_string(),
+        tokens,
+        us_per_call: us,
+        bytes,
+        copies,
+        gbs,
+        fraction_of_bandwidth: gbs / copy_gbs,
+        speedup_vs_f16: f16_us / us,
+    }
+}
+
+impl CudaGemvBench {
+    /// A human-readable table with units.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{}: device-to-device copy {:.0} GB/s (read + write), weights cycled over >= {:.0} MB\n",
+            self.device,
+            self.copy_gbs,
+            self.config.working_set_bytes as f64 / 1e6
+        );
+        out.push_str(&format!(
+            "{:>13}  {:<13} {:>6} {:>11} {:>11} {:>9} {:>8} {:>8}\n",
+            "shape", "weights", "tokens", "time (us)", "bytes (MB)", "GB/s", "% of BW", "vs f16"
+        ));
+        for c in &self.cases {
+            out.push_str(&format!(
+                "{:>13}  {:<13} {:>6} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
+                format!("{}x{}", c.rows, c.cols),
+                c.weights,
+                c.tokens,
+                c.us_per_call,
+                c.bytes as f64 / 1e6,
+                c.gbs,
+                100.0 * c.fraction_of_bandwidth,
+                c.speedup_vs_f16
+            ));
+        }
+        out
+    }
+}
