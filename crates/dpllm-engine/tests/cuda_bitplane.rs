@@ -5,7 +5,8 @@
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
-use dpllm_engine::backend::cuda::{bitplane::CudaAnyPrec, test_device};
+use dpllm_engine::backend::cuda::bitplane::{row_group_choices, CudaAnyPrec};
+use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::backend::AnyPrecHost;
 use rand::{Rng, SeedableRng};
 
@@ -31,21 +32,28 @@ fn gemv_matches_the_dequantized_reference() {
             for n in [1usize, 2, 3, 5, 8] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let xd = stream.clone_htod(&x).unwrap();
-                // Poisoned output: every element must be written.
-                let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
-                gpu.gemv(&xd, n, bits, &mut yd).expect("gemv");
-                let y = stream.clone_dtoh(&yd).unwrap();
-                for t in 0..n {
-                    for r in 0..rows {
-                        let (wr, xt) = (&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
-                        let want: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-                        let scale: f64 =
-                            wr.iter().zip(xt).map(|(&a, &b)| (a * b).abs() as f64).sum();
-                        let got = y[t * rows + r] as f64;
-                        assert!(
+                for &g in row_group_choices(n)
+                    .iter()
+                    .filter(|&&g| gpu.supports(bits, n, g))
+                {
+                    // Poisoned output: every element must be written.
+                    let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
+                    gpu.gemv_with(&xd, n, bits, &mut yd, g).expect("gemv");
+                    let y = stream.clone_dtoh(&yd).unwrap();
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (wr, xt) =
+                                (&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                            let want: f64 =
+                                wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            let scale: f64 =
+                                wr.iter().zip(xt).map(|(&a, &b)| (a * b).abs() as f64).sum();
+                            let got = y[t * rows + r] as f64;
+                            assert!(
                             (got - want).abs() <= 1e-5 * scale + 1e-6,
-                            "{rows}x{cols} b={bits} n={n} token {t} row {r}: {got} vs {want}"
+                            "{rows}x{cols} b={bits} n={n} g={g} token {t} row {r}: {got} vs {want}"
                         );
+                        }
                     }
                 }
             }
@@ -68,6 +76,34 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv(&x, 1, 2, &mut y).is_err(), "2 bits");
     assert!(gpu.gemv(&x, 9, 4, &mut y).is_err(), "9 tokens");
     assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
+    assert!(
+        gpu.gemv_with(&x, 3, 4, &mut y, 2).is_err(),
+        "no such kernel"
+    );
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
+}
+
+/// The kernels compile for the paper's edge and consumer GPUs (sm_87, sm_89)
+/// and for Hopper, wherever NVRTC is found (no GPU needed).
+#[test]
+fn kernels_compile_for_every_target() {
+    use dpllm_engine::backend::cuda::{bitplane::SOURCE, compile};
+    // SAFETY: only asks whether the library can be opened.
+    if !unsafe { dpllm_engine::backend::cuda::cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("DPLLM_CACHE_DIR", dir.path());
+    for arch in [(8, 7), (8, 9), (9, 0)] {
+        let ptx = compile::ptx("bitplane_gemv", SOURCE, arch).expect("compiles");
+        assert!(ptx.to_src().contains("bitplane_gemv_b4_t1_g2"), "{arch:?}");
+    }
+    // The cache now holds one file per target, read back on the next call.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("ptx")).unwrap().count(),
+        3
+    );
+    assert!(compile::ptx("bitplane_gemv", SOURCE, (9, 0)).is_ok());
 }

@@ -2,7 +2,7 @@
 //! count against cuBLAS on f16 weights (what PyTorch runs at batch 1..8), both
 //! as a fraction of the device-to-device copy bandwidth measured in the same run.
 
-use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, MAX_TOKENS};
+use dpllm_engine::backend::cuda::bitplane::{row_group_choices, CudaAnyPrec, MAX_TOKENS};
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::CudaDevice;
 use dpllm_engine::backend::AnyPrecHost;
@@ -36,6 +36,8 @@ pub struct CudaGemvCase {
     pub weights: String,
     /// Tokens per call.
     pub tokens: usize,
+    /// Row groups (of 4 rows) a thread takes (bit-plane kernel only).
+    pub row_groups: Option<usize>,
     /// Mean time per call over the timed calls, microseconds.
     pub us_per_call: f64,
     /// Weight bytes read per call.
@@ -144,22 +146,22 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for &(t, f16) in &f16_us {
-                let mut i = 0;
-                let ms = dev.time_ms(cfg.calls, || {
-                    i += 1;
-                    qs[i % nb].gemv(&x32, t, b, &mut y32)
-                })?;
-                cases.push(case(
-                    rows,
-                    cols,
-                    &format!("anyprec-{b}b"),
-                    t,
-                    ms * 1e3,
-                    qs[0].bytes_at(b),
-                    nb,
-                    copy,
-                    f16,
-                ));
+                for &g in row_group_choices(t) {
+                    // A variant whose tables do not fit in shared memory is left out.
+                    if !qs[0].supports(b, t, g) {
+                        continue;
+                    }
+                    let mut i = 0;
+                    let ms = dev.time_ms(cfg.calls, || {
+                        i += 1;
+                        qs[i % nb].gemv_with(&x32, t, b, &mut y32, g)
+                    })?;
+                    let bytes = qs[0].bytes_at(b);
+                    let name = format!("anyprec-{b}b");
+                    let mut c = case(rows, cols, &name, t, ms * 1e3, bytes, nb, copy, f16);
+                    c.row_groups = Some(g);
+                    cases.push(c);
+                }
             }
         }
     }
@@ -189,6 +191,7 @@ fn case(
         cols,
         weights: weights.to_string(),
         tokens,
+        row_groups: None,
         us_per_call: us,
         bytes,
         copies,
@@ -208,15 +211,24 @@ impl CudaGemvBench {
             self.config.working_set_bytes as f64 / 1e6
         );
         out.push_str(&format!(
-            "{:>13}  {:<13} {:>6} {:>11} {:>11} {:>9} {:>8} {:>8}\n",
-            "shape", "weights", "tokens", "time (us)", "bytes (MB)", "GB/s", "% of BW", "vs f16"
+            "{:>13}  {:<13} {:>6} {:>3} {:>11} {:>11} {:>9} {:>8} {:>8}\n",
+            "shape",
+            "weights",
+            "tokens",
+            "g",
+            "time (us)",
+            "bytes (MB)",
+            "GB/s",
+            "% of BW",
+            "vs f16"
         ));
         for c in &self.cases {
             out.push_str(&format!(
-                "{:>13}  {:<13} {:>6} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
+                "{:>13}  {:<13} {:>6} {:>3} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
                 format!("{}x{}", c.rows, c.cols),
                 c.weights,
                 c.tokens,
+                c.row_groups.map_or("-".to_string(), |g| g.to_string()),
                 c.us_per_call,
                 c.bytes as f64 / 1e6,
                 c.gbs,

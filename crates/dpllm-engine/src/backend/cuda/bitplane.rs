@@ -12,32 +12,58 @@ use crate::backend::AnyPrecHost;
 use crate::error::{EngineError, Result};
 
 /// The kernels' source.
-const SOURCE: &str = include_str!("kernels/bitplane_gemv.cu");
+pub const SOURCE: &str = include_str!("kernels/bitplane_gemv.cu");
 /// Threads per block.
 const BLOCK: u32 = 256;
 /// Most tokens one launch takes.
 pub const MAX_TOKENS: usize = 8;
 
-/// `SPREAD[b]` has bit i of `b` at bit 4i.
-const SPREAD: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut i = 0;
-        while i < 8 {
-            t[b] |= ((b as u32 >> i) & 1) << (4 * i);
-            i += 1;
-        }
-        b += 1;
+/// One row of one plane in the device order: device word w holds the columns
+/// (8k + i)·W + w at bit 4i + k (W = words a row), so lanes taking consecutive
+/// words read consecutive activations and the kernel's nibble transpose yields,
+/// for each k, the column slots 8k..8k+7.
+pub fn device_row(stored: &[u32], cols: usize, out: &mut [u32]) {
+    let words = out.len();
+    for (w, o) in out.iter_mut().enumerate() {
+        *o = (0..32).fold(0u32, |d, b| {
+            let c = b * words + w;
+            let bit = if c < cols {
+                (stored[c / 32] >> (c % 32)) & 1
+            } else {
+                0
+            };
+            d | bit << (4 * (b % 8) + b / 8)
+        });
     }
-    t
-};
+}
 
-/// A stored plane word (bit t = column t) in the device order: bit 4i + k holds
-/// column 8k + i, so the kernel's nibble transpose yields 8 consecutive columns
-/// for each k.
-pub fn device_word(w: u32) -> u32 {
-    (0..4).fold(0, |r, k| r | SPREAD[((w >> (8 * k)) & 0xff) as usize] << k)
+/// Row groups a thread takes at `n` tokens, the kernels compiled for it.
+pub fn row_group_choices(n: usize) -> &'static [usize] {
+    match n {
+        1 => &[1, 2, 4],
+        2 => &[1, 2],
+        _ => &[1],
+    }
+}
+
+/// The row groups a thread takes by default at `n` tokens.
+pub fn default_row_groups(n: usize) -> usize {
+    // Measured on an H100 (docs/benchmarks.md): 2 is best or within noise at 1 and 2 tokens.
+    if n <= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Threads per set of row groups, a power of two from 32 to 256: as few as still give
+/// the GPU about 1024 threads per multiprocessor (each then streams several
+/// words, the next one's loads in flight while it works on the current one),
+/// and no more than one per word.
+fn threads_per_group(groups: usize, words: usize, sms: usize) -> u32 {
+    let want = (sms * 1024).div_ceil(groups.max(1)).next_power_of_two();
+    want.min(words.next_power_of_two())
+        .clamp(32, BLOCK as usize) as u32
 }
 
 /// An any-precision weight in GPU memory.
@@ -65,10 +91,12 @@ impl CudaAnyPrec {
             .enumerate()
             .for_each(|(jg, out)| {
                 let (j, g) = (jg / groups, jg % groups);
+                let mut row = vec![0u32; words];
                 for q in 0..4.min(rows - 4 * g) {
                     let src = &w.planes[(j * rows + 4 * g + q) * words..][..words];
-                    for (wi, &v) in src.iter().enumerate() {
-                        out[wi * 4 + q] = device_word(v);
+                    device_row(src, w.cols, &mut row);
+                    for (wi, &v) in row.iter().enumerate() {
+                        out[wi * 4 + q] = v;
                     }
                 }
             });
@@ -132,14 +160,33 @@ impl CudaAnyPrec {
     /// Bytes one GEMV at `bits` reads: `bits` planes and that precision's LUTs.
     pub fn bytes_at(&self, bits: u32) -> usize {
         let groups = self.rows.div_ceil(4);
-        groups * 4 * (self.words * 4 * bits as usize + 2 << bits)
+        groups * 4 * (self.words * 4 * bits as usize + (2 << bits))
     }
 
-    /// The kernel for `bits` and `tokens`.
-    fn kernel(&self, bits: u32, tokens: usize) -> Result<CudaFunction> {
+    /// Bytes of shared memory a launch at `bits`, `n` tokens and `g` row groups
+    /// a thread takes: up to 63 floats to align the tables to 256 bytes, the
+    /// block's tables (64 floats a row up to 4 bits, 2^bits above) and the
+    /// warps' partial sums.
+    fn shared_bytes(&self, bits: u32, n: usize, g: usize) -> usize {
+        let sets = self.rows.div_ceil(4).div_ceil(g);
+        let tpr = threads_per_group(sets, self.words, self.device.multiprocessors());
+        let spb = (BLOCK / tpr) as usize;
+        let row = if bits <= 4 { 64 } else { 1usize << bits };
+        let v = (4 * g * n).next_power_of_two();
+        (63 + spb * g * 4 * row + (BLOCK as usize / 32) * v) * 4
+    }
+
+    /// True when a kernel exists for `n` tokens and `g` row groups a thread and
+    /// its shared memory fits at `bits`.
+    pub fn supports(&self, bits: u32, n: usize, g: usize) -> bool {
+        row_group_choices(n).contains(&g) && self.shared_bytes(bits, n, g) <= 48 << 10
+    }
+
+    /// The kernel for `bits`, `tokens` and `g` row groups per thread.
+    fn kernel(&self, bits: u32, tokens: usize, g: usize) -> Result<CudaFunction> {
         let d = &self.device;
         let m = d.module(&d.bitplane, "bitplane_gemv", SOURCE)?;
-        m.load_function(&format!("bitplane_gemv_b{bits}_t{tokens}"))
+        m.load_function(&format!("bitplane_gemv_b{bits}_t{tokens}_g{g}"))
             .map_err(device_err("finding the bit-plane GEMV kernel"))
     }
 
@@ -151,6 +198,20 @@ impl CudaAnyPrec {
         n: usize,
         bits: u32,
         y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.gemv_with(x, n, bits, y, default_row_groups(n))
+    }
+
+    /// [`CudaAnyPrec::gemv`] with `g` row groups of 4 rows per thread (one of
+    /// [`row_group_choices`]`(n)`; more reuse each activation load, fewer
+    /// threads), for benchmarks.
+    pub fn gemv_with(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        bits: u32,
+        y: &mut CudaSlice<f32>,
+        g: usize,
     ) -> Result<()> {
         if bits < self.seed_bits || bits > self.max_bits {
             return Err(EngineError::Bits(format!(
@@ -168,14 +229,18 @@ impl CudaAnyPrec {
                 self.cols
             )));
         }
-        let f = self.kernel(bits, n)?;
-        // Threads per row group: a power of two from 32 to 256, about one word each.
-        let tpr = self.words.next_power_of_two().clamp(32, BLOCK as usize) as u32;
-        let gpb = BLOCK / tpr;
-        let groups = self.rows.div_ceil(4) as u32;
-        let smem = (gpb as usize * 4 << bits) * 4 + (BLOCK as usize / 32) * 4 * n * 4;
+        if !self.supports(bits, n, g) {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: no kernel for {g} row groups a thread at {n} tokens and {bits} bits"
+            )));
+        }
+        let sets = self.rows.div_ceil(4).div_ceil(g);
+        let tpr = threads_per_group(sets, self.words, self.device.multiprocessors());
+        let spb = (BLOCK / tpr) as usize;
+        let smem = self.shared_bytes(bits, n, g);
+        let f = self.kernel(bits, n, g)?;
         let cfg = LaunchConfig {
-            grid_dim: (groups.div_ceil(gpb), 1, 1),
+            grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -213,12 +278,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_words_put_eight_consecutive_columns_on_each_residue() {
-        for c in 0..32 {
-            let d = device_word(1 << c);
-            let (k, i) = (c / 8, c % 8);
-            assert_eq!(d, 1 << (4 * i + k), "column {c}");
+    fn threads_per_group_fill_the_gpu_without_idle_words() {
+        // 132 multiprocessors (H100): 14336x4096 has 3584 groups of 128 words.
+        assert_eq!(threads_per_group(3584, 128, 132), 64);
+        assert_eq!(threads_per_group(1024, 128, 132), 128);
+        assert_eq!(threads_per_group(1024, 448, 132), 256);
+        assert_eq!(threads_per_group(256, 18, 132), 32);
+        assert_eq!(threads_per_group(100_000, 128, 132), 32);
+    }
+
+    #[test]
+    fn device_rows_interleave_columns_across_words() {
+        // 3 words, 70 columns: column c sits in word c mod 3, slot c / 3.
+        let cols = 70;
+        for c in 0..cols {
+            let mut stored = [0u32; 3];
+            stored[c / 32] = 1 << (c % 32);
+            let mut out = [0u32; 3];
+            device_row(&stored, cols, &mut out);
+            let (w, b) = (c % 3, c / 3);
+            let mut want = [0u32; 3];
+            want[w] = 1 << (4 * (b % 8) + b / 8);
+            assert_eq!(out, want, "column {c}");
         }
-        assert_eq!(device_word(u32::MAX), u32::MAX);
     }
 }

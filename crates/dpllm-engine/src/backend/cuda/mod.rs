@@ -42,6 +42,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     name: String,
     arch: (i32, i32),
+    sms: usize,
     bitplane: OnceLock<Arc<CudaModule>>,
     blas: OnceLock<Arc<CudaBlas>>,
 }
@@ -73,6 +74,11 @@ impl CudaDevice {
         let arch = ctx
             .compute_capability()
             .map_err(device_err("reading the compute capability"))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(device_err("reading the multiprocessor count"))?;
         let stream = ctx.default_stream();
         Ok(Arc::new(CudaDevice {
             ordinal,
@@ -80,6 +86,7 @@ impl CudaDevice {
             stream,
             name,
             arch,
+            sms: sms.max(1) as usize,
             bitplane: OnceLock::new(),
             blas: OnceLock::new(),
         }))
@@ -106,6 +113,11 @@ impl CudaDevice {
     /// Compute capability (major, minor).
     pub fn arch(&self) -> (i32, i32) {
         self.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
     }
 
     /// Wait for every queued op.

@@ -1,19 +1,33 @@
 // Bit-plane GEMV: y[t][r] = sum_c lut_r[idx_rc] * x[t][c] for NT tokens at B bits.
 //
-// Device layout (made by the host at upload, see bitplane.rs):
+// Device layout (made by the host at upload, see bitplane.rs), W = ceil(cols / 32):
 //   planes [plane][row group g = r / 4][word w][row q = r % 4] as u32, so one
-//   16-byte load holds word w of one plane for the 4 rows of a group; inside a
-//   word, bit 4i + k holds column 32w + 8k + i (i < 8, k < 4), so residue k of
-//   the nibble transpose below covers 8 consecutive columns.
+//   16-byte load holds word w of one plane for the 4 rows of a group. Word w
+//   holds the columns w, W + w, 2W + w, ... (column (8k + i)·W + w at bit 4i + k,
+//   i < 8, k < 4): lanes that take consecutive words read consecutive x values.
 //   luts [row][2^B] f16 (rows padded to a multiple of 4 with zeros).
-// A thread takes one row group and one word at a time (4 rows x 32 columns);
-// TPR threads share a row group and sum their partial dots at the end. The
-// group's LUTs are widened to f32 in shared memory (at most 32 entries per row
-// sit in distinct banks up to 5 bits, so lookups of one row do not conflict).
-// Accumulation is f32.
+// A thread takes G row groups and one word at a time (4G rows x 32 columns);
+// TPR threads share the row groups and sum their partial dots at the end.
+//
+// What limits such a kernel is the SM's load/store path (shared-memory LUT
+// lookups, x loads) and its integer issue rate, not DRAM, so per weight it does
+// one shared-memory lookup and about two integer operations:
+// - a 4x4 bit transpose by delta swaps turns the low 4 planes of a row into 4
+//   nibble words (word k: nibble i = the index bits of column slot 8k + i),
+//   about 20 operations per 32 weights;
+// - up to 4 bits, each nibble is moved to bits 2..5 of a byte (two operations
+//   per 4 weights) and one byte_perm per weight builds the shared-memory
+//   address of its LUT entry: each row's table starts at a 256-byte boundary;
+// - above 4 bits, the high nibbles come from the top planes the same way and
+//   each weight's byte index is scaled to its row's table of 2^B floats.
+// All lanes of a warp look up the same row's table at once; up to 5 bits it
+// sits in distinct banks, so lookups do not conflict. x is read once per word
+// for all 4G rows, coalesced. Accumulation is f32.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+
+#define FULL 0xffffffffu
 
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -21,22 +35,52 @@ __device__ __forceinline__ float h2f(u16 h) {
     return f;
 }
 
-// Nibble i of the result holds, from bit COUNT-1 down to bit 0, bit 4i + k of
-// p[0..COUNT) (p[0] the most significant plane).
-template <int COUNT>
-__device__ __forceinline__ u32 nibbles(const u32* p, int k) {
-    u32 r = 0;
-#pragma unroll
-    for (int m = 0; m < COUNT; ++m) {
-        const int to = COUNT - 1 - m;
-        const int sh = to - k;
-        const u32 v = sh >= 0 ? (p[m] << sh) : (p[m] >> (-sh));
-        r |= v & (0x11111111u << to);
-    }
-    return r;
+__device__ __forceinline__ float lds(u32 addr) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+    return v;
 }
 
-template <int B, int NT>
+// Swap the bits of b selected by mask m with the bits of a s places higher.
+__device__ __forceinline__ void delta_swap(u32& a, u32& b, int s, u32 m) {
+    const u32 t = ((a >> s) ^ b) & m;
+    b ^= t;
+    a ^= t << s;
+}
+
+// On return w[k] holds, in nibble i, bit m = bit 4i + k of the input word m.
+__device__ __forceinline__ void transpose4(u32 w[4]) {
+    delta_swap(w[0], w[2], 2, 0x33333333u);
+    delta_swap(w[1], w[3], 2, 0x33333333u);
+    delta_swap(w[0], w[1], 1, 0x55555555u);
+    delta_swap(w[2], w[3], 1, 0x55555555u);
+}
+
+// Sum V values (a power of two, at most 32) over the warp: on return lane l
+// holds, in v[0], the sum of value l >> (5 - log2 V). 31 shuffles for 32 values.
+template <int V>
+__device__ __forceinline__ void warp_sums(float (&v)[V], int lane) {
+#pragma unroll
+    for (int step = 0; step < 5; ++step) {
+        const int s = 16 >> step;
+        const int n = V >> step;
+        if (n > 1) {
+            const bool up = lane & s;
+#pragma unroll
+            for (int i = 0; i < n / 2; ++i) {
+                const float send = up ? v[i] : v[i + n / 2];
+                const float keep = up ? v[i + n / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(FULL, send, s);
+            }
+        } else {
+            v[0] += __shfl_xor_sync(FULL, v[0], s);
+        }
+    }
+}
+
+__host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+
+template <int B, int NT, int G>
 __device__ __forceinline__ void gemv(
     const uint4* __restrict__ planes, long long plane_stride,
     const u16* __restrict__ luts, const float* __restrict__ x, int x_stride,
@@ -44,112 +88,149 @@ __device__ __forceinline__ void gemv(
     constexpr int E = 1 << B;
     constexpr int LO = B < 4 ? B : 4;
     constexpr int HI = B - LO;
+    // Floats per row table: 256 bytes (aligned) up to 4 bits, so a byte_perm
+    // alone makes the address; 2^B above.
+    constexpr int ROW = B <= 4 ? 64 : E;
+    constexpr int NV = 4 * G * NT;
+    constexpr int V = pow2_at_least(NV);
     extern __shared__ float smem[];
-    const int gpb = blockDim.x / tpr;
-    const int lg = threadIdx.x / tpr;
-    const int lt = threadIdx.x % tpr;
+    const int sets = blockDim.x / tpr;       // row-group sets per block
+    const int ls = threadIdx.x / tpr;        // this thread's set
+    const int lt = threadIdx.x % tpr;        // its place in the set
     const int groups = (rows + 3) / 4;
-    const int g0 = blockIdx.x * gpb;
-    const int g = g0 + lg;
-    float* lut_s = smem;
-    float* red = smem + gpb * 4 * E;
+    const int g0 = (blockIdx.x * sets + ls) * G;  // first row group of the set
+    const int gb = blockIdx.x * sets * G;         // first row group of the block
+    // The tables start at a 256-byte boundary of the shared window.
+    const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
+    const int pad = (int)(((256u - (smem_base & 255u)) & 255u) / 4u);
+    float* lut_s = smem + pad;
+    float* red = lut_s + sets * G * 4 * ROW;
 
-    const int have = min(gpb, groups - g0) * 4 * E;
-    for (int e = threadIdx.x; e < gpb * 4 * E; e += blockDim.x)
-        lut_s[e] = e < have ? h2f(luts[(long long)g0 * 4 * E + e]) : 0.f;
+    const int have = min(sets * G, groups - gb) * 4;
+    for (int e = threadIdx.x; e < sets * G * 4 * ROW; e += blockDim.x) {
+        const int r = e / ROW, i = e % ROW;
+        lut_s[e] = (r < have && i < E) ? h2f(luts[((long long)gb * 4 + r) * E + i]) : 0.f;
+    }
     __syncthreads();
 
-    float acc[4][NT];
+    float acc[V];
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[q][t] = 0.f;
+    for (int v = 0; v < V; ++v) acc[v] = 0.f;
 
-    if (g < groups) {
-        const float* L = lut_s + lg * 4 * E;
+    const bool full = cols == 32 * words;
+    if (g0 < groups) {
         for (int w = lt; w < words; w += tpr) {
-            u32 p[4][B];
+            // All G·B loads first, so they are in flight together.
+            u32 p[G][B][4];
 #pragma unroll
-            for (int j = 0; j < B; ++j) {
-                const uint4 v = __ldg(planes + j * plane_stride + (long long)g * words + w);
-                p[0][j] = v.x;
-                p[1][j] = v.y;
-                p[2][j] = v.z;
-                p[3][j] = v.w;
+            for (int gi = 0; gi < G; ++gi) {
+                const int g = min(g0 + gi, groups - 1);
+#pragma unroll
+                for (int j = 0; j < B; ++j) {
+                    const uint4 v = __ldg(planes + j * plane_stride + (long long)g * words + w);
+                    p[gi][j][0] = v.x;
+                    p[gi][j][1] = v.y;
+                    p[gi][j][2] = v.z;
+                    p[gi][j][3] = v.w;
+                }
             }
-            const bool whole = 32 * w + 32 <= cols;
+            // The nibble words of every row: lo[gi][q][k] (and hi above 4 bits).
+            u32 lo[G][4][4], hi[G][4][4];
+#pragma unroll
+            for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+#pragma unroll
+                    for (int m = 0; m < 4; ++m) {
+                        lo[gi][q][m] = m < LO ? p[gi][B - 1 - m][q] : 0u;
+                        hi[gi][q][m] = m < HI ? p[gi][HI - 1 - m][q] : 0u;
+                    }
+                    transpose4(lo[gi][q]);
+                    if (HI > 0) transpose4(hi[gi][q]);
+                }
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
+                // Column slots 8k..8k+7 of this word: columns (8k + i)·W + w, coalesced across lanes.
                 float xv[NT][8];
-                const int c0 = 32 * w + 8 * k;
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
-                    const float* xt = x + (long long)t * x_stride + c0;
-                    if (whole && ((x_stride & 3) == 0)) {
-                        const float4 a = __ldg(reinterpret_cast<const float4*>(xt));
-                        const float4 b = __ldg(reinterpret_cast<const float4*>(xt) + 1);
-                        xv[t][0] = a.x; xv[t][1] = a.y; xv[t][2] = a.z; xv[t][3] = a.w;
-                        xv[t][4] = b.x; xv[t][5] = b.y; xv[t][6] = b.z; xv[t][7] = b.w;
-                    } else {
+                    const float* xt = x + (long long)t * x_stride + w;
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) xv[t][i] = c0 + i < cols ? xt[i] : 0.f;
+                    for (int i = 0; i < 8; ++i) {
+                        const int c = (8 * k + i) * words;
+                        // Every slot is a column when cols is a multiple of 32.
+                        xv[t][i] = (full || c + w < cols) ? __ldg(xt + c) : 0.f;
                     }
                 }
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const u32 lo = nibbles<LO>(p[q] + HI, k);
-                    const u32 hi = HI > 0 ? nibbles<(HI > 0 ? HI : 1)>(p[q], k) : 0u;
-                    const float* Lq = L + q * E;
+                for (int gi = 0; gi < G; ++gi) {
+                    const u32 table =
+                        (u32)__cvta_generic_to_shared(lut_s + (ls * G + gi) * 4 * ROW);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        u32 idx = (lo >> (4 * i)) & 15u;
-                        if (HI > 0) idx |= ((hi >> (4 * i)) & 15u) << 4;
-                        const float v = Lq[idx];
+                    for (int q = 0; q < 4; ++q) {
+                        float v[8];
+                        if (B <= 4) {
+                            const u32 l = lo[gi][q][k];
+                            const u32 ev = (l << 2) & 0x3c3c3c3cu;
+                            const u32 od = (l >> 2) & 0x3c3c3c3cu;
+                            const u32 tq = table + (u32)(q * 256);
 #pragma unroll
-                        for (int t = 0; t < NT; ++t) acc[q][t] = fmaf(v, xv[t][i], acc[q][t]);
+                            for (int j = 0; j < 4; ++j) {
+                                v[2 * j] = lds(__byte_perm(ev, tq, 0x7650 | j));
+                                v[2 * j + 1] = lds(__byte_perm(od, tq, 0x7650 | j));
+                            }
+                        } else {
+                            const u32 l = lo[gi][q][k], h = hi[gi][q][k];
+                            const u32 ev = (l & 0x0f0f0f0fu) | ((h & 0x0f0f0f0fu) << 4);
+                            const u32 od = ((l >> 4) & 0x0f0f0f0fu) | (h & 0xf0f0f0f0u);
+                            const u32 base = table + (u32)(q * E * 4);
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {
+                                v[2 * j] = lds(base + 4 * __byte_perm(ev, 0, 0x4440 | j));
+                                v[2 * j + 1] = lds(base + 4 * __byte_perm(od, 0, 0x4440 | j));
+                            }
+                        }
+#pragma unroll
+                        for (int t = 0; t < NT; ++t)
+#pragma unroll
+                            for (int i = 0; i < 8; ++i) {
+                                float& a = acc[(gi * 4 + q) * NT + t];
+                                a = fmaf(v[i], xv[t][i], a);
+                            }
                     }
                 }
             }
         }
     }
 
-    // Sum over the TPR threads of the group: within each warp, then across warps.
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-                acc[q][t] += __shfl_xor_sync(0xffffffffu, acc[q][t], o);
+    // Sum over the TPR threads of the set: within each warp, then across warps.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int t = 0; t < NT; ++t) red[(warp * 4 + q) * NT + t] = acc[q][t];
-    }
+    warp_sums<V>(acc, lane);
+    constexpr int REP = 32 / V;  // lanes holding each value
+    if (lane % REP == 0) red[warp * V + lane / REP] = acc[0];
     __syncthreads();
-    const int wpg = tpr / 32;
-    if (g < groups && lt < 4 * NT) {
-        const int q = lt / NT, t = lt % NT;
+    const int wps = tpr / 32;
+    if (lt < NV) {
         float s = 0.f;
-        for (int v = 0; v < wpg; ++v) s += red[((lg * wpg + v) * 4 + q) * NT + t];
-        const int r = 4 * g + q;
-        if (r < rows) y[(long long)t * y_stride + r] = s;
+        for (int u = 0; u < wps; ++u) s += red[(ls * wps + u) * V + lt];
+        const int gi = lt / (4 * NT), q = (lt / NT) % 4, t = lt % NT;
+        const int r = 4 * (g0 + gi) + q;
+        if (g0 + gi < groups && r < rows) y[(long long)t * y_stride + r] = s;
     }
 }
 
-#define GEMV_KERNEL(B, NT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT(            \
-        const uint4* planes, long long plane_stride, const u16* luts, const float* x,        \
-        int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr) {      \
-        gemv<B, NT>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
-                    tpr);                                                                    \
+#define GEMV_KERNEL(B, NT, G)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT##_g##G(       \
+        const uint4* planes, long long plane_stride, const u16* luts, const float* x,         \
+        int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr) {       \
+        gemv<B, NT, G>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
+                       tpr);                                                                  \
     }
 
-#define GEMV_BITS(B) \
-    GEMV_KERNEL(B, 1) GEMV_KERNEL(B, 2) GEMV_KERNEL(B, 3) GEMV_KERNEL(B, 4) \
-    GEMV_KERNEL(B, 5) GEMV_KERNEL(B, 6) GEMV_KERNEL(B, 7) GEMV_KERNEL(B, 8)
+#define GEMV_BITS(B)                                                                           \
+    GEMV_KERNEL(B, 1, 1) GEMV_KERNEL(B, 1, 2) GEMV_KERNEL(B, 1, 4) GEMV_KERNEL(B, 2, 1)       \
+    GEMV_KERNEL(B, 2, 2) GEMV_KERNEL(B, 3, 1) GEMV_KERNEL(B, 4, 1) GEMV_KERNEL(B, 5, 1)       \
+    GEMV_KERNEL(B, 6, 1) GEMV_KERNEL(B, 7, 1) GEMV_KERNEL(B, 8, 1)
 
 GEMV_BITS(3)
 GEMV_BITS(4)
