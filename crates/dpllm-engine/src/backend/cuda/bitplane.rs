@@ -165,13 +165,13 @@ impl CudaAnyPrec {
 
     /// Bytes of shared memory a launch at `bits`, `n` tokens and `g` row groups
     /// a thread takes: up to 63 floats to align the tables to 256 bytes, the
-    /// block's tables (64 floats a row up to 4 bits, 2^bits above) and the
+    /// block's tables (16 floats a row up to 4 bits, 2^bits above) and the
     /// warps' partial sums.
     fn shared_bytes(&self, bits: u32, n: usize, g: usize) -> usize {
         let sets = self.rows.div_ceil(4).div_ceil(g);
         let tpr = threads_per_group(sets, self.words, self.device.multiprocessors());
         let spb = (BLOCK / tpr) as usize;
-        let row = if bits <= 4 { 64 } else { 1usize << bits };
+        let row = if bits <= 4 { 16 } else { 1usize << bits };
         let v = (4 * g * n).next_power_of_two();
         (63 + spb * g * 4 * row + (BLOCK as usize / 32) * v) * 4
     }
