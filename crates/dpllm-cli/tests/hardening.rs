@@ -527,7 +527,11 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
         ),
         (
             vec!["generate", s(&m), "-p", "x", "--device", "cuda:0"],
-            vec!["cuda:0", "not built yet", "--device cpu"],
+            vec![
+                "cuda:0",
+                "do not run on the CUDA backend yet",
+                "--device cpu",
+            ],
         ),
         (
             vec![

@@ -5,7 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
-use dpllm_engine::backend::cuda::bitplane::{row_group_choices, CudaAnyPrec};
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, GemvVariant};
 use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::backend::AnyPrecHost;
 use rand::{Rng, SeedableRng};
@@ -32,13 +32,18 @@ fn gemv_matches_the_dequantized_reference() {
             for n in [1usize, 2, 3, 5, 8] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let xd = stream.clone_htod(&x).unwrap();
-                for &g in row_group_choices(n)
-                    .iter()
-                    .filter(|&&g| gpu.supports(bits, n, g))
-                {
+                // Every compiled variant, and the default split with few and many threads a set.
+                let mut variants = GemvVariant::all(n);
+                for t in [32, 256] {
+                    variants.push(GemvVariant {
+                        threads_per_set: Some(t),
+                        ..GemvVariant::default_for(n)
+                    });
+                }
+                for v in variants.into_iter().filter(|&v| gpu.supports(bits, n, v)) {
                     // Poisoned output: every element must be written.
                     let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
-                    gpu.gemv_with(&xd, n, bits, &mut yd, g).expect("gemv");
+                    gpu.gemv_with(&xd, n, bits, &mut yd, v).expect("gemv");
                     let y = stream.clone_dtoh(&yd).unwrap();
                     for t in 0..n {
                         for r in 0..rows {
@@ -51,7 +56,8 @@ fn gemv_matches_the_dequantized_reference() {
                             let got = y[t * rows + r] as f64;
                             assert!(
                             (got - want).abs() <= 1e-5 * scale + 1e-6,
-                            "{rows}x{cols} b={bits} n={n} g={g} token {t} row {r}: {got} vs {want}"
+                            "{rows}x{cols} b={bits} n={n} {} token {t} row {r}: {got} vs {want}",
+                                v.name()
                         );
                         }
                     }
@@ -76,12 +82,33 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv(&x, 1, 2, &mut y).is_err(), "2 bits");
     assert!(gpu.gemv(&x, 9, 4, &mut y).is_err(), "9 tokens");
     assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
+    let g2 = GemvVariant {
+        row_groups: 2,
+        ..GemvVariant::default_for(3)
+    };
     assert!(
-        gpu.gemv_with(&x, 3, 4, &mut y, 2).is_err(),
+        gpu.gemv_with(&x, 3, 4, &mut y, g2).is_err(),
         "no such kernel"
+    );
+    let t48 = GemvVariant {
+        threads_per_set: Some(48),
+        ..GemvVariant::default_for(1)
+    };
+    assert!(
+        gpu.gemv_with(&x, 1, 4, &mut y, t48).is_err(),
+        "48 threads a set"
     );
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
+    let mut short = AnyPrecHost::random(8, 64, 6, 2);
+    short.planes.pop();
+    assert!(
+        CudaAnyPrec::upload(&dev, &short).is_err(),
+        "truncated planes"
+    );
+    let mut no_lut = AnyPrecHost::random(8, 64, 6, 3);
+    no_lut.luts.pop();
+    assert!(CudaAnyPrec::upload(&dev, &no_lut).is_err(), "a LUT missing");
 }
 
 /// The kernels compile for the paper's edge and consumer GPUs (sm_87, sm_89)

@@ -2,7 +2,7 @@
 //! count against cuBLAS on f16 weights (what PyTorch runs at batch 1..8), both
 //! as a fraction of the device-to-device copy bandwidth measured in the same run.
 
-use dpllm_engine::backend::cuda::bitplane::{row_group_choices, CudaAnyPrec, MAX_TOKENS};
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::CudaDevice;
 use dpllm_engine::backend::AnyPrecHost;
@@ -23,6 +23,23 @@ pub struct CudaGemvConfig {
     pub working_set_bytes: usize,
     /// Timed calls per case.
     pub calls: usize,
+    /// Also time every variant with these threads per set of row groups
+    /// (empty: the default split only).
+    pub threads_per_set: Vec<u32>,
+}
+
+/// The variants to time at `n` tokens: every compiled one, each also with the
+/// given threads per set.
+fn variants(n: usize, threads: &[u32]) -> Vec<GemvVariant> {
+    let all = GemvVariant::all(n);
+    let mut out = all.clone();
+    for &t in threads {
+        out.extend(all.iter().map(|&v| GemvVariant {
+            threads_per_set: Some(t),
+            ..v
+        }));
+    }
+    out
 }
 
 /// One timed case.
@@ -36,8 +53,8 @@ pub struct CudaGemvCase {
     pub weights: String,
     /// Tokens per call.
     pub tokens: usize,
-    /// Row groups (of 4 rows) a thread takes (bit-plane kernel only).
-    pub row_groups: Option<usize>,
+    /// The bit-plane kernel's variant ([`GemvVariant::name`]).
+    pub variant: Option<String>,
     /// Mean time per call over the timed calls, microseconds.
     pub us_per_call: f64,
     /// Weight bytes read per call.
@@ -146,20 +163,20 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for &(t, f16) in &f16_us {
-                for &g in row_group_choices(t) {
+                for v in variants(t, &cfg.threads_per_set) {
                     // A variant whose tables do not fit in shared memory is left out.
-                    if !qs[0].supports(b, t, g) {
+                    if !qs[0].supports(b, t, v) {
                         continue;
                     }
                     let mut i = 0;
                     let ms = dev.time_ms(cfg.calls, || {
                         i += 1;
-                        qs[i % nb].gemv_with(&x32, t, b, &mut y32, g)
+                        qs[i % nb].gemv_with(&x32, t, b, &mut y32, v)
                     })?;
                     let bytes = qs[0].bytes_at(b);
                     let name = format!("anyprec-{b}b");
                     let mut c = case(rows, cols, &name, t, ms * 1e3, bytes, nb, copy, f16);
-                    c.row_groups = Some(g);
+                    c.variant = Some(v.name());
                     cases.push(c);
                 }
             }
@@ -191,7 +208,7 @@ fn case(
         cols,
         weights: weights.to_string(),
         tokens,
-        row_groups: None,
+        variant: None,
         us_per_call: us,
         bytes,
         copies,
@@ -224,11 +241,11 @@ impl CudaGemvBench {
         ));
         for c in &self.cases {
             out.push_str(&format!(
-                "{:>13}  {:<13} {:>6} {:>3} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
+                "{:>13}  {:<13} {:>6} {:<16} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
                 format!("{}x{}", c.rows, c.cols),
                 c.weights,
                 c.tokens,
-                c.row_groups.map_or("-".to_string(), |g| g.to_string()),
+                c.variant.as_deref().unwrap_or("-"),
                 c.us_per_call,
                 c.bytes as f64 / 1e6,
                 c.gbs,

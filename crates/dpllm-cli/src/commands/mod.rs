@@ -55,7 +55,7 @@ pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
 /// Where a command runs the model.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct DeviceArg {
-    /// Device to run on: cpu, or cuda / cuda:N (the CUDA backend is not built yet).
+    /// Device to run on: cpu, or cuda / cuda:N (models do not run on the CUDA backend yet).
     #[arg(long, default_value = "cpu")]
     pub device: dpllm_engine::Device,
 }

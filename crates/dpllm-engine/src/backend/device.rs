@@ -41,12 +41,15 @@ impl fmt::Display for Device {
 }
 
 impl Device {
-    /// Ok when this build can run on the device; the CUDA backend is not built yet.
+    /// Ok when this build can run a model on the device. The CUDA backend has
+    /// its bit-plane GEMV (`dpllm bench gemv --device cuda`) but not yet the
+    /// rest of the forward pass.
     pub fn check(self) -> Result<(), EngineError> {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(_) => Err(EngineError::Device(format!(
-                "{self}: the CUDA backend is not built yet (issue #10); run with --device cpu"
+                "{self}: models do not run on the CUDA backend yet (issue #10; only \
+                 `dpllm bench gemv --device cuda` does); run with --device cpu"
             ))),
         }
     }
@@ -67,7 +70,7 @@ mod tests {
         assert!(Device::Cpu.check().is_ok());
         let e = Device::Cuda(0).check().unwrap_err().to_string();
         assert!(
-            e.contains("not built yet") && e.contains("--device cpu"),
+            e.contains("do not run on the CUDA backend yet") && e.contains("--device cpu"),
             "{e}"
         );
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::{device_err, CudaDevice};
@@ -37,29 +37,72 @@ pub fn device_row(stored: &[u32], cols: usize, out: &mut [u32]) {
     }
 }
 
-/// Row groups a thread takes at `n` tokens, the kernels compiled for it.
-pub fn row_group_choices(n: usize) -> &'static [usize] {
-    match n {
-        1 => &[1, 2, 4],
-        2 => &[1, 2],
-        _ => &[1],
+/// How a GEMV launch splits the work: `row_groups` groups of 4 rows a thread
+/// (more reuse each activation load, fewer threads), `prefetch` (the next
+/// word's planes requested before the current one is used) and the threads
+/// that share a set of row groups (`None`: about 1024 threads per multiprocessor,
+/// at most one per word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvVariant {
+    /// Row groups of 4 rows a thread takes.
+    pub row_groups: usize,
+    /// Request the next word's planes before using the current one.
+    pub prefetch: bool,
+    /// Threads per set of row groups (32..=256, a power of two), or the default.
+    pub threads_per_set: Option<u32>,
+}
+
+impl GemvVariant {
+    /// The default at `n` tokens. Measured on an H100 (docs/benchmarks.md).
+    pub fn default_for(n: usize) -> GemvVariant {
+        GemvVariant {
+            row_groups: if n <= 2 { 2 } else { 1 },
+            prefetch: false,
+            threads_per_set: None,
+        }
+    }
+
+    /// Every variant compiled for `n` tokens, with the default threads per set.
+    pub fn all(n: usize) -> Vec<GemvVariant> {
+        let (groups, prefetch): (&[usize], &[usize]) = match n {
+            1 => (&[1, 2, 4], &[1, 2]),
+            2 => (&[1, 2], &[]),
+            _ => (&[1], &[]),
+        };
+        let v = |row_groups, prefetch| GemvVariant {
+            row_groups,
+            prefetch,
+            threads_per_set: None,
+        };
+        groups
+            .iter()
+            .map(|&g| v(g, false))
+            .chain(prefetch.iter().map(|&g| v(g, true)))
+            .collect()
+    }
+
+    /// "g2", "g1 prefetch", "g2 t64".
+    pub fn name(&self) -> String {
+        let mut s = format!("g{}", self.row_groups);
+        if self.prefetch {
+            s.push_str(" prefetch");
+        }
+        if let Some(t) = self.threads_per_set {
+            s.push_str(&format!(" t{t}"));
+        }
+        s
+    }
+
+    /// The kernel's name at `bits` and `n` tokens.
+    fn kernel(&self, bits: u32, n: usize) -> String {
+        let p = if self.prefetch { "_p" } else { "" };
+        format!("bitplane_gemv_b{bits}_t{n}_g{}{p}", self.row_groups)
     }
 }
 
-/// The row groups a thread takes by default at `n` tokens.
-pub fn default_row_groups(n: usize) -> usize {
-    // Measured on an H100 (docs/benchmarks.md): 2 is best or within noise at 1 and 2 tokens.
-    if n <= 2 {
-        2
-    } else {
-        1
-    }
-}
-
-/// Threads per set of row groups, a power of two from 32 to 256: as few as still give
-/// the GPU about 1024 threads per multiprocessor (each then streams several
-/// words, the next one's loads in flight while it works on the current one),
-/// and no more than one per word.
+/// Threads per set of row groups, a power of two from 32 to 256: as few as
+/// still give the GPU about 1024 threads per multiprocessor (each then takes
+/// several words of its rows), and no more than one per word.
 fn threads_per_group(groups: usize, words: usize, sms: usize) -> u32 {
     let want = (sms * 1024).div_ceil(groups.max(1)).next_power_of_two();
     want.min(words.next_power_of_two())
@@ -86,6 +129,29 @@ impl CudaAnyPrec {
         let (rows, words) = (w.rows, w.cols.div_ceil(32));
         let groups = rows.div_ceil(4);
         let planes_n = w.max_bits as usize;
+        let luts_fit = w.luts.len() == (w.max_bits + 1).saturating_sub(w.seed_bits) as usize
+            && w.luts
+                .iter()
+                .zip(w.seed_bits..)
+                .all(|(l, b)| l.len() == rows << b);
+        if rows == 0
+            || w.cols == 0
+            || !(3..=8).contains(&w.seed_bits)
+            || w.seed_bits > w.max_bits
+            || w.max_bits > 8
+            || w.planes.len() != planes_n * rows * words
+            || !luts_fit
+        {
+            return Err(EngineError::Device(format!(
+                "a {rows}x{} weight with precisions {}..={}, {} plane words and {} LUTs \
+                 does not hold together",
+                w.cols,
+                w.seed_bits,
+                w.max_bits,
+                w.planes.len(),
+                w.luts.len()
+            )));
+        }
         let mut host = vec![0u32; planes_n * groups * words * 4];
         host.par_chunks_mut(words * 4)
             .enumerate()
@@ -163,31 +229,34 @@ impl CudaAnyPrec {
         groups * 4 * (self.words * 4 * bits as usize + (2 << bits))
     }
 
-    /// Bytes of shared memory a launch at `bits`, `n` tokens and `g` row groups
-    /// a thread takes: up to 63 floats to align the tables to 256 bytes, the
-    /// block's tables (16 floats a row up to 4 bits, 2^bits above) and the
-    /// warps' partial sums.
-    fn shared_bytes(&self, bits: u32, n: usize, g: usize) -> usize {
-        let sets = self.rows.div_ceil(4).div_ceil(g);
-        let tpr = threads_per_group(sets, self.words, self.device.multiprocessors());
-        let spb = (BLOCK / tpr) as usize;
+    /// Threads per set of row groups of a launch.
+    fn threads(&self, v: GemvVariant) -> u32 {
+        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
+        v.threads_per_set
+            .unwrap_or_else(|| threads_per_group(sets, self.words, self.device.multiprocessors()))
+    }
+
+    /// Bytes of shared memory a launch takes: up to 63 floats to align the
+    /// tables to 256 bytes, the block's tables (16 floats a row up to 4 bits,
+    /// 2^bits above) and the warps' partial sums.
+    fn shared_bytes(&self, bits: u32, n: usize, v: GemvVariant) -> usize {
+        let spb = (BLOCK / self.threads(v)) as usize;
         let row = if bits <= 4 { 16 } else { 1usize << bits };
-        let v = (4 * g * n).next_power_of_two();
-        (63 + spb * g * 4 * row + (BLOCK as usize / 32) * v) * 4
+        let sums = (4 * v.row_groups * n).next_power_of_two();
+        (63 + spb * v.row_groups * 4 * row + (BLOCK as usize / 32) * sums) * 4
     }
 
-    /// True when a kernel exists for `n` tokens and `g` row groups a thread and
-    /// its shared memory fits at `bits`.
-    pub fn supports(&self, bits: u32, n: usize, g: usize) -> bool {
-        row_group_choices(n).contains(&g) && self.shared_bytes(bits, n, g) <= 48 << 10
-    }
-
-    /// The kernel for `bits`, `tokens` and `g` row groups per thread.
-    fn kernel(&self, bits: u32, tokens: usize, g: usize) -> Result<CudaFunction> {
-        let d = &self.device;
-        let m = d.module(&d.bitplane, "bitplane_gemv", SOURCE)?;
-        m.load_function(&format!("bitplane_gemv_b{bits}_t{tokens}_g{g}"))
-            .map_err(device_err("finding the bit-plane GEMV kernel"))
+    /// True when variant `v` is compiled for `n` tokens and its shared memory
+    /// fits at `bits`.
+    pub fn supports(&self, bits: u32, n: usize, v: GemvVariant) -> bool {
+        let tpr_ok = v
+            .threads_per_set
+            .is_none_or(|t| t.is_power_of_two() && (32..=BLOCK).contains(&t));
+        let base = GemvVariant {
+            threads_per_set: None,
+            ..v
+        };
+        tpr_ok && GemvVariant::all(n).contains(&base) && self.shared_bytes(bits, n, v) <= 48 << 10
     }
 
     /// `y [n × rows] = x [n × cols] · W_bᵀ` at `bits`, for n ≤ [`MAX_TOKENS`],
@@ -199,19 +268,17 @@ impl CudaAnyPrec {
         bits: u32,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_with(x, n, bits, y, default_row_groups(n))
+        self.gemv_with(x, n, bits, y, GemvVariant::default_for(n))
     }
 
-    /// [`CudaAnyPrec::gemv`] with `g` row groups of 4 rows per thread (one of
-    /// [`row_group_choices`]`(n)`; more reuse each activation load, fewer
-    /// threads), for benchmarks.
+    /// [`CudaAnyPrec::gemv`] with a chosen [`GemvVariant`] (benchmarks, tests).
     pub fn gemv_with(
         &self,
         x: &CudaSlice<f32>,
         n: usize,
         bits: u32,
         y: &mut CudaSlice<f32>,
-        g: usize,
+        v: GemvVariant,
     ) -> Result<()> {
         if bits < self.seed_bits || bits > self.max_bits {
             return Err(EngineError::Bits(format!(
@@ -229,16 +296,21 @@ impl CudaAnyPrec {
                 self.cols
             )));
         }
-        if !self.supports(bits, n, g) {
+        if !self.supports(bits, n, v) {
             return Err(EngineError::Device(format!(
-                "bit-plane GEMV: no kernel for {g} row groups a thread at {n} tokens and {bits} bits"
+                "bit-plane GEMV: no kernel {} for {n} tokens at {bits} bits",
+                v.name()
             )));
         }
-        let sets = self.rows.div_ceil(4).div_ceil(g);
-        let tpr = threads_per_group(sets, self.words, self.device.multiprocessors());
+        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
+        let tpr = self.threads(v);
         let spb = (BLOCK / tpr) as usize;
-        let smem = self.shared_bytes(bits, n, g);
-        let f = self.kernel(bits, n, g)?;
+        let smem = self.shared_bytes(bits, n, v);
+        let f = self
+            .device
+            .bitplane_module()?
+            .load_function(&v.kernel(bits, n))
+            .map_err(device_err("finding the bit-plane GEMV kernel"))?;
         let cfg = LaunchConfig {
             grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),

@@ -167,6 +167,11 @@ impl CudaDevice {
         Ok(ms as f64 / calls.max(1) as f64)
     }
 
+    /// The bit-plane GEMV kernels, compiled on first use.
+    pub(crate) fn bitplane_module(&self) -> Result<Arc<CudaModule>> {
+        self.module(&self.bitplane, "bitplane_gemv", bitplane::SOURCE)
+    }
+
     /// The module of `source`, compiled (or read from the PTX cache) and loaded on first use.
     fn module(
         &self,

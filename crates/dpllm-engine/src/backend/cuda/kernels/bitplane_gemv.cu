@@ -82,7 +82,7 @@ __device__ __forceinline__ void warp_sums(float (&v)[V], int lane) {
 
 __host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
-template <int B, int NT, int G>
+template <int B, int NT, int G, bool P>
 __device__ __forceinline__ void gemv(
     const uint4* __restrict__ planes, long long plane_stride,
     const u16* __restrict__ luts, const float* __restrict__ x, int x_stride,
@@ -107,6 +107,26 @@ __device__ __forceinline__ void gemv(
     float* lut_s = smem + pad;
     float* red = lut_s + sets * G * 4 * ROW;
 
+    // The planes of G row groups at word w (row groups past the end read the last one).
+    auto load = [&](u32 (&dst)[G][B][4], int w) {
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi) {
+            const int g = min(g0 + gi, groups - 1);
+#pragma unroll
+            for (int j = 0; j < B; ++j) {
+                const uint4 v = __ldg(planes + j * plane_stride + (long long)g * words + w);
+                dst[gi][j][0] = v.x;
+                dst[gi][j][1] = v.y;
+                dst[gi][j][2] = v.z;
+                dst[gi][j][3] = v.w;
+            }
+        }
+    };
+    // With P, the first word's planes are requested before the tables are
+    // staged and each next word's before the current one is used.
+    u32 next[G][B][4];
+    if (P && g0 < groups && lt < words) load(next, lt);
+
     const int have = min(sets * G, groups - gb) * 4;
     for (int e = threadIdx.x; e < sets * G * 4 * ROW; e += blockDim.x) {
         const int r = e / ROW, i = e % ROW;
@@ -123,17 +143,16 @@ __device__ __forceinline__ void gemv(
         for (int w = lt; w < words; w += tpr) {
             // All G·B loads first, so they are in flight together.
             u32 p[G][B][4];
+            if (P) {
 #pragma unroll
-            for (int gi = 0; gi < G; ++gi) {
-                const int g = min(g0 + gi, groups - 1);
+                for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-                for (int j = 0; j < B; ++j) {
-                    const uint4 v = __ldg(planes + j * plane_stride + (long long)g * words + w);
-                    p[gi][j][0] = v.x;
-                    p[gi][j][1] = v.y;
-                    p[gi][j][2] = v.z;
-                    p[gi][j][3] = v.w;
-                }
+                    for (int j = 0; j < B; ++j)
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) p[gi][j][q] = next[gi][j][q];
+                if (w + tpr < words) load(next, w + tpr);
+            } else {
+                load(p, w);
             }
             // The nibble words of every row: lo[gi][q][k] (and hi above 4 bits).
             u32 lo[G][4][4], hi[G][4][4];
@@ -220,16 +239,20 @@ __device__ __forceinline__ void gemv(
     }
 }
 
-#define GEMV_KERNEL(B, NT, G)                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT##_g##G(       \
+#define GEMV_VARIANT(B, NT, G, P, NAME)                                                       \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
         const uint4* planes, long long plane_stride, const u16* luts, const float* x,         \
         int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr) {       \
-        gemv<B, NT, G>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
-                       tpr);                                                                  \
+        gemv<B, NT, G, P>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols,   \
+                          words, tpr);                                                        \
     }
+#define GEMV_KERNEL(B, NT, G) GEMV_VARIANT(B, NT, G, false, bitplane_gemv_b##B##_t##NT##_g##G)
+#define GEMV_PREFETCH(B, NT, G) \
+    GEMV_VARIANT(B, NT, G, true, bitplane_gemv_b##B##_t##NT##_g##G##_p)
 
 #define GEMV_BITS(B)                                                                           \
     GEMV_KERNEL(B, 1, 1) GEMV_KERNEL(B, 1, 2) GEMV_KERNEL(B, 1, 4) GEMV_KERNEL(B, 2, 1)       \
+    GEMV_PREFETCH(B, 1, 1) GEMV_PREFETCH(B, 1, 2)                                              \
     GEMV_KERNEL(B, 2, 2) GEMV_KERNEL(B, 3, 1) GEMV_KERNEL(B, 4, 1) GEMV_KERNEL(B, 5, 1)       \
     GEMV_KERNEL(B, 6, 1) GEMV_KERNEL(B, 7, 1) GEMV_KERNEL(B, 8, 1)
 
