@@ -228,11 +228,11 @@ impl CudaGemvBench {
             self.config.working_set_bytes as f64 / 1e6
         );
         out.push_str(&format!(
-            "{:>13}  {:<13} {:>6} {:>3} {:>11} {:>11} {:>9} {:>8} {:>8}\n",
+            "{:>13}  {:<13} {:>6} {:<8} {:>11} {:>11} {:>9} {:>8} {:>8}\n",
             "shape",
             "weights",
             "tokens",
-            "g",
+            "kernel",
             "time (us)",
             "bytes (MB)",
             "GB/s",
@@ -241,7 +241,7 @@ impl CudaGemvBench {
         ));
         for c in &self.cases {
             out.push_str(&format!(
-                "{:>13}  {:<13} {:>6} {:<16} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
+                "{:>13}  {:<13} {:>6} {:<8} {:>11.2} {:>11.3} {:>9.1} {:>7.1}% {:>7.2}x\n",
                 format!("{}x{}", c.rows, c.cols),
                 c.weights,
                 c.tokens,
@@ -254,5 +254,47 @@ impl CudaGemvBench {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_and_table() {
+        let v = variants(1, &[32, 256]);
+        assert_eq!(v.len(), 3 * GemvVariant::all(1).len());
+        assert!(v.iter().any(|v| v.name() == "g4 t256"));
+        assert_eq!(variants(8, &[]), vec![GemvVariant::default_for(8)]);
+        let bench = CudaGemvBench {
+            config: CudaGemvConfig {
+                shapes: vec![(64, 128)],
+                bits: vec![4],
+                tokens: vec![1],
+                working_set_bytes: 1 << 20,
+                calls: 1,
+                threads_per_set: vec![],
+            },
+            device: "cuda:0 (test)".into(),
+            copy_gbs: 1000.0,
+            cases: vec![
+                case(64, 128, "f16 (cuBLAS)", 1, 2.0, 16384, 1, 1000.0, 2.0),
+                CudaGemvCase {
+                    variant: Some("g2 t128".into()),
+                    ..case(64, 128, "anyprec-4b", 1, 1.0, 4096, 1, 1000.0, 2.0)
+                },
+            ],
+        };
+        let t = bench.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        // Columns line up: every row as wide as the header.
+        assert!(lines[2..].iter().all(|l| l.len() == lines[1].len()), "{t}");
+        // 4096 bytes in 1 us: 4.1 GB/s, 0.4 % of 1000 GB/s, 2x the f16 time.
+        assert!(
+            lines[3].contains("g2 t128") && lines[3].contains("4.1") && lines[3].contains("2.00x"),
+            "{t}"
+        );
     }
 }

@@ -38,16 +38,13 @@ pub fn device_row(stored: &[u32], cols: usize, out: &mut [u32]) {
 }
 
 /// How a GEMV launch splits the work: `row_groups` groups of 4 rows a thread
-/// (more reuse each activation load, fewer threads), `prefetch` (the next
-/// word's planes requested before the current one is used) and the threads
-/// that share a set of row groups (`None`: about 1024 threads per multiprocessor,
+/// (more reuse each activation load, fewer threads) and the threads that share
+/// a set of row groups (`None`: about 1024 threads per multiprocessor,
 /// at most one per word).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
     /// Row groups of 4 rows a thread takes.
     pub row_groups: usize,
-    /// Request the next word's planes before using the current one.
-    pub prefetch: bool,
     /// Threads per set of row groups (32..=256, a power of two), or the default.
     pub threads_per_set: Option<u32>,
 }
@@ -57,46 +54,37 @@ impl GemvVariant {
     pub fn default_for(n: usize) -> GemvVariant {
         GemvVariant {
             row_groups: if n <= 2 { 2 } else { 1 },
-            prefetch: false,
             threads_per_set: None,
         }
     }
 
     /// Every variant compiled for `n` tokens, with the default threads per set.
     pub fn all(n: usize) -> Vec<GemvVariant> {
-        let (groups, prefetch): (&[usize], &[usize]) = match n {
-            1 => (&[1, 2, 4], &[1, 2]),
-            2 => (&[1, 2], &[]),
-            _ => (&[1], &[]),
-        };
-        let v = |row_groups, prefetch| GemvVariant {
-            row_groups,
-            prefetch,
-            threads_per_set: None,
+        let groups: &[usize] = match n {
+            1 => &[1, 2, 4],
+            2 => &[1, 2],
+            _ => &[1],
         };
         groups
             .iter()
-            .map(|&g| v(g, false))
-            .chain(prefetch.iter().map(|&g| v(g, true)))
+            .map(|&row_groups| GemvVariant {
+                row_groups,
+                threads_per_set: None,
+            })
             .collect()
     }
 
-    /// "g2", "g1 prefetch", "g2 t64".
+    /// "g2", "g2 t64".
     pub fn name(&self) -> String {
-        let mut s = format!("g{}", self.row_groups);
-        if self.prefetch {
-            s.push_str(" prefetch");
+        match self.threads_per_set {
+            Some(t) => format!("g{} t{t}", self.row_groups),
+            None => format!("g{}", self.row_groups),
         }
-        if let Some(t) = self.threads_per_set {
-            s.push_str(&format!(" t{t}"));
-        }
-        s
     }
 
     /// The kernel's name at `bits` and `n` tokens.
     fn kernel(&self, bits: u32, n: usize) -> String {
-        let p = if self.prefetch { "_p" } else { "" };
-        format!("bitplane_gemv_b{bits}_t{n}_g{}{p}", self.row_groups)
+        format!("bitplane_gemv_b{bits}_t{n}_g{}", self.row_groups)
     }
 }
 

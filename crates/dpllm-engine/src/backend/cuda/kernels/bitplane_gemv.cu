@@ -82,7 +82,7 @@ __device__ __forceinline__ void warp_sums(float (&v)[V], int lane) {
 
 __host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
-template <int B, int NT, int G, bool P>
+template <int B, int NT, int G>
 __device__ __forceinline__ void gemv(
     const uint4* __restrict__ planes, long long plane_stride,
     const u16* __restrict__ luts, const float* __restrict__ x, int x_stride,
@@ -122,11 +122,6 @@ __device__ __forceinline__ void gemv(
             }
         }
     };
-    // With P, the first word's planes are requested before the tables are
-    // staged and each next word's before the current one is used.
-    u32 next[G][B][4];
-    if (P && g0 < groups && lt < words) load(next, lt);
-
     const int have = min(sets * G, groups - gb) * 4;
     for (int e = threadIdx.x; e < sets * G * 4 * ROW; e += blockDim.x) {
         const int r = e / ROW, i = e % ROW;
@@ -141,19 +136,10 @@ __device__ __forceinline__ void gemv(
     const bool full = cols == 32 * words;
     if (g0 < groups) {
         for (int w = lt; w < words; w += tpr) {
-            // All G·B loads first, so they are in flight together.
+            // All G·B loads first, so they are in flight together. (Requesting
+            // the next word's planes before using these measured no faster.)
             u32 p[G][B][4];
-            if (P) {
-#pragma unroll
-                for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-                    for (int j = 0; j < B; ++j)
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) p[gi][j][q] = next[gi][j][q];
-                if (w + tpr < words) load(next, w + tpr);
-            } else {
-                load(p, w);
-            }
+            load(p, w);
             // The nibble words of every row: lo[gi][q][k] (and hi above 4 bits).
             u32 lo[G][4][4], hi[G][4][4];
 #pragma unroll
@@ -239,20 +225,16 @@ __device__ __forceinline__ void gemv(
     }
 }
 
-#define GEMV_VARIANT(B, NT, G, P, NAME)                                                       \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
+#define GEMV_KERNEL(B, NT, G)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT##_g##G(       \
         const uint4* planes, long long plane_stride, const u16* luts, const float* x,         \
         int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr) {       \
-        gemv<B, NT, G, P>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols,   \
-                          words, tpr);                                                        \
+        gemv<B, NT, G>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
+                       tpr);                                                                  \
     }
-#define GEMV_KERNEL(B, NT, G) GEMV_VARIANT(B, NT, G, false, bitplane_gemv_b##B##_t##NT##_g##G)
-#define GEMV_PREFETCH(B, NT, G) \
-    GEMV_VARIANT(B, NT, G, true, bitplane_gemv_b##B##_t##NT##_g##G##_p)
 
 #define GEMV_BITS(B)                                                                           \
     GEMV_KERNEL(B, 1, 1) GEMV_KERNEL(B, 1, 2) GEMV_KERNEL(B, 1, 4) GEMV_KERNEL(B, 2, 1)       \
-    GEMV_PREFETCH(B, 1, 1) GEMV_PREFETCH(B, 1, 2)                                              \
     GEMV_KERNEL(B, 2, 2) GEMV_KERNEL(B, 3, 1) GEMV_KERNEL(B, 4, 1) GEMV_KERNEL(B, 5, 1)       \
     GEMV_KERNEL(B, 6, 1) GEMV_KERNEL(B, 7, 1) GEMV_KERNEL(B, 8, 1)
 
