@@ -37,7 +37,7 @@ fn gemv_matches_the_dequantized_reference() {
                 for t in [32, 256] {
                     variants.push(GemvVariant {
                         threads_per_set: Some(t),
-                        ..GemvVariant::default_for(n)
+                        ..GemvVariant::default_for(n, bits, rows)
                     });
                 }
                 for v in variants.into_iter().filter(|&v| gpu.supports(bits, n, v)) {
@@ -84,7 +84,7 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
     let g2 = GemvVariant {
         row_groups: 2,
-        ..GemvVariant::default_for(3)
+        ..GemvVariant::default_for(3, 4, 8)
     };
     assert!(
         gpu.gemv_with(&x, 3, 4, &mut y, g2).is_err(),
@@ -92,7 +92,7 @@ fn bad_calls_are_refused() {
     );
     let t48 = GemvVariant {
         threads_per_set: Some(48),
-        ..GemvVariant::default_for(1)
+        ..GemvVariant::default_for(1, 4, 8)
     };
     assert!(
         gpu.gemv_with(&x, 1, 4, &mut y, t48).is_err(),

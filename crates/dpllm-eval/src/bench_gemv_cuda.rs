@@ -266,7 +266,7 @@ mod tests {
         let v = variants(1, &[32, 256]);
         assert_eq!(v.len(), 3 * GemvVariant::all(1).len());
         assert!(v.iter().any(|v| v.name() == "g4 t256"));
-        assert_eq!(variants(8, &[]), vec![GemvVariant::default_for(8)]);
+        assert_eq!(variants(8, &[]), vec![GemvVariant::default_for(8, 4, 4096)]);
         let bench = CudaGemvBench {
             config: CudaGemvConfig {
                 shapes: vec![(64, 128)],

@@ -50,10 +50,17 @@ pub struct GemvVariant {
 }
 
 impl GemvVariant {
-    /// The default at `n` tokens. Measured on an H100 (docs/benchmarks.md).
-    pub fn default_for(n: usize) -> GemvVariant {
+    /// The default for `n` tokens at `bits` on a layer of `rows` rows, from
+    /// measurements on an H100 (docs/benchmarks.md): two row groups a thread
+    /// at 1-2 tokens and up to 4 bits on layers of 2048 rows or more, else one
+    /// (above 4 bits the high nibbles double the registers a row group takes).
+    pub fn default_for(n: usize, bits: u32, rows: usize) -> GemvVariant {
         GemvVariant {
-            row_groups: if n <= 2 { 2 } else { 1 },
+            row_groups: if n <= 2 && bits <= 4 && rows >= 2048 {
+                2
+            } else {
+                1
+            },
             threads_per_set: None,
         }
     }
@@ -256,7 +263,7 @@ impl CudaAnyPrec {
         bits: u32,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_with(x, n, bits, y, GemvVariant::default_for(n))
+        self.gemv_with(x, n, bits, y, GemvVariant::default_for(n, bits, self.rows))
     }
 
     /// [`CudaAnyPrec::gemv`] with a chosen [`GemvVariant`] (benchmarks, tests).
@@ -336,6 +343,20 @@ impl CudaAnyPrec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_follow_the_measurements() {
+        assert_eq!(GemvVariant::default_for(1, 4, 14336).row_groups, 2);
+        assert_eq!(GemvVariant::default_for(2, 3, 4096).row_groups, 2);
+        assert_eq!(GemvVariant::default_for(1, 4, 1024).row_groups, 1);
+        assert_eq!(GemvVariant::default_for(1, 6, 14336).row_groups, 1);
+        assert_eq!(GemvVariant::default_for(8, 3, 14336).row_groups, 1);
+        for n in 1..=MAX_TOKENS {
+            for bits in 3..=8 {
+                assert!(GemvVariant::all(n).contains(&GemvVariant::default_for(n, bits, 4096)));
+            }
+        }
+    }
 
     #[test]
     fn threads_per_group_fill_the_gpu_without_idle_words() {
