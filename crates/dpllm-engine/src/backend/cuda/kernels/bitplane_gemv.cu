@@ -10,8 +10,10 @@
 // TPR threads share the row groups and sum their partial dots at the end.
 //
 // What limits such a kernel is the SM's load/store path (shared-memory LUT
-// lookups, x loads) and its integer issue rate, not DRAM, so per weight it does
-// one shared-memory lookup and about two integer operations:
+// lookups, x loads), its integer issue rate and the lookups' latency, not DRAM,
+// so the inner loop aims at one shared-memory lookup, one FMA and about two
+// integer operations per weight (with the loop's overheads an H100 runs 6.4
+// instructions a weight; docs/benchmarks.md):
 // - a 4x4 bit transpose by delta swaps turns the low 4 planes of a row into 4
 //   nibble words (word k: nibble i = the index bits of column slot 8k + i),
 //   about 20 operations per 32 weights;
