@@ -525,6 +525,26 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             vec!["bench", "decode", s(&m), "--prompt-tokens", &max],
             vec!["exceed the model's context of 64"],
         ),
+        // GPU benchmark settings are checked before any GPU is looked for.
+        (
+            vec!["bench", "gemv", "--device", "cuda", "--tokens", "9"],
+            vec!["--tokens 9 is out of range 1..=8"],
+        ),
+        (
+            vec!["bench", "gemv", "--device", "cuda", "--bits", "2"],
+            vec!["--bits 2 is out of range 3..=8"],
+        ),
+        (
+            vec![
+                "bench",
+                "gemv",
+                "--device",
+                "cuda",
+                "--threads-per-set",
+                "48",
+            ],
+            vec!["--threads-per-set 48 is not a power of two"],
+        ),
         (
             vec!["generate", s(&m), "-p", "x", "--device", "cuda:0"],
             vec![

@@ -103,6 +103,13 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     if let Some(t) = cfg.tokens.iter().find(|t| !(1..=MAX_TOKENS).contains(*t)) {
         anyhow::bail!("--tokens {t} is out of range 1..={MAX_TOKENS}");
     }
+    if let Some(t) = cfg
+        .threads_per_set
+        .iter()
+        .find(|t| !t.is_power_of_two() || !(32..=256).contains(*t))
+    {
+        anyhow::bail!("--threads-per-set {t} is not a power of two in 32..=256");
+    }
     if cfg.bits.is_empty() || cfg.tokens.is_empty() || cfg.shapes.is_empty() {
         anyhow::bail!("no --bits, --tokens or --shapes to time");
     }
