@@ -119,31 +119,11 @@ fn dequant_ref(h: &AnyPrecHost, bits: u32) -> Vec<f32> {
     w
 }
 
+/// [`AnyPrecHost::random`] at precisions 3..=8, with a random bias when asked.
 fn random_anyprec(rng: &mut StdRng, rows: usize, cols: usize, bias: bool) -> AnyPrecHost {
-    let words = cols.div_ceil(32);
-    let mut planes: Vec<u32> = (0..8 * rows * words).map(|_| rng.random()).collect();
-    if !cols.is_multiple_of(32) {
-        let mask = (1u32 << (cols % 32)) - 1;
-        planes
-            .chunks_mut(words)
-            .for_each(|row| row[words - 1] &= mask);
-    }
-    let luts = (3..=8)
-        .map(|b| {
-            (0..rows << b)
-                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect()
-        })
-        .collect();
-    AnyPrecHost {
-        rows,
-        cols,
-        seed_bits: 3,
-        max_bits: 8,
-        planes,
-        luts,
-        bias: bias.then(|| rand_vec(rng, rows)),
-    }
+    let mut h = AnyPrecHost::random(rows, cols, 8, rng.random());
+    h.bias = bias.then(|| rand_vec(rng, rows));
+    h
 }
 
 /// Run every op of `be` on random inputs and compare with the references;

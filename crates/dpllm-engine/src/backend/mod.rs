@@ -104,6 +104,16 @@ pub struct AnyPrecHost {
     pub bias: Option<Vec<f32>>,
 }
 
+/// Ok when a layer holding precisions `seed..=max` can run at `bits`, else why not.
+pub fn check_bits_in(bits: u32, seed: u32, max: u32) -> std::result::Result<(), String> {
+    if bits < seed || bits > max {
+        return Err(format!(
+            "{bits} bits is outside the loaded range {seed}..={max}"
+        ));
+    }
+    Ok(())
+}
+
 impl AnyPrecHost {
     /// A layer of random planes (padding bits zero, as the packer writes them) and
     /// random LUTs in [-1, 1) for precisions 3..=`max_bits`, no bias: for tests and benchmarks.

@@ -83,13 +83,7 @@ impl AnyPrecLinear {
 
     /// Ok when the layer can run at `bits` (seed..=max loaded), else why not.
     pub fn check_bits(&self, bits: u32) -> Result<(), String> {
-        if bits < self.seed_bits || bits > self.max_bits {
-            return Err(format!(
-                "{bits} bits is outside the loaded range {}..={}",
-                self.seed_bits, self.max_bits
-            ));
-        }
-        Ok(())
+        crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
     }
 
     /// Row r's words of plane 0 onwards; plane j of the row starts `plane_stride()` words later each.

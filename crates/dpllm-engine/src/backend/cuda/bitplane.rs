@@ -275,12 +275,8 @@ impl CudaAnyPrec {
         y: &mut CudaSlice<f32>,
         v: GemvVariant,
     ) -> Result<()> {
-        if bits < self.seed_bits || bits > self.max_bits {
-            return Err(EngineError::Bits(format!(
-                "{bits} bits is outside the loaded range {}..={}",
-                self.seed_bits, self.max_bits
-            )));
-        }
+        crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
+            .map_err(EngineError::Bits)?;
         if n == 0 || n > MAX_TOKENS || x.len() < n * self.cols || y.len() < n * self.rows {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: {n} tokens (1..={MAX_TOKENS}) with {} inputs and {} outputs \
