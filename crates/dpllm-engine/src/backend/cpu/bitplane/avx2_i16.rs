@@ -26,6 +26,21 @@ use super::avx2::{hsum, load_planes, lookup, split_bytes};
 use super::{BitplaneKernel, BLOCK, WORDS_PER_BLOCK};
 use crate::backend::cpu::fixed16;
 
+/// `$f::<B, T>(args)` for `$bits` in 3..=8 (8 for anything above 7), with
+/// T = 2^max(0, B − 4) byte tables of 16 entries.
+macro_rules! by_bits {
+    ($bits:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $bits {
+            3 => $f::<3, 1>($($arg),*),
+            4 => $f::<4, 1>($($arg),*),
+            5 => $f::<5, 2>($($arg),*),
+            6 => $f::<6, 4>($($arg),*),
+            7 => $f::<7, 8>($($arg),*),
+            _ => $f::<8, 16>($($arg),*),
+        }
+    };
+}
+
 /// A last block of at most this many words is folded into 128 columns.
 const FOLD_WORDS: usize = 4;
 
@@ -349,19 +364,7 @@ pub unsafe fn tables(bits: u32, luts: &[f16]) -> (Vec<u8>, Vec<f32>) {
     let rows = luts.len() >> bits;
     let mut tables = vec![0u8; rows * table_bytes(bits)];
     let mut scales = vec![0f32; rows];
-    macro_rules! run {
-        ($b:literal, $t:literal) => {
-            build_tables::<$b, $t>(luts, &mut tables, &mut scales)
-        };
-    }
-    match bits {
-        3 => run!(3, 1),
-        4 => run!(4, 1),
-        5 => run!(5, 2),
-        6 => run!(6, 4),
-        7 => run!(7, 8),
-        _ => run!(8, 16),
-    }
+    by_bits!(bits, build_tables(luts, &mut tables, &mut scales));
     (tables, scales)
 }
 
@@ -474,19 +477,10 @@ pub unsafe fn dot_rows(
     xs: &[f32],
     out: &mut [f32],
 ) {
-    macro_rules! run {
-        ($b:literal, $t:literal) => {
-            dot_many::<$b, $t>(planes, stride, words, tables, scales, rows, xq, xs, out)
-        };
-    }
-    match bits {
-        3 => run!(3, 1),
-        4 => run!(4, 1),
-        5 => run!(5, 2),
-        6 => run!(6, 4),
-        7 => run!(7, 8),
-        _ => run!(8, 16),
-    }
+    by_bits!(
+        bits,
+        dot_many(planes, stride, words, tables, scales, rows, xq, xs, out)
+    )
 }
 
 #[cfg(test)]
