@@ -79,6 +79,24 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
     Ok((r, c))
 }
 
+/// Every `--shapes` entry, parsed.
+fn parse_shapes(shapes: &[String]) -> anyhow::Result<Vec<(usize, usize)>> {
+    shapes.iter().map(|s| parse_shape(s)).collect()
+}
+
+/// Print a benchmark's table and write its JSON where `--json` asks.
+fn publish(
+    table: &str,
+    json: Option<&std::path::Path>,
+    r: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    print!("{table}");
+    if let Some(p) = json {
+        dpllm_eval::report::write_json(p, r)?;
+    }
+    Ok(())
+}
+
 /// MiB given on the command line, in bytes (checked).
 fn mib(flag: &str, v: usize) -> anyhow::Result<usize> {
     v.checked_mul(1 << 20)
@@ -125,11 +143,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             cfg.check(dpllm_format::ModelConfig::from_dir(dir)?.max_position_embeddings)?;
             let loaded = super::load_model(dir, &a.bits)?;
             let r = bench_decode::run(loaded.model().clone(), loaded.precision.clone(), &cfg)?;
-            print!("{}", r.table());
-            if let Some(p) = &a.json {
-                dpllm_eval::report::write_json(p, &r)?;
-            }
-            Ok(())
+            publish(&r.table(), a.json.as_deref(), &r)
         }
         BenchCommand::Gemv(a) => {
             super::check_json(a.json.as_deref(), &[])?;
@@ -145,11 +159,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 a.kernels
             };
             let cfg = GemvBenchConfig {
-                shapes: a
-                    .shapes
-                    .iter()
-                    .map(|s| parse_shape(s))
-                    .collect::<anyhow::Result<_>>()?,
+                shapes: parse_shapes(&a.shapes)?,
                 bits: a.bits,
                 kernels,
                 min_seconds: a.seconds,
@@ -157,11 +167,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
             };
             let r = bench_gemv::run(&cfg)?;
-            print!("{}", r.table());
-            if let Some(p) = &a.json {
-                dpllm_eval::report::write_json(p, &r)?;
-            }
-            Ok(())
+            publish(&r.table(), a.json.as_deref(), &r)
         }
     }
 }
@@ -171,11 +177,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
     use dpllm_eval::bench_gemv_cuda::{self, CudaGemvConfig};
     let cfg = CudaGemvConfig {
-        shapes: a
-            .shapes
-            .iter()
-            .map(|s| parse_shape(s))
-            .collect::<anyhow::Result<_>>()?,
+        shapes: parse_shapes(&a.shapes)?,
         bits: a.bits,
         tokens: a.tokens,
         working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
@@ -183,11 +185,7 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
         threads_per_set: a.threads_per_set,
     };
     let r = bench_gemv_cuda::run(ordinal, &cfg)?;
-    print!("{}", r.table());
-    if let Some(p) = &a.json {
-        dpllm_eval::report::write_json(p, &r)?;
-    }
-    Ok(())
+    publish(&r.table(), a.json.as_deref(), &r)
 }
 
 /// `bench gemv --device cuda:N` in a build without CUDA.
