@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# On the device machine: run the CUDA tests and the GPU GEMV benchmark with the
-# binaries built on the dev machine and carried in .devcarry/ (dpllm and the
-# cuda_bitplane test executable). Results land in $OUT (or ./device-out).
+# On the device machine: run the CUDA tests and the GPU benchmarks with the
+# binaries built on the dev machine and carried in .devcarry/ (dpllm, and test
+# executables in .devcarry/tests/). Results land in $OUT (or ./device-out).
+# Test executables look for the repository where it was built (/work/main,
+# linked here when missing) and for ../shared in .devcarry/shared.
+# Optional: BENCH_ARGS (bench gemv), NO_GEMV=1 (skip it), EXTRA (a script run at the end).
 set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -13,14 +16,26 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
 done
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+if [ ! -e /work/main ] && mkdir -p /work 2>/dev/null; then
+    ln -s "$PWD" /work/main
+fi
+[ -d .devcarry/shared ] && export DPLLM_SHARED_DIR="$PWD/.devcarry/shared"
 echo "== tests"
-time .devcarry/cuda_bitplane --nocapture --skip kernels_compile 2>&1 | tee "$OUT/tests.log"
-echo "== bench"
-.devcarry/dpllm bench gemv --device cuda ${BENCH_ARGS:-} --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.txt"
+for t in .devcarry/tests/*; do
+    [ -x "$t" ] || continue
+    echo "-- $(basename "$t")"
+    (time "$t" --nocapture --test-threads 1 --skip kernels_compile) 2>&1 |
+        tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|SKIP|max \|Δ|error" | head -60
+done
+if [ -z "${NO_GEMV:-}" ]; then
+    echo "== bench"
+    .devcarry/dpllm bench gemv --device cuda ${BENCH_ARGS:-} --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.txt"
+fi
 echo "== resources"
 if [ -n "${RES:-}" ] && command -v nvcc >/dev/null; then
-    nvcc -arch=sm_90 -cubin --resource-usage -o /tmp/bitplane.cubin \
-        crates/dpllm-engine/src/backend/cuda/kernels/bitplane_gemv.cu 2>&1 |
+    k=crates/dpllm-engine/src/backend/cuda/kernels
+    cat $k/common.cuh $k/bitplane_gemv.cu > /tmp/bitplane_gemv.cu
+    nvcc -arch=sm_90 -cubin --resource-usage -o /tmp/bitplane.cubin /tmp/bitplane_gemv.cu 2>&1 |
         grep -A3 -E "_b[3458]_t(1|8)_g[124]'" | grep -E "Function properties|registers|spill" > "$OUT/resources.txt"
     head -40 "$OUT/resources.txt"
     cuobjdump -sass -fun bitplane_gemv_b4_t1_g2 /tmp/bitplane.cubin > "$OUT/sass_b4_t1.txt" 2>&1
@@ -33,4 +48,8 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
         .devcarry/dpllm bench gemv --device cuda --shapes 14336x4096 --bits 4 --tokens 1 \
         --calls 3 --working-set-mib 64 > "$OUT/ncu.txt" 2>&1
     grep -E "Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles|Issued|Eligible|Pipe|Ipc|No Eligible|Active Warps" "$OUT/ncu.txt" | head -40; grep -A12 -i "pipe utilization" "$OUT/ncu.txt" | head -30
+fi
+if [ -n "${EXTRA:-}" ]; then
+    echo "== extra"
+    bash -c "$EXTRA" 2>&1 | tee "$OUT/extra.log"
 fi

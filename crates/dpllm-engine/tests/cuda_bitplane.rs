@@ -115,7 +115,7 @@ fn bad_calls_are_refused() {
 /// and for Hopper, wherever NVRTC is found (no GPU needed).
 #[test]
 fn kernels_compile_for_every_target() {
-    use dpllm_engine::backend::cuda::{bitplane::SOURCE, compile};
+    use dpllm_engine::backend::cuda::{bitplane, compile, ops};
     // SAFETY: only asks whether the library can be opened.
     if !unsafe { dpllm_engine::backend::cuda::cudarc::nvrtc::sys::is_culib_present() } {
         eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
@@ -123,14 +123,20 @@ fn kernels_compile_for_every_target() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::env::set_var("DPLLM_CACHE_DIR", dir.path());
+    let sources = [
+        ("bitplane_gemv", bitplane::SOURCE, "bitplane_gemv_b4_t1_g2"),
+        ("ops", ops::SOURCE, "dense_q8_0_t8"),
+    ];
     for arch in [(8, 7), (8, 9), (9, 0)] {
-        let ptx = compile::ptx("bitplane_gemv", SOURCE, arch).expect("compiles");
-        assert!(ptx.to_src().contains("bitplane_gemv_b4_t1_g2"), "{arch:?}");
+        for (name, source, kernel) in sources {
+            let ptx = compile::ptx(name, source, arch).expect("compiles");
+            assert!(ptx.to_src().contains(kernel), "{name} {arch:?}");
+        }
     }
-    // The cache now holds one file per target, read back on the next call.
+    // The cache now holds one file per source and target, read back on the next call.
     assert_eq!(
         std::fs::read_dir(dir.path().join("ptx")).unwrap().count(),
-        3
+        6
     );
-    assert!(compile::ptx("bitplane_gemv", SOURCE, (9, 0)).is_ok());
+    assert!(compile::ptx("bitplane_gemv", bitplane::SOURCE, (9, 0)).is_ok());
 }

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dpllm_engine::Model;
+use dpllm_engine::{Backend, CpuBackend, LoadOptions, Model};
 use dpllm_format::Checkpoint;
 
 fn fixtures() -> PathBuf {
@@ -47,14 +47,23 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 
 /// Full prefill, chunked prefill + token-by-token decode through the KV cache.
 fn check_model(model_dir: &Path, reference: &Reference, tol: f32) {
-    let model = Model::load(model_dir).unwrap();
+    check_model_on(CpuBackend, model_dir, reference, tol)
+}
+
+/// [`check_model`] on `backend`.
+fn check_model_on<B: Backend>(backend: B, model_dir: &Path, reference: &Reference, tol: f32) {
+    let name = backend.name();
+    let model = Model::load_on(backend, model_dir, &LoadOptions::default()).unwrap();
     let (ids, v) = (&reference.ids, reference.vocab);
     let n = ids.len();
 
     let mut cache = model.new_cache(n);
     let all = model.forward_all(ids, &mut cache).unwrap();
     let err = max_abs(&all, &reference.logits);
-    println!("{}: prefill max |Δlogit| = {err:.2e}", model_dir.display());
+    println!(
+        "{} on {name}: prefill max |Δlogit| = {err:.2e}",
+        model_dir.display()
+    );
     assert!(
         err < tol,
         "{}: prefill logits differ by {err}",
@@ -71,7 +80,7 @@ fn check_model(model_dir: &Path, reference: &Reference, tol: f32) {
     }
     let err = max_abs(&got, &reference.logits[..n * v]);
     println!(
-        "{}: cached decode max |Δlogit| = {err:.2e}",
+        "{} on {name}: cached decode max |Δlogit| = {err:.2e}",
         model_dir.display()
     );
     assert!(
@@ -111,21 +120,52 @@ fn phi3_fused_projections_bf16() {
     check_family("phi3");
 }
 
-#[test]
-fn docs_llama_12m_real_checkpoint() {
-    let model_dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/docs-llama-12m");
+/// The real checkpoint from ../shared (or `$DPLLM_SHARED_DIR`, where test
+/// binaries run away from the checkout), or None with a message.
+fn docs_llama_12m() -> Option<PathBuf> {
+    let shared = std::env::var_os("DPLLM_SHARED_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
+        PathBuf::from,
+    );
+    let model_dir = shared.join("models/docs-llama-12m");
     if !model_dir.join("config.json").exists() {
         eprintln!(
             "SKIP: {} not found (real checkpoint from ../shared)",
             model_dir.display()
         );
-        return;
+        return None;
     }
-    // Logits reach ±15 over 6 layers of width 384: allow 5e-4 (still ~100x below any bug).
+    Some(model_dir)
+}
+
+/// Logits reach ±15 over 6 layers of width 384: allow 5e-4 (still ~100x below any bug).
+const DOCS_LLAMA_TOL: f32 = 5e-4;
+
+#[test]
+fn docs_llama_12m_real_checkpoint() {
+    let Some(model_dir) = docs_llama_12m() else {
+        return;
+    };
     check_model(
         &model_dir,
         &reference(&fixtures().join("docs-llama-12m")),
-        5e-4,
+        DOCS_LLAMA_TOL,
     );
+}
+
+/// Every family and the real checkpoint on the GPU, against the same references.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_backend_matches_every_reference() {
+    use dpllm_engine::backend::cuda::{test_device, CudaBackend};
+    let Some(dev) = test_device(0) else { return };
+    let be = CudaBackend::on(dev).unwrap();
+    for name in ["llama", "mistral", "qwen2", "qwen3", "phi3"] {
+        let dir = fixtures().join(name);
+        check_model_on(be.clone(), &dir, &reference(&dir), 1e-4);
+    }
+    if let Some(model_dir) = docs_llama_12m() {
+        let r = reference(&fixtures().join("docs-llama-12m"));
+        check_model_on(be, &model_dir, &r, DOCS_LLAMA_TOL);
+    }
 }

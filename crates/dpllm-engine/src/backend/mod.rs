@@ -87,6 +87,7 @@ impl DenseHost {
 /// An any-precision weight as read from the file, before a backend takes it:
 /// planes 0..max_bits plane-major (`[plane][rows][ceil(cols/32)]` words) and one
 /// f16 LUT per precision seed..=max ([rows × 2^b]).
+#[derive(Clone)]
 pub struct AnyPrecHost {
     /// Output features.
     pub rows: usize,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::{device_err, CudaDevice};
@@ -12,7 +12,10 @@ use crate::backend::AnyPrecHost;
 use crate::error::{EngineError, Result};
 
 /// The kernels' source.
-pub const SOURCE: &str = include_str!("kernels/bitplane_gemv.cu");
+pub const SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    include_str!("kernels/bitplane_gemv.cu")
+);
 /// Threads per block.
 const BLOCK: u32 = 256;
 /// Most tokens one launch takes.
@@ -273,6 +276,18 @@ impl CudaAnyPrec {
         n: usize,
         bits: u32,
         y: &mut CudaSlice<f32>,
+        v: GemvVariant,
+    ) -> Result<()> {
+        self.gemv_view(&x.slice(..), n, bits, &mut y.slice_mut(..), v)
+    }
+
+    /// [`CudaAnyPrec::gemv_with`] on views (a range of tokens of larger buffers).
+    pub fn gemv_view(
+        &self,
+        x: &CudaView<f32>,
+        n: usize,
+        bits: u32,
+        y: &mut CudaViewMut<f32>,
         v: GemvVariant,
     ) -> Result<()> {
         crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)

@@ -1,5 +1,7 @@
-//! Dense f16 weights through cuBLAS (f32 accumulation): the reference the
-//! bit-plane GEMV is measured against, and the dense linear of the backend.
+//! Dense weights on the GPU: [`CudaDense`] in its stored form (f32, f16, bf16
+//! or Q8_0 blocks) for the backend's dense linears and embeddings, and
+//! [`CudaDenseF16`] through cuBLAS (f32 accumulation), the reference the
+//! bit-plane GEMV is measured against.
 
 use std::sync::Arc;
 
@@ -8,7 +10,108 @@ use cudarc::driver::CudaSlice;
 use half::f16;
 
 use super::{device_err, CudaDevice};
+use crate::backend::DenseHost;
 use crate::error::{EngineError, Result};
+use dpllm_format::TensorData;
+
+/// A dense [rows × cols] weight in GPU memory in its stored form, with its
+/// optional bias: read by the `dense_*` and `embed_*` kernels of `ops.cu`.
+pub struct CudaDense {
+    rows: usize,
+    cols: usize,
+    /// "f32", "f16", "bf16" or "q8_0": the kernels' name suffix.
+    kind: &'static str,
+    /// The elements' bytes (Q8_0: the signed bytes).
+    w: CudaSlice<u8>,
+    /// Q8_0: one f16 scale per 32 columns; otherwise one unused value.
+    scales: CudaSlice<u16>,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl CudaDense {
+    /// Copy `w` (and `bias`) to the GPU; a clear error when the sizes disagree.
+    pub fn upload(
+        device: &CudaDevice,
+        w: &DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<CudaDense> {
+        let bad = |what: String| EngineError::Device(format!("dense weight {rows}x{cols}: {what}"));
+        if w.len() != rows * cols || rows == 0 || cols == 0 {
+            return Err(bad(format!("{} elements", w.len())));
+        }
+        if let Some(b) = bias.filter(|b| b.len() != rows) {
+            return Err(bad(format!("a bias of {} values", b.len())));
+        }
+        let s = device.stream();
+        let up = |bytes: &[u8]| {
+            s.clone_htod(bytes)
+                .map_err(device_err("copying a dense weight to the GPU"))
+        };
+        let one = [0u16];
+        let (kind, w, scales) = match w {
+            DenseHost::Float(t) => match &**t {
+                TensorData::F32(v) => ("f32", up(bytemuck::cast_slice(v))?, &one[..]),
+                TensorData::F16(v) => ("f16", up(bytemuck::cast_slice(v))?, &one[..]),
+                TensorData::BF16(v) => ("bf16", up(bytemuck::cast_slice(v))?, &one[..]),
+            },
+            DenseHost::Q8_0(q) => {
+                if !cols.is_multiple_of(32) || q.scales.len() != rows * cols / 32 {
+                    return Err(bad(format!(
+                        "Q8_0 needs columns in blocks of 32 and one scale a block ({} scales)",
+                        q.scales.len()
+                    )));
+                }
+                let sc: &[u16] = bytemuck::cast_slice(&q.scales);
+                ("q8_0", up(bytemuck::cast_slice(&q.quants))?, sc)
+            }
+        };
+        Ok(CudaDense {
+            rows,
+            cols,
+            kind,
+            w,
+            scales: s
+                .clone_htod(scales)
+                .map_err(device_err("copying block scales to the GPU"))?,
+            bias: bias
+                .map(|b| s.clone_htod(b))
+                .transpose()
+                .map_err(device_err("copying a bias to the GPU"))?,
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored form, as the kernels' names spell it ("f16", "q8_0", ...).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The elements' bytes.
+    pub(crate) fn weight(&self) -> &CudaSlice<u8> {
+        &self.w
+    }
+
+    /// The Q8_0 block scales (one unused value for other forms).
+    pub(crate) fn scales(&self) -> &CudaSlice<u16> {
+        &self.scales
+    }
+
+    /// The bias, if any.
+    pub(crate) fn bias(&self) -> Option<&CudaSlice<f32>> {
+        self.bias.as_ref()
+    }
+}
 
 /// A [rows × cols] f16 weight in GPU memory.
 pub struct CudaDenseF16 {

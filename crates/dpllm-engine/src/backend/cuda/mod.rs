@@ -13,9 +13,16 @@
 //! (the rest of the forward pass, device-side DP-LLM selection, CUDA graphs)
 //! is the next step; `--device cuda` is refused until then.
 
+mod backend;
 pub mod bitplane;
 pub mod compile;
 pub mod dense;
+mod kv;
+pub mod ops;
+
+pub use backend::{CudaBackend, CudaBuf, CudaMask};
+pub use dense::CudaDense;
+pub use kv::CudaKv;
 
 /// The `cudarc` this backend is built on, for callers that allocate and copy.
 pub use cudarc;
@@ -44,6 +51,7 @@ pub struct CudaDevice {
     arch: (i32, i32),
     sms: usize,
     bitplane: OnceLock<Arc<CudaModule>>,
+    ops: OnceLock<Arc<CudaModule>>,
     blas: OnceLock<Arc<CudaBlas>>,
 }
 
@@ -88,6 +96,7 @@ impl CudaDevice {
             arch,
             sms: sms.max(1) as usize,
             bitplane: OnceLock::new(),
+            ops: OnceLock::new(),
             blas: OnceLock::new(),
         }))
     }
@@ -170,6 +179,11 @@ impl CudaDevice {
     /// The bit-plane GEMV kernels, compiled on first use.
     pub(crate) fn bitplane_module(&self) -> Result<Arc<CudaModule>> {
         self.module(&self.bitplane, "bitplane_gemv", bitplane::SOURCE)
+    }
+
+    /// The forward pass's other kernels, compiled on first use.
+    pub(crate) fn ops_module(&self) -> Result<Arc<CudaModule>> {
+        self.module(&self.ops, "ops", ops::SOURCE)
     }
 
     /// The module of `source`, compiled (or read from the PTX cache) and loaded on first use.

@@ -28,16 +28,7 @@
 // sits in distinct banks, so lookups do not conflict. x is read once per word
 // for all 4G rows, coalesced. Accumulation is f32.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-#define FULL 0xffffffffu
-
-__device__ __forceinline__ float h2f(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
+// (u32, u16, FULL and h2f come from common.cuh, prepended by the host.)
 
 __device__ __forceinline__ float lds(u32 addr) {
     float v;

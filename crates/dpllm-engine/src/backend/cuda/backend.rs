@@ -1,0 +1,775 @@
+//! [`Backend`] for an NVIDIA GPU: every op is a kernel queued on the device's
+//! stream; only `download`, `mask_count`, `first_non_finite` and the row moves
+//! of a split batch wait for the GPU.
+//!
+//! Ops that return nothing cannot report a failed launch at once: the first
+//! such error is kept and returned by the next call that returns a result
+//! (every forward pass ends in one, `download`), so a failure never passes
+//! for a result.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
+
+use super::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
+use super::dense::CudaDense;
+use super::kv::CudaKv;
+use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
+use super::{device_err, CudaDevice};
+use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
+use crate::error::{EngineError, Result};
+
+/// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
+pub struct CudaBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl CudaBuf {
+    /// The first `len` floats.
+    fn view(&self) -> CudaView<'_, f32> {
+        self.data.slice(..self.len)
+    }
+
+    /// The first `len` floats, writable.
+    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        self.data.slice_mut(..self.len)
+    }
+}
+
+/// Per-token decisions: 1 = the higher precision.
+pub struct CudaMask {
+    flags: CudaSlice<u32>,
+    n: usize,
+}
+
+/// An any-precision weight on the GPU with its optional bias.
+pub struct CudaAnyPrecLinear {
+    w: CudaAnyPrec,
+    bias: Option<CudaSlice<f32>>,
+}
+
+/// The CUDA backend on one GPU. Clones share the device and its kernels.
+#[derive(Clone)]
+pub struct CudaBackend {
+    dev: Arc<CudaDevice>,
+    ops: Arc<OpsKernels>,
+    /// One float, passed for a kernel's pointer argument that is not read.
+    unused: Arc<CudaSlice<f32>>,
+    /// The first error of an op that could not return it.
+    error: Arc<Mutex<Option<EngineError>>>,
+}
+
+/// Queue kernel `$name` of the ops module with arguments `$arg` (references),
+/// an error naming the kernel when it cannot be launched.
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name: &str = &$name;
+        let f = $be.ops.get(name)?;
+        // One statement, so the argument temporaries live until the launch.
+        // SAFETY: each call site passes the kernel's parameters in order with
+        // their C types (int = i32, long = i64, float = f32, pointers as
+        // slices), and sizes its grid and buffers for what the kernel reads
+        // and writes (it checks its own bounds).
+        let cfg = $cfg;
+        let r = unsafe { $be.stream().launch_builder(&f)$(.arg($arg))+.launch(cfg) };
+        r.map(|_| ())
+            .map_err(|e| EngineError::Device(format!("CUDA: launching {name}: {e}")))
+    }};
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal`, its kernels compiled (or read from the PTX cache).
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        Self::on(CudaDevice::new(ordinal)?)
+    }
+
+    /// The backend on an opened device.
+    pub fn on(dev: Arc<CudaDevice>) -> Result<CudaBackend> {
+        let ops = Arc::new(OpsKernels::new(&dev)?);
+        dev.bitplane_module()?;
+        let unused = Arc::new(
+            dev.stream()
+                .alloc_zeros::<f32>(1)
+                .map_err(device_err("allocating"))?,
+        );
+        Ok(CudaBackend {
+            dev,
+            ops,
+            unused,
+            error: Arc::default(),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.dev.stream()
+    }
+
+    /// Keep the first error of an op that cannot return one.
+    fn keep(&self, r: Result<()>) {
+        if let Err(e) = r {
+            let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            g.get_or_insert(e);
+        }
+    }
+
+    /// The kept error, if any (then cleared: it is reported once).
+    fn check(&self) -> Result<()> {
+        match self
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn alloc(&self, len: usize, what: &'static str) -> Result<CudaSlice<f32>> {
+        self.stream()
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|_| EngineError::OutOfMemory {
+                what,
+                bytes: len.saturating_mul(4),
+            })
+    }
+
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        let one = [0u32];
+        self.stream()
+            .clone_htod(if v.is_empty() { &one[..] } else { v })
+            .map_err(device_err("copying indices to the GPU"))
+    }
+
+    /// An error unless `b` holds `want` floats, naming the op.
+    fn want_len(op: &str, b: &CudaBuf, want: usize) -> Result<()> {
+        if b.len != want {
+            return Err(EngineError::Device(format!(
+                "{op}: a buffer of {} floats where {want} are needed",
+                b.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Row indices of the tokens whose decision equals `high`.
+    fn picked(&self, mask: &CudaMask, high: bool) -> Result<Vec<u32>> {
+        let flags = self
+            .stream()
+            .clone_dtoh(&mask.flags.slice(..mask.n))
+            .map_err(device_err("reading decisions"))?;
+        Ok((0..mask.n as u32)
+            .filter(|&t| (flags[t as usize] != 0) == high)
+            .collect())
+    }
+
+    fn dense_into(&self, w: &CudaDense, x: &CudaBuf, n: usize, y: &mut CudaBuf) -> Result<()> {
+        let (rows, cols) = (w.rows(), w.cols());
+        Self::want_len("dense linear input", x, n * cols)?;
+        Self::want_len("dense linear output", y, n * rows)?;
+        let bias = w.bias().unwrap_or(&self.unused);
+        let has_bias = w.bias().is_some() as i32;
+        let (xs, ys, r, c) = (cols as i32, rows as i32, rows as i32, cols as i32);
+        for t0 in (0..n).step_by(MAX_TOKENS) {
+            let nt = (n - t0).min(MAX_TOKENS);
+            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
+            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
+            launch!(
+                self,
+                format!("dense_{}_t{nt}", w.kind()),
+                self.ops.warp_per_row(rows),
+                w.weight(),
+                w.scales(),
+                &xv,
+                &xs,
+                bias,
+                &has_bias,
+                &mut yv,
+                &ys,
+                &r,
+                &c
+            )?;
+        }
+        Ok(())
+    }
+
+    fn anyprec_into(
+        &self,
+        w: &CudaAnyPrecLinear,
+        x: &CudaBuf,
+        n: usize,
+        bits: u32,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        let (rows, cols) = (w.w.rows(), w.w.cols());
+        Self::want_len("any-precision linear input", x, n * cols)?;
+        Self::want_len("any-precision linear output", y, n * rows)?;
+        for t0 in (0..n).step_by(MAX_TOKENS) {
+            let nt = (n - t0).min(MAX_TOKENS);
+            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
+            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
+            w.w.gemv_view(
+                &xv,
+                nt,
+                bits,
+                &mut yv,
+                GemvVariant::default_for(nt, bits, rows),
+            )?;
+        }
+        if let Some(b) = &w.bias {
+            let (r, total) = (rows as i32, (n * rows) as i64);
+            launch!(
+                self,
+                "add_bias",
+                self.ops.stride(n * rows),
+                &mut y.view_mut(),
+                b,
+                &r,
+                &total
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `out[t] = a·||x_t|| + c` for the `n` rows of `x`.
+    fn row_norms(&self, x: &CudaBuf, n: usize, a: f32, c: f32) -> Result<CudaBuf> {
+        let mut out = self.zeros(n)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let d = x.len / n;
+        let di = d as i32;
+        launch!(
+            self,
+            "row_norm_affine",
+            self.ops.per_row(n, d),
+            &x.view(),
+            &di,
+            &a,
+            &c,
+            &mut out.view_mut()
+        )?;
+        Ok(out)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Dense = CudaDense;
+    type AnyPrec = CudaAnyPrecLinear;
+    type Kv = CudaKv;
+    type Mask = CudaMask;
+
+    fn name(&self) -> String {
+        self.dev.describe()
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.check()?;
+        Ok(CudaBuf {
+            data: self.alloc(len, "activations (GPU)")?,
+            len,
+        })
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.check()?;
+        let one = [0f32];
+        let data = self
+            .stream()
+            .clone_htod(if host.is_empty() { &one[..] } else { host })
+            .map_err(device_err("copying activations to the GPU"))?;
+        Ok(CudaBuf {
+            data,
+            len: host.len(),
+        })
+    }
+
+    fn download(&self, buf: CudaBuf) -> Result<Vec<f32>> {
+        self.check()?;
+        let mut v = self
+            .stream()
+            .clone_dtoh(&buf.data)
+            .map_err(device_err("copying activations from the GPU"))?;
+        v.truncate(buf.len);
+        self.check()?;
+        Ok(v)
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()?;
+        self.check()
+    }
+
+    fn dense(
+        &self,
+        w: DenseHost,
+        rows: usize,
+        cols: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<CudaDense> {
+        CudaDense::upload(&self.dev, &w, rows, cols, bias.as_deref())
+    }
+
+    fn anyprec(&self, w: AnyPrecHost) -> Result<CudaAnyPrecLinear> {
+        let bias = match &w.bias {
+            Some(b) if b.len() != w.rows => {
+                return Err(EngineError::Device(format!(
+                    "a bias of {} values for {} rows",
+                    b.len(),
+                    w.rows
+                )))
+            }
+            Some(b) => Some(
+                self.stream()
+                    .clone_htod(b)
+                    .map_err(device_err("copying a bias to the GPU"))?,
+            ),
+            None => None,
+        };
+        Ok(CudaAnyPrecLinear {
+            w: CudaAnyPrec::upload(&self.dev, &w)?,
+            bias,
+        })
+    }
+
+    fn kv_new(&self, layers: usize, kv_dim: usize) -> CudaKv {
+        CudaKv::new(layers, kv_dim)
+    }
+
+    fn kv_append(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf) -> Result<()> {
+        self.check()?;
+        let d = kv.kv_dim().max(1);
+        if k.len != v.len || !k.len.is_multiple_of(d) {
+            return Err(EngineError::Device(format!(
+                "KV cache: {} keys and {} values for positions of width {d}",
+                k.len, v.len
+            )));
+        }
+        kv.append(&self.dev, layer, &k.data, &v.data, k.len / d)
+    }
+
+    fn kv_truncate(&self, kv: &mut CudaKv, positions: usize) {
+        kv.truncate(positions)
+    }
+
+    fn kv_bytes(&self, kv: &CudaKv) -> usize {
+        kv.bytes()
+    }
+
+    fn embed(&self, table: &CudaDense, tokens: &[u32], out: &mut CudaBuf) {
+        let r = (|| {
+            let cols = table.cols();
+            Self::want_len("embedding output", out, tokens.len() * cols)?;
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows()) {
+                return Err(EngineError::TokenOutOfRange {
+                    token: t,
+                    vocab: table.rows(),
+                });
+            }
+            let ids = self.upload_u32(tokens)?;
+            let (n, c) = (tokens.len() as i32, cols as i32);
+            launch!(
+                self,
+                format!("embed_{}", table.kind()),
+                self.ops.stride(tokens.len() * cols),
+                table.weight(),
+                table.scales(),
+                &ids,
+                &n,
+                &c,
+                &mut out.view_mut()
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, out: &mut CudaBuf) {
+        let r = (|| {
+            let d = w.len.max(1);
+            Self::want_len("rms_norm output", out, x.len)?;
+            if !x.len.is_multiple_of(d) {
+                return Err(EngineError::Device(format!(
+                    "rms_norm: {} values in rows of {d}",
+                    x.len
+                )));
+            }
+            let di = d as i32;
+            launch!(
+                self,
+                "rms_norm",
+                self.ops.per_row(x.len / d, d),
+                &x.view(),
+                &w.view(),
+                &eps,
+                &mut out.view_mut(),
+                &di
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn rms_norm_inplace(&self, x: &mut CudaBuf, w: &CudaBuf, eps: f32) {
+        let r = (|| {
+            let d = w.len.max(1);
+            if !x.len.is_multiple_of(d) {
+                return Err(EngineError::Device(format!(
+                    "rms_norm: {} values in segments of {d}",
+                    x.len
+                )));
+            }
+            let di = d as i32;
+            let cfg = self.ops.per_row(x.len / d, d);
+            // In place: the kernel's input and output are the same buffer (each
+            // thread writes only the values it read).
+            let xv = x.data.slice(..x.len);
+            launch!(self, "rms_norm", cfg, &xv, &w.view(), &eps, &xv, &di)
+        })();
+        self.keep(r)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        heads: usize,
+        head_dim: usize,
+        rot_dim: usize,
+        pos0: usize,
+        table: &CudaBuf,
+    ) {
+        let r = (|| {
+            let n = x.len / (heads * head_dim).max(1);
+            if n * heads * head_dim != x.len
+                || rot_dim > head_dim
+                || table.len < (pos0 + n) * rot_dim
+            {
+                return Err(EngineError::Device(format!(
+                    "rope: {} values, {heads} heads of {head_dim}, {rot_dim} rotated, \
+                     a table of {} for positions up to {}",
+                    x.len,
+                    table.len,
+                    pos0 + n
+                )));
+            }
+            let (ni, h, hd, rot, p0) = (
+                n as i32,
+                heads as i32,
+                head_dim as i32,
+                rot_dim as i32,
+                pos0 as i32,
+            );
+            launch!(
+                self,
+                "rope",
+                self.ops.stride(n * heads * rot_dim / 2),
+                &mut x.view_mut(),
+                &table.view(),
+                &ni,
+                &h,
+                &hd,
+                &rot,
+                &p0
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        let r = (|| {
+            let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+            let qd = nh * hd;
+            let n = q.len / qd.max(1);
+            Self::want_len("attention output", out, q.len)?;
+            if hd > ATT_MAX_HEAD_DIM || nkv == 0 || !nh.is_multiple_of(nkv) || n * qd != q.len {
+                return Err(EngineError::Device(format!(
+                    "attention: {nh} heads over {nkv} KV heads of dimension {hd} \
+                     (at most {ATT_MAX_HEAD_DIM}) for {} values",
+                    q.len
+                )));
+            }
+            let Some((k, v)) = kv.layer(layer).filter(|_| kv.positions(layer) >= pos0 + n) else {
+                return Err(EngineError::Device(format!(
+                    "attention: layer {layer} of the KV cache holds {} positions, not {}",
+                    kv.positions(layer),
+                    pos0 + n
+                )));
+            };
+            let (p0, h, hk, d) = (pos0 as i32, nh as i32, nkv as i32, hd as i32);
+            let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+            let scale = 1.0 / (hd as f32).sqrt();
+            launch!(
+                self,
+                "attention",
+                self.ops.attention(nh, n),
+                &q.view(),
+                k,
+                v,
+                &mut out.view_mut(),
+                &p0,
+                &h,
+                &hk,
+                &d,
+                &window,
+                &scale
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf) {
+        let r = (|| {
+            Self::want_len("swiglu", up, gate.len)?;
+            let n = gate.len as i64;
+            launch!(
+                self,
+                "swiglu",
+                self.ops.stride(gate.len),
+                &mut gate.view_mut(),
+                &up.view(),
+                &n
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn add(&self, h: &mut CudaBuf, x: &CudaBuf) {
+        let r = (|| {
+            Self::want_len("add", x, h.len)?;
+            let n = h.len as i64;
+            launch!(
+                self,
+                "add",
+                self.ops.stride(h.len),
+                &mut h.view_mut(),
+                &x.view(),
+                &n
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) {
+        let r = (|| {
+            if dst.data.len() < src.len {
+                dst.data = self.alloc(src.len, "activations (GPU)")?;
+            }
+            dst.len = src.len;
+            if src.len > 0 {
+                self.stream()
+                    .memcpy_dtod(&src.view(), &mut dst.view_mut())
+                    .map_err(device_err("copying activations"))?;
+            }
+            Ok(())
+        })();
+        self.keep(r)
+    }
+
+    fn rows(&self, x: &CudaBuf, width: usize, row0: usize, n: usize) -> Result<CudaBuf> {
+        self.check()?;
+        let (a, b) = (row0 * width, (row0 + n) * width);
+        if b > x.len {
+            return Err(EngineError::Device(format!(
+                "rows {row0}..{} of width {width} from {} values",
+                row0 + n,
+                x.len
+            )));
+        }
+        let mut out = self.zeros(b - a)?;
+        if b > a {
+            self.stream()
+                .memcpy_dtod(&x.data.slice(a..b), &mut out.view_mut())
+                .map_err(device_err("copying rows"))?;
+        }
+        Ok(out)
+    }
+
+    fn split_columns(&self, x: &CudaBuf, n: usize, parts: &mut [&mut CudaBuf]) {
+        let r = (|| {
+            let widths: Vec<usize> = parts.iter().map(|p| p.len / n.max(1)).collect();
+            let total: usize = widths.iter().sum();
+            if n * total != x.len || parts.iter().zip(&widths).any(|(p, w)| p.len != n * w) {
+                return Err(EngineError::Device(format!(
+                    "split_columns: {} values into parts of {:?} floats for {n} tokens",
+                    x.len,
+                    parts.iter().map(|p| p.len).collect::<Vec<_>>()
+                )));
+            }
+            let mut off = 0;
+            for (p, &w) in parts.iter_mut().zip(&widths) {
+                let (ni, ti, oi, wi) = (n as i32, total as i32, off as i32, w as i32);
+                launch!(
+                    self,
+                    "split_cols",
+                    self.ops.stride(n * w),
+                    &x.view(),
+                    &ni,
+                    &ti,
+                    &oi,
+                    &wi,
+                    &mut p.view_mut()
+                )?;
+                off += w;
+            }
+            Ok(())
+        })();
+        self.keep(r)
+    }
+
+    fn dense_linear(&self, w: &CudaDense, x: &CudaBuf, n: usize, y: &mut CudaBuf) {
+        let r = self.dense_into(w, x, n, y);
+        self.keep(r)
+    }
+
+    fn anyprec_linear(
+        &self,
+        w: &CudaAnyPrecLinear,
+        x: &CudaBuf,
+        n: usize,
+        bits: u32,
+        y: &mut CudaBuf,
+    ) {
+        let r = self.anyprec_into(w, x, n, bits, y);
+        self.keep(r)
+    }
+
+    fn estimates(&self, est: &Estimator<Self>, x: &CudaBuf, n: usize) -> Result<CudaBuf> {
+        self.check()?;
+        match est {
+            Estimator::None => self.zeros(n),
+            Estimator::Linear { a, c } => self.row_norms(x, n, *a, *c),
+            Estimator::Jl { k, g, bias } => {
+                let mut gx = self.zeros(n * k)?;
+                self.dense_into(g, x, n, &mut gx)?;
+                self.row_norms(&gx, n, 1.0, *bias)
+            }
+        }
+    }
+
+    fn threshold_mask(&self, values: &CudaBuf, threshold: f32) -> Result<CudaMask> {
+        self.check()?;
+        let n = values.len;
+        let mut flags = self
+            .stream()
+            .alloc_zeros::<u32>(n.max(1))
+            .map_err(device_err("allocating decisions"))?;
+        let ni = n as i32;
+        launch!(
+            self,
+            "threshold",
+            self.ops.stride(n),
+            &values.view(),
+            &ni,
+            &threshold,
+            &mut flags
+        )?;
+        Ok(CudaMask { flags, n })
+    }
+
+    fn mask_count(&self, mask: &CudaMask) -> Result<usize> {
+        self.check()?;
+        Ok(self.picked(mask, true)?.len())
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CudaBuf,
+        width: usize,
+        mask: &CudaMask,
+        high: bool,
+    ) -> Result<CudaBuf> {
+        self.check()?;
+        Self::want_len("gather_rows", x, mask.n * width)?;
+        let idx = self.picked(mask, high)?;
+        let mut out = self.zeros(idx.len() * width)?;
+        if !idx.is_empty() {
+            let ids = self.upload_u32(&idx)?;
+            let (w, c) = (width as i32, idx.len() as i32);
+            launch!(
+                self,
+                "gather_rows",
+                self.ops.stride(idx.len() * width),
+                &x.view(),
+                &w,
+                &ids,
+                &c,
+                &mut out.view_mut()
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn scatter_rows(
+        &self,
+        src: &CudaBuf,
+        width: usize,
+        mask: &CudaMask,
+        high: bool,
+        dst: &mut CudaBuf,
+    ) {
+        let r = (|| {
+            Self::want_len("scatter_rows", dst, mask.n * width)?;
+            let idx = self.picked(mask, high)?;
+            Self::want_len("scatter_rows source", src, idx.len() * width)?;
+            if idx.is_empty() {
+                return Ok(());
+            }
+            let ids = self.upload_u32(&idx)?;
+            let (w, c) = (width as i32, idx.len() as i32);
+            launch!(
+                self,
+                "scatter_rows",
+                self.ops.stride(idx.len() * width),
+                &src.view(),
+                &w,
+                &ids,
+                &c,
+                &mut dst.view_mut()
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn first_non_finite(&self, x: &CudaBuf) -> Result<Option<usize>> {
+        self.check()?;
+        if x.len > u32::MAX as usize {
+            return Err(EngineError::Device(format!(
+                "first_non_finite: {} values (at most 2^32)",
+                x.len
+            )));
+        }
+        let mut first = self.upload_u32(&[u32::MAX])?;
+        let n = x.len as i64;
+        launch!(
+            self,
+            "first_non_finite",
+            self.ops.stride(x.len),
+            &x.view(),
+            &n,
+            &mut first
+        )?;
+        let v = self
+            .stream()
+            .clone_dtoh(&first)
+            .map_err(device_err("reading the finiteness check"))?;
+        self.check()?;
+        Ok((v[0] != u32::MAX).then_some(v[0] as usize))
+    }
+}

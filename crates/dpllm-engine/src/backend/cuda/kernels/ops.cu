@@ -1,0 +1,260 @@
+// The forward pass's ops besides the bit-plane GEMV: norms, RoPE, attention,
+// elementwise ops, row moves, dense linears, embeddings, DP-LLM estimates and
+// decisions. Activations are f32, row-major [n x width], one row per token.
+// Every kernel checks its own bounds, so any grid that covers the work is valid.
+
+// ---- reductions over a block ----------------------------------------------
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in every thread.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = warp_sum(v);
+    __syncthreads();  // part may still be read by a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    float s = lane < warps ? part[lane] : 0.f;
+    return warp_sum(s);
+}
+
+// ---- norms ----------------------------------------------------------------
+
+// One block per segment of d values: out = x / sqrt(mean(x^2) + eps) * w.
+// In place when out == x (each thread writes only what it read).
+extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, float* out, int d) {
+    const long base = (long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = x[base + i];
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[base + i] = x[base + i] * inv * w[i];
+}
+
+// One block per row of d values: out[row] = a * ||x_row|| + c (the DP-LLM estimates).
+extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float c, float* out) {
+    const long base = (long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = x[base + i];
+        ss += v * v;
+    }
+    const float s = block_sum(ss);
+    if (threadIdx.x == 0) out[blockIdx.x] = a * sqrtf(s) + c;
+}
+
+// ---- elementwise ----------------------------------------------------------
+
+// gate = silu(gate) * up.
+extern "C" __global__ void swiglu(float* gate, const float* up, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        gate[i] = g / (1.f + expf(-g)) * up[i];
+    }
+}
+
+// h += x.
+extern "C" __global__ void add(float* h, const float* x, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        h[i] += x[i];
+}
+
+// y[t][r] += bias[r] for y [n x rows].
+extern "C" __global__ void add_bias(float* y, const float* bias, int rows, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] += bias[i % rows];
+}
+
+// Rotate pairs (i, i + rot/2) of every head of x [n x heads x hd] at positions
+// pos0.. by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]).
+extern "C" __global__ void rope(float* x, const float* table, int n, int heads, int hd, int rot, int pos0) {
+    const int half = rot / 2;
+    const long total = (long)n * heads * half;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x) {
+        const int i = j % half;
+        const long th = j / half;  // token * heads + head
+        const int t = th / heads;
+        const float* row = table + (long)(pos0 + t) * rot;
+        float* h = x + th * hd;
+        const float a = h[i], b = h[i + half], c = row[i], s = row[half + i];
+        h[i] = a * c - b * s;
+        h[i + half] = b * c + a * s;
+    }
+}
+
+// ---- row moves ------------------------------------------------------------
+
+// out [n x width] = columns off..off+width of x [n x total].
+extern "C" __global__ void split_cols(const float* x, int n, int total, int off, int width, float* out) {
+    const long count = (long)n * width;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < count; j += (long)gridDim.x * blockDim.x) {
+        const long t = j / width;
+        out[j] = x[t * total + off + j % width];
+    }
+}
+
+// out row i = x row idx[i], for i < count.
+extern "C" __global__ void gather_rows(const float* x, int width, const u32* idx, int count, float* out) {
+    const long total = (long)count * width;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
+        out[j] = x[(long)idx[j / width] * width + j % width];
+}
+
+// dst row idx[i] = src row i, for i < count.
+extern "C" __global__ void scatter_rows(const float* src, int width, const u32* idx, int count, float* dst) {
+    const long total = (long)count * width;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
+        dst[(long)idx[j / width] * width + j % width] = src[j];
+}
+
+// ---- checks and decisions -------------------------------------------------
+
+// *first = min(*first, index of each NaN or infinity in x); the host sets it to ~0 before.
+extern "C" __global__ void first_non_finite(const float* x, long n, u32* first) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        if (!isfinite(x[i])) atomicMin(first, (u32)i);
+}
+
+// flags[t] = values[t] > threshold.
+extern "C" __global__ void threshold(const float* values, int n, float thr, u32* flags) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) flags[t] = values[t] > thr ? 1u : 0u;
+}
+
+// ---- dense weights --------------------------------------------------------
+// Stored forms: 0 f32, 1 f16, 2 bf16, 3 Q8_0 (int8 [rows x cols] with one f16
+// scale per 32 columns, [rows x cols/32]).
+
+template <int T>
+__device__ __forceinline__ float ldw(const void* w, const u16* scales, long r, int c, int cols) {
+    const long i = r * cols + c;
+    if (T == 0) return ((const float*)w)[i];
+    if (T == 1) return h2f(((const u16*)w)[i]);
+    if (T == 2) return bf2f(((const u16*)w)[i]);
+    return (float)((const signed char*)w)[i] * h2f(scales[r * (cols / 32) + c / 32]);
+}
+
+// out [n x cols] = rows tokens[t] of the table.
+template <int T>
+__device__ void embed(const void* w, const u16* scales, const u32* tokens, int n, int cols, float* out) {
+    const long total = (long)n * cols;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
+        out[j] = ldw<T>(w, scales, tokens[j / cols], j % cols, cols);
+}
+
+// y [NT x rows] (row stride ys) = x [NT x cols] (row stride xs) . W^T (+ bias):
+// one warp per output row, coalesced weight loads, f32 accumulation.
+template <int T, int NT>
+__device__ void dense_gemv(const void* w, const u16* scales, const float* x, int xs, const float* bias,
+                           int has_bias, float* y, int ys, int rows, int cols) {
+    const long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    for (int c = lane; c < cols; c += 32) {
+        const float wv = ldw<T>(w, scales, r, c, cols);
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[t] = fmaf(wv, x[(long)t * xs + c], acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float s = warp_sum(acc[t]);
+        if (lane == 0) y[(long)t * ys + r] = s + (has_bias ? bias[r] : 0.f);
+    }
+}
+
+#define DENSE_T(NAME, T, NT)                                                                        \
+    extern "C" __global__ void dense_##NAME##_t##NT(const void* w, const u16* scales, const float* x, \
+                                                    int xs, const float* bias, int has_bias, float* y,  \
+                                                    int ys, int rows, int cols) {                       \
+        dense_gemv<T, NT>(w, scales, x, xs, bias, has_bias, y, ys, rows, cols);                        \
+    }
+
+#define DENSE(NAME, T)                                                                              \
+    extern "C" __global__ void embed_##NAME(const void* w, const u16* scales, const u32* tokens, int n, \
+                                            int cols, float* out) {                                    \
+        embed<T>(w, scales, tokens, n, cols, out);                                                     \
+    }                                                                                               \
+    DENSE_T(NAME, T, 1) DENSE_T(NAME, T, 2) DENSE_T(NAME, T, 3) DENSE_T(NAME, T, 4)                 \
+    DENSE_T(NAME, T, 5) DENSE_T(NAME, T, 6) DENSE_T(NAME, T, 7) DENSE_T(NAME, T, 8)
+
+DENSE(f32, 0)
+DENSE(f16, 1)
+DENSE(bf16, 2)
+DENSE(q8_0, 3)
+
+// ---- attention ------------------------------------------------------------
+// Causal attention of query token t (blockIdx.y) and head h (blockIdx.x) over
+// positions lo..=pos0+t of one layer's cache (k, v [positions x kv_dim]), with
+// grouped KV heads and an optional window (0: none). Each warp runs an online
+// softmax over every ATT_WARPS-th position, keeping the head's output in
+// registers (ATT_MAXD / 32 per lane); the warps' partial results are merged at
+// the end.
+
+#define ATT_WARPS 4
+#define ATT_MAXD 256
+
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, int pos0,
+                                     int nh, int nkv, int hd, int window, float scale) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kvd = nkv * hd, qd = nh * hd;
+    const long kvo = (long)(h / (nh / nkv)) * hd;
+    const int pos = pos0 + t;
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    float qr[ATT_MAXD / 32], acc[ATT_MAXD / 32];
+#pragma unroll
+    for (int m = 0; m < ATT_MAXD / 32; m++) {
+        const int i = lane + 32 * m;
+        qr[m] = i < hd ? q[(long)t * qd + (long)h * hd + i] * scale : 0.f;
+        acc[m] = 0.f;
+    }
+    float mx = NEG_INF, l = 0.f;
+    for (int j = lo + warp; j <= pos; j += ATT_WARPS) {
+        const float* kr = k + (long)j * kvd + kvo;
+        float s = 0.f;
+#pragma unroll
+        for (int m = 0; m < ATT_MAXD / 32; m++) {
+            const int i = lane + 32 * m;
+            if (i < hd) s = fmaf(qr[m], kr[i], s);
+        }
+        s = warp_sum(s);
+        const float nm = fmaxf(mx, s);
+        const float corr = expf(mx - nm), p = expf(s - nm);
+        l = l * corr + p;
+        const float* vr = v + (long)j * kvd + kvo;
+#pragma unroll
+        for (int m = 0; m < ATT_MAXD / 32; m++) {
+            const int i = lane + 32 * m;
+            if (i < hd) acc[m] = fmaf(acc[m], corr, p * vr[i]);
+        }
+        mx = nm;
+    }
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][ATT_MAXD];
+    if (lane == 0) {
+        sm_m[warp] = mx;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int m = 0; m < ATT_MAXD / 32; m++) {
+        const int i = lane + 32 * m;
+        if (i < hd) sm_acc[warp][i] = acc[m];
+    }
+    __syncthreads();
+    float big = NEG_INF;
+    for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, sm_m[w]);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float total = 0.f, o = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            if (sm_m[w] == NEG_INF) continue;  // a warp that saw no position
+            const float f = expf(sm_m[w] - big);
+            total += sm_l[w] * f;
+            o += sm_acc[w][i] * f;
+        }
+        out[(long)t * qd + (long)h * hd + i] = o / total;
+    }
+}

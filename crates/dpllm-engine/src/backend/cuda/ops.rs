@@ -1,0 +1,95 @@
+//! The kernels of the forward pass besides the bit-plane GEMV
+//! (`kernels/ops.cu`): their source, functions looked up once by name, and
+//! the launch shapes the backend uses.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
+
+use super::{device_err, CudaDevice};
+use crate::error::Result;
+
+/// The kernels' source.
+pub const SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    include_str!("kernels/ops.cu")
+);
+
+/// Threads per block of the grid-stride kernels.
+const THREADS: u32 = 256;
+
+/// Most positions' worth of head dimension the attention kernel keeps in registers.
+pub const ATT_MAX_HEAD_DIM: usize = 256;
+
+/// Query heads' warps per attention block (`ATT_WARPS` in the source).
+const ATT_THREADS: u32 = 4 * 32;
+
+/// The ops module of one GPU, with its functions cached by name.
+pub(crate) struct OpsKernels {
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    sms: usize,
+}
+
+impl OpsKernels {
+    /// Compile (or read from the PTX cache) and load the ops of `dev`.
+    pub(crate) fn new(dev: &CudaDevice) -> Result<OpsKernels> {
+        Ok(OpsKernels {
+            module: dev.ops_module()?,
+            functions: Mutex::default(),
+            sms: dev.multiprocessors(),
+        })
+    }
+
+    /// The kernel `name`.
+    pub(crate) fn get(&self, name: &str) -> Result<CudaFunction> {
+        let mut m = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = m.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(device_err("finding a kernel of ops.cu"))?;
+        m.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// A grid-stride launch over `n` elements: enough blocks to fill the GPU, no more.
+    pub(crate) fn stride(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, self.sms * 16);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block per row of `width` values (norms): a warp per 32 values, at most 8 warps.
+    pub(crate) fn per_row(&self, rows: usize, width: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (width.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One warp per output row (dense GEMV).
+    pub(crate) fn warp_per_row(&self, rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((rows * 32).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block per (head, query token) of attention.
+    pub(crate) fn attention(&self, heads: usize, tokens: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (heads as u32, tokens as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}

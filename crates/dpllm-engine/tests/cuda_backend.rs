@@ -1,0 +1,254 @@
+//! The CUDA backend's ops against the references (`backend::conformance`) and
+//! against the CPU backend on larger, odd shapes (long attention windows, wide
+//! norms, every dense storage, prefill-sized batches), plus its error paths.
+//! Skips with a message where there is no GPU.
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use dpllm_engine::backend::cuda::{test_device, CudaBackend};
+use dpllm_engine::backend::{conformance, AnyPrecHost, AttnShape, DenseHost};
+use dpllm_engine::{Backend, CpuBackend};
+use dpllm_format::{Q8Matrix, TensorData};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn backend() -> Option<CudaBackend> {
+    test_device(0).map(|d| CudaBackend::on(d).expect("the CUDA backend starts"))
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Max |a − b| / (1 + |b|), and fail above `tol` naming `what`.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (i, err) = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a.is_nan() != b.is_nan() {
+                f32::INFINITY
+            } else {
+                (a - b).abs() / (1.0 + b.abs())
+            }
+        })
+        .enumerate()
+        .fold((0, 0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m });
+    assert!(
+        err <= tol,
+        "{what}: element {i} is {} on the GPU, {} on the CPU",
+        got[i],
+        want[i]
+    );
+}
+
+#[test]
+fn ops_match_the_references() {
+    let Some(be) = backend() else { return };
+    for seed in 0..4 {
+        conformance::check(&be, seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
+#[test]
+fn attention_matches_the_cpu_over_long_contexts() {
+    let Some(gpu) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    // (heads, kv heads, head dim, window, cached positions, new queries)
+    for (nh, nkv, hd, window, pos0, m) in [
+        (9, 3, 64, None, 700, 1),
+        (32, 8, 128, None, 2000, 1),
+        (4, 4, 96, Some(300), 900, 5),
+        (6, 2, 256, None, 40, 70),
+        (2, 1, 20, Some(7), 0, 33),
+    ] {
+        let shape = AttnShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            window,
+        };
+        let kvd = nkv * hd;
+        let (keys, values) = (
+            rand_vec(&mut rng, (pos0 + m) * kvd),
+            rand_vec(&mut rng, (pos0 + m) * kvd),
+        );
+        // Scaled queries make peaked softmaxes, where a wrong merge would show.
+        let q: Vec<f32> = rand_vec(&mut rng, m * nh * hd)
+            .iter()
+            .map(|v| v * 4.0)
+            .collect();
+        assert_close(
+            &format!("attention {nh}/{nkv}x{hd} window {window:?} at {pos0}+{m}"),
+            &attend(&gpu, &q, &keys, &values, pos0, kvd, shape),
+            &attend(&CpuBackend, &q, &keys, &values, pos0, kvd, shape),
+            1e-5,
+        );
+    }
+}
+
+/// Attention of `q` over keys/values appended in two steps (the prefix, then the new positions).
+fn attend<B: Backend>(
+    be: &B,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos0: usize,
+    kvd: usize,
+    shape: AttnShape,
+) -> Vec<f32> {
+    let mut kv = be.kv_new(2, kvd);
+    let total = k.len() / kvd;
+    for (a, b) in [(0, pos0), (pos0, total)] {
+        if b > a {
+            be.kv_append(
+                &mut kv,
+                1,
+                &be.upload(&k[a * kvd..b * kvd]).unwrap(),
+                &be.upload(&v[a * kvd..b * kvd]).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    let mut out = be.zeros(q.len()).unwrap();
+    be.attention(&be.upload(q).unwrap(), &kv, 1, pos0, shape, &mut out);
+    be.download(out).unwrap()
+}
+
+#[test]
+fn linears_norms_and_rope_match_the_cpu_on_model_shapes() {
+    let Some(gpu) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let (rows, cols) = (1536usize, 576usize);
+    let w = rand_vec(&mut rng, rows * cols);
+    let bias = rand_vec(&mut rng, rows);
+    let q8 = Arc::new(Q8Matrix {
+        rows,
+        cols,
+        scales: (0..rows * cols / 32)
+            .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+            .collect(),
+        quants: (0..rows * cols).map(|_| rng.random()).collect(),
+    });
+    let stored = [
+        DenseHost::Float(Arc::new(TensorData::F32(w.clone()))),
+        DenseHost::Float(Arc::new(TensorData::F16(
+            w.iter().map(|&v| f16::from_f32(v)).collect(),
+        ))),
+        DenseHost::Float(Arc::new(TensorData::BF16(
+            w.iter().map(|&v| bf16::from_f32(v)).collect(),
+        ))),
+        DenseHost::Q8_0(q8),
+    ];
+    let ap = AnyPrecHost::random(rows, cols, 8, rng.random());
+    let (gpu_ap, cpu_ap) = (
+        gpu.anyprec(ap.clone()).unwrap(),
+        CpuBackend.anyprec(ap).unwrap(),
+    );
+    // 1 token (decode), 8 (one launch), 45 (prefill: several launches and a tail).
+    for n in [1usize, 8, 45] {
+        let x = rand_vec(&mut rng, n * cols);
+        let (gx, cx) = (gpu.upload(&x).unwrap(), x.clone());
+        for s in &stored {
+            let (gd, cd) = (
+                gpu.dense(s.clone(), rows, cols, Some(bias.clone())).unwrap(),
+                CpuBackend
+                    .dense(s.clone(), rows, cols, Some(bias.clone()))
+                    .unwrap(),
+            );
+            let (mut gy, mut cy) = (gpu.zeros(n * rows).unwrap(), vec![0f32; n * rows]);
+            gpu.dense_linear(&gd, &gx, n, &mut gy);
+            CpuBackend.dense_linear(&cd, &cx, n, &mut cy);
+            // The CPU's Q8_0 path rounds activations to 8 bits; allow for it there.
+            let tol = if s.storage() == "q8_0" { 2e-2 } else { 1e-4 };
+            assert_close(
+                &format!("dense {} n={n}", s.storage()),
+                &gpu.download(gy).unwrap(),
+                &cy,
+                tol,
+            );
+        }
+        for bits in [3u32, 4, 6, 8] {
+            let (mut gy, mut cy) = (gpu.zeros(n * rows).unwrap(), vec![0f32; n * rows]);
+            gpu.anyprec_linear(&gpu_ap, &gx, n, bits, &mut gy);
+            CpuBackend.anyprec_linear(&cpu_ap, &cx, n, bits, &mut cy);
+            // The CPU's kernels round activations to 16-bit fixed point.
+            assert_close(
+                &format!("anyprec {bits} bits n={n}"),
+                &gpu.download(gy).unwrap(),
+                &cy,
+                2e-3,
+            );
+        }
+        // A wide norm (one block per row, several warps) and RoPE with a partial rotation.
+        let g: Vec<f32> = (0..cols).map(|_| rng.random_range(0.5..1.5)).collect();
+        let (mut gy, mut cy) = (gpu.zeros(n * cols).unwrap(), vec![0f32; n * cols]);
+        gpu.rms_norm(&gx, &gpu.upload(&g).unwrap(), 1e-6, &mut gy);
+        CpuBackend.rms_norm(&cx, &g, 1e-6, &mut cy);
+        assert_close("rms_norm", &gpu.download(gy).unwrap(), &cy, 1e-5);
+        let (heads, hd, rot, pos0) = (9usize, 64usize, 32usize, 100usize);
+        let table = rand_vec(&mut rng, (pos0 + n) * rot);
+        let (mut gq, mut cq) = (gpu.upload(&x).unwrap(), x.clone());
+        gpu.rope(&mut gq, heads, hd, rot, pos0, &gpu.upload(&table).unwrap());
+        CpuBackend.rope(&mut cq, heads, hd, rot, pos0, &table);
+        assert_close("rope", &gpu.download(gq).unwrap(), &cq, 1e-6);
+    }
+}
+
+#[test]
+fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
+    let Some(be) = backend() else { return };
+    let x = be.upload(&[1.0; 12]).unwrap();
+    let mut small = be.zeros(5).unwrap();
+    // Wrong shapes: nothing is launched, the error waits for the next result.
+    be.add(&mut small, &x);
+    let e = be.zeros(3).unwrap_err().to_string();
+    assert!(e.contains("add") && e.contains("12"), "{e}");
+    // Reported once: the backend works again.
+    let mut h = be.upload(&[1.0; 12]).unwrap();
+    be.add(&mut h, &x);
+    assert_eq!(be.download(h).unwrap(), vec![2.0; 12]);
+    // Bad attention shapes and an empty cache layer.
+    let kv = be.kv_new(1, 8);
+    let mut out = be.zeros(16).unwrap();
+    let shape = AttnShape {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 8,
+        window: None,
+    };
+    be.attention(&be.upload(&[0.0; 16]).unwrap(), &kv, 0, 0, shape, &mut out);
+    let e = be.synchronize().unwrap_err().to_string();
+    assert!(e.contains("KV cache holds 0 positions"), "{e}");
+    // Out-of-range bits and token ids.
+    let ap = be.anyprec(AnyPrecHost::random(8, 64, 5, 1)).unwrap();
+    let mut y = be.zeros(8).unwrap();
+    be.anyprec_linear(&ap, &be.upload(&[0.5; 64]).unwrap(), 1, 6, &mut y);
+    let e = be.synchronize().unwrap_err().to_string();
+    assert!(e.contains("6 bits"), "{e}");
+    let table = be
+        .dense(
+            DenseHost::Float(Arc::new(TensorData::F32(vec![0.0; 4 * 3]))),
+            4,
+            3,
+            None,
+        )
+        .unwrap();
+    let mut emb = be.zeros(3).unwrap();
+    be.embed(&table, &[4], &mut emb);
+    assert!(be.synchronize().is_err(), "token 4 of a 4-row table");
+    // Mismatched weights are refused at upload.
+    let mut bad = AnyPrecHost::random(8, 64, 5, 1);
+    bad.planes.pop();
+    assert!(be.anyprec(bad).is_err());
+    let q8 = Q8Matrix {
+        rows: 2,
+        cols: 40,
+        scales: vec![f16::ONE; 2],
+        quants: vec![0; 80],
+    };
+    assert!(be.dense(DenseHost::Q8_0(Arc::new(q8)), 2, 40, None).is_err());
+}
