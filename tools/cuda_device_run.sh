@@ -20,6 +20,10 @@ if [ ! -e /work/main ] && mkdir -p /work 2>/dev/null; then
     ln -s "$PWD" /work/main
 fi
 [ -d .devcarry/shared ] && export DPLLM_SHARED_DIR="$PWD/.devcarry/shared"
+# The CLI's tests run the binary where cargo built it.
+if [ -x .devcarry/dpllm ] && [ ! -e target/release/dpllm ]; then
+    mkdir -p target/release && ln -s "$PWD/.devcarry/dpllm" target/release/dpllm
+fi
 echo "== tests"
 for t in .devcarry/tests/*; do
     [ -x "$t" ] || continue

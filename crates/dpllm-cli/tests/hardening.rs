@@ -545,13 +545,21 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             ],
             vec!["--threads-per-set 48 is not a power of two"],
         ),
+        // No driver (CI) or no such GPU: either way a clear error naming it.
         (
-            vec!["generate", s(&m), "-p", "x", "--device", "cuda:0"],
+            vec!["generate", s(&m), "-p", "x", "--device", "cuda:7"],
+            vec!["cuda:7", "--device"],
+        ),
+        (
             vec![
-                "cuda:0",
-                "do not run on the CUDA backend yet",
-                "--device cpu",
+                "quantize",
+                s(&m),
+                "--out",
+                "never-written",
+                "--device",
+                "cuda",
             ],
+            vec!["quantize runs on the CPU only", "--device cpu"],
         ),
         (
             vec![

@@ -154,7 +154,8 @@ fn linears_norms_and_rope_match_the_cpu_on_model_shapes() {
         let (gx, cx) = (gpu.upload(&x).unwrap(), x.clone());
         for s in &stored {
             let (gd, cd) = (
-                gpu.dense(s.clone(), rows, cols, Some(bias.clone())).unwrap(),
+                gpu.dense(s.clone(), rows, cols, Some(bias.clone()))
+                    .unwrap(),
                 CpuBackend
                     .dense(s.clone(), rows, cols, Some(bias.clone()))
                     .unwrap(),
@@ -250,5 +251,7 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         scales: vec![f16::ONE; 2],
         quants: vec![0; 80],
     };
-    assert!(be.dense(DenseHost::Q8_0(Arc::new(q8)), 2, 40, None).is_err());
+    assert!(be
+        .dense(DenseHost::Q8_0(Arc::new(q8)), 2, 40, None)
+        .is_err());
 }

@@ -14,7 +14,7 @@ pub struct Bandwidth {
     pub copy_gbs: f64,
     /// Read-only bandwidth (a parallel sum), GB/s.
     pub read_gbs: f64,
-    /// Threads used.
+    /// CPU threads used (0: a GPU's bandwidth).
     pub threads: usize,
 }
 
@@ -63,4 +63,20 @@ mod tests {
         assert!(bw.read_gbs.is_finite() && bw.read_gbs > 0.0);
         assert_eq!(bw.buffer_bytes, 8 << 20);
     }
+}
+
+/// The bandwidth of the GPU `be` runs on, on `bytes`-sized buffers; best of `reps`.
+#[cfg(feature = "cuda")]
+pub fn measure_cuda(
+    be: &dpllm_engine::backend::cuda::CudaBackend,
+    bytes: usize,
+    reps: usize,
+) -> anyhow::Result<Bandwidth> {
+    let (copy_gbs, read_gbs) = be.bandwidth(bytes, reps)?;
+    Ok(Bandwidth {
+        buffer_bytes: bytes,
+        copy_gbs,
+        read_gbs,
+        threads: 0,
+    })
 }

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use dpllm_engine::sampler::{Sampler, SamplingParams};
 use dpllm_engine::session::DecodeOptions;
-use dpllm_engine::{Model, RunPrecision, Session};
+use dpllm_engine::{Backend, Model, RunPrecision, Session};
 use serde::Serialize;
 
-use crate::bandwidth::{self, Bandwidth};
+use crate::bandwidth::Bandwidth;
 
 /// Settings of a decode benchmark.
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +66,9 @@ impl DecodeBenchConfig {
 pub struct DecodeBench {
     /// Settings used.
     pub config: DecodeBenchConfig,
+    /// The backend the model ran on ("cpu (avx2)", "cuda:0 (...)"); the
+    /// report's `device` field describes the machine.
+    pub backend: String,
     /// Model directory.
     pub model: String,
     /// Storage type of the weights.
@@ -94,16 +97,16 @@ pub struct DecodeBench {
     pub threads: usize,
 }
 
-/// Run the benchmark: measure bandwidth, prefill a synthetic prompt, then time
-/// greedy decoding at `precision` (under a plan: prefill at maximum precision,
-/// per-token selection).
-pub fn run(
-    model: Arc<Model>,
-    precision: RunPrecision,
+/// Run the benchmark: prefill a synthetic prompt, then time greedy decoding at
+/// `precision` (under a plan: prefill at maximum precision, per-token
+/// selection); `bw` is the bandwidth of the model's device, measured by the caller.
+pub fn run<B: Backend>(
+    model: Arc<Model<B>>,
+    precision: RunPrecision<B>,
     cfg: &DecodeBenchConfig,
+    bw: Bandwidth,
 ) -> anyhow::Result<DecodeBench> {
     cfg.check(model.config.max_position_embeddings)?;
-    let bw = bandwidth::measure(cfg.bandwidth_bytes, 5);
     let vocab = model.config.vocab_size as u64;
     let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1) as u64)
         .map(|i| ((i * 7919 + 13) % vocab) as u32)
@@ -147,6 +150,7 @@ pub fn run(
     let achieved = bytes as f64 * tps / 1e9;
     Ok(DecodeBench {
         config: cfg.clone(),
+        backend: model.backend.name(),
         model: model.dir.display().to_string(),
         weights,
         prefill_tokens_per_sec: prompt.len() as f64 / g.prefill_secs,
@@ -168,6 +172,7 @@ impl DecodeBench {
     pub fn table(&self) -> String {
         let rows = [
             ("model", self.model.clone()),
+            ("backend", self.backend.clone()),
             ("weights", self.weights.clone()),
             ("threads", self.threads.to_string()),
             (

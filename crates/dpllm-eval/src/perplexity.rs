@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use dpllm_engine::Session;
+use dpllm_engine::{Backend, Session};
 
 use crate::fidelity::{Fidelity, FidelityAcc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,22 +68,22 @@ pub use dpllm_engine::loss::nll_sum;
 /// Perplexity of the session's model on `tokens` with chunks of `ctx` tokens; at
 /// most `max_chunks` chunks when given. Under a DP-LLM plan every token of a
 /// chunk selects its precision per linear ("prefill by decode").
-pub fn perplexity(
-    session: &mut Session,
+pub fn perplexity<B: Backend>(
+    session: &mut Session<B>,
     tokens: &[u32],
     ctx: usize,
     max_chunks: Option<usize>,
     progress: bool,
 ) -> anyhow::Result<Perplexity> {
-    perplexity_vs(session, None, tokens, ctx, max_chunks, progress)
+    perplexity_vs::<B, B>(session, None, tokens, ctx, max_chunks, progress)
 }
 
 /// [`perplexity`], also comparing every prediction with a `reference` session
 /// (its own model and precision) on the same chunks: KL divergence and top-1 agreement.
 /// Both sessions need room for `ctx` positions.
-pub fn perplexity_vs(
-    session: &mut Session,
-    mut reference: Option<&mut Session>,
+pub fn perplexity_vs<B: Backend, R: Backend>(
+    session: &mut Session<B>,
+    mut reference: Option<&mut Session<R>>,
     tokens: &[u32],
     ctx: usize,
     max_chunks: Option<usize>,
@@ -108,12 +108,11 @@ pub fn perplexity_vs(
     if ctx > max_ctx {
         anyhow::bail!("--ctx {ctx} exceeds the model's context window of {max_ctx} tokens");
     }
-    for s in std::iter::once(&*session).chain(reference.as_deref()) {
-        if s.capacity() < ctx {
-            anyhow::bail!(
-                "a session of {} positions cannot hold chunks of {ctx} tokens",
-                s.capacity()
-            );
+    let capacities =
+        std::iter::once(session.capacity()).chain(reference.as_deref().map(Session::capacity));
+    for cap in capacities {
+        if cap < ctx {
+            anyhow::bail!("a session of {cap} positions cannot hold chunks of {ctx} tokens");
         }
     }
     let mut chunks = tokens.len() / ctx;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
+use dpllm_engine::Backend;
+use dpllm_eval::bandwidth::Bandwidth;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
 use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
 
@@ -130,7 +132,6 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => {
-            a.device.check()?;
             super::check_json(a.json.as_deref(), &[&a.model])?;
             let dir = crate::model_dir(&a.model)?;
             let cfg = DecodeBenchConfig {
@@ -141,9 +142,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             };
             // Settings first: the context and memory they need, before the model loads.
             cfg.check(dpllm_format::ModelConfig::from_dir(dir)?.max_position_embeddings)?;
-            let loaded = super::load_model(dir, &a.bits)?;
-            let r = bench_decode::run(loaded.model().clone(), loaded.precision.clone(), &cfg)?;
-            publish(&r.table(), a.json.as_deref(), &r)
+            super::on_backend!(a.device.clone(), decode_on(a, cfg))
         }
         BenchCommand::Gemv(a) => {
             super::check_json(a.json.as_deref(), &[])?;
@@ -170,6 +169,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             publish(&r.table(), a.json.as_deref(), &r)
         }
     }
+}
+
+/// `bench decode` on `backend`, against the bandwidth of its device.
+fn decode_on<B: Backend>(backend: B, a: DecodeArgs, cfg: DecodeBenchConfig) -> anyhow::Result<()> {
+    let bw = device_bandwidth(&backend, cfg.bandwidth_bytes)?;
+    let loaded = super::load_model(backend, &a.model, &a.bits)?;
+    let r = bench_decode::run(loaded.model().clone(), loaded.precision.clone(), &cfg, bw)?;
+    publish(&r.table(), a.json.as_deref(), &r)
+}
+
+/// The memory bandwidth of the device `backend` runs on.
+fn device_bandwidth<B: Backend>(backend: &B, bytes: usize) -> anyhow::Result<Bandwidth> {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) =
+        (backend as &dyn std::any::Any).downcast_ref::<dpllm_engine::backend::cuda::CudaBackend>()
+    {
+        return dpllm_eval::bandwidth::measure_cuda(gpu, bytes, 5);
+    }
+    let _ = backend;
+    Ok(dpllm_eval::bandwidth::measure(bytes, 5))
 }
 
 /// `bench gemv --device cuda:N`.

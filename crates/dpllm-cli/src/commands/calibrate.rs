@@ -172,7 +172,7 @@ impl CalibrationArgs {
 
 /// Run the calibration and print a table of targets.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    a.device.require_cpu("calibrate")?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calibration.calib.required_file()?;
     let (opts, data) = a.calibration.options_and_data(dir, &file)?;

@@ -7,6 +7,7 @@ use dpllm_engine::chat_template::ChatMessage;
 use dpllm_engine::generate::{generate, GenerateOptions};
 use dpllm_engine::sampler::SamplingParams;
 use dpllm_engine::session::StopReason;
+use dpllm_engine::Backend;
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -51,7 +52,11 @@ pub struct Args {
 
 /// Generate and stream to stdout; a summary goes to stderr.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    super::on_backend!(a.device.clone(), run_on(a))
+}
+
+/// [`run`] on `backend`.
+fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -60,7 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let (loaded, tok) = super::load(&a.model, &a.bits)?;
+    let (loaded, tok) = super::load(backend, &a.model, &a.bits)?;
     let ids = if a.chat {
         let tpl = tok.chat_template().ok_or_else(|| {
             anyhow::anyhow!(

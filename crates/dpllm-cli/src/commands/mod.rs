@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use dpllm_engine::session::{find_plan, PlanKey};
 use dpllm_engine::tokenizer::TextTokenizer;
-use dpllm_engine::{Model, RunPrecision, RuntimePlan, Selector, ServedModel, Session};
+use dpllm_engine::{Backend, Model, RunPrecision, RuntimePlan, Selector, ServedModel, Session};
 use dpllm_format::plan::PlanKind;
 
 /// Check a `--json` output before any work: its directory exists and is
@@ -55,7 +55,8 @@ pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
 /// Where a command runs the model.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct DeviceArg {
-    /// Device to run on: cpu, or cuda / cuda:N (models do not run on the CUDA backend yet).
+    /// Device to run on: cpu, or cuda / cuda:N (an NVIDIA GPU; the driver,
+    /// NVRTC and cuBLAS are loaded at run time).
     #[arg(long, default_value = "cpu")]
     pub device: dpllm_engine::Device,
 }
@@ -65,7 +66,38 @@ impl DeviceArg {
     pub fn check(&self) -> anyhow::Result<()> {
         Ok(self.device.check()?)
     }
+
+    /// Ok on the CPU; `command` does not run on a GPU yet.
+    pub fn require_cpu(&self, command: &str) -> anyhow::Result<()> {
+        if self.device != dpllm_engine::Device::Cpu {
+            anyhow::bail!(
+                "{command} runs on the CPU only for now (--device {} is for generate, \
+                 perplexity and bench); run with --device cpu",
+                self.device
+            );
+        }
+        Ok(())
+    }
 }
+
+/// `$f(backend, $args...)` with the backend of `$device` (a [`DeviceArg`]):
+/// the CPU, or the GPU opened with a clear error when it cannot be.
+macro_rules! on_backend {
+    ($device:expr, $f:ident($($arg:expr),* $(,)?)) => {{
+        let device: &$crate::commands::DeviceArg = &$device;
+        device.check()?;
+        match device.device {
+            dpllm_engine::Device::Cpu => $f(dpllm_engine::CpuBackend, $($arg),*),
+            #[cfg(feature = "cuda")]
+            dpllm_engine::Device::Cuda(n) => {
+                $f(dpllm_engine::backend::cuda::CudaBackend::new(n)?, $($arg),*)
+            }
+            #[cfg(not(feature = "cuda"))]
+            dpllm_engine::Device::Cuda(_) => unreachable!("refused by check"),
+        }
+    }};
+}
+pub(crate) use on_backend;
 
 /// How an any-precision model picks its precision: uniform `--bits`, or a DP-LLM plan.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -152,32 +184,32 @@ impl BitsArg {
 }
 
 /// A model loaded for the precision arguments, and the precision they ask for.
-pub struct Loaded {
+pub struct Loaded<B: Backend = dpllm_engine::CpuBackend> {
     /// The model, with the planes the precision needs.
-    pub served: ServedModel,
+    pub served: ServedModel<B>,
     /// Uniform bits, highest precision, or a plan.
-    pub precision: RunPrecision,
+    pub precision: RunPrecision<B>,
 }
 
-impl Loaded {
+impl<B: Backend> Loaded<B> {
     /// The model.
-    pub fn model(&self) -> &Arc<Model> {
+    pub fn model(&self) -> &Arc<Model<B>> {
         self.served.model()
     }
 
     /// The DP-LLM or static plan, if one runs.
-    pub fn plan(&self) -> Option<&RuntimePlan> {
+    pub fn plan(&self) -> Option<&RuntimePlan<B>> {
         self.precision.plan()
     }
 
     /// A session at this precision with room for `capacity` positions.
-    pub fn session(&self, capacity: usize) -> anyhow::Result<Session> {
+    pub fn session(&self, capacity: usize) -> anyhow::Result<Session<B>> {
         Ok(self.served.session(self.precision.clone(), capacity)?)
     }
 }
 
-/// Load only the weights the precision arguments need.
-pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
+/// Load onto `backend` only the weights the precision arguments need.
+pub fn load_model<B: Backend>(backend: B, dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded<B>> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     if let Some(b) = bits.bits {
         if !(3..=8).contains(&b) {
@@ -185,7 +217,7 @@ pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
         }
     }
     if let Some(path) = bits.plan_path(&dir)? {
-        let served = ServedModel::load_for_plan_file(&dir, &path)?;
+        let served = ServedModel::load_for_plan_file_on(backend, &dir, &path)?;
         let mut rp = served.plan(&PlanKey::File(path.clone()))?;
         if bits.select != SelectArg::Estimator && rp.kind() != PlanKind::Dynamic {
             anyhow::bail!(
@@ -211,18 +243,23 @@ pub fn load_model(dir: &Path, bits: &BitsArg) -> anyhow::Result<Loaded> {
             bits.select.method()
         );
     }
-    let served = ServedModel::load(&dir, None, bits.bits)?;
+    let served = ServedModel::load_on(backend, &dir, None, bits.bits)?;
     let precision = bits
         .bits
         .map_or(RunPrecision::Highest, RunPrecision::Uniform);
     Ok(Loaded { served, precision })
 }
 
-/// Load a model (as `bits` asks) and its tokenizer, reporting the load time on stderr.
-pub fn load(dir: &Path, bits: &BitsArg) -> anyhow::Result<(Loaded, TextTokenizer)> {
+/// Load a model onto `backend` (as `bits` asks) and its tokenizer, reporting
+/// the load time on stderr.
+pub fn load<B: Backend>(
+    backend: B,
+    dir: &Path,
+    bits: &BitsArg,
+) -> anyhow::Result<(Loaded<B>, TextTokenizer)> {
     let dir = crate::model_dir(&dir.to_path_buf())?.clone();
     let t = std::time::Instant::now();
-    let loaded = load_model(&dir, bits)?;
+    let loaded = load_model(backend, &dir, bits)?;
     let model = loaded.model();
     let tok =
         TextTokenizer::from_dir(&dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
@@ -241,10 +278,11 @@ pub fn load(dir: &Path, bits: &BitsArg) -> anyhow::Result<(Loaded, TextTokenizer
         (None, None) => String::new(),
     };
     eprintln!(
-        "loaded {} ({}, {} layers{precision}) in {:.2}s",
+        "loaded {} ({}, {} layers{precision}) on {} in {:.2}s",
         dir.display(),
         model.config.arch.hf_name(),
         model.config.num_layers,
+        model.backend.name(),
         t.elapsed().as_secs_f64()
     );
     Ok((loaded, tok))

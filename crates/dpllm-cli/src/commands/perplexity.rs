@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use dpllm_engine::{RunPrecision, ServedModel};
+use dpllm_engine::{Backend, RunPrecision, ServedModel};
 use dpllm_eval::perplexity::perplexity_vs;
 
 /// Arguments of `perplexity`.
@@ -35,7 +35,11 @@ pub struct Args {
 
 /// Tokenize the file, evaluate, print the result.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    super::on_backend!(a.device.clone(), run_on(a))
+}
+
+/// [`run`] on `backend` (the reference model too).
+fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
     let mut inputs = vec![a.model.as_path(), a.text.as_path()];
     inputs.extend(a.compare_to.as_deref());
     super::check_json(a.json.as_deref(), &inputs)?;
@@ -43,13 +47,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         crate::model_dir(r)?;
     }
     let text = super::read_text(&a.text, "--text")?;
-    let (loaded, tok) = super::load(&a.model, &a.bits)?;
+    let (loaded, tok) = super::load(backend.clone(), &a.model, &a.bits)?;
     let ids = tok.encode(&text, true)?;
     eprintln!("{} tokens from {}", ids.len(), a.text.display());
     let reference = a
         .compare_to
         .as_deref()
-        .map(|r| ServedModel::load(r, None, None))
+        .map(|r| ServedModel::load_on(backend.clone(), r, None, None))
         .transpose()?;
     let mut session = loaded.session(a.ctx)?;
     let mut ref_session = reference

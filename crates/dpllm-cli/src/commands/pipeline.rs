@@ -177,7 +177,7 @@ fn plan_settings(opts: &CalibrateOptions) -> CalibrateOptions {
 
 /// Run the stages that are missing (or, with --force, made from other inputs), then evaluate.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    a.device.require_cpu("pipeline")?;
     let src = crate::model_dir(&a.model)?;
     let calib_file = a.calibration.calib.required_file()?;
     let q = a.work.join("model");

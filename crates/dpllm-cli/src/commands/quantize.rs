@@ -35,7 +35,7 @@ pub struct Args {
 
 /// Quantize and print a per-precision error summary.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    a.device.require_cpu("quantize")?;
     crate::model_dir(&a.model)?;
     // Outputs first: OUT is never an input and is replaced only when dpllm wrote it (and --force).
     let mut inputs: Vec<&std::path::Path> = vec![&a.model];

@@ -38,7 +38,7 @@ pub fn compute(
         );
     }
     calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
-    let (loaded, tok) = super::load(model, &super::BitsArg::default())?;
+    let (loaded, tok) = super::load(dpllm_engine::CpuBackend, model, &super::BitsArg::default())?;
     let m = loaded.model();
     let seqs = calib.sequences(file, &tok, m.config.max_position_embeddings)?;
     let t = std::time::Instant::now();
@@ -55,7 +55,7 @@ pub fn compute(
 
 /// Run the command.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check()?;
+    a.device.require_cpu("sensitivity")?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calib.required_file()?;
     let out = a.out.clone().unwrap_or_else(|| {

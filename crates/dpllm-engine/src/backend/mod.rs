@@ -8,8 +8,7 @@
 //! decision. Only the logits (and, for evaluation, final hidden states) come back.
 //!
 //! - [`cpu`]: the CPU backend: SIMD kernels chosen at run time beside portable references.
-//! - A CUDA backend plugs in as a second implementation of [`Backend`] (issue #10);
-//!   until then [`Device::Cuda`] is answered with a clear error.
+//! - [`cuda`] (feature `cuda`): NVIDIA GPUs, kernels compiled by NVRTC at run time.
 //!
 //! Shapes: activations are row-major `[n × width]`, one row per token; weights
 //! are `[out × in]` as in Hugging Face checkpoints.

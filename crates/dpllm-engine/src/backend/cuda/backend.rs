@@ -25,6 +25,12 @@ pub struct CudaBuf {
     len: usize,
 }
 
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf({} floats)", self.len)
+    }
+}
+
 impl CudaBuf {
     /// The first `len` floats.
     fn view(&self) -> CudaView<'_, f32> {
@@ -120,12 +126,7 @@ impl CudaBackend {
 
     /// The kept error, if any (then cleared: it is reported once).
     fn check(&self) -> Result<()> {
-        match self
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -235,6 +236,41 @@ impl CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    /// The GPU's memory bandwidth on buffers of `bytes` (well beyond its L2),
+    /// best of `reps`, in GB/s: (a device-to-device copy counting bytes read plus
+    /// written, a read-only sum).
+    pub fn bandwidth(&self, bytes: usize, reps: usize) -> Result<(f64, f64)> {
+        let n = (bytes / 4).next_multiple_of(4).max(4);
+        let s = self.stream();
+        let oom = |_| EngineError::OutOfMemory {
+            what: "the bandwidth test buffers (GPU)",
+            bytes: 8 * n,
+        };
+        let src = s.alloc_zeros::<f32>(n).map_err(oom)?;
+        let mut dst = s.alloc_zeros::<f32>(n).map_err(oom)?;
+        let mut sum = s.alloc_zeros::<f32>(1).map_err(device_err("allocating"))?;
+        let (mut copy, mut read) = (f64::MAX, f64::MAX);
+        let n4 = (n / 4) as i64;
+        for _ in 0..reps.max(1) {
+            copy = copy.min(self.dev.time_ms(3, || {
+                s.memcpy_dtod(&src, &mut dst)
+                    .map_err(device_err("copying on the GPU"))
+            })?);
+            read = read.min(self.dev.time_ms(3, || {
+                launch!(
+                    self,
+                    "read_sum",
+                    self.ops.stride(n / 4),
+                    &src,
+                    &n4,
+                    &mut sum
+                )
+            })?);
+        }
+        let gbs = |b: usize, ms: f64| b as f64 / (ms * 1e-3) / 1e9;
+        Ok((gbs(8 * n, copy), gbs(4 * n, read)))
     }
 
     /// `out[t] = a·||x_t|| + c` for the `n` rows of `x`.

@@ -36,7 +36,10 @@ impl CudaKv {
 
     /// Keys and values of `layer` (None before its first append).
     pub(crate) fn layer(&self, layer: usize) -> Option<(&CudaSlice<f32>, &CudaSlice<f32>)> {
-        Some((self.keys.get(layer)?.as_ref()?, self.values.get(layer)?.as_ref()?))
+        Some((
+            self.keys.get(layer)?.as_ref()?,
+            self.values.get(layer)?.as_ref()?,
+        ))
     }
 
     /// Positions stored in `layer`.

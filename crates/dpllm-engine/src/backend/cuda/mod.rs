@@ -66,15 +66,16 @@ impl CudaDevice {
     pub fn new(ordinal: usize) -> Result<Arc<CudaDevice>> {
         // SAFETY: only asks whether the library can be opened.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(EngineError::Device(
-                "no NVIDIA driver found (libcuda.so could not be loaded); run with --device cpu"
-                    .into(),
-            ));
+            return Err(EngineError::Device(format!(
+                "cuda:{ordinal}: no NVIDIA driver found (libcuda.so could not be loaded); \
+                 run with --device cpu"
+            )));
         }
         let count = CudaContext::device_count().map_err(device_err("counting GPUs"))?;
         if ordinal >= count.max(0) as usize {
             return Err(EngineError::Device(format!(
-                "cuda:{ordinal} does not exist: this machine has {count} GPU(s)"
+                "cuda:{ordinal} does not exist: this machine has {count} GPU(s); \
+                 pick another --device"
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(device_err("creating a context"))?;

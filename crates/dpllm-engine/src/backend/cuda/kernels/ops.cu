@@ -109,6 +109,17 @@ extern "C" __global__ void scatter_rows(const float* src, int width, const u32* 
         dst[(long)idx[j / width] * width + j % width] = src[j];
 }
 
+// Sum of x [n4 float4s] into *out (set to 0 before): a read-bandwidth probe.
+extern "C" __global__ void read_sum(const float4* x, long n4, float* out) {
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
+        const float4 v = x[i];
+        s += (v.x + v.y) + (v.z + v.w);
+    }
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
+}
+
 // ---- checks and decisions -------------------------------------------------
 
 // *first = min(*first, index of each NaN or infinity in x); the host sets it to ~0 before.
