@@ -126,7 +126,10 @@ fn the_gpu_matches_the_cpu_from_quantized_model_to_dp_llm_plans() {
         "cuda",
     ]);
     let v = json_file(&json);
-    assert!(v["backend"].as_str().unwrap().starts_with("cuda:0"), "{out}");
+    assert!(
+        v["backend"].as_str().unwrap().starts_with("cuda:0"),
+        "{out}"
+    );
     assert!(v["decode_tokens_per_sec"].as_f64().unwrap() > 0.0, "{out}");
     assert_eq!(v["bandwidth"]["threads"].as_u64(), Some(0), "{out}");
 }

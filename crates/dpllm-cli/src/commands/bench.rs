@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
-use dpllm_engine::Backend;
+use std::sync::Arc;
+
+use dpllm_engine::model::synthetic::{synthetic_config, SyntheticWeights};
+use dpllm_engine::{Backend, Model, RunPrecision};
 use dpllm_eval::bandwidth::Bandwidth;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
 use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
@@ -110,8 +113,15 @@ fn mib(flag: &str, v: usize) -> anyhow::Result<usize> {
 pub struct DecodeArgs {
     #[command(flatten)]
     pub device: super::DeviceArg,
-    /// Model directory.
-    pub model: PathBuf,
+    /// Model directory (or --synthetic).
+    #[arg(required_unless_present = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// Instead of a model directory, random weights of a known model's shapes
+    /// made on the device (no file needed): llama3-8b or smollm2-135m. With
+    /// --bits B its linears are any-precision at B bits, else dense f16 (the
+    /// reference line).
+    #[arg(long, conflicts_with_all = ["model", "target", "plan"])]
+    pub synthetic: Option<String>,
     #[command(flatten)]
     pub bits: super::BitsArg,
     /// Prompt length in tokens (synthetic ids).
@@ -132,8 +142,8 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(a) => {
-            super::check_json(a.json.as_deref(), &[&a.model])?;
-            let dir = crate::model_dir(&a.model)?;
+            let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();
+            super::check_json(a.json.as_deref(), &inputs)?;
             let cfg = DecodeBenchConfig {
                 prompt_tokens: a.prompt_tokens,
                 decode_tokens: a.tokens,
@@ -141,8 +151,22 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 bandwidth_bytes: mib("--bandwidth-mib", a.bandwidth_mib.max(1))?,
             };
             // Settings first: the context and memory they need, before the model loads.
-            cfg.check(dpllm_format::ModelConfig::from_dir(dir)?.max_position_embeddings)?;
-            super::on_backend!(a.device.clone(), decode_on(a, cfg))
+            let config = match (&a.synthetic, &a.model) {
+                (Some(name), _) => {
+                    if let Some(b) = a.bits.bits.filter(|b| !(3..=8).contains(b)) {
+                        anyhow::bail!(
+                            "--bits {b} is out of range (any-precision models run at 3..=8 bits)"
+                        );
+                    }
+                    synthetic_config(name)?
+                }
+                (None, Some(m)) => dpllm_format::ModelConfig::from_dir(crate::model_dir(m)?)?,
+                (None, None) => {
+                    anyhow::bail!("bench decode needs a model directory or --synthetic")
+                }
+            };
+            cfg.check(config.max_position_embeddings)?;
+            super::on_backend!(a.device.clone(), decode_on(a, cfg, config))
         }
         BenchCommand::Gemv(a) => {
             super::check_json(a.json.as_deref(), &[])?;
@@ -171,11 +195,39 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// `bench decode` on `backend`, against the bandwidth of its device.
-fn decode_on<B: Backend>(backend: B, a: DecodeArgs, cfg: DecodeBenchConfig) -> anyhow::Result<()> {
+/// `bench decode` on `backend` (of the model whose config is `config`),
+/// against the bandwidth of its device.
+fn decode_on<B: Backend>(
+    backend: B,
+    a: DecodeArgs,
+    cfg: DecodeBenchConfig,
+    config: dpllm_format::ModelConfig,
+) -> anyhow::Result<()> {
     let bw = device_bandwidth(&backend, cfg.bandwidth_bytes)?;
-    let loaded = super::load_model(backend, &a.model, &a.bits)?;
-    let r = bench_decode::run(loaded.model().clone(), loaded.precision.clone(), &cfg, bw)?;
+    let (model, precision) = match (&a.synthetic, &a.model) {
+        (Some(name), _) => {
+            let weights = match a.bits.bits {
+                Some(max_bits) => SyntheticWeights::AnyPrec { max_bits },
+                None => SyntheticWeights::DenseF16,
+            };
+            eprintln!(
+                "building {name} with random {weights:?} weights on {}",
+                backend.name()
+            );
+            let m = Model::synthetic(backend, name, config, weights, 0)?;
+            let p = a
+                .bits
+                .bits
+                .map_or(RunPrecision::Highest, RunPrecision::Uniform);
+            (Arc::new(m), p)
+        }
+        (None, Some(dir)) => {
+            let loaded = super::load_model(backend, dir, &a.bits)?;
+            (loaded.model().clone(), loaded.precision.clone())
+        }
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    let r = bench_decode::run(model, precision, &cfg, bw)?;
     publish(&r.table(), a.json.as_deref(), &r)
 }
 

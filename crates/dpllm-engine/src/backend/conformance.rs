@@ -216,6 +216,20 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     {
         return Err("first_non_finite: wrong index".into());
     }
+    // Deferred checks: each slot keeps the first bad token it was shown.
+    let (mut at3, mut at1) = (x.clone(), x.clone());
+    at3[3 * d + 5] = f32::INFINITY;
+    at1[d + 40] = f32::NEG_INFINITY;
+    let (at3, at1) = (be.upload(&at3).map_err(e)?, be.upload(&at1).map_err(e)?);
+    let mut flags = be.upload(&[f32::INFINITY; 3]).map_err(e)?;
+    be.flag_non_finite(&at3, d, &mut flags, 0);
+    be.flag_non_finite(&bx, d, &mut flags, 0);
+    be.flag_non_finite(&at3, d, &mut flags, 1);
+    be.flag_non_finite(&at1, d, &mut flags, 1);
+    be.flag_non_finite(&bx, d, &mut flags, 2);
+    if be.download(flags).map_err(e)? != [3.0, 1.0, f32::INFINITY] {
+        return Err("flag_non_finite: want tokens 3, 1 and none".into());
+    }
 
     // Linears: dense in every stored type, any-precision at every width, embedding rows.
     let (rows, cols) = (37usize, 70usize);
@@ -275,15 +289,35 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         let refs: Vec<(u32, Vec<f32>)> = (3..=8).map(|b| (b, dequant_ref(&host, b))).collect();
         let hb = host.bias.clone();
         let q = be.anyprec(host).map_err(e)?;
-        for (b, wq) in refs {
+        for (b, wq) in &refs {
             let mut ym = be.zeros(m * rows).map_err(e)?;
-            be.anyprec_linear(&q, &bxm, m, b, &mut ym);
+            be.anyprec_linear(&q, &bxm, m, *b, &mut ym);
             close_rounded(
                 &format!("anyprec_linear at {b} bits"),
                 &be.download(ym).map_err(e)?,
-                &wq,
+                wq,
                 &xm,
                 (rows, cols, m),
+                hb.as_deref(),
+            )?;
+        }
+        // Per-token precision: each token at 3 or 6 bits as its decision says.
+        let u = rand_vec(&mut rng, m);
+        let mask = be
+            .threshold_mask(&be.upload(&u).map_err(e)?, 0.0)
+            .map_err(e)?;
+        let mut ym = be.upload(&vec![f32::NAN; m * rows]).map_err(e)?;
+        be.anyprec_linear_select(&q, (rows, cols), &bxm, m, (3, 6), &mask, &mut ym)
+            .map_err(e)?;
+        let got = be.download(ym).map_err(e)?;
+        for t in 0..m {
+            let bits = if u[t] > 0.0 { 6 } else { 3 };
+            close_rounded(
+                &format!("anyprec_linear_select, token {t} at {bits} bits"),
+                &got[t * rows..(t + 1) * rows],
+                &refs[bits as usize - 3].1,
+                &xm[t * cols..(t + 1) * cols],
+                (rows, cols, 1),
                 hb.as_deref(),
             )?;
         }
@@ -346,6 +380,11 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
             be.mask_count(&mask).map_err(e)?,
             n - 2
         ));
+    }
+    let mut counts = be.zeros(3).map_err(e)?;
+    be.mask_count_into(&mask, &mut counts, 2);
+    if be.download(counts).map_err(e)? != [0.0, 0.0, (n - 2) as f32] {
+        return Err("mask_count_into: the count belongs in slot 2 only".into());
     }
     let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
     if be

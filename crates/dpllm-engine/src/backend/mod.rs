@@ -232,6 +232,39 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> Result<Self::Dense>;
     /// Take an any-precision weight.
     fn anyprec(&self, w: AnyPrecHost) -> Result<Self::AnyPrec>;
+    /// A random any-precision layer (precisions 3..=`max_bits`, LUT values
+    /// within ±1/√cols) for benchmarks; a device backend may make it in its own
+    /// memory instead of copying it there.
+    fn anyprec_random(
+        &self,
+        rows: usize,
+        cols: usize,
+        max_bits: u32,
+        seed: u64,
+    ) -> Result<Self::AnyPrec> {
+        let mut h = AnyPrecHost::random(rows, cols, max_bits, seed);
+        let scale = 1.0 / (cols.max(1) as f32).sqrt();
+        for v in h.luts.iter_mut().flatten() {
+            *v = f16::from_f32(v.to_f32() * scale);
+        }
+        self.anyprec(h)
+    }
+    /// A random f16 dense layer (values within ±1/√cols) for benchmarks; a
+    /// device backend may make it in its own memory.
+    fn dense_random(&self, rows: usize, cols: usize, seed: u64) -> Result<Self::Dense> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let scale = 1.0 / (cols.max(1) as f32).sqrt();
+        let w: Vec<f16> = (0..rows * cols)
+            .map(|_| f16::from_f32(rng.random_range(-scale..scale)))
+            .collect();
+        self.dense(
+            DenseHost::Float(Arc::new(TensorData::F16(w))),
+            rows,
+            cols,
+            None,
+        )
+    }
 
     // --- KV cache ---
     /// An empty cache for `layers` layers of width `kv_dim`.
@@ -317,6 +350,37 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
     /// Tokens a mask sends to the higher precision.
     fn mask_count(&self, mask: &Self::Mask) -> Result<usize>;
+    /// Write the number of tokens `mask` sends high to element `slot` of `out`
+    /// (a device backend does so without waiting for the GPU).
+    fn mask_count_into(&self, mask: &Self::Mask, out: &mut Self::Buf, slot: usize);
+    /// `y [n × rows] = x [n × cols] · W_bᵀ (+ b)` with b = `high` for the
+    /// tokens `mask` marks and `low` for the others. This default splits the
+    /// batch on the host (it waits for the decisions); a device backend decides
+    /// per token inside its kernels instead.
+    #[allow(clippy::too_many_arguments)]
+    fn anyprec_linear_select(
+        &self,
+        w: &Self::AnyPrec,
+        (rows, cols): (usize, usize),
+        x: &Self::Buf,
+        n: usize,
+        (low, high): (u32, u32),
+        mask: &Self::Mask,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        let n_high = self.mask_count(mask)?;
+        for (is_high, count, bits) in [(false, n - n_high, low), (true, n_high, high)] {
+            if count == n {
+                self.anyprec_linear(w, x, n, bits, y);
+            } else if count > 0 {
+                let xg = self.gather_rows(x, cols, mask, is_high)?;
+                let mut yg = self.zeros(count * rows)?;
+                self.anyprec_linear(w, &xg, count, bits, &mut yg);
+                self.scatter_rows(&yg, rows, mask, is_high, y);
+            }
+        }
+        Ok(())
+    }
     /// The rows of `x` [n × width] whose decision equals `high`, in order.
     fn gather_rows(
         &self,
@@ -336,4 +400,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     );
     /// Index of the first NaN or infinity in `x`, if any.
     fn first_non_finite(&self, x: &Self::Buf) -> Result<Option<usize>>;
+    /// Lower `flags[slot]` (a non-negative float) to the first token of `x`
+    /// [· × width] holding a NaN or infinity; left as is when there is none.
+    /// A device backend checks without waiting: the flags are read once, at the
+    /// end of a forward call.
+    fn flag_non_finite(&self, x: &Self::Buf, width: usize, flags: &mut Self::Buf, slot: usize);
 }

@@ -109,6 +109,28 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// [`Linear::forward`] of an any-precision layer at `low` bits for the
+    /// tokens `mask` sends low and `high` for the others (dense layers: as stored).
+    pub fn forward_select(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        n: usize,
+        bits: (u32, u32),
+        mask: &B::Mask,
+        y: &mut B::Buf,
+    ) -> crate::error::Result<()> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                be.dense_linear(w, x, n, y);
+                Ok(())
+            }
+            Weight::AnyPrec { w, .. } => {
+                be.anyprec_linear_select(w, (self.rows, self.cols), x, n, bits, mask, y)
+            }
+        }
+    }
+
     /// Bytes read by one forward at `bits` (any-precision: b planes + the f16 LUT
     /// of each row; dense: the stored weight and bias).
     pub fn bytes_at(&self, bits: u32) -> usize {

@@ -1,5 +1,7 @@
 //! The forward pass, written once against [`Backend`]: embeddings, blocks with
-//! KV cache, final norm, logits. Nothing leaves the backend until the logits.
+//! KV cache, final norm, logits. Nothing leaves the backend until the logits:
+//! finiteness checks and per-token precision counts are kept in backend
+//! buffers ([`Deferred`]) and read once, after the output.
 
 use crate::backend::{AttnShape, Backend};
 use crate::error::Result;
@@ -8,7 +10,7 @@ use crate::linear::Linear;
 use crate::EngineError;
 
 use super::{Block, GateUpProj, Model, QkvProj};
-use crate::select::{run_linear, BitStats, LinearSelect, Precision};
+use crate::select::{run_linear, BitStats, LinearSelect, Precision, Tally};
 
 /// Scratch activations of one forward call over `n` tokens.
 struct Scratch<B: Backend> {
@@ -26,12 +28,45 @@ struct Scratch<B: Backend> {
     h_prev: B::Buf,
 }
 
+/// What a forward call reads back once, after its output.
+struct Deferred<B: Backend> {
+    /// Per checked stage (the attention and MLP output of each layer): the
+    /// first token holding a NaN or infinity, +inf when none.
+    flags: B::Buf,
+    /// Per-token precision counts, when the caller counts bits.
+    tally: Option<Tally<B>>,
+}
+
+impl<B: Backend> Deferred<B> {
+    /// Read the checks (an error naming the first stage that went non-finite)
+    /// and the counts into `stats`.
+    fn finish(self, be: &B, stats: Option<&mut BitStats>) -> Result<()> {
+        let flags = be.download(self.flags)?;
+        if let Some((slot, &t)) = flags.iter().enumerate().find(|(_, t)| t.is_finite()) {
+            let what = if slot % 2 == 0 {
+                "attention output"
+            } else {
+                "MLP output"
+            };
+            return Err(EngineError::NonFinite {
+                stage: format!("layer {} ({what})", slot / 2),
+                token: t as usize,
+            });
+        }
+        match (self.tally, stats) {
+            (Some(t), Some(s)) => t.finish(be, s),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Per-call selection state of one block.
 struct BlockRun<'a, 'b, B: Backend> {
     be: &'a B,
     prec: Precision<'a, B>,
     sels: Option<&'a [LinearSelect<B>]>,
     stats: Option<&'b mut BitStats>,
+    deferred: &'b mut Deferred<B>,
     /// Global index of the block's first linear (for the counters).
     offset: usize,
     n: usize,
@@ -59,6 +94,7 @@ impl<B: Backend> BlockRun<'_, '_, B> {
             y,
             self.offset + i,
             self.stats.as_deref_mut(),
+            self.deferred.tally.as_mut(),
         )
     }
 
@@ -89,17 +125,6 @@ impl<B: Backend> BlockRun<'_, '_, B> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Error at the first NaN / infinity of `x` [n × width], naming `stage`.
-    fn check_finite(&self, x: &B::Buf, width: usize, stage: impl FnOnce() -> String) -> Result<()> {
-        match self.backend.first_non_finite(x)? {
-            Some(i) => Err(EngineError::NonFinite {
-                stage: stage(),
-                token: i / width.max(1),
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// Check that `tokens` can be appended to `cache`.
     fn check_input(&self, tokens: &[u32], cache: &KvCache<B>) -> Result<()> {
         if tokens.is_empty() {
@@ -141,23 +166,33 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
-        stats: Option<&mut BitStats>,
+        mut stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
-        let h = self.forward_device(tokens, cache, prec, stats)?;
-        self.backend.download(h)
+        let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
+        let out = self.backend.download(h)?;
+        deferred.finish(&self.backend, stats)?;
+        Ok(out)
     }
 
-    /// The forward pass on the backend: final normed hidden states [n × hidden].
+    /// The forward pass on the backend: final normed hidden states [n × hidden],
+    /// and what to read back once they are (checks, counts for `stats`).
     fn forward_device(
         &self,
         tokens: &[u32],
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
         mut stats: Option<&mut BitStats>,
-    ) -> Result<B::Buf> {
+    ) -> Result<(B::Buf, Deferred<B>)> {
         self.check_input(tokens, cache)?;
         self.check_precision(prec)?;
         let (be, c) = (&self.backend, &self.config);
+        let mut deferred = Deferred {
+            flags: be.upload(&vec![f32::INFINITY; 2 * self.blocks.len()])?,
+            tally: match (&stats, prec) {
+                (Some(_), Precision::Dynamic(_)) => Some(Tally::new(be, c.linears().len())?),
+                _ => None,
+            },
+        };
         let n = tokens.len();
         let d = c.hidden_size;
         let mut h = be.zeros(n * d)?;
@@ -185,6 +220,7 @@ impl<B: Backend> Model<B> {
                 prec,
                 sels,
                 stats: stats.as_deref_mut(),
+                deferred: &mut deferred,
                 offset,
                 n,
             };
@@ -194,7 +230,7 @@ impl<B: Backend> Model<B> {
         cache.advance(n);
         let mut out = be.zeros(n * d)?;
         be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut out);
-        Ok(out)
+        Ok((out, deferred))
     }
 
     fn block_forward(
@@ -271,7 +307,7 @@ impl<B: Backend> Model<B> {
             be.rms_norm(h, &b.mlp_norm, eps, &mut s.xe);
         }
         be.add(h, &s.out);
-        self.check_finite(h, c.hidden_size, || format!("layer {l} (attention output)"))?;
+        be.flag_non_finite(h, c.hidden_size, &mut run.deferred.flags, 2 * l);
 
         be.rms_norm(h, &b.mlp_norm, eps, &mut s.xn);
         let xe: &B::Buf = if mlp_async { &s.xe } else { &s.xn };
@@ -293,24 +329,42 @@ impl<B: Backend> Model<B> {
             be.copy(h, &mut s.h_prev);
         }
         be.add(h, &s.out);
-        self.check_finite(h, c.hidden_size, || format!("layer {l} (MLP output)"))
+        be.flag_non_finite(h, c.hidden_size, &mut run.deferred.flags, 2 * l + 1);
+        Ok(())
     }
 
     /// Logits [rows × vocab] of final hidden states on the backend; a non-finite logit is an error.
-    fn logits_device(&self, hidden: &B::Buf, rows: usize) -> Result<Vec<f32>> {
+    /// Logits [rows × vocab] of final hidden states on the backend, after the
+    /// forward call's deferred checks and counts (`deferred`, for `stats`); a
+    /// non-finite logit is an error.
+    fn logits_device(
+        &self,
+        hidden: &B::Buf,
+        rows: usize,
+        deferred: Option<Deferred<B>>,
+        stats: Option<&mut BitStats>,
+    ) -> Result<Vec<f32>> {
         let be = &self.backend;
-        let mut out = be.zeros(rows * self.config.vocab_size)?;
+        let vocab = self.config.vocab_size;
+        let mut out = be.zeros(rows * vocab)?;
         self.lm_head.forward(be, hidden, rows, None, &mut out);
-        self.check_finite(&out, self.config.vocab_size, || {
-            "the logits (output layer)".into()
-        })?;
-        be.download(out)
+        let logits = be.download(out)?;
+        if let Some(d) = deferred {
+            d.finish(be, stats)?;
+        }
+        match logits.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(EngineError::NonFinite {
+                stage: "the logits (output layer)".into(),
+                token: i / vocab.max(1),
+            }),
+            None => Ok(logits),
+        }
     }
 
     /// Logits [rows × vocab] for final hidden states [rows × hidden]; a non-finite logit is an error.
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let rows = hidden.len() / self.config.hidden_size;
-        self.logits_device(&self.backend.upload(hidden)?, rows)
+        self.logits_device(&self.backend.upload(hidden)?, rows, None, None)
     }
 
     /// Process `tokens` and return the logits of the last one.
@@ -324,17 +378,17 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
-        stats: Option<&mut BitStats>,
+        mut stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
-        let h = self.forward_device(tokens, cache, prec, stats)?;
+        let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
         let d = self.config.hidden_size;
         let last = self.backend.rows(&h, d, tokens.len() - 1, 1)?;
-        self.logits_device(&last, 1)
+        self.logits_device(&last, 1, Some(deferred), stats)
     }
 
     /// Process `tokens` and return the logits of every position [n × vocab].
     pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
-        let h = self.forward_device(tokens, cache, Precision::Highest, None)?;
-        self.logits_device(&h, tokens.len())
+        let (h, deferred) = self.forward_device(tokens, cache, Precision::Highest, None)?;
+        self.logits_device(&h, tokens.len(), Some(deferred), None)
     }
 }

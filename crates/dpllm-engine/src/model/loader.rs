@@ -2,7 +2,7 @@
 //! (dense weights) or a dpllm any-precision model (bit-plane weights).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dpllm_format::anyprec::{self, AnyPrecInfo};
@@ -41,6 +41,17 @@ impl LoadOptions {
     }
 }
 
+/// Where a model's weights come from while it is built: a checkpoint, or
+/// random weights made on the backend (benchmarks, [`super::synthetic`]).
+pub(super) trait WeightSource<B: Backend> {
+    /// A linear layer of a block.
+    fn linear(&self, s: &LinearSpec) -> Result<Linear<B>>;
+    /// The embedding or output layer [rows × cols].
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<Linear<B>>;
+    /// A norm's weights.
+    fn vector(&self, name: &str, len: usize) -> Result<B::Buf>;
+}
+
 struct Loader<'a, B: Backend> {
     be: &'a B,
     ck: &'a Checkpoint,
@@ -48,7 +59,7 @@ struct Loader<'a, B: Backend> {
     per_linear: Option<&'a HashMap<String, u32>>,
 }
 
-impl<B: Backend> Loader<'_, B> {
+impl<B: Backend> WeightSource<B> for Loader<'_, B> {
     fn linear(&self, s: &LinearSpec) -> Result<Linear<B>> {
         let bias = s
             .has_bias
@@ -92,25 +103,7 @@ impl<B: Backend> Loader<'_, B> {
             ));
         }
         let w = self.ck.tensor(&s.weight_name(), &[s.rows, s.cols])?;
-        self.dense(DenseHost::Float(Arc::new(w)), s.rows, s.cols, bias)
-    }
-
-    fn dense(
-        &self,
-        w: DenseHost,
-        rows: usize,
-        cols: usize,
-        bias: Option<Vec<f32>>,
-    ) -> Result<Linear<B>> {
-        let bytes = w.nbytes() + bias.as_ref().map_or(0, |b| b.len() * 4);
-        let storage = w.storage();
-        Ok(Linear::dense(
-            Arc::new(self.be.dense(w, rows, cols, bias)?),
-            rows,
-            cols,
-            bytes,
-            storage,
-        ))
+        dense_linear(self.be, DenseHost::Float(Arc::new(w)), s.rows, s.cols, bias)
     }
 
     /// The embedding or output layer [rows × cols], kept in 8-bit blocks when stored so.
@@ -119,19 +112,38 @@ impl<B: Backend> Loader<'_, B> {
             Some(q) => DenseHost::Q8_0(Arc::new(q)),
             None => DenseHost::Float(Arc::new(self.ck.tensor(name, &[rows, cols])?)),
         };
-        self.dense(w, rows, cols, None)
-    }
-
-    /// The backend's copy of a dense linear's weight (to share it).
-    fn shared(lin: &Linear<B>) -> Arc<B::Dense> {
-        match lin.weight() {
-            Weight::Dense(w) => w.clone(),
-            Weight::AnyPrec { .. } => unreachable!("built dense"),
-        }
+        dense_linear(self.be, w, rows, cols, None)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<B::Buf> {
         self.be.upload(&self.ck.tensor_f32(name, &[len])?)
+    }
+}
+
+/// A dense linear on `be` from a host weight (and bias).
+fn dense_linear<B: Backend>(
+    be: &B,
+    w: DenseHost,
+    rows: usize,
+    cols: usize,
+    bias: Option<Vec<f32>>,
+) -> Result<Linear<B>> {
+    let bytes = w.nbytes() + bias.as_ref().map_or(0, |b| b.len() * 4);
+    let storage = w.storage();
+    Ok(Linear::dense(
+        Arc::new(be.dense(w, rows, cols, bias)?),
+        rows,
+        cols,
+        bytes,
+        storage,
+    ))
+}
+
+/// The backend's copy of a dense linear's weight (to share it).
+fn shared<B: Backend>(lin: &Linear<B>) -> Arc<B::Dense> {
+    match lin.weight() {
+        Weight::Dense(w) => w.clone(),
+        Weight::AnyPrec { .. } => unreachable!("built dense"),
     }
 }
 
@@ -148,7 +160,7 @@ impl Model<CpuBackend> {
 
     /// Build the model from an opened Hugging Face checkpoint, on the CPU.
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint) -> Result<Model> {
-        Self::build(CpuBackend, config, ck, None, None)
+        Self::from_checkpoint_on(CpuBackend, config, ck, None, None)
     }
 }
 
@@ -183,7 +195,7 @@ impl<B: Backend> Model<B> {
                 )
                 .into());
             }
-            Self::build(
+            Self::from_checkpoint_on(
                 backend,
                 config,
                 &ck,
@@ -195,28 +207,41 @@ impl<B: Backend> Model<B> {
                 return Err(FormatError::invalid(dir, "a bit-width was requested, but this is not a dpllm any-precision model (run `dpllm quantize` first)").into());
             }
             let ck = Checkpoint::open(dir)?;
-            Self::build(backend, config, &ck, None, None)
+            Self::from_checkpoint_on(backend, config, &ck, None, None)
         }
     }
 
-    fn build(
+    fn from_checkpoint_on(
         backend: B,
         config: ModelConfig,
         ck: &Checkpoint,
         anyprec: Option<(AnyPrecInfo, u32)>,
         per_linear: Option<&HashMap<String, u32>>,
     ) -> Result<Model<B>> {
-        let c = &config;
-        c.check_layer_count(ck)?;
+        config.check_layer_count(ck)?;
+        let info = anyprec.as_ref().map(|(i, _)| i.clone());
         let ld = Loader {
             be: &backend,
             ck,
             anyprec,
             per_linear,
         };
+        Self::build(&ld, backend.clone(), config, ck.dir().into(), info)
+    }
+
+    /// Assemble the model from `src`'s weights.
+    pub(super) fn build(
+        src: &dyn WeightSource<B>,
+        backend: B,
+        config: ModelConfig,
+        dir: PathBuf,
+        anyprec: Option<AnyPrecInfo>,
+    ) -> Result<Model<B>> {
+        let c = &config;
+        let ld = src;
         let d = c.hidden_size;
         let embed_lin = ld.table("model.embed_tokens.weight", c.vocab_size, d)?;
-        let embed = Loader::shared(&embed_lin);
+        let embed = shared(&embed_lin);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let n = |s: &str| format!("model.layers.{i}.{s}");
@@ -282,8 +307,8 @@ impl<B: Backend> Model<B> {
             embed,
             blocks,
             lm_head,
-            dir: ck.dir().into(),
-            anyprec: ld.anyprec.map(|(info, _)| info),
+            dir,
+            anyprec,
             config,
             backend,
         })

@@ -4,6 +4,7 @@
 mod forward;
 mod loader;
 pub mod rope;
+pub mod synthetic;
 
 pub use loader::LoadOptions;
 

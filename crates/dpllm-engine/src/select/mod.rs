@@ -9,6 +9,7 @@
 pub mod estimator;
 mod run;
 pub mod stats;
+mod tally;
 
 use std::path::Path;
 
@@ -20,6 +21,7 @@ use dpllm_format::{Checkpoint, FormatError, TensorData};
 pub use estimator::Estimator;
 pub(crate) use run::run_linear;
 pub use stats::{BitStats, SelectionDiag};
+pub(crate) use tally::Tally;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DenseHost};

@@ -1,8 +1,9 @@
-//! Running one linear under a [`Precision`]: per-token selection splits the
-//! tokens into a low- and a high-precision group, each one matmul. The decisions
-//! stay in a backend buffer; only their count comes back.
+//! Running one linear under a [`Precision`]: under per-token selection each
+//! token runs at the low or the high precision as the backend's decisions say
+//! (`Backend::anyprec_linear_select`). The decisions stay in a backend buffer;
+//! only their counts come back, at the end of the forward call.
 
-use super::{BitStats, LinearSelect, Precision, Selector};
+use super::{BitStats, LinearSelect, Precision, Selector, Tally};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::linear::Linear;
@@ -11,7 +12,9 @@ use crate::linear::Linear;
 ///
 /// `sel` is this linear's rule under the plan (None without a plan), `x_est`
 /// the estimator's input (the exact or the asynchronous input), `idx` the
-/// linear's index in the model and `stats` the session's counters.
+/// linear's index in the model and `stats` the session's counters; with a
+/// `tally`, per-token counts go there (read at the end of the call) instead of
+/// being waited for.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_linear<B: Backend>(
     be: &B,
@@ -24,6 +27,7 @@ pub(crate) fn run_linear<B: Backend>(
     y: &mut B::Buf,
     idx: usize,
     mut stats: Option<&mut BitStats>,
+    tally: Option<&mut Tally<B>>,
 ) -> Result<()> {
     let mut fixed = |bits: u32, y: &mut B::Buf| {
         lin.forward(be, x, n, Some(bits), y);
@@ -53,7 +57,7 @@ pub(crate) fn run_linear<B: Backend>(
             if let Some(s) = stats.as_deref_mut() {
                 s.estimator_flops += (sel.estimator.flops_per_token(lin.in_features()) * n) as u64;
             }
-            run_split(be, lin, sel, x, n, y, &mask, idx, stats)
+            run_split(be, lin, sel, x, n, y, &mask, idx, stats, tally)
         }
         Selector::Random { seed } => {
             let u = random_uniforms(
@@ -64,7 +68,7 @@ pub(crate) fn run_linear<B: Backend>(
             );
             // P(u > 1 − f) = f: the planned share of high-precision tokens.
             let mask = be.threshold_mask(&be.upload(&u)?, 1.0 - sel.high_fraction())?;
-            run_split(be, lin, sel, x, n, y, &mask, idx, stats)
+            run_split(be, lin, sel, x, n, y, &mask, idx, stats, tally)
         }
         Selector::Oracle => run_oracle(be, lin, sel, x, x_est, n, y, idx, stats),
     }
@@ -81,25 +85,18 @@ fn run_split<B: Backend>(
     y: &mut B::Buf,
     mask: &B::Mask,
     idx: usize,
-    mut stats: Option<&mut BitStats>,
+    stats: Option<&mut BitStats>,
+    tally: Option<&mut Tally<B>>,
 ) -> Result<()> {
-    let high = be.mask_count(mask)?;
-    let (cols, rows) = (lin.in_features(), lin.out_features());
-    for (is_high, count, bits) in [(false, n - high, sel.low), (true, high, sel.high)] {
-        if count == 0 {
-            continue;
+    lin.forward_select(be, x, n, (sel.low, sel.high), mask, y)?;
+    match (tally, stats) {
+        (Some(t), _) => t.record(be, idx, (sel.low, sel.high), n, mask),
+        (None, Some(s)) => {
+            let high = be.mask_count(mask)?;
+            s.add(idx, sel.low, n - high);
+            s.add(idx, sel.high, high);
         }
-        if count == n {
-            lin.forward(be, x, n, Some(bits), y);
-        } else {
-            let xg = be.gather_rows(x, cols, mask, is_high)?;
-            let mut yg = be.zeros(count * rows)?;
-            lin.forward(be, &xg, count, Some(bits), &mut yg);
-            be.scatter_rows(&yg, rows, mask, is_high, y);
-        }
-        if let Some(s) = stats.as_deref_mut() {
-            s.add(idx, bits, count);
-        }
+        (None, None) => {}
     }
     Ok(())
 }

@@ -180,6 +180,10 @@ impl Backend for CpuBackend {
         Ok(mask.iter().filter(|&&h| h).count())
     }
 
+    fn mask_count_into(&self, mask: &Vec<bool>, out: &mut Vec<f32>, slot: usize) {
+        out[slot] = mask.iter().filter(|&&h| h).count() as f32;
+    }
+
     fn gather_rows(
         &self,
         x: &Vec<f32>,
@@ -203,5 +207,11 @@ impl Backend for CpuBackend {
 
     fn first_non_finite(&self, x: &Vec<f32>) -> Result<Option<usize>> {
         Ok(x.iter().position(|v| !v.is_finite()))
+    }
+
+    fn flag_non_finite(&self, x: &Vec<f32>, width: usize, flags: &mut Vec<f32>, slot: usize) {
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            flags[slot] = flags[slot].min((i / width.max(1)) as f32);
+        }
     }
 }

@@ -221,8 +221,15 @@ impl CudaBackend {
                 bits,
                 &mut yv,
                 GemvVariant::default_for(nt, bits, rows),
+                None,
             )?;
         }
+        self.add_bias(w, n, y)
+    }
+
+    /// Add the layer's bias (if any) to the `n` rows of `y`.
+    fn add_bias(&self, w: &CudaAnyPrecLinear, n: usize, y: &mut CudaBuf) -> Result<()> {
+        let rows = w.w.rows();
         if let Some(b) = &w.bias {
             let (r, total) = (rows as i32, (n * rows) as i64);
             launch!(
@@ -377,6 +384,56 @@ impl Backend for CudaBackend {
             w: CudaAnyPrec::upload(&self.dev, &w)?,
             bias,
         })
+    }
+
+    fn anyprec_random(
+        &self,
+        rows: usize,
+        cols: usize,
+        max_bits: u32,
+        seed: u64,
+    ) -> Result<CudaAnyPrecLinear> {
+        let mut w = CudaAnyPrec::uninit(&self.dev, rows, cols, max_bits)?;
+        let scale = 1.0 / (cols.max(1) as f32).sqrt();
+        let (planes, luts) = w.buffers_mut();
+        let n = planes.len() as i64;
+        launch!(
+            self,
+            "fill_random_u32",
+            self.ops.stride(planes.len()),
+            planes,
+            &n,
+            &seed
+        )?;
+        for (i, l) in luts.iter_mut().enumerate() {
+            let (n, s) = (l.len() as i64, seed ^ (i as u64 + 1) << 56);
+            launch!(
+                self,
+                "fill_random_f16",
+                self.ops.stride(l.len()),
+                l,
+                &n,
+                &scale,
+                &s
+            )?;
+        }
+        Ok(CudaAnyPrecLinear { w, bias: None })
+    }
+
+    fn dense_random(&self, rows: usize, cols: usize, seed: u64) -> Result<CudaDense> {
+        let mut d = CudaDense::uninit_f16(&self.dev, rows, cols)?;
+        let scale = 1.0 / (cols.max(1) as f32).sqrt();
+        let n = (rows * cols) as i64;
+        launch!(
+            self,
+            "fill_random_f16",
+            self.ops.stride(rows * cols),
+            d.weight_mut(),
+            &n,
+            &scale,
+            &seed
+        )?;
+        Ok(d)
     }
 
     fn kv_new(&self, layers: usize, kv_dim: usize) -> CudaKv {
@@ -724,6 +781,76 @@ impl Backend for CudaBackend {
         Ok(self.picked(mask, true)?.len())
     }
 
+    fn mask_count_into(&self, mask: &CudaMask, out: &mut CudaBuf, slot: usize) {
+        let r = (|| {
+            if slot >= out.len {
+                return Err(EngineError::Device(format!(
+                    "mask_count_into: slot {slot} of {}",
+                    out.len
+                )));
+            }
+            let (n, s) = (mask.n as i32, slot as i32);
+            let one_warp = cudarc::driver::LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                "count_flags",
+                one_warp,
+                &mask.flags,
+                &n,
+                &mut out.view_mut(),
+                &s
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn anyprec_linear_select(
+        &self,
+        w: &CudaAnyPrecLinear,
+        (rows, cols): (usize, usize),
+        x: &CudaBuf,
+        n: usize,
+        (low, high): (u32, u32),
+        mask: &CudaMask,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        self.check()?;
+        Self::want_len("any-precision linear input", x, n * cols)?;
+        Self::want_len("any-precision linear output", y, n * rows)?;
+        if mask.n != n || (w.w.rows(), w.w.cols()) != (rows, cols) {
+            return Err(EngineError::Device(format!(
+                "per-token precision: {} decisions for {n} tokens, a {}x{} weight for {rows}x{cols}",
+                mask.n,
+                w.w.rows(),
+                w.w.cols()
+            )));
+        }
+        // Both precisions are queued for every group of tokens; each kernel
+        // computes and writes only the tokens of its decision (and returns at
+        // once when there are none), so nothing waits for the decisions.
+        for t0 in (0..n).step_by(MAX_TOKENS) {
+            let nt = (n - t0).min(MAX_TOKENS);
+            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
+            let m = mask.flags.slice(t0..t0 + nt);
+            for (bits, want) in [(low, false), (high, true)] {
+                let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
+                w.w.gemv_view(
+                    &xv,
+                    nt,
+                    bits,
+                    &mut yv,
+                    GemvVariant::default_for(nt, bits, rows),
+                    Some((&m, want)),
+                )?;
+            }
+        }
+        self.add_bias(w, n, y)
+    }
+
     fn gather_rows(
         &self,
         x: &CudaBuf,
@@ -778,6 +905,29 @@ impl Backend for CudaBackend {
                 &ids,
                 &c,
                 &mut dst.view_mut()
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn flag_non_finite(&self, x: &CudaBuf, width: usize, flags: &mut CudaBuf, slot: usize) {
+        let r = (|| {
+            if slot >= flags.len {
+                return Err(EngineError::Device(format!(
+                    "flag_non_finite: slot {slot} of {}",
+                    flags.len
+                )));
+            }
+            let (n, w, s) = (x.len as i64, width.max(1) as i32, slot as i32);
+            launch!(
+                self,
+                "flag_non_finite",
+                self.ops.stride(x.len),
+                &x.view(),
+                &n,
+                &w,
+                &mut flags.view_mut(),
+                &s
             )
         })();
         self.keep(r)

@@ -191,6 +191,55 @@ impl CudaAnyPrec {
         })
     }
 
+    /// A layer of `rows × cols` at precisions 3..=`max_bits` whose planes and
+    /// LUTs are left for the caller to fill (in the kernel's layout), with the
+    /// buffers to fill: (planes, LUTs at 3..=max_bits).
+    pub(crate) fn uninit(
+        device: &Arc<CudaDevice>,
+        rows: usize,
+        cols: usize,
+        max_bits: u32,
+    ) -> Result<CudaAnyPrec> {
+        if rows == 0 || cols == 0 || !(3..=8).contains(&max_bits) {
+            return Err(EngineError::Device(format!(
+                "a {rows}x{cols} weight at 3..={max_bits} bits"
+            )));
+        }
+        let (words, groups) = (cols.div_ceil(32), rows.div_ceil(4));
+        let s = device.stream();
+        let oom = |bytes: usize| {
+            move |_| EngineError::OutOfMemory {
+                what: "bit-planes (GPU)",
+                bytes,
+            }
+        };
+        let n = max_bits as usize * groups * words * 4;
+        // SAFETY: filled by the caller before any read.
+        let planes = unsafe { s.alloc::<u32>(n) }.map_err(oom(4 * n))?;
+        let luts = (3..=max_bits)
+            .map(|b| {
+                let n = (groups * 4) << b;
+                // SAFETY: as above.
+                unsafe { s.alloc::<u16>(n) }.map_err(oom(2 * n))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CudaAnyPrec {
+            rows,
+            cols,
+            words,
+            seed_bits: 3,
+            max_bits,
+            planes,
+            luts,
+            device: device.clone(),
+        })
+    }
+
+    /// The planes and LUTs, to fill ([`CudaAnyPrec::uninit`]).
+    pub(crate) fn buffers_mut(&mut self) -> (&mut CudaSlice<u32>, &mut [CudaSlice<u16>]) {
+        (&mut self.planes, &mut self.luts)
+    }
+
     /// A second copy in GPU memory (benchmarks cycle through copies so the L2
     /// cache cannot hold the weights).
     pub fn replicate(&self) -> Result<CudaAnyPrec> {
@@ -278,10 +327,12 @@ impl CudaAnyPrec {
         y: &mut CudaSlice<f32>,
         v: GemvVariant,
     ) -> Result<()> {
-        self.gemv_view(&x.slice(..), n, bits, &mut y.slice_mut(..), v)
+        self.gemv_view(&x.slice(..), n, bits, &mut y.slice_mut(..), v, None)
     }
 
-    /// [`CudaAnyPrec::gemv_with`] on views (a range of tokens of larger buffers).
+    /// [`CudaAnyPrec::gemv_with`] on views (a range of tokens of larger
+    /// buffers); with `select = (mask, want)` only the tokens whose decision in
+    /// `mask` (n values, 1 = high) equals `want` are computed and written.
     pub fn gemv_view(
         &self,
         x: &CudaView<f32>,
@@ -289,6 +340,7 @@ impl CudaAnyPrec {
         bits: u32,
         y: &mut CudaViewMut<f32>,
         v: GemvVariant,
+        select: Option<(&CudaView<u32>, bool)>,
     ) -> Result<()> {
         crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
             .map_err(EngineError::Bits)?;
@@ -330,7 +382,13 @@ impl CudaAnyPrec {
             self.words as i32,
             tpr as i32,
         );
+        if select.is_some_and(|(m, _)| m.len() < n) {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: fewer decisions than {n} tokens"
+            )));
+        }
         let luts = &self.luts[(bits - self.seed_bits) as usize];
+        let (no_mask, want) = (0u64, select.map_or(0u32, |(_, w)| w as u32));
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&self.planes)
             .arg(&plane_stride)
@@ -343,6 +401,11 @@ impl CudaAnyPrec {
             .arg(&cols)
             .arg(&words)
             .arg(&tpr);
+        match select {
+            Some((m, _)) => b.arg(m),
+            None => b.arg(&no_mask),
+        };
+        b.arg(&want);
         // SAFETY: the arguments match the kernel's signature in order and type;
         // the buffers hold what the kernel reads and writes (checked above and
         // by the upload's layout).

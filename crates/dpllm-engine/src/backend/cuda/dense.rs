@@ -82,6 +82,29 @@ impl CudaDense {
         })
     }
 
+    /// A [rows × cols] f16 weight left for the caller to fill (benchmarks).
+    pub(crate) fn uninit_f16(device: &CudaDevice, rows: usize, cols: usize) -> Result<CudaDense> {
+        let s = device.stream();
+        let bytes = 2 * rows * cols;
+        Ok(CudaDense {
+            rows,
+            cols,
+            kind: "f16",
+            // SAFETY: filled by the caller before any read.
+            w: unsafe { s.alloc::<u8>(bytes.max(2)) }.map_err(|_| EngineError::OutOfMemory {
+                what: "a dense weight (GPU)",
+                bytes,
+            })?,
+            scales: s.alloc_zeros::<u16>(1).map_err(device_err("allocating"))?,
+            bias: None,
+        })
+    }
+
+    /// The elements' bytes, to fill ([`CudaDense::uninit_f16`]).
+    pub(crate) fn weight_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.w
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows

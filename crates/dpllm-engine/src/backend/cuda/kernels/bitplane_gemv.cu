@@ -79,7 +79,17 @@ template <int B, int NT, int G>
 __device__ __forceinline__ void gemv(
     const uint4* __restrict__ planes, long long plane_stride,
     const u16* __restrict__ luts, const float* __restrict__ x, int x_stride,
-    float* __restrict__ y, int y_stride, int rows, int cols, int words, int tpr) {
+    float* __restrict__ y, int y_stride, int rows, int cols, int words, int tpr,
+    const u32* __restrict__ mask, u32 want) {
+    // Per-token precision (DP-LLM): with a mask, only the tokens whose
+    // decision equals `want` are written, and a block with none returns at once
+    // (the same for every thread, so before any barrier).
+    if (mask) {
+        bool any = false;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) any |= mask[t] == want;
+        if (!any) return;
+    }
     constexpr int E = 1 << B;
     constexpr int LO = B < 4 ? B : 4;
     constexpr int HI = B - LO;
@@ -214,16 +224,18 @@ __device__ __forceinline__ void gemv(
         for (int u = 0; u < wps; ++u) s += red[(ls * wps + u) * V + lt];
         const int gi = lt / (4 * NT), q = (lt / NT) % 4, t = lt % NT;
         const int r = 4 * (g0 + gi) + q;
-        if (g0 + gi < groups && r < rows) y[(long long)t * y_stride + r] = s;
+        if (g0 + gi < groups && r < rows && (!mask || mask[t] == want))
+            y[(long long)t * y_stride + r] = s;
     }
 }
 
 #define GEMV_KERNEL(B, NT, G)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT##_g##G(       \
         const uint4* planes, long long plane_stride, const u16* luts, const float* x,         \
-        int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr) {       \
+        int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr,         \
+        const u32* mask, u32 want) {                                                          \
         gemv<B, NT, G>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
-                       tpr);                                                                  \
+                       tpr, mask, want);                                                      \
     }
 
 #define GEMV_BITS(B)                                                                           \

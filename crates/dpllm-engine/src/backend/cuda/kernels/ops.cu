@@ -120,12 +120,53 @@ extern "C" __global__ void read_sum(const float4* x, long n4, float* out) {
     if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
 }
 
+// ---- random weights (benchmarks) ----------------------------------------
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// out[i] = random bits.
+extern "C" __global__ void fill_random_u32(u32* out, long n, unsigned long long seed) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = (u32)(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1)) >> 32);
+}
+
+// out[i] = f16 bits of a uniform value in [-scale, scale).
+extern "C" __global__ void fill_random_f16(u16* out, long n, float scale, unsigned long long seed) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const unsigned long long z = mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
+        const float u = (float)(z >> 40) * (1.f / 16777216.f);
+        u16 h;
+        const float v = (2.f * u - 1.f) * scale;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        out[i] = h;
+    }
+}
+
 // ---- checks and decisions -------------------------------------------------
 
 // *first = min(*first, index of each NaN or infinity in x); the host sets it to ~0 before.
 extern "C" __global__ void first_non_finite(const float* x, long n, u32* first) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         if (!isfinite(x[i])) atomicMin(first, (u32)i);
+}
+
+// flags[slot] = min(flags[slot], first token of x [. x width] holding a NaN or
+// infinity). flags holds non-negative floats, whose bits order as unsigned ints.
+extern "C" __global__ void flag_non_finite(const float* x, long n, int width, float* flags, int slot) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        if (!isfinite(x[i])) atomicMin((u32*)(flags + slot), __float_as_uint((float)(i / width)));
+}
+
+// out[slot] = the number of set flags among n (one warp).
+extern "C" __global__ void count_flags(const u32* flags, int n, float* out, int slot) {
+    float c = 0.f;
+    for (int t = threadIdx.x; t < n; t += 32) c += flags[t] != 0u ? 1.f : 0.f;
+    c = warp_sum(c);
+    if (threadIdx.x == 0) out[slot] = c;
 }
 
 // flags[t] = values[t] > threshold.

@@ -1,0 +1,51 @@
+//! Per-token precision counts kept where the decisions are: each selecting
+//! linear writes its count of high-precision tokens into one slot of a backend
+//! buffer, read once at the end of a forward call (on a GPU: no wait per linear).
+
+use super::BitStats;
+use crate::backend::Backend;
+use crate::error::Result;
+
+/// The counts of one forward call, one slot per quantized linear.
+pub(crate) struct Tally<B: Backend> {
+    high: B::Buf,
+    /// Linears whose counts are in `high`: (index, low bits, high bits, tokens).
+    selected: Vec<(usize, u32, u32, usize)>,
+}
+
+impl<B: Backend> Tally<B> {
+    /// Empty counts for `linears` linears.
+    pub(crate) fn new(be: &B, linears: usize) -> Result<Tally<B>> {
+        Ok(Tally {
+            high: be.zeros(linears)?,
+            selected: Vec::new(),
+        })
+    }
+
+    /// Linear `idx` ran `n` tokens at `low` or `high` bits as `mask` decided.
+    pub(crate) fn record(
+        &mut self,
+        be: &B,
+        idx: usize,
+        (low, high): (u32, u32),
+        n: usize,
+        mask: &B::Mask,
+    ) {
+        be.mask_count_into(mask, &mut self.high, idx);
+        self.selected.push((idx, low, high, n));
+    }
+
+    /// Read the counts (one wait) into `stats`.
+    pub(crate) fn finish(self, be: &B, stats: &mut BitStats) -> Result<()> {
+        if self.selected.is_empty() {
+            return Ok(());
+        }
+        let high = be.download(self.high)?;
+        for (idx, low_bits, high_bits, n) in self.selected {
+            let h = (high[idx] as usize).min(n);
+            stats.add(idx, low_bits, n - h);
+            stats.add(idx, high_bits, h);
+        }
+        Ok(())
+    }
+}
