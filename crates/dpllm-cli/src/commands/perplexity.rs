@@ -94,6 +94,7 @@ fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
     if let Some(p) = &a.json {
         let mut extra = serde_json::Map::new();
         extra.insert("model".into(), a.model.display().to_string().into());
+        extra.insert("backend".into(), loaded.model().backend.name().into());
         extra.insert("text".into(), a.text.display().to_string().into());
         extra.insert(
             "text_sha256".into(),

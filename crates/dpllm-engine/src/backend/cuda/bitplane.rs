@@ -366,9 +366,8 @@ impl CudaAnyPrec {
         let smem = self.shared_bytes(bits, n, v);
         let f = self
             .device
-            .bitplane_module()?
-            .load_function(&v.kernel(bits, n))
-            .map_err(device_err("finding the bit-plane GEMV kernel"))?;
+            .bitplane_kernels()?
+            .get(&v.kernel(bits, n))?;
         let cfg = LaunchConfig {
             grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),

@@ -27,10 +27,11 @@ pub use kv::CudaKv;
 /// The `cudarc` this backend is built on, for callers that allocate and copy.
 pub use cudarc;
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{EngineError, Result};
 
@@ -39,6 +40,29 @@ pub(crate) fn device_err(
     what: &str,
 ) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError + '_ {
     move |e| EngineError::Device(format!("CUDA: {what}: {e}"))
+}
+
+/// A loaded module with its functions looked up once by name (the driver's
+/// lookup costs about a microsecond, a launch a few).
+pub(crate) struct Kernels {
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    file: &'static str,
+}
+
+impl Kernels {
+    /// The kernel `name`.
+    pub(crate) fn get(&self, name: &str) -> Result<CudaFunction> {
+        let mut m = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = m.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.module.load_function(name).map_err(|e| {
+            EngineError::Device(format!("CUDA: finding {name} in {}.cu: {e}", self.file))
+        })?;
+        m.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
 }
 
 /// One GPU: its context, the stream all work is queued on, and the kernels
@@ -50,8 +74,8 @@ pub struct CudaDevice {
     name: String,
     arch: (i32, i32),
     sms: usize,
-    bitplane: OnceLock<Arc<CudaModule>>,
-    ops: OnceLock<Arc<CudaModule>>,
+    bitplane: OnceLock<Arc<Kernels>>,
+    ops: OnceLock<Arc<Kernels>>,
     blas: OnceLock<Arc<CudaBlas>>,
 }
 
@@ -178,31 +202,36 @@ impl CudaDevice {
     }
 
     /// The bit-plane GEMV kernels, compiled on first use.
-    pub(crate) fn bitplane_module(&self) -> Result<Arc<CudaModule>> {
-        self.module(&self.bitplane, "bitplane_gemv", bitplane::SOURCE)
+    pub(crate) fn bitplane_kernels(&self) -> Result<Arc<Kernels>> {
+        self.kernels(&self.bitplane, "bitplane_gemv", bitplane::SOURCE)
     }
 
     /// The forward pass's other kernels, compiled on first use.
-    pub(crate) fn ops_module(&self) -> Result<Arc<CudaModule>> {
-        self.module(&self.ops, "ops", ops::SOURCE)
+    pub(crate) fn ops_kernels(&self) -> Result<Arc<Kernels>> {
+        self.kernels(&self.ops, "ops", ops::SOURCE)
     }
 
-    /// The module of `source`, compiled (or read from the PTX cache) and loaded on first use.
-    fn module(
+    /// The kernels of `source`, compiled (or read from the PTX cache) and loaded on first use.
+    fn kernels(
         &self,
-        cell: &OnceLock<Arc<CudaModule>>,
-        name: &str,
+        cell: &OnceLock<Arc<Kernels>>,
+        name: &'static str,
         source: &str,
-    ) -> Result<Arc<CudaModule>> {
+    ) -> Result<Arc<Kernels>> {
         if let Some(m) = cell.get() {
             return Ok(m.clone());
         }
         let ptx = compile::ptx(name, source, self.arch)?;
-        let m = self
+        let module = self
             .ctx
             .load_module(ptx)
             .map_err(|e| EngineError::Device(format!("CUDA: loading {name}.cu: {e}")))?;
-        Ok(cell.get_or_init(|| m).clone())
+        let k = Arc::new(Kernels {
+            module,
+            functions: Mutex::default(),
+            file: name,
+        });
+        Ok(cell.get_or_init(|| k).clone())
     }
 }
 

@@ -2,12 +2,11 @@
 //! (`kernels/ops.cu`): their source, functions looked up once by name, and
 //! the launch shapes the backend uses.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
-use super::{device_err, CudaDevice};
+use super::{CudaDevice, Kernels};
 use crate::error::Result;
 
 /// The kernels' source.
@@ -25,10 +24,9 @@ pub const ATT_MAX_HEAD_DIM: usize = 256;
 /// Query heads' warps per attention block (`ATT_WARPS` in the source).
 const ATT_THREADS: u32 = 4 * 32;
 
-/// The ops module of one GPU, with its functions cached by name.
+/// The ops kernels of one GPU and the launch shapes they take.
 pub(crate) struct OpsKernels {
-    module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    kernels: Arc<Kernels>,
     sms: usize,
 }
 
@@ -36,24 +34,14 @@ impl OpsKernels {
     /// Compile (or read from the PTX cache) and load the ops of `dev`.
     pub(crate) fn new(dev: &CudaDevice) -> Result<OpsKernels> {
         Ok(OpsKernels {
-            module: dev.ops_module()?,
-            functions: Mutex::default(),
+            kernels: dev.ops_kernels()?,
             sms: dev.multiprocessors(),
         })
     }
 
     /// The kernel `name`.
     pub(crate) fn get(&self, name: &str) -> Result<CudaFunction> {
-        let mut m = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = m.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(device_err("finding a kernel of ops.cu"))?;
-        m.insert(name.to_string(), f.clone());
-        Ok(f)
+        self.kernels.get(name)
     }
 
     /// A grid-stride launch over `n` elements: enough blocks to fill the GPU, no more.
