@@ -235,7 +235,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     let (rows, cols) = (37usize, 70usize);
     let wf = rand_vec(&mut rng, rows * cols);
     let bias = rand_vec(&mut rng, rows);
-    for m in [1usize, 3, 9] {
+    for m in [1usize, 3, 9, 17] {
         let xm = rand_vec(&mut rng, m * cols);
         let bxm = be.upload(&xm).map_err(e)?;
         let stored = [

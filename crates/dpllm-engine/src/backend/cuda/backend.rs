@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
 
 use super::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
@@ -18,6 +19,11 @@ use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
 use crate::error::{EngineError, Result};
+
+/// From this many tokens a linear runs as one cuBLAS SGEMM on an f32 copy of
+/// its weight (dequantized or widened for the call) instead of GEMVs of 8
+/// tokens: prefill and perplexity. f32 throughout, so results match the GEMV's.
+const GEMM_MIN_TOKENS: usize = 16;
 
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
 pub struct CudaBuf {
@@ -170,10 +176,86 @@ impl CudaBackend {
             .collect())
     }
 
+    /// cuBLAS, when it can be loaded (long batches fall back to the GEMV without it).
+    fn blas(&self) -> Option<Arc<CudaBlas>> {
+        self.dev.blas().ok()
+    }
+
+    /// `rows × cols` floats of scratch, not zeroed (the caller writes them all).
+    fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller fills the buffer before reading it.
+        unsafe { self.stream().alloc::<f32>(len.max(1)) }.map_err(|_| EngineError::OutOfMemory {
+            what: "a widened weight (GPU)",
+            bytes: len.saturating_mul(4),
+        })
+    }
+
+    /// `y [n × rows] = x [n × cols] · Wᵀ` with W an f32 [rows × cols] in GPU
+    /// memory: one cuBLAS SGEMM (f32 throughout, as exact as the GEMV path).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32(
+        &self,
+        blas: &CudaBlas,
+        w: &CudaView<f32>,
+        (rows, cols): (usize, usize),
+        x: &CudaBuf,
+        n: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        // Column-major: C [rows × n] = Wᵀ' · X with W' = W viewed as [cols × rows].
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: rows as i32,
+            n: n as i32,
+            k: cols as i32,
+            alpha: 1.0f32,
+            lda: cols as i32,
+            ldb: cols as i32,
+            beta: 0.0f32,
+            ldc: rows as i32,
+        };
+        let mut yv = y.view_mut();
+        // SAFETY: W holds rows × cols, x n × cols and y n × rows floats (checked by the callers).
+        unsafe { blas.gemm(cfg, w, &x.view(), &mut yv) }
+            .map_err(|e| EngineError::Device(format!("cuBLAS SGEMM: {e}")))
+    }
+
     fn dense_into(&self, w: &CudaDense, x: &CudaBuf, n: usize, y: &mut CudaBuf) -> Result<()> {
         let (rows, cols) = (w.rows(), w.cols());
         Self::want_len("dense linear input", x, n * cols)?;
         Self::want_len("dense linear output", y, n * rows)?;
+        if n >= GEMM_MIN_TOKENS {
+            if let Some(blas) = self.blas() {
+                let wide = match w.kind() {
+                    "f32" => None,
+                    kind => {
+                        let mut out = self.scratch(rows * cols)?;
+                        let (r, c) = (rows as i32, cols as i32);
+                        launch!(
+                            self,
+                            format!("widen_{kind}"),
+                            self.ops.stride(rows * cols),
+                            w.weight(),
+                            w.scales(),
+                            &r,
+                            &c,
+                            &mut out
+                        )?;
+                        Some(out)
+                    }
+                };
+                let wv = match &wide {
+                    Some(f) => f.slice(..rows * cols),
+                    // SAFETY: an f32 weight's bytes are rows × cols floats.
+                    None => unsafe { w.weight().transmute::<f32>(rows * cols) }.ok_or_else(|| {
+                        EngineError::Device("an f32 weight shorter than its shape".into())
+                    })?,
+                };
+                self.gemm_f32(&blas, &wv, (rows, cols), x, n, y)?;
+                return self.add_bias(w.bias(), rows, n, y);
+            }
+        }
         let bias = w.bias().unwrap_or(&self.unused);
         let has_bias = w.bias().is_some() as i32;
         let (xs, ys, r, c) = (cols as i32, rows as i32, rows as i32, cols as i32);
@@ -218,6 +300,14 @@ impl CudaBackend {
         let (rows, cols) = (w.w.rows(), w.w.cols());
         Self::want_len("any-precision linear input", x, n * cols)?;
         Self::want_len("any-precision linear output", y, n * rows)?;
+        if n >= GEMM_MIN_TOKENS {
+            if let Some(blas) = self.blas() {
+                let mut wide = self.scratch(rows * cols)?;
+                w.w.dequantize_into(bits, &mut wide)?;
+                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
+                return self.add_bias(w.bias.as_ref(), rows, n, y);
+            }
+        }
         for t0 in (0..n).step_by(MAX_TOKENS) {
             let nt = (n - t0).min(MAX_TOKENS);
             let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
@@ -231,13 +321,18 @@ impl CudaBackend {
                 None,
             )?;
         }
-        self.add_bias(w, n, y)
+        self.add_bias(w.bias.as_ref(), rows, n, y)
     }
 
-    /// Add the layer's bias (if any) to the `n` rows of `y`.
-    fn add_bias(&self, w: &CudaAnyPrecLinear, n: usize, y: &mut CudaBuf) -> Result<()> {
-        let rows = w.w.rows();
-        if let Some(b) = &w.bias {
+    /// Add `bias` (if any) to the `n` rows of `rows` values of `y`.
+    fn add_bias(
+        &self,
+        bias: Option<&CudaSlice<f32>>,
+        rows: usize,
+        n: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        if let Some(b) = bias {
             let (r, total) = (rows as i32, (n * rows) as i64);
             launch!(
                 self,
@@ -836,6 +931,29 @@ impl Backend for CudaBackend {
                 w.w.cols()
             )));
         }
+        // A long batch: both precisions as GEMMs, then each token keeps its own.
+        if n >= GEMM_MIN_TOKENS {
+            if let Some(blas) = self.blas() {
+                let mut wide = self.scratch(rows * cols)?;
+                let mut y_low = self.zeros(n * rows)?;
+                w.w.dequantize_into(low, &mut wide)?;
+                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, &mut y_low)?;
+                w.w.dequantize_into(high, &mut wide)?;
+                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
+                let (ni, wi) = (n as i32, rows as i32);
+                launch!(
+                    self,
+                    "blend_rows",
+                    self.ops.stride(n * rows),
+                    &mut y.view_mut(),
+                    &y_low.view(),
+                    &mask.flags,
+                    &ni,
+                    &wi
+                )?;
+                return self.add_bias(w.bias.as_ref(), rows, n, y);
+            }
+        }
         // Both precisions are queued for every group of tokens; each kernel
         // computes and writes only the tokens of its decision (and returns at
         // once when there are none), so nothing waits for the decisions.
@@ -855,7 +973,7 @@ impl Backend for CudaBackend {
                 )?;
             }
         }
-        self.add_bias(w, n, y)
+        self.add_bias(w.bias.as_ref(), rows, n, y)
     }
 
     fn gather_rows(

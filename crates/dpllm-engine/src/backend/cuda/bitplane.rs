@@ -240,6 +240,54 @@ impl CudaAnyPrec {
         (&mut self.planes, &mut self.luts)
     }
 
+    /// The weight at `bits` as f32 [rows × cols] into `out` (long batches run
+    /// as one GEMM on it).
+    pub fn dequantize_into(&self, bits: u32, out: &mut CudaSlice<f32>) -> Result<()> {
+        crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
+            .map_err(EngineError::Bits)?;
+        if out.len() < self.rows * self.cols {
+            return Err(EngineError::Device(format!(
+                "dequantize: {} floats for a {}x{} weight",
+                out.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        let f = self.device.bitplane_kernels()?.get("bitplane_dequant")?;
+        let plane_stride = (self.rows.div_ceil(4) * self.words) as i64;
+        let (b, r, c, w) = (
+            bits as i32,
+            self.rows as i32,
+            self.cols as i32,
+            self.words as i32,
+        );
+        let total = self.rows * self.words;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                total.div_ceil(BLOCK as usize).min(65535).max(1) as u32,
+                1,
+                1,
+            ),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let luts = &self.luts[(bits - self.seed_bits) as usize];
+        let mut l = self.device.stream().launch_builder(&f);
+        l.arg(&self.planes)
+            .arg(&plane_stride)
+            .arg(luts)
+            .arg(&b)
+            .arg(out)
+            .arg(&r)
+            .arg(&c)
+            .arg(&w);
+        // SAFETY: the arguments match bitplane_dequant's signature; it writes
+        // rows × cols floats (checked above) and reads the planes and LUT of
+        // `bits` (held: checked above).
+        unsafe { l.launch(cfg) }.map_err(device_err("launching the bit-plane dequantization"))?;
+        Ok(())
+    }
+
     /// A second copy in GPU memory (benchmarks cycle through copies so the L2
     /// cache cannot hold the weights).
     pub fn replicate(&self) -> Result<CudaAnyPrec> {

@@ -249,3 +249,27 @@ GEMV_BITS(5)
 GEMV_BITS(6)
 GEMV_BITS(7)
 GEMV_BITS(8)
+
+// The weight at `bits` as f32 [rows x cols] (for long batches, which run as one
+// GEMM): one thread per (row, word), reading `bits` planes and the row's LUT.
+// Index bits are MSB first: plane j gives bit bits-1-j.
+extern "C" __global__ void bitplane_dequant(const u32* planes, long long plane_stride, const u16* luts,
+                                            int bits, float* out, int rows, int cols, int words) {
+    const long long total = (long long)rows * words;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(e / words), w = (int)(e % words);
+        const long long at = ((long long)(r / 4) * words + w) * 4 + r % 4;
+        u32 p[8];
+        for (int j = 0; j < bits; ++j) p[j] = planes[j * plane_stride * 4 + at];
+        const u16* lut = luts + ((long long)r << bits);
+        for (int s = 0; s < 32; ++s) {
+            const int c = s * words + w;
+            if (c >= cols) break;
+            const int bit = 4 * (s % 8) + s / 8;
+            u32 idx = 0;
+            for (int j = 0; j < bits; ++j) idx |= ((p[j] >> bit) & 1u) << (bits - 1 - j);
+            out[(long long)r * cols + c] = h2f(lut[idx]);
+        }
+    }
+}

@@ -300,6 +300,25 @@ DENSE(f16, 1)
 DENSE(bf16, 2)
 DENSE(q8_0, 3)
 
+// out [rows x cols] f32 = the stored weight (for long batches, one GEMM).
+template <int T>
+__device__ void widen(const void* w, const u16* scales, int rows, int cols, float* out) {
+    const long total = (long)rows * cols;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
+        out[j] = ldw<T>(w, scales, j / cols, j % cols, cols);
+}
+
+extern "C" __global__ void widen_f16(const void* w, const u16* s, int rows, int cols, float* out) { widen<1>(w, s, rows, cols, out); }
+extern "C" __global__ void widen_bf16(const void* w, const u16* s, int rows, int cols, float* out) { widen<2>(w, s, rows, cols, out); }
+extern "C" __global__ void widen_q8_0(const void* w, const u16* s, int rows, int cols, float* out) { widen<3>(w, s, rows, cols, out); }
+
+// Rows of y [n x width] whose flag is 0 become the rows of low.
+extern "C" __global__ void blend_rows(float* y, const float* low, const u32* flags, int n, int width) {
+    const long total = (long)n * width;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
+        if (flags[j / width] == 0u) y[j] = low[j];
+}
+
 // ---- attention ------------------------------------------------------------
 // Causal attention of query token t (blockIdx.y) and head h (blockIdx.x) over
 // positions lo..=pos0+t of one layer's cache (k, v [positions x kv_dim]), with
