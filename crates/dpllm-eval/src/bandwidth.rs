@@ -54,17 +54,6 @@ pub fn measure(bytes: usize, reps: usize) -> Bandwidth {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn produces_positive_finite_numbers() {
-        let bw = super::measure(8 << 20, 2);
-        assert!(bw.copy_gbs.is_finite() && bw.copy_gbs > 0.0);
-        assert!(bw.read_gbs.is_finite() && bw.read_gbs > 0.0);
-        assert_eq!(bw.buffer_bytes, 8 << 20);
-    }
-}
-
 /// The bandwidth of the GPU `be` runs on, on `bytes`-sized buffers; best of `reps`.
 #[cfg(feature = "cuda")]
 pub fn measure_cuda(
@@ -79,4 +68,15 @@ pub fn measure_cuda(
         read_gbs,
         threads: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn produces_positive_finite_numbers() {
+        let bw = super::measure(8 << 20, 2);
+        assert!(bw.copy_gbs.is_finite() && bw.copy_gbs > 0.0);
+        assert!(bw.read_gbs.is_finite() && bw.read_gbs > 0.0);
+        assert_eq!(bw.buffer_bytes, 8 << 20);
+    }
 }

@@ -9,26 +9,21 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
 
-use super::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
+use super::bitplane::CudaAnyPrec;
 use super::dense::CudaDense;
 use super::kv::CudaKv;
+use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
 use crate::error::{EngineError, Result};
 
-/// From this many tokens a linear runs as one cuBLAS SGEMM on an f32 copy of
-/// its weight (dequantized or widened for the call) instead of GEMVs of 8
-/// tokens: prefill and perplexity. f32 throughout, so results match the GEMV's.
-const GEMM_MIN_TOKENS: usize = 16;
-
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
 pub struct CudaBuf {
-    data: CudaSlice<f32>,
-    len: usize,
+    pub(super) data: CudaSlice<f32>,
+    pub(super) len: usize,
 }
 
 impl std::fmt::Debug for CudaBuf {
@@ -39,55 +34,31 @@ impl std::fmt::Debug for CudaBuf {
 
 impl CudaBuf {
     /// The first `len` floats.
-    fn view(&self) -> CudaView<'_, f32> {
+    pub(super) fn view(&self) -> CudaView<'_, f32> {
         self.data.slice(..self.len)
     }
 
     /// The first `len` floats, writable.
-    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+    pub(super) fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
         self.data.slice_mut(..self.len)
     }
 }
 
 /// Per-token decisions: 1 = the higher precision.
 pub struct CudaMask {
-    flags: CudaSlice<u32>,
-    n: usize,
-}
-
-/// An any-precision weight on the GPU with its optional bias.
-pub struct CudaAnyPrecLinear {
-    w: CudaAnyPrec,
-    bias: Option<CudaSlice<f32>>,
+    pub(super) flags: CudaSlice<u32>,
+    pub(super) n: usize,
 }
 
 /// The CUDA backend on one GPU. Clones share the device and its kernels.
 #[derive(Clone)]
 pub struct CudaBackend {
-    dev: Arc<CudaDevice>,
-    ops: Arc<OpsKernels>,
+    pub(super) dev: Arc<CudaDevice>,
+    pub(super) ops: Arc<OpsKernels>,
     /// One float, passed for a kernel's pointer argument that is not read.
-    unused: Arc<CudaSlice<f32>>,
+    pub(super) unused: Arc<CudaSlice<f32>>,
     /// The first error of an op that could not return it.
     error: Arc<Mutex<Option<EngineError>>>,
-}
-
-/// Queue kernel `$name` of the ops module with arguments `$arg` (references),
-/// an error naming the kernel when it cannot be launched.
-macro_rules! launch {
-    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let name: &str = &$name;
-        let f = $be.ops.get(name)?;
-        // One statement, so the argument temporaries live until the launch.
-        // SAFETY: each call site passes the kernel's parameters in order with
-        // their C types (int = i32, long = i64, float = f32, pointers as
-        // slices), and sizes its grid and buffers for what the kernel reads
-        // and writes (it checks its own bounds).
-        let cfg = $cfg;
-        let r = unsafe { $be.stream().launch_builder(&f)$(.arg($arg))+.launch(cfg) };
-        r.map(|_| ())
-            .map_err(|e| EngineError::Device(format!("CUDA: launching {name}: {e}")))
-    }};
 }
 
 impl CudaBackend {
@@ -118,12 +89,12 @@ impl CudaBackend {
         &self.dev
     }
 
-    fn stream(&self) -> &Arc<CudaStream> {
+    pub(super) fn stream(&self) -> &Arc<CudaStream> {
         self.dev.stream()
     }
 
     /// Keep the first error of an op that cannot return one.
-    fn keep(&self, r: Result<()>) {
+    pub(super) fn keep(&self, r: Result<()>) {
         if let Err(e) = r {
             let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
             g.get_or_insert(e);
@@ -131,14 +102,14 @@ impl CudaBackend {
     }
 
     /// The kept error, if any (then cleared: it is reported once).
-    fn check(&self) -> Result<()> {
+    pub(super) fn check(&self) -> Result<()> {
         match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    fn alloc(&self, len: usize, what: &'static str) -> Result<CudaSlice<f32>> {
+    pub(super) fn alloc(&self, len: usize, what: &'static str) -> Result<CudaSlice<f32>> {
         self.stream()
             .alloc_zeros::<f32>(len.max(1))
             .map_err(|_| EngineError::OutOfMemory {
@@ -147,7 +118,7 @@ impl CudaBackend {
             })
     }
 
-    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+    pub(super) fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
         let one = [0u32];
         self.stream()
             .clone_htod(if v.is_empty() { &one[..] } else { v })
@@ -155,7 +126,7 @@ impl CudaBackend {
     }
 
     /// An error unless `b` holds `want` floats, naming the op.
-    fn want_len(op: &str, b: &CudaBuf, want: usize) -> Result<()> {
+    pub(super) fn want_len(op: &str, b: &CudaBuf, want: usize) -> Result<()> {
         if b.len != want {
             return Err(EngineError::Device(format!(
                 "{op}: a buffer of {} floats where {want} are needed",
@@ -174,177 +145,6 @@ impl CudaBackend {
         Ok((0..mask.n as u32)
             .filter(|&t| (flags[t as usize] != 0) == high)
             .collect())
-    }
-
-    /// cuBLAS, when it can be loaded (long batches fall back to the GEMV without it).
-    fn blas(&self) -> Option<Arc<CudaBlas>> {
-        self.dev.blas().ok()
-    }
-
-    /// `rows × cols` floats of scratch, not zeroed (the caller writes them all).
-    fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: every caller fills the buffer before reading it.
-        unsafe { self.stream().alloc::<f32>(len.max(1)) }.map_err(|_| EngineError::OutOfMemory {
-            what: "a widened weight (GPU)",
-            bytes: len.saturating_mul(4),
-        })
-    }
-
-    /// `y [n × rows] = x [n × cols] · Wᵀ` with W an f32 [rows × cols] in GPU
-    /// memory: one cuBLAS SGEMM (f32 throughout, as exact as the GEMV path).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_f32(
-        &self,
-        blas: &CudaBlas,
-        w: &CudaView<f32>,
-        (rows, cols): (usize, usize),
-        x: &CudaBuf,
-        n: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        // Column-major: C [rows × n] = Wᵀ' · X with W' = W viewed as [cols × rows].
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: rows as i32,
-            n: n as i32,
-            k: cols as i32,
-            alpha: 1.0f32,
-            lda: cols as i32,
-            ldb: cols as i32,
-            beta: 0.0f32,
-            ldc: rows as i32,
-        };
-        let mut yv = y.view_mut();
-        // SAFETY: W holds rows × cols, x n × cols and y n × rows floats (checked by the callers).
-        unsafe { blas.gemm(cfg, w, &x.view(), &mut yv) }
-            .map_err(|e| EngineError::Device(format!("cuBLAS SGEMM: {e}")))
-    }
-
-    fn dense_into(&self, w: &CudaDense, x: &CudaBuf, n: usize, y: &mut CudaBuf) -> Result<()> {
-        let (rows, cols) = (w.rows(), w.cols());
-        Self::want_len("dense linear input", x, n * cols)?;
-        Self::want_len("dense linear output", y, n * rows)?;
-        if n >= GEMM_MIN_TOKENS {
-            if let Some(blas) = self.blas() {
-                let wide = match w.kind() {
-                    "f32" => None,
-                    kind => {
-                        let mut out = self.scratch(rows * cols)?;
-                        let (r, c) = (rows as i32, cols as i32);
-                        launch!(
-                            self,
-                            format!("widen_{kind}"),
-                            self.ops.stride(rows * cols),
-                            w.weight(),
-                            w.scales(),
-                            &r,
-                            &c,
-                            &mut out
-                        )?;
-                        Some(out)
-                    }
-                };
-                let wv = match &wide {
-                    Some(f) => f.slice(..rows * cols),
-                    // SAFETY: an f32 weight's bytes are rows × cols floats.
-                    None => unsafe { w.weight().transmute::<f32>(rows * cols) }.ok_or_else(|| {
-                        EngineError::Device("an f32 weight shorter than its shape".into())
-                    })?,
-                };
-                self.gemm_f32(&blas, &wv, (rows, cols), x, n, y)?;
-                return self.add_bias(w.bias(), rows, n, y);
-            }
-        }
-        let bias = w.bias().unwrap_or(&self.unused);
-        let has_bias = w.bias().is_some() as i32;
-        let (xs, ys, r, c) = (cols as i32, rows as i32, rows as i32, cols as i32);
-        // 16-byte loads where rows of weights and activations stay 16-byte aligned.
-        let v8 = matches!(w.kind(), "f16" | "bf16") && cols.is_multiple_of(8);
-        for t0 in (0..n).step_by(MAX_TOKENS) {
-            let nt = (n - t0).min(MAX_TOKENS);
-            let name = if v8 {
-                format!("dense_{}_v8_t{nt}", w.kind())
-            } else {
-                format!("dense_{}_t{nt}", w.kind())
-            };
-            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
-            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
-            launch!(
-                self,
-                name,
-                self.ops.warp_per_row(rows),
-                w.weight(),
-                w.scales(),
-                &xv,
-                &xs,
-                bias,
-                &has_bias,
-                &mut yv,
-                &ys,
-                &r,
-                &c
-            )?;
-        }
-        Ok(())
-    }
-
-    fn anyprec_into(
-        &self,
-        w: &CudaAnyPrecLinear,
-        x: &CudaBuf,
-        n: usize,
-        bits: u32,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        let (rows, cols) = (w.w.rows(), w.w.cols());
-        Self::want_len("any-precision linear input", x, n * cols)?;
-        Self::want_len("any-precision linear output", y, n * rows)?;
-        if n >= GEMM_MIN_TOKENS {
-            if let Some(blas) = self.blas() {
-                let mut wide = self.scratch(rows * cols)?;
-                w.w.dequantize_into(bits, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
-                return self.add_bias(w.bias.as_ref(), rows, n, y);
-            }
-        }
-        for t0 in (0..n).step_by(MAX_TOKENS) {
-            let nt = (n - t0).min(MAX_TOKENS);
-            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
-            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
-            w.w.gemv_view(
-                &xv,
-                nt,
-                bits,
-                &mut yv,
-                GemvVariant::default_for(nt, bits, rows),
-                None,
-            )?;
-        }
-        self.add_bias(w.bias.as_ref(), rows, n, y)
-    }
-
-    /// Add `bias` (if any) to the `n` rows of `rows` values of `y`.
-    fn add_bias(
-        &self,
-        bias: Option<&CudaSlice<f32>>,
-        rows: usize,
-        n: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        if let Some(b) = bias {
-            let (r, total) = (rows as i32, (n * rows) as i64);
-            launch!(
-                self,
-                "add_bias",
-                self.ops.stride(n * rows),
-                &mut y.view_mut(),
-                b,
-                &r,
-                &total
-            )?;
-        }
-        Ok(())
     }
 
     /// The GPU's memory bandwidth on buffers of `bytes` (well beyond its L2),
@@ -495,47 +295,11 @@ impl Backend for CudaBackend {
         max_bits: u32,
         seed: u64,
     ) -> Result<CudaAnyPrecLinear> {
-        let mut w = CudaAnyPrec::uninit(&self.dev, rows, cols, max_bits)?;
-        let scale = 1.0 / (cols.max(1) as f32).sqrt();
-        let (planes, luts) = w.buffers_mut();
-        let n = planes.len() as i64;
-        launch!(
-            self,
-            "fill_random_u32",
-            self.ops.stride(planes.len()),
-            planes,
-            &n,
-            &seed
-        )?;
-        for (i, l) in luts.iter_mut().enumerate() {
-            let (n, s) = (l.len() as i64, seed ^ (i as u64 + 1) << 56);
-            launch!(
-                self,
-                "fill_random_f16",
-                self.ops.stride(l.len()),
-                l,
-                &n,
-                &scale,
-                &s
-            )?;
-        }
-        Ok(CudaAnyPrecLinear { w, bias: None })
+        self.random_anyprec(rows, cols, max_bits, seed)
     }
 
     fn dense_random(&self, rows: usize, cols: usize, seed: u64) -> Result<CudaDense> {
-        let mut d = CudaDense::uninit_f16(&self.dev, rows, cols)?;
-        let scale = 1.0 / (cols.max(1) as f32).sqrt();
-        let n = (rows * cols) as i64;
-        launch!(
-            self,
-            "fill_random_f16",
-            self.ops.stride(rows * cols),
-            d.weight_mut(),
-            &n,
-            &scale,
-            &seed
-        )?;
-        Ok(d)
+        self.random_dense(rows, cols, seed)
     }
 
     fn kv_new(&self, layers: usize, kv_dim: usize) -> CudaKv {
@@ -921,59 +685,14 @@ impl Backend for CudaBackend {
         y: &mut CudaBuf,
     ) -> Result<()> {
         self.check()?;
-        Self::want_len("any-precision linear input", x, n * cols)?;
-        Self::want_len("any-precision linear output", y, n * rows)?;
-        if mask.n != n || (w.w.rows(), w.w.cols()) != (rows, cols) {
+        if (w.w.rows(), w.w.cols()) != (rows, cols) {
             return Err(EngineError::Device(format!(
-                "per-token precision: {} decisions for {n} tokens, a {}x{} weight for {rows}x{cols}",
-                mask.n,
+                "per-token precision: a {}x{} weight for {rows}x{cols}",
                 w.w.rows(),
                 w.w.cols()
             )));
         }
-        // A long batch: both precisions as GEMMs, then each token keeps its own.
-        if n >= GEMM_MIN_TOKENS {
-            if let Some(blas) = self.blas() {
-                let mut wide = self.scratch(rows * cols)?;
-                let mut y_low = self.zeros(n * rows)?;
-                w.w.dequantize_into(low, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, &mut y_low)?;
-                w.w.dequantize_into(high, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
-                let (ni, wi) = (n as i32, rows as i32);
-                launch!(
-                    self,
-                    "blend_rows",
-                    self.ops.stride(n * rows),
-                    &mut y.view_mut(),
-                    &y_low.view(),
-                    &mask.flags,
-                    &ni,
-                    &wi
-                )?;
-                return self.add_bias(w.bias.as_ref(), rows, n, y);
-            }
-        }
-        // Both precisions are queued for every group of tokens; each kernel
-        // computes and writes only the tokens of its decision (and returns at
-        // once when there are none), so nothing waits for the decisions.
-        for t0 in (0..n).step_by(MAX_TOKENS) {
-            let nt = (n - t0).min(MAX_TOKENS);
-            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
-            let m = mask.flags.slice(t0..t0 + nt);
-            for (bits, want) in [(low, false), (high, true)] {
-                let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
-                w.w.gemv_view(
-                    &xv,
-                    nt,
-                    bits,
-                    &mut yv,
-                    GemvVariant::default_for(nt, bits, rows),
-                    Some((&m, want)),
-                )?;
-            }
-        }
-        self.add_bias(w.bias.as_ref(), rows, n, y)
+        self.select_into(w, x, n, (low, high), mask, y)
     }
 
     fn gather_rows(

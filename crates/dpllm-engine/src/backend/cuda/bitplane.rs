@@ -263,11 +263,7 @@ impl CudaAnyPrec {
         );
         let total = self.rows * self.words;
         let cfg = LaunchConfig {
-            grid_dim: (
-                total.div_ceil(BLOCK as usize).min(65535).max(1) as u32,
-                1,
-                1,
-            ),
+            grid_dim: (total.div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -412,10 +408,7 @@ impl CudaAnyPrec {
         let tpr = self.threads(v);
         let spb = (BLOCK / tpr) as usize;
         let smem = self.shared_bytes(bits, n, v);
-        let f = self
-            .device
-            .bitplane_kernels()?
-            .get(&v.kernel(bits, n))?;
+        let f = self.device.bitplane_kernels()?.get(&v.kernel(bits, n))?;
         let cfg = LaunchConfig {
             grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),

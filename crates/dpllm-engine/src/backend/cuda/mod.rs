@@ -13,16 +13,36 @@
 //! (the rest of the forward pass, device-side DP-LLM selection, CUDA graphs)
 //! is the next step; `--device cuda` is refused until then.
 
+/// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments `$arg` (references),
+/// an error naming the kernel when it cannot be launched.
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name: &str = &$name;
+        let f = $be.ops.get(name)?;
+        // One statement, so the argument temporaries live until the launch.
+        // SAFETY: each call site passes the kernel's parameters in order with
+        // their C types (int = i32, long = i64, float = f32, pointers as
+        // slices), and sizes its grid and buffers for what the kernel reads
+        // and writes (it checks its own bounds).
+        let cfg = $cfg;
+        let r = unsafe { $be.stream().launch_builder(&f)$(.arg($arg))+.launch(cfg) };
+        r.map(|_| ())
+            .map_err(|e| EngineError::Device(format!("CUDA: launching {name}: {e}")))
+    }};
+}
+
 mod backend;
 pub mod bitplane;
 pub mod compile;
 pub mod dense;
 mod kv;
+mod linear;
 pub mod ops;
 
 pub use backend::{CudaBackend, CudaBuf, CudaMask};
 pub use dense::CudaDense;
 pub use kv::CudaKv;
+pub use linear::CudaAnyPrecLinear;
 
 /// The `cudarc` this backend is built on, for callers that allocate and copy.
 pub use cudarc;
