@@ -168,10 +168,13 @@ impl<B: Backend> Model<B> {
         prec: Precision<'_, B>,
         mut stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
-        let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
-        let out = self.backend.download(h)?;
-        deferred.finish(&self.backend, stats)?;
-        Ok(out)
+        let before = cache.len();
+        let r = (|| {
+            let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
+            let out = self.backend.download(h);
+            deferred.finish(&self.backend, stats).and(out)
+        })();
+        Self::keep_or_undo(cache, before, r)
     }
 
     /// The forward pass on the backend: final normed hidden states [n × hidden],
@@ -380,15 +383,34 @@ impl<B: Backend> Model<B> {
         prec: Precision<'_, B>,
         mut stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
-        let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
-        let d = self.config.hidden_size;
-        let last = self.backend.rows(&h, d, tokens.len() - 1, 1)?;
-        self.logits_device(&last, 1, Some(deferred), stats)
+        let before = cache.len();
+        let r = (|| {
+            let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
+            let last = self
+                .backend
+                .rows(&h, self.config.hidden_size, tokens.len() - 1, 1)?;
+            self.logits_device(&last, 1, Some(deferred), stats)
+        })();
+        Self::keep_or_undo(cache, before, r)
     }
 
     /// Process `tokens` and return the logits of every position [n × vocab].
     pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
-        let (h, deferred) = self.forward_device(tokens, cache, Precision::Highest, None)?;
-        self.logits_device(&h, tokens.len(), Some(deferred), None)
+        let before = cache.len();
+        let r = (|| {
+            let (h, deferred) = self.forward_device(tokens, cache, Precision::Highest, None)?;
+            self.logits_device(&h, tokens.len(), Some(deferred), None)
+        })();
+        Self::keep_or_undo(cache, before, r)
+    }
+
+    /// `r`, and when it is an error the cache back at `before` positions: a
+    /// failed call (a non-finite stage, an allocation) leaves no positions
+    /// behind, in any layer.
+    fn keep_or_undo<T>(cache: &mut KvCache<B>, before: usize, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            cache.truncate(before);
+        }
+        r
     }
 }
