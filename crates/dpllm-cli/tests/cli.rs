@@ -397,6 +397,47 @@ fn bench_decode_prints_units_and_writes_json() {
         .expect("decode_tokens_per_sec");
     assert!(tps.is_finite() && tps > 0.0, "{v}");
     assert!(v["weight_bytes_per_token"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["backend"].as_str().unwrap().starts_with("cpu"), "{v}");
+}
+
+#[test]
+fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
+    let t = tempfile::tempdir().unwrap();
+    let json = t.path().join("bench.json");
+    let (out, err) = ok(&[
+        "bench",
+        "decode",
+        "--synthetic",
+        "smollm2-135m",
+        "--bits",
+        "3",
+        "--prompt-tokens",
+        "2",
+        "--tokens",
+        "2",
+        "--bandwidth-mib",
+        "8",
+        "--json",
+        s(&json),
+    ]);
+    assert!(err.contains("random"), "{err}");
+    let v = json_file(&json);
+    assert_eq!(v["model"], "synthetic:smollm2-135m", "{out}");
+    assert_eq!(v["weights"], "anyprec 3-bit", "{out}");
+    assert_eq!(v["effective_bits"].as_f64(), Some(3.0), "{out}");
+    fails(
+        &["bench", "decode", "--synthetic", "gpt-9"],
+        &["--synthetic gpt-9", "llama3-8b"],
+    );
+    fails(
+        &["bench", "decode", "--synthetic", "llama3-8b", "--bits", "9"],
+        &["--bits 9 is out of range"],
+    );
+    fails(
+        &["bench", "decode", "--synthetic", "llama3-8b", "--target", "4"],
+        &["--target", "cannot be used with"],
+    );
+    fails(&["bench", "decode"], &["<MODEL>"]);
 }
 
 // ---------------------------------------------------------------- bad inputs
