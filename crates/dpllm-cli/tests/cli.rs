@@ -434,7 +434,14 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
         &["--bits 9 is out of range"],
     );
     fails(
-        &["bench", "decode", "--synthetic", "llama3-8b", "--target", "4"],
+        &[
+            "bench",
+            "decode",
+            "--synthetic",
+            "llama3-8b",
+            "--target",
+            "4",
+        ],
         &["--target", "cannot be used with"],
     );
     fails(&["bench", "decode"], &["<MODEL>"]);

@@ -42,16 +42,22 @@ impl FidelityAcc {
     /// Compare rows of `logits` with the reference's `ref_logits` [rows × vocab];
     /// `targets` are the true next tokens (for the reference's perplexity).
     pub fn add(&mut self, logits: &[f32], ref_logits: &[f32], vocab: usize, targets: &[u32]) {
-        for ((row, rrow), &t) in logits
-            .chunks(vocab)
-            .zip(ref_logits.chunks(vocab))
-            .zip(targets)
-        {
-            let (lp, lq) = (log_softmax(rrow), log_softmax(row));
-            let kl: f64 = lp.iter().zip(&lq).map(|(&p, &q)| p.exp() * (p - q)).sum();
-            self.kl.push(kl.max(0.0));
-            self.agree += (argmax(row) == argmax(rrow)) as usize;
-            self.ref_nll -= lp[t as usize];
+        use rayon::prelude::*;
+        // Rows in parallel, accumulated in order (results independent of threads).
+        let rows: Vec<(f64, bool, f64)> = logits
+            .par_chunks(vocab.max(1))
+            .zip(ref_logits.par_chunks(vocab.max(1)))
+            .zip(targets.par_iter())
+            .map(|((row, rrow), &t)| {
+                let (lp, lq) = (log_softmax(rrow), log_softmax(row));
+                let kl: f64 = lp.iter().zip(&lq).map(|(&p, &q)| p.exp() * (p - q)).sum();
+                (kl.max(0.0), argmax(row) == argmax(rrow), lp[t as usize])
+            })
+            .collect();
+        for (kl, agree, ref_lp) in rows {
+            self.kl.push(kl);
+            self.agree += agree as usize;
+            self.ref_nll -= ref_lp;
         }
     }
 
