@@ -7,14 +7,15 @@
 //! required path uses Hopper-only instructions: the paper's targets are edge
 //! and consumer GPUs (sm_87, sm_89).
 //!
-//! What exists so far: the device ([`CudaDevice`]) and the bit-plane GEMV
-//! ([`bitplane::CudaAnyPrec`]), tested against the CPU reference and timed by
-//! `dpllm bench gemv --device cuda`. The [`super::Backend`] implementation
-//! (the rest of the forward pass, device-side DP-LLM selection, CUDA graphs)
-//! is the next step; `--device cuda` is refused until then.
+//! [`CudaBackend`] implements [`super::Backend`] on one GPU ([`CudaDevice`]):
+//! the bit-plane GEMV ([`bitplane`]), dense weights ([`dense`]), the KV cache
+//! (`kv`), the other ops ([`ops`], `kernels/ops.cu`) and the linears with
+//! per-token precision and the GEMM path for long batches (`linear`). A
+//! forward call waits for the GPU only for its output. Not yet: CUDA graphs
+//! (decode is bound by launches), sampling on the device, an f16 KV cache.
 
-/// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments `$arg` (references),
-/// an error naming the kernel when it cannot be launched.
+/// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments
+/// `$arg` (references), an error naming the kernel when it cannot be launched.
 macro_rules! launch {
     ($be:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let name: &str = &$name;
