@@ -1002,6 +1002,22 @@ fn calibrate_then_run_targets_and_baselines() {
         out.contains("budget 4.50 bits") && out.contains("3.50") && out.contains("4.25"),
         "{out}"
     );
+    // The GPU memory the model needs: less at its budget than at 8 bits.
+    if cfg!(feature = "cuda") {
+        let (out, _) = ok(&["inspect", s(&q)]);
+        let mb = |line: &str| -> f64 {
+            let l = out.lines().find(|l| l.contains(line)).expect(line);
+            let v: Vec<&str> = l.split_whitespace().collect();
+            let i = v.iter().position(|w| w.ends_with("B")).unwrap();
+            let scale = match v[i] {
+                "kB" => 1e-3,
+                "MB" => 1.0,
+                _ => 1e3,
+            };
+            v[i - 1].parse::<f64>().unwrap() * scale
+        };
+        assert!(mb("at budget 4.50 bits") < mb("gpu memory"), "{out}");
+    }
     for target in ["3.5", "4.25"] {
         let json = t.path().join("p.json");
         let (out, _) = ok(&[

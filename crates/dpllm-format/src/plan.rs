@@ -251,6 +251,18 @@ pub fn available_budgets(model_dir: &Path) -> Vec<f64> {
     v
 }
 
+/// One plan file of a budget directory (the lowest DP-LLM target, else the
+/// lowest static one): every plan of a budget loads the same planes.
+pub fn first_plan(budget_dir: &Path) -> Option<PathBuf> {
+    [PlanKind::Dynamic, PlanKind::Static]
+        .into_iter()
+        .find_map(|k| {
+            available_targets(budget_dir, k)
+                .first()
+                .map(|t| plan_path(budget_dir, k, *t))
+        })
+}
+
 /// Targets with a plan of `kind` in a budget directory, ascending.
 pub fn available_targets(budget_dir: &Path, kind: PlanKind) -> Vec<f64> {
     let prefix = match kind {

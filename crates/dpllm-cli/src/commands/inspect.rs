@@ -19,6 +19,63 @@ fn human(bytes: usize) -> String {
     dpllm_eval::memory::human(bytes as u128)
 }
 
+/// The GPU memory an any-precision model needs on `--device cuda`: at its
+/// highest precision, and at each calibrated budget (only the planes its plans
+/// use are loaded), plus the f32 copy of the widest linear a long batch makes.
+#[cfg(feature = "cuda")]
+fn print_gpu_memory(
+    dir: &std::path::Path,
+    cfg: &ModelConfig,
+    ck: &Checkpoint,
+) -> anyhow::Result<()> {
+    use dpllm_engine::backend::cuda::bitplane::device_bytes;
+    use dpllm_format::anyprec::{AnyPrecInfo, ANYPREC_WEIGHTS};
+    use dpllm_format::plan::{self, Plan};
+    let info = AnyPrecInfo::from_metadata(ck.metadata(), &dir.join(ANYPREC_WEIGHTS))?;
+    let linears = cfg.linears();
+    // Embedding, output layer and norms: every tensor that is not a plane or a LUT.
+    let dense: usize = ck
+        .tensors()
+        .iter()
+        .filter(|(n, _)| !n.ends_with(".planes") && !n.contains(".lut"))
+        .map(|(_, t)| t.nbytes())
+        .sum();
+    let at = |keep: &dyn Fn(&str) -> u32| -> usize {
+        dense
+            + linears
+                .iter()
+                .map(|s| device_bytes(s.rows, s.cols, info.seed_bits, keep(&s.prefix)))
+                .sum::<usize>()
+    };
+    let scratch = linears
+        .iter()
+        .map(|s| 4 * s.rows * s.cols)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "gpu memory     {} at {} bits (weights; + {} for a long batch's widened layer)",
+        human(at(&|_| info.max_bits)),
+        info.max_bits,
+        human(2 * scratch)
+    );
+    for budget in plan::available_budgets(dir) {
+        let Some(path) = plan::first_plan(&plan::budget_dir(dir, budget)) else {
+            continue;
+        };
+        let p = Plan::load(&path)?;
+        let keep: std::collections::HashMap<&str, u32> = p
+            .linears
+            .iter()
+            .map(|l| (l.name.as_str(), l.max_bits.max(l.high_bits)))
+            .collect();
+        println!(
+            "               {} at budget {budget:.2} bits (the planes its plans use)",
+            human(at(&|name| keep.get(name).copied().unwrap_or(info.max_bits)))
+        );
+    }
+    Ok(())
+}
+
 /// Print architecture, parameters, dtypes and memory.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = crate::model_dir(&a.model)?;
@@ -88,6 +145,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         human(kv_per_token),
         human(kv_per_token * cfg.max_position_embeddings)
     );
+    #[cfg(feature = "cuda")]
+    if dpllm_format::anyprec::is_anyprec_dir(dir) {
+        print_gpu_memory(dir, &cfg, &ck)?;
+    }
     if a.tensors {
         for (name, info) in &tensors {
             println!("  {name:<60} {:?} {:?}", info.dtype, info.shape);

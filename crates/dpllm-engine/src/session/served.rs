@@ -75,14 +75,7 @@ impl<B: Backend> ServedModel<B> {
             });
         };
         let bdir = plan::budget_dir(dir, b);
-        let first = [PlanKind::Dynamic, PlanKind::Static]
-            .into_iter()
-            .find_map(|k| {
-                plan::available_targets(&bdir, k)
-                    .first()
-                    .map(|t| plan::plan_path(&bdir, k, *t))
-            })
-            .ok_or_else(|| EngineError::Plan(no_plans(dir, b)))?;
+        let first = plan::first_plan(&bdir).ok_or_else(|| EngineError::Plan(no_plans(dir, b)))?;
         Self::load_for_plan(backend, dir, &first, Some(b))
     }
 

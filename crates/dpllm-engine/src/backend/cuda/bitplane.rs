@@ -40,6 +40,15 @@ pub fn device_row(stored: &[u32], cols: usize, out: &mut [u32]) {
     }
 }
 
+/// Bytes a `rows × cols` layer holding precisions `seed..=keep` takes in GPU
+/// memory: `keep` planes in the kernel's layout (rows padded to 4) and one f16
+/// LUT per precision.
+pub fn device_bytes(rows: usize, cols: usize, seed: u32, keep: u32) -> usize {
+    let (words, padded) = (cols.div_ceil(32), rows.div_ceil(4) * 4);
+    let luts: usize = (seed..=keep).map(|b| padded * (2usize << b)).sum();
+    padded * words * 4 * keep as usize + luts
+}
+
 /// How a GEMV launch splits the work: `row_groups` groups of 4 rows a thread
 /// (more reuse each activation load, fewer threads) and the threads that share
 /// a set of row groups (`None`: about 1024 threads per multiprocessor,
@@ -457,6 +466,15 @@ impl CudaAnyPrec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_bytes_count_padded_rows_planes_and_every_lut() {
+        // 6 rows pad to 8; 40 columns are 2 words; 3..=4 bits: 4 planes.
+        assert_eq!(device_bytes(6, 40, 3, 4), 8 * 2 * 4 * 4 + 8 * 16 + 8 * 32);
+        let w = AnyPrecHost::random(6, 40, 4, 1);
+        let gpu = device_bytes(w.rows, w.cols, w.seed_bits, w.max_bits);
+        assert!(gpu >= dpllm_format::anyprec::bytes_at(6, 40, 4));
+    }
 
     #[test]
     fn defaults_follow_the_measurements() {
