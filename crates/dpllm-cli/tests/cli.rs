@@ -968,22 +968,7 @@ fn calibrate_then_run_targets_and_baselines() {
         text,
         q,
     } = common::tiny_quantized(31);
-    let small = [
-        "--calib",
-        s(&text),
-        "--samples",
-        "3",
-        "--seq-len",
-        "32",
-        "--epochs",
-        "1",
-        "--estimator-samples",
-        "3",
-        "--jl-steps",
-        "20",
-        "--jl-k",
-        "8",
-    ];
+    let small = common::small_calibration(&text);
     let (out, _) = ok(&[
         &[
             "calibrate",

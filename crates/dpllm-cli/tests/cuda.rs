@@ -38,22 +38,7 @@ fn the_gpu_matches_the_cpu_from_quantized_model_to_dp_llm_plans() {
         return;
     }
     let common::Quantized { dir, text, q, .. } = common::tiny_quantized(17);
-    let small = [
-        "--calib",
-        s(&text),
-        "--samples",
-        "3",
-        "--seq-len",
-        "32",
-        "--epochs",
-        "1",
-        "--estimator-samples",
-        "3",
-        "--jl-steps",
-        "20",
-        "--jl-k",
-        "8",
-    ];
+    let small = common::small_calibration(&text);
     ok(&[
         &[
             "calibrate",

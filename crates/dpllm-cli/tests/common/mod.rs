@@ -159,6 +159,26 @@ pub fn hidden(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `calibrate` settings small enough for a test on a tiny model, calibrating on `text`.
+pub fn small_calibration(text: &Path) -> [&str; 14] {
+    [
+        "--calib",
+        s(text),
+        "--samples",
+        "3",
+        "--seq-len",
+        "32",
+        "--epochs",
+        "1",
+        "--estimator-samples",
+        "3",
+        "--jl-steps",
+        "20",
+        "--jl-k",
+        "8",
+    ]
+}
+
 /// A tiny default model (`dir/model`), a sample text (`dir/text.txt`) and the
 /// model quantized by `dpllm quantize` (`dir/q`).
 pub struct Quantized {

@@ -65,8 +65,7 @@ impl CudaKv {
         let (d, old) = (self.kv_dim, self.len[layer]);
         let need = (old + n) * d;
         for (store, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            grow(dev, store, old * d, need.max(FIRST_POSITIONS * d))?;
-            let dst = store.as_mut().expect("grown");
+            let dst = grow(dev, store, old * d, need.max(FIRST_POSITIONS * d))?;
             dev.stream()
                 .memcpy_dtod(&src.slice(..n * d), &mut dst.slice_mut(old * d..need))
                 .map_err(device_err("appending to the KV cache"))?;
@@ -90,15 +89,18 @@ impl CudaKv {
 
 /// Make `store` hold at least `need` floats, keeping its first `used`: a new
 /// allocation of at least twice the size with the old contents copied in.
-fn grow(
+/// Returns the storage.
+fn grow<'a>(
     dev: &CudaDevice,
-    store: &mut Option<CudaSlice<f32>>,
+    store: &'a mut Option<CudaSlice<f32>>,
     used: usize,
     need: usize,
-) -> Result<()> {
+) -> Result<&'a mut CudaSlice<f32>> {
     let have = store.as_ref().map_or(0, |s| s.len());
     if have >= need {
-        return Ok(());
+        if let Some(s) = store {
+            return Ok(s);
+        }
     }
     let size = need.max(2 * have);
     let oom = |_| EngineError::OutOfMemory {
@@ -113,6 +115,5 @@ fn grow(
         s.memcpy_dtod(&old.slice(..used), &mut fresh.slice_mut(..used))
             .map_err(device_err("growing the KV cache"))?;
     }
-    *store = Some(fresh);
-    Ok(())
+    Ok(store.insert(fresh))
 }
