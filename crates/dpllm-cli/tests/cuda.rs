@@ -93,6 +93,30 @@ fn the_gpu_matches_the_cpu_from_quantized_model_to_dp_llm_plans() {
     ]);
     assert!(out.starts_with("the"), "{out}");
     assert!(err.contains("decode effective bits"), "{err}");
+    // Decode steps replayed as CUDA graphs (the default) give the same text
+    // and counts as op by op, under a DP-LLM plan.
+    let gen = [
+        "generate",
+        s(&q),
+        "--target",
+        "3.5",
+        "-p",
+        "the",
+        "--max-tokens",
+        "40",
+        "--device",
+        "cuda",
+    ];
+    let plain = common::command(&gen)
+        .env("DPLLM_CUDA_GRAPHS", "0")
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", common::stderr(&plain));
+    let (graphed, graphed_err) = ok(&gen);
+    assert_eq!(graphed, common::stdout(&plain));
+    let bits = |e: &str| e.split("decode effective bits").nth(1).map(str::to_owned);
+    assert_eq!(bits(&graphed_err), bits(&common::stderr(&plain)));
+    assert!(bits(&graphed_err).is_some(), "{graphed_err}");
     let (out, _) = ok(&[
         "bench",
         "decode",

@@ -1,14 +1,17 @@
 //! Per-sequence key/value cache, held by the backend.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, Step};
+use crate::model::GraphSlot;
 
-/// Keys and values of every layer for the positions processed so far.
+/// Keys and values of every layer for the positions processed so far, and the
+/// recorded decode step that replays on them (a graph-capturing backend).
 pub struct KvCache<B: Backend = CpuBackend> {
     backend: B,
     store: B::Kv,
     len: usize,
     capacity: usize,
+    pub(crate) graph: GraphSlot<B>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -20,6 +23,7 @@ impl<B: Backend> KvCache<B> {
             store,
             len: 0,
             capacity,
+            graph: GraphSlot::default(),
         }
     }
 
@@ -50,16 +54,28 @@ impl<B: Backend> KvCache<B> {
         self.len = len;
     }
 
-    /// Append new positions' keys and values to `layer` (call for every layer, then
-    /// [`KvCache::advance`]). The cache grows as positions arrive; memory it cannot
-    /// get is an error, not an abort.
+    /// Append the keys and values of the positions of `step` (the next ones) to
+    /// `layer` (call for every layer, then [`KvCache::advance`]). The cache grows
+    /// as positions arrive; memory it cannot get is an error, not an abort.
     pub fn append(
         &mut self,
         layer: usize,
         k: &B::Buf,
         v: &B::Buf,
+        step: &Step<B::StepData>,
     ) -> Result<(), crate::EngineError> {
-        self.backend.kv_append(&mut self.store, layer, k, v)
+        self.backend.kv_append(&mut self.store, layer, k, v, step)
+    }
+
+    /// Make room for `positions` positions; the positions the storage holds.
+    pub(crate) fn reserve(&mut self, positions: usize) -> Result<usize, crate::EngineError> {
+        self.backend.kv_reserve(&mut self.store, positions)
+    }
+
+    /// Mark `n` positions written by a replayed graph as stored, in every layer.
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.backend.kv_commit(&mut self.store, self.len + n);
+        self.len += n;
     }
 
     /// Mark `n` appended positions as stored.
@@ -70,6 +86,12 @@ impl<B: Backend> KvCache<B> {
     /// The backend's storage (including appended-but-not-advanced positions).
     pub fn store(&self) -> &B::Kv {
         &self.store
+    }
+
+    /// True when a recorded decode step is held for replay (a backend that
+    /// records graphs, after the first decode step).
+    pub fn holds_recorded_step(&self) -> bool {
+        matches!(self.graph, GraphSlot::Ready(_))
     }
 
     /// Bytes in use.

@@ -109,12 +109,14 @@ fn attend<B: Backend>(
                 1,
                 &be.upload(&k[a * kvd..b * kvd]).unwrap(),
                 &be.upload(&v[a * kvd..b * kvd]).unwrap(),
+                &be.step(&[], a).unwrap(),
             )
             .unwrap();
         }
     }
     let mut out = be.zeros(q.len()).unwrap();
-    be.attention(&be.upload(q).unwrap(), &kv, 1, pos0, shape, &mut out);
+    let step = be.step(&[], pos0).unwrap();
+    be.attention(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut out);
     be.download(out).unwrap()
 }
 
@@ -193,8 +195,9 @@ fn linears_norms_and_rope_match_the_cpu_on_model_shapes() {
         let (heads, hd, rot, pos0) = (9usize, 64usize, 32usize, 100usize);
         let table = rand_vec(&mut rng, (pos0 + n) * rot);
         let (mut gq, mut cq) = (gpu.upload(&x).unwrap(), x.clone());
-        gpu.rope(&mut gq, heads, hd, rot, pos0, &gpu.upload(&table).unwrap());
-        CpuBackend.rope(&mut cq, heads, hd, rot, pos0, &table);
+        let (gs, cs) = (gpu.step(&[], pos0).unwrap(), CpuBackend.step(&[], pos0).unwrap());
+        gpu.rope(&mut gq, heads, hd, rot, &gs, &gpu.upload(&table).unwrap());
+        CpuBackend.rope(&mut cq, heads, hd, rot, &cs, &table);
         assert_close("rope", &gpu.download(gq).unwrap(), &cq, 1e-6);
     }
 }
@@ -221,7 +224,8 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         head_dim: 8,
         window: None,
     };
-    be.attention(&be.upload(&[0.0; 16]).unwrap(), &kv, 0, 0, shape, &mut out);
+    let step = be.step(&[], 0).unwrap();
+    be.attention(&be.upload(&[0.0; 16]).unwrap(), &kv, 0, &step, shape, &mut out);
     let e = be.synchronize().unwrap_err().to_string();
     assert!(e.contains("KV cache holds 0 positions"), "{e}");
     // Out-of-range bits and token ids.
@@ -239,7 +243,7 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         )
         .unwrap();
     let mut emb = be.zeros(3).unwrap();
-    be.embed(&table, &[4], &mut emb);
+    be.embed(&table, &be.step(&[4], 0).unwrap(), &mut emb);
     assert!(be.synchronize().is_err(), "token 4 of a 4-row table");
     // Mismatched weights are refused at upload.
     let mut bad = AnyPrecHost::random(8, 64, 5, 1);

@@ -69,6 +69,8 @@ pub struct DecodeBench {
     /// The backend the model ran on ("cpu (avx2)", "cuda:0 (...)"); the
     /// report's `device` field describes the machine.
     pub backend: String,
+    /// Decode steps were recorded once and replayed as graphs (CUDA).
+    pub graphs: bool,
     /// Model directory.
     pub model: String,
     /// Storage type of the weights.
@@ -151,6 +153,7 @@ pub fn run<B: Backend>(
     Ok(DecodeBench {
         config: cfg.clone(),
         backend: model.backend.name(),
+        graphs: model.backend.captures_graphs(),
         model: model.dir.display().to_string(),
         weights,
         prefill_tokens_per_sec: prompt.len() as f64 / g.prefill_secs,
@@ -173,6 +176,15 @@ impl DecodeBench {
         let rows = [
             ("model", self.model.clone()),
             ("backend", self.backend.clone()),
+            (
+                "decode steps",
+                if self.graphs {
+                    "replayed as graphs"
+                } else {
+                    "op by op"
+                }
+                .to_string(),
+            ),
             ("weights", self.weights.clone()),
             ("threads", self.threads.to_string()),
             (

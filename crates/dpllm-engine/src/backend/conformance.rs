@@ -331,7 +331,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         )
         .map_err(e)?;
     let mut emb = be.zeros(2 * cols).map_err(e)?;
-    be.embed(&table, &[4, 36], &mut emb);
+    be.embed(&table, &be.step(&[4, 36], 0).map_err(e)?, &mut emb);
     let want: Vec<f64> = f64s(&wf[4 * cols..5 * cols])
         .into_iter()
         .chain(f64s(&wf[36 * cols..]))
@@ -429,7 +429,8 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         .collect();
     let q = rand_vec(&mut rng, m * qd);
     let mut bq = be.upload(&q).map_err(e)?;
-    be.rope(&mut bq, 4, 8, rot, pos0, &be.upload(&table).map_err(e)?);
+    let step = be.step(&[], pos0).map_err(e)?;
+    be.rope(&mut bq, 4, 8, rot, &step, &be.upload(&table).map_err(e)?);
     let mut q_ref = f64s(&q);
     for t in 0..m {
         let row = &table[(pos0 + t) * rot..(pos0 + t + 1) * rot];
@@ -456,6 +457,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
             1,
             &be.upload(&keys[a * kvd..b * kvd]).map_err(e)?,
             &be.upload(&values[a * kvd..b * kvd]).map_err(e)?,
+            &be.step(&[], a).map_err(e)?,
         )
         .map_err(e)?;
     }
@@ -464,7 +466,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         &be.upload(&q_rot).map_err(e)?,
         &kv,
         1,
-        pos0,
+        &step,
         shape,
         &mut att,
     );

@@ -42,6 +42,19 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
+/// The token ids and first position of one forward call, with the backend's
+/// own copy of them (`data`): on a GPU, device memory that the embedding, RoPE,
+/// KV and attention kernels read, so that a captured graph of the call runs
+/// the next token once [`Backend::step_update`] has rewritten it.
+pub struct Step<D> {
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Position of the first token.
+    pub pos0: usize,
+    /// The backend's copy.
+    pub data: D,
+}
+
 /// A dense weight as read from the file, before a backend takes it.
 #[derive(Debug, Clone)]
 pub enum DenseHost {
@@ -192,6 +205,11 @@ impl<B: Backend> std::fmt::Debug for Estimator<B> {
     }
 }
 
+/// The error of a graph call on a backend that records none.
+fn no_graphs(backend: &str) -> crate::EngineError {
+    crate::EngineError::Device(format!("{backend} does not record graphs"))
+}
+
 /// The ops a device must provide to run the model. Kernels take buffers and
 /// shapes, never `ModelConfig` or file types.
 pub trait Backend: Clone + Send + Sync + 'static {
@@ -205,6 +223,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     type Kv: Send + Sync;
     /// Per-token precision decisions of one linear (true = the higher precision).
     type Mask: Send + Sync;
+    /// The backend's copy of a [`Step`].
+    type StepData: Send + Sync;
+    /// A recorded sequence of ops, run again as one ([`Backend::capture_begin`]).
+    type Graph: Send + Sync;
 
     /// Short name ("cpu (avx2)", "cuda:0 (H100)", ...).
     fn name(&self) -> String;
@@ -216,6 +238,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// Copy a buffer to the host, consuming it.
     fn download(&self, buf: Self::Buf) -> Result<Vec<f32>>;
+    /// Copy a buffer to the host, keeping it.
+    fn read(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Set every float of `buf` to `value`.
+    fn fill(&self, buf: &mut Self::Buf, value: f32);
     /// Floats in a buffer.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Wait until every queued op has finished.
@@ -269,28 +295,77 @@ pub trait Backend: Clone + Send + Sync + 'static {
     // --- KV cache ---
     /// An empty cache for `layers` layers of width `kv_dim`.
     fn kv_new(&self, layers: usize, kv_dim: usize) -> Self::Kv;
-    /// Append the keys and values [n × kv_dim] of new positions to `layer`; memory
-    /// that cannot be had is an error.
+    /// Append the keys and values [n × kv_dim] of positions `step.pos0`.. (the
+    /// next ones) to `layer`; memory that cannot be had is an error.
     fn kv_append(
         &self,
         kv: &mut Self::Kv,
         layer: usize,
         k: &Self::Buf,
         v: &Self::Buf,
+        step: &Step<Self::StepData>,
     ) -> Result<()>;
+    /// Make room for `positions` positions in every layer without storing any;
+    /// returns the positions the storage now holds. A backend that moves its
+    /// storage to grow it holds it in place until this number changes, so a
+    /// captured graph stays valid while it does not.
+    fn kv_reserve(&self, kv: &mut Self::Kv, positions: usize) -> Result<usize> {
+        let _ = kv;
+        Ok(positions)
+    }
+    /// Mark positions up to `positions` as stored in every layer, after a
+    /// replayed graph wrote them (backends that capture no graphs never see it).
+    fn kv_commit(&self, kv: &mut Self::Kv, positions: usize) {
+        let _ = (kv, positions);
+    }
     /// Keep the first `positions` positions of every layer.
     fn kv_truncate(&self, kv: &mut Self::Kv, positions: usize);
     /// Bytes the cache holds.
     fn kv_bytes(&self, kv: &Self::Kv) -> usize;
 
+    // --- steps and graphs ---
+    /// The step of a forward call over `tokens` at positions `pos0`.. .
+    fn step(&self, tokens: &[u32], pos0: usize) -> Result<Step<Self::StepData>>;
+    /// Rewrite `step` in place for as many other tokens at another position: a
+    /// captured graph that reads it then runs them.
+    fn step_update(
+        &self,
+        step: &mut Step<Self::StepData>,
+        tokens: &[u32],
+        pos0: usize,
+    ) -> Result<()> {
+        *step = self.step(tokens, pos0)?;
+        Ok(())
+    }
+    /// True when this backend records graphs ([`Backend::capture_begin`]).
+    fn captures_graphs(&self) -> bool {
+        false
+    }
+    /// Record the ops queued from now on into a graph instead of running them
+    /// (their buffers are taken as they are: a replay runs on the same ones).
+    /// Only on a backend that [`Backend::captures_graphs`]; always follow it
+    /// with [`Backend::capture_end`], also when an op failed.
+    fn capture_begin(&self) -> Result<()> {
+        Err(no_graphs(&self.name()))
+    }
+    /// Stop recording: the graph of the ops queued since [`Backend::capture_begin`].
+    fn capture_end(&self) -> Result<Self::Graph> {
+        Err(no_graphs(&self.name()))
+    }
+    /// Run a recorded graph once more.
+    fn graph_launch(&self, graph: &mut Self::Graph) -> Result<()> {
+        let _ = graph;
+        Err(no_graphs(&self.name()))
+    }
+
     // --- ops ---
-    /// Rows `tokens` of the embedding table into `out` [n × cols].
-    fn embed(&self, table: &Self::Dense, tokens: &[u32], out: &mut Self::Buf);
+    /// Rows `step.tokens` of the embedding table into `out` [n × cols].
+    fn embed(&self, table: &Self::Dense, step: &Step<Self::StepData>, out: &mut Self::Buf);
     /// RMSNorm of every `w`-sized row of `x` into `out`.
     fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, out: &mut Self::Buf);
     /// In-place RMSNorm of every `w`-sized segment (per-head q/k norm).
     fn rms_norm_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, eps: f32);
-    /// Rotate `x` [n × heads × head_dim] for positions pos0..pos0+n with a
+    /// Rotate `x` [n × heads × head_dim] for positions `step.pos0`.. with a
     /// precomputed table ([position][cos 0..rot/2 | sin 0..rot/2]).
     fn rope(
         &self,
@@ -298,17 +373,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
         heads: usize,
         head_dim: usize,
         rot_dim: usize,
-        pos0: usize,
+        step: &Step<Self::StepData>,
         table: &Self::Buf,
     );
-    /// Causal attention of queries `q` [n × heads·hd] at positions pos0.. over
-    /// `layer` of the cache (which already holds their keys and values).
+    /// Causal attention of queries `q` [n × heads·hd] at positions `step.pos0`..
+    /// over `layer` of the cache (which already holds their keys and values).
     fn attention(
         &self,
         q: &Self::Buf,
         kv: &Self::Kv,
         layer: usize,
-        pos0: usize,
+        step: &Step<Self::StepData>,
         shape: AttnShape,
         out: &mut Self::Buf,
     );

@@ -3,7 +3,7 @@
 //! finiteness checks and per-token precision counts are kept in backend
 //! buffers ([`Deferred`]) and read once, after the output.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Step};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -29,19 +29,36 @@ struct Scratch<B: Backend> {
 }
 
 /// What a forward call reads back once, after its output.
-struct Deferred<B: Backend> {
+pub(super) struct Deferred<B: Backend> {
     /// Per checked stage (the attention and MLP output of each layer): the
     /// first token holding a NaN or infinity, +inf when none.
     flags: B::Buf,
-    /// Per-token precision counts, when the caller counts bits.
+    /// Per-token precision counts, when the caller counts bits under a dynamic plan.
     tally: Option<Tally<B>>,
 }
 
 impl<B: Backend> Deferred<B> {
+    /// Buffers for the checks of `layers` layers and, with `count_linears`,
+    /// the counts of that many linears.
+    pub(super) fn new(be: &B, layers: usize, count_linears: Option<usize>) -> Result<Self> {
+        Ok(Deferred {
+            flags: be.zeros(2 * layers)?,
+            tally: count_linears.map(|n| Tally::new(be, n)).transpose()?,
+        })
+    }
+
+    /// Queue the reset of the checks and counts (the first op of a forward call).
+    fn reset(&mut self, be: &B) {
+        be.fill(&mut self.flags, f32::INFINITY);
+        if let Some(t) = &mut self.tally {
+            t.reset(be);
+        }
+    }
+
     /// Read the checks (an error naming the first stage that went non-finite)
     /// and the counts into `stats`.
-    fn finish(self, be: &B, stats: Option<&mut BitStats>) -> Result<()> {
-        let flags = be.download(self.flags)?;
+    pub(super) fn finish(&self, be: &B, stats: Option<&mut BitStats>) -> Result<()> {
+        let flags = be.read(&self.flags)?;
         if let Some((slot, &t)) = flags.iter().enumerate().find(|(_, t)| t.is_finite()) {
             let what = if slot % 2 == 0 {
                 "attention output"
@@ -53,7 +70,7 @@ impl<B: Backend> Deferred<B> {
                 token: t as usize,
             });
         }
-        match (self.tally, stats) {
+        match (&self.tally, stats) {
             (Some(t), Some(s)) => t.finish(be, s),
             _ => Ok(()),
         }
@@ -126,7 +143,7 @@ impl<B: Backend> BlockRun<'_, '_, B> {
 
 impl<B: Backend> Model<B> {
     /// Check that `tokens` can be appended to `cache`.
-    fn check_input(&self, tokens: &[u32], cache: &KvCache<B>) -> Result<()> {
+    pub(super) fn check_input(&self, tokens: &[u32], cache: &KvCache<B>) -> Result<()> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -170,36 +187,63 @@ impl<B: Backend> Model<B> {
     ) -> Result<Vec<f32>> {
         let before = cache.len();
         let r = (|| {
-            let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
+            let (h, deferred) = self.forward_queued(tokens, cache, prec, stats.as_deref_mut())?;
             let out = self.backend.download(h);
             deferred.finish(&self.backend, stats).and(out)
         })();
         Self::keep_or_undo(cache, before, r)
     }
 
-    /// The forward pass on the backend: final normed hidden states [n × hidden],
-    /// and what to read back once they are (checks, counts for `stats`).
-    fn forward_device(
+    /// [`Model::forward_device`] over `tokens` after the cached positions, with
+    /// new read-back buffers: the hidden states and what to read once they are.
+    fn forward_queued(
         &self,
         tokens: &[u32],
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
-        mut stats: Option<&mut BitStats>,
+        stats: Option<&mut BitStats>,
     ) -> Result<(B::Buf, Deferred<B>)> {
+        let mut deferred = self.new_deferred(prec, stats.is_some())?;
+        let step = self.backend.step(tokens, cache.len())?;
+        let h = self.forward_device(&step, cache, prec, stats, &mut deferred)?;
+        Ok((h, deferred))
+    }
+
+    /// The read-back buffers of a forward call at `prec` (counting bits when `counting`).
+    pub(super) fn new_deferred(&self, prec: Precision<'_, B>, counting: bool) -> Result<Deferred<B>> {
+        let linears = (counting && matches!(prec, Precision::Dynamic(_)))
+            .then(|| self.config.linears().len());
+        Deferred::new(&self.backend, self.blocks.len(), linears)
+    }
+
+    /// The forward pass of `step` on the backend: final normed hidden states
+    /// [n × hidden]; the checks and counts for `stats` go to `deferred`, read
+    /// once the output is. Every op is queued on the backend, so a backend can
+    /// record the call as a graph.
+    pub(super) fn forward_device(
+        &self,
+        step: &Step<B::StepData>,
+        cache: &mut KvCache<B>,
+        prec: Precision<'_, B>,
+        mut stats: Option<&mut BitStats>,
+        deferred: &mut Deferred<B>,
+    ) -> Result<B::Buf> {
+        let tokens = &step.tokens;
         self.check_input(tokens, cache)?;
         self.check_precision(prec)?;
+        if step.pos0 != cache.len() {
+            return Err(EngineError::Device(format!(
+                "a forward call at position {} after {} cached positions",
+                step.pos0,
+                cache.len()
+            )));
+        }
         let (be, c) = (&self.backend, &self.config);
-        let mut deferred = Deferred {
-            flags: be.upload(&vec![f32::INFINITY; 2 * self.blocks.len()])?,
-            tally: match (&stats, prec) {
-                (Some(_), Precision::Dynamic(_)) => Some(Tally::new(be, c.linears().len())?),
-                _ => None,
-            },
-        };
+        deferred.reset(be);
         let n = tokens.len();
         let d = c.hidden_size;
         let mut h = be.zeros(n * d)?;
-        be.embed(&self.embed, tokens, &mut h);
+        be.embed(&self.embed, step, &mut h);
         let mut s = Scratch {
             xn: be.zeros(n * d)?,
             q: be.zeros(n * c.q_dim())?,
@@ -223,17 +267,17 @@ impl<B: Backend> Model<B> {
                 prec,
                 sels,
                 stats: stats.as_deref_mut(),
-                deferred: &mut deferred,
+                deferred,
                 offset,
                 n,
             };
-            self.block_forward(l, block, &mut h, cache, &mut s, &mut run)?;
+            self.block_forward(l, block, &mut h, (cache, step), &mut s, &mut run)?;
             offset += block.linears().len();
         }
         cache.advance(n);
         let mut out = be.zeros(n * d)?;
         be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut out);
-        Ok((out, deferred))
+        Ok(out)
     }
 
     fn block_forward(
@@ -241,13 +285,12 @@ impl<B: Backend> Model<B> {
         l: usize,
         b: &Block<B>,
         h: &mut B::Buf,
-        cache: &mut KvCache<B>,
+        (cache, step): (&mut KvCache<B>, &Step<B::StepData>),
         s: &mut Scratch<B>,
         run: &mut BlockRun<'_, '_, B>,
     ) -> Result<()> {
         let (be, c) = (&self.backend, &self.config);
         let eps = c.rms_norm_eps;
-        let pos0 = cache.len();
         let nq = match &b.qkv {
             QkvProj::Separate { .. } => 3,
             QkvProj::Fused(_) => 1,
@@ -280,7 +323,7 @@ impl<B: Backend> Model<B> {
             c.num_heads,
             c.head_dim,
             rot,
-            pos0,
+            step,
             &self.rope_table,
         );
         be.rope(
@@ -288,17 +331,17 @@ impl<B: Backend> Model<B> {
             c.num_kv_heads,
             c.head_dim,
             rot,
-            pos0,
+            step,
             &self.rope_table,
         );
-        cache.append(l, &s.k, &s.v)?;
+        cache.append(l, &s.k, &s.v, step)?;
         let shape = AttnShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             window: c.sliding_window,
         };
-        be.attention(&s.q, cache.store(), l, pos0, shape, &mut s.att);
+        be.attention(&s.q, cache.store(), l, step, shape, &mut s.att);
         run.run(nq, &b.o_proj, &s.att, &s.att, &mut s.out)?;
         let ngu = match &b.gate_up {
             GateUpProj::Separate { .. } => 2,
@@ -336,22 +379,22 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Logits [rows × vocab] of final hidden states on the backend; a non-finite logit is an error.
-    /// Logits [rows × vocab] of final hidden states on the backend, after the
-    /// forward call's deferred checks and counts (`deferred`, for `stats`); a
-    /// non-finite logit is an error.
-    fn logits_device(
+    /// Logits [rows × vocab] of final hidden states `hidden` into `out`, on the backend.
+    pub(super) fn logits_into(&self, hidden: &B::Buf, rows: usize, out: &mut B::Buf) {
+        self.lm_head.forward(&self.backend, hidden, rows, None, out);
+    }
+
+    /// Logits read back from `out` after the forward call's deferred checks
+    /// and counts (`deferred`, for `stats`); a non-finite logit is an error.
+    pub(super) fn read_logits(
         &self,
-        hidden: &B::Buf,
-        rows: usize,
-        deferred: Option<Deferred<B>>,
+        out: &B::Buf,
+        deferred: Option<&Deferred<B>>,
         stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
         let be = &self.backend;
         let vocab = self.config.vocab_size;
-        let mut out = be.zeros(rows * vocab)?;
-        self.lm_head.forward(be, hidden, rows, None, &mut out);
-        let logits = be.download(out)?;
+        let logits = be.read(out)?;
         if let Some(d) = deferred {
             d.finish(be, stats)?;
         }
@@ -362,6 +405,19 @@ impl<B: Backend> Model<B> {
             }),
             None => Ok(logits),
         }
+    }
+
+    /// Logits [rows × vocab] of final hidden states on the backend.
+    fn logits_device(
+        &self,
+        hidden: &B::Buf,
+        rows: usize,
+        deferred: Option<&Deferred<B>>,
+        stats: Option<&mut BitStats>,
+    ) -> Result<Vec<f32>> {
+        let mut out = self.backend.zeros(rows * self.config.vocab_size)?;
+        self.logits_into(hidden, rows, &mut out);
+        self.read_logits(&out, deferred, stats)
     }
 
     /// Logits [rows × vocab] for final hidden states [rows × hidden]; a non-finite logit is an error.
@@ -375,7 +431,9 @@ impl<B: Backend> Model<B> {
         self.forward_last_with(tokens, cache, Precision::Highest, None)
     }
 
-    /// [`Model::forward_last`] with a precision mode, counting the bits used into `stats`.
+    /// [`Model::forward_last`] with a precision mode, counting the bits used into
+    /// `stats`. A decode step (one token) on a backend that records graphs
+    /// replays the cache's recorded step when it can (`super::graph`).
     pub fn forward_last_with(
         &self,
         tokens: &[u32],
@@ -383,13 +441,18 @@ impl<B: Backend> Model<B> {
         prec: Precision<'_, B>,
         mut stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
+        if let Some(r) = self.forward_graphed(tokens, cache, prec, stats.as_deref_mut()) {
+            return r;
+        }
         let before = cache.len();
         let r = (|| {
-            let (h, deferred) = self.forward_device(tokens, cache, prec, stats.as_deref_mut())?;
-            let last = self
-                .backend
-                .rows(&h, self.config.hidden_size, tokens.len() - 1, 1)?;
-            self.logits_device(&last, 1, Some(deferred), stats)
+            let (h, deferred) = self.forward_queued(tokens, cache, prec, stats.as_deref_mut())?;
+            let n = tokens.len();
+            let last = match n {
+                1 => h,
+                _ => self.backend.rows(&h, self.config.hidden_size, n - 1, 1)?,
+            };
+            self.logits_device(&last, 1, Some(&deferred), stats)
         })();
         Self::keep_or_undo(cache, before, r)
     }
@@ -398,8 +461,8 @@ impl<B: Backend> Model<B> {
     pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
         let before = cache.len();
         let r = (|| {
-            let (h, deferred) = self.forward_device(tokens, cache, Precision::Highest, None)?;
-            self.logits_device(&h, tokens.len(), Some(deferred), None)
+            let (h, deferred) = self.forward_queued(tokens, cache, Precision::Highest, None)?;
+            self.logits_device(&h, tokens.len(), Some(&deferred), None)
         })();
         Self::keep_or_undo(cache, before, r)
     }
@@ -407,7 +470,7 @@ impl<B: Backend> Model<B> {
     /// `r`, and when it is an error the cache back at `before` positions: a
     /// failed call (a non-finite stage, an allocation) leaves no positions
     /// behind, in any layer.
-    fn keep_or_undo<T>(cache: &mut KvCache<B>, before: usize, r: Result<T>) -> Result<T> {
+    pub(super) fn keep_or_undo<T>(cache: &mut KvCache<B>, before: usize, r: Result<T>) -> Result<T> {
         if r.is_err() {
             cache.truncate(before);
         }

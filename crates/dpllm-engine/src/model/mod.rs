@@ -2,10 +2,12 @@
 //! generic over the [`Backend`] that holds its weights and runs its ops.
 
 mod forward;
+mod graph;
 mod loader;
 pub mod rope;
 pub mod synthetic;
 
+pub(crate) use graph::GraphSlot;
 pub use loader::LoadOptions;
 
 use std::path::PathBuf;

@@ -22,6 +22,12 @@ impl<B: Backend> Tally<B> {
         })
     }
 
+    /// Queue zeroing the counts (the linears recorded are kept: a replayed
+    /// graph of the call records the same ones).
+    pub(crate) fn reset(&mut self, be: &B) {
+        be.fill(&mut self.high, 0.0);
+    }
+
     /// Linear `idx` ran `n` tokens at `low` or `high` bits as `mask` decided.
     pub(crate) fn record(
         &mut self,
@@ -36,12 +42,12 @@ impl<B: Backend> Tally<B> {
     }
 
     /// Read the counts (one wait) into `stats`.
-    pub(crate) fn finish(self, be: &B, stats: &mut BitStats) -> Result<()> {
+    pub(crate) fn finish(&self, be: &B, stats: &mut BitStats) -> Result<()> {
         if self.selected.is_empty() {
             return Ok(());
         }
-        let high = be.download(self.high)?;
-        for (idx, low_bits, high_bits, n) in self.selected {
+        let high = be.read(&self.high)?;
+        for &(idx, low_bits, high_bits, n) in &self.selected {
             let h = (high[idx] as usize).min(n);
             stats.add(idx, low_bits, n - h);
             stats.add(idx, high_bits, h);

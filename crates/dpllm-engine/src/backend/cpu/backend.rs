@@ -4,7 +4,7 @@ use super::{
     activation, attention, bitplane, estimate, norm, rope, rows, AnyPrecLinear, CpuBackend, CpuKv,
     DenseLinear,
 };
-use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
+use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator, Step};
 use crate::error::{EngineError, Result};
 
 impl Backend for CpuBackend {
@@ -13,6 +13,8 @@ impl Backend for CpuBackend {
     type AnyPrec = AnyPrecLinear;
     type Kv = CpuKv;
     type Mask = Vec<bool>;
+    type StepData = ();
+    type Graph = ();
 
     fn name(&self) -> String {
         format!("cpu ({})", bitplane::BitplaneKernel::best().name())
@@ -35,6 +37,14 @@ impl Backend for CpuBackend {
 
     fn download(&self, buf: Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf)
+    }
+
+    fn read(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) {
+        buf.fill(value)
     }
 
     fn len(&self, buf: &Vec<f32>) -> usize {
@@ -67,7 +77,21 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn kv_append(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>) -> Result<()> {
+    fn kv_append(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        step: &Step<()>,
+    ) -> Result<()> {
+        let held = kv.keys.get(layer).map(|k| k.len() / kv.kv_dim.max(1));
+        if held != Some(step.pos0) {
+            return Err(EngineError::Device(format!(
+                "KV cache: layer {layer} holds {held:?} positions; appending at {}",
+                step.pos0
+            )));
+        }
         for (buf, x) in [(&mut kv.keys[layer], k), (&mut kv.values[layer], v)] {
             buf.try_reserve(x.len())
                 .map_err(|_| EngineError::OutOfMemory {
@@ -90,9 +114,17 @@ impl Backend for CpuBackend {
         kv.keys.iter().chain(&kv.values).map(|v| v.len() * 4).sum()
     }
 
-    fn embed(&self, table: &DenseLinear, tokens: &[u32], out: &mut Vec<f32>) {
+    fn step(&self, tokens: &[u32], pos0: usize) -> Result<Step<()>> {
+        Ok(Step {
+            tokens: tokens.to_vec(),
+            pos0,
+            data: (),
+        })
+    }
+
+    fn embed(&self, table: &DenseLinear, step: &Step<()>, out: &mut Vec<f32>) {
         let d = table.in_features();
-        for (t, &tok) in tokens.iter().enumerate() {
+        for (t, &tok) in step.tokens.iter().enumerate() {
             table.row_f32(tok as usize, &mut out[t * d..(t + 1) * d]);
         }
     }
@@ -111,10 +143,10 @@ impl Backend for CpuBackend {
         heads: usize,
         head_dim: usize,
         rot_dim: usize,
-        pos0: usize,
+        step: &Step<()>,
         table: &Vec<f32>,
     ) {
-        rope::rope_apply(x, heads, head_dim, rot_dim, pos0, table, false)
+        rope::rope_apply(x, heads, head_dim, rot_dim, step.pos0, table, false)
     }
 
     fn attention(
@@ -122,11 +154,11 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         kv: &CpuKv,
         layer: usize,
-        pos0: usize,
+        step: &Step<()>,
         shape: AttnShape,
         out: &mut Vec<f32>,
     ) {
-        attention::attention(q, &kv.keys[layer], &kv.values[layer], pos0, shape, out)
+        attention::attention(q, &kv.keys[layer], &kv.values[layer], step.pos0, shape, out)
     }
 
     fn swiglu(&self, gate: &mut Vec<f32>, up: &Vec<f32>) {

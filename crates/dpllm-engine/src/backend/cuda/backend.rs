@@ -9,7 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
 
 use super::bitplane::CudaAnyPrec;
 use super::dense::CudaDense;
@@ -17,7 +18,7 @@ use super::kv::CudaKv;
 use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
-use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
+use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator, Step};
 use crate::error::{EngineError, Result};
 
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
@@ -50,7 +51,19 @@ pub struct CudaMask {
     pub(super) n: usize,
 }
 
+/// A recorded CUDA graph, instantiated.
+pub struct CudaStepGraph(CudaGraph);
+
+// SAFETY: a CUDA graph must not be used from two threads at once. The only
+// use, `Backend::graph_launch`, takes it by `&mut`, which rules that out.
+unsafe impl Send for CudaStepGraph {}
+// SAFETY: as above; a shared reference gives no access to the graph.
+unsafe impl Sync for CudaStepGraph {}
+
 /// The CUDA backend on one GPU. Clones share the device and its kernels.
+///
+/// All work goes to the device's one stream; while a decode step is being
+/// recorded ([`Backend::capture_begin`]) no other thread may queue work on it.
 #[derive(Clone)]
 pub struct CudaBackend {
     pub(super) dev: Arc<CudaDevice>,
@@ -59,6 +72,8 @@ pub struct CudaBackend {
     pub(super) unused: Arc<CudaSlice<f32>>,
     /// The first error of an op that could not return it.
     error: Arc<Mutex<Option<EngineError>>>,
+    /// Decode steps are recorded as graphs (`DPLLM_CUDA_GRAPHS=0`: not).
+    graphs: bool,
 }
 
 impl CudaBackend {
@@ -76,12 +91,20 @@ impl CudaBackend {
                 .alloc_zeros::<f32>(1)
                 .map_err(device_err("allocating"))?,
         );
+        let graphs = std::env::var("DPLLM_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Ok(CudaBackend {
             dev,
             ops,
             unused,
             error: Arc::default(),
+            graphs,
         })
+    }
+
+    /// The same backend with decode steps recorded as graphs or not.
+    pub fn with_graphs(mut self, on: bool) -> CudaBackend {
+        self.graphs = on;
+        self
     }
 
     /// The device.
@@ -134,6 +157,13 @@ impl CudaBackend {
             )));
         }
         Ok(())
+    }
+
+    /// A step as the kernels read it: [pos0, tokens...].
+    fn step_words(tokens: &[u32], pos0: usize) -> Result<Vec<u32>> {
+        let pos0 = u32::try_from(pos0)
+            .map_err(|_| EngineError::Device(format!("position {pos0} is past 2^32")))?;
+        Ok(std::iter::once(pos0).chain(tokens.iter().copied()).collect())
     }
 
     /// Row indices of the tokens whose decision equals `high`.
@@ -210,6 +240,8 @@ impl Backend for CudaBackend {
     type AnyPrec = CudaAnyPrecLinear;
     type Kv = CudaKv;
     type Mask = CudaMask;
+    type StepData = CudaSlice<u32>;
+    type Graph = CudaStepGraph;
 
     fn name(&self) -> String {
         self.dev.describe()
@@ -245,6 +277,31 @@ impl Backend for CudaBackend {
         v.truncate(buf.len);
         self.check()?;
         Ok(v)
+    }
+
+    fn read(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        self.check()?;
+        let v = self
+            .stream()
+            .clone_dtoh(&buf.view())
+            .map_err(device_err("copying activations from the GPU"))?;
+        self.check()?;
+        Ok(v)
+    }
+
+    fn fill(&self, buf: &mut CudaBuf, value: f32) {
+        let n = buf.len as i64;
+        let r = (|| {
+            launch!(
+                self,
+                "fill",
+                self.ops.stride(buf.len),
+                &mut buf.view_mut(),
+                &n,
+                &value
+            )
+        })();
+        self.keep(r)
     }
 
     fn len(&self, buf: &CudaBuf) -> usize {
@@ -306,7 +363,14 @@ impl Backend for CudaBackend {
         CudaKv::new(layers, kv_dim)
     }
 
-    fn kv_append(&self, kv: &mut CudaKv, layer: usize, k: &CudaBuf, v: &CudaBuf) -> Result<()> {
+    fn kv_append(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        step: &Step<CudaSlice<u32>>,
+    ) -> Result<()> {
         self.check()?;
         let d = kv.kv_dim().max(1);
         if k.len != v.len || !k.len.is_multiple_of(d) {
@@ -315,7 +379,32 @@ impl Backend for CudaBackend {
                 k.len, v.len
             )));
         }
-        kv.append(&self.dev, layer, &k.data, &v.data, k.len / d)
+        let (keys, values) = kv.slots(&self.dev, layer, step.pos0, k.len / d)?;
+        if k.len == 0 {
+            return Ok(());
+        }
+        let (nd, di) = (k.len as i64, d as i32);
+        launch!(
+            self,
+            "kv_store",
+            self.ops.stride(k.len),
+            &k.view(),
+            &v.view(),
+            keys,
+            values,
+            &step.data,
+            &nd,
+            &di
+        )
+    }
+
+    fn kv_reserve(&self, kv: &mut CudaKv, positions: usize) -> Result<usize> {
+        self.check()?;
+        kv.reserve(&self.dev, positions)
+    }
+
+    fn kv_commit(&self, kv: &mut CudaKv, positions: usize) {
+        kv.commit(positions)
     }
 
     fn kv_truncate(&self, kv: &mut CudaKv, positions: usize) {
@@ -326,9 +415,75 @@ impl Backend for CudaBackend {
         kv.bytes()
     }
 
-    fn embed(&self, table: &CudaDense, tokens: &[u32], out: &mut CudaBuf) {
+    fn step(&self, tokens: &[u32], pos0: usize) -> Result<Step<CudaSlice<u32>>> {
+        self.check()?;
+        let data = self
+            .stream()
+            .clone_htod(&Self::step_words(tokens, pos0)?)
+            .map_err(device_err("copying tokens to the GPU"))?;
+        Ok(Step {
+            tokens: tokens.to_vec(),
+            pos0,
+            data,
+        })
+    }
+
+    fn step_update(
+        &self,
+        step: &mut Step<CudaSlice<u32>>,
+        tokens: &[u32],
+        pos0: usize,
+    ) -> Result<()> {
+        self.check()?;
+        if tokens.len() != step.tokens.len() {
+            return Err(EngineError::Device(format!(
+                "a step of {} tokens rewritten for {}",
+                step.tokens.len(),
+                tokens.len()
+            )));
+        }
+        self.stream()
+            .memcpy_htod(&Self::step_words(tokens, pos0)?, &mut step.data)
+            .map_err(device_err("copying tokens to the GPU"))?;
+        step.tokens.copy_from_slice(tokens);
+        step.pos0 = pos0;
+        Ok(())
+    }
+
+    fn captures_graphs(&self) -> bool {
+        self.graphs
+    }
+
+    fn capture_begin(&self) -> Result<()> {
+        self.check()?;
+        self.stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(device_err("starting to record a graph"))
+    }
+
+    fn capture_end(&self) -> Result<CudaStepGraph> {
+        // End the recording before anything else: the stream must leave
+        // capture mode even when an op failed.
+        let g = self
+            .stream()
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(device_err("recording a graph"));
+        self.check()?;
+        match g? {
+            Some(g) => Ok(CudaStepGraph(g)),
+            None => Err(EngineError::Device("CUDA: an empty graph was recorded".into())),
+        }
+    }
+
+    fn graph_launch(&self, graph: &mut CudaStepGraph) -> Result<()> {
+        self.check()?;
+        graph.0.launch().map_err(device_err("launching a graph"))
+    }
+
+    fn embed(&self, table: &CudaDense, step: &Step<CudaSlice<u32>>, out: &mut CudaBuf) {
         let r = (|| {
             let cols = table.cols();
+            let tokens = &step.tokens;
             Self::want_len("embedding output", out, tokens.len() * cols)?;
             if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows()) {
                 return Err(EngineError::TokenOutOfRange {
@@ -336,7 +491,6 @@ impl Backend for CudaBackend {
                     vocab: table.rows(),
                 });
             }
-            let ids = self.upload_u32(tokens)?;
             let (n, c) = (tokens.len() as i32, cols as i32);
             launch!(
                 self,
@@ -344,7 +498,7 @@ impl Backend for CudaBackend {
                 self.ops.stride(tokens.len() * cols),
                 table.weight(),
                 table.scales(),
-                &ids,
+                &step.data.slice(1..),
                 &n,
                 &c,
                 &mut out.view_mut()
@@ -403,10 +557,11 @@ impl Backend for CudaBackend {
         heads: usize,
         head_dim: usize,
         rot_dim: usize,
-        pos0: usize,
+        step: &Step<CudaSlice<u32>>,
         table: &CudaBuf,
     ) {
         let r = (|| {
+            let pos0 = step.pos0;
             let n = x.len / (heads * head_dim).max(1);
             if n * heads * head_dim != x.len
                 || rot_dim > head_dim
@@ -420,13 +575,7 @@ impl Backend for CudaBackend {
                     pos0 + n
                 )));
             }
-            let (ni, h, hd, rot, p0) = (
-                n as i32,
-                heads as i32,
-                head_dim as i32,
-                rot_dim as i32,
-                pos0 as i32,
-            );
+            let (ni, h, hd, rot) = (n as i32, heads as i32, head_dim as i32, rot_dim as i32);
             launch!(
                 self,
                 "rope",
@@ -437,7 +586,7 @@ impl Backend for CudaBackend {
                 &h,
                 &hd,
                 &rot,
-                &p0
+                &step.data
             )
         })();
         self.keep(r)
@@ -448,11 +597,12 @@ impl Backend for CudaBackend {
         q: &CudaBuf,
         kv: &CudaKv,
         layer: usize,
-        pos0: usize,
+        step: &Step<CudaSlice<u32>>,
         shape: AttnShape,
         out: &mut CudaBuf,
     ) {
         let r = (|| {
+            let pos0 = step.pos0;
             let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
             let qd = nh * hd;
             let n = q.len / qd.max(1);
@@ -471,7 +621,7 @@ impl Backend for CudaBackend {
                     pos0 + n
                 )));
             };
-            let (p0, h, hk, d) = (pos0 as i32, nh as i32, nkv as i32, hd as i32);
+            let (h, hk, d) = (nh as i32, nkv as i32, hd as i32);
             let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
             let scale = 1.0 / (hd as f32).sqrt();
             launch!(
@@ -482,7 +632,7 @@ impl Backend for CudaBackend {
                 k,
                 v,
                 &mut out.view_mut(),
-                &p0,
+                &step.data,
                 &h,
                 &hk,
                 &d,

@@ -1,5 +1,7 @@
 //! The KV cache of one sequence in GPU memory: f32 [positions × kv_dim] per
-//! layer, grown by doubling (copied on the device) as positions arrive.
+//! layer, grown by doubling (copied on the device) as positions arrive. The
+//! backend writes new positions with a kernel that reads their position from
+//! the step's device copy, so a recorded decode step replays on it.
 
 use cudarc::driver::CudaSlice;
 
@@ -47,31 +49,56 @@ impl CudaKv {
         self.len.get(layer).copied().unwrap_or(0)
     }
 
-    /// Append `n` positions of keys `k` and values `v` ([n × kv_dim] each) to `layer`.
-    pub(crate) fn append(
+    /// The storage of `layer` made ready for positions `pos0..pos0 + n` (the
+    /// next ones): grown when it must be, keys and values to write them to.
+    pub(crate) fn slots(
         &mut self,
         dev: &CudaDevice,
         layer: usize,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        pos0: usize,
         n: usize,
-    ) -> Result<()> {
-        if layer >= self.len.len() {
+    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        let Some(&held) = self.len.get(layer) else {
             return Err(EngineError::Device(format!(
                 "KV cache: layer {layer} of {}",
                 self.len.len()
             )));
+        };
+        if held != pos0 {
+            return Err(EngineError::Device(format!(
+                "KV cache: layer {layer} holds {held} positions; appending at {pos0}"
+            )));
         }
-        let (d, old) = (self.kv_dim, self.len[layer]);
-        let need = (old + n) * d;
-        for (store, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            let dst = grow(dev, store, old * d, need.max(FIRST_POSITIONS * d))?;
-            dev.stream()
-                .memcpy_dtod(&src.slice(..n * d), &mut dst.slice_mut(old * d..need))
-                .map_err(device_err("appending to the KV cache"))?;
+        let (d, need) = (self.kv_dim, (pos0 + n) * self.kv_dim);
+        let used = held * d;
+        let keys = grow(dev, &mut self.keys[layer], used, need.max(FIRST_POSITIONS * d))?;
+        let values = grow(dev, &mut self.values[layer], used, need.max(FIRST_POSITIONS * d))?;
+        self.len[layer] = pos0 + n;
+        Ok((keys, values))
+    }
+
+    /// Make room for `positions` positions in every layer; the positions every
+    /// layer's storage now holds (the storage moves only when this grows).
+    pub(crate) fn reserve(&mut self, dev: &CudaDevice, positions: usize) -> Result<usize> {
+        let d = self.kv_dim.max(1);
+        let mut held = usize::MAX;
+        for (l, &len) in self.len.iter().enumerate() {
+            for store in [&mut self.keys[l], &mut self.values[l]] {
+                let s = grow(dev, store, len * d, positions.max(FIRST_POSITIONS) * d)?;
+                held = held.min(s.len() / d);
+            }
         }
-        self.len[layer] = old + n;
-        Ok(())
+        Ok(held)
+    }
+
+    /// Mark `positions` positions as stored in every layer (as far as the
+    /// storage holds): a replayed graph wrote them.
+    pub(crate) fn commit(&mut self, positions: usize) {
+        let d = self.kv_dim.max(1);
+        for (l, len) in self.len.iter_mut().enumerate() {
+            let room = self.keys[l].as_ref().map_or(0, |s| s.len() / d);
+            *len = positions.min(room);
+        }
     }
 
     /// Keep the first `positions` positions of every layer.

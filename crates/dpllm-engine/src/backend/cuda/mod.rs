@@ -11,8 +11,10 @@
 //! the bit-plane GEMV ([`bitplane`]), dense weights ([`dense`]), the KV cache
 //! (`kv`), the other ops ([`ops`], `kernels/ops.cu`) and the linears with
 //! per-token precision and the GEMM path for long batches (`linear`). A
-//! forward call waits for the GPU only for its output. Not yet: CUDA graphs
-//! (decode is bound by launches), sampling on the device, an f16 KV cache.
+//! forward call waits for the GPU only for its output, and a decode step is
+//! recorded once as a CUDA graph and replayed per token
+//! (`crate::model::graph`; `DPLLM_CUDA_GRAPHS=0` turns that off). Not yet:
+//! sampling on the device, an f16 KV cache.
 
 /// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments
 /// `$arg` (references), an error naming the kernel when it cannot be launched.
@@ -124,6 +126,10 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(device_err("creating a context"))?;
+        // SAFETY: every buffer of this context is used on the one stream made
+        // below, in order, so cudarc's per-buffer events (two driver calls per
+        // allocation, two per free) would order nothing.
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(device_err("reading the GPU's name"))?;
         let arch = ctx
             .compute_capability()
@@ -133,7 +139,8 @@ impl CudaDevice {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(device_err("reading the multiprocessor count"))?;
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot record graphs.
+        let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
         Ok(Arc::new(CudaDevice {
             ordinal,
             ctx,

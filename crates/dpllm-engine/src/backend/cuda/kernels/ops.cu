@@ -56,6 +56,11 @@ extern "C" __global__ void swiglu(float* gate, const float* up, long n) {
 }
 
 // h += x.
+extern "C" __global__ void fill(float* x, long n, float value) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = value;
+}
+
 extern "C" __global__ void add(float* h, const float* x, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         h[i] += x[i];
@@ -68,9 +73,10 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int rows, long 
 }
 
 // Rotate pairs (i, i + rot/2) of every head of x [n x heads x hd] at positions
-// pos0.. by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]).
-extern "C" __global__ void rope(float* x, const float* table, int n, int heads, int hd, int rot, int pos0) {
-    const int half = rot / 2;
+// pos0 = step[0].. by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]).
+// Positions come from the step in device memory, so a recorded graph replays.
+extern "C" __global__ void rope(float* x, const float* table, int n, int heads, int hd, int rot, const u32* step) {
+    const int half = rot / 2, pos0 = (int)step[0];
     const long total = (long)n * heads * half;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x) {
         const int i = j % half;
@@ -81,6 +87,18 @@ extern "C" __global__ void rope(float* x, const float* table, int n, int heads, 
         const float a = h[i], b = h[i + half], c = row[i], s = row[half + i];
         h[i] = a * c - b * s;
         h[i + half] = b * c + a * s;
+    }
+}
+
+// ---- KV cache -------------------------------------------------------------
+
+// Keys and values [n x d] of positions step[0].. into one layer's cache.
+extern "C" __global__ void kv_store(const float* k, const float* v, float* kc, float* vc, const u32* step,
+                                    long nd, int d) {
+    const long o = (long)step[0] * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < nd; i += (long)gridDim.x * blockDim.x) {
+        kc[o + i] = k[i];
+        vc[o + i] = v[i];
     }
 }
 
@@ -321,7 +339,7 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 
 // ---- attention ------------------------------------------------------------
 // Causal attention of query token t (blockIdx.y) and head h (blockIdx.x) over
-// positions lo..=pos0+t of one layer's cache (k, v [positions x kv_dim]), with
+// positions lo..=pos0+t (pos0 = step[0]) of one layer's cache (k, v [positions x kv_dim]), with
 // grouped KV heads and an optional window (0: none). Each warp runs an online
 // softmax over every ATT_WARPS-th position, keeping the head's output in
 // registers (ATT_MAXD / 32 per lane); the warps' partial results are merged at
@@ -330,8 +348,9 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 #define ATT_WARPS 4
 #define ATT_MAXD 256
 
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, int pos0,
-                                     int nh, int nkv, int hd, int window, float scale) {
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out,
+                                     const u32* step, int nh, int nkv, int hd, int window, float scale) {
+    const int pos0 = (int)step[0];
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kvd = nkv * hd, qd = nh * hd;
