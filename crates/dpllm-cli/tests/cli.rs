@@ -404,24 +404,27 @@ fn bench_decode_prints_units_and_writes_json() {
 fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
     let t = tempfile::tempdir().unwrap();
     let json = t.path().join("bench.json");
-    let (out, err) = ok(&[
-        "bench",
-        "decode",
-        "--synthetic",
-        "smollm2-135m",
-        "--bits",
-        "3",
-        "--prompt-tokens",
-        "2",
-        "--tokens",
-        "2",
-        "--bandwidth-mib",
-        "8",
-        "--json",
-        s(&json),
-    ]);
+    // Two prompt tokens and two decoded ones on synthetic SmolLM2 shapes.
+    let small = |args: &[&str]| {
+        let base = [
+            "bench",
+            "decode",
+            "--synthetic",
+            "smollm2-135m",
+            "--prompt-tokens",
+            "2",
+            "--tokens",
+            "2",
+            "--bandwidth-mib",
+            "8",
+            "--json",
+            s(&json),
+        ];
+        let (out, err) = ok(&[&base[..], args].concat());
+        (out, err, json_file(&json))
+    };
+    let (out, err, v) = small(&["--bits", "3"]);
     assert!(err.contains("random"), "{err}");
-    let v = json_file(&json);
     assert_eq!(v["model"], "synthetic:smollm2-135m", "{out}");
     assert_eq!(v["weights"], "anyprec 3-bit", "{out}");
     assert_eq!(v["effective_bits"].as_f64(), Some(3.0), "{out}");
@@ -433,17 +436,21 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
         &["bench", "decode", "--synthetic", "llama3-8b", "--bits", "9"],
         &["--bits 9 is out of range"],
     );
-    fails(
-        &[
-            "bench",
-            "decode",
-            "--synthetic",
-            "llama3-8b",
-            "--target",
-            "4",
-        ],
-        &["--target", "cannot be used with"],
-    );
+    // A synthetic plan: half the layers at 4 bits, chosen per token by DP-LLM.
+    let (out, _, v) = small(&["--target", "3.5"]);
+    assert_eq!(v["weights"], "dynamic plan, target 3.50, budget 4.00", "{out}");
+    assert_eq!(v["effective_bits"].as_f64(), Some(3.5), "{out}");
+    assert!(v["estimator_overhead"].as_f64().unwrap() > 0.0, "{out}");
+    let (out, _, v) = small(&["--target", "3.5", "--static"]);
+    assert_eq!(v["weights"], "static plan, target 3.50, budget 4.00", "{out}");
+    let plan_8b = ["bench", "decode", "--synthetic", "llama3-8b", "--target"];
+    for (args, phrases) in [
+        (&["8"][..], &["--target 8 with --synthetic must lie in [3, 8)"][..]),
+        (&["4", "--budget", "5"], &["--budget", "cannot be used with"]),
+        (&["4", "--select", "oracle"], &["estimators only"]),
+    ] {
+        fails(&[&plan_8b[..], args].concat(), phrases);
+    }
     fails(&["bench", "decode"], &["<MODEL>"]);
 }
 

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use dpllm_engine::backend::cuda::{test_device, CudaBackend};
-use dpllm_engine::backend::{conformance, AnyPrecHost, AttnShape, DenseHost};
+use dpllm_engine::backend::{
+    conformance, decided_by_mask, AnyPrecHost, AttnShape, Decide, DenseHost, Estimator,
+};
 use dpllm_engine::{Backend, CpuBackend};
 use dpllm_format::{Q8Matrix, TensorData};
 use half::{bf16, f16};
@@ -258,4 +260,79 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
     assert!(be
         .dense(DenseHost::Q8_0(Arc::new(q8)), 2, 40, None)
         .is_err());
+}
+
+#[test]
+fn one_kernel_dp_llm_linears_match_the_two_step_path() {
+    let Some(be) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    // 2048 rows: two row groups a thread at up to 4 bits; 300 rows: one.
+    for (rows, cols) in [(300usize, 200usize), (2048, 576)] {
+        let w = be.anyprec(AnyPrecHost::random(rows, cols, 8, 3)).unwrap();
+        let x = be.upload(&rand_vec(&mut rng, cols)).unwrap();
+        let xe_host = rand_vec(&mut rng, cols);
+        let norm = xe_host.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let xe = be.upload(&xe_host).unwrap();
+        let k = 16;
+        let g = DenseHost::Float(Arc::new(TensorData::F32(rand_vec(&mut rng, k * cols))));
+        let jl = Estimator::Jl {
+            k,
+            g: be.dense(g, k, cols, None).unwrap(),
+            bias: 0.25,
+        };
+        let lin = Estimator::Linear { a: 0.5, c: 0.1 };
+        let at = 0.5 * norm + 0.1;
+        // (estimator, threshold, goes high)
+        let cases = [
+            (&lin, at - 0.01, true),
+            (&lin, at + 0.01, false),
+            (&jl, 0.0, true),
+            (&jl, 1e9, false),
+            (&Estimator::None, -1.0, true),
+            (&Estimator::None, 1.0, false),
+        ];
+        for low in 3..=7u32 {
+            for (i, &(est, threshold, high)) in cases.iter().enumerate() {
+                let decide = || Decide {
+                    estimator: est,
+                    input: &xe,
+                    threshold,
+                };
+                let (mut y1, mut c1) = (be.zeros(rows).unwrap(), be.zeros(2).unwrap());
+                be.anyprec_linear_decided(
+                    &w,
+                    (rows, cols),
+                    &x,
+                    1,
+                    (low, low + 1),
+                    decide(),
+                    Some((&mut c1, 1)),
+                    &mut y1,
+                )
+                .unwrap();
+                let (mut y2, mut c2) = (be.zeros(rows).unwrap(), be.zeros(2).unwrap());
+                decided_by_mask(
+                    &be,
+                    &w,
+                    (rows, cols),
+                    &x,
+                    1,
+                    (low, low + 1),
+                    decide(),
+                    Some((&mut c2, 1)),
+                    &mut y2,
+                )
+                .unwrap();
+                let what = format!("{rows}x{cols}, {low} or {} bits, case {i}", low + 1);
+                let counts = be.download(c1).unwrap();
+                assert_eq!(counts, be.download(c2).unwrap(), "{what}: counts");
+                assert_eq!(counts, [0.0, high as u32 as f32], "{what}: decision");
+                let mut want = be.zeros(rows).unwrap();
+                be.anyprec_linear(&w, &x, 1, low + high as u32, &mut want);
+                let want = be.download(want).unwrap();
+                assert_close(&what, &be.download(y1).unwrap(), &want, 1e-5);
+                assert_close(&what, &be.download(y2).unwrap(), &want, 1e-5);
+            }
+        }
+    }
 }

@@ -6,7 +6,8 @@ use clap::Subcommand;
 use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
 use std::sync::Arc;
 
-use dpllm_engine::model::synthetic::{synthetic_config, SyntheticWeights};
+use dpllm_engine::model::synthetic::{synthetic_config, synthetic_plan, SyntheticWeights};
+use dpllm_format::plan::PlanKind;
 use dpllm_engine::{Backend, Model, RunPrecision};
 use dpllm_eval::bandwidth::Bandwidth;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
@@ -119,8 +120,12 @@ pub struct DecodeArgs {
     /// Instead of a model directory, random weights of a known model's shapes
     /// made on the device (no file needed): llama3-8b or smollm2-135m. With
     /// --bits B its linears are any-precision at B bits, else dense f16 (the
-    /// reference line).
-    #[arg(long, conflicts_with_all = ["model", "target", "plan"])]
+    /// reference line). With --target T (3 <= T < 8), a plan that runs a
+    /// (T - ⌊T⌋) share of the layers at ⌊T⌋ + 1 bits and the rest at ⌊T⌋:
+    /// fixed (--static), or chosen per token by DP-LLM's estimators and
+    /// thresholds (set so every token of a layer decides the same way), to
+    /// measure what the selection costs.
+    #[arg(long, conflicts_with_all = ["model", "plan", "budget"])]
     pub synthetic: Option<String>,
     #[command(flatten)]
     pub bits: super::BitsArg,
@@ -157,6 +162,12 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                         anyhow::bail!(
                             "--bits {b} is out of range (any-precision models run at 3..=8 bits)"
                         );
+                    }
+                    if let Some(t) = a.bits.target.filter(|t| !(3.0..8.0).contains(t)) {
+                        anyhow::bail!("--target {t} with --synthetic must lie in [3, 8)");
+                    }
+                    if a.bits.select != super::SelectArg::Estimator {
+                        anyhow::bail!("--synthetic plans select by their estimators only");
                     }
                     synthetic_config(name)?
                 }
@@ -206,19 +217,32 @@ fn decode_on<B: Backend>(
     let bw = device_bandwidth(&backend, cfg.bandwidth_bytes)?;
     let (model, precision) = match (&a.synthetic, &a.model) {
         (Some(name), _) => {
-            let weights = match a.bits.bits {
-                Some(max_bits) => SyntheticWeights::AnyPrec { max_bits },
-                None => SyntheticWeights::DenseF16,
+            let target = a.bits.target;
+            let weights = match (a.bits.bits, target) {
+                (Some(max_bits), _) => SyntheticWeights::AnyPrec { max_bits },
+                (None, Some(t)) => SyntheticWeights::AnyPrec {
+                    max_bits: t.floor() as u32 + 1,
+                },
+                (None, None) => SyntheticWeights::DenseF16,
             };
             eprintln!(
                 "building {name} with random {weights:?} weights on {}",
                 backend.name()
             );
             let m = Model::synthetic(backend, name, config, weights, 0)?;
-            let p = a
-                .bits
-                .bits
-                .map_or(RunPrecision::Highest, RunPrecision::Uniform);
+            let p = match (a.bits.bits, target) {
+                (Some(b), _) => RunPrecision::Uniform(b),
+                (None, Some(t)) => {
+                    let kind = if a.bits.static_plan {
+                        PlanKind::Static
+                    } else {
+                        PlanKind::Dynamic
+                    };
+                    let async_est = !a.bits.exact_estimator_input;
+                    RunPrecision::Plan(Arc::new(synthetic_plan(&m, t, kind, async_est)?))
+                }
+                (None, None) => RunPrecision::Highest,
+            };
             (Arc::new(m), p)
         }
         (None, Some(dir)) => {

@@ -386,6 +386,35 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     if be.download(counts).map_err(e)? != [0.0, 0.0, (n - 2) as f32] {
         return Err("mask_count_into: the count belongs in slot 2 only".into());
     }
+    let mut counts = be.zeros(3).map_err(e)?;
+    let counted = be
+        .estimate_counted(&jl, &bx, n, tau, (&mut counts, 1))
+        .map_err(e)?;
+    if be.mask_count(&counted).map_err(e)? != n - 2
+        || be.download(counts).map_err(e)? != [0.0, (n - 2) as f32, 0.0]
+    {
+        return Err(
+            "estimate_counted (projection): estimate's decisions, their count in slot 1 only"
+                .into(),
+        );
+    }
+    // Norm regression: a·||x|| + c, the threshold between the two lowest rows.
+    let (a, c) = (0.5f32, -0.1f32);
+    let mut norms: Vec<f64> = x
+        .chunks(d)
+        .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
+        .collect();
+    norms.sort_by(|p, q| p.total_cmp(q));
+    let tau_lin = (a as f64 * (norms[0] + norms[1]) / 2.0 + c as f64) as f32;
+    let mut counts = be.zeros(1).map_err(e)?;
+    let regression = Estimator::<B>::Linear { a, c };
+    let m = be
+        .estimate_counted(&regression, &bx, n, tau_lin, (&mut counts, 0))
+        .map_err(e)?;
+    if be.mask_count(&m).map_err(e)? != n - 1 || be.download(counts).map_err(e)? != [(n - 1) as f32]
+    {
+        return Err("estimate_counted (norm regression): every row but the one of least norm goes high".into());
+    }
     let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
     if be
         .mask_count(&be.estimate(&lin, &bx, n, 0.5).map_err(e)?)

@@ -55,6 +55,18 @@ pub struct Step<D> {
     pub data: D,
 }
 
+/// How one linear decides each token's precision (DP-LLM): its estimator on
+/// `input` (the linear's input, or the asynchronous approximation of it), high
+/// when the estimate exceeds `threshold`.
+pub struct Decide<'a, B: Backend> {
+    /// The estimator.
+    pub estimator: &'a Estimator<B>,
+    /// The estimator's input [n × in].
+    pub input: &'a B::Buf,
+    /// Threshold τ.
+    pub threshold: f32,
+}
+
 /// A dense weight as read from the file, before a backend takes it.
 #[derive(Debug, Clone)]
 pub enum DenseHost {
@@ -203,6 +215,32 @@ impl<B: Backend> std::fmt::Debug for Estimator<B> {
             Estimator::Jl { k, bias, .. } => write!(f, "Jl {{ k: {k}, bias: {bias} }}"),
         }
     }
+}
+
+/// [`Backend::anyprec_linear_decided`] in two steps: the decisions as a mask,
+/// then the linear at each token's precision.
+#[allow(clippy::too_many_arguments)]
+pub fn decided_by_mask<B: Backend>(
+    be: &B,
+    w: &B::AnyPrec,
+    shape: (usize, usize),
+    x: &B::Buf,
+    n: usize,
+    bits: (u32, u32),
+    decide: Decide<'_, B>,
+    count: Option<(&mut B::Buf, usize)>,
+    y: &mut B::Buf,
+) -> Result<()> {
+    let Decide {
+        estimator,
+        input,
+        threshold,
+    } = decide;
+    let mask = match count {
+        Some(c) => be.estimate_counted(estimator, input, n, threshold, c)?,
+        None => be.estimate(estimator, input, n, threshold)?,
+    };
+    be.anyprec_linear_select(w, shape, x, n, bits, &mask, y)
 }
 
 /// The error of a graph call on a backend that records none.
@@ -423,6 +461,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> Result<Self::Mask> {
         self.threshold_mask(&self.estimates(est, x, n)?, threshold)
     }
+    /// [`Backend::estimate`], also writing the number of tokens it sends high to
+    /// `count.0[count.1]`, which holds 0 before (a tally zeroes its slots per
+    /// call); a device backend decides and counts in one kernel.
+    fn estimate_counted(
+        &self,
+        est: &Estimator<Self>,
+        x: &Self::Buf,
+        n: usize,
+        threshold: f32,
+        count: (&mut Self::Buf, usize),
+    ) -> Result<Self::Mask> {
+        let mask = self.estimate(est, x, n, threshold)?;
+        self.mask_count_into(&mask, count.0, count.1);
+        Ok(mask)
+    }
     /// Tokens a mask sends to the higher precision.
     fn mask_count(&self, mask: &Self::Mask) -> Result<usize>;
     /// Write the number of tokens `mask` sends high to element `slot` of `out`
@@ -455,6 +508,25 @@ pub trait Backend: Clone + Send + Sync + 'static {
             }
         }
         Ok(())
+    }
+    /// DP-LLM's per-token precision decided and run together: the decisions of
+    /// [`Backend::estimate`] on `decide.input` (counted into `count` as
+    /// [`Backend::estimate_counted`] does), then
+    /// [`Backend::anyprec_linear_select`]. A device backend may do it all in one
+    /// kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn anyprec_linear_decided(
+        &self,
+        w: &Self::AnyPrec,
+        shape: (usize, usize),
+        x: &Self::Buf,
+        n: usize,
+        bits: (u32, u32),
+        decide: Decide<'_, Self>,
+        count: Option<(&mut Self::Buf, usize)>,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        decided_by_mask(self, w, shape, x, n, bits, decide, count, y)
     }
     /// The rows of `x` [n × width] whose decision equals `high`, in order.
     fn gather_rows(

@@ -120,14 +120,45 @@ impl<B: Backend> Linear<B> {
         mask: &B::Mask,
         y: &mut B::Buf,
     ) -> crate::error::Result<()> {
+        self.per_token(be, x, n, y, |w, shape, y| {
+            be.anyprec_linear_select(w, shape, x, n, bits, mask, y)
+        })
+    }
+
+    /// `y = x · Wᵀ` with each token's precision decided by `decide`
+    /// ([`Backend::anyprec_linear_decided`]); a dense weight runs as stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_decided(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        n: usize,
+        bits: (u32, u32),
+        decide: crate::backend::Decide<'_, B>,
+        count: Option<(&mut B::Buf, usize)>,
+        y: &mut B::Buf,
+    ) -> crate::error::Result<()> {
+        self.per_token(be, x, n, y, |w, shape, y| {
+            be.anyprec_linear_decided(w, shape, x, n, bits, decide, count, y)
+        })
+    }
+
+    /// `run` on an any-precision weight and its shape (rows, cols); a dense
+    /// weight runs as stored instead.
+    fn per_token(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        n: usize,
+        y: &mut B::Buf,
+        run: impl FnOnce(&B::AnyPrec, (usize, usize), &mut B::Buf) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
         match &self.weight {
             Weight::Dense(w) => {
                 be.dense_linear(w, x, n, y);
                 Ok(())
             }
-            Weight::AnyPrec { w, .. } => {
-                be.anyprec_linear_select(w, (self.rows, self.cols), x, n, bits, mask, y)
-            }
+            Weight::AnyPrec { w, .. } => run(w, (self.rows, self.cols), y),
         }
     }
 

@@ -27,8 +27,10 @@ use super::forward::Deferred;
 use super::Model;
 
 /// The recorded decode step of one cache, if any.
+#[derive(Default)]
 pub(crate) enum GraphSlot<B: Backend> {
     /// Nothing recorded yet.
+    #[default]
     Empty,
     /// A recorded step.
     Ready(Box<StepGraph<B>>),
@@ -36,18 +38,18 @@ pub(crate) enum GraphSlot<B: Backend> {
     Failed,
 }
 
-impl<B: Backend> Default for GraphSlot<B> {
-    fn default() -> Self {
-        GraphSlot::Empty
-    }
-}
+/// A plan's selection rules, per block (held by address: see [`GraphKey`]).
+type Rules<B> = Arc<Vec<Vec<LinearSelect<B>>>>;
+
+/// A precision in a key: (kind, the plan's rules by address, bits or the
+/// asynchronous-estimation flag).
+type PrecisionKey = (u8, usize, u32);
 
 /// What a recorded step was recorded for; a step with another key records anew.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct GraphKey {
     tokens: usize,
-    /// (kind, the plan's selection rules by address, bits or asynchronous flag).
-    precision: (u8, usize, u32),
+    precision: PrecisionKey,
     counting: bool,
     kv_capacity: usize,
 }
@@ -63,14 +65,14 @@ pub(crate) struct StepGraph<B: Backend> {
     host_counts: Option<BitStats>,
     /// The plan's selection rules: the graph holds their buffers and
     /// thresholds, and the key their address.
-    _plan: Option<Arc<Vec<Vec<LinearSelect<B>>>>>,
+    _plan: Option<Rules<B>>,
 }
 
 /// The key's precision part, None when the precision cannot be recorded.
 fn precision_key<B: Backend>(
     prec: Precision<'_, B>,
-) -> Option<((u8, usize, u32), Option<Arc<Vec<Vec<LinearSelect<B>>>>>)> {
-    let addr = |p: &Arc<Vec<Vec<LinearSelect<B>>>>| Arc::as_ptr(p) as usize;
+) -> Option<(PrecisionKey, Option<Rules<B>>)> {
+    let addr = |p: &Rules<B>| Arc::as_ptr(p) as usize;
     Some(match prec {
         Precision::Highest => ((0, 0, 0), None),
         Precision::Uniform(b) => ((1, 0, b), None),
@@ -160,7 +162,7 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
         key: GraphKey,
-        plan: Option<Arc<Vec<Vec<LinearSelect<B>>>>>,
+        plan: Option<Rules<B>>,
     ) -> Result<Option<StepGraph<B>>> {
         let be = &self.backend;
         // The old recording's buffers go first.

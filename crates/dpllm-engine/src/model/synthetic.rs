@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dpllm_format::anyprec::AnyPrecInfo;
+use dpllm_format::plan::{EstimatorSpec, LinearPlan, Plan, PlanKind, PLAN_FORMAT, PLAN_VERSION};
 use dpllm_format::{LinearSpec, ModelConfig};
 
 use super::loader::WeightSource;
@@ -13,6 +14,7 @@ use super::Model;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::linear::Linear;
+use crate::select::RuntimePlan;
 
 /// What the linears of a synthetic model hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,10 +143,82 @@ impl<B: Backend> Model<B> {
     }
 }
 
+/// A plan for a synthetic any-precision model at `target` bits, for
+/// measuring what per-token selection costs, not what it buys: with b_l =
+/// ⌊target⌋ and b_h = b_l + 1, the linears of an evenly spread
+/// (target − b_l) share of the layers run at b_h and the others at b_l. A
+/// static plan fixes them so; a dynamic one makes every linear select between
+/// b_l and b_h by a norm-regression estimate that is constant (its threshold
+/// puts it on the layer's side), so both do the same GEMV work and the
+/// difference is DP-LLM's estimation and selection. The model must hold b_h bits.
+pub fn synthetic_plan<B: Backend>(
+    model: &Model<B>,
+    target: f64,
+    kind: PlanKind,
+    async_estimation: bool,
+) -> Result<RuntimePlan<B>> {
+    let low = target.floor();
+    if !(3.0..8.0).contains(&low) {
+        return Err(EngineError::Bits(format!(
+            "a synthetic plan's target {target} must lie in [3, 8)"
+        )));
+    }
+    let (low, high, frac) = (low as u32, low as u32 + 1, target - low);
+    // Bresenham: layer l is high when the running share crosses an integer.
+    let is_high = |l: usize| ((l + 1) as f64 * frac).floor() > (l as f64 * frac).floor();
+    let linears = model
+        .config
+        .linears()
+        .iter()
+        .map(|spec| {
+            let bits = if is_high(spec.layer) { high } else { low };
+            let dynamic = kind == PlanKind::Dynamic;
+            LinearPlan {
+                name: spec.prefix.clone(),
+                size: spec.size(),
+                max_bits: high,
+                avg_bits: bits as f32,
+                low_bits: if dynamic { low } else { bits },
+                high_bits: if dynamic { high } else { bits },
+                // The estimate is 1: above 0.5 (high), not above 1.5 (low).
+                threshold: if bits == high { 0.5 } else { 1.5 },
+                estimator: if dynamic {
+                    EstimatorSpec::Linear {
+                        a: 0.0,
+                        c: 1.0,
+                        r2: 0.0,
+                    }
+                } else {
+                    EstimatorSpec::None
+                },
+            }
+        })
+        .collect::<Vec<_>>();
+    let total: f64 = linears.iter().map(|l| l.size as f64).sum();
+    let mean = linears
+        .iter()
+        .map(|l| l.size as f64 * l.avg_bits as f64)
+        .sum::<f64>()
+        / total.max(1.0);
+    let plan = Plan {
+        format: PLAN_FORMAT.into(),
+        version: PLAN_VERSION,
+        kind,
+        budget_bits: high as f64,
+        target_bits: mean,
+        min_bits: low,
+        max_bits: high,
+        async_estimation,
+        calibration: Default::default(),
+        linears,
+    };
+    RuntimePlan::from_plan(plan, None, model, &model.dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::CpuBackend;
+    use crate::{CpuBackend, Precision};
 
     #[test]
     fn a_synthetic_model_runs_and_says_what_it_is() {
@@ -165,6 +239,20 @@ mod tests {
         assert_eq!(logits.len(), 49152);
         assert!(logits.iter().all(|v| v.is_finite()));
         assert!(synthetic_config("gpt-5").is_err());
+        // A plan at 3.5 over 2 layers: one layer at 4 bits, one at 3, and the
+        // dynamic plan decides so per token.
+        let mut stats = m.new_bit_stats();
+        for kind in [PlanKind::Static, PlanKind::Dynamic] {
+            let p = synthetic_plan(&m, 3.5, kind, true).unwrap();
+            assert!((p.plan.target_bits - 3.5).abs() < 1e-9, "{kind:?}");
+            let mut cache = m.new_cache(8);
+            stats = m.new_bit_stats();
+            m.forward_last_with(&[1, 2], &mut cache, Precision::Dynamic(&p), Some(&mut stats))
+                .unwrap();
+            assert_eq!(stats.effective_bits(), Some(3.5), "{kind:?}");
+        }
+        assert!(stats.estimator_flops > 0, "the dynamic plan estimates");
+        assert!(synthetic_plan(&m, 2.5, PlanKind::Dynamic, true).is_err());
         let bad = synthetic_config("smollm2-135m").unwrap();
         let nine = SyntheticWeights::AnyPrec { max_bits: 9 };
         assert!(Model::synthetic(CpuBackend, "bad", bad, nine, 0).is_err());

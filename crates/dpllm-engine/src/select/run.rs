@@ -4,7 +4,7 @@
 //! only their counts come back, at the end of the forward call.
 
 use super::{BitStats, LinearSelect, Precision, Selector, Tally};
-use crate::backend::Backend;
+use crate::backend::{Backend, Decide};
 use crate::error::Result;
 use crate::linear::Linear;
 
@@ -53,11 +53,27 @@ pub(crate) fn run_linear<B: Backend>(
     }
     match selector {
         Selector::Estimator => {
-            let mask = be.estimate(&sel.estimator, x_est, n, sel.threshold)?;
             if let Some(s) = stats.as_deref_mut() {
                 s.estimator_flops += (sel.estimator.flops_per_token(lin.in_features()) * n) as u64;
             }
-            run_split(be, lin, sel, x, n, y, &mask, idx, stats, tally)
+            let bits = (sel.low, sel.high);
+            let decide = Decide {
+                estimator: &sel.estimator,
+                input: x_est,
+                threshold: sel.threshold,
+            };
+            match (tally, stats) {
+                // Decided and counted on the backend, read at the end of the call.
+                (Some(t), _) => {
+                    let slot = t.slot(idx, bits, n);
+                    lin.forward_decided(be, x, n, bits, decide, Some(slot), y)
+                }
+                (None, None) => lin.forward_decided(be, x, n, bits, decide, None, y),
+                (None, stats) => {
+                    let mask = be.estimate(decide.estimator, x_est, n, decide.threshold)?;
+                    run_split(be, lin, sel, x, n, y, &mask, idx, stats, None)
+                }
+            }
         }
         Selector::Random { seed } => {
             let u = random_uniforms(

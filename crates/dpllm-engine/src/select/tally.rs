@@ -28,6 +28,18 @@ impl<B: Backend> Tally<B> {
         be.fill(&mut self.high, 0.0);
     }
 
+    /// Linear `idx` runs `n` tokens at `low` or `high` bits: the slot its
+    /// count of high tokens goes to ([`Backend::estimate_counted`]).
+    pub(crate) fn slot(
+        &mut self,
+        idx: usize,
+        (low, high): (u32, u32),
+        n: usize,
+    ) -> (&mut B::Buf, usize) {
+        self.selected.push((idx, low, high, n));
+        (&mut self.high, idx)
+    }
+
     /// Linear `idx` ran `n` tokens at `low` or `high` bits as `mask` decided.
     pub(crate) fn record(
         &mut self,

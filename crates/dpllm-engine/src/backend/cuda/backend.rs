@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{
+    CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, PushKernelArg,
+};
 
 use super::bitplane::CudaAnyPrec;
 use super::dense::CudaDense;
@@ -18,7 +20,9 @@ use super::kv::CudaKv;
 use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
-use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator, Step};
+use crate::backend::{
+    decided_by_mask, AnyPrecHost, AttnShape, Backend, Decide, DenseHost, Estimator, Step,
+};
 use crate::error::{EngineError, Result};
 
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
@@ -157,6 +161,86 @@ impl CudaBackend {
             )));
         }
         Ok(())
+    }
+
+    /// The DP-LLM decisions of the `n` rows of `x` against `threshold` in one
+    /// kernel (after the projection of a JL estimator), counted into
+    /// `count.0[count.1]` when given: what `estimates` + `threshold_mask` +
+    /// `mask_count_into` do in three.
+    fn decide(
+        &self,
+        est: &Estimator<Self>,
+        x: &CudaBuf,
+        n: usize,
+        threshold: f32,
+        count: Option<(&mut CudaBuf, usize)>,
+    ) -> Result<CudaMask> {
+        self.check()?;
+        Self::check_count(&count)?;
+        // SAFETY: the kernel writes all n flags.
+        let mut flags = unsafe { self.stream().alloc::<u32>(n.max(1)) }
+            .map_err(device_err("allocating decisions"))?;
+        if n == 0 {
+            return Ok(CudaMask { flags, n });
+        }
+        let mut projected = None;
+        let (src, a, c) = self.estimator_input(est, x, n, &mut projected)?;
+        let d = src.len / n;
+        let (di, si) = (d as i32, count.as_ref().map_or(0, |c| c.1) as i32);
+        let mut counts = count.map(|(b, _)| b.view_mut());
+        let (count_ptr, _in_use) = match counts.as_mut() {
+            Some(v) => {
+                let (p, in_use) = v.device_ptr_mut(self.stream());
+                (p, Some(in_use))
+            }
+            None => (0, None),
+        };
+        launch!(
+            self,
+            "decide_norm",
+            self.ops.per_row(n, d),
+            &src.view(),
+            &di,
+            &a,
+            &c,
+            &threshold,
+            &mut flags,
+            &count_ptr,
+            &si
+        )?;
+        Ok(CudaMask { flags, n })
+    }
+
+    /// An error unless a decision count's slot lies in its buffer.
+    fn check_count(count: &Option<(&mut CudaBuf, usize)>) -> Result<()> {
+        match count {
+            Some((counts, slot)) if *slot >= counts.len => Err(EngineError::Device(format!(
+                "a decision count in slot {slot} of {}",
+                counts.len
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// What a decision takes the norm of, and its (a, c) in a·||·|| + c: the
+    /// `n` rows of `x`, or their JL projection (made into `projected`).
+    fn estimator_input<'a>(
+        &self,
+        est: &Estimator<Self>,
+        x: &'a CudaBuf,
+        n: usize,
+        projected: &'a mut Option<CudaBuf>,
+    ) -> Result<(&'a CudaBuf, f32, f32)> {
+        Ok(match est {
+            // No estimator: every estimate is 0.
+            Estimator::None => (x, 0.0, 0.0),
+            Estimator::Linear { a, c } => (x, *a, *c),
+            Estimator::Jl { k, g, bias } => {
+                let mut gx = self.zeros(n * k)?;
+                self.dense_into(g, x, n, &mut gx)?;
+                (projected.insert(gx), 1.0, *bias)
+            }
+        })
     }
 
     /// A step as the kernels read it: [pos0, tokens...].
@@ -772,6 +856,27 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn estimate(
+        &self,
+        est: &Estimator<Self>,
+        x: &CudaBuf,
+        n: usize,
+        threshold: f32,
+    ) -> Result<CudaMask> {
+        self.decide(est, x, n, threshold, None)
+    }
+
+    fn estimate_counted(
+        &self,
+        est: &Estimator<Self>,
+        x: &CudaBuf,
+        n: usize,
+        threshold: f32,
+        count: (&mut CudaBuf, usize),
+    ) -> Result<CudaMask> {
+        self.decide(est, x, n, threshold, Some(count))
+    }
+
     fn threshold_mask(&self, values: &CudaBuf, threshold: f32) -> Result<CudaMask> {
         self.check()?;
         let n = values.len;
@@ -843,6 +948,43 @@ impl Backend for CudaBackend {
             )));
         }
         self.select_into(w, x, n, (low, high), mask, y)
+    }
+
+    fn anyprec_linear_decided(
+        &self,
+        w: &CudaAnyPrecLinear,
+        shape: (usize, usize),
+        x: &CudaBuf,
+        n: usize,
+        bits: (u32, u32),
+        decide: Decide<'_, Self>,
+        count: Option<(&mut CudaBuf, usize)>,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        self.check()?;
+        let (low, high) = bits;
+        let one_kernel = n == 1
+            && high == low + 1
+            && w.w.selects_in_kernel(low)
+            && (w.w.rows(), w.w.cols()) == shape;
+        if !one_kernel {
+            return decided_by_mask(self, w, shape, x, n, bits, decide, count, y);
+        }
+        Self::want_len("any-precision linear input", x, shape.1)?;
+        Self::want_len("any-precision linear output", y, shape.0)?;
+        let mut projected = None;
+        let (e, a, c) = self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
+        Self::check_count(&count)?;
+        let mut counts = count.map(|(b, slot)| (b.view_mut(), slot));
+        w.w.gemv_select(
+            &x.view(),
+            low,
+            &e.view(),
+            (a, c, decide.threshold),
+            counts.as_mut().map(|(v, slot)| (v, *slot)),
+            &mut y.view_mut(),
+        )?;
+        self.add_bias(w.bias.as_ref(), shape.0, 1, y)
     }
 
     fn gather_rows(

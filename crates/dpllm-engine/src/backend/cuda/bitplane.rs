@@ -413,24 +413,9 @@ impl CudaAnyPrec {
                 v.name()
             )));
         }
-        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
-        let tpr = self.threads(v);
-        let spb = (BLOCK / tpr) as usize;
-        let smem = self.shared_bytes(bits, n, v);
+        let l = self.launch_shape(bits, n, v);
         let f = self.device.bitplane_kernels()?.get(&v.kernel(bits, n))?;
-        let cfg = LaunchConfig {
-            grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let plane_stride = (self.rows.div_ceil(4) * self.words) as i64;
         let (xs, ys) = (self.cols as i32, self.rows as i32);
-        let (rows, cols, words, tpr) = (
-            self.rows as i32,
-            self.cols as i32,
-            self.words as i32,
-            tpr as i32,
-        );
         if select.is_some_and(|(m, _)| m.len() < n) {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: fewer decisions than {n} tokens"
@@ -440,16 +425,16 @@ impl CudaAnyPrec {
         let (no_mask, want) = (0u64, select.map_or(0u32, |(_, w)| w as u32));
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&self.planes)
-            .arg(&plane_stride)
+            .arg(&l.plane_stride)
             .arg(luts)
             .arg(x)
             .arg(&xs)
             .arg(y)
             .arg(&ys)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&words)
-            .arg(&tpr);
+            .arg(&l.rows)
+            .arg(&l.cols)
+            .arg(&l.words)
+            .arg(&l.tpr);
         match select {
             Some((m, _)) => b.arg(m),
             None => b.arg(&no_mask),
@@ -458,9 +443,116 @@ impl CudaAnyPrec {
         // SAFETY: the arguments match the kernel's signature in order and type;
         // the buffers hold what the kernel reads and writes (checked above and
         // by the upload's layout).
-        unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
+        unsafe { b.launch(l.cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
         Ok(())
     }
+
+    /// True when [`CudaAnyPrec::gemv_select`] runs `low` and `low + 1` bits in one kernel.
+    pub fn selects_in_kernel(&self, low: u32) -> bool {
+        (3..=7).contains(&low) && self.seed_bits <= low && low < self.max_bits
+    }
+
+    /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
+    /// thr` and `low` otherwise, decided inside the kernel (DP-LLM's decision
+    /// of the token, `e` the estimator's input); with `count = (c, slot)`,
+    /// `c[slot]` gains 1 when the token goes high.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_select(
+        &self,
+        x: &CudaView<f32>,
+        low: u32,
+        e: &CudaView<f32>,
+        (a, c, thr): (f32, f32, f32),
+        count: Option<(&mut CudaViewMut<f32>, usize)>,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        if !self.selects_in_kernel(low) || x.len() < self.cols || y.len() < self.rows {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: no in-kernel choice of {low} or {} bits for a {}x{} weight \
+                 holding {}..={} bits, {} inputs and {} outputs",
+                low + 1,
+                self.rows,
+                self.cols,
+                self.seed_bits,
+                self.max_bits,
+                x.len(),
+                y.len()
+            )));
+        }
+        // One split for both precisions: the one the higher takes.
+        let v = GemvVariant::default_for(1, low + 1, self.rows);
+        if !self.supports(low + 1, 1, v) {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: no kernel {} at {} bits",
+                v.name(),
+                low + 1
+            )));
+        }
+        let mut l = self.launch_shape(low + 1, 1, v);
+        l.cfg.shared_mem_bytes = l
+            .cfg
+            .shared_mem_bytes
+            .max(self.shared_bytes(low, 1, v) as u32);
+        let name = format!("bitplane_gemv_select_b{low}_g{}", v.row_groups);
+        let f = self.device.bitplane_kernels()?.get(&name)?;
+        let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
+        let (ne, no_count) = (e.len() as i32, 0u64);
+        let slot = count.as_ref().map_or(0, |c| c.1) as i32;
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&self.planes)
+            .arg(&l.plane_stride)
+            .arg(lut(low))
+            .arg(lut(low + 1))
+            .arg(x)
+            .arg(y)
+            .arg(&l.rows)
+            .arg(&l.cols)
+            .arg(&l.words)
+            .arg(&l.tpr)
+            .arg(e)
+            .arg(&ne)
+            .arg(&a)
+            .arg(&c)
+            .arg(&thr);
+        match count {
+            Some((counts, _)) => b.arg(counts),
+            None => b.arg(&no_count),
+        };
+        b.arg(&slot);
+        // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
+        // given) at least `slot + 1`.
+        unsafe { b.launch(l.cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
+        Ok(())
+    }
+
+    /// The grid, shared memory and shape arguments of a GEMV launch.
+    fn launch_shape(&self, bits: u32, n: usize, v: GemvVariant) -> LaunchShape {
+        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
+        let tpr = self.threads(v);
+        let spb = (BLOCK / tpr) as usize;
+        LaunchShape {
+            cfg: LaunchConfig {
+                grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: self.shared_bytes(bits, n, v) as u32,
+            },
+            plane_stride: (self.rows.div_ceil(4) * self.words) as i64,
+            rows: self.rows as i32,
+            cols: self.cols as i32,
+            words: self.words as i32,
+            tpr: tpr as i32,
+        }
+    }
+}
+
+/// How one GEMV launch is shaped, with the arguments that say so.
+struct LaunchShape {
+    cfg: LaunchConfig,
+    plane_stride: i64,
+    rows: i32,
+    cols: i32,
+    words: i32,
+    tpr: i32,
 }
 
 #[cfg(test)]

@@ -243,6 +243,31 @@ __device__ __forceinline__ void gemv(
     GEMV_KERNEL(B, 2, 2) GEMV_KERNEL(B, 3, 1) GEMV_KERNEL(B, 4, 1) GEMV_KERNEL(B, 5, 1)       \
     GEMV_KERNEL(B, 6, 1) GEMV_KERNEL(B, 7, 1) GEMV_KERNEL(B, 8, 1)
 
+// One token whose precision is decided in the kernel (DP-LLM, b_h = b_l + 1):
+// every block works out the decision from the estimator's input e_in (n_e
+// values: the linear's input, or a JL estimator's projection) and runs the GEMV
+// at BL + 1 bits (tables luts_high) when a * ||e_in|| + c > thr, else at BL
+// (luts_low). The first block adds the decision to count[slot] when count is
+// given. One launch instead of an estimate, a decision and two masked GEMVs.
+#define GEMV_SELECT_KERNEL(BL, G)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_select_b##BL##_g##G(         \
+        const uint4* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,  \
+        const float* x, float* y, int rows, int cols, int words, int tpr, const float* e_in,     \
+        int n_e, float a, float c, float thr, float* count, int slot) {                          \
+        const bool high = decide_high(e_in, n_e, a, c, thr);                                     \
+        if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f); \
+        if (high)                                                                                \
+            gemv<BL + 1, 1, G>(planes, plane_stride, luts_high, x, cols, y, rows, rows, cols,    \
+                               words, tpr, nullptr, 0u);                                         \
+        else                                                                                     \
+            gemv<BL, 1, G>(planes, plane_stride, luts_low, x, cols, y, rows, rows, cols, words,  \
+                           tpr, nullptr, 0u);                                                    \
+    }
+
+GEMV_SELECT_KERNEL(3, 1) GEMV_SELECT_KERNEL(3, 2) GEMV_SELECT_KERNEL(4, 1) GEMV_SELECT_KERNEL(4, 2)
+GEMV_SELECT_KERNEL(5, 1) GEMV_SELECT_KERNEL(5, 2) GEMV_SELECT_KERNEL(6, 1) GEMV_SELECT_KERNEL(6, 2)
+GEMV_SELECT_KERNEL(7, 1) GEMV_SELECT_KERNEL(7, 2)
+
 GEMV_BITS(3)
 GEMV_BITS(4)
 GEMV_BITS(5)

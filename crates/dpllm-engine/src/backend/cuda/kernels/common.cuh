@@ -32,3 +32,28 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int s = 16; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, s));
     return v;
 }
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in every thread.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = warp_sum(v);
+    __syncthreads();  // part may still be read by a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    float s = lane < warps ? part[lane] : 0.f;
+    return warp_sum(s);
+}
+
+// The DP-LLM decision of one token, by the whole block (every thread gets it):
+// a * ||v|| + c > thr over the n values of v (the estimator's input, or the
+// projection of a JL estimator with a = 1, c = its bias). The same arithmetic
+// wherever a decision is made, so every path decides alike.
+__device__ bool decide_high(const float* v, int n, float a, float c, float thr) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += v[i] * v[i];
+    const float s = block_sum(ss);
+    volatile float e = a * sqrtf(s) + c;  // rounded to f32 as an estimate stored in memory is
+    return e > thr;
+}

@@ -3,21 +3,6 @@
 // decisions. Activations are f32, row-major [n x width], one row per token.
 // Every kernel checks its own bounds, so any grid that covers the work is valid.
 
-// ---- reductions over a block ----------------------------------------------
-
-// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in every thread.
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    v = warp_sum(v);
-    __syncthreads();  // part may still be read by a previous call
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x >> 5;
-    float s = lane < warps ? part[lane] : 0.f;
-    return warp_sum(s);
-}
-
 // ---- norms ----------------------------------------------------------------
 
 // One block per segment of d values: out = x / sqrt(mean(x^2) + eps) * w.
@@ -43,6 +28,18 @@ extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float
     }
     const float s = block_sum(ss);
     if (threadIdx.x == 0) out[blockIdx.x] = a * sqrtf(s) + c;
+}
+
+// One block per row of d values: the DP-LLM decision flags[row] =
+// a * ||x_row|| + c > thr; with count, count[slot] += the rows sent high
+// (count[slot] holds 0 before).
+extern "C" __global__ void decide_norm(const float* x, int d, float a, float c, float thr, u32* flags,
+                                       float* count, int slot) {
+    const bool high = decide_high(x + (long)blockIdx.x * d, d, a, c, thr);
+    if (threadIdx.x == 0) {
+        flags[blockIdx.x] = high ? 1u : 0u;
+        if (count && high) atomicAdd(count + slot, 1.f);
+    }
 }
 
 // ---- elementwise ----------------------------------------------------------
