@@ -56,7 +56,9 @@ pub fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct DeviceArg {
     /// Device to run on: cpu, or cuda / cuda:N (an NVIDIA GPU; the driver,
-    /// NVRTC and cuBLAS are loaded at run time).
+    /// NVRTC and cuBLAS are loaded at run time). On a GPU each decode step is
+    /// recorded once as a CUDA graph and replayed per token; set
+    /// DPLLM_CUDA_GRAPHS=0 to run it op by op.
     #[arg(long, default_value = "cpu")]
     pub device: dpllm_engine::Device,
 }

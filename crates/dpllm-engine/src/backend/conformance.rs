@@ -230,6 +230,20 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     if be.download(flags).map_err(e)? != [3.0, 1.0, f32::INFINITY] {
         return Err("flag_non_finite: want tokens 3, 1 and none".into());
     }
+    // The sum checked in the same call: token 3 of at3 + x goes non-finite.
+    let mut flags = be.upload(&[f32::INFINITY; 2]).map_err(e)?;
+    let mut sum = be.upload(&x).map_err(e)?;
+    be.add_checked(&mut sum, &at3, d, &mut flags, 1);
+    let mut got = be.download(sum).map_err(e)?;
+    if got[3 * d + 5] != f32::INFINITY {
+        return Err("add_checked: the sum of x and +inf must be +inf".into());
+    }
+    got[3 * d + 5] = 2.0 * x[3 * d + 5];
+    let want: Vec<f64> = x.iter().map(|v| 2.0 * *v as f64).collect();
+    close("add_checked", &got, &want, 0.0)?;
+    if be.download(flags).map_err(e)? != [f32::INFINITY, 3.0] {
+        return Err("add_checked: want token 3 in slot 1 only".into());
+    }
 
     // Linears: dense in every stored type, any-precision at every width, embedding rows.
     let (rows, cols) = (37usize, 70usize);

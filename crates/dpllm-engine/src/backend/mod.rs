@@ -429,6 +429,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf);
     /// `h += x`.
     fn add(&self, h: &mut Self::Buf, x: &Self::Buf);
+    /// `h += x`, then [`Backend::flag_non_finite`] on `h` (a device backend
+    /// does both in one kernel).
+    fn add_checked(
+        &self,
+        h: &mut Self::Buf,
+        x: &Self::Buf,
+        width: usize,
+        flags: &mut Self::Buf,
+        slot: usize,
+    ) {
+        self.add(h, x);
+        self.flag_non_finite(h, width, flags, slot);
+    }
     /// `dst` becomes a copy of `src` (resized to it).
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
     /// Rows row0..row0+n of `x` [· × width] as a new buffer.

@@ -352,8 +352,7 @@ impl<B: Backend> Model<B> {
             // gate/up estimators: the residual before the attention output, normed with the MLP norm.
             be.rms_norm(h, &b.mlp_norm, eps, &mut s.xe);
         }
-        be.add(h, &s.out);
-        be.flag_non_finite(h, c.hidden_size, &mut run.deferred.flags, 2 * l);
+        be.add_checked(h, &s.out, c.hidden_size, &mut run.deferred.flags, 2 * l);
 
         be.rms_norm(h, &b.mlp_norm, eps, &mut s.xn);
         let xe: &B::Buf = if mlp_async { &s.xe } else { &s.xn };
@@ -374,8 +373,7 @@ impl<B: Backend> Model<B> {
         {
             be.copy(h, &mut s.h_prev);
         }
-        be.add(h, &s.out);
-        be.flag_non_finite(h, c.hidden_size, &mut run.deferred.flags, 2 * l + 1);
+        be.add_checked(h, &s.out, c.hidden_size, &mut run.deferred.flags, 2 * l + 1);
         Ok(())
     }
 

@@ -172,14 +172,18 @@ impl<B: Backend> Model<B> {
         let mut logits = be.zeros(self.config.vocab_size)?;
         let mut deferred = self.new_deferred(prec, key.counting)?;
         let mut host_counts = key.counting.then(|| self.new_bit_stats());
-        be.capture_begin()?;
-        let queued = (|| {
-            let h = self.forward_device(&step, cache, prec, host_counts.as_mut(), &mut deferred)?;
-            self.logits_into(&h, 1, &mut logits);
-            Ok(())
-        })();
-        let graph = be.capture_end();
-        match queued.and(graph) {
+        let recorded = be.capture_begin().and_then(|()| {
+            let queued = (|| {
+                let h =
+                    self.forward_device(&step, cache, prec, host_counts.as_mut(), &mut deferred)?;
+                self.logits_into(&h, 1, &mut logits);
+                Ok(())
+            })();
+            // Always ended, so the stream leaves capture mode.
+            let graph = be.capture_end();
+            queued.and(graph)
+        });
+        match recorded {
             Ok(graph) => Ok(Some(StepGraph {
                 key,
                 graph,

@@ -214,12 +214,20 @@ impl CudaBackend {
     /// An error unless a decision count's slot lies in its buffer.
     fn check_count(count: &Option<(&mut CudaBuf, usize)>) -> Result<()> {
         match count {
-            Some((counts, slot)) if *slot >= counts.len => Err(EngineError::Device(format!(
-                "a decision count in slot {slot} of {}",
-                counts.len
-            ))),
-            _ => Ok(()),
+            Some((counts, slot)) => Self::check_slot("a decision count", counts, *slot),
+            None => Ok(()),
         }
+    }
+
+    /// An error naming `what` unless `slot` lies in `buf`.
+    fn check_slot(what: &str, buf: &CudaBuf, slot: usize) -> Result<()> {
+        if slot >= buf.len {
+            return Err(EngineError::Device(format!(
+                "{what}: slot {slot} of {}",
+                buf.len
+            )));
+        }
+        Ok(())
     }
 
     /// What a decision takes the norm of, and its (a, c) in a·||·|| + c: the
@@ -759,6 +767,33 @@ impl Backend for CudaBackend {
         self.keep(r)
     }
 
+    fn add_checked(
+        &self,
+        h: &mut CudaBuf,
+        x: &CudaBuf,
+        width: usize,
+        flags: &mut CudaBuf,
+        slot: usize,
+    ) {
+        let r = (|| {
+            Self::want_len("add", x, h.len)?;
+            Self::check_slot("flag_non_finite", flags, slot)?;
+            let (n, w, s) = (h.len as i64, width.max(1) as i32, slot as i32);
+            launch!(
+                self,
+                "add_flag",
+                self.ops.stride(h.len),
+                &mut h.view_mut(),
+                &x.view(),
+                &n,
+                &w,
+                &mut flags.view_mut(),
+                &s
+            )
+        })();
+        self.keep(r)
+    }
+
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) {
         let r = (|| {
             if dst.data.len() < src.len {
@@ -904,12 +939,7 @@ impl Backend for CudaBackend {
 
     fn mask_count_into(&self, mask: &CudaMask, out: &mut CudaBuf, slot: usize) {
         let r = (|| {
-            if slot >= out.len {
-                return Err(EngineError::Device(format!(
-                    "mask_count_into: slot {slot} of {}",
-                    out.len
-                )));
-            }
+            Self::check_slot("mask_count_into", out, slot)?;
             let (n, s) = (mask.n as i32, slot as i32);
             let one_warp = cudarc::driver::LaunchConfig {
                 grid_dim: (1, 1, 1),
@@ -1048,12 +1078,7 @@ impl Backend for CudaBackend {
 
     fn flag_non_finite(&self, x: &CudaBuf, width: usize, flags: &mut CudaBuf, slot: usize) {
         let r = (|| {
-            if slot >= flags.len {
-                return Err(EngineError::Device(format!(
-                    "flag_non_finite: slot {slot} of {}",
-                    flags.len
-                )));
-            }
+            Self::check_slot("flag_non_finite", flags, slot)?;
             let (n, w, s) = (x.len as i64, width.max(1) as i32, slot as i32);
             launch!(
                 self,

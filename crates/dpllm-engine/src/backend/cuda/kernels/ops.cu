@@ -169,6 +169,15 @@ extern "C" __global__ void first_non_finite(const float* x, long n, u32* first) 
         if (!isfinite(x[i])) atomicMin(first, (u32)i);
 }
 
+// h += x, and flags[slot] as flag_non_finite sets it for the sum.
+extern "C" __global__ void add_flag(float* h, const float* x, long n, int width, float* flags, int slot) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float v = h[i] + x[i];
+        h[i] = v;
+        if (!isfinite(v)) atomicMin((u32*)(flags + slot), __float_as_uint((float)(i / width)));
+    }
+}
+
 // flags[slot] = min(flags[slot], first token of x [. x width] holding a NaN or
 // infinity). flags holds non-negative floats, whose bits order as unsigned ints.
 extern "C" __global__ void flag_non_finite(const float* x, long n, int width, float* flags, int slot) {
