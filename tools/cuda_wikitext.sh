@@ -12,9 +12,10 @@
 #   SHA=<sha256 of the tar> CHUNKS=16 CONFIGS='dp-b5-t4.00|--budget 5 --target 4
 #   static-b5-t4.00|--budget 5 --target 4 --static' bash tools/cuda_wikitext.sh
 #
-# Measured (H100, 2026-11-25): about 6 s per 2048-token chunk with the
-# reference alongside when prefill ran through the GEMV; the GEMM prefill path
-# scores 1,722 tokens/s without the reference, host-side NLL/KL then dominate.
+# Measured (H100, 2026-11-25, session 6): all 152 chunks of WikiText-2 test
+# with the reference alongside in about 2 minutes a configuration (2,300-2,650
+# tokens/s), plus about a minute for the first NVRTC compile (cached in /tmp);
+# one call of 10 minutes holds three configurations.
 set -uo pipefail
 S=/tmp/smol
 if [ ! -d $S/smol-ap ]; then
