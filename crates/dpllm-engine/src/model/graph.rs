@@ -1,8 +1,8 @@
 //! Decode steps as recorded graphs: on a backend that records them (CUDA), the
 //! first decode step of a session is recorded op by op into a graph, and every
-//! later step with the same shape runs that graph as one launch (a decode step
-//! of an 8B model is a few hundred kernels of a few microseconds each, so the
-//! launches, not the GPU, set its pace without one).
+//! later step with the same shape runs that graph as one launch. A decode step
+//! is several hundred kernels, many of a few microseconds; launched one by one
+//! on an H100 they took 1.1-1.5x longer (docs/benchmarks.md).
 //!
 //! What makes a step replayable: every op is queued on the backend with no
 //! host wait (precision decisions stay in device buffers, METHOD.md 2e); the
