@@ -206,16 +206,6 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     be.split_columns(&bx, n, &mut [&mut p1, &mut p2]);
     let want: Vec<f64> = x.chunks(d).flat_map(|r| f64s(&r[16..])).collect();
     close("split_columns", &be.download(p2).map_err(e)?, &want, 0.0)?;
-    let mut bad = x.clone();
-    bad[7] = f32::NAN;
-    if be
-        .first_non_finite(&be.upload(&bad).map_err(e)?)
-        .map_err(e)?
-        != Some(7)
-        || be.first_non_finite(&bx).map_err(e)?.is_some()
-    {
-        return Err("first_non_finite: wrong index".into());
-    }
     // Deferred checks: each slot keeps the first bad token it was shown.
     let (mut at3, mut at1) = (x.clone(), x.clone());
     at3[3 * d + 5] = f32::INFINITY;

@@ -558,8 +558,6 @@ pub trait Backend: Clone + Send + Sync + 'static {
         high: bool,
         dst: &mut Self::Buf,
     );
-    /// Index of the first NaN or infinity in `x`, if any.
-    fn first_non_finite(&self, x: &Self::Buf) -> Result<Option<usize>>;
     /// Lower `flags[slot]` (a non-negative float) to the first token of `x`
     /// [· × width] holding a NaN or infinity; left as is when there is none.
     /// A device backend checks without waiting: the flags are read once, at the

@@ -49,8 +49,8 @@ impl<B: Backend> Tally<B> {
         n: usize,
         mask: &B::Mask,
     ) {
-        be.mask_count_into(mask, &mut self.high, idx);
-        self.selected.push((idx, low, high, n));
+        let (counts, slot) = self.slot(idx, (low, high), n);
+        be.mask_count_into(mask, counts, slot);
     }
 
     /// Read the counts (one wait) into `stats`.

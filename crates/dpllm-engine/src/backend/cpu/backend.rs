@@ -237,10 +237,6 @@ impl Backend for CpuBackend {
         rows::scatter(src, width, |t| mask[t] == high, dst)
     }
 
-    fn first_non_finite(&self, x: &Vec<f32>) -> Result<Option<usize>> {
-        Ok(x.iter().position(|v| !v.is_finite()))
-    }
-
     fn flag_non_finite(&self, x: &Vec<f32>, width: usize, flags: &mut Vec<f32>, slot: usize) {
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             flags[slot] = flags[slot].min((i / width.max(1)) as f32);

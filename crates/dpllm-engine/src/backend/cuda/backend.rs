@@ -1,6 +1,6 @@
 //! [`Backend`] for an NVIDIA GPU: every op is a kernel queued on the device's
-//! stream; only `download`, `mask_count`, `first_non_finite` and the row moves
-//! of a split batch wait for the GPU.
+//! stream; only `download`, `read`, `mask_count` and the row moves of a
+//! split batch wait for the GPU.
 //!
 //! Ops that return nothing cannot report a failed launch at once: the first
 //! such error is kept and returned by the next call that returns a result
@@ -509,10 +509,7 @@ impl Backend for CudaBackend {
 
     fn step(&self, tokens: &[u32], pos0: usize) -> Result<Step<CudaSlice<u32>>> {
         self.check()?;
-        let data = self
-            .stream()
-            .clone_htod(&Self::step_words(tokens, pos0)?)
-            .map_err(device_err("copying tokens to the GPU"))?;
+        let data = self.upload_u32(&Self::step_words(tokens, pos0)?)?;
         Ok(Step {
             tokens: tokens.to_vec(),
             pos0,
@@ -1092,31 +1089,5 @@ impl Backend for CudaBackend {
             )
         })();
         self.keep(r)
-    }
-
-    fn first_non_finite(&self, x: &CudaBuf) -> Result<Option<usize>> {
-        self.check()?;
-        if x.len > u32::MAX as usize {
-            return Err(EngineError::Device(format!(
-                "first_non_finite: {} values (at most 2^32)",
-                x.len
-            )));
-        }
-        let mut first = self.upload_u32(&[u32::MAX])?;
-        let n = x.len as i64;
-        launch!(
-            self,
-            "first_non_finite",
-            self.ops.stride(x.len),
-            &x.view(),
-            &n,
-            &mut first
-        )?;
-        let v = self
-            .stream()
-            .clone_dtoh(&first)
-            .map_err(device_err("reading the finiteness check"))?;
-        self.check()?;
-        Ok((v[0] != u32::MAX).then_some(v[0] as usize))
     }
 }

@@ -46,14 +46,18 @@ __device__ float block_sum(float v) {
     return warp_sum(s);
 }
 
-// The DP-LLM decision of one token, by the whole block (every thread gets it):
-// a * ||v|| + c > thr over the n values of v (the estimator's input, or the
-// projection of a JL estimator with a = 1, c = its bias). The same arithmetic
-// wherever a decision is made, so every path decides alike.
-__device__ bool decide_high(const float* v, int n, float a, float c, float thr) {
+// The DP-LLM estimate of one token, by the whole block (every thread gets it):
+// a * ||v|| + c over the n values of v (the estimator's input, or the
+// projection of a JL estimator with a = 1, c = its bias).
+__device__ float block_estimate(const float* v, int n, float a, float c) {
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += v[i] * v[i];
-    const float s = block_sum(ss);
-    volatile float e = a * sqrtf(s) + c;  // rounded to f32 as an estimate stored in memory is
+    return a * sqrtf(block_sum(ss)) + c;
+}
+
+// The DP-LLM decision of one token: its estimate above thr. The same
+// arithmetic wherever an estimate or a decision is made, so every path decides alike.
+__device__ bool decide_high(const float* v, int n, float a, float c, float thr) {
+    volatile float e = block_estimate(v, n, a, c);  // rounded to f32 as an estimate stored in memory is
     return e > thr;
 }

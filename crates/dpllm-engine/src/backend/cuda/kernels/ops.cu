@@ -20,14 +20,8 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, f
 
 // One block per row of d values: out[row] = a * ||x_row|| + c (the DP-LLM estimates).
 extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float c, float* out) {
-    const long base = (long)blockIdx.x * d;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float v = x[base + i];
-        ss += v * v;
-    }
-    const float s = block_sum(ss);
-    if (threadIdx.x == 0) out[blockIdx.x] = a * sqrtf(s) + c;
+    const float e = block_estimate(x + (long)blockIdx.x * d, d, a, c);
+    if (threadIdx.x == 0) out[blockIdx.x] = e;
 }
 
 // One block per row of d values: the DP-LLM decision flags[row] =
@@ -162,12 +156,6 @@ extern "C" __global__ void fill_random_f16(u16* out, long n, float scale, unsign
 }
 
 // ---- checks and decisions -------------------------------------------------
-
-// *first = min(*first, index of each NaN or infinity in x); the host sets it to ~0 before.
-extern "C" __global__ void first_non_finite(const float* x, long n, u32* first) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        if (!isfinite(x[i])) atomicMin(first, (u32)i);
-}
 
 // h += x, and flags[slot] as flag_non_finite sets it for the sum.
 extern "C" __global__ void add_flag(float* h, const float* x, long n, int width, float* flags, int slot) {
