@@ -40,16 +40,16 @@ if [ -n "${RES:-}" ] && command -v nvcc >/dev/null; then
     k=crates/dpllm-engine/src/backend/cuda/kernels
     cat $k/common.cuh $k/bitplane_gemv.cu > /tmp/bitplane_gemv.cu
     nvcc -arch=sm_90 -cubin --resource-usage -o /tmp/bitplane.cubin /tmp/bitplane_gemv.cu 2>&1 |
-        grep -A3 -E "_b[3458]_t(1|8)_g[124]'" | grep -E "Function properties|registers|spill" > "$OUT/resources.txt"
+        grep -A3 -E "_b[3-8]_t[48]'" | grep -E "Function properties|registers|spill" > "$OUT/resources.txt"
     head -40 "$OUT/resources.txt"
-    cuobjdump -sass -fun bitplane_gemv_b4_t1_g2 /tmp/bitplane.cubin > "$OUT/sass_b4_t1.txt" 2>&1
+    cuobjdump -sass -fun bitplane_gemv_b4_t4 /tmp/bitplane.cubin > "$OUT/sass_b4_t4.txt" 2>&1
 fi
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     echo "== ncu"
     ncu --kernel-name "regex:${NCU}" --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats \
-        .devcarry/dpllm bench gemv --device cuda --shapes 14336x4096 --bits 4 --tokens 1 \
+        .devcarry/dpllm bench gemv --device cuda --shapes 14336x4096 --bits ${NCU_BITS:-4} --tokens 1 \
         --calls 3 --working-set-mib 64 > "$OUT/ncu.txt" 2>&1
     grep -E "Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles|Issued|Eligible|Pipe|Ipc|No Eligible|Active Warps" "$OUT/ncu.txt" | head -40; grep -A12 -i "pipe utilization" "$OUT/ncu.txt" | head -30
 fi

@@ -540,10 +540,10 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
                 "gemv",
                 "--device",
                 "cuda",
-                "--threads-per-set",
-                "48",
+                "--warps",
+                "17",
             ],
-            vec!["--threads-per-set 48 is not a power of two"],
+            vec!["--warps 17 is out of range 1..=16"],
         ),
         // No driver (CI) or no such GPU: either way a clear error naming it.
         (

@@ -23,23 +23,15 @@ pub struct CudaGemvConfig {
     pub working_set_bytes: usize,
     /// Timed calls per case.
     pub calls: usize,
-    /// Also time every variant with these threads per set of row groups
-    /// (empty: the default split only).
-    pub threads_per_set: Vec<u32>,
+    /// Also time the kernel with these warps a block (empty: the default split only).
+    pub warps: Vec<u32>,
 }
 
-/// The variants to time at `n` tokens: every compiled one, each also with the
-/// given threads per set.
-fn variants(n: usize, threads: &[u32]) -> Vec<GemvVariant> {
-    let all = GemvVariant::all(n);
-    let mut out = all.clone();
-    for &t in threads {
-        out.extend(all.iter().map(|&v| GemvVariant {
-            threads_per_set: Some(t),
-            ..v
-        }));
-    }
-    out
+/// The variants to time: the default split, then one per given warp count.
+fn variants(warps: &[u32]) -> Vec<GemvVariant> {
+    std::iter::once(GemvVariant::default_for())
+        .chain(warps.iter().map(|&w| GemvVariant { warps: Some(w) }))
+        .collect()
 }
 
 /// One timed case.
@@ -92,12 +84,8 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     if let Some(t) = cfg.tokens.iter().find(|t| !(1..=MAX_TOKENS).contains(*t)) {
         anyhow::bail!("--tokens {t} is out of range 1..={MAX_TOKENS}");
     }
-    if let Some(t) = cfg
-        .threads_per_set
-        .iter()
-        .find(|t| !t.is_power_of_two() || !(32..=256).contains(*t))
-    {
-        anyhow::bail!("--threads-per-set {t} is not a power of two in 32..=256");
+    if let Some(w) = cfg.warps.iter().find(|w| !(1..=16).contains(*w)) {
+        anyhow::bail!("--warps {w} is out of range 1..=16");
     }
     if cfg.bits.is_empty() || cfg.tokens.is_empty() || cfg.shapes.is_empty() {
         anyhow::bail!("no --bits, --tokens or --shapes to time");
@@ -159,11 +147,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for &(t, f16) in &f16_us {
-                for v in variants(t, &cfg.threads_per_set) {
-                    // A variant whose tables do not fit in shared memory is left out.
-                    if !qs[0].supports(b, t, v) {
-                        continue;
-                    }
+                for v in variants(&cfg.warps) {
                     let mut i = 0;
                     let ms = dev.time_ms(cfg.calls, || {
                         i += 1;
@@ -262,10 +246,10 @@ mod tests {
 
     #[test]
     fn variants_and_table() {
-        let v = variants(1, &[32, 256]);
-        assert_eq!(v.len(), 3 * GemvVariant::all(1).len());
-        assert!(v.iter().any(|v| v.name() == "g4 t256"));
-        assert_eq!(variants(8, &[]), vec![GemvVariant::default_for(8, 4, 4096)]);
+        let v = variants(&[4, 16]);
+        assert_eq!(v.len(), 3);
+        assert!(v.iter().any(|v| v.name() == "w16"));
+        assert_eq!(variants(&[]), vec![GemvVariant::default_for()]);
         let bench = CudaGemvBench {
             config: CudaGemvConfig {
                 shapes: vec![(64, 128)],
@@ -273,7 +257,7 @@ mod tests {
                 tokens: vec![1],
                 working_set_bytes: 1 << 20,
                 calls: 1,
-                threads_per_set: vec![],
+                warps: vec![],
             },
             device: "cuda:0 (test)".into(),
             copy_gbs: 1000.0,
@@ -281,7 +265,7 @@ mod tests {
             cases: vec![
                 case(64, 128, "f16 (cuBLAS)", 1, 2.0, 16384, 1, 1000.0, 2.0),
                 CudaGemvCase {
-                    variant: Some("g2 t128".into()),
+                    variant: Some("w8".into()),
                     ..case(64, 128, "anyprec-4b", 1, 1.0, 4096, 1, 1000.0, 2.0)
                 },
             ],
@@ -293,7 +277,7 @@ mod tests {
         assert!(lines[2..].iter().all(|l| l.len() == lines[1].len()), "{t}");
         // 4096 bytes in 1 us: 4.1 GB/s, 0.4 % of 1000 GB/s, 2x the f16 time.
         assert!(
-            lines[3].contains("g2 t128") && lines[3].contains("4.1") && lines[3].contains("2.00x"),
+            lines[3].contains("w8") && lines[3].contains("4.1") && lines[3].contains("2.00x"),
             "{t}"
         );
     }

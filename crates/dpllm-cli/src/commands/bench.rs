@@ -36,10 +36,10 @@ pub struct GemvArgs {
     /// Timed calls per case on a GPU.
     #[arg(long, default_value_t = 200)]
     pub calls: usize,
-    /// On a GPU, also time every kernel variant with these threads per set of
-    /// row groups (powers of two, 32..=256); default: the built-in choice only.
+    /// On a GPU, also time the bit-plane kernel with these warps a block
+    /// (1..=16; they split a 16-row tile's columns); default: the built-in choice only.
     #[arg(long, value_delimiter = ',')]
-    pub threads_per_set: Vec<u32>,
+    pub warps: Vec<u32>,
     /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
     /// 8B Llama, and docs-llama-12m's up projection).
     #[arg(
@@ -277,7 +277,7 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
         tokens: a.tokens,
         working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
         calls: a.calls.max(1),
-        threads_per_set: a.threads_per_set,
+        warps: a.warps,
     };
     let r = bench_gemv_cuda::run(ordinal, &cfg)?;
     publish(&r.table(), a.json.as_deref(), &r)

@@ -16,116 +16,97 @@ pub const SOURCE: &str = concat!(
     include_str!("kernels/common.cuh"),
     include_str!("kernels/bitplane_gemv.cu")
 );
-/// Threads per block.
-const BLOCK: u32 = 256;
+/// Most warps a GEMV block takes (its warps split the columns of one row tile).
+const MAX_WARPS: u32 = 16;
 /// Most tokens one launch takes.
 pub const MAX_TOKENS: usize = 8;
+/// Most bytes of split activations a block holds in shared memory (more would
+/// cost occupancy: 8 tokens of 4096 columns take 128 KiB).
+const SPLIT_IN_BLOCK_MAX: usize = 64 << 10;
+/// Rows of a tile: one mma's M.
+const TILE_ROWS: usize = 16;
+/// Columns of a column block: one 32-bit word of each of a lane's 4 column groups.
+const BLOCK_COLS: usize = 128;
 
-/// One row of one plane in the device order: device word w holds the columns
-/// (8k + i)·W + w at bit 4i + k (W = words a row), so lanes taking consecutive
-/// words read consecutive activations and the kernel's nibble transpose yields,
-/// for each k, the column slots 8k..8k+7.
-pub fn device_row(stored: &[u32], cols: usize, out: &mut [u32]) {
-    let words = out.len();
-    for (w, o) in out.iter_mut().enumerate() {
-        *o = (0..32).fold(0u32, |d, b| {
-            let c = b * words + w;
-            let bit = if c < cols {
-                (stored[c / 32] >> (c % 32)) & 1
-            } else {
-                0
-            };
-            d | bit << (4 * (b % 8) + b / 8)
-        });
-    }
+/// Bit of a lane's device word that holds column `c` (< 32) of its 32: the
+/// kernel's nibble transpose then yields each mma k tile's four columns in
+/// fragment order (see `kernels/bitplane_gemv.cu`).
+pub fn column_bit(c: usize) -> usize {
+    16 * ((c >> 2) & 1) + 4 * (c & 3) + (c >> 3)
+}
+
+/// A stored plane word (bit c = column c of a 32-column group) in the device order.
+pub fn device_word(stored: u32) -> u32 {
+    (0..32).fold(0, |d, c| d | ((stored >> c) & 1) << column_bit(c))
 }
 
 /// Bytes a `rows × cols` layer holding precisions `seed..=keep` takes in GPU
-/// memory: `keep` planes in the kernel's layout (rows padded to 4) and one f16
-/// LUT per precision.
+/// memory: `keep` planes in the kernel's layout (rows padded to 16, columns
+/// to 128) and one f16 LUT per precision.
 pub fn device_bytes(rows: usize, cols: usize, seed: u32, keep: u32) -> usize {
-    let (words, padded) = (cols.div_ceil(32), rows.div_ceil(4) * 4);
-    let luts: usize = (seed..=keep).map(|b| padded * (2usize << b)).sum();
-    padded * words * 4 * keep as usize + luts
+    let (rows_p, cols_p) = (padded_rows(rows), padded_cols(cols));
+    let luts: usize = (seed..=keep).map(|b| rows_p * (2usize << b)).sum();
+    rows_p * cols_p / 8 * keep as usize + luts
 }
 
-/// How a GEMV launch splits the work: `row_groups` groups of 4 rows a thread
-/// (more reuse each activation load, fewer threads) and the threads that share
-/// a set of row groups (`None`: about 1024 threads per multiprocessor,
-/// at most one per word).
+fn padded_rows(rows: usize) -> usize {
+    rows.div_ceil(TILE_ROWS) * TILE_ROWS
+}
+
+fn padded_cols(cols: usize) -> usize {
+    cols.div_ceil(BLOCK_COLS) * BLOCK_COLS
+}
+
+/// How a GEMV launch splits the work: the warps of a block, which split the
+/// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
+/// fill the GPU twice over; never more than the column blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
-    /// Row groups of 4 rows a thread takes.
-    pub row_groups: usize,
-    /// Threads per set of row groups (32..=256, a power of two), or the default.
-    pub threads_per_set: Option<u32>,
+    /// Warps a block (1..=16), or the default.
+    pub warps: Option<u32>,
 }
 
 impl GemvVariant {
-    /// The default for `n` tokens at `bits` on a layer of `rows` rows, from
-    /// measurements on an H100 (docs/benchmarks.md): two row groups a thread
-    /// at 1-2 tokens and up to 4 bits on layers of 2048 rows or more, else one
-    /// (above 4 bits the high nibbles double the registers a row group takes).
-    pub fn default_for(n: usize, bits: u32, rows: usize) -> GemvVariant {
-        GemvVariant {
-            row_groups: if n <= 2 && bits <= 4 && rows >= 2048 {
-                2
-            } else {
-                1
-            },
-            threads_per_set: None,
-        }
+    /// The default split.
+    pub fn default_for() -> GemvVariant {
+        GemvVariant { warps: None }
     }
 
-    /// Every variant compiled for `n` tokens, with the default threads per set.
-    pub fn all(n: usize) -> Vec<GemvVariant> {
-        let groups: &[usize] = match n {
-            1 => &[1, 2, 4],
-            2 => &[1, 2],
-            _ => &[1],
-        };
-        groups
-            .iter()
-            .map(|&row_groups| GemvVariant {
-                row_groups,
-                threads_per_set: None,
-            })
+    /// The default and every fixed split worth timing.
+    pub fn all() -> Vec<GemvVariant> {
+        [None, Some(4), Some(8), Some(16)]
+            .into_iter()
+            .map(|warps| GemvVariant { warps })
             .collect()
     }
 
-    /// "g2", "g2 t64".
+    /// "auto", "w8".
     pub fn name(&self) -> String {
-        match self.threads_per_set {
-            Some(t) => format!("g{} t{t}", self.row_groups),
-            None => format!("g{}", self.row_groups),
+        match self.warps {
+            Some(w) => format!("w{w}"),
+            None => "auto".into(),
         }
-    }
-
-    /// The kernel's name at `bits` and `n` tokens.
-    fn kernel(&self, bits: u32, n: usize) -> String {
-        format!("bitplane_gemv_b{bits}_t{n}_g{}", self.row_groups)
     }
 }
 
-/// Threads per set of row groups, a power of two from 32 to 256: as few as
-/// still give the GPU about 1024 threads per multiprocessor (each then takes
-/// several words of its rows), and no more than one per word.
-fn threads_per_group(groups: usize, words: usize, sms: usize) -> u32 {
-    let want = (sms * 1024).div_ceil(groups.max(1)).next_power_of_two();
-    want.min(words.next_power_of_two())
-        .clamp(32, BLOCK as usize) as u32
+/// The kernel for `n` tokens at `bits` (up to 4 tokens one mma a k tile, up to 8 two).
+fn kernel_name(bits: u32, n: usize) -> String {
+    format!("bitplane_gemv_b{bits}_t{}", if n <= 4 { 4 } else { 8 })
 }
 
 /// An any-precision weight in GPU memory.
 pub struct CudaAnyPrec {
     rows: usize,
     cols: usize,
-    words: usize,
+    /// 16-row tiles.
+    tiles: usize,
+    /// 128-column blocks a row.
+    kbs: usize,
     seed_bits: u32,
     max_bits: u32,
-    /// [max_bits][rows / 4][words][4] device words, rows padded to a multiple of 4.
+    /// [max_bits][tiles][kbs][32 lanes][2] device words (`kernels/bitplane_gemv.cu`).
     planes: CudaSlice<u32>,
-    /// luts[b − seed_bits]: [rows padded][2^b] f16 bits.
+    /// luts[b − seed_bits]: [rows padded to 16][2^b] f16 bits.
     luts: Vec<CudaSlice<u16>>,
     device: Arc<CudaDevice>,
 }
@@ -134,7 +115,6 @@ impl CudaAnyPrec {
     /// Copy `w` to the GPU in the kernel's layout.
     pub fn upload(device: &Arc<CudaDevice>, w: &AnyPrecHost) -> Result<CudaAnyPrec> {
         let (rows, words) = (w.rows, w.cols.div_ceil(32));
-        let groups = rows.div_ceil(4);
         let planes_n = w.max_bits as usize;
         let luts_fit = w.luts.len() == (w.max_bits + 1).saturating_sub(w.seed_bits) as usize
             && w.luts
@@ -159,17 +139,19 @@ impl CudaAnyPrec {
                 w.luts.len()
             )));
         }
-        let mut host = vec![0u32; planes_n * groups * words * 4];
-        host.par_chunks_mut(words * 4)
+        let (tiles, kbs) = (rows.div_ceil(TILE_ROWS), w.cols.div_ceil(BLOCK_COLS));
+        // One chunk per (plane, tile): [kb][lane][2].
+        let mut host = vec![0u32; planes_n * tiles * kbs * 64];
+        host.par_chunks_mut(kbs * 64)
             .enumerate()
-            .for_each(|(jg, out)| {
-                let (j, g) = (jg / groups, jg % groups);
-                let mut row = vec![0u32; words];
-                for q in 0..4.min(rows - 4 * g) {
-                    let src = &w.planes[(j * rows + 4 * g + q) * words..][..words];
-                    device_row(src, w.cols, &mut row);
-                    for (wi, &v) in row.iter().enumerate() {
-                        out[wi * 4 + q] = v;
+            .for_each(|(jt, out)| {
+                let (j, tile) = (jt / tiles, jt % tiles);
+                for (i, o) in out.iter_mut().enumerate() {
+                    let (kb, lane, half) = (i / 64, i / 2 % 32, i % 2);
+                    let r = TILE_ROWS * tile + lane / 4 + 8 * half;
+                    let word = 4 * kb + lane % 4;
+                    if r < rows && word < words {
+                        *o = device_word(w.planes[(j * rows + r) * words + word]);
                     }
                 }
             });
@@ -182,7 +164,7 @@ impl CudaAnyPrec {
             .iter()
             .map(|l| {
                 let mut bits: Vec<u16> = l.iter().map(|v| v.to_bits()).collect();
-                bits.resize(groups * 4 * (l.len() / rows.max(1)), 0);
+                bits.resize(padded_rows(rows) * (l.len() / rows.max(1)), 0);
                 stream
                     .clone_htod(&bits)
                     .map_err(device_err("copying LUTs to the GPU"))
@@ -191,7 +173,8 @@ impl CudaAnyPrec {
         Ok(CudaAnyPrec {
             rows,
             cols: w.cols,
-            words,
+            tiles,
+            kbs,
             seed_bits: w.seed_bits,
             max_bits: w.max_bits,
             planes,
@@ -214,7 +197,7 @@ impl CudaAnyPrec {
                 "a {rows}x{cols} weight at 3..={max_bits} bits"
             )));
         }
-        let (words, groups) = (cols.div_ceil(32), rows.div_ceil(4));
+        let (tiles, kbs) = (rows.div_ceil(TILE_ROWS), cols.div_ceil(BLOCK_COLS));
         let s = device.stream();
         let oom = |bytes: usize| {
             move |_| EngineError::OutOfMemory {
@@ -222,12 +205,12 @@ impl CudaAnyPrec {
                 bytes,
             }
         };
-        let n = max_bits as usize * groups * words * 4;
+        let n = max_bits as usize * tiles * kbs * 64;
         // SAFETY: filled by the caller before any read.
         let planes = unsafe { s.alloc::<u32>(n) }.map_err(oom(4 * n))?;
         let luts = (3..=max_bits)
             .map(|b| {
-                let n = (groups * 4) << b;
+                let n = padded_rows(rows) << b;
                 // SAFETY: as above.
                 unsafe { s.alloc::<u16>(n) }.map_err(oom(2 * n))
             })
@@ -235,7 +218,8 @@ impl CudaAnyPrec {
         Ok(CudaAnyPrec {
             rows,
             cols,
-            words,
+            tiles,
+            kbs,
             seed_bits: 3,
             max_bits,
             planes,
@@ -247,6 +231,11 @@ impl CudaAnyPrec {
     /// The planes and LUTs, to fill ([`CudaAnyPrec::uninit`]).
     pub(crate) fn buffers_mut(&mut self) -> (&mut CudaSlice<u32>, &mut [CudaSlice<u16>]) {
         (&mut self.planes, &mut self.luts)
+    }
+
+    /// One plane's length in 64-bit (uint2) units, as the kernels take it.
+    fn plane_stride(&self) -> i64 {
+        (self.tiles * self.kbs * 32) as i64
     }
 
     /// The weight at `bits` as f32 [rows × cols] into `out` (long batches run
@@ -263,29 +252,28 @@ impl CudaAnyPrec {
             )));
         }
         let f = self.device.bitplane_kernels()?.get("bitplane_dequant")?;
-        let plane_stride = (self.rows.div_ceil(4) * self.words) as i64;
-        let (b, r, c, w) = (
+        let (b, r, c, k) = (
             bits as i32,
             self.rows as i32,
             self.cols as i32,
-            self.words as i32,
+            self.kbs as i32,
         );
-        let total = self.rows * self.words;
+        let total = self.rows * self.kbs * 4;
         let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
+            grid_dim: (total.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let luts = &self.luts[(bits - self.seed_bits) as usize];
+        let (luts, stride) = (&self.luts[(bits - self.seed_bits) as usize], self.plane_stride());
         let mut l = self.device.stream().launch_builder(&f);
         l.arg(&self.planes)
-            .arg(&plane_stride)
+            .arg(&stride)
             .arg(luts)
             .arg(&b)
             .arg(out)
             .arg(&r)
             .arg(&c)
-            .arg(&w);
+            .arg(&k);
         // SAFETY: the arguments match bitplane_dequant's signature; it writes
         // rows × cols floats (checked above) and reads the planes and LUT of
         // `bits` (held: checked above).
@@ -325,38 +313,40 @@ impl CudaAnyPrec {
 
     /// Bytes one GEMV at `bits` reads: `bits` planes and that precision's LUTs.
     pub fn bytes_at(&self, bits: u32) -> usize {
-        let groups = self.rows.div_ceil(4);
-        groups * 4 * (self.words * 4 * bits as usize + (2 << bits))
+        padded_rows(self.rows) * (padded_cols(self.cols) / 8 * bits as usize + (2 << bits))
     }
 
-    /// Threads per set of row groups of a launch.
-    fn threads(&self, v: GemvVariant) -> u32 {
-        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
-        v.threads_per_set
-            .unwrap_or_else(|| threads_per_group(sets, self.words, self.device.multiprocessors()))
-    }
-
-    /// Bytes of shared memory a launch takes: up to 63 floats to align the
-    /// tables to 256 bytes, the block's tables (16 floats a row up to 4 bits,
-    /// 2^bits above) and the warps' partial sums.
-    fn shared_bytes(&self, bits: u32, n: usize, v: GemvVariant) -> usize {
-        let spb = (BLOCK / self.threads(v)) as usize;
-        let row = if bits <= 4 { 16 } else { 1usize << bits };
-        let sums = (4 * v.row_groups * n).next_power_of_two();
-        (63 + spb * v.row_groups * 4 * row + (BLOCK as usize / 32) * sums) * 4
-    }
-
-    /// True when variant `v` is compiled for `n` tokens and its shared memory
-    /// fits at `bits`.
-    pub fn supports(&self, bits: u32, n: usize, v: GemvVariant) -> bool {
-        let tpr_ok = v
-            .threads_per_set
-            .is_none_or(|t| t.is_power_of_two() && (32..=BLOCK).contains(&t));
-        let base = GemvVariant {
-            threads_per_set: None,
-            ..v
+    /// Warps a block of variant `v` takes.
+    fn warps(&self, v: GemvVariant) -> u32 {
+        let auto = if self.tiles < 2 * self.device.multiprocessors() {
+            MAX_WARPS
+        } else {
+            8
         };
-        tpr_ok && GemvVariant::all(n).contains(&base) && self.shared_bytes(bits, n, v) <= 48 << 10
+        v.warps.unwrap_or(auto).min(self.kbs as u32).max(1)
+    }
+
+    /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
+    /// above 4 bits the lanes' table copies (2^bits words of 32 lanes), the
+    /// activations of `split_in_block` tokens split (2 halves of each padded
+    /// column), then the warps' sums (4 values of 32 lanes each).
+    fn shared_bytes(&self, bits: u32, warps: u32, split_in_block: usize) -> u32 {
+        let tables = if bits > 4 { 128u32 << bits } else { 0 };
+        tables + (4 * split_in_block * padded_cols(self.cols)) as u32 + warps * 4 * 32 * 4
+    }
+
+    /// True when a block of `warps` warps at `bits` splits the activations of
+    /// `n` tokens into its own shared memory: when they take at most
+    /// [`SPLIT_IN_BLOCK_MAX`] and the block's total fits the GPU. Else
+    /// `split_x` splits them first (a second launch).
+    fn split_in_block(&self, bits: u32, warps: u32, n: usize) -> bool {
+        4 * n * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
+            && self.shared_bytes(bits, warps, n) as usize <= self.device.max_shared()
+    }
+
+    /// True when variant `v` can run `n` tokens.
+    pub fn supports(&self, n: usize, v: GemvVariant) -> bool {
+        (1..=MAX_TOKENS).contains(&n) && v.warps.is_none_or(|w| (1..=MAX_WARPS).contains(&w))
     }
 
     /// `y [n × rows] = x [n × cols] · W_bᵀ` at `bits`, for n ≤ [`MAX_TOKENS`],
@@ -368,7 +358,7 @@ impl CudaAnyPrec {
         bits: u32,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_with(x, n, bits, y, GemvVariant::default_for(n, bits, self.rows))
+        self.gemv_with(x, n, bits, y, GemvVariant::default_for())
     }
 
     /// [`CudaAnyPrec::gemv`] with a chosen [`GemvVariant`] (benchmarks, tests).
@@ -381,6 +371,38 @@ impl CudaAnyPrec {
         v: GemvVariant,
     ) -> Result<()> {
         self.gemv_view(&x.slice(..), n, bits, &mut y.slice_mut(..), v, None)
+    }
+
+    /// The activations of `n` tokens split for a kernel that does not split
+    /// them itself: f16 halves hi and lo ([2][n][columns padded to 128]).
+    fn split(&self, x: &CudaView<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let cols_p = padded_cols(self.cols);
+        let len = 2 * n * cols_p;
+        let s = self.device.stream();
+        // SAFETY: split_x writes every element before the GEMV reads it.
+        let mut xs = unsafe { s.alloc::<u16>(len) }.map_err(|_| EngineError::OutOfMemory {
+            what: "GEMV activations (GPU)",
+            bytes: 2 * len,
+        })?;
+        let f = self.device.bitplane_kernels()?.get("split_x")?;
+        let (stride, ni, c, cp) = (
+            self.cols as i32,
+            n as i32,
+            self.cols as i32,
+            cols_p as i32,
+        );
+        let cfg = LaunchConfig {
+            // Eight columns a thread.
+            grid_dim: ((n * cols_p / 8).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(&f);
+        b.arg(x).arg(&stride).arg(&ni).arg(&c).arg(&cp).arg(&mut xs);
+        // SAFETY: x holds n rows of cols floats (checked by the callers), xs
+        // 2 · n · cols_p halves.
+        unsafe { b.launch(cfg) }.map_err(device_err("launching the activation split"))?;
+        Ok(xs)
     }
 
     /// [`CudaAnyPrec::gemv_with`] on views (a range of tokens of larger
@@ -407,49 +429,67 @@ impl CudaAnyPrec {
                 self.cols
             )));
         }
-        if !self.supports(bits, n, v) {
+        if !self.supports(n, v) {
             return Err(EngineError::Device(format!(
-                "bit-plane GEMV: no kernel {} for {n} tokens at {bits} bits",
+                "bit-plane GEMV: no split {} (1..={MAX_WARPS} warps)",
                 v.name()
             )));
         }
-        let l = self.launch_shape(bits, n, v);
-        let f = self.device.bitplane_kernels()?.get(&v.kernel(bits, n))?;
-        let (xs, ys) = (self.cols as i32, self.rows as i32);
         if select.is_some_and(|(m, _)| m.len() < n) {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: fewer decisions than {n} tokens"
             )));
         }
+        let warps = self.warps(v);
+        let in_block = self.split_in_block(bits, warps, n);
+        let xs = if in_block {
+            None
+        } else {
+            Some(self.split(x, n)?)
+        };
+        let cfg = self.launch_config(warps, self.shared_bytes(bits, warps, if in_block { n } else { 0 }));
+        let suffix = if in_block { "s" } else { "" };
+        let f = self
+            .device
+            .bitplane_kernels()?
+            .get(&format!("{}{suffix}", kernel_name(bits, n)))?;
+        self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
+        let (ni, cols, ys, rows, kbs) = (
+            n as i32,
+            self.cols as i32,
+            self.rows as i32,
+            self.rows as i32,
+            self.kbs as i32,
+        );
         let luts = &self.luts[(bits - self.seed_bits) as usize];
         let (no_mask, want) = (0u64, select.map_or(0u32, |(_, w)| w as u32));
+        let stride = self.plane_stride();
         let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&self.planes)
-            .arg(&l.plane_stride)
-            .arg(luts)
-            .arg(x)
-            .arg(&xs)
-            .arg(y)
-            .arg(&ys)
-            .arg(&l.rows)
-            .arg(&l.cols)
-            .arg(&l.words)
-            .arg(&l.tpr);
+        b.arg(&self.planes).arg(&stride).arg(luts);
+        match &xs {
+            Some(xs) => b.arg(xs),
+            None => b.arg(x).arg(&cols),
+        };
+        b.arg(&ni).arg(y).arg(&ys).arg(&rows).arg(&kbs);
         match select {
             Some((m, _)) => b.arg(m),
             None => b.arg(&no_mask),
         };
         b.arg(&want);
-        // SAFETY: the arguments match the kernel's signature in order and type;
+        // SAFETY: the arguments match the kernel's signature in order and type
+        // (the `s` kernels take x and its columns where the others take xs);
         // the buffers hold what the kernel reads and writes (checked above and
-        // by the upload's layout).
-        unsafe { b.launch(l.cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
+        // by the upload's layout), and the shared memory was allowed.
+        unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
         Ok(())
     }
 
     /// True when [`CudaAnyPrec::gemv_select`] runs `low` and `low + 1` bits in one kernel.
     pub fn selects_in_kernel(&self, low: u32) -> bool {
-        (3..=7).contains(&low) && self.seed_bits <= low && low < self.max_bits
+        (3..=7).contains(&low)
+            && self.seed_bits <= low
+            && low < self.max_bits
+            && self.split_in_block(low + 1, self.warps(GemvVariant::default_for()), 1)
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
@@ -479,36 +519,28 @@ impl CudaAnyPrec {
                 y.len()
             )));
         }
-        // One split for both precisions: the one the higher takes.
-        let v = GemvVariant::default_for(1, low + 1, self.rows);
-        if !self.supports(low + 1, 1, v) {
-            return Err(EngineError::Device(format!(
-                "bit-plane GEMV: no kernel {} at {} bits",
-                v.name(),
-                low + 1
-            )));
-        }
-        let mut l = self.launch_shape(low + 1, 1, v);
-        l.cfg.shared_mem_bytes = l
-            .cfg
-            .shared_mem_bytes
-            .max(self.shared_bytes(low, 1, v) as u32);
-        let name = format!("bitplane_gemv_select_b{low}_g{}", v.row_groups);
-        let f = self.device.bitplane_kernels()?.get(&name)?;
+        // Shared memory for the higher precision, which needs at least as much.
+        let warps = self.warps(GemvVariant::default_for());
+        let cfg = self.launch_config(warps, self.shared_bytes(low + 1, warps, 1));
+        let f = self
+            .device
+            .bitplane_kernels()?
+            .get(&format!("bitplane_gemv_select_b{low}"))?;
+        self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
+        let (cols, rows, kbs) = (self.cols as i32, self.rows as i32, self.kbs as i32);
         let (ne, no_count) = (e.len() as i32, 0u64);
-        let slot = count.as_ref().map_or(0, |c| c.1) as i32;
+        let (slot, stride) = (count.as_ref().map_or(0, |c| c.1) as i32, self.plane_stride());
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&self.planes)
-            .arg(&l.plane_stride)
+            .arg(&stride)
             .arg(lut(low))
             .arg(lut(low + 1))
             .arg(x)
+            .arg(&cols)
             .arg(y)
-            .arg(&l.rows)
-            .arg(&l.cols)
-            .arg(&l.words)
-            .arg(&l.tpr)
+            .arg(&rows)
+            .arg(&kbs)
             .arg(e)
             .arg(&ne)
             .arg(&a)
@@ -521,38 +553,18 @@ impl CudaAnyPrec {
         b.arg(&slot);
         // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
         // given) at least `slot + 1`.
-        unsafe { b.launch(l.cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
+        unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
         Ok(())
     }
 
-    /// The grid, shared memory and shape arguments of a GEMV launch.
-    fn launch_shape(&self, bits: u32, n: usize, v: GemvVariant) -> LaunchShape {
-        let sets = self.rows.div_ceil(4).div_ceil(v.row_groups);
-        let tpr = self.threads(v);
-        let spb = (BLOCK / tpr) as usize;
-        LaunchShape {
-            cfg: LaunchConfig {
-                grid_dim: (sets.div_ceil(spb) as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: self.shared_bytes(bits, n, v) as u32,
-            },
-            plane_stride: (self.rows.div_ceil(4) * self.words) as i64,
-            rows: self.rows as i32,
-            cols: self.cols as i32,
-            words: self.words as i32,
-            tpr: tpr as i32,
+    /// One block of `warps` warps per row tile, with `shared` bytes of shared memory.
+    fn launch_config(&self, warps: u32, shared: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.tiles as u32, 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: shared,
         }
     }
-}
-
-/// How one GEMV launch is shaped, with the arguments that say so.
-struct LaunchShape {
-    cfg: LaunchConfig,
-    plane_stride: i64,
-    rows: i32,
-    cols: i32,
-    words: i32,
-    tpr: i32,
 }
 
 #[cfg(test)]
@@ -561,50 +573,28 @@ mod tests {
 
     #[test]
     fn device_bytes_count_padded_rows_planes_and_every_lut() {
-        // 6 rows pad to 8; 40 columns are 2 words; 3..=4 bits: 4 planes.
-        assert_eq!(device_bytes(6, 40, 3, 4), 8 * 2 * 4 * 4 + 8 * 16 + 8 * 32);
+        // 6 rows pad to 16; 40 columns to 128; 3..=4 bits: 4 planes.
+        assert_eq!(device_bytes(6, 40, 3, 4), 16 * 16 * 4 + 16 * 16 + 16 * 32);
         let w = AnyPrecHost::random(6, 40, 4, 1);
         let gpu = device_bytes(w.rows, w.cols, w.seed_bits, w.max_bits);
         assert!(gpu >= dpllm_format::anyprec::bytes_at(6, 40, 4));
     }
 
     #[test]
-    fn defaults_follow_the_measurements() {
-        assert_eq!(GemvVariant::default_for(1, 4, 14336).row_groups, 2);
-        assert_eq!(GemvVariant::default_for(2, 3, 4096).row_groups, 2);
-        assert_eq!(GemvVariant::default_for(1, 4, 1024).row_groups, 1);
-        assert_eq!(GemvVariant::default_for(1, 6, 14336).row_groups, 1);
-        assert_eq!(GemvVariant::default_for(8, 3, 14336).row_groups, 1);
-        for n in 1..=MAX_TOKENS {
-            for bits in 3..=8 {
-                assert!(GemvVariant::all(n).contains(&GemvVariant::default_for(n, bits, 4096)));
-            }
+    fn column_bits_are_a_permutation_in_fragment_order() {
+        let mut seen = [false; 32];
+        for c in 0..32 {
+            let b = column_bit(c);
+            assert!(!seen[b], "bit {b} twice");
+            seen[b] = true;
+            // The transpose puts bit 4i + k of each plane in nibble i of word
+            // k: columns 4j..4j + 3 (k tile j) must land in word j / 2,
+            // nibbles 4 (j % 2) + 0..3.
+            let (j, s) = (c / 4, c % 4);
+            assert_eq!((b % 4, b / 4), (j / 2, 4 * (j % 2) + s), "column {c}");
         }
-    }
-
-    #[test]
-    fn threads_per_group_fill_the_gpu_without_idle_words() {
-        // 132 multiprocessors (H100): 14336x4096 has 3584 groups of 128 words.
-        assert_eq!(threads_per_group(3584, 128, 132), 64);
-        assert_eq!(threads_per_group(1024, 128, 132), 128);
-        assert_eq!(threads_per_group(1024, 448, 132), 256);
-        assert_eq!(threads_per_group(256, 18, 132), 32);
-        assert_eq!(threads_per_group(100_000, 128, 132), 32);
-    }
-
-    #[test]
-    fn device_rows_interleave_columns_across_words() {
-        // 3 words, 70 columns: column c sits in word c mod 3, slot c / 3.
-        let cols = 70;
-        for c in 0..cols {
-            let mut stored = [0u32; 3];
-            stored[c / 32] = 1 << (c % 32);
-            let mut out = [0u32; 3];
-            device_row(&stored, cols, &mut out);
-            let (w, b) = (c % 3, c / 3);
-            let mut want = [0u32; 3];
-            want[w] = 1 << (4 * (b % 8) + b / 8);
-            assert_eq!(out, want, "column {c}");
-        }
+        assert_eq!(device_word(1), 1);
+        assert_eq!(device_word(1 << 4), 1 << 16);
+        assert_eq!(device_word(u32::MAX), u32::MAX);
     }
 }

@@ -189,7 +189,7 @@ impl CudaBackend {
                 nt,
                 bits,
                 &mut yv,
-                GemvVariant::default_for(nt, bits, rows),
+                GemvVariant::default_for(),
                 m.as_ref().map(|(v, want)| (v, *want)),
             )?;
         }

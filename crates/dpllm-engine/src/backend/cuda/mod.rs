@@ -54,7 +54,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{EngineError, Result};
 
@@ -97,6 +98,8 @@ pub struct CudaDevice {
     name: String,
     arch: (i32, i32),
     sms: usize,
+    /// Most shared memory a block may take (bytes, with the opt-in attribute).
+    max_shared: usize,
     bitplane: OnceLock<Arc<Kernels>>,
     ops: OnceLock<Arc<Kernels>>,
     blas: OnceLock<Arc<CudaBlas>>,
@@ -134,11 +137,23 @@ impl CudaDevice {
         let arch = ctx
             .compute_capability()
             .map_err(device_err("reading the compute capability"))?;
+        if arch < (8, 0) {
+            return Err(EngineError::Device(format!(
+                "cuda:{ordinal} ({name}) is sm_{}{}: dpllm's kernels use the tensor-core \
+                 instructions of compute capability 8.0 and later (Ampere, Orin, Ada, Hopper)",
+                arch.0, arch.1
+            )));
+        }
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(device_err("reading the multiprocessor count"))?;
+        let smem = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(device_err("reading the shared memory per block"))?;
         // A stream of its own: the legacy default stream cannot record graphs.
         let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
         Ok(Arc::new(CudaDevice {
@@ -148,6 +163,7 @@ impl CudaDevice {
             name,
             arch,
             sms: sms.max(1) as usize,
+            max_shared: smem.max(48 << 10) as usize,
             bitplane: OnceLock::new(),
             ops: OnceLock::new(),
             blas: OnceLock::new(),
@@ -182,6 +198,24 @@ impl CudaDevice {
         self.sms
     }
 
+    /// Most shared memory one block may take, in bytes (above 48 KiB a
+    /// kernel must opt in: [`CudaDevice::allow_shared`]).
+    pub fn max_shared(&self) -> usize {
+        self.max_shared
+    }
+
+    /// Let `f` take `bytes` of dynamic shared memory (a no-op up to 48 KiB).
+    pub(crate) fn allow_shared(&self, f: &CudaFunction, bytes: u32) -> Result<()> {
+        if bytes <= 48 << 10 {
+            return Ok(());
+        }
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(device_err("raising a kernel's shared memory"))
+    }
+
     /// Wait for every queued op.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -207,10 +241,30 @@ impl CudaDevice {
         Ok(self.blas.get_or_init(|| Arc::new(b)).clone())
     }
 
-    /// Milliseconds per call of `f` on the device, by events around `calls`
-    /// calls queued back to back (after one untimed call).
+    /// Milliseconds per call of `f` on the device: `calls` calls recorded as
+    /// one CUDA graph (after one untimed call), its replay timed by events, so
+    /// the host's launch cost does not count. Where recording fails, the calls
+    /// are queued back to back instead.
     pub fn time_ms(&self, calls: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
+        let graph = (|| {
+            self.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(device_err("starting to record a graph"))?;
+            let queued = (0..calls).try_for_each(|_| f());
+            let g = self
+                .stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(device_err("recording a graph"));
+            queued?;
+            g?.ok_or_else(|| EngineError::Device("CUDA: an empty graph was recorded".into()))
+        })();
+        let mut graph = graph
+            .inspect_err(|e| tracing::warn!("timing without a graph: {e}"))
+            .ok();
+        if let Some(g) = &graph {
+            g.launch().map_err(device_err("launching a graph"))?;
+        }
         let ev = || {
             self.ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -220,8 +274,9 @@ impl CudaDevice {
         start
             .record(&self.stream)
             .map_err(device_err("recording an event"))?;
-        for _ in 0..calls {
-            f()?;
+        match &mut graph {
+            Some(g) => g.launch().map_err(device_err("launching a graph"))?,
+            None => (0..calls).try_for_each(|_| f())?,
         }
         end.record(&self.stream)
             .map_err(device_err("recording an event"))?;

@@ -1,39 +1,65 @@
-// Bit-plane GEMV: y[t][r] = sum_c lut_r[idx_rc] * x[t][c] for NT tokens at B bits.
+// Bit-plane GEMV on tensor cores: y[t][r] = sum_c lut_r[idx_rc] * x[t][c] for
+// up to 8 tokens at B bits, the weights looked up as f16 and multiplied by
+// mma.sync m16n8k16 (sm_80 and later: Ampere, Orin, Ada, Hopper) with f32
+// accumulation.
 //
-// Device layout (made by the host at upload, see bitplane.rs), W = ceil(cols / 32):
-//   planes [plane][row group g = r / 4][word w][row q = r % 4] as u32, so one
-//   16-byte load holds word w of one plane for the 4 rows of a group. Word w
-//   holds the columns w, W + w, 2W + w, ... (column (8k + i)·W + w at bit 4i + k,
-//   i < 8, k < 4): lanes that take consecutive words read consecutive x values.
-//   luts [row][2^B] f16 (rows padded to a multiple of 4 with zeros).
-// A thread takes G row groups and one word at a time (4G rows x 32 columns);
-// TPR threads share the row groups and sum their partial dots at the end.
+// Device layout (made by the host at upload, see bitplane.rs), with 16-row
+// tiles and 128-column blocks (KB a row):
+//   planes [plane][tile][kb][lane][2] u32. Lane l = 4g + t holds rows g
+//   (word 0) and g + 8 (word 1) of the tile, columns 128·kb + 32t + c
+//   (c < 32) at bit 16·((c/4) % 2) + 4·(c % 4) + c/8.
+//   luts [row][2^B] f16, rows padded to 16 with zeros.
+// Activations are split into f16 halves, x = hi + lo ([2][n][128·KB], zero
+// past the last column, each 32-column piece's 16-byte parts placed by
+// x_slot), so products keep f32 accuracy: the tensor cores multiply f16
+// exactly and add in f32. A block splits them into its shared memory itself
+// where they fit (kernels _t4s, _t8s), else split_x does it first.
 //
-// What limits such a kernel is the SM's load/store path (shared-memory LUT
-// lookups, x loads), its integer issue rate and the lookups' latency, not DRAM,
-// so the inner loop aims at one shared-memory lookup, one FMA and about two
-// integer operations per weight (with the loop's overheads an H100 runs 6.4
-// instructions a weight; docs/benchmarks.md):
-// - a 4x4 bit transpose by delta swaps turns the low 4 planes of a row into 4
-//   nibble words (word k: nibble i = the index bits of column slot 8k + i),
-//   about 20 operations per 32 weights;
-// - up to 4 bits, each nibble is moved to bits 2..5 of a byte (three
-//   operations per 4 weights), the row's number q put in bits 6..7, and one
-//   byte_perm per weight builds the shared-memory address of its LUT entry:
-//   the group's 4 tables (16 floats each) share one 256-byte-aligned slot
-//   (tried: a 256-byte slot per row, saving the OR: 10 % slower in one H100 run);
-// - above 4 bits, the high nibbles come from the top planes the same way and
-//   each weight's byte index is scaled to its row's table of 2^B floats.
-// All lanes of a warp look up the same row's table at once; up to 5 bits it
-// sits in distinct banks, so lookups do not conflict. x is read once per word
-// for all 4G rows, coalesced. Accumulation is f32.
+// Why this layout: mma's A fragment gives lane (g, t) rows g and g + 8 at the
+// k positions 2t, 2t+1, 2t+8, 2t+9 of each 16-wide k tile, and its B fragment
+// gives it the same k positions of token g. A k position is only a summation
+// index, so lane t's four positions in k tile j are mapped to its own columns
+// 32t + 4j .. 32t + 4j + 3: a lane reads 32 contiguous activations a block,
+// and the 4x4 bit transpose of the low four planes (delta swaps) leaves, in
+// nibble word k, the indices of tile 2k in nibbles 0..3 and of tile 2k + 1
+// in nibbles 4..7, in the fragment's order.
+//
+// The lookup, per weight, costs about one instruction and no shared memory up
+// to 4 bits: a row's table sits in registers as two byte tables (the low and
+// the high bytes of its f16 entries), and `prmt` with the nibble word as
+// selector picks four entries' bytes at once (two more `prmt` interleave them
+// into the two f16x2 registers mma takes). At 4 bits a second pair of tables
+// holds entries 8..15 and a third `prmt` picks by the top index bit. Above 4
+// bits each lane reads its own copy of the tables from shared memory (word
+// e·32 + lane: no bank conflicts), one 32-bit load giving the entry of rows g
+// and g + 8.
+//
+// Work split: a block of W warps takes one row tile; warp w takes the column
+// blocks w, w + W, ..., and the warps' sums meet in shared memory.
+// Up to 4 tokens one mma does hi and lo at once (B columns 0..3 take the hi
+// halves of tokens 0..3, columns 4..7 the lo halves); up to 8, two do.
 
 // (u32, u16, FULL and h2f come from common.cuh, prepended by the host.)
 
-__device__ __forceinline__ float lds(u32 addr) {
-    float v;
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+    return r;
+}
+
+// c += A · B for one 16x16 A (weights, f16x2 a0..a3) and 16x8 B (tokens, f16x2 b0, b1).
+__device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Swap the bits of b selected by mask m with the bits of a s places higher.
@@ -51,222 +77,309 @@ __device__ __forceinline__ void transpose4(u32 w[4]) {
     delta_swap(w[2], w[3], 1, 0x55555555u);
 }
 
-// Sum V values (a power of two, at most 32) over the warp: on return lane l
-// holds, in v[0], the sum of value l >> (5 - log2 V). 31 shuffles for 32 values.
-template <int V>
-__device__ __forceinline__ void warp_sums(float (&v)[V], int lane) {
+// A row's table in registers (3 and 4 bits): lo[i] / hi[i] hold the low /
+// high bytes of entries 4i .. 4i + 3.
+template <int B>
+struct RegTable {
+    u32 lo[B == 3 ? 2 : 4], hi[B == 3 ? 2 : 4];
+
+    __device__ __forceinline__ void load(const u16* __restrict__ lut) {
+        const uint4* p = reinterpret_cast<const uint4*>(lut);
 #pragma unroll
-    for (int step = 0; step < 5; ++step) {
-        const int s = 16 >> step;
-        const int n = V >> step;
-        if (n > 1) {
-            const bool up = lane & s;
-#pragma unroll
-            for (int i = 0; i < n / 2; ++i) {
-                const float send = up ? v[i] : v[i + n / 2];
-                const float keep = up ? v[i + n / 2] : v[i];
-                v[i] = keep + __shfl_xor_sync(FULL, send, s);
-            }
-        } else {
-            v[0] += __shfl_xor_sync(FULL, v[0], s);
+        for (int q = 0; q < (1 << B) / 8; ++q) {
+            const uint4 v = __ldg(p + q);  // entries 8q .. 8q + 7
+            lo[2 * q] = prmt(v.x, v.y, 0x6420);
+            hi[2 * q] = prmt(v.x, v.y, 0x7531);
+            lo[2 * q + 1] = prmt(v.z, v.w, 0x6420);
+            hi[2 * q + 1] = prmt(v.z, v.w, 0x7531);
         }
+    }
+
+    // The four weights of selector nibbles 0..3 of `sel` (slots 0..3 of one
+    // k tile) as f16x2 (slot 0, slot 1) and (slot 2, slot 3). At 4 bits `s7`
+    // is sel with the top bit of each nibble cleared and `top` picks the
+    // table half (0x3210 plus 4 in each nibble whose index is 8 or more).
+    __device__ __forceinline__ void look(u32 sel, u32 s7, u32 top, u32& a01, u32& a23) const {
+        u32 l, h;
+        if (B == 3) {
+            l = prmt(lo[0], lo[1], sel);
+            h = prmt(hi[0], hi[1], sel);
+        } else {
+            l = prmt(prmt(lo[0], lo[1], s7), prmt(lo[2], lo[3], s7), top);
+            h = prmt(prmt(hi[0], hi[1], s7), prmt(hi[2], hi[3], s7), top);
+        }
+        a01 = prmt(l, h, 0x5140);
+        a23 = prmt(l, h, 0x7362);
+    }
+};
+
+// The tables of both rows of a lane: in registers up to 4 bits, else the
+// lane's base address in the shared copy.
+template <int B, bool REG = (B <= 4)>
+struct Tables;
+
+template <int B>
+struct Tables<B, true> {
+    RegTable<B> g, g8;
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int g_) {
+        g.load(luts + (long long)(row0 + g_) * (1 << B));
+        g8.load(luts + (long long)(row0 + g_ + 8) * (1 << B));
+    }
+    // The A fragment of one k tile from the nibble words of rows g (n0) and g + 8 (n1).
+    __device__ __forceinline__ void frag(u32 n0, u32 n1, u32 (&a)[4]) const {
+        u32 s70 = 0, s71 = 0, t0 = 0, t1 = 0;
+        if (B == 4) {
+            s70 = n0 & 0x7777u;
+            s71 = n1 & 0x7777u;
+            t0 = 0x3210u | ((n0 >> 1) & 0x4444u);
+            t1 = 0x3210u | ((n1 >> 1) & 0x4444u);
+        }
+        g.look(n0, s70, t0, a[0], a[2]);
+        g8.look(n1, s71, t1, a[1], a[3]);
+    }
+};
+
+template <int B>
+struct Tables<B, false> {
+    u32 base;  // shared address of entry 0 of this lane's copy
+    __device__ __forceinline__ void load(const u16* __restrict__, int, int) {}
+    // e0, e1: bytes 0 and 1 hold the indices of slots (0, 2) (e0) and (1, 3)
+    // (e1), for rows g (r0 = true) and g + 8.
+    __device__ __forceinline__ u32 at(u32 e, int byte) const {
+        return lds32(base + (__byte_perm(e, 0, 0x4440 | byte) << 7));
+    }
+    __device__ __forceinline__ void frag(u32 ev0, u32 od0, u32 ev1, u32 od1, u32 (&a)[4]) const {
+        // Row g takes the low halves of its lookups, row g + 8 the high halves.
+        a[0] = prmt(at(ev0, 0), at(od0, 0), 0x5410);
+        a[2] = prmt(at(ev0, 1), at(od0, 1), 0x5410);
+        a[1] = prmt(at(ev1, 0), at(od1, 0), 0x7632);
+        a[3] = prmt(at(ev1, 1), at(od1, 1), 0x7632);
+    }
+};
+
+// Where column c of a token's activations sits in its row of halves: the
+// 16-byte pieces of lane t's 64 bytes (columns 32t .. 32t + 31 of a column
+// block) are swapped in pairs for t = 2, 3, so the four lanes' loads of one
+// piece hit distinct shared-memory banks.
+__device__ __forceinline__ int x_slot(int c) { return c ^ (((c >> 6) & 1) << 3); }
+
+// x [n][cols] f32 (rows x_stride apart) as f16 halves hi (x rounded) and lo
+// (x - hi rounded) into xs [2][n][cols_p] (slots by x_slot, zero from cols
+// on), eight columns per step of each thread of the block (`first`,
+// `stride`: the thread's place and count).
+__device__ __forceinline__ void split_into(const float* __restrict__ x, int x_stride, int n, int cols,
+                                           int cols_p, u16* xs, int first, int stride) {
+    const bool vec = (cols & 3) == 0 && (x_stride & 3) == 0 && (((size_t)x) & 15) == 0;
+    const int per = cols_p >> 3;
+    for (int i = first; i < n * per; i += stride) {
+        const int tok = i / per, c = (i % per) * 8;
+        const float* xt = x + (long long)tok * x_stride + c;
+        float v[8];
+        if (vec && c + 8 <= cols) {
+            const float4 a = *reinterpret_cast<const float4*>(xt);
+            const float4 b = *reinterpret_cast<const float4*>(xt + 4);
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = c + k < cols ? xt[k] : 0.f;
+        }
+        u32 hw[4], lw[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            u16 h0, h1, l0, l1;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(v[2 * k]));
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h1) : "f"(v[2 * k + 1]));
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l0) : "f"(v[2 * k] - h2f(h0)));
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l1) : "f"(v[2 * k + 1] - h2f(h1)));
+            hw[k] = (u32)h0 | (u32)h1 << 16;
+            lw[k] = (u32)l0 | (u32)l1 << 16;
+        }
+        const long long at = (long long)tok * cols_p + x_slot(c);
+        *reinterpret_cast<uint4*>(xs + at) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        *reinterpret_cast<uint4*>(xs + (long long)n * cols_p + at) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
     }
 }
 
-__host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
-
-template <int B, int NT, int G>
+// SX: the block splits the activations into shared memory itself (xin: x
+// f32, rows x_stride apart); else they come split in global memory (xin: xs
+// from split_x).
+template <int B, int NT, bool SX>
 __device__ __forceinline__ void gemv(
-    const uint4* __restrict__ planes, long long plane_stride,
-    const u16* __restrict__ luts, const float* __restrict__ x, int x_stride,
-    float* __restrict__ y, int y_stride, int rows, int cols, int words, int tpr,
-    const u32* __restrict__ mask, u32 want) {
+    const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
+    const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
+    int rows, int kbs, const u32* __restrict__ mask, u32 want) {
     // Per-token precision (DP-LLM): with a mask, only the tokens whose
     // decision equals `want` are written, and a block with none returns at once
     // (the same for every thread, so before any barrier).
     if (mask) {
         bool any = false;
-#pragma unroll
-        for (int t = 0; t < NT; ++t) any |= mask[t] == want;
+        for (int t = 0; t < n; ++t) any |= mask[t] == want;
         if (!any) return;
     }
-    constexpr int E = 1 << B;
+    constexpr bool PACK = NT <= 4;   // hi and lo in one mma
+    constexpr int XW = PACK ? 1 : 2;  // activation sets a lane loads
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x, row0 = tile * 16;
+    const int cols_p = kbs * 128;
+    // Shared memory: the tables above 4 bits (32 << B words), the split
+    // activations (SX: n · cols_p words), the warps' sums.
+    extern __shared__ __align__(16) u32 smem[];
+    constexpr int TABLE_WORDS = B > 4 ? 32 << B : 0;
+    u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
+    float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
+
+    Tables<B> tab;
+    if constexpr (B > 4) {
+        // Word e·32 + l: entry e of rows g_l and g_l + 8 (g_l = l / 4) as
+        // f16x2, the same for the four lanes of a row pair (one 16-byte store).
+        for (int i = threadIdx.x; i < 1 << B; i += blockDim.x) {
+            const int gp = i >> (B - 3), e0 = (i & ((1 << (B - 3)) - 1)) * 8;
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp) << B) + e0));
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp + 8) << B) + e0));
+            const u32 uw[4] = {u.x, u.y, u.z, u.w}, vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const u32 w = prmt(uw[k >> 1], vw[k >> 1], (k & 1) ? 0x7632 : 0x5410);
+                *reinterpret_cast<uint4*>(smem + (e0 + k) * 32 + 4 * gp) = make_uint4(w, w, w, w);
+            }
+        }
+        tab.base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
+    } else {
+        tab.load(luts, row0, g);
+    }
+    if (SX)
+        split_into(reinterpret_cast<const float*>(xin), x_stride, n, cols, cols_p, xs_s, threadIdx.x,
+                   blockDim.x);
+    if (SX || B > 4) __syncthreads();
+
+    // The activations this lane feeds to B column g.
+    const u16* xs = SX ? xs_s : reinterpret_cast<const u16*>(xin);
+    const u16* xg[XW];
+    if (PACK) {
+        xg[0] = xs + ((g < 4 ? 0 : n) + min(g & 3, n - 1)) * cols_p + 32 * t;
+    } else {
+        xg[0] = xs + min(g, n - 1) * cols_p + 32 * t;
+        xg[1] = xs + (n + min(g, n - 1)) * cols_p + 32 * t;
+    }
+    const int swz = (t >> 1) & 1;  // x_slot's swap of 16-byte pieces
+    const uint2* pl = planes + (long long)tile * kbs * 32 + lane;
+    auto load_planes = [&](uint2 (&p)[B], int kb) {
+#pragma unroll
+        for (int j = 0; j < B; ++j) p[j] = __ldg(pl + j * plane_stride + kb * 32);
+    };
+    auto load_x = [&](uint4 (&x)[XW][4], int kb) {
+#pragma unroll
+        for (int s = 0; s < XW; ++s)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) x[s][q] = reinterpret_cast<const uint4*>(xg[s] + kb * 128)[q ^ swz];
+    };
+
     constexpr int LO = B < 4 ? B : 4;
     constexpr int HI = B - LO;
-    // Floats per row table: a 4-row slot of 256 bytes up to 4 bits, else 2^B each.
-    constexpr int ROW = B <= 4 ? 16 : E;
-    constexpr int NV = 4 * G * NT;
-    constexpr int V = pow2_at_least(NV);
-    extern __shared__ float smem[];
-    const int sets = blockDim.x / tpr;       // row-group sets per block
-    const int ls = threadIdx.x / tpr;        // this thread's set
-    const int lt = threadIdx.x % tpr;        // its place in the set
-    const int groups = (rows + 3) / 4;
-    const int g0 = (blockIdx.x * sets + ls) * G;  // first row group of the set
-    const int gb = blockIdx.x * sets * G;         // first row group of the block
-    // The tables start at a 256-byte boundary of the shared window.
-    const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
-    const int pad = (int)(((256u - (smem_base & 255u)) & 255u) / 4u);
-    float* lut_s = smem + pad;
-    float* red = lut_s + sets * G * 4 * ROW;
-
-    // The planes of G row groups at word w (row groups past the end read the last one).
-    auto load = [&](u32 (&dst)[G][B][4], int w) {
-#pragma unroll
-        for (int gi = 0; gi < G; ++gi) {
-            const int g = min(g0 + gi, groups - 1);
-#pragma unroll
-            for (int j = 0; j < B; ++j) {
-                const uint4 v = __ldg(planes + j * plane_stride + (long long)g * words + w);
-                dst[gi][j][0] = v.x;
-                dst[gi][j][1] = v.y;
-                dst[gi][j][2] = v.z;
-                dst[gi][j][3] = v.w;
-            }
-        }
-    };
-    const int have = min(sets * G, groups - gb) * 4;
-    for (int e = threadIdx.x; e < sets * G * 4 * ROW; e += blockDim.x) {
-        const int r = e / ROW, i = e % ROW;
-        lut_s[e] = (r < have && i < E) ? h2f(luts[((long long)gb * 4 + r) * E + i]) : 0.f;
+    // Two accumulators (even and odd k tiles) halve the chain of dependent mmas.
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
+    // The planes are requested one column block ahead; the activations (from
+    // L2) right after the block that precedes their use: holding both ahead
+    // takes registers that cost more occupancy than they gain (measured).
+    uint2 p[B], pn[B];
+    uint4 x[XW][4];
+    int kb = warp;
+    if (kb < kbs) {
+        load_planes(p, kb);
+        load_x(x, kb);
     }
-    __syncthreads();
-
-    float acc[V];
+    for (; kb < kbs; kb += warps) {
+        const bool more = kb + warps < kbs;
+        if (more) load_planes(pn, kb + warps);
+        // Nibble words of rows g (r = 0) and g + 8 (r = 1): low four index bits, and the rest.
+        u32 lo[2][4], hi[2][4];
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[v] = 0.f;
-
-    const bool full = cols == 32 * words;
-    if (g0 < groups) {
-        for (int w = lt; w < words; w += tpr) {
-            // All G·B loads first, so they are in flight together. (Requesting
-            // the next word's planes before using these measured no faster.)
-            u32 p[G][B][4];
-            load(p, w);
-            // The nibble words of every row: lo[gi][q][k] (and hi above 4 bits).
-            u32 lo[G][4][4], hi[G][4][4];
+        for (int r = 0; r < 2; ++r) {
 #pragma unroll
-            for (int gi = 0; gi < G; ++gi)
+            for (int m = 0; m < 4; ++m) {
+                const uint2 v0 = p[m < LO ? B - 1 - m : 0];
+                const uint2 v1 = p[m < HI ? HI - 1 - m : 0];
+                lo[r][m] = m < LO ? (r ? v0.y : v0.x) : 0u;
+                hi[r][m] = m < HI ? (r ? v1.y : v1.x) : 0u;
+            }
+            transpose4(lo[r]);
+            if (HI > 0) transpose4(hi[r]);
+        }
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
+        for (int k = 0; k < 4; ++k) {
 #pragma unroll
-                    for (int m = 0; m < 4; ++m) {
-                        lo[gi][q][m] = m < LO ? p[gi][B - 1 - m][q] : 0u;
-                        hi[gi][q][m] = m < HI ? p[gi][HI - 1 - m][q] : 0u;
+            for (int half = 0; half < 2; ++half) {
+                const int j = 2 * k + half;  // k tile
+                u32 a[4];
+                if constexpr (B <= 4) {
+                    tab.frag(lo[0][k] >> (16 * half), lo[1][k] >> (16 * half), a);
+                } else {
+                    // Index bytes: ev holds slots 0 and 2 (bytes 0, 1), od slots 1 and 3.
+                    u32 e[2], o[2];
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const u32 l = lo[r][k] >> (16 * half), h = hi[r][k] >> (16 * half);
+                        e[r] = (l & 0x0f0fu) | ((h & 0x0f0fu) << 4);
+                        o[r] = ((l >> 4) & 0x0f0fu) | (h & 0xf0f0u);
                     }
-                    transpose4(lo[gi][q]);
-                    if (HI > 0) transpose4(hi[gi][q]);
+                    tab.frag(e[0], o[0], e[1], o[1], a);
                 }
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                // Column slots 8k..8k+7 of this word: columns (8k + i)·W + w, coalesced across lanes.
-                float xv[NT][8];
-#pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    const float* xt = x + (long long)t * x_stride + w;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const int c = (8 * k + i) * words;
-                        // Every slot is a column when cols is a multiple of 32.
-                        xv[t][i] = (full || c + w < cols) ? __ldg(xt + c) : 0.f;
-                    }
-                }
-#pragma unroll
-                for (int gi = 0; gi < G; ++gi) {
-                    const u32 table =
-                        (u32)__cvta_generic_to_shared(lut_s + (ls * G + gi) * 4 * ROW);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        float v[8];
-                        if (B <= 4) {
-                            const u32 rowbits = (u32)q * 0x40404040u;
-                            const u32 l = lo[gi][q][k];
-                            const u32 ev = ((l << 2) & 0x3c3c3c3cu) | rowbits;
-                            const u32 od = ((l >> 2) & 0x3c3c3c3cu) | rowbits;
-#pragma unroll
-                            for (int j = 0; j < 4; ++j) {
-                                v[2 * j] = lds(__byte_perm(ev, table, 0x7650 | j));
-                                v[2 * j + 1] = lds(__byte_perm(od, table, 0x7650 | j));
-                            }
-                        } else {
-                            const u32 l = lo[gi][q][k], h = hi[gi][q][k];
-                            const u32 ev = (l & 0x0f0f0f0fu) | ((h & 0x0f0f0f0fu) << 4);
-                            const u32 od = ((l >> 4) & 0x0f0f0f0fu) | (h & 0xf0f0f0f0u);
-                            const u32 base = table + (u32)(q * E * 4);
-#pragma unroll
-                            for (int j = 0; j < 4; ++j) {
-                                v[2 * j] = lds(base + 4 * __byte_perm(ev, 0, 0x4440 | j));
-                                v[2 * j + 1] = lds(base + 4 * __byte_perm(od, 0, 0x4440 | j));
-                            }
-                        }
-#pragma unroll
-                        for (int t = 0; t < NT; ++t)
-#pragma unroll
-                            for (int i = 0; i < 8; ++i) {
-                                float& a = acc[(gi * 4 + q) * NT + t];
-                                a = fmaf(v[i], xv[t][i], a);
-                            }
-                    }
+                for (int s = 0; s < XW; ++s) {
+                    const uint4 xv = x[s][j >> 1];
+                    const u32 b0 = half ? xv.z : xv.x, b1 = half ? xv.w : xv.y;
+                    mma(half ? c2 : c, a[0], a[1], a[2], a[3], b0, b1);
                 }
             }
         }
+        if (more) {
+#pragma unroll
+            for (int j = 0; j < B; ++j) p[j] = pn[j];
+            load_x(x, kb + warps);
+        }
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[i] += c2[i];
 
-    // Sum over the TPR threads of the set: within each warp, then across warps.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    warp_sums<V>(acc, lane);
-    constexpr int REP = 32 / V;  // lanes holding each value
-    if (lane % REP == 0) red[warp * V + lane / REP] = acc[0];
+    // Lane (g, t) holds rows g (c0, c1) and g + 8 (c2, c3) of B columns 2t, 2t + 1.
+    if (PACK) {
+        // Columns 4..7 are the lo halves of tokens 0..3: add them to columns 0..3.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[i] += __shfl_xor_sync(FULL, c[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = c[i];
     __syncthreads();
-    const int wps = tpr / 32;
-    if (lt < NV) {
-        float s = 0.f;
-        for (int u = 0; u < wps; ++u) s += red[(ls * wps + u) * V + lt];
-        const int gi = lt / (4 * NT), q = (lt / NT) % 4, t = lt % NT;
-        const int r = 4 * (g0 + gi) + q;
-        if (g0 + gi < groups && r < rows && (!mask || mask[t] == want))
-            y[(long long)t * y_stride + r] = s;
+    // Item e < 128 (value e / 32 of lane e % 32), summed over the warps.
+    for (int e = threadIdx.x; e < 128; e += blockDim.x) {
+        const int i = e >> 5, l = e & 31;
+        const int tok = 2 * (l & 3) + (i & 1), r = row0 + (l >> 2) + 8 * (i >> 1);
+        if (tok < n && r < rows && (!mask || mask[tok] == want)) {
+            float s = 0.f;
+            for (int w = 0; w < warps; ++w) s += red[(w * 4 + i) * 32 + l];
+            y[(long long)tok * y_stride + r] = s;
+        }
     }
 }
 
-#define GEMV_KERNEL(B, NT, G)                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_b##B##_t##NT##_g##G(       \
-        const uint4* planes, long long plane_stride, const u16* luts, const float* x,         \
-        int x_stride, float* y, int y_stride, int rows, int cols, int words, int tpr,         \
-        const u32* mask, u32 want) {                                                          \
-        gemv<B, NT, G>(planes, plane_stride, luts, x, x_stride, y, y_stride, rows, cols, words, \
-                       tpr, mask, want);                                                      \
+// _t4 / _t8: up to 4 / 8 tokens, activations split by split_x; _t4s / _t8s:
+// the block splits them itself into shared memory (when they fit).
+#define GEMV_KERNEL(B, NT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT(                   \
+        const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
+        float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                   \
+        gemv<B, NT, false>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, mask, \
+                           want);                                                                 \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##s(                \
+        const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
+        int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {            \
+        gemv<B, NT, true>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows, kbs,   \
+                          mask, want);                                                            \
     }
 
-#define GEMV_BITS(B)                                                                           \
-    GEMV_KERNEL(B, 1, 1) GEMV_KERNEL(B, 1, 2) GEMV_KERNEL(B, 1, 4) GEMV_KERNEL(B, 2, 1)       \
-    GEMV_KERNEL(B, 2, 2) GEMV_KERNEL(B, 3, 1) GEMV_KERNEL(B, 4, 1) GEMV_KERNEL(B, 5, 1)       \
-    GEMV_KERNEL(B, 6, 1) GEMV_KERNEL(B, 7, 1) GEMV_KERNEL(B, 8, 1)
-
-// One token whose precision is decided in the kernel (DP-LLM, b_h = b_l + 1):
-// every block works out the decision from the estimator's input e_in (n_e
-// values: the linear's input, or a JL estimator's projection) and runs the GEMV
-// at BL + 1 bits (tables luts_high) when a * ||e_in|| + c > thr, else at BL
-// (luts_low). The first block adds the decision to count[slot] when count is
-// given. One launch instead of an estimate, a decision and two masked GEMVs.
-#define GEMV_SELECT_KERNEL(BL, G)                                                                \
-    extern "C" __global__ void __launch_bounds__(256) bitplane_gemv_select_b##BL##_g##G(         \
-        const uint4* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,  \
-        const float* x, float* y, int rows, int cols, int words, int tpr, const float* e_in,     \
-        int n_e, float a, float c, float thr, float* count, int slot) {                          \
-        const bool high = decide_high(e_in, n_e, a, c, thr);                                     \
-        if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f); \
-        if (high)                                                                                \
-            gemv<BL + 1, 1, G>(planes, plane_stride, luts_high, x, cols, y, rows, rows, cols,    \
-                               words, tpr, nullptr, 0u);                                         \
-        else                                                                                     \
-            gemv<BL, 1, G>(planes, plane_stride, luts_low, x, cols, y, rows, rows, cols, words,  \
-                           tpr, nullptr, 0u);                                                    \
-    }
-
-GEMV_SELECT_KERNEL(3, 1) GEMV_SELECT_KERNEL(3, 2) GEMV_SELECT_KERNEL(4, 1) GEMV_SELECT_KERNEL(4, 2)
-GEMV_SELECT_KERNEL(5, 1) GEMV_SELECT_KERNEL(5, 2) GEMV_SELECT_KERNEL(6, 1) GEMV_SELECT_KERNEL(6, 2)
-GEMV_SELECT_KERNEL(7, 1) GEMV_SELECT_KERNEL(7, 2)
+#define GEMV_BITS(B) GEMV_KERNEL(B, 4) GEMV_KERNEL(B, 8)
 
 GEMV_BITS(3)
 GEMV_BITS(4)
@@ -275,26 +388,64 @@ GEMV_BITS(6)
 GEMV_BITS(7)
 GEMV_BITS(8)
 
+// One token whose precision is decided in the kernel (DP-LLM, b_h = b_l + 1):
+// every block works out the decision from the estimator's input e_in (n_e
+// values: the linear's input, or a JL estimator's projection) and runs the GEMV
+// at BL + 1 bits (tables luts_high) when a * ||e_in|| + c > thr, else at BL
+// (luts_low). The first block adds the decision to count[slot] when count is
+// given. One launch instead of an estimate, a decision and two masked GEMVs.
+#define GEMV_SELECT_KERNEL(BL)                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL(                   \
+        const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
+        const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
+        float c, float thr, float* count, int slot) {                                              \
+        const bool high = decide_high(e_in, n_e, a, c, thr);                                       \
+        if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f);   \
+        if (high)                                                                                  \
+            gemv<BL + 1, 4, true>(planes, plane_stride, luts_high, x, cols, cols, 1, y, rows, rows, \
+                                  kbs, nullptr, 0u);                                               \
+        else                                                                                       \
+            gemv<BL, 4, true>(planes, plane_stride, luts_low, x, cols, cols, 1, y, rows, rows, kbs, \
+                              nullptr, 0u);                                                        \
+    }
+
+GEMV_SELECT_KERNEL(3) GEMV_SELECT_KERNEL(4) GEMV_SELECT_KERNEL(5) GEMV_SELECT_KERNEL(6)
+GEMV_SELECT_KERNEL(7)
+
+// The activations of a launch whose block cannot hold them split (see
+// split_into): the whole grid splits x [n][cols] into xs [2][n][cols_p]. |x|
+// above the f16 range becomes inf, which the forward pass's finiteness
+// checks report.
+extern "C" __global__ void split_x(const float* x, int x_stride, int n, int cols, int cols_p, u16* xs) {
+    split_into(x, x_stride, n, cols, cols_p, xs, blockIdx.x * blockDim.x + threadIdx.x,
+               gridDim.x * blockDim.x);
+}
+
+// Bit position of column c (< 32) of a lane's word (see the layout above).
+__device__ __forceinline__ int column_bit(int c) { return 16 * ((c >> 2) & 1) + 4 * (c & 3) + (c >> 3); }
+
 // The weight at `bits` as f32 [rows x cols] (for long batches, which run as one
-// GEMM): one thread per (row, word), reading `bits` planes and the row's LUT.
-// Index bits are MSB first: plane j gives bit bits-1-j.
+// GEMM): one thread per (row, 32-column word), reading `bits` planes and the
+// row's LUT. Index bits are MSB first: plane j gives bit bits-1-j.
 extern "C" __global__ void bitplane_dequant(const u32* planes, long long plane_stride, const u16* luts,
-                                            int bits, float* out, int rows, int cols, int words) {
-    const long long total = (long long)rows * words;
+                                            int bits, float* out, int rows, int cols, int kbs) {
+    const long long total = (long long)rows * kbs * 4;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(e / words), w = (int)(e % words);
-        const long long at = ((long long)(r / 4) * words + w) * 4 + r % 4;
+        const int r = (int)(e / (kbs * 4)), wi = (int)(e % (kbs * 4));
+        const int kb = wi >> 2, t = wi & 3;
+        const int lane = 4 * (r & 7) + t;
+        const long long at = (((long long)(r >> 4) * kbs + kb) * 32 + lane) * 2 + ((r >> 3) & 1);
         u32 p[8];
-        for (int j = 0; j < bits; ++j) p[j] = planes[j * plane_stride * 4 + at];
+        for (int j = 0; j < bits; ++j) p[j] = planes[j * plane_stride * 2 + at];
         const u16* lut = luts + ((long long)r << bits);
         for (int s = 0; s < 32; ++s) {
-            const int c = s * words + w;
-            if (c >= cols) break;
-            const int bit = 4 * (s % 8) + s / 8;
+            const int col = 128 * kb + 32 * t + s;
+            if (col >= cols) break;
+            const int bit = column_bit(s);
             u32 idx = 0;
             for (int j = 0; j < bits; ++j) idx |= ((p[j] >> bit) & 1u) << (bits - 1 - j);
-            out[(long long)r * cols + c] = h2f(lut[idx]);
+            out[(long long)r * cols + col] = h2f(lut[idx]);
         }
     }
 }
