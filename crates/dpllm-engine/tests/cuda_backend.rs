@@ -266,7 +266,8 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
     let mut rng = StdRng::seed_from_u64(5);
-    // 2048 rows: two row groups a thread at up to 4 bits; 300 rows: one.
+    // 300 rows: a partial 16-row tile; 200 and 576 columns: partial column
+    // blocks (2 and 5 of them, so as many warps a block).
     for (rows, cols) in [(300usize, 200usize), (2048, 576)] {
         let w = be.anyprec(AnyPrecHost::random(rows, cols, 8, 3)).unwrap();
         let x = be.upload(&rand_vec(&mut rng, cols)).unwrap();

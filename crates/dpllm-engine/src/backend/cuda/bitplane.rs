@@ -327,11 +327,16 @@ impl CudaAnyPrec {
     }
 
     /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
-    /// above 4 bits the lanes' table copies (2^bits words of 32 lanes), the
+    /// the lanes' table copies (none at 3 bits, in registers; 2 x 256 pair
+    /// words of 32 lanes at 4; 2^bits words of 32 lanes above), the
     /// activations of `split_in_block` tokens split (2 halves of each padded
     /// column), then the warps' sums (4 values of 32 lanes each).
     fn shared_bytes(&self, bits: u32, warps: u32, split_in_block: usize) -> u32 {
-        let tables = if bits > 4 { 128u32 << bits } else { 0 };
+        let tables = match bits {
+            3 => 0,
+            4 => 64 << 10,
+            b => 128u32 << b,
+        };
         tables + (4 * split_in_block * padded_cols(self.cols)) as u32 + warps * 4 * 32 * 4
     }
 
@@ -489,7 +494,16 @@ impl CudaAnyPrec {
         (3..=7).contains(&low)
             && self.seed_bits <= low
             && low < self.max_bits
-            && self.split_in_block(low + 1, self.warps(GemvVariant::default_for()), 1)
+            && self.select_shared_bytes(low, self.warps(GemvVariant::default_for())) as usize
+                <= self.device.max_shared()
+            && 4 * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
+    }
+
+    /// Shared memory of the in-kernel choice between `low` and `low + 1` bits
+    /// (one token, split in the block): what the hungrier precision takes.
+    fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
+        self.shared_bytes(low, warps, 1)
+            .max(self.shared_bytes(low + 1, warps, 1))
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
@@ -519,9 +533,10 @@ impl CudaAnyPrec {
                 y.len()
             )));
         }
-        // Shared memory for the higher precision, which needs at least as much.
+        // Shared memory for whichever precision needs more (4 bits takes the most).
         let warps = self.warps(GemvVariant::default_for());
-        let cfg = self.launch_config(warps, self.shared_bytes(low + 1, warps, 1));
+        let shared = self.select_shared_bytes(low, warps);
+        let cfg = self.launch_config(warps, shared);
         let f = self
             .device
             .bitplane_kernels()?

@@ -24,16 +24,17 @@
 // nibble word k, the indices of tile 2k in nibbles 0..3 and of tile 2k + 1
 // in nibbles 4..7, in the fragment's order.
 //
-// The lookup, per weight, costs about one instruction and no shared memory up
-// to 4 bits: a row's table sits in registers as two byte tables (the low and
-// the high bytes of its f16 entries), and `prmt` with the nibble word as
-// selector picks four entries' bytes at once (two more `prmt` interleave them
-// into the two f16x2 registers mma takes). At 4 bits a second pair of tables
-// holds entries 8..15 and a third `prmt` picks by the top index bit. Above 4
-// bits each lane reads its own copy of the tables from shared memory (word
-// e·32 + lane: no bank conflicts), one 32-bit load giving the entry of rows g
-// and g + 8.
-//
+// The lookups spend less than one shared-memory access per weight:
+// - 3 bits: a row's table sits in registers as two byte tables (the low and
+//   the high bytes of its f16 entries), and `prmt` with the nibble word as
+//   selector picks four entries' bytes at once (two more `prmt` interleave
+//   them into the two f16x2 registers mma takes): no shared memory at all.
+// - 4 bits: pair tables in shared memory, one copy a lane (word E·32 + lane:
+//   no bank conflicts): a byte of the nibble word holds the indices of two
+//   neighbouring slots, and one 32-bit load gives both weights as the f16x2
+//   register mma takes (64 KiB a block).
+// - above 4 bits: entry tables in shared memory, one copy a lane, one 32-bit
+//   load giving the entry of rows g and g + 8 (2^B · 128 bytes a block).
 // Work split: a block of W warps takes one row tile; warp w takes the column
 // blocks w, w + W, ..., and the warps' sums meet in shared memory.
 // Up to 4 tokens one mma does hi and lo at once (B columns 0..3 take the hi
@@ -77,72 +78,71 @@ __device__ __forceinline__ void transpose4(u32 w[4]) {
     delta_swap(w[2], w[3], 1, 0x55555555u);
 }
 
-// A row's table in registers (3 and 4 bits): lo[i] / hi[i] hold the low /
-// high bytes of entries 4i .. 4i + 3.
-template <int B>
+// A row's 3-bit table in registers: lo[i] / hi[i] hold the low / high bytes
+// of entries 4i .. 4i + 3.
 struct RegTable {
-    u32 lo[B == 3 ? 2 : 4], hi[B == 3 ? 2 : 4];
+    u32 lo[2], hi[2];
 
     __device__ __forceinline__ void load(const u16* __restrict__ lut) {
-        const uint4* p = reinterpret_cast<const uint4*>(lut);
-#pragma unroll
-        for (int q = 0; q < (1 << B) / 8; ++q) {
-            const uint4 v = __ldg(p + q);  // entries 8q .. 8q + 7
-            lo[2 * q] = prmt(v.x, v.y, 0x6420);
-            hi[2 * q] = prmt(v.x, v.y, 0x7531);
-            lo[2 * q + 1] = prmt(v.z, v.w, 0x6420);
-            hi[2 * q + 1] = prmt(v.z, v.w, 0x7531);
-        }
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(lut));
+        lo[0] = prmt(v.x, v.y, 0x6420);
+        hi[0] = prmt(v.x, v.y, 0x7531);
+        lo[1] = prmt(v.z, v.w, 0x6420);
+        hi[1] = prmt(v.z, v.w, 0x7531);
     }
 
     // The four weights of selector nibbles 0..3 of `sel` (slots 0..3 of one
-    // k tile) as f16x2 (slot 0, slot 1) and (slot 2, slot 3). At 4 bits `s7`
-    // is sel with the top bit of each nibble cleared and `top` picks the
-    // table half (0x3210 plus 4 in each nibble whose index is 8 or more).
-    __device__ __forceinline__ void look(u32 sel, u32 s7, u32 top, u32& a01, u32& a23) const {
-        u32 l, h;
-        if (B == 3) {
-            l = prmt(lo[0], lo[1], sel);
-            h = prmt(hi[0], hi[1], sel);
-        } else {
-            l = prmt(prmt(lo[0], lo[1], s7), prmt(lo[2], lo[3], s7), top);
-            h = prmt(prmt(hi[0], hi[1], s7), prmt(hi[2], hi[3], s7), top);
-        }
+    // k tile) as f16x2 (slot 0, slot 1) and (slot 2, slot 3).
+    __device__ __forceinline__ void look(u32 sel, u32& a01, u32& a23) const {
+        const u32 l = prmt(lo[0], lo[1], sel), h = prmt(hi[0], hi[1], sel);
         a01 = prmt(l, h, 0x5140);
         a23 = prmt(l, h, 0x7362);
     }
 };
 
-// The tables of both rows of a lane: in registers up to 4 bits, else the
-// lane's base address in the shared copy.
-template <int B, bool REG = (B <= 4)>
+// The tables of both rows of a lane: at 3 bits in registers, at 4 bits
+// shared-memory pair tables, above 4 bits shared-memory entry tables.
+enum TableKind { REGS, PAIRS, ENTRIES };
+template <int B, int KIND = (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)>
 struct Tables;
 
 template <int B>
-struct Tables<B, true> {
-    RegTable<B> g, g8;
+struct Tables<B, REGS> {
+    RegTable g, g8;
     __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int g_) {
         g.load(luts + (long long)(row0 + g_) * (1 << B));
         g8.load(luts + (long long)(row0 + g_ + 8) * (1 << B));
     }
-    // The A fragment of one k tile from the nibble words of rows g (n0) and g + 8 (n1).
-    __device__ __forceinline__ void frag(u32 n0, u32 n1, u32 (&a)[4]) const {
-        u32 s70 = 0, s71 = 0, t0 = 0, t1 = 0;
-        if (B == 4) {
-            s70 = n0 & 0x7777u;
-            s71 = n1 & 0x7777u;
-            t0 = 0x3210u | ((n0 >> 1) & 0x4444u);
-            t1 = 0x3210u | ((n1 >> 1) & 0x4444u);
-        }
-        g.look(n0, s70, t0, a[0], a[2]);
-        g8.look(n1, s71, t1, a[1], a[3]);
+    // The A fragment of one k tile (`half` of nibble words n0, n1: rows g, g + 8).
+    __device__ __forceinline__ void frag(u32 n0, u32 n1, int half, u32 (&a)[4]) const {
+        g.look(n0 >> (16 * half), a[0], a[2]);
+        g8.look(n1 >> (16 * half), a[1], a[3]);
+    }
+};
+
+// 4 bits: word (E·32 + lane) of region r holds, as f16x2, entries E % 16 and
+// E / 16 of row g + 8r (lane = 4g + t): a byte of a nibble word (the indices
+// of two neighbouring slots) addresses both weights of one f16x2 register
+// of the A fragment, so one conflict-free load gives two weights.
+template <int B>
+struct Tables<B, PAIRS> {
+    static constexpr u32 REGION = 256 * 32 * 4;  // bytes
+    u32 base;
+    __device__ __forceinline__ u32 at(u32 n, u32 sel, u32 region) const {
+        return lds32(base + region + (__byte_perm(n, 0, sel) << 7));
+    }
+    __device__ __forceinline__ void frag(u32 n0, u32 n1, int half, u32 (&a)[4]) const {
+        const u32 s0 = 0x4440 + 2 * half, s1 = 0x4441 + 2 * half;
+        a[0] = at(n0, s0, 0);
+        a[2] = at(n0, s1, 0);
+        a[1] = at(n1, s0, REGION);
+        a[3] = at(n1, s1, REGION);
     }
 };
 
 template <int B>
-struct Tables<B, false> {
+struct Tables<B, ENTRIES> {
     u32 base;  // shared address of entry 0 of this lane's copy
-    __device__ __forceinline__ void load(const u16* __restrict__, int, int) {}
     // e0, e1: bytes 0 and 1 hold the indices of slots (0, 2) (e0) and (1, 3)
     // (e1), for rows g (r0 = true) and g + 8.
     __device__ __forceinline__ u32 at(u32 e, int byte) const {
@@ -225,12 +225,43 @@ __device__ __forceinline__ void gemv(
     // Shared memory: the tables above 4 bits (32 << B words), the split
     // activations (SX: n · cols_p words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
-    constexpr int TABLE_WORDS = B > 4 ? 32 << B : 0;
+    constexpr int TABLE_WORDS = B == 3 ? 0 : B == 4 ? 2 * 256 * 32 : 32 << B;
     u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
     float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
 
+    // This warp's first column block of planes is requested before the
+    // tables and activations are set up, so its latency overlaps that work.
+    const uint2* pl = planes + (long long)tile * kbs * 32 + lane;
+    auto load_planes = [&](uint2 (&p)[B], int kb) {
+#pragma unroll
+        for (int j = 0; j < B; ++j) p[j] = __ldg(pl + j * plane_stride + kb * 32);
+    };
+    uint2 p[B], pn[B];
+    int kb = warp;
+    if (kb < kbs) load_planes(p, kb);
+
     Tables<B> tab;
-    if constexpr (B > 4) {
+    if constexpr (B == 3) {
+        tab.load(luts, row0, g);
+    } else if constexpr (B == 4) {
+        // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
+        // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
+            const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << 4);
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(lut));
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(lut) + 1);
+            const u32 top = (u32)lut[hi] << 16;
+            const u32 w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+            u32* dst = smem + region * (256 * 32) + hi * 16 * 32 + 4 * gp;
+#pragma unroll
+            for (int lo = 0; lo < 16; ++lo) {
+                const u32 val = ((w[lo >> 1] >> (16 * (lo & 1))) & 0xffffu) | top;
+                *reinterpret_cast<uint4*>(dst + lo * 32) = make_uint4(val, val, val, val);
+            }
+        }
+        tab.base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
+    } else {
         // Word e·32 + l: entry e of rows g_l and g_l + 8 (g_l = l / 4) as
         // f16x2, the same for the four lanes of a row pair (one 16-byte store).
         for (int i = threadIdx.x; i < 1 << B; i += blockDim.x) {
@@ -245,13 +276,11 @@ __device__ __forceinline__ void gemv(
             }
         }
         tab.base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
-    } else {
-        tab.load(luts, row0, g);
     }
     if (SX)
         split_into(reinterpret_cast<const float*>(xin), x_stride, n, cols, cols_p, xs_s, threadIdx.x,
                    blockDim.x);
-    if (SX || B > 4) __syncthreads();
+    if (SX || B > 3) __syncthreads();
 
     // The activations this lane feeds to B column g.
     const u16* xs = SX ? xs_s : reinterpret_cast<const u16*>(xin);
@@ -263,11 +292,6 @@ __device__ __forceinline__ void gemv(
         xg[1] = xs + (n + min(g, n - 1)) * cols_p + 32 * t;
     }
     const int swz = (t >> 1) & 1;  // x_slot's swap of 16-byte pieces
-    const uint2* pl = planes + (long long)tile * kbs * 32 + lane;
-    auto load_planes = [&](uint2 (&p)[B], int kb) {
-#pragma unroll
-        for (int j = 0; j < B; ++j) p[j] = __ldg(pl + j * plane_stride + kb * 32);
-    };
     auto load_x = [&](uint4 (&x)[XW][4], int kb) {
 #pragma unroll
         for (int s = 0; s < XW; ++s)
@@ -279,16 +303,12 @@ __device__ __forceinline__ void gemv(
     constexpr int HI = B - LO;
     // Two accumulators (even and odd k tiles) halve the chain of dependent mmas.
     float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
-    // The planes are requested one column block ahead; the activations (from
-    // L2) right after the block that precedes their use: holding both ahead
-    // takes registers that cost more occupancy than they gain (measured).
-    uint2 p[B], pn[B];
+    // The planes are requested one column block ahead; the activations
+    // (shared memory, or L2 when split_x made them) right after the block that
+    // precedes their use: holding both ahead takes registers that cost more
+    // occupancy than they gain (measured).
     uint4 x[XW][4];
-    int kb = warp;
-    if (kb < kbs) {
-        load_planes(p, kb);
-        load_x(x, kb);
-    }
+    if (kb < kbs) load_x(x, kb);
     for (; kb < kbs; kb += warps) {
         const bool more = kb + warps < kbs;
         if (more) load_planes(pn, kb + warps);
@@ -313,7 +333,7 @@ __device__ __forceinline__ void gemv(
                 const int j = 2 * k + half;  // k tile
                 u32 a[4];
                 if constexpr (B <= 4) {
-                    tab.frag(lo[0][k] >> (16 * half), lo[1][k] >> (16 * half), a);
+                    tab.frag(lo[0][k], lo[1][k], half, a);
                 } else {
                     // Index bytes: ev holds slots 0 and 2 (bytes 0, 1), od slots 1 and 3.
                     u32 e[2], o[2];
