@@ -267,8 +267,9 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
     let mut rng = StdRng::seed_from_u64(5);
     // 300 rows: a partial 16-row tile; 200 and 576 columns: partial column
-    // blocks (2 and 5 of them, so as many warps a block).
-    for (rows, cols) in [(300usize, 200usize), (2048, 576)] {
+    // blocks (2 and 5 of them, so as many warps a block); 4608 columns: too
+    // wide to split the activations in the block (split_x first).
+    for (rows, cols) in [(300usize, 200usize), (2048, 576), (64, 4608)] {
         let w = be.anyprec(AnyPrecHost::random(rows, cols, 8, 3)).unwrap();
         let x = be.upload(&rand_vec(&mut rng, cols)).unwrap();
         let xe_host = rand_vec(&mut rng, cols);

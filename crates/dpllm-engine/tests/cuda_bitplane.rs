@@ -16,7 +16,9 @@ fn gemv_matches_the_dequantized_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let stream = dev.stream().clone();
     // (rows, cols): one partial tile and column block; several tiles with a
-    // partial last one; column blocks 5 (the last half full), 16, 32 and 75 (partial).
+    // partial last one; column blocks 5 (the last half full), 16, 32 and 75
+    // (partial); 8464 rows, at least 4 tiles a multiprocessor up to 132 of
+    // them, where 1..4 tokens at 4 bits take entry tables instead of pairs.
     for (rows, cols) in [
         (5, 20),
         (7, 40),
@@ -24,6 +26,7 @@ fn gemv_matches_the_dequantized_reference() {
         (64, 2048),
         (33, 4096),
         (19, 9600),
+        (8464, 256),
     ] {
         let host = AnyPrecHost::random(rows, cols, 8, rng.random());
         let gpu = CudaAnyPrec::upload(&dev, &host).expect("upload");

@@ -20,9 +20,11 @@ pub const SOURCE: &str = concat!(
 const MAX_WARPS: u32 = 16;
 /// Most tokens one launch takes.
 pub const MAX_TOKENS: usize = 8;
-/// Most bytes of split activations a block holds in shared memory (more would
-/// cost occupancy: 8 tokens of 4096 columns take 128 KiB).
-const SPLIT_IN_BLOCK_MAX: usize = 64 << 10;
+/// Most bytes of split activations a block holds in shared memory: more
+/// costs occupancy more than the `split_x` launch costs (H100, 4096x14336 at
+/// 4 bits: one token split in the block, 56 KiB, 21.1 µs; four tokens split
+/// by `split_x`, 16.8 µs).
+const SPLIT_IN_BLOCK_MAX: usize = 16 << 10;
 /// Rows of a tile: one mma's M.
 const TILE_ROWS: usize = 16;
 /// Columns of a column block: one 32-bit word of each of a lane's 4 column groups.
@@ -92,6 +94,29 @@ impl GemvVariant {
 /// The kernel for `n` tokens at `bits` (up to 4 tokens one mma a k tile, up to 8 two).
 fn kernel_name(bits: u32, n: usize) -> String {
     format!("bitplane_gemv_b{bits}_t{}", if n <= 4 { 4 } else { 8 })
+}
+
+/// Where a GEMV kernel looks its weights up (`kernels/bitplane_gemv.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tables {
+    /// Byte tables in registers (3 bits).
+    Regs,
+    /// Pair tables in shared memory, 64 KiB a block (4 bits).
+    Pairs,
+    /// Entry tables in shared memory, 2^bits · 128 bytes a block (4 bits on
+    /// layers with many tiles, and above 4 bits).
+    Entries,
+}
+
+impl Tables {
+    /// The tables a kernel without the `e` suffix takes at `bits`.
+    fn default_at(bits: u32) -> Tables {
+        match bits {
+            3 => Tables::Regs,
+            4 => Tables::Pairs,
+            _ => Tables::Entries,
+        }
+    }
 }
 
 /// An any-precision weight in GPU memory.
@@ -326,16 +351,30 @@ impl CudaAnyPrec {
         v.warps.unwrap_or(auto).min(self.kbs as u32).max(1)
     }
 
+    /// The tables of a GEMV of `n` tokens at `bits`. At 4 bits the pair
+    /// tables halve the lookups but take 64 KiB to fill per 16-row tile: on
+    /// layers of at least 4 tiles a multiprocessor, where several blocks a
+    /// multiprocessor hide each other's work, one token does better with
+    /// entry tables (H100: 22.5 against 26.0 µs on 14336x4096; pairs win on
+    /// 4096x4096, 7.1 against 9.9 µs, and at 8 tokens).
+    fn tables(&self, bits: u32, n: usize) -> Tables {
+        if bits == 4 && n <= 4 && self.tiles >= 4 * self.device.multiprocessors() {
+            Tables::Entries
+        } else {
+            Tables::default_at(bits)
+        }
+    }
+
     /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
-    /// the lanes' table copies (none at 3 bits, in registers; 2 x 256 pair
-    /// words of 32 lanes at 4; 2^bits words of 32 lanes above), the
-    /// activations of `split_in_block` tokens split (2 halves of each padded
-    /// column), then the warps' sums (4 values of 32 lanes each).
-    fn shared_bytes(&self, bits: u32, warps: u32, split_in_block: usize) -> u32 {
-        let tables = match bits {
-            3 => 0,
-            4 => 64 << 10,
-            b => 128u32 << b,
+    /// the lanes' table copies (none in registers; 2 x 256 pair words of 32
+    /// lanes; 2^bits entry words of 32 lanes), the activations of
+    /// `split_in_block` tokens split (2 halves of each padded column), then
+    /// the warps' sums (4 values of 32 lanes each).
+    fn shared_bytes(&self, bits: u32, tables: Tables, warps: u32, split_in_block: usize) -> u32 {
+        let tables = match tables {
+            Tables::Regs => 0,
+            Tables::Pairs => 64 << 10,
+            Tables::Entries => 128u32 << bits,
         };
         tables + (4 * split_in_block * padded_cols(self.cols)) as u32 + warps * 4 * 32 * 4
     }
@@ -344,9 +383,9 @@ impl CudaAnyPrec {
     /// `n` tokens into its own shared memory: when they take at most
     /// [`SPLIT_IN_BLOCK_MAX`] and the block's total fits the GPU. Else
     /// `split_x` splits them first (a second launch).
-    fn split_in_block(&self, bits: u32, warps: u32, n: usize) -> bool {
+    fn split_in_block(&self, bits: u32, tables: Tables, warps: u32, n: usize) -> bool {
         4 * n * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
-            && self.shared_bytes(bits, warps, n) as usize <= self.device.max_shared()
+            && self.shared_bytes(bits, tables, warps, n) as usize <= self.device.max_shared()
     }
 
     /// True when variant `v` can run `n` tokens.
@@ -445,19 +484,22 @@ impl CudaAnyPrec {
                 "bit-plane GEMV: fewer decisions than {n} tokens"
             )));
         }
-        let warps = self.warps(v);
-        let in_block = self.split_in_block(bits, warps, n);
+        let (warps, tables) = (self.warps(v), self.tables(bits, n));
+        let in_block = self.split_in_block(bits, tables, warps, n);
         let xs = if in_block {
             None
         } else {
             Some(self.split(x, n)?)
         };
-        let cfg = self.launch_config(warps, self.shared_bytes(bits, warps, if in_block { n } else { 0 }));
-        let suffix = if in_block { "s" } else { "" };
+        let split = if in_block { n } else { 0 };
+        let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
+        // The kernel: `s` where the block splits x, `e` for 4-bit entry tables.
+        let e = if bits == 4 && tables == Tables::Entries { "e" } else { "" };
+        let s = if in_block { "s" } else { "" };
         let f = self
             .device
             .bitplane_kernels()?
-            .get(&format!("{}{suffix}", kernel_name(bits, n)))?;
+            .get(&format!("{}{s}{e}", kernel_name(bits, n)))?;
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let (ni, cols, ys, rows, kbs) = (
             n as i32,
@@ -496,14 +538,20 @@ impl CudaAnyPrec {
             && low < self.max_bits
             && self.select_shared_bytes(low, self.warps(GemvVariant::default_for())) as usize
                 <= self.device.max_shared()
-            && 4 * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
+    }
+
+    /// True when the in-kernel choice splits its token's activations in the
+    /// block (else `split_x` does first).
+    fn select_splits_in_block(&self) -> bool {
+        4 * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
     }
 
     /// Shared memory of the in-kernel choice between `low` and `low + 1` bits
-    /// (one token, split in the block): what the hungrier precision takes.
+    /// (one token): what the hungrier precision takes.
     fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
-        self.shared_bytes(low, warps, 1)
-            .max(self.shared_bytes(low + 1, warps, 1))
+        let split = self.select_splits_in_block() as usize;
+        let at = |b: u32| self.shared_bytes(b, Tables::default_at(b), warps, split);
+        at(low).max(at(low + 1))
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
@@ -537,10 +585,16 @@ impl CudaAnyPrec {
         let warps = self.warps(GemvVariant::default_for());
         let shared = self.select_shared_bytes(low, warps);
         let cfg = self.launch_config(warps, shared);
-        let f = self
-            .device
-            .bitplane_kernels()?
-            .get(&format!("bitplane_gemv_select_b{low}"))?;
+        let in_block = self.select_splits_in_block();
+        let xs = if in_block {
+            None
+        } else {
+            Some(self.split(x, 1)?)
+        };
+        let f = self.device.bitplane_kernels()?.get(&format!(
+            "bitplane_gemv_select_b{low}{}",
+            if in_block { "" } else { "x" }
+        ))?;
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
         let (cols, rows, kbs) = (self.cols as i32, self.rows as i32, self.kbs as i32);
@@ -550,9 +604,12 @@ impl CudaAnyPrec {
         b.arg(&self.planes)
             .arg(&stride)
             .arg(lut(low))
-            .arg(lut(low + 1))
-            .arg(x)
-            .arg(&cols)
+            .arg(lut(low + 1));
+        match &xs {
+            Some(xs) => b.arg(xs),
+            None => b.arg(x),
+        };
+        b.arg(&cols)
             .arg(y)
             .arg(&rows)
             .arg(&kbs)

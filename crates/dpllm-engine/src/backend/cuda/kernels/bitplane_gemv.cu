@@ -32,7 +32,8 @@
 // - 4 bits: pair tables in shared memory, one copy a lane (word E·32 + lane:
 //   no bank conflicts): a byte of the nibble word holds the indices of two
 //   neighbouring slots, and one 32-bit load gives both weights as the f16x2
-//   register mma takes (64 KiB a block).
+//   register mma takes (64 KiB a block; on layers of many tiles the entry
+//   tables below, cheaper to fill, do better: kernels _e).
 // - above 4 bits: entry tables in shared memory, one copy a lane, one 32-bit
 //   load giving the entry of rows g and g + 8 (2^B · 128 bytes a block).
 // Work split: a block of W warps takes one row tile; warp w takes the column
@@ -143,11 +144,13 @@ struct Tables<B, PAIRS> {
 template <int B>
 struct Tables<B, ENTRIES> {
     u32 base;  // shared address of entry 0 of this lane's copy
-    // e0, e1: bytes 0 and 1 hold the indices of slots (0, 2) (e0) and (1, 3)
-    // (e1), for rows g (r0 = true) and g + 8.
+    // The word of the index in byte `byte` of e.
     __device__ __forceinline__ u32 at(u32 e, int byte) const {
         return lds32(base + (__byte_perm(e, 0, 0x4440 | byte) << 7));
     }
+    // The A fragment of one k tile from index bytes: ev holds the indices of
+    // slots 0 and 2 (bytes 0, 1), od of slots 1 and 3; ev0, od0 for row g,
+    // ev1, od1 for row g + 8.
     __device__ __forceinline__ void frag(u32 ev0, u32 od0, u32 ev1, u32 od1, u32 (&a)[4]) const {
         // Row g takes the low halves of its lookups, row g + 8 the high halves.
         a[0] = prmt(at(ev0, 0), at(od0, 0), 0x5410);
@@ -203,7 +206,7 @@ __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_st
 // SX: the block splits the activations into shared memory itself (xin: x
 // f32, rows x_stride apart); else they come split in global memory (xin: xs
 // from split_x).
-template <int B, int NT, bool SX>
+template <int B, int NT, bool SX, int KIND = (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)>
 __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
@@ -222,10 +225,11 @@ __device__ __forceinline__ void gemv(
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, row0 = tile * 16;
     const int cols_p = kbs * 128;
-    // Shared memory: the tables above 4 bits (32 << B words), the split
-    // activations (SX: n · cols_p words), the warps' sums.
+    // Shared memory: the tables (none in registers, 2 · 256 · 32 words of
+    // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
+    // words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
-    constexpr int TABLE_WORDS = B == 3 ? 0 : B == 4 ? 2 * 256 * 32 : 32 << B;
+    constexpr int TABLE_WORDS = KIND == REGS ? 0 : KIND == PAIRS ? 2 * 256 * 32 : 32 << B;
     u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
     float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
 
@@ -240,10 +244,10 @@ __device__ __forceinline__ void gemv(
     int kb = warp;
     if (kb < kbs) load_planes(p, kb);
 
-    Tables<B> tab;
-    if constexpr (B == 3) {
+    Tables<B, KIND> tab;
+    if constexpr (KIND == REGS) {
         tab.load(luts, row0, g);
-    } else if constexpr (B == 4) {
+    } else if constexpr (KIND == PAIRS) {
         // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
         // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
         for (int i = threadIdx.x; i < 256; i += blockDim.x) {
@@ -280,7 +284,7 @@ __device__ __forceinline__ void gemv(
     if (SX)
         split_into(reinterpret_cast<const float*>(xin), x_stride, n, cols, cols_p, xs_s, threadIdx.x,
                    blockDim.x);
-    if (SX || B > 3) __syncthreads();
+    if (SX || KIND != REGS) __syncthreads();
 
     // The activations this lane feeds to B column g.
     const u16* xs = SX ? xs_s : reinterpret_cast<const u16*>(xin);
@@ -332,7 +336,7 @@ __device__ __forceinline__ void gemv(
             for (int half = 0; half < 2; ++half) {
                 const int j = 2 * k + half;  // k tile
                 u32 a[4];
-                if constexpr (B <= 4) {
+                if constexpr (KIND != ENTRIES) {
                     tab.frag(lo[0][k], lo[1][k], half, a);
                 } else {
                     // Index bytes: ev holds slots 0 and 2 (bytes 0, 1), od slots 1 and 3.
@@ -384,25 +388,29 @@ __device__ __forceinline__ void gemv(
 }
 
 // _t4 / _t8: up to 4 / 8 tokens, activations split by split_x; _t4s / _t8s:
-// the block splits them itself into shared memory (when they fit).
-#define GEMV_KERNEL(B, NT)                                                                         \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT(                   \
+// the block splits them itself into shared memory (when they fit). A suffix
+// e: 4 bits with entry tables (2 KiB a block instead of 64 KiB of pair
+// tables: the host picks them on layers of many tiles, `CudaAnyPrec::tables`).
+#define GEMV_KERNEL_K(B, NT, KIND, E)                                                              \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##E(                \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
         float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                   \
-        gemv<B, NT, false>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, mask, \
-                           want);                                                                 \
+        gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
+                                 mask, want);                                                     \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##s(                \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##s##E(             \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
         int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {            \
-        gemv<B, NT, true>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows, kbs,   \
-                          mask, want);                                                            \
+        gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
+                                kbs, mask, want);                                                 \
     }
-
-#define GEMV_BITS(B) GEMV_KERNEL(B, 4) GEMV_KERNEL(B, 8)
+#define GEMV_KIND(B) (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)
+#define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, GEMV_KIND(B), ) GEMV_KERNEL_K(B, 8, GEMV_KIND(B), )
 
 GEMV_BITS(3)
 GEMV_BITS(4)
+GEMV_KERNEL_K(4, 4, ENTRIES, e)
+GEMV_KERNEL_K(4, 8, ENTRIES, e)
 GEMV_BITS(5)
 GEMV_BITS(6)
 GEMV_BITS(7)
@@ -414,19 +422,29 @@ GEMV_BITS(8)
 // at BL + 1 bits (tables luts_high) when a * ||e_in|| + c > thr, else at BL
 // (luts_low). The first block adds the decision to count[slot] when count is
 // given. One launch instead of an estimate, a decision and two masked GEMVs.
+// (Kernels _b<BL> take x and split it in the block; _b<BL>x take it split
+// by split_x, for layers too wide to split in the block.)
+#define GEMV_SELECT_BODY(BL, SX, XIN, XSTRIDE)                                                   \
+    const bool high = decide_high(e_in, n_e, a, c, thr);                                         \
+    if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f);     \
+    if (high)                                                                                    \
+        gemv<BL + 1, 4, SX>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y, rows,  \
+                            rows, kbs, nullptr, 0u);                                             \
+    else                                                                                         \
+        gemv<BL, 4, SX>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows, rows, \
+                        kbs, nullptr, 0u);
 #define GEMV_SELECT_KERNEL(BL)                                                                     \
     extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL(                   \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
         float c, float thr, float* count, int slot) {                                              \
-        const bool high = decide_high(e_in, n_e, a, c, thr);                                       \
-        if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f);   \
-        if (high)                                                                                  \
-            gemv<BL + 1, 4, true>(planes, plane_stride, luts_high, x, cols, cols, 1, y, rows, rows, \
-                                  kbs, nullptr, 0u);                                               \
-        else                                                                                       \
-            gemv<BL, 4, true>(planes, plane_stride, luts_low, x, cols, cols, 1, y, rows, rows, kbs, \
-                              nullptr, 0u);                                                        \
+        GEMV_SELECT_BODY(BL, true, x, cols)                                                        \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##x(                \
+        const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
+        const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
+        float c, float thr, float* count, int slot) {                                              \
+        GEMV_SELECT_BODY(BL, false, xs, cols)                                                      \
     }
 
 GEMV_SELECT_KERNEL(3) GEMV_SELECT_KERNEL(4) GEMV_SELECT_KERNEL(5) GEMV_SELECT_KERNEL(6)
