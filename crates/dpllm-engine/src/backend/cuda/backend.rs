@@ -285,11 +285,11 @@ impl CudaBackend {
         let (mut copy, mut read) = (f64::MAX, f64::MAX);
         let n4 = (n / 4) as i64;
         for _ in 0..reps.max(1) {
-            copy = copy.min(self.dev.time_ms(3, || {
+            copy = copy.min(self.dev.time_ms_queued(3, || {
                 s.memcpy_dtod(&src, &mut dst)
                     .map_err(device_err("copying on the GPU"))
             })?);
-            read = read.min(self.dev.time_ms(3, || {
+            read = read.min(self.dev.time_ms_queued(3, || {
                 launch!(
                     self,
                     "read_sum",
