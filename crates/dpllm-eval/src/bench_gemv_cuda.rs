@@ -29,7 +29,7 @@ pub struct CudaGemvConfig {
 
 /// The variants to time: the default split, then one per given warp count.
 fn variants(warps: &[u32]) -> Vec<GemvVariant> {
-    std::iter::once(GemvVariant::default_for())
+    std::iter::once(GemvVariant::default())
         .chain(warps.iter().map(|&w| GemvVariant { warps: Some(w) }))
         .collect()
 }
@@ -249,7 +249,7 @@ mod tests {
         let v = variants(&[4, 16]);
         assert_eq!(v.len(), 3);
         assert!(v.iter().any(|v| v.name() == "w16"));
-        assert_eq!(variants(&[]), vec![GemvVariant::default_for()]);
+        assert_eq!(variants(&[]), vec![GemvVariant::default()]);
         let bench = CudaGemvBench {
             config: CudaGemvConfig {
                 shapes: vec![(64, 128)],

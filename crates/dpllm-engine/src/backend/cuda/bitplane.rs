@@ -62,18 +62,13 @@ fn padded_cols(cols: usize) -> usize {
 /// How a GEMV launch splits the work: the warps of a block, which split the
 /// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
 /// fill the GPU twice over; never more than the column blocks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GemvVariant {
     /// Warps a block (1..=16), or the default.
     pub warps: Option<u32>,
 }
 
 impl GemvVariant {
-    /// The default split.
-    pub fn default_for() -> GemvVariant {
-        GemvVariant { warps: None }
-    }
-
     /// The default and every fixed split worth timing.
     pub fn all() -> Vec<GemvVariant> {
         [None, Some(4), Some(8), Some(16)]
@@ -402,7 +397,7 @@ impl CudaAnyPrec {
         bits: u32,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_with(x, n, bits, y, GemvVariant::default_for())
+        self.gemv_with(x, n, bits, y, GemvVariant::default())
     }
 
     /// [`CudaAnyPrec::gemv`] with a chosen [`GemvVariant`] (benchmarks, tests).
@@ -486,11 +481,7 @@ impl CudaAnyPrec {
         }
         let (warps, tables) = (self.warps(v), self.tables(bits, n));
         let in_block = self.split_in_block(bits, tables, warps, n);
-        let xs = if in_block {
-            None
-        } else {
-            Some(self.split(x, n)?)
-        };
+        let xs = (!in_block).then(|| self.split(x, n)).transpose()?;
         let split = if in_block { n } else { 0 };
         let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
         // The kernel: `s` where the block splits x, `e` for 4-bit entry tables.
@@ -536,7 +527,7 @@ impl CudaAnyPrec {
         (3..=7).contains(&low)
             && self.seed_bits <= low
             && low < self.max_bits
-            && self.select_shared_bytes(low, self.warps(GemvVariant::default_for())) as usize
+            && self.select_shared_bytes(low, self.warps(GemvVariant::default())) as usize
                 <= self.device.max_shared()
     }
 
@@ -582,15 +573,11 @@ impl CudaAnyPrec {
             )));
         }
         // Shared memory for whichever precision needs more (4 bits takes the most).
-        let warps = self.warps(GemvVariant::default_for());
+        let warps = self.warps(GemvVariant::default());
         let shared = self.select_shared_bytes(low, warps);
         let cfg = self.launch_config(warps, shared);
         let in_block = self.select_splits_in_block();
-        let xs = if in_block {
-            None
-        } else {
-            Some(self.split(x, 1)?)
-        };
+        let xs = (!in_block).then(|| self.split(x, 1)).transpose()?;
         let f = self.device.bitplane_kernels()?.get(&format!(
             "bitplane_gemv_select_b{low}{}",
             if in_block { "" } else { "x" }

@@ -189,7 +189,7 @@ impl CudaBackend {
                 nt,
                 bits,
                 &mut yv,
-                GemvVariant::default_for(),
+                GemvVariant::default(),
                 m.as_ref().map(|(v, want)| (v, *want)),
             )?;
         }

@@ -104,13 +104,17 @@ struct RegTable {
 // The tables of both rows of a lane: at 3 bits in registers, at 4 bits
 // shared-memory pair tables, above 4 bits shared-memory entry tables.
 enum TableKind { REGS, PAIRS, ENTRIES };
-template <int B, int KIND = (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)>
+// The tables a kernel without the `e` suffix takes at B bits.
+__host__ __device__ constexpr int default_kind(int B) { return B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES; }
+template <int B, int KIND = default_kind(B)>
 struct Tables;
 
 template <int B>
 struct Tables<B, REGS> {
     RegTable g, g8;
-    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int g_) {
+    // Rows row0 + g and row0 + g + 8 of the lane's tile (lane = 4g + t); no shared memory.
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32*) {
+        const int g_ = lane >> 2;
         g.load(luts + (long long)(row0 + g_) * (1 << B));
         g8.load(luts + (long long)(row0 + g_ + 8) * (1 << B));
     }
@@ -129,6 +133,26 @@ template <int B>
 struct Tables<B, PAIRS> {
     static constexpr u32 REGION = 256 * 32 * 4;  // bytes
     u32 base;
+    // The block's tables of tile rows row0.. into smem (every thread takes part).
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
+        // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
+        // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
+            const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << 4);
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(lut));
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(lut) + 1);
+            const u32 top = (u32)lut[hi] << 16;
+            const u32 w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+            u32* dst = smem + region * (256 * 32) + hi * 16 * 32 + 4 * gp;
+#pragma unroll
+            for (int lo = 0; lo < 16; ++lo) {
+                const u32 val = ((w[lo >> 1] >> (16 * (lo & 1))) & 0xffffu) | top;
+                *reinterpret_cast<uint4*>(dst + lo * 32) = make_uint4(val, val, val, val);
+            }
+        }
+        base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
+    }
     __device__ __forceinline__ u32 at(u32 n, u32 sel, u32 region) const {
         return lds32(base + region + (__byte_perm(n, 0, sel) << 7));
     }
@@ -144,6 +168,23 @@ struct Tables<B, PAIRS> {
 template <int B>
 struct Tables<B, ENTRIES> {
     u32 base;  // shared address of entry 0 of this lane's copy
+    // The block's tables of tile rows row0.. into smem (every thread takes part).
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
+        // Word e·32 + l: entry e of rows g_l and g_l + 8 (g_l = l / 4) as
+        // f16x2, the same for the four lanes of a row pair (one 16-byte store).
+        for (int i = threadIdx.x; i < 1 << B; i += blockDim.x) {
+            const int gp = i >> (B - 3), e0 = (i & ((1 << (B - 3)) - 1)) * 8;
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp) << B) + e0));
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp + 8) << B) + e0));
+            const u32 uw[4] = {u.x, u.y, u.z, u.w}, vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const u32 w = prmt(uw[k >> 1], vw[k >> 1], (k & 1) ? 0x7632 : 0x5410);
+                *reinterpret_cast<uint4*>(smem + (e0 + k) * 32 + 4 * gp) = make_uint4(w, w, w, w);
+            }
+        }
+        base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
+    }
     // The word of the index in byte `byte` of e.
     __device__ __forceinline__ u32 at(u32 e, int byte) const {
         return lds32(base + (__byte_perm(e, 0, 0x4440 | byte) << 7));
@@ -206,7 +247,7 @@ __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_st
 // SX: the block splits the activations into shared memory itself (xin: x
 // f32, rows x_stride apart); else they come split in global memory (xin: xs
 // from split_x).
-template <int B, int NT, bool SX, int KIND = (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)>
+template <int B, int NT, bool SX, int KIND = default_kind(B)>
 __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
@@ -244,43 +285,9 @@ __device__ __forceinline__ void gemv(
     int kb = warp;
     if (kb < kbs) load_planes(p, kb);
 
+    // The tables (shared ones are ready after the barrier below).
     Tables<B, KIND> tab;
-    if constexpr (KIND == REGS) {
-        tab.load(luts, row0, g);
-    } else if constexpr (KIND == PAIRS) {
-        // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
-        // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
-            const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << 4);
-            const uint4 u = __ldg(reinterpret_cast<const uint4*>(lut));
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(lut) + 1);
-            const u32 top = (u32)lut[hi] << 16;
-            const u32 w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
-            u32* dst = smem + region * (256 * 32) + hi * 16 * 32 + 4 * gp;
-#pragma unroll
-            for (int lo = 0; lo < 16; ++lo) {
-                const u32 val = ((w[lo >> 1] >> (16 * (lo & 1))) & 0xffffu) | top;
-                *reinterpret_cast<uint4*>(dst + lo * 32) = make_uint4(val, val, val, val);
-            }
-        }
-        tab.base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
-    } else {
-        // Word e·32 + l: entry e of rows g_l and g_l + 8 (g_l = l / 4) as
-        // f16x2, the same for the four lanes of a row pair (one 16-byte store).
-        for (int i = threadIdx.x; i < 1 << B; i += blockDim.x) {
-            const int gp = i >> (B - 3), e0 = (i & ((1 << (B - 3)) - 1)) * 8;
-            const uint4 u = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp) << B) + e0));
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp + 8) << B) + e0));
-            const u32 uw[4] = {u.x, u.y, u.z, u.w}, vw[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                const u32 w = prmt(uw[k >> 1], vw[k >> 1], (k & 1) ? 0x7632 : 0x5410);
-                *reinterpret_cast<uint4*>(smem + (e0 + k) * 32 + 4 * gp) = make_uint4(w, w, w, w);
-            }
-        }
-        tab.base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
-    }
+    tab.load(luts, row0, lane, smem);
     if (SX)
         split_into(reinterpret_cast<const float*>(xin), x_stride, n, cols, cols_p, xs_s, threadIdx.x,
                    blockDim.x);
@@ -404,8 +411,7 @@ __device__ __forceinline__ void gemv(
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
                                 kbs, mask, want);                                                 \
     }
-#define GEMV_KIND(B) (B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES)
-#define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, GEMV_KIND(B), ) GEMV_KERNEL_K(B, 8, GEMV_KIND(B), )
+#define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, default_kind(B), ) GEMV_KERNEL_K(B, 8, default_kind(B), )
 
 GEMV_BITS(3)
 GEMV_BITS(4)
