@@ -1,7 +1,7 @@
 //! Per-sequence key/value cache, held by the backend.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Step};
+use crate::backend::{Backend, RopeArgs, Step};
 use crate::model::GraphSlot;
 
 /// Keys and values of every layer for the positions processed so far, and the
@@ -65,6 +65,20 @@ impl<B: Backend> KvCache<B> {
         step: &Step<B::StepData>,
     ) -> Result<(), crate::EngineError> {
         self.backend.kv_append(&mut self.store, layer, k, v, step)
+    }
+
+    /// [`KvCache::append`] of the keys and values after RoPE has turned `k` and
+    /// `q` (in place) for the positions of `step` ([`Backend::rope_append`]);
+    /// `k` is left rotated or as it was.
+    pub fn append_rotated(
+        &mut self,
+        layer: usize,
+        (q, k, v): (&mut B::Buf, &mut B::Buf, &B::Buf),
+        step: &Step<B::StepData>,
+        rope: RopeArgs<'_, B>,
+    ) -> Result<(), crate::EngineError> {
+        self.backend
+            .rope_append(q, k, v, &mut self.store, layer, step, rope)
     }
 
     /// Make room for `positions` positions; the positions the storage holds.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use dpllm_engine::backend::cuda::{test_device, CudaBackend};
 use dpllm_engine::backend::{
-    conformance, decided_by_mask, AnyPrecHost, AttnShape, Decide, DenseHost, Estimator,
+    conformance, decided_by_mask, AnyPrecHost, AttnShape, Decide, DenseHost, EstInput, Estimator,
+    InputNorms, RopeArgs,
 };
 use dpllm_engine::{Backend, CpuBackend};
 use dpllm_format::{Q8Matrix, TensorData};
@@ -66,6 +67,8 @@ fn attention_matches_the_cpu_over_long_contexts() {
         (4, 4, 96, Some(300), 900, 5),
         (6, 2, 256, None, 40, 70),
         (2, 1, 20, Some(7), 0, 33),
+        // A window far shorter than the spans the cache is cut into: most spans empty.
+        (8, 2, 128, Some(5), 1500, 2),
     ] {
         let shape = AttnShape {
             num_heads: nh,
@@ -120,6 +123,183 @@ fn attend<B: Backend>(
     let step = be.step(&[], pos0).unwrap();
     be.attention(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut out);
     be.download(out).unwrap()
+}
+
+#[test]
+fn rope_append_matches_the_cpu() {
+    let Some(gpu) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    // (heads, kv heads, head dim, rotated dims, cached positions, new tokens)
+    for (nh, nkv, hd, rot, pos0, n) in [
+        (32, 8, 128, 128, 37, 1),
+        (9, 3, 64, 64, 0, 6),
+        (4, 2, 96, 32, 70, 3),
+    ] {
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let total = pos0 + n;
+        let table = rand_vec(&mut rng, total * rot);
+        let (keys, values) = (
+            rand_vec(&mut rng, total * kvd),
+            rand_vec(&mut rng, total * kvd),
+        );
+        let q = rand_vec(&mut rng, n * qd);
+        let shape = AttnShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            window: None,
+        };
+        let (gq, ga) = rope_then_attend(&gpu, &q, &keys, &values, pos0, &table, rot, shape);
+        let (cq, ca) = rope_then_attend(&CpuBackend, &q, &keys, &values, pos0, &table, rot, shape);
+        let what = format!("rope_append {nh}/{nkv}x{hd} rot {rot} at {pos0}+{n}");
+        assert_close(&format!("{what}: q"), &gq, &cq, 1e-6);
+        // Attention over the cache sees the stored keys (rotated) and values.
+        assert_close(&format!("{what}: attention"), &ga, &ca, 1e-5);
+    }
+}
+
+/// Queries after [`Backend::rope_append`] of the last `q.len() / qd` positions
+/// (the earlier ones appended as they are), and attention over the cache then.
+#[allow(clippy::too_many_arguments)]
+fn rope_then_attend<B: Backend>(
+    be: &B,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos0: usize,
+    table: &[f32],
+    rot: usize,
+    shape: AttnShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let kvd = shape.num_kv_heads * shape.head_dim;
+    let mut kv = be.kv_new(2, kvd);
+    if pos0 > 0 {
+        let (k0, v0) = (&k[..pos0 * kvd], &v[..pos0 * kvd]);
+        be.kv_append(
+            &mut kv,
+            1,
+            &be.upload(k0).unwrap(),
+            &be.upload(v0).unwrap(),
+            &be.step(&[], 0).unwrap(),
+        )
+        .unwrap();
+    }
+    let step = be.step(&[], pos0).unwrap();
+    let (mut bq, mut bk) = (be.upload(q).unwrap(), be.upload(&k[pos0 * kvd..]).unwrap());
+    let rope = RopeArgs {
+        heads: shape.num_heads,
+        kv_heads: shape.num_kv_heads,
+        head_dim: shape.head_dim,
+        rot_dim: rot,
+        table: &be.upload(table).unwrap(),
+    };
+    be.rope_append(
+        &mut bq,
+        &mut bk,
+        &be.upload(&v[pos0 * kvd..]).unwrap(),
+        &mut kv,
+        1,
+        &step,
+        rope,
+    )
+    .unwrap();
+    let mut out = be.zeros(q.len()).unwrap();
+    be.attention(&bq, &kv, 1, &step, shape, &mut out);
+    (be.read(&bq).unwrap(), be.download(out).unwrap())
+}
+
+#[test]
+fn rms_norm_matches_the_cpu_at_every_width() {
+    let Some(gpu) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    // Rows held in registers (multiples of 4 up to 16384), and the two-pass
+    // path: odd widths, and rows wider than the registers hold.
+    for d in [4usize, 128, 576, 4096, 16384, 3, 4099, 20000] {
+        for n in [1usize, 3] {
+            let x = rand_vec(&mut rng, n * d);
+            let g: Vec<f32> = (0..d).map(|_| rng.random_range(0.5..1.5)).collect();
+            let (mut gy, mut cy) = (gpu.zeros(n * d).unwrap(), vec![0f32; n * d]);
+            gpu.rms_norm(
+                &gpu.upload(&x).unwrap(),
+                &gpu.upload(&g).unwrap(),
+                1e-6,
+                &mut gy,
+            );
+            CpuBackend.rms_norm(&x, &g, 1e-6, &mut cy);
+            assert_close(
+                &format!("rms_norm {n}x{d}"),
+                &gpu.download(gy).unwrap(),
+                &cy,
+                1e-5,
+            );
+            let mut gx = gpu.upload(&x).unwrap();
+            gpu.rms_norm_inplace(&mut gx, &gpu.upload(&g).unwrap(), 1e-6);
+            assert_close(
+                &format!("rms_norm_inplace {n}x{d}"),
+                &gpu.download(gx).unwrap(),
+                &cy,
+                1e-5,
+            );
+            // The residual add with the norm of the sum, a bad value in the last token.
+            let mut y = rand_vec(&mut rng, n * d);
+            y[n * d - 1] = f32::NAN;
+            let (mut gh, mut ch) = (gpu.upload(&x).unwrap(), x.clone());
+            let (mut gflags, mut cflags) =
+                (gpu.upload(&[f32::INFINITY]).unwrap(), vec![f32::INFINITY]);
+            let (gw, mut gy) = (gpu.upload(&g).unwrap(), gpu.zeros(n * d).unwrap());
+            let (mut ga, mut gb, mut ca, mut cb) = (
+                gpu.zeros(0).unwrap(),
+                gpu.zeros(0).unwrap(),
+                Vec::new(),
+                Vec::new(),
+            );
+            gpu.add_checked_norm(
+                &mut gh,
+                &gpu.upload(&y).unwrap(),
+                (&mut gflags, 0),
+                &gw,
+                1e-6,
+                &mut gy,
+                Some(InputNorms {
+                    after: &mut ga,
+                    before: &mut gb,
+                }),
+            )
+            .unwrap();
+            CpuBackend
+                .add_checked_norm(
+                    &mut ch,
+                    &y,
+                    (&mut cflags, 0),
+                    &g,
+                    1e-6,
+                    &mut cy,
+                    Some(InputNorms {
+                        after: &mut ca,
+                        before: &mut cb,
+                    }),
+                )
+                .unwrap();
+            let what = format!("add_checked_norm {n}x{d}");
+            assert_close(&what, &gpu.download(gh).unwrap(), &ch, 1e-6);
+            assert_close(&what, &gpu.read(&gy).unwrap(), &cy, 1e-5);
+            // The estimator inputs' norms (the last token's is NaN on both).
+            assert_close(
+                &format!("{what}: norms after"),
+                &gpu.download(ga).unwrap(),
+                &ca,
+                1e-5,
+            );
+            assert_close(
+                &format!("{what}: norms before"),
+                &gpu.download(gb).unwrap(),
+                &cb,
+                1e-5,
+            );
+            assert_eq!(gpu.download(gflags).unwrap(), [(n - 1) as f32], "{what}");
+            assert_eq!(cflags, [(n - 1) as f32], "{what}");
+        }
+    }
 }
 
 #[test]
@@ -197,7 +377,10 @@ fn linears_norms_and_rope_match_the_cpu_on_model_shapes() {
         let (heads, hd, rot, pos0) = (9usize, 64usize, 32usize, 100usize);
         let table = rand_vec(&mut rng, (pos0 + n) * rot);
         let (mut gq, mut cq) = (gpu.upload(&x).unwrap(), x.clone());
-        let (gs, cs) = (gpu.step(&[], pos0).unwrap(), CpuBackend.step(&[], pos0).unwrap());
+        let (gs, cs) = (
+            gpu.step(&[], pos0).unwrap(),
+            CpuBackend.step(&[], pos0).unwrap(),
+        );
         gpu.rope(&mut gq, heads, hd, rot, &gs, &gpu.upload(&table).unwrap());
         CpuBackend.rope(&mut cq, heads, hd, rot, &cs, &table);
         assert_close("rope", &gpu.download(gq).unwrap(), &cq, 1e-6);
@@ -227,7 +410,14 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         window: None,
     };
     let step = be.step(&[], 0).unwrap();
-    be.attention(&be.upload(&[0.0; 16]).unwrap(), &kv, 0, &step, shape, &mut out);
+    be.attention(
+        &be.upload(&[0.0; 16]).unwrap(),
+        &kv,
+        0,
+        &step,
+        shape,
+        &mut out,
+    );
     let e = be.synchronize().unwrap_err().to_string();
     assert!(e.contains("KV cache holds 0 positions"), "{e}");
     // Out-of-range bits and token ids.
@@ -268,8 +458,9 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let mut rng = StdRng::seed_from_u64(5);
     // 300 rows: a partial 16-row tile; 200 and 576 columns: partial column
     // blocks (2 and 5 of them, so as many warps a block); 4608 columns: too
-    // wide to split the activations in the block (split_x first).
-    for (rows, cols) in [(300usize, 200usize), (2048, 576), (64, 4608)] {
+    // wide to split the activations in the block (split_x first); 8464 rows:
+    // 529 tiles, enough for the 4-bit side's entry tables (kernels _e).
+    for (rows, cols) in [(300usize, 200usize), (2048, 576), (64, 4608), (8464, 256)] {
         let w = be.anyprec(AnyPrecHost::random(rows, cols, 8, 3)).unwrap();
         let x = be.upload(&rand_vec(&mut rng, cols)).unwrap();
         let xe_host = rand_vec(&mut rng, cols);
@@ -293,11 +484,21 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
             (&Estimator::None, -1.0, true),
             (&Estimator::None, 1.0, false),
         ];
+        // The input's rows, or (but for JL) its norm alone, as a residual add leaves it.
+        let xe_norm = be.upload(&[norm]).unwrap();
+        let inputs = [EstInput::Rows(&xe), EstInput::Norms(&xe_norm)];
         for low in 3..=7u32 {
-            for (i, &(est, threshold, high)) in cases.iter().enumerate() {
+            for ((i, &(est, threshold, high)), input) in cases
+                .iter()
+                .enumerate()
+                .flat_map(|c| inputs.iter().map(move |i| (c, *i)))
+                .filter(|(c, i)| {
+                    matches!(i, EstInput::Rows(_)) || !matches!(c.1 .0, Estimator::Jl { .. })
+                })
+            {
                 let decide = || Decide {
                     estimator: est,
-                    input: &xe,
+                    input,
                     threshold,
                 };
                 let (mut y1, mut c1) = (be.zeros(rows).unwrap(), be.zeros(2).unwrap());
@@ -325,7 +526,14 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                     &mut y2,
                 )
                 .unwrap();
-                let what = format!("{rows}x{cols}, {low} or {} bits, case {i}", low + 1);
+                let kind = match input {
+                    EstInput::Rows(_) => "rows",
+                    EstInput::Norms(_) => "norm",
+                };
+                let what = format!(
+                    "{rows}x{cols}, {low} or {} bits, case {i} ({kind})",
+                    low + 1
+                );
                 let counts = be.download(c1).unwrap();
                 assert_eq!(counts, be.download(c2).unwrap(), "{what}: counts");
                 assert_eq!(counts, [0.0, high as u32 as f32], "{what}: decision");

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator};
+use super::{AnyPrecHost, AttnShape, Backend, DenseHost, EstInput, Estimator, InputNorms};
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -234,6 +234,73 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     if be.download(flags).map_err(e)? != [f32::INFINITY, 3.0] {
         return Err("add_checked: want token 3 in slot 1 only".into());
     }
+    // The same add and check, then the norm of the sum.
+    let mut flags = be.upload(&[f32::INFINITY; 2]).map_err(e)?;
+    let (mut sum, mut normed) = (be.upload(&x).map_err(e)?, be.zeros(n * d).map_err(e)?);
+    be.add_checked_norm(&mut sum, &by, (&mut flags, 0), &bw, 1e-5, &mut normed, None)
+        .map_err(e)?;
+    let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+    close(
+        "add_checked_norm: sum",
+        &be.download(sum).map_err(e)?,
+        &f64s(&xy),
+        1e-6,
+    )?;
+    close(
+        "add_checked_norm: norm",
+        &be.download(normed).map_err(e)?,
+        &norm_ref(&xy, &w),
+        1e-5,
+    )?;
+    // With the norms of the estimator inputs: ||normed|| and ||RMSNorm(x)||.
+    let (mut after, mut before) = (be.zeros(0).map_err(e)?, be.zeros(0).map_err(e)?);
+    let (mut sum, mut normed) = (be.upload(&x).map_err(e)?, be.zeros(n * d).map_err(e)?);
+    let norms = Some(InputNorms {
+        after: &mut after,
+        before: &mut before,
+    });
+    be.add_checked_norm(
+        &mut sum,
+        &by,
+        (&mut flags, 0),
+        &bw,
+        1e-5,
+        &mut normed,
+        norms,
+    )
+    .map_err(e)?;
+    let row_norms = |v: Vec<f64>| -> Vec<f64> {
+        v.chunks(d)
+            .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
+            .collect()
+    };
+    close(
+        "add_checked_norm: norm after",
+        &be.download(after).map_err(e)?,
+        &row_norms(norm_ref(&xy, &w)),
+        1e-5,
+    )?;
+    close(
+        "add_checked_norm: norm before",
+        &be.download(before).map_err(e)?,
+        &row_norms(norm_ref(&x, &w)),
+        1e-5,
+    )?;
+    let mut sum = be.upload(&x).map_err(e)?;
+    let mut normed = be.zeros(n * d).map_err(e)?;
+    be.add_checked_norm(
+        &mut sum,
+        &at3,
+        (&mut flags, 1),
+        &bw,
+        1e-5,
+        &mut normed,
+        None,
+    )
+    .map_err(e)?;
+    if be.download(flags).map_err(e)? != [f32::INFINITY, 3.0] {
+        return Err("add_checked_norm: want token 3 in slot 1 only".into());
+    }
 
     // Linears: dense in every stored type, any-precision at every width, embedding rows.
     let (rows, cols) = (37usize, 70usize);
@@ -366,12 +433,12 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     let tau = ((sorted[1] + sorted[2]) / 2.0) as f32;
     close(
         "estimates (projection)",
-        &be.download(be.estimates(&jl, &bx, n).map_err(e)?)
+        &be.download(be.estimates(&jl, EstInput::Rows(&bx), n).map_err(e)?)
             .map_err(e)?,
         &est_ref,
         1e-4,
     )?;
-    let mask = be.estimate(&jl, &bx, n, tau).map_err(e)?;
+    let mask = be.estimate(&jl, EstInput::Rows(&bx), n, tau).map_err(e)?;
     let from_values = be
         .threshold_mask(&be.upload(&[0.5, -1.0, 2.0]).map_err(e)?, 0.5)
         .map_err(e)?;
@@ -392,7 +459,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     }
     let mut counts = be.zeros(3).map_err(e)?;
     let counted = be
-        .estimate_counted(&jl, &bx, n, tau, (&mut counts, 1))
+        .estimate_counted(&jl, EstInput::Rows(&bx), n, tau, (&mut counts, 1))
         .map_err(e)?;
     if be.mask_count(&counted).map_err(e)? != n - 2
         || be.download(counts).map_err(e)? != [0.0, (n - 2) as f32, 0.0]
@@ -413,15 +480,41 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     let mut counts = be.zeros(1).map_err(e)?;
     let regression = Estimator::<B>::Linear { a, c };
     let m = be
-        .estimate_counted(&regression, &bx, n, tau_lin, (&mut counts, 0))
+        .estimate_counted(
+            &regression,
+            EstInput::Rows(&bx),
+            n,
+            tau_lin,
+            (&mut counts, 0),
+        )
         .map_err(e)?;
     if be.mask_count(&m).map_err(e)? != n - 1 || be.download(counts).map_err(e)? != [(n - 1) as f32]
     {
-        return Err("estimate_counted (norm regression): every row but the one of least norm goes high".into());
+        return Err(
+            "estimate_counted (norm regression): every row but the one of least norm goes high"
+                .into(),
+        );
+    }
+    // The same decisions from the rows' norms alone, and a JL estimator refused them.
+    let bnorms = be
+        .estimates(
+            &Estimator::Linear { a: 1.0, c: 0.0 },
+            EstInput::Rows(&bx),
+            n,
+        )
+        .map_err(e)?;
+    let from_norms = be
+        .estimate(&regression, EstInput::Norms(&bnorms), n, tau_lin)
+        .map_err(e)?;
+    if be.mask_count(&from_norms).map_err(e)? != n - 1 {
+        return Err("estimate (norm regression, from norms): want every row but one high".into());
+    }
+    if be.estimate(&jl, EstInput::Norms(&bnorms), n, tau).is_ok() {
+        return Err("estimate: a JL estimator given only norms must be an error".into());
     }
     let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
     if be
-        .mask_count(&be.estimate(&lin, &bx, n, 0.5).map_err(e)?)
+        .mask_count(&be.estimate(&lin, EstInput::Rows(&bx), n, 0.5).map_err(e)?)
         .map_err(e)?
         != n
     {

@@ -42,6 +42,22 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
+/// What RoPE rotates in [`Backend::rope_append`]: q and k heads of
+/// `head_dim`, whose first `rot_dim` dimensions turn by the angles of `table`
+/// ([position][cos 0..rot/2 | sin 0..rot/2]).
+pub struct RopeArgs<'a, B: Backend> {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dimension per head.
+    pub head_dim: usize,
+    /// Rotated dimensions per head (even, at most `head_dim`).
+    pub rot_dim: usize,
+    /// The cos/sin table.
+    pub table: &'a B::Buf,
+}
+
 /// The token ids and first position of one forward call, with the backend's
 /// own copy of them (`data`): on a GPU, device memory that the embedding, RoPE,
 /// KV and attention kernels read, so that a captured graph of the call runs
@@ -55,16 +71,52 @@ pub struct Step<D> {
     pub data: D,
 }
 
+/// What a DP-LLM estimator reads for `n` tokens: the rows of its input
+/// [n × in] (the linear's input, or the asynchronous approximation of it), or
+/// only their Euclidean norms [n], left by the kernel that made the input
+/// ([`Backend::add_checked_norm`]): all the norm regression needs.
+pub enum EstInput<'a, B: Backend> {
+    /// The input's rows.
+    Rows(&'a B::Buf),
+    /// The rows' norms.
+    Norms(&'a B::Buf),
+}
+
+impl<B: Backend> Clone for EstInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for EstInput<'_, B> {}
+
+/// The error of an estimator that needs its input's rows but was given their norms.
+pub fn needs_rows(est: &Estimator<impl Backend>) -> crate::EngineError {
+    crate::EngineError::Device(format!(
+        "the estimator {est:?} needs its input's rows, not their norms"
+    ))
+}
+
 /// How one linear decides each token's precision (DP-LLM): its estimator on
-/// `input` (the linear's input, or the asynchronous approximation of it), high
-/// when the estimate exceeds `threshold`.
+/// `input`, high when the estimate exceeds `threshold`.
 pub struct Decide<'a, B: Backend> {
     /// The estimator.
     pub estimator: &'a Estimator<B>,
-    /// The estimator's input [n × in].
-    pub input: &'a B::Buf,
+    /// The estimator's input.
+    pub input: EstInput<'a, B>,
     /// Threshold τ.
     pub threshold: f32,
+}
+
+/// Where [`Backend::add_checked_norm`] leaves the norms of DP-LLM's
+/// estimator inputs, one per token: `after`, of its output (the next
+/// linears' input); `before`, of the RMSNorm of the residual before the add
+/// (their asynchronous input, METHOD.md 2f).
+pub struct InputNorms<'a, B: Backend> {
+    /// ||out|| per token.
+    pub after: &'a mut B::Buf,
+    /// ||RMSNorm(h before the add)|| per token.
+    pub before: &'a mut B::Buf,
 }
 
 /// A dense weight as read from the file, before a backend takes it.
@@ -414,6 +466,32 @@ pub trait Backend: Clone + Send + Sync + 'static {
         step: &Step<Self::StepData>,
         table: &Self::Buf,
     );
+    /// RoPE of `q` (in place) and `k` for the positions of `step`, and the
+    /// rotated keys with the values `v` appended to `layer` of the cache, as
+    /// [`Backend::rope`] twice and [`Backend::kv_append`] do; a device backend
+    /// does it in one kernel. `k` is left rotated or as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_append(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        kv: &mut Self::Kv,
+        layer: usize,
+        step: &Step<Self::StepData>,
+        rope: RopeArgs<'_, Self>,
+    ) -> Result<()> {
+        let RopeArgs {
+            heads,
+            kv_heads,
+            head_dim,
+            rot_dim,
+            table,
+        } = rope;
+        self.rope(q, heads, head_dim, rot_dim, step, table);
+        self.rope(k, kv_heads, head_dim, rot_dim, step, table);
+        self.kv_append(kv, layer, k, v, step)
+    }
     /// Causal attention of queries `q` [n × heads·hd] at positions `step.pos0`..
     /// over `layer` of the cache (which already holds their keys and values).
     fn attention(
@@ -442,6 +520,42 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.add(h, x);
         self.flag_non_finite(h, width, flags, slot);
     }
+    /// [`Backend::add_checked`] (`h += x`, checked per token of `w.len()`
+    /// values), then `out` = [`Backend::rms_norm`] of `h` with `w`, and with
+    /// `norms` the norms of the estimator inputs that follow ([`InputNorms`]);
+    /// a device backend does it all in one kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn add_checked_norm(
+        &self,
+        h: &mut Self::Buf,
+        x: &Self::Buf,
+        (flags, slot): (&mut Self::Buf, usize),
+        w: &Self::Buf,
+        eps: f32,
+        out: &mut Self::Buf,
+        norms: Option<InputNorms<'_, Self>>,
+    ) -> Result<()> {
+        let width = self.len(w);
+        let n = self.len(h) / width.max(1);
+        let norm_of = |v: &Self::Buf| {
+            self.estimates(&Estimator::Linear { a: 1.0, c: 0.0 }, EstInput::Rows(v), n)
+        };
+        let before = match &norms {
+            Some(_) => {
+                let mut pre = self.zeros(self.len(h))?;
+                self.rms_norm(h, w, eps, &mut pre);
+                Some(norm_of(&pre)?)
+            }
+            None => None,
+        };
+        self.add_checked(h, x, width, flags, slot);
+        self.rms_norm(h, w, eps, out);
+        if let (Some(InputNorms { after, before: b }), Some(pre)) = (norms, before) {
+            self.copy(&pre, b);
+            self.copy(&norm_of(out)?, after);
+        }
+        Ok(())
+    }
     /// `dst` becomes a copy of `src` (resized to it).
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
     /// Rows row0..row0+n of `x` [· × width] as a new buffer.
@@ -459,20 +573,26 @@ pub trait Backend: Clone + Send + Sync + 'static {
         bits: u32,
         y: &mut Self::Buf,
     );
-    /// The estimate of each row of `x` [n × in], `n` values.
-    fn estimates(&self, est: &Estimator<Self>, x: &Self::Buf, n: usize) -> Result<Self::Buf>;
+    /// The estimate of each of `n` tokens from `input`, `n` values (a JL
+    /// estimator given only norms is an error: [`needs_rows`]).
+    fn estimates(
+        &self,
+        est: &Estimator<Self>,
+        input: EstInput<'_, Self>,
+        n: usize,
+    ) -> Result<Self::Buf>;
     /// Per-token decisions: each of `values` above `threshold`.
     fn threshold_mask(&self, values: &Self::Buf, threshold: f32) -> Result<Self::Mask>;
-    /// Per-token decisions: estimate of each row of `x` [n × in] above `threshold`
-    /// (a backend may fuse the two steps).
+    /// Per-token decisions: the estimate of each of `n` tokens from `input`
+    /// above `threshold` (a backend may fuse the two steps).
     fn estimate(
         &self,
         est: &Estimator<Self>,
-        x: &Self::Buf,
+        input: EstInput<'_, Self>,
         n: usize,
         threshold: f32,
     ) -> Result<Self::Mask> {
-        self.threshold_mask(&self.estimates(est, x, n)?, threshold)
+        self.threshold_mask(&self.estimates(est, input, n)?, threshold)
     }
     /// [`Backend::estimate`], also writing the number of tokens it sends high to
     /// `count.0[count.1]`, which holds 0 before (a tally zeroes its slots per
@@ -480,12 +600,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn estimate_counted(
         &self,
         est: &Estimator<Self>,
-        x: &Self::Buf,
+        input: EstInput<'_, Self>,
         n: usize,
         threshold: f32,
         count: (&mut Self::Buf, usize),
     ) -> Result<Self::Mask> {
-        let mask = self.estimate(est, x, n, threshold)?;
+        let mask = self.estimate(est, input, n, threshold)?;
         self.mask_count_into(&mask, count.0, count.1);
         Ok(mask)
     }

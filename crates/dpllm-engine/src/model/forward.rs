@@ -3,7 +3,7 @@
 //! finiteness checks and per-token precision counts are kept in backend
 //! buffers ([`Deferred`]) and read once, after the output.
 
-use crate::backend::{AttnShape, Backend, Step};
+use crate::backend::{AttnShape, Backend, EstInput, Estimator, InputNorms, RopeArgs, Step};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -22,10 +22,49 @@ struct Scratch<B: Backend> {
     out: B::Buf,
     gate: B::Buf,
     up: B::Buf,
-    /// Estimator input of q/k/v or gate/up under asynchronous estimation.
+    /// Estimator input of q/k/v or gate/up under asynchronous estimation,
+    /// when a JL estimator needs its rows.
     xe: B::Buf,
-    /// Residual stream before the previous sub-block's output was added.
+    /// Residual stream before the previous sub-block's output was added (for `xe`).
     h_prev: B::Buf,
+    /// Per token, the norm of the last residual add's normed output (the
+    /// exact estimator input of the linears after it) and of the normed
+    /// residual before it (their asynchronous input): under a dynamic plan,
+    /// left there by [`Backend::add_checked_norm`].
+    norm_after: B::Buf,
+    norm_before: B::Buf,
+}
+
+/// Where a group of linears (q/k/v, gate/up) finds its estimator input: its
+/// rows where they were made, and their norms where a kernel left them.
+struct EstSrc<'a, B: Backend> {
+    rows: Option<&'a B::Buf>,
+    norms: Option<&'a B::Buf>,
+}
+
+impl<'a, B: Backend> EstSrc<'a, B> {
+    /// Only the rows.
+    fn rows(rows: &'a B::Buf) -> Self {
+        EstSrc {
+            rows: Some(rows),
+            norms: None,
+        }
+    }
+
+    /// The input for `est`: the norms when they are there and enough for it,
+    /// else the rows.
+    fn input(&self, est: Option<&Estimator<B>>) -> Result<EstInput<'a, B>> {
+        match (self.norms, est) {
+            (Some(n), Some(Estimator::None | Estimator::Linear { .. }) | None) => {
+                Ok(EstInput::Norms(n))
+            }
+            _ => self.rows.map(EstInput::Rows).ok_or_else(|| {
+                EngineError::Device(
+                    "an estimator needs its input's rows, which were not made".into(),
+                )
+            }),
+        }
+    }
 }
 
 /// What a forward call reads back once, after its output.
@@ -96,7 +135,7 @@ impl<B: Backend> BlockRun<'_, '_, B> {
         i: usize,
         lin: &Linear<B>,
         x: &B::Buf,
-        xe: &B::Buf,
+        xe: &EstSrc<'_, B>,
         y: &mut B::Buf,
     ) -> Result<()> {
         let sel = self.sels.map(|v| &v[i]);
@@ -106,7 +145,7 @@ impl<B: Backend> BlockRun<'_, '_, B> {
             self.prec,
             sel,
             x,
-            xe,
+            xe.input(sel.map(|s| &s.estimator))?,
             self.n,
             y,
             self.offset + i,
@@ -121,7 +160,7 @@ impl<B: Backend> BlockRun<'_, '_, B> {
         i: usize,
         lin: &Linear<B>,
         x: &B::Buf,
-        xe: &B::Buf,
+        xe: &EstSrc<'_, B>,
         parts: &mut [&mut B::Buf],
     ) -> Result<()> {
         let mut fused = self.be.zeros(self.n * lin.out_features())?;
@@ -132,13 +171,43 @@ impl<B: Backend> BlockRun<'_, '_, B> {
 
     /// True when the asynchronous estimator input is needed for linears `range`.
     fn wants_async(&self, range: std::ops::Range<usize>) -> bool {
-        match (self.prec, self.sels) {
-            (Precision::Dynamic(p), Some(s)) => {
-                p.async_estimation && s[range].iter().any(LinearSelect::selects)
-            }
-            _ => false,
-        }
+        wants_async(self.prec, self.sels, range)
     }
+
+    /// True when the norms of the estimator inputs are kept ([`Scratch`]).
+    fn wants_norms(&self) -> bool {
+        matches!(self.prec, Precision::Dynamic(_))
+    }
+}
+
+/// True when the asynchronous estimator input is needed for linears `range`
+/// of a block whose rules are `sels`.
+fn wants_async<B: Backend>(
+    prec: Precision<'_, B>,
+    sels: Option<&[LinearSelect<B>]>,
+    range: std::ops::Range<usize>,
+) -> bool {
+    match (prec, sels) {
+        (Precision::Dynamic(p), Some(s)) => {
+            p.async_estimation && s[range].iter().any(LinearSelect::selects)
+        }
+        _ => false,
+    }
+}
+
+/// True when the asynchronous estimator input of linears `range` must be made
+/// as rows: a JL estimator among them needs more than its norm.
+fn async_rows<B: Backend>(
+    prec: Precision<'_, B>,
+    sels: Option<&[LinearSelect<B>]>,
+    range: std::ops::Range<usize>,
+) -> bool {
+    wants_async(prec, sels, range.clone())
+        && sels.is_some_and(|s| {
+            s[range]
+                .iter()
+                .any(|l| l.selects() && matches!(l.estimator, Estimator::Jl { .. }))
+        })
 }
 
 impl<B: Backend> Model<B> {
@@ -210,7 +279,11 @@ impl<B: Backend> Model<B> {
     }
 
     /// The read-back buffers of a forward call at `prec` (counting bits when `counting`).
-    pub(super) fn new_deferred(&self, prec: Precision<'_, B>, counting: bool) -> Result<Deferred<B>> {
+    pub(super) fn new_deferred(
+        &self,
+        prec: Precision<'_, B>,
+        counting: bool,
+    ) -> Result<Deferred<B>> {
         let linears = (counting && matches!(prec, Precision::Dynamic(_)))
             .then(|| self.config.linears().len());
         Deferred::new(&self.backend, self.blocks.len(), linears)
@@ -255,13 +328,32 @@ impl<B: Backend> Model<B> {
             up: be.zeros(n * c.intermediate_size)?,
             xe: be.zeros(n * d)?,
             h_prev: be.zeros(0)?,
+            norm_after: be.zeros(n)?,
+            norm_before: be.zeros(n)?,
+        };
+        // Each block starts from its input normed into s.xn, and norms its
+        // output with the next block's norm (the last with the final norm)
+        // in the kernel of its residual add.
+        match self.blocks.first() {
+            Some(b) => be.rms_norm(&h, &b.attn_norm, c.rms_norm_eps, &mut s.xn),
+            None => be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut s.xn),
+        }
+        let sels_of = |l: usize| match prec {
+            Precision::Highest | Precision::Uniform(_) => None,
+            Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
         };
         let mut offset = 0;
         for (l, block) in self.blocks.iter().enumerate() {
-            let sels = match prec {
-                Precision::Highest | Precision::Uniform(_) => None,
-                Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
+            // What the block leaves for the next: its input normed, and the
+            // residual for asynchronous q/k/v estimators that need rows.
+            let next = match self.blocks.get(l + 1) {
+                Some(b) => (
+                    &b.attn_norm,
+                    async_rows(prec, sels_of(l + 1), 0..b.qkv_linears()),
+                ),
+                None => (&self.final_norm, false),
             };
+            let sels = sels_of(l);
             let mut run = BlockRun {
                 be,
                 prec,
@@ -271,19 +363,20 @@ impl<B: Backend> Model<B> {
                 offset,
                 n,
             };
-            self.block_forward(l, block, &mut h, (cache, step), &mut s, &mut run)?;
+            self.block_forward(l, (block, next), &mut h, (cache, step), &mut s, &mut run)?;
             offset += block.linears().len();
         }
         cache.advance(n);
-        let mut out = be.zeros(n * d)?;
-        be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut out);
-        Ok(out)
+        Ok(s.xn)
     }
 
+    /// Block `l` on the residual stream `h`, its input normed in `s.xn`; its
+    /// output normed with `next_norm` is left in `s.xn`, and with `next_rows`
+    /// the residual before its MLP output in `s.h_prev`.
     fn block_forward(
         &self,
         l: usize,
-        b: &Block<B>,
+        (b, (next_norm, next_rows)): (&Block<B>, (&B::Buf, bool)),
         h: &mut B::Buf,
         (cache, step): (&mut KvCache<B>, &Step<B::StepData>),
         s: &mut Scratch<B>,
@@ -291,50 +384,49 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let (be, c) = (&self.backend, &self.config);
         let eps = c.rms_norm_eps;
-        let nq = match &b.qkv {
-            QkvProj::Separate { .. } => 3,
-            QkvProj::Fused(_) => 1,
-        };
-        be.rms_norm(h, &b.attn_norm, eps, &mut s.xn);
-        // q/k/v estimators read the previous block's residual before its MLP output
-        // (normed with this block's norm); the first block has no such input.
+        let nq = b.qkv_linears();
+        // q/k/v estimators read the previous block's residual before its MLP
+        // output, normed with this block's norm (asynchronous), or xn; the
+        // previous block's last add left both norms (none before the first).
+        let norms = l > 0 && run.wants_norms();
         let qkv_async = l > 0 && run.wants_async(0..nq);
-        if qkv_async {
+        let qkv_rows = l > 0 && async_rows(run.prec, run.sels, 0..nq);
+        if qkv_rows {
             be.rms_norm(&s.h_prev, &b.attn_norm, eps, &mut s.xe);
         }
-        let xe: &B::Buf = if qkv_async { &s.xe } else { &s.xn };
+        let xe = match (qkv_async, norms) {
+            (true, _) => EstSrc {
+                rows: qkv_rows.then_some(&s.xe),
+                norms: Some(&s.norm_before),
+            },
+            (false, true) => EstSrc {
+                rows: Some(&s.xn),
+                norms: Some(&s.norm_after),
+            },
+            (false, false) => EstSrc::rows(&s.xn),
+        };
         match &b.qkv {
             QkvProj::Separate { q, k, v } => {
-                run.run(0, q, &s.xn, xe, &mut s.q)?;
-                run.run(1, k, &s.xn, xe, &mut s.k)?;
-                run.run(2, v, &s.xn, xe, &mut s.v)?;
+                run.run(0, q, &s.xn, &xe, &mut s.q)?;
+                run.run(1, k, &s.xn, &xe, &mut s.k)?;
+                run.run(2, v, &s.xn, &xe, &mut s.v)?;
             }
             QkvProj::Fused(f) => {
-                run.run_fused(0, f, &s.xn, xe, &mut [&mut s.q, &mut s.k, &mut s.v])?
+                run.run_fused(0, f, &s.xn, &xe, &mut [&mut s.q, &mut s.k, &mut s.v])?
             }
         }
         if let Some((qn, kn)) = &b.qk_norm {
             be.rms_norm_inplace(&mut s.q, qn, eps);
             be.rms_norm_inplace(&mut s.k, kn, eps);
         }
-        let rot = self.rope.rot_dim();
-        be.rope(
-            &mut s.q,
-            c.num_heads,
-            c.head_dim,
-            rot,
-            step,
-            &self.rope_table,
-        );
-        be.rope(
-            &mut s.k,
-            c.num_kv_heads,
-            c.head_dim,
-            rot,
-            step,
-            &self.rope_table,
-        );
-        cache.append(l, &s.k, &s.v, step)?;
+        let rope = RopeArgs {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            rot_dim: self.rope.rot_dim(),
+            table: &self.rope_table,
+        };
+        cache.append_rotated(l, (&mut s.q, &mut s.k, &s.v), step, rope)?;
         let shape = AttnShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -342,39 +434,71 @@ impl<B: Backend> Model<B> {
             window: c.sliding_window,
         };
         be.attention(&s.q, cache.store(), l, step, shape, &mut s.att);
-        run.run(nq, &b.o_proj, &s.att, &s.att, &mut s.out)?;
-        let ngu = match &b.gate_up {
-            GateUpProj::Separate { .. } => 2,
-            GateUpProj::Fused(_) => 1,
-        };
-        let mlp_async = run.wants_async(nq + 1..nq + 1 + ngu);
-        if mlp_async {
-            // gate/up estimators: the residual before the attention output, normed with the MLP norm.
+        run.run(nq, &b.o_proj, &s.att, &EstSrc::rows(&s.att), &mut s.out)?;
+        let gu = nq + 1..nq + 1 + b.gate_up_linears();
+        // gate/up estimators: the residual before the attention output, normed
+        // with the MLP norm (asynchronous), or xn; the add leaves both norms.
+        let mlp_async = run.wants_async(gu.clone());
+        let mlp_rows = async_rows(run.prec, run.sels, gu.clone());
+        if mlp_rows {
             be.rms_norm(h, &b.mlp_norm, eps, &mut s.xe);
         }
-        be.add_checked(h, &s.out, c.hidden_size, &mut run.deferred.flags, 2 * l);
-
-        be.rms_norm(h, &b.mlp_norm, eps, &mut s.xn);
-        let xe: &B::Buf = if mlp_async { &s.xe } else { &s.xn };
+        let norms = run.wants_norms();
+        self.add_norm(h, &b.mlp_norm, s, (run, 2 * l))?;
+        let xe = match (mlp_async, norms) {
+            (true, _) => EstSrc {
+                rows: mlp_rows.then_some(&s.xe),
+                norms: Some(&s.norm_before),
+            },
+            (false, true) => EstSrc {
+                rows: Some(&s.xn),
+                norms: Some(&s.norm_after),
+            },
+            (false, false) => EstSrc::rows(&s.xn),
+        };
         match &b.gate_up {
             GateUpProj::Separate { gate, up } => {
-                run.run(nq + 1, gate, &s.xn, xe, &mut s.gate)?;
-                run.run(nq + 2, up, &s.xn, xe, &mut s.up)?;
+                run.run(gu.start, gate, &s.xn, &xe, &mut s.gate)?;
+                run.run(gu.start + 1, up, &s.xn, &xe, &mut s.up)?;
             }
             GateUpProj::Fused(f) => {
-                run.run_fused(nq + 1, f, &s.xn, xe, &mut [&mut s.gate, &mut s.up])?
+                run.run_fused(gu.start, f, &s.xn, &xe, &mut [&mut s.gate, &mut s.up])?
             }
         }
         be.swiglu(&mut s.gate, &s.up);
-        run.run(nq + 1 + ngu, &b.down_proj, &s.gate, &s.gate, &mut s.out)?;
-        // The next block's q/k/v estimators read this residual (before the MLP output).
-        if l + 1 < self.blocks.len()
-            && matches!(run.prec, Precision::Dynamic(p) if p.async_estimation)
-        {
+        run.run(
+            gu.end,
+            &b.down_proj,
+            &s.gate,
+            &EstSrc::rows(&s.gate),
+            &mut s.out,
+        )?;
+        // The next block's q/k/v estimators read this residual (before the
+        // MLP output), as rows when one of them needs more than its norm.
+        if next_rows {
             be.copy(h, &mut s.h_prev);
         }
-        be.add_checked(h, &s.out, c.hidden_size, &mut run.deferred.flags, 2 * l + 1);
-        Ok(())
+        self.add_norm(h, next_norm, s, (run, 2 * l + 1))
+    }
+
+    /// `h += s.out`, checked into stage `slot` of the deferred flags, then
+    /// `s.xn` = the RMSNorm of `h` with `w` (and, under a dynamic plan, the
+    /// norms of the estimator inputs into `s.norm_after` / `s.norm_before`).
+    fn add_norm(
+        &self,
+        h: &mut B::Buf,
+        w: &B::Buf,
+        s: &mut Scratch<B>,
+        (run, slot): (&mut BlockRun<'_, '_, B>, usize),
+    ) -> Result<()> {
+        let norms = run.wants_norms().then_some(InputNorms {
+            after: &mut s.norm_after,
+            before: &mut s.norm_before,
+        });
+        let flags = (&mut run.deferred.flags, slot);
+        let eps = self.config.rms_norm_eps;
+        self.backend
+            .add_checked_norm(h, &s.out, flags, w, eps, &mut s.xn, norms)
     }
 
     /// Logits [rows × vocab] of final hidden states `hidden` into `out`, on the backend.
@@ -468,7 +592,11 @@ impl<B: Backend> Model<B> {
     /// `r`, and when it is an error the cache back at `before` positions: a
     /// failed call (a non-finite stage, an allocation) leaves no positions
     /// behind, in any layer.
-    pub(super) fn keep_or_undo<T>(cache: &mut KvCache<B>, before: usize, r: Result<T>) -> Result<T> {
+    pub(super) fn keep_or_undo<T>(
+        cache: &mut KvCache<B>,
+        before: usize,
+        r: Result<T>,
+    ) -> Result<T> {
         if r.is_err() {
             cache.truncate(before);
         }

@@ -71,6 +71,23 @@ pub struct Block<B: Backend = CpuBackend> {
 }
 
 impl<B: Backend> Block<B> {
+    /// Linears of the q/k/v projection (3, or 1 fused): the block's linears
+    /// `0..qkv_linears()`, then o_proj.
+    pub fn qkv_linears(&self) -> usize {
+        match &self.qkv {
+            QkvProj::Separate { .. } => 3,
+            QkvProj::Fused(_) => 1,
+        }
+    }
+
+    /// Linears of the gate/up projection (2, or 1 fused), after o_proj.
+    pub fn gate_up_linears(&self) -> usize {
+        match &self.gate_up {
+            GateUpProj::Separate { .. } => 2,
+            GateUpProj::Fused(_) => 1,
+        }
+    }
+
     /// Every linear of the block with a short name, in execution order.
     pub fn linears(&self) -> Vec<(&'static str, &Linear<B>)> {
         let mut v: Vec<(&'static str, &Linear<B>)> = Vec::new();

@@ -4,14 +4,15 @@
 //! only their counts come back, at the end of the forward call.
 
 use super::{BitStats, LinearSelect, Precision, Selector, Tally};
-use crate::backend::{Backend, Decide};
+use crate::backend::{Backend, Decide, EstInput};
 use crate::error::Result;
 use crate::linear::Linear;
 
 /// `y [n × out] = x [n × in] · Wᵀ` at the precision `prec` chooses for this linear.
 ///
 /// `sel` is this linear's rule under the plan (None without a plan), `x_est`
-/// the estimator's input (the exact or the asynchronous input), `idx` the
+/// the estimator's input (the exact or the asynchronous input, its rows or
+/// their norms), `idx` the
 /// linear's index in the model and `stats` the session's counters; with a
 /// `tally`, per-token counts go there (read at the end of the call) instead of
 /// being waited for.
@@ -22,7 +23,7 @@ pub(crate) fn run_linear<B: Backend>(
     prec: Precision<'_, B>,
     sel: Option<&LinearSelect<B>>,
     x: &B::Buf,
-    x_est: &B::Buf,
+    x_est: EstInput<'_, B>,
     n: usize,
     y: &mut B::Buf,
     idx: usize,
@@ -125,7 +126,7 @@ fn run_oracle<B: Backend>(
     lin: &Linear<B>,
     sel: &LinearSelect<B>,
     x: &B::Buf,
-    x_est: &B::Buf,
+    x_est: EstInput<'_, B>,
     n: usize,
     y: &mut B::Buf,
     idx: usize,

@@ -4,7 +4,9 @@ use super::{
     activation, attention, bitplane, estimate, norm, rope, rows, AnyPrecLinear, CpuBackend, CpuKv,
     DenseLinear,
 };
-use crate::backend::{AnyPrecHost, AttnShape, Backend, DenseHost, Estimator, Step};
+use crate::backend::{
+    needs_rows, AnyPrecHost, AttnShape, Backend, DenseHost, EstInput, Estimator, Step,
+};
 use crate::error::{EngineError, Result};
 
 impl Backend for CpuBackend {
@@ -200,8 +202,24 @@ impl Backend for CpuBackend {
         w.forward_bits(x, n, y, bits)
     }
 
-    fn estimates(&self, est: &Estimator<CpuBackend>, x: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
-        Ok(estimate::estimate(est, x, n))
+    fn estimates(
+        &self,
+        est: &Estimator<CpuBackend>,
+        input: EstInput<'_, Self>,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        match (input, est) {
+            (EstInput::Rows(x), _) => Ok(estimate::estimate(est, x, n)),
+            (EstInput::Norms(v), _) if v.len() != n => Err(EngineError::Device(format!(
+                "{} estimator input norms for {n} tokens",
+                v.len()
+            ))),
+            (EstInput::Norms(v), Estimator::Linear { a, c }) => {
+                Ok(v.iter().map(|v| a * v + c).collect())
+            }
+            (EstInput::Norms(_), Estimator::None) => Ok(vec![0.0; n]),
+            (EstInput::Norms(_), Estimator::Jl { .. }) => Err(needs_rows(est)),
+        }
     }
 
     fn threshold_mask(&self, values: &Vec<f32>, threshold: f32) -> Result<Vec<bool>> {

@@ -21,7 +21,8 @@ use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{
-    decided_by_mask, AnyPrecHost, AttnShape, Backend, Decide, DenseHost, Estimator, Step,
+    decided_by_mask, needs_rows, AnyPrecHost, AttnShape, Backend, Decide, DenseHost, EstInput,
+    Estimator, InputNorms, RopeArgs, Step,
 };
 use crate::error::{EngineError, Result};
 
@@ -170,7 +171,7 @@ impl CudaBackend {
     fn decide(
         &self,
         est: &Estimator<Self>,
-        x: &CudaBuf,
+        input: EstInput<'_, Self>,
         n: usize,
         threshold: f32,
         count: Option<(&mut CudaBuf, usize)>,
@@ -184,17 +185,10 @@ impl CudaBackend {
             return Ok(CudaMask { flags, n });
         }
         let mut projected = None;
-        let (src, a, c) = self.estimator_input(est, x, n, &mut projected)?;
-        let d = src.len / n;
+        let (src, d, a, c) = self.estimator_input(est, input, n, &mut projected)?;
         let (di, si) = (d as i32, count.as_ref().map_or(0, |c| c.1) as i32);
         let mut counts = count.map(|(b, _)| b.view_mut());
-        let (count_ptr, _in_use) = match counts.as_mut() {
-            Some(v) => {
-                let (p, in_use) = v.device_ptr_mut(self.stream());
-                (p, Some(in_use))
-            }
-            None => (0, None),
-        };
+        let (count_ptr, _in_use) = optional_ptr(counts.as_mut(), self.stream());
         launch!(
             self,
             "decide_norm",
@@ -230,23 +224,35 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// What a decision takes the norm of, and its (a, c) in a·||·|| + c: the
-    /// `n` rows of `x`, or their JL projection (made into `projected`).
+    /// What a decision takes the norm of, its row width, and its (a, c) in
+    /// a·||·|| + c: the `n` rows of the input, or their JL projection (made
+    /// into `projected`); or width 0 for the rows' norms themselves (the
+    /// kernels' convention for a norm left by the input's producer).
     fn estimator_input<'a>(
         &self,
         est: &Estimator<Self>,
-        x: &'a CudaBuf,
+        input: EstInput<'a, Self>,
         n: usize,
         projected: &'a mut Option<CudaBuf>,
-    ) -> Result<(&'a CudaBuf, f32, f32)> {
-        Ok(match est {
+    ) -> Result<(&'a CudaBuf, usize, f32, f32)> {
+        let width = |x: &CudaBuf| x.len.checked_div(n).unwrap_or(0);
+        Ok(match (input, est) {
+            (EstInput::Norms(v), _) if v.len != n => {
+                return Err(EngineError::Device(format!(
+                    "{} estimator input norms for {n} tokens",
+                    v.len
+                )))
+            }
+            (EstInput::Norms(_), Estimator::Jl { .. }) => return Err(needs_rows(est)),
             // No estimator: every estimate is 0.
-            Estimator::None => (x, 0.0, 0.0),
-            Estimator::Linear { a, c } => (x, *a, *c),
-            Estimator::Jl { k, g, bias } => {
+            (EstInput::Norms(v), Estimator::None) => (v, 0, 0.0, 0.0),
+            (EstInput::Norms(v), Estimator::Linear { a, c }) => (v, 0, *a, *c),
+            (EstInput::Rows(x), Estimator::None) => (x, width(x), 0.0, 0.0),
+            (EstInput::Rows(x), Estimator::Linear { a, c }) => (x, width(x), *a, *c),
+            (EstInput::Rows(x), Estimator::Jl { k, g, bias }) => {
                 let mut gx = self.zeros(n * k)?;
                 self.dense_into(g, x, n, &mut gx)?;
-                (projected.insert(gx), 1.0, *bias)
+                (projected.insert(gx), *k, 1.0, *bias)
             }
         })
     }
@@ -255,7 +261,9 @@ impl CudaBackend {
     fn step_words(tokens: &[u32], pos0: usize) -> Result<Vec<u32>> {
         let pos0 = u32::try_from(pos0)
             .map_err(|_| EngineError::Device(format!("position {pos0} is past 2^32")))?;
-        Ok(std::iter::once(pos0).chain(tokens.iter().copied()).collect())
+        Ok(std::iter::once(pos0)
+            .chain(tokens.iter().copied())
+            .collect())
     }
 
     /// Row indices of the tokens whose decision equals `high`.
@@ -304,13 +312,13 @@ impl CudaBackend {
         Ok((gbs(8 * n, copy), gbs(4 * n, read)))
     }
 
-    /// `out[t] = a·||x_t|| + c` for the `n` rows of `x`.
-    fn row_norms(&self, x: &CudaBuf, n: usize, a: f32, c: f32) -> Result<CudaBuf> {
+    /// `out[t] = a·||x_t|| + c` for the `n` rows of `x` of width `d` (d = 0:
+    /// x holds their norms).
+    fn row_norms(&self, x: &CudaBuf, n: usize, d: usize, a: f32, c: f32) -> Result<CudaBuf> {
         let mut out = self.zeros(n)?;
         if n == 0 {
             return Ok(out);
         }
-        let d = x.len / n;
         let di = d as i32;
         launch!(
             self,
@@ -490,6 +498,69 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn rope_append(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        layer: usize,
+        step: &Step<CudaSlice<u32>>,
+        rope: RopeArgs<'_, Self>,
+    ) -> Result<()> {
+        self.check()?;
+        let RopeArgs {
+            heads,
+            kv_heads,
+            head_dim,
+            rot_dim,
+            table,
+        } = rope;
+        let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
+        let n = q.len / qd.max(1);
+        if n * qd != q.len
+            || k.len != n * kvd
+            || v.len != k.len
+            || kv.kv_dim() != kvd
+            || rot_dim > head_dim
+            || table.len < (step.pos0 + n) * rot_dim
+        {
+            return Err(EngineError::Device(format!(
+                "rope_append: {} queries ({heads} heads of {head_dim}), {} keys, {} values \
+                 ({kv_heads} heads) into a cache of width {}, {rot_dim} rotated, a table of {} \
+                 for positions up to {}",
+                q.len,
+                k.len,
+                v.len,
+                kv.kv_dim(),
+                table.len,
+                step.pos0 + n
+            )));
+        }
+        let (keys, values) = kv.slots(&self.dev, layer, step.pos0, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let [ni, h, hk, hd, rot] = [n, heads, kv_heads, head_dim, rot_dim].map(|v| v as i32);
+        launch!(
+            self,
+            "rope_store",
+            self.ops.stride((n * heads * rot_dim / 2).max(k.len)),
+            &mut q.view_mut(),
+            &k.view(),
+            &v.view(),
+            keys,
+            values,
+            &table.view(),
+            &ni,
+            &h,
+            &hk,
+            &hd,
+            &rot,
+            &step.data
+        )
+    }
+
     fn kv_reserve(&self, kv: &mut CudaKv, positions: usize) -> Result<usize> {
         self.check()?;
         kv.reserve(&self.dev, positions)
@@ -560,7 +631,9 @@ impl Backend for CudaBackend {
         self.check()?;
         match g? {
             Some(g) => Ok(CudaStepGraph(g)),
-            None => Err(EngineError::Device("CUDA: an empty graph was recorded".into())),
+            None => Err(EngineError::Device(
+                "CUDA: an empty graph was recorded".into(),
+            )),
         }
     }
 
@@ -610,7 +683,7 @@ impl Backend for CudaBackend {
             launch!(
                 self,
                 "rms_norm",
-                self.ops.per_row(x.len / d, d),
+                self.ops.norm_rows(x.len / d, d),
                 &x.view(),
                 &w.view(),
                 &eps,
@@ -631,7 +704,7 @@ impl Backend for CudaBackend {
                 )));
             }
             let di = d as i32;
-            let cfg = self.ops.per_row(x.len / d, d);
+            let cfg = self.ops.norm_rows(x.len / d, d);
             // In place: the kernel's input and output are the same buffer (each
             // thread writes only the values it read).
             let xv = x.data.slice(..x.len);
@@ -713,21 +786,46 @@ impl Backend for CudaBackend {
             let (h, hk, d) = (nh as i32, nkv as i32, hd as i32);
             let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
             let scale = 1.0 / (hd as f32).sqrt();
+            let spans = self.ops.attention_spans(kv.capacity(layer), nh * n);
+            // With one span the kernel writes `out` and never touches `part`.
+            let mut part = self.alloc(
+                if spans > 1 {
+                    n * nh * spans * (2 + hd)
+                } else {
+                    1
+                },
+                "attention spans",
+            )?;
             launch!(
                 self,
                 "attention",
-                self.ops.attention(nh, n),
+                self.ops.attention(nh, n, spans),
                 &q.view(),
                 k,
                 v,
                 &mut out.view_mut(),
+                &mut part,
                 &step.data,
                 &h,
                 &hk,
                 &d,
                 &window,
                 &scale
-            )
+            )?;
+            if spans > 1 {
+                let s = spans as i32;
+                launch!(
+                    self,
+                    "attention_merge",
+                    self.ops.attention_merge(nh, n, hd),
+                    &part,
+                    &mut out.view_mut(),
+                    &h,
+                    &d,
+                    &s
+                )?;
+            }
+            Ok(())
         })();
         self.keep(r)
     }
@@ -789,6 +887,63 @@ impl Backend for CudaBackend {
             )
         })();
         self.keep(r)
+    }
+
+    fn add_checked_norm(
+        &self,
+        h: &mut CudaBuf,
+        x: &CudaBuf,
+        (flags, slot): (&mut CudaBuf, usize),
+        w: &CudaBuf,
+        eps: f32,
+        out: &mut CudaBuf,
+        norms: Option<InputNorms<'_, Self>>,
+    ) -> Result<()> {
+        self.check()?;
+        let d = w.len.max(1);
+        let n = h.len / d;
+        Self::want_len("add", x, h.len)?;
+        Self::want_len("add_checked_norm output", out, h.len)?;
+        Self::check_slot("flag_non_finite", flags, slot)?;
+        if !h.len.is_multiple_of(d) {
+            return Err(EngineError::Device(format!(
+                "add_checked_norm: {} values in rows of {d}",
+                h.len
+            )));
+        }
+        // The norms' buffers (resized to n), or null pointers for none.
+        let mut norms = norms;
+        if let Some(InputNorms { after, before }) = norms.as_mut() {
+            for b in [&mut **after, &mut **before] {
+                if b.data.len() < n {
+                    b.data = self.alloc(n, "estimator input norms (GPU)")?;
+                }
+                b.len = n;
+            }
+        }
+        let (mut after, mut before) = match norms {
+            Some(InputNorms { after, before }) => (Some(after.view_mut()), Some(before.view_mut())),
+            None => (None, None),
+        };
+        let stream = self.stream();
+        let (after_ptr, _a) = optional_ptr(after.as_mut(), stream);
+        let (before_ptr, _b) = optional_ptr(before.as_mut(), stream);
+        let (di, s) = (d as i32, slot as i32);
+        launch!(
+            self,
+            "add_flag_norm",
+            self.ops.norm_rows(n, d),
+            &mut h.view_mut(),
+            &x.view(),
+            &w.view(),
+            &eps,
+            &mut out.view_mut(),
+            &di,
+            &mut flags.view_mut(),
+            &s,
+            &after_ptr,
+            &before_ptr
+        )
     }
 
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) {
@@ -875,38 +1030,37 @@ impl Backend for CudaBackend {
         self.keep(r)
     }
 
-    fn estimates(&self, est: &Estimator<Self>, x: &CudaBuf, n: usize) -> Result<CudaBuf> {
+    fn estimates(
+        &self,
+        est: &Estimator<Self>,
+        input: EstInput<'_, Self>,
+        n: usize,
+    ) -> Result<CudaBuf> {
         self.check()?;
-        match est {
-            Estimator::None => self.zeros(n),
-            Estimator::Linear { a, c } => self.row_norms(x, n, *a, *c),
-            Estimator::Jl { k, g, bias } => {
-                let mut gx = self.zeros(n * k)?;
-                self.dense_into(g, x, n, &mut gx)?;
-                self.row_norms(&gx, n, 1.0, *bias)
-            }
-        }
+        let mut projected = None;
+        let (src, d, a, c) = self.estimator_input(est, input, n, &mut projected)?;
+        self.row_norms(src, n, d, a, c)
     }
 
     fn estimate(
         &self,
         est: &Estimator<Self>,
-        x: &CudaBuf,
+        input: EstInput<'_, Self>,
         n: usize,
         threshold: f32,
     ) -> Result<CudaMask> {
-        self.decide(est, x, n, threshold, None)
+        self.decide(est, input, n, threshold, None)
     }
 
     fn estimate_counted(
         &self,
         est: &Estimator<Self>,
-        x: &CudaBuf,
+        input: EstInput<'_, Self>,
         n: usize,
         threshold: f32,
         count: (&mut CudaBuf, usize),
     ) -> Result<CudaMask> {
-        self.decide(est, x, n, threshold, Some(count))
+        self.decide(est, input, n, threshold, Some(count))
     }
 
     fn threshold_mask(&self, values: &CudaBuf, threshold: f32) -> Result<CudaMask> {
@@ -1000,13 +1154,14 @@ impl Backend for CudaBackend {
         Self::want_len("any-precision linear input", x, shape.1)?;
         Self::want_len("any-precision linear output", y, shape.0)?;
         let mut projected = None;
-        let (e, a, c) = self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
+        let (e, d, a, c) =
+            self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
         Self::check_count(&count)?;
         let mut counts = count.map(|(b, slot)| (b.view_mut(), slot));
         w.w.gemv_select(
             &x.view(),
             low,
-            &e.view(),
+            (&e.view(), d),
             (a, c, decide.threshold),
             counts.as_mut().map(|(v, slot)| (v, *slot)),
             &mut y.view_mut(),
@@ -1089,5 +1244,20 @@ impl Backend for CudaBackend {
             )
         })();
         self.keep(r)
+    }
+}
+
+/// The device address of `v` and the guard that keeps it in use, or 0 (a
+/// kernel's null pointer) for none.
+fn optional_ptr<'a>(
+    v: Option<&'a mut CudaViewMut<'_, f32>>,
+    stream: &'a Arc<CudaStream>,
+) -> (u64, Option<impl Drop + 'a>) {
+    match v {
+        Some(v) => {
+            let (p, in_use) = v.device_ptr_mut(stream);
+            (p, Some(in_use))
+        }
+        None => (0, None),
     }
 }

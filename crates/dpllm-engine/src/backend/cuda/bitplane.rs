@@ -284,7 +284,10 @@ impl CudaAnyPrec {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (luts, stride) = (&self.luts[(bits - self.seed_bits) as usize], self.plane_stride());
+        let (luts, stride) = (
+            &self.luts[(bits - self.seed_bits) as usize],
+            self.plane_stride(),
+        );
         let mut l = self.device.stream().launch_builder(&f);
         l.arg(&self.planes)
             .arg(&stride)
@@ -424,12 +427,7 @@ impl CudaAnyPrec {
             bytes: 2 * len,
         })?;
         let f = self.device.bitplane_kernels()?.get("split_x")?;
-        let (stride, ni, c, cp) = (
-            self.cols as i32,
-            n as i32,
-            self.cols as i32,
-            cols_p as i32,
-        );
+        let (stride, ni, c, cp) = (self.cols as i32, n as i32, self.cols as i32, cols_p as i32);
         let cfg = LaunchConfig {
             // Eight columns a thread.
             grid_dim: ((n * cols_p / 8).div_ceil(256) as u32, 1, 1),
@@ -485,7 +483,11 @@ impl CudaAnyPrec {
         let split = if in_block { n } else { 0 };
         let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
         // The kernel: `s` where the block splits x, `e` for 4-bit entry tables.
-        let e = if bits == 4 && tables == Tables::Entries { "e" } else { "" };
+        let e = if bits == 4 && tables == Tables::Entries {
+            "e"
+        } else {
+            ""
+        };
         let s = if in_block { "s" } else { "" };
         let f = self
             .device
@@ -538,23 +540,31 @@ impl CudaAnyPrec {
     }
 
     /// Shared memory of the in-kernel choice between `low` and `low + 1` bits
-    /// (one token): what the hungrier precision takes.
+    /// (one token, each with the tables the plain GEMV takes): what the
+    /// hungrier precision takes.
     fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
         let split = self.select_splits_in_block() as usize;
-        let at = |b: u32| self.shared_bytes(b, Tables::default_at(b), warps, split);
+        let at = |b: u32| self.shared_bytes(b, self.tables(b, 1), warps, split);
         at(low).max(at(low + 1))
+    }
+
+    /// True when the in-kernel choice between `low` and `low + 1` bits takes
+    /// the 4-bit side with entry tables (kernels `_e`).
+    fn select_entries(&self, low: u32) -> bool {
+        (3..=4).contains(&low) && self.tables(4, 1) == Tables::Entries
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
     /// thr` and `low` otherwise, decided inside the kernel (DP-LLM's decision
-    /// of the token, `e` the estimator's input); with `count = (c, slot)`,
-    /// `c[slot]` gains 1 when the token goes high.
+    /// of the token, `e` the estimator's input of `e_width` values, or with
+    /// `e_width` 0 its norm); with `count = (c, slot)`, `c[slot]` gains 1 when
+    /// the token goes high.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_select(
         &self,
         x: &CudaView<f32>,
         low: u32,
-        e: &CudaView<f32>,
+        (e, e_width): (&CudaView<f32>, usize),
         (a, c, thr): (f32, f32, f32),
         count: Option<(&mut CudaViewMut<f32>, usize)>,
         y: &mut CudaViewMut<f32>,
@@ -579,14 +589,25 @@ impl CudaAnyPrec {
         let in_block = self.select_splits_in_block();
         let xs = (!in_block).then(|| self.split(x, 1)).transpose()?;
         let f = self.device.bitplane_kernels()?.get(&format!(
-            "bitplane_gemv_select_b{low}{}",
-            if in_block { "" } else { "x" }
+            "bitplane_gemv_select_b{low}{}{}",
+            if in_block { "" } else { "x" },
+            if self.select_entries(low) { "e" } else { "" }
         ))?;
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
         let (cols, rows, kbs) = (self.cols as i32, self.rows as i32, self.kbs as i32);
-        let (ne, no_count) = (e.len() as i32, 0u64);
-        let (slot, stride) = (count.as_ref().map_or(0, |c| c.1) as i32, self.plane_stride());
+        if e.len() < e_width.max(1) {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: an estimator input of {} values where {} are needed",
+                e.len(),
+                e_width.max(1)
+            )));
+        }
+        let (ne, no_count) = (e_width as i32, 0u64);
+        let (slot, stride) = (
+            count.as_ref().map_or(0, |c| c.1) as i32,
+            self.plane_stride(),
+        );
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&self.planes)
             .arg(&stride)

@@ -44,6 +44,15 @@ impl CudaKv {
         ))
     }
 
+    /// Positions `layer`'s storage holds (0 before its first append).
+    pub(crate) fn capacity(&self, layer: usize) -> usize {
+        let d = self.kv_dim.max(1);
+        self.keys
+            .get(layer)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.len() / d)
+    }
+
     /// Positions stored in `layer`.
     pub(crate) fn positions(&self, layer: usize) -> usize {
         self.len.get(layer).copied().unwrap_or(0)
@@ -71,8 +80,18 @@ impl CudaKv {
         }
         let (d, need) = (self.kv_dim, (pos0 + n) * self.kv_dim);
         let used = held * d;
-        let keys = grow(dev, &mut self.keys[layer], used, need.max(FIRST_POSITIONS * d))?;
-        let values = grow(dev, &mut self.values[layer], used, need.max(FIRST_POSITIONS * d))?;
+        let keys = grow(
+            dev,
+            &mut self.keys[layer],
+            used,
+            need.max(FIRST_POSITIONS * d),
+        )?;
+        let values = grow(
+            dev,
+            &mut self.values[layer],
+            used,
+            need.max(FIRST_POSITIONS * d),
+        )?;
         self.len[layer] = pos0 + n;
         Ok((keys, values))
     }

@@ -424,37 +424,43 @@ GEMV_BITS(8)
 
 // One token whose precision is decided in the kernel (DP-LLM, b_h = b_l + 1):
 // every block works out the decision from the estimator's input e_in (n_e
-// values: the linear's input, or a JL estimator's projection) and runs the GEMV
+// values: the linear's input, or a JL estimator's projection; with n_e = 0,
+// e_in[0] is the input's norm, left by the kernel that made it) and runs the GEMV
 // at BL + 1 bits (tables luts_high) when a * ||e_in|| + c > thr, else at BL
 // (luts_low). The first block adds the decision to count[slot] when count is
 // given. One launch instead of an estimate, a decision and two masked GEMVs.
 // (Kernels _b<BL> take x and split it in the block; _b<BL>x take it split
-// by split_x, for layers too wide to split in the block.)
-#define GEMV_SELECT_BODY(BL, SX, XIN, XSTRIDE)                                                   \
+// by split_x, for layers too wide to split in the block; suffix e below.)
+#define GEMV_SELECT_BODY(BL, KL, KH, SX, XIN, XSTRIDE)                                           \
     const bool high = decide_high(e_in, n_e, a, c, thr);                                         \
     if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f);     \
     if (high)                                                                                    \
-        gemv<BL + 1, 4, SX>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y, rows,  \
-                            rows, kbs, nullptr, 0u);                                             \
+        gemv<BL + 1, 4, SX, KH>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y,    \
+                                rows, rows, kbs, nullptr, 0u);                                   \
     else                                                                                         \
-        gemv<BL, 4, SX>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows, rows, \
-                        kbs, nullptr, 0u);
-#define GEMV_SELECT_KERNEL(BL)                                                                     \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL(                   \
+        gemv<BL, 4, SX, KL>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows,   \
+                            rows, kbs, nullptr, 0u);
+#define GEMV_SELECT_KERNEL_K(BL, KL, KH, E)                                                        \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##E(                \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
         float c, float thr, float* count, int slot) {                                              \
-        GEMV_SELECT_BODY(BL, true, x, cols)                                                        \
+        GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##x(                \
+    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##x##E(             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
         float c, float thr, float* count, int slot) {                                              \
-        GEMV_SELECT_BODY(BL, false, xs, cols)                                                      \
+        GEMV_SELECT_BODY(BL, KL, KH, false, xs, cols)                                              \
     }
+#define GEMV_SELECT_KERNEL(BL) GEMV_SELECT_KERNEL_K(BL, default_kind(BL), default_kind(BL + 1), )
 
 GEMV_SELECT_KERNEL(3) GEMV_SELECT_KERNEL(4) GEMV_SELECT_KERNEL(5) GEMV_SELECT_KERNEL(6)
 GEMV_SELECT_KERNEL(7)
+// Suffix e: the 4-bit side with entry tables, as the plain GEMV's kernels _e
+// (`CudaAnyPrec::tables`); the other side's tables need little or no shared
+// memory, so the launch keeps the plain GEMV's occupancy.
+GEMV_SELECT_KERNEL_K(3, REGS, ENTRIES, e) GEMV_SELECT_KERNEL_K(4, ENTRIES, ENTRIES, e)
 
 // The activations of a launch whose block cannot hold them split (see
 // split_into): the whole grid splits x [n][cols] into xs [2][n][cols_p]. |x|

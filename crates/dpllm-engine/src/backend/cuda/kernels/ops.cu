@@ -5,31 +5,149 @@
 
 // ---- norms ----------------------------------------------------------------
 
-// One block per segment of d values: out = x / sqrt(mean(x^2) + eps) * w.
-// In place when out == x (each thread writes only what it read).
-extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, float* out, int d) {
-    const long base = (long)blockIdx.x * d;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float v = x[base + i];
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss) / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[base + i] = x[base + i] * inv * w[i];
+// float4s of a row each thread of rms_norm keeps in registers (`NORM_VECS` on the host).
+#define NORM_V 4
+
+// Sums of the four values over the block, in every thread (as block_sum).
+__device__ float4 block_sum4(float4 v) {
+    __shared__ float4 part4[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = make_float4(warp_sum(v.x), warp_sum(v.y), warp_sum(v.z), warp_sum(v.w));
+    __syncthreads();  // part4 may still be read by a previous call
+    if (lane == 0) part4[warp] = v;
+    __syncthreads();
+    float4 s = lane < (int)(blockDim.x >> 5) ? part4[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+    return make_float4(warp_sum(s.x), warp_sum(s.y), warp_sum(s.z), warp_sum(s.w));
 }
 
-// One block per row of d values: out[row] = a * ||x_row|| + c (the DP-LLM estimates).
+// What norm_row sums over a row: r^2 and (r w)^2 for the row r it norms, and
+// the same for the row before the add (s): Σr² gives the norm's scale, and
+// ||RMSNorm(r) ⊙ ... || = scale · sqrt(Σ(r w)²) the estimator input's norm.
+struct RowSums {
+    float rr = 0.f, rw = 0.f, ss = 0.f, sw = 0.f;
+    __device__ __forceinline__ void add(float r, float s, float g) {
+        rr += r * r;
+        rw += (r * g) * (r * g);
+        ss += s * s;
+        sw += (s * g) * (s * g);
+    }
+};
+
+// RMSNorm of one row of d values by the block: out = r / sqrt(mean(r^2) + eps) * w
+// for r = src, or with add given r = src + add, written back to src (then a
+// NaN or infinity in r lowers flags[slot] to `token`, as flag_non_finite
+// does). out may be src (each thread writes only what it read). With after
+// and before given, *after = ||out|| and *before = the norm of RMSNorm(src
+// before the add) with w: the DP-LLM estimator inputs' norms, so
+// the linears that follow need not read their rows. A row of at most NORM_V
+// float4s a thread is read once, into registers, with every load in flight;
+// any other row is read twice.
+__device__ void norm_row(float* src, const float* add, const float* w, float eps, float* out, int d,
+                         float* flags, int slot, int token, float* after, float* before) {
+    const int bd = blockDim.x, n4 = d >> 2;
+    bool bad = false;
+    RowSums sums;
+    float inv;
+    if ((d & 3) == 0 && n4 <= NORM_V * bd && aligned16(src) && aligned16(add) && aligned16(w) &&
+        aligned16(out)) {
+        float4* s4 = (float4*)src;
+        const float4* w4 = (const float4*)w;
+        float4 r[NORM_V], g[NORM_V];
+#pragma unroll
+        for (int u = 0; u < NORM_V; u++) {
+            const int i = threadIdx.x + u * bd;
+            const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+            r[u] = i < n4 ? s4[i] : zero;
+            g[u] = i < n4 ? w4[i] : zero;  // requested with the row: one round trip, not two
+            const float4 s = r[u];
+            if (add && i < n4) {
+                const float4 a = ((const float4*)add)[i];
+                r[u] = make_float4(r[u].x + a.x, r[u].y + a.y, r[u].z + a.z, r[u].w + a.w);
+                s4[i] = r[u];
+                bad |= !(isfinite(r[u].x) && isfinite(r[u].y) && isfinite(r[u].z) && isfinite(r[u].w));
+            }
+            sums.add(r[u].x, s.x, g[u].x);
+            sums.add(r[u].y, s.y, g[u].y);
+            sums.add(r[u].z, s.z, g[u].z);
+            sums.add(r[u].w, s.w, g[u].w);
+        }
+        if (bad) atomicMin((u32*)(flags + slot), __float_as_uint((float)token));
+        if (after) {
+            const float4 t = block_sum4(make_float4(sums.rr, sums.rw, sums.ss, sums.sw));
+            sums.rr = t.x, sums.rw = t.y, sums.ss = t.z, sums.sw = t.w;
+        } else {
+            sums.rr = block_sum(sums.rr);
+        }
+        inv = rsqrtf(sums.rr / (float)d + eps);
+        float4* o4 = (float4*)out;
+#pragma unroll
+        for (int u = 0; u < NORM_V; u++) {
+            const int i = threadIdx.x + u * bd;
+            if (i < n4)
+                o4[i] = make_float4(r[u].x * inv * g[u].x, r[u].y * inv * g[u].y, r[u].z * inv * g[u].z,
+                                    r[u].w * inv * g[u].w);
+        }
+    } else {
+        if (add || after) {
+            for (int i = threadIdx.x; i < d; i += bd) {
+                const float s = src[i], v = add ? s + add[i] : s;
+                if (add) {
+                    src[i] = v;
+                    bad |= !isfinite(v);
+                }
+                sums.add(v, s, w[i]);
+            }
+            if (bad) atomicMin((u32*)(flags + slot), __float_as_uint((float)token));
+            const float4 t = block_sum4(make_float4(sums.rr, sums.rw, sums.ss, sums.sw));
+            sums.rr = t.x, sums.rw = t.y, sums.ss = t.z, sums.sw = t.w;
+        } else {
+            sums.rr = block_sumsq(src, d);
+        }
+        inv = rsqrtf(sums.rr / (float)d + eps);
+        for (int i = threadIdx.x; i < d; i += bd) out[i] = src[i] * inv * w[i];
+    }
+    if (after && threadIdx.x == 0) {
+        *after = inv * sqrtf(sums.rw);
+        *before = rsqrtf(sums.ss / (float)d + eps) * sqrtf(sums.sw);
+    }
+}
+
+// One block per segment of d values of x: out = x / sqrt(mean(x^2) + eps) * w.
+// In place when out == x.
+extern "C" __global__ void rms_norm(float* x, const float* w, float eps, float* out, int d) {
+    const long base = (long)blockIdx.x * d;
+    norm_row(x + base, nullptr, w, eps, out + base, d, nullptr, 0, 0, nullptr, nullptr);
+}
+
+// One block per token: h += x, checked as add_flag does, then out = the
+// RMSNorm of h with w (d = the width of a token); with after and before
+// ([n] each, or both null), the norms of the estimator inputs (norm_row).
+extern "C" __global__ void add_flag_norm(float* h, const float* x, const float* w, float eps, float* out, int d,
+                                         float* flags, int slot, float* after, float* before) {
+    const long base = (long)blockIdx.x * d;
+    const int t = blockIdx.x;
+    norm_row(h + base, x + base, w, eps, out + base, d, flags, slot, t, after ? after + t : nullptr,
+             before ? before + t : nullptr);
+}
+
+// Row `row` of x [. x d], or with d = 0 its norm, x[row] (block_estimate's input).
+__device__ __forceinline__ const float* est_row(const float* x, int d, int row) {
+    return d > 0 ? x + (long)row * d : x + row;
+}
+
+// One block per row of d values: out[row] = a * ||x_row|| + c (the DP-LLM
+// estimates); with d = 0, x holds the rows' norms.
 extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float c, float* out) {
-    const float e = block_estimate(x + (long)blockIdx.x * d, d, a, c);
+    const float e = block_estimate(est_row(x, d, blockIdx.x), d, a, c);
     if (threadIdx.x == 0) out[blockIdx.x] = e;
 }
 
-// One block per row of d values: the DP-LLM decision flags[row] =
-// a * ||x_row|| + c > thr; with count, count[slot] += the rows sent high
-// (count[slot] holds 0 before).
+// One block per row of d values (or with d = 0 of its norm, as
+// row_norm_affine): the DP-LLM decision flags[row] = a * ||x_row|| + c > thr;
+// with count, count[slot] += the rows sent high (count[slot] holds 0 before).
 extern "C" __global__ void decide_norm(const float* x, int d, float a, float c, float thr, u32* flags,
                                        float* count, int slot) {
-    const bool high = decide_high(x + (long)blockIdx.x * d, d, a, c, thr);
+    const bool high = decide_high(est_row(x, d, blockIdx.x), d, a, c, thr);
     if (threadIdx.x == 0) {
         flags[blockIdx.x] = high ? 1u : 0u;
         if (count && high) atomicAdd(count + slot, 1.f);
@@ -90,6 +208,46 @@ extern "C" __global__ void kv_store(const float* k, const float* v, float* kc, f
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < nd; i += (long)gridDim.x * blockDim.x) {
         kc[o + i] = k[i];
         vc[o + i] = v[i];
+    }
+}
+
+// RoPE and the cache store of one layer in one launch: q [n x nh x hd] turned
+// in place for positions step[0].., k [n x nkv x hd] turned into the cache
+// (k itself is left as it was), v copied there; the turn as rope's.
+extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc, float* vc,
+                                      const float* table, int n, int nh, int nkv, int hd, int rot,
+                                      const u32* step) {
+    const int half = rot / 2, pos0 = (int)step[0];
+    const long nq = (long)n * nh * half, nkvd = (long)n * nkv * hd;
+    const long o = (long)pos0 * nkv * hd;
+    for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < max(nq, nkvd);
+         j += (long)gridDim.x * blockDim.x) {
+        if (j < nq) {
+            const int i = j % half;
+            const long th = j / half;
+            const float* row = table + (long)(pos0 + th / nh) * rot;
+            float* h = q + th * hd;
+            const float a = h[i], b = h[i + half], c = row[i], s = row[half + i];
+            h[i] = a * c - b * s;
+            h[i + half] = b * c + a * s;
+        }
+        if (j < nkvd) {
+            const int dim = j % hd;
+            const long th = j / hd;
+            const float* row = table + (long)(pos0 + th / nkv) * rot;
+            const float* h = k + th * hd;
+            float out = h[dim];
+            if (dim < half) {
+                const float a = h[dim], b = h[dim + half], c = row[dim], s = row[half + dim];
+                out = a * c - b * s;
+            } else if (dim < rot) {
+                const int i = dim - half;
+                const float a = h[i], b = h[dim], c = row[i], s = row[half + i];
+                out = b * c + a * s;
+            }
+            kc[o + j] = out;
+            vc[o + j] = v[j];
+        }
     }
 }
 
@@ -334,23 +492,30 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 // ---- attention ------------------------------------------------------------
 // Causal attention of query token t (blockIdx.y) and head h (blockIdx.x) over
 // positions lo..=pos0+t (pos0 = step[0]) of one layer's cache (k, v [positions x kv_dim]), with
-// grouped KV heads and an optional window (0: none). Each warp runs an online
-// softmax over every ATT_WARPS-th position, keeping the head's output in
-// registers (ATT_MAXD / 32 per lane); the warps' partial results are merged at
-// the end.
+// grouped KV heads and an optional window (0: none). The positions are cut
+// into gridDim.z equal spans, one a block (split-K over the sequence, so long
+// contexts fill the GPU); each warp runs an online softmax over ATT_P
+// positions at a time (their loads in flight together), keeping the head's
+// output in registers (ATT_MAXD / 32 per lane); the warps' partial results are
+// merged at the end. With one span the block writes out; with more it writes
+// its (max, sum, unnormalised output) to part, [n][nh][spans][2 + hd], and
+// attention_merge combines them.
 
-#define ATT_WARPS 4
+#define ATT_WARPS 8
 #define ATT_MAXD 256
+#define ATT_P 4
 
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out,
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
                                      const u32* step, int nh, int nkv, int hd, int window, float scale) {
     const int pos0 = (int)step[0];
-    const int h = blockIdx.x, t = blockIdx.y;
+    const int h = blockIdx.x, t = blockIdx.y, spans = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kvd = nkv * hd, qd = nh * hd;
     const long kvo = (long)(h / (nh / nkv)) * hd;
     const int pos = pos0 + t;
     const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int chunk = (pos + 1 - lo + spans - 1) / spans;
+    const int beg = lo + (int)blockIdx.z * chunk, end = min(pos + 1, beg + chunk);
     float qr[ATT_MAXD / 32], acc[ATT_MAXD / 32];
 #pragma unroll
     for (int m = 0; m < ATT_MAXD / 32; m++) {
@@ -359,23 +524,38 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
         acc[m] = 0.f;
     }
     float mx = NEG_INF, l = 0.f;
-    for (int j = lo + warp; j <= pos; j += ATT_WARPS) {
-        const float* kr = k + (long)j * kvd + kvo;
-        float s = 0.f;
+    for (int j0 = beg + warp * ATT_P; j0 < end; j0 += ATT_WARPS * ATT_P) {
+        float s[ATT_P], vv[ATT_P][ATT_MAXD / 32];
 #pragma unroll
-        for (int m = 0; m < ATT_MAXD / 32; m++) {
-            const int i = lane + 32 * m;
-            if (i < hd) s = fmaf(qr[m], kr[i], s);
+        for (int p = 0; p < ATT_P; p++) {
+            const long row = (long)min(j0 + p, end - 1) * kvd + kvo;  // past end: read, then weighted 0
+            s[p] = 0.f;
+#pragma unroll
+            for (int m = 0; m < ATT_MAXD / 32; m++) {
+                const int i = lane + 32 * m;
+                vv[p][m] = 0.f;
+                if (i < hd) {
+                    s[p] = fmaf(qr[m], k[row + i], s[p]);
+                    vv[p][m] = v[row + i];
+                }
+            }
         }
-        s = warp_sum(s);
-        const float nm = fmaxf(mx, s);
-        const float corr = expf(mx - nm), p = expf(s - nm);
-        l = l * corr + p;
-        const float* vr = v + (long)j * kvd + kvo;
+        float nm = mx;
 #pragma unroll
-        for (int m = 0; m < ATT_MAXD / 32; m++) {
-            const int i = lane + 32 * m;
-            if (i < hd) acc[m] = fmaf(acc[m], corr, p * vr[i]);
+        for (int p = 0; p < ATT_P; p++) {
+            s[p] = warp_sum(s[p]);
+            if (j0 + p < end) nm = fmaxf(nm, s[p]);
+        }
+        const float corr = expf(mx - nm);
+        l *= corr;
+#pragma unroll
+        for (int m = 0; m < ATT_MAXD / 32; m++) acc[m] *= corr;
+#pragma unroll
+        for (int p = 0; p < ATT_P; p++) {
+            const float e = j0 + p < end ? expf(s[p] - nm) : 0.f;
+            l += e;
+#pragma unroll
+            for (int m = 0; m < ATT_MAXD / 32; m++) acc[m] = fmaf(e, vv[p][m], acc[m]);
         }
         mx = nm;
     }
@@ -392,6 +572,7 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     __syncthreads();
     float big = NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, sm_m[w]);
+    float* mine = part + (((long)t * nh + h) * spans + blockIdx.z) * (2 + hd);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float total = 0.f, o = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) {
@@ -400,6 +581,33 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
             total += sm_l[w] * f;
             o += sm_acc[w][i] * f;
         }
-        out[(long)t * qd + (long)h * hd + i] = o / total;
+        if (spans == 1) {
+            out[(long)t * qd + (long)h * hd + i] = o / total;
+        } else {
+            mine[2 + i] = o;
+            if (i == 0) {
+                mine[0] = big;
+                mine[1] = total;
+            }
+        }
+    }
+}
+
+// The spans of attention merged: one block per (head, query token) as there.
+extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const float* p = part + ((long)t * nh + h) * spans * (2 + hd);
+    float big = NEG_INF;
+    for (int s = 0; s < spans; s++) big = fmaxf(big, p[s * (2 + hd)]);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float total = 0.f, o = 0.f;
+        for (int s = 0; s < spans; s++) {
+            const float* ps = p + s * (2 + hd);
+            if (ps[0] == NEG_INF) continue;  // a span with no position (the window's or the sequence's end)
+            const float f = expf(ps[0] - big);
+            total += ps[1] * f;
+            o += ps[2 + i] * f;
+        }
+        out[((long)t * nh + h) * hd + i] = o / total;
     }
 }
