@@ -21,7 +21,7 @@ fn human(bytes: usize) -> String {
 
 /// The GPU memory an any-precision model needs on `--device cuda`: at its
 /// highest precision, and at each calibrated budget (only the planes its plans
-/// use are loaded), plus the f32 copy of the widest linear a long batch makes.
+/// use are loaded), plus the f16 copy of the widest linear a long batch makes.
 #[cfg(feature = "cuda")]
 fn print_gpu_memory(
     dir: &std::path::Path,
@@ -49,7 +49,7 @@ fn print_gpu_memory(
     };
     let scratch = linears
         .iter()
-        .map(|s| 4 * s.rows * s.cols)
+        .map(|s| 2 * s.rows * s.cols)
         .max()
         .unwrap_or(0);
     println!(

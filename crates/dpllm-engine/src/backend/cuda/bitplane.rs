@@ -258,14 +258,14 @@ impl CudaAnyPrec {
         (self.tiles * self.kbs * 32) as i64
     }
 
-    /// The weight at `bits` as f32 [rows × cols] into `out` (long batches run
-    /// as one GEMM on it).
-    pub fn dequantize_into(&self, bits: u32, out: &mut CudaSlice<f32>) -> Result<()> {
+    /// The weight at `bits` as f16 [rows × cols] into `out` (exact: its values
+    /// are LUT entries; long batches run as one GEMM on it).
+    pub fn dequantize_into(&self, bits: u32, out: &mut CudaSlice<u16>) -> Result<()> {
         crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
             .map_err(EngineError::Bits)?;
         if out.len() < self.rows * self.cols {
             return Err(EngineError::Device(format!(
-                "dequantize: {} floats for a {}x{} weight",
+                "dequantize: {} values for a {}x{} weight",
                 out.len(),
                 self.rows,
                 self.cols
@@ -298,7 +298,7 @@ impl CudaAnyPrec {
             .arg(&c)
             .arg(&k);
         // SAFETY: the arguments match bitplane_dequant's signature; it writes
-        // rows × cols floats (checked above) and reads the planes and LUT of
+        // rows × cols f16 values (checked above) and reads the planes and LUT of
         // `bits` (held: checked above).
         unsafe { l.launch(cfg) }.map_err(device_err("launching the bit-plane dequantization"))?;
         Ok(())

@@ -1,6 +1,8 @@
 //! The linears on the GPU: dense and any-precision, one token group at a time
 //! through the GEMV kernels, or (from [`GEMM_MIN_TOKENS`] tokens) as one cuBLAS
-//! SGEMM on an f32 copy of the weight; per-token precision; random weights.
+//! GEMM on a copy of the weight made for the call (any-precision: f16 on
+//! tensor cores, the activations split into f16 halves; dense: f32 SGEMM);
+//! per-token precision; random weights.
 
 use std::sync::Arc;
 
@@ -13,9 +15,10 @@ use super::dense::CudaDense;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 
-/// From this many tokens a linear runs as one cuBLAS SGEMM on an f32 copy of
-/// its weight (dequantized or widened for the call) instead of GEMVs of 8
-/// tokens: prefill and perplexity. f32 throughout, so results match the GEMV's.
+/// From this many tokens a linear runs as one cuBLAS GEMM on a copy of its
+/// weight (dequantized or widened for the call) instead of GEMVs of 8 tokens:
+/// prefill and perplexity. With f32 accumulation and the activations' f16
+/// halves, results match the GEMV's.
 const GEMM_MIN_TOKENS: usize = 16;
 
 /// An any-precision weight on the GPU with its optional bias.
@@ -68,6 +71,76 @@ impl CudaBackend {
         // SAFETY: W holds rows × cols, x n × cols and y n × rows floats (checked by the callers).
         unsafe { blas.gemm(cfg, w, &x.view(), &mut yv) }
             .map_err(|e| EngineError::Device(format!("cuBLAS SGEMM: {e}")))
+    }
+
+    /// `y [n × rows] = x [n × cols] · W_bitsᵀ` for an any-precision W on
+    /// tensor cores: W dequantized to f16 (exact: its values are LUT entries),
+    /// x split into f16 halves hi + lo, one cuBLAS GEMM over both halves (f16
+    /// in, f32 accumulation: products as exact as in f32), the halves' results
+    /// summed. 2n columns cost about what n do: the GEMM is bound by the
+    /// weight's reads until n is in the hundreds, and runs on tensor cores after.
+    pub(super) fn gemm_anyprec(
+        &self,
+        blas: &CudaBlas,
+        w: &CudaAnyPrec,
+        bits: u32,
+        x: &CudaBuf,
+        n: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        use cudarc::cublas::{result::gemm_ex, sys};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (rows, cols) = (w.rows(), w.cols());
+        let oom = |what: &'static str, len: usize| EngineError::OutOfMemory {
+            what,
+            bytes: len.saturating_mul(2),
+        };
+        // SAFETY (both): every element is written below before cuBLAS reads it.
+        let mut wide = unsafe { self.stream().alloc::<u16>((rows * cols).max(1)) }
+            .map_err(|_| oom("a dequantized weight (GPU)", rows * cols))?;
+        let mut xs = unsafe { self.stream().alloc::<u16>((2 * n * cols).max(1)) }
+            .map_err(|_| oom("split activations (GPU)", 2 * n * cols))?;
+        w.dequantize_into(bits, &mut wide)?;
+        let len = (n * cols) as i64;
+        launch!(self, "split_halves", self.ops.stride(n * cols), &x.view(), &len, &mut xs)?;
+        let mut c = self.scratch(2 * n * rows)?;
+        let (alpha, beta) = (1f32, 0f32);
+        {
+            let s = self.stream();
+            let (a, _ra) = wide.device_ptr(s);
+            let (b, _rb) = xs.device_ptr(s);
+            let (cp, _rc) = c.device_ptr_mut(s);
+            // Column-major: C [rows × 2n] = W'ᵀ · XS with W' = W viewed as
+            // [cols × rows] and XS = the halves as [cols × 2n] (hi tokens, then lo).
+            // SAFETY: W holds rows × cols, XS 2n × cols and C 2n × rows values
+            // (allocated above); all are on the stream cuBLAS runs on.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    rows as i32,
+                    2 * n as i32,
+                    cols as i32,
+                    (&alpha) as *const f32 as *const _,
+                    a as *const _,
+                    sys::cudaDataType_t::CUDA_R_16F,
+                    cols as i32,
+                    b as *const _,
+                    sys::cudaDataType_t::CUDA_R_16F,
+                    cols as i32,
+                    (&beta) as *const f32 as *const _,
+                    cp as *mut _,
+                    sys::cudaDataType_t::CUDA_R_32F,
+                    rows as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| EngineError::Device(format!("cuBLAS GEMM (f16, f32 accumulation): {e}")))?;
+        }
+        let out = (n * rows) as i64;
+        launch!(self, "sum_halves", self.ops.stride(n * rows), &c, &out, &mut y.view_mut())
     }
 
     pub(super) fn dense_into(
@@ -158,9 +231,7 @@ impl CudaBackend {
         Self::want_len("any-precision linear output", y, n * rows)?;
         if n >= GEMM_MIN_TOKENS {
             if let Some(blas) = self.blas() {
-                let mut wide = self.scratch(rows * cols)?;
-                w.w.dequantize_into(bits, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
+                self.gemm_anyprec(&blas, &w.w, bits, x, n, y)?;
                 return self.add_bias(w.bias.as_ref(), rows, n, y);
             }
         }
@@ -242,12 +313,9 @@ impl CudaBackend {
         // A long batch: both precisions as GEMMs, then each token keeps its own.
         if n >= GEMM_MIN_TOKENS {
             if let Some(blas) = self.blas() {
-                let mut wide = self.scratch(rows * cols)?;
                 let mut y_low = self.zeros(n * rows)?;
-                w.w.dequantize_into(low, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, &mut y_low)?;
-                w.w.dequantize_into(high, &mut wide)?;
-                self.gemm_f32(&blas, &wide.slice(..), (rows, cols), x, n, y)?;
+                self.gemm_anyprec(&blas, &w.w, low, x, n, &mut y_low)?;
+                self.gemm_anyprec(&blas, &w.w, high, x, n, y)?;
                 let (ni, wi) = (n as i32, rows as i32);
                 launch!(
                     self,

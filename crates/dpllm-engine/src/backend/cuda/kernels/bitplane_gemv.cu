@@ -474,11 +474,12 @@ extern "C" __global__ void split_x(const float* x, int x_stride, int n, int cols
 // Bit position of column c (< 32) of a lane's word (see the layout above).
 __device__ __forceinline__ int column_bit(int c) { return 16 * ((c >> 2) & 1) + 4 * (c & 3) + (c >> 3); }
 
-// The weight at `bits` as f32 [rows x cols] (for long batches, which run as one
-// GEMM): one thread per (row, 32-column word), reading `bits` planes and the
-// row's LUT. Index bits are MSB first: plane j gives bit bits-1-j.
+// The weight at `bits` as f16 [rows x cols] (for long batches, which run as
+// one tensor-core GEMM; the values are LUT entries, so f16 holds them
+// exactly): one thread per (row, 32-column word), reading `bits` planes and
+// the row's LUT. Index bits are MSB first: plane j gives bit bits-1-j.
 extern "C" __global__ void bitplane_dequant(const u32* planes, long long plane_stride, const u16* luts,
-                                            int bits, float* out, int rows, int cols, int kbs) {
+                                            int bits, u16* out, int rows, int cols, int kbs) {
     const long long total = (long long)rows * kbs * 4;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
@@ -495,7 +496,7 @@ extern "C" __global__ void bitplane_dequant(const u32* planes, long long plane_s
             const int bit = column_bit(s);
             u32 idx = 0;
             for (int j = 0; j < bits; ++j) idx |= ((p[j] >> bit) & 1u) << (bits - 1 - j);
-            out[(long long)r * cols + col] = h2f(lut[idx]);
+            out[(long long)r * cols + col] = lut[idx];
         }
     }
 }

@@ -251,6 +251,26 @@ extern "C" __global__ void rope_store(float* q, const float* k, const float* v, 
     }
 }
 
+// x [len] as f16 halves into xs [2][len]: hi = x rounded, lo = x - hi rounded
+// (as the GEMV splits it), so a GEMM on f16 tensor cores over both keeps f32
+// accuracy.
+extern "C" __global__ void split_halves(const float* x, long len, u16* xs) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        u16 h, l;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l) : "f"(v - h2f(h)));
+        xs[i] = h;
+        xs[len + i] = l;
+    }
+}
+
+// y [len] = c [0, len) + c [len, 2 len): the products of the halves summed.
+extern "C" __global__ void sum_halves(const float* c, long len, float* y) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x)
+        y[i] = c[i] + c[len + i];
+}
+
 // ---- row moves ------------------------------------------------------------
 
 // out [n x width] = columns off..off+width of x [n x total].
