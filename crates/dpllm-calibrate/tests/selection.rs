@@ -560,3 +560,95 @@ fn sessions_check_their_precision_and_stop_when_cancelled() {
     s.prefill(&tokens(4)).unwrap();
     assert_eq!(s.decode_step(1).unwrap_err().kind(), ErrorKind::User);
 }
+
+#[test]
+fn sessions_decoding_in_one_batch_match_their_steps_alone() {
+    use dpllm_engine::{ErrorKind, RunPrecision, ServedModel, Session};
+    use std::sync::Arc;
+    let (_t, model) = quantized_model(&TinySpec::default(), 6);
+    let served = ServedModel::from_model(model);
+    let model = served.model().clone();
+    let plan_a = Arc::new(runtime(plan_for(&model, 3, 5, 5.6, |_, _| {}), &model));
+    let mut async_plan = plan_for(&model, 4, 6, 12.0, |_, _| {});
+    async_plan.async_estimation = true;
+    let plan_b = Arc::new(runtime(async_plan, &model));
+    // Two sessions share plan A (one group, counted per session), one runs
+    // the asynchronous plan B, one a uniform width; prompts of different
+    // lengths put the sessions at different positions. (Four tokens: the
+    // CPU's GEMV, whose rounding does not depend on the token count; from 5
+    // tokens dense layers run as a tiled GEMM, which rounds otherwise.)
+    let precisions = [
+        RunPrecision::Plan(plan_a.clone()),
+        RunPrecision::Plan(plan_b),
+        RunPrecision::Uniform(3),
+        RunPrecision::Plan(plan_a),
+    ];
+    let ids = tokens(40);
+    let prompt = |i: usize| &ids[i..i + 3 + 2 * i];
+    let steps = 6;
+    let decoded = |i: usize, t: usize| ids[(7 * i + 3 * t + 1) % ids.len()];
+    // Alone: each session's prompt, then its tokens one step at a time.
+    let alone: Vec<(Vec<Vec<f32>>, Vec<[u64; 9]>)> = precisions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut s = served.session(p.clone(), 32).unwrap();
+            s.prefill(prompt(i)).unwrap();
+            s.reset_stats();
+            let logits = (0..steps)
+                .map(|t| s.decode_step(decoded(i, t)).unwrap())
+                .collect();
+            (logits, s.stats().counts.clone())
+        })
+        .collect();
+    // Together: the same steps, one batched call a step.
+    let mut sessions: Vec<Session> = precisions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut s = served.session(p.clone(), 32).unwrap();
+            s.prefill(prompt(i)).unwrap();
+            s.reset_stats();
+            s
+        })
+        .collect();
+    for t in 0..steps {
+        let mut batch: Vec<(&mut Session, u32)> = sessions
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (s, decoded(i, t)))
+            .collect();
+        let got = Session::decode_batch(&mut batch).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(
+                g, &alone[i].0[t],
+                "session {i}, step {t}: a batched step must give its logits alone"
+            );
+        }
+    }
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(s.stats().counts, alone[i].1, "session {i}'s precision counts");
+    }
+    let decisions = &alone[0].1;
+    assert!(
+        decisions.iter().any(|c| c[3] > 0) && decisions.iter().any(|c| c[5] > 0),
+        "plan A must send tokens both ways for the test to mean anything: {decisions:?}"
+    );
+    // A batch that cannot run leaves every cache as it was.
+    let lens: Vec<usize> = sessions.iter().map(|s| s.len()).collect();
+    let mut batch: Vec<(&mut Session, u32)> =
+        sessions.iter_mut().map(|s| (s, TINY_VOCAB as u32)).collect();
+    let e = Session::decode_batch(&mut batch).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::User, "{e}");
+    assert_eq!(sessions.iter().map(|s| s.len()).collect::<Vec<_>>(), lens);
+    // Oracle selection reads back mid-call: refused in a batch.
+    let mut oracle = runtime(plan_for(&model, 3, 5, 9.0, |_, _| {}), &model);
+    oracle.selector = dpllm_engine::Selector::Oracle;
+    let mut o = served
+        .session(RunPrecision::Plan(Arc::new(oracle)), 8)
+        .unwrap();
+    o.prefill(&ids[..2]).unwrap();
+    let mut batch: Vec<(&mut Session, u32)> = vec![(&mut sessions[0], 1), (&mut o, 1)];
+    let e = Session::decode_batch(&mut batch).unwrap_err();
+    assert!(e.to_string().contains("one sequence at a time"), "{e}");
+}

@@ -10,7 +10,7 @@ use crate::linear::Linear;
 use crate::EngineError;
 
 use super::{Block, GateUpProj, Model, QkvProj};
-use crate::select::{run_linear, BitStats, LinearSelect, Precision, Tally};
+use crate::select::{count_decision, run_linear, BitStats, LinearSelect, Precision, Tally};
 
 /// Scratch activations of one forward call over `n` tokens.
 struct Scratch<B: Backend> {
@@ -116,20 +116,118 @@ impl<B: Backend> Deferred<B> {
     }
 }
 
+/// The rows of a forward call that run their linears at one precision.
+pub(super) struct Group<'a, B: Backend> {
+    /// Their precision.
+    pub(super) prec: Precision<'a, B>,
+    /// The mask that picks them, when the call has other groups (None: every row).
+    pub(super) pick: Option<B::Mask>,
+    /// Their row indices in the call.
+    pub(super) rows: Vec<usize>,
+}
+
+impl<'a, B: Backend> Group<'a, B> {
+    /// Every row of a call at `prec`.
+    fn all(prec: Precision<'a, B>) -> Self {
+        Group {
+            prec,
+            pick: None,
+            rows: Vec::new(),
+        }
+    }
+
+    /// The selection rules of block `l` under this group's plan.
+    fn sels(&self, l: usize) -> Option<&'a [LinearSelect<B>]> {
+        sels_of(self.prec, l)
+    }
+}
+
+/// The selection rules of block `l` under `prec` (None without a plan).
+fn sels_of<B: Backend>(prec: Precision<'_, B>, l: usize) -> Option<&[LinearSelect<B>]> {
+    match prec {
+        Precision::Highest | Precision::Uniform(_) => None,
+        Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
+    }
+}
+
+/// One sequence of a forward call: its cache, its step (tokens and first
+/// position) and its rows, with the mask that picks them when the call holds
+/// other sequences too.
+pub(super) struct Seq<'s, 'c, B: Backend> {
+    pub(super) cache: &'c mut KvCache<B>,
+    pub(super) step: &'s Step<B::StepData>,
+    pub(super) row0: usize,
+    pub(super) pick: Option<B::Mask>,
+}
+
+/// Where the precision counts of a forward call go.
+pub(super) enum Counting<'b> {
+    /// One set of counters for every row (or none).
+    Whole(Option<&'b mut BitStats>),
+    /// One per row (a batch of sessions' decode steps, one token each).
+    PerRow(&'b mut [BitStats]),
+}
+
+/// An estimator input of the rows of a call, taken out of its buffer.
+struct OwnedInput<B: Backend> {
+    buf: B::Buf,
+    norms: bool,
+}
+
+impl<B: Backend> OwnedInput<B> {
+    /// The rows of `input` (of `width` per row) that `mask` picks.
+    fn gather(be: &B, input: EstInput<'_, B>, width: usize, mask: &B::Mask) -> Result<Self> {
+        Ok(match input {
+            EstInput::Rows(b) => OwnedInput {
+                buf: be.gather_rows(b, width, mask, true)?,
+                norms: false,
+            },
+            EstInput::Norms(b) => OwnedInput {
+                buf: be.gather_rows(b, 1, mask, true)?,
+                norms: true,
+            },
+        })
+    }
+
+    /// Row `r` of `input` (of `width` per row).
+    fn row(be: &B, input: EstInput<'_, B>, width: usize, r: usize) -> Result<Self> {
+        Ok(match input {
+            EstInput::Rows(b) => OwnedInput {
+                buf: be.rows(b, width, r, 1)?,
+                norms: false,
+            },
+            EstInput::Norms(b) => OwnedInput {
+                buf: be.rows(b, 1, r, 1)?,
+                norms: true,
+            },
+        })
+    }
+
+    fn input(&self) -> EstInput<'_, B> {
+        if self.norms {
+            EstInput::Norms(&self.buf)
+        } else {
+            EstInput::Rows(&self.buf)
+        }
+    }
+}
+
 /// Per-call selection state of one block.
-struct BlockRun<'a, 'b, B: Backend> {
+struct BlockRun<'a, 'g, 'b, B: Backend> {
     be: &'a B,
-    prec: Precision<'a, B>,
-    sels: Option<&'a [LinearSelect<B>]>,
-    stats: Option<&'b mut BitStats>,
+    groups: &'g [Group<'a, B>],
+    /// The block's index.
+    layer: usize,
+    counting: Counting<'b>,
     deferred: &'b mut Deferred<B>,
     /// Global index of the block's first linear (for the counters).
     offset: usize,
     n: usize,
 }
 
-impl<B: Backend> BlockRun<'_, '_, B> {
-    /// Run linear `i` of the block on `x`, estimating from `xe`.
+impl<B: Backend> BlockRun<'_, '_, '_, B> {
+    /// Run linear `i` of the block on `x`, estimating from `xe`: once for
+    /// each group of rows, each at its own precision.
     fn run(
         &mut self,
         i: usize,
@@ -138,20 +236,33 @@ impl<B: Backend> BlockRun<'_, '_, B> {
         xe: &EstSrc<'_, B>,
         y: &mut B::Buf,
     ) -> Result<()> {
-        let sel = self.sels.map(|v| &v[i]);
-        run_linear(
-            self.be,
-            lin,
-            self.prec,
-            sel,
-            x,
-            xe.input(sel.map(|s| &s.estimator))?,
-            self.n,
-            y,
-            self.offset + i,
-            self.stats.as_deref_mut(),
-            self.deferred.tally.as_mut(),
-        )
+        let (be, idx) = (self.be, self.offset + i);
+        for g in self.groups {
+            let sel = g.sels(self.layer).map(|v| &v[i]);
+            let input = xe.input(sel.map(|s| &s.estimator))?;
+            let (stats, tally) = match &mut self.counting {
+                Counting::Whole(s) => (s.as_deref_mut(), self.deferred.tally.as_mut()),
+                Counting::PerRow(_) => (None, None),
+            };
+            match &g.pick {
+                None => run_linear(be, lin, g.prec, sel, x, input, self.n, y, idx, stats, tally)?,
+                Some(mask) => {
+                    let (cols, rows, n) = (lin.in_features(), lin.out_features(), g.rows.len());
+                    let xg = be.gather_rows(x, cols, mask, true)?;
+                    let ig = OwnedInput::gather(be, input, cols, mask)?;
+                    let mut yg = be.zeros(n * rows)?;
+                    run_linear(be, lin, g.prec, sel, &xg, ig.input(), n, &mut yg, idx, stats, tally)?;
+                    be.scatter_rows(&yg, rows, mask, true, y);
+                }
+            }
+            if let Counting::PerRow(per_row) = &mut self.counting {
+                for &r in &g.rows {
+                    let row = OwnedInput::row(be, input, lin.in_features(), r)?;
+                    count_decision(be, lin, g.prec, sel, row.input(), idx, &mut per_row[r])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Run a fused linear (`parts` consecutive outputs per token) and split its output.
@@ -169,15 +280,30 @@ impl<B: Backend> BlockRun<'_, '_, B> {
         Ok(())
     }
 
-    /// True when the asynchronous estimator input is needed for linears `range`.
+    /// True when some group needs the asynchronous estimator input for linears `range`.
     fn wants_async(&self, range: std::ops::Range<usize>) -> bool {
-        wants_async(self.prec, self.sels, range)
+        (self.groups.iter()).any(|g| wants_async(g.prec, g.sels(self.layer), range.clone()))
+    }
+
+    /// True when some group needs that input as rows (a JL estimator).
+    fn async_rows(&self, range: std::ops::Range<usize>) -> bool {
+        any_async_rows(self.groups, self.layer, range)
     }
 
     /// True when the norms of the estimator inputs are kept ([`Scratch`]).
     fn wants_norms(&self) -> bool {
-        matches!(self.prec, Precision::Dynamic(_))
+        (self.groups.iter()).any(|g| matches!(g.prec, Precision::Dynamic(_)))
     }
+}
+
+/// True when some group of `groups` needs the asynchronous estimator input of
+/// linears `range` of block `l` as rows.
+fn any_async_rows<B: Backend>(
+    groups: &[Group<'_, B>],
+    l: usize,
+    range: std::ops::Range<usize>,
+) -> bool {
+    (groups.iter()).any(|g| async_rows(g.prec, g.sels(l), range.clone()))
 }
 
 /// True when the asynchronous estimator input is needed for linears `range`
@@ -298,11 +424,10 @@ impl<B: Backend> Model<B> {
         step: &Step<B::StepData>,
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
-        mut stats: Option<&mut BitStats>,
+        stats: Option<&mut BitStats>,
         deferred: &mut Deferred<B>,
     ) -> Result<B::Buf> {
-        let tokens = &step.tokens;
-        self.check_input(tokens, cache)?;
+        self.check_input(&step.tokens, cache)?;
         self.check_precision(prec)?;
         if step.pos0 != cache.len() {
             return Err(EngineError::Device(format!(
@@ -311,12 +436,35 @@ impl<B: Backend> Model<B> {
                 cache.len()
             )));
         }
+        let mut seqs = [Seq {
+            cache,
+            step,
+            row0: 0,
+            pick: None,
+        }];
+        let groups = [Group::all(prec)];
+        self.forward_rows(step, &mut seqs, &groups, Counting::Whole(stats), deferred)
+    }
+
+    /// The forward pass of the tokens of `all` (checked by the caller), which
+    /// belong to `seqs` (each with its cache and positions) and run their
+    /// linears in `groups` (each at its precision): final normed hidden states
+    /// [n × hidden]. Ops over every row run once; RoPE, the KV store and
+    /// attention run per sequence, each linear once per group.
+    pub(super) fn forward_rows(
+        &self,
+        all: &Step<B::StepData>,
+        seqs: &mut [Seq<'_, '_, B>],
+        groups: &[Group<'_, B>],
+        mut counting: Counting<'_>,
+        deferred: &mut Deferred<B>,
+    ) -> Result<B::Buf> {
         let (be, c) = (&self.backend, &self.config);
         deferred.reset(be);
-        let n = tokens.len();
+        let n = all.tokens.len();
         let d = c.hidden_size;
         let mut h = be.zeros(n * d)?;
-        be.embed(&self.embed, step, &mut h);
+        be.embed(&self.embed, all, &mut h);
         let mut s = Scratch {
             xn: be.zeros(n * d)?,
             q: be.zeros(n * c.q_dim())?,
@@ -338,10 +486,6 @@ impl<B: Backend> Model<B> {
             Some(b) => be.rms_norm(&h, &b.attn_norm, c.rms_norm_eps, &mut s.xn),
             None => be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut s.xn),
         }
-        let sels_of = |l: usize| match prec {
-            Precision::Highest | Precision::Uniform(_) => None,
-            Precision::Max(p) | Precision::Dynamic(p) => Some(p.blocks[l].as_slice()),
-        };
         let mut offset = 0;
         for (l, block) in self.blocks.iter().enumerate() {
             // What the block leaves for the next: its input normed, and the
@@ -349,24 +493,29 @@ impl<B: Backend> Model<B> {
             let next = match self.blocks.get(l + 1) {
                 Some(b) => (
                     &b.attn_norm,
-                    async_rows(prec, sels_of(l + 1), 0..b.qkv_linears()),
+                    any_async_rows(groups, l + 1, 0..b.qkv_linears()),
                 ),
                 None => (&self.final_norm, false),
             };
-            let sels = sels_of(l);
+            let counting = match &mut counting {
+                Counting::Whole(st) => Counting::Whole(st.as_deref_mut()),
+                Counting::PerRow(per_row) => Counting::PerRow(per_row),
+            };
             let mut run = BlockRun {
                 be,
-                prec,
-                sels,
-                stats: stats.as_deref_mut(),
+                groups,
+                layer: l,
+                counting,
                 deferred,
                 offset,
                 n,
             };
-            self.block_forward(l, (block, next), &mut h, (cache, step), &mut s, &mut run)?;
+            self.block_forward(l, (block, next), &mut h, seqs, &mut s, &mut run)?;
             offset += block.linears().len();
         }
-        cache.advance(n);
+        for seq in seqs {
+            seq.cache.advance(seq.step.tokens.len());
+        }
         Ok(s.xn)
     }
 
@@ -378,9 +527,9 @@ impl<B: Backend> Model<B> {
         l: usize,
         (b, (next_norm, next_rows)): (&Block<B>, (&B::Buf, bool)),
         h: &mut B::Buf,
-        (cache, step): (&mut KvCache<B>, &Step<B::StepData>),
+        seqs: &mut [Seq<'_, '_, B>],
         s: &mut Scratch<B>,
-        run: &mut BlockRun<'_, '_, B>,
+        run: &mut BlockRun<'_, '_, '_, B>,
     ) -> Result<()> {
         let (be, c) = (&self.backend, &self.config);
         let eps = c.rms_norm_eps;
@@ -390,7 +539,7 @@ impl<B: Backend> Model<B> {
         // previous block's last add left both norms (none before the first).
         let norms = l > 0 && run.wants_norms();
         let qkv_async = l > 0 && run.wants_async(0..nq);
-        let qkv_rows = l > 0 && async_rows(run.prec, run.sels, 0..nq);
+        let qkv_rows = l > 0 && run.async_rows(0..nq);
         if qkv_rows {
             be.rms_norm(&s.h_prev, &b.attn_norm, eps, &mut s.xe);
         }
@@ -419,27 +568,15 @@ impl<B: Backend> Model<B> {
             be.rms_norm_inplace(&mut s.q, qn, eps);
             be.rms_norm_inplace(&mut s.k, kn, eps);
         }
-        let rope = RopeArgs {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            rot_dim: self.rope.rot_dim(),
-            table: &self.rope_table,
-        };
-        cache.append_rotated(l, (&mut s.q, &mut s.k, &s.v), step, rope)?;
-        let shape = AttnShape {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            window: c.sliding_window,
-        };
-        be.attention(&s.q, cache.store(), l, step, shape, &mut s.att);
+        for seq in seqs.iter_mut() {
+            self.attend(l, seq, s)?;
+        }
         run.run(nq, &b.o_proj, &s.att, &EstSrc::rows(&s.att), &mut s.out)?;
         let gu = nq + 1..nq + 1 + b.gate_up_linears();
         // gate/up estimators: the residual before the attention output, normed
         // with the MLP norm (asynchronous), or xn; the add leaves both norms.
         let mlp_async = run.wants_async(gu.clone());
-        let mlp_rows = async_rows(run.prec, run.sels, gu.clone());
+        let mlp_rows = run.async_rows(gu.clone());
         if mlp_rows {
             be.rms_norm(h, &b.mlp_norm, eps, &mut s.xe);
         }
@@ -481,6 +618,41 @@ impl<B: Backend> Model<B> {
         self.add_norm(h, next_norm, s, (run, 2 * l + 1))
     }
 
+    /// RoPE of `seq`'s rows of q and k, their keys and values into its cache
+    /// (layer `l`), and its attention output into `s.att`: on the call's
+    /// buffers when it is the only sequence, else on its rows taken out.
+    fn attend(&self, l: usize, seq: &mut Seq<'_, '_, B>, s: &mut Scratch<B>) -> Result<()> {
+        let (be, c) = (&self.backend, &self.config);
+        let rope = || RopeArgs {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            rot_dim: self.rope.rot_dim(),
+            table: &self.rope_table,
+        };
+        let shape = AttnShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            window: c.sliding_window,
+        };
+        let Some(pick) = &seq.pick else {
+            let qkv = (&mut s.q, &mut s.k, &s.v);
+            seq.cache.append_rotated(l, qkv, seq.step, rope())?;
+            be.attention(&s.q, seq.cache.store(), l, seq.step, shape, &mut s.att);
+            return Ok(());
+        };
+        let (r, n) = (seq.row0, seq.step.tokens.len());
+        let mut q = be.rows(&s.q, c.q_dim(), r, n)?;
+        let mut k = be.rows(&s.k, c.kv_dim(), r, n)?;
+        let v = be.rows(&s.v, c.kv_dim(), r, n)?;
+        seq.cache.append_rotated(l, (&mut q, &mut k, &v), seq.step, rope())?;
+        let mut att = be.zeros(n * c.q_dim())?;
+        be.attention(&q, seq.cache.store(), l, seq.step, shape, &mut att);
+        be.scatter_rows(&att, c.q_dim(), pick, true, &mut s.att);
+        Ok(())
+    }
+
     /// `h += s.out`, checked into stage `slot` of the deferred flags, then
     /// `s.xn` = the RMSNorm of `h` with `w` (and, under a dynamic plan, the
     /// norms of the estimator inputs into `s.norm_after` / `s.norm_before`).
@@ -489,7 +661,7 @@ impl<B: Backend> Model<B> {
         h: &mut B::Buf,
         w: &B::Buf,
         s: &mut Scratch<B>,
-        (run, slot): (&mut BlockRun<'_, '_, B>, usize),
+        (run, slot): (&mut BlockRun<'_, '_, '_, B>, usize),
     ) -> Result<()> {
         let norms = run.wants_norms().then_some(InputNorms {
             after: &mut s.norm_after,

@@ -1,6 +1,7 @@
 //! The decoder-only transformer (Llama family layout) and its forward pass,
 //! generic over the [`Backend`] that holds its weights and runs its ops.
 
+mod batch;
 mod forward;
 mod graph;
 mod loader;
@@ -8,6 +9,7 @@ pub mod rope;
 pub mod synthetic;
 
 pub(crate) use graph::GraphSlot;
+pub use batch::BatchStep;
 pub use loader::LoadOptions;
 
 use std::path::PathBuf;

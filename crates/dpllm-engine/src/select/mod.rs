@@ -19,7 +19,7 @@ use dpllm_format::plan::{EstimatorSpec, Plan, PlanKind, ESTIMATORS_FILE};
 use dpllm_format::{Checkpoint, FormatError, TensorData};
 
 pub use estimator::Estimator;
-pub(crate) use run::run_linear;
+pub(crate) use run::{count_decision, run_linear};
 pub use stats::{BitStats, SelectionDiag};
 pub(crate) use tally::Tally;
 

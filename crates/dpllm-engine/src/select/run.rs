@@ -37,21 +37,14 @@ pub(crate) fn run_linear<B: Backend>(
         }
         Ok(())
     };
-    let (sel, selector) = match (prec, sel, lin.bits_range()) {
-        (_, _, None) => {
+    let (sel, selector) = match rule(lin, prec, sel) {
+        Rule::Stored => {
             lin.forward(be, x, n, None, y);
             return Ok(());
         }
-        (Precision::Uniform(b), _, Some(_)) => return fixed(b, y),
-        (Precision::Highest, _, Some((_, max))) | (_, None, Some((_, max))) => {
-            return fixed(max, y)
-        }
-        (Precision::Max(_), Some(s), _) => return fixed(s.max_bits, y),
-        (Precision::Dynamic(p), Some(s), _) => (s, p.selector),
+        Rule::Fixed(b) => return fixed(b, y),
+        Rule::Select(sel, selector) => (sel, selector),
     };
-    if !sel.selects() {
-        return fixed(sel.low, y);
-    }
     match selector {
         Selector::Estimator => {
             if let Some(s) = stats.as_deref_mut() {
@@ -89,6 +82,64 @@ pub(crate) fn run_linear<B: Backend>(
         }
         Selector::Oracle => run_oracle(be, lin, sel, x, x_est, n, y, idx, stats),
     }
+}
+
+/// What decides one linear's precision in a call.
+enum Rule<'s, B: Backend> {
+    /// A dense weight: as stored.
+    Stored,
+    /// Every token at these bits.
+    Fixed(u32),
+    /// Per token, by this rule and selector.
+    Select(&'s LinearSelect<B>, Selector),
+}
+
+/// The rule of `lin` under `prec`, `sel` being its plan's rule (None without a plan).
+fn rule<'s, B: Backend>(
+    lin: &Linear<B>,
+    prec: Precision<'s, B>,
+    sel: Option<&'s LinearSelect<B>>,
+) -> Rule<'s, B> {
+    match (prec, sel, lin.bits_range()) {
+        (_, _, None) => Rule::Stored,
+        (Precision::Uniform(b), _, Some(_)) => Rule::Fixed(b),
+        (Precision::Highest, _, Some((_, max))) | (_, None, Some((_, max))) => Rule::Fixed(max),
+        (Precision::Max(_), Some(s), _) => Rule::Fixed(s.max_bits),
+        (Precision::Dynamic(_), Some(s), _) if !s.selects() => Rule::Fixed(s.low),
+        (Precision::Dynamic(p), Some(s), _) => Rule::Select(s, p.selector),
+    }
+}
+
+/// Count into `stats` the precision [`run_linear`] gives the one token whose
+/// estimator input is `x_est` (a batch of sessions' decode steps runs a
+/// linear once for several sessions, each counting its own token). Decisions
+/// by the estimator only: oracle and random selection never share a call.
+pub(crate) fn count_decision<B: Backend>(
+    be: &B,
+    lin: &Linear<B>,
+    prec: Precision<'_, B>,
+    sel: Option<&LinearSelect<B>>,
+    x_est: EstInput<'_, B>,
+    idx: usize,
+    stats: &mut BitStats,
+) -> Result<()> {
+    match rule(lin, prec, sel) {
+        Rule::Stored => {}
+        Rule::Fixed(b) => stats.add(idx, b, 1),
+        Rule::Select(sel, Selector::Estimator) => {
+            stats.estimator_flops += sel.estimator.flops_per_token(lin.in_features()) as u64;
+            let mask = be.estimate(&sel.estimator, x_est, 1, sel.threshold)?;
+            let high = be.mask_count(&mask)?;
+            stats.add(idx, sel.low, 1 - high.min(1));
+            stats.add(idx, sel.high, high.min(1));
+        }
+        Rule::Select(_, selector) => {
+            return Err(crate::EngineError::Device(format!(
+                "selection by {selector:?} cannot count one token of a shared call"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// Run the tokens `mask` sends low at `sel.low` and the others at `sel.high`.

@@ -240,6 +240,43 @@ impl<B: Backend> Session<B> {
         )
     }
 
+    /// One decode step of each session, in one forward call
+    /// ([`crate::Model::decode_batch`]): `(session, token)` pairs on one
+    /// model, each token at its session's per-token precision and counted
+    /// into its counters; each session's logits, in order. On an error no
+    /// cache has changed (a cancelled session is an error before any work).
+    pub fn decode_batch(batch: &mut [(&mut Session<B>, u32)]) -> Result<Vec<Vec<f32>>> {
+        let Some(model) = batch.first().map(|(s, _)| s.model.clone()) else {
+            return Ok(Vec::new());
+        };
+        for (s, _) in batch.iter() {
+            s.check_cancel()?;
+            if !Arc::ptr_eq(&s.model, &model) {
+                return Err(EngineError::Device(
+                    "sessions of different models cannot share a batch".into(),
+                ));
+            }
+        }
+        let mut steps: Vec<crate::model::BatchStep<'_, '_, B>> = batch
+            .iter_mut()
+            .map(|(s, token)| {
+                let Session {
+                    precision,
+                    cache,
+                    stats,
+                    ..
+                } = &mut **s;
+                crate::model::BatchStep {
+                    token: *token,
+                    cache,
+                    prec: precision.per_token(),
+                    stats: Some(stats),
+                }
+            })
+            .collect();
+        model.decode_batch(&mut steps)
+    }
+
     /// Run `tokens` at the per-token precision (counted), every token selecting as a
     /// decoded one would ("prefill by decode"); returns the final normed hidden
     /// states [n × hidden] for [`Model::logits`].
