@@ -37,6 +37,9 @@ enum Command {
     Perplexity(commands::perplexity::Args),
     /// A Markdown report with SVG plots from JSON results and plan files.
     Report(commands::report::Args),
+    /// An OpenAI-compatible HTTP server whose precision each request chooses
+    /// (DP-LLM target, uniform bits or a latency budget), with a chat page at /.
+    Serve(commands::serve::Args),
     /// Benchmarks (print a table with units, optionally write JSON).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -76,9 +79,12 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("DPLLM_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = install_signal_cleanup() {
-        eprintln!("error: cannot install the signal handlers: {e}");
-        return ExitCode::FAILURE;
+    // The server writes no files and stops gracefully on SIGINT/SIGTERM itself.
+    if !matches!(cli.command, Command::Serve(_)) {
+        if let Err(e) = install_signal_cleanup() {
+            eprintln!("error: cannot install the signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = cli.threads.unwrap_or(cores);
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
         Command::Pipeline(a) => commands::pipeline::run(a),
         Command::Bench(b) => commands::bench::run(b),
         Command::Report(a) => commands::report::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod quantize;
 pub mod report;
 pub mod sensitivity;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

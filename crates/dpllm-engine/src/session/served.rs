@@ -113,6 +113,11 @@ impl<B: Backend> ServedModel<B> {
         &self.model
     }
 
+    /// The memory budget it was loaded for (None: loaded without one).
+    pub fn budget(&self) -> Option<f64> {
+        self.budget
+    }
+
     /// The plan `key` names, loaded once and then served from the cache.
     pub fn plan(&self, key: &PlanKey) -> Result<Arc<RuntimePlan<B>>> {
         let path = match key {

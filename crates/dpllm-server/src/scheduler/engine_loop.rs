@@ -1,0 +1,295 @@
+//! The engine thread's loop: take requests from the queue into the batch
+//! (prefill, first token), decode every running request one step in one
+//! batched forward call, send each its text, retire the finished, the failed
+//! and the abandoned.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use dpllm_engine::sampler::Sampler;
+use dpllm_engine::tokenizer::{TextTokenizer, TokenStream};
+use dpllm_engine::{Backend, EngineError, ServedModel, Session};
+
+use super::{profile, Event, Finish, Job, OperatingPoint, Point, Shared, StopMatcher, Summary};
+use crate::error::ApiError;
+
+/// How long an idle engine waits for a request before it looks at the shutdown flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Decode steps a request needs before its speed updates the latency profile.
+const PROFILE_MIN_STEPS: usize = 4;
+
+/// The engine thread's state.
+pub(super) struct Loop<B: Backend> {
+    pub(super) served: ServedModel<B>,
+    pub(super) tok: Arc<TextTokenizer>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) max_batch: usize,
+    pub(super) grace: Duration,
+}
+
+/// A request in the batch.
+struct Active<'t, B: Backend> {
+    session: Session<B>,
+    sampler: Sampler,
+    text: TokenStream<'t>,
+    stop: StopMatcher,
+    /// Prompt and generated ids (the sampler's context).
+    history: Vec<u32>,
+    /// The token the next step runs.
+    next: u32,
+    generated: usize,
+    max_tokens: usize,
+    prompt_tokens: usize,
+    point: Point,
+    latency_met: Option<bool>,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    received: Instant,
+    first_token_ms: f64,
+    decode_secs: f64,
+    decode_steps: usize,
+}
+
+impl<B: Backend> Active<'_, B> {
+    /// Sample the next token from `logits`; Some when the answer ends with it.
+    fn advance(&mut self, mut logits: Vec<f32>, eos: &[u32]) -> Result<Option<Finish>, EngineError> {
+        let t = self.sampler.sample(&mut logits, &self.history);
+        if eos.contains(&t) {
+            return Ok(Some(Finish::Stop));
+        }
+        self.history.push(t);
+        self.generated += 1;
+        if let Some(piece) = self.text.push(t)? {
+            self.send_text(&piece);
+            if self.stop.stopped() {
+                return Ok(Some(Finish::Stop));
+            }
+        }
+        if self.generated >= self.max_tokens || self.session.len() + 1 > self.session.capacity() {
+            return Ok(Some(Finish::Length));
+        }
+        self.next = t;
+        Ok(None)
+    }
+
+    /// Send what `piece` releases past the stop strings.
+    fn send_text(&mut self, piece: &str) {
+        let out = self.stop.push(piece);
+        if !out.is_empty() {
+            let _ = self.events.send(Event::Text(out));
+        }
+    }
+
+    /// The answer's remaining text, then its summary.
+    fn finish(mut self, finish: Finish, shared: &Shared) {
+        if let Ok(Some(piece)) = self.text.finish() {
+            self.send_text(&piece);
+        }
+        let rest = self.stop.finish();
+        if !rest.is_empty() {
+            let _ = self.events.send(Event::Text(rest));
+        }
+        let ms_per_token =
+            (self.decode_steps > 0).then(|| self.decode_secs * 1000.0 / self.decode_steps as f64);
+        if let Some(ms) = ms_per_token.filter(|_| self.decode_steps >= PROFILE_MIN_STEPS) {
+            shared.profile.record(self.point, ms);
+        }
+        let s = Summary {
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated,
+            point: self.point,
+            effective_bits: self.session.stats().effective_bits(),
+            ms_per_token,
+            time_to_first_token_ms: self.first_token_ms,
+            latency_met: self.latency_met,
+        };
+        shared.metrics.finished(&s);
+        let _ = self.events.send(Event::Done(s));
+    }
+
+    /// Fail the request with `e`.
+    fn fail(self, e: ApiError, shared: &Shared) {
+        shared.metrics.failed();
+        let _ = self.events.send(Event::Failed(e));
+    }
+}
+
+impl<B: Backend> Loop<B> {
+    /// Serve requests from `jobs` until shutdown (or until every sender is gone).
+    pub(super) fn run(self, jobs: mpsc::Receiver<Job>) {
+        let tok = self.tok.clone();
+        let eos = tok.eos_ids().to_vec();
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut active: Vec<Active<'_, B>> = Vec::new();
+        let mut shutdown_at: Option<Instant> = None;
+        loop {
+            if active.is_empty() && waiting.is_empty() {
+                if self.shared.shutdown.load(Ordering::SeqCst) {
+                    break;
+                }
+                match jobs.recv_timeout(IDLE_POLL) {
+                    Ok(j) => waiting.push_back(j),
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            waiting.extend(jobs.try_iter());
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                let at = *shutdown_at.get_or_insert_with(Instant::now);
+                for j in waiting.drain(..) {
+                    self.dequeued();
+                    let _ = j.events.send(Event::Failed(ApiError::shutting_down()));
+                }
+                if at.elapsed() >= self.grace {
+                    for a in active.drain(..) {
+                        a.fail(ApiError::shutting_down(), &self.shared);
+                    }
+                }
+            }
+            // A closed channel: the client is gone.
+            active.retain(|a| {
+                let gone = a.events.is_closed();
+                if gone {
+                    self.shared.metrics.cancelled.inc();
+                }
+                !gone
+            });
+            while active.len() < self.max_batch {
+                let Some(j) = waiting.pop_front() else { break };
+                self.dequeued();
+                if j.events.is_closed() {
+                    self.shared.metrics.cancelled.inc();
+                    continue;
+                }
+                if let Some(a) = self.start(j, &tok, &eos) {
+                    active.push(a);
+                }
+            }
+            self.shared.active.store(active.len(), Ordering::SeqCst);
+            self.shared.metrics.running.set(active.len() as i64);
+            if active.is_empty() {
+                continue;
+            }
+            let t = Instant::now();
+            let results = step(&mut active);
+            let dt = t.elapsed().as_secs_f64();
+            self.shared.metrics.batch_size.observe(active.len() as f64);
+            let mut keep = Vec::with_capacity(active.len());
+            for (mut a, r) in active.drain(..).zip(results) {
+                a.decode_secs += dt;
+                a.decode_steps += 1;
+                match r.and_then(|logits| a.advance(logits, &eos)) {
+                    Ok(None) => keep.push(a),
+                    Ok(Some(f)) => a.finish(f, &self.shared),
+                    Err(e) => a.fail(e.into(), &self.shared),
+                }
+            }
+            active = keep;
+        }
+        self.shared.active.store(0, Ordering::SeqCst);
+        self.shared.metrics.running.set(0);
+    }
+
+    /// A request left the queue.
+    fn dequeued(&self) {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        self.shared.metrics.queue_depth.dec();
+    }
+
+    /// The point `op` resolves to, and under a latency budget whether it is met.
+    fn resolve(&self, op: OperatingPoint) -> (Point, Option<bool>) {
+        let info = &self.shared.info;
+        match op {
+            OperatingPoint::Default => self.resolve(info.default),
+            OperatingPoint::Highest => (Point::Highest, None),
+            OperatingPoint::Target(t) => (Point::Target(t), None),
+            OperatingPoint::Bits(b) => (Point::Bits(b), None),
+            OperatingPoint::Latency(ms) => {
+                let highest = info.highest_bits.unwrap_or(16.0);
+                match self.shared.profile.best_within(ms, highest) {
+                    Some((p, met)) => (p, Some(met)),
+                    None => (Point::Highest, Some(false)),
+                }
+            }
+        }
+    }
+
+    /// Run `j`'s prompt and sample its first token: the request in the batch,
+    /// or None when it already ended (its events say how).
+    fn start<'t>(&self, j: Job, tok: &'t TextTokenizer, eos: &[u32]) -> Option<Active<'t, B>> {
+        let (point, latency_met) = self.resolve(j.params.point);
+        let r = (|| {
+            let precision = profile::precision(&self.served, point)?;
+            let capacity = j.prompt.len() + j.params.max_tokens;
+            let mut session = self.served.session(precision, capacity)?;
+            let logits = session.prefill(&j.prompt)?;
+            let sampler = Sampler::new(j.params.sampling.clone())?;
+            Ok::<_, EngineError>((session, sampler, logits))
+        })();
+        let (session, sampler, logits) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.shared.metrics.failed();
+                let _ = j.events.send(Event::Failed(e.into()));
+                return None;
+            }
+        };
+        let _ = j.events.send(Event::Started);
+        self.shared.metrics.prompt_tokens.inc_by(j.prompt.len() as u64);
+        let mut a = Active {
+            session,
+            sampler,
+            text: TokenStream::new(tok).skip_special(true),
+            stop: StopMatcher::new(j.params.stop),
+            prompt_tokens: j.prompt.len(),
+            history: j.prompt,
+            next: 0,
+            generated: 0,
+            max_tokens: j.params.max_tokens,
+            point,
+            latency_met,
+            events: j.events,
+            received: j.received,
+            first_token_ms: 0.0,
+            decode_secs: 0.0,
+            decode_steps: 0,
+        };
+        let r = a.advance(logits, eos);
+        a.first_token_ms = a.received.elapsed().as_secs_f64() * 1000.0;
+        self.shared
+            .metrics
+            .time_to_first_token
+            .observe(a.first_token_ms / 1000.0);
+        match r {
+            Ok(None) => Some(a),
+            Ok(Some(f)) => {
+                a.finish(f, &self.shared);
+                None
+            }
+            Err(e) => {
+                a.fail(e.into(), &self.shared);
+                None
+            }
+        }
+    }
+}
+
+/// One decode step of every request in `active`, in one batched call; when
+/// the batch fails, each request alone, so only the one at fault fails.
+fn step<B: Backend>(active: &mut [Active<'_, B>]) -> Vec<Result<Vec<f32>, EngineError>> {
+    let mut batch: Vec<(&mut Session<B>, u32)> = active
+        .iter_mut()
+        .map(|a| (&mut a.session, a.next))
+        .collect();
+    match Session::decode_batch(&mut batch) {
+        Ok(v) => v.into_iter().map(Ok).collect(),
+        Err(e) if batch.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            tracing::warn!("a batched decode step failed ({e}); running its requests one by one");
+            batch.iter_mut().map(|(s, t)| s.decode_step(*t)).collect()
+        }
+    }
+}
