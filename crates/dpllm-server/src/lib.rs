@@ -83,13 +83,13 @@ impl<B: Backend> Server<B> {
     /// running ones, and return. `on_listening` is told the bound address.
     pub fn serve_blocking(self, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
         let rt = runtime()?;
-        let addr = self.state.cfg.addr;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| ServeError::Io(format!("cannot listen on {addr}: {e}")))?;
-        let bound = listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+        let (listener, bound) = bind(self.state.cfg.addr)?;
         on_listening(bound);
-        let http = rt.spawn(serve_http(listener, self.state.clone(), shutdown_signal()));
+        let state = self.state.clone();
+        let http = rt.spawn(async move {
+            let listener = tokio_listener(listener)?;
+            serve_http(listener, state, shutdown_signal()).await
+        });
         drop(self.state);
         self.engine.run();
         rt.block_on(http)
@@ -100,17 +100,17 @@ impl<B: Backend> Server<B> {
     /// handle's [`RunningServer::shutdown`] stops it.
     pub fn spawn(self) -> Result<RunningServer, ServeError> {
         let rt = runtime()?;
-        let addr = self.state.cfg.addr;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| ServeError::Io(format!("cannot listen on {addr}: {e}")))?;
-        let bound = listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+        let (listener, bound) = bind(self.state.cfg.addr)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let state = self.state.clone();
         let http = std::thread::spawn(move || {
-            rt.block_on(serve_http(listener, state, async {
-                let _ = stopped.await;
-            }))
+            rt.block_on(async move {
+                let listener = tokio_listener(listener)?;
+                serve_http(listener, state, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
         });
         let engine = self.engine;
         let engine = std::thread::Builder::new()
@@ -124,6 +124,21 @@ impl<B: Backend> Server<B> {
             threads: Some((http, engine)),
         })
     }
+}
+
+/// Listen on `addr` (before any runtime runs, so a busy port is an error at once).
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), ServeError> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| ServeError::Io(format!("cannot listen on {addr}: {e}")))?;
+    let bound = l.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+    l.set_nonblocking(true)
+        .map_err(|e| ServeError::Io(e.to_string()))?;
+    Ok((l, bound))
+}
+
+/// `l` on the current tokio runtime.
+fn tokio_listener(l: std::net::TcpListener) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::from_std(l).map_err(|e| ServeError::Io(e.to_string()))
 }
 
 /// The HTTP side's runtime: a few threads (the engine does the heavy work).

@@ -129,6 +129,20 @@ pub fn gen_params(p: &CommonParams, limits: &Limits) -> Result<GenParams, ApiErr
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
+    let mut logit_bias = Vec::new();
+    for (k, &v) in p.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid("logit_bias", format!("logit_bias keys are token ids, got {k:?}"))
+        })?;
+        if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias values must be in -100..=100, got {v} for token {id}"),
+            ));
+        }
+        logit_bias.push((id, v as f32));
+    }
+    logit_bias.sort_by_key(|&(id, _)| id);
     let sampling = SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -139,6 +153,7 @@ pub fn gen_params(p: &CommonParams, limits: &Limits) -> Result<GenParams, ApiErr
         max_tokens: max_tokens as usize,
         sampling,
         stop,
+        logit_bias,
         point: operating_point(p.dpllm.as_ref())?,
     })
 }
@@ -170,6 +185,8 @@ mod tests {
             .unwrap();
         assert_eq!((p.max_tokens, p.sampling.seed), (5, 3));
         assert_eq!(p.stop, ["x"]);
+        let p = params(r#"{"logit_bias": {"9": -100, "2": 0.5}}"#).unwrap();
+        assert_eq!(p.logit_bias, [(2, 0.5), (9, -100.0)]);
     }
 
     #[test]
@@ -185,6 +202,8 @@ mod tests {
         refused(r#"{"stop": [""]}"#, "stop");
         refused(r#"{"presence_penalty": 0.5}"#, "presence_penalty");
         refused(r#"{"logprobs": true}"#, "logprobs");
+        refused(r#"{"logit_bias": {"x": 1}}"#, "logit_bias");
+        refused(r#"{"logit_bias": {"5": 101}}"#, "logit_bias");
         refused(r#"{"dpllm": {}}"#, "dpllm");
         refused(r#"{"dpllm": {"bits": 4, "target_bits": 4}}"#, "dpllm");
         refused(r#"{"dpllm": {"bits": 9}}"#, "dpllm.bits");

@@ -1,6 +1,8 @@
 //! The OpenAI request bodies dpllm accepts (`/v1/chat/completions`,
 //! `/v1/completions`), with dpllm's extension `"dpllm"`: the request's
-//! operating point. Fields OpenAI clients send that do not change the answer
+//! operating point. Each body is read twice: as the endpoint's own fields
+//! and as [`CommonParams`], so an error names the field at fault. Fields
+//! OpenAI clients send that do not change the answer
 //! (`user`, `logit_bias` left empty, ...) are accepted and ignored; fields
 //! that would change it and are not supported are refused with a 400.
 
@@ -14,9 +16,6 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// The conversation.
     pub messages: Vec<ChatMessageIn>,
-    /// Sampling, limits and the operating point.
-    #[serde(flatten)]
-    pub params: CommonParams,
 }
 
 /// One message of a chat request.
@@ -61,9 +60,6 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     /// The prompt: a string (or an array holding one string).
     pub prompt: Prompt,
-    /// Sampling, limits and the operating point.
-    #[serde(flatten)]
-    pub params: CommonParams,
 }
 
 /// A completion prompt.
@@ -109,7 +105,8 @@ pub struct DpllmOptions {
     pub max_ms_per_token: Option<f64>,
 }
 
-/// The fields both endpoints share.
+/// The fields both endpoints share (read from the same body as the
+/// endpoint's own fields).
 #[derive(Debug, Deserialize, Default)]
 pub struct CommonParams {
     /// Maximum new tokens.
@@ -148,6 +145,9 @@ pub struct CommonParams {
     /// Not supported unless false / null.
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
+    /// Added to the logits of these token ids (-100..=100; -100 bans a token).
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     /// The operating point.
     #[serde(default)]
     pub dpllm: Option<DpllmOptions>,

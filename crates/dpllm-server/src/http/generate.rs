@@ -17,7 +17,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{AppState, JsonBody};
+use super::{from_value, AppState, JsonBody};
 use crate::api::params::gen_params;
 use crate::api::request::{
     ChatMessageIn, ChatRequest, CommonParams, CompletionRequest, Content, Prompt,
@@ -29,10 +29,12 @@ use crate::scheduler::{Event, GenParams, Job};
 /// `POST /v1/chat/completions`: the messages through the model's chat template.
 pub async fn chat(
     State(st): State<Arc<AppState>>,
-    JsonBody(req): JsonBody<ChatRequest>,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let params = gen_params(&req.params, &st.cfg.limits)?;
+    let req: ChatRequest = from_value(&body)?;
+    let common: CommonParams = from_value(&body)?;
+    let params = gen_params(&common, &st.cfg.limits)?;
     let messages = chat_messages(req.messages)?;
     let tok = st.tok.clone();
     let prompt = blocking(move || {
@@ -44,16 +46,18 @@ pub async fn chat(
     })
     .await?;
     let job = (prompt, params, received);
-    answer(&st, Endpoint::Chat, &req.params, job, "messages").await
+    answer(&st, Endpoint::Chat, &common, job, "messages").await
 }
 
 /// `POST /v1/completions`: the prompt as given.
 pub async fn completions(
     State(st): State<Arc<AppState>>,
-    JsonBody(req): JsonBody<CompletionRequest>,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let params = gen_params(&req.params, &st.cfg.limits)?;
+    let req: CompletionRequest = from_value(&body)?;
+    let common: CommonParams = from_value(&body)?;
+    let params = gen_params(&common, &st.cfg.limits)?;
     let text = match req.prompt {
         Prompt::One(s) => s,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -67,7 +71,7 @@ pub async fn completions(
     let tok = st.tok.clone();
     let prompt = blocking(move || Ok(tok.encode(&text, true)?)).await?;
     let job = (prompt, params, received);
-    answer(&st, Endpoint::Completion, &req.params, job, "prompt").await
+    answer(&st, Endpoint::Completion, &common, job, "prompt").await
 }
 
 /// The chat messages of a request (text content only).
@@ -148,6 +152,12 @@ async fn answer(
                 "the prompt is {} tokens; this server takes at most {limit}",
                 prompt.len()
             ),
+        ));
+    }
+    if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= info.vocab) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("token {id} is not in the vocabulary of {}", info.vocab),
         ));
     }
     params.max_tokens = params.max_tokens.min(info.context - prompt.len());

@@ -109,25 +109,36 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     r
 }
 
-/// A request body parsed as JSON into `T`: a too-large body is a 413, bad
-/// JSON or a field of the wrong type a 400 naming the field.
-pub struct JsonBody<T>(pub T);
+/// A request body parsed as a JSON object: a too-large body is a 413, bad
+/// JSON a 400.
+pub struct JsonBody(pub serde_json::Value);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de).map(JsonBody).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            match path.as_str() {
-                "." | "" => ApiError::bad_request(format!("invalid JSON body: {inner}")),
-                p => ApiError::invalid(p, format!("invalid JSON body at {p}: {inner}")),
-            }
-        })
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid JSON body: expected an object",
+            ));
+        }
+        Ok(JsonBody(v))
     }
+}
+
+/// `v` read as `T`; a field of the wrong type or a missing one is a 400 naming it.
+pub fn from_value<T: DeserializeOwned>(v: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            "." | "" => ApiError::bad_request(format!("invalid request: {inner}")),
+            p => ApiError::invalid(p, format!("invalid request at {p}: {inner}")),
+        }
+    })
 }

@@ -40,6 +40,7 @@ struct Active<'t, B: Backend> {
     history: Vec<u32>,
     /// The token the next step runs.
     next: u32,
+    logit_bias: Vec<(u32, f32)>,
     generated: usize,
     max_tokens: usize,
     prompt_tokens: usize,
@@ -55,6 +56,11 @@ struct Active<'t, B: Backend> {
 impl<B: Backend> Active<'_, B> {
     /// Sample the next token from `logits`; Some when the answer ends with it.
     fn advance(&mut self, mut logits: Vec<f32>, eos: &[u32]) -> Result<Option<Finish>, EngineError> {
+        for &(id, b) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
         let t = self.sampler.sample(&mut logits, &self.history);
         if eos.contains(&t) {
             return Ok(Some(Finish::Stop));
@@ -188,6 +194,8 @@ impl<B: Backend> Loop<B> {
                 }
             }
             active = keep;
+            self.shared.active.store(active.len(), Ordering::SeqCst);
+            self.shared.metrics.running.set(active.len() as i64);
         }
         self.shared.active.store(0, Ordering::SeqCst);
         self.shared.metrics.running.set(0);
@@ -247,6 +255,7 @@ impl<B: Backend> Loop<B> {
             prompt_tokens: j.prompt.len(),
             history: j.prompt,
             next: 0,
+            logit_bias: j.params.logit_bias,
             generated: 0,
             max_tokens: j.params.max_tokens,
             point,

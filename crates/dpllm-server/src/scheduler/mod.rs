@@ -37,6 +37,8 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// Strings that end the answer.
     pub stop: Vec<String>,
+    /// Added to the logits of these token ids before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
     /// The operating point asked for.
     pub point: OperatingPoint,
 }

@@ -74,6 +74,8 @@ pub struct ModelInfo {
     pub name: String,
     /// Context window, tokens.
     pub context: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
     /// Memory budget the model was loaded for (average bits), if any.
     pub budget: Option<f64>,
     /// Uniform bit-widths every linear can run at (any-precision models).
@@ -250,6 +252,7 @@ mod tests {
         let info = ModelInfo {
             name: "m".into(),
             context: 64,
+            vocab: 100,
             budget: Some(5.0),
             bits: vec![3, 4, 5],
             highest_bits: Some(5.0),

@@ -48,6 +48,7 @@ pub(super) fn model_info<B: Backend>(
     let info = ModelInfo {
         name: cfg.model_name.clone(),
         context: m.config.max_position_embeddings,
+        vocab: m.config.vocab_size,
         budget: served.budget(),
         bits,
         highest_bits: (size > 0.0).then(|| sum / size),
