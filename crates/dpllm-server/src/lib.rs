@@ -9,6 +9,7 @@
 //! - [`http`]: the HTTP side (axum): OpenAI routes, server-sent events, the API
 //!   key, limits, `/health`, `/metrics`, the built-in web page.
 //! - [`api`]: the OpenAI request and response bodies and their checks.
+//! - [`loadgen`]: concurrent streaming clients for `dpllm bench serve`.
 //!
 //! The engine runs on a thread of the caller's (the CLI's main thread), the
 //! HTTP side on a tokio runtime of its own; they meet only in the
@@ -18,6 +19,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod loadgen;
 pub mod metrics;
 pub mod scheduler;
 
@@ -94,6 +96,15 @@ impl<B: Backend> Server<B> {
         self.engine.run();
         rt.block_on(http)
             .map_err(|e| ServeError::Io(format!("the HTTP server failed: {e}")))?
+    }
+
+    /// Serve from threads of its own, run `load` against it (the server's
+    /// base URL), then shut it down: `dpllm bench serve`.
+    pub fn drive<T>(self, load: impl FnOnce(&str) -> T) -> Result<T, ServeError> {
+        let running = self.spawn()?;
+        let out = load(&format!("http://{}", running.addr));
+        running.shutdown()?;
+        Ok(out)
     }
 
     /// Serve on `cfg.addr` from threads of its own (tests, embedding): the

@@ -22,6 +22,10 @@ pub enum BenchCommand {
     /// dense f16/f32 (on a GPU: cuBLAS f16 at 1..8 tokens), time per call and
     /// effective GB/s against the bandwidth measured in the same run.
     Gemv(GemvArgs),
+    /// The server under load: N concurrent streaming clients for a bounded
+    /// time against `dpllm serve` started in this process; per operating
+    /// point, throughput, time to first token and per-token latency percentiles.
+    Serve(super::bench_serve::Args),
 }
 
 /// Arguments of `bench gemv`.
@@ -146,6 +150,7 @@ pub struct DecodeArgs {
 /// Run a benchmark.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Serve(a) => super::bench_serve::run(a),
         BenchCommand::Decode(a) => {
             let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();
             super::check_json(a.json.as_deref(), &inputs)?;

@@ -35,7 +35,7 @@ pub struct Args {
     pub budget: Option<f64>,
     /// Default operating point: the DP-LLM plan for this target (requests
     /// choose their own with {"dpllm": {"target_bits": T}}).
-    #[arg(long, conflicts_with_all = ["bits", "max_ms_per_token"])]
+    #[arg(long, conflicts_with_all = ["bits", "max_ms_per_token"], allow_negative_numbers = true)]
     pub target: Option<f64>,
     /// Default operating point: uniform bits.
     #[arg(long, conflicts_with = "max_ms_per_token")]
@@ -43,7 +43,7 @@ pub struct Args {
     /// Default operating point: the best plan decoding within this many ms
     /// per token on this device. Without any of the three: the highest
     /// precision loaded.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_ms_per_token: Option<f64>,
     /// Requests decoded together at most (continuous batching).
     #[arg(long, default_value_t = 8)]
@@ -95,7 +95,21 @@ fn default_point(a: &Args) -> anyhow::Result<OperatingPoint> {
 
 /// [`run`] on `backend`.
 fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
-    let point = default_point(&a)?;
+    let server = build(backend, &a, SocketAddr::new(a.host, a.port))?;
+    let open = a.host.is_unspecified() && a.api_key.is_none();
+    server.serve_blocking(|addr| {
+        eprintln!("listening on http://{addr} (Ctrl-C to stop)");
+        if open {
+            eprintln!("warning: serving every network interface without --api-key");
+        }
+    })?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// The model of `a` loaded onto `backend` and profiled: a server for `addr`.
+pub fn build<B: Backend>(backend: B, a: &Args, addr: SocketAddr) -> anyhow::Result<Server<B>> {
+    let point = default_point(a)?;
     if a.max_batch == 0 || a.max_queue == 0 {
         anyhow::bail!("--max-batch and --max-queue must be at least 1");
     }
@@ -124,7 +138,7 @@ fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
             .map_or("dpllm".into(), |n| n.to_string_lossy().into_owned())
     });
     let cfg = ServerConfig {
-        addr: SocketAddr::new(a.host, a.port),
+        addr,
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         limits: Limits {
             max_body_bytes: a.max_body_kib.saturating_mul(1024),
@@ -140,19 +154,14 @@ fn run_on<B: Backend>(backend: B, a: Args) -> anyhow::Result<()> {
         profile_tokens: a.profile_tokens,
     };
     if a.profile_tokens > 0 {
-        eprintln!("measuring the decode latency of every operating point ({} tokens each)...", a.profile_tokens);
+        eprintln!(
+            "measuring the decode latency of every operating point ({} tokens each)...",
+            a.profile_tokens
+        );
     }
     let server = Server::new(served, tok, cfg)?;
     for l in server.profile() {
         eprintln!("  {:<14} {:>8.2} ms/token", l.point.label(), l.ms_per_token);
     }
-    let open = a.host.is_unspecified() && a.api_key.is_none();
-    server.serve_blocking(|addr| {
-        eprintln!("listening on http://{addr} (Ctrl-C to stop)");
-        if open {
-            eprintln!("warning: serving every network interface without --api-key");
-        }
-    })?;
-    eprintln!("stopped");
-    Ok(())
+    Ok(server)
 }
