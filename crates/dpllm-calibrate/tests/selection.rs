@@ -549,6 +549,19 @@ fn sessions_check_their_precision_and_stop_when_cancelled() {
         assert_eq!(e.kind(), ErrorKind::User, "{e}");
         assert!(e.to_string().contains("loaded range 3..=5"), "{e}");
     }
+    // Loaded for a plan, linears hold different numbers of planes: uniform
+    // bits must be held by every one of them, or the request is refused.
+    let uneven = plan_for(served.model(), 3, 5, 1.0, |i, l| {
+        if i % 2 == 1 {
+            (l.max_bits, l.high_bits) = (4, 4);
+        }
+    });
+    let dir = &served.model().dir;
+    let partial = Model::load_with(dir, &LoadOptions::for_plan(&uneven)).unwrap();
+    assert_eq!(partial.bits_range(), Some((3, 4)));
+    let e = partial.check_precision(Precision::Uniform(5)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::User, "{e}");
+    assert!(e.to_string().contains("loaded range 3..=4"), "{e}");
     let mut s = served.session(RunPrecision::Uniform(4), 8).unwrap();
     s.prefill(&tokens(3)).unwrap();
     let cancel = s.cancel_token();

@@ -179,7 +179,7 @@ impl<B: Backend> Model<B> {
             Precision::Uniform(bits) => {
                 let (lo, hi) = self.bits_range().ok_or(EngineError::NotAnyPrecision)?;
                 if !(lo..=hi).contains(&bits) {
-                    return Err(EngineError::Bits(format!("{bits} bits is outside the loaded range {lo}..={hi} (load the model with more planes to run higher)")));
+                    return Err(EngineError::Bits(format!("{bits} bits is outside the loaded range {lo}..={hi} (the bits every linear holds; load the model with more planes to run higher)")));
                 }
                 Ok(())
             }
@@ -199,13 +199,15 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Precision range every quantized linear can run at (seed..=loaded max).
+    /// Precision range every quantized linear can run at: the highest seed
+    /// to the lowest loaded maximum (a model loaded for a memory budget holds
+    /// fewer planes in some linears; then the range may be empty, lo > hi).
     pub fn bits_range(&self) -> Option<(u32, u32)> {
         self.blocks
-            .first()?
-            .linears()
-            .into_iter()
-            .find_map(|(_, l)| l.bits_range())
+            .iter()
+            .flat_map(|b| b.linears())
+            .filter_map(|(_, l)| l.bits_range())
+            .reduce(|(lo, hi), (l, h)| (lo.max(l), hi.min(h)))
     }
 
     /// The output projection [vocab × hidden] (the embedding when tied).
