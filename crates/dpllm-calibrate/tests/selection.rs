@@ -587,9 +587,9 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
     let plan_b = Arc::new(runtime(async_plan, &model));
     // Two sessions share plan A (one group, counted per session), one runs
     // the asynchronous plan B, one a uniform width; prompts of different
-    // lengths put the sessions at different positions. (Four tokens: the
-    // CPU's GEMV, whose rounding does not depend on the token count; from 5
-    // tokens dense layers run as a tiled GEMM, which rounds otherwise.)
+    // lengths put the sessions at different positions. (Up to 8 tokens the
+    // CPU runs the GEMV, whose rounding does not depend on the token count;
+    // above, dense layers run as a tiled GEMM, which rounds otherwise.)
     let precisions = [
         RunPrecision::Plan(plan_a.clone()),
         RunPrecision::Plan(plan_b),

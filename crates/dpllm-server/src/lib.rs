@@ -98,12 +98,37 @@ impl<B: Backend> Server<B> {
             .map_err(|e| ServeError::Io(format!("the HTTP server failed: {e}")))?
     }
 
-    /// Serve from threads of its own, run `load` against it (the server's
-    /// base URL), then shut it down: `dpllm bench serve`.
-    pub fn drive<T>(self, load: impl FnOnce(&str) -> T) -> Result<T, ServeError> {
-        let running = self.spawn()?;
-        let out = load(&format!("http://{}", running.addr));
-        running.shutdown()?;
+    /// Serve with the engine on this thread (as `serve_blocking`) while
+    /// `load` runs on another against the server's base URL; shut down when
+    /// it returns: `dpllm bench serve`.
+    pub fn drive<T: Send + 'static>(
+        self,
+        load: impl FnOnce(String) -> T + Send + 'static,
+    ) -> Result<T, ServeError> {
+        let rt = runtime()?;
+        let (listener, bound) = bind(self.state.cfg.addr)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = self.state.clone();
+        let http = rt.spawn(async move {
+            serve_http(tokio_listener(listener)?, state, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let scheduler = self.state.scheduler.clone();
+        let driver = std::thread::spawn(move || {
+            let out = load(format!("http://{bound}"));
+            let _ = stop.send(());
+            scheduler.shutdown();
+            out
+        });
+        drop(self.state);
+        self.engine.run();
+        let out = driver
+            .join()
+            .map_err(|_| ServeError::Io("the load thread panicked".into()))?;
+        rt.block_on(http)
+            .map_err(|e| ServeError::Io(format!("the HTTP server failed: {e}")))??;
         Ok(out)
     }
 

@@ -83,7 +83,7 @@ fn run_on<B: Backend>(backend: B, a: Args, points: Vec<(String, Option<Value>)>)
         a.clients, a.secs, a.request_tokens, a.serve.max_batch
     );
     let (results, secs) = server
-        .drive(|base| loadgen::drive_blocking(base, &cfg))?
+        .drive(move |base| loadgen::drive_blocking(&base, &cfg))?
         .map_err(anyhow::Error::msg)?;
     let total: f64 = results.iter().map(|r| r.tokens_per_sec).sum();
     let mut table = String::from(

@@ -43,7 +43,7 @@ impl<B: Backend> Model<B> {
     /// each linear's weight reads; per-token decisions follow each sequence's
     /// own plan; attention reads each sequence's own cache. A sequence's
     /// logits equal those of its step run alone up to the backend's rounding
-    /// of a longer batch (equal on the CPU for up to 4 tokens a precision).
+    /// of a longer batch (equal on the CPU up to `GEMV_MAX_TOKENS`, 8, a call).
     /// On an error every cache is left as it was (run the steps one by one to
     /// learn which sequence failed). Oracle and random selection, which read
     /// back mid-call, run one sequence at a time: they are refused here.

@@ -11,8 +11,12 @@ use rayon::prelude::*;
 use super::dot::WeightElem;
 use super::SendPtr;
 
-/// Up to this many tokens the GEMV path is used (weights stay in cache across tokens).
-pub const GEMV_MAX_TOKENS: usize = 4;
+/// Up to this many tokens the GEMV path is used (weights stay in cache across
+/// tokens). 8 covers a server's batch of decode steps: at 8 tokens the GEMV
+/// beat the tiled GEMM on the 2-core dev VM by 1.4x (SmolLM2, f32), 2.6x
+/// (docs-llama-12m, f32) and 4x (docs-llama-12m, bit-planes: the tiles are
+/// dequantized to f32 every call); at 16 the GEMM won on SmolLM2.
+pub const GEMV_MAX_TOKENS: usize = 8;
 
 /// Rows per parallel GEMV task.
 pub const GEMV_ROWS_PER_TASK: usize = 16;

@@ -4,7 +4,7 @@
 use dpllm_format::q8::{Q8Matrix, Q8_BLOCK};
 use half::f16;
 
-use super::matmul::{gemv_row_ranges, matmul_tiled, GEMV_MAX_TOKENS};
+use super::matmul::{gemv_row_ranges, matmul_tiled};
 
 /// Σ_j w_j·x_j of one row: `scales` (cols/32), `quants` (cols) (portable).
 pub fn dot_q8_portable(scales: &[f16], quants: &[i8], x: &[f32]) -> f32 {
@@ -218,6 +218,13 @@ impl Q8Kernel {
     }
 }
 
+/// Up to this many tokens Q8_0 rows run as a GEMV. Its fast kernel rounds the
+/// activations to 16 bits, which moves SmolLM2's logits (a Q8_0 output layer)
+/// by about 1e-3 against float64; from 5 tokens the f32 tiles keep a prompt's
+/// logits at f32 rounding (5e-4), so this stays at 4 where the f32 and
+/// bit-plane layers take up to 8 (`GEMV_MAX_TOKENS`).
+const Q8_GEMV_MAX_TOKENS: usize = 4;
+
 /// `y [n × rows] = x [n × cols] · Wᵀ` for Q8_0 weights: a GEMV streaming the
 /// bytes for a few tokens, f32 tiles through `gemm` for more.
 pub fn matmul_q8(w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
@@ -226,7 +233,7 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
 
 /// [`matmul_q8`] with a chosen GEMV kernel.
 pub fn matmul_q8_with(k: Q8Kernel, w: &Q8Matrix, x: &[f32], n: usize, y: &mut [f32]) {
-    if n <= GEMV_MAX_TOKENS {
+    if n <= Q8_GEMV_MAX_TOKENS {
         let input = k.prepare(x, w.cols);
         gemv_row_ranges(w.rows, n, y, |t, range, out| {
             k.dot_rows(w, range, &input, t, out)
