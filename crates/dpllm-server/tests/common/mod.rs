@@ -106,9 +106,19 @@ pub fn config() -> ServerConfig {
     }
 }
 
-/// Start a server on `model` (loaded for `budget`) with `cfg`.
+/// Start a server on `model` (loaded for `budget`) with `cfg`, on the CPU.
 pub fn start(model: &Path, budget: Option<f64>, cfg: ServerConfig) -> RunningServer {
-    let served = ServedModel::load(model, budget, None).unwrap();
+    start_on(dpllm_engine::CpuBackend, model, budget, cfg)
+}
+
+/// [`start`] on `backend`.
+pub fn start_on<B: dpllm_engine::Backend>(
+    backend: B,
+    model: &Path,
+    budget: Option<f64>,
+    cfg: ServerConfig,
+) -> RunningServer {
+    let served = ServedModel::load_on(backend, model, budget, None).unwrap();
     let m = served.model();
     let tok = TextTokenizer::from_dir(model, m.config.bos_token_id, &m.config.eos_token_ids)
         .unwrap();
