@@ -10,6 +10,10 @@ use tokenizers::Tokenizer;
 /// A loaded tokenizer with the model's special-token ids and chat template.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// Vocabulary size with added tokens, counted once: `tokenizers` builds
+    /// the whole vocabulary map to count it, which cost a streamed decode
+    /// (two decodes a token) more than the decoding.
+    vocab: usize,
     bos: Option<u32>,
     eos: Vec<u32>,
     add_bos_token: bool,
@@ -206,6 +210,7 @@ impl TextTokenizer {
                 Some(ChatTemplate::new(&src, &bos_s, &eos_s).map_err(|e| in_file(e, &jinja_path))?);
         }
         Ok(TextTokenizer {
+            vocab: inner.get_vocab_size(true),
             inner,
             bos,
             eos,
@@ -262,7 +267,7 @@ impl TextTokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab
     }
 
     /// The chat template from tokenizer_config.json (or chat_template.jinja), if any.

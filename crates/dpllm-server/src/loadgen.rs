@@ -71,12 +71,15 @@ pub struct PointLoad {
     pub tokens_per_sec: f64,
     /// Time to first token, ms.
     pub ttft_ms: Percentiles,
-    /// Time between streamed tokens, ms.
+    /// Time per output token after the first (a request's decode time over
+    /// its tokens after the first), ms, over requests.
     pub token_latency_ms: Percentiles,
     /// Mean effective bits the server reported.
     pub effective_bits: Option<f64>,
     /// The operating point the server reported using.
     pub served_as: Option<String>,
+    /// The first error the server answered (a client stops at it).
+    pub error: Option<String>,
 }
 
 /// What one client saw.
@@ -87,9 +90,11 @@ struct Tally {
     failed: usize,
     tokens: usize,
     ttft: Vec<f64>,
-    gaps: Vec<f64>,
+    tpot: Vec<f64>,
     bits: Vec<f64>,
     served_as: Option<String>,
+    /// The server's answer to a request it refused (not a 429): the client stops.
+    error: Option<String>,
 }
 
 /// Drive the server at `base` (`http://host:port`) as `cfg` says; one result
@@ -105,7 +110,7 @@ pub async fn drive(base: &str, cfg: &LoadConfig) -> Result<(Vec<PointLoad>, f64)
         let (http, point) = (http.clone(), cfg.points[i % cfg.points.len()].1.clone());
         async move {
             let mut t = Tally::default();
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && t.error.is_none() {
                 one_request(&http, base, cfg, point.as_ref(), i, &mut t).await;
             }
             t
@@ -134,10 +139,11 @@ pub async fn drive(base: &str, cfg: &LoadConfig) -> Result<(Vec<PointLoad>, f64)
                 tokens,
                 tokens_per_sec: tokens as f64 / secs,
                 ttft_ms: Percentiles::of(cat(|t| &t.ttft)),
-                token_latency_ms: Percentiles::of(cat(|t| &t.gaps)),
+                token_latency_ms: Percentiles::of(cat(|t| &t.tpot)),
                 effective_bits: (!bits.is_empty())
                     .then(|| bits.iter().sum::<f64>() / bits.len() as f64),
                 served_as: mine.iter().find_map(|t| t.served_as.clone()),
+                error: mine.iter().find_map(|t| t.error.clone()),
             }
         })
         .collect();
@@ -196,12 +202,19 @@ async fn one_request(
             tokio::time::sleep(Duration::from_secs(wait.min(5))).await;
             return;
         }
-        _ => {
+        status => {
             t.failed += 1;
+            let body = resp.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            t.error = Some(format!("HTTP {status}: {msg}"));
             return;
         }
     }
-    let (mut buf, mut last, mut first) = (String::new(), start, true);
+    let mut buf = String::new();
+    let (mut first, mut last) = (None::<Instant>, start);
     let mut finished = false;
     while let Ok(Some(chunk)) = resp.chunk().await {
         buf.push_str(&String::from_utf8_lossy(&chunk));
@@ -219,15 +232,11 @@ async fn one_request(
             }
             let text = v["choices"][0]["text"].as_str().unwrap_or("");
             if !text.is_empty() {
-                let now = Instant::now();
-                let ms = (now - last).as_secs_f64() * 1000.0;
-                if first {
-                    t.ttft.push(ms);
-                    first = false;
-                } else {
-                    t.gaps.push(ms);
+                last = Instant::now();
+                if first.is_none() {
+                    t.ttft.push((last - start).as_secs_f64() * 1000.0);
+                    first = Some(last);
                 }
-                last = now;
             }
             if let Some(d) = v.get("dpllm") {
                 if let Some(b) = d["effective_bits"].as_f64() {
@@ -238,6 +247,9 @@ async fn one_request(
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 t.tokens += n as usize;
                 finished = true;
+                if let (Some(f), true) = (first, n > 1) {
+                    t.tpot.push((last - f).as_secs_f64() * 1000.0 / (n - 1) as f64);
+                }
             }
         }
     }

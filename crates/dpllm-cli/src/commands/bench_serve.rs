@@ -87,12 +87,15 @@ fn run_on<B: Backend>(backend: B, a: Args, points: Vec<(String, Option<Value>)>)
         .map_err(anyhow::Error::msg)?;
     let total: f64 = results.iter().map(|r| r.tokens_per_sec).sum();
     let mut table = String::from(
-        "| point | served as | clients | requests | 429 | failed | tokens/s | TTFT p50 / p90 / p99 ms | per-token p50 / p90 / p99 ms | effective bits |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| point | served as | clients | requests | 429 | failed | tokens/s | TTFT p50 / p90 / p99 ms | ms per output token p50 / p90 / p99 | effective bits |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &results {
         table += &row(r);
     }
     table += &format!("\ntotal {total:.1} tokens/s over {secs:.1} s on {device}\n");
+    for r in results.iter().filter(|r| r.error.is_some()) {
+        table += &format!("{}: {}\n", r.point, r.error.as_deref().unwrap_or(""));
+    }
     let report = json!({
         "benchmark": "serve",
         "model": a.serve.model,
