@@ -77,7 +77,7 @@ impl<B: Backend> Server<B> {
 
     /// The latency profile measured at start-up.
     pub fn profile(&self) -> Vec<scheduler::Latency> {
-        self.state.scheduler.profile().snapshot()
+        self.state.scheduler.profile().alone()
     }
 
     /// Serve on `cfg.addr` until SIGINT or SIGTERM, the engine on this thread;

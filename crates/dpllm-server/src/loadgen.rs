@@ -76,8 +76,9 @@ pub struct PointLoad {
     pub token_latency_ms: Percentiles,
     /// Mean effective bits the server reported.
     pub effective_bits: Option<f64>,
-    /// The operating point the server reported using.
-    pub served_as: Option<String>,
+    /// The operating points the server reported using (a latency budget's
+    /// choice follows the live latency profile).
+    pub served_as: Vec<String>,
     /// The first error the server answered (a client stops at it).
     pub error: Option<String>,
 }
@@ -92,7 +93,7 @@ struct Tally {
     ttft: Vec<f64>,
     tpot: Vec<f64>,
     bits: Vec<f64>,
-    served_as: Option<String>,
+    served_as: Vec<String>,
     /// The server's answer to a request it refused (not a 429): the client stops.
     error: Option<String>,
 }
@@ -142,7 +143,13 @@ pub async fn drive(base: &str, cfg: &LoadConfig) -> Result<(Vec<PointLoad>, f64)
                 token_latency_ms: Percentiles::of(cat(|t| &t.tpot)),
                 effective_bits: (!bits.is_empty())
                     .then(|| bits.iter().sum::<f64>() / bits.len() as f64),
-                served_as: mine.iter().find_map(|t| t.served_as.clone()),
+                served_as: {
+                    let mut v: Vec<String> =
+                        mine.iter().flat_map(|t| t.served_as.iter().cloned()).collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                },
                 error: mine.iter().find_map(|t| t.error.clone()),
             }
         })
@@ -242,7 +249,11 @@ async fn one_request(
                 if let Some(b) = d["effective_bits"].as_f64() {
                     t.bits.push(b);
                 }
-                t.served_as = d["operating_point"].as_str().map(str::to_string);
+                if let Some(p) = d["operating_point"].as_str() {
+                    if !t.served_as.iter().any(|s| s == p) {
+                        t.served_as.push(p.to_string());
+                    }
+                }
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 t.tokens += n as usize;

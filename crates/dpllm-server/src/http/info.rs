@@ -46,8 +46,11 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 /// `GET /v1/models`: the one model served, with dpllm's extension.
 pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let info = st.scheduler.info();
-    let latency: Vec<_> = (st.scheduler.profile().snapshot().into_iter())
-        .map(|l| json!({"operating_point": l.point.label(), "point": l.point, "ms_per_token": l.ms_per_token}))
+    let profile = st.scheduler.profile();
+    let (now, load) = profile.snapshot();
+    let latency: Vec<_> = (now.iter().zip(profile.alone()))
+        .map(|(l, a)| json!({"operating_point": l.point.label(), "point": l.point,
+            "ms_per_token": l.ms_per_token, "ms_per_token_alone": a.ms_per_token}))
         .collect();
     Json(json!({
         "object": "list",
@@ -64,6 +67,7 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> 
                 "targets": info.targets,
                 "default": info.default,
                 "latency_profile": latency,
+                "load_factor": load,
             }
         }]
     }))

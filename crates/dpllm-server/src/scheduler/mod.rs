@@ -212,7 +212,7 @@ impl Scheduler {
     /// batch-full of waiting requests.
     fn retry_after(&self) -> u64 {
         let waits = self.shared.queued.load(Ordering::SeqCst) / self.max_batch + 1;
-        let per = (self.shared.profile.snapshot().iter())
+        let per = (self.shared.profile.snapshot().0.iter())
             .map(|l| l.ms_per_token)
             .fold(0.0, f64::max)
             * 256.0

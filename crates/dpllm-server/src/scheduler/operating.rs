@@ -143,66 +143,95 @@ pub struct Latency {
     pub ms_per_token: f64,
 }
 
-/// Weight of a new live measurement in a point's latency.
+/// Weight of a new live measurement in the load factor.
 const LIVE_WEIGHT: f64 = 0.2;
 
-/// Decode latency of each point on this device.
-#[derive(Debug, Default)]
+/// Decode latency of each point on this device: each point's latency alone
+/// (measured at start-up) times one load factor, which live measurements
+/// keep current (a request's ms per token over its point's latency alone).
+/// Load slows every point alike, so one factor keeps the points in the order
+/// the profile measured, where separate live figures would compare points
+/// measured under different loads.
+#[derive(Debug)]
 pub struct LatencyProfile {
-    entries: Mutex<Vec<Latency>>,
+    state: Mutex<(Vec<Latency>, f64)>,
+}
+
+impl Default for LatencyProfile {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl LatencyProfile {
-    /// A profile from measurements.
-    pub fn new(entries: Vec<Latency>) -> Self {
+    /// A profile from measurements of each point alone.
+    pub fn new(alone: Vec<Latency>) -> Self {
         LatencyProfile {
-            entries: Mutex::new(entries),
+            state: Mutex::new((alone, 1.0)),
         }
     }
 
-    /// True when it holds a measurement.
+    /// True when it holds no measurement.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().0.is_empty()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Latency>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Latency>, f64)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The best point that decodes within `ms` per token, and true; or, when
-    /// none does, the fastest and false. None without measurements.
+    /// The best point that decodes within `ms` per token under the current
+    /// load, and true; or, when none does, the fastest and false. None
+    /// without measurements.
     pub fn best_within(&self, ms: f64, highest: f64) -> Option<(Point, bool)> {
-        let e = self.lock();
-        let best = (e.iter())
-            .filter(|l| l.ms_per_token <= ms)
+        let g = self.lock();
+        let (alone, load) = (&g.0, g.1);
+        let best = (alone.iter())
+            .filter(|l| l.ms_per_token * load <= ms)
             .map(|l| l.point)
             .reduce(|a, b| if b.better_than(&a, highest) { b } else { a });
         match best {
             Some(p) => Some((p, true)),
-            None => (e.iter())
+            None => (alone.iter())
                 .min_by(|a, b| a.ms_per_token.total_cmp(&b.ms_per_token))
                 .map(|l| (l.point, false)),
         }
     }
 
-    /// A live measurement of `point` (a request's average ms per token).
+    /// A live measurement: a request at `point` decoded at `ms` per token.
     pub fn record(&self, point: Point, ms: f64) {
         if !(ms.is_finite() && ms > 0.0) {
             return;
         }
-        let mut e = self.lock();
-        match e.iter_mut().find(|l| l.point == point) {
-            Some(l) => l.ms_per_token += LIVE_WEIGHT * (ms - l.ms_per_token),
-            None => e.push(Latency {
+        let mut g = self.lock();
+        let load = g.1;
+        match g.0.iter().find(|l| l.point == point) {
+            Some(l) => {
+                let ratio = ms / l.ms_per_token;
+                g.1 += LIVE_WEIGHT * (ratio - load);
+            }
+            None => g.0.push(Latency {
                 point,
-                ms_per_token: ms,
+                ms_per_token: ms / load,
             }),
         }
     }
 
-    /// The current measurements.
-    pub fn snapshot(&self) -> Vec<Latency> {
-        self.lock().clone()
+    /// Each point's latency alone.
+    pub fn alone(&self) -> Vec<Latency> {
+        self.lock().0.clone()
+    }
+
+    /// Each point's latency under the current load, and the load factor.
+    pub fn snapshot(&self) -> (Vec<Latency>, f64) {
+        let g = self.lock();
+        let now = (g.0.iter())
+            .map(|l| Latency {
+                point: l.point,
+                ms_per_token: l.ms_per_token * g.1,
+            })
+            .collect();
+        (now, g.1)
     }
 }
 
@@ -237,14 +266,24 @@ mod tests {
     }
 
     #[test]
-    fn live_measurements_move_the_profile() {
+    fn live_measurements_scale_every_point_alike() {
         let p = profile();
-        for _ in 0..30 {
-            p.record(Point::Target(4.0), 30.0);
+        // Under load target 4.0 decodes at twice its latency alone: every
+        // point is taken to be twice as slow, in the same order.
+        for _ in 0..40 {
+            p.record(Point::Target(4.0), 22.0);
         }
-        assert_eq!(p.best_within(11.0, 5.0), Some((Point::Bits(4), true)));
-        p.record(Point::Bits(5), 12.0);
-        assert!(p.snapshot().iter().any(|l| l.point == Point::Bits(5)));
+        let (now, load) = p.snapshot();
+        assert!((load - 2.0).abs() < 1e-3, "{load}");
+        assert_eq!(now[0].point, Point::Highest);
+        assert!((now[0].ms_per_token - 40.0).abs() < 0.1);
+        assert_eq!(p.best_within(22.1, 5.0), Some((Point::Target(4.0), true)));
+        assert_eq!(p.best_within(21.0, 5.0), Some((Point::Bits(4), true)));
+        assert_eq!(p.best_within(11.0, 5.0), Some((Point::Bits(3), false)));
+        // A point measured only live enters at its latency alone.
+        p.record(Point::Bits(5), 24.0);
+        let b5 = p.alone().into_iter().find(|l| l.point == Point::Bits(5)).unwrap();
+        assert!((b5.ms_per_token - 12.0).abs() < 0.1, "{b5:?}");
     }
 
     #[test]
