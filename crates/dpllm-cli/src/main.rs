@@ -136,3 +136,16 @@ pub(crate) fn model_dir(p: &PathBuf) -> anyhow::Result<&PathBuf> {
         Err(e) => anyhow::bail!("cannot read model directory {}: {e}", p.display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (unique argument and group ids, valid
+    /// conflicts) over every subcommand. They run only in debug builds and only
+    /// for the subcommand parsed, so a release-only test run misses them.
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

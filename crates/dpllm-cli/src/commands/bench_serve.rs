@@ -10,8 +10,10 @@ use dpllm_engine::Backend;
 use dpllm_server::loadgen::{self, LoadConfig, PointLoad};
 use serde_json::{json, Value};
 
-/// Arguments of `bench serve`.
+/// Arguments of `bench serve` (its own group id: the flattened `serve::Args`
+/// already takes the derived "Args").
 #[derive(clap::Args)]
+#[group(id = "BenchServeArgs")]
 pub struct Args {
     #[command(flatten)]
     pub serve: super::serve::Args,
@@ -120,7 +122,7 @@ fn row(r: &PointLoad) -> String {
     format!(
         "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
         r.point,
-        r.served_as.as_deref().unwrap_or("-"),
+        if r.served_as.is_empty() { "-".into() } else { r.served_as.join(", ") },
         r.clients,
         r.requests,
         r.rejected,
