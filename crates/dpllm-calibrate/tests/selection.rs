@@ -640,7 +640,11 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
         }
     }
     for (i, s) in sessions.iter().enumerate() {
-        assert_eq!(s.stats().counts, alone[i].1, "session {i}'s precision counts");
+        assert_eq!(
+            s.stats().counts,
+            alone[i].1,
+            "session {i}'s precision counts"
+        );
     }
     let decisions = &alone[0].1;
     assert!(
@@ -649,8 +653,10 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
     );
     // A batch that cannot run leaves every cache as it was.
     let lens: Vec<usize> = sessions.iter().map(|s| s.len()).collect();
-    let mut batch: Vec<(&mut Session, u32)> =
-        sessions.iter_mut().map(|s| (s, TINY_VOCAB as u32)).collect();
+    let mut batch: Vec<(&mut Session, u32)> = sessions
+        .iter_mut()
+        .map(|s| (s, TINY_VOCAB as u32))
+        .collect();
     let e = Session::decode_batch(&mut batch).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::User, "{e}");
     assert_eq!(sessions.iter().map(|s| s.len()).collect::<Vec<_>>(), lens);

@@ -438,15 +438,27 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
     );
     // A synthetic plan: half the layers at 4 bits, chosen per token by DP-LLM.
     let (out, _, v) = small(&["--target", "3.5"]);
-    assert_eq!(v["weights"], "dynamic plan, target 3.50, budget 4.00", "{out}");
+    assert_eq!(
+        v["weights"], "dynamic plan, target 3.50, budget 4.00",
+        "{out}"
+    );
     assert_eq!(v["effective_bits"].as_f64(), Some(3.5), "{out}");
     assert!(v["estimator_overhead"].as_f64().unwrap() > 0.0, "{out}");
     let (out, _, v) = small(&["--target", "3.5", "--static"]);
-    assert_eq!(v["weights"], "static plan, target 3.50, budget 4.00", "{out}");
+    assert_eq!(
+        v["weights"], "static plan, target 3.50, budget 4.00",
+        "{out}"
+    );
     let plan_8b = ["bench", "decode", "--synthetic", "llama3-8b", "--target"];
     for (args, phrases) in [
-        (&["8"][..], &["--target 8 with --synthetic must lie in [3, 8)"][..]),
-        (&["4", "--budget", "5"], &["--budget", "cannot be used with"]),
+        (
+            &["8"][..],
+            &["--target 8 with --synthetic must lie in [3, 8)"][..],
+        ),
+        (
+            &["4", "--budget", "5"],
+            &["--budget", "cannot be used with"],
+        ),
         (&["4", "--select", "oracle"], &["estimators only"]),
     ] {
         fails(&[&plan_8b[..], args].concat(), phrases);

@@ -100,7 +100,10 @@ fn the_gpu_matches_the_cpu_from_quantized_model_to_dp_llm_plans() {
     assert!(plain.status.success(), "{}", common::stderr(&plain));
     let (graphed, graphed_err) = ok(&gen);
     assert!(graphed.starts_with("the"), "{graphed}");
-    assert!(graphed_err.contains("decode effective bits"), "{graphed_err}");
+    assert!(
+        graphed_err.contains("decode effective bits"),
+        "{graphed_err}"
+    );
     assert_eq!(graphed, common::stdout(&plain));
     let bits = |e: &str| e.split("decode effective bits").nth(1).map(str::to_owned);
     assert_eq!(bits(&graphed_err), bits(&common::stderr(&plain)));

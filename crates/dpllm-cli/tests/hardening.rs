@@ -535,14 +535,7 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             vec!["--bits 2 is out of range 3..=8"],
         ),
         (
-            vec![
-                "bench",
-                "gemv",
-                "--device",
-                "cuda",
-                "--warps",
-                "17",
-            ],
+            vec!["bench", "gemv", "--device", "cuda", "--warps", "17"],
             vec!["--warps 17 is out of range 1..=16"],
         ),
         // No driver (CI) or no such GPU: either way a clear error naming it.

@@ -73,13 +73,19 @@ fn serve_answers_over_http_and_stops_on_sigterm() {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no exit after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let log = reader.join().unwrap();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("stopped"), "{log}");
-    assert!(log.contains("ms/token"), "the latency profile is shown: {log}");
+    assert!(
+        log.contains("ms/token"),
+        "the latency profile is shown: {log}"
+    );
 }
 
 #[test]
@@ -91,7 +97,10 @@ fn serve_refuses_bad_settings_clearly() {
     fails(&["serve", m, "--max-batch", "0"], &["--max-batch"]);
     fails(&["serve", "/nonexistent/model"], &["not found"]);
     // A dense model has no plans and no bit-widths to default to.
-    fails(&["serve", m, "--port", "0", "--bits", "4"], &["not an any-precision model"]);
+    fails(
+        &["serve", m, "--port", "0", "--bits", "4"],
+        &["not an any-precision model"],
+    );
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();
     fails(
@@ -119,7 +128,10 @@ fn bench_serve_reports_throughput_and_latency_per_point() {
         "--json",
         s(&json),
     ]);
-    assert!(out.contains("tokens/s") && out.contains("| default |"), "{out}");
+    assert!(
+        out.contains("tokens/s") && out.contains("| default |"),
+        "{out}"
+    );
     let v = json_file(&json);
     let p = &v["points"][0];
     assert!(p["requests"].as_u64().unwrap() > 0, "{v}");

@@ -14,7 +14,14 @@ use dpllm_engine::Model;
 fn model(be: CudaBackend) -> Model<CudaBackend> {
     let mut c = synthetic_config("smollm2-135m").unwrap();
     c.num_layers = 3;
-    Model::synthetic(be, "graphs", c, SyntheticWeights::AnyPrec { max_bits: 5 }, 11).unwrap()
+    Model::synthetic(
+        be,
+        "graphs",
+        c,
+        SyntheticWeights::AnyPrec { max_bits: 5 },
+        11,
+    )
+    .unwrap()
 }
 
 fn argmax(v: &[f32]) -> u32 {

@@ -59,7 +59,10 @@ impl ApiError {
     pub fn shutting_down() -> Self {
         ApiError {
             retry_after: Some(5),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            )
         }
     }
 

@@ -144,8 +144,10 @@ pub async fn drive(base: &str, cfg: &LoadConfig) -> Result<(Vec<PointLoad>, f64)
                 effective_bits: (!bits.is_empty())
                     .then(|| bits.iter().sum::<f64>() / bits.len() as f64),
                 served_as: {
-                    let mut v: Vec<String> =
-                        mine.iter().flat_map(|t| t.served_as.iter().cloned()).collect();
+                    let mut v: Vec<String> = mine
+                        .iter()
+                        .flat_map(|t| t.served_as.iter().cloned())
+                        .collect();
                     v.sort();
                     v.dedup();
                     v
@@ -259,7 +261,8 @@ async fn one_request(
                 t.tokens += n as usize;
                 finished = true;
                 if let (Some(f), true) = (first, n > 1) {
-                    t.tpot.push((last - f).as_secs_f64() * 1000.0 / (n - 1) as f64);
+                    t.tpot
+                        .push((last - f).as_secs_f64() * 1000.0 / (n - 1) as f64);
                 }
             }
         }

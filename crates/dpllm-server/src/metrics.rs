@@ -76,12 +76,36 @@ impl Default for Metrics {
             engine_errors: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests by route and status", m.requests.clone());
-        registry.register("prompt_tokens", "Prompt tokens run", m.prompt_tokens.clone());
-        registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
-        registry.register("queue_depth", "Requests waiting for a place in the batch", m.queue_depth.clone());
-        registry.register("running_requests", "Requests decoding now", m.running.clone());
-        registry.register("batch_size", "Requests in each decode step", m.batch_size.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens run",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a place in the batch",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "running_requests",
+            "Requests decoding now",
+            m.running.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Requests in each decode step",
+            m.batch_size.clone(),
+        );
         registry.register(
             "time_to_first_token_seconds",
             "Seconds from receipt to the first token",
@@ -97,8 +121,16 @@ impl Default for Metrics {
             "Effective bits of each finished request, by operating point",
             m.effective_bits.clone(),
         );
-        registry.register("cancelled_requests", "Requests whose client went away", m.cancelled.clone());
-        registry.register("engine_errors", "Requests that failed in the engine", m.engine_errors.clone());
+        registry.register(
+            "cancelled_requests",
+            "Requests whose client went away",
+            m.cancelled.clone(),
+        );
+        registry.register(
+            "engine_errors",
+            "Requests that failed in the engine",
+            m.engine_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

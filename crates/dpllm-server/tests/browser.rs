@@ -39,10 +39,7 @@ impl Session {
             r = r.json(&b);
         }
         let v: Value = r.send().await.unwrap().json().await.unwrap();
-        assert!(
-            !v["value"]["error"].is_string(),
-            "WebDriver {path}: {v}"
-        );
+        assert!(!v["value"]["error"].is_string(), "WebDriver {path}: {v}");
         v["value"].clone()
     }
 
@@ -61,7 +58,8 @@ impl Session {
     }
 
     async fn script(&self, js: &str) -> Value {
-        self.post("/execute/sync", json!({"script": js, "args": []})).await
+        self.post("/execute/sync", json!({"script": js, "args": []}))
+            .await
     }
 
     /// Run `js` until it returns something truthy, or fail after `secs`.
@@ -72,7 +70,10 @@ impl Session {
             if !(v.is_null() || v == json!(false) || v == json!("")) {
                 return v;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for: {js}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for: {js}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -103,7 +104,10 @@ async fn the_web_page_streams_a_chat_answer_in_a_real_browser() {
     let root = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
     while http.get(format!("{root}/status")).send().await.is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let profile = tempfile::tempdir().unwrap();
@@ -133,10 +137,14 @@ async fn the_web_page_streams_a_chat_answer_in_a_real_browser() {
         http: http.clone(),
         base: format!("{root}/session/{id}"),
     };
-    b.post("/url", json!({"url": format!("http://{}/", s.addr)})).await;
-    // The page read /v1/models: the model's name and its DP-LLM targets.
-    b.wait_for("return document.getElementById('model-name').textContent", 10)
+    b.post("/url", json!({"url": format!("http://{}/", s.addr)}))
         .await;
+    // The page read /v1/models: the model's name and its DP-LLM targets.
+    b.wait_for(
+        "return document.getElementById('model-name').textContent",
+        10,
+    )
+    .await;
     b.script(
         "const k = document.getElementById('point-kind'); k.value = 'target_bits';\
          k.dispatchEvent(new Event('change')); document.getElementById('max-tokens').value = '24';",
@@ -147,8 +155,11 @@ async fn the_web_page_streams_a_chat_answer_in_a_real_browser() {
         .await;
     assert_eq!(targets, json!(["3.5", "4.5"]));
     let prompt = b.find("#prompt").await;
-    b.post(&format!("/element/{prompt}/value"), json!({"text": "Hello, model"}))
-        .await;
+    b.post(
+        &format!("/element/{prompt}/value"),
+        json!({"text": "Hello, model"}),
+    )
+    .await;
     let send = b.find("#send").await;
     b.post(&format!("/element/{send}/click"), json!({})).await;
     b.wait_for(
@@ -167,9 +178,15 @@ async fn the_web_page_streams_a_chat_answer_in_a_real_browser() {
     assert_eq!(got["error"], false, "{got}");
     assert_eq!(got["user"], "Hello, model");
     assert!(!got["text"].as_str().unwrap().is_empty(), "{got}");
-    assert!(got["chunks"].as_u64().unwrap() > 1, "streamed in pieces: {got}");
+    assert!(
+        got["chunks"].as_u64().unwrap() > 1,
+        "streamed in pieces: {got}"
+    );
     let meta = got["meta"].as_str().unwrap();
-    assert!(meta.contains("target 3.5") && meta.contains("effective bits"), "{meta}");
+    assert!(
+        meta.contains("target 3.5") && meta.contains("effective bits"),
+        "{meta}"
+    );
     b.call(reqwest::Method::DELETE, "", None).await;
     s.shutdown().unwrap();
 }

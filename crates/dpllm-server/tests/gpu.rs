@@ -24,7 +24,12 @@ async fn on_the_gpu_batched_requests_get_what_each_gets_alone() {
         json!({"bits": 3}),
         json!({"target_bits": 3.5}),
     ];
-    let body = |i: usize| greedy(96, json!({"prompt": format!("request {i}"), "dpllm": points[i]}));
+    let body = |i: usize| {
+        greedy(
+            96,
+            json!({"prompt": format!("request {i}"), "dpllm": points[i]}),
+        )
+    };
     let (mut alone, mut on_cpu) = (Vec::new(), Vec::new());
     for i in 0..points.len() {
         let v = g.post("/v1/completions", &body(i)).await.body;
@@ -41,7 +46,10 @@ async fn on_the_gpu_batched_requests_get_what_each_gets_alone() {
     let rows = g.metric("dpllm_batch_size_sum").await;
     eprintln!("GPU: {rows} request-steps in {steps} steps");
     let same_as_cpu = alone.iter().zip(&on_cpu).filter(|(a, b)| a == b).count();
-    eprintln!("GPU alone equal to the CPU: {same_as_cpu} of {}", alone.len());
+    eprintln!(
+        "GPU alone equal to the CPU: {same_as_cpu} of {}",
+        alone.len()
+    );
     for (i, v) in together.iter().enumerate() {
         assert_eq!(
             (answer_text(v), v["dpllm"]["effective_bits"].clone()),

@@ -59,7 +59,10 @@ async fn answers_whole_and_streamed_agree_and_report_their_operating_point() {
     // Uniform bits run at exactly those bits; a stop string ends the answer
     // before it and is not included.
     let v = c
-        .post("/v1/completions", &greedy(16, json!({"prompt": "abc", "dpllm": {"bits": 4}})))
+        .post(
+            "/v1/completions",
+            &greedy(16, json!({"prompt": "abc", "dpllm": {"bits": 4}})),
+        )
         .await
         .body;
     assert_eq!(v["dpllm"]["effective_bits"].as_f64(), Some(4.0), "{v}");
@@ -69,7 +72,10 @@ async fn answers_whole_and_streamed_agree_and_report_their_operating_point() {
     let v = c
         .post(
             "/v1/completions",
-            &greedy(16, json!({"prompt": "abc", "dpllm": {"bits": 4}, "stop": [stop]})),
+            &greedy(
+                16,
+                json!({"prompt": "abc", "dpllm": {"bits": 4}, "stop": [stop]}),
+            ),
         )
         .await
         .body;
@@ -166,8 +172,11 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let replies = futures_util::future::join_all((0..6).map(|i| {
         let c = &c;
         async move {
-            c.post("/v1/completions", &greedy(20, json!({"prompt": format!("p{i}")})))
-                .await
+            c.post(
+                "/v1/completions",
+                &greedy(20, json!({"prompt": format!("p{i}")})),
+            )
+            .await
         }
     }))
     .await;
@@ -258,40 +267,133 @@ async fn bad_requests_get_a_clear_4xx_and_the_server_goes_on() {
         (cmpl, "[1, 2]".into(), 400, "invalid JSON"),
         (cmpl, json!({"max_tokens": 3}).to_string(), 400, "prompt"),
         (cmpl, json!({"prompt": 5}).to_string(), 400, "prompt"),
-        (cmpl, json!({"prompt": "x", "temperature": "hot"}).to_string(), 400, "temperature"),
-        (cmpl, json!({"prompt": "x", "max_tokens": -1}).to_string(), 400, "max_tokens"),
-        (cmpl, json!({"prompt": "x", "max_tokens": 0}).to_string(), 400, "max_tokens"),
-        (cmpl, json!({"prompt": "x", "top_p": 0}).to_string(), 400, "top_p"),
-        (cmpl, json!({"prompt": "x", "n": 3}).to_string(), 400, "n = 1"),
-        (cmpl, json!({"prompt": ["a", "b"]}).to_string(), 400, "one prompt"),
-        (cmpl, json!({"prompt": "x".repeat(200)}).to_string(), 400, "at most 40"),
-        (cmpl, json!({"prompt": "x", "logit_bias": {"999": 1}}).to_string(), 400, "vocabulary"),
-        (cmpl, json!({"prompt": "x", "dpllm": {"target_bits": 4.0}}).to_string(), 400, "calibrated targets: [3.5, 4.5]"),
-        (cmpl, json!({"prompt": "x", "dpllm": {"bits": 7}}).to_string(), 400, "not loaded"),
-        (cmpl, json!({"prompt": "x", "dpllm": {"bits": 2}}).to_string(), 400, "3..=8"),
-        (cmpl, json!({"prompt": "x", "dpllm": {"watts": 2}}).to_string(), 400, "dpllm"),
-        (cmpl, json!({"prompt": "x".repeat(5000)}).to_string(), 413, "length limit"),
-        (chat, json!({"messages": []}).to_string(), 400, "must not be empty"),
-        (chat, json!({"messages": [{"content": "hi"}]}).to_string(), 400, "role"),
-        (chat, json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).to_string(), 400, "only text"),
+        (
+            cmpl,
+            json!({"prompt": "x", "temperature": "hot"}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "max_tokens": -1}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "max_tokens": 0}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "top_p": 0}).to_string(),
+            400,
+            "top_p",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "n": 3}).to_string(),
+            400,
+            "n = 1",
+        ),
+        (
+            cmpl,
+            json!({"prompt": ["a", "b"]}).to_string(),
+            400,
+            "one prompt",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x".repeat(200)}).to_string(),
+            400,
+            "at most 40",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "logit_bias": {"999": 1}}).to_string(),
+            400,
+            "vocabulary",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "dpllm": {"target_bits": 4.0}}).to_string(),
+            400,
+            "calibrated targets: [3.5, 4.5]",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "dpllm": {"bits": 7}}).to_string(),
+            400,
+            "not loaded",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "dpllm": {"bits": 2}}).to_string(),
+            400,
+            "3..=8",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "dpllm": {"watts": 2}}).to_string(),
+            400,
+            "dpllm",
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x".repeat(5000)}).to_string(),
+            413,
+            "length limit",
+        ),
+        (
+            chat,
+            json!({"messages": []}).to_string(),
+            400,
+            "must not be empty",
+        ),
+        (
+            chat,
+            json!({"messages": [{"content": "hi"}]}).to_string(),
+            400,
+            "role",
+        ),
+        (
+            chat,
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).to_string(),
+            400,
+            "only text",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let r = c.post_raw(path, body.clone()).await;
         assert_eq!(r.status, status, "{body:.80}: {}", r.body);
-        let msg = r.body["error"]["message"].as_str().unwrap_or_else(|| panic!("{}", r.body));
+        let msg = r.body["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}", r.body));
         assert!(msg.contains(needle), "{body:.80}: {msg}");
-        assert_eq!(r.body["error"]["type"], "invalid_request_error", "{}", r.body);
+        assert_eq!(
+            r.body["error"]["type"], "invalid_request_error",
+            "{}",
+            r.body
+        );
     }
     let (status, body) = c.get("/v1/nothing").await;
     assert_eq!(status, 404, "{body}");
     // Malformed HTTP on a raw connection: a 400, and the server goes on.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    tcp.write_all(b"GARBAGE \x01\x02 NOT-HTTP\r\n\r\n").await.unwrap();
+    tcp.write_all(b"GARBAGE \x01\x02 NOT-HTTP\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
-    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{out:?}");
-    let r = c.post(cmpl, &greedy(3, json!({"prompt": "still here"}))).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+    let r = c
+        .post(cmpl, &greedy(3, json!({"prompt": "still here"})))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(c.get("/health").await.0, 200);
     s.shutdown().unwrap();
@@ -304,7 +406,10 @@ async fn a_latency_budget_picks_the_best_point_that_meets_it() {
     let c = Client::new(&s);
     let (_, models) = c.get("/v1/models").await;
     let m: Value = serde_json::from_str(&models).unwrap();
-    let profile = m["data"][0]["dpllm"]["latency_profile"].as_array().unwrap().clone();
+    let profile = m["data"][0]["dpllm"]["latency_profile"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(profile.len(), 6, "highest, 3/4/5 bits, two targets: {m}");
     let slowest = (profile.iter())
         .map(|l| l["ms_per_token"].as_f64().unwrap())
@@ -316,9 +421,17 @@ async fn a_latency_budget_picks_the_best_point_that_meets_it() {
     let v = c.post("/v1/completions", &ask(1e-6)).await.body;
     assert_eq!(v["dpllm"]["latency_met"], false, "{v}");
     let fastest = (profile.iter())
-        .min_by(|a, b| a["ms_per_token"].as_f64().unwrap().total_cmp(&b["ms_per_token"].as_f64().unwrap()))
+        .min_by(|a, b| {
+            a["ms_per_token"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["ms_per_token"].as_f64().unwrap())
+        })
         .unwrap();
-    assert_eq!(v["dpllm"]["operating_point"], fastest["operating_point"], "{v}");
+    assert_eq!(
+        v["dpllm"]["operating_point"], fastest["operating_point"],
+        "{v}"
+    );
     s.shutdown().unwrap();
 }
 
@@ -340,8 +453,14 @@ async fn shutdown_finishes_the_requests_in_flight_and_refuses_new_ones() {
     let data = common::sse_data(&text);
     assert_eq!(data.last().unwrap(), "[DONE]");
     let fin: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
-    assert_eq!(fin["choices"][0]["finish_reason"], "length", "finished, not cut: {fin}");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer listening");
+    assert_eq!(
+        fin["choices"][0]["finish_reason"], "length",
+        "finished, not cut: {fin}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +507,11 @@ print(json.dumps({{"chat": r.choices[0].message.content, "tokens": r.usage.compl
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"], 8, "{v}");
     assert!(!v["chat"].as_str().unwrap().is_empty(), "{v}");

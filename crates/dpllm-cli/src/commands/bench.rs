@@ -7,11 +7,11 @@ use dpllm_engine::backend::cpu::bitplane::BitplaneKernel;
 use std::sync::Arc;
 
 use dpllm_engine::model::synthetic::{synthetic_config, synthetic_plan, SyntheticWeights};
-use dpllm_format::plan::PlanKind;
 use dpllm_engine::{Backend, Model, RunPrecision};
 use dpllm_eval::bandwidth::Bandwidth;
 use dpllm_eval::bench_decode::{self, DecodeBenchConfig};
 use dpllm_eval::bench_gemv::{self, GemvBenchConfig};
+use dpllm_format::plan::PlanKind;
 
 /// Benchmarks.
 #[derive(Subcommand)]

@@ -31,7 +31,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "default")]
     pub points: Vec<String>,
     /// The prompt of every request.
-    #[arg(long, default_value = "The quick brown fox jumps over the lazy dog. Once upon a time")]
+    #[arg(
+        long,
+        default_value = "The quick brown fox jumps over the lazy dog. Once upon a time"
+    )]
     pub prompt: String,
     /// Write the results as JSON to this file.
     #[arg(long)]
@@ -44,9 +47,9 @@ fn parse_point(s: &str) -> anyhow::Result<(String, Option<Value>)> {
     if s == "default" {
         return Ok((s.into(), None));
     }
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| anyhow::anyhow!("--points {s:?}: expected default, target=T, bits=B or ms=M"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("--points {s:?}: expected default, target=T, bits=B or ms=M")
+    })?;
     let x: f64 = v
         .parse()
         .map_err(|_| anyhow::anyhow!("--points {s:?}: {v:?} is not a number"))?;
@@ -65,11 +68,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.clients == 0 || a.secs == 0 || a.request_tokens == 0 {
         anyhow::bail!("--clients, --secs and --request-tokens must be at least 1");
     }
-    let points = a.points.iter().map(|p| parse_point(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let points = a
+        .points
+        .iter()
+        .map(|p| parse_point(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     super::on_backend!(a.serve.device.clone(), run_on(a, points))
 }
 
-fn run_on<B: Backend>(backend: B, a: Args, points: Vec<(String, Option<Value>)>) -> anyhow::Result<()> {
+fn run_on<B: Backend>(
+    backend: B,
+    a: Args,
+    points: Vec<(String, Option<Value>)>,
+) -> anyhow::Result<()> {
     let server = super::serve::build(backend, &a.serve, SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let device = a.serve.device.device.to_string();
     let cfg = LoadConfig {
@@ -122,7 +133,11 @@ fn row(r: &PointLoad) -> String {
     format!(
         "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
         r.point,
-        if r.served_as.is_empty() { "-".into() } else { r.served_as.join(", ") },
+        if r.served_as.is_empty() {
+            "-".into()
+        } else {
+            r.served_as.join(", ")
+        },
         r.clients,
         r.requests,
         r.rejected,

@@ -251,7 +251,19 @@ impl<B: Backend> BlockRun<'_, '_, '_, B> {
                     let xg = be.gather_rows(x, cols, mask, true)?;
                     let ig = OwnedInput::gather(be, input, cols, mask)?;
                     let mut yg = be.zeros(n * rows)?;
-                    run_linear(be, lin, g.prec, sel, &xg, ig.input(), n, &mut yg, idx, stats, tally)?;
+                    run_linear(
+                        be,
+                        lin,
+                        g.prec,
+                        sel,
+                        &xg,
+                        ig.input(),
+                        n,
+                        &mut yg,
+                        idx,
+                        stats,
+                        tally,
+                    )?;
                     be.scatter_rows(&yg, rows, mask, true, y);
                 }
             }
@@ -646,7 +658,8 @@ impl<B: Backend> Model<B> {
         let mut q = be.rows(&s.q, c.q_dim(), r, n)?;
         let mut k = be.rows(&s.k, c.kv_dim(), r, n)?;
         let v = be.rows(&s.v, c.kv_dim(), r, n)?;
-        seq.cache.append_rotated(l, (&mut q, &mut k, &v), seq.step, rope())?;
+        seq.cache
+            .append_rotated(l, (&mut q, &mut k, &v), seq.step, rope())?;
         let mut att = be.zeros(n * c.q_dim())?;
         be.attention(&q, seq.cache.store(), l, seq.step, shape, &mut att);
         be.scatter_rows(&att, c.q_dim(), pick, true, &mut s.att);

@@ -69,9 +69,7 @@ pub(crate) struct StepGraph<B: Backend> {
 }
 
 /// The key's precision part, None when the precision cannot be recorded.
-fn precision_key<B: Backend>(
-    prec: Precision<'_, B>,
-) -> Option<(PrecisionKey, Option<Rules<B>>)> {
+fn precision_key<B: Backend>(prec: Precision<'_, B>) -> Option<(PrecisionKey, Option<Rules<B>>)> {
     let addr = |p: &Rules<B>| Arc::as_ptr(p) as usize;
     Some(match prec {
         Precision::Highest => ((0, 0, 0), None),
@@ -142,7 +140,8 @@ impl<B: Backend> Model<B> {
             if let (Some(s), Some(h)) = (stats.as_deref_mut(), &g.host_counts) {
                 s.merge(h);
             }
-            self.read_logits(&g.logits, Some(&g.deferred), stats).map(Some)
+            self.read_logits(&g.logits, Some(&g.deferred), stats)
+                .map(Some)
         })();
         match Self::keep_or_undo(cache, before, r) {
             Ok(Some(logits)) => Some(Ok(logits)),

@@ -8,8 +8,8 @@ mod loader;
 pub mod rope;
 pub mod synthetic;
 
-pub(crate) use graph::GraphSlot;
 pub use batch::BatchStep;
+pub(crate) use graph::GraphSlot;
 pub use loader::LoadOptions;
 
 use std::path::PathBuf;

@@ -247,8 +247,13 @@ mod tests {
             assert!((p.plan.target_bits - 3.5).abs() < 1e-9, "{kind:?}");
             let mut cache = m.new_cache(8);
             stats = m.new_bit_stats();
-            m.forward_last_with(&[1, 2], &mut cache, Precision::Dynamic(&p), Some(&mut stats))
-                .unwrap();
+            m.forward_last_with(
+                &[1, 2],
+                &mut cache,
+                Precision::Dynamic(&p),
+                Some(&mut stats),
+            )
+            .unwrap();
             assert_eq!(stats.effective_bits(), Some(3.5), "{kind:?}");
         }
         assert!(stats.estimator_flops > 0, "the dynamic plan estimates");

@@ -85,7 +85,10 @@ pub fn gen_params(p: &CommonParams, limits: &Limits) -> Result<GenParams, ApiErr
             ));
         }
     }
-    if p.logprobs.as_ref().is_some_and(|v| !matches!(v, serde_json::Value::Null | serde_json::Value::Bool(false))) {
+    if p.logprobs
+        .as_ref()
+        .is_some_and(|v| !matches!(v, serde_json::Value::Null | serde_json::Value::Bool(false)))
+    {
         return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
     }
     let max_tokens = match (p.max_completion_tokens, p.max_tokens) {
@@ -132,7 +135,10 @@ pub fn gen_params(p: &CommonParams, limits: &Limits) -> Result<GenParams, ApiErr
     let mut logit_bias = Vec::new();
     for (k, &v) in p.logit_bias.iter().flatten() {
         let id: u32 = k.parse().map_err(|_| {
-            ApiError::invalid("logit_bias", format!("logit_bias keys are token ids, got {k:?}"))
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias keys are token ids, got {k:?}"),
+            )
         })?;
         if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
             return Err(ApiError::invalid(
@@ -208,14 +214,20 @@ mod tests {
         refused(r#"{"dpllm": {"bits": 4, "target_bits": 4}}"#, "dpllm");
         refused(r#"{"dpllm": {"bits": 9}}"#, "dpllm.bits");
         refused(r#"{"dpllm": {"target_bits": 2.5}}"#, "dpllm.target_bits");
-        refused(r#"{"dpllm": {"max_ms_per_token": 0}}"#, "dpllm.max_ms_per_token");
+        refused(
+            r#"{"dpllm": {"max_ms_per_token": 0}}"#,
+            "dpllm.max_ms_per_token",
+        );
     }
 
     #[test]
     fn operating_points() {
         let p = |j: &str| params(j).unwrap().point;
         assert_eq!(p(r#"{"dpllm": {"bits": 4}}"#), OperatingPoint::Bits(4));
-        assert_eq!(p(r#"{"dpllm": {"target_bits": 3.5}}"#), OperatingPoint::Target(3.5));
+        assert_eq!(
+            p(r#"{"dpllm": {"target_bits": 3.5}}"#),
+            OperatingPoint::Target(3.5)
+        );
         assert_eq!(
             p(r#"{"dpllm": {"max_ms_per_token": 20}}"#),
             OperatingPoint::Latency(20.0)

@@ -108,7 +108,10 @@ impl Reply {
 
     /// The whole answer.
     pub fn full(&self, text: &str, s: &Summary) -> Value {
-        let mut v = self.with_choices(false, json!([self.choice(false, Some(text), json!(s.finish))]));
+        let mut v = self.with_choices(
+            false,
+            json!([self.choice(false, Some(text), json!(s.finish))]),
+        );
         v["usage"] = usage(s);
         v["dpllm"] = dpllm(s);
         v

@@ -116,9 +116,12 @@ fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError>
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("worker failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("worker failed: {e}"),
+        )
+    })?
 }
 
 fn engine_stopped() -> ApiError {
@@ -144,7 +147,11 @@ async fn answer(
     if prompt.is_empty() {
         return Err(ApiError::invalid(prompt_field, "the prompt is empty"));
     }
-    let limit = st.cfg.limits.max_prompt_tokens.min(info.context.saturating_sub(1));
+    let limit = st
+        .cfg
+        .limits
+        .max_prompt_tokens
+        .min(info.context.saturating_sub(1));
     if prompt.len() > limit {
         return Err(ApiError::invalid(
             prompt_field,
@@ -154,7 +161,11 @@ async fn answer(
             ),
         ));
     }
-    if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= info.vocab) {
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= info.vocab)
+    {
         return Err(ApiError::invalid(
             "logit_bias",
             format!("token {id} is not in the vocabulary of {}", info.vocab),
@@ -179,7 +190,10 @@ async fn answer(
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Reply::new(endpoint, n, created, &st.cfg.model_name);
     if common.stream.unwrap_or(false) {
-        let usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let usage = common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         return Ok(stream_answer(reply, rx, usage).into_response());
     }
     let mut text = String::new();

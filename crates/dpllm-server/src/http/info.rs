@@ -49,8 +49,10 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> 
     let profile = st.scheduler.profile();
     let (now, load) = profile.snapshot();
     let latency: Vec<_> = (now.iter().zip(profile.alone()))
-        .map(|(l, a)| json!({"operating_point": l.point.label(), "point": l.point,
-            "ms_per_token": l.ms_per_token, "ms_per_token_alone": a.ms_per_token}))
+        .map(|(l, a)| {
+            json!({"operating_point": l.point.label(), "point": l.point,
+            "ms_per_token": l.ms_per_token, "ms_per_token_alone": a.ms_per_token})
+        })
         .collect();
     Json(json!({
         "object": "list",

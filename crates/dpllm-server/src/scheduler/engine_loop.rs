@@ -55,7 +55,11 @@ struct Active<'t, B: Backend> {
 
 impl<B: Backend> Active<'_, B> {
     /// Sample the next token from `logits`; Some when the answer ends with it.
-    fn advance(&mut self, mut logits: Vec<f32>, eos: &[u32]) -> Result<Option<Finish>, EngineError> {
+    fn advance(
+        &mut self,
+        mut logits: Vec<f32>,
+        eos: &[u32],
+    ) -> Result<Option<Finish>, EngineError> {
         for &(id, b) in &self.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l += b;
@@ -246,7 +250,10 @@ impl<B: Backend> Loop<B> {
             }
         };
         let _ = j.events.send(Event::Started);
-        self.shared.metrics.prompt_tokens.inc_by(j.prompt.len() as u64);
+        self.shared
+            .metrics
+            .prompt_tokens
+            .inc_by(j.prompt.len() as u64);
         let mut a = Active {
             session,
             sampler,

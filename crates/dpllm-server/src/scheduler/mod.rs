@@ -190,11 +190,10 @@ impl Scheduler {
             return Err(ApiError::shutting_down());
         }
         let q = &self.shared.queued;
-        if q
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max_queue).then_some(n + 1)
-            })
-            .is_err()
+        if q.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < self.max_queue).then_some(n + 1)
+        })
+        .is_err()
         {
             return Err(ApiError::overloaded(self.retry_after()));
         }

@@ -282,7 +282,11 @@ mod tests {
         assert_eq!(p.best_within(11.0, 5.0), Some((Point::Bits(3), false)));
         // A point measured only live enters at its latency alone.
         p.record(Point::Bits(5), 24.0);
-        let b5 = p.alone().into_iter().find(|l| l.point == Point::Bits(5)).unwrap();
+        let b5 = p
+            .alone()
+            .into_iter()
+            .find(|l| l.point == Point::Bits(5))
+            .unwrap();
         assert!((b5.ms_per_token - 12.0).abs() < 0.1, "{b5:?}");
     }
 

@@ -105,7 +105,10 @@ pub(super) fn measure<B: Backend>(
         }
         steps.sort_by(f64::total_cmp);
         let ms = steps[steps.len() / 2] * 1000.0;
-        tracing::info!("latency profile: {} decodes at {ms:.2} ms/token", point.label());
+        tracing::info!(
+            "latency profile: {} decodes at {ms:.2} ms/token",
+            point.label()
+        );
         out.push(Latency {
             point,
             ms_per_token: ms,

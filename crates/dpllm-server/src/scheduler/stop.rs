@@ -92,7 +92,10 @@ mod tests {
     #[test]
     fn stops_split_across_pieces_are_found_and_never_released() {
         assert_eq!(run(&[], &["ab", "cd"]), ("abcd".into(), false));
-        assert_eq!(run(&["END"], &["ab", "cE", "N", "Dxyz"]), ("abc".into(), true));
+        assert_eq!(
+            run(&["END"], &["ab", "cE", "N", "Dxyz"]),
+            ("abc".into(), true)
+        );
         assert_eq!(run(&["END"], &["abEN", "x"]), ("abENx".into(), false));
         // The earliest of several stops wins, wherever it arrives.
         assert_eq!(run(&["zz", "b"], &["a", "bzz"]), ("a".into(), true));

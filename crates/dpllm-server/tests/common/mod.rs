@@ -72,9 +72,13 @@ pub fn quantized() -> Fixture {
         };
         let bdir = budget_dir(&q, BUDGET);
         std::fs::create_dir_all(&bdir).unwrap();
-        plan.save(&plan_path(&bdir, PlanKind::Dynamic, target)).unwrap();
+        plan.save(&plan_path(&bdir, PlanKind::Dynamic, target))
+            .unwrap();
     }
-    Fixture { _dir: dir, model: q }
+    Fixture {
+        _dir: dir,
+        model: q,
+    }
 }
 
 /// A dense model slow enough (about a millisecond a token) for a request to
@@ -120,8 +124,8 @@ pub fn start_on<B: dpllm_engine::Backend>(
 ) -> RunningServer {
     let served = ServedModel::load_on(backend, model, budget, None).unwrap();
     let m = served.model();
-    let tok = TextTokenizer::from_dir(model, m.config.bos_token_id, &m.config.eos_token_ids)
-        .unwrap();
+    let tok =
+        TextTokenizer::from_dir(model, m.config.bos_token_id, &m.config.eos_token_ids).unwrap();
     Server::new(served, tok, cfg).unwrap().spawn().unwrap()
 }
 

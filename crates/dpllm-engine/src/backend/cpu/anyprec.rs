@@ -21,9 +21,12 @@ pub struct AnyPrecLinear {
     planes: Vec<u32>,
     /// luts[b - seed_bits]: [rows × 2^b].
     luts: Vec<Vec<f16>>,
-    /// own_luts[b]: the LUTs at b bits in the form of the kernel that has one
-    /// ([`BitplaneKernel::has_own_luts`]), made on the first GEMV at b bits.
-    own_luts: [OnceLock<Option<KernelLuts>>; 9],
+    /// own_luts[k][b]: the LUTs at b bits in the form of kernel k (by its
+    /// place in [`BitplaneKernel::ALL`]) where it has one
+    /// ([`BitplaneKernel::has_own_luts`]), made on its first GEMV at b bits.
+    /// Only the kernel a run uses makes any; benchmarks compare several.
+    #[allow(clippy::type_complexity)]
+    own_luts: [[OnceLock<Option<KernelLuts>>; 9]; BitplaneKernel::ALL.len()],
     bias: Option<Vec<f32>>,
 }
 
@@ -123,7 +126,7 @@ impl AnyPrecLinear {
             let own = kernel
                 .has_own_luts()
                 .then(|| {
-                    self.own_luts[bits as usize]
+                    self.own_luts[kernel as usize][bits as usize]
                         .get_or_init(|| kernel.kernel_luts(bits, luts))
                         .as_ref()
                 })
@@ -216,10 +219,14 @@ mod tests {
             let layer = random_layer(&mut rng, rows, cols, 8);
             for bits in 3..=8 {
                 let w = layer.dequantize(bits);
-                for n in [1usize, 3, 9] {
+                // Every kernel this CPU has, each with its own LUT form made once.
+                for (n, kernel) in [1usize, 3, 9]
+                    .into_iter()
+                    .flat_map(|n| BitplaneKernel::available().into_iter().map(move |k| (n, k)))
+                {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let mut y = vec![0f32; n * rows];
-                    layer.forward_bits(&x, n, &mut y, bits);
+                    layer.forward_bits_with(&x, n, &mut y, bits, kernel);
                     for t in 0..n {
                         for r in 0..rows {
                             let (wr, xt) = (&w[r * cols..][..cols], &x[t * cols..][..cols]);
@@ -239,7 +246,8 @@ mod tests {
                             let got = y[t * rows + r] as f64;
                             assert!(
                                 (got - want).abs() < 1e-4 + rounding,
-                                "bits={bits} n={n} {rows}x{cols}: {got} vs {want}"
+                                "{} bits={bits} n={n} {rows}x{cols}: {got} vs {want}",
+                                kernel.name()
                             );
                         }
                     }

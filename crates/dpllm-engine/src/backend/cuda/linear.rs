@@ -102,7 +102,14 @@ impl CudaBackend {
             .map_err(|_| oom("split activations (GPU)", 2 * n * cols))?;
         w.dequantize_into(bits, &mut wide)?;
         let len = (n * cols) as i64;
-        launch!(self, "split_halves", self.ops.stride(n * cols), &x.view(), &len, &mut xs)?;
+        launch!(
+            self,
+            "split_halves",
+            self.ops.stride(n * cols),
+            &x.view(),
+            &len,
+            &mut xs
+        )?;
         let mut c = self.scratch(2 * n * rows)?;
         let (alpha, beta) = (1f32, 0f32);
         {
@@ -137,10 +144,19 @@ impl CudaBackend {
                     sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-            .map_err(|e| EngineError::Device(format!("cuBLAS GEMM (f16, f32 accumulation): {e}")))?;
+            .map_err(|e| {
+                EngineError::Device(format!("cuBLAS GEMM (f16, f32 accumulation): {e}"))
+            })?;
         }
         let out = (n * rows) as i64;
-        launch!(self, "sum_halves", self.ops.stride(n * rows), &c, &out, &mut y.view_mut())
+        launch!(
+            self,
+            "sum_halves",
+            self.ops.stride(n * rows),
+            &c,
+            &out,
+            &mut y.view_mut()
+        )
     }
 
     pub(super) fn dense_into(

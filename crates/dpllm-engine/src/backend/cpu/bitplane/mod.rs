@@ -89,6 +89,8 @@ mod avx2;
 mod avx2_i16;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_vbmi;
 
 /// An implementation of the bit-plane dot product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,17 +103,22 @@ pub enum BitplaneKernel {
     /// bits of its row's largest entry, the activations to 15 bits of the
     /// largest in their group of 32.
     Avx2I16,
-    /// AVX-512F + AVX-512BW (x86-64).
+    /// AVX-512F + AVX-512BW (x86-64), f16 LUT and f32 activations as they are.
     Avx512,
+    /// AVX-512F/BW + VBMI + VNNI (x86-64) on the 16-bit fixed-point operands
+    /// of AVX2-i16, except one activation scale per block of 64 columns; the
+    /// LUT as byte tables looked up in registers (`vpermb`/`vpermi2b`).
+    Avx512Vbmi,
 }
 
 impl BitplaneKernel {
     /// Every kernel, slowest first.
-    pub const ALL: [BitplaneKernel; 4] = [
+    pub const ALL: [BitplaneKernel; 5] = [
         BitplaneKernel::Portable,
         BitplaneKernel::Avx2,
         BitplaneKernel::Avx2I16,
         BitplaneKernel::Avx512,
+        BitplaneKernel::Avx512Vbmi,
     ];
 
     /// Short name for tables and `--kernels`.
@@ -121,6 +128,7 @@ impl BitplaneKernel {
             BitplaneKernel::Avx2 => "avx2",
             BitplaneKernel::Avx2I16 => "avx2-i16",
             BitplaneKernel::Avx512 => "avx512",
+            BitplaneKernel::Avx512Vbmi => "avx512-vbmi",
         }
     }
 
@@ -132,7 +140,7 @@ impl BitplaneKernel {
     /// True when this CPU can run the kernel.
     pub fn is_available(self) -> bool {
         // Detected once: the per-row kernels ask for every row.
-        static DETECTED: std::sync::OnceLock<[bool; 2]> = std::sync::OnceLock::new();
+        static DETECTED: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
         #[cfg(target_arch = "x86_64")]
         let detect = || {
             [
@@ -140,15 +148,20 @@ impl BitplaneKernel {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c"),
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vbmi")
+                    && is_x86_feature_detected!("avx512vnni"),
             ]
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let detect = || [false, false];
-        let [avx2, avx512] = *DETECTED.get_or_init(detect);
+        let detect = || [false; 3];
+        let [avx2, avx512, vbmi] = *DETECTED.get_or_init(detect);
         match self {
             BitplaneKernel::Portable => true,
             BitplaneKernel::Avx2 | BitplaneKernel::Avx2I16 => avx2,
             BitplaneKernel::Avx512 => avx512,
+            BitplaneKernel::Avx512Vbmi => vbmi,
         }
     }
 
@@ -157,13 +170,29 @@ impl BitplaneKernel {
         Self::ALL.into_iter().filter(|k| k.is_available()).collect()
     }
 
-    /// The fastest kernel this CPU can run (detected once).
+    /// The kernel runs use (decided once): the one `DPLLM_BITPLANE_KERNEL`
+    /// names where this CPU has it (for comparisons; a warning otherwise),
+    /// else the fastest this CPU can run.
     pub fn best() -> BitplaneKernel {
         static BEST: std::sync::OnceLock<BitplaneKernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            *Self::available()
+            let fastest = *Self::available()
                 .last()
-                .unwrap_or(&BitplaneKernel::Portable)
+                .unwrap_or(&BitplaneKernel::Portable);
+            match std::env::var("DPLLM_BITPLANE_KERNEL") {
+                Ok(name) => match Self::by_name(&name) {
+                    Some(k) if k.is_available() => k,
+                    _ => {
+                        tracing::warn!(
+                            "DPLLM_BITPLANE_KERNEL={name}: not a kernel this CPU runs ({}); using {}",
+                            Self::available().iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+                            fastest.name()
+                        );
+                        fastest
+                    }
+                },
+                Err(_) => fastest,
+            }
         })
     }
 
@@ -201,7 +230,7 @@ impl BitplaneKernel {
     /// Lay out the activations `x` [n × cols] in the order and form this kernel
     /// reads them: as they are (portable, AVX-512); for AVX2, per block of 256
     /// columns, x[8i + s] at position 32s + i, zero-padded to whole blocks; for
-    /// AVX2-i16, rounded to 16 bits as `avx2_i16::prepare` describes.
+    /// AVX2-i16 and AVX-512 VBMI, rounded to 16 bits as their `prepare` describes.
     pub fn prepare(self, x: &[f32], cols: usize) -> PreparedX {
         let kernel = self.effective();
         let n = x.len() / cols.max(1);
@@ -228,6 +257,15 @@ impl BitplaneKernel {
                 p.s.reserve(n * p.s_len);
                 for t in x.chunks(cols) {
                     avx2_i16::prepare(t, &mut p.q, &mut p.s);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx512Vbmi => {
+                (p.q_len, p.s_len) = avx512_vbmi::prepared_lens(cols);
+                p.q.reserve(n * p.q_len);
+                p.s.reserve(n * p.s_len);
+                for t in x.chunks(cols) {
+                    avx512_vbmi::prepare(t, &mut p.q, &mut p.s);
                 }
             }
             BitplaneKernel::Avx2 => {
@@ -272,7 +310,10 @@ impl KernelLuts {
 impl BitplaneKernel {
     /// True when the kernel reads LUTs in a form of its own ([`KernelLuts`]).
     pub fn has_own_luts(self) -> bool {
-        self.effective() == BitplaneKernel::Avx2I16
+        matches!(
+            self.effective(),
+            BitplaneKernel::Avx2I16 | BitplaneKernel::Avx512Vbmi
+        )
     }
 
     /// The LUTs `luts` [rows × 2^bits] of a layer at `bits` in this kernel's
@@ -295,13 +336,23 @@ impl BitplaneKernel {
                     scales,
                 })
             }
+            #[cfg(target_arch = "x86_64")]
+            BitplaneKernel::Avx512Vbmi => {
+                let (tables, scales) = avx512_vbmi::tables(bits, luts);
+                Some(KernelLuts {
+                    kernel,
+                    bits,
+                    tables,
+                    scales,
+                })
+            }
             _ => None,
         }
     }
 }
 
 impl PreparedX {
-    /// Token `t`'s 16-bit activations and their scales (AVX2-i16).
+    /// Token `t`'s 16-bit activations and their scales (AVX2-i16, AVX-512 VBMI).
     fn i16_input(&self, t: usize) -> (&[i16], &[f32]) {
         (
             &self.q[t * self.q_len..(t + 1) * self.q_len],
@@ -337,7 +388,7 @@ impl PreparedX {
             "rows {rows:?} at {bits} bits do not fit the layer"
         );
         #[cfg(target_arch = "x86_64")]
-        if self.kernel == BitplaneKernel::Avx2I16 {
+        if self.kernel.has_own_luts() {
             let (xq, xs) = self.i16_input(t);
             let made;
             let (kl, rows, planes) = match own {
@@ -351,17 +402,20 @@ impl PreparedX {
                     made = self
                         .kernel
                         .kernel_luts(bits, lut)
-                        .expect("AVX2-i16 has own LUTs");
+                        .expect("the kernel has own LUTs");
                     (&made, 0..rows.len(), &planes[rows.start * words..])
                 }
             };
+            let (t, s) = (&kl.tables, &kl.scales);
             // SAFETY: `effective` checked the CPU features, the planes, tables
             // and scales cover the rows (asserted above; `tables` made one
             // entry per row) and `prepare` laid out the activations.
             return unsafe {
-                avx2_i16::dot_rows(
-                    planes, stride, words, bits, &kl.tables, &kl.scales, rows, xq, xs, out,
-                )
+                if self.kernel == BitplaneKernel::Avx512Vbmi {
+                    avx512_vbmi::dot_rows(planes, stride, words, bits, t, s, rows, xq, xs, out)
+                } else {
+                    avx2_i16::dot_rows(planes, stride, words, bits, t, s, rows, xq, xs, out)
+                }
             };
         }
         let k = 1usize << bits;
@@ -402,7 +456,7 @@ impl PreparedX {
             },
             #[cfg(target_arch = "x86_64")]
             BitplaneKernel::Avx2 => unsafe { avx2::dot_row(planes, stride, words, bits, lut, f()) },
-            BitplaneKernel::Avx2I16 => {
+            BitplaneKernel::Avx2I16 | BitplaneKernel::Avx512Vbmi => {
                 let mut out = [0f32];
                 self.dot_rows(t, planes, stride, bits, lut, None, 0..1, &mut out);
                 out[0]
@@ -441,7 +495,7 @@ mod tests {
     /// 16383 (the LUT).
     fn tolerance(k: BitplaneKernel, w: &[f32], x: &[f32], lut: &[f16]) -> f64 {
         let f32_tol = 1e-5 * (x.len() as f64).sqrt();
-        if k.effective() != BitplaneKernel::Avx2I16 {
+        if !k.has_own_luts() {
             return f32_tol;
         }
         let half_step = |m: f64| m / (2.0 * 32767.0);
@@ -451,15 +505,15 @@ mod tests {
             .map(|v| v.to_f32().abs() as f64)
             .fold(0.0, f64::max)
             / (2.0 * 16383.0);
-        let group_step = |c: usize| {
-            let (b, r) = (c / 256, c % 8);
-            half_step(
-                (b * 256 + r..x.len().min(b * 256 + 256))
-                    .step_by(8)
-                    .map(|i| x[i].abs() as f64)
-                    .fold(0.0, f64::max),
-            )
+        // AVX2-i16 groups columns (c / 256, c mod 8), AVX-512 VBMI c / 64.
+        let group = |c: usize| match k.effective() {
+            BitplaneKernel::Avx2I16 => {
+                (c / 256 * 256 + c % 8..x.len().min(c / 256 * 256 + 256)).step_by(8)
+            }
+            _ => (c / 64 * 64..x.len().min(c / 64 * 64 + 64)).step_by(1),
         };
+        let group_step =
+            |c: usize| half_step(group(c).map(|i| x[i].abs() as f64).fold(0.0, f64::max));
         f32_tol
             + (0..x.len())
                 .map(|c| {
@@ -510,6 +564,14 @@ mod tests {
             if !k.is_available() {
                 eprintln!("SKIP {} kernel check: this CPU lacks it", k.name());
             }
+        }
+    }
+
+    #[test]
+    fn every_kernel_sits_at_its_discriminant_in_all() {
+        // Layers keep one LUT cache per kernel, indexed by `kernel as usize`.
+        for (i, k) in BitplaneKernel::ALL.into_iter().enumerate() {
+            assert_eq!(k as usize, i, "{}", k.name());
         }
     }
 
