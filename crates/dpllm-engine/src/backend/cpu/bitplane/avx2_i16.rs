@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::{hsum, load_planes, lookup, split_bytes};
-use super::{BitplaneKernel, BLOCK, WORDS_PER_BLOCK};
+use super::{prefetch_row, BitplaneKernel, BLOCK, PREFETCH_ROWS, WORDS_PER_BLOCK};
 use crate::backend::cpu::fixed16;
 
 /// `$f::<B, T>(args)` for `$bits` in 3..=8 (8 for anything above 7), with
@@ -441,7 +441,12 @@ unsafe fn dot_many<const B: usize, const T: usize>(
     xs: &[f32],
     out: &mut [f32],
 ) {
+    let (end, tb) = (rows.end, 32 * T);
     for (o, r) in out.iter_mut().zip(rows) {
+        if r + PREFETCH_ROWS < end {
+            let next = r + PREFETCH_ROWS;
+            prefetch_row(planes, stride, words, B, &tables[next * tb..][..tb], next);
+        }
         *o = dot::<B, T>(
             planes.get_unchecked(r * words..),
             stride,

@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use super::{prefetch_row, PREFETCH_ROWS};
 use crate::backend::cpu::fixed16;
 
 /// Columns per step and per activation scale.
@@ -202,7 +203,19 @@ unsafe fn dot_many<const B: usize>(
     xs: &[f32],
     out: &mut [f32],
 ) {
+    let end = rows.end;
     for (o, r) in out.iter_mut().zip(rows) {
+        if r + PREFETCH_ROWS < end {
+            let tb = table_bytes(B as u32);
+            prefetch_row(
+                planes,
+                stride,
+                words,
+                B,
+                &tables[(r + PREFETCH_ROWS) * tb..][..tb],
+                r + PREFETCH_ROWS,
+            );
+        }
         let t = load_tables::<B>(tables.as_ptr().add(r * table_bytes(B as u32)));
         *o = dot::<B>(
             planes.as_ptr().add(r * words),

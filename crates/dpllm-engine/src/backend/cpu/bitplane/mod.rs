@@ -83,6 +83,35 @@ fn dot_row_portable(planes: &[u32], stride: usize, bits: u32, lut: &[f32], x: &[
     acc.iter().sum::<f32>() + tail
 }
 
+/// Rows ahead of the one computed whose planes and tables the x86 integer
+/// kernels prefetch.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_ROWS: usize = 2;
+
+/// Ask for row `r`'s `bits` plane words (plane-major, `stride` words apart,
+/// `words` a row) and its kernel tables ahead of use. A row streams from
+/// bits + 1 places at once (each plane's slab and the tables), more streams
+/// than the hardware prefetchers follow: on the dev VM this made the 8-bit
+/// AVX-512 VBMI GEMV 1.4-1.9x faster and the 4-bit one about 10 %.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(planes: &[u32], stride: usize, words: usize, bits: usize, tables: &[u8], r: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let lines = |p: *const u8, bytes: usize| {
+        for o in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint; any address is allowed.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+        }
+    };
+    for j in 0..bits {
+        lines(
+            planes.as_ptr().wrapping_add(j * stride + r * words) as *const u8,
+            4 * words,
+        );
+    }
+    lines(tables.as_ptr(), tables.len());
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
