@@ -601,7 +601,9 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
     let steps = 6;
     let decoded = |i: usize, t: usize| ids[(7 * i + 3 * t + 1) % ids.len()];
     // Alone: each session's prompt, then its tokens one step at a time.
-    let alone: Vec<(Vec<Vec<f32>>, Vec<[u64; 9]>)> = precisions
+    // Per session: the logits of every step and the bit counts after it.
+    type Steps = (Vec<Vec<f32>>, Vec<[u64; 9]>);
+    let alone: Vec<Steps> = precisions
         .iter()
         .enumerate()
         .map(|(i, p)| {

@@ -234,11 +234,12 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     scheduler: Arc<Scheduler>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    threads: Option<(
-        std::thread::JoinHandle<Result<(), ServeError>>,
-        std::thread::JoinHandle<()>,
-    )>,
+    /// The HTTP thread and the engine thread.
+    threads: Option<(HttpThread, std::thread::JoinHandle<()>)>,
 }
+
+/// The thread serving HTTP until the server stops.
+type HttpThread = std::thread::JoinHandle<Result<(), ServeError>>;
 
 impl RunningServer {
     /// Requests waiting and running now.

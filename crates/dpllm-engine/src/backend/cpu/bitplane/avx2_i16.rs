@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::{hsum, load_planes, lookup, split_bytes};
-use super::{prefetch_row, BitplaneKernel, BLOCK, PREFETCH_ROWS, WORDS_PER_BLOCK};
+use super::{BitplaneKernel, I16Rows, BLOCK, WORDS_PER_BLOCK};
 use crate::backend::cpu::fixed16;
 
 /// `$f::<B, T>(args)` for `$bits` in 3..=8 (8 for anything above 7), with
@@ -426,66 +426,34 @@ unsafe fn dot<const B: usize, const T: usize>(
     hsum(acc) * lut_scale
 }
 
-/// [`dot`] for rows `rows` of a layer (plane-major planes, `stride` words
-/// apart; byte tables and scales as [`tables`] made them) into `out`, in one call.
+/// [`dot`] for rows `rows` of `layer` into `out`, in one call.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dot_many<const B: usize, const T: usize>(
-    planes: &[u32],
-    stride: usize,
-    words: usize,
-    tables: &[u8],
-    scales: &[f32],
+    layer: &I16Rows,
     rows: std::ops::Range<usize>,
-    xq: &[i16],
-    xs: &[f32],
     out: &mut [f32],
 ) {
-    let (end, tb) = (rows.end, 32 * T);
-    for (o, r) in out.iter_mut().zip(rows) {
-        if r + PREFETCH_ROWS < end {
-            let next = r + PREFETCH_ROWS;
-            prefetch_row(planes, stride, words, B, &tables[next * tb..][..tb], next);
-        }
-        *o = dot::<B, T>(
-            planes.get_unchecked(r * words..),
-            stride,
-            words,
-            tables.as_ptr().add(r * 32 * T),
-            *scales.get_unchecked(r),
-            xq,
-            xs,
-        );
-    }
+    let l = *layer;
+    l.each_row(B, rows, out, |planes, tables, scale| {
+        dot::<B, T>(planes, l.stride, l.words, tables, scale, l.xq, l.xs)
+    });
 }
 
-/// Σ_c lut[idx_c]·x_c at `bits` (3..=8) for rows `rows` of a layer whose planes
-/// are plane-major ([plane][row][word], `stride` words apart, `words` a row),
-/// from the layer's byte tables and scales ([`tables`]) and activations
-/// [`prepare`]d for the row's `words` words, into `out`.
+/// Σ_c lut[idx_c]·x_c at `bits` (3..=8) for rows `rows` of `layer` (its tables
+/// and scales as [`tables`] made them, its activations [`prepare`]d), into `out`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; for every row in `rows` the planes
 /// cover (bits − 1)·stride + rows.end·words words, `tables` rows.end ·
 /// [`table_bytes`] bytes and `scales` rows.end entries; `xq` and `xs` are at
 /// least [`prepared_lens`] long.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn dot_rows(
-    planes: &[u32],
-    stride: usize,
-    words: usize,
+pub(super) unsafe fn dot_rows(
+    layer: &I16Rows,
     bits: u32,
-    tables: &[u8],
-    scales: &[f32],
     rows: std::ops::Range<usize>,
-    xq: &[i16],
-    xs: &[f32],
     out: &mut [f32],
 ) {
-    by_bits!(
-        bits,
-        dot_many(planes, stride, words, tables, scales, rows, xq, xs, out)
-    )
+    by_bits!(bits, dot_many(layer, rows, out))
 }
 
 #[cfg(test)]

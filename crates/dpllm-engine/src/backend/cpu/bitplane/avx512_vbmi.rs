@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{prefetch_row, PREFETCH_ROWS};
+use super::I16Rows;
 use crate::backend::cpu::fixed16;
 
 /// Columns per step and per activation scale.
@@ -190,77 +190,45 @@ unsafe fn dot<const B: usize>(
     _mm512_reduce_add_ps(acc) * lut_scale
 }
 
+/// [`dot`] for rows `rows` of `layer` into `out`, in one call.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_many<const B: usize>(
-    planes: &[u32],
-    stride: usize,
-    words: usize,
-    tables: &[u8],
-    scales: &[f32],
-    rows: std::ops::Range<usize>,
-    xq: &[i16],
-    xs: &[f32],
-    out: &mut [f32],
-) {
-    let end = rows.end;
-    for (o, r) in out.iter_mut().zip(rows) {
-        if r + PREFETCH_ROWS < end {
-            let tb = table_bytes(B as u32);
-            prefetch_row(
-                planes,
-                stride,
-                words,
-                B,
-                &tables[(r + PREFETCH_ROWS) * tb..][..tb],
-                r + PREFETCH_ROWS,
-            );
-        }
-        let t = load_tables::<B>(tables.as_ptr().add(r * table_bytes(B as u32)));
-        *o = dot::<B>(
-            planes.as_ptr().add(r * words),
-            stride,
-            words,
+unsafe fn dot_many<const B: usize>(layer: &I16Rows, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    let l = *layer;
+    l.each_row(B, rows, out, |planes, tables, scale| {
+        let t = load_tables::<B>(tables);
+        dot::<B>(
+            planes.as_ptr(),
+            l.stride,
+            l.words,
             &t,
-            *scales.get_unchecked(r),
-            xq.as_ptr(),
-            xs.as_ptr(),
-        );
-    }
+            scale,
+            l.xq.as_ptr(),
+            l.xs.as_ptr(),
+        )
+    });
 }
 
-/// Σ_c lut[idx_c]·x_c at `bits` (3..=8) for rows `rows` of a layer whose planes
-/// are plane-major ([plane][row][word], `stride` words apart, `words` a row),
-/// from the layer's byte tables and scales ([`tables`]) and activations
-/// [`prepare`]d for rows of `words` words, into `out`.
+/// Σ_c lut[idx_c]·x_c at `bits` (3..=8) for rows `rows` of `layer` (its tables
+/// and scales as [`tables`] made them, its activations [`prepare`]d), into `out`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, BW, VBMI and VNNI; for every row in `rows`
 /// the planes cover (bits − 1)·stride + rows.end·words words, `tables` rows.end
 /// · [`table_bytes`] bytes and `scales` rows.end entries; `xq` and `xs` are at
 /// least [`prepared_lens`] long.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn dot_rows(
-    planes: &[u32],
-    stride: usize,
-    words: usize,
+pub(super) unsafe fn dot_rows(
+    layer: &I16Rows,
     bits: u32,
-    tables: &[u8],
-    scales: &[f32],
     rows: std::ops::Range<usize>,
-    xq: &[i16],
-    xs: &[f32],
     out: &mut [f32],
 ) {
-    let args = (planes, stride, words, tables, scales, rows, xq, xs, out);
-    let (p, st, w, t, s, r, q, x, o) = args;
     match bits {
-        3 => dot_many::<3>(p, st, w, t, s, r, q, x, o),
-        4 => dot_many::<4>(p, st, w, t, s, r, q, x, o),
-        5 => dot_many::<5>(p, st, w, t, s, r, q, x, o),
-        6 => dot_many::<6>(p, st, w, t, s, r, q, x, o),
-        7 => dot_many::<7>(p, st, w, t, s, r, q, x, o),
-        8 => dot_many::<8>(p, st, w, t, s, r, q, x, o),
+        3 => dot_many::<3>(layer, rows, out),
+        4 => dot_many::<4>(layer, rows, out),
+        5 => dot_many::<5>(layer, rows, out),
+        6 => dot_many::<6>(layer, rows, out),
+        7 => dot_many::<7>(layer, rows, out),
+        8 => dot_many::<8>(layer, rows, out),
         _ => unreachable!("bits {bits} outside 3..=8"),
     }
 }

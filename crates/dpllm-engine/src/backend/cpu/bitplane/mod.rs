@@ -112,6 +112,54 @@ fn prefetch_row(planes: &[u32], stride: usize, words: usize, bits: usize, tables
     lines(tables.as_ptr(), tables.len());
 }
 
+/// A layer's rows as the 16-bit integer kernels (AVX2-i16, AVX-512 VBMI) read
+/// them: plane-major planes (`stride` words apart, `words` a row), the
+/// kernel's LUT tables (`table_bytes` a row) and scales, and one token's
+/// prepared activations and their scales.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct I16Rows<'a> {
+    planes: &'a [u32],
+    stride: usize,
+    words: usize,
+    tables: &'a [u8],
+    table_bytes: usize,
+    scales: &'a [f32],
+    xq: &'a [i16],
+    xs: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl I16Rows<'_> {
+    /// `out[i] = dot(row planes, row tables, row scale)` for the i-th row of
+    /// `rows` at `bits`, prefetching the row [`PREFETCH_ROWS`] ahead.
+    ///
+    /// # Safety
+    /// The planes, tables and scales cover `rows` (the caller checked).
+    #[inline(always)]
+    unsafe fn each_row(
+        &self,
+        bits: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        mut dot: impl FnMut(&[u32], *const u8, f32) -> f32,
+    ) {
+        let (end, tb) = (rows.end, self.table_bytes);
+        for (o, r) in out.iter_mut().zip(rows) {
+            if r + PREFETCH_ROWS < end {
+                let next = r + PREFETCH_ROWS;
+                let t = &self.tables[next * tb..][..tb];
+                prefetch_row(self.planes, self.stride, self.words, bits, t, next);
+            }
+            *o = dot(
+                self.planes.get_unchecked(r * self.words..),
+                self.tables.as_ptr().add(r * tb),
+                *self.scales.get_unchecked(r),
+            );
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -280,21 +328,19 @@ impl BitplaneKernel {
         };
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx2I16 => {
-                (p.q_len, p.s_len) = avx2_i16::prepared_lens(cols);
+            BitplaneKernel::Avx2I16 | BitplaneKernel::Avx512Vbmi => {
+                type Prepare = fn(&[f32], &mut Vec<i16>, &mut Vec<f32>);
+                let (lens, prepare): (fn(usize) -> (usize, usize), Prepare) =
+                    if kernel == BitplaneKernel::Avx2I16 {
+                        (avx2_i16::prepared_lens, avx2_i16::prepare)
+                    } else {
+                        (avx512_vbmi::prepared_lens, avx512_vbmi::prepare)
+                    };
+                (p.q_len, p.s_len) = lens(cols);
                 p.q.reserve(n * p.q_len);
                 p.s.reserve(n * p.s_len);
                 for t in x.chunks(cols) {
-                    avx2_i16::prepare(t, &mut p.q, &mut p.s);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            BitplaneKernel::Avx512Vbmi => {
-                (p.q_len, p.s_len) = avx512_vbmi::prepared_lens(cols);
-                p.q.reserve(n * p.q_len);
-                p.s.reserve(n * p.s_len);
-                for t in x.chunks(cols) {
-                    avx512_vbmi::prepare(t, &mut p.q, &mut p.s);
+                    prepare(t, &mut p.q, &mut p.s);
                 }
             }
             BitplaneKernel::Avx2 => {
@@ -435,15 +481,29 @@ impl PreparedX {
                     (&made, 0..rows.len(), &planes[rows.start * words..])
                 }
             };
-            let (t, s) = (&kl.tables, &kl.scales);
+            let vbmi = self.kernel == BitplaneKernel::Avx512Vbmi;
+            let layer = I16Rows {
+                planes,
+                stride,
+                words,
+                tables: &kl.tables,
+                table_bytes: if vbmi {
+                    avx512_vbmi::table_bytes(bits)
+                } else {
+                    avx2_i16::table_bytes(bits)
+                },
+                scales: &kl.scales,
+                xq,
+                xs,
+            };
             // SAFETY: `effective` checked the CPU features, the planes, tables
             // and scales cover the rows (asserted above; `tables` made one
             // entry per row) and `prepare` laid out the activations.
             return unsafe {
-                if self.kernel == BitplaneKernel::Avx512Vbmi {
-                    avx512_vbmi::dot_rows(planes, stride, words, bits, t, s, rows, xq, xs, out)
+                if vbmi {
+                    avx512_vbmi::dot_rows(&layer, bits, rows, out)
                 } else {
-                    avx2_i16::dot_rows(planes, stride, words, bits, t, s, rows, xq, xs, out)
+                    avx2_i16::dot_rows(&layer, bits, rows, out)
                 }
             };
         }
