@@ -140,10 +140,16 @@ unsafe fn step<const B: usize>(
     mask: impl Fn(usize) -> __mmask64,
 ) -> __m512 {
     // Index bit k comes from plane B−1−k; at 8 bits plane 0 picks the table half.
-    let mut idx = _mm512_setzero_si512();
-    for k in 0..B.min(7) {
-        idx = _mm512_mask_add_epi8(idx, mask(B - 1 - k), idx, _mm512_set1_epi8(1 << k));
+    // Two independent halves, so the dependent chain is half as long.
+    let n = B.min(7);
+    let (mut a, mut b) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    for k in (0..n).step_by(2) {
+        a = _mm512_mask_add_epi8(a, mask(B - 1 - k), a, _mm512_set1_epi8(1 << k));
+        if k + 1 < n {
+            b = _mm512_mask_add_epi8(b, mask(B - 2 - k), b, _mm512_set1_epi8(1 << (k + 1)));
+        }
     }
+    let idx = _mm512_or_si512(a, b);
     let top = if B == 8 { mask(0) } else { 0 };
     let lo = lookup::<B>(&t.lo, idx, top);
     let hi = lookup::<B>(&t.hi, idx, top);
