@@ -55,7 +55,8 @@ pub struct GemvArgs {
     /// Precisions of the bit-plane weights.
     #[arg(long, value_delimiter = ',', default_value = "3,4,5,6,7,8")]
     pub bits: Vec<u32>,
-    /// Bit-plane kernels to time: portable, avx2, avx2-i16, avx512 (default: every one this CPU has).
+    /// Bit-plane kernels to time: portable, avx2, avx2-i16, avx512, avx512-vbmi
+    /// (default: every one this CPU has; an unknown name lists them).
     #[arg(long, value_delimiter = ',')]
     pub kernels: Vec<String>,
     /// Minimum timed seconds per case.
