@@ -23,7 +23,13 @@ fn perplexity(q: &str, text: &str, json: &str, device: &str, args: &[&str]) -> (
         "--device",
         device,
     ];
-    let (_, err) = ok(&[&base[..], args].concat());
+    // On the GPU an f32 KV cache, unless the test asks otherwise: results to f32 rounding.
+    let kv: &[&str] = if device == "cpu" || args.contains(&"--kv-cache") {
+        &[]
+    } else {
+        &["--kv-cache", "f32"]
+    };
+    let (_, err) = ok(&[&base[..], kv, args].concat());
     assert!(err.contains(&format!("on {device}")), "{err}");
     let v = json_file(std::path::Path::new(json));
     (
@@ -79,6 +85,23 @@ fn the_gpu_matches_the_cpu_from_quantized_model_to_dp_llm_plans() {
             cpu.1
         );
     }
+    // The default f16 KV cache: keys and values rounded to 11 significant bits
+    // move the perplexity by far less than a wrong kernel would.
+    let cpu = perplexity(s(&q), s(&text), s(&json), "cpu", &["--bits", "5"]);
+    let f16 = perplexity(
+        s(&q),
+        s(&text),
+        s(&json),
+        "cuda:0",
+        &["--bits", "5", "--kv-cache", "f16"],
+    );
+    println!("--bits 5: cpu {cpu:?}, gpu with an f16 KV cache {f16:?}");
+    assert!(
+        (f16.0 - cpu.0).abs() <= 1e-2 * cpu.0,
+        "perplexity {} on the GPU with an f16 KV cache, {} on the CPU",
+        f16.0,
+        cpu.0
+    );
     // Generate under a DP-LLM plan; decode steps replayed as CUDA graphs (the
     // default) give the same text and counts as op by op.
     let gen = [

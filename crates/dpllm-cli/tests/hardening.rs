@@ -566,6 +566,14 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             vec!["unknown device", "cpu, cuda or cuda:N"],
         ),
         (
+            vec!["generate", s(&m), "-p", "x", "--kv-cache", "f16"],
+            vec!["--kv-cache f16 is for --device cuda", "f32"],
+        ),
+        (
+            vec!["generate", s(&m), "-p", "x", "--kv-cache", "q8"],
+            vec!["unknown KV cache type", "f32 or f16"],
+        ),
+        (
             vec!["bench", "decode", s(&m), "--tokens", &max],
             vec!["exceed the model's context of 64"],
         ),

@@ -22,7 +22,7 @@ pub mod select;
 pub mod session;
 pub mod tokenizer;
 
-pub use backend::{Backend, CpuBackend, Device};
+pub use backend::{Backend, CpuBackend, Device, KvDtype};
 pub use kv_cache::KvCache;
 pub use model::{LoadOptions, Model};
 pub use select::{BitStats, Precision, RuntimePlan, Selector};

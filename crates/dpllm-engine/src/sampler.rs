@@ -143,6 +143,13 @@ impl Sampler {
         &self.params
     }
 
+    /// True when every choice is the argmax of the logits as they come
+    /// (greedy, no repetition penalty): the model may then pick the token
+    /// where the logits are ([`crate::model::Readout::Argmax`]).
+    pub fn is_argmax(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+    }
+
     /// Choose the next token. `history` = all tokens so far (prompt + generated),
     /// used by the repetition penalty. `logits` is modified in place (penalty,
     /// temperature, NaN replacement). NaN logits are treated as `-inf`; history

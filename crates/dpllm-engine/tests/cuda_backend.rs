@@ -11,7 +11,7 @@ use dpllm_engine::backend::{
     conformance, decided_by_mask, AnyPrecHost, AttnShape, Decide, DenseHost, EstInput, Estimator,
     InputNorms, RopeArgs,
 };
-use dpllm_engine::{Backend, CpuBackend};
+use dpllm_engine::{Backend, CpuBackend, KvDtype};
 use dpllm_format::{Q8Matrix, TensorData};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -48,11 +48,18 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     );
 }
 
+/// Both kinds of KV cache: f16 (the default) and f32.
+const KV_TYPES: [KvDtype; 2] = [KvDtype::F16, KvDtype::F32];
+
 #[test]
 fn ops_match_the_references() {
     let Some(be) = backend() else { return };
-    for seed in 0..4 {
-        conformance::check(&be, seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    assert_eq!(be.kv_dtype(), KvDtype::F16, "the default KV cache");
+    for kvt in KV_TYPES {
+        let be = be.clone().with_kv(kvt);
+        for seed in 0..4 {
+            conformance::check(&be, seed).unwrap_or_else(|e| panic!("{kvt} KV, seed {seed}: {e}"));
+        }
     }
 }
 
@@ -86,12 +93,25 @@ fn attention_matches_the_cpu_over_long_contexts() {
             .iter()
             .map(|v| v * 4.0)
             .collect();
-        assert_close(
-            &format!("attention {nh}/{nkv}x{hd} window {window:?} at {pos0}+{m}"),
-            &attend(&gpu, &q, &keys, &values, pos0, kvd, shape),
-            &attend(&CpuBackend, &q, &keys, &values, pos0, kvd, shape),
-            1e-5,
-        );
+        for kvt in KV_TYPES {
+            // The CPU sees the keys and values as the GPU's cache stores them.
+            let round = |x: &[f32]| x.iter().map(|&v| kvt.round(v)).collect::<Vec<_>>();
+            let (kr, vr) = (round(&keys), round(&values));
+            assert_close(
+                &format!("attention {nh}/{nkv}x{hd} window {window:?} at {pos0}+{m}, {kvt} KV"),
+                &attend(
+                    &gpu.clone().with_kv(kvt),
+                    &q,
+                    &keys,
+                    &values,
+                    pos0,
+                    kvd,
+                    shape,
+                ),
+                &attend(&CpuBackend, &q, &kr, &vr, pos0, kvd, shape),
+                1e-5,
+            );
+        }
     }
 }
 
@@ -149,12 +169,17 @@ fn rope_append_matches_the_cpu() {
             head_dim: hd,
             window: None,
         };
-        let (gq, ga) = rope_then_attend(&gpu, &q, &keys, &values, pos0, &table, rot, shape);
         let (cq, ca) = rope_then_attend(&CpuBackend, &q, &keys, &values, pos0, &table, rot, shape);
-        let what = format!("rope_append {nh}/{nkv}x{hd} rot {rot} at {pos0}+{n}");
-        assert_close(&format!("{what}: q"), &gq, &cq, 1e-6);
-        // Attention over the cache sees the stored keys (rotated) and values.
-        assert_close(&format!("{what}: attention"), &ga, &ca, 1e-5);
+        // An f16 cache rounds the rotated keys and the values (relative
+        // error at most 2^-11 each), which moves the output by about that much.
+        for (kvt, tol) in [(KvDtype::F32, 1e-5), (KvDtype::F16, 4e-3)] {
+            let gpu = gpu.clone().with_kv(kvt);
+            let (gq, ga) = rope_then_attend(&gpu, &q, &keys, &values, pos0, &table, rot, shape);
+            let what = format!("rope_append {nh}/{nkv}x{hd} rot {rot} at {pos0}+{n}, {kvt} KV");
+            assert_close(&format!("{what}: q"), &gq, &cq, 1e-6);
+            // Attention over the cache sees the stored keys (rotated) and values.
+            assert_close(&format!("{what}: attention"), &ga, &ca, tol);
+        }
     }
 }
 

@@ -109,13 +109,23 @@ fn kernels_compile_for_every_target() {
     let dir = tempfile::tempdir().unwrap();
     std::env::set_var("DPLLM_CACHE_DIR", dir.path());
     let sources = [
-        ("bitplane_gemv", bitplane::SOURCE, "bitplane_gemv_b4_t4"),
-        ("ops", ops::SOURCE, "dense_q8_0_t8"),
+        (
+            "bitplane_gemv",
+            bitplane::SOURCE,
+            &["bitplane_gemv_b4_t4"][..],
+        ),
+        (
+            "ops",
+            ops::SOURCE,
+            &["dense_q8_0_t8", "attention_h", "rope_store_h", "kv_store_h"],
+        ),
     ];
     for arch in [(8, 7), (8, 9), (9, 0)] {
-        for (name, source, kernel) in sources {
-            let ptx = compile::ptx(name, source, arch).expect("compiles");
-            assert!(ptx.to_src().contains(kernel), "{name} {arch:?}");
+        for (name, source, kernels) in sources {
+            let ptx = compile::ptx(name, source, arch).expect("compiles").to_src();
+            for kernel in kernels {
+                assert!(ptx.contains(kernel), "{name} {arch:?}: {kernel}");
+            }
         }
     }
     // The cache now holds one file per source and target, read back on the next call.

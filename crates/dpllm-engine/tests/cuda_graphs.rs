@@ -80,3 +80,32 @@ fn replayed_decode_steps_match_op_by_op_steps() {
     assert_eq!(gs.counts, ps.counts, "precision counts");
     assert_eq!(gs.effective_bits(), ps.effective_bits());
 }
+
+/// Greedy decoding picks its token on the GPU (`Readout::Argmax`), replayed
+/// or op by op, and that token is the host's argmax of the same step's logits.
+#[test]
+fn greedy_tokens_picked_on_the_gpu_are_the_argmax_of_the_logits() {
+    use dpllm_engine::model::{Next, Readout};
+    let Some(dev) = test_device(0) else { return };
+    let be = CudaBackend::on(dev).unwrap();
+    for graphs in [true, false] {
+        let m = model(be.clone().with_graphs(graphs));
+        let (mut by_id, mut by_logits) = (m.new_cache(256), m.new_cache(256));
+        let prompt = [3u32, 77, 1200, 9];
+        let prec = Precision::Uniform(4);
+        let mut token = 0;
+        for step in 0..40 {
+            let tokens: &[u32] = if step == 0 { &prompt } else { &[token] };
+            let id = m
+                .forward_next_with(tokens, &mut by_id, prec, None, Readout::Argmax)
+                .unwrap();
+            let logits = m
+                .forward_last_with(tokens, &mut by_logits, prec, None)
+                .unwrap();
+            token = argmax(&logits);
+            assert_eq!(id, Next::Token(token), "graphs {graphs}, step {step}");
+        }
+        assert_eq!(by_id.len(), by_logits.len());
+        assert_eq!(by_id.holds_recorded_step(), graphs);
+    }
+}

@@ -141,7 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let kv_per_token = 2 * cfg.num_layers * cfg.kv_dim() * 4;
     println!(
-        "kv cache       {} per token (f32), {} at full context",
+        "kv cache       {} per token (f32; f16 on a GPU: half), {} at full context",
         human(kv_per_token),
         human(kv_per_token * cfg.max_position_embeddings)
     );

@@ -63,12 +63,32 @@ pub struct DeviceArg {
     /// DPLLM_CUDA_GRAPHS=0 to run it op by op.
     #[arg(long, default_value = "cpu")]
     pub device: dpllm_engine::Device,
+    /// How the KV cache stores keys and values: f16 or f32. Default: f16 on a
+    /// GPU (half the memory and attention's reads; logits move by about 1e-3),
+    /// f32 on the CPU (the only type it has). --kv-cache f32 on a GPU matches
+    /// the CPU's results to f32 rounding.
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache: Option<dpllm_engine::KvDtype>,
 }
 
 impl DeviceArg {
-    /// Ok when this build can run on the device.
+    /// Ok when this build can run on the device with the KV cache asked for.
     pub fn check(&self) -> anyhow::Result<()> {
-        Ok(self.device.check()?)
+        self.device.check()?;
+        if self.device == dpllm_engine::Device::Cpu
+            && self.kv_cache == Some(dpllm_engine::KvDtype::F16)
+        {
+            anyhow::bail!(
+                "--kv-cache f16 is for --device cuda; the CPU backend keeps its KV cache in f32"
+            );
+        }
+        Ok(())
+    }
+
+    /// The KV cache type on a GPU.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_kv(&self) -> dpllm_engine::KvDtype {
+        self.kv_cache.unwrap_or(dpllm_engine::KvDtype::F16)
     }
 
     /// Ok on the CPU; `command` does not run on a GPU yet.
@@ -94,7 +114,8 @@ macro_rules! on_backend {
             dpllm_engine::Device::Cpu => $f(dpllm_engine::CpuBackend, $($arg),*),
             #[cfg(feature = "cuda")]
             dpllm_engine::Device::Cuda(n) => {
-                $f(dpllm_engine::backend::cuda::CudaBackend::new(n)?, $($arg),*)
+                let be = dpllm_engine::backend::cuda::CudaBackend::new(n)?;
+                $f(be.with_kv(device.gpu_kv()), $($arg),*)
             }
             #[cfg(not(feature = "cuda"))]
             dpllm_engine::Device::Cuda(_) => unreachable!("refused by check"),

@@ -537,6 +537,32 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     }
     close("scatter_rows", &be.download(dst).map_err(e)?, &want, 0.0)?;
 
+    // Greedy choice per row: the largest value, the lowest index on ties,
+    // None for a row holding a NaN or an infinity (rows wider than a block's
+    // threads, ties planted far apart).
+    let width = 3000;
+    let mut rows = rand_vec(&mut rng, 5 * width);
+    let top = rng.random_range(0..width);
+    rows[top] = 2.0;
+    rows[width - 1] = 2.0;
+    rows[width + 17] = 3.0;
+    rows[width + top] = 3.0;
+    rows[2 * width + rng.random_range(0..width)] = f32::NAN;
+    rows[3 * width + rng.random_range(0..width)] = f32::INFINITY;
+    let want: Vec<Option<u32>> = vec![
+        Some(top.min(width - 1) as u32),
+        Some(top.min(17) as u32),
+        None,
+        None,
+        Some(crate::sampler::argmax(&rows[4 * width..])),
+    ];
+    let got = be
+        .argmax_rows(&be.upload(&rows).map_err(e)?, width)
+        .map_err(e)?;
+    if got != want || crate::backend::argmax_rows_host(&rows, width) != want {
+        return Err(format!("argmax_rows: {got:?}, want {want:?}"));
+    }
+
     // RoPE and attention over the backend's KV cache.
     let shape = AttnShape {
         num_heads: 4,
@@ -596,6 +622,13 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         shape,
         &mut att,
     );
+    // The reference reads keys and values as the cache stores them (an f16
+    // cache rounds each to nearest), so the tolerance stays f32's.
+    let kvt = be.kv_dtype();
+    let (keys, values): (Vec<f32>, Vec<f32>) = (
+        keys.iter().map(|&x| kvt.round(x)).collect(),
+        values.iter().map(|&x| kvt.round(x)).collect(),
+    );
     let mut att_ref = vec![0f64; m * qd];
     for t in 0..m {
         let pos = pos0 + t;
@@ -624,7 +657,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         }
     }
     close("attention", &be.download(att).map_err(e)?, &att_ref, 1e-5)?;
-    if be.kv_bytes(&kv) != 2 * (pos0 + m) * kvd * 4 {
+    if be.kv_bytes(&kv) != 2 * (pos0 + m) * kvd * kvt.bytes() {
         return Err(format!(
             "kv_bytes: {} after {} positions of width {kvd}",
             be.kv_bytes(&kv),
@@ -632,7 +665,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         ));
     }
     be.kv_truncate(&mut kv, 2);
-    if be.kv_bytes(&kv) != 2 * 2 * kvd * 4 {
+    if be.kv_bytes(&kv) != 2 * 2 * kvd * kvt.bytes() {
         return Err("kv_truncate: wrong size after truncation".into());
     }
     be.synchronize().map_err(e)

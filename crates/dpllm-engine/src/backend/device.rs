@@ -1,4 +1,5 @@
-//! Choosing a backend by name: `cpu`, `cuda`, `cuda:N`.
+//! Choosing a backend by name (`cpu`, `cuda`, `cuda:N`) and the element type
+//! of its KV cache (`f32`, `f16`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -56,6 +57,59 @@ impl Device {
     }
 }
 
+/// How a backend stores its KV cache. The CPU keeps f32; the CUDA backend f16
+/// by default (half the memory and half what attention reads per token, as
+/// llama.cpp and vLLM do), or f32 where GPU results must match the CPU's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest on the way in; attention computes in f32.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// `x` as the cache stores it.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            KvDtype::F32 => x,
+            KvDtype::F16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<KvDtype, EngineError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(EngineError::Device(format!(
+                "unknown KV cache type {s:?}: use f32 or f16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +128,20 @@ mod tests {
         if let Err(e) = cuda {
             assert!(e.to_string().contains("--device cpu"), "{e}");
         }
+    }
+
+    #[test]
+    fn kv_types_parse_and_round() {
+        assert_eq!("F16".parse::<KvDtype>().unwrap(), KvDtype::F16);
+        assert_eq!("f32".parse::<KvDtype>().unwrap(), KvDtype::F32);
+        let e = "bf16".parse::<KvDtype>().unwrap_err().to_string();
+        assert!(e.contains("f32 or f16"), "{e}");
+        assert_eq!(KvDtype::F16.to_string(), "f16");
+        assert_eq!([KvDtype::F32.bytes(), KvDtype::F16.bytes()], [4, 2]);
+        let x = 0.1f32;
+        assert_eq!(KvDtype::F32.round(x), x);
+        let r = KvDtype::F16.round(x);
+        assert!(r != x && (r - x).abs() <= x * 2f32.powi(-11), "{r}");
+        assert_eq!(KvDtype::F16.round(r), r);
     }
 }

@@ -25,9 +25,23 @@ use dpllm_format::{Q8Matrix, TensorData};
 use half::f16;
 
 pub use cpu::CpuBackend;
-pub use device::Device;
+pub use device::{Device, KvDtype};
 
 use crate::error::Result;
+
+/// [`Backend::argmax_rows`] on host rows.
+pub fn argmax_rows_host(x: &[f32], width: usize) -> Vec<Option<u32>> {
+    if width == 0 {
+        return Vec::new();
+    }
+    x.chunks(width)
+        .map(|r| {
+            r.iter()
+                .all(|v| v.is_finite())
+                .then(|| crate::sampler::argmax(r))
+        })
+        .collect()
+}
 
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -336,6 +350,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Wait until every queued op has finished.
     fn synchronize(&self) -> Result<()>;
+    /// Per row of `x` [rows × width]: the index of its largest value (the
+    /// lowest on ties), None for a row holding a NaN or an infinity. Greedy
+    /// decoding reads back these ids, not the logits.
+    fn argmax_rows(&self, x: &Self::Buf, width: usize) -> Result<Vec<Option<u32>>> {
+        Ok(argmax_rows_host(&self.read(x)?, width))
+    }
 
     // --- weights ---
     /// Take a dense [rows × cols] weight (and bias).
@@ -412,6 +432,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn kv_truncate(&self, kv: &mut Self::Kv, positions: usize);
     /// Bytes the cache holds.
     fn kv_bytes(&self, kv: &Self::Kv) -> usize;
+    /// How this backend's caches store keys and values.
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::F32
+    }
 
     // --- steps and graphs ---
     /// The step of a forward call over `tokens` at positions `pos0`.. .

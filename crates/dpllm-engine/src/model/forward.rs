@@ -12,6 +12,37 @@ use crate::EngineError;
 use super::{Block, GateUpProj, Model, QkvProj};
 use crate::select::{count_decision, run_linear, BitStats, LinearSelect, Precision, Tally};
 
+/// What a forward call hands back for its last position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readout {
+    /// The logits, for any sampler.
+    Logits,
+    /// Only the argmax of the logits (greedy decoding): a device backend
+    /// picks it there and copies back one id instead of the vocabulary's logits.
+    Argmax,
+}
+
+/// The output of a forward call, as its [`Readout`] asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// The last position's logits [vocab].
+    Logits(Vec<f32>),
+    /// The last position's greedy token.
+    Token(u32),
+}
+
+impl Next {
+    /// The logits (an error for a call that read back only a token).
+    pub fn into_logits(self) -> Result<Vec<f32>> {
+        match self {
+            Next::Logits(l) => Ok(l),
+            Next::Token(_) => Err(EngineError::Device(
+                "a forward call read back a token where its logits were asked for".into(),
+            )),
+        }
+    }
+}
+
 /// Scratch activations of one forward call over `n` tokens.
 struct Scratch<B: Backend> {
     xn: B::Buf,
@@ -714,6 +745,32 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The last position's [`Next`] from the logits in `out` [1 × vocab],
+    /// after the call's deferred checks and counts, as [`Self::read_logits`].
+    pub(super) fn read_next(
+        &self,
+        out: &B::Buf,
+        deferred: Option<&Deferred<B>>,
+        stats: Option<&mut BitStats>,
+        readout: Readout,
+    ) -> Result<Next> {
+        if readout == Readout::Logits {
+            return self.read_logits(out, deferred, stats).map(Next::Logits);
+        }
+        let be = &self.backend;
+        let ids = be.argmax_rows(out, self.config.vocab_size)?;
+        if let Some(d) = deferred {
+            d.finish(be, stats)?;
+        }
+        match ids.as_slice() {
+            [Some(t)] => Ok(Next::Token(*t)),
+            _ => Err(EngineError::NonFinite {
+                stage: "the logits (output layer)".into(),
+                token: 0,
+            }),
+        }
+    }
+
     /// Logits [rows × vocab] of final hidden states on the backend.
     fn logits_device(
         &self,
@@ -746,9 +803,23 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
-        mut stats: Option<&mut BitStats>,
+        stats: Option<&mut BitStats>,
     ) -> Result<Vec<f32>> {
-        if let Some(r) = self.forward_graphed(tokens, cache, prec, stats.as_deref_mut()) {
+        self.forward_next_with(tokens, cache, prec, stats, Readout::Logits)?
+            .into_logits()
+    }
+
+    /// [`Model::forward_last_with`] handing back what `readout` asks for:
+    /// the logits, or only the greedy token.
+    pub fn forward_next_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        prec: Precision<'_, B>,
+        mut stats: Option<&mut BitStats>,
+        readout: Readout,
+    ) -> Result<Next> {
+        if let Some(r) = self.forward_graphed(tokens, cache, prec, stats.as_deref_mut(), readout) {
             return r;
         }
         let before = cache.len();
@@ -759,7 +830,9 @@ impl<B: Backend> Model<B> {
                 1 => h,
                 _ => self.backend.rows(&h, self.config.hidden_size, n - 1, 1)?,
             };
-            self.logits_device(&last, 1, Some(&deferred), stats)
+            let mut out = self.backend.zeros(self.config.vocab_size)?;
+            self.logits_into(&last, 1, &mut out);
+            self.read_next(&out, Some(&deferred), stats, readout)
         })();
         Self::keep_or_undo(cache, before, r)
     }

@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::select::{BitStats, LinearSelect, Precision, Selector};
 
-use super::forward::Deferred;
+use super::forward::{Deferred, Next, Readout};
 use super::Model;
 
 /// The recorded decode step of one cache, if any.
@@ -97,7 +97,8 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         prec: Precision<'_, B>,
         stats: Option<&mut BitStats>,
-    ) -> Option<Result<Vec<f32>>> {
+        readout: Readout,
+    ) -> Option<Result<Next>> {
         if tokens.len() != 1
             || !self.backend.captures_graphs()
             || matches!(cache.graph, GraphSlot::Failed)
@@ -140,11 +141,11 @@ impl<B: Backend> Model<B> {
             if let (Some(s), Some(h)) = (stats.as_deref_mut(), &g.host_counts) {
                 s.merge(h);
             }
-            self.read_logits(&g.logits, Some(&g.deferred), stats)
+            self.read_next(&g.logits, Some(&g.deferred), stats, readout)
                 .map(Some)
         })();
         match Self::keep_or_undo(cache, before, r) {
-            Ok(Some(logits)) => Some(Ok(logits)),
+            Ok(Some(next)) => Some(Ok(next)),
             Ok(None) => None,
             Err(e) => Some(Err(e)),
         }

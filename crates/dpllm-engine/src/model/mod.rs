@@ -9,6 +9,7 @@ pub mod rope;
 pub mod synthetic;
 
 pub use batch::BatchStep;
+pub use forward::{Next, Readout};
 pub(crate) use graph::GraphSlot;
 pub use loader::LoadOptions;
 

@@ -15,6 +15,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::model::{Next, Readout};
 use crate::sampler::Sampler;
 use crate::select::{BitStats, Precision, RuntimePlan};
 use crate::Model;
@@ -224,19 +225,31 @@ impl<B: Backend> Session<B> {
 
     /// Run a prompt at the prefill precision; returns the last position's logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.prefill_next(tokens, Readout::Logits)?.into_logits()
+    }
+
+    /// [`Session::prefill`] handing back what `readout` asks for.
+    pub fn prefill_next(&mut self, tokens: &[u32], readout: Readout) -> Result<Next> {
         self.check_cancel()?;
+        let prec = self.precision.prefill();
         self.model
-            .forward_last_with(tokens, &mut self.cache, self.precision.prefill(), None)
+            .forward_next_with(tokens, &mut self.cache, prec, None, readout)
     }
 
     /// Run one decoded token at the per-token precision (counted); returns its logits.
     pub fn decode_step(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.decode_next(token, Readout::Logits)?.into_logits()
+    }
+
+    /// [`Session::decode_step`] handing back what `readout` asks for.
+    pub fn decode_next(&mut self, token: u32, readout: Readout) -> Result<Next> {
         self.check_cancel()?;
-        self.model.forward_last_with(
+        self.model.forward_next_with(
             &[token],
             &mut self.cache,
             self.precision.per_token(),
             Some(&mut self.stats),
+            readout,
         )
     }
 
@@ -308,14 +321,23 @@ impl<B: Backend> Session<B> {
             });
         }
         let mut history = prompt.to_vec();
+        // Greedy choices are made where the logits are: only the id comes back.
+        let readout = if sampler.is_argmax() {
+            Readout::Argmax
+        } else {
+            Readout::Logits
+        };
         let t0 = Instant::now();
-        let mut logits = self.prefill(prompt)?;
+        let mut chosen = self.prefill_next(prompt, readout)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let mut out = Vec::new();
         let mut step_secs = Vec::new();
         let mut stop = StopReason::MaxTokens;
         for step in 0..opts.max_tokens {
-            let next = sampler.sample(&mut logits, &history);
+            let next = match &mut chosen {
+                Next::Token(t) => *t,
+                Next::Logits(logits) => sampler.sample(logits, &history),
+            };
             if opts.stop_tokens.contains(&next) {
                 stop = StopReason::Eos;
                 break;
@@ -337,7 +359,7 @@ impl<B: Backend> Session<B> {
                 self.reset_stats();
             }
             let t = Instant::now();
-            logits = self.decode_step(next)?;
+            chosen = self.decode_next(next, readout)?;
             if step >= opts.warmup_steps {
                 step_secs.push(t.elapsed().as_secs_f64());
             }

@@ -22,7 +22,7 @@ use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{
     decided_by_mask, needs_rows, AnyPrecHost, AttnShape, Backend, Decide, DenseHost, EstInput,
-    Estimator, InputNorms, RopeArgs, Step,
+    Estimator, InputNorms, KvDtype, RopeArgs, Step,
 };
 use crate::error::{EngineError, Result};
 
@@ -79,6 +79,8 @@ pub struct CudaBackend {
     error: Arc<Mutex<Option<EngineError>>>,
     /// Decode steps are recorded as graphs (`DPLLM_CUDA_GRAPHS=0`: not).
     graphs: bool,
+    /// How new KV caches store keys and values.
+    kv: KvDtype,
 }
 
 impl CudaBackend {
@@ -103,7 +105,15 @@ impl CudaBackend {
             unused,
             error: Arc::default(),
             graphs,
+            kv: KvDtype::F16,
         })
+    }
+
+    /// The same backend with KV caches made from now on in `dtype` (f16 by
+    /// default; f32 where results must match the CPU backend's closely).
+    pub fn with_kv(mut self, dtype: KvDtype) -> CudaBackend {
+        self.kv = dtype;
+        self
     }
 
     /// The same backend with decode steps recorded as graphs or not.
@@ -344,7 +354,8 @@ impl Backend for CudaBackend {
     type Graph = CudaStepGraph;
 
     fn name(&self) -> String {
-        self.dev.describe()
+        let d = self.dev.describe();
+        format!("{}, {} KV)", d.strip_suffix(')').unwrap_or(&d), self.kv)
     }
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
@@ -413,6 +424,45 @@ impl Backend for CudaBackend {
         self.check()
     }
 
+    fn argmax_rows(&self, x: &CudaBuf, width: usize) -> Result<Vec<Option<u32>>> {
+        self.check()?;
+        let rows = x.len.checked_div(width).unwrap_or(0);
+        if rows * width != x.len || width > i32::MAX as usize {
+            return Err(EngineError::Device(format!(
+                "argmax_rows: {} floats in rows of {width}",
+                x.len
+            )));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the kernel writes every row's id.
+        let mut ids = unsafe { self.stream().alloc::<u32>(rows) }
+            .map_err(device_err("allocating token ids"))?;
+        let one_block_a_row = cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let w = width as i32;
+        launch!(
+            self,
+            "argmax_rows",
+            one_block_a_row,
+            &x.view(),
+            &w,
+            &mut ids
+        )?;
+        let ids = self
+            .stream()
+            .clone_dtoh(&ids)
+            .map_err(device_err("reading token ids"))?;
+        Ok(ids
+            .into_iter()
+            .map(|i| (i != u32::MAX).then_some(i))
+            .collect())
+    }
+
     fn dense(
         &self,
         w: DenseHost,
@@ -460,7 +510,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_new(&self, layers: usize, kv_dim: usize) -> CudaKv {
-        CudaKv::new(layers, kv_dim)
+        CudaKv::new(layers, kv_dim, self.kv)
     }
 
     fn kv_append(
@@ -479,6 +529,7 @@ impl Backend for CudaBackend {
                 k.len, v.len
             )));
         }
+        let kernel = kv.kernel("kv_store");
         let (keys, values) = kv.slots(&self.dev, layer, step.pos0, k.len / d)?;
         if k.len == 0 {
             return Ok(());
@@ -486,7 +537,7 @@ impl Backend for CudaBackend {
         let (nd, di) = (k.len as i64, d as i32);
         launch!(
             self,
-            "kv_store",
+            kernel,
             self.ops.stride(k.len),
             &k.view(),
             &v.view(),
@@ -537,6 +588,7 @@ impl Backend for CudaBackend {
                 step.pos0 + n
             )));
         }
+        let kernel = kv.kernel("rope_store");
         let (keys, values) = kv.slots(&self.dev, layer, step.pos0, n)?;
         if n == 0 {
             return Ok(());
@@ -544,7 +596,7 @@ impl Backend for CudaBackend {
         let [ni, h, hk, hd, rot] = [n, heads, kv_heads, head_dim, rot_dim].map(|v| v as i32);
         launch!(
             self,
-            "rope_store",
+            kernel,
             self.ops.stride((n * heads * rot_dim / 2).max(k.len)),
             &mut q.view_mut(),
             &k.view(),
@@ -576,6 +628,10 @@ impl Backend for CudaBackend {
 
     fn kv_bytes(&self, kv: &CudaKv) -> usize {
         kv.bytes()
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.kv
     }
 
     fn step(&self, tokens: &[u32], pos0: usize) -> Result<Step<CudaSlice<u32>>> {
@@ -798,7 +854,7 @@ impl Backend for CudaBackend {
             )?;
             launch!(
                 self,
-                "attention",
+                kv.kernel("attention"),
                 self.ops.attention(nh, n, spans),
                 &q.view(),
                 k,

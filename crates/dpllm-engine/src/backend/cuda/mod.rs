@@ -13,8 +13,11 @@
 //! per-token precision and the GEMM path for long batches (`linear`). A
 //! forward call waits for the GPU only for its output, and a decode step is
 //! recorded once as a CUDA graph and replayed per token
-//! (`crate::model::graph`; `DPLLM_CUDA_GRAPHS=0` turns that off). Not yet:
-//! sampling on the device, an f16 KV cache.
+//! (`crate::model::graph`; `DPLLM_CUDA_GRAPHS=0` turns that off). The KV
+//! cache holds f16 by default (`CudaBackend::with_kv`), and greedy decoding
+//! picks its token on the device (`Backend::argmax_rows`), so only the id
+//! comes back. Not yet: temperature / top-k / top-p sampling on the device
+//! (those read the logits back and sample on the host).
 
 /// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments
 /// `$arg` (references), an error naming the kernel when it cannot be launched.

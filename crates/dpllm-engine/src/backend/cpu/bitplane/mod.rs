@@ -329,13 +329,13 @@ impl BitplaneKernel {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             BitplaneKernel::Avx2I16 | BitplaneKernel::Avx512Vbmi => {
+                type Lens = fn(usize) -> (usize, usize);
                 type Prepare = fn(&[f32], &mut Vec<i16>, &mut Vec<f32>);
-                let (lens, prepare): (fn(usize) -> (usize, usize), Prepare) =
-                    if kernel == BitplaneKernel::Avx2I16 {
-                        (avx2_i16::prepared_lens, avx2_i16::prepare)
-                    } else {
-                        (avx512_vbmi::prepared_lens, avx512_vbmi::prepare)
-                    };
+                let (lens, prepare): (Lens, Prepare) = if kernel == BitplaneKernel::Avx2I16 {
+                    (avx2_i16::prepared_lens, avx2_i16::prepare)
+                } else {
+                    (avx512_vbmi::prepared_lens, avx512_vbmi::prepare)
+                };
                 (p.q_len, p.s_len) = lens(cols);
                 p.q.reserve(n * p.q_len);
                 p.s.reserve(n * p.s_len);

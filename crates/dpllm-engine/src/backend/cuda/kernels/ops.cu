@@ -200,23 +200,46 @@ extern "C" __global__ void rope(float* x, const float* table, int n, int heads, 
 }
 
 // ---- KV cache -------------------------------------------------------------
+// A cache holds f32 values (kernels named as below) or f16 bits (the same
+// kernels with an `_h` suffix: the default on the GPU, half the memory and
+// the bandwidth attention reads); values are rounded to nearest on the way in
+// and attention computes in f32 either way.
+
+__device__ __forceinline__ void kv_put(float* c, long i, float v) { c[i] = v; }
+__device__ __forceinline__ void kv_put(u16* c, long i, float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    c[i] = h;
+}
+__device__ __forceinline__ float kv_get(const float* c, long i) { return c[i]; }
+__device__ __forceinline__ float kv_get(const u16* c, long i) { return h2f(c[i]); }
 
 // Keys and values [n x d] of positions step[0].. into one layer's cache.
-extern "C" __global__ void kv_store(const float* k, const float* v, float* kc, float* vc, const u32* step,
-                                    long nd, int d) {
+template <typename T>
+__device__ __forceinline__ void kv_store_body(const float* k, const float* v, T* kc, T* vc, const u32* step,
+                                              long nd, int d) {
     const long o = (long)step[0] * d;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < nd; i += (long)gridDim.x * blockDim.x) {
-        kc[o + i] = k[i];
-        vc[o + i] = v[i];
+        kv_put(kc, o + i, k[i]);
+        kv_put(vc, o + i, v[i]);
     }
+}
+extern "C" __global__ void kv_store(const float* k, const float* v, float* kc, float* vc, const u32* step,
+                                    long nd, int d) {
+    kv_store_body(k, v, kc, vc, step, nd, d);
+}
+extern "C" __global__ void kv_store_h(const float* k, const float* v, u16* kc, u16* vc, const u32* step,
+                                      long nd, int d) {
+    kv_store_body(k, v, kc, vc, step, nd, d);
 }
 
 // RoPE and the cache store of one layer in one launch: q [n x nh x hd] turned
 // in place for positions step[0].., k [n x nkv x hd] turned into the cache
 // (k itself is left as it was), v copied there; the turn as rope's.
-extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc, float* vc,
-                                      const float* table, int n, int nh, int nkv, int hd, int rot,
-                                      const u32* step) {
+template <typename T>
+__device__ __forceinline__ void rope_store_body(float* q, const float* k, const float* v, T* kc, T* vc,
+                                                const float* table, int n, int nh, int nkv, int hd, int rot,
+                                                const u32* step) {
     const int half = rot / 2, pos0 = (int)step[0];
     const long nq = (long)n * nh * half, nkvd = (long)n * nkv * hd;
     const long o = (long)pos0 * nkv * hd;
@@ -245,10 +268,20 @@ extern "C" __global__ void rope_store(float* q, const float* k, const float* v, 
                 const float a = h[i], b = h[dim], c = row[i], s = row[half + i];
                 out = b * c + a * s;
             }
-            kc[o + j] = out;
-            vc[o + j] = v[j];
+            kv_put(kc, o + j, out);
+            kv_put(vc, o + j, v[j]);
         }
     }
+}
+extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc, float* vc,
+                                      const float* table, int n, int nh, int nkv, int hd, int rot,
+                                      const u32* step) {
+    rope_store_body(q, k, v, kc, vc, table, n, nh, nkv, hd, rot, step);
+}
+extern "C" __global__ void rope_store_h(float* q, const float* k, const float* v, u16* kc, u16* vc,
+                                        const float* table, int n, int nh, int nkv, int hd, int rot,
+                                        const u32* step) {
+    rope_store_body(q, k, v, kc, vc, table, n, nh, nkv, hd, rot, step);
 }
 
 // x [len] as f16 halves into xs [2][len]: hi = x rounded, lo = x - hi rounded
@@ -509,6 +542,60 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
         if (flags[j / width] == 0u) y[j] = low[j];
 }
 
+// ---- greedy decoding ------------------------------------------------------
+
+// (value, index) of the larger, the lower index on ties; index ~0u is "none".
+__device__ __forceinline__ void argmax_merge(float& v, u32& i, float ov, u32 oi) {
+    if (ov > v || (ov == v && oi < i)) {
+        v = ov;
+        i = oi;
+    }
+}
+
+// Per row of x [rows x width], one block a row: out[row] = the index of its
+// largest value, the lowest on ties (the host's argmax), or ~0u when the row
+// holds a NaN or an infinity (an error for the caller, as a non-finite logit
+// is on the host). Greedy decoding then reads back one id, not the logits.
+extern "C" __global__ void argmax_rows(const float* x, int width, u32* out) {
+    const float* r = x + (long)blockIdx.x * width;
+    float best = NEG_INF;
+    u32 bi = 0xffffffffu;
+    bool bad = false;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float v = r[i];
+        if (!isfinite(v)) {
+            bad = true;
+        } else if (v > best || bi == 0xffffffffu) {
+            best = v;
+            bi = (u32)i;
+        }
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1)
+        argmax_merge(best, bi, __shfl_xor_sync(FULL, best, s), __shfl_xor_sync(FULL, bi, s));
+    __shared__ float sv[32];
+    __shared__ u32 si[32];
+    __shared__ int any_bad;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) any_bad = 0;
+    __syncthreads();
+    if (bad) any_bad = 1;
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        best = lane < warps ? sv[lane] : NEG_INF;
+        bi = lane < warps ? si[lane] : 0xffffffffu;
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1)
+            argmax_merge(best, bi, __shfl_xor_sync(FULL, best, s), __shfl_xor_sync(FULL, bi, s));
+        if (lane == 0) out[blockIdx.x] = any_bad ? 0xffffffffu : bi;
+    }
+}
+
 // ---- attention ------------------------------------------------------------
 // Causal attention of query token t (blockIdx.y) and head h (blockIdx.x) over
 // positions lo..=pos0+t (pos0 = step[0]) of one layer's cache (k, v [positions x kv_dim]), with
@@ -525,8 +612,9 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 #define ATT_MAXD 256
 #define ATT_P 4
 
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
-                                     const u32* step, int nh, int nkv, int hd, int window, float scale) {
+template <typename T>
+__device__ __forceinline__ void attention_body(const float* q, const T* k, const T* v, float* out, float* part,
+                                               const u32* step, int nh, int nkv, int hd, int window, float scale) {
     const int pos0 = (int)step[0];
     const int h = blockIdx.x, t = blockIdx.y, spans = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -555,8 +643,8 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
                 const int i = lane + 32 * m;
                 vv[p][m] = 0.f;
                 if (i < hd) {
-                    s[p] = fmaf(qr[m], k[row + i], s[p]);
-                    vv[p][m] = v[row + i];
+                    s[p] = fmaf(qr[m], kv_get(k, row + i), s[p]);
+                    vv[p][m] = kv_get(v, row + i);
                 }
             }
         }
@@ -611,6 +699,15 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
             }
         }
     }
+}
+
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
+                                     const u32* step, int nh, int nkv, int hd, int window, float scale) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale);
+}
+extern "C" __global__ void attention_h(const float* q, const u16* k, const u16* v, float* out, float* part,
+                                       const u32* step, int nh, int nkv, int hd, int window, float scale) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale);
 }
 
 // The spans of attention merged: one block per (head, query token) as there.
