@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub model_name: String,
     /// Tokens decoded per operating point for the start-up latency profile (0: none).
     pub profile_tokens: usize,
+    /// Prompt tokens run per engine step while other requests decode
+    /// (chunked prefill: a long prompt no longer holds up the batch); 0: every
+    /// new prompt whole before the next step.
+    pub prefill_chunk: usize,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             model_name: "dpllm".into(),
             profile_tokens: 16,
+            prefill_chunk: 256,
         }
     }
 }

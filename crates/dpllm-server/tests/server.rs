@@ -522,3 +522,46 @@ print(json.dumps({{"chat": r.choices[0].message.content, "tokens": r.usage.compl
     assert_eq!(v["denied"], true);
     s.shutdown().unwrap();
 }
+
+/// Chunked prefill: while a long prompt runs, a request already decoding
+/// goes on decoding, a step between every chunk, instead of waiting for the
+/// whole prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_prompt_runs_in_chunks_between_the_batch_steps() {
+    let f = common::slow();
+    let chunk = 16;
+    let cfg = dpllm_server::ServerConfig {
+        prefill_chunk: chunk,
+        ..common::config()
+    };
+    let s = common::start(&f.model, None, cfg);
+    let c = Client::new(&s);
+    let mut a = c
+        .stream("/v1/completions", &greedy(4000, json!({"prompt": "go"})))
+        .await;
+    assert_eq!(a.status(), 200);
+    a.chunk().await.unwrap().unwrap();
+    let steps = c.metric("dpllm_batch_size_count").await;
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(60);
+    let b = c
+        .post("/v1/completions", &greedy(1, json!({"prompt": long})))
+        .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    let prompt = b.body["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    assert!(prompt >= 1000.0, "a long prompt: {prompt} tokens");
+    let during = c.metric("dpllm_batch_size_count").await - steps;
+    // Whole prompts would leave the decoding request a handful of steps
+    // (those while the HTTP request and its tokenizing ran).
+    assert!(
+        during >= prompt / chunk as f64 - 2.0,
+        "{during} decode steps while a {prompt}-token prompt ran in chunks of {chunk}"
+    );
+    // Every prompt token counted once ("go" is a token or a few).
+    let counted = c.metric("dpllm_prompt_tokens_total").await - prompt;
+    assert!(
+        (1.0..=8.0).contains(&counted),
+        "{counted} beside the long prompt"
+    );
+    drop(a);
+    s.shutdown().unwrap();
+}

@@ -67,6 +67,11 @@ pub struct Args {
     /// (0: no profile; then requests cannot name a latency budget).
     #[arg(long, default_value_t = 16)]
     pub profile_tokens: usize,
+    /// Prompt tokens run per engine step while the other requests decode
+    /// (chunked prefill: a long prompt delays the batch's next token by one
+    /// chunk, not by the whole prompt); 0 runs every new prompt whole first.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// On SIGINT/SIGTERM, seconds the requests in flight may run before they
     /// are cancelled.
     #[arg(long, default_value_t = 10)]
@@ -152,6 +157,7 @@ pub fn build<B: Backend>(backend: B, a: &Args, addr: SocketAddr) -> anyhow::Resu
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
         model_name: name,
         profile_tokens: a.profile_tokens,
+        prefill_chunk: a.prefill_chunk,
     };
     if a.profile_tokens > 0 {
         eprintln!(

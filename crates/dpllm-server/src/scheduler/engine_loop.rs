@@ -1,7 +1,8 @@
-//! The engine thread's loop: take requests from the queue into the batch
-//! (prefill, first token), decode every running request one step in one
-//! batched forward call, send each its text, retire the finished, the failed
-//! and the abandoned.
+//! The engine thread's loop: take requests from the queue into the batch, run
+//! their prompts a chunk at a time (up to `prefill_chunk` prompt tokens a
+//! step, oldest first; the last chunk gives the first token), decode every
+//! request past its prompt one step in one batched forward call, send each
+//! its text, retire the finished, the failed and the abandoned.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -28,6 +29,8 @@ pub(super) struct Loop<B: Backend> {
     pub(super) shared: Arc<Shared>,
     pub(super) max_batch: usize,
     pub(super) grace: Duration,
+    /// Prompt tokens run per step (0: whole prompts).
+    pub(super) prefill_chunk: usize,
 }
 
 /// A request in the batch.
@@ -38,6 +41,8 @@ struct Active<'t, B: Backend> {
     stop: StopMatcher,
     /// Prompt and generated ids (the sampler's context).
     history: Vec<u32>,
+    /// Prompt tokens run so far (the prompt is `history[..prompt_tokens]`).
+    prefilled: usize,
     /// The token the next step runs.
     next: u32,
     logit_bias: Vec<(u32, f32)>,
@@ -82,6 +87,31 @@ impl<B: Backend> Active<'_, B> {
         }
         self.next = t;
         Ok(None)
+    }
+
+    /// Run the next at most `budget` prompt tokens (all when 0); returns the
+    /// tokens run and, after the prompt's last chunk, its first token's
+    /// outcome as [`Active::advance`] gives it.
+    fn run_prompt(
+        &mut self,
+        budget: usize,
+        eos: &[u32],
+    ) -> (usize, Option<Result<Option<Finish>, EngineError>>) {
+        let left = self.prompt_tokens - self.prefilled;
+        let n = if budget == 0 { left } else { left.min(budget) };
+        let chunk = &self.history[self.prefilled..self.prefilled + n];
+        match self.session.prefill(chunk) {
+            Err(e) => (n, Some(Err(e))),
+            Ok(logits) => {
+                self.prefilled += n;
+                if self.prefilled < self.prompt_tokens {
+                    return (n, None);
+                }
+                let r = self.advance(logits, eos);
+                self.first_token_ms = self.received.elapsed().as_secs_f64() * 1000.0;
+                (n, Some(r))
+            }
+        }
     }
 
     /// Send what `piece` releases past the stop strings.
@@ -133,10 +163,13 @@ impl<B: Backend> Loop<B> {
         let tok = self.tok.clone();
         let eos = tok.eos_ids().to_vec();
         let mut waiting: VecDeque<Job> = VecDeque::new();
+        // Requests in the batch whose prompt has not all run, oldest first,
+        // and those decoding.
+        let mut prefilling: VecDeque<Active<'_, B>> = VecDeque::new();
         let mut active: Vec<Active<'_, B>> = Vec::new();
         let mut shutdown_at: Option<Instant> = None;
         loop {
-            if active.is_empty() && waiting.is_empty() {
+            if active.is_empty() && prefilling.is_empty() && waiting.is_empty() {
                 if self.shared.shutdown.load(Ordering::SeqCst) {
                     break;
                 }
@@ -154,32 +187,34 @@ impl<B: Backend> Loop<B> {
                     let _ = j.events.send(Event::Failed(ApiError::shutting_down()));
                 }
                 if at.elapsed() >= self.grace {
-                    for a in active.drain(..) {
+                    for a in active.drain(..).chain(prefilling.drain(..)) {
                         a.fail(ApiError::shutting_down(), &self.shared);
                     }
                 }
             }
             // A closed channel: the client is gone.
-            active.retain(|a| {
+            let here = |a: &Active<'_, B>| {
                 let gone = a.events.is_closed();
                 if gone {
                     self.shared.metrics.cancelled.inc();
                 }
                 !gone
-            });
-            while active.len() < self.max_batch {
+            };
+            active.retain(here);
+            prefilling.retain(here);
+            while active.len() + prefilling.len() < self.max_batch {
                 let Some(j) = waiting.pop_front() else { break };
                 self.dequeued();
                 if j.events.is_closed() {
                     self.shared.metrics.cancelled.inc();
                     continue;
                 }
-                if let Some(a) = self.start(j, &tok, &eos) {
-                    active.push(a);
+                if let Some(a) = self.start(j, &tok) {
+                    prefilling.push_back(a);
                 }
             }
-            self.shared.active.store(active.len(), Ordering::SeqCst);
-            self.shared.metrics.running.set(active.len() as i64);
+            self.set_running(active.len() + prefilling.len());
+            self.prefill(&mut prefilling, &mut active, &eos);
             if active.is_empty() {
                 continue;
             }
@@ -198,11 +233,55 @@ impl<B: Backend> Loop<B> {
                 }
             }
             active = keep;
-            self.shared.active.store(active.len(), Ordering::SeqCst);
-            self.shared.metrics.running.set(active.len() as i64);
+            self.set_running(active.len() + prefilling.len());
         }
-        self.shared.active.store(0, Ordering::SeqCst);
-        self.shared.metrics.running.set(0);
+        self.set_running(0);
+    }
+
+    /// Requests in the batch now, decoding or running their prompt.
+    fn set_running(&self, n: usize) {
+        self.shared.active.store(n, Ordering::SeqCst);
+        self.shared.metrics.running.set(n as i64);
+    }
+
+    /// Run prompt chunks, oldest request first, up to `prefill_chunk` tokens
+    /// in all (every waiting prompt whole when 0); a request whose prompt is
+    /// done gets its first token and joins `active` (or ends there).
+    fn prefill<'t>(
+        &self,
+        prefilling: &mut VecDeque<Active<'t, B>>,
+        active: &mut Vec<Active<'t, B>>,
+        eos: &[u32],
+    ) {
+        let mut budget = self.prefill_chunk;
+        while let Some(mut a) = prefilling.pop_front() {
+            let (ran, done) = a.run_prompt(budget, eos);
+            if !matches!(done, Some(Err(_))) {
+                self.shared.metrics.prompt_tokens.inc_by(ran as u64);
+            }
+            let Some(r) = done else {
+                // The budget is spent inside this prompt: it goes on next step.
+                prefilling.push_front(a);
+                break;
+            };
+            if r.is_ok() {
+                self.shared
+                    .metrics
+                    .time_to_first_token
+                    .observe(a.first_token_ms / 1000.0);
+            }
+            match r {
+                Ok(None) => active.push(a),
+                Ok(Some(f)) => a.finish(f, &self.shared),
+                Err(e) => a.fail(e.into(), &self.shared),
+            }
+            if self.prefill_chunk > 0 {
+                budget -= ran.min(budget);
+                if budget == 0 {
+                    break;
+                }
+            }
+        }
     }
 
     /// A request left the queue.
@@ -229,19 +308,18 @@ impl<B: Backend> Loop<B> {
         }
     }
 
-    /// Run `j`'s prompt and sample its first token: the request in the batch,
-    /// or None when it already ended (its events say how).
-    fn start<'t>(&self, j: Job, tok: &'t TextTokenizer, eos: &[u32]) -> Option<Active<'t, B>> {
+    /// `j` made a request of the batch, its prompt not yet run (None when it
+    /// cannot start; its events say why).
+    fn start<'t>(&self, j: Job, tok: &'t TextTokenizer) -> Option<Active<'t, B>> {
         let (point, latency_met) = self.resolve(j.params.point);
         let r = (|| {
             let precision = profile::precision(&self.served, point)?;
             let capacity = j.prompt.len() + j.params.max_tokens;
-            let mut session = self.served.session(precision, capacity)?;
-            let logits = session.prefill(&j.prompt)?;
+            let session = self.served.session(precision, capacity)?;
             let sampler = Sampler::new(j.params.sampling.clone())?;
-            Ok::<_, EngineError>((session, sampler, logits))
+            Ok::<_, EngineError>((session, sampler))
         })();
-        let (session, sampler, logits) = match r {
+        let (session, sampler) = match r {
             Ok(v) => v,
             Err(e) => {
                 self.shared.metrics.failed();
@@ -250,17 +328,14 @@ impl<B: Backend> Loop<B> {
             }
         };
         let _ = j.events.send(Event::Started);
-        self.shared
-            .metrics
-            .prompt_tokens
-            .inc_by(j.prompt.len() as u64);
-        let mut a = Active {
+        Some(Active {
             session,
             sampler,
             text: TokenStream::new(tok).skip_special(true),
             stop: StopMatcher::new(j.params.stop),
             prompt_tokens: j.prompt.len(),
             history: j.prompt,
+            prefilled: 0,
             next: 0,
             logit_bias: j.params.logit_bias,
             generated: 0,
@@ -272,24 +347,7 @@ impl<B: Backend> Loop<B> {
             first_token_ms: 0.0,
             decode_secs: 0.0,
             decode_steps: 0,
-        };
-        let r = a.advance(logits, eos);
-        a.first_token_ms = a.received.elapsed().as_secs_f64() * 1000.0;
-        self.shared
-            .metrics
-            .time_to_first_token
-            .observe(a.first_token_ms / 1000.0);
-        match r {
-            Ok(None) => Some(a),
-            Ok(Some(f)) => {
-                a.finish(f, &self.shared);
-                None
-            }
-            Err(e) => {
-                a.fail(e.into(), &self.shared);
-                None
-            }
-        }
+        })
     }
 }
 

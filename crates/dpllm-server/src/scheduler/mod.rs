@@ -164,6 +164,7 @@ impl Scheduler {
             shared: shared.clone(),
             max_batch: cfg.max_batch.max(1),
             grace: cfg.shutdown_grace,
+            prefill_chunk: cfg.prefill_chunk,
         };
         let sched = Scheduler {
             jobs: Mutex::new(tx),
