@@ -153,10 +153,17 @@ fn docs_llama_12m_real_checkpoint() {
     );
 }
 
+/// An f16 KV cache (keys and values rounded to 11 significant bits) moves
+/// these logits by 2.8e-3 (qwen3) to 4.3e-3 (docs-llama-12m), prefill and
+/// cached decode alike: measured on the CPU with its cache rounded the same
+/// way (2026-12-05). A wrong f16 kernel (a bad index or conversion) moves
+/// them by far more than this bound.
+#[cfg(feature = "cuda")]
+const F16_KV_TOL: f32 = 1.5e-2;
+
 /// Every family and the real checkpoint on the GPU, against the same
 /// references: with an f32 KV cache to f32 rounding, and with the default f16
-/// cache (keys and values rounded to 11 significant bits) 20x looser, still
-/// far below what a wrong kernel does to the logits.
+/// cache within [`F16_KV_TOL`].
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_backend_matches_every_reference() {
@@ -164,16 +171,19 @@ fn cuda_backend_matches_every_reference() {
     use dpllm_engine::KvDtype;
     let Some(dev) = test_device(0) else { return };
     let gpu = CudaBackend::on(dev).unwrap();
-    for (kvt, scale) in [(KvDtype::F32, 1.0), (KvDtype::F16, 20.0)] {
+    for (kvt, tol, docs_tol) in [
+        (KvDtype::F32, 1e-4, DOCS_LLAMA_TOL),
+        (KvDtype::F16, F16_KV_TOL, F16_KV_TOL),
+    ] {
         println!("KV cache {kvt}");
         let be = gpu.clone().with_kv(kvt);
         for name in ["llama", "mistral", "qwen2", "qwen3", "phi3"] {
             let dir = fixtures().join(name);
-            check_model_on(be.clone(), &dir, &reference(&dir), 1e-4 * scale);
+            check_model_on(be.clone(), &dir, &reference(&dir), tol);
         }
         if let Some(model_dir) = docs_llama_12m() {
             let r = reference(&fixtures().join("docs-llama-12m"));
-            check_model_on(be, &model_dir, &r, DOCS_LLAMA_TOL * scale);
+            check_model_on(be, &model_dir, &r, docs_tol);
         }
     }
 }
