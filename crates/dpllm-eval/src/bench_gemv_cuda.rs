@@ -66,8 +66,8 @@ pub struct CudaGemvCase {
 pub struct CudaGemvBench {
     /// Settings used.
     pub config: CudaGemvConfig,
-    /// The GPU.
-    pub device: String,
+    /// The GPU (also the JSON's `device`: [`crate::report::write_json`]).
+    pub backend: String,
     /// Device-to-device copy, bytes read plus written per second, GB/s.
     pub copy_gbs: f64,
     /// Read-only bandwidth (a sum over 1 GiB), GB/s: the cases' reference.
@@ -164,7 +164,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     }
     Ok(CudaGemvBench {
         config: cfg.clone(),
-        device: dev.describe(),
+        backend: dev.describe(),
         copy_gbs: copy,
         read_gbs: read,
         cases,
@@ -205,7 +205,7 @@ impl CudaGemvBench {
         let mut out = format!(
             "{}: read {:.0} GB/s, device-to-device copy {:.0} GB/s (read + write), \
              weights cycled over >= {:.0} MB\n",
-            self.device,
+            self.backend,
             self.read_gbs,
             self.copy_gbs,
             self.config.working_set_bytes as f64 / 1e6
@@ -259,7 +259,7 @@ mod tests {
                 calls: 1,
                 warps: vec![],
             },
-            device: "cuda:0 (test)".into(),
+            backend: "cuda:0 (test)".into(),
             copy_gbs: 1000.0,
             read_gbs: 1000.0,
             cases: vec![

@@ -81,8 +81,8 @@ fn run_on<B: Backend>(
     a: Args,
     points: Vec<(String, Option<Value>)>,
 ) -> anyhow::Result<()> {
+    let device = backend.name();
     let server = super::serve::build(backend, &a.serve, SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    let device = a.serve.device.device.to_string();
     let cfg = LoadConfig {
         clients: a.clients,
         duration: Duration::from_secs(a.secs),
@@ -112,7 +112,7 @@ fn run_on<B: Backend>(
     let report = json!({
         "benchmark": "serve",
         "model": a.serve.model,
-        "device": device,
+        "backend": device,
         "clients": a.clients,
         "secs": secs,
         "request_tokens": a.request_tokens,

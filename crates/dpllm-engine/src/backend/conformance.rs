@@ -457,6 +457,18 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     if be.download(counts).map_err(e)? != [0.0, 0.0, (n - 2) as f32] {
         return Err("mask_count_into: the count belongs in slot 2 only".into());
     }
+    // Each decision to slot 1 of its token's 3 (the others keep their poison).
+    let mut stored = be.upload(&vec![-7.0; 3 * n]).map_err(e)?;
+    be.mask_store_into(&mask, &mut stored, 1, 3);
+    let want: Vec<f32> = (0..3 * n)
+        .map(|i| match (i % 3, est_ref[i / 3] > tau as f64) {
+            (1, high) => high as u8 as f32,
+            _ => -7.0,
+        })
+        .collect();
+    if be.download(stored).map_err(e)? != want {
+        return Err("mask_store_into: token t's decision (1 high) in slot 1 + 3t only".into());
+    }
     let mut counts = be.zeros(3).map_err(e)?;
     let counted = be
         .estimate_counted(&jl, EstInput::Rows(&bx), n, tau, (&mut counts, 1))
@@ -520,22 +532,47 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     {
         return Err("estimate (norm regression): a constant estimate above the threshold must select every token".into());
     }
-    let high_rows: Vec<usize> = (0..n).filter(|&t| est_ref[t] > tau as f64).collect();
-    let gathered = be
-        .download(be.gather_rows(&bx, d, &mask, true).map_err(e)?)
-        .map_err(e)?;
-    let want: Vec<f64> = high_rows
-        .iter()
-        .flat_map(|&t| f64s(&x[t * d..(t + 1) * d]))
-        .collect();
-    close("gather_rows", &gathered, &want, 0.0)?;
-    let mut dst = be.upload(&y).map_err(e)?;
-    be.scatter_rows(&be.upload(&gathered).map_err(e)?, d, &mask, true, &mut dst);
-    let mut want = f64s(&y);
-    for &t in &high_rows {
-        want[t * d..(t + 1) * d].copy_from_slice(&f64s(&x[t * d..(t + 1) * d]));
+    // Rows gathered and scattered by the device's decisions and by the same
+    // decisions made on the host, on either side.
+    let decided: Vec<bool> = (0..n).map(|t| est_ref[t] > tau as f64).collect();
+    let from_host = be.mask_from(&decided).map_err(e)?;
+    if be.mask_count(&from_host).map_err(e)? != n - 2 {
+        return Err(format!(
+            "mask_from: {} tokens high, want {}",
+            be.mask_count(&from_host).map_err(e)?,
+            n - 2
+        ));
     }
-    close("scatter_rows", &be.download(dst).map_err(e)?, &want, 0.0)?;
+    for (what, m) in [("estimate", &mask), ("mask_from", &from_host)] {
+        for high in [true, false] {
+            let picked: Vec<usize> = (0..n).filter(|&t| decided[t] == high).collect();
+            let gathered = be
+                .download(be.gather_rows(&bx, d, m, high).map_err(e)?)
+                .map_err(e)?;
+            let want: Vec<f64> = (picked.iter())
+                .flat_map(|&t| f64s(&x[t * d..(t + 1) * d]))
+                .collect();
+            close(
+                &format!("gather_rows ({what}, high {high})"),
+                &gathered,
+                &want,
+                0.0,
+            )?;
+            let mut dst = be.upload(&y).map_err(e)?;
+            be.scatter_rows(&be.upload(&gathered).map_err(e)?, d, m, high, &mut dst);
+            let mut want = f64s(&y);
+            for &t in &picked {
+                want[t * d..(t + 1) * d].copy_from_slice(&f64s(&x[t * d..(t + 1) * d]));
+            }
+            let got = be.download(dst).map_err(e)?;
+            close(
+                &format!("scatter_rows ({what}, high {high})"),
+                &got,
+                &want,
+                0.0,
+            )?;
+        }
+    }
 
     // Greedy choice per row: the largest value, the lowest index on ties,
     // None for a row holding a NaN or an infinity (rows wider than a block's

@@ -633,11 +633,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.mask_count_into(&mask, count.0, count.1);
         Ok(mask)
     }
+    /// Decisions known on the host (`high[t]`: token t high), such as the
+    /// rows of one sequence in a batch; a device backend keeps their indices
+    /// too, so that gathering and scattering by them never waits for the GPU.
+    fn mask_from(&self, high: &[bool]) -> Result<Self::Mask> {
+        let values: Vec<f32> = high.iter().map(|&h| h as u8 as f32).collect();
+        self.threshold_mask(&self.upload(&values)?, 0.5)
+    }
     /// Tokens a mask sends to the higher precision.
     fn mask_count(&self, mask: &Self::Mask) -> Result<usize>;
     /// Write the number of tokens `mask` sends high to element `slot` of `out`
     /// (a device backend does so without waiting for the GPU).
     fn mask_count_into(&self, mask: &Self::Mask, out: &mut Self::Buf, slot: usize);
+    /// Write each token's decision (1 high, 0 low) to `out[offset + t·stride]`
+    /// (a device backend does so without waiting: per-token counts of a batch
+    /// of sessions, read once after the call).
+    fn mask_store_into(&self, mask: &Self::Mask, out: &mut Self::Buf, offset: usize, stride: usize);
     /// `y [n × rows] = x [n × cols] · W_bᵀ (+ b)` with b = `high` for the
     /// tokens `mask` marks and `low` for the others. This default splits the
     /// batch on the host (it waits for the decisions); a device backend decides

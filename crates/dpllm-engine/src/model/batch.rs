@@ -7,7 +7,7 @@
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::select::{BitStats, Precision, Selector};
+use crate::select::{BitStats, Precision, RowTally, Selector};
 
 use super::forward::{Counting, Group, Seq};
 use super::Model;
@@ -83,13 +83,14 @@ impl<B: Backend> Model<B> {
     fn decode_batch_queued(&self, steps: &mut [BatchStep<'_, '_, B>]) -> Result<Vec<Vec<f32>>> {
         let be = &self.backend;
         let n = steps.len();
-        // The mask picking `rows` out of the call's n.
+        // The mask picking `rows` out of the call's n (known on the host: a
+        // device backend gathers and scatters by it without waiting).
         let pick = |rows: &[usize]| -> Result<B::Mask> {
-            let mut on = vec![0f32; n];
+            let mut on = vec![false; n];
             for &r in rows {
-                on[r] = 1.0;
+                on[r] = true;
             }
-            be.threshold_mask(&be.upload(&on)?, 0.5)
+            be.mask_from(&on)
         };
         let mut groups: Vec<Group<'_, B>> = Vec::new();
         for (r, s) in steps.iter().enumerate() {
@@ -124,12 +125,16 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         let mut counts: Vec<BitStats> = (0..n).map(|_| self.new_bit_stats()).collect();
+        let linears = self.config.linears().len();
+        let mut tallies: Vec<RowTally<B>> = (groups.iter())
+            .map(|g| RowTally::new(be, g.rows.len(), linears))
+            .collect::<Result<_>>()?;
         let mut deferred = self.new_deferred(Precision::Highest, false)?;
         let h = self.forward_rows(
             &all,
             &mut seqs,
             &groups,
-            Counting::PerRow(&mut counts),
+            Counting::PerRow(&mut counts, &mut tallies),
             &mut deferred,
         )?;
         drop(seqs);
@@ -137,6 +142,9 @@ impl<B: Backend> Model<B> {
         let mut out = be.zeros(n * vocab)?;
         self.logits_into(&h, n, &mut out);
         let logits = self.read_logits(&out, Some(&deferred), None)?;
+        for (g, t) in groups.iter().zip(&tallies) {
+            t.finish(be, &g.rows, &mut counts)?;
+        }
         for (s, c) in steps.iter_mut().zip(&counts) {
             if let Some(st) = s.stats.as_deref_mut() {
                 st.merge(c);

@@ -10,7 +10,9 @@ use crate::linear::Linear;
 use crate::EngineError;
 
 use super::{Block, GateUpProj, Model, QkvProj};
-use crate::select::{count_decision, run_linear, BitStats, LinearSelect, Precision, Tally};
+use crate::select::{
+    count_decisions, run_linear, BitStats, LinearSelect, Precision, RowTally, Tally,
+};
 
 /// What a forward call hands back for its last position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,11 +194,13 @@ pub(super) struct Seq<'s, 'c, B: Backend> {
 }
 
 /// Where the precision counts of a forward call go.
-pub(super) enum Counting<'b> {
+pub(super) enum Counting<'b, B: Backend> {
     /// One set of counters for every row (or none).
     Whole(Option<&'b mut BitStats>),
-    /// One per row (a batch of sessions' decode steps, one token each).
-    PerRow(&'b mut [BitStats]),
+    /// One per row (a batch of sessions' decode steps, one token each), with
+    /// each group's device tally of its tokens' DP-LLM decisions (read once,
+    /// after the call: no wait per linear and row).
+    PerRow(&'b mut [BitStats], &'b mut [RowTally<B>]),
 }
 
 /// An estimator input of the rows of a call, taken out of its buffer.
@@ -220,20 +224,6 @@ impl<B: Backend> OwnedInput<B> {
         })
     }
 
-    /// Row `r` of `input` (of `width` per row).
-    fn row(be: &B, input: EstInput<'_, B>, width: usize, r: usize) -> Result<Self> {
-        Ok(match input {
-            EstInput::Rows(b) => OwnedInput {
-                buf: be.rows(b, width, r, 1)?,
-                norms: false,
-            },
-            EstInput::Norms(b) => OwnedInput {
-                buf: be.rows(b, 1, r, 1)?,
-                norms: true,
-            },
-        })
-    }
-
     fn input(&self) -> EstInput<'_, B> {
         if self.norms {
             EstInput::Norms(&self.buf)
@@ -249,7 +239,7 @@ struct BlockRun<'a, 'g, 'b, B: Backend> {
     groups: &'g [Group<'a, B>],
     /// The block's index.
     layer: usize,
-    counting: Counting<'b>,
+    counting: Counting<'b, B>,
     deferred: &'b mut Deferred<B>,
     /// Global index of the block's first linear (for the counters).
     offset: usize,
@@ -268,27 +258,36 @@ impl<B: Backend> BlockRun<'_, '_, '_, B> {
         y: &mut B::Buf,
     ) -> Result<()> {
         let (be, idx) = (self.be, self.offset + i);
-        for g in self.groups {
+        let (cols, rows) = (lin.in_features(), lin.out_features());
+        for (gi, g) in self.groups.iter().enumerate() {
             let sel = g.sels(self.layer).map(|v| &v[i]);
             let input = xe.input(sel.map(|s| &s.estimator))?;
             let (stats, tally) = match &mut self.counting {
                 Counting::Whole(s) => (s.as_deref_mut(), self.deferred.tally.as_mut()),
-                Counting::PerRow(_) => (None, None),
+                Counting::PerRow(..) => (None, None),
             };
-            match &g.pick {
+            // The group's rows, gathered when the call holds other groups too.
+            let picked = match &g.pick {
+                None => None,
+                Some(mask) => Some((
+                    mask,
+                    be.gather_rows(x, cols, mask, true)?,
+                    OwnedInput::gather(be, input, cols, mask)?,
+                )),
+            };
+            let group_input = picked.as_ref().map_or(input, |(_, _, ig)| ig.input());
+            match &picked {
                 None => run_linear(be, lin, g.prec, sel, x, input, self.n, y, idx, stats, tally)?,
-                Some(mask) => {
-                    let (cols, rows, n) = (lin.in_features(), lin.out_features(), g.rows.len());
-                    let xg = be.gather_rows(x, cols, mask, true)?;
-                    let ig = OwnedInput::gather(be, input, cols, mask)?;
+                Some((mask, xg, _)) => {
+                    let n = g.rows.len();
                     let mut yg = be.zeros(n * rows)?;
                     run_linear(
                         be,
                         lin,
                         g.prec,
                         sel,
-                        &xg,
-                        ig.input(),
+                        xg,
+                        group_input,
                         n,
                         &mut yg,
                         idx,
@@ -298,11 +297,9 @@ impl<B: Backend> BlockRun<'_, '_, '_, B> {
                     be.scatter_rows(&yg, rows, mask, true, y);
                 }
             }
-            if let Counting::PerRow(per_row) = &mut self.counting {
-                for &r in &g.rows {
-                    let row = OwnedInput::row(be, input, lin.in_features(), r)?;
-                    count_decision(be, lin, g.prec, sel, row.input(), idx, &mut per_row[r])?;
-                }
+            if let Counting::PerRow(per_row, tallies) = &mut self.counting {
+                let (rows, tally) = (&g.rows, &mut tallies[gi]);
+                count_decisions(be, lin, g.prec, sel, group_input, idx, rows, per_row, tally)?;
             }
         }
         Ok(())
@@ -499,7 +496,7 @@ impl<B: Backend> Model<B> {
         all: &Step<B::StepData>,
         seqs: &mut [Seq<'_, '_, B>],
         groups: &[Group<'_, B>],
-        mut counting: Counting<'_>,
+        mut counting: Counting<'_, B>,
         deferred: &mut Deferred<B>,
     ) -> Result<B::Buf> {
         let (be, c) = (&self.backend, &self.config);
@@ -542,7 +539,7 @@ impl<B: Backend> Model<B> {
             };
             let counting = match &mut counting {
                 Counting::Whole(st) => Counting::Whole(st.as_deref_mut()),
-                Counting::PerRow(per_row) => Counting::PerRow(per_row),
+                Counting::PerRow(per_row, tallies) => Counting::PerRow(per_row, tallies),
             };
             let mut run = BlockRun {
                 be,

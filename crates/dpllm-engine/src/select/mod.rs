@@ -19,9 +19,9 @@ use dpllm_format::plan::{EstimatorSpec, Plan, PlanKind, ESTIMATORS_FILE};
 use dpllm_format::{Checkpoint, FormatError, TensorData};
 
 pub use estimator::Estimator;
-pub(crate) use run::{count_decision, run_linear};
+pub(crate) use run::{count_decisions, run_linear};
 pub use stats::{BitStats, SelectionDiag};
-pub(crate) use tally::Tally;
+pub(crate) use tally::{RowTally, Tally};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DenseHost};

@@ -3,7 +3,7 @@
 //! (`Backend::anyprec_linear_select`). The decisions stay in a backend buffer;
 //! only their counts come back, at the end of the forward call.
 
-use super::{BitStats, LinearSelect, Precision, Selector, Tally};
+use super::{BitStats, LinearSelect, Precision, RowTally, Selector, Tally};
 use crate::backend::{Backend, Decide, EstInput};
 use crate::error::Result;
 use crate::linear::Linear;
@@ -110,32 +110,37 @@ fn rule<'s, B: Backend>(
     }
 }
 
-/// Count into `stats` the precision [`run_linear`] gives the one token whose
-/// estimator input is `x_est` (a batch of sessions' decode steps runs a
-/// linear once for several sessions, each counting its own token). Decisions
-/// by the estimator only: oracle and random selection never share a call.
-pub(crate) fn count_decision<B: Backend>(
+/// Count the precisions [`run_linear`] gives a group of tokens whose
+/// estimator input is `x_est`, token t belonging to the session of row
+/// `rows[t]` (a batch of sessions' decode steps runs a linear once for
+/// several sessions, each counting its own tokens): fixed precisions into
+/// `stats[rows[t]]`, the estimator's decisions into the group's device
+/// `tally` (read once after the call). Decisions by the estimator only:
+/// oracle and random selection never share a call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn count_decisions<B: Backend>(
     be: &B,
     lin: &Linear<B>,
     prec: Precision<'_, B>,
     sel: Option<&LinearSelect<B>>,
     x_est: EstInput<'_, B>,
     idx: usize,
-    stats: &mut BitStats,
+    rows: &[usize],
+    stats: &mut [BitStats],
+    tally: &mut RowTally<B>,
 ) -> Result<()> {
     match rule(lin, prec, sel) {
         Rule::Stored => {}
-        Rule::Fixed(b) => stats.add(idx, b, 1),
+        Rule::Fixed(b) => rows.iter().for_each(|&r| stats[r].add(idx, b, 1)),
         Rule::Select(sel, Selector::Estimator) => {
-            stats.estimator_flops += sel.estimator.flops_per_token(lin.in_features()) as u64;
-            let mask = be.estimate(&sel.estimator, x_est, 1, sel.threshold)?;
-            let high = be.mask_count(&mask)?;
-            stats.add(idx, sel.low, 1 - high.min(1));
-            stats.add(idx, sel.high, high.min(1));
+            let flops = sel.estimator.flops_per_token(lin.in_features()) as u64;
+            rows.iter().for_each(|&r| stats[r].estimator_flops += flops);
+            let mask = be.estimate(&sel.estimator, x_est, rows.len(), sel.threshold)?;
+            tally.record(be, idx, (sel.low, sel.high), &mask);
         }
         Rule::Select(_, selector) => {
             return Err(crate::EngineError::Device(format!(
-                "selection by {selector:?} cannot count one token of a shared call"
+                "selection by {selector:?} cannot count the tokens of a shared call"
             )))
         }
     }

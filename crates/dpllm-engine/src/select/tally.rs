@@ -67,3 +67,52 @@ impl<B: Backend> Tally<B> {
         Ok(())
     }
 }
+
+/// The decisions of one group of tokens that share a forward call's linears
+/// but count separately (a batch of sessions' decode steps): one slot per
+/// token and linear, read once at the end of the call.
+pub(crate) struct RowTally<B: Backend> {
+    /// `high[t · linears + idx]`: 1 when token t ran linear idx high.
+    high: B::Buf,
+    linears: usize,
+    /// Linears whose decisions are in `high`: (index, low bits, high bits).
+    selected: Vec<(usize, u32, u32)>,
+}
+
+impl<B: Backend> RowTally<B> {
+    /// Empty decisions of `tokens` tokens over `linears` linears.
+    pub(crate) fn new(be: &B, tokens: usize, linears: usize) -> Result<RowTally<B>> {
+        Ok(RowTally {
+            high: be.zeros(tokens * linears)?,
+            linears,
+            selected: Vec::new(),
+        })
+    }
+
+    /// Linear `idx` ran the group's tokens at `low` or `high` bits as `mask`
+    /// (one decision per token, in order) decided.
+    pub(crate) fn record(&mut self, be: &B, idx: usize, (low, high): (u32, u32), mask: &B::Mask) {
+        self.selected.push((idx, low, high));
+        be.mask_store_into(mask, &mut self.high, idx, self.linears);
+    }
+
+    /// Read the decisions (one wait) and count token t's into `stats[rows[t]]`.
+    pub(crate) fn finish(&self, be: &B, rows: &[usize], stats: &mut [BitStats]) -> Result<()> {
+        if self.selected.is_empty() {
+            return Ok(());
+        }
+        let high = be.read(&self.high)?;
+        for (t, &r) in rows.iter().enumerate() {
+            let token = &high[t * self.linears..(t + 1) * self.linears];
+            for &(idx, low_bits, high_bits) in &self.selected {
+                let bits = if token[idx] > 0.5 {
+                    high_bits
+                } else {
+                    low_bits
+                };
+                stats[r].add(idx, bits, 1);
+            }
+        }
+        Ok(())
+    }
+}

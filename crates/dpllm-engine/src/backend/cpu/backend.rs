@@ -230,8 +230,18 @@ impl Backend for CpuBackend {
         Ok(mask.iter().filter(|&&h| h).count())
     }
 
+    fn mask_from(&self, high: &[bool]) -> Result<Vec<bool>> {
+        Ok(high.to_vec())
+    }
+
     fn mask_count_into(&self, mask: &Vec<bool>, out: &mut Vec<f32>, slot: usize) {
         out[slot] = mask.iter().filter(|&&h| h).count() as f32;
+    }
+
+    fn mask_store_into(&self, mask: &Vec<bool>, out: &mut Vec<f32>, offset: usize, stride: usize) {
+        for (t, &h) in mask.iter().enumerate() {
+            out[offset + t * stride] = if h { 1.0 } else { 0.0 };
+        }
     }
 
     fn gather_rows(

@@ -54,6 +54,26 @@ impl CudaBuf {
 pub struct CudaMask {
     pub(super) flags: CudaSlice<u32>,
     pub(super) n: usize,
+    /// The tokens of each side (low, high) on the device and their number,
+    /// when the decisions came from the host ([`Backend::mask_from`]): rows
+    /// are then gathered and scattered without reading the flags back.
+    pub(super) known: Option<[(CudaSlice<u32>, usize); 2]>,
+}
+
+/// Token indices on the device: a mask's own, or made for one op.
+enum Ids<'m> {
+    Known(&'m CudaSlice<u32>),
+    Made(CudaSlice<u32>),
+}
+
+impl std::ops::Deref for Ids<'_> {
+    type Target = CudaSlice<u32>;
+    fn deref(&self) -> &CudaSlice<u32> {
+        match self {
+            Ids::Known(s) => s,
+            Ids::Made(s) => s,
+        }
+    }
 }
 
 /// A recorded CUDA graph, instantiated.
@@ -192,7 +212,11 @@ impl CudaBackend {
         let mut flags = unsafe { self.stream().alloc::<u32>(n.max(1)) }
             .map_err(device_err("allocating decisions"))?;
         if n == 0 {
-            return Ok(CudaMask { flags, n });
+            return Ok(CudaMask {
+                flags,
+                n,
+                known: None,
+            });
         }
         let mut projected = None;
         let (src, d, a, c) = self.estimator_input(est, input, n, &mut projected)?;
@@ -212,7 +236,11 @@ impl CudaBackend {
             &count_ptr,
             &si
         )?;
-        Ok(CudaMask { flags, n })
+        Ok(CudaMask {
+            flags,
+            n,
+            known: None,
+        })
     }
 
     /// An error unless a decision count's slot lies in its buffer.
@@ -277,6 +305,18 @@ impl CudaBackend {
     }
 
     /// Row indices of the tokens whose decision equals `high`.
+    /// The tokens whose decision equals `high` on the device, and their
+    /// number: the mask's own when its decisions came from the host, else
+    /// read back (a wait for the GPU) and uploaded.
+    fn picked_ids<'m>(&self, mask: &'m CudaMask, high: bool) -> Result<(Ids<'m>, usize)> {
+        if let Some(known) = &mask.known {
+            let (ids, count) = &known[high as usize];
+            return Ok((Ids::Known(ids), *count));
+        }
+        let idx = self.picked(mask, high)?;
+        Ok((Ids::Made(self.upload_u32(&idx)?), idx.len()))
+    }
+
     fn picked(&self, mask: &CudaMask, high: bool) -> Result<Vec<u32>> {
         let flags = self
             .stream()
@@ -1136,12 +1176,35 @@ impl Backend for CudaBackend {
             &threshold,
             &mut flags
         )?;
-        Ok(CudaMask { flags, n })
+        Ok(CudaMask {
+            flags,
+            n,
+            known: None,
+        })
+    }
+
+    fn mask_from(&self, high: &[bool]) -> Result<CudaMask> {
+        self.check()?;
+        let flags: Vec<u32> = high.iter().map(|&h| h as u32).collect();
+        let side = |h: bool| -> Result<(CudaSlice<u32>, usize)> {
+            let ids: Vec<u32> = (0..high.len() as u32)
+                .filter(|&t| high[t as usize] == h)
+                .collect();
+            Ok((self.upload_u32(&ids)?, ids.len()))
+        };
+        Ok(CudaMask {
+            flags: self.upload_u32(&flags)?,
+            n: high.len(),
+            known: Some([side(false)?, side(true)?]),
+        })
     }
 
     fn mask_count(&self, mask: &CudaMask) -> Result<usize> {
         self.check()?;
-        Ok(self.picked(mask, true)?.len())
+        match &mask.known {
+            Some([_, (_, high)]) => Ok(*high),
+            None => Ok(self.picked(mask, true)?.len()),
+        }
     }
 
     fn mask_count_into(&self, mask: &CudaMask, out: &mut CudaBuf, slot: usize) {
@@ -1160,6 +1223,27 @@ impl Backend for CudaBackend {
                 &mask.flags,
                 &n,
                 &mut out.view_mut(),
+                &s
+            )
+        })();
+        self.keep(r)
+    }
+
+    fn mask_store_into(&self, mask: &CudaMask, out: &mut CudaBuf, offset: usize, stride: usize) {
+        let r = (|| {
+            if mask.n == 0 {
+                return Ok(());
+            }
+            Self::check_slot("mask_store_into", out, offset + (mask.n - 1) * stride)?;
+            let (n, o, s) = (mask.n as i32, offset as i32, stride as i32);
+            launch!(
+                self,
+                "store_flags",
+                self.ops.stride(mask.n),
+                &mask.flags,
+                &n,
+                &mut out.view_mut(),
+                &o,
                 &s
             )
         })();
@@ -1234,18 +1318,17 @@ impl Backend for CudaBackend {
     ) -> Result<CudaBuf> {
         self.check()?;
         Self::want_len("gather_rows", x, mask.n * width)?;
-        let idx = self.picked(mask, high)?;
-        let mut out = self.zeros(idx.len() * width)?;
-        if !idx.is_empty() {
-            let ids = self.upload_u32(&idx)?;
-            let (w, c) = (width as i32, idx.len() as i32);
+        let (ids, count) = self.picked_ids(mask, high)?;
+        let mut out = self.zeros(count * width)?;
+        if count > 0 {
+            let (w, c) = (width as i32, count as i32);
             launch!(
                 self,
                 "gather_rows",
-                self.ops.stride(idx.len() * width),
+                self.ops.stride(count * width),
                 &x.view(),
                 &w,
-                &ids,
+                &*ids,
                 &c,
                 &mut out.view_mut()
             )?;
@@ -1263,20 +1346,19 @@ impl Backend for CudaBackend {
     ) {
         let r = (|| {
             Self::want_len("scatter_rows", dst, mask.n * width)?;
-            let idx = self.picked(mask, high)?;
-            Self::want_len("scatter_rows source", src, idx.len() * width)?;
-            if idx.is_empty() {
+            let (ids, count) = self.picked_ids(mask, high)?;
+            Self::want_len("scatter_rows source", src, count * width)?;
+            if count == 0 {
                 return Ok(());
             }
-            let ids = self.upload_u32(&idx)?;
-            let (w, c) = (width as i32, idx.len() as i32);
+            let (w, c) = (width as i32, count as i32);
             launch!(
                 self,
                 "scatter_rows",
-                self.ops.stride(idx.len() * width),
+                self.ops.stride(count * width),
                 &src.view(),
                 &w,
-                &ids,
+                &*ids,
                 &c,
                 &mut dst.view_mut()
             )

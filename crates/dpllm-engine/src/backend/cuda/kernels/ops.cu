@@ -392,6 +392,12 @@ extern "C" __global__ void count_flags(const u32* flags, int n, float* out, int 
     if (threadIdx.x == 0) out[slot] = c;
 }
 
+// out[offset + t * stride] = flags[t] != 0 (1 or 0), t < n.
+extern "C" __global__ void store_flags(const u32* flags, int n, float* out, int offset, int stride) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) out[offset + t * stride] = flags[t] != 0u ? 1.f : 0.f;
+}
+
 // flags[t] = values[t] > threshold.
 extern "C" __global__ void threshold(const float* values, int n, float thr, u32* flags) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
