@@ -576,6 +576,8 @@ fn sessions_check_their_precision_and_stop_when_cancelled() {
 
 #[test]
 fn sessions_decoding_in_one_batch_match_their_steps_alone() {
+    use dpllm_engine::model::{Next, Readout};
+    use dpllm_engine::sampler::Draw;
     use dpllm_engine::{ErrorKind, RunPrecision, ServedModel, Session};
     use std::sync::Arc;
     let (_t, model) = quantized_model(&TinySpec::default(), 6);
@@ -627,17 +629,38 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
             s
         })
         .collect();
+    // What each step hands back: every session's logits; logits beside
+    // tokens chosen from them; only tokens (greedy and drawn, on the backend).
+    let readout = |i: usize, t: usize| {
+        let draw = Readout::Sample(Draw {
+            inv_temperature: 1.5,
+            top_k: [0, 5][i % 2],
+            top_p: 0.9,
+            uniform: (0.1 + 0.13 * (i + t) as f32).fract(),
+        });
+        match (t % 3, i % 3) {
+            (0, _) | (1, 0) => Readout::Logits,
+            (_, 1) => Readout::Argmax,
+            _ => draw,
+        }
+    };
     for t in 0..steps {
-        let mut batch: Vec<(&mut Session, u32)> = sessions
+        let mut batch: Vec<(&mut Session, u32, Readout)> = sessions
             .iter_mut()
             .enumerate()
-            .map(|(i, s)| (s, decoded(i, t)))
+            .map(|(i, s)| (s, decoded(i, t), readout(i, t)))
             .collect();
         let got = Session::decode_batch(&mut batch).unwrap();
-        for (i, g) in got.iter().enumerate() {
+        for (i, g) in got.into_iter().enumerate() {
+            let logits = &alone[i].0[t];
+            let want = match readout(i, t) {
+                Readout::Logits => Next::Logits(logits.clone()),
+                Readout::Argmax => Next::Token(dpllm_engine::sampler::argmax(logits)),
+                Readout::Sample(d) => Next::Token(dpllm_engine::sampler::draw(logits, d)),
+            };
             assert_eq!(
-                g, &alone[i].0[t],
-                "session {i}, step {t}: a batched step must give its logits alone"
+                g, want,
+                "session {i}, step {t}: a batched step must give what it gives alone"
             );
         }
     }
@@ -655,9 +678,9 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
     );
     // A batch that cannot run leaves every cache as it was.
     let lens: Vec<usize> = sessions.iter().map(|s| s.len()).collect();
-    let mut batch: Vec<(&mut Session, u32)> = sessions
+    let mut batch: Vec<(&mut Session, u32, Readout)> = sessions
         .iter_mut()
-        .map(|s| (s, TINY_VOCAB as u32))
+        .map(|s| (s, TINY_VOCAB as u32, Readout::Argmax))
         .collect();
     let e = Session::decode_batch(&mut batch).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::User, "{e}");
@@ -669,7 +692,10 @@ fn sessions_decoding_in_one_batch_match_their_steps_alone() {
         .session(RunPrecision::Plan(Arc::new(oracle)), 8)
         .unwrap();
     o.prefill(&ids[..2]).unwrap();
-    let mut batch: Vec<(&mut Session, u32)> = vec![(&mut sessions[0], 1), (&mut o, 1)];
+    let mut batch: Vec<(&mut Session, u32, Readout)> = vec![
+        (&mut sessions[0], 1, Readout::Logits),
+        (&mut o, 1, Readout::Logits),
+    ];
     let e = Session::decode_batch(&mut batch).unwrap_err();
     assert!(e.to_string().contains("one sequence at a time"), "{e}");
 }

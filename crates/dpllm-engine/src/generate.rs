@@ -86,6 +86,7 @@ pub fn generate<B: Backend>(
             Vec::new()
         },
         warmup_steps: 0,
+        sample_on_host: false,
     };
     let g = session.generate(prompt, &mut sampler, &decode, |id| {
         if let Some(piece) = stream.push(id)? {

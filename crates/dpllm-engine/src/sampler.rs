@@ -143,6 +143,29 @@ impl Sampler {
         &self.params
     }
 
+    /// The draw of the next token when it may be made where the logits are
+    /// ([`crate::model::Readout::Sample`]): the temperature, filters and the
+    /// uniform `u` this sampler's generator gives that token, so that [`draw`]
+    /// of the logits with it is the token [`Sampler::sample`] would pick. None
+    /// for greedy decoding, a repetition penalty (it needs the history) and
+    /// temperatures under 1e-3 (the host's path handles logits that overflow
+    /// when scaled).
+    pub fn device_draw(&mut self) -> Option<Draw> {
+        let p = &self.params;
+        (p.repetition_penalty == 1.0 && p.temperature >= 1e-3).then(|| self.next_draw())
+    }
+
+    /// The draw of the next token at temperature > 0, taking its uniform number.
+    fn next_draw(&mut self) -> Draw {
+        let p = &self.params;
+        Draw {
+            inv_temperature: 1.0 / p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            uniform: self.rng.random::<f32>(),
+        }
+    }
+
     /// True when every choice is the argmax of the logits as they come
     /// (greedy, no repetition penalty): the model may then pick the token
     /// where the logits are ([`crate::model::Readout::Argmax`]).
@@ -168,74 +191,8 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
-        for l in logits.iter_mut() {
-            *l *= inv_t;
-            if l.is_nan() {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-
-        // Candidate set, sorted by descending logit when a filter needs order.
-        let n = logits.len();
-        let k = self.params.top_k;
-        let use_top_p = self.params.top_p < 1.0;
-        self.idx.clear();
-        self.idx.extend(0..n as u32);
-        // Top-p alone is relative to the whole vocabulary's mass.
-        let mut vocab_mass = None;
-        if k > 0 && k < n {
-            self.idx
-                .select_nth_unstable_by(k - 1, |&a, &b| desc(logits, a, b));
-            self.idx.truncate(k);
-            self.idx.sort_unstable_by(|&a, &b| desc(logits, a, b));
-        } else if use_top_p {
-            vocab_mass = nucleus_candidates(logits, self.params.top_p, &mut self.idx);
-        }
-
-        // Numerically stable softmax over the candidates.
-        let max = self
-            .idx
-            .iter()
-            .map(|&i| logits[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
-            // All -inf (or +inf present): no usable distribution, fall back to greedy.
-            return argmax(logits);
-        }
-        self.probs.clear();
-        self.probs
-            .extend(self.idx.iter().map(|&i| (logits[i as usize] - max).exp()));
-        let mut total: f32 = vocab_mass.unwrap_or_else(|| self.probs.iter().sum());
-
-        // Top-p: smallest prefix (sorted descending) whose mass reaches top_p.
-        if use_top_p {
-            let threshold = self.params.top_p * total;
-            let mut cum = 0.0f32;
-            let mut keep = self.probs.len();
-            for (j, &p) in self.probs.iter().enumerate() {
-                cum += p;
-                if cum >= threshold {
-                    keep = j + 1;
-                    break;
-                }
-            }
-            self.probs.truncate(keep.max(1));
-            self.idx.truncate(keep.max(1));
-            total = self.probs.iter().sum();
-        }
-
-        // Draw (renormalisation is implicit by scaling the uniform draw by `total`).
-        let mut r = self.rng.random::<f32>() * total;
-        for (j, &p) in self.probs.iter().enumerate() {
-            if r < p {
-                return self.idx[j];
-            }
-            r -= p;
-        }
-        // Rounding left a remainder: take the last candidate with non-zero mass.
-        let last = self.probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-        self.idx[last]
+        let d = self.next_draw();
+        draw_into(logits, d, &mut self.idx, &mut self.probs)
     }
 
     fn apply_repetition_penalty(&self, logits: &mut [f32], history: &[u32]) {
@@ -259,6 +216,136 @@ impl Sampler {
             }
         }
     }
+}
+
+/// One random draw of a token: what [`Sampler::sample`] does with the logits
+/// after the repetition penalty, as a backend's
+/// [`crate::Backend::sample_rows`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    /// One over the temperature (> 0).
+    pub inv_temperature: f32,
+    /// Keep the `top_k` highest logits (0: all).
+    pub top_k: u32,
+    /// Keep the smallest set of top tokens holding this share of the mass (1: all).
+    pub top_p: f32,
+    /// The draw's uniform number in [0, 1).
+    pub uniform: f32,
+}
+
+impl Draw {
+    /// A draw from the softmax at temperature 1 / `inv_temperature` with no filter.
+    pub fn tempered(inv_temperature: f32, uniform: f32) -> Draw {
+        Draw {
+            inv_temperature,
+            top_k: 0,
+            top_p: 1.0,
+            uniform,
+        }
+    }
+
+    /// The argmax as a draw (top-k 1: the largest logit, the lowest index
+    /// on ties), for a greedy row among random ones.
+    pub fn greedy() -> Draw {
+        Draw {
+            inv_temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            uniform: 0.0,
+        }
+    }
+
+    /// Whether top-k or top-p narrows the candidates of a vocabulary of `n`
+    /// tokens (then they are taken in descending order of logit, else in
+    /// index order).
+    pub fn filters(&self, n: usize) -> bool {
+        (self.top_k > 0 && (self.top_k as usize) < n) || self.top_p < 1.0
+    }
+}
+
+/// The token [`Sampler::sample`] draws with `d` from `logits` (NaNs taken as
+/// −∞): scaled by the temperature; the top-k, then the top-p candidates in
+/// descending order of logit (ties: lower index first), or every token in
+/// index order when neither filters; the first whose cumulative probability
+/// exceeds `d.uniform` times the candidates' total (else the last with a
+/// non-zero probability). The reference for [`crate::Backend::sample_rows`].
+pub fn draw(logits: &[f32], d: Draw) -> u32 {
+    let mut l: Vec<f32> = logits
+        .iter()
+        .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v })
+        .collect();
+    draw_into(&mut l, d, &mut Vec::new(), &mut Vec::new())
+}
+
+/// [`draw`] on logits without NaNs, scaled in place; `idx` and `probs` scratch.
+fn draw_into(logits: &mut [f32], d: Draw, idx: &mut Vec<u32>, probs: &mut Vec<f32>) -> u32 {
+    if logits.is_empty() {
+        return 0;
+    }
+    for l in logits.iter_mut() {
+        *l *= d.inv_temperature;
+        if l.is_nan() {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+
+    // Candidate set, sorted by descending logit when a filter needs order.
+    let n = logits.len();
+    let k = d.top_k as usize;
+    let use_top_p = d.top_p < 1.0;
+    idx.clear();
+    idx.extend(0..n as u32);
+    // Top-p alone is relative to the whole vocabulary's mass.
+    let mut vocab_mass = None;
+    if k > 0 && k < n {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| desc(logits, a, b));
+        idx.truncate(k);
+        idx.sort_unstable_by(|&a, &b| desc(logits, a, b));
+    } else if use_top_p {
+        vocab_mass = nucleus_candidates(logits, d.top_p, idx);
+    }
+
+    // Numerically stable softmax over the candidates.
+    let max = idx
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        // All -inf (or +inf present): no usable distribution, fall back to greedy.
+        return argmax(logits);
+    }
+    probs.clear();
+    probs.extend(idx.iter().map(|&i| (logits[i as usize] - max).exp()));
+    let mut total: f32 = vocab_mass.unwrap_or_else(|| probs.iter().sum());
+
+    // Top-p: smallest prefix (sorted descending) whose mass reaches top_p.
+    if use_top_p {
+        let threshold = d.top_p * total;
+        let mut cum = 0.0f32;
+        let mut keep = probs.len();
+        for (j, &p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= threshold {
+                keep = j + 1;
+                break;
+            }
+        }
+        probs.truncate(keep.max(1));
+        idx.truncate(keep.max(1));
+        total = probs.iter().sum();
+    }
+
+    // Draw (renormalisation is implicit by scaling the uniform draw by `total`).
+    let mut r = d.uniform * total;
+    for (j, &p) in probs.iter().enumerate() {
+        if r < p {
+            return idx[j];
+        }
+        r -= p;
+    }
+    // Rounding left a remainder: take the last candidate with non-zero mass.
+    let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+    idx[last]
 }
 
 /// Index of the largest value, lowest index on ties; NaNs are never chosen
@@ -297,6 +384,53 @@ mod tests {
     fn random_logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
         (0..n).map(|_| rng.random::<f32>() * 10.0 - 5.0).collect()
+    }
+
+    #[test]
+    fn a_device_draw_picks_the_token_the_sampler_would() {
+        // Plain temperature, top-k, top-p, both, and filters that keep everything.
+        for (k, p) in [
+            (0, 1.0),
+            (5, 1.0),
+            (0, 0.9),
+            (40, 0.8),
+            (5000, 1.0),
+            (0, 0.3),
+        ] {
+            let mut host = Sampler::new(params(0.8, k, p, 7)).unwrap();
+            let mut device = Sampler::new(params(0.8, k, p, 7)).unwrap();
+            let mut spread = std::collections::HashSet::new();
+            for i in 0..300 {
+                let logits = random_logits(1000 + i, i as u64);
+                let d = device.device_draw().unwrap();
+                assert!((d.inv_temperature - 1.25).abs() < 1e-6);
+                assert_eq!((d.top_k as usize, d.top_p), (k, p));
+                assert!((0.0..1.0).contains(&d.uniform));
+                let t = draw(&logits, d);
+                assert_eq!(
+                    t,
+                    host.sample(&mut logits.clone(), &[]),
+                    "k {k} p {p} draw {i}"
+                );
+                spread.insert(t);
+            }
+            let least = if k == 5 { 5 } else { 20 };
+            assert!(
+                spread.len() >= least,
+                "k {k} p {p}: the draws must differ: {}",
+                spread.len()
+            );
+        }
+        // Penalties, greedy and tiny temperatures stay on the host.
+        let mut penalised = params(0.8, 0, 1.0, 7);
+        penalised.repetition_penalty = 1.1;
+        for p in [params(0.0, 0, 1.0, 7), params(1e-4, 0, 1.0, 7), penalised] {
+            assert_eq!(
+                Sampler::new(p.clone()).unwrap().device_draw(),
+                None,
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

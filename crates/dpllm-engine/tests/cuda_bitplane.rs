@@ -117,7 +117,13 @@ fn kernels_compile_for_every_target() {
         (
             "ops",
             ops::SOURCE,
-            &["dense_q8_0_t8", "attention_h", "rope_store_h", "kv_store_h"],
+            &[
+                "dense_q8_0_t8",
+                "attention_h",
+                "rope_store_h",
+                "kv_store_h",
+                "sample_rows",
+            ],
         ),
     ];
     for arch in [(8, 7), (8, 9), (9, 0)] {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use dpllm_engine::backend::cuda::{test_device, CudaBackend};
 use dpllm_engine::model::synthetic::{synthetic_config, SyntheticWeights};
+use dpllm_engine::model::{Next, Readout};
+use dpllm_engine::sampler::Draw;
 use dpllm_engine::select::Precision;
 use dpllm_engine::Model;
 
@@ -81,13 +83,17 @@ fn replayed_decode_steps_match_op_by_op_steps() {
     assert_eq!(gs.effective_bits(), ps.effective_bits());
 }
 
-/// Greedy decoding picks its token on the GPU (`Readout::Argmax`), replayed
-/// or op by op, and that token is the host's argmax of the same step's logits.
-#[test]
-fn greedy_tokens_picked_on_the_gpu_are_the_argmax_of_the_logits() {
-    use dpllm_engine::model::{Next, Readout};
-    let Some(dev) = test_device(0) else { return };
+/// Forty steps of a sequence, replayed and op by op, each choosing its
+/// token on the GPU as `readout(step)` asks, checked by `check(logits,
+/// readout, token)` against the logits of the same step on a second cache;
+/// the tokens chosen with graphs on, then off (None: no GPU).
+fn tokens_chosen_on_the_gpu(
+    readout: impl Fn(usize) -> Readout,
+    check: impl Fn(&[f32], Readout, u32) -> Result<(), String>,
+) -> Option<Vec<u32>> {
+    let dev = test_device(0)?;
     let be = CudaBackend::on(dev).unwrap();
+    let mut chosen = Vec::new();
     for graphs in [true, false] {
         let m = model(be.clone().with_graphs(graphs));
         let (mut by_id, mut by_logits) = (m.new_cache(256), m.new_cache(256));
@@ -96,16 +102,61 @@ fn greedy_tokens_picked_on_the_gpu_are_the_argmax_of_the_logits() {
         let mut token = 0;
         for step in 0..40 {
             let tokens: &[u32] = if step == 0 { &prompt } else { &[token] };
-            let id = m
-                .forward_next_with(tokens, &mut by_id, prec, None, Readout::Argmax)
-                .unwrap();
+            let r = readout(step);
+            let Next::Token(t) = m
+                .forward_next_with(tokens, &mut by_id, prec, None, r)
+                .unwrap()
+            else {
+                panic!("a token, not logits, for {r:?}");
+            };
             let logits = m
                 .forward_last_with(tokens, &mut by_logits, prec, None)
                 .unwrap();
-            token = argmax(&logits);
-            assert_eq!(id, Next::Token(token), "graphs {graphs}, step {step}");
+            check(&logits, r, t).unwrap_or_else(|e| panic!("graphs {graphs}, step {step}: {e}"));
+            chosen.push(t);
+            token = t;
         }
         assert_eq!(by_id.len(), by_logits.len());
         assert_eq!(by_id.holds_recorded_step(), graphs);
     }
+    Some(chosen)
+}
+
+/// Greedy decoding picks its token on the GPU (`Readout::Argmax`), replayed
+/// or op by op, and that token is the host's argmax of the same step's logits.
+#[test]
+fn greedy_tokens_picked_on_the_gpu_are_the_argmax_of_the_logits() {
+    tokens_chosen_on_the_gpu(
+        |_| Readout::Argmax,
+        |logits, _, t| match argmax(logits) {
+            want if want == t => Ok(()),
+            want => Err(format!("picked {t}, the argmax is {want}")),
+        },
+    );
+}
+
+/// Random sampling (temperature, top-k, top-p) draws its token on the GPU
+/// (`Readout::Sample`), replayed or op by op: the token whose span of the
+/// same step's softmax over the candidates holds the draw's uniform (up to
+/// the rounding of the GPU's sums).
+#[test]
+fn random_draws_on_the_gpu_follow_the_softmax_of_the_logits() {
+    use dpllm_engine::backend::conformance::drawn_within_rounding;
+    let draw = |step: usize| Draw {
+        inv_temperature: 1.0 / (0.5 + 0.05 * step as f32),
+        top_k: [0, 40, 0, 3][step % 4],
+        top_p: [1.0, 1.0, 0.9, 0.5][step % 4],
+        uniform: (step as f32 * 0.618).fract(),
+    };
+    let Some(chosen) = tokens_chosen_on_the_gpu(
+        |step| Readout::Sample(draw(step)),
+        |logits, r, t| match r {
+            Readout::Sample(d) => drawn_within_rounding(logits, d, t),
+            _ => unreachable!(),
+        },
+    ) else {
+        return;
+    };
+    let seen: std::collections::HashSet<u32> = chosen.into_iter().collect();
+    assert!(seen.len() > 1, "the draws must not all pick one token");
 }

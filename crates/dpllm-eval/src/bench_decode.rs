@@ -20,6 +20,15 @@ pub struct DecodeBenchConfig {
     pub warmup_tokens: usize,
     /// Size of each bandwidth-test buffer in bytes.
     pub bandwidth_bytes: usize,
+    /// Sampling temperature of the decoded tokens (0: greedy), seed 0.
+    pub temperature: f32,
+    /// Top-k filter of the draws (0: off).
+    pub top_k: usize,
+    /// Top-p filter of the draws (1: off).
+    pub top_p: f32,
+    /// Choose every token on the host from logits read back (the reference
+    /// for the backend's own greedy or temperature choice).
+    pub sample_on_host: bool,
 }
 
 impl Default for DecodeBenchConfig {
@@ -29,17 +38,32 @@ impl Default for DecodeBenchConfig {
             decode_tokens: 64,
             warmup_tokens: 4,
             bandwidth_bytes: 512 << 20,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            sample_on_host: false,
         }
     }
 }
 
 impl DecodeBenchConfig {
+    /// How the decoded tokens are chosen (seed 0).
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            ..Default::default()
+        }
+    }
+
     /// Check the settings against a model context of `max_ctx` positions and the
     /// memory available (before loading anything).
     pub fn check(&self, max_ctx: usize) -> anyhow::Result<()> {
         if self.decode_tokens == 0 {
             anyhow::bail!("--tokens must be at least 1");
         }
+        self.sampling().validate()?;
         let total = self
             .prompt_tokens
             .max(1)
@@ -132,17 +156,15 @@ pub fn run<B: Backend>(
     };
     let has_plan = precision.plan().is_some();
     let mut session = Session::new(model.clone(), precision, total)?;
-    let mut greedy = Sampler::new(SamplingParams {
-        temperature: 0.0,
-        ..Default::default()
-    })?;
+    let mut sampler = Sampler::new(cfg.sampling())?;
     // Every decoded token is fed back: warm-up steps, then the timed ones.
     let opts = DecodeOptions {
         max_tokens: cfg.warmup_tokens + cfg.decode_tokens + 1,
         stop_tokens: Vec::new(),
         warmup_steps: cfg.warmup_tokens,
+        sample_on_host: cfg.sample_on_host,
     };
-    let g = session.generate(&prompt, &mut greedy, &opts, |_| Ok(true))?;
+    let g = session.generate(&prompt, &mut sampler, &opts, |_| Ok(true))?;
     let stats = session.stats();
     let tps = g.decode_tokens_per_sec();
     let mut times = g.step_secs.clone();

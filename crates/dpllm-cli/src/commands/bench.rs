@@ -143,6 +143,21 @@ pub struct DecodeArgs {
     /// Size of each bandwidth-test buffer, MiB.
     #[arg(long, default_value_t = 512)]
     pub bandwidth_mib: usize,
+    /// Sampling temperature of the decoded tokens (0: greedy; seed 0). On a
+    /// GPU the token is chosen there, filters included (one id read back a
+    /// step).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens before drawing (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens holding this probability (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Read back the logits every step and choose on the host: the reference
+    /// for the device's own choice.
+    #[arg(long)]
+    pub sample_on_host: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -160,6 +175,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 decode_tokens: a.tokens,
                 warmup_tokens: 4,
                 bandwidth_bytes: mib("--bandwidth-mib", a.bandwidth_mib.max(1))?,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                sample_on_host: a.sample_on_host,
             };
             // Settings first: the context and memory they need, before the model loads.
             let config = match (&a.synthetic, &a.model) {

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{AnyPrecHost, AttnShape, Backend, DenseHost, EstInput, Estimator, InputNorms};
+use crate::sampler::Draw;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -30,6 +31,62 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Whether token `t` is the draw `d` of [`Backend::sample_rows`] from `row`:
+/// on the host's candidates (every token in index order, or the top-k and
+/// top-p ones in descending order of logit), in exact (f64) arithmetic, the
+/// token's span of the cumulative mass holds u · total within 1e-5 of the
+/// total (the rounding of f32 sums in any order), for a top-p cut anywhere
+/// within that rounding of its share.
+pub fn drawn_within_rounding(row: &[f32], d: Draw, t: u32) -> Result<(), String> {
+    let n = row.len();
+    let scaled: Vec<f32> = row.iter().map(|&l| l * d.inv_temperature).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    if d.filters(n) {
+        order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+        if d.top_k > 0 {
+            order.truncate(d.top_k as usize);
+        }
+    }
+    let max = scaled.iter().map(|&s| s as f64).fold(f64::MIN, f64::max);
+    let cum: Vec<f64> = order
+        .iter()
+        .scan(0.0, |c, &i| {
+            *c += (scaled[i] as f64 - max).exp();
+            Some(*c)
+        })
+        .collect();
+    let Some(q) = order.iter().position(|&i| i == t as usize) else {
+        return Err(format!("drew {t}, not one of {} candidates", order.len()));
+    };
+    // Top-p alone: the candidates are every token, so the total is the vocabulary's.
+    let total = cum.last().copied().unwrap_or(0.0);
+    let slack = 1e-5 * total;
+    let first_reaching = |x: f64| {
+        cum.iter()
+            .position(|&c| c >= x)
+            .map_or(cum.len(), |j| j + 1)
+    };
+    let keeps = match d.top_p < 1.0 {
+        true => {
+            let share = d.top_p as f64 * total;
+            first_reaching(share - slack).max(1)..=first_reaching(share + slack)
+        }
+        false => cum.len()..=cum.len(),
+    };
+    let before = if q == 0 { 0.0 } else { cum[q - 1] };
+    let fits = |keep: usize| {
+        let x = d.uniform as f64 * cum[keep - 1];
+        q < keep && before <= x + slack && cum[q] >= x - slack
+    };
+    if keeps.clone().any(fits) {
+        return Ok(());
+    }
+    Err(format!(
+        "drew {t} (mass {before}..{} of {total}), want the draw at {} of the first {keeps:?} candidates",
+        cum[q], d.uniform
+    ))
 }
 
 /// Quantized GEMVs may round their operands: each weight and activation to
@@ -600,6 +657,54 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         return Err(format!("argmax_rows: {got:?}, want {want:?}"));
     }
 
+    // Random draws per row: the token whose span of the cumulative softmax
+    // (in index order, or of the top-k / top-p candidates in descending
+    // order) holds u · total, up to the rounding of a sum in another order;
+    // None for the rows holding a NaN or an infinity. Row 1 holds a tie at
+    // its top; the flat rows' nucleus and a top-k over 2048 tokens are more
+    // than a device sorts itself.
+    for v in &mut rows[4 * width..] {
+        *v *= 8.0; // a peaked row: most of the mass on few tokens
+    }
+    rows.extend(rand_vec(&mut rng, 5 * width));
+    let filtered = |inv_temperature, top_k, top_p, uniform| Draw {
+        inv_temperature,
+        top_k,
+        top_p,
+        uniform,
+    };
+    let draws = [
+        Draw::tempered(1.0, 0.37),
+        filtered(2.0, 50, 1.0, 0.999),
+        filtered(1.0, 0, 0.9, 0.5),
+        filtered(0.5, 5, 1.0, 0.1),
+        filtered(1.25, 0, 0.3, 0.6),
+        filtered(1.0, 2000, 0.95, 0.73),
+        filtered(0.8, 0, 0.9, 0.02),
+        filtered(1.0, 2500, 1.0, 0.41),
+        Draw::tempered(0.8, 0.5),
+        filtered(1.0, 1, 0.5, 0.9),
+    ];
+    let got = be
+        .sample_rows(&be.upload(&rows).map_err(e)?, width, &draws)
+        .map_err(e)?;
+    let host = crate::backend::sample_rows_host(&rows, width, &draws);
+    if got.len() != draws.len()
+        || got
+            .iter()
+            .map(Option::is_some)
+            .ne(host.iter().map(Option::is_some))
+    {
+        return Err(format!(
+            "sample_rows: {got:?}, want a token for each finite row: {host:?}"
+        ));
+    }
+    for (r, ((row, &d), g)) in rows.chunks(width).zip(&draws).zip(&got).enumerate() {
+        if let Some(t) = *g {
+            drawn_within_rounding(row, d, t).map_err(|m| format!("sample_rows: row {r}: {m}"))?;
+        }
+    }
+
     // RoPE and attention over the backend's KV cache.
     let shape = AttnShape {
         num_heads: 4,
@@ -716,6 +821,32 @@ mod tests {
     fn cpu_backend_matches_the_references() {
         for seed in 0..3 {
             super::check(&CpuBackend, seed).unwrap();
+        }
+    }
+
+    /// The draw check accepts the host's token and, beyond it, only tokens
+    /// within rounding of the draw: at most a neighbour or two of a row.
+    #[test]
+    fn the_draw_check_accepts_the_draw_and_little_else() {
+        use super::{drawn_within_rounding, Draw};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for i in 0..40 {
+            let row: Vec<f32> = (0..500).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            let d = Draw {
+                inv_temperature: rng.random_range(0.5f32..2.0),
+                top_k: [0, 1, 7, 300][i % 4],
+                top_p: [1.0, 0.9, 0.5, 1.0, 0.2][i % 5],
+                uniform: rng.random(),
+            };
+            let t = crate::sampler::draw(&row, d);
+            let accepted: Vec<u32> = (0..row.len() as u32)
+                .filter(|&c| drawn_within_rounding(&row, d, c).is_ok())
+                .collect();
+            assert!(
+                accepted.contains(&t) && accepted.len() <= 2,
+                "{d:?}: drew {t}, the check accepts {accepted:?}"
+            );
         }
     }
 }

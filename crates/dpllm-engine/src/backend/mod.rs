@@ -28,6 +28,7 @@ pub use cpu::CpuBackend;
 pub use device::{Device, KvDtype};
 
 use crate::error::Result;
+use crate::sampler::Draw;
 
 /// [`Backend::argmax_rows`] on host rows.
 pub fn argmax_rows_host(x: &[f32], width: usize) -> Vec<Option<u32>> {
@@ -41,6 +42,24 @@ pub fn argmax_rows_host(x: &[f32], width: usize) -> Vec<Option<u32>> {
                 .then(|| crate::sampler::argmax(r))
         })
         .collect()
+}
+
+/// [`Backend::sample_rows`] on host rows.
+pub fn sample_rows_host(x: &[f32], width: usize, draws: &[Draw]) -> Vec<Option<u32>> {
+    if width == 0 {
+        return Vec::new();
+    }
+    x.chunks(width)
+        .zip(draws)
+        .map(|(r, &d)| sample_row_host(r, d))
+        .collect()
+}
+
+/// [`Backend::sample_rows`] of one host row.
+pub fn sample_row_host(row: &[f32], d: Draw) -> Option<u32> {
+    row.iter()
+        .all(|v| v.is_finite())
+        .then(|| crate::sampler::draw(row, d))
 }
 
 /// Head layout of one attention call.
@@ -355,6 +374,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// decoding reads back these ids, not the logits.
     fn argmax_rows(&self, x: &Self::Buf, width: usize) -> Result<Vec<Option<u32>>> {
         Ok(argmax_rows_host(&self.read(x)?, width))
+    }
+    /// Per row of `x` [rows × width]: the token of `draws[row]` (temperature,
+    /// top-k, top-p and a uniform number), as [`crate::sampler::draw`] draws
+    /// it (a device sums in another order: a draw within rounding of a
+    /// boundary between two tokens, or a top-p cut within rounding of its
+    /// share, may go either way); None for a row holding a NaN or an
+    /// infinity. Random sampling reads back these ids, not the logits.
+    fn sample_rows(&self, x: &Self::Buf, width: usize, draws: &[Draw]) -> Result<Vec<Option<u32>>> {
+        Ok(sample_rows_host(&self.read(x)?, width, draws))
     }
 
     // --- weights ---

@@ -9,7 +9,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::select::{BitStats, Precision, RowTally, Selector};
 
-use super::forward::{Counting, Group, Seq};
+use super::forward::{Counting, Group, Next, Readout, Seq};
 use super::Model;
 
 /// One sequence's decode step in [`Model::decode_batch`].
@@ -22,6 +22,8 @@ pub struct BatchStep<'a, 'c, B: Backend> {
     pub prec: Precision<'a, B>,
     /// Its precision counters.
     pub stats: Option<&'c mut BitStats>,
+    /// What comes back for it: its logits, or its next token chosen on the backend.
+    pub readout: Readout,
 }
 
 /// Which precisions share a call's linears: the same fixed bits, or the same
@@ -39,23 +41,26 @@ fn same_precision<B: Backend>(a: Precision<'_, B>, b: Precision<'_, B>) -> bool 
 
 impl<B: Backend> Model<B> {
     /// One decode step of each of `steps`' sequences in one forward call;
-    /// each sequence's logits, in order. Tokens at the same precision share
+    /// each sequence's logits or token (as its readout asks), in order. Tokens at the same precision share
     /// each linear's weight reads; per-token decisions follow each sequence's
     /// own plan; attention reads each sequence's own cache. A sequence's
     /// logits equal those of its step run alone up to the backend's rounding
     /// of a longer batch (equal on the CPU up to `GEMV_MAX_TOKENS`, 8, a call).
+    /// Tokens are chosen on the backend, one id a sequence read back, unless
+    /// a sequence wants its logits.
     /// On an error every cache is left as it was (run the steps one by one to
     /// learn which sequence failed). Oracle and random selection, which read
     /// back mid-call, run one sequence at a time: they are refused here.
-    pub fn decode_batch(&self, steps: &mut [BatchStep<'_, '_, B>]) -> Result<Vec<Vec<f32>>> {
+    pub fn decode_batch(&self, steps: &mut [BatchStep<'_, '_, B>]) -> Result<Vec<Next>> {
         if let [one] = steps {
-            let logits = self.forward_last_with(
+            let next = self.forward_next_with(
                 &[one.token],
                 one.cache,
                 one.prec,
                 one.stats.as_deref_mut(),
+                one.readout,
             )?;
-            return Ok(vec![logits]);
+            return Ok(vec![next]);
         }
         for s in steps.iter() {
             self.check_input(&[s.token], s.cache)?;
@@ -80,7 +85,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`Model::decode_batch`] of checked steps (two or more).
-    fn decode_batch_queued(&self, steps: &mut [BatchStep<'_, '_, B>]) -> Result<Vec<Vec<f32>>> {
+    fn decode_batch_queued(&self, steps: &mut [BatchStep<'_, '_, B>]) -> Result<Vec<Next>> {
         let be = &self.backend;
         let n = steps.len();
         // The mask picking `rows` out of the call's n (known on the host: a
@@ -141,7 +146,8 @@ impl<B: Backend> Model<B> {
         let vocab = self.config.vocab_size;
         let mut out = be.zeros(n * vocab)?;
         self.logits_into(&h, n, &mut out);
-        let logits = self.read_logits(&out, Some(&deferred), None)?;
+        let readouts: Vec<Readout> = steps.iter().map(|s| s.readout).collect();
+        let next = self.read_next_rows(&out, Some(&deferred), None, &readouts)?;
         for (g, t) in groups.iter().zip(&tallies) {
             t.finish(be, &g.rows, &mut counts)?;
         }
@@ -150,6 +156,6 @@ impl<B: Backend> Model<B> {
                 st.merge(c);
             }
         }
-        Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+        Ok(next)
     }
 }

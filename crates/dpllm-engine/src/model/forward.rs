@@ -7,6 +7,7 @@ use crate::backend::{AttnShape, Backend, EstInput, Estimator, InputNorms, RopeAr
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::sampler::Draw;
 use crate::EngineError;
 
 use super::{Block, GateUpProj, Model, QkvProj};
@@ -15,13 +16,30 @@ use crate::select::{
 };
 
 /// What a forward call hands back for its last position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Readout {
     /// The logits, for any sampler.
     Logits,
     /// Only the argmax of the logits (greedy decoding): a device backend
     /// picks it there and copies back one id instead of the vocabulary's logits.
     Argmax,
+    /// Only the token of this random draw from the logits (temperature,
+    /// top-k, top-p: [`crate::sampler::Sampler::device_draw`]), drawn where
+    /// the logits are, as [`crate::Backend::sample_rows`] does.
+    Sample(crate::sampler::Draw),
+}
+
+impl Readout {
+    /// What `sampler` needs of the next forward call: a draw made on the
+    /// device when it can be, the argmax for greedy decoding, else the
+    /// logits. Takes the sampler's random number for a device draw.
+    pub fn for_sampler(sampler: &mut crate::sampler::Sampler) -> Readout {
+        match sampler.device_draw() {
+            Some(d) => Readout::Sample(d),
+            None if sampler.is_argmax() => Readout::Argmax,
+            None => Readout::Logits,
+        }
+    }
 }
 
 /// The output of a forward call, as its [`Readout`] asked.
@@ -29,7 +47,7 @@ pub enum Readout {
 pub enum Next {
     /// The last position's logits [vocab].
     Logits(Vec<f32>),
-    /// The last position's greedy token.
+    /// The last position's token, chosen on the backend (greedy or drawn).
     Token(u32),
 }
 
@@ -751,21 +769,56 @@ impl<B: Backend> Model<B> {
         stats: Option<&mut BitStats>,
         readout: Readout,
     ) -> Result<Next> {
-        if readout == Readout::Logits {
-            return self.read_logits(out, deferred, stats).map(Next::Logits);
+        let mut next = self.read_next_rows(out, deferred, stats, &[readout])?;
+        Ok(next.pop().expect("one row, one readout"))
+    }
+
+    /// Each row's [`Next`] from the logits in `out` [rows × vocab], as its
+    /// readout asks, after the call's deferred checks and counts. Tokens are
+    /// chosen on the backend (one id a row read back) unless a row wants its
+    /// logits: then every row's logits are read and the others chosen here
+    /// from them, alike.
+    pub(super) fn read_next_rows(
+        &self,
+        out: &B::Buf,
+        deferred: Option<&Deferred<B>>,
+        stats: Option<&mut BitStats>,
+        readouts: &[Readout],
+    ) -> Result<Vec<Next>> {
+        let (be, vocab) = (&self.backend, self.config.vocab_size);
+        if readouts.contains(&Readout::Logits) {
+            let logits = self.read_logits(out, deferred, stats)?;
+            let rows = logits.chunks(vocab).zip(readouts);
+            return Ok(rows
+                .map(|(row, r)| match *r {
+                    Readout::Logits => Next::Logits(row.to_vec()),
+                    Readout::Argmax => Next::Token(crate::sampler::argmax(row)),
+                    Readout::Sample(d) => Next::Token(crate::sampler::draw(row, d)),
+                })
+                .collect());
         }
-        let be = &self.backend;
-        let ids = be.argmax_rows(out, self.config.vocab_size)?;
+        let ids = if readouts.iter().all(|r| *r == Readout::Argmax) {
+            be.argmax_rows(out, vocab)?
+        } else {
+            let draws: Vec<Draw> = (readouts.iter())
+                .map(|r| match *r {
+                    Readout::Sample(d) => d,
+                    _ => Draw::greedy(),
+                })
+                .collect();
+            be.sample_rows(out, vocab, &draws)?
+        };
         if let Some(d) = deferred {
             d.finish(be, stats)?;
         }
-        match ids.as_slice() {
-            [Some(t)] => Ok(Next::Token(*t)),
-            _ => Err(EngineError::NonFinite {
-                stage: "the logits (output layer)".into(),
-                token: 0,
-            }),
-        }
+        (ids.into_iter().enumerate())
+            .map(|(row, id)| {
+                id.map(Next::Token).ok_or_else(|| EngineError::NonFinite {
+                    stage: "the logits (output layer)".into(),
+                    token: row,
+                })
+            })
+            .collect()
     }
 
     /// Logits [rows × vocab] of final hidden states on the backend.

@@ -116,6 +116,10 @@ pub struct DecodeOptions {
     pub stop_tokens: Vec<u32>,
     /// Decode steps excluded from the timing and the precision counters (benchmark warm-up).
     pub warmup_steps: usize,
+    /// Read back the logits every step and choose on the host even where
+    /// the backend could choose (greedy, plain temperature): the reference
+    /// that `bench decode --sample-on-host` measures the device's choice against.
+    pub sample_on_host: bool,
 }
 
 /// Token ids a decode loop produced and how long it took.
@@ -254,15 +258,16 @@ impl<B: Backend> Session<B> {
     }
 
     /// One decode step of each session, in one forward call
-    /// ([`crate::Model::decode_batch`]): `(session, token)` pairs on one
+    /// ([`crate::Model::decode_batch`]): `(session, token, readout)` on one
     /// model, each token at its session's per-token precision and counted
-    /// into its counters; each session's logits, in order. On an error no
-    /// cache has changed (a cancelled session is an error before any work).
-    pub fn decode_batch(batch: &mut [(&mut Session<B>, u32)]) -> Result<Vec<Vec<f32>>> {
-        let Some(model) = batch.first().map(|(s, _)| s.model.clone()) else {
+    /// into its counters; each session's logits or next token (as its
+    /// readout asks), in order. On an error no cache has changed (a
+    /// cancelled session is an error before any work).
+    pub fn decode_batch(batch: &mut [(&mut Session<B>, u32, Readout)]) -> Result<Vec<Next>> {
+        let Some(model) = batch.first().map(|(s, ..)| s.model.clone()) else {
             return Ok(Vec::new());
         };
-        for (s, _) in batch.iter() {
+        for (s, ..) in batch.iter() {
             s.check_cancel()?;
             if !Arc::ptr_eq(&s.model, &model) {
                 return Err(EngineError::Device(
@@ -272,7 +277,7 @@ impl<B: Backend> Session<B> {
         }
         let mut steps: Vec<crate::model::BatchStep<'_, '_, B>> = batch
             .iter_mut()
-            .map(|(s, token)| {
+            .map(|(s, token, readout)| {
                 let Session {
                     precision,
                     cache,
@@ -284,6 +289,7 @@ impl<B: Backend> Session<B> {
                     cache,
                     prec: precision.per_token(),
                     stats: Some(stats),
+                    readout: *readout,
                 }
             })
             .collect();
@@ -321,14 +327,15 @@ impl<B: Backend> Session<B> {
             });
         }
         let mut history = prompt.to_vec();
-        // Greedy choices are made where the logits are: only the id comes back.
-        let readout = if sampler.is_argmax() {
-            Readout::Argmax
-        } else {
-            Readout::Logits
-        };
+        // Greedy and plain temperature choices are made where the logits are:
+        // only the id comes back. A device draw takes the sampler's random
+        // number for the token when the call is made, as sampling would after.
         let t0 = Instant::now();
-        let mut chosen = self.prefill_next(prompt, readout)?;
+        let readout = |s: &mut Sampler| match opts.sample_on_host {
+            true => Readout::Logits,
+            false => Readout::for_sampler(s),
+        };
+        let mut chosen = self.prefill_next(prompt, readout(sampler))?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let mut out = Vec::new();
         let mut step_secs = Vec::new();
@@ -359,7 +366,7 @@ impl<B: Backend> Session<B> {
                 self.reset_stats();
             }
             let t = Instant::now();
-            chosen = self.decode_next(next, readout)?;
+            chosen = self.decode_next(next, readout(sampler))?;
             if step >= opts.warmup_steps {
                 step_secs.push(t.elapsed().as_secs_f64());
             }

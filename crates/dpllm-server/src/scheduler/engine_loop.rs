@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use dpllm_engine::model::{Next, Readout};
 use dpllm_engine::sampler::Sampler;
 use dpllm_engine::tokenizer::{TextTokenizer, TokenStream};
 use dpllm_engine::{Backend, EngineError, ServedModel, Session};
@@ -59,18 +60,31 @@ struct Active<'t, B: Backend> {
 }
 
 impl<B: Backend> Active<'_, B> {
-    /// Sample the next token from `logits`; Some when the answer ends with it.
-    fn advance(
-        &mut self,
-        mut logits: Vec<f32>,
-        eos: &[u32],
-    ) -> Result<Option<Finish>, EngineError> {
-        for &(id, b) in &self.logit_bias {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l += b;
-            }
+    /// What the next forward call hands back: the token, chosen on the
+    /// backend, unless a logit bias or a repetition penalty needs the logits
+    /// here. Takes the sampler's random number for a draw on the backend:
+    /// call it once a step, just before the call.
+    fn readout(&mut self) -> Readout {
+        match self.logit_bias.is_empty() {
+            true => Readout::for_sampler(&mut self.sampler),
+            false => Readout::Logits,
         }
-        let t = self.sampler.sample(&mut logits, &self.history);
+    }
+
+    /// Take the next token (or sample it from the logits); Some when the
+    /// answer ends with it.
+    fn advance(&mut self, next: Next, eos: &[u32]) -> Result<Option<Finish>, EngineError> {
+        let t = match next {
+            Next::Token(t) => t,
+            Next::Logits(mut logits) => {
+                for &(id, b) in &self.logit_bias {
+                    if let Some(l) = logits.get_mut(id as usize) {
+                        *l += b;
+                    }
+                }
+                self.sampler.sample(&mut logits, &self.history)
+            }
+        };
         if eos.contains(&t) {
             return Ok(Some(Finish::Stop));
         }
@@ -99,15 +113,21 @@ impl<B: Backend> Active<'_, B> {
     ) -> (usize, Option<Result<Option<Finish>, EngineError>>) {
         let left = self.prompt_tokens - self.prefilled;
         let n = if budget == 0 { left } else { left.min(budget) };
+        // Only the prompt's last chunk chooses a token; an earlier one's
+        // greedy id comes back instead of its logits, and is dropped.
+        let readout = match self.prefilled + n < self.prompt_tokens {
+            true => Readout::Argmax,
+            false => self.readout(),
+        };
         let chunk = &self.history[self.prefilled..self.prefilled + n];
-        match self.session.prefill(chunk) {
+        match self.session.prefill_next(chunk, readout) {
             Err(e) => (n, Some(Err(e))),
-            Ok(logits) => {
+            Ok(next) => {
                 self.prefilled += n;
                 if self.prefilled < self.prompt_tokens {
                     return (n, None);
                 }
-                let r = self.advance(logits, eos);
+                let r = self.advance(next, eos);
                 self.first_token_ms = self.received.elapsed().as_secs_f64() * 1000.0;
                 (n, Some(r))
             }
@@ -226,7 +246,7 @@ impl<B: Backend> Loop<B> {
             for (mut a, r) in active.drain(..).zip(results) {
                 a.decode_secs += dt;
                 a.decode_steps += 1;
-                match r.and_then(|logits| a.advance(logits, &eos)) {
+                match r.and_then(|next| a.advance(next, &eos)) {
                     Ok(None) => keep.push(a),
                     Ok(Some(f)) => a.finish(f, &self.shared),
                     Err(e) => a.fail(e.into(), &self.shared),
@@ -353,17 +373,23 @@ impl<B: Backend> Loop<B> {
 
 /// One decode step of every request in `active`, in one batched call; when
 /// the batch fails, each request alone, so only the one at fault fails.
-fn step<B: Backend>(active: &mut [Active<'_, B>]) -> Vec<Result<Vec<f32>, EngineError>> {
-    let mut batch: Vec<(&mut Session<B>, u32)> = active
+fn step<B: Backend>(active: &mut [Active<'_, B>]) -> Vec<Result<Next, EngineError>> {
+    let mut batch: Vec<(&mut Session<B>, u32, Readout)> = active
         .iter_mut()
-        .map(|a| (&mut a.session, a.next))
+        .map(|a| {
+            let readout = a.readout();
+            (&mut a.session, a.next, readout)
+        })
         .collect();
     match Session::decode_batch(&mut batch) {
         Ok(v) => v.into_iter().map(Ok).collect(),
         Err(e) if batch.len() == 1 => vec![Err(e)],
         Err(e) => {
             tracing::warn!("a batched decode step failed ({e}); running its requests one by one");
-            batch.iter_mut().map(|(s, t)| s.decode_step(*t)).collect()
+            batch
+                .iter_mut()
+                .map(|(s, t, r)| s.decode_next(*t, *r))
+                .collect()
         }
     }
 }

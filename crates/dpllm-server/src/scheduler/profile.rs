@@ -93,6 +93,7 @@ pub(super) fn measure<B: Backend>(
         max_tokens: tokens + PROFILE_WARMUP,
         stop_tokens: Vec::new(),
         warmup_steps: PROFILE_WARMUP,
+        sample_on_host: false,
     };
     let mut out = Vec::new();
     for point in info.points() {

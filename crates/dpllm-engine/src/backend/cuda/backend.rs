@@ -21,10 +21,15 @@ use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{
-    decided_by_mask, needs_rows, AnyPrecHost, AttnShape, Backend, Decide, DenseHost, EstInput,
-    Estimator, InputNorms, KvDtype, RopeArgs, Step,
+    decided_by_mask, needs_rows, sample_row_host, AnyPrecHost, AttnShape, Backend, Decide,
+    DenseHost, EstInput, Estimator, InputNorms, KvDtype, RopeArgs, Step,
 };
 use crate::error::{EngineError, Result};
+use crate::sampler::Draw;
+
+/// The id `sample_rows` (`kernels/sample.cu`) writes for a row the host must
+/// draw: more candidates than a block sorts, or a scaled logit that overflowed.
+const SAMPLE_ON_HOST: u32 = 0xffff_fffe;
 
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
 pub struct CudaBuf {
@@ -327,6 +332,27 @@ impl CudaBackend {
             .collect())
     }
 
+    /// One block of 1024 threads for each of `rows` rows.
+    fn one_block_a_row(rows: usize) -> cudarc::driver::LaunchConfig {
+        cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Token ids read back, `u32::MAX` (a row that was not finite) as None.
+    fn read_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<Option<u32>>> {
+        let ids = self
+            .stream()
+            .clone_dtoh(ids)
+            .map_err(device_err("reading token ids"))?;
+        Ok(ids
+            .into_iter()
+            .map(|i| (i != u32::MAX).then_some(i))
+            .collect())
+    }
+
     /// The GPU's memory bandwidth on buffers of `bytes` (well beyond its L2),
     /// best of `reps`, in GB/s: (a device-to-device copy counting bytes read plus
     /// written, a read-only sum).
@@ -479,28 +505,78 @@ impl Backend for CudaBackend {
         // SAFETY: the kernel writes every row's id.
         let mut ids = unsafe { self.stream().alloc::<u32>(rows) }
             .map_err(device_err("allocating token ids"))?;
-        let one_block_a_row = cudarc::driver::LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let w = width as i32;
         launch!(
             self,
             "argmax_rows",
-            one_block_a_row,
+            Self::one_block_a_row(rows),
             &x.view(),
             &w,
+            &mut ids
+        )?;
+        self.read_ids(&ids)
+    }
+
+    fn sample_rows(&self, x: &CudaBuf, width: usize, draws: &[Draw]) -> Result<Vec<Option<u32>>> {
+        self.check()?;
+        let rows = x.len.checked_div(width).unwrap_or(0);
+        if rows * width != x.len || width > i32::MAX as usize || draws.len() != rows {
+            return Err(EngineError::Device(format!(
+                "sample_rows: {} floats in rows of {width}, {} draws",
+                x.len,
+                draws.len()
+            )));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        // (1/T, u, top_p, top_k as a float's bits) a row.
+        let params: Vec<f32> = draws
+            .iter()
+            .flat_map(|d| {
+                [
+                    d.inv_temperature,
+                    d.uniform,
+                    d.top_p,
+                    f32::from_bits(d.top_k),
+                ]
+            })
+            .collect();
+        let params = self.upload(&params)?;
+        // SAFETY: the kernel writes every row's id.
+        let mut ids = unsafe { self.stream().alloc::<u32>(rows) }
+            .map_err(device_err("allocating token ids"))?;
+        let w = width as i32;
+        launch!(
+            self,
+            "sample_rows",
+            Self::one_block_a_row(rows),
+            &x.view(),
+            &w,
+            &params.view(),
             &mut ids
         )?;
         let ids = self
             .stream()
             .clone_dtoh(&ids)
             .map_err(device_err("reading token ids"))?;
-        Ok(ids
-            .into_iter()
-            .map(|i| (i != u32::MAX).then_some(i))
-            .collect())
+        // Rows whose candidates a block cannot sort itself (a flat nucleus, a
+        // large top-k) or whose scaled logits overflow are drawn here.
+        ids.into_iter()
+            .enumerate()
+            .map(|(r, id)| match id {
+                u32::MAX => Ok(None),
+                SAMPLE_ON_HOST => {
+                    let row = x.data.slice(r * width..(r + 1) * width);
+                    let row = self
+                        .stream()
+                        .clone_dtoh(&row)
+                        .map_err(device_err("reading a row of logits"))?;
+                    Ok(sample_row_host(&row, draws[r]))
+                }
+                id => Ok(Some(id)),
+            })
+            .collect()
     }
 
     fn dense(

@@ -1,5 +1,5 @@
 //! The kernels of the forward pass besides the bit-plane GEMV
-//! (`kernels/ops.cu`): their source, functions looked up once by name, and
+//! (`kernels/ops.cu`, and `kernels/sample.cu` that picks the token): their source, functions looked up once by name, and
 //! the launch shapes the backend uses.
 
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use crate::error::Result;
 /// The kernels' source.
 pub const SOURCE: &str = concat!(
     include_str!("kernels/common.cuh"),
-    include_str!("kernels/ops.cu")
+    include_str!("kernels/ops.cu"),
+    include_str!("kernels/sample.cu")
 );
 
 /// Threads per block of the grid-stride kernels.

@@ -33,18 +33,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in every thread.
-__device__ float block_sum(float v) {
+// Max (MAX) or sum of v over the block (blockDim.x a multiple of 32, at most
+// 1024), in every thread.
+template <bool MAX>
+__device__ float block_reduce(float v) {
     __shared__ float part[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();  // part may still be read by a previous call
     if (lane == 0) part[warp] = v;
     __syncthreads();
     const int warps = blockDim.x >> 5;
-    float s = lane < warps ? part[lane] : 0.f;
-    return warp_sum(s);
+    const float s = lane < warps ? part[lane] : (MAX ? NEG_INF : 0.f);
+    return MAX ? warp_max(s) : warp_sum(s);
 }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // True when p is 16-byte aligned (float4 loads and stores).
 __device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
