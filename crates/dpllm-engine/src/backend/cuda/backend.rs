@@ -341,6 +341,26 @@ impl CudaBackend {
         }
     }
 
+    /// How many rows of `width` logits `x` holds, for `what` (a kernel
+    /// choosing a token a row), after the check for an earlier fault.
+    fn logit_rows(&self, what: &str, x: &CudaBuf, width: usize) -> Result<usize> {
+        self.check()?;
+        let rows = x.len.checked_div(width).unwrap_or(0);
+        if rows * width != x.len || width > i32::MAX as usize {
+            return Err(EngineError::Device(format!(
+                "{what}: {} floats in rows of {width}",
+                x.len
+            )));
+        }
+        Ok(rows)
+    }
+
+    /// Room for a token id a row, every one written by the kernel that fills it.
+    fn id_slots(&self, rows: usize) -> Result<CudaSlice<u32>> {
+        // SAFETY: the kernels choosing tokens write every row's id.
+        unsafe { self.stream().alloc::<u32>(rows) }.map_err(device_err("allocating token ids"))
+    }
+
     /// Token ids read back, `u32::MAX` (a row that was not finite) as None.
     fn read_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<Option<u32>>> {
         let ids = self
@@ -491,20 +511,11 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, x: &CudaBuf, width: usize) -> Result<Vec<Option<u32>>> {
-        self.check()?;
-        let rows = x.len.checked_div(width).unwrap_or(0);
-        if rows * width != x.len || width > i32::MAX as usize {
-            return Err(EngineError::Device(format!(
-                "argmax_rows: {} floats in rows of {width}",
-                x.len
-            )));
-        }
+        let rows = self.logit_rows("argmax_rows", x, width)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
-        // SAFETY: the kernel writes every row's id.
-        let mut ids = unsafe { self.stream().alloc::<u32>(rows) }
-            .map_err(device_err("allocating token ids"))?;
+        let mut ids = self.id_slots(rows)?;
         let w = width as i32;
         launch!(
             self,
@@ -518,12 +529,10 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, x: &CudaBuf, width: usize, draws: &[Draw]) -> Result<Vec<Option<u32>>> {
-        self.check()?;
-        let rows = x.len.checked_div(width).unwrap_or(0);
-        if rows * width != x.len || width > i32::MAX as usize || draws.len() != rows {
+        let rows = self.logit_rows("sample_rows", x, width)?;
+        if draws.len() != rows {
             return Err(EngineError::Device(format!(
-                "sample_rows: {} floats in rows of {width}, {} draws",
-                x.len,
+                "sample_rows: {rows} rows, {} draws",
                 draws.len()
             )));
         }
@@ -548,9 +557,7 @@ impl Backend for CudaBackend {
             })
             .collect();
         let params = self.upload(&params)?;
-        // SAFETY: the kernel writes every row's id.
-        let mut ids = unsafe { self.stream().alloc::<u32>(rows) }
-            .map_err(device_err("allocating token ids"))?;
+        let mut ids = self.id_slots(rows)?;
         let w = width as i32;
         launch!(
             self,
@@ -561,17 +568,11 @@ impl Backend for CudaBackend {
             &params.view(),
             &mut ids
         )?;
-        let ids = self
-            .stream()
-            .clone_dtoh(&ids)
-            .map_err(device_err("reading token ids"))?;
         // Rows whose candidates a block cannot sort itself (a flat nucleus, a
         // large top-k) or whose scaled logits overflow are drawn here.
-        ids.into_iter()
-            .enumerate()
+        (self.read_ids(&ids)?.into_iter().enumerate())
             .map(|(r, id)| match id {
-                u32::MAX => Ok(None),
-                SAMPLE_ON_HOST => {
+                Some(SAMPLE_ON_HOST) => {
                     let row = x.data.slice(r * width..(r + 1) * width);
                     let row = self
                         .stream()
@@ -579,7 +580,7 @@ impl Backend for CudaBackend {
                         .map_err(device_err("reading a row of logits"))?;
                     Ok(sample_row_host(&row, draws[r]))
                 }
-                id => Ok(Some(id)),
+                id => Ok(id),
             })
             .collect()
     }
