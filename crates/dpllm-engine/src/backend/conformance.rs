@@ -704,6 +704,21 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
             drawn_within_rounding(row, d, t).map_err(|m| format!("sample_rows: row {r}: {m}"))?;
         }
     }
+    // The same draws over rows of an odd width (rows after the first start
+    // off 16-byte boundaries and end in a partial group of four).
+    let odd = 3001;
+    let mut rows: Vec<f32> = rand_vec(&mut rng, draws.len() * odd);
+    for v in &mut rows[..odd] {
+        *v *= 8.0;
+    }
+    let got = be
+        .sample_rows(&be.upload(&rows).map_err(e)?, odd, &draws)
+        .map_err(e)?;
+    for (r, ((row, &d), g)) in rows.chunks(odd).zip(&draws).zip(&got).enumerate() {
+        let t = g.ok_or_else(|| format!("sample_rows: no token for finite row {r} of {odd}"))?;
+        drawn_within_rounding(row, d, t)
+            .map_err(|m| format!("sample_rows: row {r} of {odd}: {m}"))?;
+    }
 
     // RoPE and attention over the backend's KV cache.
     let shape = AttnShape {
