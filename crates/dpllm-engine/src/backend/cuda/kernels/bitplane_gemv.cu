@@ -43,6 +43,13 @@
 
 // (u32, u16, FULL and h2f come from common.cuh, prepended by the host.)
 
+// Blocks of 512 threads a multiprocessor a kernel of NT (4 or 8) tokens at B
+// bits is compiled for: 2, so at most 64 registers a thread, for the 1..4
+// token kernels at 3 and 4 bits (H100, one token: 4-16 % faster on the 8B's
+// shapes but 1024x4096, where 4 bits lost 4 %; 8B decode 3.5 % faster);
+// elsewhere the cap spills (5-8 bits, or 8 tokens: up to 1.9x slower), so 1.
+#define GEMV_MIN_BLOCKS(B, NT) ((NT) == 4 && (B) <= 4 ? 2 : 1)
+
 __device__ __forceinline__ u32 lds32(u32 addr) {
     u32 v;
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
@@ -399,13 +406,15 @@ __device__ __forceinline__ void gemv(
 // e: 4 bits with entry tables (2 KiB a block instead of 64 KiB of pair
 // tables: the host picks them on layers of many tiles, `CudaAnyPrec::tables`).
 #define GEMV_KERNEL_K(B, NT, KIND, E)                                                              \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##E(                \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
+        bitplane_gemv_b##B##_t##NT##E(                                                            \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
         float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                   \
         gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
                                  mask, want);                                                     \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_b##B##_t##NT##s##E(             \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
+        bitplane_gemv_b##B##_t##NT##s##E(                                                         \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
         int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {            \
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
@@ -441,13 +450,15 @@ GEMV_BITS(8)
         gemv<BL, 4, SX, KL>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows,   \
                             rows, kbs, nullptr, 0u);
 #define GEMV_SELECT_KERNEL_K(BL, KL, KH, E)                                                        \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##E(                \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
+        bitplane_gemv_select_b##BL##E(                                                             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
         float c, float thr, float* count, int slot) {                                              \
         GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(512) bitplane_gemv_select_b##BL##x##E(             \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
+        bitplane_gemv_select_b##BL##x##E(                                                          \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
         float c, float thr, float* count, int slot) {                                              \
