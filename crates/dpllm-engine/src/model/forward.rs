@@ -775,9 +775,9 @@ impl<B: Backend> Model<B> {
 
     /// Each row's [`Next`] from the logits in `out` [rows × vocab], as its
     /// readout asks, after the call's deferred checks and counts. Tokens are
-    /// chosen on the backend (one id a row read back) unless a row wants its
-    /// logits: then every row's logits are read and the others chosen here
-    /// from them, alike.
+    /// chosen on the backend (one id a row read back); only the rows that
+    /// want their logits (a logit bias, a repetition penalty) are gathered
+    /// and read back.
     pub(super) fn read_next_rows(
         &self,
         out: &B::Buf,
@@ -786,18 +786,11 @@ impl<B: Backend> Model<B> {
         readouts: &[Readout],
     ) -> Result<Vec<Next>> {
         let (be, vocab) = (&self.backend, self.config.vocab_size);
-        if readouts.contains(&Readout::Logits) {
+        if readouts.iter().all(|r| *r == Readout::Logits) {
             let logits = self.read_logits(out, deferred, stats)?;
-            let rows = logits.chunks(vocab).zip(readouts);
-            return Ok(rows
-                .map(|(row, r)| match *r {
-                    Readout::Logits => Next::Logits(row.to_vec()),
-                    Readout::Argmax => Next::Token(crate::sampler::argmax(row)),
-                    Readout::Sample(d) => Next::Token(crate::sampler::draw(row, d)),
-                })
-                .collect());
+            return Ok(logits.chunks(vocab).map(|r| Next::Logits(r.to_vec())).collect());
         }
-        let ids = if readouts.iter().all(|r| *r == Readout::Argmax) {
+        let ids = if readouts.iter().all(|r| matches!(r, Readout::Argmax | Readout::Logits)) {
             be.argmax_rows(out, vocab)?
         } else {
             let draws: Vec<Draw> = (readouts.iter())
@@ -808,15 +801,32 @@ impl<B: Backend> Model<B> {
                 .collect();
             be.sample_rows(out, vocab, &draws)?
         };
+        let wanted: Vec<bool> = readouts.iter().map(|r| *r == Readout::Logits).collect();
+        let mut logits = match wanted.contains(&true) {
+            true => {
+                let rows = be.gather_rows(out, vocab, &be.mask_from(&wanted)?, true)?;
+                be.download(rows)?
+            }
+            false => Vec::new(),
+        }
+        .into_iter();
         if let Some(d) = deferred {
             d.finish(be, stats)?;
         }
-        (ids.into_iter().enumerate())
-            .map(|(row, id)| {
-                id.map(Next::Token).ok_or_else(|| EngineError::NonFinite {
-                    stage: "the logits (output layer)".into(),
-                    token: row,
-                })
+        let non_finite = |row| EngineError::NonFinite {
+            stage: "the logits (output layer)".into(),
+            token: row,
+        };
+        (ids.into_iter().zip(readouts).enumerate())
+            .map(|(row, (id, r))| match r {
+                Readout::Logits => {
+                    let l: Vec<f32> = logits.by_ref().take(vocab).collect();
+                    match l.iter().all(|v| v.is_finite()) {
+                        true => Ok(Next::Logits(l)),
+                        false => Err(non_finite(row)),
+                    }
+                }
+                _ => id.map(Next::Token).ok_or_else(|| non_finite(row)),
             })
             .collect()
     }
