@@ -1,7 +1,8 @@
 //! The server on a GPU (`--device cuda`): concurrent requests at different
 //! operating points, decoded in shared batched steps, get what each gets
 //! alone (there, single steps replay as CUDA graphs with the precision
-//! decided inside the GEMV); and what the CPU gives. Skips without a GPU.
+//! decided inside the GEMV), a request with a logit bias among them; and
+//! what the CPU gives. Skips without a GPU.
 
 mod common;
 
@@ -24,11 +25,15 @@ async fn on_the_gpu_batched_requests_get_what_each_gets_alone() {
         json!({"bits": 3}),
         json!({"target_bits": 3.5}),
     ];
+    // Requests 1 and 3 keep `greedy`'s logit bias (EOS banned): their rows'
+    // logits come back to the host while 0 and 2 (no bias, may stop at EOS)
+    // have their tokens chosen on the device, in the same batched steps.
     let body = |i: usize| {
-        greedy(
-            96,
-            json!({"prompt": format!("request {i}"), "dpllm": points[i]}),
-        )
+        let mut b = json!({"prompt": format!("request {i}"), "dpllm": points[i]});
+        if i % 2 == 0 {
+            b["logit_bias"] = json!({});
+        }
+        greedy(96, b)
     };
     let (mut alone, mut on_cpu) = (Vec::new(), Vec::new());
     for i in 0..points.len() {
