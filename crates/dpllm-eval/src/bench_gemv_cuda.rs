@@ -41,11 +41,13 @@ pub struct CudaGemvCase {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// "anyprec-4b" or "f16 (cuBLAS)".
+    /// "anyprec-4b", "f16 (cuBLAS)", or "select-3/4" (DP-LLM's in-kernel
+    /// choice between 3 and 4 bits, forced to the variant's bits).
     pub weights: String,
     /// Tokens per call.
     pub tokens: usize,
-    /// The bit-plane kernel's variant ([`GemvVariant::name`]).
+    /// The bit-plane kernel's variant ([`GemvVariant::name`]); for a select
+    /// case, the bits chosen ("4b").
     pub variant: Option<String>,
     /// Mean time per call over the timed calls, microseconds.
     pub us_per_call: f64,
@@ -159,6 +161,31 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                     c.variant = Some(v.name());
                     cases.push(c);
                 }
+            }
+        }
+        // DP-LLM's in-kernel choice between b - 1 and b bits for one token,
+        // forced each way (the estimate from a norm, as decode passes it):
+        // against the plain GEMV at the chosen bits above, its cost.
+        let one = f16_us.iter().find(|(t, _)| *t == 1).map(|&(_, us)| us);
+        let norm = s.clone_htod(&[1.0f32])?;
+        for &b in &cfg.bits {
+            let (Some(f16), low) = (one, b - 1) else { break };
+            if !qs[0].selects_in_kernel(low) {
+                continue;
+            }
+            let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
+            for (chosen, thr) in [(low, 1.0f32), (b, -1.0)] {
+                let mut i = 0;
+                let ms = dev.time_ms(cfg.calls, || {
+                    i += 1;
+                    let (e, mut y) = (norm.slice(..), y32.slice_mut(..rows));
+                    let x = x32.slice(..cols);
+                    qs[i % nb].gemv_select(&x, low, (&e, 0), (0.0, 0.0, thr), None, &mut y)
+                })?;
+                let (bytes, name) = (qs[0].bytes_at(chosen), format!("select-{low}/{b}"));
+                let mut c = case(rows, cols, &name, 1, ms * 1e3, bytes, nb, read, f16);
+                c.variant = Some(format!("{chosen}b"));
+                cases.push(c);
             }
         }
     }

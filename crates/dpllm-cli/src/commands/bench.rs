@@ -52,7 +52,9 @@ pub struct GemvArgs {
         default_value = "4096x4096,14336x4096,4096x14336,1024x384"
     )]
     pub shapes: Vec<String>,
-    /// Precisions of the bit-plane weights.
+    /// Precisions of the bit-plane weights. On a GPU, with 1 in --tokens,
+    /// each b of 4..=8 also times DP-LLM's in-kernel choice between b - 1
+    /// and b bits for one token, forced each way ("select-3/4").
     #[arg(long, value_delimiter = ',', default_value = "3,4,5,6,7,8")]
     pub bits: Vec<u32>,
     /// Bit-plane kernels to time: portable, avx2, avx2-i16, avx512, avx512-vbmi
