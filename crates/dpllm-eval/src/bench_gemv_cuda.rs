@@ -166,10 +166,13 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         // DP-LLM's in-kernel choice between b - 1 and b bits for one token,
         // forced each way (the estimate from a norm, as decode passes it):
         // against the plain GEMV at the chosen bits above, its cost.
-        let one = f16_us.iter().find(|(t, _)| *t == 1).map(|&(_, us)| us);
+        let Some(&(_, f16)) = f16_us.iter().find(|(t, _)| *t == 1) else {
+            continue;
+        };
         let norm = s.clone_htod(&[1.0f32])?;
+        let (e, x) = (norm.slice(..), x32.slice(..cols));
         for &b in &cfg.bits {
-            let (Some(f16), low) = (one, b - 1) else { break };
+            let low = b - 1;
             if !qs[0].selects_in_kernel(low) {
                 continue;
             }
@@ -178,8 +181,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                 let mut i = 0;
                 let ms = dev.time_ms(cfg.calls, || {
                     i += 1;
-                    let (e, mut y) = (norm.slice(..), y32.slice_mut(..rows));
-                    let x = x32.slice(..cols);
+                    let mut y = y32.slice_mut(..rows);
                     qs[i % nb].gemv_select(&x, low, (&e, 0), (0.0, 0.0, thr), None, &mut y)
                 })?;
                 let (bytes, name) = (qs[0].bytes_at(chosen), format!("select-{low}/{b}"));

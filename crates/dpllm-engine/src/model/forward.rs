@@ -118,6 +118,14 @@ impl<'a, B: Backend> EstSrc<'a, B> {
     }
 }
 
+/// The error for a NaN or an infinity in token `token`'s logits.
+fn non_finite_logits(token: usize) -> EngineError {
+    EngineError::NonFinite {
+        stage: "the logits (output layer)".into(),
+        token,
+    }
+}
+
 /// What a forward call reads back once, after its output.
 pub(super) struct Deferred<B: Backend> {
     /// Per checked stage (the attention and MLP output of each layer): the
@@ -752,10 +760,7 @@ impl<B: Backend> Model<B> {
             d.finish(be, stats)?;
         }
         match logits.iter().position(|v| !v.is_finite()) {
-            Some(i) => Err(EngineError::NonFinite {
-                stage: "the logits (output layer)".into(),
-                token: i / vocab.max(1),
-            }),
+            Some(i) => Err(non_finite_logits(i / vocab.max(1))),
             None => Ok(logits),
         }
     }
@@ -813,20 +818,16 @@ impl<B: Backend> Model<B> {
         if let Some(d) = deferred {
             d.finish(be, stats)?;
         }
-        let non_finite = |row| EngineError::NonFinite {
-            stage: "the logits (output layer)".into(),
-            token: row,
-        };
         (ids.into_iter().zip(readouts).enumerate())
             .map(|(row, (id, r))| match r {
                 Readout::Logits => {
                     let l: Vec<f32> = logits.by_ref().take(vocab).collect();
                     match l.iter().all(|v| v.is_finite()) {
                         true => Ok(Next::Logits(l)),
-                        false => Err(non_finite(row)),
+                        false => Err(non_finite_logits(row)),
                     }
                 }
-                _ => id.map(Next::Token).ok_or_else(|| non_finite(row)),
+                _ => id.map(Next::Token).ok_or_else(|| non_finite_logits(row)),
             })
             .collect()
     }
