@@ -142,7 +142,69 @@ fn attend<B: Backend>(
     let mut out = be.zeros(q.len()).unwrap();
     let step = be.step(&[], pos0).unwrap();
     be.attention(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut out);
-    be.download(out).unwrap()
+    let out = be.download(out).unwrap();
+    // The same with the sums of squares of each head's output, where the
+    // backend leaves them: the output unchanged, a sum for each head.
+    let mut again = be.zeros(q.len()).unwrap();
+    let sums =
+        (be.attention_sumsq(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut again)).unwrap();
+    assert_eq!(be.download(again).unwrap(), out, "attention_sumsq's output");
+    if let Some(sums) = sums {
+        assert_eq!(sums.parts, shape.num_heads, "a part a head");
+        let want: Vec<f32> = (out.chunks(shape.head_dim))
+            .map(|h| h.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() as f32)
+            .collect();
+        assert_close(
+            "attention_sumsq",
+            &be.download(sums.sums).unwrap(),
+            &want,
+            1e-5,
+        );
+    }
+    out
+}
+
+#[test]
+fn swiglu_sums_of_squares_match_the_rows() {
+    let Some(be) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    // Llama-3-8B's and SmolLM2's widths, one a part and a bit, and widths not
+    // a multiple of 4 (no float4 path).
+    for (n, width) in [
+        (1usize, 14336usize),
+        (3, 1536),
+        (2, 1025),
+        (4, 6),
+        (1, 1023),
+    ] {
+        let (g, u) = (rand_vec(&mut rng, n * width), rand_vec(&mut rng, n * width));
+        let mut want = be.upload(&g).unwrap();
+        be.swiglu(&mut want, &be.upload(&u).unwrap());
+        let want = be.download(want).unwrap();
+        let mut got = be.upload(&g).unwrap();
+        let sums = (be.swiglu_sumsq(&mut got, &be.upload(&u).unwrap(), n))
+            .unwrap()
+            .expect("the CUDA backend leaves the sums");
+        assert_eq!(be.download(got).unwrap(), want, "{n}x{width}: output");
+        let parts = width.div_ceil(1024);
+        assert_eq!(sums.parts, parts, "{n}x{width}: parts of 1024");
+        let part_sums: Vec<f32> = (want.chunks(width))
+            .flat_map(|r| {
+                r.chunks(1024)
+                    .map(|p| p.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() as f32)
+            })
+            .collect();
+        assert_close(
+            &format!("{n}x{width}: sums of squares"),
+            &be.download(sums.sums).unwrap(),
+            &part_sums,
+            1e-5,
+        );
+    }
+    // Rows that do not divide the buffer are an error, not a wrong answer.
+    let mut g = be.zeros(10).unwrap();
+    assert!(be.swiglu_sumsq(&mut g, &be.zeros(10).unwrap(), 3).is_err());
+    assert!(be.swiglu_sumsq(&mut g, &be.zeros(10).unwrap(), 0).is_err());
 }
 
 #[test]
@@ -509,9 +571,23 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
             (&Estimator::None, -1.0, true),
             (&Estimator::None, 1.0, false),
         ];
-        // The input's rows, or (but for JL) its norm alone, as a residual add leaves it.
+        // The input's rows, or (but for JL) its norm alone, as a residual add
+        // leaves it, or its sum of squares in 37 parts or fewer (as SwiGLU and
+        // attention leave them; more than a warp's lanes).
         let xe_norm = be.upload(&[norm]).unwrap();
-        let inputs = [EstInput::Rows(&xe), EstInput::Norms(&xe_norm)];
+        let part = cols.div_ceil(37);
+        let sums: Vec<f32> = (xe_host.chunks(part))
+            .map(|p| p.iter().map(|v| v * v).sum())
+            .collect();
+        let xe_sums = be.upload(&sums).unwrap();
+        let inputs = [
+            EstInput::Rows(&xe),
+            EstInput::Norms(&xe_norm),
+            EstInput::SumSq {
+                sums: &xe_sums,
+                parts: sums.len(),
+            },
+        ];
         for low in 3..=7u32 {
             for ((i, &(est, threshold, high)), input) in cases
                 .iter()
@@ -554,6 +630,7 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                 let kind = match input {
                     EstInput::Rows(_) => "rows",
                     EstInput::Norms(_) => "norm",
+                    EstInput::SumSq { .. } => "sums of squares",
                 };
                 let what = format!(
                     "{rows}x{cols}, {low} or {} bits, case {i} ({kind})",

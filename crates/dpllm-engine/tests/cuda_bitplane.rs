@@ -122,6 +122,7 @@ fn kernels_compile_for_every_target() {
                 "attention_h",
                 "rope_store_h",
                 "kv_store_h",
+                "swiglu_sumsq",
                 "sample_rows",
             ],
         ),

@@ -2,7 +2,7 @@
 //! count against cuBLAS on f16 weights (what PyTorch runs at batch 1..8), both
 //! as a fraction of the GPU's read bandwidth measured in the same run.
 
-use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, EstForm, GemvVariant, MAX_TOKENS};
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::{CudaBackend, CudaDevice};
 use dpllm_engine::backend::AnyPrecHost;
@@ -182,7 +182,14 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                 let ms = dev.time_ms(cfg.calls, || {
                     i += 1;
                     let mut y = y32.slice_mut(..rows);
-                    qs[i % nb].gemv_select(&x, low, (&e, 0), (0.0, 0.0, thr), None, &mut y)
+                    qs[i % nb].gemv_select(
+                        &x,
+                        low,
+                        (&e, EstForm::Norm),
+                        (0.0, 0.0, thr),
+                        None,
+                        &mut y,
+                    )
                 })?;
                 let (bytes, name) = (qs[0].bytes_at(chosen), format!("select-{low}/{b}"));
                 let mut c = case(rows, cols, &name, 1, ms * 1e3, bytes, nb, read, f16);

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{AnyPrecHost, AttnShape, Backend, DenseHost, EstInput, Estimator, InputNorms};
+use super::{AnyPrecHost, AttnShape, Backend, DenseHost, EstInput, Estimator, InputNorms, SumSq};
 use crate::sampler::Draw;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -31,6 +31,33 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Sums of squares a kernel left (`sums`, for `n` tokens) against the rows
+/// they stand for (`rows`, [n × width] as computed by the reference): each
+/// token's parts total its row's squared norm.
+fn sums_match<B: Backend>(
+    be: &B,
+    what: &str,
+    sums: SumSq<B>,
+    rows: &[f64],
+    n: usize,
+) -> Result<(), String> {
+    let got = be.download(sums.sums).map_err(|e| e.to_string())?;
+    if sums.parts == 0 || got.len() != n * sums.parts {
+        return Err(format!(
+            "{what}: {} sums in parts of {}",
+            got.len(),
+            sums.parts
+        ));
+    }
+    let totals: Vec<f32> = (got.chunks(sums.parts))
+        .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() as f32)
+        .collect();
+    let want: Vec<f64> = (rows.chunks(rows.len() / n))
+        .map(|r| r.iter().map(|v| v * v).sum())
+        .collect();
+    close(what, &totals, &want, 1e-5)
 }
 
 /// Whether token `t` is the draw `d` of [`Backend::sample_rows`] from `row`:
@@ -241,15 +268,22 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     let mut g = be.upload(&x).map_err(e)?;
     be.swiglu(&mut g, &by);
     let silu = |v: f64| v / (1.0 + (-v).exp());
+    let swiglu_ref: Vec<f64> = (x.iter().zip(&y))
+        .map(|(a, b)| silu(*a as f64) * *b as f64)
+        .collect();
+    close("swiglu", &be.download(g).map_err(e)?, &swiglu_ref, 1e-5)?;
+    // The same with the output rows' sums of squares where the backend leaves them.
+    let mut g = be.upload(&x).map_err(e)?;
+    let sums = be.swiglu_sumsq(&mut g, &by, n).map_err(e)?;
     close(
-        "swiglu",
+        "swiglu_sumsq",
         &be.download(g).map_err(e)?,
-        &x.iter()
-            .zip(&y)
-            .map(|(a, b)| silu(*a as f64) * *b as f64)
-            .collect::<Vec<_>>(),
+        &swiglu_ref,
         1e-5,
     )?;
+    if let Some(sums) = sums {
+        sums_match(be, "swiglu_sumsq: sums of squares", sums, &swiglu_ref, n)?;
+    }
     let mut c = be.zeros(0).map_err(e)?;
     be.copy(&bx, &mut c);
     close("copy", &be.download(c).map_err(e)?, &f64s(&x), 0.0)?;
@@ -581,6 +615,50 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
     if be.estimate(&jl, EstInput::Norms(&bnorms), n, tau).is_ok() {
         return Err("estimate: a JL estimator given only norms must be an error".into());
     }
+    // And from their sums of squares in parts (of 5 values; the last shorter).
+    let parts = d.div_ceil(5);
+    let sumsq: Vec<f32> = (x.chunks(d))
+        .flat_map(|r| r.chunks(5).map(|p| p.iter().map(|v| v * v).sum::<f32>()))
+        .collect();
+    let bsums = be.upload(&sumsq).map_err(e)?;
+    let from_sums = EstInput::SumSq {
+        sums: &bsums,
+        parts,
+    };
+    let est_lin: Vec<f64> = (x.chunks(d))
+        .map(|r| a as f64 * r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() + c as f64)
+        .collect();
+    close(
+        "estimates (norm regression, from sums of squares)",
+        &be.download(be.estimates(&regression, from_sums, n).map_err(e)?)
+            .map_err(e)?,
+        &est_lin,
+        1e-5,
+    )?;
+    let m = be.estimate(&regression, from_sums, n, tau_lin).map_err(e)?;
+    if be.mask_count(&m).map_err(e)? != n - 1 {
+        return Err(
+            "estimate (norm regression, from sums of squares): want every row but one high".into(),
+        );
+    }
+    let short = EstInput::SumSq {
+        sums: &bsums,
+        parts: parts + 1,
+    };
+    let no_parts = EstInput::SumSq {
+        sums: &bsums,
+        parts: 0,
+    };
+    for (what, bad) in [("too few sums", short), ("no parts", no_parts)] {
+        if be.estimate(&regression, bad, n, tau_lin).is_ok() {
+            return Err(format!(
+                "estimate: sums of squares with {what} must be an error"
+            ));
+        }
+    }
+    if be.estimate(&jl, from_sums, n, tau).is_ok() {
+        return Err("estimate: a JL estimator given only sums of squares must be an error".into());
+    }
     let lin = Estimator::<B>::Linear { a: 0.0, c: 1.0 };
     if be
         .mask_count(&be.estimate(&lin, EstInput::Rows(&bx), n, 0.5).map_err(e)?)
@@ -814,6 +892,25 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         }
     }
     close("attention", &be.download(att).map_err(e)?, &att_ref, 1e-5)?;
+    let mut att = be.zeros(m * qd).map_err(e)?;
+    let sums = (be.attention_sumsq(
+        &be.upload(&q_rot).map_err(e)?,
+        &kv,
+        1,
+        &step,
+        shape,
+        &mut att,
+    ))
+    .map_err(e)?;
+    close(
+        "attention_sumsq",
+        &be.download(att).map_err(e)?,
+        &att_ref,
+        1e-5,
+    )?;
+    if let Some(sums) = sums {
+        sums_match(be, "attention_sumsq: sums of squares", sums, &att_ref, m)?;
+    }
     if be.kv_bytes(&kv) != 2 * (pos0 + m) * kvd * kvt.bytes() {
         return Err(format!(
             "kv_bytes: {} after {} positions of width {kvd}",

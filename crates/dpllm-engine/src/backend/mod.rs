@@ -106,13 +106,74 @@ pub struct Step<D> {
 
 /// What a DP-LLM estimator reads for `n` tokens: the rows of its input
 /// [n × in] (the linear's input, or the asynchronous approximation of it), or
-/// only their Euclidean norms [n], left by the kernel that made the input
-/// ([`Backend::add_checked_norm`]): all the norm regression needs.
+/// what the norm regression needs of them, left by the kernel that made the
+/// input: their Euclidean norms [n] ([`Backend::add_checked_norm`]), or
+/// their sums of squares in parts ([`SumSq`]).
 pub enum EstInput<'a, B: Backend> {
     /// The input's rows.
     Rows(&'a B::Buf),
     /// The rows' norms.
     Norms(&'a B::Buf),
+    /// Per token, `parts` sums of squares whose total is the row's squared
+    /// norm ([n × parts]).
+    SumSq {
+        /// The sums.
+        sums: &'a B::Buf,
+        /// Sums a token.
+        parts: usize,
+    },
+}
+
+impl<'a, B: Backend> EstInput<'a, B> {
+    /// Values a token of this input holds, for rows of `width` values.
+    pub fn per_token(&self, width: usize) -> usize {
+        match self {
+            EstInput::Rows(_) => width,
+            EstInput::Norms(_) => 1,
+            EstInput::SumSq { parts, .. } => *parts,
+        }
+    }
+
+    /// The buffer the values are in.
+    pub fn buf(&self) -> &'a B::Buf {
+        match self {
+            EstInput::Rows(b) | EstInput::Norms(b) | EstInput::SumSq { sums: b, .. } => b,
+        }
+    }
+
+    /// The same kind of input from another buffer (the picked tokens' values).
+    pub fn with_buf<'b>(&self, buf: &'b B::Buf) -> EstInput<'b, B> {
+        match self {
+            EstInput::Rows(_) => EstInput::Rows(buf),
+            EstInput::Norms(_) => EstInput::Norms(buf),
+            EstInput::SumSq { parts, .. } => EstInput::SumSq {
+                sums: buf,
+                parts: *parts,
+            },
+        }
+    }
+}
+
+/// Per-token sums of squares of a kernel's output rows, `parts` a token
+/// ([n × parts]; their total is the row's squared norm), written as the
+/// kernel writes the rows ([`Backend::swiglu_sumsq`],
+/// [`Backend::attention_sumsq`]): what the norm regression of the linear
+/// that reads those rows needs, without reading them again.
+pub struct SumSq<B: Backend> {
+    /// The sums.
+    pub sums: B::Buf,
+    /// Sums a token.
+    pub parts: usize,
+}
+
+impl<B: Backend> SumSq<B> {
+    /// These sums as an estimator input.
+    pub fn input(&self) -> EstInput<'_, B> {
+        EstInput::SumSq {
+            sums: &self.sums,
+            parts: self.parts,
+        }
+    }
 }
 
 impl<B: Backend> Clone for EstInput<'_, B> {
@@ -555,8 +616,37 @@ pub trait Backend: Clone + Send + Sync + 'static {
         shape: AttnShape,
         out: &mut Self::Buf,
     );
+    /// [`Backend::attention`], also leaving the sums of squares of the
+    /// output's rows ([`SumSq`]) where this backend's kernel can do so as it
+    /// writes them; None where it cannot (then the estimators read the rows).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_sumsq(
+        &self,
+        q: &Self::Buf,
+        kv: &Self::Kv,
+        layer: usize,
+        step: &Step<Self::StepData>,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    ) -> Result<Option<SumSq<Self>>> {
+        self.attention(q, kv, layer, step, shape, out);
+        Ok(None)
+    }
     /// `gate = silu(gate) ⊙ up`.
     fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// [`Backend::swiglu`] over `n` rows, also leaving the sums of squares of
+    /// the output's rows ([`SumSq`]) where this backend's kernel can;
+    /// None where it cannot.
+    fn swiglu_sumsq(
+        &self,
+        gate: &mut Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+    ) -> Result<Option<SumSq<Self>>> {
+        let _ = n;
+        self.swiglu(gate, up);
+        Ok(None)
+    }
     /// `h += x`.
     fn add(&self, h: &mut Self::Buf, x: &Self::Buf);
     /// `h += x`, then [`Backend::flag_non_finite`] on `h` (a device backend

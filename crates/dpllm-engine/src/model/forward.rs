@@ -3,7 +3,7 @@
 //! finiteness checks and per-token precision counts are kept in backend
 //! buffers ([`Deferred`]) and read once, after the output.
 
-use crate::backend::{AttnShape, Backend, EstInput, Estimator, InputNorms, RopeArgs, Step};
+use crate::backend::{AttnShape, Backend, EstInput, Estimator, InputNorms, RopeArgs, Step, SumSq};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -86,29 +86,28 @@ struct Scratch<B: Backend> {
     norm_before: B::Buf,
 }
 
-/// Where a group of linears (q/k/v, gate/up) finds its estimator input: its
-/// rows where they were made, and their norms where a kernel left them.
+/// Where a linear (or a group: q/k/v, gate/up) finds its estimator input:
+/// its rows where they were made, and what the norm regression reads of
+/// them (their norms, or sums of squares) where a kernel left it.
 struct EstSrc<'a, B: Backend> {
     rows: Option<&'a B::Buf>,
-    norms: Option<&'a B::Buf>,
+    norms: Option<EstInput<'a, B>>,
 }
 
 impl<'a, B: Backend> EstSrc<'a, B> {
-    /// Only the rows.
-    fn rows(rows: &'a B::Buf) -> Self {
+    /// The rows, and their sums of squares when the kernel that made them left them.
+    fn rows(rows: &'a B::Buf, sums: Option<&'a SumSq<B>>) -> Self {
         EstSrc {
             rows: Some(rows),
-            norms: None,
+            norms: sums.map(SumSq::input),
         }
     }
 
-    /// The input for `est`: the norms when they are there and enough for it,
-    /// else the rows.
+    /// The input for `est`: the norms (or sums) when they are there and
+    /// enough for it, else the rows.
     fn input(&self, est: Option<&Estimator<B>>) -> Result<EstInput<'a, B>> {
         match (self.norms, est) {
-            (Some(n), Some(Estimator::None | Estimator::Linear { .. }) | None) => {
-                Ok(EstInput::Norms(n))
-            }
+            (Some(n), Some(Estimator::None | Estimator::Linear { .. }) | None) => Ok(n),
             _ => self.rows.map(EstInput::Rows).ok_or_else(|| {
                 EngineError::Device(
                     "an estimator needs its input's rows, which were not made".into(),
@@ -230,32 +229,23 @@ pub(super) enum Counting<'b, B: Backend> {
 }
 
 /// An estimator input of the rows of a call, taken out of its buffer.
-struct OwnedInput<B: Backend> {
+struct OwnedInput<'a, B: Backend> {
     buf: B::Buf,
-    norms: bool,
+    /// The input it was taken from (its kind).
+    like: EstInput<'a, B>,
 }
 
-impl<B: Backend> OwnedInput<B> {
+impl<'a, B: Backend> OwnedInput<'a, B> {
     /// The rows of `input` (of `width` per row) that `mask` picks.
-    fn gather(be: &B, input: EstInput<'_, B>, width: usize, mask: &B::Mask) -> Result<Self> {
-        Ok(match input {
-            EstInput::Rows(b) => OwnedInput {
-                buf: be.gather_rows(b, width, mask, true)?,
-                norms: false,
-            },
-            EstInput::Norms(b) => OwnedInput {
-                buf: be.gather_rows(b, 1, mask, true)?,
-                norms: true,
-            },
+    fn gather(be: &B, input: EstInput<'a, B>, width: usize, mask: &B::Mask) -> Result<Self> {
+        Ok(OwnedInput {
+            buf: be.gather_rows(input.buf(), input.per_token(width), mask, true)?,
+            like: input,
         })
     }
 
     fn input(&self) -> EstInput<'_, B> {
-        if self.norms {
-            EstInput::Norms(&self.buf)
-        } else {
-            EstInput::Rows(&self.buf)
-        }
+        self.like.with_buf(&self.buf)
     }
 }
 
@@ -270,6 +260,9 @@ struct BlockRun<'a, 'g, 'b, B: Backend> {
     /// Global index of the block's first linear (for the counters).
     offset: usize,
     n: usize,
+    /// Some group picks precisions per token (a dynamic plan whose linears
+    /// are not all at one precision).
+    selects: bool,
 }
 
 impl<B: Backend> BlockRun<'_, '_, '_, B> {
@@ -356,9 +349,10 @@ impl<B: Backend> BlockRun<'_, '_, '_, B> {
         any_async_rows(self.groups, self.layer, range)
     }
 
-    /// True when the norms of the estimator inputs are kept ([`Scratch`]).
+    /// True when the kernels that make estimator inputs leave their norms
+    /// (or sums of squares): some group's plan picks precisions per token.
     fn wants_norms(&self) -> bool {
-        (self.groups.iter()).any(|g| matches!(g.prec, Precision::Dynamic(_)))
+        self.selects
     }
 }
 
@@ -552,6 +546,10 @@ impl<B: Backend> Model<B> {
             Some(b) => be.rms_norm(&h, &b.attn_norm, c.rms_norm_eps, &mut s.xn),
             None => be.rms_norm(&h, &self.final_norm, c.rms_norm_eps, &mut s.xn),
         }
+        let selects = (groups.iter()).any(|g| match g.prec {
+            Precision::Dynamic(p) => p.selects(),
+            _ => false,
+        });
         let mut offset = 0;
         for (l, block) in self.blocks.iter().enumerate() {
             // What the block leaves for the next: its input normed, and the
@@ -575,6 +573,7 @@ impl<B: Backend> Model<B> {
                 deferred,
                 offset,
                 n,
+                selects,
             };
             self.block_forward(l, (block, next), &mut h, seqs, &mut s, &mut run)?;
             offset += block.linears().len();
@@ -612,13 +611,13 @@ impl<B: Backend> Model<B> {
         let xe = match (qkv_async, norms) {
             (true, _) => EstSrc {
                 rows: qkv_rows.then_some(&s.xe),
-                norms: Some(&s.norm_before),
+                norms: Some(EstInput::Norms(&s.norm_before)),
             },
             (false, true) => EstSrc {
                 rows: Some(&s.xn),
-                norms: Some(&s.norm_after),
+                norms: Some(EstInput::Norms(&s.norm_after)),
             },
-            (false, false) => EstSrc::rows(&s.xn),
+            (false, false) => EstSrc::rows(&s.xn, None),
         };
         match &b.qkv {
             QkvProj::Separate { q, k, v } => {
@@ -634,10 +633,12 @@ impl<B: Backend> Model<B> {
             be.rms_norm_inplace(&mut s.q, qn, eps);
             be.rms_norm_inplace(&mut s.k, kn, eps);
         }
+        let mut att_sums = None;
         for seq in seqs.iter_mut() {
-            self.attend(l, seq, s)?;
+            self.attend(l, seq, s, run.wants_norms().then_some(&mut att_sums))?;
         }
-        run.run(nq, &b.o_proj, &s.att, &EstSrc::rows(&s.att), &mut s.out)?;
+        let xe = EstSrc::rows(&s.att, att_sums.as_ref());
+        run.run(nq, &b.o_proj, &s.att, &xe, &mut s.out)?;
         let gu = nq + 1..nq + 1 + b.gate_up_linears();
         // gate/up estimators: the residual before the attention output, normed
         // with the MLP norm (asynchronous), or xn; the add leaves both norms.
@@ -651,13 +652,13 @@ impl<B: Backend> Model<B> {
         let xe = match (mlp_async, norms) {
             (true, _) => EstSrc {
                 rows: mlp_rows.then_some(&s.xe),
-                norms: Some(&s.norm_before),
+                norms: Some(EstInput::Norms(&s.norm_before)),
             },
             (false, true) => EstSrc {
                 rows: Some(&s.xn),
-                norms: Some(&s.norm_after),
+                norms: Some(EstInput::Norms(&s.norm_after)),
             },
-            (false, false) => EstSrc::rows(&s.xn),
+            (false, false) => EstSrc::rows(&s.xn, None),
         };
         match &b.gate_up {
             GateUpProj::Separate { gate, up } => {
@@ -668,14 +669,17 @@ impl<B: Backend> Model<B> {
                 run.run_fused(gu.start, f, &s.xn, &xe, &mut [&mut s.gate, &mut s.up])?
             }
         }
-        be.swiglu(&mut s.gate, &s.up);
-        run.run(
-            gu.end,
-            &b.down_proj,
-            &s.gate,
-            &EstSrc::rows(&s.gate),
-            &mut s.out,
-        )?;
+        // The down estimator's input: the SwiGLU output, whose sums of
+        // squares its kernel leaves under a dynamic plan (where it can).
+        let mlp_sums = match run.wants_norms() {
+            true => be.swiglu_sumsq(&mut s.gate, &s.up, run.n)?,
+            false => {
+                be.swiglu(&mut s.gate, &s.up);
+                None
+            }
+        };
+        let xe = EstSrc::rows(&s.gate, mlp_sums.as_ref());
+        run.run(gu.end, &b.down_proj, &s.gate, &xe, &mut s.out)?;
         // The next block's q/k/v estimators read this residual (before the
         // MLP output), as rows when one of them needs more than its norm.
         if next_rows {
@@ -687,7 +691,16 @@ impl<B: Backend> Model<B> {
     /// RoPE of `seq`'s rows of q and k, their keys and values into its cache
     /// (layer `l`), and its attention output into `s.att`: on the call's
     /// buffers when it is the only sequence, else on its rows taken out.
-    fn attend(&self, l: usize, seq: &mut Seq<'_, '_, B>, s: &mut Scratch<B>) -> Result<()> {
+    /// With `sums`, the sums of squares of its output rows go there too (the
+    /// o estimator's input; [`Backend::attention_sumsq`]), into the call's
+    /// [n × parts] sums, made by the first sequence.
+    fn attend(
+        &self,
+        l: usize,
+        seq: &mut Seq<'_, '_, B>,
+        s: &mut Scratch<B>,
+        sums: Option<&mut Option<SumSq<B>>>,
+    ) -> Result<()> {
         let (be, c) = (&self.backend, &self.config);
         let rope = || RopeArgs {
             heads: c.num_heads,
@@ -702,10 +715,23 @@ impl<B: Backend> Model<B> {
             head_dim: c.head_dim,
             window: c.sliding_window,
         };
+        let attention = |q: &B::Buf, cache: &KvCache<B>, out: &mut B::Buf, sums: bool| {
+            let (store, step) = (cache.store(), seq.step);
+            match sums {
+                true => be.attention_sumsq(q, store, l, step, shape, out),
+                false => {
+                    be.attention(q, store, l, step, shape, out);
+                    Ok(None)
+                }
+            }
+        };
         let Some(pick) = &seq.pick else {
             let qkv = (&mut s.q, &mut s.k, &s.v);
             seq.cache.append_rotated(l, qkv, seq.step, rope())?;
-            be.attention(&s.q, seq.cache.store(), l, seq.step, shape, &mut s.att);
+            let made = attention(&s.q, seq.cache, &mut s.att, sums.is_some())?;
+            if let Some(slot) = sums {
+                *slot = made;
+            }
             return Ok(());
         };
         let (r, n) = (seq.row0, seq.step.tokens.len());
@@ -715,8 +741,20 @@ impl<B: Backend> Model<B> {
         seq.cache
             .append_rotated(l, (&mut q, &mut k, &v), seq.step, rope())?;
         let mut att = be.zeros(n * c.q_dim())?;
-        be.attention(&q, seq.cache.store(), l, seq.step, shape, &mut att);
+        let made = attention(&q, seq.cache, &mut att, sums.is_some())?;
         be.scatter_rows(&att, c.q_dim(), pick, true, &mut s.att);
+        if let (Some(slot), Some(mine)) = (sums, made) {
+            if slot.is_none() {
+                let rows = be.len(&s.att) / c.q_dim().max(1);
+                *slot = Some(SumSq {
+                    sums: be.zeros(rows * mine.parts)?,
+                    parts: mine.parts,
+                });
+            }
+            if let Some(all) = slot {
+                be.scatter_rows(&mine.sums, mine.parts, pick, true, &mut all.sums);
+            }
+        }
         Ok(())
     }
 
@@ -793,9 +831,15 @@ impl<B: Backend> Model<B> {
         let (be, vocab) = (&self.backend, self.config.vocab_size);
         if readouts.iter().all(|r| *r == Readout::Logits) {
             let logits = self.read_logits(out, deferred, stats)?;
-            return Ok(logits.chunks(vocab).map(|r| Next::Logits(r.to_vec())).collect());
+            return Ok(logits
+                .chunks(vocab)
+                .map(|r| Next::Logits(r.to_vec()))
+                .collect());
         }
-        let ids = if readouts.iter().all(|r| matches!(r, Readout::Argmax | Readout::Logits)) {
+        let ids = if readouts
+            .iter()
+            .all(|r| matches!(r, Readout::Argmax | Readout::Logits))
+        {
             be.argmax_rows(out, vocab)?
         } else {
             let draws: Vec<Draw> = (readouts.iter())

@@ -141,6 +141,12 @@ impl<B: Backend> Clone for RuntimePlan<B> {
 }
 
 impl<B: Backend> RuntimePlan<B> {
+    /// True when some linear picks its precision per token (a static plan's
+    /// linears each run at one precision, so its forward calls make no estimator inputs).
+    pub fn selects(&self) -> bool {
+        self.blocks.iter().flatten().any(LinearSelect::selects)
+    }
+
     /// Load the plan at `path` (with the estimator file beside it) for `model`.
     pub fn load(path: &Path, model: &Model<B>) -> Result<RuntimePlan<B>> {
         let plan = Plan::load(path)?;

@@ -208,17 +208,25 @@ impl Backend for CpuBackend {
         input: EstInput<'_, Self>,
         n: usize,
     ) -> Result<Vec<f32>> {
-        match (input, est) {
-            (EstInput::Rows(x), _) => Ok(estimate::estimate(est, x, n)),
-            (EstInput::Norms(v), _) if v.len() != n => Err(EngineError::Device(format!(
-                "{} estimator input norms for {n} tokens",
-                v.len()
-            ))),
-            (EstInput::Norms(v), Estimator::Linear { a, c }) => {
-                Ok(v.iter().map(|v| a * v + c).collect())
+        let norms: Vec<f32> = match input {
+            EstInput::Rows(x) => return Ok(estimate::estimate(est, x, n)),
+            EstInput::Norms(v) if v.len() == n => v.clone(),
+            EstInput::SumSq { sums, parts } if parts > 0 && sums.len() == n * parts => (sums
+                .chunks(parts))
+            .map(|p| p.iter().map(|&v| v as f64).sum::<f64>().sqrt() as f32)
+            .collect(),
+            other => {
+                return Err(EngineError::Device(format!(
+                    "{} estimator input values for {n} tokens of {} each",
+                    other.buf().len(),
+                    other.per_token(0)
+                )))
             }
-            (EstInput::Norms(_), Estimator::None) => Ok(vec![0.0; n]),
-            (EstInput::Norms(_), Estimator::Jl { .. }) => Err(needs_rows(est)),
+        };
+        match est {
+            Estimator::Linear { a, c } => Ok(norms.iter().map(|v| a * v + c).collect()),
+            Estimator::None => Ok(vec![0.0; n]),
+            Estimator::Jl { .. } => Err(needs_rows(est)),
         }
     }
 

@@ -14,15 +14,15 @@ use cudarc::driver::{
     CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, PushKernelArg,
 };
 
-use super::bitplane::CudaAnyPrec;
+use super::bitplane::{CudaAnyPrec, EstForm};
 use super::dense::CudaDense;
 use super::kv::CudaKv;
 use super::linear::CudaAnyPrecLinear;
-use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM};
+use super::ops::{OpsKernels, ATT_MAX_HEAD_DIM, SWIGLU_PART};
 use super::{device_err, CudaDevice};
 use crate::backend::{
     decided_by_mask, needs_rows, sample_row_host, AnyPrecHost, AttnShape, Backend, Decide,
-    DenseHost, EstInput, Estimator, InputNorms, KvDtype, RopeArgs, Step,
+    DenseHost, EstInput, Estimator, InputNorms, KvDtype, RopeArgs, Step, SumSq,
 };
 use crate::error::{EngineError, Result};
 use crate::sampler::Draw;
@@ -224,14 +224,14 @@ impl CudaBackend {
             });
         }
         let mut projected = None;
-        let (src, d, a, c) = self.estimator_input(est, input, n, &mut projected)?;
-        let (di, si) = (d as i32, count.as_ref().map_or(0, |c| c.1) as i32);
+        let (src, form, a, c) = self.estimator_input(est, input, n, &mut projected)?;
+        let (di, si) = (form.n_e(), count.as_ref().map_or(0, |c| c.1) as i32);
         let mut counts = count.map(|(b, _)| b.view_mut());
         let (count_ptr, _in_use) = optional_ptr(counts.as_mut(), self.stream());
         launch!(
             self,
             "decide_norm",
-            self.ops.per_row(n, d),
+            self.ops.per_row(n, form.per_token()),
             &src.view(),
             &di,
             &a,
@@ -267,37 +267,44 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// What a decision takes the norm of, its row width, and its (a, c) in
+    /// What a decision takes the norm of, in what form, and its (a, c) in
     /// a·||·|| + c: the `n` rows of the input, or their JL projection (made
-    /// into `projected`); or width 0 for the rows' norms themselves (the
-    /// kernels' convention for a norm left by the input's producer).
+    /// into `projected`); or the rows' norms, or the parts of their sums of
+    /// squares, left by the input's producer.
     fn estimator_input<'a>(
         &self,
         est: &Estimator<Self>,
         input: EstInput<'a, Self>,
         n: usize,
         projected: &'a mut Option<CudaBuf>,
-    ) -> Result<(&'a CudaBuf, usize, f32, f32)> {
-        let width = |x: &CudaBuf| x.len.checked_div(n).unwrap_or(0);
-        Ok(match (input, est) {
-            (EstInput::Norms(v), _) if v.len != n => {
-                return Err(EngineError::Device(format!(
-                    "{} estimator input norms for {n} tokens",
-                    v.len
-                )))
-            }
-            (EstInput::Norms(_), Estimator::Jl { .. }) => return Err(needs_rows(est)),
+    ) -> Result<(&'a CudaBuf, EstForm, f32, f32)> {
+        let (a, c) = match est {
             // No estimator: every estimate is 0.
-            (EstInput::Norms(v), Estimator::None) => (v, 0, 0.0, 0.0),
-            (EstInput::Norms(v), Estimator::Linear { a, c }) => (v, 0, *a, *c),
-            (EstInput::Rows(x), Estimator::None) => (x, width(x), 0.0, 0.0),
-            (EstInput::Rows(x), Estimator::Linear { a, c }) => (x, width(x), *a, *c),
-            (EstInput::Rows(x), Estimator::Jl { k, g, bias }) => {
+            Estimator::None => (0.0, 0.0),
+            Estimator::Linear { a, c } => (*a, *c),
+            Estimator::Jl { k, g, bias } => {
+                let EstInput::Rows(x) = input else {
+                    return Err(needs_rows(est));
+                };
                 let mut gx = self.zeros(n * k)?;
                 self.dense_into(g, x, n, &mut gx)?;
-                (projected.insert(gx), *k, 1.0, *bias)
+                return Ok((projected.insert(gx), EstForm::Rows(*k), 1.0, *bias));
             }
-        })
+        };
+        let (buf, form) = match input {
+            EstInput::Rows(x) => (x, EstForm::Rows(x.len.checked_div(n).unwrap_or(0))),
+            EstInput::Norms(v) => (v, EstForm::Norm),
+            EstInput::SumSq { sums, parts } => (sums, EstForm::SumSq(parts)),
+        };
+        // A row of no values would read as a norm (the kernels' n_e = 0).
+        let empty = matches!(form, EstForm::Rows(0) | EstForm::SumSq(0));
+        if n > 0 && (empty || buf.len != n * form.per_token()) {
+            return Err(EngineError::Device(format!(
+                "{} estimator input values for {n} tokens in the form {form:?}",
+                buf.len
+            )));
+        }
+        Ok((buf, form, a, c))
     }
 
     /// A step as the kernels read it: [pos0, tokens...].
@@ -408,18 +415,101 @@ impl CudaBackend {
         Ok((gbs(8 * n, copy), gbs(4 * n, read)))
     }
 
-    /// `out[t] = a·||x_t|| + c` for the `n` rows of `x` of width `d` (d = 0:
-    /// x holds their norms).
-    fn row_norms(&self, x: &CudaBuf, n: usize, d: usize, a: f32, c: f32) -> Result<CudaBuf> {
+    /// [`Backend::attention`], with `sumsq` [n × heads] the sums of squares
+    /// of each head's output ([`Backend::attention_sumsq`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_into(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        step: &Step<CudaSlice<u32>>,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+        mut sumsq: Option<&mut CudaBuf>,
+    ) -> Result<()> {
+        let pos0 = step.pos0;
+        let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let qd = nh * hd;
+        let n = q.len / qd.max(1);
+        Self::want_len("attention output", out, q.len)?;
+        if let Some(sums) = &sumsq {
+            Self::want_len("attention sums of squares", sums, n * nh)?;
+        }
+        if hd > ATT_MAX_HEAD_DIM || nkv == 0 || !nh.is_multiple_of(nkv) || n * qd != q.len {
+            return Err(EngineError::Device(format!(
+                "attention: {nh} heads over {nkv} KV heads of dimension {hd} \
+                     (at most {ATT_MAX_HEAD_DIM}) for {} values",
+                q.len
+            )));
+        }
+        let Some((k, v)) = kv.layer(layer).filter(|_| kv.positions(layer) >= pos0 + n) else {
+            return Err(EngineError::Device(format!(
+                "attention: layer {layer} of the KV cache holds {} positions, not {}",
+                kv.positions(layer),
+                pos0 + n
+            )));
+        };
+        let (h, hk, d) = (nh as i32, nkv as i32, hd as i32);
+        let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let spans = self.ops.attention_spans(kv.capacity(layer), nh * n);
+        // With one span the kernel writes `out` and never touches `part`.
+        let mut part = self.alloc(
+            if spans > 1 {
+                n * nh * spans * (2 + hd)
+            } else {
+                1
+            },
+            "attention spans",
+        )?;
+        let mut sums = sumsq.as_mut().map(|b| b.view_mut());
+        let (sums_ptr, _in_use) = optional_ptr(sums.as_mut(), self.stream());
+        launch!(
+            self,
+            kv.kernel("attention"),
+            self.ops.attention(nh, n, spans),
+            &q.view(),
+            k,
+            v,
+            &mut out.view_mut(),
+            &mut part,
+            &step.data,
+            &h,
+            &hk,
+            &d,
+            &window,
+            &scale,
+            &sums_ptr
+        )?;
+        if spans > 1 {
+            let s = spans as i32;
+            launch!(
+                self,
+                "attention_merge",
+                self.ops.attention_merge(nh, n, hd),
+                &part,
+                &mut out.view_mut(),
+                &h,
+                &d,
+                &s,
+                &sums_ptr
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `out[t] = a·||x_t|| + c` for the `n` tokens of `x` in the form `form`.
+    fn row_norms(&self, x: &CudaBuf, n: usize, form: EstForm, a: f32, c: f32) -> Result<CudaBuf> {
         let mut out = self.zeros(n)?;
         if n == 0 {
             return Ok(out);
         }
-        let di = d as i32;
+        let di = form.n_e();
         launch!(
             self,
             "row_norm_affine",
-            self.ops.per_row(n, d),
+            self.ops.per_row(n, form.per_token()),
             &x.view(),
             &di,
             &a,
@@ -936,71 +1026,29 @@ impl Backend for CudaBackend {
         shape: AttnShape,
         out: &mut CudaBuf,
     ) {
-        let r = (|| {
-            let pos0 = step.pos0;
-            let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
-            let qd = nh * hd;
-            let n = q.len / qd.max(1);
-            Self::want_len("attention output", out, q.len)?;
-            if hd > ATT_MAX_HEAD_DIM || nkv == 0 || !nh.is_multiple_of(nkv) || n * qd != q.len {
-                return Err(EngineError::Device(format!(
-                    "attention: {nh} heads over {nkv} KV heads of dimension {hd} \
-                     (at most {ATT_MAX_HEAD_DIM}) for {} values",
-                    q.len
-                )));
-            }
-            let Some((k, v)) = kv.layer(layer).filter(|_| kv.positions(layer) >= pos0 + n) else {
-                return Err(EngineError::Device(format!(
-                    "attention: layer {layer} of the KV cache holds {} positions, not {}",
-                    kv.positions(layer),
-                    pos0 + n
-                )));
-            };
-            let (h, hk, d) = (nh as i32, nkv as i32, hd as i32);
-            let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
-            let scale = 1.0 / (hd as f32).sqrt();
-            let spans = self.ops.attention_spans(kv.capacity(layer), nh * n);
-            // With one span the kernel writes `out` and never touches `part`.
-            let mut part = self.alloc(
-                if spans > 1 {
-                    n * nh * spans * (2 + hd)
-                } else {
-                    1
-                },
-                "attention spans",
-            )?;
-            launch!(
-                self,
-                kv.kernel("attention"),
-                self.ops.attention(nh, n, spans),
-                &q.view(),
-                k,
-                v,
-                &mut out.view_mut(),
-                &mut part,
-                &step.data,
-                &h,
-                &hk,
-                &d,
-                &window,
-                &scale
-            )?;
-            if spans > 1 {
-                let s = spans as i32;
-                launch!(
-                    self,
-                    "attention_merge",
-                    self.ops.attention_merge(nh, n, hd),
-                    &part,
-                    &mut out.view_mut(),
-                    &h,
-                    &d,
-                    &s
-                )?;
-            }
-            Ok(())
-        })();
+        let r = self.attention_into(q, kv, layer, step, shape, out, None);
         self.keep(r)
+    }
+
+    fn attention_sumsq(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        step: &Step<CudaSlice<u32>>,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) -> Result<Option<SumSq<Self>>> {
+        let n = q
+            .len
+            .checked_div(shape.num_heads * shape.head_dim)
+            .unwrap_or(0);
+        let mut sums = self.zeros(n * shape.num_heads)?;
+        self.attention_into(q, kv, layer, step, shape, out, Some(&mut sums))?;
+        Ok(Some(SumSq {
+            sums,
+            parts: shape.num_heads,
+        }))
     }
 
     fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf) {
@@ -1017,6 +1065,35 @@ impl Backend for CudaBackend {
             )
         })();
         self.keep(r)
+    }
+
+    fn swiglu_sumsq(
+        &self,
+        gate: &mut CudaBuf,
+        up: &CudaBuf,
+        n: usize,
+    ) -> Result<Option<SumSq<Self>>> {
+        Self::want_len("swiglu", up, gate.len)?;
+        let width = gate.len.checked_div(n).unwrap_or(0);
+        if n == 0 || width * n != gate.len || width > i32::MAX as usize {
+            return Err(EngineError::Device(format!(
+                "swiglu: {} values in {n} rows",
+                gate.len
+            )));
+        }
+        let parts = width.div_ceil(SWIGLU_PART);
+        let mut sums = self.zeros(n * parts)?;
+        let w = width as i32;
+        launch!(
+            self,
+            "swiglu_sumsq",
+            self.ops.parts(parts, n),
+            &mut gate.view_mut(),
+            &up.view(),
+            &w,
+            &mut sums.view_mut()
+        )?;
+        Ok(Some(SumSq { sums, parts }))
     }
 
     fn add(&self, h: &mut CudaBuf, x: &CudaBuf) {
@@ -1211,8 +1288,8 @@ impl Backend for CudaBackend {
     ) -> Result<CudaBuf> {
         self.check()?;
         let mut projected = None;
-        let (src, d, a, c) = self.estimator_input(est, input, n, &mut projected)?;
-        self.row_norms(src, n, d, a, c)
+        let (src, form, a, c) = self.estimator_input(est, input, n, &mut projected)?;
+        self.row_norms(src, n, form, a, c)
     }
 
     fn estimate(
@@ -1371,14 +1448,14 @@ impl Backend for CudaBackend {
         Self::want_len("any-precision linear input", x, shape.1)?;
         Self::want_len("any-precision linear output", y, shape.0)?;
         let mut projected = None;
-        let (e, d, a, c) =
+        let (e, form, a, c) =
             self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
         Self::check_count(&count)?;
         let mut counts = count.map(|(b, slot)| (b.view_mut(), slot));
         w.w.gemv_select(
             &x.view(),
             low,
-            (&e.view(), d),
+            (&e.view(), form),
             (a, c, decide.threshold),
             counts.as_mut().map(|(v, slot)| (v, *slot)),
             &mut y.view_mut(),

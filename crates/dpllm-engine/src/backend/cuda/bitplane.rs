@@ -62,6 +62,38 @@ fn padded_cols(cols: usize) -> usize {
 /// How a GEMV launch splits the work: the warps of a block, which split the
 /// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
 /// fill the GPU twice over; never more than the column blocks).
+/// What a DP-LLM estimate reads of each token in the kernels (their `n_e`):
+/// a row of its input, a norm left by the input's producer, or the parts of
+/// its sum of squares left so (`EstInput::SumSq`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EstForm {
+    /// A row of this many values (n_e > 0).
+    Rows(usize),
+    /// The row's norm (n_e = 0).
+    Norm,
+    /// This many parts of the row's sum of squares (n_e < 0).
+    SumSq(usize),
+}
+
+impl EstForm {
+    /// The kernels' `n_e`.
+    pub fn n_e(self) -> i32 {
+        match self {
+            EstForm::Rows(w) => w as i32,
+            EstForm::Norm => 0,
+            EstForm::SumSq(p) => -(p as i32),
+        }
+    }
+
+    /// Values a token.
+    pub fn per_token(self) -> usize {
+        match self {
+            EstForm::Rows(w) | EstForm::SumSq(w) => w,
+            EstForm::Norm => 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GemvVariant {
     /// Warps a block (1..=16), or the default.
@@ -556,15 +588,15 @@ impl CudaAnyPrec {
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
     /// thr` and `low` otherwise, decided inside the kernel (DP-LLM's decision
-    /// of the token, `e` the estimator's input of `e_width` values, or with
-    /// `e_width` 0 its norm); with `count = (c, slot)`, `c[slot]` gains 1 when
+    /// of the token, `e` the estimator's input in the form `form`); with
+    /// `count = (c, slot)`, `c[slot]` gains 1 when
     /// the token goes high.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_select(
         &self,
         x: &CudaView<f32>,
         low: u32,
-        (e, e_width): (&CudaView<f32>, usize),
+        (e, form): (&CudaView<f32>, EstForm),
         (a, c, thr): (f32, f32, f32),
         count: Option<(&mut CudaViewMut<f32>, usize)>,
         y: &mut CudaViewMut<f32>,
@@ -596,14 +628,13 @@ impl CudaAnyPrec {
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
         let (cols, rows, kbs) = (self.cols as i32, self.rows as i32, self.kbs as i32);
-        if e.len() < e_width.max(1) {
+        if e.len() < form.per_token() || form == EstForm::SumSq(0) {
             return Err(EngineError::Device(format!(
-                "bit-plane GEMV: an estimator input of {} values where {} are needed",
+                "bit-plane GEMV: an estimator input of {} values where {form:?} is needed",
                 e.len(),
-                e_width.max(1)
             )));
         }
-        let (ne, no_count) = (e_width as i32, 0u64);
+        let (ne, no_count) = (form.n_e(), 0u64);
         let (slot, stride) = (
             count.as_ref().map_or(0, |c| c.1) as i32,
             self.plane_stride(),

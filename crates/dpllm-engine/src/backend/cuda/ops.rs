@@ -25,6 +25,10 @@ const NORM_VECS: usize = 4;
 /// Most positions' worth of head dimension the attention kernel keeps in registers.
 pub const ATT_MAX_HEAD_DIM: usize = 256;
 
+/// Values of a row whose sum of squares `swiglu_sumsq` leaves as one part
+/// (`SWIGLU_PART` in the source).
+pub const SWIGLU_PART: usize = 1024;
+
 /// Warps per attention block (`ATT_WARPS` in the source).
 const ATT_THREADS: u32 = 8 * 32;
 
@@ -115,6 +119,15 @@ impl OpsKernels {
     pub(crate) fn attention_spans(&self, capacity: usize, blocks: usize) -> usize {
         let fill = (2 * self.sms).div_ceil(blocks.max(1));
         capacity.div_ceil(ATT_SPAN).clamp(1, fill.max(1))
+    }
+
+    /// One block of `THREADS` per (part, row): `swiglu_sumsq`.
+    pub(crate) fn parts(&self, parts: usize, rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (parts.max(1) as u32, rows.max(1) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// One block per (head, query token), the merge of attention's spans.

@@ -88,12 +88,23 @@ __device__ float block_sumsq(const float* v, int n) {
     return block_sum((s0 + s1) + (s2 + s3));
 }
 
+// The total of the p values of v (sums of squares in parts), by every warp
+// on its own in the same order, so every thread gets the same bits with no
+// barrier (the warp's 32 lanes must all be active).
+__device__ __forceinline__ float parts_total(const float* v, int p) {
+    float s = 0.f;
+    for (int i = threadIdx.x & 31; i < p; i += 32) s += v[i];
+    return warp_sum(s);
+}
+
 // The DP-LLM estimate of one token, by the whole block (every thread gets it):
 // a * ||v|| + c over the n values of v (the estimator's input, or the
 // projection of a JL estimator with a = 1, c = its bias); with n = 0, v[0]
-// is the norm itself (left by the kernel that made the input).
+// is the norm itself, and with n < 0, v holds -n parts of the sum of squares
+// (both left by the kernel that made the input).
 __device__ float block_estimate(const float* v, int n, float a, float c) {
     if (n == 0) return a * v[0] + c;
+    if (n < 0) return a * sqrtf(parts_total(v, -n)) + c;
     return a * sqrtf(block_sumsq(v, n)) + c;
 }
 

@@ -130,13 +130,15 @@ extern "C" __global__ void add_flag_norm(float* h, const float* x, const float* 
              before ? before + t : nullptr);
 }
 
-// Row `row` of x [. x d], or with d = 0 its norm, x[row] (block_estimate's input).
+// Row `row` of x [. x d], with d = 0 its norm x[row], with d < 0 its -d
+// parts of the sum of squares (block_estimate's input).
 __device__ __forceinline__ const float* est_row(const float* x, int d, int row) {
-    return d > 0 ? x + (long)row * d : x + row;
+    return d > 0 ? x + (long)row * d : d < 0 ? x + (long)row * -d : x + row;
 }
 
 // One block per row of d values: out[row] = a * ||x_row|| + c (the DP-LLM
-// estimates); with d = 0, x holds the rows' norms.
+// estimates); with d = 0, x holds the rows' norms, with d < 0 their sums of
+// squares in -d parts.
 extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float c, float* out) {
     const float e = block_estimate(est_row(x, d, blockIdx.x), d, a, c);
     if (threadIdx.x == 0) out[blockIdx.x] = e;
@@ -162,6 +164,40 @@ extern "C" __global__ void swiglu(float* gate, const float* up, long n) {
         const float g = gate[i];
         gate[i] = g / (1.f + expf(-g)) * up[i];
     }
+}
+
+// gate = silu(gate) * up for rows of width values, and the sums of squares
+// of each row's output in parts of SWIGLU_PART values: block (p, t) makes
+// part p of row t and writes its sum to sumsq[t * gridDim.x + p] (the down
+// estimator's input, read as block_estimate's n < 0).
+#define SWIGLU_PART 1024
+extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width, float* sumsq) {
+    const long row = (long)blockIdx.y * width;
+    const int beg = blockIdx.x * SWIGLU_PART, end = min(width, beg + SWIGLU_PART);
+    float sq = 0.f;
+    if ((width & 3) == 0 && aligned16(gate) && aligned16(up)) {
+        float4* g4 = (float4*)(gate + row);
+        const float4* u4 = (const float4*)(up + row);
+        for (int i = (beg >> 2) + threadIdx.x; i < (end >> 2); i += blockDim.x) {
+            float4 g = g4[i];
+            const float4 u = u4[i];
+            g.x = g.x / (1.f + expf(-g.x)) * u.x;
+            g.y = g.y / (1.f + expf(-g.y)) * u.y;
+            g.z = g.z / (1.f + expf(-g.z)) * u.z;
+            g.w = g.w / (1.f + expf(-g.w)) * u.w;
+            g4[i] = g;
+            sq += g.x * g.x + g.y * g.y + g.z * g.z + g.w * g.w;
+        }
+    } else {
+        for (int i = beg + threadIdx.x; i < end; i += blockDim.x) {
+            const float g = gate[row + i];
+            const float o = g / (1.f + expf(-g)) * up[row + i];
+            gate[row + i] = o;
+            sq += o * o;
+        }
+    }
+    sq = block_sum(sq);
+    if (threadIdx.x == 0) sumsq[(long)blockIdx.y * gridDim.x + blockIdx.x] = sq;
 }
 
 // h += x.
@@ -558,7 +594,9 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 // output in registers (ATT_MAXD / 32 per lane); the warps' partial results are
 // merged at the end. With one span the block writes out; with more it writes
 // its (max, sum, unnormalised output) to part, [n][nh][spans][2 + hd], and
-// attention_merge combines them.
+// attention_merge combines them. With sumsq, the sum of squares of each
+// head's output goes to sumsq[t * nh + h] (the o estimator's input, read as
+// block_estimate's n < 0), by whichever kernel writes the output.
 
 #define ATT_WARPS 8
 #define ATT_MAXD 256
@@ -566,7 +604,8 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 
 template <typename T>
 __device__ __forceinline__ void attention_body(const float* q, const T* k, const T* v, float* out, float* part,
-                                               const u32* step, int nh, int nkv, int hd, int window, float scale) {
+                                               const u32* step, int nh, int nkv, int hd, int window, float scale,
+                                               float* sumsq) {
     const int pos0 = (int)step[0];
     const int h = blockIdx.x, t = blockIdx.y, spans = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -633,6 +672,7 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
     float big = NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, sm_m[w]);
     float* mine = part + (((long)t * nh + h) * spans + blockIdx.z) * (2 + hd);
+    float sq = 0.f;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float total = 0.f, o = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) {
@@ -642,7 +682,9 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
             o += sm_acc[w][i] * f;
         }
         if (spans == 1) {
-            out[(long)t * qd + (long)h * hd + i] = o / total;
+            const float r = o / total;
+            out[(long)t * qd + (long)h * hd + i] = r;
+            sq += r * r;
         } else {
             mine[2 + i] = o;
             if (i == 0) {
@@ -651,23 +693,30 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
             }
         }
     }
+    if (sumsq && spans == 1) {  // the same for the whole block
+        sq = block_sum(sq);
+        if (threadIdx.x == 0) sumsq[(long)t * nh + h] = sq;
+    }
 }
 
 extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
-                                     const u32* step, int nh, int nkv, int hd, int window, float scale) {
-    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale);
+                                     const u32* step, int nh, int nkv, int hd, int window, float scale,
+                                     float* sumsq) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq);
 }
 extern "C" __global__ void attention_h(const float* q, const u16* k, const u16* v, float* out, float* part,
-                                       const u32* step, int nh, int nkv, int hd, int window, float scale) {
-    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale);
+                                       const u32* step, int nh, int nkv, int hd, int window, float scale,
+                                     float* sumsq) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq);
 }
 
 // The spans of attention merged: one block per (head, query token) as there.
-extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans) {
+extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans, float* sumsq) {
     const int h = blockIdx.x, t = blockIdx.y;
     const float* p = part + ((long)t * nh + h) * spans * (2 + hd);
     float big = NEG_INF;
     for (int s = 0; s < spans; s++) big = fmaxf(big, p[s * (2 + hd)]);
+    float sq = 0.f;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float total = 0.f, o = 0.f;
         for (int s = 0; s < spans; s++) {
@@ -677,6 +726,12 @@ extern "C" __global__ void attention_merge(const float* part, float* out, int nh
             total += ps[1] * f;
             o += ps[2 + i] * f;
         }
-        out[((long)t * nh + h) * hd + i] = o / total;
+        const float r = o / total;
+        out[((long)t * nh + h) * hd + i] = r;
+        sq += r * r;
+    }
+    if (sumsq) {
+        sq = block_sum(sq);
+        if (threadIdx.x == 0) sumsq[(long)t * nh + h] = sq;
     }
 }
