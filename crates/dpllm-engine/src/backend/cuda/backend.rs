@@ -181,6 +181,21 @@ impl CudaBackend {
             })
     }
 
+    /// Room for `len` floats left as they are, for a kernel that writes
+    /// every one before anything reads them (no memset: in a recorded decode
+    /// step each is a graph node of its own).
+    fn for_kernel(&self, len: usize, what: &'static str) -> Result<CudaBuf> {
+        // SAFETY: uninitialized device memory of plain floats; the callers'
+        // kernels write all `len` before any read.
+        let data = unsafe { self.stream().alloc::<f32>(len.max(1)) }.map_err(|_| {
+            EngineError::OutOfMemory {
+                what,
+                bytes: len.saturating_mul(4),
+            }
+        })?;
+        Ok(CudaBuf { data, len })
+    }
+
     pub(super) fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
         let one = [0u32];
         self.stream()
@@ -454,15 +469,14 @@ impl CudaBackend {
         let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
         let scale = 1.0 / (hd as f32).sqrt();
         let spans = self.ops.attention_spans(kv.capacity(layer), nh * n);
-        // With one span the kernel writes `out` and never touches `part`.
-        let mut part = self.alloc(
-            if spans > 1 {
-                n * nh * spans * (2 + hd)
-            } else {
-                1
-            },
-            "attention spans",
-        )?;
+        // With one span the kernel writes `out` and never touches `part`;
+        // with more, every block writes its span's part.
+        let part_len = if spans > 1 {
+            n * nh * spans * (2 + hd)
+        } else {
+            1
+        };
+        let mut part = self.for_kernel(part_len, "attention spans")?.data;
         let mut sums = sumsq.as_mut().map(|b| b.view_mut());
         let (sums_ptr, _in_use) = optional_ptr(sums.as_mut(), self.stream());
         launch!(
@@ -1043,7 +1057,9 @@ impl Backend for CudaBackend {
             .len
             .checked_div(shape.num_heads * shape.head_dim)
             .unwrap_or(0);
-        let mut sums = self.zeros(n * shape.num_heads)?;
+        // The attention kernel (one span) or the merge writes a sum a head.
+        self.check()?;
+        let mut sums = self.for_kernel(n * shape.num_heads, "attention sums of squares")?;
         self.attention_into(q, kv, layer, step, shape, out, Some(&mut sums))?;
         Ok(Some(SumSq {
             sums,
@@ -1073,6 +1089,7 @@ impl Backend for CudaBackend {
         up: &CudaBuf,
         n: usize,
     ) -> Result<Option<SumSq<Self>>> {
+        self.check()?;
         Self::want_len("swiglu", up, gate.len)?;
         let width = gate.len.checked_div(n).unwrap_or(0);
         if n == 0 || width * n != gate.len || width > i32::MAX as usize {
@@ -1082,7 +1099,8 @@ impl Backend for CudaBackend {
             )));
         }
         let parts = width.div_ceil(SWIGLU_PART);
-        let mut sums = self.zeros(n * parts)?;
+        // One block a part writes each sum.
+        let mut sums = self.for_kernel(n * parts, "SwiGLU sums of squares")?;
         let w = width as i32;
         launch!(
             self,
