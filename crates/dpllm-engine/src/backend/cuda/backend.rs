@@ -1057,8 +1057,8 @@ impl Backend for CudaBackend {
             .len
             .checked_div(shape.num_heads * shape.head_dim)
             .unwrap_or(0);
-        // The attention kernel (one span) or the merge writes a sum a head.
         self.check()?;
+        // The attention kernel (one span) or the merge writes a sum a head.
         let mut sums = self.for_kernel(n * shape.num_heads, "attention sums of squares")?;
         self.attention_into(q, kv, layer, step, shape, out, Some(&mut sums))?;
         Ok(Some(SumSq {
