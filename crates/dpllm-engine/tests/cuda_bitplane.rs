@@ -5,7 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
-use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, GemvVariant};
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, EstForm, GemvVariant};
 use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::backend::AnyPrecHost;
 use rand::{Rng, SeedableRng};
@@ -85,6 +85,36 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv_with(&x, 1, 4, &mut y, w17).is_err(), "17 warps");
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
+    // The in-kernel choice refuses estimator inputs shorter than their form
+    // says, or of no values (n_e = 0 would read a norm); four sums are fine.
+    let e = s.alloc_zeros::<f32>(4).unwrap();
+    let select =
+        |form: EstForm, y: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>| {
+            let (x, e) = (x.slice(..64), e.slice(..));
+            gpu.gemv_select(
+                &x,
+                3,
+                (&e, form),
+                (1.0, 0.0, 0.5),
+                None,
+                &mut y.slice_mut(..8),
+            )
+        };
+    for form in [
+        EstForm::Rows(0),
+        EstForm::SumSq(0),
+        EstForm::SumSq(5),
+        EstForm::Rows(64),
+    ] {
+        assert!(
+            select(form, &mut y).is_err(),
+            "estimator input {form:?} of 4 values"
+        );
+    }
+    assert!(
+        select(EstForm::SumSq(4), &mut y).is_ok(),
+        "four sums of squares"
+    );
     let mut short = AnyPrecHost::random(8, 64, 6, 2);
     short.planes.pop();
     assert!(

@@ -59,9 +59,6 @@ fn padded_cols(cols: usize) -> usize {
     cols.div_ceil(BLOCK_COLS) * BLOCK_COLS
 }
 
-/// How a GEMV launch splits the work: the warps of a block, which split the
-/// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
-/// fill the GPU twice over; never more than the column blocks).
 /// What a DP-LLM estimate reads of each token in the kernels (their `n_e`):
 /// a row of its input, a norm left by the input's producer, or the parts of
 /// its sum of squares left so (`EstInput::SumSq`).
@@ -94,6 +91,9 @@ impl EstForm {
     }
 }
 
+/// How a GEMV launch splits the work: the warps of a block, which split the
+/// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
+/// fill the GPU twice over; never more than the column blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GemvVariant {
     /// Warps a block (1..=16), or the default.
@@ -628,7 +628,9 @@ impl CudaAnyPrec {
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
         let (cols, rows, kbs) = (self.cols as i32, self.rows as i32, self.kbs as i32);
-        if e.len() < form.per_token() || form == EstForm::SumSq(0) {
+        // No values (n_e = 0 would read a norm that is not there) is refused too.
+        let empty = matches!(form, EstForm::Rows(0) | EstForm::SumSq(0));
+        if empty || e.len() < form.per_token() {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: an estimator input of {} values where {form:?} is needed",
                 e.len(),
