@@ -1,18 +1,22 @@
-//! AVX-512 VBMI + VNNI bit-plane dot product on 16-bit fixed-point operands,
-//! 64 columns per step.
+//! AVX-512 VBMI + VNNI + GFNI bit-plane dot product on 16-bit fixed-point
+//! operands, 64 columns per step.
 //!
-//! Two consecutive plane words are one 64-lane byte mask, so a b-bit index
-//! vector costs one masked byte add per plane. The row's LUT, as 14-bit
-//! integers (as the AVX2-i16 kernel keeps it), is split into a table of low
-//! bytes and one of high bytes held in registers: up to 6 bits one `vpermb`
-//! each, 7 bits one `vpermi2b` over 128 entries, 8 bits two of them merged by
-//! a blend whose mask is plane 0 itself. Unpacking the byte pair gives 16-bit
-//! weights, `vpdpwssd` multiplies them with the activations (rounded to 15
-//! bits of the largest in their block of 64) and sums four products a lane
-//! exactly in 32 bits; one conversion and one FMA by the block's scale finish
-//! the step. At 8 bits that is about 25 instructions for 64 weights, against
-//! about 50 in the f16 `avx512` kernel (four 64-entry word lookups and a blend
-//! tree per 32) and no lookup at all in llama.cpp's Q8_0.
+//! Indices: per group of 512 columns the b planes' 64-byte slabs are
+//! transposed, bytes with three rounds of unpacks and bits with one
+//! `vgf2p8affineqb` per 64 columns (an 8×8 bit-matrix transpose in each
+//! 64-bit lane), so eight blocks of 64 indices cost 8 loads, 24 unpacks and 8
+//! affine steps at any b instead of b mask loads and b masked adds a block.
+//! The columns come out in a fixed shuffled order, which [`prepare`] gives the
+//! activations too. A row's last columns short of a group take two plane
+//! words as one 64-lane byte mask each, one masked byte add per plane.
+//! The row's LUT, as 14-bit integers (as the AVX2-i16 kernel keeps it), is
+//! split into a table of low bytes and one of high bytes held in registers:
+//! up to 6 bits one `vpermb` each, 7 bits one `vpermi2b` over 128 entries, 8
+//! bits two of them merged by a blend on index bit 7. Unpacking the byte pair
+//! gives 16-bit weights, `vpdpwssd` multiplies them with the activations
+//! (rounded to 15 bits of the largest in their block of 64) and sums four
+//! products a lane exactly in 32 bits; one conversion and one FMA by the
+//! block's scale finish the step. Llama.cpp's Q8_0 needs no lookup at all.
 
 use std::arch::x86_64::*;
 
@@ -34,25 +38,57 @@ pub fn prepared_lens(cols: usize) -> (usize, usize) {
     (blocks * BLOCK, blocks)
 }
 
-/// Position of column `c` of a block in the prepared layout: the order in
-/// which unpacking the low and high bytes of 64 weights lays them out (per
-/// 128-bit lane, bytes 0..7 in the first vector, 8..15 in the second).
-fn position(c: usize) -> usize {
-    let (lane, i) = (c / 16, c % 16);
-    32 * (i / 8) + 8 * lane + i % 8
+/// Columns per group whose planes are transposed together: 16 plane words.
+pub const GROUP: usize = 512;
+
+/// The first column of the run of 16 that block `blk` of a row of `cols`
+/// takes as its 128-bit lane `l`: in whole groups of [`GROUP`], block
+/// 8·g + v holds columns 512·g + 128·l + 16·v + 0..16 (the order
+/// [`group_indices`] makes), in the rest 64 contiguous columns.
+fn run_start(blk: usize, l: usize, cols: usize) -> usize {
+    if (blk + 1) * BLOCK <= cols / GROUP * GROUP {
+        blk / 8 * GROUP + 128 * l + 16 * (blk % 8)
+    } else {
+        blk * BLOCK + 16 * l
+    }
 }
 
-/// Append token `x`'s activations in this kernel's form: per block of 64
-/// columns (the last zero-padded) the values rounded to 16-bit integers of one
-/// scale, laid out by [`position`], to `q`, and the scale to `scales` (NaN when
-/// the block holds a NaN or an infinity, so its results come out non-finite).
+/// The block of 64 prepared activations, and so the scale, that column `c` of
+/// a row of `cols` shares.
+pub fn scale_block(c: usize, cols: usize) -> usize {
+    if c < cols / GROUP * GROUP {
+        c / GROUP * 8 + c % 128 / 16
+    } else {
+        c / BLOCK
+    }
+}
+
+/// Append token `x`'s activations in this kernel's form: per block of 64 (the
+/// last zero-padded) the values rounded to 16-bit integers of one scale to
+/// `q`, and the scale to `scales` (NaN when the block holds a NaN or an
+/// infinity, so its results come out non-finite). Column e of a block's run
+/// for lane l ([`run_start`]) goes to 16-bit activation 32·(e / 8) + 8·l +
+/// e % 8, where unpacking the low and high bytes of 64 weights puts it (per
+/// 128-bit lane, bytes 0..7 in the first vector, 8..15 in the second).
 pub fn prepare(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>) {
-    for xb in x.chunks(BLOCK) {
-        let (inv, step) = fixed16::scales(xb.iter().fold(0f32, |m, &v| fixed16::track_max(m, v)));
-        let at = q.len();
-        q.resize(at + BLOCK, 0);
-        for (c, &v) in xb.iter().enumerate() {
-            q[at + position(c)] = fixed16::quantize(v, inv);
+    let cols = x.len();
+    let (len, blocks) = prepared_lens(cols);
+    let at = q.len();
+    q.resize(at + len, 0);
+    for blk in 0..blocks {
+        let run = |l: usize| {
+            let s = run_start(blk, l, cols).min(cols);
+            &x[s..(s + 16).min(cols)]
+        };
+        let max = (0..4)
+            .flat_map(|l| run(l).iter())
+            .fold(0f32, |m, &v| fixed16::track_max(m, v));
+        let (inv, step) = fixed16::scales(max);
+        let out = &mut q[at + blk * BLOCK..][..BLOCK];
+        for l in 0..4 {
+            for (e, &v) in run(l).iter().enumerate() {
+                out[32 * (e / 8) + 8 * l + e % 8] = fixed16::quantize(v, inv);
+            }
         }
         scales.push(step);
     }
@@ -115,8 +151,9 @@ unsafe fn load_tables<const B: usize>(t: *const u8) -> RowTables {
     }
 }
 
-/// Low or high bytes of the table entries of 64 indices (`idx`: the low
-/// min(B, 7) index bits; `top`: plane 0's mask, index bit 7 at 8 bits).
+/// Low or high bytes of the table entries of 64 indices (`idx`: the index,
+/// of which a lookup reads the low min(B, 7) bits; `top`: index bit 7 as a
+/// mask, at 8 bits).
 #[inline(always)]
 unsafe fn lookup<const B: usize>(t: &[__m512i; 4], idx: __m512i, top: __mmask64) -> __m512i {
     match B {
@@ -130,7 +167,34 @@ unsafe fn lookup<const B: usize>(t: &[__m512i; 4], idx: __m512i, top: __mmask64)
     }
 }
 
-/// One block of 64 columns added to `acc`: `mask(j)` is plane j's 64-lane mask.
+/// One block of 64 indices added to `acc`: their entries times the block's
+/// activations `x`, scaled by `scale`.
+#[inline(always)]
+unsafe fn accumulate<const B: usize>(
+    acc: __m512,
+    t: &RowTables,
+    idx: __m512i,
+    top: __mmask64,
+    x: *const __m512i,
+    scale: f32,
+) -> __m512 {
+    let lo = lookup::<B>(&t.lo, idx, top);
+    let hi = lookup::<B>(&t.hi, idx, top);
+    let s = _mm512_dpwssd_epi32(
+        _mm512_setzero_si512(),
+        _mm512_unpacklo_epi8(lo, hi),
+        _mm512_loadu_si512(x),
+    );
+    let s = _mm512_dpwssd_epi32(
+        s,
+        _mm512_unpackhi_epi8(lo, hi),
+        _mm512_loadu_si512(x.add(1)),
+    );
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc)
+}
+
+/// One block of 64 contiguous columns added to `acc`: `mask(j)` is plane j's
+/// 64-lane mask.
 #[inline(always)]
 unsafe fn step<const B: usize>(
     acc: __m512,
@@ -151,19 +215,57 @@ unsafe fn step<const B: usize>(
     }
     let idx = _mm512_or_si512(a, b);
     let top = if B == 8 { mask(0) } else { 0 };
-    let lo = lookup::<B>(&t.lo, idx, top);
-    let hi = lookup::<B>(&t.hi, idx, top);
-    let s = _mm512_dpwssd_epi32(
-        _mm512_setzero_si512(),
-        _mm512_unpacklo_epi8(lo, hi),
-        _mm512_loadu_si512(x),
-    );
-    let s = _mm512_dpwssd_epi32(
-        s,
-        _mm512_unpackhi_epi8(lo, hi),
-        _mm512_loadu_si512(x.add(1)),
-    );
-    _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc)
+    accumulate::<B>(acc, t, idx, top, x, scale)
+}
+
+/// The indices of one group of [`GROUP`] columns (16 words of each plane from
+/// `w`), as 8 blocks of 64 in the order [`prepare`] gives the activations.
+///
+/// Plane p goes to slot p + 8 − B (lower slots stay zero). Three rounds of
+/// unpacks (bytes, then pairs, then quads of slots) leave in 64-bit lane q of
+/// block v = 4·h1 + 2·h2 + h3 the slots' bytes j = 16·l + 2·v + m (l = q / 2,
+/// m = q % 2; byte j of a slab holds columns 8j..8j + 7), slot s in byte s.
+/// Transposing each lane as an 8×8 bit matrix (`vgf2p8affineqb` with the
+/// bytes 2^i as operand) makes its byte i the index of column 8j + i, bit k
+/// from slot 7 − k, which is plane B − 1 − k.
+#[inline(always)]
+unsafe fn group_indices<const B: usize>(w: *const u32, stride: usize) -> [__m512i; 8] {
+    let z: [__m512i; 8] = std::array::from_fn(|s| {
+        if s + B < 8 {
+            _mm512_setzero_si512()
+        } else {
+            _mm512_loadu_si512(w.add((s + B - 8) * stride) as *const __m512i)
+        }
+    });
+    // a[2q + h1]: slots 2q, 2q + 1, bytes 8·h1.. of each lane.
+    let a: [__m512i; 8] = std::array::from_fn(|k| {
+        let (x, y) = (z[k / 2 * 2], z[k / 2 * 2 + 1]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_epi8(x, y)
+        } else {
+            _mm512_unpackhi_epi8(x, y)
+        }
+    });
+    // b[4r + 2h1 + h2]: slots 4r..4r + 3.
+    let b: [__m512i; 8] = std::array::from_fn(|k| {
+        let (r, h1, h2) = (k / 4, k / 2 % 2, k % 2);
+        let (x, y) = (a[4 * r + h1], a[4 * r + 2 + h1]);
+        if h2 == 0 {
+            _mm512_unpacklo_epi16(x, y)
+        } else {
+            _mm512_unpackhi_epi16(x, y)
+        }
+    });
+    let bits = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
+    std::array::from_fn(|v| {
+        let (x, y) = (b[v / 2], b[4 + v / 2]);
+        let c = if v % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        };
+        _mm512_gf2p8affine_epi64_epi8::<0>(bits, c)
+    })
 }
 
 /// Σ lut[idx_c]·x_c over one row at `B` bits, from its tables and scale.
@@ -179,8 +281,17 @@ unsafe fn dot<const B: usize>(
 ) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let x = |blk: usize| xq.add(blk * BLOCK) as *const __m512i;
+    let groups = words / (GROUP / 32);
+    for g in 0..groups {
+        let idx = group_indices::<B>(planes.add(g * GROUP / 32), stride);
+        for (v, &i) in idx.iter().enumerate() {
+            let blk = 8 * g + v;
+            let top = if B == 8 { _mm512_movepi8_mask(i) } else { 0 };
+            acc = accumulate::<B>(acc, t, i, top, x(blk), *xs.add(blk));
+        }
+    }
     let full = words / 2;
-    for blk in 0..full {
+    for blk in groups * GROUP / BLOCK..full {
         let w = planes.add(2 * blk);
         acc = step::<B>(acc, t, x(blk), *xs.add(blk), |j| {
             std::ptr::read_unaligned(w.add(j * stride) as *const u64)
@@ -197,7 +308,7 @@ unsafe fn dot<const B: usize>(
 }
 
 /// [`dot`] for rows `rows` of `layer` into `out`, in one call.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni")]
 unsafe fn dot_many<const B: usize>(layer: &I16Rows, rows: std::ops::Range<usize>, out: &mut [f32]) {
     let l = *layer;
     l.each_row(B, rows, out, |planes, tables, scale| {
@@ -218,7 +329,7 @@ unsafe fn dot_many<const B: usize>(layer: &I16Rows, rows: std::ops::Range<usize>
 /// and scales as [`tables`] made them, its activations [`prepare`]d), into `out`.
 ///
 /// # Safety
-/// The CPU must support AVX-512F, BW, VBMI and VNNI; for every row in `rows`
+/// The CPU must support AVX-512F, BW, VBMI and VNNI and GFNI; for every row in `rows`
 /// the planes cover (bits − 1)·stride + rows.end·words words, `tables` rows.end
 /// · [`table_bytes`] bytes and `scales` rows.end entries; `xq` and `xs` are at
 /// least [`prepared_lens`] long.

@@ -182,8 +182,9 @@ pub enum BitplaneKernel {
     Avx2I16,
     /// AVX-512F + AVX-512BW (x86-64), f16 LUT and f32 activations as they are.
     Avx512,
-    /// AVX-512F/BW + VBMI + VNNI (x86-64) on the 16-bit fixed-point operands
-    /// of AVX2-i16, except one activation scale per block of 64 columns; the
+    /// AVX-512F/BW + VBMI + VNNI + GFNI (x86-64) on the 16-bit fixed-point
+    /// operands of AVX2-i16, except one activation scale per block of 64
+    /// columns; indices by a GFNI bit transpose of 512 columns at a time, the
     /// LUT as byte tables looked up in registers (`vpermb`/`vpermi2b`).
     Avx512Vbmi,
 }
@@ -228,7 +229,8 @@ impl BitplaneKernel {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vbmi")
-                    && is_x86_feature_detected!("avx512vnni"),
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("gfni"),
             ]
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -594,15 +596,23 @@ mod tests {
             .map(|v| v.to_f32().abs() as f64)
             .fold(0.0, f64::max)
             / (2.0 * 16383.0);
-        // AVX2-i16 groups columns (c / 256, c mod 8), AVX-512 VBMI c / 64.
-        let group = |c: usize| match k.effective() {
-            BitplaneKernel::Avx2I16 => {
-                (c / 256 * 256 + c % 8..x.len().min(c / 256 * 256 + 256)).step_by(8)
-            }
-            _ => (c / 64 * 64..x.len().min(c / 64 * 64 + 64)).step_by(1),
-        };
-        let group_step =
-            |c: usize| half_step(group(c).map(|i| x[i].abs() as f64).fold(0.0, f64::max));
+        // AVX2-i16 groups columns (c / 256, c mod 8), AVX-512 VBMI by its
+        // prepared blocks of 64.
+        let n = x.len();
+        let group: Vec<usize> = (0..n)
+            .map(|c| match k.effective() {
+                BitplaneKernel::Avx2I16 => c / 256 * 8 + c % 8,
+                #[cfg(target_arch = "x86_64")]
+                _ => avx512_vbmi::scale_block(c, n),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => c / 64,
+            })
+            .collect();
+        let mut group_max = vec![0f64; n];
+        for (c, &g) in group.iter().enumerate() {
+            group_max[g] = group_max[g].max(x[c].abs() as f64);
+        }
+        let group_step = |c: usize| half_step(group_max[group[c]]);
         f32_tol
             + (0..x.len())
                 .map(|c| {
