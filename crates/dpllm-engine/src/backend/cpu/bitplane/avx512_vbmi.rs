@@ -41,25 +41,22 @@ pub fn prepared_lens(cols: usize) -> (usize, usize) {
 /// Columns per group whose planes are transposed together: 16 plane words.
 pub const GROUP: usize = 512;
 
+/// Groups of a row of `words` plane words that go through [`group_indices`]:
+/// those whose 16 words the row has. The last may end in padding columns,
+/// whose activations are zero.
+fn whole_groups(words: usize) -> usize {
+    words / (GROUP / 32)
+}
+
 /// The first column of the run of 16 that block `blk` of a row of `cols`
-/// takes as its 128-bit lane `l`: in whole groups of [`GROUP`], block
-/// 8·g + v holds columns 512·g + 128·l + 16·v + 0..16 (the order
-/// [`group_indices`] makes), in the rest 64 contiguous columns.
-fn run_start(blk: usize, l: usize, cols: usize) -> usize {
-    if (blk + 1) * BLOCK <= cols / GROUP * GROUP {
+/// takes as its 128-bit lane `l`: in [`whole_groups`], block 8·g + v holds
+/// columns 512·g + 128·l + 16·v + 0..16 (the order [`group_indices`] makes),
+/// in the rest 64 contiguous columns. Runs may start or end past `cols`.
+pub(super) fn run_start(blk: usize, l: usize, cols: usize) -> usize {
+    if blk / 8 < whole_groups(cols.div_ceil(32)) {
         blk / 8 * GROUP + 128 * l + 16 * (blk % 8)
     } else {
         blk * BLOCK + 16 * l
-    }
-}
-
-/// The block of 64 prepared activations, and so the scale, that column `c` of
-/// a row of `cols` shares.
-pub fn scale_block(c: usize, cols: usize) -> usize {
-    if c < cols / GROUP * GROUP {
-        c / GROUP * 8 + c % 128 / 16
-    } else {
-        c / BLOCK
     }
 }
 
@@ -281,7 +278,7 @@ unsafe fn dot<const B: usize>(
 ) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let x = |blk: usize| xq.add(blk * BLOCK) as *const __m512i;
-    let groups = words / (GROUP / 32);
+    let groups = whole_groups(words);
     for g in 0..groups {
         let idx = group_indices::<B>(planes.add(g * GROUP / 32), stride);
         for (v, &i) in idx.iter().enumerate() {

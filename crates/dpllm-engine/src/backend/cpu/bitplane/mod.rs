@@ -596,18 +596,21 @@ mod tests {
             .map(|v| v.to_f32().abs() as f64)
             .fold(0.0, f64::max)
             / (2.0 * 16383.0);
-        // AVX2-i16 groups columns (c / 256, c mod 8), AVX-512 VBMI by its
-        // prepared blocks of 64.
+        // AVX2-i16 groups columns (c / 256, c mod 8), AVX-512 VBMI by the
+        // blocks of 64 its `prepare` fills, four runs of 16 columns each.
         let n = x.len();
-        let group: Vec<usize> = (0..n)
-            .map(|c| match k.effective() {
-                BitplaneKernel::Avx2I16 => c / 256 * 8 + c % 8,
-                #[cfg(target_arch = "x86_64")]
-                _ => avx512_vbmi::scale_block(c, n),
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => c / 64,
-            })
-            .collect();
+        let mut group: Vec<usize> = (0..n).map(|c| c / 256 * 8 + c % 8).collect();
+        #[cfg(target_arch = "x86_64")]
+        if k.effective() == BitplaneKernel::Avx512Vbmi {
+            for blk in 0..n.div_ceil(64) {
+                for l in 0..4 {
+                    let s = avx512_vbmi::run_start(blk, l, n);
+                    for c in s.min(n)..(s + 16).min(n) {
+                        group[c] = blk;
+                    }
+                }
+            }
+        }
         let mut group_max = vec![0f64; n];
         for (c, &g) in group.iter().enumerate() {
             group_max[g] = group_max[g].max(x[c].abs() as f64);
@@ -627,7 +630,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         for bits in 3..=8u32 {
             // Word counts modulo 8 of 0..=7: whole, folded (1..=4) and padded (5..=7) last blocks.
-            for cols in [1usize, 31, 32, 33, 64, 100, 200, 257, 576, 700, 1024, 1536] {
+            for cols in [
+                1usize, 31, 32, 33, 64, 100, 200, 257, 500, 576, 700, 1000, 1024, 1536,
+            ] {
                 let idx: Vec<u8> = (0..cols)
                     .map(|_| rng.random_range(0..(1u32 << bits)) as u8)
                     .collect();
