@@ -133,6 +133,7 @@ pub fn ce_and_gradient(
                 .map(|((d, l), h)| *d as f64 * (*h - *l) as f64)
                 .sum();
         }
+        Ok(())
     })?;
     Ok((ce, dce_dp))
 }

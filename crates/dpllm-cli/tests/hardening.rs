@@ -552,7 +552,23 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
                 "--device",
                 "cuda",
             ],
-            vec!["quantize runs on the CPU only", "--device cpu"],
+            vec![
+                "without --calib quantize runs on the CPU only",
+                "--device cpu",
+            ],
+        ),
+        (
+            vec![
+                "sensitivity",
+                s(&m),
+                "--calib",
+                s(&tokenizer),
+                "--seq-len",
+                "8",
+                "--device",
+                "cuda:7",
+            ],
+            vec!["cuda:7", "--device"],
         ),
         (
             vec![

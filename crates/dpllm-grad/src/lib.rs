@@ -6,11 +6,17 @@
 //! - [`ops`]: forward and backward of each op on f32 slices. Forward ops are the
 //!   engine's CPU kernels, and ops that are the same in both directions (RoPE,
 //!   attention probabilities, fused-output splits) are the engine's, written once.
-//! - [`GradModel`]: the model built from a loaded engine model.
+//! - [`backend`]: the op set as a trait, [`GradBackend`], with the CPU's
+//!   implementation ([`CpuGrad`]); `cuda::CudaGrad` runs it on a GPU.
+//! - [`GradModel`]: the model built from a loaded engine model, on either.
 
+pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod model;
 pub mod ops;
 #[cfg(test)]
 mod tests;
 
-pub use model::{engine_loss, BlockActs, BlockF32, GradModel, Group, LinearF32};
+pub use backend::{CpuGrad, GradBackend};
+pub use model::{engine_loss, BlockActs, BlockF32, GradModel, GradSink, Group, LinearF32};

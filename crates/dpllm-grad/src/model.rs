@@ -5,146 +5,171 @@
 //! token t+1). Gradients flow through lm_head, the final norm and every block;
 //! only the gradients of the block linears are produced (nothing else is quantized).
 
+use anyhow::Result;
 use dpllm_engine::backend::cpu::attention::AttnShape;
-use dpllm_engine::backend::cpu::rows::{join_columns, split_columns};
 use dpllm_engine::linear::Linear;
 use dpllm_engine::model::rope::Rope;
 use dpllm_engine::model::{GateUpProj, QkvProj};
 use dpllm_engine::Model;
 use dpllm_format::ModelConfig;
 
-use crate::ops;
+use crate::backend::{CpuGrad, GradBackend};
 
-/// One linear layer with an f32 copy of its weight.
-pub struct LinearF32 {
+/// One linear layer with an f32 copy of its weight (in a buffer `B` of the backend).
+pub struct LinearF32<B = Vec<f32>> {
     /// Short name as in `Block::linears()` ("q_proj", "qkv_proj", ...).
     pub name: &'static str,
     /// W [out × in], row-major.
-    pub w: Vec<f32>,
+    pub w: B,
     /// Optional bias [out].
-    pub bias: Option<Vec<f32>>,
+    pub bias: Option<B>,
     /// Output features.
     pub out_f: usize,
     /// Input features.
     pub in_f: usize,
 }
 
-impl LinearF32 {
-    fn from_linear(name: &'static str, l: &Linear, bits: Option<u32>) -> LinearF32 {
-        LinearF32 {
+impl<B> LinearF32<B> {
+    fn from_linear<G: GradBackend<Buf = B>>(
+        be: &G,
+        name: &'static str,
+        l: &Linear,
+        bits: Option<u32>,
+    ) -> Result<Self> {
+        Ok(LinearF32 {
             name,
-            w: l.weight_f32_at(bits),
-            bias: l.bias().map(|b| b.to_vec()),
+            w: be.upload(&l.weight_f32_at(bits))?,
+            bias: l.bias().map(|b| be.upload(b)).transpose()?,
             out_f: l.out_features(),
             in_f: l.in_features(),
-        }
+        })
     }
 
-    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y = vec![0f32; n * self.out_f];
-        ops::linear_forward(
+    fn forward<G: GradBackend<Buf = B>>(&self, be: &G, x: &B, n: usize) -> Result<B> {
+        let mut y = be.zeros(n * self.out_f)?;
+        be.linear_forward(
             x,
             n,
             &self.w,
             self.out_f,
             self.in_f,
-            self.bias.as_deref(),
+            self.bias.as_ref(),
             &mut y,
-        );
-        y
+        )?;
+        Ok(y)
     }
 }
 
 /// Linears reading the same input whose outputs, per token, are the consecutive
 /// `widths` parts (q|k|v or gate|up): either one linear per part or one fused linear.
-pub struct Group {
+pub struct Group<B = Vec<f32>> {
     /// The linears, in `Block::linears()` order.
-    pub linears: Vec<LinearF32>,
+    pub linears: Vec<LinearF32<B>>,
     widths: Vec<usize>,
 }
 
-impl Group {
+impl<B> Group<B> {
     fn fused(&self) -> bool {
         self.linears.len() == 1 && self.widths.len() > 1
     }
 
     /// Outputs of the parts, each [n × width].
-    fn forward(&self, x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    fn forward<G: GradBackend<Buf = B>>(&self, be: &G, x: &B, n: usize) -> Result<Vec<B>> {
         if !self.fused() {
-            return self.linears.iter().map(|l| l.forward(x, n)).collect();
+            return self.linears.iter().map(|l| l.forward(be, x, n)).collect();
         }
-        let y = self.linears[0].forward(x, n);
-        let mut parts: Vec<Vec<f32>> = self.widths.iter().map(|&w| vec![0f32; n * w]).collect();
-        let mut views: Vec<&mut [f32]> = parts.iter_mut().map(|p| p.as_mut_slice()).collect();
-        split_columns(&y, n, &mut views);
-        parts
+        let y = self.linears[0].forward(be, x, n)?;
+        let mut parts =
+            (self.widths.iter().map(|&w| be.zeros(n * w))).collect::<Result<Vec<B>>>()?;
+        let mut views: Vec<&mut B> = parts.iter_mut().collect();
+        be.split_columns(&y, n, &mut views)?;
+        Ok(parts)
     }
 
     /// Given the gradients of the parts, report each linear's dW (index `first + i`)
     /// and write the input gradient into `dx` (overwritten).
-    fn backward(
+    fn backward<G: GradBackend<Buf = B>>(
         &self,
-        x: &[f32],
+        be: &G,
+        x: &B,
         n: usize,
-        dparts: &[&[f32]],
-        dx: &mut [f32],
+        dparts: &[&B],
+        dx: &mut B,
         first: usize,
-        sink: &mut Sink<'_>,
-    ) {
+        sink: &mut Sink<'_, '_, G>,
+    ) -> Result<()> {
         let concat;
-        let dys: Vec<&[f32]> = if self.fused() {
+        let dys: Vec<&B> = if self.fused() {
             let total: usize = self.widths.iter().sum();
-            let mut c = vec![0f32; n * total];
-            join_columns(dparts, n, &mut c);
+            let mut c = be.zeros(n * total)?;
+            be.join_columns(dparts, n, &mut c)?;
             concat = c;
-            vec![&concat[..]]
+            vec![&concat]
         } else {
             dparts.to_vec()
         };
         for (i, (l, dy)) in self.linears.iter().zip(dys).enumerate() {
-            sink.weight_grad(first + i, l, dy, x, n);
-            ops::linear_backward_input(dy, n, &l.w, l.out_f, l.in_f, dx, i > 0);
+            sink.weight_grad(first + i, l, dy, x, n)?;
+            be.linear_backward_input(dy, n, &l.w, l.out_f, l.in_f, dx, i > 0)?;
         }
+        Ok(())
     }
 }
 
+/// What receives each weight gradient: `(layer, index in Block::linears(), dW [out × in])`.
+pub type GradSink<'a, B> = dyn FnMut(usize, usize, &B) -> Result<()> + 'a;
+
 /// Where weight gradients go: computes dW = dyᵀx into a scratch buffer and hands it on.
-pub(crate) struct Sink<'a> {
+pub(crate) struct Sink<'a, 'f, G: GradBackend> {
+    be: &'a G,
     layer: usize,
-    buf: Vec<f32>,
-    f: &'a mut dyn FnMut(usize, usize, &[f32]),
+    buf: Option<G::Buf>,
+    f: &'a mut GradSink<'f, G::Buf>,
 }
 
-impl Sink<'_> {
-    fn weight_grad(&mut self, idx: usize, l: &LinearF32, dy: &[f32], x: &[f32], n: usize) {
-        self.buf.resize(l.out_f * l.in_f, 0.0);
-        ops::linear_backward_weight(dy, x, n, l.out_f, l.in_f, &mut self.buf);
-        (self.f)(self.layer, idx, &self.buf);
+impl<G: GradBackend> Sink<'_, '_, G> {
+    fn weight_grad(
+        &mut self,
+        idx: usize,
+        l: &LinearF32<G::Buf>,
+        dy: &G::Buf,
+        x: &G::Buf,
+        n: usize,
+    ) -> Result<()> {
+        let len = l.out_f * l.in_f;
+        let buf = match self.buf.take() {
+            Some(b) if self.be.len(&b) == len => b,
+            _ => self.be.zeros(len)?,
+        };
+        let buf = self.buf.insert(buf);
+        self.be
+            .linear_backward_weight(dy, x, n, l.out_f, l.in_f, buf)?;
+        (self.f)(self.layer, idx, buf)
     }
 }
 
 /// One transformer block with f32 weights.
-pub struct BlockF32 {
+pub struct BlockF32<B = Vec<f32>> {
     /// RMSNorm before attention.
-    pub attn_norm: Vec<f32>,
+    pub attn_norm: B,
     /// q|k|v projections.
-    pub qkv: Group,
+    pub qkv: Group<B>,
     /// Per-head q/k RMSNorm weights (Qwen3).
-    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub qk_norm: Option<(B, B)>,
     /// Attention output projection.
-    pub o_proj: LinearF32,
+    pub o_proj: LinearF32<B>,
     /// RMSNorm before the MLP.
-    pub mlp_norm: Vec<f32>,
+    pub mlp_norm: B,
     /// gate|up projections.
-    pub gate_up: Group,
+    pub gate_up: Group<B>,
     /// MLP down projection.
-    pub down_proj: LinearF32,
+    pub down_proj: LinearF32<B>,
 }
 
-impl BlockF32 {
+impl<B> BlockF32<B> {
     /// Every linear in `Block::linears()` order.
-    pub fn linears(&self) -> Vec<&LinearF32> {
-        let mut v: Vec<&LinearF32> = self.qkv.linears.iter().collect();
+    pub fn linears(&self) -> Vec<&LinearF32<B>> {
+        let mut v: Vec<&LinearF32<B>> = self.qkv.linears.iter().collect();
         v.push(&self.o_proj);
         v.extend(self.gate_up.linears.iter());
         v.push(&self.down_proj);
@@ -152,7 +177,7 @@ impl BlockF32 {
     }
 
     /// Mutable access to linear `idx` (in `Block::linears()` order).
-    pub fn linear_mut(&mut self, idx: usize) -> &mut LinearF32 {
+    pub fn linear_mut(&mut self, idx: usize) -> &mut LinearF32<B> {
         let nq = self.qkv.linears.len();
         let ng = self.gate_up.linears.len();
         if idx < nq {
@@ -170,42 +195,49 @@ impl BlockF32 {
 
 /// Activations of one block kept for the backward pass (and read by DP-LLM
 /// calibration: the inputs of every linear).
-pub struct BlockActs {
+pub struct BlockActs<B = Vec<f32>> {
     /// Residual stream entering the block.
-    pub h_in: Vec<f32>,
+    pub h_in: B,
     /// Normed input of q/k/v.
-    pub xn1: Vec<f32>,
+    pub xn1: B,
     /// q and k before the per-head norm (Qwen3 only).
-    qk_pre: Option<(Vec<f32>, Vec<f32>)>,
+    qk_pre: Option<(B, B)>,
     /// q, k after RoPE; v.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: B,
+    k: B,
+    v: B,
     /// Attention output: the input of o_proj.
-    pub att: Vec<f32>,
+    pub att: B,
     /// Residual stream after the attention sub-block.
-    pub h_mid: Vec<f32>,
+    pub h_mid: B,
     /// Normed input of gate/up.
-    pub xn2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    pub xn2: B,
+    gate: B,
+    up: B,
     /// silu(gate)·up: the input of down_proj.
-    pub act: Vec<f32>,
+    pub act: B,
 }
 
-/// The model in f32, ready for forward/backward passes over whole sequences.
-pub struct GradModel {
+/// The model in f32 on backend `G` (the CPU by default), ready for forward and
+/// backward passes over whole sequences.
+pub struct GradModel<G: GradBackend = CpuGrad> {
+    be: G,
     /// The model's config.
     pub config: ModelConfig,
-    embed: Vec<f32>,
+    embed: G::Buf,
     /// Blocks with f32 weights (mutable, e.g. for finite-difference tests).
-    pub blocks: Vec<BlockF32>,
-    final_norm: Vec<f32>,
-    lm_head: Vec<f32>,
+    pub blocks: Vec<BlockF32<G::Buf>>,
+    final_norm: G::Buf,
+    lm_head: G::Buf,
     rope: Rope,
 }
 
-impl GradModel {
+/// The value of a CPU op, which cannot fail.
+fn on_cpu<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| unreachable!("the CPU gradient ops do not fail: {e}"))
+}
+
+impl GradModel<CpuGrad> {
     /// Copy every weight of `model` to f32 (quantized linears at their highest loaded precision).
     pub fn from_model(model: &Model) -> GradModel {
         Self::from_model_at(model, None)
@@ -214,53 +246,79 @@ impl GradModel {
     /// Copy every weight of `model` to f32, quantized linears dequantized at `bits`
     /// (at most their loaded precision; None: the highest loaded).
     pub fn from_model_at(model: &Model, bits: Option<u32>) -> GradModel {
-        let c = &model.config;
-        let blocks = model
+        on_cpu(GradModel::on(CpuGrad, model, bits))
+    }
+
+    /// Mean next-token cross-entropy of `tokens` and the gradient of every block
+    /// linear, `[layer][idx]` = dW [out × in].
+    pub fn gradients(&self, tokens: &[u32]) -> Result<(f64, Vec<Vec<Vec<f32>>>)> {
+        let mut g: Vec<Vec<Vec<f32>>> = self
             .blocks
             .iter()
-            .map(|b| {
-                let qkv = match &b.qkv {
-                    QkvProj::Separate { q, k, v } => vec![
-                        LinearF32::from_linear("q_proj", q, bits),
-                        LinearF32::from_linear("k_proj", k, bits),
-                        LinearF32::from_linear("v_proj", v, bits),
-                    ],
-                    QkvProj::Fused(f) => vec![LinearF32::from_linear("qkv_proj", f, bits)],
-                };
-                let gate_up = match &b.gate_up {
-                    GateUpProj::Separate { gate, up } => {
-                        vec![
-                            LinearF32::from_linear("gate_proj", gate, bits),
-                            LinearF32::from_linear("up_proj", up, bits),
-                        ]
-                    }
-                    GateUpProj::Fused(f) => vec![LinearF32::from_linear("gate_up_proj", f, bits)],
-                };
-                BlockF32 {
-                    attn_norm: b.attn_norm.clone(),
-                    qkv: Group {
-                        linears: qkv,
-                        widths: vec![c.q_dim(), c.kv_dim(), c.kv_dim()],
-                    },
-                    qk_norm: b.qk_norm.clone(),
-                    o_proj: LinearF32::from_linear("o_proj", &b.o_proj, bits),
-                    mlp_norm: b.mlp_norm.clone(),
-                    gate_up: Group {
-                        linears: gate_up,
-                        widths: vec![c.intermediate_size, c.intermediate_size],
-                    },
-                    down_proj: LinearF32::from_linear("down_proj", &b.down_proj, bits),
-                }
-            })
+            .map(|b| vec![Vec::new(); b.linears().len()])
             .collect();
-        GradModel {
-            config: c.clone(),
-            embed: model.embedding_f32(),
-            blocks,
-            final_norm: model.final_norm().to_vec(),
-            lm_head: model.lm_head().weight_f32(),
-            rope: model.rope().clone(),
+        let loss = self.gradient(tokens, &mut |l, i, dw| {
+            g[l][i] = dw.clone();
+            Ok(())
+        })?;
+        Ok((loss, g))
+    }
+}
+
+impl<G: GradBackend> GradModel<G> {
+    /// Every weight of `model` as f32 on backend `be`, quantized linears
+    /// dequantized at `bits` (at most their loaded precision; None: the highest loaded).
+    pub fn on(be: G, model: &Model, bits: Option<u32>) -> Result<Self> {
+        let c = &model.config;
+        let lin = |name, l: &Linear| LinearF32::from_linear(&be, name, l, bits);
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for b in &model.blocks {
+            let qkv = match &b.qkv {
+                QkvProj::Separate { q, k, v } => {
+                    vec![lin("q_proj", q)?, lin("k_proj", k)?, lin("v_proj", v)?]
+                }
+                QkvProj::Fused(f) => vec![lin("qkv_proj", f)?],
+            };
+            let gate_up = match &b.gate_up {
+                GateUpProj::Separate { gate, up } => {
+                    vec![lin("gate_proj", gate)?, lin("up_proj", up)?]
+                }
+                GateUpProj::Fused(f) => vec![lin("gate_up_proj", f)?],
+            };
+            let qk_norm = match &b.qk_norm {
+                Some((qn, kn)) => Some((be.upload(qn)?, be.upload(kn)?)),
+                None => None,
+            };
+            blocks.push(BlockF32 {
+                attn_norm: be.upload(&b.attn_norm)?,
+                qkv: Group {
+                    linears: qkv,
+                    widths: vec![c.q_dim(), c.kv_dim(), c.kv_dim()],
+                },
+                qk_norm,
+                o_proj: lin("o_proj", &b.o_proj)?,
+                mlp_norm: be.upload(&b.mlp_norm)?,
+                gate_up: Group {
+                    linears: gate_up,
+                    widths: vec![c.intermediate_size, c.intermediate_size],
+                },
+                down_proj: lin("down_proj", &b.down_proj)?,
+            });
         }
+        Ok(GradModel {
+            config: c.clone(),
+            embed: be.upload(&model.embedding_f32())?,
+            blocks,
+            final_norm: be.upload(model.final_norm())?,
+            lm_head: be.upload(&model.lm_head().weight_f32())?,
+            rope: model.rope().clone(),
+            be,
+        })
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &G {
+        &self.be
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -273,7 +331,7 @@ impl GradModel {
         }
     }
 
-    fn check(&self, tokens: &[u32]) -> anyhow::Result<()> {
+    fn check(&self, tokens: &[u32]) -> Result<()> {
         anyhow::ensure!(
             tokens.len() >= 2,
             "a sequence needs at least 2 tokens for a next-token loss, got {}",
@@ -293,44 +351,45 @@ impl GradModel {
 
     /// Forward over `tokens` (positions 0..n); returns the block activations, the
     /// hidden state before the final norm and the normed final hidden state.
-    fn forward(&self, tokens: &[u32]) -> (Vec<BlockActs>, Vec<f32>, Vec<f32>) {
-        let c = &self.config;
+    fn forward(&self, tokens: &[u32]) -> Result<(Vec<BlockActs<G::Buf>>, G::Buf, G::Buf)> {
+        let (be, c) = (&self.be, &self.config);
         let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
-        let mut h = vec![0f32; n * d];
-        for (t, &tok) in tokens.iter().enumerate() {
-            h[t * d..(t + 1) * d]
-                .copy_from_slice(&self.embed[tok as usize * d..(tok as usize + 1) * d]);
-        }
+        let mut h = be.zeros(n * d)?;
+        be.embed(&self.embed, d, tokens, &mut h)?;
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let mut xn1 = vec![0f32; n * d];
-            ops::rms_norm_forward(&h, &b.attn_norm, eps, &mut xn1);
-            let mut parts = b.qkv.forward(&xn1, n).into_iter();
-            let (mut q, mut k, v) = (
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-            );
-            let qk_pre = b.qk_norm.as_ref().map(|(qn, kn)| {
-                let pre = (q.clone(), k.clone());
-                ops::rms_norm_forward_inplace(&mut q, qn, eps);
-                ops::rms_norm_forward_inplace(&mut k, kn, eps);
-                pre
-            });
-            ops::rope_forward(&self.rope, &mut q, c.num_heads);
-            ops::rope_forward(&self.rope, &mut k, c.num_kv_heads);
-            let mut att = vec![0f32; n * c.q_dim()];
-            ops::attention_forward(&q, &k, &v, self.attn_shape(), &mut att);
-            let mut h_mid = b.o_proj.forward(&att, n);
-            h_mid.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
-            let mut xn2 = vec![0f32; n * d];
-            ops::rms_norm_forward(&h_mid, &b.mlp_norm, eps, &mut xn2);
-            let mut parts = b.gate_up.forward(&xn2, n).into_iter();
-            let (gate, up) = (parts.next().unwrap(), parts.next().unwrap());
-            let mut act = vec![0f32; gate.len()];
-            ops::swiglu_forward(&gate, &up, &mut act);
-            let mut h_out = b.down_proj.forward(&act, n);
-            h_out.iter_mut().zip(&h_mid).for_each(|(a, b)| *a += b);
+            let mut xn1 = be.zeros(n * d)?;
+            be.rms_norm_forward(&h, &b.attn_norm, eps, &mut xn1)?;
+            let mut parts = b.qkv.forward(be, &xn1, n)?.into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next())
+            else {
+                unreachable!("q|k|v has three parts")
+            };
+            let qk_pre = match &b.qk_norm {
+                Some((qn, kn)) => {
+                    let pre = (be.copy(&q)?, be.copy(&k)?);
+                    be.rms_norm_forward_inplace(&mut q, qn, eps)?;
+                    be.rms_norm_forward_inplace(&mut k, kn, eps)?;
+                    Some(pre)
+                }
+                None => None,
+            };
+            be.rope(&self.rope, &mut q, c.num_heads, false)?;
+            be.rope(&self.rope, &mut k, c.num_kv_heads, false)?;
+            let mut att = be.zeros(n * c.q_dim())?;
+            be.attention_forward(&q, &k, &v, self.attn_shape(), &mut att)?;
+            let mut h_mid = b.o_proj.forward(be, &att, n)?;
+            be.add(&mut h_mid, &h)?;
+            let mut xn2 = be.zeros(n * d)?;
+            be.rms_norm_forward(&h_mid, &b.mlp_norm, eps, &mut xn2)?;
+            let mut parts = b.gate_up.forward(be, &xn2, n)?.into_iter();
+            let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
+                unreachable!("gate|up has two parts")
+            };
+            let mut act = be.zeros(n * c.intermediate_size)?;
+            be.swiglu_forward(&gate, &up, &mut act)?;
+            let mut h_out = b.down_proj.forward(be, &act, n)?;
+            be.add(&mut h_out, &h_mid)?;
             let h_in = std::mem::replace(&mut h, h_out);
             acts.push(BlockActs {
                 h_in,
@@ -347,88 +406,74 @@ impl GradModel {
                 act,
             });
         }
-        let mut hf = vec![0f32; n * d];
-        ops::rms_norm_forward(&h, &self.final_norm, eps, &mut hf);
-        (acts, h, hf)
+        let mut hf = be.zeros(n * d)?;
+        be.rms_norm_forward(&h, &self.final_norm, eps, &mut hf)?;
+        Ok((acts, h, hf))
     }
 
     /// Forward over `tokens`, returning every block's activations.
-    pub fn activations(&self, tokens: &[u32]) -> anyhow::Result<Vec<BlockActs>> {
+    pub fn activations(&self, tokens: &[u32]) -> Result<Vec<BlockActs<G::Buf>>> {
         self.check(tokens)?;
-        Ok(self.forward(tokens).0)
+        Ok(self.forward(tokens)?.0)
     }
 
     /// Mean next-token cross-entropy of `tokens` (forward only).
-    pub fn loss(&self, tokens: &[u32]) -> anyhow::Result<f64> {
+    pub fn loss(&self, tokens: &[u32]) -> Result<f64> {
         self.check(tokens)?;
-        let (_, _, hf) = self.forward(tokens);
+        let (_, _, hf) = self.forward(tokens)?;
         let c = &self.config;
-        Ok(ops::lm_head_cross_entropy(
+        self.be.lm_head_cross_entropy(
             &hf,
             c.hidden_size,
             &self.lm_head,
             c.vocab_size,
             &tokens[1..],
             None,
-        ))
+        )
     }
 
     /// Loss of `tokens` and the gradient of every block linear: `sink(layer, idx, dW)`
     /// with idx in `Block::linears()` order and dW [out × in]. Layers come last to first.
-    pub fn gradient(
-        &self,
-        tokens: &[u32],
-        sink: &mut dyn FnMut(usize, usize, &[f32]),
-    ) -> anyhow::Result<f64> {
+    pub fn gradient(&self, tokens: &[u32], sink: &mut GradSink<'_, G::Buf>) -> Result<f64> {
         self.check(tokens)?;
-        let c = &self.config;
+        let (be, c) = (&self.be, &self.config);
         let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
-        let (acts, h_last, hf) = self.forward(tokens);
-        let mut dhf = vec![0f32; n * d];
-        let loss = ops::lm_head_cross_entropy(
+        let (acts, h_last, hf) = self.forward(tokens)?;
+        let mut dhf = be.zeros(n * d)?;
+        let loss = be.lm_head_cross_entropy(
             &hf,
             d,
             &self.lm_head,
             c.vocab_size,
             &tokens[1..],
             Some(&mut dhf),
-        );
-        let mut dh = vec![0f32; n * d];
-        ops::rms_norm_backward_add(&h_last, &self.final_norm, eps, &dhf, &mut dh);
+        )?;
+        let mut dh = be.zeros(n * d)?;
+        be.rms_norm_backward_add(&h_last, &self.final_norm, eps, &dhf, &mut dh)?;
         drop(dhf);
         let mut s = Sink {
+            be,
             layer: 0,
-            buf: Vec::new(),
+            buf: None,
             f: sink,
         };
         for (l, (b, a)) in self.blocks.iter().zip(&acts).enumerate().rev() {
             s.layer = l;
-            self.block_backward(b, a, n, &mut dh, &mut s);
+            self.block_backward(b, a, n, &mut dh, &mut s)?;
         }
         Ok(loss)
-    }
-
-    /// Loss of `tokens` and every block linear's gradient, `[layer][idx]` = dW [out × in].
-    pub fn gradients(&self, tokens: &[u32]) -> anyhow::Result<(f64, Vec<Vec<Vec<f32>>>)> {
-        let mut g: Vec<Vec<Vec<f32>>> = self
-            .blocks
-            .iter()
-            .map(|b| vec![Vec::new(); b.linears().len()])
-            .collect();
-        let loss = self.gradient(tokens, &mut |l, i, dw| g[l][i] = dw.to_vec())?;
-        Ok((loss, g))
     }
 
     /// Back-propagate `dh` (gradient w.r.t. the block output) to the block input, in place.
     fn block_backward(
         &self,
-        b: &BlockF32,
-        a: &BlockActs,
+        b: &BlockF32<G::Buf>,
+        a: &BlockActs<G::Buf>,
         n: usize,
-        dh: &mut [f32],
-        s: &mut Sink<'_>,
-    ) {
-        let c = &self.config;
+        dh: &mut G::Buf,
+        s: &mut Sink<'_, '_, G>,
+    ) -> Result<()> {
+        let (be, c) = (&self.be, &self.config);
         let (d, inter, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let nq = b.qkv.linears.len();
         let idx_o = nq;
@@ -437,28 +482,28 @@ impl GradModel {
 
         // MLP: h_out = h_mid + down(silu(gate)·up), gate|up = proj(norm(h_mid)).
         let dn = &b.down_proj;
-        s.weight_grad(idx_down, dn, dh, &a.act, n);
-        let mut dact = vec![0f32; n * inter];
-        ops::linear_backward_input(dh, n, &dn.w, dn.out_f, dn.in_f, &mut dact, false);
-        let mut dgate = vec![0f32; n * inter];
-        let mut dup = vec![0f32; n * inter];
-        ops::swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup);
+        s.weight_grad(idx_down, dn, dh, &a.act, n)?;
+        let mut dact = be.zeros(n * inter)?;
+        be.linear_backward_input(dh, n, &dn.w, dn.out_f, dn.in_f, &mut dact, false)?;
+        let mut dgate = be.zeros(n * inter)?;
+        let mut dup = be.zeros(n * inter)?;
+        be.swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup)?;
         drop(dact);
-        let mut dxn = vec![0f32; n * d];
+        let mut dxn = be.zeros(n * d)?;
         b.gate_up
-            .backward(&a.xn2, n, &[&dgate, &dup], &mut dxn, idx_gu, s);
+            .backward(be, &a.xn2, n, &[&dgate, &dup], &mut dxn, idx_gu, s)?;
         drop((dgate, dup));
-        ops::rms_norm_backward_add(&a.h_mid, &b.mlp_norm, eps, &dxn, dh);
+        be.rms_norm_backward_add(&a.h_mid, &b.mlp_norm, eps, &dxn, dh)?;
 
         // Attention: h_mid = h_in + o(attn(rope(qn(q)), rope(kn(k)), v)), q|k|v = proj(norm(h_in)).
         let o = &b.o_proj;
-        s.weight_grad(idx_o, o, dh, &a.att, n);
-        let mut datt = vec![0f32; n * c.q_dim()];
-        ops::linear_backward_input(dh, n, &o.w, o.out_f, o.in_f, &mut datt, false);
-        let mut dq = vec![0f32; n * c.q_dim()];
-        let mut dk = vec![0f32; n * c.kv_dim()];
-        let mut dv = vec![0f32; n * c.kv_dim()];
-        ops::attention_backward(
+        s.weight_grad(idx_o, o, dh, &a.att, n)?;
+        let mut datt = be.zeros(n * c.q_dim())?;
+        be.linear_backward_input(dh, n, &o.w, o.out_f, o.in_f, &mut datt, false)?;
+        let mut dq = be.zeros(n * c.q_dim())?;
+        let mut dk = be.zeros(n * c.kv_dim())?;
+        let mut dv = be.zeros(n * c.kv_dim())?;
+        be.attention_backward(
             &a.q,
             &a.k,
             &a.v,
@@ -467,20 +512,21 @@ impl GradModel {
             &mut dq,
             &mut dk,
             &mut dv,
-        );
+        )?;
         drop(datt);
-        ops::rope_backward(&self.rope, &mut dq, c.num_heads);
-        ops::rope_backward(&self.rope, &mut dk, c.num_kv_heads);
+        be.rope(&self.rope, &mut dq, c.num_heads, true)?;
+        be.rope(&self.rope, &mut dk, c.num_kv_heads, true)?;
         if let (Some((qn, kn)), Some((q_pre, k_pre))) = (&b.qk_norm, &a.qk_pre) {
-            let mut dq_pre = vec![0f32; dq.len()];
-            ops::rms_norm_backward_add(q_pre, qn, eps, &dq, &mut dq_pre);
-            let mut dk_pre = vec![0f32; dk.len()];
-            ops::rms_norm_backward_add(k_pre, kn, eps, &dk, &mut dk_pre);
+            let mut dq_pre = be.zeros(n * c.q_dim())?;
+            be.rms_norm_backward_add(q_pre, qn, eps, &dq, &mut dq_pre)?;
+            let mut dk_pre = be.zeros(n * c.kv_dim())?;
+            be.rms_norm_backward_add(k_pre, kn, eps, &dk, &mut dk_pre)?;
             dq = dq_pre;
             dk = dk_pre;
         }
-        b.qkv.backward(&a.xn1, n, &[&dq, &dk, &dv], &mut dxn, 0, s);
-        ops::rms_norm_backward_add(&a.h_in, &b.attn_norm, eps, &dxn, dh);
+        b.qkv
+            .backward(be, &a.xn1, n, &[&dq, &dk, &dv], &mut dxn, 0, s)?;
+        be.rms_norm_backward_add(&a.h_in, &b.attn_norm, eps, &dxn, dh)
     }
 }
 

@@ -223,7 +223,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if quantize {
         if must_compute(&sens, OutputKind::Sensitivity, &sens_record, a.force)? {
             eprintln!("[1/3] sensitivities of {}", src.display());
-            super::sensitivity::compute(src, &sens_args, &calib_file, &sens, &sens_record)?;
+            super::sensitivity::compute(
+                &dpllm_engine::Device::Cpu,
+                src,
+                &sens_args,
+                &calib_file,
+                &sens,
+                &sens_record,
+            )?;
         }
         eprintln!("[2/3] quantizing into {}", q.display());
         let opts = QuantizeOptions {

@@ -10,8 +10,10 @@ use super::calib_text::CalibArgs;
 /// Arguments of `quantize`.
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub device: super::DeviceArg,
+    /// Where the sensitivities of `--calib` are computed: cpu, or cuda /
+    /// cuda:N. The quantization itself runs on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
     /// Source model directory (Hugging Face layout).
     pub model: PathBuf,
     /// Output directory for the any-precision model (written to a temporary
@@ -35,7 +37,14 @@ pub struct Args {
 
 /// Quantize and print a per-precision error summary.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.require_cpu("quantize")?;
+    a.device.check()?;
+    if a.device != dpllm_engine::Device::Cpu && a.calib.calib.is_none() {
+        anyhow::bail!(
+            "--device {} computes the sensitivities of --calib on the GPU; without --calib \
+             quantize runs on the CPU only: run with --device cpu",
+            a.device
+        );
+    }
     crate::model_dir(&a.model)?;
     // Outputs first: OUT is never an input and is replaced only when dpllm wrote it (and --force).
     let mut inputs: Vec<&std::path::Path> = vec![&a.model];
@@ -57,7 +66,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (Some(p), _) => (Some(p.clone()), None),
         (None, Some(file)) => {
             let p = staging.scratch()?.join("sensitivity.safetensors");
-            super::sensitivity::compute(&a.model, &a.calib, file, &p, &serde_json::Value::Null)?;
+            super::sensitivity::compute(
+                &a.device,
+                &a.model,
+                &a.calib,
+                file,
+                &p,
+                &serde_json::Value::Null,
+            )?;
             (
                 Some(p),
                 Some(format!(

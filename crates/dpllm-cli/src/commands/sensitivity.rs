@@ -2,16 +2,19 @@
 
 use std::path::{Path, PathBuf};
 
+use dpllm_engine::Device;
 use dpllm_format::{check_output, OutputKind};
-use dpllm_quantize::sensitivity::{accumulate_sensitivities, save};
+use dpllm_quantize::sensitivity::{accumulate_sensitivities, save, Sensitivities};
 
 use super::calib_text::CalibArgs;
 
 /// Arguments of `sensitivity`.
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub device: super::DeviceArg,
+    /// Where the forward and backward passes run: cpu, or cuda / cuda:N (the
+    /// model's f32 weights, activations and gradient sums stay on the GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
     /// Full-precision model directory (Hugging Face layout).
     pub model: PathBuf,
     #[command(flatten)]
@@ -21,9 +24,10 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// Compute the sensitivities of `model` on the calibration windows and write them
-/// to `out`, recording `inputs` (what produced them) in its metadata.
+/// Compute the sensitivities of `model` on the calibration windows on `device`
+/// and write them to `out`, recording `inputs` (what produced them) in its metadata.
 pub fn compute(
+    device: &Device,
     model: &Path,
     calib: &CalibArgs,
     file: &Path,
@@ -38,11 +42,12 @@ pub fn compute(
         );
     }
     calib.check(dpllm_format::ModelConfig::from_dir(model)?.max_position_embeddings)?;
+    let grad = GradDevice::open(device)?;
     let (loaded, tok) = super::load(dpllm_engine::CpuBackend, model, &super::BitsArg::default())?;
     let m = loaded.model();
     let seqs = calib.sequences(file, &tok, m.config.max_position_embeddings)?;
     let t = std::time::Instant::now();
-    let s = accumulate_sensitivities(m, &seqs, true)?;
+    let s = grad.accumulate(m, &seqs)?;
     save(&s, out, inputs)?;
     eprintln!(
         "sensitivities of {} linears written to {} in {:.1}s",
@@ -53,9 +58,49 @@ pub fn compute(
     Ok(())
 }
 
+/// Where the gradient passes run, opened before the model loads (so a
+/// missing GPU fails at once).
+enum GradDevice {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(dpllm_grad::cuda::CudaGrad),
+}
+
+impl GradDevice {
+    fn open(device: &Device) -> anyhow::Result<GradDevice> {
+        device.check()?;
+        Ok(match *device {
+            Device::Cpu => GradDevice::Cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let dev = dpllm_engine::backend::cuda::CudaDevice::new(n)?;
+                GradDevice::Cuda(dpllm_grad::cuda::CudaGrad::new(dev)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("refused by Device::check"),
+        })
+    }
+
+    /// Σ of the squared gradients over `seqs`.
+    fn accumulate(
+        self,
+        m: &dpllm_engine::Model,
+        seqs: &[Vec<u32>],
+    ) -> anyhow::Result<Sensitivities> {
+        match self {
+            GradDevice::Cpu => accumulate_sensitivities(m, seqs, true),
+            #[cfg(feature = "cuda")]
+            GradDevice::Cuda(g) => {
+                use dpllm_grad::GradBackend;
+                eprintln!("forward and backward passes on {}", g.name());
+                dpllm_quantize::sensitivity::accumulate_sensitivities_on(g, m, seqs, true)
+            }
+        }
+    }
+}
+
 /// Run the command.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.require_cpu("sensitivity")?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calib.required_file()?;
     let out = a.out.clone().unwrap_or_else(|| {
@@ -70,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     });
     check_output(&out, OutputKind::Sensitivity, &[dir, &file], false)?;
     compute(
+        &a.device,
         dir,
         &a.calib,
         &file,

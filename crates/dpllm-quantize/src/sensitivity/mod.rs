@@ -21,6 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use dpllm_grad::GradModel;
+use dpllm_grad::{CpuGrad, GradBackend};
 
 /// Accumulated sensitivities of every quantized linear.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,8 +70,19 @@ pub fn hf_weight_name(layer: usize, linear: &str) -> String {
 }
 
 /// Σ over `sequences` of the squared gradient of each sequence's mean next-token
-/// cross-entropy w.r.t. every block linear of `model` (computed in f32).
+/// cross-entropy w.r.t. every block linear of `model` (computed in f32 on the CPU).
 pub fn accumulate_sensitivities(
+    model: &Model,
+    sequences: &[Vec<u32>],
+    progress: bool,
+) -> Result<Sensitivities> {
+    accumulate_sensitivities_on(CpuGrad, model, sequences, progress)
+}
+
+/// [`accumulate_sensitivities`] on backend `be`: the model's weights, the
+/// gradients and the sums stay there; only the sums come back, once.
+pub fn accumulate_sensitivities_on<G: GradBackend>(
+    be: G,
     model: &Model,
     sequences: &[Vec<u32>],
     progress: bool,
@@ -88,22 +100,15 @@ pub fn accumulate_sensitivities(
             );
         }
     }
-    let gm = GradModel::from_model(model);
-    let mut layers: Vec<Vec<(String, Vec<f32>)>> = gm
-        .blocks
-        .iter()
-        .map(|b| {
-            b.linears()
-                .iter()
-                .map(|l| (l.name.to_string(), vec![0f32; l.out_f * l.in_f]))
-                .collect()
-        })
-        .collect();
-    let shapes = gm
-        .blocks
-        .iter()
-        .map(|b| b.linears().iter().map(|l| [l.out_f, l.in_f]).collect())
-        .collect();
+    let gm = GradModel::on(be, model, None)?;
+    let be = gm.backend();
+    let mut sums = Vec::with_capacity(gm.blocks.len());
+    for b in &gm.blocks {
+        let v = (b.linears().iter())
+            .map(|l| be.zeros(l.out_f * l.in_f))
+            .collect::<Result<Vec<_>>>()?;
+        sums.push(v);
+    }
     let bar = if progress {
         let b = indicatif::ProgressBar::new(sequences.len() as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -117,9 +122,7 @@ pub fn accumulate_sensitivities(
     };
     let mut loss_sum = 0f64;
     for (i, seq) in sequences.iter().enumerate() {
-        let loss = gm.gradient(seq, &mut |l, idx, g| {
-            dpllm_grad::ops::add_squared(&mut layers[l][idx].1, g)
-        })?;
+        let loss = gm.gradient(seq, &mut |l, idx, g| be.add_squared(&mut sums[l][idx], g))?;
         ensure!(
             loss.is_finite(),
             "calibration sequence {i}: the loss is not finite ({loss})"
@@ -129,6 +132,17 @@ pub fn accumulate_sensitivities(
         bar.set_message(format!("mean loss {:.4}", loss_sum / (i + 1) as f64));
     }
     bar.finish_and_clear();
+    let mut layers = Vec::with_capacity(gm.blocks.len());
+    let mut shapes = Vec::with_capacity(gm.blocks.len());
+    for (b, sums) in gm.blocks.iter().zip(&sums) {
+        let lins = b.linears();
+        layers.push(
+            (lins.iter().zip(sums))
+                .map(|(l, s)| Ok((l.name.to_string(), be.download(s)?)))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        shapes.push(lins.iter().map(|l| [l.out_f, l.in_f]).collect());
+    }
     Ok(Sensitivities { layers, shapes })
 }
 

@@ -161,7 +161,7 @@ fn real_model_docs_llama_12m() {
     gm.loss(&seqs[0]).unwrap();
     let fwd = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    gm.gradient(&seqs[0], &mut |_, _, _| {}).unwrap();
+    gm.gradient(&seqs[0], &mut |_, _, _| Ok(())).unwrap();
     eprintln!(
         "one sequence: forward only {fwd:.3}s, forward+backward {:.3}s",
         t.elapsed().as_secs_f64()

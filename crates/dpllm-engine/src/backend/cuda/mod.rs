@@ -71,7 +71,7 @@ pub(crate) fn device_err(
 
 /// A loaded module with its functions looked up once by name (the driver's
 /// lookup costs about a microsecond, a launch a few).
-pub(crate) struct Kernels {
+pub struct Kernels {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     file: &'static str,
@@ -79,7 +79,7 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     /// The kernel `name`.
-    pub(crate) fn get(&self, name: &str) -> Result<CudaFunction> {
+    pub fn get(&self, name: &str) -> Result<CudaFunction> {
         let mut m = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = m.get(name) {
             return Ok(f.clone());
@@ -325,17 +325,24 @@ impl CudaDevice {
         if let Some(m) = cell.get() {
             return Ok(m.clone());
         }
+        let k = Arc::new(self.load_kernels(name, source)?);
+        Ok(cell.get_or_init(|| k).clone())
+    }
+
+    /// The kernels of CUDA C `source` (`name`.cu in messages and the PTX
+    /// cache), compiled for this GPU or read from the cache, and loaded: for
+    /// crates with kernels of their own (the gradient model's).
+    pub fn load_kernels(&self, name: &'static str, source: &str) -> Result<Kernels> {
         let ptx = compile::ptx(name, source, self.arch)?;
         let module = self
             .ctx
             .load_module(ptx)
             .map_err(|e| EngineError::Device(format!("CUDA: loading {name}.cu: {e}")))?;
-        let k = Arc::new(Kernels {
+        Ok(Kernels {
             module,
             functions: Mutex::default(),
             file: name,
-        });
-        Ok(cell.get_or_init(|| k).clone())
+        })
     }
 }
 

@@ -1,0 +1,321 @@
+//! Where the gradient model's ops run: one trait, [`GradBackend`], so the
+//! forward and backward pass of [`crate::GradModel`] is written once and runs
+//! on the CPU ([`CpuGrad`], the functions of [`crate::ops`]) or on a GPU
+//! (`crate::cuda::CudaGrad`).
+//!
+//! Conventions are those of [`crate::ops`]: activations row-major `[n × width]`,
+//! weights row-major `[out × in]`, sequences starting at position 0.
+
+use anyhow::Result;
+use dpllm_engine::backend::cpu::attention::AttnShape;
+use dpllm_engine::backend::cpu::rows::{join_columns, split_columns};
+use dpllm_engine::model::rope::Rope;
+
+use crate::ops;
+
+/// The op set of the gradient pass on one kind of device.
+#[allow(clippy::too_many_arguments)]
+pub trait GradBackend {
+    /// A buffer of f32 values where this backend computes.
+    type Buf;
+
+    /// "cpu", or the GPU's description.
+    fn name(&self) -> String;
+    /// A buffer holding `host`.
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// A buffer of `len` zeros.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// The values of `buf`, on the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Values in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// A copy of `buf`.
+    fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+    /// Rows `tokens` of `table` [vocab × d] into `out` [tokens.len() × d].
+    fn embed(&self, table: &Self::Buf, d: usize, tokens: &[u32], out: &mut Self::Buf)
+        -> Result<()>;
+    /// `h += x`.
+    fn add(&self, h: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// `y [n × out] = x [n × in] · Wᵀ (+ bias)`.
+    fn linear_forward(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        w: &Self::Buf,
+        out_f: usize,
+        in_f: usize,
+        bias: Option<&Self::Buf>,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `dx [n × in] (+)= dy [n × out] · W`.
+    fn linear_backward_input(
+        &self,
+        dy: &Self::Buf,
+        n: usize,
+        w: &Self::Buf,
+        out_f: usize,
+        in_f: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `dw [out × in] = dyᵀ · x`.
+    fn linear_backward_weight(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        n: usize,
+        out_f: usize,
+        in_f: usize,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
+    /// RMSNorm of each row of `x` (width `w.len()`) into `out`.
+    fn rms_norm_forward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// RMSNorm of each row of `x` in place.
+    fn rms_norm_forward_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, eps: f32) -> Result<()>;
+    /// `dx += ∂/∂x` of RMSNorm(x) given `dy`.
+    fn rms_norm_backward_add(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// RoPE of `x` [n × heads × head_dim] at positions 0..n, or its inverse
+    /// (the backward pass: the transpose of a rotation is its inverse).
+    fn rope(&self, rope: &Rope, x: &mut Self::Buf, heads: usize, inverse: bool) -> Result<()>;
+    /// Causal attention (GQA, optional sliding window) of q, k, v into `out`.
+    fn attention_forward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Gradients of q, k, v (overwritten) given the output gradient `dout`.
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `act = silu(gate) · up`.
+    fn swiglu_forward(&self, gate: &Self::Buf, up: &Self::Buf, act: &mut Self::Buf) -> Result<()>;
+    /// Gradients of gate and up (overwritten) given `dact`.
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dact: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Each token's row of `x` [n × Σ widths] into consecutive parts [n × width_i].
+    fn split_columns(&self, x: &Self::Buf, n: usize, parts: &mut [&mut Self::Buf]) -> Result<()>;
+    /// The inverse of [`GradBackend::split_columns`].
+    fn join_columns(&self, parts: &[&Self::Buf], n: usize, out: &mut Self::Buf) -> Result<()>;
+    /// Mean next-token cross-entropy of `h` [n × d] through the lm_head `w`
+    /// [vocab × d] (row t predicts `targets[t]`), and ∂loss/∂h into `dh`.
+    fn lm_head_cross_entropy(
+        &self,
+        h: &Self::Buf,
+        d: usize,
+        w: &Self::Buf,
+        vocab: usize,
+        targets: &[u32],
+        dh: Option<&mut Self::Buf>,
+    ) -> Result<f64>;
+    /// `out[i] += g[i]²`.
+    fn add_squared(&self, out: &mut Self::Buf, g: &Self::Buf) -> Result<()>;
+}
+
+/// The CPU: buffers are `Vec<f32>`, the ops those of [`crate::ops`] (rayon threads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuGrad;
+
+impl GradBackend for CpuGrad {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; len])
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn copy(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn embed(&self, table: &Vec<f32>, d: usize, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        for (row, &t) in out.chunks_mut(d).zip(tokens) {
+            row.copy_from_slice(&table[t as usize * d..(t as usize + 1) * d]);
+        }
+        Ok(())
+    }
+    fn add(&self, h: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        h.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+    fn linear_forward(
+        &self,
+        x: &Vec<f32>,
+        n: usize,
+        w: &Vec<f32>,
+        out_f: usize,
+        in_f: usize,
+        bias: Option<&Vec<f32>>,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::linear_forward(x, n, w, out_f, in_f, bias.map(|b| b.as_slice()), y);
+        Ok(())
+    }
+    fn linear_backward_input(
+        &self,
+        dy: &Vec<f32>,
+        n: usize,
+        w: &Vec<f32>,
+        out_f: usize,
+        in_f: usize,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        ops::linear_backward_input(dy, n, w, out_f, in_f, dx, accumulate);
+        Ok(())
+    }
+    fn linear_backward_weight(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        n: usize,
+        out_f: usize,
+        in_f: usize,
+        dw: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::linear_backward_weight(dy, x, n, out_f, in_f, dw);
+        Ok(())
+    }
+    fn rms_norm_forward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::rms_norm_forward(x, w, eps, out);
+        Ok(())
+    }
+    fn rms_norm_forward_inplace(&self, x: &mut Vec<f32>, w: &Vec<f32>, eps: f32) -> Result<()> {
+        ops::rms_norm_forward_inplace(x, w, eps);
+        Ok(())
+    }
+    fn rms_norm_backward_add(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::rms_norm_backward_add(x, w, eps, dy, dx);
+        Ok(())
+    }
+    fn rope(&self, rope: &Rope, x: &mut Vec<f32>, heads: usize, inverse: bool) -> Result<()> {
+        match inverse {
+            false => ops::rope_forward(rope, x, heads),
+            true => ops::rope_backward(rope, x, heads),
+        }
+        Ok(())
+    }
+    fn attention_forward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::attention_forward(q, k, v, shape, out);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        dout: &Vec<f32>,
+        shape: AttnShape,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::attention_backward(q, k, v, dout, shape, dq, dk, dv);
+        Ok(())
+    }
+    fn swiglu_forward(&self, gate: &Vec<f32>, up: &Vec<f32>, act: &mut Vec<f32>) -> Result<()> {
+        ops::swiglu_forward(gate, up, act);
+        Ok(())
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dact: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::swiglu_backward(gate, up, dact, dgate, dup);
+        Ok(())
+    }
+    fn split_columns(&self, x: &Vec<f32>, n: usize, parts: &mut [&mut Vec<f32>]) -> Result<()> {
+        let mut views: Vec<&mut [f32]> = parts.iter_mut().map(|p| p.as_mut_slice()).collect();
+        split_columns(x, n, &mut views);
+        Ok(())
+    }
+    fn join_columns(&self, parts: &[&Vec<f32>], n: usize, out: &mut Vec<f32>) -> Result<()> {
+        let views: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        join_columns(&views, n, out);
+        Ok(())
+    }
+    fn lm_head_cross_entropy(
+        &self,
+        h: &Vec<f32>,
+        d: usize,
+        w: &Vec<f32>,
+        vocab: usize,
+        targets: &[u32],
+        dh: Option<&mut Vec<f32>>,
+    ) -> Result<f64> {
+        Ok(ops::lm_head_cross_entropy(
+            h,
+            d,
+            w,
+            vocab,
+            targets,
+            dh.map(|g| g.as_mut_slice()),
+        ))
+    }
+    fn add_squared(&self, out: &mut Vec<f32>, g: &Vec<f32>) -> Result<()> {
+        ops::add_squared(out, g);
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+// The gradient model's element-wise and row-wise ops on the GPU (issue #11):
+// forward and backward of RMSNorm, SwiGLU, RoPE, the causal softmax of
+// attention and the lm_head's cross-entropy. The matrix products (linears,
+// attention scores) go through cuBLAS. Activations are row-major [n x width].
+// Row reductions sum in double where the CPU reference does (ops.rs), so the
+// two agree to f32 rounding. Grid-stride loops take any grid size.
+
+typedef unsigned int u32;
+
+// -infinity (NVRTC has no math.h constants).
+#define NEG_INF __int_as_float(0xff800000)
+
+#define GRID_STRIDE(i, n) \
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ double block_sum(double v) {
+    __shared__ double part[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    double t = 0.0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += part[w];
+    return t;
+}
+
+// Largest v over the block; every thread gets it.
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t = fmaxf(t, part[w]);
+    return t;
+}
+
+// out[t] = table[tokens[t]] for rows of d.
+extern "C" __global__ void embed_rows(const float* table, const u32* tokens, int d, int n, float* out) {
+    GRID_STRIDE(i, (long)n * d) out[i] = table[(long)tokens[i / d] * d + i % d];
+}
+
+// h += x.
+extern "C" __global__ void add_into(float* h, const float* x, long n) {
+    GRID_STRIDE(i, n) h[i] += x[i];
+}
+
+// y[t, j] += bias[j] for rows of `width`.
+extern "C" __global__ void add_row_bias(float* y, const float* bias, int width, long n) {
+    GRID_STRIDE(i, n) y[i] += bias[i % width];
+}
+
+// out[i] += g[i]^2.
+extern "C" __global__ void add_squared(float* out, const float* g, long n) {
+    GRID_STRIDE(i, n) out[i] += g[i] * g[i];
+}
+
+// Column block [off, off + width) of each row of x [n x total] to part [n x width], or back (join).
+extern "C" __global__ void columns(float* x, float* part, int n, int total, int off, int width, int join) {
+    GRID_STRIDE(i, (long)n * width) {
+        const long j = i / width * total + off + i % width;
+        if (join) x[j] = part[i];
+        else part[i] = x[j];
+    }
+}
+
+// RMSNorm of each row (one block a row): out = x / sqrt(mean(x^2) + eps) * w. out may be x.
+extern "C" __global__ void rms_norm_rows(const float* x, const float* w, float eps, float* out, int d) {
+    const float* xr = x + (long)blockIdx.x * d;
+    float* o = out + (long)blockIdx.x * d;
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) ss += (double)xr[j] * xr[j];
+    const float r = (float)(1.0 / sqrt(block_sum(ss) / d + (double)eps));
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = xr[j] * r * w[j];
+}
+
+// dx += r w dy - r^3 / d * x * sum(dy w x), r = (mean(x^2) + eps)^-1/2 (one block a row).
+extern "C" __global__ void rms_norm_backward_add(const float* x, const float* w, float eps, const float* dy,
+                                                 float* dx, int d) {
+    const long base = (long)blockIdx.x * d;
+    double ss = 0.0, s = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const double v = x[base + j];
+        ss += v * v;
+        s += v * (double)dy[base + j] * (double)w[j];
+    }
+    ss = block_sum(ss);
+    s = block_sum(s);
+    const double r = 1.0 / sqrt(ss / d + (double)eps);
+    const float k = (float)(r * r * r * s / d), rf = (float)r;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dx[base + j] += rf * w[j] * dy[base + j] - k * x[base + j];
+}
+
+// act = silu(gate) * up.
+extern "C" __global__ void swiglu_forward(const float* gate, const float* up, float* act, long n) {
+    GRID_STRIDE(i, n) {
+        const float g = gate[i];
+        act[i] = g / (1.f + expf(-g)) * up[i];
+    }
+}
+
+// dgate = dact * up * silu'(gate), dup = dact * silu(gate).
+extern "C" __global__ void swiglu_backward(const float* gate, const float* up, const float* dact, float* dgate,
+                                           float* dup, long n) {
+    GRID_STRIDE(i, n) {
+        const float g = gate[i], s = 1.f / (1.f + expf(-g));
+        dgate[i] = dact[i] * up[i] * (s * (1.f + g * (1.f - s)));
+        dup[i] = dact[i] * g * s;
+    }
+}
+
+// Rotate pairs (i, i + rot/2) of every head of x [n x heads x hd] at positions
+// 0..n by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]); the
+// backward pass passes a table of negated sines (the inverse rotation).
+extern "C" __global__ void rope_rows(float* x, const float* table, int n, int heads, int hd, int rot) {
+    const int half = rot / 2;
+    GRID_STRIDE(j, (long)n * heads * half) {
+        const int i = j % half;
+        const long th = j / half;
+        const float* row = table + (th / heads) * rot;
+        float* h = x + th * hd;
+        const float a = h[i], b = h[i + half], c = row[i], s = row[half + i];
+        h[i] = a * c - b * s;
+        h[i + half] = b * c + a * s;
+    }
+}
+
+// Scores s [rows x n] (row = head * n + query) to causal probabilities in
+// place: key j of query t is seen when j <= t and t - j < window (window <= 0:
+// no window), softmax of scale * s over those, zero elsewhere.
+extern "C" __global__ void causal_softmax(float* s, int n, int window, float scale) {
+    float* row = s + (long)blockIdx.x * n;
+    const int t = blockIdx.x % n;
+    const int lo = window > 0 ? max(0, t + 1 - window) : 0;
+    float m = NEG_INF;
+    for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) m = fmaxf(m, row[j] * scale);
+    m = block_max(m);
+    double sum = 0.0;
+    for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) sum += (double)expf(row[j] * scale - m);
+    const float inv = (float)(1.0 / block_sum(sum));
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        row[j] = (j >= lo && j <= t) ? expf(row[j] * scale - m) * inv : 0.f;
+}
+
+// dp [rows x n] to the score gradient in place: ds = p (dp - sum(p dp)) * scale.
+extern "C" __global__ void softmax_backward(const float* p, float* dp, int n, float scale) {
+    const long base = (long)blockIdx.x * n;
+    double s = 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += (double)p[base + j] * dp[base + j];
+    const float dot = (float)block_sum(s);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dp[base + j] = p[base + j] * (dp[base + j] - dot) * scale;
+}
+
+// Softmax cross-entropy of logit rows [rows x vocab] against targets (one
+// block a row): loss[row] = log(sum exp(x - max)) - (x_t - max), and the row
+// becomes scale * (softmax - onehot(t)), the gradient of scale * sum of losses.
+extern "C" __global__ void cross_entropy(float* logits, const u32* targets, int vocab, float scale,
+                                         double* loss) {
+    float* row = logits + (long)blockIdx.x * vocab;
+    const u32 tgt = targets[blockIdx.x];
+    const float xt = row[tgt];  // read before any thread overwrites the row
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_max(m);
+    const float shifted = xt - m;
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float e = expf(row[j] - m);
+        row[j] = e;
+        sum += (double)e;
+    }
+    sum = block_sum(sum);
+    const float inv = (float)(1.0 / sum) * scale;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) row[j] = row[j] * inv - (j == (int)tgt ? scale : 0.f);
+    if (threadIdx.x == 0) loss[blockIdx.x] = log(sum) - (double)shifted;
+}

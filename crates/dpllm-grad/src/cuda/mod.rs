@@ -1,0 +1,792 @@
+//! [`CudaGrad`]: the gradient model's ops on an NVIDIA GPU (issue #11), so the
+//! sensitivity pass (and later precision fine-tuning) keeps weights,
+//! activations and gradients on the device.
+//!
+//! Matrix products go through cuBLAS in f32 (no TF32, so results match the
+//! CPU's to f32 rounding): the linears, and attention as per-head score
+//! matrices [n × n] (strided batched GEMMs over the query heads of each
+//! position in a GQA group), a causal softmax kernel, then the products with
+//! V; the backward pass recomputes the probabilities. The rest are the
+//! kernels of `grad.cu`, compiled by NVRTC on first use like the engine's.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use dpllm_engine::backend::cpu::attention::AttnShape;
+use dpllm_engine::backend::cuda::cudarc;
+use dpllm_engine::backend::cuda::{CudaDevice, Kernels};
+use dpllm_engine::model::rope::Rope;
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use crate::backend::GradBackend;
+
+/// The kernels' CUDA C source.
+pub const SOURCE: &str = include_str!("grad.cu");
+
+/// Threads of a block in the row kernels (a multiple of 32).
+const ROW_THREADS: u32 = 256;
+
+/// Logit rows per lm_head chunk (bounds the logits buffer to chunk × vocab).
+const LM_CHUNK: usize = 256;
+
+/// One row-major matrix operand of a (batched) product: where it starts in
+/// its buffer, its row stride, and the stride between the batch's matrices.
+#[derive(Clone, Copy)]
+struct Mat {
+    off: usize,
+    ld: usize,
+    stride: usize,
+}
+
+impl Mat {
+    fn new(off: usize, ld: usize, stride: usize) -> Mat {
+        Mat { off, ld, stride }
+    }
+}
+
+/// Queue kernel `$name` of a [`CudaGrad`]'s module with arguments `$arg`
+/// (references), an error naming the kernel when it cannot be launched.
+macro_rules! launch {
+    ($g:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name: &str = $name;
+        let f = $g.kernels.get(name)?;
+        let cfg = $cfg;
+        // SAFETY: every call site passes the kernel's parameters in order with
+        // their C types (int = i32, long = i64, pointers as slices or device
+        // addresses) and sizes the grid for buffers it has checked; the
+        // kernels check their own bounds.
+        let r = unsafe { $g.stream().launch_builder(&f)$(.arg($arg))+.launch(cfg) };
+        r.map(|_| ()).with_context(|| format!("CUDA: launching {name}"))
+    }};
+}
+
+/// RoPE tables on the device: (host table, inverse, device table).
+type RopeTables = Vec<(Vec<f32>, bool, CudaSlice<f32>)>;
+
+/// The gradient ops on one GPU.
+pub struct CudaGrad {
+    dev: Arc<CudaDevice>,
+    kernels: Kernels,
+    /// RoPE tables uploaded so far (the last few).
+    rope_tables: Mutex<RopeTables>,
+}
+
+impl CudaGrad {
+    /// The gradient ops on `dev`, their kernels compiled (or read from the PTX cache).
+    pub fn new(dev: Arc<CudaDevice>) -> Result<CudaGrad> {
+        let kernels = dev.load_kernels("grad", SOURCE)?;
+        Ok(CudaGrad {
+            dev,
+            kernels,
+            rope_tables: Mutex::default(),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.dev.stream()
+    }
+
+    /// A grid-stride launch over `n` elements.
+    fn flat(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of [`ROW_THREADS`] per row.
+    fn per_row(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream()
+            .clone_htod(v)
+            .context("CUDA: copying token ids to the device")
+    }
+
+    /// Row-major `C [m × n] = alpha · op(A) [m × k] · op(B) [k × n] + beta · C`,
+    /// `batch` times (the operands' `stride` apart), through cuBLAS (column-major:
+    /// Cᵀ = op(B)ᵀ · op(A)ᵀ).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, ma): (&CudaSlice<f32>, Mat),
+        (b, mb): (&CudaSlice<f32>, Mat),
+        beta: f32,
+        (c, mc): (&mut CudaSlice<f32>, Mat),
+        batch: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        // The last element each operand reaches must lie in its buffer.
+        let reach = |rows: usize, cols: usize, mat: Mat| {
+            mat.off + (batch - 1) * mat.stride + (rows - 1) * mat.ld + cols
+        };
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        if k > 0 && (reach(ar, ac, ma) > a.len() || reach(br, bc, mb) > b.len())
+            || reach(m, n, mc) > c.len()
+        {
+            bail!("CUDA GEMM: a {m}x{n}x{k} product (batch {batch}) reaches past its buffers");
+        }
+        let op = |t: bool| match t {
+            true => cublasOperation_t::CUBLAS_OP_T,
+            false => cublasOperation_t::CUBLAS_OP_N,
+        };
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(tb),
+                transb: op(ta),
+                m: n as i32,
+                n: m as i32,
+                k: k as i32,
+                alpha: 1f32,
+                lda: mb.ld as i32,
+                ldb: ma.ld as i32,
+                beta,
+                ldc: mc.ld as i32,
+            },
+            batch_size: batch as i32,
+            stride_a: mb.stride as i64,
+            stride_b: ma.stride as i64,
+            stride_c: mc.stride as i64,
+        };
+        let blas = self.dev.blas()?;
+        let (av, bv) = (a.slice(ma.off..), b.slice(mb.off..));
+        let mut cv = c.slice_mut(mc.off..);
+        // SAFETY: the extents of all three operands were checked above.
+        unsafe { blas.gemm_strided_batched(cfg, &bv, &av, &mut cv) }
+            .map_err(|e| anyhow::anyhow!("cuBLAS SGEMM: {e}"))
+    }
+
+    /// The device RoPE table for positions 0..n (sines negated for the inverse).
+    fn rope_table(&self, rope: &Rope, n: usize, inverse: bool) -> Result<CudaSlice<f32>> {
+        let mut host = rope.table(0, n);
+        let half = rope.rot_dim() / 2;
+        let mut cache = self.rope_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, t)) = cache
+            .iter()
+            .find(|(h, inv, _)| *inv == inverse && *h == host)
+        {
+            return Ok(t.clone());
+        }
+        let key = host.clone();
+        if inverse {
+            for row in host.chunks_mut(2 * half) {
+                row[half..].iter_mut().for_each(|s| *s = -*s);
+            }
+        }
+        let t = self
+            .stream()
+            .clone_htod(&host)
+            .context("CUDA: copying a RoPE table")?;
+        if cache.len() >= 8 {
+            cache.remove(0);
+        }
+        cache.push((key, inverse, t.clone()));
+        Ok(t)
+    }
+
+    fn check_len(&self, what: &str, buf: &CudaSlice<f32>, len: usize) -> Result<()> {
+        if buf.len() != len {
+            bail!(
+                "{what}: a buffer of {} values where {len} are needed",
+                buf.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Per-head scores of q·kᵀ [heads × n × n] turned into causal probabilities.
+    fn attention_probs(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        s: AttnShape,
+        n: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
+        let mut p = self.zeros(nh * n * n)?;
+        for j in 0..g {
+            self.gemm(
+                (false, true),
+                (n, n, hd),
+                (q, Mat::new(j * hd, qd, g * hd)),
+                (k, Mat::new(0, kvd, hd)),
+                0.0,
+                (&mut p, Mat::new(j * n * n, n, g * n * n)),
+                nkv,
+            )?;
+        }
+        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let n32 = n as i32;
+        launch!(
+            self,
+            "causal_softmax",
+            Self::per_row(nh * n),
+            &mut p,
+            &n32,
+            &window,
+            &scale
+        )?;
+        Ok(p)
+    }
+
+    fn attn_check(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        s: AttnShape,
+    ) -> Result<usize> {
+        let (qd, kvd) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        if s.num_kv_heads == 0 || s.num_heads % s.num_kv_heads != 0 || qd == 0 {
+            bail!(
+                "attention: {} query heads over {} kv heads",
+                s.num_heads,
+                s.num_kv_heads
+            );
+        }
+        let n = q.len() / qd;
+        self.check_len("attention q", q, n * qd)?;
+        self.check_len("attention k", k, n * kvd)?;
+        self.check_len("attention v", v, n * kvd)?;
+        Ok(n)
+    }
+}
+
+impl GradBackend for CudaGrad {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        self.dev.describe()
+    }
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream()
+            .clone_htod(host)
+            .context("CUDA: copying to the device")
+    }
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream()
+            .alloc_zeros(len)
+            .with_context(|| format!("CUDA: allocating {len} floats"))
+    }
+    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream()
+            .clone_dtoh(buf)
+            .context("CUDA: copying to the host")
+    }
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn copy(&self, buf: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.stream()
+            .clone_dtod(buf)
+            .context("CUDA: copying a buffer")
+    }
+    fn embed(
+        &self,
+        table: &CudaSlice<f32>,
+        d: usize,
+        tokens: &[u32],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let vocab = table.len() / d.max(1);
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {t} is out of range for a vocabulary of {vocab}");
+        }
+        self.check_len("embedding output", out, tokens.len() * d)?;
+        let ids = self.upload_u32(tokens)?;
+        let (d32, n32) = (d as i32, tokens.len() as i32);
+        launch!(
+            self,
+            "embed_rows",
+            Self::flat(out.len()),
+            table,
+            &ids,
+            &d32,
+            &n32,
+            &mut *out
+        )
+    }
+    fn add(&self, h: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+        self.check_len("add", x, h.len())?;
+        let n = h.len() as i64;
+        launch!(self, "add_into", Self::flat(h.len()), &mut *h, x, &n)
+    }
+    fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<f32>,
+        out_f: usize,
+        in_f: usize,
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_len("linear output", y, n * out_f)?;
+        self.gemm(
+            (false, true),
+            (n, out_f, in_f),
+            (x, Mat::new(0, in_f, 0)),
+            (w, Mat::new(0, in_f, 0)),
+            0.0,
+            (y, Mat::new(0, out_f, 0)),
+            1,
+        )?;
+        if let Some(bias) = bias {
+            self.check_len("bias", bias, out_f)?;
+            let (w32, len) = (out_f as i32, y.len() as i64);
+            launch!(
+                self,
+                "add_row_bias",
+                Self::flat(y.len()),
+                &mut *y,
+                bias,
+                &w32,
+                &len
+            )?;
+        }
+        Ok(())
+    }
+    fn linear_backward_input(
+        &self,
+        dy: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<f32>,
+        out_f: usize,
+        in_f: usize,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.check_len("input gradient", dx, n * in_f)?;
+        self.gemm(
+            (false, false),
+            (n, in_f, out_f),
+            (dy, Mat::new(0, out_f, 0)),
+            (w, Mat::new(0, in_f, 0)),
+            if accumulate { 1.0 } else { 0.0 },
+            (dx, Mat::new(0, in_f, 0)),
+            1,
+        )
+    }
+    fn linear_backward_weight(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        n: usize,
+        out_f: usize,
+        in_f: usize,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_len("weight gradient", dw, out_f * in_f)?;
+        self.gemm(
+            (true, false),
+            (out_f, in_f, n),
+            (dy, Mat::new(0, out_f, 0)),
+            (x, Mat::new(0, in_f, 0)),
+            0.0,
+            (dw, Mat::new(0, in_f, 0)),
+            1,
+        )
+    }
+    fn rms_norm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_len("norm output", out, x.len())?;
+        let d = w.len();
+        let d32 = d as i32;
+        launch!(
+            self,
+            "rms_norm_rows",
+            Self::per_row(x.len() / d.max(1)),
+            x,
+            w,
+            &eps,
+            &mut *out,
+            &d32
+        )
+    }
+    fn rms_norm_forward_inplace(
+        &self,
+        x: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        let d32 = d as i32;
+        let rows = x.len() / d.max(1);
+        // The kernel reads each value before the thread that reads it writes it.
+        let (xp, _rec) = x.device_ptr_mut(self.stream());
+        launch!(
+            self,
+            "rms_norm_rows",
+            Self::per_row(rows),
+            &xp,
+            w,
+            &eps,
+            &xp,
+            &d32
+        )
+    }
+    fn rms_norm_backward_add(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_len("norm gradient", dy, x.len())?;
+        self.check_len("norm input gradient", dx, x.len())?;
+        let d = w.len();
+        let d32 = d as i32;
+        launch!(
+            self,
+            "rms_norm_backward_add",
+            Self::per_row(x.len() / d.max(1)),
+            x,
+            w,
+            &eps,
+            dy,
+            &mut *dx,
+            &d32
+        )
+    }
+    fn rope(&self, rope: &Rope, x: &mut CudaSlice<f32>, heads: usize, inverse: bool) -> Result<()> {
+        let hd = rope.head_dim();
+        let n = x.len() / (heads * hd).max(1);
+        self.check_len("rope input", x, n * heads * hd)?;
+        let table = self.rope_table(rope, n, inverse)?;
+        let rot = rope.rot_dim();
+        let (n32, h32, hd32, rot32) = (n as i32, heads as i32, hd as i32, rot as i32);
+        launch!(
+            self,
+            "rope_rows",
+            Self::flat(n * heads * rot / 2),
+            &mut *x,
+            &table,
+            &n32,
+            &h32,
+            &hd32,
+            &rot32
+        )
+    }
+    fn attention_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        s: AttnShape,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = self.attn_check(q, k, v, s)?;
+        self.check_len("attention output", out, q.len())?;
+        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
+        let p = self.attention_probs(q, k, s, n)?;
+        for j in 0..g {
+            self.gemm(
+                (false, false),
+                (n, hd, n),
+                (&p, Mat::new(j * n * n, n, g * n * n)),
+                (v, Mat::new(0, kvd, hd)),
+                0.0,
+                (&mut *out, Mat::new(j * hd, qd, g * hd)),
+                nkv,
+            )?;
+        }
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        s: AttnShape,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = self.attn_check(q, k, v, s)?;
+        self.check_len("attention output gradient", dout, q.len())?;
+        self.check_len("q gradient", dq, q.len())?;
+        self.check_len("k gradient", dk, k.len())?;
+        self.check_len("v gradient", dv, v.len())?;
+        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
+        let p = self.attention_probs(q, k, s, n)?;
+        let mut ds = self.zeros(nh * n * n)?;
+        let heads = |j: usize| Mat::new(j * hd, qd, g * hd);
+        let scores = |j: usize| Mat::new(j * n * n, n, g * n * n);
+        let kv = Mat::new(0, kvd, hd);
+        for j in 0..g {
+            // dP = dO · Vᵀ
+            self.gemm(
+                (false, true),
+                (n, n, hd),
+                (dout, heads(j)),
+                (v, kv),
+                0.0,
+                (&mut ds, scores(j)),
+                nkv,
+            )?;
+        }
+        let (n32, scale) = (n as i32, 1.0 / (hd as f32).sqrt());
+        launch!(
+            self,
+            "softmax_backward",
+            Self::per_row(nh * n),
+            &p,
+            &mut ds,
+            &n32,
+            &scale
+        )?;
+        for j in 0..g {
+            let beta = if j == 0 { 0.0 } else { 1.0 };
+            // dQ = dS · K, dK += dSᵀ · Q, dV += Pᵀ · dO (the group's heads summed).
+            self.gemm(
+                (false, false),
+                (n, hd, n),
+                (&ds, scores(j)),
+                (k, kv),
+                0.0,
+                (&mut *dq, heads(j)),
+                nkv,
+            )?;
+            self.gemm(
+                (true, false),
+                (n, hd, n),
+                (&ds, scores(j)),
+                (q, heads(j)),
+                beta,
+                (&mut *dk, kv),
+                nkv,
+            )?;
+            self.gemm(
+                (true, false),
+                (n, hd, n),
+                (&p, scores(j)),
+                (dout, heads(j)),
+                beta,
+                (&mut *dv, kv),
+                nkv,
+            )?;
+        }
+        Ok(())
+    }
+    fn swiglu_forward(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_len("swiglu up", up, gate.len())?;
+        self.check_len("swiglu output", act, gate.len())?;
+        let n = gate.len() as i64;
+        launch!(
+            self,
+            "swiglu_forward",
+            Self::flat(gate.len()),
+            gate,
+            up,
+            &mut *act,
+            &n
+        )
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        dact: &CudaSlice<f32>,
+        dgate: &mut CudaSlice<f32>,
+        dup: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        for (what, b) in [("up", up), ("output gradient", dact)] {
+            self.check_len(&format!("swiglu {what}"), b, gate.len())?;
+        }
+        self.check_len("swiglu gate gradient", dgate, gate.len())?;
+        self.check_len("swiglu up gradient", dup, gate.len())?;
+        let n = gate.len() as i64;
+        launch!(
+            self,
+            "swiglu_backward",
+            Self::flat(gate.len()),
+            gate,
+            up,
+            dact,
+            &mut *dgate,
+            &mut *dup,
+            &n
+        )
+    }
+    fn split_columns(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        parts: &mut [&mut CudaSlice<f32>],
+    ) -> Result<()> {
+        let total = x.len() / n.max(1);
+        let mut off = 0;
+        // The kernel only reads x when splitting.
+        let (xp, _rec) = x.device_ptr(self.stream());
+        for p in parts.iter_mut() {
+            let width = p.len() / n.max(1);
+            if off + width > total {
+                bail!("split: parts wider than the {total} columns");
+            }
+            let args = (n as i32, total as i32, off as i32, width as i32, 0i32);
+            launch!(
+                self,
+                "columns",
+                Self::flat(p.len()),
+                &xp,
+                &mut **p,
+                &args.0,
+                &args.1,
+                &args.2,
+                &args.3,
+                &args.4
+            )?;
+            off += width;
+        }
+        Ok(())
+    }
+    fn join_columns(
+        &self,
+        parts: &[&CudaSlice<f32>],
+        n: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let total = out.len() / n.max(1);
+        let mut off = 0;
+        for p in parts {
+            let width = p.len() / n.max(1);
+            if off + width > total {
+                bail!("join: parts wider than the {total} columns");
+            }
+            // The kernel only reads the part when joining.
+            let (pp, _rec) = p.device_ptr(self.stream());
+            let args = (n as i32, total as i32, off as i32, width as i32, 1i32);
+            launch!(
+                self,
+                "columns",
+                Self::flat(p.len()),
+                &mut *out,
+                &pp,
+                &args.0,
+                &args.1,
+                &args.2,
+                &args.3,
+                &args.4
+            )?;
+            off += width;
+        }
+        Ok(())
+    }
+    fn lm_head_cross_entropy(
+        &self,
+        h: &CudaSlice<f32>,
+        d: usize,
+        w: &CudaSlice<f32>,
+        vocab: usize,
+        targets: &[u32],
+        mut dh: Option<&mut CudaSlice<f32>>,
+    ) -> Result<f64> {
+        let n = h.len() / d.max(1);
+        let m = targets.len();
+        if m == 0 || m > n {
+            bail!("cross-entropy: {m} targets for {n} rows");
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("target id {t} is out of range for a vocabulary of {vocab}");
+        }
+        self.check_len("lm_head", w, vocab * d)?;
+        let scale = 1.0 / m as f32;
+        let tg = self.upload_u32(targets)?;
+        let mut losses = self
+            .stream()
+            .alloc_zeros::<f64>(m)
+            .context("CUDA: allocating the losses")?;
+        if let Some(g) = dh.as_deref_mut() {
+            self.check_len("hidden gradient", g, n * d)?;
+            self.stream()
+                .memset_zeros(g)
+                .context("CUDA: clearing a gradient")?;
+        }
+        let mut logits = self.zeros(LM_CHUNK.min(m) * vocab)?;
+        for r0 in (0..m).step_by(LM_CHUNK) {
+            let rows = LM_CHUNK.min(m - r0);
+            self.gemm(
+                (false, true),
+                (rows, vocab, d),
+                (h, Mat::new(r0 * d, d, 0)),
+                (w, Mat::new(0, d, 0)),
+                0.0,
+                (&mut logits, Mat::new(0, vocab, 0)),
+                1,
+            )?;
+            let v32 = vocab as i32;
+            let (tp, _rt) = tg.device_ptr(self.stream());
+            let (lp, _rl) = losses.device_ptr_mut(self.stream());
+            // Targets and losses of this chunk's rows.
+            let (tp, lp) = (tp + (r0 * 4) as u64, lp + (r0 * 8) as u64);
+            launch!(
+                self,
+                "cross_entropy",
+                Self::per_row(rows),
+                &mut logits,
+                &tp,
+                &v32,
+                &scale,
+                &lp
+            )?;
+            if let Some(g) = dh.as_deref_mut() {
+                self.gemm(
+                    (false, false),
+                    (rows, d, vocab),
+                    (&logits, Mat::new(0, vocab, 0)),
+                    (w, Mat::new(0, d, 0)),
+                    0.0,
+                    (g, Mat::new(r0 * d, d, 0)),
+                    1,
+                )?;
+            }
+        }
+        let l = self
+            .stream()
+            .clone_dtoh(&losses)
+            .context("CUDA: copying the losses to the host")?;
+        Ok(l.iter().sum::<f64>() / m as f64)
+    }
+    fn add_squared(&self, out: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
+        self.check_len("squared gradient", g, out.len())?;
+        let n = out.len() as i64;
+        launch!(self, "add_squared", Self::flat(out.len()), &mut *out, g, &n)
+    }
+}

@@ -1,0 +1,220 @@
+//! The gradient model on a GPU (`CudaGrad`) against the CPU's (`CpuGrad`): the
+//! loss and every linear's weight gradient on tiny random checkpoints of every
+//! family (GQA, biases, q/k norms, fused projections, a sliding window), over
+//! sequences long enough for several lm_head chunks; bad input as errors. Skips
+//! with a message where there is no GPU; the kernels' compile check needs only NVRTC.
+#![cfg(feature = "cuda")]
+
+use dpllm_engine::backend::cuda::cudarc::driver::CudaSlice;
+use dpllm_engine::backend::cuda::test_device;
+use dpllm_engine::Model;
+use dpllm_grad::cuda::CudaGrad;
+use dpllm_grad::{GradBackend, GradModel};
+use dpllm_testkit::write_tiny_f32;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const ARCHS: [&str; 5] = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "MistralForCausalLM",
+];
+
+fn gpu() -> Option<CudaGrad> {
+    test_device(0).map(|d| CudaGrad::new(d).expect("the gradient kernels load"))
+}
+
+fn tiny(arch: &'static str, seed: u64) -> (tempfile::TempDir, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_f32(dir.path(), arch, seed).unwrap();
+    let m = Model::load(dir.path()).unwrap();
+    (dir, m)
+}
+
+/// Max |a − b| / (scale + |b|) over the elements, where scale is the largest |b|
+/// times `rel`: gradients near zero are compared against the tensor's scale.
+fn max_err(got: &[f32], want: &[f32], rel: f32) -> (usize, f32) {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) * rel + 1e-12;
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs() / (scale + b.abs())
+            } else {
+                f32::INFINITY
+            }
+        })
+        .enumerate()
+        .fold((0, 0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m })
+}
+
+#[test]
+fn loss_and_gradients_match_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let mut gpu_model = None;
+    for (s, arch) in ARCHS.iter().enumerate() {
+        let (_d, m) = tiny(arch, 40 + s as u64);
+        let cpu = GradModel::from_model(&m);
+        let on_gpu = GradModel::on(gpu().unwrap(), &m, None).unwrap();
+        let g = on_gpu.backend();
+        // 2 tokens, a few (inside Mistral's window of 5 and past it), and more
+        // than one lm_head chunk of 256 rows.
+        for n in [2usize, 13, 300] {
+            let toks: Vec<u32> = (0..n)
+                .map(|_| rng.random_range(0..m.config.vocab_size as u32))
+                .collect();
+            let (want_loss, want) = cpu.gradients(&toks).unwrap();
+            let mut got: Vec<Vec<Vec<f32>>> =
+                want.iter().map(|l| vec![Vec::new(); l.len()]).collect();
+            let loss = on_gpu
+                .gradient(&toks, &mut |l, i, dw| {
+                    got[l][i] = g.download(dw)?;
+                    Ok(())
+                })
+                .unwrap();
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
+                "{arch} n={n}: loss {loss} on the GPU, {want_loss} on the CPU"
+            );
+            let fwd = on_gpu.loss(&toks).unwrap();
+            assert!(
+                (fwd - loss).abs() <= 1e-9 * (1.0 + loss.abs()),
+                "{arch}: forward-only loss"
+            );
+            for (l, (gl, wl)) in got.iter().zip(&want).enumerate() {
+                for (i, (a, b)) in gl.iter().zip(wl).enumerate() {
+                    let (at, err) = max_err(a, b, 1e-2);
+                    assert!(
+                        err <= 2e-3,
+                        "{arch} n={n} layer {l} linear {i}: element {at} is {} on the GPU, {} on the CPU",
+                        a[at],
+                        b[at]
+                    );
+                }
+            }
+        }
+        if s == 0 {
+            gpu_model = Some((m, _d));
+        }
+    }
+    // Bad input is an error, not a panic or a wrong answer.
+    let (m, _d) = gpu_model.unwrap();
+    let on_gpu = GradModel::on(gpu().unwrap(), &m, None).unwrap();
+    let v = m.config.vocab_size as u32;
+    assert!(
+        on_gpu.loss(&[1, v]).is_err(),
+        "a token id past the vocabulary"
+    );
+    assert!(
+        on_gpu.loss(&[1]).is_err(),
+        "one token has no next-token loss"
+    );
+    let mut sink =
+        |_: usize, _: usize, _: &CudaSlice<f32>| -> anyhow::Result<()> { anyhow::bail!("stop") };
+    assert!(
+        on_gpu.gradient(&[1, 2, 3], &mut sink).is_err(),
+        "a sink's error comes back"
+    );
+}
+
+/// Attention with heads of 128 and a long sequence (the scores of one head
+/// exceed a block's reach in every kernel) against the CPU.
+#[test]
+fn attention_matches_the_cpu_on_long_sequences() {
+    use dpllm_engine::backend::cpu::attention::AttnShape;
+    let Some(g) = gpu() else { return };
+    let cpu = dpllm_grad::CpuGrad;
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    for (nh, nkv, hd, window, n) in [
+        (8, 2, 128, None, 700),
+        (6, 6, 64, Some(100), 333),
+        (4, 1, 32, None, 1),
+    ] {
+        let shape = AttnShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            window,
+        };
+        let mut r = |len: usize| {
+            (0..len)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect::<Vec<f32>>()
+        };
+        let (q, k, v, dout) = (
+            r(n * nh * hd),
+            r(n * nkv * hd),
+            r(n * nkv * hd),
+            r(n * nh * hd),
+        );
+        let mut want = vec![
+            vec![0f32; q.len()],
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        ];
+        let [o, dq, dk, dv] = &mut want[..] else {
+            unreachable!()
+        };
+        cpu.attention_forward(&q, &k, &v, shape, o).unwrap();
+        cpu.attention_backward(&q, &k, &v, &dout, shape, dq, dk, dv)
+            .unwrap();
+        let up = |x: &[f32]| g.upload(x).unwrap();
+        let (gq, gk, gv, gd) = (up(&q), up(&k), up(&v), up(&dout));
+        let mut outs = [
+            up(&vec![7.0; q.len()]),
+            up(&vec![7.0; q.len()]),
+            up(&vec![7.0; k.len()]),
+            up(&vec![7.0; v.len()]),
+        ];
+        let [go, gdq, gdk, gdv] = &mut outs;
+        g.attention_forward(&gq, &gk, &gv, shape, go).unwrap();
+        g.attention_backward(&gq, &gk, &gv, &gd, shape, gdq, gdk, gdv)
+            .unwrap();
+        for (what, got, want) in [
+            ("out", &*go, &want[0]),
+            ("dq", gdq, &want[1]),
+            ("dk", gdk, &want[2]),
+            ("dv", gdv, &want[3]),
+        ] {
+            let (at, err) = max_err(&g.download(got).unwrap(), want, 1e-2);
+            assert!(
+                err <= 1e-3,
+                "{nh}/{nkv} heads of {hd}, n={n}, window {window:?}: {what}[{at}] off by {err}"
+            );
+        }
+    }
+}
+
+/// The kernels compile for the paper's edge and consumer GPUs (sm_87, sm_89)
+/// and for Hopper, wherever NVRTC is found (no GPU needed).
+#[test]
+fn kernels_compile_for_every_target() {
+    use dpllm_engine::backend::cuda::compile;
+    // SAFETY: only asks whether the library can be opened.
+    if !unsafe { dpllm_engine::backend::cuda::cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("DPLLM_CACHE_DIR", dir.path());
+    for arch in [(8, 7), (8, 9), (9, 0)] {
+        let ptx = compile::ptx("grad", dpllm_grad::cuda::SOURCE, arch)
+            .expect("compiles")
+            .to_src();
+        for kernel in [
+            "causal_softmax",
+            "softmax_backward",
+            "cross_entropy",
+            "rms_norm_backward_add",
+        ] {
+            assert!(ptx.contains(kernel), "{arch:?}: {kernel}");
+        }
+    }
+}
