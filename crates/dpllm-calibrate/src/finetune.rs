@@ -7,11 +7,11 @@
 //! [`GradModel`] serves unchanged, and ∂CE/∂r = ⟨∂CE/∂W, W_lo − W_hi⟩.
 
 use anyhow::{ensure, Result};
-use dpllm_grad::GradModel;
+use dpllm_grad::{GradBackend, GradModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::weights::{split_precision, LinearWeights};
+use crate::weights::{split_precision, LinearWeights, WeightLevels};
 
 /// Settings of precision fine-tuning.
 #[derive(Debug, Clone, Serialize)]
@@ -83,18 +83,20 @@ fn mean_bits(p: &[f64], w: &[LinearWeights]) -> f64 {
 }
 
 /// Load the interpolated weights of precisions `p` into `gm`; returns (lo, hi, r) per linear.
-fn load_mixed(gm: &mut GradModel, w: &[LinearWeights], p: &[f64]) -> Vec<(u32, u32, f64)> {
-    w.iter()
-        .zip(p)
-        .map(|(l, &p)| {
+fn load_mixed<G: GradBackend>(
+    gm: &mut GradModel<G>,
+    w: &[LinearWeights],
+    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    p: &[f64],
+) -> Result<Vec<(u32, u32, f64)>> {
+    let (be, blocks) = gm.backend_and_blocks();
+    (w.iter().zip(p).enumerate())
+        .map(|(g, (l, &p))| {
             let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
-            let dst = &mut gm.blocks[l.layer].linear_mut(l.index).w;
-            let (a, b) = (l.at(lo), l.at(hi));
-            let (rf, sf) = (r as f32, (1.0 - r) as f32);
-            for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
-                *d = rf * x + sf * y;
-            }
-            (lo, hi, r)
+            let dst = &mut blocks[l.layer].linear_mut(l.index).w;
+            let (a, b) = (levels.level(g, lo), levels.level(g, hi));
+            be.mix(dst, a, b, r as f32, (1.0 - r) as f32)?;
+            Ok((lo, hi, r))
         })
         .collect()
 }
@@ -119,19 +121,26 @@ pub fn ce_and_gradient(
     p: &[f64],
     seq: &[u32],
 ) -> Result<(f64, Vec<f64>)> {
-    let mixes = load_mixed(gm, w, p);
+    ce_and_gradient_on(gm, w, w, index, p, seq)
+}
+
+/// [`ce_and_gradient`] on any gradient backend, the weights at each precision in `levels`.
+pub fn ce_and_gradient_on<G: GradBackend>(
+    gm: &mut GradModel<G>,
+    w: &[LinearWeights],
+    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    index: &LinearIndex,
+    p: &[f64],
+    seq: &[u32],
+) -> Result<(f64, Vec<f64>)> {
+    let mixes = load_mixed(gm, w, levels, p)?;
     let mut dce_dp = vec![0f64; w.len()];
+    let be = gm.backend();
     let ce = gm.gradient(seq, &mut |layer, idx, dw| {
         let g = index[&(layer, idx)];
         let (lo, hi, _) = mixes[g];
         if lo != hi {
-            let (a, b) = (w[g].at(lo), w[g].at(hi));
-            dce_dp[g] = dw
-                .iter()
-                .zip(a)
-                .zip(b)
-                .map(|((d, l), h)| *d as f64 * (*h - *l) as f64)
-                .sum();
+            dce_dp[g] = be.dot_diff(dw, levels.level(g, hi), levels.level(g, lo))?;
         }
         Ok(())
     })?;
@@ -164,6 +173,19 @@ fn shift_to_target(z: &[f64], w: &[LinearWeights], target: f64) -> Vec<f64> {
 pub fn finetune(
     gm: &mut GradModel,
     w: &[LinearWeights],
+    target: f64,
+    init: Option<&[f64]>,
+    seqs: &[Vec<u32>],
+    opts: &FinetuneOptions,
+) -> Result<FinetuneResult> {
+    finetune_on(gm, w, w, target, init, seqs, opts)
+}
+
+/// [`finetune`] on any gradient backend, the weights at each precision in `levels`.
+pub fn finetune_on<G: GradBackend>(
+    gm: &mut GradModel<G>,
+    w: &[LinearWeights],
+    levels: &(impl WeightLevels<G::Buf> + ?Sized),
     target: f64,
     init: Option<&[f64]>,
     seqs: &[Vec<u32>],
@@ -220,7 +242,7 @@ pub fn finetune(
         let mut ce_sum = 0.0;
         for seq in seqs {
             let p = precisions(&z, w);
-            let (ce, dce_dp) = ce_and_gradient(gm, w, &index, &p, seq)?;
+            let (ce, dce_dp) = ce_and_gradient_on(gm, w, levels, &index, &p, seq)?;
             ensure!(ce.is_finite(), "the loss diverged ({ce}) at step {step}");
             ce_sum += ce;
             let pm = mean_bits(&p, w);

@@ -3,7 +3,8 @@
 //!
 //! - [`budget`]: memory budget → per-linear maximum precision (exact knapsack), and the static baseline.
 //! - [`weights`]: dequantized weights at every precision a plan may use.
-//! - [`finetune`]: learning each linear's average precision for a target.
+//! - [`finetune`]: learning each linear's average precision for a target;
+//!   [`tuner`]: on the CPU or a GPU.
 //! - [`collect`]: true relative errors and estimator inputs on calibration tokens.
 //! - [`estimators`]: regression / random-projection error estimators.
 //! - [`threshold`]: thresholds from error quantiles.
@@ -15,4 +16,5 @@ pub mod estimators;
 pub mod finetune;
 pub mod pipeline;
 pub mod threshold;
+pub mod tuner;
 pub mod weights;

@@ -23,8 +23,9 @@ use serde::Serialize;
 use crate::budget::{self, Item};
 use crate::collect::{collect, LinearCalib};
 use crate::estimators::{fit, FitOptions, Fitted};
-use crate::finetune::{finetune, FinetuneOptions};
+use crate::finetune::FinetuneOptions;
 use crate::threshold::{decide, quantile, Decision};
+use crate::tuner::Tuner;
 use crate::weights::{dequantize_all, split_precision, LinearWeights};
 
 /// Which errors the thresholds are quantiles of.
@@ -78,6 +79,9 @@ pub struct CalibrateOptions {
     pub overwrite: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// Where precision fine-tuning runs (the other stages run on the CPU).
+    #[serde(skip)]
+    pub device: dpllm_engine::Device,
     /// What else produced these plans (e.g. a cache key), stored in the plan directory's manifest.
     #[serde(skip)]
     pub inputs: serde_json::Value,
@@ -99,6 +103,7 @@ impl Default for CalibrateOptions {
             static_plans: true,
             overwrite: false,
             progress: false,
+            device: dpllm_engine::Device::Cpu,
             inputs: serde_json::Value::Null,
         }
     }
@@ -459,6 +464,7 @@ pub fn calibrate(
     let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
     let weights = dequantize_all(&model, opts.min_bits, &assign.bits)?;
     let mut gm = GradModel::from_model(&model);
+    let mut tuner = Tuner::open(opts.device, &model, &weights)?;
     drop(model);
 
     // The static baseline per target: the same knapsack at T, each linear up to its m_l.
@@ -481,7 +487,7 @@ pub fn calibrate(
     for (&t, st) in opts.targets.iter().zip(&statics) {
         let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static)
             .then(|| st.bits.iter().map(|&b| b as f64).collect());
-        tuned.push(finetune(
+        tuned.push(tuner.finetune(
             &mut gm,
             &weights,
             t,

@@ -4,6 +4,7 @@
 use anyhow::{ensure, Result};
 use dpllm_engine::Model;
 use dpllm_format::LinearKind;
+use dpllm_grad::GradBackend;
 
 /// One linear's weights at precisions `min_bits..=max_bits`.
 pub struct LinearWeights {
@@ -38,6 +39,11 @@ impl LinearWeights {
         &self.w[(bits - self.min_bits) as usize]
     }
 
+    /// W at `bits`, as the CPU gradient backend's buffer.
+    pub fn level(&self, bits: u32) -> &Vec<f32> {
+        &self.w[(bits - self.min_bits) as usize]
+    }
+
     /// W_{b+1} − W_b.
     pub fn delta(&self, b: u32) -> Vec<f32> {
         self.at(b + 1)
@@ -45,6 +51,43 @@ impl LinearWeights {
             .zip(self.at(b))
             .map(|(h, l)| h - l)
             .collect()
+    }
+}
+
+/// Where precision fine-tuning finds each linear's weight at a precision, in
+/// the buffers of a gradient backend.
+pub trait WeightLevels<B> {
+    /// W of linear `g` (model order) at `bits`.
+    fn level(&self, g: usize, bits: u32) -> &B;
+}
+
+impl WeightLevels<Vec<f32>> for [LinearWeights] {
+    fn level(&self, g: usize, bits: u32) -> &Vec<f32> {
+        self[g].level(bits)
+    }
+}
+
+/// Every linear's weights at its precisions, copied to a gradient backend (a GPU).
+pub struct LevelsOn<B> {
+    min_bits: Vec<u32>,
+    w: Vec<Vec<B>>,
+}
+
+impl<B> LevelsOn<B> {
+    /// The levels of `w` on `be`.
+    pub fn upload<G: GradBackend<Buf = B>>(be: &G, w: &[LinearWeights]) -> Result<LevelsOn<B>> {
+        Ok(LevelsOn {
+            min_bits: w.iter().map(|l| l.min_bits).collect(),
+            w: (w.iter())
+                .map(|l| l.w.iter().map(|v| be.upload(v)).collect::<Result<Vec<B>>>())
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+impl<B> WeightLevels<B> for LevelsOn<B> {
+    fn level(&self, g: usize, bits: u32) -> &B {
+        &self.w[g][(bits - self.min_bits[g]) as usize]
     }
 }
 

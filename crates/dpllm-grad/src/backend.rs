@@ -139,6 +139,17 @@ pub trait GradBackend {
     ) -> Result<f64>;
     /// `out[i] += g[i]²`.
     fn add_squared(&self, out: &mut Self::Buf, g: &Self::Buf) -> Result<()>;
+    /// `dst = ra·a + rb·b` (the interpolated weight of precision fine-tuning).
+    fn mix(
+        &self,
+        dst: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        ra: f32,
+        rb: f32,
+    ) -> Result<()>;
+    /// `Σ g·(hi − lo)`, summed in f64.
+    fn dot_diff(&self, g: &Self::Buf, hi: &Self::Buf, lo: &Self::Buf) -> Result<f64>;
 }
 
 /// The CPU: buffers are `Vec<f32>`, the ops those of [`crate::ops`] (rayon threads).
@@ -317,5 +328,26 @@ impl GradBackend for CpuGrad {
     fn add_squared(&self, out: &mut Vec<f32>, g: &Vec<f32>) -> Result<()> {
         ops::add_squared(out, g);
         Ok(())
+    }
+    fn mix(&self, dst: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, ra: f32, rb: f32) -> Result<()> {
+        anyhow::ensure!(
+            a.len() == dst.len() && b.len() == dst.len(),
+            "mix: lengths differ"
+        );
+        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *d = ra * x + rb * y;
+        }
+        Ok(())
+    }
+    fn dot_diff(&self, g: &Vec<f32>, hi: &Vec<f32>, lo: &Vec<f32>) -> Result<f64> {
+        anyhow::ensure!(
+            hi.len() == g.len() && lo.len() == g.len(),
+            "dot_diff: lengths differ"
+        );
+        Ok(g.iter()
+            .zip(hi)
+            .zip(lo)
+            .map(|((d, h), l)| *d as f64 * (*h - *l) as f64)
+            .sum())
     }
 }

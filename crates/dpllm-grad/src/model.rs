@@ -321,6 +321,11 @@ impl<G: GradBackend> GradModel<G> {
         &self.be
     }
 
+    /// The backend with the blocks open for writing (to load other weights).
+    pub fn backend_and_blocks(&mut self) -> (&G, &mut [BlockF32<G::Buf>]) {
+        (&self.be, &mut self.blocks)
+    }
+
     fn attn_shape(&self) -> AttnShape {
         let c = &self.config;
         AttnShape {

@@ -14,8 +14,11 @@ use super::calib_text::CalibArgs;
 /// Arguments of `calibrate`.
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub device: super::DeviceArg,
+    /// Where precision fine-tuning runs: cpu, or cuda / cuda:N (the model's
+    /// f32 weights at every precision a plan may use are held on the GPU).
+    /// Estimators and thresholds are fitted on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
     /// Any-precision model directory (from `dpllm quantize`); plans go to MODEL/plans/budget-M/.
     pub model: PathBuf,
     #[command(flatten)]
@@ -172,12 +175,13 @@ impl CalibrationArgs {
 
 /// Run the calibration and print a table of targets.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.require_cpu("calibrate")?;
+    a.device.check()?;
     let dir = crate::model_dir(&a.model)?;
     let file = a.calibration.calib.required_file()?;
     let (opts, data) = a.calibration.options_and_data(dir, &file)?;
     let opts = CalibrateOptions {
         overwrite: a.force,
+        device: a.device,
         ..opts
     };
     let r = calibrate(dir, &data, &opts)?;

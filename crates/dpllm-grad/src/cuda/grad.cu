@@ -178,3 +178,16 @@ extern "C" __global__ void cross_entropy(float* logits, const u32* targets, int 
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) row[j] = row[j] * inv - (j == (int)tgt ? scale : 0.f);
     if (threadIdx.x == 0) loss[blockIdx.x] = log(sum) - (double)shifted;
 }
+
+// dst = ra * a + rb * b.
+extern "C" __global__ void mix(float* dst, const float* a, const float* b, float ra, float rb, long n) {
+    GRID_STRIDE(i, n) dst[i] = ra * a[i] + rb * b[i];
+}
+
+// *out += sum of g * (hi - lo) over the block's share (f64; out zeroed by the caller).
+extern "C" __global__ void dot_diff(const float* g, const float* hi, const float* lo, long n, double* out) {
+    double s = 0.0;
+    GRID_STRIDE(i, n) s += (double)g[i] * (double)(hi[i] - lo[i]);
+    s = block_sum(s);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}

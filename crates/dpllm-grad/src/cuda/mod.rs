@@ -789,4 +789,48 @@ impl GradBackend for CudaGrad {
         let n = out.len() as i64;
         launch!(self, "add_squared", Self::flat(out.len()), &mut *out, g, &n)
     }
+    fn mix(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        ra: f32,
+        rb: f32,
+    ) -> Result<()> {
+        self.check_len("mix a", a, dst.len())?;
+        self.check_len("mix b", b, dst.len())?;
+        let n = dst.len() as i64;
+        launch!(
+            self,
+            "mix",
+            Self::flat(dst.len()),
+            &mut *dst,
+            a,
+            b,
+            &ra,
+            &rb,
+            &n
+        )
+    }
+    fn dot_diff(
+        &self,
+        g: &CudaSlice<f32>,
+        hi: &CudaSlice<f32>,
+        lo: &CudaSlice<f32>,
+    ) -> Result<f64> {
+        self.check_len("dot_diff hi", hi, g.len())?;
+        self.check_len("dot_diff lo", lo, g.len())?;
+        let mut out = (self.stream().alloc_zeros::<f64>(1)).context("CUDA: allocating a sum")?;
+        let n = g.len() as i64;
+        let cfg = LaunchConfig {
+            block_dim: (ROW_THREADS, 1, 1),
+            ..Self::flat(g.len().div_ceil(8))
+        };
+        launch!(self, "dot_diff", cfg, g, hi, lo, &n, &mut out)?;
+        let v = self
+            .stream()
+            .clone_dtoh(&out)
+            .context("CUDA: copying a sum to the host")?;
+        Ok(v[0])
+    }
 }

@@ -1,0 +1,83 @@
+//! Precision fine-tuning on a GPU against the CPU on a tiny quantized model:
+//! the CE and ∂CE/∂p of one step, and a few AdamW steps ending at the same
+//! precisions. Skips with a message where there is no GPU.
+#![cfg(feature = "cuda")]
+
+use dpllm_calibrate::finetune::{
+    ce_and_gradient, ce_and_gradient_on, finetune, finetune_on, linear_index, FinetuneOptions,
+};
+use dpllm_calibrate::weights::{dequantize_all, LevelsOn};
+use dpllm_engine::backend::cuda::test_device;
+use dpllm_engine::{LoadOptions, Model};
+use dpllm_grad::cuda::CudaGrad;
+use dpllm_grad::GradModel;
+use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
+use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
+
+#[test]
+fn gpu_fine_tuning_matches_the_cpu() {
+    let Some(dev) = test_device(0) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let spec = TinySpec {
+        dtype: safetensors::Dtype::F32,
+        ..TinySpec::default()
+    };
+    write_tiny_model(&src, &spec, 23).unwrap();
+    let q = t.path().join("q");
+    quantize_model(&src, &q, &QuantizeOptions::default()).unwrap();
+    let model = Model::load_with(
+        &q,
+        &LoadOptions {
+            max_bits: Some(6),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let n = model.config.linears().len();
+    let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
+    let mut cpu = GradModel::from_model(&model);
+    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
+    let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
+    let index = linear_index(&w);
+    let seqs: Vec<Vec<u32>> = (0..4u64)
+        .map(|s| {
+            (0..40u64)
+                .map(|i| ((i * 7919 + s * 104729) % TINY_VOCAB as u64) as u32)
+                .collect()
+        })
+        .collect();
+    let p: Vec<f64> = (0..n)
+        .map(|g| 3.3 + (g % 3) as f64 + 0.05 * g as f64 / n as f64)
+        .collect();
+    let (ce, grad) = ce_and_gradient(&mut cpu, &w, &index, &p, &seqs[0]).unwrap();
+    let (ce_g, grad_g) = ce_and_gradient_on(&mut gpu, &w, &levels, &index, &p, &seqs[0]).unwrap();
+    assert!(
+        (ce - ce_g).abs() <= 1e-5 * ce.abs(),
+        "CE {ce_g} on the GPU, {ce} on the CPU"
+    );
+    let scale = grad.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (g, (a, b)) in grad_g.iter().zip(&grad).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * scale,
+            "linear {g}: ∂CE/∂p {a} on the GPU, {b} on the CPU"
+        );
+    }
+    let opts = FinetuneOptions {
+        epochs: 2,
+        ..Default::default()
+    };
+    let want = finetune(&mut cpu, &w, 4.0, None, &seqs, &opts).unwrap();
+    let got = finetune_on(&mut gpu, &w, &levels, 4.0, None, &seqs, &opts).unwrap();
+    assert_eq!(got.steps, want.steps);
+    assert!(
+        (got.mean_bits - 4.0).abs() < 1e-6,
+        "the exact-target shift on the GPU"
+    );
+    for (g, (a, b)) in got.p.iter().zip(&want.p).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3,
+            "linear {g}: p {a} on the GPU, {b} on the CPU"
+        );
+    }
+}
