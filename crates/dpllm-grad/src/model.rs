@@ -88,6 +88,7 @@ impl<B> Group<B> {
 
     /// Given the gradients of the parts, report each linear's dW (index `first + i`)
     /// and write the input gradient into `dx` (overwritten).
+    #[allow(clippy::too_many_arguments)]
     fn backward<G: GradBackend<Buf = B>>(
         &self,
         be: &G,
@@ -232,6 +233,10 @@ pub struct GradModel<G: GradBackend = CpuGrad> {
     rope: Rope,
 }
 
+/// What a forward pass keeps: every block's activations, the hidden state
+/// before the final norm and the normed final hidden state.
+type Forward<B> = (Vec<BlockActs<B>>, B, B);
+
 /// The value of a CPU op, which cannot fail.
 fn on_cpu<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| unreachable!("the CPU gradient ops do not fail: {e}"))
@@ -356,7 +361,7 @@ impl<G: GradBackend> GradModel<G> {
 
     /// Forward over `tokens` (positions 0..n); returns the block activations, the
     /// hidden state before the final norm and the normed final hidden state.
-    fn forward(&self, tokens: &[u32]) -> Result<(Vec<BlockActs<G::Buf>>, G::Buf, G::Buf)> {
+    fn forward(&self, tokens: &[u32]) -> Result<Forward<G::Buf>> {
         let (be, c) = (&self.be, &self.config);
         let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
         let mut h = be.zeros(n * d)?;

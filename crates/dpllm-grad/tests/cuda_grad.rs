@@ -153,7 +153,7 @@ fn attention_matches_the_cpu_on_long_sequences() {
             r(n * nkv * hd),
             r(n * nh * hd),
         );
-        let mut want = vec![
+        let mut want = [
             vec![0f32; q.len()],
             vec![0f32; q.len()],
             vec![0f32; k.len()],

@@ -260,7 +260,7 @@ impl CudaGrad {
         s: AttnShape,
     ) -> Result<usize> {
         let (qd, kvd) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
-        if s.num_kv_heads == 0 || s.num_heads % s.num_kv_heads != 0 || qd == 0 {
+        if s.num_kv_heads == 0 || !s.num_heads.is_multiple_of(s.num_kv_heads) || qd == 0 {
             bail!(
                 "attention: {} query heads over {} kv heads",
                 s.num_heads,
