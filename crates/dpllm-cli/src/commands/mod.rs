@@ -90,18 +90,6 @@ impl DeviceArg {
     pub fn gpu_kv(&self) -> dpllm_engine::KvDtype {
         self.kv_cache.unwrap_or(dpllm_engine::KvDtype::F16)
     }
-
-    /// Ok on the CPU; `command` does not run on a GPU yet.
-    pub fn require_cpu(&self, command: &str) -> anyhow::Result<()> {
-        if self.device != dpllm_engine::Device::Cpu {
-            anyhow::bail!(
-                "{command} runs on the CPU only for now (--device {} is for generate, \
-                 perplexity and bench); run with --device cpu",
-                self.device
-            );
-        }
-        Ok(())
-    }
 }
 
 /// `$f(backend, $args...)` with the backend of `$device` (a [`DeviceArg`]):

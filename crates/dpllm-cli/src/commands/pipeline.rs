@@ -27,8 +27,10 @@ use super::calibrate::CalibrationArgs;
 /// Arguments of `pipeline`.
 #[derive(clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub device: super::DeviceArg,
+    /// Where the sensitivities and the precision fine-tuning run: cpu, or cuda
+    /// / cuda:N. Quantization, the estimator fits and the evaluation run on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
     /// Full-precision model directory (Hugging Face layout).
     pub model: PathBuf,
     /// Working directory: WORK/model is the any-precision model (with its plans).
@@ -177,7 +179,7 @@ fn plan_settings(opts: &CalibrateOptions) -> CalibrateOptions {
 
 /// Run the stages that are missing (or, with --force, made from other inputs), then evaluate.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.require_cpu("pipeline")?;
+    a.device.check()?;
     let src = crate::model_dir(&a.model)?;
     let calib_file = a.calibration.calib.required_file()?;
     let q = a.work.join("model");
@@ -259,6 +261,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = CalibrateOptions {
             overwrite: a.force,
             inputs: plans_record,
+            device: a.device,
             ..opts
         };
         let r = calibrate(&q, &data, &opts)?;
