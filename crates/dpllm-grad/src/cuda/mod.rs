@@ -66,6 +66,40 @@ macro_rules! launch {
 /// RoPE tables on the device: (host table, inverse, device table).
 type RopeTables = Vec<(Vec<f32>, bool, CudaSlice<f32>)>;
 
+/// cuBLAS's (column-major) call for the row-major product `C [m × n] =
+/// op(A) [m × k] · op(B) [k × n] + beta · C`, `batch` times: Cᵀ = op(B)ᵀ ·
+/// op(A)ᵀ, so B (from `mb.off`) is cuBLAS's first operand and A its second.
+fn blas_config(
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (ma, mb, mc): (Mat, Mat, Mat),
+    beta: f32,
+    batch: usize,
+) -> StridedBatchedConfig<f32> {
+    let op = |t: bool| match t {
+        true => cublasOperation_t::CUBLAS_OP_T,
+        false => cublasOperation_t::CUBLAS_OP_N,
+    };
+    StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1f32,
+            lda: mb.ld as i32,
+            ldb: ma.ld as i32,
+            beta,
+            ldc: mc.ld as i32,
+        },
+        batch_size: batch as i32,
+        stride_a: mb.stride as i64,
+        stride_b: ma.stride as i64,
+        stride_c: mc.stride as i64,
+    }
+}
+
 /// The gradient ops on one GPU.
 pub struct CudaGrad {
     dev: Arc<CudaDevice>,
@@ -147,28 +181,7 @@ impl CudaGrad {
         {
             bail!("CUDA GEMM: a {m}x{n}x{k} product (batch {batch}) reaches past its buffers");
         }
-        let op = |t: bool| match t {
-            true => cublasOperation_t::CUBLAS_OP_T,
-            false => cublasOperation_t::CUBLAS_OP_N,
-        };
-        let cfg = StridedBatchedConfig {
-            gemm: GemmConfig {
-                transa: op(tb),
-                transb: op(ta),
-                m: n as i32,
-                n: m as i32,
-                k: k as i32,
-                alpha: 1f32,
-                lda: mb.ld as i32,
-                ldb: ma.ld as i32,
-                beta,
-                ldc: mc.ld as i32,
-            },
-            batch_size: batch as i32,
-            stride_a: mb.stride as i64,
-            stride_b: ma.stride as i64,
-            stride_c: mc.stride as i64,
-        };
+        let cfg = blas_config((ta, tb), (m, n, k), (ma, mb, mc), beta, batch);
         let blas = self.dev.blas()?;
         let (av, bv) = (a.slice(ma.off..), b.slice(mb.off..));
         let mut cv = c.slice_mut(mc.off..);
@@ -832,5 +845,92 @@ impl GradBackend for CudaGrad {
             .clone_dtoh(&out)
             .context("CUDA: copying a sum to the host")?;
         Ok(v[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// cuBLAS's SGEMM strided-batched semantics (column-major) on the host.
+    fn sgemm_host(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let g = cfg.gemm;
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        let n_op = cublasOperation_t::CUBLAS_OP_N;
+        for bi in 0..cfg.batch_size as usize {
+            let (a, b) = (
+                &a[bi * cfg.stride_a as usize..],
+                &b[bi * cfg.stride_b as usize..],
+            );
+            let c = &mut c[bi * cfg.stride_c as usize..];
+            for j in 0..n {
+                for i in 0..m {
+                    let s: f32 = (0..k)
+                        .map(|p| {
+                            let x = if g.transa == n_op {
+                                a[i + p * lda]
+                            } else {
+                                a[p + i * lda]
+                            };
+                            let y = if g.transb == n_op {
+                                b[p + j * ldb]
+                            } else {
+                                b[j + p * ldb]
+                            };
+                            x * y
+                        })
+                        .sum();
+                    c[i + j * ldc] = g.alpha * s + g.beta * c[i + j * ldc];
+                }
+            }
+        }
+    }
+
+    /// The call [`blas_config`] makes computes the row-major product, for every
+    /// transposition, with offsets, padded rows and batches.
+    #[test]
+    fn blas_config_is_the_row_major_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (m, n, k, batch, beta) = (5, 3, 4, 3, 0.5f32);
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let ma = Mat::new(2, ac + 1, ar * (ac + 1) + 3);
+            let mb = Mat::new(1, bc + 2, br * (bc + 2) + 1);
+            let mc = Mat::new(3, n + 3, m * (n + 3) + 2);
+            let len = |x: Mat, rows: usize| x.off + batch * x.stride + rows * x.ld;
+            let mut r = |len: usize| {
+                (0..len)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            };
+            let (a, b, c0) = (r(len(ma, ar)), r(len(mb, br)), r(len(mc, m)));
+            let mut c = c0.clone();
+            let cfg = blas_config((ta, tb), (m, n, k), (ma, mb, mc), beta, batch);
+            sgemm_host(&cfg, &b[mb.off..], &a[ma.off..], &mut c[mc.off..]);
+            for bi in 0..batch {
+                for i in 0..m {
+                    for j in 0..n {
+                        let at =
+                            |x: Mat, r: usize, cc: usize| x.off + bi * x.stride + r * x.ld + cc;
+                        let want: f32 = (0..k)
+                            .map(|p| {
+                                let x = if ta { a[at(ma, p, i)] } else { a[at(ma, i, p)] };
+                                let y = if tb { b[at(mb, j, p)] } else { b[at(mb, p, j)] };
+                                x * y
+                            })
+                            .sum::<f32>()
+                            + beta * c0[at(mc, i, j)];
+                        let got = c[at(mc, i, j)];
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{ta} {tb} batch {bi} ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
