@@ -34,7 +34,7 @@ const LM_CHUNK: usize = 256;
 
 /// One row-major matrix operand of a (batched) product: where it starts in
 /// its buffer, its row stride, and the stride between the batch's matrices.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Mat {
     off: usize,
     ld: usize,
@@ -98,6 +98,127 @@ fn blas_config(
         stride_b: ma.stride as i64,
         stride_c: mc.stride as i64,
     }
+}
+
+/// The operands of attention's products: inputs q, k, v and the output's
+/// gradient, the probabilities P and score gradients dS [heads × n × n], and
+/// the outputs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Operand {
+    Q,
+    K,
+    V,
+    DOut,
+    P,
+    DS,
+    Out,
+    DQ,
+    DK,
+    DV,
+}
+
+/// One batched product `C = op(A) · op(B) + beta · C` of a plan (row-major, as [`CudaGrad::gemm`] takes it).
+#[derive(Clone, Copy, Debug)]
+struct Product {
+    trans: (bool, bool),
+    dims: (usize, usize, usize),
+    a: (Operand, Mat),
+    b: (Operand, Mat),
+    beta: f32,
+    c: (Operand, Mat),
+    batch: usize,
+}
+
+/// The stages of attention made of products; the softmax and its backward
+/// run between them.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// P = Q · Kᵀ (scores; the softmax follows).
+    Scores,
+    /// Out = P · V.
+    Output,
+    /// dS = dOut · Vᵀ (the softmax backward follows).
+    ScoreGrad,
+    /// dQ = dS · K, dK = Σ dSᵀ · Q, dV = Σ Pᵀ · dOut (over each KV head's group).
+    InputGrads,
+}
+
+/// The products of `stage` for attention of shape `s` over `n` tokens. Query
+/// head h = kv·g + j of a group of g shares KV head kv: each product is
+/// batched over the KV heads for one j, the j-th heads `g · head_dim` apart.
+fn attention_plan(s: AttnShape, n: usize, stage: Stage) -> Vec<Product> {
+    use Operand::*;
+    let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+    let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
+    let head = |j: usize| Mat::new(j * hd, qd, g * hd);
+    let score = |j: usize| Mat::new(j * n * n, n, g * n * n);
+    let kv = Mat::new(0, kvd, hd);
+    let product = |trans, dims, a, b, beta, c| Product {
+        trans,
+        dims,
+        a,
+        b,
+        beta,
+        c,
+        batch: nkv,
+    };
+    let mut plan = Vec::new();
+    for j in 0..g {
+        let beta = if j == 0 { 0.0 } else { 1.0 };
+        match stage {
+            Stage::Scores => plan.push(product(
+                (false, true),
+                (n, n, hd),
+                (Q, head(j)),
+                (K, kv),
+                0.0,
+                (P, score(j)),
+            )),
+            Stage::Output => plan.push(product(
+                (false, false),
+                (n, hd, n),
+                (P, score(j)),
+                (V, kv),
+                0.0,
+                (Out, head(j)),
+            )),
+            Stage::ScoreGrad => plan.push(product(
+                (false, true),
+                (n, n, hd),
+                (DOut, head(j)),
+                (V, kv),
+                0.0,
+                (DS, score(j)),
+            )),
+            Stage::InputGrads => {
+                plan.push(product(
+                    (false, false),
+                    (n, hd, n),
+                    (DS, score(j)),
+                    (K, kv),
+                    0.0,
+                    (DQ, head(j)),
+                ));
+                plan.push(product(
+                    (true, false),
+                    (n, hd, n),
+                    (DS, score(j)),
+                    (Q, head(j)),
+                    beta,
+                    (DK, kv),
+                ));
+                plan.push(product(
+                    (true, false),
+                    (n, hd, n),
+                    (P, score(j)),
+                    (DOut, head(j)),
+                    beta,
+                    (DV, kv),
+                ));
+            }
+        }
+    }
+    plan
 }
 
 /// The gradient ops on one GPU.
@@ -228,6 +349,35 @@ impl CudaGrad {
         Ok(())
     }
 
+    /// Run the products of `plan`, reading `inputs` and writing `outputs`.
+    fn run_plan(
+        &self,
+        plan: &[Product],
+        inputs: &[(Operand, &CudaSlice<f32>)],
+        outputs: &mut [(Operand, &mut CudaSlice<f32>)],
+    ) -> Result<()> {
+        for p in plan {
+            let read = |o: Operand| {
+                (inputs.iter().find(|(x, _)| *x == o).map(|(_, b)| *b))
+                    .ok_or_else(|| anyhow::anyhow!("attention plan: {o:?} is not an input"))
+            };
+            let (a, b) = (read(p.a.0)?, read(p.b.0)?);
+            let Some((_, c)) = outputs.iter_mut().find(|(x, _)| *x == p.c.0) else {
+                bail!("attention plan: {:?} is not an output", p.c.0);
+            };
+            self.gemm(
+                p.trans,
+                p.dims,
+                (a, p.a.1),
+                (b, p.b.1),
+                p.beta,
+                (c, p.c.1),
+                p.batch,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Per-head scores of q·kᵀ [heads × n × n] turned into causal probabilities.
     fn attention_probs(
         &self,
@@ -236,27 +386,20 @@ impl CudaGrad {
         s: AttnShape,
         n: usize,
     ) -> Result<CudaSlice<f32>> {
-        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
-        let mut p = self.zeros(nh * n * n)?;
-        for j in 0..g {
-            self.gemm(
-                (false, true),
-                (n, n, hd),
-                (q, Mat::new(j * hd, qd, g * hd)),
-                (k, Mat::new(0, kvd, hd)),
-                0.0,
-                (&mut p, Mat::new(j * n * n, n, g * n * n)),
-                nkv,
-            )?;
-        }
+        let mut p = self.zeros(s.num_heads * n * n)?;
+        let plan = attention_plan(s, n, Stage::Scores);
+        self.run_plan(
+            &plan,
+            &[(Operand::Q, q), (Operand::K, k)],
+            &mut [(Operand::P, &mut p)],
+        )?;
         let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
         let n32 = n as i32;
         launch!(
             self,
             "causal_softmax",
-            Self::per_row(nh * n),
+            Self::per_row(s.num_heads * n),
             &mut p,
             &n32,
             &window,
@@ -517,23 +660,12 @@ impl GradBackend for CudaGrad {
         s: AttnShape,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        use Operand::*;
         let n = self.attn_check(q, k, v, s)?;
         self.check_len("attention output", out, q.len())?;
-        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
         let p = self.attention_probs(q, k, s, n)?;
-        for j in 0..g {
-            self.gemm(
-                (false, false),
-                (n, hd, n),
-                (&p, Mat::new(j * n * n, n, g * n * n)),
-                (v, Mat::new(0, kvd, hd)),
-                0.0,
-                (&mut *out, Mat::new(j * hd, qd, g * hd)),
-                nkv,
-            )?;
-        }
-        Ok(())
+        let plan = attention_plan(s, n, Stage::Output);
+        self.run_plan(&plan, &[(P, &p), (V, v)], &mut [(Out, out)])
     }
     fn attention_backward(
         &self,
@@ -546,72 +678,29 @@ impl GradBackend for CudaGrad {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        use Operand::*;
         let n = self.attn_check(q, k, v, s)?;
         self.check_len("attention output gradient", dout, q.len())?;
         self.check_len("q gradient", dq, q.len())?;
         self.check_len("k gradient", dk, k.len())?;
         self.check_len("v gradient", dv, v.len())?;
-        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
-        let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
         let p = self.attention_probs(q, k, s, n)?;
-        let mut ds = self.zeros(nh * n * n)?;
-        let heads = |j: usize| Mat::new(j * hd, qd, g * hd);
-        let scores = |j: usize| Mat::new(j * n * n, n, g * n * n);
-        let kv = Mat::new(0, kvd, hd);
-        for j in 0..g {
-            // dP = dO · Vᵀ
-            self.gemm(
-                (false, true),
-                (n, n, hd),
-                (dout, heads(j)),
-                (v, kv),
-                0.0,
-                (&mut ds, scores(j)),
-                nkv,
-            )?;
-        }
-        let (n32, scale) = (n as i32, 1.0 / (hd as f32).sqrt());
+        let mut ds = self.zeros(s.num_heads * n * n)?;
+        let plan = attention_plan(s, n, Stage::ScoreGrad);
+        self.run_plan(&plan, &[(DOut, dout), (V, v)], &mut [(DS, &mut ds)])?;
+        let (n32, scale) = (n as i32, 1.0 / (s.head_dim as f32).sqrt());
         launch!(
             self,
             "softmax_backward",
-            Self::per_row(nh * n),
+            Self::per_row(s.num_heads * n),
             &p,
             &mut ds,
             &n32,
             &scale
         )?;
-        for j in 0..g {
-            let beta = if j == 0 { 0.0 } else { 1.0 };
-            // dQ = dS · K, dK += dSᵀ · Q, dV += Pᵀ · dO (the group's heads summed).
-            self.gemm(
-                (false, false),
-                (n, hd, n),
-                (&ds, scores(j)),
-                (k, kv),
-                0.0,
-                (&mut *dq, heads(j)),
-                nkv,
-            )?;
-            self.gemm(
-                (true, false),
-                (n, hd, n),
-                (&ds, scores(j)),
-                (q, heads(j)),
-                beta,
-                (&mut *dk, kv),
-                nkv,
-            )?;
-            self.gemm(
-                (true, false),
-                (n, hd, n),
-                (&p, scores(j)),
-                (dout, heads(j)),
-                beta,
-                (&mut *dv, kv),
-                nkv,
-            )?;
-        }
-        Ok(())
+        let plan = attention_plan(s, n, Stage::InputGrads);
+        let inputs = [(DS, &ds), (P, &p), (Q, q), (K, k), (DOut, dout)];
+        self.run_plan(&plan, &inputs, &mut [(DQ, dq), (DK, dk), (DV, dv)])
     }
     fn swiglu_forward(
         &self,
@@ -929,6 +1018,114 @@ mod tests {
                             "{ta} {tb} batch {bi} ({i}, {j}): {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Attention's plans, run on the host through [`blas_config`] and the
+    /// kernels' softmax steps written out here, give the CPU's attention and
+    /// its gradients (GQA groups, a sliding window).
+    #[test]
+    fn attention_plans_match_the_cpu() {
+        use crate::backend::{CpuGrad, GradBackend};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (nh, nkv, hd, window, n) in [
+            (6, 2, 4, None, 9),
+            (4, 4, 3, Some(3), 7),
+            (3, 1, 5, None, 1),
+        ] {
+            let s = AttnShape {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                window,
+            };
+            let mut r = |len: usize| {
+                (0..len)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            };
+            let (q, k, v, dout) = (
+                r(n * nh * hd),
+                r(n * nkv * hd),
+                r(n * nkv * hd),
+                r(n * nh * hd),
+            );
+            let run = |stage, bufs: &mut std::collections::HashMap<Operand, Vec<f32>>| {
+                for p in attention_plan(s, n, stage) {
+                    let cfg = blas_config(p.trans, p.dims, (p.a.1, p.b.1, p.c.1), p.beta, p.batch);
+                    let (a, b) = (bufs[&p.a.0].clone(), bufs[&p.b.0].clone());
+                    let c = bufs.get_mut(&p.c.0).unwrap();
+                    sgemm_host(&cfg, &b[p.b.1.off..], &a[p.a.1.off..], &mut c[p.c.1.off..]);
+                }
+            };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut bufs = std::collections::HashMap::from([
+                (Operand::Q, q.clone()),
+                (Operand::K, k.clone()),
+                (Operand::V, v.clone()),
+                (Operand::DOut, dout.clone()),
+                (Operand::P, vec![0.0; nh * n * n]),
+                (Operand::DS, vec![0.0; nh * n * n]),
+                (Operand::Out, vec![0.0; q.len()]),
+                (Operand::DQ, vec![0.0; q.len()]),
+                (Operand::DK, vec![9.0; k.len()]),
+                (Operand::DV, vec![9.0; v.len()]),
+            ]);
+            run(Stage::Scores, &mut bufs);
+            // causal_softmax
+            for (row, x) in bufs.get_mut(&Operand::P).unwrap().chunks_mut(n).enumerate() {
+                let t = row % n;
+                let lo = window.map_or(0, |w| (t + 1).saturating_sub(w));
+                let m = (lo..=t).map(|j| x[j] * scale).fold(f32::MIN, f32::max);
+                let sum: f32 = (lo..=t).map(|j| (x[j] * scale - m).exp()).sum();
+                for (j, v) in x.iter_mut().enumerate() {
+                    *v = if j >= lo && j <= t {
+                        (*v * scale - m).exp() / sum
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            run(Stage::Output, &mut bufs);
+            run(Stage::ScoreGrad, &mut bufs);
+            // softmax_backward
+            let pr = bufs[&Operand::P].clone();
+            for (x, p) in bufs
+                .get_mut(&Operand::DS)
+                .unwrap()
+                .chunks_mut(n)
+                .zip(pr.chunks(n))
+            {
+                let dot: f32 = x.iter().zip(p).map(|(a, b)| a * b).sum();
+                x.iter_mut()
+                    .zip(p)
+                    .for_each(|(d, p)| *d = p * (*d - dot) * scale);
+            }
+            run(Stage::InputGrads, &mut bufs);
+            let cpu = CpuGrad;
+            let mut want = [
+                vec![0f32; q.len()],
+                vec![0f32; q.len()],
+                vec![0f32; k.len()],
+                vec![0f32; v.len()],
+            ];
+            let [o, dq, dk, dv] = &mut want;
+            cpu.attention_forward(&q, &k, &v, s, o).unwrap();
+            cpu.attention_backward(&q, &k, &v, &dout, s, dq, dk, dv)
+                .unwrap();
+            for (op, w) in [
+                (Operand::Out, &want[0]),
+                (Operand::DQ, &want[1]),
+                (Operand::DK, &want[2]),
+                (Operand::DV, &want[3]),
+            ] {
+                for (i, (a, b)) in bufs[&op].iter().zip(w.iter()).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{nh}/{nkv} heads, n={n}, {window:?}: {op:?}[{i}] {a} vs {b}"
+                    );
                 }
             }
         }
