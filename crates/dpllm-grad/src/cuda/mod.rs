@@ -150,72 +150,41 @@ fn attention_plan(s: AttnShape, n: usize, stage: Stage) -> Vec<Product> {
     use Operand::*;
     let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
     let (qd, kvd, g) = (nh * hd, nkv * hd, nh / nkv);
-    let head = |j: usize| Mat::new(j * hd, qd, g * hd);
-    let score = |j: usize| Mat::new(j * n * n, n, g * n * n);
-    let kv = Mat::new(0, kvd, hd);
-    let product = |trans, dims, a, b, beta, c| Product {
-        trans,
-        dims,
-        a,
-        b,
-        beta,
-        c,
-        batch: nkv,
+    // Where operand o of query position j starts and how it is laid out.
+    let mat = |o: Operand, j: usize| match o {
+        Q | DOut | Out | DQ => Mat::new(j * hd, qd, g * hd),
+        K | V | DK | DV => Mat::new(0, kvd, hd),
+        P | DS => Mat::new(j * n * n, n, g * n * n),
+    };
+    let (scores, rows) = ((n, n, hd), (n, hd, n));
+    // (transposes, dims, A, B, C) of each product.
+    let steps = match stage {
+        Stage::Scores => vec![((false, true), scores, Q, K, P)],
+        Stage::Output => vec![((false, false), rows, P, V, Out)],
+        Stage::ScoreGrad => vec![((false, true), scores, DOut, V, DS)],
+        Stage::InputGrads => vec![
+            ((false, false), rows, DS, K, DQ),
+            ((true, false), rows, DS, Q, DK),
+            ((true, false), rows, P, DOut, DV),
+        ],
     };
     let mut plan = Vec::new();
     for j in 0..g {
-        let beta = if j == 0 { 0.0 } else { 1.0 };
-        match stage {
-            Stage::Scores => plan.push(product(
-                (false, true),
-                (n, n, hd),
-                (Q, head(j)),
-                (K, kv),
-                0.0,
-                (P, score(j)),
-            )),
-            Stage::Output => plan.push(product(
-                (false, false),
-                (n, hd, n),
-                (P, score(j)),
-                (V, kv),
-                0.0,
-                (Out, head(j)),
-            )),
-            Stage::ScoreGrad => plan.push(product(
-                (false, true),
-                (n, n, hd),
-                (DOut, head(j)),
-                (V, kv),
-                0.0,
-                (DS, score(j)),
-            )),
-            Stage::InputGrads => {
-                plan.push(product(
-                    (false, false),
-                    (n, hd, n),
-                    (DS, score(j)),
-                    (K, kv),
-                    0.0,
-                    (DQ, head(j)),
-                ));
-                plan.push(product(
-                    (true, false),
-                    (n, hd, n),
-                    (DS, score(j)),
-                    (Q, head(j)),
-                    beta,
-                    (DK, kv),
-                ));
-                plan.push(product(
-                    (true, false),
-                    (n, hd, n),
-                    (P, score(j)),
-                    (DOut, head(j)),
-                    beta,
-                    (DV, kv),
-                ));
-            }
+        for &(trans, dims, a, b, c) in &steps {
+            plan.push(Product {
+                trans,
+                dims,
+                a: (a, mat(a, j)),
+                b: (b, mat(b, j)),
+                // A KV head's gradients sum over its group's query heads.
+                beta: if j > 0 && matches!(c, DK | DV) {
+                    1.0
+                } else {
+                    0.0
+                },
+                c: (c, mat(c, j)),
+                batch: nkv,
+            });
         }
     }
     plan
