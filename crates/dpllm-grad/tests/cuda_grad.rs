@@ -196,25 +196,14 @@ fn attention_matches_the_cpu_on_long_sequences() {
 /// and for Hopper, wherever NVRTC is found (no GPU needed).
 #[test]
 fn kernels_compile_for_every_target() {
-    use dpllm_engine::backend::cuda::compile;
-    // SAFETY: only asks whether the library can be opened.
-    if !unsafe { dpllm_engine::backend::cuda::cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     std::env::set_var("DPLLM_CACHE_DIR", dir.path());
-    for arch in [(8, 7), (8, 9), (9, 0)] {
-        let ptx = compile::ptx("grad", dpllm_grad::cuda::SOURCE, arch)
-            .expect("compiles")
-            .to_src();
-        for kernel in [
-            "causal_softmax",
-            "softmax_backward",
-            "cross_entropy",
-            "rms_norm_backward_add",
-        ] {
-            assert!(ptx.contains(kernel), "{arch:?}: {kernel}");
-        }
-    }
+    let kernels = [
+        "causal_softmax",
+        "softmax_backward",
+        "cross_entropy",
+        "rms_norm_backward_add",
+    ];
+    let sources = [("grad", dpllm_grad::cuda::SOURCE, &kernels[..])];
+    dpllm_engine::backend::cuda::compile::check_compiles(&sources).expect("compiles");
 }

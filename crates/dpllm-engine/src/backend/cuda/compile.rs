@@ -54,6 +54,32 @@ fn nvrtc_version() -> Option<(i32, i32)> {
     (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
 }
 
+/// The architectures every kernel must compile for: the paper's edge and
+/// consumer GPUs (Jetson Orin sm_87, RTX 40xx sm_89) and Hopper.
+pub const TARGETS: [(i32, i32); 3] = [(8, 7), (8, 9), (9, 0)];
+
+/// For tests: every `(name, source, kernels)` compiles for each of
+/// [`TARGETS`] and its PTX holds the named kernels. `Ok(false)`, with a
+/// message, where NVRTC is not found (no GPU is needed).
+pub fn check_compiles(sources: &[(&str, &str, &[&str])]) -> Result<bool> {
+    // SAFETY: only asks whether the library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
+        return Ok(false);
+    }
+    for arch in TARGETS {
+        for (name, source, kernels) in sources {
+            let ptx = ptx(name, source, arch)?.to_src();
+            if let Some(k) = kernels.iter().find(|k| !ptx.contains(**k)) {
+                return Err(EngineError::Device(format!(
+                    "{name} for {arch:?}: no kernel {k}"
+                )));
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// PTX of `source` (named `name` in messages and cache files) for compute
 /// capability `arch`: from the cache when present, else compiled and cached.
 pub fn ptx(name: &str, source: &str, arch: (i32, i32)) -> Result<Ptx> {
