@@ -33,8 +33,7 @@ impl Tuner {
             }),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                let dev = dpllm_engine::backend::cuda::CudaDevice::new(n)?;
-                let gm = GradModel::on(dpllm_grad::cuda::CudaGrad::new(dev)?, model, None)?;
+                let gm = GradModel::on(dpllm_grad::cuda::CudaGrad::open(n)?, model, None)?;
                 let levels = crate::weights::LevelsOn::upload(gm.backend(), weights)?;
                 Ok(Tuner {
                     gpu: Some(Gpu { gm, levels }),

@@ -2,7 +2,7 @@
 //! against finite differences, on tiny random checkpoints of every family.
 
 use dpllm_engine::Model;
-use dpllm_testkit::write_tiny_f32;
+use dpllm_testkit::{write_tiny_f32, TINY_ARCHS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -23,17 +23,9 @@ fn random_tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
-const ARCHS: [&str; 5] = [
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Phi3ForCausalLM",
-    "MistralForCausalLM",
-];
-
 #[test]
 fn f32_forward_matches_engine_loss() {
-    for (s, arch) in ARCHS.iter().enumerate() {
+    for (s, arch) in TINY_ARCHS.iter().enumerate() {
         let (_d, m) = tiny(arch, 10 + s as u64);
         let gm = GradModel::from_model(&m);
         for n in [2usize, 13] {
@@ -53,7 +45,7 @@ fn model_gradient_matches_finite_differences() {
     // eps 1e-2 on weights of scale 0.1; the loss is accumulated in f64 but the
     // activations are f32, so elements with tiny gradients only get an absolute check.
     let eps = 1e-2f32;
-    for (s, arch) in ARCHS.iter().enumerate() {
+    for (s, arch) in TINY_ARCHS.iter().enumerate() {
         let (_d, m) = tiny(arch, 20 + s as u64);
         let mut gm = GradModel::from_model(&m);
         let toks = random_tokens(100 + s as u64, 12, m.config.vocab_size);

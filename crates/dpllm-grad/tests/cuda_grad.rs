@@ -10,17 +10,9 @@ use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::Model;
 use dpllm_grad::cuda::CudaGrad;
 use dpllm_grad::{GradBackend, GradModel};
-use dpllm_testkit::write_tiny_f32;
+use dpllm_testkit::{write_tiny_f32, TINY_ARCHS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-const ARCHS: [&str; 5] = [
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Phi3ForCausalLM",
-    "MistralForCausalLM",
-];
 
 fn gpu() -> Option<CudaGrad> {
     test_device(0).map(|d| CudaGrad::new(d).expect("the gradient kernels load"))
@@ -58,7 +50,7 @@ fn loss_and_gradients_match_the_cpu() {
     }
     let mut rng = StdRng::seed_from_u64(rand::random());
     let mut gpu_model = None;
-    for (s, arch) in ARCHS.iter().enumerate() {
+    for (s, arch) in TINY_ARCHS.iter().enumerate() {
         let (_d, m) = tiny(arch, 40 + s as u64);
         let cpu = GradModel::from_model(&m);
         let on_gpu = GradModel::on(gpu().unwrap(), &m, None).unwrap();
@@ -203,6 +195,7 @@ fn kernels_compile_for_every_target() {
         "softmax_backward",
         "cross_entropy",
         "rms_norm_backward_add",
+        "join_cols",
     ];
     let sources = [("grad", dpllm_grad::cuda::SOURCE, &kernels[..])];
     dpllm_engine::backend::cuda::compile::check_compiles(&sources).expect("compiles");

@@ -32,6 +32,15 @@ use serde_json::{json, Value};
 /// Vocabulary size of every tiny model: 256 byte-level tokens, `<s>` (id 256) and `</s>` (id 257).
 pub const TINY_VOCAB: usize = 258;
 
+/// Every architecture the tiny checkpoints come in.
+pub const TINY_ARCHS: [&str; 5] = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "MistralForCausalLM",
+];
+
 /// Id of `<s>` (beginning of sequence).
 pub const BOS_ID: u32 = 256;
 
@@ -241,15 +250,7 @@ fn write_json(path: &Path, v: &Value) -> io::Result<()> {
 
 fn check_spec(spec: &TinySpec) -> io::Result<()> {
     let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
-    if ![
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "Phi3ForCausalLM",
-    ]
-    .contains(&spec.arch)
-    {
+    if !TINY_ARCHS.contains(&spec.arch) {
         return bad(format!("unknown architecture {:?}", spec.arch));
     }
     if spec.heads == 0

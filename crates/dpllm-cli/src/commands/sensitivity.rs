@@ -72,10 +72,7 @@ impl GradDevice {
         Ok(match *device {
             Device::Cpu => GradDevice::Cpu,
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let dev = dpllm_engine::backend::cuda::CudaDevice::new(n)?;
-                GradDevice::Cuda(dpllm_grad::cuda::CudaGrad::new(dev)?)
-            }
+            Device::Cuda(n) => GradDevice::Cuda(dpllm_grad::cuda::CudaGrad::open(n)?),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("refused by Device::check"),
         })

@@ -1,7 +1,9 @@
 // The gradient model's element-wise and row-wise ops on the GPU (issue #11):
-// forward and backward of RMSNorm, SwiGLU, RoPE, the causal softmax of
-// attention and the lm_head's cross-entropy. The matrix products (linears,
-// attention scores) go through cuBLAS. Activations are row-major [n x width].
+// forward and backward of RMSNorm and SwiGLU, the causal softmax of attention
+// and the lm_head's cross-entropy. The matrix products (linears, attention
+// scores) go through cuBLAS; residual adds, biases, RoPE (forward, and
+// backward through a table of negated sines) and column splits are the
+// engine's kernels (ops.cu). Activations are row-major [n x width].
 // Row reductions sum in double where the CPU reference does (ops.rs), so the
 // two agree to f32 rounding. Grid-stride loops take any grid size.
 
@@ -44,28 +46,15 @@ extern "C" __global__ void embed_rows(const float* table, const u32* tokens, int
     GRID_STRIDE(i, (long)n * d) out[i] = table[(long)tokens[i / d] * d + i % d];
 }
 
-// h += x.
-extern "C" __global__ void add_into(float* h, const float* x, long n) {
-    GRID_STRIDE(i, n) h[i] += x[i];
-}
-
-// y[t, j] += bias[j] for rows of `width`.
-extern "C" __global__ void add_row_bias(float* y, const float* bias, int width, long n) {
-    GRID_STRIDE(i, n) y[i] += bias[i % width];
-}
-
 // out[i] += g[i]^2.
 extern "C" __global__ void add_squared(float* out, const float* g, long n) {
     GRID_STRIDE(i, n) out[i] += g[i] * g[i];
 }
 
-// Column block [off, off + width) of each row of x [n x total] to part [n x width], or back (join).
-extern "C" __global__ void columns(float* x, float* part, int n, int total, int off, int width, int join) {
-    GRID_STRIDE(i, (long)n * width) {
-        const long j = i / width * total + off + i % width;
-        if (join) x[j] = part[i];
-        else part[i] = x[j];
-    }
+// Columns off..off+width of each row of x [n x total] from part [n x width]
+// (the inverse of the engine's split_cols).
+extern "C" __global__ void join_cols(const float* part, int n, int total, int off, int width, float* x) {
+    GRID_STRIDE(i, (long)n * width) x[i / width * total + off + i % width] = part[i];
 }
 
 // RMSNorm of each row (one block a row): out = x / sqrt(mean(x^2) + eps) * w. out may be x.
@@ -110,22 +99,6 @@ extern "C" __global__ void swiglu_backward(const float* gate, const float* up, c
         const float g = gate[i], s = 1.f / (1.f + expf(-g));
         dgate[i] = dact[i] * up[i] * (s * (1.f + g * (1.f - s)));
         dup[i] = dact[i] * g * s;
-    }
-}
-
-// Rotate pairs (i, i + rot/2) of every head of x [n x heads x hd] at positions
-// 0..n by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]); the
-// backward pass passes a table of negated sines (the inverse rotation).
-extern "C" __global__ void rope_rows(float* x, const float* table, int n, int heads, int hd, int rot) {
-    const int half = rot / 2;
-    GRID_STRIDE(j, (long)n * heads * half) {
-        const int i = j % half;
-        const long th = j / half;
-        const float* row = table + (th / heads) * rot;
-        float* h = x + th * hd;
-        const float a = h[i], b = h[i + half], c = row[i], s = row[half + i];
-        h[i] = a * c - b * s;
-        h[i + half] = b * c + a * s;
     }
 }
 

@@ -35,12 +35,13 @@ const ROW_THREADS: u32 = 256;
 /// Logit rows per lm_head chunk (bounds the logits buffer to chunk × vocab).
 const LM_CHUNK: usize = 256;
 
-/// Queue kernel `$name` of a [`CudaGrad`]'s module with arguments `$arg`
-/// (references), an error naming the kernel when it cannot be launched.
+/// Queue kernel `$name` of module `$k` (a [`CudaGrad`]'s `kernels`, or the
+/// engine's `ops`) with arguments `$arg` (references), an error naming the
+/// kernel when it cannot be launched.
 macro_rules! launch {
-    ($g:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($g:expr, $k:ident, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let name: &str = $name;
-        let f = $g.kernels.get(name)?;
+        let f = $g.$k.get(name)?;
         let cfg = $cfg;
         // SAFETY: every call site passes the kernel's parameters in order with
         // their C types (int = i32, long = i64, pointers as slices or device
@@ -57,7 +58,14 @@ type RopeTables = Vec<(Vec<f32>, bool, CudaSlice<f32>)>;
 /// The gradient ops on one GPU.
 pub struct CudaGrad {
     dev: Arc<CudaDevice>,
+    /// `grad.cu`.
     kernels: Kernels,
+    /// The engine's `ops.cu`, for the element-wise ops both passes share
+    /// (`add`, `add_bias`, `rope`, `split_cols`).
+    ops: Arc<Kernels>,
+    /// Position 0 for the engine's `rope`, which reads its first position
+    /// from the device.
+    pos0: CudaSlice<u32>,
     /// RoPE tables uploaded so far (the last few).
     rope_tables: Mutex<RopeTables>,
 }
@@ -66,11 +74,21 @@ impl CudaGrad {
     /// The gradient ops on `dev`, their kernels compiled (or read from the PTX cache).
     pub fn new(dev: Arc<CudaDevice>) -> Result<CudaGrad> {
         let kernels = dev.load_kernels("grad", SOURCE)?;
+        let ops = dev.ops_kernels()?;
+        let pos0 = (dev.stream().clone_htod(&[0u32][..])).context("CUDA: copying a position")?;
         Ok(CudaGrad {
             dev,
             kernels,
+            ops,
+            pos0,
             rope_tables: Mutex::default(),
         })
+    }
+
+    /// The gradient ops on GPU `ordinal`; a clear error when there is no
+    /// driver, no such GPU, or no NVRTC.
+    pub fn open(ordinal: usize) -> Result<CudaGrad> {
+        CudaGrad::new(CudaDevice::new(ordinal)?)
     }
 
     /// The device.
@@ -231,6 +249,7 @@ impl CudaGrad {
         let n32 = n as i32;
         launch!(
             self,
+            kernels,
             "causal_softmax",
             Self::per_row(s.num_heads * n),
             &mut p,
@@ -309,6 +328,7 @@ impl GradBackend for CudaGrad {
         let (d32, n32) = (d as i32, tokens.len() as i32);
         launch!(
             self,
+            kernels,
             "embed_rows",
             Self::flat(out.len()),
             table,
@@ -321,7 +341,7 @@ impl GradBackend for CudaGrad {
     fn add(&self, h: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
         self.check_len("add", x, h.len())?;
         let n = h.len() as i64;
-        launch!(self, "add_into", Self::flat(h.len()), &mut *h, x, &n)
+        launch!(self, ops, "add", Self::flat(h.len()), &mut *h, x, &n)
     }
     fn linear_forward(
         &self,
@@ -348,7 +368,8 @@ impl GradBackend for CudaGrad {
             let (w32, len) = (out_f as i32, y.len() as i64);
             launch!(
                 self,
-                "add_row_bias",
+                ops,
+                "add_bias",
                 Self::flat(y.len()),
                 &mut *y,
                 bias,
@@ -411,6 +432,7 @@ impl GradBackend for CudaGrad {
         let d32 = d as i32;
         launch!(
             self,
+            kernels,
             "rms_norm_rows",
             Self::per_row(x.len() / d.max(1)),
             x,
@@ -433,6 +455,7 @@ impl GradBackend for CudaGrad {
         let (xp, _rec) = x.device_ptr_mut(self.stream());
         launch!(
             self,
+            kernels,
             "rms_norm_rows",
             Self::per_row(rows),
             &xp,
@@ -456,6 +479,7 @@ impl GradBackend for CudaGrad {
         let d32 = d as i32;
         launch!(
             self,
+            kernels,
             "rms_norm_backward_add",
             Self::per_row(x.len() / d.max(1)),
             x,
@@ -475,14 +499,16 @@ impl GradBackend for CudaGrad {
         let (n32, h32, hd32, rot32) = (n as i32, heads as i32, hd as i32, rot as i32);
         launch!(
             self,
-            "rope_rows",
+            ops,
+            "rope",
             Self::flat(n * heads * rot / 2),
             &mut *x,
             &table,
             &n32,
             &h32,
             &hd32,
-            &rot32
+            &rot32,
+            &self.pos0
         )
     }
     fn attention_forward(
@@ -524,6 +550,7 @@ impl GradBackend for CudaGrad {
         let (n32, scale) = (n as i32, 1.0 / (s.head_dim as f32).sqrt());
         launch!(
             self,
+            kernels,
             "softmax_backward",
             Self::per_row(s.num_heads * n),
             &p,
@@ -546,6 +573,7 @@ impl GradBackend for CudaGrad {
         let n = gate.len() as i64;
         launch!(
             self,
+            kernels,
             "swiglu_forward",
             Self::flat(gate.len()),
             gate,
@@ -570,6 +598,7 @@ impl GradBackend for CudaGrad {
         let n = gate.len() as i64;
         launch!(
             self,
+            kernels,
             "swiglu_backward",
             Self::flat(gate.len()),
             gate,
@@ -588,25 +617,24 @@ impl GradBackend for CudaGrad {
     ) -> Result<()> {
         let total = x.len() / n.max(1);
         let mut off = 0;
-        // The kernel only reads x when splitting.
         let (xp, _rec) = x.device_ptr(self.stream());
         for p in parts.iter_mut() {
             let width = p.len() / n.max(1);
             if off + width > total {
                 bail!("split: parts wider than the {total} columns");
             }
-            let args = (n as i32, total as i32, off as i32, width as i32, 0i32);
+            let args = (n as i32, total as i32, off as i32, width as i32);
             launch!(
                 self,
-                "columns",
+                ops,
+                "split_cols",
                 Self::flat(p.len()),
                 &xp,
-                &mut **p,
                 &args.0,
                 &args.1,
                 &args.2,
                 &args.3,
-                &args.4
+                &mut **p
             )?;
             off += width;
         }
@@ -625,20 +653,19 @@ impl GradBackend for CudaGrad {
             if off + width > total {
                 bail!("join: parts wider than the {total} columns");
             }
-            // The kernel only reads the part when joining.
             let (pp, _rec) = p.device_ptr(self.stream());
-            let args = (n as i32, total as i32, off as i32, width as i32, 1i32);
+            let args = (n as i32, total as i32, off as i32, width as i32);
             launch!(
                 self,
-                "columns",
+                kernels,
+                "join_cols",
                 Self::flat(p.len()),
-                &mut *out,
                 &pp,
                 &args.0,
                 &args.1,
                 &args.2,
                 &args.3,
-                &args.4
+                &mut *out
             )?;
             off += width;
         }
@@ -693,6 +720,7 @@ impl GradBackend for CudaGrad {
             let (tp, lp) = (tp + (r0 * 4) as u64, lp + (r0 * 8) as u64);
             launch!(
                 self,
+                kernels,
                 "cross_entropy",
                 Self::per_row(rows),
                 &mut logits,
@@ -722,7 +750,15 @@ impl GradBackend for CudaGrad {
     fn add_squared(&self, out: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
         self.check_len("squared gradient", g, out.len())?;
         let n = out.len() as i64;
-        launch!(self, "add_squared", Self::flat(out.len()), &mut *out, g, &n)
+        launch!(
+            self,
+            kernels,
+            "add_squared",
+            Self::flat(out.len()),
+            &mut *out,
+            g,
+            &n
+        )
     }
     fn mix(
         &self,
@@ -737,6 +773,7 @@ impl GradBackend for CudaGrad {
         let n = dst.len() as i64;
         launch!(
             self,
+            kernels,
             "mix",
             Self::flat(dst.len()),
             &mut *dst,
@@ -761,7 +798,7 @@ impl GradBackend for CudaGrad {
             block_dim: (ROW_THREADS, 1, 1),
             ..Self::flat(g.len().div_ceil(8))
         };
-        launch!(self, "dot_diff", cfg, g, hi, lo, &n, &mut out)?;
+        launch!(self, kernels, "dot_diff", cfg, g, hi, lo, &n, &mut out)?;
         let v = self
             .stream()
             .clone_dtoh(&out)

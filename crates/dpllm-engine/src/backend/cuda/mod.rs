@@ -310,8 +310,9 @@ impl CudaDevice {
         self.kernels(&self.bitplane, "bitplane_gemv", bitplane::SOURCE)
     }
 
-    /// The forward pass's other kernels, compiled on first use.
-    pub(crate) fn ops_kernels(&self) -> Result<Arc<Kernels>> {
+    /// The forward pass's other kernels (`kernels/ops.cu`), compiled on first
+    /// use; the gradient model launches its grid-stride ones too.
+    pub fn ops_kernels(&self) -> Result<Arc<Kernels>> {
         self.kernels(&self.ops, "ops", ops::SOURCE)
     }
 
