@@ -1,17 +1,18 @@
 //! Calibration inputs of every linear (METHOD.md 2c, 2d): the true relative error
 //! e_b(x) = ||(W_{b+1} − W_b)x|| of each precision pair on every calibration
 //! token, the norm of the estimator's input, and a sample of estimator inputs
-//! for fitting random projections. The model runs at each linear's m_l.
+//! for fitting random projections. The model runs at each linear's m_l, on
+//! the gradient model's backend (the products and norms stay on a GPU; only
+//! the norms and the sampled rows come back).
+
+use std::collections::HashMap;
 
 use anyhow::Result;
-use dpllm_engine::select::estimator::row_norms;
 use dpllm_format::LinearKind;
-use dpllm_grad::ops::{linear_forward, rms_norm_forward};
-use dpllm_grad::BlockActs;
-use dpllm_grad::GradModel;
+use dpllm_grad::{BlockActs, GradBackend, GradModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::weights::LinearWeights;
+use crate::weights::{LinearWeights, WeightLevels};
 
 /// What estimator calibration knows about one linear.
 pub struct LinearCalib {
@@ -36,7 +37,7 @@ impl LinearCalib {
 
 /// Which input a linear reads: q/k/v read the attention-normed residual, o the
 /// attention output, gate/up the MLP-normed residual, down the SwiGLU product.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Input {
     Attn,
     AttnOut,
@@ -55,43 +56,62 @@ fn input_of(kind: LinearKind) -> Input {
 
 /// Estimator input of a linear: the exact input, or (async) the residual stream
 /// before the previous sub-block's output, normed with this sub-block's norm.
-fn estimator_input(
-    gm: &GradModel,
-    acts: &[BlockActs],
+fn estimator_input<G: GradBackend>(
+    gm: &GradModel<G>,
+    acts: &[BlockActs<G::Buf>],
     layer: usize,
     input: Input,
     async_est: bool,
-) -> Option<Vec<f32>> {
+) -> Result<Option<G::Buf>> {
     if !async_est {
-        return None;
+        return Ok(None);
     }
     let eps = gm.config.rms_norm_eps;
     let (resid, norm) = match input {
         Input::Attn if layer > 0 => (&acts[layer - 1].h_mid, &gm.blocks[layer].attn_norm),
         Input::Mlp => (&acts[layer].h_in, &gm.blocks[layer].mlp_norm),
-        _ => return None,
+        _ => return Ok(None),
     };
-    let mut out = vec![0f32; resid.len()];
-    rms_norm_forward(resid, norm, eps, &mut out);
-    Some(out)
+    let be = gm.backend();
+    let mut out = be.zeros(be.len(resid))?;
+    be.rms_norm_forward(resid, norm, eps, &mut out)?;
+    Ok(Some(out))
 }
 
-/// Run `seqs` through `gm` (weights already at each linear's m_l) and gather the
-/// calibration data of every linear; at most `max_samples` sampled rows per linear.
-pub fn collect(
-    gm: &GradModel,
+/// A buffer of `len` values from `pool`, made on first use (contents undefined).
+fn scratch<'p, G: GradBackend>(
+    be: &G,
+    pool: &'p mut HashMap<usize, G::Buf>,
+    len: usize,
+) -> Result<&'p mut G::Buf> {
+    Ok(match pool.entry(len) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(be.zeros(len)?),
+    })
+}
+
+/// What a row of norms measured: error pair k of linear g, or its estimator input.
+enum Norms {
+    Error(usize, usize),
+    Input(usize),
+}
+
+/// Run `seqs` through `gm` (weights already at each linear's m_l; `levels`
+/// holds every linear's weights at its precisions on the same backend) and
+/// gather the calibration data of every linear; at most `max_samples`
+/// sampled rows per linear.
+pub fn collect<G: GradBackend>(
+    gm: &GradModel<G>,
     w: &[LinearWeights],
+    levels: &(impl WeightLevels<G::Buf> + ?Sized),
     seqs: &[Vec<u32>],
     async_est: bool,
     max_samples: usize,
     progress: bool,
 ) -> Result<Vec<LinearCalib>> {
+    let be = gm.backend();
     let total: usize = seqs.iter().map(Vec::len).sum();
     let stride = total.div_ceil(max_samples.max(1)).max(1);
-    let deltas: Vec<Vec<Vec<f32>>> = w
-        .iter()
-        .map(|l| (l.min_bits..l.max_bits).map(|b| l.delta(b)).collect())
-        .collect();
     let mut out: Vec<LinearCalib> = w
         .iter()
         .map(|l| LinearCalib {
@@ -112,34 +132,65 @@ pub fn collect(
     {
         bar.set_style(style.progress_chars("=> "));
     }
+    // W_{b+1} − W_b and its product with the inputs, by size.
+    let (mut deltas, mut products) = (HashMap::new(), HashMap::new());
     let mut seen = 0usize;
     for seq in seqs {
         let acts = gm.activations(seq)?;
         let n = seq.len();
+        let sampled: Vec<usize> = (0..n)
+            .filter(|t| (seen + t).is_multiple_of(stride))
+            .collect();
+        // Per (layer, input): the estimator input when it is not the linear's
+        // input, and its sampled rows on the host.
+        let mut est_inputs: HashMap<(usize, Input), Option<G::Buf>> = HashMap::new();
+        let mut host_rows: HashMap<(usize, Input), Vec<f32>> = HashMap::new();
+        let mut norms: Vec<(Norms, G::Buf)> = Vec::new();
         for (g, l) in w.iter().enumerate() {
             let a = &acts[l.layer];
             let input = input_of(l.kind);
-            let x: &[f32] = match input {
+            let x = match input {
                 Input::Attn => &a.xn1,
                 Input::AttnOut => &a.att,
                 Input::Mlp => &a.xn2,
                 Input::Act => &a.act,
             };
-            let est = estimator_input(gm, &acts, l.layer, input, async_est);
-            let xe: &[f32] = est.as_deref().unwrap_or(x);
-            let c = &mut out[g];
-            let mut y = vec![0f32; n * l.rows];
-            for (k, d) in deltas[g].iter().enumerate() {
-                linear_forward(x, n, d, l.rows, l.cols, None, &mut y);
-                c.e[k].extend(row_norms(&y, l.rows));
+            let key = (l.layer, input);
+            if !est_inputs.contains_key(&key) {
+                let est = estimator_input(gm, &acts, l.layer, input, async_est)?;
+                est_inputs.insert(key, est);
             }
-            c.est_norm.extend(row_norms(xe, l.cols));
-            for t in 0..n {
-                if (seen + t).is_multiple_of(stride) {
+            let xe = est_inputs[&key].as_ref().unwrap_or(x);
+            for (k, b) in (l.min_bits..l.max_bits).enumerate() {
+                let d = scratch(be, &mut deltas, l.size())?;
+                be.mix(d, levels.level(g, b + 1), levels.level(g, b), 1.0, -1.0)?;
+                let y = scratch(be, &mut products, n * l.rows)?;
+                be.linear_forward(x, n, d, l.rows, l.cols, None, y)?;
+                let mut e = be.zeros(n)?;
+                be.row_norms(y, l.rows, &mut e)?;
+                norms.push((Norms::Error(g, k), e));
+            }
+            let mut en = be.zeros(n)?;
+            be.row_norms(xe, l.cols, &mut en)?;
+            norms.push((Norms::Input(g), en));
+            if !sampled.is_empty() {
+                if !host_rows.contains_key(&key) {
+                    host_rows.insert(key, be.download(xe)?);
+                }
+                let rows = &host_rows[&key];
+                let c = &mut out[g];
+                for &t in &sampled {
                     c.sample
-                        .extend_from_slice(&xe[t * l.cols..(t + 1) * l.cols]);
+                        .extend_from_slice(&rows[t * l.cols..(t + 1) * l.cols]);
                     c.sample_idx.push(seen + t);
                 }
+            }
+        }
+        for (what, buf) in norms {
+            let v = be.download(&buf)?;
+            match what {
+                Norms::Error(g, k) => out[g].e[k].extend(v),
+                Norms::Input(g) => out[g].est_norm.extend(v),
             }
         }
         seen += n;

@@ -56,6 +56,8 @@ pub struct FinetuneResult {
     pub last_epoch_ce: f64,
     /// Optimizer steps taken.
     pub steps: usize,
+    /// Wall time of the training loop.
+    pub seconds: f64,
 }
 
 fn sigmoid(z: f64) -> f64 {
@@ -83,7 +85,7 @@ fn mean_bits(p: &[f64], w: &[LinearWeights]) -> f64 {
 }
 
 /// Load the interpolated weights of precisions `p` into `gm`; returns (lo, hi, r) per linear.
-fn load_mixed<G: GradBackend>(
+pub(crate) fn load_mixed<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
     levels: &(impl WeightLevels<G::Buf> + ?Sized),
@@ -134,17 +136,18 @@ pub fn ce_and_gradient_on<G: GradBackend>(
     seq: &[u32],
 ) -> Result<(f64, Vec<f64>)> {
     let mixes = load_mixed(gm, w, levels, p)?;
-    let mut dce_dp = vec![0f64; w.len()];
     let be = gm.backend();
+    // The products stay on the device until the step's end: one read, no wait per linear.
+    let mut sums = be.sums(w.len())?;
     let ce = gm.gradient(seq, &mut |layer, idx, dw| {
         let g = index[&(layer, idx)];
         let (lo, hi, _) = mixes[g];
         if lo != hi {
-            dce_dp[g] = be.dot_diff(dw, levels.level(g, hi), levels.level(g, lo))?;
+            be.dot_diff(dw, levels.level(g, hi), levels.level(g, lo), &mut sums, g)?;
         }
         Ok(())
     })?;
-    Ok((ce, dce_dp))
+    Ok((ce, be.read_sums(&sums)?))
 }
 
 /// The common shift δ of every trainable z that makes P(z + δ) = target (bisection).
@@ -192,6 +195,7 @@ pub fn finetune_on<G: GradBackend>(
     opts: &FinetuneOptions,
 ) -> Result<FinetuneResult> {
     ensure!(!seqs.is_empty(), "fine-tuning needs calibration sequences");
+    let t0 = std::time::Instant::now();
     let min_bits = w.iter().map(|l| l.min_bits).min().unwrap_or(0) as f64;
     let max_mem = mean_bits(&w.iter().map(|l| l.max_bits as f64).collect::<Vec<_>>(), w);
     ensure!(target >= min_bits && target <= max_mem + 1e-9, "target {target} bits is outside {min_bits}..={max_mem:.3} (the lowest precision and the budget's memory)");
@@ -279,5 +283,6 @@ pub fn finetune_on<G: GradBackend>(
         trained_mean_bits,
         last_epoch_ce,
         steps: step,
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -17,15 +17,14 @@ use dpllm_format::plan::{
 };
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::{Checkpoint, StagingDir};
-use dpllm_grad::GradModel;
 use serde::Serialize;
 
 use crate::budget::{self, Item};
-use crate::collect::{collect, LinearCalib};
+use crate::collect::LinearCalib;
 use crate::estimators::{fit, FitOptions, Fitted};
 use crate::finetune::FinetuneOptions;
 use crate::threshold::{decide, quantile, Decision};
-use crate::tuner::Tuner;
+use crate::tuner::{CollectOptions, Tuner};
 use crate::weights::{dequantize_all, split_precision, LinearWeights};
 
 /// Which errors the thresholds are quantiles of.
@@ -154,8 +153,28 @@ pub struct CalibrateReport {
     pub exact_knapsack: bool,
     /// Per target.
     pub targets: Vec<TargetReport>,
+    /// Wall time of each stage, in order.
+    pub stages: Vec<StageTime>,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// Wall time of one calibration stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    /// What ran.
+    pub stage: String,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+impl StageTime {
+    fn since(stage: &str, t: Instant) -> StageTime {
+        StageTime {
+            stage: stage.into(),
+            seconds: t.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// Largest distance, in average bits, between a plan's precision and its target.
@@ -463,9 +482,9 @@ pub fn calibrate(
         .collect::<Result<_>>()?;
     let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
     let weights = dequantize_all(&model, opts.min_bits, &assign.bits)?;
-    let mut gm = GradModel::from_model(&model);
     let mut tuner = Tuner::open(opts.device, &model, &weights)?;
     drop(model);
+    let mut stages = vec![StageTime::since("load, budget, dequantize", t0)];
 
     // The static baseline per target: the same knapsack at T, each linear up to its m_l.
     let static_items: Vec<Item> = weights
@@ -487,31 +506,27 @@ pub fn calibrate(
     for (&t, st) in opts.targets.iter().zip(&statics) {
         let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static)
             .then(|| st.bits.iter().map(|&b| b as f64).collect());
-        tuned.push(tuner.finetune(
-            &mut gm,
-            &weights,
-            t,
-            init.as_deref(),
-            &data.finetune,
-            &opts.finetune,
-        )?);
+        let start = Instant::now();
+        let ft = tuner.finetune(&weights, t, init.as_deref(), &data.finetune, &opts.finetune)?;
+        let stage = format!("fine-tune T={t} ({} steps)", ft.steps);
+        stages.push(StageTime::since(&stage, start));
+        tuned.push(ft);
     }
 
     // 2c/2d inputs: the model at m_l.
-    for l in &weights {
-        gm.blocks[l.layer]
-            .linear_mut(l.index)
-            .w
-            .copy_from_slice(l.at(l.max_bits));
-    }
-    let calib = collect(
-        &gm,
+    let t = Instant::now();
+    let calib = tuner.collect(
         &weights,
         &data.estimator,
-        opts.async_estimation,
-        opts.max_samples,
-        opts.progress,
+        CollectOptions {
+            async_estimation: opts.async_estimation,
+            max_samples: opts.max_samples,
+            progress: opts.progress,
+        },
     )?;
+    drop(tuner);
+    stages.push(StageTime::since("estimator data", t));
+    let t_fit = Instant::now();
 
     let parent = out_dir.parent().expect("budget dir has a parent");
     std::fs::create_dir_all(parent)
@@ -601,6 +616,7 @@ pub fn calibrate(
         write_estimators(&tmp.join(ESTIMATORS_FILE), &weights, &cache)?;
         reports
     };
+    stages.push(StageTime::since("estimator fits, thresholds, plans", t_fit));
     staging.set_inputs(serde_json::json!({ "options": opts, "inputs": opts.inputs }));
     staging
         .publish()
@@ -610,6 +626,7 @@ pub fn calibrate(
         memory_bits: assign.avg_bits,
         exact_knapsack: assign.exact,
         targets: reports,
+        stages,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -1,23 +1,22 @@
-//! Precision fine-tuning on a GPU against the CPU on a tiny quantized model:
-//! the CE and ∂CE/∂p of one step, and a few AdamW steps ending at the same
-//! precisions. Skips with a message where there is no GPU.
+//! Calibration on a GPU against the CPU on a tiny quantized model: the CE
+//! and ∂CE/∂p of one fine-tuning step, a few AdamW steps ending at the same
+//! precisions, and the estimator data. Skips with a message where there is no GPU.
 #![cfg(feature = "cuda")]
 
 use dpllm_calibrate::finetune::{
     ce_and_gradient, ce_and_gradient_on, finetune, finetune_on, linear_index, FinetuneOptions,
 };
-use dpllm_calibrate::weights::{dequantize_all, LevelsOn};
+use dpllm_calibrate::tuner::{CollectOptions, Tuner};
+use dpllm_calibrate::weights::{dequantize_all, LevelsOn, LinearWeights};
 use dpllm_engine::backend::cuda::test_device;
-use dpllm_engine::{LoadOptions, Model};
+use dpllm_engine::{Device, LoadOptions, Model};
 use dpllm_grad::cuda::CudaGrad;
 use dpllm_grad::GradModel;
 use dpllm_quantize::model_quant::{quantize_model, QuantizeOptions};
 use dpllm_testkit::{write_tiny_model, TinySpec, TINY_VOCAB};
 
-#[test]
-fn gpu_fine_tuning_matches_the_cpu() {
-    let Some(dev) = test_device(0) else { return };
-    let t = tempfile::tempdir().unwrap();
+/// A tiny f32 model quantized, loaded up to 6 bits, with its linears at 3..=6 bits.
+fn tiny_quantized(t: &tempfile::TempDir) -> (Model, Vec<LinearWeights>) {
     let src = t.path().join("src");
     let spec = TinySpec {
         dtype: safetensors::Dtype::F32,
@@ -36,17 +35,31 @@ fn gpu_fine_tuning_matches_the_cpu() {
     .unwrap();
     let n = model.config.linears().len();
     let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
-    let mut cpu = GradModel::from_model(&model);
-    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
-    let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
-    let index = linear_index(&w);
-    let seqs: Vec<Vec<u32>> = (0..4u64)
+    (model, w)
+}
+
+/// `count` sequences of 40 token ids.
+fn sequences(count: u64) -> Vec<Vec<u32>> {
+    (0..count)
         .map(|s| {
             (0..40u64)
                 .map(|i| ((i * 7919 + s * 104729) % TINY_VOCAB as u64) as u32)
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn gpu_fine_tuning_matches_the_cpu() {
+    let Some(dev) = test_device(0) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (model, w) = tiny_quantized(&t);
+    let n = w.len();
+    let mut cpu = GradModel::from_model(&model);
+    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
+    let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
+    let index = linear_index(&w);
+    let seqs = sequences(4);
     let p: Vec<f64> = (0..n)
         .map(|g| 3.3 + (g % 3) as f64 + 0.05 * g as f64 / n as f64)
         .collect();
@@ -79,5 +92,49 @@ fn gpu_fine_tuning_matches_the_cpu() {
             (a - b).abs() <= 1e-3,
             "linear {g}: p {a} on the GPU, {b} on the CPU"
         );
+    }
+}
+
+/// The estimator data (true errors, input norms, sampled inputs) of every
+/// linear, gathered on the GPU, against the CPU's, with and without
+/// asynchronous estimation.
+#[test]
+fn gpu_estimator_data_matches_the_cpu() {
+    if test_device(0).is_none() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (model, w) = tiny_quantized(&t);
+    let seqs = sequences(3);
+    let close = |what: String, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) + 1e-12;
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "{what}[{i}]: {a} on the GPU, {b} on the CPU");
+        }
+    };
+    for async_estimation in [false, true] {
+        let opts = CollectOptions {
+            async_estimation,
+            max_samples: 50,
+            progress: false,
+        };
+        let run = |device| {
+            let mut tuner = Tuner::open(device, &model, &w).unwrap();
+            tuner.collect(&w, &seqs, opts).unwrap()
+        };
+        let (want, got) = (run(Device::Cpu), run(Device::Cuda(0)));
+        for (g, (a, b)) in got.iter().zip(&want).enumerate() {
+            let name = &w[g].name;
+            assert_eq!(a.e.len(), 3, "{name}: one error row per precision pair");
+            assert_eq!(a.e.len(), b.e.len());
+            for (k, (x, y)) in a.e.iter().zip(&b.e).enumerate() {
+                close(format!("{name} e[{k}] async {async_estimation}"), x, y);
+            }
+            close(format!("{name} input norms"), &a.est_norm, &b.est_norm);
+            assert_eq!(a.sample_idx, b.sample_idx, "{name}: sampled tokens");
+            assert!(a.samples() > 0, "{name}: no sampled inputs");
+            close(format!("{name} samples"), &a.sample, &b.sample);
+        }
     }
 }

@@ -10,6 +10,7 @@ use anyhow::Result;
 use dpllm_engine::backend::cpu::attention::AttnShape;
 use dpllm_engine::backend::cpu::rows::{join_columns, split_columns};
 use dpllm_engine::model::rope::Rope;
+use dpllm_engine::select::estimator::row_norms;
 
 use crate::ops;
 
@@ -18,6 +19,9 @@ use crate::ops;
 pub trait GradBackend {
     /// A buffer of f32 values where this backend computes.
     type Buf;
+    /// f64 accumulators where this backend computes (fine-tuning's per-linear
+    /// dot products, read once a step).
+    type Sums;
 
     /// "cpu", or the GPU's description.
     fn name(&self) -> String;
@@ -148,8 +152,21 @@ pub trait GradBackend {
         ra: f32,
         rb: f32,
     ) -> Result<()>;
-    /// `Σ g·(hi − lo)`, summed in f64.
-    fn dot_diff(&self, g: &Self::Buf, hi: &Self::Buf, lo: &Self::Buf) -> Result<f64>;
+    /// `len` accumulators holding 0.
+    fn sums(&self, len: usize) -> Result<Self::Sums>;
+    /// The accumulators' values, on the host.
+    fn read_sums(&self, sums: &Self::Sums) -> Result<Vec<f64>>;
+    /// `sums[slot] += Σ g·(hi − lo)`, summed in f64.
+    fn dot_diff(
+        &self,
+        g: &Self::Buf,
+        hi: &Self::Buf,
+        lo: &Self::Buf,
+        sums: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
+    /// `out[r]` = the L2 norm of row r of `x` (rows of `width` values).
+    fn row_norms(&self, x: &Self::Buf, width: usize, out: &mut Self::Buf) -> Result<()>;
 }
 
 /// The CPU: buffers are `Vec<f32>`, the ops those of [`crate::ops`] (rayon threads).
@@ -158,6 +175,7 @@ pub struct CpuGrad;
 
 impl GradBackend for CpuGrad {
     type Buf = Vec<f32>;
+    type Sums = Vec<f64>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -339,15 +357,43 @@ impl GradBackend for CpuGrad {
         }
         Ok(())
     }
-    fn dot_diff(&self, g: &Vec<f32>, hi: &Vec<f32>, lo: &Vec<f32>) -> Result<f64> {
+    fn sums(&self, len: usize) -> Result<Vec<f64>> {
+        Ok(vec![0.0; len])
+    }
+    fn read_sums(&self, sums: &Vec<f64>) -> Result<Vec<f64>> {
+        Ok(sums.clone())
+    }
+    fn dot_diff(
+        &self,
+        g: &Vec<f32>,
+        hi: &Vec<f32>,
+        lo: &Vec<f32>,
+        sums: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
         anyhow::ensure!(
             hi.len() == g.len() && lo.len() == g.len(),
             "dot_diff: lengths differ"
         );
-        Ok(g.iter()
+        let acc = (sums.get_mut(slot)).ok_or_else(|| anyhow::anyhow!("dot_diff: no sum {slot}"))?;
+        *acc += g
+            .iter()
             .zip(hi)
             .zip(lo)
             .map(|((d, h), l)| *d as f64 * (*h - *l) as f64)
-            .sum())
+            .sum::<f64>();
+        Ok(())
+    }
+    fn row_norms(&self, x: &Vec<f32>, width: usize, out: &mut Vec<f32>) -> Result<()> {
+        anyhow::ensure!(
+            width > 0 && x.len() == out.len() * width,
+            "row_norms: {} values are not {} rows of {width}",
+            x.len(),
+            out.len()
+        );
+        out.iter_mut()
+            .zip(row_norms(x, width))
+            .for_each(|(o, v)| *o = v);
+        Ok(())
     }
 }

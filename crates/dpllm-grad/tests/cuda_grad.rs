@@ -118,6 +118,39 @@ fn loss_and_gradients_match_the_cpu() {
 /// Attention with heads of 128 and a long sequence (the scores of one head
 /// exceed a block's reach in every kernel) against the CPU.
 #[test]
+fn dot_sums_and_row_norms_match_the_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = dpllm_grad::CpuGrad;
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    // An odd length, three slots: slot 1 untouched, slot 2 accumulated twice.
+    let n = 100_003;
+    let (g, hi, lo, g2) = (rand(n), rand(n), rand(n), rand(n));
+    let up = |v: &Vec<f32>| be.upload(v).unwrap();
+    let (dg, dhi, dlo, dg2) = (up(&g), up(&hi), up(&lo), up(&g2));
+    let (mut want, mut got) = (cpu.sums(3).unwrap(), be.sums(3).unwrap());
+    for (slot, (hg, dgr)) in [(0, (&g, &dg)), (2, (&g, &dg)), (2, (&g2, &dg2))] {
+        cpu.dot_diff(hg, &hi, &lo, &mut want, slot).unwrap();
+        be.dot_diff(dgr, &dhi, &dlo, &mut got, slot).unwrap();
+    }
+    let (want, got) = (cpu.read_sums(&want).unwrap(), be.read_sums(&got).unwrap());
+    assert_eq!(got[1], 0.0, "an untouched slot");
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-9 * n as f64, "dot sums: {got:?} on the GPU, {want:?} on the CPU");
+    }
+    assert!(be.dot_diff(&dg, &dhi, &dlo, &mut be.sums(2).unwrap(), 2).is_err());
+    // Row norms of 37 rows of 129 values into a poisoned output.
+    let x = rand(37 * 129);
+    let mut want = vec![0f32; 37];
+    cpu.row_norms(&x, 129, &mut want).unwrap();
+    let mut out = be.upload(&[f32::NAN; 37]).unwrap();
+    be.row_norms(&up(&x), 129, &mut out).unwrap();
+    let (i, e) = max_err(&be.download(&out).unwrap(), &want, 0.0);
+    assert!(e <= 1e-5, "row norm {i}: relative error {e}");
+    assert!(be.row_norms(&up(&x), 128, &mut out).is_err(), "a width that does not divide");
+}
+
+#[test]
 fn attention_matches_the_cpu_on_long_sequences() {
     use dpllm_engine::backend::cpu::attention::AttnShape;
     let Some(g) = gpu() else { return };

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use dpllm_calibrate::estimators::FitOptions;
 use dpllm_calibrate::finetune::FinetuneOptions;
 use dpllm_calibrate::pipeline::{
-    calibrate, CalibrateOptions, CalibrationData, FinetuneInit, ThresholdSource,
+    calibrate, CalibrateOptions, CalibrateReport, CalibrationData, FinetuneInit, ThresholdSource,
 };
 use dpllm_engine::tokenizer::TextTokenizer;
 
@@ -214,5 +214,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             t.last_epoch_ce
         );
     }
+    print_stages(&r);
     Ok(())
+}
+
+/// The wall time of each calibration stage, on stderr.
+pub fn print_stages(r: &CalibrateReport) {
+    for s in &r.stages {
+        eprintln!("  {:<44} {:>8.1} s", s.stage, s.seconds);
+    }
 }

@@ -266,6 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         let r = calibrate(&q, &data, &opts)?;
         eprintln!("calibrated in {:.1}s", r.seconds);
+        super::calibrate::print_stages(&r);
     }
     let config = dpllm_format::ModelConfig::from_dir(&q)?;
     let tok = TextTokenizer::from_dir(&q, config.bos_token_id, &config.eos_token_ids)?;

@@ -285,6 +285,7 @@ impl CudaGrad {
 
 impl GradBackend for CudaGrad {
     type Buf = CudaSlice<f32>;
+    type Sums = CudaSlice<f64>;
 
     fn name(&self) -> String {
         self.dev.describe()
@@ -784,25 +785,53 @@ impl GradBackend for CudaGrad {
             &n
         )
     }
+    fn sums(&self, len: usize) -> Result<CudaSlice<f64>> {
+        (self.stream().alloc_zeros::<f64>(len)).context("CUDA: allocating sums")
+    }
+    fn read_sums(&self, sums: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        (self.stream().clone_dtoh(sums)).context("CUDA: copying sums to the host")
+    }
     fn dot_diff(
         &self,
         g: &CudaSlice<f32>,
         hi: &CudaSlice<f32>,
         lo: &CudaSlice<f32>,
-    ) -> Result<f64> {
+        sums: &mut CudaSlice<f64>,
+        slot: usize,
+    ) -> Result<()> {
         self.check_len("dot_diff hi", hi, g.len())?;
         self.check_len("dot_diff lo", lo, g.len())?;
-        let mut out = (self.stream().alloc_zeros::<f64>(1)).context("CUDA: allocating a sum")?;
+        if slot >= sums.len() {
+            bail!("dot_diff: sum {slot} of {}", sums.len());
+        }
         let n = g.len() as i64;
         let cfg = LaunchConfig {
             block_dim: (ROW_THREADS, 1, 1),
             ..Self::flat(g.len().div_ceil(8))
         };
-        launch!(self, kernels, "dot_diff", cfg, g, hi, lo, &n, &mut out)?;
-        let v = self
-            .stream()
-            .clone_dtoh(&out)
-            .context("CUDA: copying a sum to the host")?;
-        Ok(v[0])
+        let (sp, _rec) = sums.device_ptr_mut(self.stream());
+        let out = sp + (slot * std::mem::size_of::<f64>()) as u64;
+        launch!(self, kernels, "dot_diff", cfg, g, hi, lo, &n, &out)
+    }
+    fn row_norms(&self, x: &CudaSlice<f32>, width: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        if width == 0 || x.len() != out.len() * width {
+            bail!(
+                "row_norms: {} values are not {} rows of {width}",
+                x.len(),
+                out.len()
+            );
+        }
+        let (w32, a, c) = (width as i32, 1f32, 0f32);
+        launch!(
+            self,
+            ops,
+            "row_norm_affine",
+            Self::per_row(out.len()),
+            x,
+            &w32,
+            &a,
+            &c,
+            &mut *out
+        )
     }
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the device machine (after tools/cuda_device_run.sh set up the libraries):
+# SmolLM2-135M calibrated on the GPU, each stage timed. Needs /tmp/smol.gguf
+# (sent in two parts, see DEVELOPERS.md) and the binaries in .devcarry/.
+# Stages already done on this machine (/tmp) are reused, so a long run can be
+# split over calls while the machine stays warm.
+#   SENS_SAMPLES (100), SAMPLES (fine-tuning sequences, 64), EPOCHS (1),
+#   BUDGET (4), TARGETS (3.5), EST (estimator sequences, 40), JL_STEPS (2000)
+set -uo pipefail
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+D=.devcarry/dpllm
+V=.devcarry/shared/data/wikitext-2/valid.txt
+[ -f /tmp/smol.gguf ] || { echo "no /tmp/smol.gguf: send .devparts first"; exit 1; }
+timed() {  # timed NAME CMD...: wall seconds appended to $OUT/calibrate-times.txt
+    local name=$1
+    shift
+    local t0=$(date +%s%N)
+    "$@"
+    local rc=$?
+    echo "$name $(( ($(date +%s%N) - t0) / 1000000 )) ms rc=$rc" | tee -a "$OUT/calibrate-times.txt"
+    return $rc
+}
+if [ ! -f /tmp/smol-sens.safetensors ]; then
+    timed sensitivity "$D" sensitivity /tmp/smol.gguf --device cuda --calib "$V" \
+        --samples "${SENS_SAMPLES:-100}" --seq-len 512 --out /tmp/smol-sens.safetensors 2>&1 | tail -2
+fi
+if [ ! -f /tmp/smol-ap/config.json ]; then
+    timed quantize "$D" quantize /tmp/smol.gguf --out /tmp/smol-ap \
+        --sensitivity /tmp/smol-sens.safetensors 2>&1 | tail -2
+fi
+timed "calibrate-b${BUDGET:-4}-t${TARGETS:-3.5}-s${SAMPLES:-64}-e${EPOCHS:-1}" \
+    "$D" calibrate /tmp/smol-ap --device cuda --budget "${BUDGET:-4}" --targets "${TARGETS:-3.5}" \
+    --calib "$V" --samples "${SAMPLES:-64}" --seq-len 512 --epochs "${EPOCHS:-1}" \
+    --estimator-samples "${EST:-40}" --jl-steps "${JL_STEPS:-2000}" --force 2>&1 |
+    grep -v "\[" | tee -a "$OUT/calibrate-smol.txt"
