@@ -78,9 +78,12 @@ pub struct CalibrateOptions {
     pub overwrite: bool,
     /// Show progress bars.
     pub progress: bool,
-    /// Where precision fine-tuning runs (the other stages run on the CPU).
+    /// Where precision fine-tuning and the estimator data run (estimator
+    /// fits and thresholds run on the CPU).
     #[serde(skip)]
     pub device: dpllm_engine::Device,
+    /// On a GPU, fine-tuning's matrix products on TF32 tensor cores.
+    pub tf32: bool,
     /// What else produced these plans (e.g. a cache key), stored in the plan directory's manifest.
     #[serde(skip)]
     pub inputs: serde_json::Value,
@@ -103,6 +106,7 @@ impl Default for CalibrateOptions {
             overwrite: false,
             progress: false,
             device: dpllm_engine::Device::Cpu,
+            tf32: false,
             inputs: serde_json::Value::Null,
         }
     }
@@ -202,6 +206,10 @@ pub fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
         o.max_bits
     );
     ensure!(!o.targets.is_empty(), "no --targets given");
+    ensure!(
+        !o.tf32 || o.device != dpllm_engine::Device::Cpu,
+        "--tf32 is a GPU setting: add --device cuda"
+    );
     for &t in &o.targets {
         ensure!(
             t.is_finite() && t >= o.min_bits as f64 && t <= o.budget,
@@ -482,7 +490,7 @@ pub fn calibrate(
         .collect::<Result<_>>()?;
     let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
     let weights = dequantize_all(&model, opts.min_bits, &assign.bits)?;
-    let mut tuner = Tuner::open(opts.device, &model, &weights)?;
+    let mut tuner = Tuner::open(opts.device, &model, &weights, opts.tf32)?;
     drop(model);
     let mut stages = vec![StageTime::since("load, budget, dequantize", t0)];
 

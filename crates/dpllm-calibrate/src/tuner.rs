@@ -42,17 +42,22 @@ pub struct CollectOptions {
 
 impl Tuner {
     /// Calibrate on `device`: `model`'s weights as f32 (on a GPU, with
-    /// `weights`' precisions copied there now).
-    pub fn open(device: Device, model: &Model, weights: &[LinearWeights]) -> Result<Tuner> {
+    /// `weights`' precisions copied there now, and with `tf32` the matrix
+    /// products on TF32 tensor cores).
+    pub fn open(device: Device, model: &Model, weights: &[LinearWeights], tf32: bool) -> Result<Tuner> {
         device.check()?;
         let on = match device {
             Device::Cpu => {
-                let _ = weights;
+                let _ = (weights, tf32);
                 On::Cpu(GradModel::from_model(model))
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                let gm = GradModel::on(dpllm_grad::cuda::CudaGrad::open(n)?, model, None)?;
+                let mut be = dpllm_grad::cuda::CudaGrad::open(n)?;
+                if tf32 {
+                    be = be.with_tf32()?;
+                }
+                let gm = GradModel::on(be, model, None)?;
                 let levels = crate::weights::LevelsOn::upload(gm.backend(), weights)?;
                 On::Gpu(Box::new(Gpu { gm, levels }))
             }

@@ -56,7 +56,7 @@ fn gpu_fine_tuning_matches_the_cpu() {
     let (model, w) = tiny_quantized(&t);
     let n = w.len();
     let mut cpu = GradModel::from_model(&model);
-    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
+    let mut gpu = GradModel::on(CudaGrad::new(dev.clone()).unwrap(), &model, None).unwrap();
     let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
     let index = linear_index(&w);
     let seqs = sequences(4);
@@ -93,11 +93,16 @@ fn gpu_fine_tuning_matches_the_cpu() {
             "linear {g}: p {a} on the GPU, {b} on the CPU"
         );
     }
+    // TF32 products: the same steps land within a hundredth of a bit.
+    let tf32 = CudaGrad::new(dev).unwrap().with_tf32().unwrap();
+    let mut fast = GradModel::on(tf32, &model, None).unwrap();
+    let levels = LevelsOn::upload(fast.backend(), &w).unwrap();
+    let got = finetune_on(&mut fast, &w, &levels, 4.0, None, &seqs, &opts).unwrap();
+    let worst = (got.p.iter().zip(&want.p)).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("TF32 fine-tuning: largest |p - p_cpu| = {worst:.2e} bits");
+    assert!(worst <= 1e-2, "TF32 fine-tuning is {worst} bits off the CPU");
 }
 
-/// The estimator data (true errors, input norms, sampled inputs) of every
-/// linear, gathered on the GPU, against the CPU's, with and without
-/// asynchronous estimation.
 #[test]
 fn gpu_estimator_data_matches_the_cpu() {
     if test_device(0).is_none() {
@@ -120,7 +125,7 @@ fn gpu_estimator_data_matches_the_cpu() {
             progress: false,
         };
         let run = |device| {
-            let mut tuner = Tuner::open(device, &model, &w).unwrap();
+            let mut tuner = Tuner::open(device, &model, &w, false).unwrap();
             tuner.collect(&w, &seqs, opts).unwrap()
         };
         let (want, got) = (run(Device::Cpu), run(Device::Cuda(0)));

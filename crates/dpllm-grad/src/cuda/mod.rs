@@ -24,6 +24,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfi
 use crate::backend::GradBackend;
 
 mod plan;
+mod profile;
 use plan::{attention_plan, blas_config, Mat, Operand, Product, Stage};
 
 /// The kernels' CUDA C source.
@@ -68,6 +69,11 @@ pub struct CudaGrad {
     pos0: CudaSlice<u32>,
     /// RoPE tables uploaded so far (the last few).
     rope_tables: Mutex<RopeTables>,
+    /// Time per op, when `DPLLM_PROFILE` is set.
+    profile: Option<profile::Profile>,
+    /// A cuBLAS handle of this backend's own in TF32 mode ([`CudaGrad::with_tf32`]);
+    /// None: the device's, exact f32.
+    tf32: Option<Arc<cudarc::cublas::CudaBlas>>,
 }
 
 impl CudaGrad {
@@ -82,6 +88,8 @@ impl CudaGrad {
             ops,
             pos0,
             rope_tables: Mutex::default(),
+            profile: profile::Profile::from_env(),
+            tf32: None,
         })
     }
 
@@ -91,6 +99,24 @@ impl CudaGrad {
         CudaGrad::new(CudaDevice::new(ordinal)?)
     }
 
+    /// Matrix products on TF32 tensor cores (inputs rounded to 10-bit
+    /// mantissas, f32 accumulation): several times faster than exact f32, for
+    /// passes that need gradients, not bit-exact ones (precision fine-tuning).
+    pub fn with_tf32(mut self) -> Result<CudaGrad> {
+        self.dev.blas()?; // the clear error when cuBLAS is missing
+        let blas = cudarc::cublas::CudaBlas::new(self.stream().clone())
+            .map_err(|e| anyhow::anyhow!("cuBLAS: creating a handle: {e}"))?;
+        use cudarc::cublas::sys;
+        // SAFETY: the handle is live; the mode is a valid cublasMath_t.
+        let status =
+            unsafe { sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cuBLAS: cannot enable TF32 ({status:?})");
+        }
+        self.tf32 = Some(Arc::new(blas));
+        Ok(self)
+    }
+
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
@@ -98,6 +124,11 @@ impl CudaGrad {
 
     fn stream(&self) -> &Arc<CudaStream> {
         self.dev.stream()
+    }
+
+    /// Time op `name` until the guard drops, when profiling.
+    fn span(&self, name: &'static str) -> Option<profile::Span<'_>> {
+        Some(self.profile.as_ref()?.span(self.stream(), name))
     }
 
     /// A grid-stride launch over `n` elements.
@@ -154,7 +185,10 @@ impl CudaGrad {
             bail!("CUDA GEMM: a {m}x{n}x{k} product (batch {batch}) reaches past its buffers");
         }
         let cfg = blas_config((ta, tb), (m, n, k), (ma, mb, mc), beta, batch);
-        let blas = self.dev.blas()?;
+        let blas = match &self.tf32 {
+            Some(b) => b.clone(),
+            None => self.dev.blas()?,
+        };
         let (av, bv) = (a.slice(ma.off..), b.slice(mb.off..));
         let mut cv = c.slice_mut(mc.off..);
         // SAFETY: the extents of all three operands were checked above.
@@ -283,6 +317,14 @@ impl CudaGrad {
     }
 }
 
+impl Drop for CudaGrad {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            eprintln!("{}", p.report());
+        }
+    }
+}
+
 impl GradBackend for CudaGrad {
     type Buf = CudaSlice<f32>;
     type Sums = CudaSlice<f64>;
@@ -291,16 +333,19 @@ impl GradBackend for CudaGrad {
         self.dev.describe()
     }
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        let _p = self.span("upload");
         self.stream()
             .clone_htod(host)
             .context("CUDA: copying to the device")
     }
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        let _p = self.span("zeros");
         self.stream()
             .alloc_zeros(len)
             .with_context(|| format!("CUDA: allocating {len} floats"))
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        let _p = self.span("download");
         self.stream()
             .clone_dtoh(buf)
             .context("CUDA: copying to the host")
@@ -309,6 +354,7 @@ impl GradBackend for CudaGrad {
         buf.len()
     }
     fn copy(&self, buf: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let _p = self.span("copy");
         self.stream()
             .clone_dtod(buf)
             .context("CUDA: copying a buffer")
@@ -320,6 +366,7 @@ impl GradBackend for CudaGrad {
         tokens: &[u32],
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("embed");
         let vocab = table.len() / d.max(1);
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {t} is out of range for a vocabulary of {vocab}");
@@ -340,6 +387,7 @@ impl GradBackend for CudaGrad {
         )
     }
     fn add(&self, h: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+        let _p = self.span("add");
         self.check_len("add", x, h.len())?;
         let n = h.len() as i64;
         launch!(self, ops, "add", Self::flat(h.len()), &mut *h, x, &n)
@@ -354,6 +402,7 @@ impl GradBackend for CudaGrad {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("linear_forward");
         self.check_len("linear output", y, n * out_f)?;
         self.gemm(
             (false, true),
@@ -390,6 +439,7 @@ impl GradBackend for CudaGrad {
         dx: &mut CudaSlice<f32>,
         accumulate: bool,
     ) -> Result<()> {
+        let _p = self.span("linear_backward_input");
         self.check_len("input gradient", dx, n * in_f)?;
         self.gemm(
             (false, false),
@@ -410,6 +460,7 @@ impl GradBackend for CudaGrad {
         in_f: usize,
         dw: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("linear_backward_weight");
         self.check_len("weight gradient", dw, out_f * in_f)?;
         self.gemm(
             (true, false),
@@ -428,6 +479,7 @@ impl GradBackend for CudaGrad {
         eps: f32,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("rms_norm_forward");
         self.check_len("norm output", out, x.len())?;
         let d = w.len();
         let d32 = d as i32;
@@ -449,6 +501,7 @@ impl GradBackend for CudaGrad {
         w: &CudaSlice<f32>,
         eps: f32,
     ) -> Result<()> {
+        let _p = self.span("rms_norm_forward_inplace");
         let d = w.len();
         let d32 = d as i32;
         let rows = x.len() / d.max(1);
@@ -474,6 +527,7 @@ impl GradBackend for CudaGrad {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("rms_norm_backward_add");
         self.check_len("norm gradient", dy, x.len())?;
         self.check_len("norm input gradient", dx, x.len())?;
         let d = w.len();
@@ -492,6 +546,7 @@ impl GradBackend for CudaGrad {
         )
     }
     fn rope(&self, rope: &Rope, x: &mut CudaSlice<f32>, heads: usize, inverse: bool) -> Result<()> {
+        let _p = self.span("rope");
         let hd = rope.head_dim();
         let n = x.len() / (heads * hd).max(1);
         self.check_len("rope input", x, n * heads * hd)?;
@@ -520,6 +575,7 @@ impl GradBackend for CudaGrad {
         s: AttnShape,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("attention_forward");
         use Operand::*;
         let n = self.attn_check(q, k, v, s)?;
         self.check_len("attention output", out, q.len())?;
@@ -538,6 +594,7 @@ impl GradBackend for CudaGrad {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("attention_backward");
         use Operand::*;
         let n = self.attn_check(q, k, v, s)?;
         self.check_len("attention output gradient", dout, q.len())?;
@@ -569,6 +626,7 @@ impl GradBackend for CudaGrad {
         up: &CudaSlice<f32>,
         act: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("swiglu_forward");
         self.check_len("swiglu up", up, gate.len())?;
         self.check_len("swiglu output", act, gate.len())?;
         let n = gate.len() as i64;
@@ -591,6 +649,7 @@ impl GradBackend for CudaGrad {
         dgate: &mut CudaSlice<f32>,
         dup: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("swiglu_backward");
         for (what, b) in [("up", up), ("output gradient", dact)] {
             self.check_len(&format!("swiglu {what}"), b, gate.len())?;
         }
@@ -616,6 +675,7 @@ impl GradBackend for CudaGrad {
         n: usize,
         parts: &mut [&mut CudaSlice<f32>],
     ) -> Result<()> {
+        let _p = self.span("split_columns");
         let total = x.len() / n.max(1);
         let mut off = 0;
         let (xp, _rec) = x.device_ptr(self.stream());
@@ -647,6 +707,7 @@ impl GradBackend for CudaGrad {
         n: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _p = self.span("join_columns");
         let total = out.len() / n.max(1);
         let mut off = 0;
         for p in parts {
@@ -681,6 +742,7 @@ impl GradBackend for CudaGrad {
         targets: &[u32],
         mut dh: Option<&mut CudaSlice<f32>>,
     ) -> Result<f64> {
+        let _p = self.span("lm_head_cross_entropy");
         let n = h.len() / d.max(1);
         let m = targets.len();
         if m == 0 || m > n {
@@ -749,6 +811,7 @@ impl GradBackend for CudaGrad {
         Ok(l.iter().sum::<f64>() / m as f64)
     }
     fn add_squared(&self, out: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
+        let _p = self.span("add_squared");
         self.check_len("squared gradient", g, out.len())?;
         let n = out.len() as i64;
         launch!(
@@ -769,6 +832,7 @@ impl GradBackend for CudaGrad {
         ra: f32,
         rb: f32,
     ) -> Result<()> {
+        let _p = self.span("mix");
         self.check_len("mix a", a, dst.len())?;
         self.check_len("mix b", b, dst.len())?;
         let n = dst.len() as i64;
@@ -786,9 +850,11 @@ impl GradBackend for CudaGrad {
         )
     }
     fn sums(&self, len: usize) -> Result<CudaSlice<f64>> {
+        let _p = self.span("sums");
         (self.stream().alloc_zeros::<f64>(len)).context("CUDA: allocating sums")
     }
     fn read_sums(&self, sums: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        let _p = self.span("read_sums");
         (self.stream().clone_dtoh(sums)).context("CUDA: copying sums to the host")
     }
     fn dot_diff(
@@ -799,6 +865,7 @@ impl GradBackend for CudaGrad {
         sums: &mut CudaSlice<f64>,
         slot: usize,
     ) -> Result<()> {
+        let _p = self.span("dot_diff");
         self.check_len("dot_diff hi", hi, g.len())?;
         self.check_len("dot_diff lo", lo, g.len())?;
         if slot >= sums.len() {
@@ -814,6 +881,7 @@ impl GradBackend for CudaGrad {
         launch!(self, kernels, "dot_diff", cfg, g, hi, lo, &n, &out)
     }
     fn row_norms(&self, x: &CudaSlice<f32>, width: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        let _p = self.span("row_norms");
         if width == 0 || x.len() != out.len() * width {
             bail!(
                 "row_norms: {} values are not {} rows of {width}",
