@@ -283,6 +283,54 @@ fn check_plan_precision(
 /// Per-linear fitted estimators, keyed by (linear, lower precision).
 type EstimatorCache = HashMap<(usize, u32), Fitted>;
 
+/// The estimator of linear `g`'s precision pair (lo, lo + 1).
+fn fit_pair(
+    g: usize,
+    l: &LinearWeights,
+    calib: &LinearCalib,
+    lo: u32,
+    opts: &CalibrateOptions,
+) -> Fitted {
+    let e = &calib.e[(lo - l.min_bits) as usize];
+    let e_sample: Vec<f32> = calib.sample_idx.iter().map(|&t| e[t]).collect();
+    fit(
+        &calib.est_norm,
+        e,
+        &l.delta(lo),
+        l.rows,
+        l.cols,
+        &calib.sample,
+        &e_sample,
+        &opts.fit,
+        opts.fit.seed ^ (g as u64) << 8 ^ lo as u64,
+    )
+}
+
+/// Every estimator the targets' precisions `ps` need, fitted in parallel
+/// over linears (each fit is a long chain of small products).
+fn fit_all(
+    w: &[LinearWeights],
+    calib: &[LinearCalib],
+    ps: &[&[f64]],
+    opts: &CalibrateOptions,
+) -> EstimatorCache {
+    use rayon::prelude::*;
+    let mut pairs: Vec<(usize, u32)> = (ps.iter())
+        .flat_map(|p| p.iter().enumerate())
+        .filter_map(|(g, &p)| {
+            let l = &w[g];
+            let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
+            let e = calib[g].e.get((lo - l.min_bits) as usize)?;
+            (lo != hi && matches!(decide(e, r), Decision::Threshold(_))).then_some((g, lo))
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    (pairs.into_par_iter())
+        .map(|(g, lo)| ((g, lo), fit_pair(g, &w[g], &calib[g], lo, opts)))
+        .collect()
+}
+
 /// The estimates of a linear's calibration tokens: every token for a regression,
 /// the sampled tokens for a projection (only those inputs are kept).
 fn estimates_of(f: &Fitted, c: &LinearCalib) -> Vec<f32> {
@@ -342,20 +390,7 @@ fn linear_plan(
             hi as f64,
         ),
         Decision::Threshold(tau_true) => {
-            let fitted = cache.entry((g, lo)).or_insert_with(|| {
-                let e_sample: Vec<f32> = calib.sample_idx.iter().map(|&t| e[t]).collect();
-                fit(
-                    &calib.est_norm,
-                    e,
-                    &l.delta(lo),
-                    l.rows,
-                    l.cols,
-                    &calib.sample,
-                    &e_sample,
-                    &opts.fit,
-                    opts.fit.seed ^ (g as u64) << 8 ^ lo as u64,
-                )
-            });
+            let fitted = (cache.entry((g, lo))).or_insert_with(|| fit_pair(g, l, calib, lo, opts));
             let est = estimates_of(fitted, calib);
             let tau = match opts.threshold_source {
                 ThresholdSource::True => tau_true,
@@ -544,7 +579,8 @@ pub fn calibrate(
     let mut staging = StagingDir::new(&out_dir, OutputKind::Plans, opts.overwrite)?;
     let tmp = staging.path();
     let reports = {
-        let mut cache = EstimatorCache::new();
+        let ps: Vec<&[f64]> = tuned.iter().map(|ft| ft.p.as_slice()).collect();
+        let mut cache = fit_all(&weights, &calib, &ps, opts);
         let mut reports = Vec::new();
         for ((&target, ft), st) in opts.targets.iter().zip(&tuned).zip(&statics) {
             let mut linears = Vec::new();
