@@ -53,8 +53,8 @@ macro_rules! launch {
     }};
 }
 
-/// RoPE tables on the device: (host table, inverse, device table).
-type RopeTables = Vec<(Vec<f32>, bool, CudaSlice<f32>)>;
+/// RoPE tables on the device: ((positions, inverse, last position's host row), table).
+type RopeTables = Vec<((usize, bool, Vec<f32>), Arc<CudaSlice<f32>>)>;
 
 /// The gradient ops on one GPU.
 pub struct CudaGrad {
@@ -196,31 +196,30 @@ impl CudaGrad {
             .map_err(|e| anyhow::anyhow!("cuBLAS SGEMM: {e}"))
     }
 
-    /// The device RoPE table for positions 0..n (sines negated for the inverse).
-    fn rope_table(&self, rope: &Rope, n: usize, inverse: bool) -> Result<CudaSlice<f32>> {
-        let mut host = rope.table(0, n);
-        let half = rope.rot_dim() / 2;
+    /// The device RoPE table for positions 0..n (sines negated for the inverse),
+    /// made once per (rope, n, direction): the host table costs n × rot_dim/2
+    /// sines and cosines in f64, more than the GPU's whole op.
+    fn rope_table(&self, rope: &Rope, n: usize, inverse: bool) -> Result<Arc<CudaSlice<f32>>> {
+        // The last position's row tells ropes of other frequencies apart.
+        let key = (n, inverse, rope.table(n.saturating_sub(1), 1));
         let mut cache = self.rope_tables.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, t)) = cache
-            .iter()
-            .find(|(h, inv, _)| *inv == inverse && *h == host)
-        {
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
             return Ok(t.clone());
         }
-        let key = host.clone();
+        let mut host = rope.table(0, n);
+        let half = rope.rot_dim() / 2;
         if inverse {
             for row in host.chunks_mut(2 * half) {
                 row[half..].iter_mut().for_each(|s| *s = -*s);
             }
         }
-        let t = self
-            .stream()
-            .clone_htod(&host)
-            .context("CUDA: copying a RoPE table")?;
+        let t = Arc::new(
+            (self.stream().clone_htod(&host)).context("CUDA: copying a RoPE table")?,
+        );
         if cache.len() >= 8 {
             cache.remove(0);
         }
-        cache.push((key, inverse, t.clone()));
+        cache.push((key, t.clone()));
         Ok(t)
     }
 
@@ -559,7 +558,7 @@ impl GradBackend for CudaGrad {
             "rope",
             Self::flat(n * heads * rot / 2),
             &mut *x,
-            &table,
+            &*table,
             &n32,
             &h32,
             &hd32,
