@@ -5,7 +5,8 @@
 # Stages already done on this machine (/tmp) are reused, so a long run can be
 # split over calls while the machine stays warm.
 #   SENS_SAMPLES (100), SAMPLES (fine-tuning sequences, 64), EPOCHS (1),
-#   BUDGET (4), TARGETS (3.5), EST (estimator sequences, 40), JL_STEPS (2000)
+#   BUDGET (4), TARGETS (3.5), EST (estimator sequences, 40), JL_STEPS (2000),
+#   CAL_ARGS (more calibrate arguments, e.g. --tf32)
 set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -29,8 +30,8 @@ if [ ! -f /tmp/smol-ap/config.json ]; then
     timed quantize "$D" quantize /tmp/smol.gguf --out /tmp/smol-ap \
         --sensitivity /tmp/smol-sens.safetensors 2>&1 | tail -2
 fi
-timed "calibrate-b${BUDGET:-4}-t${TARGETS:-3.5}-s${SAMPLES:-64}-e${EPOCHS:-1}" \
-    "$D" calibrate /tmp/smol-ap --device cuda --budget "${BUDGET:-4}" --targets "${TARGETS:-3.5}" \
+timed "calibrate-b${BUDGET:-4}-t${TARGETS:-3.5}-s${SAMPLES:-64}-e${EPOCHS:-1}${CAL_ARGS:+ ${CAL_ARGS}}" \
+    "$D" calibrate ${CAL_ARGS:-} /tmp/smol-ap --device cuda --budget "${BUDGET:-4}" --targets "${TARGETS:-3.5}" \
     --calib "$V" --samples "${SAMPLES:-64}" --seq-len 512 --epochs "${EPOCHS:-1}" \
     --estimator-samples "${EST:-40}" --jl-steps "${JL_STEPS:-2000}" --force 2>&1 |
     grep -v "\[" | tee -a "$OUT/calibrate-smol.txt"

@@ -27,8 +27,9 @@ use super::calibrate::CalibrationArgs;
 /// Arguments of `pipeline`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where the sensitivities and the precision fine-tuning run: cpu, or cuda
-    /// / cuda:N. Quantization, the estimator fits and the evaluation run on the CPU.
+    /// Where the sensitivities, the precision fine-tuning and the estimator
+    /// data run: cpu, or cuda / cuda:N. Quantization, the estimator fits and
+    /// the evaluation run on the CPU.
     #[arg(long, default_value = "cpu")]
     pub device: dpllm_engine::Device,
     /// Full-precision model directory (Hugging Face layout).
