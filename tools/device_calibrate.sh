@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine (after tools/cuda_device_run.sh set up the libraries):
+# On the device machine:
 # SmolLM2-135M calibrated on the GPU, each stage timed. Needs /tmp/smol.gguf
 # (sent in two parts, see DEVELOPERS.md) and the binaries in .devcarry/.
 # Stages already done on this machine (/tmp) are reused, so a long run can be
@@ -8,6 +8,7 @@
 #   BUDGET (4), TARGETS (3.5), EST (estimator sequences, 40), JL_STEPS (2000),
 #   CAL_ARGS (more calibrate arguments, e.g. --tf32)
 set -uo pipefail
+. "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 D=.devcarry/dpllm

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# On the device machine (after tools/cuda_device_run.sh set up the libraries):
+# On the device machine:
 # sensitivities on the GPU against the CPU, and their wall time, for
 # docs-llama-12m (.devcarry/shared) and, when /tmp/smol.gguf is there,
 # SmolLM2-135M at the paper's 100 x 512 tokens. Results under $OUT.
 set -uo pipefail
+. "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 D=.devcarry/dpllm
