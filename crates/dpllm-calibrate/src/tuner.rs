@@ -67,6 +67,15 @@ impl Tuner {
         Ok(Tuner { on })
     }
 
+    /// Where it computes: "cpu", or the GPU's description.
+    pub fn device_name(&self) -> String {
+        match &self.on {
+            On::Cpu(gm) => gm.backend().name(),
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => g.gm.backend().name(),
+        }
+    }
+
     /// [`finetune_on`] for `target` on this tuner's device.
     pub fn finetune(
         &mut self,

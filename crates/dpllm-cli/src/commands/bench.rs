@@ -26,6 +26,10 @@ pub enum BenchCommand {
     /// time against `dpllm serve` started in this process; per operating
     /// point, throughput, time to first token and per-token latency percentiles.
     Serve(super::bench_serve::Args),
+    /// Precision fine-tuning (calibration step 2b) on random weights of a
+    /// known model's shapes: time per step at two depths, extrapolated to the
+    /// full model and to the paper's 5000 steps.
+    Finetune(super::bench_finetune::Args),
 }
 
 /// Arguments of `bench gemv`.
@@ -98,7 +102,7 @@ fn parse_shapes(shapes: &[String]) -> anyhow::Result<Vec<(usize, usize)>> {
 }
 
 /// Print a benchmark's table and write its JSON where `--json` asks.
-fn publish(
+pub(super) fn publish(
     table: &str,
     json: Option<&std::path::Path>,
     r: &impl serde::Serialize,
@@ -169,6 +173,7 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Serve(a) => super::bench_serve::run(a),
+        BenchCommand::Finetune(a) => super::bench_finetune::run(a),
         BenchCommand::Decode(a) => {
             let inputs: Vec<&std::path::Path> = a.model.iter().map(PathBuf::as_path).collect();
             super::check_json(a.json.as_deref(), &inputs)?;

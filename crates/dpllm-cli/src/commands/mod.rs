@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_finetune;
 pub mod bench_serve;
 pub mod calib_text;
 pub mod calibrate;

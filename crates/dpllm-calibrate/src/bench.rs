@@ -1,0 +1,134 @@
+//! `dpllm bench finetune`: the wall time of a precision fine-tuning step
+//! (METHOD.md 2b) at shapes no file here holds (an 8B model), on random
+//! any-precision weights. A step's cost is a fixed part (embedding, lm_head)
+//! plus a part per block, so the model is built at two depths and the time
+//! of the full depth extrapolated from the line through them.
+
+use anyhow::{ensure, Result};
+use dpllm_engine::model::synthetic::{synthetic_config, SyntheticWeights};
+use dpllm_engine::{CpuBackend, Device, Model};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::finetune::FinetuneOptions;
+use crate::tuner::Tuner;
+use crate::weights::dequantize_all;
+
+/// Settings of the fine-tuning benchmark.
+#[derive(Debug, Clone)]
+pub struct FinetuneBenchConfig {
+    /// Shapes: a name `synthetic_config` knows (llama3-8b, smollm2-135m).
+    pub model: String,
+    /// The two depths built and timed (blocks).
+    pub depths: (usize, usize),
+    /// Where fine-tuning runs.
+    pub device: Device,
+    /// TF32 products on a GPU.
+    pub tf32: bool,
+    /// Timed steps per depth (after one untimed step).
+    pub steps: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Highest precision of every linear (the levels held are 3..=max_bits).
+    pub max_bits: u32,
+}
+
+/// One depth's measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct DepthTime {
+    /// Blocks in the model.
+    pub layers: usize,
+    /// Mean wall time of a step, ms.
+    pub ms_per_step: f64,
+}
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneBenchResult {
+    /// The shapes' name.
+    pub model: String,
+    /// Where it ran.
+    pub device: String,
+    /// TF32 products.
+    pub tf32: bool,
+    /// Tokens per step.
+    pub seq_len: usize,
+    /// Levels held per linear: 3..=max_bits.
+    pub max_bits: u32,
+    /// The measured depths.
+    pub depths: Vec<DepthTime>,
+    /// Blocks of the real model.
+    pub full_layers: usize,
+    /// A step of the full model, ms (extrapolated from the depths).
+    pub full_ms_per_step: f64,
+    /// The paper's 5000 steps (1000 sequences, 5 epochs) for one target, minutes.
+    pub paper_minutes_per_target: f64,
+}
+
+/// Time fine-tuning steps of `cfg.model`'s shapes at two depths.
+pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> {
+    let (d1, d2) = cfg.depths;
+    ensure!(
+        d1 >= 1 && d2 > d1,
+        "depths must be two block counts, the second larger"
+    );
+    ensure!(cfg.steps >= 1, "time at least one step");
+    ensure!(cfg.seq_len >= 2, "a sequence needs at least 2 tokens");
+    ensure!(
+        (4..=8).contains(&cfg.max_bits),
+        "--max-bits {} must be within 4..=8",
+        cfg.max_bits
+    );
+    let full = synthetic_config(&cfg.model)?;
+    let mut depths = Vec::new();
+    let mut device = String::new();
+    for layers in [d1, d2] {
+        let mut config = full.clone();
+        config.num_layers = layers;
+        let model = Model::synthetic(
+            CpuBackend,
+            &cfg.model,
+            config,
+            SyntheticWeights::AnyPrec {
+                max_bits: cfg.max_bits,
+            },
+            7,
+        )?;
+        let n = model.config.linears().len();
+        let w = dequantize_all(&model, 3, &vec![cfg.max_bits; n])?;
+        let mut tuner = Tuner::open(cfg.device, &model, &w, cfg.tf32)?;
+        device = tuner.device_name();
+        drop(model);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let vocab = full.vocab_size as u32;
+        let seqs: Vec<Vec<u32>> = (0..=cfg.steps)
+            .map(|_| (0..cfg.seq_len).map(|_| rng.random_range(0..vocab)).collect())
+            .collect();
+        let opts = FinetuneOptions {
+            epochs: 1,
+            ..Default::default()
+        };
+        // One untimed step: kernels compiled, buffers allocated.
+        let target = 3.0 + (cfg.max_bits - 3) as f64 / 2.0;
+        tuner.finetune(&w, target, None, &seqs[..1], &opts)?;
+        let r = tuner.finetune(&w, target, None, &seqs[1..], &opts)?;
+        depths.push(DepthTime {
+            layers,
+            ms_per_step: 1e3 * r.seconds / r.steps as f64,
+        });
+    }
+    let (a, b) = (&depths[0], &depths[1]);
+    let per_layer = (b.ms_per_step - a.ms_per_step) / (b.layers - a.layers) as f64;
+    let full_ms = a.ms_per_step + per_layer * (full.num_layers as f64 - a.layers as f64);
+    Ok(FinetuneBenchResult {
+        model: cfg.model.clone(),
+        device,
+        tf32: cfg.tf32,
+        seq_len: cfg.seq_len,
+        max_bits: cfg.max_bits,
+        depths,
+        full_layers: full.num_layers,
+        full_ms_per_step: full_ms,
+        paper_minutes_per_target: full_ms * 5000.0 / 60e3,
+    })
+}

@@ -1,0 +1,81 @@
+//! `dpllm bench finetune --synthetic NAME`: the wall time of a precision
+//! fine-tuning step on random any-precision weights of a known model's
+//! shapes, measured at two depths and extrapolated to the full model and the
+//! paper's 5000 steps.
+
+use std::path::PathBuf;
+
+use dpllm_calibrate::bench::{bench_finetune, FinetuneBenchConfig, FinetuneBenchResult};
+
+/// Arguments of `bench finetune`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where fine-tuning runs: cpu, or cuda / cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: dpllm_engine::Device,
+    /// The shapes: llama3-8b or smollm2-135m (random weights, built on the host).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub synthetic: String,
+    /// The two depths (blocks) built and timed, e.g. 1,2: the step of the full
+    /// depth is extrapolated from the line through them.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub depths: Vec<usize>,
+    /// Timed steps per depth (after one untimed step).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Tokens per step (the paper: 512).
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Highest precision of every linear: fine-tuning holds 3..=B bits.
+    #[arg(long, default_value_t = 6)]
+    pub max_bits: u32,
+    /// With --device cuda: matrix products on TF32 tensor cores.
+    #[arg(long)]
+    pub tf32: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Run the benchmark and print its table.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    super::check_json(a.json.as_deref(), &[])?;
+    a.device.check()?;
+    let &[d1, d2] = a.depths.as_slice() else {
+        anyhow::bail!("--depths takes two block counts, e.g. 1,2");
+    };
+    if a.tf32 && a.device == dpllm_engine::Device::Cpu {
+        anyhow::bail!("--tf32 is a GPU setting: add --device cuda");
+    }
+    let cfg = FinetuneBenchConfig {
+        model: a.synthetic,
+        depths: (d1, d2),
+        device: a.device,
+        tf32: a.tf32,
+        steps: a.steps,
+        seq_len: a.seq_len,
+        max_bits: a.max_bits,
+    };
+    let r = bench_finetune(&cfg)?;
+    super::bench::publish(&table(&r), a.json.as_deref(), &r)
+}
+
+fn table(r: &FinetuneBenchResult) -> String {
+    let mut s = format!(
+        "fine-tuning step, {} shapes, {} tokens, levels 3..={} bits, {}{}\n{:>8} {:>12}\n",
+        r.model,
+        r.seq_len,
+        r.max_bits,
+        r.device,
+        if r.tf32 { ", TF32" } else { "" },
+        "layers",
+        "ms/step"
+    );
+    for d in &r.depths {
+        s += &format!("{:>8} {:>12.1}\n", d.layers, d.ms_per_step);
+    }
+    s + &format!(
+        "{:>8} {:>12.1}  (extrapolated)\n5000 steps (the paper's 1000 x 5 epochs): {:.1} min per target\n",
+        r.full_layers, r.full_ms_per_step, r.paper_minutes_per_target
+    )
+}
