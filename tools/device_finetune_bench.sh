@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the device machine, with .devcarry/ (dpllm and docs-llama-12m): the
+# fine-tuning step on random weights of SmolLM2's and Llama-3-8B's shapes
+# (f32 and TF32), an op-by-op profile of it, and calibrate --device cuda on
+# docs-llama-12m with stage times. Results under $OUT.
+set -uo pipefail
+. "$(dirname "$0")/device_env.sh"
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+D=.devcarry/dpllm
+for t in --tf32 ""; do
+    "$D" bench finetune --device cuda --steps 8 $t --json "$OUT/bench-ft-smol$t.json"
+done
+DPLLM_PROFILE=1 "$D" bench finetune --device cuda --steps 4 --tf32 2>&1 | tail -34 > "$OUT/profile-smol-tf32.txt"
+cat "$OUT/profile-smol-tf32.txt"
+for t in --tf32 ""; do
+    "$D" bench finetune --device cuda --synthetic llama3-8b --steps 4 $t --json "$OUT/bench-ft-8b$t.json"
+done
+M=.devcarry/shared/models/docs-llama-12m
+C=.devcarry/shared/data/docs/calib.txt
+"$D" quantize "$M" --out /tmp/docs-ap 2>&1 | tail -1
+for dev in cuda cpu; do
+    "$D" calibrate /tmp/docs-ap --device $dev --budget 5 --targets 3.5,4.5 --calib "$C" --samples 32 \
+        --seq-len 512 --epochs 1 --estimator-samples 8 --force 2>&1 | tail -8 | tee "$OUT/calibrate-docs-$dev.txt"
+done
