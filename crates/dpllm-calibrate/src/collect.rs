@@ -5,6 +5,7 @@
 //! the gradient model's backend (the products and norms stay on a GPU; only
 //! the norms and the sampled rows come back).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use anyhow::Result;
@@ -85,8 +86,8 @@ fn scratch<'p, G: GradBackend>(
     len: usize,
 ) -> Result<&'p mut G::Buf> {
     Ok(match pool.entry(len) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(be.zeros(len)?),
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(be.zeros(len)?),
     })
 }
 
@@ -156,9 +157,8 @@ pub fn collect<G: GradBackend>(
                 Input::Act => &a.act,
             };
             let key = (l.layer, input);
-            if !est_inputs.contains_key(&key) {
-                let est = estimator_input(gm, &acts, l.layer, input, async_est)?;
-                est_inputs.insert(key, est);
+            if let Entry::Vacant(v) = est_inputs.entry(key) {
+                v.insert(estimator_input(gm, &acts, l.layer, input, async_est)?);
             }
             let xe = est_inputs[&key].as_ref().unwrap_or(x);
             for (k, b) in (l.min_bits..l.max_bits).enumerate() {
@@ -174,8 +174,8 @@ pub fn collect<G: GradBackend>(
             be.row_norms(xe, l.cols, &mut en)?;
             norms.push((Norms::Input(g), en));
             if !sampled.is_empty() {
-                if !host_rows.contains_key(&key) {
-                    host_rows.insert(key, be.download(xe)?);
+                if let Entry::Vacant(v) = host_rows.entry(key) {
+                    v.insert(be.download(xe)?);
                 }
                 let rows = &host_rows[&key];
                 let c = &mut out[g];

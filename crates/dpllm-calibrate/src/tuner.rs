@@ -18,7 +18,7 @@ pub struct Tuner {
 
 enum On {
     /// The weights at each precision are the `LinearWeights` themselves.
-    Cpu(GradModel),
+    Cpu(Box<GradModel>),
     #[cfg(feature = "cuda")]
     Gpu(Box<Gpu>),
 }
@@ -49,7 +49,7 @@ impl Tuner {
         let on = match device {
             Device::Cpu => {
                 let _ = (weights, tf32);
-                On::Cpu(GradModel::from_model(model))
+                On::Cpu(Box::new(GradModel::from_model(model)))
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
