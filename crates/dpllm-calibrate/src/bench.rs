@@ -102,7 +102,11 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let vocab = full.vocab_size as u32;
         let seqs: Vec<Vec<u32>> = (0..=cfg.steps)
-            .map(|_| (0..cfg.seq_len).map(|_| rng.random_range(0..vocab)).collect())
+            .map(|_| {
+                (0..cfg.seq_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect()
+            })
             .collect();
         let opts = FinetuneOptions {
             epochs: 1,

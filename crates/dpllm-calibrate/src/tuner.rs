@@ -44,7 +44,12 @@ impl Tuner {
     /// Calibrate on `device`: `model`'s weights as f32 (on a GPU, with
     /// `weights`' precisions copied there now, and with `tf32` the matrix
     /// products on TF32 tensor cores).
-    pub fn open(device: Device, model: &Model, weights: &[LinearWeights], tf32: bool) -> Result<Tuner> {
+    pub fn open(
+        device: Device,
+        model: &Model,
+        weights: &[LinearWeights],
+        tf32: bool,
+    ) -> Result<Tuner> {
         device.check()?;
         let on = match device {
             Device::Cpu => {
@@ -116,5 +121,13 @@ fn collect_at_max<G: GradBackend>(
 ) -> Result<Vec<LinearCalib>> {
     let max: Vec<f64> = w.iter().map(|l| l.max_bits as f64).collect();
     load_mixed(gm, w, levels, &max)?;
-    collect(gm, w, levels, seqs, o.async_estimation, o.max_samples, o.progress)
+    collect(
+        gm,
+        w,
+        levels,
+        seqs,
+        o.async_estimation,
+        o.max_samples,
+        o.progress,
+    )
 }

@@ -285,3 +285,112 @@ fn bad_calibration_requests_are_rejected() {
     assert!(calibrate(&q, &empty, &small_options(vec![4.0])).is_err());
     assert!(!q.join("plans").join("budget-4.50").exists());
 }
+
+/// The estimator data against a direct computation from the model's
+/// activations at m_l: each true error is ||(W_{b+1} − W_b) x|| of the
+/// linear's input, each input norm ||x|| (exact inputs) or the norm of the
+/// previous residual normed by this sub-block's norm (asynchronous), and the
+/// sampled rows are every stride-th token's input.
+#[test]
+fn estimator_data_matches_a_direct_computation() {
+    use dpllm_calibrate::tuner::{CollectOptions, Tuner};
+    use dpllm_engine::select::estimator::row_norms;
+    use dpllm_format::LinearKind;
+    use dpllm_grad::ops::{linear_forward, rms_norm_forward};
+
+    let t = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        dtype: safetensors::Dtype::F32,
+        ..TinySpec::default()
+    };
+    let q = quantized(t.path(), &spec);
+    let load = LoadOptions {
+        max_bits: Some(6),
+        ..Default::default()
+    };
+    let model = Model::load_with(&q, &load).unwrap();
+    let n = model.config.linears().len();
+    let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
+    let gm = GradModel::from_model(&model);
+    let data = seqs(3, 17, 5);
+    let eps = model.config.rms_norm_eps;
+    let close = |what: &str, got: f32, want: f64| {
+        assert!(
+            (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{what}: {got} collected, {want} direct"
+        );
+    };
+    for async_estimation in [false, true] {
+        let opts = CollectOptions {
+            async_estimation,
+            max_samples: 10,
+            progress: false,
+        };
+        let mut tuner = Tuner::open(dpllm_engine::Device::Cpu, &model, &w, false).unwrap();
+        let calib = tuner.collect(&w, &data, opts).unwrap();
+        // 51 tokens, at most 10 samples: every 6th token.
+        let stride = 6;
+        let mut seen = 0;
+        for seq in &data {
+            let acts = gm.activations(seq).unwrap();
+            for (g, l) in w.iter().enumerate() {
+                let a = &acts[l.layer];
+                let (x, resid) = match l.kind {
+                    LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Qkv => (
+                        &a.xn1,
+                        (l.layer > 0)
+                            .then(|| (&acts[l.layer - 1].h_mid, &gm.blocks[l.layer].attn_norm)),
+                    ),
+                    LinearKind::O => (&a.att, None),
+                    LinearKind::Gate | LinearKind::Up | LinearKind::GateUp => {
+                        (&a.xn2, Some((&a.h_in, &gm.blocks[l.layer].mlp_norm)))
+                    }
+                    LinearKind::Down => (&a.act, None),
+                };
+                let est: Vec<f32> = match resid.filter(|_| async_estimation) {
+                    Some((h, norm)) => {
+                        let mut o = vec![0f32; h.len()];
+                        rms_norm_forward(h, norm, eps, &mut o);
+                        o
+                    }
+                    None => x.clone(),
+                };
+                let c = &calib[g];
+                for (k, b) in (3..6).enumerate() {
+                    let mut y = vec![0f32; seq.len() * l.rows];
+                    linear_forward(x, seq.len(), &l.delta(b), l.rows, l.cols, None, &mut y);
+                    for (tok, e) in row_norms(&y, l.rows).enumerate() {
+                        close(
+                            &format!("{} e[{k}][{}]", l.name, seen + tok),
+                            c.e[k][seen + tok],
+                            e as f64,
+                        );
+                    }
+                }
+                for (tok, v) in row_norms(&est, l.cols).enumerate() {
+                    close(
+                        &format!("{} input norm {}", l.name, seen + tok),
+                        c.est_norm[seen + tok],
+                        v as f64,
+                    );
+                    let global = seen + tok;
+                    if let Some(i) = c.sample_idx.iter().position(|&s| s == global) {
+                        assert_eq!(global % stride, 0, "{}: token {global} sampled", l.name);
+                        let row = &c.sample[i * l.cols..(i + 1) * l.cols];
+                        assert_eq!(
+                            row,
+                            &est[tok * l.cols..(tok + 1) * l.cols],
+                            "{}: sampled row",
+                            l.name
+                        );
+                    }
+                }
+            }
+            seen += seq.len();
+        }
+        for c in &calib {
+            assert_eq!(c.sample_idx, (0..51).step_by(stride).collect::<Vec<_>>());
+            assert_eq!(c.est_norm.len(), 51);
+        }
+    }
+}

@@ -100,7 +100,10 @@ fn gpu_fine_tuning_matches_the_cpu() {
     let got = finetune_on(&mut fast, &w, &levels, 4.0, None, &seqs, &opts).unwrap();
     let worst = (got.p.iter().zip(&want.p)).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
     eprintln!("TF32 fine-tuning: largest |p - p_cpu| = {worst:.2e} bits");
-    assert!(worst <= 1e-2, "TF32 fine-tuning is {worst} bits off the CPU");
+    assert!(
+        worst <= 1e-2,
+        "TF32 fine-tuning is {worst} bits off the CPU"
+    );
 }
 
 #[test]
@@ -115,7 +118,10 @@ fn gpu_estimator_data_matches_the_cpu() {
         assert_eq!(got.len(), want.len(), "{what}: lengths");
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) + 1e-12;
         for (i, (a, b)) in got.iter().zip(want).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * scale, "{what}[{i}]: {a} on the GPU, {b} on the CPU");
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "{what}[{i}]: {a} on the GPU, {b} on the CPU"
+            );
         }
     };
     for async_estimation in [false, true] {
