@@ -136,9 +136,14 @@ fn dot_sums_and_row_norms_match_the_cpu() {
     let (want, got) = (cpu.read_sums(&want).unwrap(), be.read_sums(&got).unwrap());
     assert_eq!(got[1], 0.0, "an untouched slot");
     for (a, b) in got.iter().zip(&want) {
-        assert!((a - b).abs() <= 1e-9 * n as f64, "dot sums: {got:?} on the GPU, {want:?} on the CPU");
+        assert!(
+            (a - b).abs() <= 1e-9 * n as f64,
+            "dot sums: {got:?} on the GPU, {want:?} on the CPU"
+        );
     }
-    assert!(be.dot_diff(&dg, &dhi, &dlo, &mut be.sums(2).unwrap(), 2).is_err());
+    assert!(be
+        .dot_diff(&dg, &dhi, &dlo, &mut be.sums(2).unwrap(), 2)
+        .is_err());
     // Row norms of 37 rows of 129 values into a poisoned output.
     let x = rand(37 * 129);
     let mut want = vec![0f32; 37];
@@ -147,7 +152,10 @@ fn dot_sums_and_row_norms_match_the_cpu() {
     be.row_norms(&up(&x), 129, &mut out).unwrap();
     let (i, e) = max_err(&be.download(&out).unwrap(), &want, 0.0);
     assert!(e <= 1e-5, "row norm {i}: relative error {e}");
-    assert!(be.row_norms(&up(&x), 128, &mut out).is_err(), "a width that does not divide");
+    assert!(
+        be.row_norms(&up(&x), 128, &mut out).is_err(),
+        "a width that does not divide"
+    );
 }
 
 #[test]

@@ -108,8 +108,12 @@ impl CudaGrad {
             .map_err(|e| anyhow::anyhow!("cuBLAS: creating a handle: {e}"))?;
         use cudarc::cublas::sys;
         // SAFETY: the handle is live; the mode is a valid cublasMath_t.
-        let status =
-            unsafe { sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
+        let status = unsafe {
+            sys::cublasSetMathMode(
+                *blas.handle(),
+                sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+            )
+        };
         if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             bail!("cuBLAS: cannot enable TF32 ({status:?})");
         }
@@ -213,9 +217,7 @@ impl CudaGrad {
                 row[half..].iter_mut().for_each(|s| *s = -*s);
             }
         }
-        let t = Arc::new(
-            (self.stream().clone_htod(&host)).context("CUDA: copying a RoPE table")?,
-        );
+        let t = Arc::new((self.stream().clone_htod(&host)).context("CUDA: copying a RoPE table")?);
         if cache.len() >= 8 {
             cache.remove(0);
         }

@@ -48,7 +48,10 @@ impl Profile {
         let total: f64 = ops.values().map(|v| v.1).sum::<f64>().max(1e-12);
         let mut rows: Vec<_> = ops.iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        let mut s = format!("{:<24} {:>9} {:>11} {:>6}\n", "gradient op", "calls", "ms", "%");
+        let mut s = format!(
+            "{:<24} {:>9} {:>11} {:>6}\n",
+            "gradient op", "calls", "ms", "%"
+        );
         for (name, (calls, secs)) in rows {
             s += &format!(
                 "{name:<24} {calls:>9} {:>11.1} {:>6.1}\n",
