@@ -82,7 +82,9 @@ pub struct CalibrateOptions {
     /// fits and thresholds run on the CPU).
     #[serde(skip)]
     pub device: dpllm_engine::Device,
-    /// On a GPU, fine-tuning's matrix products on TF32 tensor cores.
+    /// On a GPU, fine-tuning's matrix products on TF32 tensor cores (recorded
+    /// only when set, so records of earlier runs still match).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
     /// What else produced these plans (e.g. a cache key), stored in the plan directory's manifest.
     #[serde(skip)]
