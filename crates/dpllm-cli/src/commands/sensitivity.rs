@@ -63,7 +63,7 @@ pub fn compute(
 enum GradDevice {
     Cpu,
     #[cfg(feature = "cuda")]
-    Cuda(dpllm_grad::cuda::CudaGrad),
+    Cuda(Box<dpllm_grad::cuda::CudaGrad>),
 }
 
 impl GradDevice {
@@ -72,7 +72,7 @@ impl GradDevice {
         Ok(match *device {
             Device::Cpu => GradDevice::Cpu,
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => GradDevice::Cuda(dpllm_grad::cuda::CudaGrad::open(n)?),
+            Device::Cuda(n) => GradDevice::Cuda(Box::new(dpllm_grad::cuda::CudaGrad::open(n)?)),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("refused by Device::check"),
         })
@@ -90,7 +90,7 @@ impl GradDevice {
             GradDevice::Cuda(g) => {
                 use dpllm_grad::GradBackend;
                 eprintln!("forward and backward passes on {}", g.name());
-                dpllm_quantize::sensitivity::accumulate_sensitivities_on(g, m, seqs, true)
+                dpllm_quantize::sensitivity::accumulate_sensitivities_on(*g, m, seqs, true)
             }
         }
     }
