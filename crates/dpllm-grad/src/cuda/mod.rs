@@ -100,8 +100,8 @@ impl CudaGrad {
     }
 
     /// Matrix products on TF32 tensor cores (inputs rounded to 10-bit
-    /// mantissas, f32 accumulation): several times faster than exact f32, for
-    /// passes that need gradients, not bit-exact ones (precision fine-tuning).
+    /// mantissas, f32 accumulation) instead of exact f32, for passes that need
+    /// gradients, not bit-exact ones (precision fine-tuning).
     pub fn with_tf32(mut self) -> Result<CudaGrad> {
         self.dev.blas()?; // the clear error when cuBLAS is missing
         let blas = cudarc::cublas::CudaBlas::new(self.stream().clone())
