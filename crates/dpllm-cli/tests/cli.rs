@@ -466,6 +466,57 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
     fails(&["bench", "decode"], &["<MODEL>"]);
 }
 
+#[test]
+fn bench_finetune_times_steps_and_refuses_bad_settings() {
+    let t = tempfile::tempdir().unwrap();
+    let json = t.path().join("ft.json");
+    let (out, _) = ok(&[
+        "bench",
+        "finetune",
+        "--synthetic",
+        "smollm2-135m",
+        "--steps",
+        "1",
+        "--seq-len",
+        "8",
+        "--json",
+        s(&json),
+    ]);
+    assert!(
+        out.contains("ms/step") && out.contains("min per target"),
+        "{out}"
+    );
+    let v = json_file(&json);
+    let depths = v["depths"].as_array().expect("depths");
+    assert_eq!(depths.len(), 2, "{v}");
+    for d in depths {
+        let ms = d["ms_per_step"].as_f64().unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{v}");
+    }
+    assert_eq!(v["full_layers"].as_u64(), Some(30), "{v}");
+    assert!(v["full_ms_per_step"].as_f64().unwrap().is_finite(), "{v}");
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
+    for (args, phrases) in [
+        (
+            &["--depths", "2,1"][..],
+            &["depths must be two block counts"][..],
+        ),
+        (&["--depths", "1"], &["--depths takes two block counts"]),
+        (&["--tf32"], &["--tf32 is a GPU setting"]),
+        (&["--synthetic", "gpt-9"], &["--synthetic gpt-9"]),
+        (&["--max-bits", "9"], &["--max-bits 9"]),
+    ] {
+        fails(
+            &[
+                &["bench", "finetune", "--steps", "1", "--seq-len", "8"][..],
+                args,
+            ]
+            .concat(),
+            phrases,
+        );
+    }
+}
+
 // ---------------------------------------------------------------- bad inputs
 
 #[test]
