@@ -308,23 +308,41 @@ fn fit_pair(
     )
 }
 
-/// Every estimator the targets' precisions `ps` need, fitted in parallel
-/// over linears (each fit is a long chain of small products).
+/// Linear `l`'s precision pair (lo, hi) around p, the weight r of lo, and,
+/// when it has two precisions, how its calibration errors decide between
+/// them: worked out once per target and linear, read by the fits and the plans.
+#[derive(Debug, Clone, Copy)]
+struct PairRule {
+    lo: u32,
+    hi: u32,
+    r: f64,
+    decision: Option<Decision>,
+}
+
+fn pair_rule(l: &LinearWeights, calib: &LinearCalib, p: f64) -> PairRule {
+    let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
+    let decision = (lo != hi).then(|| decide(&calib.e[(lo - l.min_bits) as usize], r));
+    PairRule {
+        lo,
+        hi,
+        r,
+        decision,
+    }
+}
+
+/// Every estimator the targets' rules need (one rule per linear per target),
+/// fitted in parallel over linears (each fit is a long chain of small products).
 fn fit_all(
     w: &[LinearWeights],
     calib: &[LinearCalib],
-    ps: &[&[f64]],
+    rules: &[Vec<PairRule>],
     opts: &CalibrateOptions,
 ) -> EstimatorCache {
     use rayon::prelude::*;
-    let mut pairs: Vec<(usize, u32)> = (ps.iter())
-        .flat_map(|p| p.iter().enumerate())
-        .filter_map(|(g, &p)| {
-            let l = &w[g];
-            let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
-            let e = calib[g].e.get((lo - l.min_bits) as usize)?;
-            (lo != hi && matches!(decide(e, r), Decision::Threshold(_))).then_some((g, lo))
-        })
+    let mut pairs: Vec<(usize, u32)> = (rules.iter())
+        .flat_map(|r| r.iter().enumerate())
+        .filter(|(_, r)| matches!(r.decision, Some(Decision::Threshold(_))))
+        .map(|(g, r)| (g, r.lo))
         .collect();
     pairs.sort_unstable();
     pairs.dedup();
@@ -342,17 +360,24 @@ fn estimates_of(f: &Fitted, c: &LinearCalib) -> Vec<f32> {
     }
 }
 
-/// Build the plan entry of linear `g` for precision `p`, fitting its estimator if
-/// needed; also returns the average bits its rule gives on the calibration tokens.
+/// Build the plan entry of linear `g` for precision `p` by its `rule` (the
+/// estimator fitted in `cache`); also returns the average bits the rule
+/// gives on the calibration tokens.
 fn linear_plan(
     g: usize,
     l: &LinearWeights,
     calib: &LinearCalib,
     p: f64,
+    rule: PairRule,
     opts: &CalibrateOptions,
-    cache: &mut EstimatorCache,
+    cache: &EstimatorCache,
 ) -> (LinearPlan, f64) {
-    let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
+    let PairRule {
+        lo,
+        hi,
+        r,
+        decision,
+    } = rule;
     let base = LinearPlan {
         name: l.name.clone(),
         size: l.size(),
@@ -363,7 +388,7 @@ fn linear_plan(
         threshold: 0.0,
         estimator: EstimatorSpec::None,
     };
-    if lo == hi {
+    let Some(decision) = decision else {
         // m_l = b_min: the linear has a single precision.
         return (
             LinearPlan {
@@ -372,9 +397,8 @@ fn linear_plan(
             },
             lo as f64,
         );
-    }
-    let e = &calib.e[(lo - l.min_bits) as usize];
-    match decide(e, r) {
+    };
+    match decision {
         Decision::AlwaysLow => (
             LinearPlan {
                 avg_bits: lo as f32,
@@ -392,7 +416,7 @@ fn linear_plan(
             hi as f64,
         ),
         Decision::Threshold(tau_true) => {
-            let fitted = (cache.entry((g, lo))).or_insert_with(|| fit_pair(g, l, calib, lo, opts));
+            let fitted = &cache[&(g, lo)]; // fit_all fitted every threshold rule
             let est = estimates_of(fitted, calib);
             let tau = match opts.threshold_source {
                 ThresholdSource::True => tau_true,
@@ -581,14 +605,22 @@ pub fn calibrate(
     let mut staging = StagingDir::new(&out_dir, OutputKind::Plans, opts.overwrite)?;
     let tmp = staging.path();
     let reports = {
-        let ps: Vec<&[f64]> = tuned.iter().map(|ft| ft.p.as_slice()).collect();
-        let mut cache = fit_all(&weights, &calib, &ps, opts);
+        let rules: Vec<Vec<PairRule>> = (tuned.iter())
+            .map(|ft| {
+                (weights.iter().zip(&calib).zip(&ft.p))
+                    .map(|((l, c), &p)| pair_rule(l, c, p))
+                    .collect()
+            })
+            .collect();
+        let cache = fit_all(&weights, &calib, &rules, opts);
         let mut reports = Vec::new();
-        for ((&target, ft), st) in opts.targets.iter().zip(&tuned).zip(&statics) {
+        let per_target = opts.targets.iter().zip(&tuned).zip(&statics).zip(&rules);
+        for (((&target, ft), st), rules) in per_target {
             let mut linears = Vec::new();
             let mut expected = 0.0;
             for (g, l) in weights.iter().enumerate() {
-                let (lp, bits) = linear_plan(g, l, &calib[g], ft.p[g], opts, &mut cache);
+                let rule = rules[g];
+                let (lp, bits) = linear_plan(g, l, &calib[g], ft.p[g], rule, opts, &cache);
                 expected += bits * l.size() as f64;
                 linears.push(lp);
             }
