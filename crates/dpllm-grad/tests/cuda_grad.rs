@@ -175,17 +175,7 @@ fn attention_matches_the_cpu_on_long_sequences() {
             head_dim: hd,
             window,
         };
-        let mut r = |len: usize| {
-            (0..len)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect::<Vec<f32>>()
-        };
-        let (q, k, v, dout) = (
-            r(n * nh * hd),
-            r(n * nkv * hd),
-            r(n * nkv * hd),
-            r(n * nh * hd),
-        );
+        let [q, k, v, dout] = dpllm_testkit::random_attention_inputs(&mut rng, n, nh, nkv, hd);
         let mut want = [
             vec![0f32; q.len()],
             vec![0f32; q.len()],

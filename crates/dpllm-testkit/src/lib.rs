@@ -388,6 +388,21 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec, seed: u64) -> io::Result<()
     )
 }
 
+/// Attention inputs for `n` tokens, uniform in [-1, 1): q and the output
+/// gradient [n × heads × head_dim], k and v [n × kv_heads × head_dim].
+pub fn random_attention_inputs(
+    rng: &mut impl Rng,
+    n: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> [Vec<f32>; 4] {
+    let mut r =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (q, k) = (n * heads * head_dim, n * kv_heads * head_dim);
+    [r(q), r(k), r(k), r(q)]
+}
+
 /// GPT-2's reversible byte → printable-unicode mapping (`bytes_to_unicode`), indexed by byte.
 pub fn bytes_to_unicode() -> [char; 256] {
     let mut out = ['\0'; 256];

@@ -250,17 +250,7 @@ mod tests {
                 head_dim: hd,
                 window,
             };
-            let mut r = |len: usize| {
-                (0..len)
-                    .map(|_| rng.random_range(-1.0f32..1.0))
-                    .collect::<Vec<_>>()
-            };
-            let (q, k, v, dout) = (
-                r(n * nh * hd),
-                r(n * nkv * hd),
-                r(n * nkv * hd),
-                r(n * nh * hd),
-            );
+            let [q, k, v, dout] = dpllm_testkit::random_attention_inputs(&mut rng, n, nh, nkv, hd);
             let run = |stage, bufs: &mut std::collections::HashMap<Operand, Vec<f32>>| {
                 for p in attention_plan(s, n, stage) {
                     let cfg = blas_config(p.trans, p.dims, (p.a.1, p.b.1, p.c.1), p.beta, p.batch);
