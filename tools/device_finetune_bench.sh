@@ -8,13 +8,22 @@ set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 D=.devcarry/dpllm
-for t in --tf32 ""; do
-    "$D" bench finetune --device cuda --steps 8 $t --json "$OUT/bench-ft-smol$t.json"
+# f32 and TF32 products; the precisions as f32 copies or read from the planes.
+for lv in f32 planes; do
+    for t in --tf32 ""; do
+        "$D" bench finetune --device cuda --steps 8 $t --levels $lv --json "$OUT/bench-ft-smol-$lv$t.json"
+    done
 done
-DPLLM_PROFILE=1 "$D" bench finetune --device cuda --steps 4 --tf32 2>&1 | tail -34 > "$OUT/profile-smol-tf32.txt"
-cat "$OUT/profile-smol-tf32.txt"
-for t in --tf32 ""; do
-    "$D" bench finetune --device cuda --synthetic llama3-8b --steps 4 $t --json "$OUT/bench-ft-8b$t.json"
+for lv in f32 planes; do
+    DPLLM_PROFILE=1 "$D" bench finetune --device cuda --steps 4 --tf32 --levels $lv 2>&1 |
+        tail -40 > "$OUT/profile-smol-tf32-$lv.txt"
+    cat "$OUT/profile-smol-tf32-$lv.txt"
+done
+for lv in f32 planes; do
+    for t in --tf32 ""; do
+        "$D" bench finetune --device cuda --synthetic llama3-8b --steps 4 $t --levels $lv \
+            --json "$OUT/bench-ft-8b-$lv$t.json"
+    done
 done
 M=.devcarry/shared/models/docs-llama-12m
 C=.devcarry/shared/data/docs/calib.txt

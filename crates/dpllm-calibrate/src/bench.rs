@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::finetune::FinetuneOptions;
-use crate::tuner::Tuner;
-use crate::weights::dequantize_all;
+use crate::tuner::{LevelStore, Tuner};
+use crate::weights::quantized_linears;
 
 /// Settings of the fine-tuning benchmark.
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ pub struct FinetuneBenchConfig {
     pub seq_len: usize,
     /// Highest precision of every linear (the levels held are 3..=max_bits).
     pub max_bits: u32,
+    /// How the GPU holds the precisions.
+    pub levels: LevelStore,
 }
 
 /// One depth's measurement.
@@ -55,6 +57,8 @@ pub struct FinetuneBenchResult {
     pub seq_len: usize,
     /// Levels held per linear: 3..=max_bits.
     pub max_bits: u32,
+    /// How they were held (f32 copies or the planes).
+    pub levels: LevelStore,
     /// The measured depths.
     pub depths: Vec<DepthTime>,
     /// Blocks of the real model.
@@ -82,6 +86,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
     let full = synthetic_config(&cfg.model)?;
     let mut depths = Vec::new();
     let mut device = String::new();
+    let mut levels = cfg.levels;
     for layers in [d1, d2] {
         let mut config = full.clone();
         config.num_layers = layers;
@@ -95,9 +100,10 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
             7,
         )?;
         let n = model.config.linears().len();
-        let w = dequantize_all(&model, 3, &vec![cfg.max_bits; n])?;
-        let mut tuner = Tuner::open(cfg.device, &model, &w, cfg.tf32)?;
+        let w = quantized_linears(&model, 3, &vec![cfg.max_bits; n])?;
+        let mut tuner = Tuner::open(cfg.device, &model, &w, cfg.tf32, cfg.levels)?;
         device = tuner.device_name();
+        levels = tuner.level_store();
         drop(model);
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let vocab = full.vocab_size as u32;
@@ -130,6 +136,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         tf32: cfg.tf32,
         seq_len: cfg.seq_len,
         max_bits: cfg.max_bits,
+        levels,
         depths,
         full_layers: full.num_layers,
         full_ms_per_step: full_ms,

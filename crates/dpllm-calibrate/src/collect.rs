@@ -104,7 +104,7 @@ enum Norms {
 pub fn collect<G: GradBackend>(
     gm: &GradModel<G>,
     w: &[LinearWeights],
-    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    levels: &(impl WeightLevels<G> + ?Sized),
     seqs: &[Vec<u32>],
     async_est: bool,
     max_samples: usize,
@@ -163,7 +163,7 @@ pub fn collect<G: GradBackend>(
             let xe = est_inputs[&key].as_ref().unwrap_or(x);
             for (k, b) in (l.min_bits..l.max_bits).enumerate() {
                 let d = scratch(be, &mut deltas, l.size())?;
-                be.mix(d, levels.level(g, b + 1), levels.level(g, b), 1.0, -1.0)?;
+                levels.mix(be, g, d, b, -1.0, b + 1, 1.0)?;
                 let y = scratch(be, &mut products, n * l.rows)?;
                 be.linear_forward(x, n, d, l.rows, l.cols, None, y)?;
                 let mut e = be.zeros(n)?;

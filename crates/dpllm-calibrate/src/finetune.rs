@@ -88,7 +88,7 @@ fn mean_bits(p: &[f64], w: &[LinearWeights]) -> f64 {
 pub(crate) fn load_mixed<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
-    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    levels: &(impl WeightLevels<G> + ?Sized),
     p: &[f64],
 ) -> Result<Vec<(u32, u32, f64)>> {
     let (be, blocks) = gm.backend_and_blocks();
@@ -96,8 +96,7 @@ pub(crate) fn load_mixed<G: GradBackend>(
         .map(|(g, (l, &p))| {
             let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
             let dst = &mut blocks[l.layer].linear_mut(l.index).w;
-            let (a, b) = (levels.level(g, lo), levels.level(g, hi));
-            be.mix(dst, a, b, r as f32, (1.0 - r) as f32)?;
+            levels.mix(be, g, dst, lo, r as f32, hi, (1.0 - r) as f32)?;
             Ok((lo, hi, r))
         })
         .collect()
@@ -130,7 +129,7 @@ pub fn ce_and_gradient(
 pub fn ce_and_gradient_on<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
-    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    levels: &(impl WeightLevels<G> + ?Sized),
     index: &LinearIndex,
     p: &[f64],
     seq: &[u32],
@@ -143,7 +142,7 @@ pub fn ce_and_gradient_on<G: GradBackend>(
         let g = index[&(layer, idx)];
         let (lo, hi, _) = mixes[g];
         if lo != hi {
-            be.dot_diff(dw, levels.level(g, hi), levels.level(g, lo), &mut sums, g)?;
+            levels.dot_diff(be, g, dw, hi, lo, &mut sums, g)?;
         }
         Ok(())
     })?;
@@ -188,7 +187,7 @@ pub fn finetune(
 pub fn finetune_on<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
-    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    levels: &(impl WeightLevels<G> + ?Sized),
     target: f64,
     init: Option<&[f64]>,
     seqs: &[Vec<u32>],

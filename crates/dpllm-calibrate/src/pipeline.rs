@@ -24,8 +24,8 @@ use crate::collect::LinearCalib;
 use crate::estimators::{fit, FitOptions, Fitted};
 use crate::finetune::FinetuneOptions;
 use crate::threshold::{decide, quantile, Decision};
-use crate::tuner::{CollectOptions, Tuner};
-use crate::weights::{dequantize_all, split_precision, LinearWeights};
+use crate::tuner::{CollectOptions, LevelStore, Tuner};
+use crate::weights::{quantized_linears, split_precision, LinearWeights};
 
 /// Which errors the thresholds are quantiles of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -550,10 +550,11 @@ pub fn calibrate(
         })
         .collect::<Result<_>>()?;
     let assign = budget::solve(&items, opts.min_bits, opts.budget)?;
-    let weights = dequantize_all(&model, opts.min_bits, &assign.bits)?;
-    let mut tuner = Tuner::open(opts.device, &model, &weights, opts.tf32)?;
+    let weights = quantized_linears(&model, opts.min_bits, &assign.bits)?;
+    let mut tuner = Tuner::open(opts.device, &model, &weights, opts.tf32, LevelStore::Auto)?;
     drop(model);
-    let mut stages = vec![StageTime::since("load, budget, dequantize", t0)];
+    let load = format!("load, budget, weights ({})", tuner.level_store().name());
+    let mut stages = vec![StageTime::since(&load, t0)];
 
     // The static baseline per target: the same knapsack at T, each linear up to its m_l.
     let static_items: Vec<Item> = weights

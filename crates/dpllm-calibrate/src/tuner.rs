@@ -1,7 +1,8 @@
 //! Where precision fine-tuning (2b) and the estimator data (2c, 2d) are
 //! computed: the CPU's gradient model, or one held on a GPU with every
 //! linear's weights at each of its precisions (`--device cuda`), so a step
-//! moves no weights between host and device.
+//! moves no weights between host and device. On the GPU the precisions are
+//! f32 copies where they fit ([`LevelStore`]), else read from the planes.
 
 use anyhow::Result;
 use dpllm_engine::{Device, Model};
@@ -26,7 +27,49 @@ enum On {
 #[cfg(feature = "cuda")]
 struct Gpu {
     gm: GradModel<dpllm_grad::cuda::CudaGrad>,
-    levels: crate::weights::LevelsOn<dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>>,
+    levels: GpuLevels,
+}
+
+#[cfg(feature = "cuda")]
+enum GpuLevels {
+    F32(crate::weights::LevelsOn<dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>>),
+    Planes(crate::weights::PlanesOn),
+}
+
+/// How a GPU tuner holds each linear's weights at its precisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LevelStore {
+    /// f32 copies when they take at most a third of the free GPU memory, else the planes.
+    #[default]
+    Auto,
+    /// An f32 copy of each precision ([`crate::weights::LevelsOn`]).
+    F32,
+    /// The bit-planes and LUTs, each precision pair read from them ([`crate::weights::PlanesOn`]).
+    Planes,
+}
+
+impl LevelStore {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LevelStore::Auto => "auto",
+            LevelStore::F32 => "f32",
+            LevelStore::Planes => "planes",
+        }
+    }
+}
+
+impl std::str::FromStr for LevelStore {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(LevelStore::Auto),
+            "f32" => Ok(LevelStore::F32),
+            "planes" => Ok(LevelStore::Planes),
+            _ => Err(format!("{s:?}: expected auto, f32 or planes")),
+        }
+    }
 }
 
 /// Settings of the estimator-data pass ([`collect`]).
@@ -42,28 +85,40 @@ pub struct CollectOptions {
 
 impl Tuner {
     /// Calibrate on `device`: `model`'s weights as f32 (on a GPU, with
-    /// `weights`' precisions copied there now, and with `tf32` the matrix
-    /// products on TF32 tensor cores).
+    /// `weights`' precisions copied there now as `store` says, and with `tf32`
+    /// the matrix products on TF32 tensor cores).
     pub fn open(
         device: Device,
         model: &Model,
         weights: &[LinearWeights],
         tf32: bool,
+        store: LevelStore,
     ) -> Result<Tuner> {
         device.check()?;
         let on = match device {
             Device::Cpu => {
-                let _ = (weights, tf32);
+                let _ = (weights, tf32, store);
                 On::Cpu(Box::new(GradModel::from_model(model)))
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
+                use crate::weights::{f32_level_bytes, LevelsOn, PlanesOn};
                 let mut be = dpllm_grad::cuda::CudaGrad::open(n)?;
                 if tf32 {
                     be = be.with_tf32()?;
                 }
                 let gm = GradModel::on(be, model, None)?;
-                let levels = crate::weights::LevelsOn::upload(gm.backend(), weights)?;
+                let f32_fits = || -> Result<bool> {
+                    let (free, _) = gm.backend().device().memory()?;
+                    Ok(f32_level_bytes(weights) <= free / 3)
+                };
+                let levels = match store {
+                    LevelStore::F32 => GpuLevels::F32(LevelsOn::upload(gm.backend(), weights)?),
+                    LevelStore::Auto if f32_fits()? => {
+                        GpuLevels::F32(LevelsOn::upload(gm.backend(), weights)?)
+                    }
+                    _ => GpuLevels::Planes(PlanesOn::upload(gm.backend(), weights)?),
+                };
                 On::Gpu(Box::new(Gpu { gm, levels }))
             }
             #[cfg(not(feature = "cuda"))]
@@ -81,6 +136,18 @@ impl Tuner {
         }
     }
 
+    /// How the precisions are held: f32 copies or the planes (on the CPU, f32).
+    pub fn level_store(&self) -> LevelStore {
+        match &self.on {
+            On::Cpu(_) => LevelStore::F32,
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => match g.levels {
+                GpuLevels::F32(_) => LevelStore::F32,
+                GpuLevels::Planes(_) => LevelStore::Planes,
+            },
+        }
+    }
+
     /// [`finetune_on`] for `target` on this tuner's device.
     pub fn finetune(
         &mut self,
@@ -93,7 +160,10 @@ impl Tuner {
         match &mut self.on {
             On::Cpu(gm) => finetune_on(gm, w, w, target, init, seqs, opts),
             #[cfg(feature = "cuda")]
-            On::Gpu(g) => finetune_on(&mut g.gm, w, &g.levels, target, init, seqs, opts),
+            On::Gpu(g) => match &g.levels {
+                GpuLevels::F32(l) => finetune_on(&mut g.gm, w, l, target, init, seqs, opts),
+                GpuLevels::Planes(l) => finetune_on(&mut g.gm, w, l, target, init, seqs, opts),
+            },
         }
     }
 
@@ -107,7 +177,10 @@ impl Tuner {
         match &mut self.on {
             On::Cpu(gm) => collect_at_max(gm, w, w, seqs, opts),
             #[cfg(feature = "cuda")]
-            On::Gpu(g) => collect_at_max(&mut g.gm, w, &g.levels, seqs, opts),
+            On::Gpu(g) => match &g.levels {
+                GpuLevels::F32(l) => collect_at_max(&mut g.gm, w, l, seqs, opts),
+                GpuLevels::Planes(l) => collect_at_max(&mut g.gm, w, l, seqs, opts),
+            },
         }
     }
 }
@@ -115,7 +188,7 @@ impl Tuner {
 fn collect_at_max<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
-    levels: &(impl WeightLevels<G::Buf> + ?Sized),
+    levels: &(impl WeightLevels<G> + ?Sized),
     seqs: &[Vec<u32>],
     o: CollectOptions,
 ) -> Result<Vec<LinearCalib>> {

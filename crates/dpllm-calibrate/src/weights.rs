@@ -1,7 +1,16 @@
-//! Dequantized weights of every quantized linear at each precision a plan may
-//! use, shared by precision fine-tuning and estimator calibration.
+//! Every quantized linear's weights at each precision a plan may use, shared
+//! by precision fine-tuning and estimator calibration: held as the file's bit
+//! planes and LUTs, dequantized on the host only where a pass asks
+//! ([`LinearWeights::at`]), and read by the gradient backends through
+//! [`WeightLevels`]: f32 copies of every precision ([`LevelsOn`], and the
+//! CPU's cache), or on a GPU the planes themselves ([`PlanesOn`]), which an
+//! 8B model needs (six f32 copies of its weights would take 170 GB).
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use anyhow::{ensure, Result};
+use dpllm_engine::backend::AnyPrecHost;
 use dpllm_engine::Model;
 use dpllm_format::LinearKind;
 use dpllm_grad::GradBackend;
@@ -24,8 +33,11 @@ pub struct LinearWeights {
     pub min_bits: u32,
     /// Highest precision held (the linear's m_l).
     pub max_bits: u32,
-    /// `w[b - min_bits]`: W_b [rows × cols] as f32.
-    w: Vec<Vec<f32>>,
+    /// The planes and LUTs (up to the file's precisions).
+    q: AnyPrecHost,
+    /// `levels[b - min_bits]`: W_b [rows × cols] as f32, made on first use by
+    /// the CPU gradient backend ([`LinearWeights::level`]).
+    levels: OnceLock<Vec<Vec<f32>>>,
 }
 
 impl LinearWeights {
@@ -34,60 +46,197 @@ impl LinearWeights {
         self.rows * self.cols
     }
 
-    /// W at `bits`.
-    pub fn at(&self, bits: u32) -> &[f32] {
-        &self.w[(bits - self.min_bits) as usize]
+    /// The planes and LUTs.
+    pub fn quantized(&self) -> &AnyPrecHost {
+        &self.q
     }
 
-    /// W at `bits`, as the CPU gradient backend's buffer.
+    /// W at `bits`: the held f32 copy, or dequantized now.
+    pub fn at(&self, bits: u32) -> Cow<'_, [f32]> {
+        assert!(
+            (self.min_bits..=self.max_bits).contains(&bits),
+            "bits out of range"
+        );
+        match self.levels.get() {
+            Some(l) => Cow::Borrowed(&l[(bits - self.min_bits) as usize]),
+            None => Cow::Owned(self.q.dequantize(bits)),
+        }
+    }
+
+    /// W at `bits` as the CPU gradient backend's buffer: every precision is
+    /// dequantized and held on the first call.
     pub fn level(&self, bits: u32) -> &Vec<f32> {
-        &self.w[(bits - self.min_bits) as usize]
+        let l = self.levels.get_or_init(|| {
+            (self.min_bits..=self.max_bits)
+                .map(|b| self.q.dequantize(b))
+                .collect()
+        });
+        &l[(bits - self.min_bits) as usize]
     }
 
     /// W_{b+1} − W_b.
     pub fn delta(&self, b: u32) -> Vec<f32> {
-        self.at(b + 1)
-            .iter()
-            .zip(self.at(b))
-            .map(|(h, l)| h - l)
-            .collect()
+        let (hi, lo) = (self.at(b + 1), self.at(b));
+        hi.iter().zip(lo.iter()).map(|(h, l)| h - l).collect()
     }
 }
 
-/// Where precision fine-tuning finds each linear's weight at a precision, in
-/// the buffers of a gradient backend.
-pub trait WeightLevels<B> {
-    /// W of linear `g` (model order) at `bits`.
-    fn level(&self, g: usize, bits: u32) -> &B;
+/// How a gradient backend reads each linear's weight at a precision pair
+/// (lo ≤ hi, both within the linear's `min_bits..=max_bits`).
+pub trait WeightLevels<G: GradBackend> {
+    /// `dst` = a·W_lo + b·W_hi of linear `g` (model order).
+    #[allow(clippy::too_many_arguments)]
+    fn mix(
+        &self,
+        be: &G,
+        g: usize,
+        dst: &mut G::Buf,
+        lo: u32,
+        a: f32,
+        hi: u32,
+        b: f32,
+    ) -> Result<()>;
+
+    /// `sums[slot]` += ⟨dw, W_hi − W_lo⟩ of linear `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn dot_diff(
+        &self,
+        be: &G,
+        g: usize,
+        dw: &G::Buf,
+        hi: u32,
+        lo: u32,
+        sums: &mut G::Sums,
+        slot: usize,
+    ) -> Result<()>;
 }
 
-impl WeightLevels<Vec<f32>> for [LinearWeights] {
-    fn level(&self, g: usize, bits: u32) -> &Vec<f32> {
+/// Weights held as one buffer per precision, read by the backend's own ops.
+pub trait HeldLevels<B> {
+    /// W of linear `g` at `bits`.
+    fn held(&self, g: usize, bits: u32) -> &B;
+}
+
+impl<G: GradBackend, L: HeldLevels<G::Buf> + ?Sized> WeightLevels<G> for L {
+    fn mix(
+        &self,
+        be: &G,
+        g: usize,
+        dst: &mut G::Buf,
+        lo: u32,
+        a: f32,
+        hi: u32,
+        b: f32,
+    ) -> Result<()> {
+        be.mix(dst, self.held(g, lo), self.held(g, hi), a, b)
+    }
+
+    fn dot_diff(
+        &self,
+        be: &G,
+        g: usize,
+        dw: &G::Buf,
+        hi: u32,
+        lo: u32,
+        sums: &mut G::Sums,
+        slot: usize,
+    ) -> Result<()> {
+        be.dot_diff(dw, self.held(g, hi), self.held(g, lo), sums, slot)
+    }
+}
+
+/// On the CPU: each linear's f32 copies, made on first use.
+impl HeldLevels<Vec<f32>> for [LinearWeights] {
+    fn held(&self, g: usize, bits: u32) -> &Vec<f32> {
         self[g].level(bits)
     }
 }
 
-/// Every linear's weights at its precisions, copied to a gradient backend (a GPU).
+/// Every linear's weights at its precisions as f32, copied to a gradient
+/// backend (a GPU): the fastest to read, six times the f32 model at 3..=8 bits.
 pub struct LevelsOn<B> {
     min_bits: Vec<u32>,
     w: Vec<Vec<B>>,
 }
 
 impl<B> LevelsOn<B> {
-    /// The levels of `w` on `be`.
+    /// The levels of `w` on `be` (each dequantized on the host, one at a time).
     pub fn upload<G: GradBackend<Buf = B>>(be: &G, w: &[LinearWeights]) -> Result<LevelsOn<B>> {
         Ok(LevelsOn {
             min_bits: w.iter().map(|l| l.min_bits).collect(),
             w: (w.iter())
-                .map(|l| l.w.iter().map(|v| be.upload(v)).collect::<Result<Vec<B>>>())
+                .map(|l| {
+                    (l.min_bits..=l.max_bits)
+                        .map(|b| be.upload(&l.at(b)))
+                        .collect::<Result<Vec<B>>>()
+                })
                 .collect::<Result<_>>()?,
         })
     }
 }
 
-impl<B> WeightLevels<B> for LevelsOn<B> {
-    fn level(&self, g: usize, bits: u32) -> &B {
+/// Bytes [`LevelsOn`] takes for `w`: 4 a weight a precision.
+pub fn f32_level_bytes(w: &[LinearWeights]) -> usize {
+    (w.iter())
+        .map(|l| 4 * l.size() * (l.max_bits - l.min_bits + 1) as usize)
+        .sum()
+}
+
+impl<B> HeldLevels<B> for LevelsOn<B> {
+    fn held(&self, g: usize, bits: u32) -> &B {
         &self.w[g][(bits - self.min_bits[g]) as usize]
+    }
+}
+
+/// Every linear's planes and LUTs on a GPU, each precision pair read from
+/// them by the engine's kernels (`CudaAnyPrec::mix_into`, `dot_diff`): about
+/// max_bits / 8 bytes a weight instead of [`LevelsOn`]'s 4 a weight a precision.
+#[cfg(feature = "cuda")]
+pub struct PlanesOn {
+    w: Vec<dpllm_engine::backend::cuda::bitplane::CudaAnyPrec>,
+}
+
+#[cfg(feature = "cuda")]
+impl PlanesOn {
+    /// The planes of `w`'s linears on `be`'s GPU.
+    pub fn upload(be: &dpllm_grad::cuda::CudaGrad, w: &[LinearWeights]) -> Result<PlanesOn> {
+        use dpllm_engine::backend::cuda::bitplane::CudaAnyPrec;
+        Ok(PlanesOn {
+            w: (w.iter())
+                .map(|l| CudaAnyPrec::upload(be.device(), &l.q))
+                .collect::<std::result::Result<_, _>>()?,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl WeightLevels<dpllm_grad::cuda::CudaGrad> for PlanesOn {
+    fn mix(
+        &self,
+        be: &dpllm_grad::cuda::CudaGrad,
+        g: usize,
+        dst: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
+        lo: u32,
+        a: f32,
+        hi: u32,
+        b: f32,
+    ) -> Result<()> {
+        let _p = be.span("planes_mix");
+        Ok(self.w[g].mix_into(lo, a, hi, b, dst)?)
+    }
+
+    fn dot_diff(
+        &self,
+        be: &dpllm_grad::cuda::CudaGrad,
+        g: usize,
+        dw: &dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
+        hi: u32,
+        lo: u32,
+        sums: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let _p = be.span("planes_dot_diff");
+        Ok(self.w[g].dot_diff(dw, hi, lo, sums, slot)?)
     }
 }
 
@@ -102,8 +251,9 @@ pub fn split_precision(p: f64, min_bits: u32, max_bits: u32) -> (u32, u32, f64) 
     (lo, lo + 1, r)
 }
 
-/// Dequantize every quantized linear of `model` at `min_bits..=max_bits[g]` (g in model order).
-pub fn dequantize_all(
+/// Every quantized linear of `model` (g in model order) with the precisions
+/// `min_bits..=max_bits[g]` calibration uses; nothing is dequantized yet.
+pub fn quantized_linears(
     model: &Model,
     min_bits: u32,
     max_bits: &[u32],
@@ -143,7 +293,8 @@ pub fn dequantize_all(
             cols: spec.cols,
             min_bits,
             max_bits: m,
-            w: (min_bits..=m).map(|b| q.dequantize(b)).collect(),
+            q: q.to_host(),
+            levels: OnceLock::new(),
         });
     }
     Ok(out)
@@ -152,6 +303,59 @@ pub fn dequantize_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A linear of random planes holding 3..=6 bits (its file: up to 7).
+    fn random_linear(rows: usize, cols: usize, seed: u64) -> LinearWeights {
+        LinearWeights {
+            name: "l".into(),
+            layer: 0,
+            index: 0,
+            kind: LinearKind::Q,
+            rows,
+            cols,
+            min_bits: 3,
+            max_bits: 6,
+            q: AnyPrecHost::random(rows, cols, 7, seed),
+            levels: OnceLock::new(),
+        }
+    }
+
+    /// The levels dequantized on demand, the ones held after the CPU's first
+    /// read, and the ops the CPU backend runs on them agree with the
+    /// engine's dequantization.
+    #[test]
+    fn levels_on_demand_held_and_mixed_agree() {
+        use dpllm_engine::backend::cpu::AnyPrecLinear;
+        let w = [random_linear(9, 70, 5), random_linear(4, 33, 6)];
+        let engine = AnyPrecLinear::from_host(w[0].q.clone());
+        let fresh: Vec<Vec<f32>> = (3..=6).map(|b| w[0].at(b).into_owned()).collect();
+        for (b, f) in (3..=6).zip(&fresh) {
+            assert_eq!(f, &engine.dequantize(b), "{b} bits on demand");
+        }
+        assert!(w[0].levels.get().is_none(), "at() holds nothing");
+        assert_eq!(w[0].level(4), &fresh[1]);
+        assert!(w[0].levels.get().is_some(), "level() holds every precision");
+        assert_eq!(&*w[0].at(5), &fresh[2][..]);
+        let d: Vec<f32> = fresh[1].iter().zip(&fresh[0]).map(|(h, l)| h - l).collect();
+        assert_eq!(w[0].delta(3), d);
+        let be = dpllm_grad::CpuGrad;
+        let mut dst = vec![f32::NAN; 4 * 33];
+        w.mix(&be, 1, &mut dst, 3, 0.25, 5, 0.75).unwrap();
+        let (lo, hi) = (w[1].q.dequantize(3), w[1].q.dequantize(5));
+        for (i, v) in dst.iter().enumerate() {
+            assert!(
+                (v - (0.25 * lo[i] + 0.75 * hi[i])).abs() <= 1e-6,
+                "mix at {i}"
+            );
+        }
+        let g: Vec<f32> = (0..4 * 33).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut sums = vec![0f64; 2];
+        w.dot_diff(&be, 1, &g, 5, 3, &mut sums, 1).unwrap();
+        let want: f64 = (0..g.len())
+            .map(|i| g[i] as f64 * (hi[i] - lo[i]) as f64)
+            .sum();
+        assert!(sums[0] == 0.0 && (sums[1] - want).abs() <= 1e-9 * (1.0 + want.abs()));
+    }
 
     #[test]
     fn split_precision_brackets_p() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use dpllm_calibrate::estimators::FitOptions;
 use dpllm_calibrate::finetune::{ce_and_gradient, finetune, linear_index, FinetuneOptions};
 use dpllm_calibrate::pipeline::{calibrate, CalibrateOptions, CalibrationData};
-use dpllm_calibrate::weights::dequantize_all;
+use dpllm_calibrate::weights::quantized_linears;
 use dpllm_engine::{LoadOptions, Model, Precision, RuntimePlan};
 use dpllm_format::plan::{self, EstimatorSpec, Plan, PlanKind};
 use dpllm_grad::GradModel;
@@ -50,7 +50,7 @@ fn fine_tuning_gradient_matches_finite_differences() {
     )
     .unwrap();
     let n = model.config.linears().len();
-    let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
+    let w = quantized_linears(&model, 3, &vec![6; n]).unwrap();
     let mut gm = GradModel::from_model(&model);
     let index = linear_index(&w);
     let seq = &seqs(1, 20, 0)[0];
@@ -89,7 +89,7 @@ fn fine_tuning_lowers_the_loss_and_lands_on_the_target() {
     )
     .unwrap();
     let n = model.config.linears().len();
-    let w = dequantize_all(&model, 3, &vec![5; n]).unwrap();
+    let w = quantized_linears(&model, 3, &vec![5; n]).unwrap();
     let mut gm = GradModel::from_model(&model);
     let data = seqs(6, 24, 1);
     let opts = FinetuneOptions {
@@ -310,7 +310,7 @@ fn estimator_data_matches_a_direct_computation() {
     };
     let model = Model::load_with(&q, &load).unwrap();
     let n = model.config.linears().len();
-    let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
+    let w = quantized_linears(&model, 3, &vec![6; n]).unwrap();
     let gm = GradModel::from_model(&model);
     let data = seqs(3, 17, 5);
     let eps = model.config.rms_norm_eps;
@@ -326,7 +326,14 @@ fn estimator_data_matches_a_direct_computation() {
             max_samples: 10,
             progress: false,
         };
-        let mut tuner = Tuner::open(dpllm_engine::Device::Cpu, &model, &w, false).unwrap();
+        let mut tuner = Tuner::open(
+            dpllm_engine::Device::Cpu,
+            &model,
+            &w,
+            false,
+            Default::default(),
+        )
+        .unwrap();
         let calib = tuner.collect(&w, &data, opts).unwrap();
         // 51 tokens, at most 10 samples: every 6th token.
         let stride = 6;

@@ -6,8 +6,8 @@
 use dpllm_calibrate::finetune::{
     ce_and_gradient, ce_and_gradient_on, finetune, finetune_on, linear_index, FinetuneOptions,
 };
-use dpllm_calibrate::tuner::{CollectOptions, Tuner};
-use dpllm_calibrate::weights::{dequantize_all, LevelsOn, LinearWeights};
+use dpllm_calibrate::tuner::{CollectOptions, LevelStore, Tuner};
+use dpllm_calibrate::weights::{quantized_linears, LevelsOn, LinearWeights, PlanesOn};
 use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::{Device, LoadOptions, Model};
 use dpllm_grad::cuda::CudaGrad;
@@ -34,7 +34,7 @@ fn tiny_quantized(t: &tempfile::TempDir) -> (Model, Vec<LinearWeights>) {
     )
     .unwrap();
     let n = model.config.linears().len();
-    let w = dequantize_all(&model, 3, &vec![6; n]).unwrap();
+    let w = quantized_linears(&model, 3, &vec![6; n]).unwrap();
     (model, w)
 }
 
@@ -63,35 +63,55 @@ fn gpu_fine_tuning_matches_the_cpu() {
     let p: Vec<f64> = (0..n)
         .map(|g| 3.3 + (g % 3) as f64 + 0.05 * g as f64 / n as f64)
         .collect();
+    let planes = PlanesOn::upload(gpu.backend(), &w).unwrap();
     let (ce, grad) = ce_and_gradient(&mut cpu, &w, &index, &p, &seqs[0]).unwrap();
-    let (ce_g, grad_g) = ce_and_gradient_on(&mut gpu, &w, &levels, &index, &p, &seqs[0]).unwrap();
-    assert!(
-        (ce - ce_g).abs() <= 1e-5 * ce.abs(),
-        "CE {ce_g} on the GPU, {ce} on the CPU"
-    );
     let scale = grad.iter().fold(0f64, |m, v| m.max(v.abs()));
-    for (g, (a, b)) in grad_g.iter().zip(&grad).enumerate() {
+    let check = |how: &str, (ce_g, grad_g): (f64, Vec<f64>)| {
         assert!(
-            (a - b).abs() <= 1e-3 * scale,
-            "linear {g}: ∂CE/∂p {a} on the GPU, {b} on the CPU"
+            (ce - ce_g).abs() <= 1e-5 * ce.abs(),
+            "CE {ce_g} on the GPU ({how}), {ce} on the CPU"
         );
-    }
+        for (g, (a, b)) in grad_g.iter().zip(&grad).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-3 * scale,
+                "linear {g}: ∂CE/∂p {a} on the GPU ({how}), {b} on the CPU"
+            );
+        }
+    };
+    check(
+        "f32 levels",
+        ce_and_gradient_on(&mut gpu, &w, &levels, &index, &p, &seqs[0]).unwrap(),
+    );
+    check(
+        "planes",
+        ce_and_gradient_on(&mut gpu, &w, &planes, &index, &p, &seqs[0]).unwrap(),
+    );
     let opts = FinetuneOptions {
         epochs: 2,
         ..Default::default()
     };
     let want = finetune(&mut cpu, &w, 4.0, None, &seqs, &opts).unwrap();
-    let got = finetune_on(&mut gpu, &w, &levels, 4.0, None, &seqs, &opts).unwrap();
-    assert_eq!(got.steps, want.steps);
-    assert!(
-        (got.mean_bits - 4.0).abs() < 1e-6,
-        "the exact-target shift on the GPU"
-    );
-    for (g, (a, b)) in got.p.iter().zip(&want.p).enumerate() {
+    for (how, got) in [
+        (
+            "f32 levels",
+            finetune_on(&mut gpu, &w, &levels, 4.0, None, &seqs, &opts).unwrap(),
+        ),
+        (
+            "planes",
+            finetune_on(&mut gpu, &w, &planes, 4.0, None, &seqs, &opts).unwrap(),
+        ),
+    ] {
+        assert_eq!(got.steps, want.steps);
         assert!(
-            (a - b).abs() <= 1e-3,
-            "linear {g}: p {a} on the GPU, {b} on the CPU"
+            (got.mean_bits - 4.0).abs() < 1e-6,
+            "the exact-target shift on the GPU ({how})"
         );
+        for (g, (a, b)) in got.p.iter().zip(&want.p).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-3,
+                "linear {g}: p {a} on the GPU ({how}), {b} on the CPU"
+            );
+        }
     }
     // TF32 products: the same steps land within a hundredth of a bit.
     let tf32 = CudaGrad::new(dev).unwrap().with_tf32().unwrap();
@@ -130,22 +150,26 @@ fn gpu_estimator_data_matches_the_cpu() {
             max_samples: 50,
             progress: false,
         };
-        let run = |device| {
-            let mut tuner = Tuner::open(device, &model, &w, false).unwrap();
+        let run = |device, store| {
+            let mut tuner = Tuner::open(device, &model, &w, false, store).unwrap();
+            assert!(store == LevelStore::Auto || tuner.level_store() == store);
             tuner.collect(&w, &seqs, opts).unwrap()
         };
-        let (want, got) = (run(Device::Cpu), run(Device::Cuda(0)));
-        for (g, (a, b)) in got.iter().zip(&want).enumerate() {
-            let name = &w[g].name;
-            assert_eq!(a.e.len(), 3, "{name}: one error row per precision pair");
-            assert_eq!(a.e.len(), b.e.len());
-            for (k, (x, y)) in a.e.iter().zip(&b.e).enumerate() {
-                close(format!("{name} e[{k}] async {async_estimation}"), x, y);
+        let want = run(Device::Cpu, LevelStore::Auto);
+        for store in [LevelStore::F32, LevelStore::Planes] {
+            let got = run(Device::Cuda(0), store);
+            for (g, (a, b)) in got.iter().zip(&want).enumerate() {
+                let name = format!("{} ({})", w[g].name, store.name());
+                assert_eq!(a.e.len(), 3, "{name}: one error row per precision pair");
+                assert_eq!(a.e.len(), b.e.len());
+                for (k, (x, y)) in a.e.iter().zip(&b.e).enumerate() {
+                    close(format!("{name} e[{k}] async {async_estimation}"), x, y);
+                }
+                close(format!("{name} input norms"), &a.est_norm, &b.est_norm);
+                assert_eq!(a.sample_idx, b.sample_idx, "{name}: sampled tokens");
+                assert!(a.samples() > 0, "{name}: no sampled inputs");
+                close(format!("{name} samples"), &a.sample, &b.sample);
             }
-            close(format!("{name} input norms"), &a.est_norm, &b.est_norm);
-            assert_eq!(a.sample_idx, b.sample_idx, "{name}: sampled tokens");
-            assert!(a.samples() > 0, "{name}: no sampled inputs");
-            close(format!("{name} samples"), &a.sample, &b.sample);
         }
     }
 }

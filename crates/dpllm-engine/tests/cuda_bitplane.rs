@@ -66,6 +66,83 @@ fn gemv_matches_the_dequantized_reference() {
     }
 }
 
+/// Calibration's reads of two precisions from the planes: a·W_lo + b·W_hi
+/// and Σ g·(W_hi − W_lo), against the CPU's dequantized levels, on shapes
+/// with partial tiles, words and column blocks; every pair lo ≤ hi of a 3..=8
+/// layer; the sums land in their slot only.
+#[test]
+fn mix_and_dot_diff_match_the_dequantized_levels() {
+    let Some(dev) = test_device(0) else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let s = dev.stream().clone();
+    for (rows, cols) in [(5, 20), (7, 41), (130, 576), (33, 4100)] {
+        let host = AnyPrecHost::random(rows, cols, 8, rng.random());
+        let gpu = CudaAnyPrec::upload(&dev, &host).expect("upload");
+        let w: Vec<Vec<f32>> = (3..=8).map(|b| host.dequantize(b)).collect();
+        let g: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let gd = s.clone_htod(&g).unwrap();
+        for lo in 3..=8u32 {
+            for hi in lo..=8 {
+                let (wl, wh) = (&w[lo as usize - 3], &w[hi as usize - 3]);
+                let (a, b) = (
+                    rng.random_range(-1.0..1.0f32),
+                    rng.random_range(-1.0..1.0f32),
+                );
+                let mut out = s.clone_htod(&vec![f32::NAN; rows * cols]).unwrap();
+                gpu.mix_into(lo, a, hi, b, &mut out).expect("mix");
+                let got = s.clone_dtoh(&out).unwrap();
+                for (i, &v) in got.iter().enumerate() {
+                    let want = a * wl[i] + b * wh[i];
+                    assert!(
+                        (v - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "mix {rows}x{cols} {lo}/{hi} at {i}: {v} vs {want}"
+                    );
+                }
+                let mut sums = s.alloc_zeros::<f64>(3).unwrap();
+                gpu.dot_diff(&gd, hi, lo, &mut sums, 1).expect("dot_diff");
+                let got = s.clone_dtoh(&sums).unwrap();
+                let want: f64 = (g.iter().zip(wh).zip(wl))
+                    .map(|((&g, &h), &l)| g as f64 * (h - l) as f64)
+                    .sum();
+                assert!(
+                    got[0] == 0.0
+                        && got[2] == 0.0
+                        && (got[1] - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                    "dot_diff {rows}x{cols} {lo}/{hi}: {got:?} vs {want}"
+                );
+            }
+        }
+    }
+    // Refused: a precision not held, lo above hi, wrong lengths, a slot out of range.
+    let host = AnyPrecHost::random(8, 64, 6, 4);
+    let gpu = CudaAnyPrec::upload(&dev, &host).unwrap();
+    let mut out = s.alloc_zeros::<f32>(8 * 64).unwrap();
+    let mut sums = s.alloc_zeros::<f64>(2).unwrap();
+    assert!(
+        gpu.mix_into(3, 1.0, 7, 0.0, &mut out).is_err(),
+        "7 bits of a 6-bit layer"
+    );
+    assert!(
+        gpu.mix_into(5, 1.0, 4, 0.0, &mut out).is_err(),
+        "lo above hi"
+    );
+    let mut short = s.alloc_zeros::<f32>(8 * 64 - 1).unwrap();
+    assert!(
+        gpu.mix_into(3, 1.0, 4, 0.0, &mut short).is_err(),
+        "output too short"
+    );
+    assert!(
+        gpu.dot_diff(&short, 4, 3, &mut sums, 0).is_err(),
+        "g too short"
+    );
+    assert!(
+        gpu.dot_diff(&out, 4, 3, &mut sums, 2).is_err(),
+        "slot 2 of 2"
+    );
+}
+
 #[test]
 fn bad_calls_are_refused() {
     let Some(dev) = test_device(0) else { return };
@@ -137,7 +214,7 @@ fn kernels_compile_for_every_target() {
         (
             "bitplane_gemv",
             bitplane::SOURCE,
-            &["bitplane_gemv_b4_t4"][..],
+            &["bitplane_gemv_b4_t4", "bitplane_mix", "bitplane_dot_diff"][..],
         ),
         (
             "ops",

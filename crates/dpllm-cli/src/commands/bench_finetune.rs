@@ -32,6 +32,11 @@ pub struct Args {
     /// With --device cuda: matrix products on TF32 tensor cores.
     #[arg(long)]
     pub tf32: bool,
+    /// With --device cuda, how the precisions are held: f32 (a copy of each),
+    /// planes (the bit-planes, each pair read from them; what an 8B model
+    /// needs) or auto (f32 when it takes at most a third of the free memory).
+    #[arg(long, default_value = "auto")]
+    pub levels: dpllm_calibrate::tuner::LevelStore,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -44,8 +49,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let &[d1, d2] = a.depths.as_slice() else {
         anyhow::bail!("--depths takes two block counts, e.g. 1,2");
     };
-    if a.tf32 && a.device == dpllm_engine::Device::Cpu {
-        anyhow::bail!("--tf32 is a GPU setting: add --device cuda");
+    if a.device == dpllm_engine::Device::Cpu {
+        if a.tf32 {
+            anyhow::bail!("--tf32 is a GPU setting: add --device cuda");
+        }
+        if a.levels == dpllm_calibrate::tuner::LevelStore::Planes {
+            anyhow::bail!(
+                "--levels planes is a GPU setting (the CPU holds f32 copies): add --device cuda"
+            );
+        }
     }
     let cfg = FinetuneBenchConfig {
         model: a.synthetic,
@@ -55,6 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         steps: a.steps,
         seq_len: a.seq_len,
         max_bits: a.max_bits,
+        levels: a.levels,
     };
     let r = bench_finetune(&cfg)?;
     super::bench::publish(&table(&r), a.json.as_deref(), &r)
@@ -62,10 +75,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn table(r: &FinetuneBenchResult) -> String {
     let mut s = format!(
-        "fine-tuning step, {} shapes, {} tokens, levels 3..={} bits, {}{}\n{:>8} {:>12}\n",
+        "fine-tuning step, {} shapes, {} tokens, levels 3..={} bits as {}, {}{}\n{:>8} {:>12}\n",
         r.model,
         r.seq_len,
         r.max_bits,
+        r.levels.name(),
         r.device,
         if r.tf32 { ", TF32" } else { "" },
         "layers",

@@ -286,6 +286,21 @@ pub fn check_bits_in(bits: u32, seed: u32, max: u32) -> std::result::Result<(), 
 }
 
 impl AnyPrecHost {
+    /// The weight dequantized at `bits` (within `seed_bits..=max_bits`), [rows × cols].
+    pub fn dequantize(&self, bits: u32) -> Vec<f32> {
+        assert!(
+            check_bits_in(bits, self.seed_bits, self.max_bits).is_ok(),
+            "bits out of range"
+        );
+        cpu::anyprec::dequantize_planes(
+            &self.planes,
+            self.rows,
+            self.cols,
+            bits,
+            &self.luts[(bits - self.seed_bits) as usize],
+        )
+    }
+
     /// A layer of random planes (padding bits zero, as the packer writes them) and
     /// random LUTs in [-1, 1) for precisions 3..=`max_bits`, no bias: for tests and benchmarks.
     pub fn random(rows: usize, cols: usize, max_bits: u32, seed: u64) -> AnyPrecHost {

@@ -24,7 +24,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfi
 use crate::backend::GradBackend;
 
 mod plan;
-mod profile;
+pub mod profile;
 use plan::{attention_plan, blas_config, Mat, Operand, Product, Stage};
 
 /// The kernels' CUDA C source.
@@ -130,8 +130,9 @@ impl CudaGrad {
         self.dev.stream()
     }
 
-    /// Time op `name` until the guard drops, when profiling.
-    fn span(&self, name: &'static str) -> Option<profile::Span<'_>> {
+    /// Time op `name` until the guard drops, when profiling (`DPLLM_PROFILE`);
+    /// also for ops queued on this backend's stream from outside it.
+    pub fn span(&self, name: &'static str) -> Option<profile::Span<'_>> {
         Some(self.profile.as_ref()?.span(self.stream(), name))
     }
 

@@ -152,17 +152,27 @@ impl AnyPrecLinear {
 
     /// The weight dequantized at `bits`, [rows × cols].
     pub fn dequantize(&self, bits: u32) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_mut(self.cols).enumerate() {
-            dequantize_row(
-                self.row_planes(r),
-                self.plane_stride(),
-                bits,
-                self.lut(bits, r),
-                row,
-            );
+        dequantize_planes(
+            &self.planes,
+            self.rows,
+            self.cols,
+            bits,
+            &self.luts[(bits - self.seed_bits) as usize],
+        )
+    }
+
+    /// A copy of the planes, LUTs and bias in the file's form (for a backend
+    /// or a pass that keeps the weight apart from this model).
+    pub fn to_host(&self) -> AnyPrecHost {
+        AnyPrecHost {
+            rows: self.rows,
+            cols: self.cols,
+            seed_bits: self.seed_bits,
+            max_bits: self.max_bits,
+            planes: self.planes.clone(),
+            luts: self.luts.clone(),
+            bias: self.bias.clone(),
         }
-        out
     }
 
     /// Bytes read by one forward at `bits`: b planes + the f16 LUT of each row.
@@ -199,6 +209,33 @@ impl AnyPrecLinear {
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+}
+
+/// Plane-major weights (`[bits…][rows][ceil(cols/32)]` words, as
+/// [`AnyPrecHost::planes`]) dequantized at `bits` through `lut` ([rows × 2^bits]),
+/// [rows × cols], rows in parallel.
+pub fn dequantize_planes(
+    planes: &[u32],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    lut: &[f16],
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (words, k) = (cols.div_ceil(32), 1usize << bits);
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            dequantize_row(
+                &planes[r * words..],
+                rows * words,
+                bits,
+                &lut[r * k..(r + 1) * k],
+                row,
+            );
+        });
+    out
 }
 
 #[cfg(test)]

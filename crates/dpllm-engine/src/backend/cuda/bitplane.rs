@@ -14,7 +14,8 @@ use crate::error::{EngineError, Result};
 /// The kernels' source.
 pub const SOURCE: &str = concat!(
     include_str!("kernels/common.cuh"),
-    include_str!("kernels/bitplane_gemv.cu")
+    include_str!("kernels/bitplane_gemv.cu"),
+    include_str!("kernels/bitplane_levels.cu")
 );
 /// Most warps a GEMV block takes (its warps split the columns of one row tile).
 const MAX_WARPS: u32 = 16;
@@ -290,11 +291,32 @@ impl CudaAnyPrec {
         (self.tiles * self.kbs * 32) as i64
     }
 
+    /// What a kernel reading the weight at `bits` takes: the planes, one
+    /// plane's length (uint2 units), the LUTs at `bits`, and the 128-column
+    /// blocks of a row; an error when `bits` is not held.
+    pub(crate) fn level_args(
+        &self,
+        bits: u32,
+    ) -> Result<(&CudaSlice<u32>, i64, &CudaSlice<u16>, i32)> {
+        crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
+            .map_err(EngineError::Bits)?;
+        Ok((
+            &self.planes,
+            self.plane_stride(),
+            &self.luts[(bits - self.seed_bits) as usize],
+            self.kbs as i32,
+        ))
+    }
+
+    /// The device it lives on.
+    pub(crate) fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
     /// The weight at `bits` as f16 [rows × cols] into `out` (exact: its values
     /// are LUT entries; long batches run as one GEMM on it).
     pub fn dequantize_into(&self, bits: u32, out: &mut CudaSlice<u16>) -> Result<()> {
-        crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
-            .map_err(EngineError::Bits)?;
+        let (planes, stride, luts, k) = self.level_args(bits)?;
         if out.len() < self.rows * self.cols {
             return Err(EngineError::Device(format!(
                 "dequantize: {} values for a {}x{} weight",
@@ -304,24 +326,15 @@ impl CudaAnyPrec {
             )));
         }
         let f = self.device.bitplane_kernels()?.get("bitplane_dequant")?;
-        let (b, r, c, k) = (
-            bits as i32,
-            self.rows as i32,
-            self.cols as i32,
-            self.kbs as i32,
-        );
+        let (b, r, c) = (bits as i32, self.rows as i32, self.cols as i32);
         let total = self.rows * self.kbs * 4;
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (luts, stride) = (
-            &self.luts[(bits - self.seed_bits) as usize],
-            self.plane_stride(),
-        );
         let mut l = self.device.stream().launch_builder(&f);
-        l.arg(&self.planes)
+        l.arg(planes)
             .arg(&stride)
             .arg(luts)
             .arg(&b)

@@ -42,6 +42,7 @@ pub mod bitplane;
 pub mod compile;
 pub mod dense;
 mod kv;
+mod levels;
 mod linear;
 pub mod ops;
 
@@ -217,6 +218,14 @@ impl CudaDevice {
             bytes as i32,
         )
         .map_err(device_err("raising a kernel's shared memory"))
+    }
+
+    /// (free, total) bytes of GPU memory now.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(device_err("binding the context"))?;
+        cudarc::driver::result::mem_get_info().map_err(device_err("reading the free memory"))
     }
 
     /// Wait for every queued op.

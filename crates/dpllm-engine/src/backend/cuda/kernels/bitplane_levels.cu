@@ -1,0 +1,85 @@
+// A layer's weights at two of its precisions read straight from the planes,
+// for calibration (issue #11), which would otherwise hold every precision
+// dequantized as f32 (six copies of an 8B model's weights): bitplane_mix
+// writes a·W_lo + b·W_hi as f32 and bitplane_dot_diff sums g·(W_hi − W_lo).
+// A thread takes 4 columns of one row: the lanes of a warp cover one row's
+// 128-column block, so the f32 reads and writes are coalesced; the 8 lanes of
+// one 32-column word read the same plane words. Index bits as in
+// bitplane_dequant (plane j gives bit hi-1-j), so the index at lo bits is the
+// top lo bits of the index at hi bits. Grid-stride loops take any grid.
+
+// Indices at `hi` bits of columns 128·kb + 4q .. +3 of row r (q < 32).
+__device__ __forceinline__ void quad_indices(const u32* planes, long long plane_stride, int hi, int r,
+                                             int kbs, int kb, int q, u32 idx[4]) {
+    const int t = q >> 3, s0 = 4 * (q & 7);
+    const int lane = 4 * (r & 7) + t;
+    const long long at = (((long long)(r >> 4) * kbs + kb) * 32 + lane) * 2 + ((r >> 3) & 1);
+    idx[0] = idx[1] = idx[2] = idx[3] = 0;
+    for (int j = 0; j < hi; ++j) {
+        const u32 p = planes[j * plane_stride * 2 + at];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) idx[k] |= ((p >> column_bit(s0 + k)) & 1u) << (hi - 1 - j);
+    }
+}
+
+// out [rows x cols] = a * W_lo + b * W_hi (lo <= hi; lut_lo, lut_hi: the
+// LUTs of those precisions).
+extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, const u16* lut_lo,
+                                        const u16* lut_hi, int lo, int hi, float a, float b, float* out,
+                                        int rows, int cols, int kbs) {
+    const long long total = (long long)rows * kbs * 32;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(e / (kbs * 32)), rem = (int)(e % (kbs * 32));
+        const int kb = rem >> 5, q = rem & 31, c0 = 128 * kb + 4 * q;
+        if (c0 >= cols) continue;
+        u32 idx[4];
+        quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
+        const u16* ll = lut_lo + ((long long)r << lo);
+        const u16* lh = lut_hi + ((long long)r << hi);
+        float* o = out + (long long)r * cols + c0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (c0 + k < cols) o[k] = a * h2f(ll[idx[k] >> (hi - lo)]) + b * h2f(lh[idx[k]]);
+    }
+}
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in thread 0.
+__device__ double block_sum_f64(double v) {
+    __shared__ double part[32];
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(FULL, v, s);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    double t = 0.0;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
+    return t;
+}
+
+// *out += sum over the layer of g * (W_hi − W_lo), g [rows x cols] f32, summed
+// in double (as the f32 levels' dot_diff); one atomic add per block.
+extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_stride, const u16* lut_lo,
+                                             const u16* lut_hi, int lo, int hi, const float* g, int rows,
+                                             int cols, int kbs, double* out) {
+    const long long total = (long long)rows * kbs * 32;
+    double s = 0.0;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(e / (kbs * 32)), rem = (int)(e % (kbs * 32));
+        const int kb = rem >> 5, q = rem & 31, c0 = 128 * kb + 4 * q;
+        if (c0 >= cols) continue;
+        u32 idx[4];
+        quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
+        const u16* ll = lut_lo + ((long long)r << lo);
+        const u16* lh = lut_hi + ((long long)r << hi);
+        const float* gr = g + (long long)r * cols + c0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (c0 + k < cols) s += (double)gr[k] * (double)(h2f(lh[idx[k]]) - h2f(ll[idx[k] >> (hi - lo)]));
+    }
+    s = block_sum_f64(s);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
