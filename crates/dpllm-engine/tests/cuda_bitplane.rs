@@ -207,6 +207,16 @@ fn bad_calls_are_refused() {
 /// and for Hopper, wherever NVRTC is found (no GPU needed).
 #[test]
 fn kernels_compile_for_every_target() {
+    let loaded = dpllm_engine::backend::cuda::compile::nvrtc_present();
+    if let Some(passed) =
+        dpllm_testkit::rerun_with_cached_nvrtc("kernels_compile_for_every_target", loaded)
+    {
+        assert!(
+            passed,
+            "the kernel compile check failed with the cached NVRTC"
+        );
+        return;
+    }
     use dpllm_engine::backend::cuda::{bitplane, compile, ops};
     let dir = tempfile::tempdir().unwrap();
     std::env::set_var("DPLLM_CACHE_DIR", dir.path());

@@ -285,6 +285,40 @@ pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
     }
 }
 
+/// For a test that compiles CUDA kernels with NVRTC and no GPU: when NVRTC
+/// does not load in this process (`nvrtc_loaded` false) but
+/// `tools/fetch-nvrtc.sh` has cached one in the repository, run `test` (this
+/// binary's test of that exact name) again in a child process with that
+/// cache on `LD_LIBRARY_PATH`, and return whether it passed. None: go on in
+/// this process (NVRTC loads, or none is cached and the test skips). The
+/// child itself panics when the cached NVRTC does not load.
+pub fn rerun_with_cached_nvrtc(test: &str, nvrtc_loaded: bool) -> Option<bool> {
+    const CHILD: &str = "DPLLM_NVRTC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        assert!(
+            nvrtc_loaded,
+            "the NVRTC cached in models/nvrtc did not load"
+        );
+        return None;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/nvrtc");
+    if nvrtc_loaded || !dir.join("libnvrtc.so").exists() {
+        return None;
+    }
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    eprintln!("NVRTC from {}: running {test} again with it", dir.display());
+    let status = std::process::Command::new(std::env::current_exe().ok()?)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("LD_LIBRARY_PATH", path)
+        .env(CHILD, "1")
+        .status()
+        .ok()?;
+    Some(status.success())
+}
+
 /// An f32 tiny model of `arch` for gradient tests: tied embeddings for Qwen3,
 /// a sliding window of 5 positions for Mistral.
 pub fn write_tiny_f32(dir: &Path, arch: &'static str, seed: u64) -> io::Result<()> {

@@ -58,13 +58,20 @@ fn nvrtc_version() -> Option<(i32, i32)> {
 /// consumer GPUs (Jetson Orin sm_87, RTX 40xx sm_89) and Hopper.
 pub const TARGETS: [(i32, i32); 3] = [(8, 7), (8, 9), (9, 0)];
 
+/// Whether NVRTC (libnvrtc.so) loads in this process.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only asks whether the library can be opened.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
 /// For tests: every `(name, source, kernels)` compiles for each of
 /// [`TARGETS`] and its PTX holds the named kernels. `Ok(false)`, with a
 /// message, where NVRTC is not found (no GPU is needed).
 pub fn check_compiles(sources: &[(&str, &str, &[&str])]) -> Result<bool> {
-    // SAFETY: only asks whether the library can be opened.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("SKIP kernel compile check: NVRTC (libnvrtc.so) not found");
+    if !nvrtc_present() {
+        eprintln!(
+            "SKIP kernel compile check: NVRTC (libnvrtc.so) not found (tools/fetch-nvrtc.sh caches one)"
+        );
         return Ok(false);
     }
     for arch in TARGETS {
