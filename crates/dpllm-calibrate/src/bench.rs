@@ -42,6 +42,8 @@ pub struct DepthTime {
     pub layers: usize,
     /// Mean wall time of a step, ms.
     pub ms_per_step: f64,
+    /// GPU memory in use after the steps, GiB (None on the CPU).
+    pub gpu_used_gib: Option<f64>,
 }
 
 /// What the benchmark measured.
@@ -125,6 +127,9 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         depths.push(DepthTime {
             layers,
             ms_per_step: 1e3 * r.seconds / r.steps as f64,
+            gpu_used_gib: tuner
+                .gpu_memory_used()?
+                .map(|b| b as f64 / (1u64 << 30) as f64),
         });
     }
     let (a, b) = (&depths[0], &depths[1]);

@@ -136,6 +136,19 @@ impl Tuner {
         }
     }
 
+    /// GPU memory in use now (total − free bytes; another process's share
+    /// included), or None on the CPU.
+    pub fn gpu_memory_used(&self) -> Result<Option<usize>> {
+        match &self.on {
+            On::Cpu(_) => Ok(None),
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => {
+                let (free, total) = g.gm.backend().device().memory()?;
+                Ok(Some(total - free))
+            }
+        }
+    }
+
     /// How the precisions are held: f32 copies or the planes (on the CPU, f32).
     pub fn level_store(&self) -> LevelStore {
         match &self.on {

@@ -86,7 +86,11 @@ fn table(r: &FinetuneBenchResult) -> String {
         "ms/step"
     );
     for d in &r.depths {
-        s += &format!("{:>8} {:>12.1}\n", d.layers, d.ms_per_step);
+        s += &format!("{:>8} {:>12.1}", d.layers, d.ms_per_step);
+        if let Some(gib) = d.gpu_used_gib {
+            s += &format!("  ({gib:.1} GiB of GPU memory in use)");
+        }
+        s += "\n";
     }
     s + &format!(
         "{:>8} {:>12.1}  (extrapolated)\n5000 steps (the paper's 1000 x 5 epochs): {:.1} min per target\n",
