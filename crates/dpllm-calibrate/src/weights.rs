@@ -46,11 +46,6 @@ impl LinearWeights {
         self.rows * self.cols
     }
 
-    /// The planes and LUTs.
-    pub fn quantized(&self) -> &AnyPrecHost {
-        &self.q
-    }
-
     /// W at `bits`: the held f32 copy, or dequantized now.
     pub fn at(&self, bits: u32) -> Cow<'_, [f32]> {
         assert!(

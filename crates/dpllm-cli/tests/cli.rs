@@ -496,6 +496,7 @@ fn bench_finetune_times_steps_and_refuses_bad_settings() {
     assert_eq!(v["full_layers"].as_u64(), Some(30), "{v}");
     assert!(v["full_ms_per_step"].as_f64().unwrap().is_finite(), "{v}");
     assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
+    assert_eq!(v["levels"].as_str(), Some("f32"), "{v}");
     for (args, phrases) in [
         (
             &["--depths", "2,1"][..],
@@ -503,6 +504,8 @@ fn bench_finetune_times_steps_and_refuses_bad_settings() {
         ),
         (&["--depths", "1"], &["--depths takes two block counts"]),
         (&["--tf32"], &["--tf32 is a GPU setting"]),
+        (&["--levels", "planes"], &["--levels planes is a GPU setting"]),
+        (&["--levels", "f16"], &["expected auto, f32 or planes"]),
         (&["--synthetic", "gpt-9"], &["--synthetic gpt-9"]),
         (&["--max-bits", "9"], &["--max-bits 9"]),
     ] {
