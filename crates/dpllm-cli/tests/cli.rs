@@ -504,7 +504,10 @@ fn bench_finetune_times_steps_and_refuses_bad_settings() {
         ),
         (&["--depths", "1"], &["--depths takes two block counts"]),
         (&["--tf32"], &["--tf32 is a GPU setting"]),
-        (&["--levels", "planes"], &["--levels planes is a GPU setting"]),
+        (
+            &["--levels", "planes"],
+            &["--levels planes is a GPU setting"],
+        ),
         (&["--levels", "f16"], &["expected auto, f32 or planes"]),
         (&["--synthetic", "gpt-9"], &["--synthetic gpt-9"]),
         (&["--max-bits", "9"], &["--max-bits 9"]),

