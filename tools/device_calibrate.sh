@@ -2,6 +2,15 @@
 # On the device machine:
 # SmolLM2-135M calibrated on the GPU, each stage timed. Needs /tmp/smol.gguf
 # (sent in two parts, see DEVELOPERS.md) and the binaries in .devcarry/.
+# How it ran on 2026-12-07: here, `(cd .devparts && split -n 2 -d
+# ../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smol.)` and
+# `tar -cJf .devparts/devcarry.tar.xz --exclude=.devcarry/shared/models .devcarry`;
+# call 1 carries smol.00 + devcarry.tar.xz (`tar -xJf`, `cp .devparts/smol.00
+# /tmp/`, then the tests and tools/device_finetune_bench.sh), call 2, at once
+# while the machine is warm, carries smol.01 + devcarry.tar.xz:
+# `cat /tmp/smol.00 .devparts/smol.01 > /tmp/smol.gguf` and this script.
+# The paper's settings for budget 4: SAMPLES=1000 EPOCHS=5 BUDGET=4
+# TARGETS=3.25,3.5,3.75 CAL_ARGS=--tf32 (315 s on an H100).
 # Stages already done on this machine (/tmp) are reused, so a long run can be
 # split over calls while the machine stays warm.
 #   SENS_SAMPLES (100), SAMPLES (fine-tuning sequences, 64), EPOCHS (1),
