@@ -9,16 +9,27 @@
 // top lo bits of the index at hi bits. Grid-stride loops take any grid.
 
 // Indices at `hi` bits of columns 128·kb + 4q .. +3 of row r (q < 32).
+// Columns 4m..4m+3 of a 32-column word (m = q & 7) sit at bits base + 4k of
+// its device word (column_bit), so one shift and mask a plane gathers the
+// four, a nibble each: planes 0..3 into a, 4..7 into b (MSB first).
 __device__ __forceinline__ void quad_indices(const u32* planes, long long plane_stride, int hi, int r,
                                              int kbs, int kb, int q, u32 idx[4]) {
-    const int t = q >> 3, s0 = 4 * (q & 7);
+    const int t = q >> 3, m = q & 7;
     const int lane = 4 * (r & 7) + t;
     const long long at = (((long long)(r >> 4) * kbs + kb) * 32 + lane) * 2 + ((r >> 3) & 1);
-    idx[0] = idx[1] = idx[2] = idx[3] = 0;
+    const int base = 16 * (m & 1) + (m >> 1);
+    u32 a = 0, b = 0;
     for (int j = 0; j < hi; ++j) {
-        const u32 p = planes[j * plane_stride * 2 + at];
+        const u32 x = (planes[j * plane_stride * 2 + at] >> base) & 0x1111u;
+        if (j < 4)
+            a = (a << 1) | x;
+        else
+            b = (b << 1) | x;
+    }
 #pragma unroll
-        for (int k = 0; k < 4; ++k) idx[k] |= ((p >> column_bit(s0 + k)) & 1u) << (hi - 1 - j);
+    for (int k = 0; k < 4; ++k) {
+        const u32 na = (a >> (4 * k)) & 0xfu, nb = (b >> (4 * k)) & 0xfu;
+        idx[k] = hi > 4 ? (na << (hi - 4)) | nb : na;
     }
 }
 
