@@ -269,11 +269,17 @@ fn check_spec(spec: &TinySpec) -> io::Result<()> {
     Ok(())
 }
 
+/// `path` inside the repository's git-ignored cache `models/` (filled by `tools/fetch-*.sh`).
+fn models_cache(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(path)
+}
+
 /// SmolLM2-135M-Instruct's GGUF as `tools/fetch-smollm2.sh` caches it in the
 /// repository, or None (after printing a SKIP line) when it has not been fetched.
 pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = models_cache("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {
         Some(p)
     } else {
@@ -302,7 +308,7 @@ pub fn rerun_with_cached_nvrtc(test: &str, nvrtc_loaded: bool) -> bool {
         );
         return false;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/nvrtc");
+    let dir = models_cache("nvrtc");
     if nvrtc_loaded || !dir.join("libnvrtc.so").exists() {
         return false;
     }

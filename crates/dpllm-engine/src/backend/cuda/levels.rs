@@ -12,10 +12,10 @@ use crate::error::{EngineError, Result};
 const THREADS: usize = 256;
 
 impl CudaAnyPrec {
-    /// One launch's grid: a thread per 4 columns of a row, at most 8 blocks an SM
-    /// (the kernels loop over the rest).
-    fn quad_grid(&self) -> LaunchConfig {
-        let quads = self.rows() * self.cols().div_ceil(128) * 32;
+    /// One launch's grid: a thread per 4 columns of a row (32 a block of `kbs`
+    /// 128-column blocks), at most 8 blocks an SM (the kernels loop over the rest).
+    fn quad_grid(&self, kbs: i32) -> LaunchConfig {
+        let quads = self.rows() * kbs as usize * 32;
         let most = 8 * self.device().multiprocessors();
         LaunchConfig {
             grid_dim: (quads.div_ceil(THREADS).clamp(1, most) as u32, 1, 1),
@@ -105,7 +105,7 @@ impl CudaAnyPrec {
         // precisions this weight holds (level_args checks), and rows × cols
         // values of `out` / `g` (their lengths, checked by the callers); the
         // dot product adds to one f64 within its sums (slot checked).
-        unsafe { launch.launch(self.quad_grid()) }
+        unsafe { launch.launch(self.quad_grid(kbs)) }
             .map_err(device_err("launching a two-precision kernel"))?;
         Ok(())
     }
