@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use dpllm_format::LinearKind;
-use dpllm_grad::{BlockActs, GradBackend, GradModel};
+use dpllm_grad::{BlockActs, GradBackend, GradModel, Pair};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::weights::{LinearWeights, WeightLevels};
@@ -133,8 +133,20 @@ pub fn collect<G: GradBackend>(
     {
         bar.set_style(style.progress_chars("=> "));
     }
-    // W_{b+1} − W_b and its product with the inputs, by size.
+    // W_{b+1} − W_b and its product with the inputs, by size; the pairs
+    // (b, b + 1) of every linear, a linear's from `first[g]` on.
     let (mut deltas, mut products) = (HashMap::new(), HashMap::new());
+    let (mut delta_pairs, mut first) = (Vec::new(), Vec::with_capacity(w.len()));
+    for l in w {
+        first.push(delta_pairs.len());
+        delta_pairs.extend((l.min_bits..l.max_bits).map(|b| Pair {
+            lo: b,
+            hi: b + 1,
+            a: -1.0,
+            b: 1.0,
+        }));
+    }
+    let delta_pairs = be.pairs(&delta_pairs)?;
     let mut seen = 0usize;
     for seq in seqs {
         let acts = gm.activations(seq)?;
@@ -161,9 +173,9 @@ pub fn collect<G: GradBackend>(
                 v.insert(estimator_input(gm, &acts, l.layer, input, async_est)?);
             }
             let xe = est_inputs[&key].as_ref().unwrap_or(x);
-            for (k, b) in (l.min_bits..l.max_bits).enumerate() {
+            for k in 0..(l.max_bits - l.min_bits) as usize {
                 let d = scratch(be, &mut deltas, l.size())?;
-                levels.mix(be, g, d, b, -1.0, b + 1, 1.0)?;
+                levels.mix(be, g, d, &delta_pairs, first[g] + k)?;
                 let y = scratch(be, &mut products, n * l.rows)?;
                 be.linear_forward(x, n, d, l.rows, l.cols, None, y)?;
                 let mut e = be.zeros(n)?;

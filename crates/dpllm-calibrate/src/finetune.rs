@@ -11,7 +11,8 @@ use dpllm_grad::{GradBackend, GradModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::weights::{split_precision, LinearWeights, WeightLevels};
+use crate::step::Step;
+use crate::weights::{LinearWeights, WeightLevels};
 
 /// Settings of precision fine-tuning.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +29,9 @@ pub struct FinetuneOptions {
     pub exact_target: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Record the step once and replay it where the backend can (a CUDA
+    /// graph; checked against the step run op by op).
+    pub record: bool,
 }
 
 impl Default for FinetuneOptions {
@@ -39,6 +43,7 @@ impl Default for FinetuneOptions {
             alpha: None,
             exact_target: true,
             progress: false,
+            record: true,
         }
     }
 }
@@ -84,24 +89,6 @@ fn mean_bits(p: &[f64], w: &[LinearWeights]) -> f64 {
         / total
 }
 
-/// Load the interpolated weights of precisions `p` into `gm`; returns (lo, hi, r) per linear.
-pub(crate) fn load_mixed<G: GradBackend>(
-    gm: &mut GradModel<G>,
-    w: &[LinearWeights],
-    levels: &(impl WeightLevels<G> + ?Sized),
-    p: &[f64],
-) -> Result<Vec<(u32, u32, f64)>> {
-    let (be, blocks) = gm.backend_and_blocks();
-    (w.iter().zip(p).enumerate())
-        .map(|(g, (l, &p))| {
-            let (lo, hi, r) = split_precision(p, l.min_bits, l.max_bits);
-            let dst = &mut blocks[l.layer].linear_mut(l.index).w;
-            levels.mix(be, g, dst, lo, r as f32, hi, (1.0 - r) as f32)?;
-            Ok((lo, hi, r))
-        })
-        .collect()
-}
-
 /// Map (block, index in `Block::linears()`) → position in `w`.
 pub type LinearIndex = std::collections::HashMap<(usize, usize), usize>;
 
@@ -125,7 +112,8 @@ pub fn ce_and_gradient(
     ce_and_gradient_on(gm, w, w, index, p, seq)
 }
 
-/// [`ce_and_gradient`] on any gradient backend, the weights at each precision in `levels`.
+/// [`ce_and_gradient`] on any gradient backend, the weights at each precision
+/// in `levels` (one step, op by op: [`Step`] keeps its buffers for many).
 pub fn ce_and_gradient_on<G: GradBackend>(
     gm: &mut GradModel<G>,
     w: &[LinearWeights],
@@ -134,19 +122,7 @@ pub fn ce_and_gradient_on<G: GradBackend>(
     p: &[f64],
     seq: &[u32],
 ) -> Result<(f64, Vec<f64>)> {
-    let mixes = load_mixed(gm, w, levels, p)?;
-    let be = gm.backend();
-    // The products stay on the device until the step's end: one read, no wait per linear.
-    let mut sums = be.sums(w.len())?;
-    let ce = gm.gradient(seq, &mut |layer, idx, dw| {
-        let g = index[&(layer, idx)];
-        let (lo, hi, _) = mixes[g];
-        if lo != hi {
-            levels.dot_diff(be, g, dw, hi, lo, &mut sums, g)?;
-        }
-        Ok(())
-    })?;
-    Ok((ce, be.read_sums(&sums)?))
+    Step::new(gm.backend(), w, false)?.run(gm, w, levels, index, p, seq)
 }
 
 /// The common shift δ of every trainable z that makes P(z + δ) = target (bisection).
@@ -239,13 +215,14 @@ pub fn finetune_on<G: GradBackend>(
     }
     bar.set_prefix(format!("{target:.2}"));
     let index = linear_index(w);
+    let mut buffers = Step::new(gm.backend(), w, opts.record)?;
     let mut step = 0usize;
     let mut last_epoch_ce = 0.0;
     for _epoch in 0..opts.epochs {
         let mut ce_sum = 0.0;
         for seq in seqs {
             let p = precisions(&z, w);
-            let (ce, dce_dp) = ce_and_gradient_on(gm, w, levels, &index, &p, seq)?;
+            let (ce, dce_dp) = buffers.run(gm, w, levels, &index, &p, seq)?;
             ensure!(ce.is_finite(), "the loss diverged ({ce}) at step {step}");
             ce_sum += ce;
             let pm = mean_bits(&p, w);

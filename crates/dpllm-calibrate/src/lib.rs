@@ -5,6 +5,7 @@
 //! - [`budget`]: memory budget → per-linear maximum precision (exact knapsack), and the static baseline.
 //! - [`weights`]: dequantized weights at every precision a plan may use.
 //! - [`finetune`]: learning each linear's average precision for a target;
+//!   [`step`]: one step of it, recorded once and replayed on a GPU;
 //!   [`tuner`]: on the CPU or a GPU.
 //! - [`collect`]: true relative errors and estimator inputs on calibration tokens.
 //! - [`estimators`]: regression / random-projection error estimators.
@@ -17,6 +18,7 @@ pub mod collect;
 pub mod estimators;
 pub mod finetune;
 pub mod pipeline;
+pub mod step;
 pub mod threshold;
 pub mod tuner;
 pub mod weights;

@@ -9,7 +9,8 @@ use dpllm_engine::{Device, Model};
 use dpllm_grad::{GradBackend, GradModel};
 
 use crate::collect::{collect, LinearCalib};
-use crate::finetune::{finetune_on, load_mixed, FinetuneOptions, FinetuneResult};
+use crate::finetune::{finetune_on, FinetuneOptions, FinetuneResult};
+use crate::step::{load_mixed, step_pairs};
 use crate::weights::{LinearWeights, WeightLevels};
 
 /// The gradient model of calibration on the device a run asked for.
@@ -206,7 +207,8 @@ fn collect_at_max<G: GradBackend>(
     o: CollectOptions,
 ) -> Result<Vec<LinearCalib>> {
     let max: Vec<f64> = w.iter().map(|l| l.max_bits as f64).collect();
-    load_mixed(gm, w, levels, &max)?;
+    let pairs = gm.backend().pairs(&step_pairs(w, &max))?;
+    load_mixed(gm, w, levels, &pairs)?;
     collect(
         gm,
         w,

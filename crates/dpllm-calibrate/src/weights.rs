@@ -35,9 +35,10 @@ pub struct LinearWeights {
     pub max_bits: u32,
     /// The planes and LUTs (up to the file's precisions).
     q: AnyPrecHost,
-    /// `levels[b - min_bits]`: W_b [rows × cols] as f32, made on first use by
-    /// the CPU gradient backend ([`LinearWeights::level`]).
-    levels: OnceLock<Vec<Vec<f32>>>,
+    /// W_b [rows × cols] as f32 for b = min_bits..=max_bits, one after
+    /// another, made on first use by the CPU gradient backend
+    /// ([`LinearWeights::levels`]).
+    levels: OnceLock<Vec<f32>>,
 }
 
 impl LinearWeights {
@@ -53,20 +54,24 @@ impl LinearWeights {
             "bits out of range"
         );
         match self.levels.get() {
-            Some(l) => Cow::Borrowed(&l[(bits - self.min_bits) as usize]),
+            Some(l) => {
+                Cow::Borrowed(&l[(bits - self.min_bits) as usize * self.size()..][..self.size()])
+            }
             None => Cow::Owned(self.q.dequantize(bits)),
         }
     }
 
-    /// W at `bits` as the CPU gradient backend's buffer: every precision is
-    /// dequantized and held on the first call.
-    pub fn level(&self, bits: u32) -> &Vec<f32> {
-        let l = self.levels.get_or_init(|| {
-            (self.min_bits..=self.max_bits)
-                .map(|b| self.q.dequantize(b))
-                .collect()
-        });
-        &l[(bits - self.min_bits) as usize]
+    /// W at every precision min_bits..=max_bits, one after another, as the
+    /// CPU gradient backend reads them: dequantized and held on the first call.
+    pub fn levels(&self) -> &Vec<f32> {
+        self.levels.get_or_init(|| self.all_levels())
+    }
+
+    /// W at every precision, one after another, dequantized now.
+    fn all_levels(&self) -> Vec<f32> {
+        (self.min_bits..=self.max_bits)
+            .flat_map(|b| self.q.dequantize(b))
+            .collect()
     }
 
     /// W_{b+1} − W_b.
@@ -77,53 +82,38 @@ impl LinearWeights {
 }
 
 /// How a gradient backend reads each linear's weight at a precision pair
-/// (lo ≤ hi, both within the linear's `min_bits..=max_bits`).
+/// ([`dpllm_grad::Pair`]: lo ≤ hi, both within the linear's `min_bits..=max_bits`),
+/// the pair read from the backend's memory (so a recorded step replays with
+/// new pairs).
 pub trait WeightLevels<G: GradBackend> {
-    /// `dst` = a·W_lo + b·W_hi of linear `g` (model order).
-    #[allow(clippy::too_many_arguments)]
-    fn mix(
-        &self,
-        be: &G,
-        g: usize,
-        dst: &mut G::Buf,
-        lo: u32,
-        a: f32,
-        hi: u32,
-        b: f32,
-    ) -> Result<()>;
+    /// `dst` = a·W_lo + b·W_hi of linear `g` (model order), pair `slot` of `pairs`.
+    fn mix(&self, be: &G, g: usize, dst: &mut G::Buf, pairs: &G::Pairs, slot: usize) -> Result<()>;
 
-    /// `sums[slot]` += ⟨dw, W_hi − W_lo⟩ of linear `g`.
+    /// `sums[sum_slot]` += ⟨dw, W_hi − W_lo⟩ of linear `g`, pair `slot` of `pairs`.
     #[allow(clippy::too_many_arguments)]
     fn dot_diff(
         &self,
         be: &G,
         g: usize,
         dw: &G::Buf,
-        hi: u32,
-        lo: u32,
-        sums: &mut G::Sums,
+        pairs: &G::Pairs,
         slot: usize,
+        sums: &mut G::Sums,
+        sum_slot: usize,
     ) -> Result<()>;
 }
 
-/// Weights held as one buffer per precision, read by the backend's own ops.
+/// Weights held as one buffer a linear, its precisions one after another,
+/// read by the backend's own ops.
 pub trait HeldLevels<B> {
-    /// W of linear `g` at `bits`.
-    fn held(&self, g: usize, bits: u32) -> &B;
+    /// Every precision of linear `g`, and the lowest.
+    fn held(&self, g: usize) -> (&B, u32);
 }
 
 impl<G: GradBackend, L: HeldLevels<G::Buf> + ?Sized> WeightLevels<G> for L {
-    fn mix(
-        &self,
-        be: &G,
-        g: usize,
-        dst: &mut G::Buf,
-        lo: u32,
-        a: f32,
-        hi: u32,
-        b: f32,
-    ) -> Result<()> {
-        be.mix(dst, self.held(g, lo), self.held(g, hi), a, b)
+    fn mix(&self, be: &G, g: usize, dst: &mut G::Buf, pairs: &G::Pairs, slot: usize) -> Result<()> {
+        let (levels, min_bits) = self.held(g);
+        be.mix(dst, levels, min_bits, pairs, slot)
     }
 
     fn dot_diff(
@@ -131,19 +121,20 @@ impl<G: GradBackend, L: HeldLevels<G::Buf> + ?Sized> WeightLevels<G> for L {
         be: &G,
         g: usize,
         dw: &G::Buf,
-        hi: u32,
-        lo: u32,
-        sums: &mut G::Sums,
+        pairs: &G::Pairs,
         slot: usize,
+        sums: &mut G::Sums,
+        sum_slot: usize,
     ) -> Result<()> {
-        be.dot_diff(dw, self.held(g, hi), self.held(g, lo), sums, slot)
+        let (levels, min_bits) = self.held(g);
+        be.dot_diff(dw, levels, min_bits, pairs, slot, sums, sum_slot)
     }
 }
 
 /// On the CPU: each linear's f32 copies, made on first use.
 impl HeldLevels<Vec<f32>> for [LinearWeights] {
-    fn held(&self, g: usize, bits: u32) -> &Vec<f32> {
-        self[g].level(bits)
+    fn held(&self, g: usize) -> (&Vec<f32>, u32) {
+        (self[g].levels(), self[g].min_bits)
     }
 }
 
@@ -151,19 +142,19 @@ impl HeldLevels<Vec<f32>> for [LinearWeights] {
 /// backend (a GPU): the fastest to read, six times the f32 model at 3..=8 bits.
 pub struct LevelsOn<B> {
     min_bits: Vec<u32>,
-    w: Vec<Vec<B>>,
+    /// A buffer a linear: its precisions one after another.
+    w: Vec<B>,
 }
 
 impl<B> LevelsOn<B> {
-    /// The levels of `w` on `be` (each dequantized on the host, one at a time).
+    /// The levels of `w` on `be` (dequantized on the host, a linear at a time).
     pub fn upload<G: GradBackend<Buf = B>>(be: &G, w: &[LinearWeights]) -> Result<LevelsOn<B>> {
         Ok(LevelsOn {
             min_bits: w.iter().map(|l| l.min_bits).collect(),
             w: (w.iter())
-                .map(|l| {
-                    (l.min_bits..=l.max_bits)
-                        .map(|b| be.upload(&l.at(b)))
-                        .collect::<Result<Vec<B>>>()
+                .map(|l| match l.levels.get() {
+                    Some(held) => be.upload(held),
+                    None => be.upload(&l.all_levels()),
                 })
                 .collect::<Result<_>>()?,
         })
@@ -178,13 +169,13 @@ pub fn f32_level_bytes(w: &[LinearWeights]) -> usize {
 }
 
 impl<B> HeldLevels<B> for LevelsOn<B> {
-    fn held(&self, g: usize, bits: u32) -> &B {
-        &self.w[g][(bits - self.min_bits[g]) as usize]
+    fn held(&self, g: usize) -> (&B, u32) {
+        (&self.w[g], self.min_bits[g])
     }
 }
 
 /// Every linear's planes and LUTs on a GPU, each precision pair read from
-/// them by the engine's kernels (`CudaAnyPrec::mix_into`, `dot_diff`): about
+/// them by the engine's kernels (`CudaAnyPrec::mix_pair`, `dot_diff_pair`): about
 /// max_bits / 8 bytes a weight instead of [`LevelsOn`]'s 4 a weight a precision.
 #[cfg(feature = "cuda")]
 pub struct PlanesOn {
@@ -211,13 +202,11 @@ impl WeightLevels<dpllm_grad::cuda::CudaGrad> for PlanesOn {
         be: &dpllm_grad::cuda::CudaGrad,
         g: usize,
         dst: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
-        lo: u32,
-        a: f32,
-        hi: u32,
-        b: f32,
+        pairs: &dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
+        slot: usize,
     ) -> Result<()> {
         let _p = be.span("planes_mix");
-        Ok(self.w[g].mix_into(lo, a, hi, b, dst)?)
+        Ok(self.w[g].mix_pair(pairs, slot, dst)?)
     }
 
     fn dot_diff(
@@ -225,13 +214,13 @@ impl WeightLevels<dpllm_grad::cuda::CudaGrad> for PlanesOn {
         be: &dpllm_grad::cuda::CudaGrad,
         g: usize,
         dw: &dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
-        hi: u32,
-        lo: u32,
-        sums: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f64>,
+        pairs: &dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>,
         slot: usize,
+        sums: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f64>,
+        sum_slot: usize,
     ) -> Result<()> {
         let _p = be.span("planes_dot_diff");
-        Ok(self.w[g].dot_diff(dw, hi, lo, sums, slot)?)
+        Ok(self.w[g].dot_diff_pair(dw, pairs, slot, sums, sum_slot)?)
     }
 }
 
@@ -298,6 +287,7 @@ pub fn quantized_linears(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dpllm_grad::Pair;
 
     /// A linear of random planes holding 3..=6 bits (its file: up to 7).
     fn random_linear(rows: usize, cols: usize, seed: u64) -> LinearWeights {
@@ -328,14 +318,19 @@ mod tests {
             assert_eq!(f, &engine.dequantize(b), "{b} bits on demand");
         }
         assert!(w[0].levels.get().is_none(), "at() holds nothing");
-        assert_eq!(w[0].level(4), &fresh[1]);
-        assert!(w[0].levels.get().is_some(), "level() holds every precision");
+        assert_eq!(w[0].levels(), &fresh.concat());
+        assert!(
+            w[0].levels.get().is_some(),
+            "levels() holds every precision"
+        );
         assert_eq!(&*w[0].at(5), &fresh[2][..]);
         let d: Vec<f32> = fresh[1].iter().zip(&fresh[0]).map(|(h, l)| h - l).collect();
         assert_eq!(w[0].delta(3), d);
         let be = dpllm_grad::CpuGrad;
         let mut dst = vec![f32::NAN; 4 * 33];
-        w.mix(&be, 1, &mut dst, 3, 0.25, 5, 0.75).unwrap();
+        let p = |lo, hi, a, b| Pair { lo, hi, a, b };
+        let pairs = vec![p(3, 4, 1.0, 0.0), p(3, 5, 0.25, 0.75), p(5, 7, 1.0, 1.0)];
+        w.mix(&be, 1, &mut dst, &pairs, 1).unwrap();
         let (lo, hi) = (w[1].q.dequantize(3), w[1].q.dequantize(5));
         for (i, v) in dst.iter().enumerate() {
             assert!(
@@ -345,11 +340,14 @@ mod tests {
         }
         let g: Vec<f32> = (0..4 * 33).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut sums = vec![0f64; 2];
-        w.dot_diff(&be, 1, &g, 5, 3, &mut sums, 1).unwrap();
+        w.dot_diff(&be, 1, &g, &pairs, 1, &mut sums, 1).unwrap();
         let want: f64 = (0..g.len())
             .map(|i| g[i] as f64 * (hi[i] - lo[i]) as f64)
             .sum();
         assert!(sums[0] == 0.0 && (sums[1] - want).abs() <= 1e-9 * (1.0 + want.abs()));
+        // A pair the linear does not hold (7 bits), or no such pair: errors.
+        assert!(w.mix(&be, 1, &mut dst, &pairs, 2).is_err());
+        assert!(w.dot_diff(&be, 1, &g, &pairs, 3, &mut sums, 1).is_err());
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Calibration on a GPU against the CPU on a tiny quantized model: the CE
 //! and ∂CE/∂p of one fine-tuning step, a few AdamW steps ending at the same
-//! precisions, and the estimator data. Skips with a message where there is no GPU.
+//! precisions, steps replayed from a recording against steps run op by op,
+//! and the estimator data. Skips with a message where there is no GPU.
 #![cfg(feature = "cuda")]
 
 use dpllm_calibrate::finetune::{
     ce_and_gradient, ce_and_gradient_on, finetune, finetune_on, linear_index, FinetuneOptions,
 };
+use dpllm_calibrate::step::Step;
 use dpllm_calibrate::tuner::{CollectOptions, LevelStore, Tuner};
 use dpllm_calibrate::weights::{quantized_linears, LevelsOn, LinearWeights, PlanesOn};
 use dpllm_engine::backend::cuda::test_device;
@@ -124,6 +126,51 @@ fn gpu_fine_tuning_matches_the_cpu() {
         worst <= 1e-2,
         "TF32 fine-tuning is {worst} bits off the CPU"
     );
+}
+
+/// Steps replayed from a recording (a CUDA graph) give what the same steps
+/// run op by op give, with new precisions (pairs that change bits) and
+/// token ids each step, and a new sequence length recorded anew.
+#[test]
+fn recorded_steps_match_steps_run_op_by_op() {
+    let Some(dev) = test_device(0) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (model, w) = tiny_quantized(&t);
+    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
+    let index = linear_index(&w);
+    let f32_levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
+    let planes = PlanesOn::upload(gpu.backend(), &w).unwrap();
+    let mut seqs = sequences(3);
+    seqs[2].truncate(25);
+    let order = [0, 1, 2, 0, 1];
+    for how in ["f32 levels", "planes"] {
+        let mut recorded = Step::new(gpu.backend(), &w, true).unwrap();
+        let mut eager = Step::new(gpu.backend(), &w, false).unwrap();
+        for (i, &s) in order.iter().enumerate() {
+            let p: Vec<f64> = (0..w.len())
+                .map(|g| 3.2 + ((g + i) % 3) as f64 + 0.15 * i as f64)
+                .collect();
+            let mut run = |step: &mut Step<CudaGrad>| match how {
+                "planes" => step.run(&mut gpu, &w, &planes, &index, &p, &seqs[s]),
+                _ => step.run(&mut gpu, &w, &f32_levels, &index, &p, &seqs[s]),
+            };
+            let (ce_r, grad_r) = run(&mut recorded).unwrap();
+            assert!(recorded.replays(), "{how}, step {i}: not replayed");
+            let (ce, grad) = run(&mut eager).unwrap();
+            assert!(!eager.replays());
+            assert!(
+                (ce_r - ce).abs() <= 1e-9 * ce.abs(),
+                "{how}, step {i}: CE {ce_r} replayed, {ce} op by op"
+            );
+            let scale = grad.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (g, (a, b)) in grad_r.iter().zip(&grad).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-7 * scale,
+                    "{how}, step {i}, linear {g}: ∂CE/∂p {a} replayed, {b} op by op"
+                );
+            }
+        }
+    }
 }
 
 #[test]

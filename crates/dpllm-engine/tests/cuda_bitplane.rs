@@ -69,7 +69,8 @@ fn gemv_matches_the_dequantized_reference() {
 /// Calibration's reads of two precisions from the planes: a·W_lo + b·W_hi
 /// and Σ g·(W_hi − W_lo), against the CPU's dequantized levels, on shapes
 /// with partial tiles, words and column blocks; every pair lo ≤ hi of a 3..=8
-/// layer; the sums land in their slot only.
+/// layer; the sums land in their slot only; pairs read from device memory
+/// that the layer does not hold give NaN.
 #[test]
 fn mix_and_dot_diff_match_the_dequantized_levels() {
     let Some(dev) = test_device(0) else { return };
@@ -141,6 +142,28 @@ fn mix_and_dot_diff_match_the_dequantized_levels() {
         gpu.dot_diff(&out, 4, 3, &mut sums, 2).is_err(),
         "slot 2 of 2"
     );
+    // Pairs read on the device: one not held and one reversed give NaN; a
+    // pair past the table is refused.
+    let pairs = s
+        .clone_htod(&[
+            3.0f32, 7.0, 1.0, 0.0, 5.0, 4.0, 1.0, 0.0, 3.0, 4.0, 1.0, 0.0,
+        ])
+        .unwrap();
+    for slot in [0, 1] {
+        gpu.mix_pair(&pairs, slot, &mut out).expect("queued");
+        let got = s.clone_dtoh(&out).unwrap();
+        assert!(got.iter().all(|v| v.is_nan()), "mix of pair {slot}");
+        let mut sums = s.alloc_zeros::<f64>(1).unwrap();
+        gpu.dot_diff_pair(&out, &pairs, slot, &mut sums, 0)
+            .expect("queued");
+        assert!(
+            s.clone_dtoh(&sums).unwrap()[0].is_nan(),
+            "dot_diff of pair {slot}"
+        );
+    }
+    gpu.mix_pair(&pairs, 2, &mut out).expect("a held pair");
+    assert!(s.clone_dtoh(&out).unwrap().iter().all(|v| v.is_finite()));
+    assert!(gpu.mix_pair(&pairs, 3, &mut out).is_err(), "pair 3 of 3");
 }
 
 #[test]

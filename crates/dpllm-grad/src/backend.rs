@@ -13,6 +13,7 @@ use dpllm_engine::model::rope::Rope;
 use dpllm_engine::select::estimator::row_norms;
 
 use crate::ops;
+pub use crate::step::{Pair, Recorder, Replay};
 
 /// The op set of the gradient pass on one kind of device.
 #[allow(clippy::too_many_arguments)]
@@ -20,8 +21,12 @@ pub trait GradBackend {
     /// A buffer of f32 values where this backend computes.
     type Buf;
     /// f64 accumulators where this backend computes (fine-tuning's per-linear
-    /// dot products, read once a step).
+    /// dot products and the loss, read once a step).
     type Sums;
+    /// Token ids where this backend computes.
+    type Ids;
+    /// Precision pairs ([`Pair`]) where this backend's ops read them.
+    type Pairs;
 
     /// "cpu", or the GPU's description.
     fn name(&self) -> String;
@@ -35,9 +40,20 @@ pub trait GradBackend {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// A copy of `buf`.
     fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
-    /// Rows `tokens` of `table` [vocab × d] into `out` [tokens.len() × d].
-    fn embed(&self, table: &Self::Buf, d: usize, tokens: &[u32], out: &mut Self::Buf)
-        -> Result<()>;
+    /// `tokens` as ids on this backend (checked against the vocabulary by the caller).
+    fn ids(&self, tokens: &[u32]) -> Result<Self::Ids>;
+    /// Overwrite `ids` with as many `tokens`.
+    fn set_ids(&self, ids: &mut Self::Ids, tokens: &[u32]) -> Result<()>;
+    /// How many ids `ids` holds.
+    fn ids_len(&self, ids: &Self::Ids) -> usize;
+    /// Rows `ids` of `table` [vocab × d] into `out` [ids × d].
+    fn embed(
+        &self,
+        table: &Self::Buf,
+        d: usize,
+        ids: &Self::Ids,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `h += x`.
     fn add(&self, h: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
     /// `y [n × out] = x [n × in] · Wᵀ (+ bias)`.
@@ -131,40 +147,63 @@ pub trait GradBackend {
     /// The inverse of [`GradBackend::split_columns`].
     fn join_columns(&self, parts: &[&Self::Buf], n: usize, out: &mut Self::Buf) -> Result<()>;
     /// Mean next-token cross-entropy of `h` [n × d] through the lm_head `w`
-    /// [vocab × d] (row t predicts `targets[t]`), and ∂loss/∂h into `dh`.
+    /// [vocab × d] (row t < n − 1 predicts `ids[t + 1]`, n = the ids) added to
+    /// `loss[slot]`, and ∂loss/∂h into `dh` (its last row 0).
+    #[allow(clippy::too_many_arguments)]
     fn lm_head_cross_entropy(
         &self,
         h: &Self::Buf,
         d: usize,
         w: &Self::Buf,
         vocab: usize,
-        targets: &[u32],
+        ids: &Self::Ids,
         dh: Option<&mut Self::Buf>,
-    ) -> Result<f64>;
+        loss: &mut Self::Sums,
+        slot: usize,
+    ) -> Result<()>;
     /// `out[i] += g[i]²`.
     fn add_squared(&self, out: &mut Self::Buf, g: &Self::Buf) -> Result<()>;
-    /// `dst = ra·a + rb·b` (the interpolated weight of precision fine-tuning).
+    /// `pairs` where this backend's ops read them.
+    fn pairs(&self, pairs: &[Pair]) -> Result<Self::Pairs>;
+    /// Overwrite `dst` with as many `pairs`.
+    fn set_pairs(&self, dst: &mut Self::Pairs, pairs: &[Pair]) -> Result<()>;
+    /// `dst = a·W_lo + b·W_hi` of pair `slot` of `pairs` (the interpolated
+    /// weight of precision fine-tuning), where `levels` holds a weight of
+    /// `dst.len()` values at precisions `min_bits`, `min_bits + 1`, ... one after another.
+    #[allow(clippy::too_many_arguments)]
     fn mix(
         &self,
         dst: &mut Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        ra: f32,
-        rb: f32,
+        levels: &Self::Buf,
+        min_bits: u32,
+        pairs: &Self::Pairs,
+        slot: usize,
     ) -> Result<()>;
     /// `len` accumulators holding 0.
     fn sums(&self, len: usize) -> Result<Self::Sums>;
+    /// Every accumulator back to 0.
+    fn clear_sums(&self, sums: &mut Self::Sums) -> Result<()>;
     /// The accumulators' values, on the host.
     fn read_sums(&self, sums: &Self::Sums) -> Result<Vec<f64>>;
-    /// `sums[slot] += Σ g·(hi − lo)`, summed in f64.
+    /// `sums[sum_slot] += Σ g·(W_hi − W_lo)`, summed in f64, of pair `slot`
+    /// of `pairs` and `levels` as in [`GradBackend::mix`].
+    #[allow(clippy::too_many_arguments)]
     fn dot_diff(
         &self,
         g: &Self::Buf,
-        hi: &Self::Buf,
-        lo: &Self::Buf,
-        sums: &mut Self::Sums,
+        levels: &Self::Buf,
+        min_bits: u32,
+        pairs: &Self::Pairs,
         slot: usize,
+        sums: &mut Self::Sums,
+        sum_slot: usize,
     ) -> Result<()>;
+    /// What records this backend's ops once and replays them without the
+    /// host (a CUDA graph), or None where it cannot (the CPU; a GPU while
+    /// profiling).
+    fn recorder(&self) -> Option<Box<dyn Recorder>> {
+        None
+    }
     /// `out[r]` = the L2 norm of row r of `x` (rows of `width` values).
     fn row_norms(&self, x: &Self::Buf, width: usize, out: &mut Self::Buf) -> Result<()>;
 }
@@ -176,6 +215,8 @@ pub struct CpuGrad;
 impl GradBackend for CpuGrad {
     type Buf = Vec<f32>;
     type Sums = Vec<f64>;
+    type Ids = Vec<u32>;
+    type Pairs = Vec<Pair>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -195,9 +236,33 @@ impl GradBackend for CpuGrad {
     fn copy(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }
-    fn embed(&self, table: &Vec<f32>, d: usize, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
-        for (row, &t) in out.chunks_mut(d).zip(tokens) {
-            row.copy_from_slice(&table[t as usize * d..(t as usize + 1) * d]);
+    fn ids(&self, tokens: &[u32]) -> Result<Vec<u32>> {
+        Ok(tokens.to_vec())
+    }
+    fn set_ids(&self, ids: &mut Vec<u32>, tokens: &[u32]) -> Result<()> {
+        anyhow::ensure!(
+            ids.len() == tokens.len(),
+            "{} token ids into room for {}",
+            tokens.len(),
+            ids.len()
+        );
+        ids.copy_from_slice(tokens);
+        Ok(())
+    }
+    fn ids_len(&self, ids: &Vec<u32>) -> usize {
+        ids.len()
+    }
+    fn embed(&self, table: &Vec<f32>, d: usize, ids: &Vec<u32>, out: &mut Vec<f32>) -> Result<()> {
+        anyhow::ensure!(
+            out.len() == ids.len() * d,
+            "embedding: {} values for {} rows of {d}",
+            out.len(),
+            ids.len()
+        );
+        for (row, &t) in out.chunks_mut(d).zip(ids) {
+            let src = table.get(t as usize * d..(t as usize + 1) * d);
+            let src = src.ok_or_else(|| anyhow::anyhow!("token id {t} is past the embedding"))?;
+            row.copy_from_slice(src);
         }
         Ok(())
     }
@@ -331,34 +396,76 @@ impl GradBackend for CpuGrad {
         d: usize,
         w: &Vec<f32>,
         vocab: usize,
-        targets: &[u32],
+        ids: &Vec<u32>,
         dh: Option<&mut Vec<f32>>,
-    ) -> Result<f64> {
-        Ok(ops::lm_head_cross_entropy(
-            h,
-            d,
-            w,
-            vocab,
-            targets,
-            dh.map(|g| g.as_mut_slice()),
-        ))
+        loss: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let n = h.len() / d.max(1);
+        anyhow::ensure!(
+            ids.len() >= 2 && ids.len() == n && h.len() == n * d,
+            "cross-entropy: {} ids for {} values of width {d}",
+            ids.len(),
+            h.len()
+        );
+        anyhow::ensure!(
+            slot < loss.len(),
+            "cross-entropy: sum {slot} of {}",
+            loss.len()
+        );
+        let targets = &ids[1..];
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            anyhow::bail!("target id {t} is out of range for a vocabulary of {vocab}");
+        }
+        if let Some(g) = &dh {
+            anyhow::ensure!(
+                g.len() == n * d,
+                "cross-entropy: a gradient of {} values",
+                g.len()
+            );
+        }
+        let dh = dh.map(|g| g.as_mut_slice());
+        loss[slot] += ops::lm_head_cross_entropy(h, d, w, vocab, targets, dh);
+        Ok(())
     }
     fn add_squared(&self, out: &mut Vec<f32>, g: &Vec<f32>) -> Result<()> {
         ops::add_squared(out, g);
         Ok(())
     }
-    fn mix(&self, dst: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, ra: f32, rb: f32) -> Result<()> {
+    fn pairs(&self, pairs: &[Pair]) -> Result<Vec<Pair>> {
+        Ok(pairs.to_vec())
+    }
+    fn set_pairs(&self, dst: &mut Vec<Pair>, pairs: &[Pair]) -> Result<()> {
         anyhow::ensure!(
-            a.len() == dst.len() && b.len() == dst.len(),
-            "mix: lengths differ"
+            dst.len() == pairs.len(),
+            "{} pairs into room for {}",
+            pairs.len(),
+            dst.len()
         );
-        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
-            *d = ra * x + rb * y;
+        dst.copy_from_slice(pairs);
+        Ok(())
+    }
+    fn mix(
+        &self,
+        dst: &mut Vec<f32>,
+        levels: &Vec<f32>,
+        min_bits: u32,
+        pairs: &Vec<Pair>,
+        slot: usize,
+    ) -> Result<()> {
+        let p = pair_at(pairs, slot)?;
+        let (lo, hi) = p.levels(levels, min_bits, dst.len())?;
+        for ((d, x), y) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = p.a * x + p.b * y;
         }
         Ok(())
     }
     fn sums(&self, len: usize) -> Result<Vec<f64>> {
         Ok(vec![0.0; len])
+    }
+    fn clear_sums(&self, sums: &mut Vec<f64>) -> Result<()> {
+        sums.fill(0.0);
+        Ok(())
     }
     fn read_sums(&self, sums: &Vec<f64>) -> Result<Vec<f64>> {
         Ok(sums.clone())
@@ -366,16 +473,16 @@ impl GradBackend for CpuGrad {
     fn dot_diff(
         &self,
         g: &Vec<f32>,
-        hi: &Vec<f32>,
-        lo: &Vec<f32>,
-        sums: &mut Vec<f64>,
+        levels: &Vec<f32>,
+        min_bits: u32,
+        pairs: &Vec<Pair>,
         slot: usize,
+        sums: &mut Vec<f64>,
+        sum_slot: usize,
     ) -> Result<()> {
-        anyhow::ensure!(
-            hi.len() == g.len() && lo.len() == g.len(),
-            "dot_diff: lengths differ"
-        );
-        let acc = (sums.get_mut(slot)).ok_or_else(|| anyhow::anyhow!("dot_diff: no sum {slot}"))?;
+        let (lo, hi) = pair_at(pairs, slot)?.levels(levels, min_bits, g.len())?;
+        let acc = (sums.get_mut(sum_slot))
+            .ok_or_else(|| anyhow::anyhow!("dot_diff: no sum {sum_slot}"))?;
         *acc += g
             .iter()
             .zip(hi)
@@ -396,4 +503,10 @@ impl GradBackend for CpuGrad {
             .for_each(|(o, v)| *o = v);
         Ok(())
     }
+}
+
+/// Pair `slot` of `pairs`, or an error naming it.
+fn pair_at(pairs: &[Pair], slot: usize) -> Result<Pair> {
+    (pairs.get(slot).copied())
+        .ok_or_else(|| anyhow::anyhow!("precision pair {slot} of {}", pairs.len()))
 }

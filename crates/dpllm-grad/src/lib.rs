@@ -9,14 +9,18 @@
 //! - [`backend`]: the op set as a trait, [`GradBackend`], with the CPU's
 //!   implementation ([`CpuGrad`]); `cuda::CudaGrad` runs it on a GPU.
 //! - [`GradModel`]: the model built from a loaded engine model, on either.
+//! - [`step`]: what a step reads from the backend's memory (precision pairs)
+//!   and the recording of a step's ops for replay (a CUDA graph).
 
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod model;
 pub mod ops;
+pub mod step;
 #[cfg(test)]
 mod tests;
 
 pub use backend::{CpuGrad, GradBackend};
 pub use model::{engine_loss, BlockActs, BlockF32, GradModel, GradSink, Group, LinearF32};
+pub use step::{Pair, Recorder, Replay};

@@ -341,7 +341,9 @@ impl<G: GradBackend> GradModel<G> {
         }
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<()> {
+    /// Whether `tokens` can be a sequence of this model: at least 2 ids, all
+    /// within the vocabulary.
+    pub fn check(&self, tokens: &[u32]) -> Result<()> {
         anyhow::ensure!(
             tokens.len() >= 2,
             "a sequence needs at least 2 tokens for a next-token loss, got {}",
@@ -361,11 +363,11 @@ impl<G: GradBackend> GradModel<G> {
 
     /// Forward over `tokens` (positions 0..n); returns the block activations, the
     /// hidden state before the final norm and the normed final hidden state.
-    fn forward(&self, tokens: &[u32]) -> Result<Forward<G::Buf>> {
+    fn forward(&self, ids: &G::Ids) -> Result<Forward<G::Buf>> {
         let (be, c) = (&self.be, &self.config);
-        let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
+        let (n, d, eps) = (be.ids_len(ids), c.hidden_size, c.rms_norm_eps);
         let mut h = be.zeros(n * d)?;
-        be.embed(&self.embed, d, tokens, &mut h)?;
+        be.embed(&self.embed, d, ids, &mut h)?;
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
             let mut xn1 = be.zeros(n * d)?;
@@ -424,39 +426,65 @@ impl<G: GradBackend> GradModel<G> {
     /// Forward over `tokens`, returning every block's activations.
     pub fn activations(&self, tokens: &[u32]) -> Result<Vec<BlockActs<G::Buf>>> {
         self.check(tokens)?;
-        Ok(self.forward(tokens)?.0)
+        Ok(self.forward(&self.be.ids(tokens)?)?.0)
     }
 
     /// Mean next-token cross-entropy of `tokens` (forward only).
     pub fn loss(&self, tokens: &[u32]) -> Result<f64> {
         self.check(tokens)?;
-        let (_, _, hf) = self.forward(tokens)?;
+        let ids = self.be.ids(tokens)?;
+        let (_, _, hf) = self.forward(&ids)?;
         let c = &self.config;
-        self.be.lm_head_cross_entropy(
+        let mut loss = self.be.sums(1)?;
+        (self.be).lm_head_cross_entropy(
             &hf,
             c.hidden_size,
             &self.lm_head,
             c.vocab_size,
-            &tokens[1..],
+            &ids,
             None,
-        )
+            &mut loss,
+            0,
+        )?;
+        Ok(self.be.read_sums(&loss)?[0])
     }
 
     /// Loss of `tokens` and the gradient of every block linear: `sink(layer, idx, dW)`
     /// with idx in `Block::linears()` order and dW [out × in]. Layers come last to first.
     pub fn gradient(&self, tokens: &[u32], sink: &mut GradSink<'_, G::Buf>) -> Result<f64> {
         self.check(tokens)?;
+        let mut loss = self.be.sums(1)?;
+        self.gradient_on(&self.be.ids(tokens)?, &mut loss, 0, sink)?;
+        Ok(self.be.read_sums(&loss)?[0])
+    }
+
+    /// [`GradModel::gradient`] of a sequence already on the backend (`ids`,
+    /// checked by [`GradModel::check`]), its loss added to `loss[slot]`: no
+    /// host transfer, so a GPU can record it once and replay it.
+    pub fn gradient_on(
+        &self,
+        ids: &G::Ids,
+        loss: &mut G::Sums,
+        slot: usize,
+        sink: &mut GradSink<'_, G::Buf>,
+    ) -> Result<()> {
         let (be, c) = (&self.be, &self.config);
-        let (n, d, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
-        let (acts, h_last, hf) = self.forward(tokens)?;
+        let (n, d, eps) = (be.ids_len(ids), c.hidden_size, c.rms_norm_eps);
+        anyhow::ensure!(
+            n >= 2,
+            "a sequence needs at least 2 tokens for a next-token loss, got {n}"
+        );
+        let (acts, h_last, hf) = self.forward(ids)?;
         let mut dhf = be.zeros(n * d)?;
-        let loss = be.lm_head_cross_entropy(
+        be.lm_head_cross_entropy(
             &hf,
             d,
             &self.lm_head,
             c.vocab_size,
-            &tokens[1..],
+            ids,
             Some(&mut dhf),
+            loss,
+            slot,
         )?;
         let mut dh = be.zeros(n * d)?;
         be.rms_norm_backward_add(&h_last, &self.final_norm, eps, &dhf, &mut dh)?;
@@ -471,7 +499,7 @@ impl<G: GradBackend> GradModel<G> {
             s.layer = l;
             self.block_backward(b, a, n, &mut dh, &mut s)?;
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// Back-propagate `dh` (gradient w.r.t. the block output) to the block input, in place.

@@ -9,7 +9,7 @@ use dpllm_engine::backend::cuda::cudarc::driver::CudaSlice;
 use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::Model;
 use dpllm_grad::cuda::CudaGrad;
-use dpllm_grad::{GradBackend, GradModel};
+use dpllm_grad::{GradBackend, GradModel, Pair};
 use dpllm_testkit::{write_tiny_f32, TINY_ARCHS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -115,23 +115,35 @@ fn loss_and_gradients_match_the_cpu() {
     );
 }
 
-/// Attention with heads of 128 and a long sequence (the scores of one head
-/// exceed a block's reach in every kernel) against the CPU.
+/// The precision-pair ops (mix, dot products) against the CPU, with the
+/// pairs read from device memory; pairs outside the levels give NaN there
+/// (errors on the CPU); then row norms.
 #[test]
-fn dot_sums_and_row_norms_match_the_cpu() {
+fn pair_ops_and_row_norms_match_the_cpu() {
     let Some(be) = gpu() else { return };
     let cpu = dpllm_grad::CpuGrad;
     let mut rng = StdRng::seed_from_u64(77);
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-    // An odd length, three slots: slot 1 untouched, slot 2 accumulated twice.
+    // An odd length, three levels (3..=5 bits), three sums: slot 1
+    // untouched, slot 2 accumulated twice.
     let n = 100_003;
-    let (g, hi, lo, g2) = (rand(n), rand(n), rand(n), rand(n));
+    let (g, levels, g2) = (rand(n), rand(3 * n), rand(n));
+    let pair = |lo, hi, a, b| Pair { lo, hi, a, b };
+    let host_pairs = vec![
+        pair(3, 4, 0.3, 0.7),
+        pair(4, 5, -1.0, 1.0),
+        pair(5, 4, 1.0, 0.0),
+        pair(5, 6, 1.0, 0.0),
+    ];
     let up = |v: &Vec<f32>| be.upload(v).unwrap();
-    let (dg, dhi, dlo, dg2) = (up(&g), up(&hi), up(&lo), up(&g2));
+    let (dg, dlevels, dg2) = (up(&g), up(&levels), up(&g2));
+    let pairs = be.pairs(&host_pairs).unwrap();
     let (mut want, mut got) = (cpu.sums(3).unwrap(), be.sums(3).unwrap());
-    for (slot, (hg, dgr)) in [(0, (&g, &dg)), (2, (&g, &dg)), (2, (&g2, &dg2))] {
-        cpu.dot_diff(hg, &hi, &lo, &mut want, slot).unwrap();
-        be.dot_diff(dgr, &dhi, &dlo, &mut got, slot).unwrap();
+    for (slot, (hg, dgr), p) in [(0, (&g, &dg), 1), (2, (&g, &dg), 0), (2, (&g2, &dg2), 1)] {
+        cpu.dot_diff(hg, &levels, 3, &host_pairs, p, &mut want, slot)
+            .unwrap();
+        be.dot_diff(dgr, &dlevels, 3, &pairs, p, &mut got, slot)
+            .unwrap();
     }
     let (want, got) = (cpu.read_sums(&want).unwrap(), be.read_sums(&got).unwrap());
     assert_eq!(got[1], 0.0, "an untouched slot");
@@ -141,8 +153,42 @@ fn dot_sums_and_row_norms_match_the_cpu() {
             "dot sums: {got:?} on the GPU, {want:?} on the CPU"
         );
     }
+    for p in [0, 1] {
+        let mut w = vec![0f32; n];
+        cpu.mix(&mut w, &levels, 3, &host_pairs, p).unwrap();
+        let mut out = up(&vec![f32::NAN; n]);
+        be.mix(&mut out, &dlevels, 3, &pairs, p).unwrap();
+        let (i, e) = max_err(&be.download(&out).unwrap(), &w, 0.0);
+        assert!(e <= 1e-6, "mix of pair {p} at {i}: relative error {e}");
+    }
+    // Reversed or not held: NaN on the GPU, an error on the CPU.
+    for p in [2, 3] {
+        let mut out = up(&vec![0f32; n]);
+        be.mix(&mut out, &dlevels, 3, &pairs, p).unwrap();
+        assert!(
+            be.download(&out).unwrap().iter().all(|v| v.is_nan()),
+            "mix of pair {p}"
+        );
+        let mut sums = be.sums(1).unwrap();
+        be.dot_diff(&dg, &dlevels, 3, &pairs, p, &mut sums, 0)
+            .unwrap();
+        assert!(
+            be.read_sums(&sums).unwrap()[0].is_nan(),
+            "dot sum of pair {p}"
+        );
+        assert!(cpu
+            .mix(&mut vec![0f32; n], &levels, 3, &host_pairs, p)
+            .is_err());
+    }
+    // No such pair or sum, levels that are not whole weights: errors.
     assert!(be
-        .dot_diff(&dg, &dhi, &dlo, &mut be.sums(2).unwrap(), 2)
+        .dot_diff(&dg, &dlevels, 3, &pairs, 0, &mut be.sums(2).unwrap(), 2)
+        .is_err());
+    assert!(be
+        .dot_diff(&dg, &dlevels, 3, &pairs, 4, &mut be.sums(2).unwrap(), 0)
+        .is_err());
+    assert!(be
+        .mix(&mut up(&g), &up(&rand(n + 1)), 3, &pairs, 0)
         .is_err());
     // Row norms of 37 rows of 129 values into a poisoned output.
     let x = rand(37 * 129);
@@ -158,6 +204,8 @@ fn dot_sums_and_row_norms_match_the_cpu() {
     );
 }
 
+/// Attention with heads of 128 and a long sequence (the scores of one head
+/// exceed a block's reach in every kernel) against the CPU.
 #[test]
 fn attention_matches_the_cpu_on_long_sequences() {
     use dpllm_engine::backend::cpu::attention::AttnShape;

@@ -11,6 +11,8 @@ typedef unsigned int u32;
 
 // -infinity (NVRTC has no math.h constants).
 #define NEG_INF __int_as_float(0xff800000)
+// A quiet NaN: what an op writes where its device-side inputs are out of range.
+#define QNAN __int_as_float(0x7fc00000)
 
 #define GRID_STRIDE(i, n) \
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
@@ -41,9 +43,13 @@ __device__ float block_max(float v) {
     return t;
 }
 
-// out[t] = table[tokens[t]] for rows of d.
-extern "C" __global__ void embed_rows(const float* table, const u32* tokens, int d, int n, float* out) {
-    GRID_STRIDE(i, (long)n * d) out[i] = table[(long)tokens[i / d] * d + i % d];
+// out[t] = table[tokens[t]] for rows of d (NaN for an id past the vocabulary).
+extern "C" __global__ void embed_rows(const float* table, const u32* tokens, int d, int n, int vocab,
+                                      float* out) {
+    GRID_STRIDE(i, (long)n * d) {
+        const u32 t = tokens[i / d];
+        out[i] = t < (u32)vocab ? table[(long)t * d + i % d] : QNAN;
+    }
 }
 
 // out[i] += g[i]^2.
@@ -132,9 +138,13 @@ extern "C" __global__ void softmax_backward(const float* p, float* dp, int n, fl
 // block a row): loss[row] = log(sum exp(x - max)) - (x_t - max), and the row
 // becomes scale * (softmax - onehot(t)), the gradient of scale * sum of losses.
 extern "C" __global__ void cross_entropy(float* logits, const u32* targets, int vocab, float scale,
-                                         double* loss) {
+                                         double inv_rows, double* loss) {
     float* row = logits + (long)blockIdx.x * vocab;
     const u32 tgt = targets[blockIdx.x];
+    if (tgt >= (u32)vocab) {  // the same for every thread: no barrier is skipped by some
+        if (threadIdx.x == 0) atomicAdd(loss, (double)QNAN);
+        return;
+    }
     const float xt = row[tgt];  // read before any thread overwrites the row
     float m = NEG_INF;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
@@ -149,16 +159,42 @@ extern "C" __global__ void cross_entropy(float* logits, const u32* targets, int 
     sum = block_sum(sum);
     const float inv = (float)(1.0 / sum) * scale;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) row[j] = row[j] * inv - (j == (int)tgt ? scale : 0.f);
-    if (threadIdx.x == 0) loss[blockIdx.x] = log(sum) - (double)shifted;
+    if (threadIdx.x == 0) atomicAdd(loss, (log(sum) - (double)shifted) * inv_rows);
 }
 
-// dst = ra * a + rb * b.
-extern "C" __global__ void mix(float* dst, const float* a, const float* b, float ra, float rb, long n) {
-    GRID_STRIDE(i, n) dst[i] = ra * a[i] + rb * b[i];
+// W_lo and W_hi of the pair at `pair` (lo, hi, a, b as f32; lo <= hi) within
+// `levels`, a weight of n values at precisions min_bits .. min_bits + count - 1
+// one after another; false when the pair is outside them.
+__device__ __forceinline__ bool pair_levels(const float* levels, int min_bits, int count, const float* pair,
+                                            long n, const float** lo, const float** hi) {
+    const int l = (int)pair[0], h = (int)pair[1];
+    if (l > h || l < min_bits || h >= min_bits + count) return false;
+    *lo = levels + (long)(l - min_bits) * n;
+    *hi = levels + (long)(h - min_bits) * n;
+    return true;
 }
 
-// *out += sum of g * (hi - lo) over the block's share (f64; out zeroed by the caller).
-extern "C" __global__ void dot_diff(const float* g, const float* hi, const float* lo, long n, double* out) {
+// dst = a * W_lo + b * W_hi of the pair (NaN when it is outside the levels).
+extern "C" __global__ void mix_levels(float* dst, const float* levels, int min_bits, int count,
+                                      const float* pair, long n) {
+    const float *lo, *hi;
+    if (!pair_levels(levels, min_bits, count, pair, n, &lo, &hi)) {
+        GRID_STRIDE(i, n) dst[i] = QNAN;
+        return;
+    }
+    const float a = pair[2], b = pair[3];
+    GRID_STRIDE(i, n) dst[i] = a * lo[i] + b * hi[i];
+}
+
+// *out += sum of g * (W_hi - W_lo) of the pair over the block's share (f64;
+// NaN when the pair is outside the levels).
+extern "C" __global__ void dot_diff_levels(const float* g, const float* levels, int min_bits, int count,
+                                           const float* pair, long n, double* out) {
+    const float *lo, *hi;
+    if (!pair_levels(levels, min_bits, count, pair, n, &lo, &hi)) {  // the same for the whole grid
+        if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(out, (double)QNAN);
+        return;
+    }
     double s = 0.0;
     GRID_STRIDE(i, n) s += (double)g[i] * (double)(hi[i] - lo[i]);
     s = block_sum(s);

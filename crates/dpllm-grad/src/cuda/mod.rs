@@ -22,7 +22,9 @@ use cudarc::cublas::Gemm;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::backend::GradBackend;
+use crate::step::{Pair, Recorder};
 
+mod graph;
 mod plan;
 pub mod profile;
 use plan::{attention_plan, blas_config, Mat, Operand, Product, Stage};
@@ -226,6 +228,28 @@ impl CudaGrad {
         Ok(t)
     }
 
+    /// The level count of `levels` (whole weights of `len` values) and the
+    /// device address of pair `slot` of `pairs`, checked.
+    fn pair_args(
+        &self,
+        levels: &CudaSlice<f32>,
+        len: usize,
+        pairs: &CudaSlice<f32>,
+        slot: usize,
+    ) -> Result<(i32, u64)> {
+        if len == 0 || !levels.len().is_multiple_of(len) {
+            bail!(
+                "{} level values are not whole weights of {len}",
+                levels.len()
+            );
+        }
+        if 4 * slot + 4 > pairs.len() {
+            bail!("precision pair {slot} of {}", pairs.len() / 4);
+        }
+        let (at, _rec) = pairs.device_ptr(self.stream());
+        Ok(((levels.len() / len) as i32, at + (16 * slot) as u64))
+    }
+
     fn check_len(&self, what: &str, buf: &CudaSlice<f32>, len: usize) -> Result<()> {
         if buf.len() != len {
             bail!(
@@ -330,6 +354,9 @@ impl Drop for CudaGrad {
 impl GradBackend for CudaGrad {
     type Buf = CudaSlice<f32>;
     type Sums = CudaSlice<f64>;
+    type Ids = CudaSlice<u32>;
+    /// Four f32 a pair ([`Pair::words`]).
+    type Pairs = CudaSlice<f32>;
 
     fn name(&self) -> String {
         self.dev.describe()
@@ -361,30 +388,41 @@ impl GradBackend for CudaGrad {
             .clone_dtod(buf)
             .context("CUDA: copying a buffer")
     }
+    fn ids(&self, tokens: &[u32]) -> Result<CudaSlice<u32>> {
+        let _p = self.span("upload");
+        self.upload_u32(tokens)
+    }
+    fn set_ids(&self, ids: &mut CudaSlice<u32>, tokens: &[u32]) -> Result<()> {
+        let _p = self.span("upload");
+        if ids.len() != tokens.len() {
+            bail!("{} token ids into room for {}", tokens.len(), ids.len());
+        }
+        (self.stream().memcpy_htod(tokens, ids)).context("CUDA: copying token ids to the device")
+    }
+    fn ids_len(&self, ids: &CudaSlice<u32>) -> usize {
+        ids.len()
+    }
     fn embed(
         &self,
         table: &CudaSlice<f32>,
         d: usize,
-        tokens: &[u32],
+        ids: &CudaSlice<u32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let _p = self.span("embed");
         let vocab = table.len() / d.max(1);
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {t} is out of range for a vocabulary of {vocab}");
-        }
-        self.check_len("embedding output", out, tokens.len() * d)?;
-        let ids = self.upload_u32(tokens)?;
-        let (d32, n32) = (d as i32, tokens.len() as i32);
+        self.check_len("embedding output", out, ids.len() * d)?;
+        let (d32, n32, v32) = (d as i32, ids.len() as i32, vocab as i32);
         launch!(
             self,
             kernels,
             "embed_rows",
             Self::flat(out.len()),
             table,
-            &ids,
+            ids,
             &d32,
             &n32,
+            &v32,
             &mut *out
         )
     }
@@ -741,25 +779,27 @@ impl GradBackend for CudaGrad {
         d: usize,
         w: &CudaSlice<f32>,
         vocab: usize,
-        targets: &[u32],
+        ids: &CudaSlice<u32>,
         mut dh: Option<&mut CudaSlice<f32>>,
-    ) -> Result<f64> {
+        loss: &mut CudaSlice<f64>,
+        slot: usize,
+    ) -> Result<()> {
         let _p = self.span("lm_head_cross_entropy");
         let n = h.len() / d.max(1);
-        let m = targets.len();
-        if m == 0 || m > n {
-            bail!("cross-entropy: {m} targets for {n} rows");
+        if n < 2 || ids.len() != n || h.len() != n * d {
+            bail!(
+                "cross-entropy: {} ids for {} values of width {d}",
+                ids.len(),
+                h.len()
+            );
         }
-        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-            bail!("target id {t} is out of range for a vocabulary of {vocab}");
+        if slot >= loss.len() {
+            bail!("cross-entropy: sum {slot} of {}", loss.len());
         }
         self.check_len("lm_head", w, vocab * d)?;
-        let scale = 1.0 / m as f32;
-        let tg = self.upload_u32(targets)?;
-        let mut losses = self
-            .stream()
-            .alloc_zeros::<f64>(m)
-            .context("CUDA: allocating the losses")?;
+        // Row t predicts ids[t + 1] (out-of-range ids make the loss NaN).
+        let m = n - 1;
+        let (scale, inv_rows) = (1.0 / m as f32, 1.0 / m as f64);
         if let Some(g) = dh.as_deref_mut() {
             self.check_len("hidden gradient", g, n * d)?;
             self.stream()
@@ -779,10 +819,10 @@ impl GradBackend for CudaGrad {
                 1,
             )?;
             let v32 = vocab as i32;
-            let (tp, _rt) = tg.device_ptr(self.stream());
-            let (lp, _rl) = losses.device_ptr_mut(self.stream());
-            // Targets and losses of this chunk's rows.
-            let (tp, lp) = (tp + (r0 * 4) as u64, lp + (r0 * 8) as u64);
+            let (tp, _rt) = ids.device_ptr(self.stream());
+            let (lp, _rl) = loss.device_ptr_mut(self.stream());
+            // This chunk's targets, and the loss's slot.
+            let (tp, lp) = (tp + ((1 + r0) * 4) as u64, lp + (slot * 8) as u64);
             launch!(
                 self,
                 kernels,
@@ -792,6 +832,7 @@ impl GradBackend for CudaGrad {
                 &tp,
                 &v32,
                 &scale,
+                &inv_rows,
                 &lp
             )?;
             if let Some(g) = dh.as_deref_mut() {
@@ -806,11 +847,7 @@ impl GradBackend for CudaGrad {
                 )?;
             }
         }
-        let l = self
-            .stream()
-            .clone_dtoh(&losses)
-            .context("CUDA: copying the losses to the host")?;
-        Ok(l.iter().sum::<f64>() / m as f64)
+        Ok(())
     }
     fn add_squared(&self, out: &mut CudaSlice<f32>, g: &CudaSlice<f32>) -> Result<()> {
         let _p = self.span("add_squared");
@@ -826,34 +863,50 @@ impl GradBackend for CudaGrad {
             &n
         )
     }
+    fn pairs(&self, pairs: &[Pair]) -> Result<CudaSlice<f32>> {
+        let _p = self.span("upload");
+        let words: Vec<f32> = pairs.iter().flat_map(Pair::words).collect();
+        (self.stream().clone_htod(&words)).context("CUDA: copying precision pairs")
+    }
+    fn set_pairs(&self, dst: &mut CudaSlice<f32>, pairs: &[Pair]) -> Result<()> {
+        let _p = self.span("upload");
+        if dst.len() != 4 * pairs.len() {
+            bail!("{} pairs into room for {}", pairs.len(), dst.len() / 4);
+        }
+        let words: Vec<f32> = pairs.iter().flat_map(Pair::words).collect();
+        (self.stream().memcpy_htod(&words, dst)).context("CUDA: copying precision pairs")
+    }
     fn mix(
         &self,
         dst: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        ra: f32,
-        rb: f32,
+        levels: &CudaSlice<f32>,
+        min_bits: u32,
+        pairs: &CudaSlice<f32>,
+        slot: usize,
     ) -> Result<()> {
         let _p = self.span("mix");
-        self.check_len("mix a", a, dst.len())?;
-        self.check_len("mix b", b, dst.len())?;
-        let n = dst.len() as i64;
+        let (count, pair) = self.pair_args(levels, dst.len(), pairs, slot)?;
+        let (n, min) = (dst.len() as i64, min_bits as i32);
         launch!(
             self,
             kernels,
-            "mix",
+            "mix_levels",
             Self::flat(dst.len()),
             &mut *dst,
-            a,
-            b,
-            &ra,
-            &rb,
+            levels,
+            &min,
+            &count,
+            &pair,
             &n
         )
     }
     fn sums(&self, len: usize) -> Result<CudaSlice<f64>> {
         let _p = self.span("sums");
         (self.stream().alloc_zeros::<f64>(len)).context("CUDA: allocating sums")
+    }
+    fn clear_sums(&self, sums: &mut CudaSlice<f64>) -> Result<()> {
+        let _p = self.span("sums");
+        (self.stream().memset_zeros(sums)).context("CUDA: clearing sums")
     }
     fn read_sums(&self, sums: &CudaSlice<f64>) -> Result<Vec<f64>> {
         let _p = self.span("read_sums");
@@ -862,25 +915,44 @@ impl GradBackend for CudaGrad {
     fn dot_diff(
         &self,
         g: &CudaSlice<f32>,
-        hi: &CudaSlice<f32>,
-        lo: &CudaSlice<f32>,
-        sums: &mut CudaSlice<f64>,
+        levels: &CudaSlice<f32>,
+        min_bits: u32,
+        pairs: &CudaSlice<f32>,
         slot: usize,
+        sums: &mut CudaSlice<f64>,
+        sum_slot: usize,
     ) -> Result<()> {
         let _p = self.span("dot_diff");
-        self.check_len("dot_diff hi", hi, g.len())?;
-        self.check_len("dot_diff lo", lo, g.len())?;
-        if slot >= sums.len() {
-            bail!("dot_diff: sum {slot} of {}", sums.len());
+        let (count, pair) = self.pair_args(levels, g.len(), pairs, slot)?;
+        if sum_slot >= sums.len() {
+            bail!("dot_diff: sum {sum_slot} of {}", sums.len());
         }
-        let n = g.len() as i64;
+        let (n, min) = (g.len() as i64, min_bits as i32);
         let cfg = LaunchConfig {
             block_dim: (ROW_THREADS, 1, 1),
             ..Self::flat(g.len().div_ceil(8))
         };
         let (sp, _rec) = sums.device_ptr_mut(self.stream());
-        let out = sp + (slot * std::mem::size_of::<f64>()) as u64;
-        launch!(self, kernels, "dot_diff", cfg, g, hi, lo, &n, &out)
+        let out = sp + (sum_slot * std::mem::size_of::<f64>()) as u64;
+        launch!(
+            self,
+            kernels,
+            "dot_diff_levels",
+            cfg,
+            g,
+            levels,
+            &min,
+            &count,
+            &pair,
+            &n,
+            &out
+        )
+    }
+    fn recorder(&self) -> Option<Box<dyn Recorder>> {
+        if self.profile.is_some() || std::env::var_os("DPLLM_NO_GRAPHS").is_some() {
+            return None;
+        }
+        Some(Box::new(graph::StreamRecorder::new(self.stream().clone())))
     }
     fn row_norms(&self, x: &CudaSlice<f32>, width: usize, out: &mut CudaSlice<f32>) -> Result<()> {
         let _p = self.span("row_norms");

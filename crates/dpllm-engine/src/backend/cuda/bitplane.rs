@@ -379,6 +379,11 @@ impl CudaAnyPrec {
         self.cols
     }
 
+    /// The highest precision held.
+    pub fn max_bits(&self) -> u32 {
+        self.max_bits
+    }
+
     /// Bytes one GEMV at `bits` reads: `bits` planes and that precision's LUTs.
     pub fn bytes_at(&self, bits: u32) -> usize {
         padded_rows(self.rows) * (padded_cols(self.cols) / 8 * bits as usize + (2 << bits))

@@ -7,6 +7,9 @@
 // one 32-column word read the same plane words. Index bits as in
 // bitplane_dequant (plane j gives bit hi-1-j), so the index at lo bits is the
 // top lo bits of the index at hi bits. Grid-stride loops take any grid.
+// The precision pair is read from device memory (`pair`: lo, hi, a, b as
+// f32), so a recorded graph of these launches serves every step; the LUTs
+// come as one pointer a precision 3..8 (null where not held).
 
 // Indices at `hi` bits of columns 128·kb + 4q .. +3 of row r (q < 32).
 // Columns 4m..4m+3 of a 32-column word (m = q & 7) sit at bits base + 4k of
@@ -55,11 +58,34 @@ __device__ __forceinline__ void for_each_pair(const u32* planes, long long plane
     }
 }
 
-// out [rows x cols] = a * W_lo + b * W_hi (lo <= hi; lut_lo, lut_hi: the
-// LUTs of those precisions).
-extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, const u16* lut_lo,
-                                        const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
-                                        float a, float b, float* out) {
+// The LUTs at 3..8 bits, one kernel parameter each (null where not held).
+#define LUT_PARAMS const u16 *l3, const u16 *l4, const u16 *l5, const u16 *l6, const u16 *l7, const u16 *l8
+#define LUT_ARGS l3, l4, l5, l6, l7, l8
+
+// The pair's precisions (lo <= hi) and their LUTs; false when either is not held.
+__device__ __forceinline__ bool pair_luts(const float* pair, LUT_PARAMS, int* lo, int* hi, const u16** lut_lo,
+                                          const u16** lut_hi) {
+    const u16* at[6] = {LUT_ARGS};
+    *lo = (int)pair[0];
+    *hi = (int)pair[1];
+    if (*lo > *hi || *lo < 3 || *hi > 8) return false;
+    *lut_lo = at[*lo - 3];
+    *lut_hi = at[*hi - 3];
+    return *lut_lo != nullptr && *lut_hi != nullptr;
+}
+
+// out [rows x cols] = a * W_lo + b * W_hi of the pair (NaN where it is not held).
+extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, LUT_PARAMS, int rows, int cols,
+                                        int kbs, const float* pair, float* out) {
+    int lo, hi;
+    const u16 *lut_lo, *lut_hi;
+    if (!pair_luts(pair, LUT_ARGS, &lo, &hi, &lut_lo, &lut_hi)) {
+        const long long n = (long long)rows * cols;
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+            out[i] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const float a = pair[2], b = pair[3];
     for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
                   [&](long long i, float wl, float wh) { out[i] = a * wl + b * wh; });
 }
@@ -79,11 +105,17 @@ __device__ double block_sum_f64(double v) {
     return t;
 }
 
-// *out += sum over the layer of g * (W_hi − W_lo), g [rows x cols] f32, summed
-// in double (as the f32 levels' dot_diff); one atomic add per block.
-extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_stride, const u16* lut_lo,
-                                             const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
-                                             const float* g, double* out) {
+// *out += sum over the layer of g * (W_hi - W_lo) of the pair, g [rows x cols]
+// f32, summed in double (as the f32 levels' dot_diff_levels); one atomic add
+// per block (NaN where the pair is not held).
+extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_stride, LUT_PARAMS, int rows,
+                                             int cols, int kbs, const float* pair, const float* g, double* out) {
+    int lo, hi;
+    const u16 *lut_lo, *lut_hi;
+    if (!pair_luts(pair, LUT_ARGS, &lo, &hi, &lut_lo, &lut_hi)) {  // the same for the whole grid
+        if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(out, (double)__int_as_float(0x7fc00000));
+        return;
+    }
     double s = 0.0;
     for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
                   [&](long long i, float wl, float wh) { s += (double)g[i] * (double)(wh - wl); });
