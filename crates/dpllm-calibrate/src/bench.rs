@@ -33,6 +33,8 @@ pub struct FinetuneBenchConfig {
     pub max_bits: u32,
     /// How the GPU holds the precisions.
     pub levels: LevelStore,
+    /// Record the step once and replay it (a CUDA graph) where the backend can.
+    pub record: bool,
 }
 
 /// One depth's measurement.
@@ -61,6 +63,8 @@ pub struct FinetuneBenchResult {
     pub max_bits: u32,
     /// How they were held (f32 copies or the planes).
     pub levels: LevelStore,
+    /// Whether the timed steps replayed a recording (a CUDA graph).
+    pub replayed: bool,
     /// The measured depths.
     pub depths: Vec<DepthTime>,
     /// Blocks of the real model.
@@ -89,6 +93,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
     let mut depths = Vec::new();
     let mut device = String::new();
     let mut levels = cfg.levels;
+    let mut replayed = true;
     for layers in [d1, d2] {
         let mut config = full.clone();
         config.num_layers = layers;
@@ -118,12 +123,14 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
             .collect();
         let opts = FinetuneOptions {
             epochs: 1,
+            record: cfg.record,
             ..Default::default()
         };
-        // One untimed step: kernels compiled, buffers allocated.
+        // One untimed step: kernels compiled, buffers allocated, the step recorded.
         let target = 3.0 + (cfg.max_bits - 3) as f64 / 2.0;
         tuner.finetune(&w, target, None, &seqs[..1], &opts)?;
         let r = tuner.finetune(&w, target, None, &seqs[1..], &opts)?;
+        replayed &= tuner.replays_steps();
         depths.push(DepthTime {
             layers,
             ms_per_step: 1e3 * r.seconds / r.steps as f64,
@@ -142,6 +149,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         seq_len: cfg.seq_len,
         max_bits: cfg.max_bits,
         levels,
+        replayed,
         depths,
         full_layers: full.num_layers,
         full_ms_per_step: full_ms,

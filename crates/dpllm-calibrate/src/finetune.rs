@@ -169,6 +169,23 @@ pub fn finetune_on<G: GradBackend>(
     seqs: &[Vec<u32>],
     opts: &FinetuneOptions,
 ) -> Result<FinetuneResult> {
+    let mut step = Step::new(gm.backend(), w, opts.record)?;
+    finetune_with(&mut step, gm, w, levels, target, init, seqs, opts)
+}
+
+/// [`finetune_on`] with the step's buffers (and recording) of `step`, kept
+/// from target to target.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_with<G: GradBackend>(
+    buffers: &mut Step<G>,
+    gm: &mut GradModel<G>,
+    w: &[LinearWeights],
+    levels: &(impl WeightLevels<G> + ?Sized),
+    target: f64,
+    init: Option<&[f64]>,
+    seqs: &[Vec<u32>],
+    opts: &FinetuneOptions,
+) -> Result<FinetuneResult> {
     ensure!(!seqs.is_empty(), "fine-tuning needs calibration sequences");
     let t0 = std::time::Instant::now();
     let min_bits = w.iter().map(|l| l.min_bits).min().unwrap_or(0) as f64;
@@ -215,7 +232,6 @@ pub fn finetune_on<G: GradBackend>(
     }
     bar.set_prefix(format!("{target:.2}"));
     let index = linear_index(w);
-    let mut buffers = Step::new(gm.backend(), w, opts.record)?;
     let mut step = 0usize;
     let mut last_epoch_ce = 0.0;
     for _epoch in 0..opts.epochs {

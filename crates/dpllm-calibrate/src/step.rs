@@ -46,13 +46,18 @@ pub(crate) fn load_mixed<G: GradBackend>(
 
 /// Whether a step's recording is in use.
 enum Recording {
-    /// None made for the current sequence length yet.
+    /// None made for the current sequence length, model and levels yet.
     Pending,
-    /// Replayed each step.
-    Ready(Box<dyn Replay>),
+    /// Replayed each step with the same key.
+    Ready(Box<dyn Replay>, Key),
     /// Not available, or refused: steps run op by op.
     Off,
 }
+
+/// What a recording reads besides the step's own buffers: the model and the
+/// levels (by address) and the sequence length; a step with another key
+/// records anew.
+type Key = (usize, usize, usize);
 
 /// The buffers of fine-tuning steps on one backend, and their recording.
 pub struct Step<G: GradBackend> {
@@ -86,7 +91,7 @@ impl<G: GradBackend> Step<G> {
 
     /// Whether steps replay a recording now.
     pub fn replays(&self) -> bool {
-        matches!(self.recording, Recording::Ready(_))
+        matches!(self.recording, Recording::Ready(..))
     }
 
     /// CE of `seq` through the model interpolated at precisions `p`, and
@@ -101,6 +106,11 @@ impl<G: GradBackend> Step<G> {
         seq: &[u32],
     ) -> Result<(f64, Vec<f64>)> {
         gm.check(seq)?;
+        let key = (
+            gm as *const GradModel<G> as usize,
+            levels as *const _ as *const () as usize,
+            seq.len(),
+        );
         let Step {
             pairs,
             ids,
@@ -109,6 +119,9 @@ impl<G: GradBackend> Step<G> {
             recorder,
             recording,
         } = self;
+        if matches!(recording, Recording::Ready(_, k) if *k != key) {
+            *recording = Recording::Pending;
+        }
         let be = gm.backend();
         be.set_pairs(pairs, &step_pairs(w, p))?;
         match &mut *ids {
@@ -126,7 +139,7 @@ impl<G: GradBackend> Step<G> {
             queue_step(gm, w, levels, index, (ids, &*pairs), (loss, dots))
         };
         match recording {
-            Recording::Ready(r) => r.replay()?,
+            Recording::Ready(r, _) => r.replay()?,
             Recording::Off => queue(gm, loss, dots)?,
             Recording::Pending => {
                 queue(gm, loss, dots)?;
@@ -141,7 +154,7 @@ impl<G: GradBackend> Step<G> {
                     Ok(r)
                 });
                 *recording = match checked {
-                    Ok(r) => Recording::Ready(r),
+                    Ok(r) => Recording::Ready(r, key),
                     Err(e) => {
                         tracing::warn!("fine-tuning steps run op by op: {e:#}");
                         // The step's own results again (a replay may have overwritten them).

@@ -9,7 +9,11 @@ use dpllm_engine::{Device, Model};
 use dpllm_grad::{GradBackend, GradModel};
 
 use crate::collect::{collect, LinearCalib};
+#[cfg(feature = "cuda")]
+use crate::finetune::finetune_with;
 use crate::finetune::{finetune_on, FinetuneOptions, FinetuneResult};
+#[cfg(feature = "cuda")]
+use crate::step::Step;
 use crate::step::{load_mixed, step_pairs};
 use crate::weights::{LinearWeights, WeightLevels};
 
@@ -29,6 +33,9 @@ enum On {
 struct Gpu {
     gm: GradModel<dpllm_grad::cuda::CudaGrad>,
     levels: GpuLevels,
+    /// The fine-tuning step's buffers and recording, kept from target to
+    /// target (made on the first, as the options say).
+    step: Option<crate::step::Step<dpllm_grad::cuda::CudaGrad>>,
 }
 
 #[cfg(feature = "cuda")]
@@ -120,7 +127,11 @@ impl Tuner {
                     }
                     _ => GpuLevels::Planes(PlanesOn::upload(gm.backend(), weights)?),
                 };
-                On::Gpu(Box::new(Gpu { gm, levels }))
+                On::Gpu(Box::new(Gpu {
+                    gm,
+                    levels,
+                    step: None,
+                }))
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("refused by Device::check"),
@@ -150,6 +161,15 @@ impl Tuner {
         }
     }
 
+    /// Whether fine-tuning steps replay a recording (a CUDA graph) now.
+    pub fn replays_steps(&self) -> bool {
+        match &self.on {
+            On::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => g.step.as_ref().is_some_and(|s| s.replays()),
+        }
+    }
+
     /// How the precisions are held: f32 copies or the planes (on the CPU, f32).
     pub fn level_store(&self) -> LevelStore {
         match &self.on {
@@ -174,10 +194,20 @@ impl Tuner {
         match &mut self.on {
             On::Cpu(gm) => finetune_on(gm, w, w, target, init, seqs, opts),
             #[cfg(feature = "cuda")]
-            On::Gpu(g) => match &g.levels {
-                GpuLevels::F32(l) => finetune_on(&mut g.gm, w, l, target, init, seqs, opts),
-                GpuLevels::Planes(l) => finetune_on(&mut g.gm, w, l, target, init, seqs, opts),
-            },
+            On::Gpu(g) => {
+                let step = match &mut g.step {
+                    Some(s) => s,
+                    slot => slot.insert(Step::new(g.gm.backend(), w, opts.record)?),
+                };
+                match &g.levels {
+                    GpuLevels::F32(l) => {
+                        finetune_with(step, &mut g.gm, w, l, target, init, seqs, opts)
+                    }
+                    GpuLevels::Planes(l) => {
+                        finetune_with(step, &mut g.gm, w, l, target, init, seqs, opts)
+                    }
+                }
+            }
         }
     }
 

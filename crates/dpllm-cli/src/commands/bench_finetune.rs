@@ -37,6 +37,10 @@ pub struct Args {
     /// needs) or auto (f32 when it takes at most a third of the free memory).
     #[arg(long, default_value = "auto")]
     pub levels: dpllm_calibrate::tuner::LevelStore,
+    /// With --device cuda: queue each step's ops one by one instead of
+    /// replaying the step recorded as a CUDA graph (to compare).
+    #[arg(long)]
+    pub no_graph: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -68,20 +72,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seq_len: a.seq_len,
         max_bits: a.max_bits,
         levels: a.levels,
+        record: !a.no_graph,
     };
     let r = bench_finetune(&cfg)?;
     super::bench::publish(&table(&r), a.json.as_deref(), &r)
 }
 
 fn table(r: &FinetuneBenchResult) -> String {
-    let mut s = format!(
-        "fine-tuning step, {} shapes, {} tokens, levels 3..={} bits as {}, {}{}\n{:>8} {:>12}\n",
+    let mut s =
+        format!(
+        "fine-tuning step, {} shapes, {} tokens, levels 3..={} bits as {}, {}{}{}\n{:>8} {:>12}\n",
         r.model,
         r.seq_len,
         r.max_bits,
         r.levels.name(),
         r.device,
         if r.tf32 { ", TF32" } else { "" },
+        if r.replayed { ", replayed as a CUDA graph" } else { "" },
         "layers",
         "ms/step"
     );

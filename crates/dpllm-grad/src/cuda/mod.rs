@@ -949,7 +949,9 @@ impl GradBackend for CudaGrad {
         )
     }
     fn recorder(&self) -> Option<Box<dyn Recorder>> {
-        if self.profile.is_some() || std::env::var_os("DPLLM_NO_GRAPHS").is_some() {
+        // As the engine's decode graphs: DPLLM_CUDA_GRAPHS=0 turns them off.
+        let off = std::env::var("DPLLM_CUDA_GRAPHS").is_ok_and(|v| v == "0");
+        if self.profile.is_some() || off {
             return None;
         }
         Some(Box::new(graph::StreamRecorder::new(self.stream().clone())))
