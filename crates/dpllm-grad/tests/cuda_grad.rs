@@ -158,7 +158,8 @@ fn pair_ops_and_row_norms_match_the_cpu() {
         cpu.mix(&mut w, &levels, 3, &host_pairs, p).unwrap();
         let mut out = up(&vec![f32::NAN; n]);
         be.mix(&mut out, &dlevels, 3, &pairs, p).unwrap();
-        let (i, e) = max_err(&be.download(&out).unwrap(), &w, 0.0);
+        // Against the largest weight: a·lo + b·hi cancels where they are close.
+        let (i, e) = max_err(&be.download(&out).unwrap(), &w, 1.0);
         assert!(e <= 1e-6, "mix of pair {p} at {i}: relative error {e}");
     }
     // Reversed or not held: NaN on the GPU, an error on the CPU.
