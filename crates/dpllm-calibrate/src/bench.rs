@@ -35,6 +35,8 @@ pub struct FinetuneBenchConfig {
     pub levels: LevelStore,
     /// Record the step once and replay it (a CUDA graph) where the backend can.
     pub record: bool,
+    /// Targets fine-tuned at once (GPU lanes); the time is per step of one target.
+    pub targets: usize,
 }
 
 /// One depth's measurement.
@@ -65,6 +67,11 @@ pub struct FinetuneBenchResult {
     pub levels: LevelStore,
     /// Whether the timed steps replayed a recording (a CUDA graph).
     pub replayed: bool,
+    /// Targets fine-tuned at once (on as many GPU lanes as fit): `ms_per_step`
+    /// is the wall time of a step of all of them over their number.
+    pub targets: usize,
+    /// Lanes they ran on.
+    pub lanes: usize,
     /// The measured depths.
     pub depths: Vec<DepthTime>,
     /// Blocks of the real model.
@@ -83,6 +90,11 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         "depths must be two block counts, the second larger"
     );
     ensure!(cfg.steps >= 1, "time at least one step");
+    ensure!(
+        (1..=8).contains(&cfg.targets),
+        "--targets {} must be within 1..=8",
+        cfg.targets
+    );
     ensure!(cfg.seq_len >= 2, "a sequence needs at least 2 tokens");
     ensure!(
         (4..=8).contains(&cfg.max_bits),
@@ -94,6 +106,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
     let mut device = String::new();
     let mut levels = cfg.levels;
     let mut replayed = true;
+    let mut lanes = 1;
     for layers in [d1, d2] {
         let mut config = full.clone();
         config.num_layers = layers;
@@ -126,14 +139,19 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
             record: cfg.record,
             ..Default::default()
         };
-        // One untimed step: kernels compiled, buffers allocated, the step recorded.
-        let target = 3.0 + (cfg.max_bits - 3) as f64 / 2.0;
-        tuner.finetune(&w, target, None, &seqs[..1], &opts)?;
-        let r = tuner.finetune(&w, target, None, &seqs[1..], &opts)?;
+        // Targets between 3.5 bits and the highest precision.
+        let span = (cfg.max_bits as f64 - 3.5) / cfg.targets as f64;
+        let targets: Vec<(f64, Option<&[f64]>)> = (0..cfg.targets)
+            .map(|k| (3.5 + span * k as f64, None))
+            .collect();
+        // One untimed step: kernels compiled, buffers allocated, the steps recorded.
+        tuner.finetune_all(&w, &targets, &seqs[..1], &opts)?;
+        let r = tuner.finetune_all(&w, &targets, &seqs[1..], &opts)?;
         replayed &= tuner.replays_steps();
+        lanes = tuner.lanes();
         depths.push(DepthTime {
             layers,
-            ms_per_step: 1e3 * r.seconds / r.steps as f64,
+            ms_per_step: 1e3 * r[0].seconds / (r[0].steps * cfg.targets) as f64,
             gpu_used_gib: tuner
                 .gpu_memory_used()?
                 .map(|b| b as f64 / (1u64 << 30) as f64),
@@ -150,6 +168,8 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         max_bits: cfg.max_bits,
         levels,
         replayed,
+        targets: cfg.targets,
+        lanes,
         depths,
         full_layers: full.num_layers,
         full_ms_per_step: full_ms,

@@ -571,17 +571,25 @@ pub fn calibrate(
         .map(|&t| budget::solve(&static_items, opts.min_bits, t))
         .collect::<Result<Vec<_>>>()?;
 
-    // 2b: one fine-tuning per target.
-    let mut tuned = Vec::new();
-    for (&t, st) in opts.targets.iter().zip(&statics) {
-        let init: Option<Vec<f64>> = (opts.init == FinetuneInit::Static)
-            .then(|| st.bits.iter().map(|&b| b as f64).collect());
-        let start = Instant::now();
-        let ft = tuner.finetune(&weights, t, init.as_deref(), &data.finetune, &opts.finetune)?;
-        let stage = format!("fine-tune T={t} ({} steps)", ft.steps);
-        stages.push(StageTime::since(&stage, start));
-        tuned.push(ft);
-    }
+    // 2b: one fine-tuning per target (on a GPU, several at once).
+    let inits: Vec<Option<Vec<f64>>> = (statics.iter())
+        .map(|st| {
+            (opts.init == FinetuneInit::Static).then(|| st.bits.iter().map(|&b| b as f64).collect())
+        })
+        .collect();
+    let targets: Vec<(f64, Option<&[f64]>)> = (opts.targets.iter().zip(&inits))
+        .map(|(&t, i)| (t, i.as_deref()))
+        .collect();
+    let start = Instant::now();
+    let tuned = tuner.finetune_all(&weights, &targets, &data.finetune, &opts.finetune)?;
+    let names: Vec<String> = opts.targets.iter().map(|t| t.to_string()).collect();
+    let stage = format!(
+        "fine-tune T={} ({} steps each, {} at once)",
+        names.join(","),
+        tuned.first().map_or(0, |f| f.steps),
+        tuner.lanes()
+    );
+    stages.push(StageTime::since(&stage, start));
 
     // 2c/2d inputs: the model at m_l.
     let t = Instant::now();

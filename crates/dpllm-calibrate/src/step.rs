@@ -105,6 +105,29 @@ impl<G: GradBackend> Step<G> {
         p: &[f64],
         seq: &[u32],
     ) -> Result<(f64, Vec<f64>)> {
+        self.queue(gm, w, levels, index, p, seq)?;
+        self.results(gm)
+    }
+
+    /// The results of the step last queued: the CE and ∂CE/∂p per linear
+    /// (waits for it).
+    pub fn results(&self, gm: &GradModel<G>) -> Result<(f64, Vec<f64>)> {
+        let be = gm.backend();
+        Ok((be.read_sums(&self.loss)?[0], be.read_sums(&self.dots)?))
+    }
+
+    /// Queue the step [`Step::run`] computes, without waiting for it (but
+    /// for the first step of a recording, which is checked): steps of other
+    /// targets on other lanes can be queued meanwhile.
+    pub fn queue(
+        &mut self,
+        gm: &mut GradModel<G>,
+        w: &[LinearWeights],
+        levels: &(impl WeightLevels<G> + ?Sized),
+        index: &LinearIndex,
+        p: &[f64],
+        seq: &[u32],
+    ) -> Result<()> {
         gm.check(seq)?;
         let key = (
             gm as *const GradModel<G> as usize,
@@ -164,8 +187,7 @@ impl<G: GradBackend> Step<G> {
                 };
             }
         }
-        let be = gm.backend();
-        Ok((be.read_sums(loss)?[0], be.read_sums(dots)?))
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use dpllm_grad::{GradBackend, GradModel};
 
 use crate::collect::{collect, LinearCalib};
 #[cfg(feature = "cuda")]
-use crate::finetune::finetune_with;
+use crate::finetune::{finetune_lanes, finetune_with, Lane};
 use crate::finetune::{finetune_on, FinetuneOptions, FinetuneResult};
 #[cfg(feature = "cuda")]
 use crate::step::Step;
@@ -36,6 +36,87 @@ struct Gpu {
     /// The fine-tuning step's buffers and recording, kept from target to
     /// target (made on the first, as the options say).
     step: Option<crate::step::Step<dpllm_grad::cuda::CudaGrad>>,
+    /// More lanes (a stream, a copy of the model, a step each), made when
+    /// several targets are fine-tuned at once.
+    lanes: Vec<GpuLane>,
+}
+
+#[cfg(feature = "cuda")]
+type GpuLane = (
+    GradModel<dpllm_grad::cuda::CudaGrad>,
+    crate::step::Step<dpllm_grad::cuda::CudaGrad>,
+);
+
+#[cfg(feature = "cuda")]
+impl Gpu {
+    /// Lanes for `targets` targets: as the options say, else as many as
+    /// fit in a third of the free memory at twice the model's f32 size and
+    /// 2 GiB of activations each, at most 8.
+    fn lane_count(&self, targets: usize, opts: &FinetuneOptions) -> Result<usize> {
+        let most = match opts.lanes {
+            0 => {
+                let (free, _) = self.gm.backend().device().memory()?;
+                let per_lane = 8 * self.gm.values() + (2 << 30);
+                1 + free / 3 / per_lane
+            }
+            n => n,
+        };
+        Ok(most.clamp(1, 8).min(targets.max(1)))
+    }
+
+    /// Lane 0's step, and the other lanes up to `count`.
+    fn open_lanes(
+        &mut self,
+        count: usize,
+        w: &[LinearWeights],
+        opts: &FinetuneOptions,
+    ) -> Result<()> {
+        if self.step.is_none() {
+            self.step = Some(Step::new(self.gm.backend(), w, opts.record)?);
+        }
+        while self.lanes.len() + 1 < count {
+            let be = self.gm.backend();
+            // The model's buffers (and the levels) complete before the copy,
+            // and the copy complete before the model changes again.
+            be.synchronize()?;
+            let gm = self.gm.replicate(be.lane()?)?;
+            gm.backend().synchronize()?;
+            let step = Step::new(gm.backend(), w, opts.record)?;
+            self.lanes.push((gm, step));
+        }
+        Ok(())
+    }
+
+    fn finetune_all(
+        &mut self,
+        w: &[LinearWeights],
+        targets: &[(f64, Option<&[f64]>)],
+        seqs: &[Vec<u32>],
+        opts: &FinetuneOptions,
+    ) -> Result<Vec<FinetuneResult>> {
+        let count = self.lane_count(targets.len(), opts)?;
+        self.open_lanes(count, w, opts)?;
+        let Gpu {
+            gm,
+            levels,
+            step,
+            lanes,
+        } = self;
+        let mut all = vec![Lane {
+            gm,
+            step: step.as_mut().expect("opened above"),
+        }];
+        all.extend(lanes.iter_mut().map(|(gm, step)| Lane { gm, step }));
+        let mut out = Vec::with_capacity(targets.len());
+        for chunk in targets.chunks(count) {
+            let lanes = &mut all[..chunk.len()];
+            out.extend(match levels {
+                GpuLevels::F32(l) => finetune_lanes(lanes, w, l, chunk, seqs, opts)?,
+                GpuLevels::Planes(l) => finetune_lanes(lanes, w, l, chunk, seqs, opts)?,
+            });
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -131,6 +212,7 @@ impl Tuner {
                     gm,
                     levels,
                     step: None,
+                    lanes: Vec::new(),
                 }))
             }
             #[cfg(not(feature = "cuda"))]
@@ -179,6 +261,33 @@ impl Tuner {
                 GpuLevels::F32(_) => LevelStore::F32,
                 GpuLevels::Planes(_) => LevelStore::Planes,
             },
+        }
+    }
+
+    /// [`finetune_on`] for every target (and its start, as `init`), on a
+    /// GPU several at once ([`FinetuneOptions::lanes`]); results in target order.
+    pub fn finetune_all(
+        &mut self,
+        w: &[LinearWeights],
+        targets: &[(f64, Option<&[f64]>)],
+        seqs: &[Vec<u32>],
+        opts: &FinetuneOptions,
+    ) -> Result<Vec<FinetuneResult>> {
+        match &mut self.on {
+            On::Cpu(gm) => (targets.iter())
+                .map(|&(t, init)| finetune_on(gm, w, w, t, init, seqs, opts))
+                .collect(),
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => g.finetune_all(w, targets, seqs, opts),
+        }
+    }
+
+    /// Targets fine-tuned at once so far (1 on the CPU).
+    pub fn lanes(&self) -> usize {
+        match &self.on {
+            On::Cpu(_) => 1,
+            #[cfg(feature = "cuda")]
+            On::Gpu(g) => 1 + g.lanes.len(),
         }
     }
 

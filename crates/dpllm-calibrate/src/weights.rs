@@ -206,7 +206,7 @@ impl WeightLevels<dpllm_grad::cuda::CudaGrad> for PlanesOn {
         slot: usize,
     ) -> Result<()> {
         let _p = be.span("planes_mix");
-        Ok(self.w[g].mix_pair(pairs, slot, dst)?)
+        Ok(self.w[g].mix_pair(be.stream(), pairs, slot, dst)?)
     }
 
     fn dot_diff(
@@ -220,7 +220,7 @@ impl WeightLevels<dpllm_grad::cuda::CudaGrad> for PlanesOn {
         sum_slot: usize,
     ) -> Result<()> {
         let _p = be.span("planes_dot_diff");
-        Ok(self.w[g].dot_diff_pair(dw, pairs, slot, sums, sum_slot)?)
+        Ok(self.w[g].dot_diff_pair(be.stream(), dw, pairs, slot, sums, sum_slot)?)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Calibration on a GPU against the CPU on a tiny quantized model: the CE
 //! and ∂CE/∂p of one fine-tuning step, a few AdamW steps ending at the same
 //! precisions, steps replayed from a recording against steps run op by op,
-//! and the estimator data. Skips with a message where there is no GPU.
+//! targets fine-tuned at once on lanes against one at a time, and the
+//! estimator data. Skips with a message where there is no GPU.
 #![cfg(feature = "cuda")]
 
 use dpllm_calibrate::finetune::{
@@ -167,6 +168,44 @@ fn recorded_steps_match_steps_run_op_by_op() {
                 assert!(
                     (a - b).abs() <= 1e-7 * scale,
                     "{how}, step {i}, linear {g}: ∂CE/∂p {a} replayed, {b} op by op"
+                );
+            }
+        }
+    }
+}
+
+/// Three targets fine-tuned at once on three lanes (streams and model
+/// copies of their own) end where one lane, a target at a time, ends.
+#[test]
+fn targets_on_lanes_match_one_at_a_time() {
+    if test_device(0).is_none() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (model, w) = tiny_quantized(&t);
+    let seqs = sequences(3);
+    let init: Vec<f64> = (0..w.len()).map(|g| 3.5 + (g % 2) as f64).collect();
+    let targets = [(3.5, None), (4.0, Some(&init[..])), (4.75, None)];
+    for store in [LevelStore::F32, LevelStore::Planes] {
+        let run = |lanes| {
+            let mut tuner = Tuner::open(Device::Cuda(0), &model, &w, true, store).unwrap();
+            let opts = FinetuneOptions {
+                epochs: 2,
+                lanes,
+                ..Default::default()
+            };
+            let r = tuner.finetune_all(&w, &targets, &seqs, &opts).unwrap();
+            assert_eq!(tuner.lanes(), lanes, "{}: lanes opened", store.name());
+            r
+        };
+        let (together, alone) = (run(3), run(1));
+        for (k, (a, b)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(a.steps, b.steps);
+            for (g, (x, y)) in a.p.iter().zip(&b.p).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "{}: target {k}, linear {g}: p {x} on lanes, {y} alone",
+                    store.name()
                 );
             }
         }

@@ -150,20 +150,23 @@ fn mix_and_dot_diff_match_the_dequantized_levels() {
         ])
         .unwrap();
     for slot in [0, 1] {
-        gpu.mix_pair(&pairs, slot, &mut out).expect("queued");
+        gpu.mix_pair(&s, &pairs, slot, &mut out).expect("queued");
         let got = s.clone_dtoh(&out).unwrap();
         assert!(got.iter().all(|v| v.is_nan()), "mix of pair {slot}");
         let mut sums = s.alloc_zeros::<f64>(1).unwrap();
-        gpu.dot_diff_pair(&out, &pairs, slot, &mut sums, 0)
+        gpu.dot_diff_pair(&s, &out, &pairs, slot, &mut sums, 0)
             .expect("queued");
         assert!(
             s.clone_dtoh(&sums).unwrap()[0].is_nan(),
             "dot_diff of pair {slot}"
         );
     }
-    gpu.mix_pair(&pairs, 2, &mut out).expect("a held pair");
+    gpu.mix_pair(&s, &pairs, 2, &mut out).expect("a held pair");
     assert!(s.clone_dtoh(&out).unwrap().iter().all(|v| v.is_finite()));
-    assert!(gpu.mix_pair(&pairs, 3, &mut out).is_err(), "pair 3 of 3");
+    assert!(
+        gpu.mix_pair(&s, &pairs, 3, &mut out).is_err(),
+        "pair 3 of 3"
+    );
 }
 
 #[test]

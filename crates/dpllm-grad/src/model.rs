@@ -326,6 +326,66 @@ impl<G: GradBackend> GradModel<G> {
         &self.be
     }
 
+    /// A copy of every weight on backend `be` (another lane of the same
+    /// device: what this model's backend queued must be complete first).
+    pub fn replicate(&self, be: G) -> Result<GradModel<G>> {
+        let copy_lin = |l: &LinearF32<G::Buf>| -> Result<LinearF32<G::Buf>> {
+            Ok(LinearF32 {
+                name: l.name,
+                w: be.copy(&l.w)?,
+                bias: l.bias.as_ref().map(|b| be.copy(b)).transpose()?,
+                out_f: l.out_f,
+                in_f: l.in_f,
+            })
+        };
+        let copy_group = |g: &Group<G::Buf>| -> Result<Group<G::Buf>> {
+            Ok(Group {
+                linears: g.linears.iter().map(copy_lin).collect::<Result<_>>()?,
+                widths: g.widths.clone(),
+            })
+        };
+        let blocks = (self.blocks.iter())
+            .map(|b| {
+                Ok(BlockF32 {
+                    attn_norm: be.copy(&b.attn_norm)?,
+                    qkv: copy_group(&b.qkv)?,
+                    qk_norm: match &b.qk_norm {
+                        Some((q, k)) => Some((be.copy(q)?, be.copy(k)?)),
+                        None => None,
+                    },
+                    o_proj: copy_lin(&b.o_proj)?,
+                    mlp_norm: be.copy(&b.mlp_norm)?,
+                    gate_up: copy_group(&b.gate_up)?,
+                    down_proj: copy_lin(&b.down_proj)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GradModel {
+            config: self.config.clone(),
+            embed: be.copy(&self.embed)?,
+            blocks,
+            final_norm: be.copy(&self.final_norm)?,
+            lm_head: be.copy(&self.lm_head)?,
+            rope: self.rope.clone(),
+            be,
+        })
+    }
+
+    /// Values in all the model's buffers (4 bytes each).
+    pub fn values(&self) -> usize {
+        let be = &self.be;
+        let lin = |l: &LinearF32<G::Buf>| be.len(&l.w) + l.bias.as_ref().map_or(0, |b| be.len(b));
+        let blocks: usize = (self.blocks.iter())
+            .map(|b| {
+                b.linears().into_iter().map(lin).sum::<usize>()
+                    + be.len(&b.attn_norm)
+                    + be.len(&b.mlp_norm)
+                    + b.qk_norm.as_ref().map_or(0, |(q, k)| be.len(q) + be.len(k))
+            })
+            .sum();
+        blocks + be.len(&self.embed) + be.len(&self.final_norm) + be.len(&self.lm_head)
+    }
+
     /// The backend with the blocks open for writing (to load other weights).
     pub fn backend_and_blocks(&mut self) -> (&G, &mut [BlockF32<G::Buf>]) {
         (&self.be, &mut self.blocks)

@@ -41,6 +41,10 @@ pub struct Args {
     /// replaying the step recorded as a CUDA graph (to compare).
     #[arg(long)]
     pub no_graph: bool,
+    /// Targets fine-tuned at once (1..=8; on a GPU, on as many lanes as
+    /// fit): the time shown is per step of one target.
+    #[arg(long, default_value_t = 1)]
+    pub targets: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -73,6 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_bits: a.max_bits,
         levels: a.levels,
         record: !a.no_graph,
+        targets: a.targets,
     };
     let r = bench_finetune(&cfg)?;
     super::bench::publish(&table(&r), a.json.as_deref(), &r)
@@ -92,6 +97,12 @@ fn table(r: &FinetuneBenchResult) -> String {
         "layers",
         "ms/step"
     );
+    if r.targets > 1 {
+        s += &format!(
+            "({} targets at once on {} lanes: time per step of one target)\n",
+            r.targets, r.lanes
+        );
+    }
     for d in &r.depths {
         s += &format!("{:>8} {:>12.1}", d.layers, d.ms_per_step);
         if let Some(gib) = d.gpu_used_gib {

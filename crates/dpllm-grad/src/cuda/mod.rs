@@ -58,11 +58,14 @@ macro_rules! launch {
 /// RoPE tables on the device: ((positions, inverse, last position's host row), table).
 type RopeTables = Vec<((usize, bool, Vec<f32>), Arc<CudaSlice<f32>>)>;
 
-/// The gradient ops on one GPU.
+/// The gradient ops on one GPU, queued on one stream.
 pub struct CudaGrad {
     dev: Arc<CudaDevice>,
+    /// Where this backend's ops are queued: the device's, or a lane's own
+    /// ([`CudaGrad::lane`]).
+    stream: Arc<CudaStream>,
     /// `grad.cu`.
-    kernels: Kernels,
+    kernels: Arc<Kernels>,
     /// The engine's `ops.cu`, for the element-wise ops both passes share
     /// (`add`, `add_bias`, `rope`, `split_cols`).
     ops: Arc<Kernels>,
@@ -73,25 +76,30 @@ pub struct CudaGrad {
     rope_tables: Mutex<RopeTables>,
     /// Time per op, when `DPLLM_PROFILE` is set.
     profile: Option<profile::Profile>,
-    /// A cuBLAS handle of this backend's own in TF32 mode ([`CudaGrad::with_tf32`]);
-    /// None: the device's, exact f32.
-    tf32: Option<Arc<cudarc::cublas::CudaBlas>>,
+    /// A cuBLAS handle of this backend's own, on its stream (TF32 mode with
+    /// [`CudaGrad::with_tf32`], or a lane's); None: the device's, exact f32.
+    blas: Option<Arc<cudarc::cublas::CudaBlas>>,
+    /// Matrix products on TF32 tensor cores.
+    tf32: bool,
 }
 
 impl CudaGrad {
     /// The gradient ops on `dev`, their kernels compiled (or read from the PTX cache).
     pub fn new(dev: Arc<CudaDevice>) -> Result<CudaGrad> {
-        let kernels = dev.load_kernels("grad", SOURCE)?;
+        let kernels = Arc::new(dev.load_kernels("grad", SOURCE)?);
         let ops = dev.ops_kernels()?;
-        let pos0 = (dev.stream().clone_htod(&[0u32][..])).context("CUDA: copying a position")?;
+        let stream = dev.stream().clone();
+        let pos0 = (stream.clone_htod(&[0u32][..])).context("CUDA: copying a position")?;
         Ok(CudaGrad {
             dev,
+            stream,
             kernels,
             ops,
             pos0,
             rope_tables: Mutex::default(),
             profile: profile::Profile::from_env(),
-            tf32: None,
+            blas: None,
+            tf32: false,
         })
     }
 
@@ -105,22 +113,35 @@ impl CudaGrad {
     /// mantissas, f32 accumulation) instead of exact f32, for passes that need
     /// gradients, not bit-exact ones (precision fine-tuning).
     pub fn with_tf32(mut self) -> Result<CudaGrad> {
-        self.dev.blas()?; // the clear error when cuBLAS is missing
-        let blas = cudarc::cublas::CudaBlas::new(self.stream().clone())
-            .map_err(|e| anyhow::anyhow!("cuBLAS: creating a handle: {e}"))?;
-        use cudarc::cublas::sys;
-        // SAFETY: the handle is live; the mode is a valid cublasMath_t.
-        let status = unsafe {
-            sys::cublasSetMathMode(
-                *blas.handle(),
-                sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
-            )
-        };
-        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            bail!("cuBLAS: cannot enable TF32 ({status:?})");
-        }
-        self.tf32 = Some(Arc::new(blas));
+        self.blas = Some(own_blas(&self.dev, &self.stream, true)?);
+        self.tf32 = true;
         Ok(self)
+    }
+
+    /// The same ops (TF32 or not) on a new stream of the same GPU, with a
+    /// cuBLAS handle of its own: several lanes run fine-tuning steps of
+    /// different targets at once. Buffers another lane (or the device's
+    /// stream) wrote must be complete before this lane reads them
+    /// ([`CudaGrad::synchronize`]).
+    pub fn lane(&self) -> Result<CudaGrad> {
+        let stream = (self.dev.context().new_stream()).context("CUDA: creating a stream")?;
+        let pos0 = (stream.clone_htod(&[0u32][..])).context("CUDA: copying a position")?;
+        Ok(CudaGrad {
+            dev: self.dev.clone(),
+            blas: Some(own_blas(&self.dev, &stream, self.tf32)?),
+            stream,
+            kernels: self.kernels.clone(),
+            ops: self.ops.clone(),
+            pos0,
+            rope_tables: Mutex::default(),
+            profile: None,
+            tf32: self.tf32,
+        })
+    }
+
+    /// Wait until everything queued on this backend's stream is done.
+    pub fn synchronize(&self) -> Result<()> {
+        (self.stream.synchronize()).context("CUDA: waiting for the stream")
     }
 
     /// The device.
@@ -128,8 +149,9 @@ impl CudaGrad {
         &self.dev
     }
 
-    fn stream(&self) -> &Arc<CudaStream> {
-        self.dev.stream()
+    /// The stream this backend queues its ops on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// Time op `name` until the guard drops, when profiling (`DPLLM_PROFILE`);
@@ -192,7 +214,7 @@ impl CudaGrad {
             bail!("CUDA GEMM: a {m}x{n}x{k} product (batch {batch}) reaches past its buffers");
         }
         let cfg = blas_config((ta, tb), (m, n, k), (ma, mb, mc), beta, batch);
-        let blas = match &self.tf32 {
+        let blas = match &self.blas {
             Some(b) => b.clone(),
             None => self.dev.blas()?,
         };
@@ -978,4 +1000,30 @@ impl GradBackend for CudaGrad {
             &mut *out
         )
     }
+}
+
+/// A cuBLAS handle on `stream`, in TF32 mode when `tf32`; a clear error
+/// when cuBLAS is missing.
+fn own_blas(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    tf32: bool,
+) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+    dev.blas()?; // the clear error when cuBLAS is missing
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+        .map_err(|e| anyhow::anyhow!("cuBLAS: creating a handle: {e}"))?;
+    if tf32 {
+        use cudarc::cublas::sys;
+        // SAFETY: the handle is live; the mode is a valid cublasMath_t.
+        let status = unsafe {
+            sys::cublasSetMathMode(
+                *blas.handle(),
+                sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cuBLAS: cannot enable TF32 ({status:?})");
+        }
+    }
+    Ok(Arc::new(blas))
 }

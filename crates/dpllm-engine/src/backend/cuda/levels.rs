@@ -4,7 +4,9 @@
 //! pair is read from a table in device memory, so a recorded CUDA graph of
 //! these launches serves every fine-tuning step.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::bitplane::CudaAnyPrec;
 use super::device_err;
@@ -38,21 +40,24 @@ impl CudaAnyPrec {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.check_pair("mix", lo, hi)?;
-        self.mix_pair(&self.one_pair(lo, hi, a, b)?, 0, out)
+        let stream = self.device().stream();
+        self.mix_pair(stream, &self.one_pair(lo, hi, a, b)?, 0, out)
     }
 
     /// `out` = a·W_lo + b·W_hi of pair `slot` of `pairs` ([`PAIR_WORDS`]
     /// f32 a pair: lo, hi, a, b), read on the device: NaN where the pair is
-    /// not one this weight holds (lo ≤ hi).
+    /// not one this weight holds (lo ≤ hi). Queued on `stream` (of this
+    /// weight's device), which must see `pairs` and `out` ready.
     pub fn mix_pair(
         &self,
+        stream: &Arc<CudaStream>,
         pairs: &CudaSlice<f32>,
         slot: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         self.check_len("mix", out.len())?;
-        let pair = self.pair_at("mix", pairs, slot)?;
-        self.launch_pair(pair, PairOp::Mix(out))
+        let pair = self.pair_at(stream, "mix", pairs, slot)?;
+        self.launch_pair(stream, pair, PairOp::Mix(out))
     }
 
     /// `sums[slot]` += Σ g·(W_hi − W_lo) over the weight, summed in f64
@@ -67,13 +72,15 @@ impl CudaAnyPrec {
         slot: usize,
     ) -> Result<()> {
         self.check_pair("dot_diff", lo, hi)?;
-        self.dot_diff_pair(g, &self.one_pair(lo, hi, 0.0, 0.0)?, 0, sums, slot)
+        let stream = self.device().stream();
+        self.dot_diff_pair(stream, g, &self.one_pair(lo, hi, 0.0, 0.0)?, 0, sums, slot)
     }
 
     /// `sums[sum_slot]` += Σ g·(W_hi − W_lo) of pair `slot` of `pairs`
     /// (as [`CudaAnyPrec::mix_pair`]; NaN where it is not held).
     pub fn dot_diff_pair(
         &self,
+        stream: &Arc<CudaStream>,
         g: &CudaSlice<f32>,
         pairs: &CudaSlice<f32>,
         slot: usize,
@@ -81,16 +88,16 @@ impl CudaAnyPrec {
         sum_slot: usize,
     ) -> Result<()> {
         self.check_len("dot_diff", g.len())?;
-        let pair = self.pair_at("dot_diff", pairs, slot)?;
+        let pair = self.pair_at(stream, "dot_diff", pairs, slot)?;
         if sum_slot >= sums.len() {
             return Err(EngineError::Device(format!(
                 "dot_diff: sum {sum_slot} of {}",
                 sums.len()
             )));
         }
-        let (at, _record) = sums.device_ptr_mut(self.device().stream());
+        let (at, _record) = sums.device_ptr_mut(stream);
         let out = at + (sum_slot * std::mem::size_of::<f64>()) as u64;
-        self.launch_pair(pair, PairOp::DotDiff(g, out))
+        self.launch_pair(stream, pair, PairOp::DotDiff(g, out))
     }
 
     fn check_pair(&self, what: &str, lo: u32, hi: u32) -> Result<()> {
@@ -122,21 +129,26 @@ impl CudaAnyPrec {
     }
 
     /// The device address of pair `slot` of `pairs`, checked.
-    fn pair_at(&self, what: &str, pairs: &CudaSlice<f32>, slot: usize) -> Result<u64> {
+    fn pair_at(
+        &self,
+        stream: &Arc<CudaStream>,
+        what: &str,
+        pairs: &CudaSlice<f32>,
+        slot: usize,
+    ) -> Result<u64> {
         if PAIR_WORDS * (slot + 1) > pairs.len() {
             return Err(EngineError::Device(format!(
                 "{what}: precision pair {slot} of {}",
                 pairs.len() / PAIR_WORDS
             )));
         }
-        let (at, _record) = pairs.device_ptr(self.device().stream());
+        let (at, _record) = pairs.device_ptr(stream);
         Ok(at + (PAIR_WORDS * 4 * slot) as u64)
     }
 
     /// Launch `op`'s kernel on the pair at device address `pair`.
-    fn launch_pair(&self, pair: u64, mut op: PairOp<'_>) -> Result<()> {
+    fn launch_pair(&self, stream: &Arc<CudaStream>, pair: u64, mut op: PairOp<'_>) -> Result<()> {
         let (planes, stride, _, kbs) = self.level_args(self.max_bits())?;
-        let stream = self.device().stream();
         // The LUT at 3..=8 bits, 0 where not held.
         let luts: Vec<u64> = (3..=8)
             .map(|b| match self.level_args(b) {
