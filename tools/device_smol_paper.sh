@@ -4,7 +4,8 @@
 # (tools/device_calibrate.sh), then evaluated on WikiText-2 test against the
 # GGUF: uniform bits, and static and DP-LLM at every target. Everything in
 # $RES (default /tmp/paper); `done` there when finished. Needs /tmp/smol.gguf.
-#   BUDGET (5), TARGETS (3.25..4.75), CHUNKS (16 chunks of 2048 tokens), UNIFORM (3 4 5 6 7 8)
+#   BUDGET (5), TARGETS (3.25..4.75), CHUNKS (16 chunks of 2048 tokens),
+#   UNIFORM (bits evaluated uniformly: 3 4 5 6 7 8; empty for none)
 set -uo pipefail
 RES=${RES:-/tmp/paper}
 mkdir -p "$RES"
@@ -22,7 +23,7 @@ eval_one() {  # eval_one NAME ARGS...
         > "$RES/$name.txt" 2>&1
     echo "$name rc=$?" >> "$RES/eval.log"
 }
-for b in ${UNIFORM:-3 4 5 6 7 8}; do
+for b in ${UNIFORM-3 4 5 6 7 8}; do
     eval_one "uniform-$b" --bits "$b"
 done
 for t in ${T//,/ }; do
