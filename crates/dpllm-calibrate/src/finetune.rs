@@ -174,23 +174,10 @@ pub fn finetune_on<G: GradBackend>(
     opts: &FinetuneOptions,
 ) -> Result<FinetuneResult> {
     let mut step = Step::new(gm.backend(), w, opts.record)?;
-    finetune_with(&mut step, gm, w, levels, target, init, seqs, opts)
-}
-
-/// [`finetune_on`] with the step's buffers (and recording) of `step`, kept
-/// from target to target.
-#[allow(clippy::too_many_arguments)]
-pub fn finetune_with<G: GradBackend>(
-    step: &mut Step<G>,
-    gm: &mut GradModel<G>,
-    w: &[LinearWeights],
-    levels: &(impl WeightLevels<G> + ?Sized),
-    target: f64,
-    init: Option<&[f64]>,
-    seqs: &[Vec<u32>],
-    opts: &FinetuneOptions,
-) -> Result<FinetuneResult> {
-    let mut lanes = [Lane { gm, step }];
+    let mut lanes = [Lane {
+        gm,
+        step: &mut step,
+    }];
     let mut r = finetune_lanes(&mut lanes, w, levels, &[(target, init)], seqs, opts)?;
     Ok(r.pop().expect("one result a target"))
 }

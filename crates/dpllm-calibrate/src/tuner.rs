@@ -10,7 +10,7 @@ use dpllm_grad::{GradBackend, GradModel};
 
 use crate::collect::{collect, LinearCalib};
 #[cfg(feature = "cuda")]
-use crate::finetune::{finetune_lanes, finetune_with, Lane};
+use crate::finetune::{finetune_lanes, Lane};
 use crate::finetune::{finetune_on, FinetuneOptions, FinetuneResult};
 #[cfg(feature = "cuda")]
 use crate::step::Step;
@@ -288,35 +288,6 @@ impl Tuner {
             On::Cpu(_) => 1,
             #[cfg(feature = "cuda")]
             On::Gpu(g) => 1 + g.lanes.len(),
-        }
-    }
-
-    /// [`finetune_on`] for `target` on this tuner's device.
-    pub fn finetune(
-        &mut self,
-        w: &[LinearWeights],
-        target: f64,
-        init: Option<&[f64]>,
-        seqs: &[Vec<u32>],
-        opts: &FinetuneOptions,
-    ) -> Result<FinetuneResult> {
-        match &mut self.on {
-            On::Cpu(gm) => finetune_on(gm, w, w, target, init, seqs, opts),
-            #[cfg(feature = "cuda")]
-            On::Gpu(g) => {
-                let step = match &mut g.step {
-                    Some(s) => s,
-                    slot => slot.insert(Step::new(g.gm.backend(), w, opts.record)?),
-                };
-                match &g.levels {
-                    GpuLevels::F32(l) => {
-                        finetune_with(step, &mut g.gm, w, l, target, init, seqs, opts)
-                    }
-                    GpuLevels::Planes(l) => {
-                        finetune_with(step, &mut g.gm, w, l, target, init, seqs, opts)
-                    }
-                }
-            }
         }
     }
 
