@@ -55,8 +55,8 @@ pub struct DepthTime {
 pub struct FinetuneBenchResult {
     /// The shapes' name.
     pub model: String,
-    /// Where it ran.
-    pub device: String,
+    /// Where it ran ("cpu", or the GPU): the JSON's `device`.
+    pub backend: String,
     /// TF32 products.
     pub tf32: bool,
     /// Tokens per step.
@@ -103,7 +103,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
     );
     let full = synthetic_config(&cfg.model)?;
     let mut depths = Vec::new();
-    let mut device = String::new();
+    let mut backend = String::new();
     let mut levels = cfg.levels;
     let mut replayed = true;
     let mut lanes = 1;
@@ -122,7 +122,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         let n = model.config.linears().len();
         let w = quantized_linears(&model, 3, &vec![cfg.max_bits; n])?;
         let mut tuner = Tuner::open(cfg.device, &model, &w, cfg.tf32, cfg.levels)?;
-        device = tuner.device_name();
+        backend = tuner.device_name();
         levels = tuner.level_store();
         drop(model);
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -162,7 +162,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
     let full_ms = a.ms_per_step + per_layer * (full.num_layers as f64 - a.layers as f64);
     Ok(FinetuneBenchResult {
         model: cfg.model.clone(),
-        device,
+        backend,
         tf32: cfg.tf32,
         seq_len: cfg.seq_len,
         max_bits: cfg.max_bits,

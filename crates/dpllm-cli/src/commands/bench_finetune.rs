@@ -91,7 +91,7 @@ fn table(r: &FinetuneBenchResult) -> String {
         r.seq_len,
         r.max_bits,
         r.levels.name(),
-        r.device,
+        r.backend,
         if r.tf32 { ", TF32" } else { "" },
         if r.replayed { ", replayed as a CUDA graph" } else { "" },
         "layers",
