@@ -33,7 +33,7 @@ impl Pair {
         min_bits: u32,
         len: usize,
     ) -> Result<(&'a [f32], &'a [f32])> {
-        let count = if len == 0 { 0 } else { levels.len() / len };
+        let count = levels.len().checked_div(len).unwrap_or(0);
         ensure!(
             len > 0 && levels.len() == count * len,
             "{} level values are not whole weights of {len}",
