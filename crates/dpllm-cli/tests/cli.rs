@@ -1321,6 +1321,14 @@ fn calibrate_then_run_targets_and_baselines() {
         &["calibrate", s(&q), "--targets", "3.5"],
         &["--calib FILE is required"],
     );
+    fails(
+        &[
+            &["calibrate", s(&q), "--targets", "3.5", "--lanes", "9"][..],
+            &small,
+        ]
+        .concat(),
+        &["--lanes 9 must be within 0..=8"],
+    );
     // A corrupt plan file is named in the error.
     std::fs::write(&plan, "{ not json").unwrap();
     fails(

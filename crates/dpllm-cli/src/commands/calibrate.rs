@@ -90,6 +90,11 @@ pub struct CalibrationArgs {
     /// learned precisions within 0.01 bits of the CPU's on a tiny model.
     #[arg(long)]
     pub tf32: bool,
+    /// With --device cuda: targets fine-tuned at once, each on a stream with a
+    /// copy of the f32 model of its own (1..=8); 0 picks as many as fit in a
+    /// third of the free GPU memory.
+    #[arg(long, default_value_t = 0)]
+    pub lanes: usize,
 }
 
 /// `--init`.
@@ -126,6 +131,12 @@ impl CalibrationArgs {
         if self.estimator_samples == 0 || self.epochs == 0 {
             anyhow::bail!("--estimator-samples and --epochs must be at least 1");
         }
+        if self.lanes > 8 {
+            anyhow::bail!(
+                "--lanes {} must be within 0..=8 (0: as many as fit)",
+                self.lanes
+            );
+        }
         let config = dpllm_format::ModelConfig::from_dir(dir)?;
         let tok = TextTokenizer::from_dir(dir, config.bos_token_id, &config.eos_token_ids)?;
         let finetune = self
@@ -153,6 +164,7 @@ impl CalibrationArgs {
                 alpha: self.alpha,
                 exact_target: !self.no_exact_target,
                 progress: true,
+                lanes: self.lanes,
                 ..Default::default()
             },
             init: match self.init {
