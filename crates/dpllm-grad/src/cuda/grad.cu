@@ -135,8 +135,9 @@ extern "C" __global__ void softmax_backward(const float* p, float* dp, int n, fl
 }
 
 // Softmax cross-entropy of logit rows [rows x vocab] against targets (one
-// block a row): loss[row] = log(sum exp(x - max)) - (x_t - max), and the row
-// becomes scale * (softmax - onehot(t)), the gradient of scale * sum of losses.
+// block a row): *loss += inv_rows * (log(sum exp(x - max)) - (x_t - max)) a
+// row (NaN for a target past the vocabulary), and the row becomes
+// scale * (softmax - onehot(t)), the gradient of scale * sum of losses.
 extern "C" __global__ void cross_entropy(float* logits, const u32* targets, int vocab, float scale,
                                          double inv_rows, double* loss) {
     float* row = logits + (long)blockIdx.x * vocab;
