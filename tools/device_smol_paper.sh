@@ -4,6 +4,14 @@
 # (tools/device_calibrate.sh), then evaluated on WikiText-2 test against the
 # GGUF: uniform bits, and static and DP-LLM at every target. Everything in
 # $RES (default /tmp/paper); `done` there when finished. Needs /tmp/smol.gguf.
+# How it ran on 2026-12-07 (H200): with .devcarry unpacked and /tmp/smol.gguf
+# assembled (see tools/device_calibrate.sh), one call started
+#   mkdir -p /tmp/w && cp -r .devcarry tools /tmp/w/ && cd /tmp/w && (setsid nohup bash -c
+#   'BUDGET=5 bash tools/device_smol_paper.sh; BUDGET=4 TARGETS=3.25,3.5,3.75 UNIFORM=
+#   RES=/tmp/paper4 bash tools/device_smol_paper.sh; touch /tmp/all-done' > /tmp/paper.out 2>&1 &)
+# and polled; the next calls, at once while the machine stayed warm, polled
+# for /tmp/all-done, then `tar -czf $OUT/paper.tgz` the results: a call
+# brings back at most 8 files.
 #   BUDGET (5), TARGETS (3.25..4.75), CHUNKS (16 chunks of 2048 tokens),
 #   UNIFORM (bits evaluated uniformly: 3 4 5 6 7 8; empty for none)
 set -uo pipefail
