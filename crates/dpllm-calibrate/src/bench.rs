@@ -74,6 +74,9 @@ pub struct FinetuneBenchResult {
     pub lanes: usize,
     /// The measured depths.
     pub depths: Vec<DepthTime>,
+    /// A block's share of a step, ms (the slope between the depths; at or
+    /// below 0 the timings are noise and the extrapolation means nothing).
+    pub ms_per_block: f64,
     /// Blocks of the real model.
     pub full_layers: usize,
     /// A step of the full model, ms (extrapolated from the depths).
@@ -172,6 +175,7 @@ pub fn bench_finetune(cfg: &FinetuneBenchConfig) -> Result<FinetuneBenchResult> 
         lanes,
         depths,
         full_layers: full.num_layers,
+        ms_per_block: per_layer,
         full_ms_per_step: full_ms,
         paper_minutes_per_target: full_ms * 5000.0 / 60e3,
     })

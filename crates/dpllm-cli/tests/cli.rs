@@ -497,6 +497,12 @@ fn bench_finetune_times_steps_and_refuses_bad_settings() {
     assert!(v["full_ms_per_step"].as_f64().unwrap().is_finite(), "{v}");
     assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
     assert_eq!(v["levels"].as_str(), Some("f32"), "{v}");
+    assert_eq!(
+        (v["targets"].as_u64(), v["lanes"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert!(v["ms_per_block"].as_f64().unwrap().is_finite(), "{v}");
     for (args, phrases) in [
         (
             &["--depths", "2,1"][..],
@@ -511,6 +517,8 @@ fn bench_finetune_times_steps_and_refuses_bad_settings() {
         (&["--levels", "f16"], &["expected auto, f32 or planes"]),
         (&["--synthetic", "gpt-9"], &["--synthetic gpt-9"]),
         (&["--max-bits", "9"], &["--max-bits 9"]),
+        (&["--targets", "9"], &["--targets 9 must be within 1..=8"]),
+        (&["--targets", "0"], &["--targets 0 must be within 1..=8"]),
     ] {
         fails(
             &[

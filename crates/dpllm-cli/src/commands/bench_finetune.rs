@@ -110,8 +110,13 @@ fn table(r: &FinetuneBenchResult) -> String {
         }
         s += "\n";
     }
-    s + &format!(
+    s += &format!(
         "{:>8} {:>12.1}  (extrapolated)\n5000 steps (the paper's 1000 x 5 epochs): {:.1} min per target\n",
         r.full_layers, r.full_ms_per_step, r.paper_minutes_per_target
-    )
+    );
+    if r.ms_per_block <= 0.0 {
+        s += "the deeper model was not slower: these timings are noise and the extrapolation \
+              means nothing; time more steps (--steps) or deeper models (--depths)\n";
+    }
+    s
 }
