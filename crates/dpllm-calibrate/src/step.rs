@@ -147,17 +147,19 @@ impl<G: GradBackend> Step<G> {
         }
         let be = gm.backend();
         be.set_pairs(pairs, &step_pairs(w, p))?;
-        match &mut *ids {
-            Some(ids) if be.ids_len(ids) == seq.len() => be.set_ids(ids, seq)?,
+        let ids: &G::Ids = match ids {
+            Some(ids) if be.ids_len(ids) == seq.len() => {
+                be.set_ids(ids, seq)?;
+                ids
+            }
             slot => {
                 // New ids live elsewhere: a recording made for the old ones is void.
-                *slot = Some(be.ids(seq)?);
                 if !matches!(recording, Recording::Off) {
                     *recording = Recording::Pending;
                 }
+                slot.insert(be.ids(seq)?)
             }
-        }
-        let ids = ids.as_ref().expect("set above");
+        };
         let queue = |gm: &mut GradModel<G>, loss: &mut G::Sums, dots: &mut G::Sums| {
             queue_step(gm, w, levels, index, (ids, &*pairs), (loss, dots))
         };

@@ -240,14 +240,7 @@ impl GradBackend for CpuGrad {
         Ok(tokens.to_vec())
     }
     fn set_ids(&self, ids: &mut Vec<u32>, tokens: &[u32]) -> Result<()> {
-        anyhow::ensure!(
-            ids.len() == tokens.len(),
-            "{} token ids into room for {}",
-            tokens.len(),
-            ids.len()
-        );
-        ids.copy_from_slice(tokens);
-        Ok(())
+        overwrite(ids, tokens, "token ids")
     }
     fn ids_len(&self, ids: &Vec<u32>) -> usize {
         ids.len()
@@ -436,14 +429,7 @@ impl GradBackend for CpuGrad {
         Ok(pairs.to_vec())
     }
     fn set_pairs(&self, dst: &mut Vec<Pair>, pairs: &[Pair]) -> Result<()> {
-        anyhow::ensure!(
-            dst.len() == pairs.len(),
-            "{} pairs into room for {}",
-            pairs.len(),
-            dst.len()
-        );
-        dst.copy_from_slice(pairs);
-        Ok(())
+        overwrite(dst, pairs, "pairs")
     }
     fn mix(
         &self,
@@ -503,6 +489,18 @@ impl GradBackend for CpuGrad {
             .for_each(|(o, v)| *o = v);
         Ok(())
     }
+}
+
+/// `dst` overwritten with as many `src` values (`what` they are, for the error).
+fn overwrite<T: Copy>(dst: &mut [T], src: &[T], what: &str) -> Result<()> {
+    anyhow::ensure!(
+        dst.len() == src.len(),
+        "{} {what} into room for {}",
+        src.len(),
+        dst.len()
+    );
+    dst.copy_from_slice(src);
+    Ok(())
 }
 
 /// Pair `slot` of `pairs`, or an error naming it.

@@ -20,11 +20,6 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// The four f32 a GPU kernel reads: lo, hi, a, b (the bit counts are exact in f32).
-    pub fn words(&self) -> [f32; 4] {
-        [self.lo as f32, self.hi as f32, self.a, self.b]
-    }
-
     /// W_lo and W_hi within `levels`, which holds a weight of `len` values at
     /// precisions `min_bits`, `min_bits + 1`, ... one after another.
     pub fn levels<'a>(
@@ -81,7 +76,6 @@ mod tests {
         };
         let (lo, hi) = p.levels(&levels, 3, 4).unwrap();
         assert_eq!((lo, hi), (&levels[4..8], &levels[8..12]));
-        assert_eq!(p.words(), [4.0, 5.0, 0.25, 0.75]);
         // Out of the held precisions, reversed, or not whole weights.
         assert!(Pair { hi: 6, ..p }.levels(&levels, 3, 4).is_err());
         assert!(Pair { lo: 2, ..p }.levels(&levels, 3, 4).is_err());

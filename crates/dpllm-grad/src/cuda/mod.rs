@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use dpllm_engine::backend::cpu::attention::AttnShape;
 use dpllm_engine::backend::cuda::cudarc;
-use dpllm_engine::backend::cuda::{CudaDevice, Kernels};
+use dpllm_engine::backend::cuda::{pair_words, CudaDevice, Kernels, PAIR_WORDS};
 use dpllm_engine::model::rope::Rope;
 
 use cudarc::cublas::Gemm;
@@ -265,11 +265,12 @@ impl CudaGrad {
                 levels.len()
             );
         }
-        if 4 * slot + 4 > pairs.len() {
-            bail!("precision pair {slot} of {}", pairs.len() / 4);
+        if PAIR_WORDS * (slot + 1) > pairs.len() {
+            bail!("precision pair {slot} of {}", pairs.len() / PAIR_WORDS);
         }
         let (at, _rec) = pairs.device_ptr(self.stream());
-        Ok(((levels.len() / len) as i32, at + (16 * slot) as u64))
+        let offset = PAIR_WORDS * std::mem::size_of::<f32>() * slot;
+        Ok(((levels.len() / len) as i32, at + offset as u64))
     }
 
     fn check_len(&self, what: &str, buf: &CudaSlice<f32>, len: usize) -> Result<()> {
@@ -377,7 +378,7 @@ impl GradBackend for CudaGrad {
     type Buf = CudaSlice<f32>;
     type Sums = CudaSlice<f64>;
     type Ids = CudaSlice<u32>;
-    /// Four f32 a pair ([`Pair::words`]).
+    /// [`PAIR_WORDS`] f32 a pair, as the engine's kernels read them ([`pair_words`]).
     type Pairs = CudaSlice<f32>;
 
     fn name(&self) -> String {
@@ -887,16 +888,18 @@ impl GradBackend for CudaGrad {
     }
     fn pairs(&self, pairs: &[Pair]) -> Result<CudaSlice<f32>> {
         let _p = self.span("upload");
-        let words: Vec<f32> = pairs.iter().flat_map(Pair::words).collect();
-        (self.stream().clone_htod(&words)).context("CUDA: copying precision pairs")
+        (self.stream().clone_htod(&words(pairs))).context("CUDA: copying precision pairs")
     }
     fn set_pairs(&self, dst: &mut CudaSlice<f32>, pairs: &[Pair]) -> Result<()> {
         let _p = self.span("upload");
-        if dst.len() != 4 * pairs.len() {
-            bail!("{} pairs into room for {}", pairs.len(), dst.len() / 4);
+        if dst.len() != PAIR_WORDS * pairs.len() {
+            bail!(
+                "{} pairs into room for {}",
+                pairs.len(),
+                dst.len() / PAIR_WORDS
+            );
         }
-        let words: Vec<f32> = pairs.iter().flat_map(Pair::words).collect();
-        (self.stream().memcpy_htod(&words, dst)).context("CUDA: copying precision pairs")
+        (self.stream().memcpy_htod(&words(pairs), dst)).context("CUDA: copying precision pairs")
     }
     fn mix(
         &self,
@@ -1000,6 +1003,13 @@ impl GradBackend for CudaGrad {
             &mut *out
         )
     }
+}
+
+/// `pairs` as the engine's kernels read them, one after another.
+fn words(pairs: &[Pair]) -> Vec<f32> {
+    (pairs.iter())
+        .flat_map(|p| pair_words(p.lo, p.hi, p.a, p.b))
+        .collect()
 }
 
 /// A cuBLAS handle on `stream`, in TF32 mode when `tf32`; a clear error

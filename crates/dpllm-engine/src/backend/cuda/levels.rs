@@ -123,9 +123,11 @@ impl CudaAnyPrec {
 
     /// A table of one pair, on the device.
     fn one_pair(&self, lo: u32, hi: u32, a: f32, b: f32) -> Result<CudaSlice<f32>> {
-        let words = [lo as f32, hi as f32, a, b];
-        (self.device().stream().clone_htod(&words[..]))
-            .map_err(device_err("copying a precision pair"))
+        (self
+            .device()
+            .stream()
+            .clone_htod(&pair_words(lo, hi, a, b)[..]))
+        .map_err(device_err("copying a precision pair"))
     }
 
     /// The device address of pair `slot` of `pairs`, checked.
@@ -184,9 +186,15 @@ impl CudaAnyPrec {
     }
 }
 
-/// f32 a precision pair takes in the tables the two-precision kernels read:
-/// lo, hi (exact in f32), a, b.
+/// f32 a precision pair takes in the tables the two-precision kernels read
+/// ([`pair_words`]).
 pub const PAIR_WORDS: usize = 4;
+
+/// A precision pair as the two-precision kernels read it, here and in the
+/// gradient crate's `grad.cu`: lo, hi (exact in f32), a, b.
+pub fn pair_words(lo: u32, hi: u32, a: f32, b: f32) -> [f32; PAIR_WORDS] {
+    [lo as f32, hi as f32, a, b]
+}
 
 /// What a two-precision kernel does with the weights.
 enum PairOp<'a> {
@@ -194,4 +202,12 @@ enum PairOp<'a> {
     Mix(&'a mut CudaSlice<f32>),
     /// Σ g·(W_hi − W_lo) added to the f64 at this device address.
     DotDiff(&'a CudaSlice<f32>, u64),
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pair_words_are_lo_hi_a_b() {
+        assert_eq!(super::pair_words(4, 5, 0.25, 0.75), [4.0, 5.0, 0.25, 0.75]);
+    }
 }

@@ -49,7 +49,7 @@ pub mod ops;
 pub use backend::{CudaBackend, CudaBuf, CudaMask};
 pub use dense::CudaDense;
 pub use kv::CudaKv;
-pub use levels::PAIR_WORDS;
+pub use levels::{pair_words, PAIR_WORDS};
 pub use linear::CudaAnyPrecLinear;
 
 /// The `cudarc` this backend is built on, for callers that allocate and copy.
