@@ -34,6 +34,12 @@ pub trait GradBackend {
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// A buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` values for an op that overwrites every one of them:
+    /// what it holds before is unspecified (a GPU skips clearing it; these
+    /// zeros by default).
+    fn scratch(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     /// The values of `buf`, on the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Values in `buf`.

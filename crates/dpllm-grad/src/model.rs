@@ -46,7 +46,7 @@ impl<B> LinearF32<B> {
     }
 
     fn forward<G: GradBackend<Buf = B>>(&self, be: &G, x: &B, n: usize) -> Result<B> {
-        let mut y = be.zeros(n * self.out_f)?;
+        let mut y = be.scratch(n * self.out_f)?;
         be.linear_forward(
             x,
             n,
@@ -80,7 +80,7 @@ impl<B> Group<B> {
         }
         let y = self.linears[0].forward(be, x, n)?;
         let mut parts =
-            (self.widths.iter().map(|&w| be.zeros(n * w))).collect::<Result<Vec<B>>>()?;
+            (self.widths.iter().map(|&w| be.scratch(n * w))).collect::<Result<Vec<B>>>()?;
         let mut views: Vec<&mut B> = parts.iter_mut().collect();
         be.split_columns(&y, n, &mut views)?;
         Ok(parts)
@@ -102,7 +102,7 @@ impl<B> Group<B> {
         let concat;
         let dys: Vec<&B> = if self.fused() {
             let total: usize = self.widths.iter().sum();
-            let mut c = be.zeros(n * total)?;
+            let mut c = be.scratch(n * total)?;
             be.join_columns(dparts, n, &mut c)?;
             concat = c;
             vec![&concat]
@@ -124,7 +124,8 @@ pub type GradSink<'a, B> = dyn FnMut(usize, usize, &B) -> Result<()> + 'a;
 pub(crate) struct Sink<'a, 'f, G: GradBackend> {
     be: &'a G,
     layer: usize,
-    buf: Option<G::Buf>,
+    /// One scratch buffer a weight size, kept for the whole pass.
+    bufs: Vec<G::Buf>,
     f: &'a mut GradSink<'f, G::Buf>,
 }
 
@@ -138,11 +139,14 @@ impl<G: GradBackend> Sink<'_, '_, G> {
         n: usize,
     ) -> Result<()> {
         let len = l.out_f * l.in_f;
-        let buf = match self.buf.take() {
-            Some(b) if self.be.len(&b) == len => b,
-            _ => self.be.zeros(len)?,
+        let at = match self.bufs.iter().position(|b| self.be.len(b) == len) {
+            Some(at) => at,
+            None => {
+                self.bufs.push(self.be.scratch(len)?);
+                self.bufs.len() - 1
+            }
         };
-        let buf = self.buf.insert(buf);
+        let buf = &mut self.bufs[at];
         self.be
             .linear_backward_weight(dy, x, n, l.out_f, l.in_f, buf)?;
         (self.f)(self.layer, idx, buf)
@@ -426,11 +430,11 @@ impl<G: GradBackend> GradModel<G> {
     fn forward(&self, ids: &G::Ids) -> Result<Forward<G::Buf>> {
         let (be, c) = (&self.be, &self.config);
         let (n, d, eps) = (be.ids_len(ids), c.hidden_size, c.rms_norm_eps);
-        let mut h = be.zeros(n * d)?;
+        let mut h = be.scratch(n * d)?;
         be.embed(&self.embed, d, ids, &mut h)?;
         let mut acts = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let mut xn1 = be.zeros(n * d)?;
+            let mut xn1 = be.scratch(n * d)?;
             be.rms_norm_forward(&h, &b.attn_norm, eps, &mut xn1)?;
             let mut parts = b.qkv.forward(be, &xn1, n)?.into_iter();
             let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next())
@@ -448,17 +452,17 @@ impl<G: GradBackend> GradModel<G> {
             };
             be.rope(&self.rope, &mut q, c.num_heads, false)?;
             be.rope(&self.rope, &mut k, c.num_kv_heads, false)?;
-            let mut att = be.zeros(n * c.q_dim())?;
+            let mut att = be.scratch(n * c.q_dim())?;
             be.attention_forward(&q, &k, &v, self.attn_shape(), &mut att)?;
             let mut h_mid = b.o_proj.forward(be, &att, n)?;
             be.add(&mut h_mid, &h)?;
-            let mut xn2 = be.zeros(n * d)?;
+            let mut xn2 = be.scratch(n * d)?;
             be.rms_norm_forward(&h_mid, &b.mlp_norm, eps, &mut xn2)?;
             let mut parts = b.gate_up.forward(be, &xn2, n)?.into_iter();
             let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
                 unreachable!("gate|up has two parts")
             };
-            let mut act = be.zeros(n * c.intermediate_size)?;
+            let mut act = be.scratch(n * c.intermediate_size)?;
             be.swiglu_forward(&gate, &up, &mut act)?;
             let mut h_out = b.down_proj.forward(be, &act, n)?;
             be.add(&mut h_out, &h_mid)?;
@@ -478,7 +482,7 @@ impl<G: GradBackend> GradModel<G> {
                 act,
             });
         }
-        let mut hf = be.zeros(n * d)?;
+        let mut hf = be.scratch(n * d)?;
         be.rms_norm_forward(&h, &self.final_norm, eps, &mut hf)?;
         Ok((acts, h, hf))
     }
@@ -535,7 +539,7 @@ impl<G: GradBackend> GradModel<G> {
             "a sequence needs at least 2 tokens for a next-token loss, got {n}"
         );
         let (acts, h_last, hf) = self.forward(ids)?;
-        let mut dhf = be.zeros(n * d)?;
+        let mut dhf = be.scratch(n * d)?;
         be.lm_head_cross_entropy(
             &hf,
             d,
@@ -552,7 +556,7 @@ impl<G: GradBackend> GradModel<G> {
         let mut s = Sink {
             be,
             layer: 0,
-            buf: None,
+            bufs: Vec::new(),
             f: sink,
         };
         for (l, (b, a)) in self.blocks.iter().zip(&acts).enumerate().rev() {
@@ -581,13 +585,13 @@ impl<G: GradBackend> GradModel<G> {
         // MLP: h_out = h_mid + down(silu(gate)·up), gate|up = proj(norm(h_mid)).
         let dn = &b.down_proj;
         s.weight_grad(idx_down, dn, dh, &a.act, n)?;
-        let mut dact = be.zeros(n * inter)?;
+        let mut dact = be.scratch(n * inter)?;
         be.linear_backward_input(dh, n, &dn.w, dn.out_f, dn.in_f, &mut dact, false)?;
-        let mut dgate = be.zeros(n * inter)?;
-        let mut dup = be.zeros(n * inter)?;
+        let mut dgate = be.scratch(n * inter)?;
+        let mut dup = be.scratch(n * inter)?;
         be.swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup)?;
         drop(dact);
-        let mut dxn = be.zeros(n * d)?;
+        let mut dxn = be.scratch(n * d)?;
         b.gate_up
             .backward(be, &a.xn2, n, &[&dgate, &dup], &mut dxn, idx_gu, s)?;
         drop((dgate, dup));
@@ -596,11 +600,11 @@ impl<G: GradBackend> GradModel<G> {
         // Attention: h_mid = h_in + o(attn(rope(qn(q)), rope(kn(k)), v)), q|k|v = proj(norm(h_in)).
         let o = &b.o_proj;
         s.weight_grad(idx_o, o, dh, &a.att, n)?;
-        let mut datt = be.zeros(n * c.q_dim())?;
+        let mut datt = be.scratch(n * c.q_dim())?;
         be.linear_backward_input(dh, n, &o.w, o.out_f, o.in_f, &mut datt, false)?;
-        let mut dq = be.zeros(n * c.q_dim())?;
-        let mut dk = be.zeros(n * c.kv_dim())?;
-        let mut dv = be.zeros(n * c.kv_dim())?;
+        let mut dq = be.scratch(n * c.q_dim())?;
+        let mut dk = be.scratch(n * c.kv_dim())?;
+        let mut dv = be.scratch(n * c.kv_dim())?;
         be.attention_backward(
             &a.q,
             &a.k,

@@ -20,6 +20,7 @@ use dpllm_engine::model::rope::Rope;
 
 use cudarc::cublas::Gemm;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::result::memset_d8_async;
 
 use crate::backend::GradBackend;
 use crate::step::{Pair, Recorder};
@@ -81,6 +82,9 @@ pub struct CudaGrad {
     blas: Option<Arc<cudarc::cublas::CudaBlas>>,
     /// Matrix products on TF32 tensor cores.
     tf32: bool,
+    /// Scratch buffers filled with NaN (`DPLLM_POISON_SCRATCH` set), so
+    /// that a value an op failed to write shows in the tests.
+    poison: bool,
 }
 
 impl CudaGrad {
@@ -100,6 +104,7 @@ impl CudaGrad {
             profile: profile::Profile::from_env(),
             blas: None,
             tf32: false,
+            poison: std::env::var_os("DPLLM_POISON_SCRATCH").is_some(),
         })
     }
 
@@ -136,6 +141,7 @@ impl CudaGrad {
             rope_tables: Mutex::default(),
             profile: None,
             tf32: self.tf32,
+            poison: self.poison,
         })
     }
 
@@ -320,7 +326,7 @@ impl CudaGrad {
         s: AttnShape,
         n: usize,
     ) -> Result<CudaSlice<f32>> {
-        let mut p = self.zeros(s.num_heads * n * n)?;
+        let mut p = self.scratch(s.num_heads * n * n)?;
         let plan = attention_plan(s, n, Stage::Scores);
         self.run_plan(
             &plan,
@@ -395,6 +401,23 @@ impl GradBackend for CudaGrad {
         self.stream()
             .alloc_zeros(len)
             .with_context(|| format!("CUDA: allocating {len} floats"))
+    }
+    fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
+        let _p = self.span("scratch");
+        // SAFETY: f32 has no invalid bit patterns, and the caller's op
+        // overwrites every value before one is read (GradBackend::scratch).
+        let mut buf = unsafe { self.stream().alloc(len) }
+            .with_context(|| format!("CUDA: allocating {len} floats"))?;
+        if self.poison {
+            // Bytes 0xff: every f32 a NaN.
+            let (at, _record) = buf.device_ptr_mut(self.stream());
+            // SAFETY: the buffer's own bytes, on its stream.
+            unsafe {
+                memset_d8_async(at, 0xff, 4 * len, self.stream().cu_stream())
+            }
+            .context("CUDA: poisoning a buffer")?;
+        }
+        Ok(buf)
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         let _p = self.span("download");
@@ -665,7 +688,7 @@ impl GradBackend for CudaGrad {
         self.check_len("k gradient", dk, k.len())?;
         self.check_len("v gradient", dv, v.len())?;
         let p = self.attention_probs(q, k, s, n)?;
-        let mut ds = self.zeros(s.num_heads * n * n)?;
+        let mut ds = self.scratch(s.num_heads * n * n)?;
         let plan = attention_plan(s, n, Stage::ScoreGrad);
         self.run_plan(&plan, &[(DOut, dout), (V, v)], &mut [(DS, &mut ds)])?;
         let (n32, scale) = (n as i32, 1.0 / (s.head_dim as f32).sqrt());
@@ -829,7 +852,7 @@ impl GradBackend for CudaGrad {
                 .memset_zeros(g)
                 .context("CUDA: clearing a gradient")?;
         }
-        let mut logits = self.zeros(LM_CHUNK.min(m) * vocab)?;
+        let mut logits = self.scratch(LM_CHUNK.min(m) * vocab)?;
         for r0 in (0..m).step_by(LM_CHUNK) {
             let rows = LM_CHUNK.min(m - r0);
             self.gemm(

@@ -12,18 +12,19 @@ use super::bitplane::CudaAnyPrec;
 use super::device_err;
 use crate::error::{EngineError, Result};
 
-/// Threads of a block.
-const THREADS: usize = 256;
+/// Most warps a block: a warp takes a row's 128-column blocks in turn.
+const MAX_WARPS: usize = 8;
 
 impl CudaAnyPrec {
-    /// One launch's grid: a thread per 4 columns of a row (32 a block of `kbs`
-    /// 128-column blocks), at most 8 blocks an SM (the kernels loop over the rest).
-    fn quad_grid(&self, kbs: i32) -> LaunchConfig {
-        let quads = self.rows() * kbs as usize * 32;
-        let most = 8 * self.device().multiprocessors();
+    /// One launch's grid: a block a row (the kernels loop over more rows
+    /// than blocks), a warp a 128-column block of it, up to [`MAX_WARPS`],
+    /// and as many blocks as fill every SM's 2048 threads.
+    fn row_grid(&self, kbs: i32) -> LaunchConfig {
+        let warps = (kbs as usize).clamp(1, MAX_WARPS);
+        let most = 2048 / (32 * warps) * self.device().multiprocessors();
         LaunchConfig {
-            grid_dim: (quads.div_ceil(THREADS).clamp(1, most) as u32, 1, 1),
-            block_dim: (THREADS as u32, 1, 1),
+            grid_dim: (self.rows().clamp(1, most) as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -180,7 +181,7 @@ impl CudaAnyPrec {
         // within its table (pair_at), and rows × cols values of `out` / `g`
         // (checked by the callers); the dot product adds to one f64 within
         // its sums (checked).
-        unsafe { launch.launch(self.quad_grid(kbs)) }
+        unsafe { launch.launch(self.row_grid(kbs)) }
             .map_err(device_err("launching a two-precision kernel"))?;
         Ok(())
     }

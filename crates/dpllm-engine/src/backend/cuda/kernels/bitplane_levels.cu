@@ -2,9 +2,10 @@
 // for calibration (issue #11), which would otherwise hold every precision
 // dequantized as f32 (six copies of an 8B model's weights): bitplane_mix
 // writes a·W_lo + b·W_hi as f32 and bitplane_dot_diff sums g·(W_hi − W_lo).
-// A thread takes 4 columns of one row: the lanes of a warp cover one row's
-// 128-column block, so the f32 reads and writes are coalesced; the 8 lanes of
-// one 32-column word read the same plane words. Index bits as in
+// A thread takes 4 columns of one row (one 16-byte access where aligned):
+// the lanes of a warp cover one row's 128-column block, so the f32 reads and
+// writes are coalesced; the 8 lanes of one 32-column word read the same
+// plane words. A block takes whole rows. Index bits as in
 // bitplane_dequant (plane j gives bit hi-1-j), so the index at lo bits is the
 // top lo bits of the index at hi bits. Grid-stride loops take any grid.
 // The precision pair is read from device memory (`pair`: lo, hi, a, b as
@@ -36,26 +37,38 @@ __device__ __forceinline__ void quad_indices(const u32* planes, long long plane_
     }
 }
 
-// f(i, w_lo, w_hi) for every element i = row * cols + column of this
-// thread's quads (grid-stride), with the weight at lo and at hi bits.
+// f(i, wl, wh) for every quad of 4 columns of the layer: i = row * cols + its
+// first column, wl / wh the 4 weights at lo and at hi bits (columns past
+// `cols` undefined). A block takes rows in turn (grid-stride), its warps the
+// row's 128-column blocks, so no thread divides its index.
 template <typename F>
-__device__ __forceinline__ void for_each_pair(const u32* planes, long long plane_stride, const u16* lut_lo,
+__device__ __forceinline__ void for_each_quad(const u32* planes, long long plane_stride, const u16* lut_lo,
                                               const u16* lut_hi, int lo, int hi, int rows, int cols, int kbs,
                                               F f) {
-    const long long total = (long long)rows * kbs * 32;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(e / (kbs * 32)), rem = (int)(e % (kbs * 32));
-        const int kb = rem >> 5, q = rem & 31, c0 = 128 * kb + 4 * q;
-        if (c0 >= cols) continue;
-        u32 idx[4];
-        quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
+    const int warp = threadIdx.x >> 5, q = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         const u16* ll = lut_lo + ((long long)r << lo);
         const u16* lh = lut_hi + ((long long)r << hi);
+        for (int kb = warp; kb < kbs; kb += warps) {
+            const int c0 = 128 * kb + 4 * q;
+            if (c0 >= cols) continue;
+            u32 idx[4];
+            quad_indices(planes, plane_stride, hi, r, kbs, kb, q, idx);
+            float wl[4], wh[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (c0 + k < cols) f((long long)r * cols + c0 + k, h2f(ll[idx[k] >> (hi - lo)]), h2f(lh[idx[k]]));
+            for (int k = 0; k < 4; ++k) {
+                wl[k] = h2f(ll[idx[k] >> (hi - lo)]);
+                wh[k] = h2f(lh[idx[k]]);
+            }
+            f((long long)r * cols + c0, cols - c0, wl, wh);
+        }
     }
+}
+
+// Whether quads of 4 floats at `p` + a multiple of 4 are 16-byte aligned
+// in a layer of `cols` columns: then a quad is one vector access.
+__device__ __forceinline__ bool quads_aligned(const float* p, int cols) {
+    return (cols & 3) == 0 && ((unsigned long long)p & 15) == 0;
 }
 
 // The LUTs at 3..8 bits, one kernel parameter each (null where not held).
@@ -86,8 +99,16 @@ extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_strid
         return;
     }
     const float a = pair[2], b = pair[3];
-    for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
-                  [&](long long i, float wl, float wh) { out[i] = a * wl + b * wh; });
+    const bool vec = quads_aligned(out, cols);
+    for_each_quad(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
+                  [&](long long i, int left, const float* wl, const float* wh) {
+                      if (vec) {
+                          *(float4*)(out + i) = make_float4(a * wl[0] + b * wh[0], a * wl[1] + b * wh[1],
+                                                            a * wl[2] + b * wh[2], a * wl[3] + b * wh[3]);
+                      } else {
+                          for (int k = 0; k < 4 && k < left; ++k) out[i + k] = a * wl[k] + b * wh[k];
+                      }
+                  });
 }
 
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024), in thread 0.
@@ -116,9 +137,21 @@ extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_
         if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(out, (double)__int_as_float(0x7fc00000));
         return;
     }
+    // Each quad's four products summed in f32, the quads in f64.
     double s = 0.0;
-    for_each_pair(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
-                  [&](long long i, float wl, float wh) { s += (double)g[i] * (double)(wh - wl); });
+    const bool vec = quads_aligned(g, cols);
+    for_each_quad(planes, plane_stride, lut_lo, lut_hi, lo, hi, rows, cols, kbs,
+                  [&](long long i, int left, const float* wl, const float* wh) {
+                      float t = 0.0f;
+                      if (vec) {
+                          const float4 v = *(const float4*)(g + i);
+                          t = v.x * (wh[0] - wl[0]) + v.y * (wh[1] - wl[1]) + v.z * (wh[2] - wl[2]) +
+                              v.w * (wh[3] - wl[3]);
+                      } else {
+                          for (int k = 0; k < 4 && k < left; ++k) t += g[i + k] * (wh[k] - wl[k]);
+                      }
+                      s += (double)t;
+                  });
     s = block_sum_f64(s);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
