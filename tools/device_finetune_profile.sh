@@ -15,7 +15,7 @@ S=${SHAPES:-llama3-8b}
 L=${LEVELS:-planes}
 N=${NAME:-$S-$L}
 # Depths 1 and 2, one untimed and one timed step each: the steps are told
-# apart by the launch of the first embedding kernel.
+# apart by their first kernel (a weight mix, or the embedding).
 ncu --metrics gpu__time_duration.sum --csv --clock-control none \
     .devcarry/dpllm bench finetune --device cuda --synthetic "$S" --levels "$L" \
     --tf32 --no-graph --depths 1,2 --steps 1 ${ARGS:-} > "$OUT/ncu-$N.csv" 2> "$OUT/ncu-$N.err"
@@ -24,16 +24,23 @@ import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head = rows[0]
 ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
-steps, cur = [], None
+steps, cur, prev = [], None, ""
+mix = ("bitplane_mix", "mix_levels")
 for r in rows[1:]:
     name = r[ki]
-    if name.startswith("embed"):
+    # A step starts with the mixes of its weights (run before its
+    # embedding), or with the embedding where no mix runs.
+    starts = name.startswith(mix) and not prev.startswith(mix)
+    starts |= name.startswith("embed") and not prev.startswith(mix)
+    prev = name
+    if starts:
         cur = collections.Counter()
         steps.append(cur)
     if cur is None:
         continue
     v = float(r[vi].replace(",", ""))
-    v *= {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r[ui], 1.0)
+    v *= {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0,
+          "ms": 1e3, "msecond": 1e3}[r[ui]]
     short = name.split("(")[0][:90]
     cur[short] += v
     cur["#" + short] += 1

@@ -13,7 +13,8 @@
 # for /tmp/all-done, then `tar -czf $OUT/paper.tgz` the results: a call
 # brings back at most 8 files.
 #   BUDGET (5), TARGETS (3.25..4.75), CHUNKS (16 chunks of 2048 tokens),
-#   UNIFORM (bits evaluated uniformly: 3 4 5 6 7 8; empty for none)
+#   UNIFORM (bits evaluated uniformly: 3 4 5 6 7 8; empty for none),
+#   EVAL_TARGETS (the targets evaluated, default TARGETS)
 set -uo pipefail
 RES=${RES:-/tmp/paper}
 mkdir -p "$RES"
@@ -34,7 +35,8 @@ eval_one() {  # eval_one NAME ARGS...
 for b in ${UNIFORM-3 4 5 6 7 8}; do
     eval_one "uniform-$b" --bits "$b"
 done
-for t in ${T//,/ }; do
+E=${EVAL_TARGETS:-$T}
+for t in ${E//,/ }; do
     eval_one "b$B-static-$t" --budget "$B" --target "$t" --static
     eval_one "b$B-dpllm-$t" --budget "$B" --target "$t"
 done

@@ -59,7 +59,7 @@ fn gpu_fine_tuning_matches_the_cpu() {
     let (model, w) = tiny_quantized(&t);
     let n = w.len();
     let mut cpu = GradModel::from_model(&model);
-    let mut gpu = GradModel::on(CudaGrad::new(dev.clone()).unwrap(), &model, None).unwrap();
+    let mut gpu = GradModel::on(CudaGrad::new(dev.clone()).unwrap().poisoned(), &model, None).unwrap();
     let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
     let index = linear_index(&w);
     let seqs = sequences(4);
@@ -117,7 +117,7 @@ fn gpu_fine_tuning_matches_the_cpu() {
         }
     }
     // TF32 products: the same steps land within a hundredth of a bit.
-    let tf32 = CudaGrad::new(dev).unwrap().with_tf32().unwrap();
+    let tf32 = CudaGrad::new(dev).unwrap().poisoned().with_tf32().unwrap();
     let mut fast = GradModel::on(tf32, &model, None).unwrap();
     let levels = LevelsOn::upload(fast.backend(), &w).unwrap();
     let got = finetune_on(&mut fast, &w, &levels, 4.0, None, &seqs, &opts).unwrap();
@@ -137,7 +137,7 @@ fn recorded_steps_match_steps_run_op_by_op() {
     let Some(dev) = test_device(0) else { return };
     let t = tempfile::tempdir().unwrap();
     let (model, w) = tiny_quantized(&t);
-    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap(), &model, None).unwrap();
+    let mut gpu = GradModel::on(CudaGrad::new(dev).unwrap().poisoned(), &model, None).unwrap();
     let index = linear_index(&w);
     let f32_levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
     let planes = PlanesOn::upload(gpu.backend(), &w).unwrap();

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Option<CudaGrad> {
-    test_device(0).map(|d| CudaGrad::new(d).expect("the gradient kernels load"))
+    test_device(0).map(|d| CudaGrad::new(d).expect("the gradient kernels load").poisoned())
 }
 
 fn tiny(arch: &'static str, seed: u64) -> (tempfile::TempDir, Model) {

@@ -123,6 +123,13 @@ impl CudaGrad {
         Ok(self)
     }
 
+    /// Scratch buffers filled with NaN, as `DPLLM_POISON_SCRATCH` does: a
+    /// value an op fails to write then shows in the result (the GPU tests).
+    pub fn poisoned(mut self) -> CudaGrad {
+        self.poison = true;
+        self
+    }
+
     /// The same ops (TF32 or not) on a new stream of the same GPU, with a
     /// cuBLAS handle of its own: several lanes run fine-tuning steps of
     /// different targets at once. Buffers another lane (or the device's

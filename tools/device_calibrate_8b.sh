@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# On the device machine, in the background (setsid) so it outlives one call:
+# every calibration stage of a random Llama-3-8B-shaped checkpoint
+# (tools/make_synthetic_llama.py) on real text, each timed with its peak host
+# memory, and the GPU's memory sampled every half second. Results in $RES
+# (default /tmp/cal8b): times.txt, gpu-mem.txt (peak MiB a stage), the
+# commands' output; `done` there when finished. Needs numpy, .devcarry/dpllm,
+# .devcarry/shared/data/wikitext-2/valid.txt and a tokenizer.json (TOK).
+# Disk: the checkpoint (16 GB) and the f32 sensitivities (28 GB) are deleted
+# once the any-precision model (about 9 GB) is written.
+#   SENS_SAMPLES (32), SAMPLES (fine-tuning sequences, 16), EPOCHS (1),
+#   EST (estimator sequences, 40), TARGETS (3.5), BUDGET (5), W (/tmp/l8b),
+#   SHAPE (llama3-8b; tiny to try the script), LAYERS (the shape's, or fewer),
+#   DEV (cuda), CAL_ARGS (--tf32)
+set -uo pipefail
+. "$(dirname "$0")/device_env.sh"
+RES=${RES:-/tmp/cal8b}
+W=${W:-/tmp/l8b}
+mkdir -p "$RES"
+rm -f "$RES/done"
+D=.devcarry/dpllm
+V=.devcarry/shared/data/wikitext-2/valid.txt
+TOK=${TOK:-.devcarry/shared/models/docs-llama-12m/tokenizer.json}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$RES/gpu.txt"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$RES/gpu-mem.log" &
+SMI=$!
+stage() {  # stage NAME CMD...: wall time, peak host RSS and peak GPU memory of CMD
+    local name=$1
+    shift
+    local from
+    from=$(wc -l < "$RES/gpu-mem.log")
+    python3 - "$name" "$@" >> "$RES/times.txt" 2>> "$RES/$name.log" <<'EOF'
+import resource, subprocess, sys, time
+t = time.time()
+rc = subprocess.run(sys.argv[2:], stdout=open(f"{sys.argv[1]}.out", "w"), stderr=subprocess.STDOUT).returncode
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+print(f"{sys.argv[1]}: {time.time() - t:.1f} s, peak host RSS {peak:.1f} GiB, rc={rc}")
+EOF
+    sleep 1
+    echo "$name: peak GPU memory $(tail -n +"$((from + 1))" "$RES/gpu-mem.log" | sort -n | tail -1) MiB" >> "$RES/gpu-mem.txt"
+    df -h /tmp | tail -1 >> "$RES/disk.txt"
+}
+cd "$RES" || exit 1
+B=$OLDPWD
+stage synth python3 "$B/tools/make_synthetic_llama.py" --shape "${SHAPE:-llama3-8b}" --out "$W" --tokenizer "$B/$TOK" \
+    ${LAYERS:+--layers "$LAYERS"}
+stage sensitivity "$B/$D" sensitivity "$W" --device "${DEV:-cuda}" --calib "$B/$V" \
+    --samples "${SENS_SAMPLES:-32}" --seq-len 512 --out "$W.sens.safetensors"
+stage quantize "$B/$D" quantize "$W" --out "$W-ap" --sensitivity "$W.sens.safetensors" --force
+rm -rf "$W" "$W.sens.safetensors"
+stage calibrate "$B/$D" calibrate ${CAL_ARGS---tf32} "$W-ap" --device "${DEV:-cuda}" --budget "${BUDGET:-5}" \
+    --targets "${TARGETS:-3.5}" --calib "$B/$V" --samples "${SAMPLES:-16}" --seq-len 512 \
+    --epochs "${EPOCHS:-1}" --estimator-samples "${EST:-40}" --force
+kill $SMI
+du -sh "$W-ap" >> "$RES/disk.txt"
+grep -v "\[" calibrate.out | tail -20 > calibrate-summary.txt
+touch "$RES/done"
