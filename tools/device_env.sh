@@ -6,3 +6,13 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH
+
+# For the scripts that run the GPU tests: the tests find the shared data and
+# the repository (/work/main) in this copy; the GPU's name goes to $1.
+device_tests_setup() {
+    if [ ! -e /work/main ] && mkdir -p /work 2>/dev/null; then
+        ln -s "$PWD" /work/main
+    fi
+    export DPLLM_SHARED_DIR="$PWD/.devcarry/shared"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$1"
+}

@@ -10,11 +10,7 @@ set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
-if [ ! -e /work/main ] && mkdir -p /work 2>/dev/null; then
-    ln -s "$PWD" /work/main
-fi
-export DPLLM_SHARED_DIR="$PWD/.devcarry/shared"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+device_tests_setup "$OUT/gpu.txt"
 if [ "${TESTS:-1}" = 1 ]; then
     for t in .devcarry/extra/dpllm-engine-cuda_bitplane .devcarry/tests/*; do
         SECONDS=0

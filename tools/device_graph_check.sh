@@ -8,11 +8,7 @@ set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
-if [ ! -e /work/main ] && mkdir -p /work 2>/dev/null; then
-    ln -s "$PWD" /work/main
-fi
-export DPLLM_SHARED_DIR="$PWD/.devcarry/shared"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+device_tests_setup "$OUT/gpu.txt"
 for t in .devcarry/extra/dpllm-engine-cuda_bitplane .devcarry/tests/*; do
     echo "-- $(basename "$t")"
     timeout 200 "$t" --test-threads 1 --skip kernels_compile 2>&1 | tee -a "$OUT/tests.log" |
