@@ -4,7 +4,9 @@
 //! matches the true error on calibration inputs. The paper fine-tunes with plain
 //! SGD (lr 1e-3); its step size depends on the model's scale, so this uses Adam.
 
-use dpllm_grad::ops::{linear_backward_weight, linear_forward};
+use anyhow::{ensure, Result};
+use dpllm_grad::ops::linear_forward;
+use dpllm_grad::{CpuGrad, GradBackend};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -120,34 +122,6 @@ pub fn fit_linear(x: &[f32], y: &[f32]) -> (f32, f32, f64) {
     (a as f32, c as f32, r_squared(&pred, y))
 }
 
-/// Adam (β = 0.9, 0.999): the projection's scale follows the model's weights and
-/// activations, so a scale-free optimizer needs no per-model learning rate.
-struct Adam {
-    lr: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl Adam {
-    fn new(n: usize, lr: f64) -> Adam {
-        Adam {
-            lr: lr as f32,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-        }
-    }
-
-    fn step(&mut self, w: &mut [f32], g: &[f32], t: i32) {
-        let (b1, b2) = (0.9f32, 0.999f32);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for (((w, g), m), v) in w.iter_mut().zip(g).zip(&mut self.m).zip(&mut self.v) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *w -= self.lr * (*m / c1) / ((*v / c2).sqrt() + 1e-12);
-        }
-    }
-}
-
 /// ||G·x|| + bias for rows of `x`, by the engine's estimator code.
 fn projected(g: &[f32], k: usize, x: &[f32], cols: usize, bias: f32) -> Vec<f32> {
     Estimator::jl(g.to_vec(), k, bias).estimate(x, x.len() / cols)
@@ -165,10 +139,14 @@ pub struct Projection {
 }
 
 /// Fit G = A·delta [k × cols] and fine-tune it on (x, e) rows by mini-batch
-/// gradient descent with Adam (step size `opts.lr` relative to G's RMS entry);
-/// ê = s·||Gx|| + b with (s, b) from least squares on the training rows (s folded
-/// into G). Returns the iterate with the best R² on the held-out fifth.
-pub fn fit_projection(
+/// gradient descent with Adam (step size `opts.lr` relative to G's RMS
+/// entry), on `be` (the CPU, or a GPU): ê = s·||Gx|| + b with (s, b) from
+/// least squares on the training rows (s folded into G). Returns the iterate with the best R² on the held-out fifth. A
+/// and the mini-batches come from `seed` on the host, so every backend sees
+/// the same draws.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_projection_on<G: GradBackend>(
+    be: &G,
     delta: &[f32],
     rows: usize,
     cols: usize,
@@ -176,8 +154,15 @@ pub fn fit_projection(
     e: &[f32],
     opts: &FitOptions,
     seed: u64,
-) -> Projection {
+) -> Result<Projection> {
     let k = opts.k;
+    ensure!(
+        k > 0 && !e.is_empty() && x.len() == e.len() * cols && delta.len() == rows * cols,
+        "projection fit: k {k}, {} inputs of {cols} for {} errors, delta of {} for {rows} x {cols}",
+        x.len(),
+        e.len(),
+        delta.len()
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // A [k × rows], N(0, 1/k) by Box-Muller.
     let std = (1.0 / k as f64).sqrt();
@@ -198,58 +183,117 @@ pub fn fit_projection(
     linear_forward(&a, k, &delta_t, cols, rows, None, &mut g);
     let n = e.len();
     let n_train = (n * 4 / 5).max(1).min(n);
-    let (xt, et) = (&x[..n_train * cols], &e[..n_train]);
-    let (xv, ev) = if n_train < n {
-        (&x[n_train * cols..], &e[n_train..])
-    } else {
-        (xt, et)
-    };
     let rms = (g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / g.len().max(1) as f64).sqrt();
     let b = opts.batch.max(1).min(n_train);
-    let mut xb = vec![0f32; b * cols];
-    let mut gx = vec![0f32; b * k];
-    let mut grad = vec![0f32; k * cols];
-    let mut adam = Adam::new(g.len(), opts.lr * rms);
+    let mut train = Scorer::new(be, &x[..n_train * cols], &e[..n_train], cols, k)?;
+    // The held-out fifth (the training rows again when there are too few).
+    let mut held = match n_train < n {
+        true => Some(Scorer::new(
+            be,
+            &x[n_train * cols..],
+            &e[n_train..],
+            cols,
+            k,
+        )?),
+        false => None,
+    };
+    let et = be.upload(&e[..n_train])?;
+    let mut gd = be.upload(&g)?;
+    let (mut m, mut v) = (be.zeros(g.len())?, be.zeros(g.len())?);
+    let mut grad = be.scratch(g.len())?;
+    let (mut xb, mut eb, mut gx) = (be.scratch(b * cols)?, be.scratch(b)?, be.scratch(b * k)?);
+    let mut ids = be.ids(&vec![0; b])?;
+    let lr = (opts.lr * rms) as f32;
     // Early stopping: G has k·cols parameters and few rows to fit, so keep the
     // iterate whose calibrated estimate does best on the held-out rows.
-    let calibrated = |g: &[f32]| -> Projection {
-        let (s, bias, _) = fit_linear(&projected(g, k, xt, cols, 0.0), et);
-        if !(s > 0.0) {
-            return Projection {
-                g: g.to_vec(),
-                bias: 0.0,
-                r2: f64::NEG_INFINITY,
-            };
-        }
-        let g: Vec<f32> = g.iter().map(|v| v * s).collect();
-        let r2 = r_squared(&projected(&g, k, xv, cols, bias), ev);
-        Projection { g, bias, r2 }
-    };
-    let mut best = calibrated(&g);
+    let mut best = (calibrated(be, &gd, &mut train, held.as_mut(), f64::NEG_INFINITY)?).unwrap_or(
+        Projection {
+            g,
+            bias: 0.0,
+            r2: f64::NEG_INFINITY,
+        },
+    );
     for step in 1..=opts.steps as i32 {
-        let mut eb = Vec::with_capacity(b);
-        for i in 0..b {
-            let t = rng.random_range(0..n_train);
-            xb[i * cols..(i + 1) * cols].copy_from_slice(&xt[t * cols..(t + 1) * cols]);
-            eb.push(et[t]);
-        }
-        linear_forward(&xb, b, &g, k, cols, None, &mut gx);
+        let batch: Vec<u32> = (0..b)
+            .map(|_| rng.random_range(0..n_train) as u32)
+            .collect();
+        be.set_ids(&mut ids, &batch)?;
+        be.embed(&train.x, cols, &ids, &mut xb)?;
+        be.embed(&et, 1, &ids, &mut eb)?;
+        be.linear_forward(&xb, b, &gd, k, cols, None, &mut gx)?;
         // d/dG mean (||Gx|| − e)² = mean 2(||Gx|| − e)/||Gx|| · (Gx) xᵀ.
-        for (i, row) in gx.chunks_mut(k).enumerate() {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            let c = 2.0 * (norm - eb[i]) / (norm * b as f32);
-            row.iter_mut().for_each(|v| *v *= c);
-        }
-        linear_backward_weight(&gx, &xb, b, k, cols, &mut grad);
-        adam.step(&mut g, &grad, step);
+        be.norm_error_scale(&mut gx, k, &eb)?;
+        be.linear_backward_weight(&gx, &xb, b, k, cols, &mut grad)?;
+        be.adam_step(&mut gd, &grad, &mut m, &mut v, lr, step)?;
         if step % EVAL_EVERY == 0 || step == opts.steps as i32 {
-            let p = calibrated(&g);
-            if p.r2 > best.r2 {
+            if let Some(p) = calibrated(be, &gd, &mut train, held.as_mut(), best.r2)? {
                 best = p;
             }
         }
     }
-    best
+    Ok(best)
+}
+
+/// Projection `gd` calibrated: (s, b) of ê = s·||Gx|| + b by least squares
+/// on the training rows, s folded into G, with its R² on the held-out rows
+/// (the training rows when there are none). None unless that R² beats
+/// `beat`, or when s ≤ 0 (G does not track the error at all).
+fn calibrated<'a, G: GradBackend>(
+    be: &G,
+    gd: &G::Buf,
+    train: &mut Scorer<'a, G>,
+    held: Option<&mut Scorer<'a, G>>,
+    beat: f64,
+) -> Result<Option<Projection>> {
+    let (s, bias, _) = fit_linear(&train.norms(be, gd)?, train.e);
+    if !(s > 0.0) {
+        return Ok(None);
+    }
+    let held = held.unwrap_or(train);
+    let pred: Vec<f32> = (held.norms(be, gd)?.iter()).map(|v| s * v + bias).collect();
+    let r2 = r_squared(&pred, held.e);
+    if !(r2 > beat) {
+        return Ok(None);
+    }
+    Ok(Some(Projection {
+        g: be.download(gd)?.iter().map(|v| v * s).collect(),
+        bias,
+        r2,
+    }))
+}
+
+/// Rows of estimator inputs on a backend, and the norms ||Gx|| of a
+/// projection G over them (for the least-squares fit and the R²).
+struct Scorer<'a, G: GradBackend> {
+    x: G::Buf,
+    e: &'a [f32],
+    rows: usize,
+    cols: usize,
+    k: usize,
+    gx: G::Buf,
+    norms: G::Buf,
+}
+
+impl<'a, G: GradBackend> Scorer<'a, G> {
+    fn new(be: &G, x: &[f32], e: &'a [f32], cols: usize, k: usize) -> Result<Self> {
+        let rows = e.len();
+        Ok(Scorer {
+            x: be.upload(x)?,
+            e,
+            rows,
+            cols,
+            k,
+            gx: be.scratch(rows * k)?,
+            norms: be.scratch(rows)?,
+        })
+    }
+
+    /// ||G x|| for every row x.
+    fn norms(&mut self, be: &G, g: &G::Buf) -> Result<Vec<f32>> {
+        be.linear_forward(&self.x, self.rows, g, self.k, self.cols, None, &mut self.gx)?;
+        be.row_norms(&self.gx, self.k, &mut self.norms)?;
+        be.download(&self.norms)
+    }
 }
 
 /// Validation interval of projection fine-tuning, in steps.
@@ -258,9 +302,10 @@ const EVAL_EVERY: i32 = 100;
 /// Choose and fit the estimator of one linear and precision pair: regression on
 /// `norms`→`e` (all tokens) if R² ≥ r2_min, else a fine-tuned projection on the
 /// sampled rows `x` with errors `e_sample`, unless the projection's held-out R²
-/// is no better than the regression's.
+/// is no better than the regression's. The projection is fine-tuned on `be`.
 #[allow(clippy::too_many_arguments)]
-pub fn fit(
+pub fn fit<G: GradBackend>(
+    be: &G,
     norms: &[f32],
     e: &[f32],
     delta: &[f32],
@@ -270,32 +315,29 @@ pub fn fit(
     e_sample: &[f32],
     opts: &FitOptions,
     seed: u64,
-) -> Fitted {
+) -> Result<Fitted> {
     let (a, c, r2) = fit_linear(norms, e);
+    let linear = Fitted::Linear {
+        a,
+        c,
+        r2: r2 as f32,
+    };
     if r2 >= opts.r2_min || e_sample.is_empty() {
-        return Fitted::Linear {
-            a,
-            c,
-            r2: r2 as f32,
-        };
+        return Ok(linear);
     }
-    let p = fit_projection(delta, rows, cols, x, e_sample, opts, seed);
+    let p = fit_projection_on(be, delta, rows, cols, x, e_sample, opts, seed)?;
     // A projection that predicts worse than the norm regression (as happens when
     // the asynchronous input is far from the true one) is not worth its cost.
     if p.r2 <= r2 {
-        return Fitted::Linear {
-            a,
-            c,
-            r2: r2 as f32,
-        };
+        return Ok(linear);
     }
-    Fitted::Jl {
+    Ok(Fitted::Jl {
         g: p.g,
         bias: p.bias,
         k: opts.k,
         r2: p.r2 as f32,
         linear_r2: r2 as f32,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -345,7 +387,7 @@ mod tests {
             steps: 500,
             ..Default::default()
         };
-        match fit(&norms, &e, &delta, rows, cols, &x, &e, &opts, 1) {
+        match fit(&CpuGrad, &norms, &e, &delta, rows, cols, &x, &e, &opts, 1).unwrap() {
             Fitted::Jl {
                 r2, linear_r2, g, ..
             } => {
@@ -369,8 +411,9 @@ mod tests {
             steps: 0,
             ..Default::default()
         };
-        let p0 = fit_projection(&delta, rows, cols, &x, &e, &base, 3);
-        let p1 = fit_projection(
+        let p0 = fit_projection_on(&CpuGrad, &delta, rows, cols, &x, &e, &base, 3).unwrap();
+        let p1 = fit_projection_on(
+            &CpuGrad,
             &delta,
             rows,
             cols,
@@ -381,7 +424,8 @@ mod tests {
                 ..base
             },
             3,
-        );
+        )
+        .unwrap();
         assert!(
             p1.r2 > p0.r2 + 0.02,
             "fine-tuning did not help: {} -> {}",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use dpllm_engine::{LoadOptions, Model};
+use dpllm_engine::{Device, LoadOptions, Model};
 use dpllm_format::anyprec::{self, AnyPrecInfo, ANYPREC_WEIGHTS};
 use dpllm_format::output::{check_replaceable, OutputKind};
 use dpllm_format::plan::{
@@ -17,6 +17,7 @@ use dpllm_format::plan::{
 };
 use dpllm_format::st_writer::{write_safetensors, TensorSpec};
 use dpllm_format::{Checkpoint, StagingDir};
+use dpllm_grad::{CpuGrad, GradBackend};
 use serde::Serialize;
 
 use crate::budget::{self, Item};
@@ -78,10 +79,14 @@ pub struct CalibrateOptions {
     pub overwrite: bool,
     /// Show progress bars.
     pub progress: bool,
-    /// Where precision fine-tuning and the estimator data run (estimator
-    /// fits and thresholds run on the CPU).
+    /// Where precision fine-tuning and the estimator data run (thresholds
+    /// and plans are made on the CPU).
     #[serde(skip)]
     pub device: dpllm_engine::Device,
+    /// Where the projection estimators are fine-tuned: the CPU (every core,
+    /// linears in parallel) or a GPU (one linear after another).
+    #[serde(skip)]
+    pub fit_device: dpllm_engine::Device,
     /// On a GPU, fine-tuning's matrix products on TF32 tensor cores (recorded
     /// only when set, so records of earlier runs still match).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -108,6 +113,7 @@ impl Default for CalibrateOptions {
             overwrite: false,
             progress: false,
             device: dpllm_engine::Device::Cpu,
+            fit_device: dpllm_engine::Device::Cpu,
             tf32: false,
             inputs: serde_json::Value::Null,
         }
@@ -257,7 +263,7 @@ pub fn check_options(o: &CalibrateOptions, info: &AnyPrecInfo) -> Result<()> {
         "estimator input samples {} is out of range 1..=1048576",
         o.max_samples
     );
-    Ok(())
+    Ok(o.fit_device.check()?)
 }
 
 /// Refuse a plan whose precision misses its target: the average of its linears'
@@ -285,17 +291,20 @@ fn check_plan_precision(
 /// Per-linear fitted estimators, keyed by (linear, lower precision).
 type EstimatorCache = HashMap<(usize, u32), Fitted>;
 
-/// The estimator of linear `g`'s precision pair (lo, lo + 1).
-fn fit_pair(
+/// The estimator of linear `g`'s precision pair (lo, lo + 1), a projection
+/// fine-tuned on `be`.
+fn fit_pair<G: GradBackend>(
+    be: &G,
     g: usize,
     l: &LinearWeights,
     calib: &LinearCalib,
     lo: u32,
     opts: &CalibrateOptions,
-) -> Fitted {
+) -> Result<Fitted> {
     let e = &calib.e[(lo - l.min_bits) as usize];
     let e_sample: Vec<f32> = calib.sample_idx.iter().map(|&t| e[t]).collect();
     fit(
+        be,
         &calib.est_norm,
         e,
         &l.delta(lo),
@@ -331,13 +340,14 @@ fn pair_rule(l: &LinearWeights, calib: &LinearCalib, p: f64) -> PairRule {
 }
 
 /// Every estimator the targets' rules need (one rule per linear per target),
-/// fitted in parallel over linears (each fit is a long chain of small products).
+/// on `opts.fit_device`: on the CPU in parallel over linears (each fit is a
+/// long chain of small products), on a GPU one after another.
 fn fit_all(
     w: &[LinearWeights],
     calib: &[LinearCalib],
     rules: &[Vec<PairRule>],
     opts: &CalibrateOptions,
-) -> EstimatorCache {
+) -> Result<EstimatorCache> {
     use rayon::prelude::*;
     let mut pairs: Vec<(usize, u32)> = (rules.iter())
         .flat_map(|r| r.iter().enumerate())
@@ -346,9 +356,20 @@ fn fit_all(
         .collect();
     pairs.sort_unstable();
     pairs.dedup();
-    (pairs.into_par_iter())
-        .map(|(g, lo)| ((g, lo), fit_pair(g, &w[g], &calib[g], lo, opts)))
-        .collect()
+    match opts.fit_device {
+        Device::Cpu => (pairs.into_par_iter())
+            .map(|(g, lo)| Ok(((g, lo), fit_pair(&CpuGrad, g, &w[g], &calib[g], lo, opts)?)))
+            .collect(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let be = dpllm_grad::cuda::CudaGrad::open(n)?;
+            (pairs.into_iter())
+                .map(|(g, lo)| Ok(((g, lo), fit_pair(&be, g, &w[g], &calib[g], lo, opts)?)))
+                .collect()
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => unreachable!("refused by Device::check"),
+    }
 }
 
 /// The estimates of a linear's calibration tokens: every token for a regression,
@@ -526,6 +547,12 @@ pub fn calibrate(
     );
     let out_dir = plan::budget_dir(model_dir, opts.budget);
     check_replaceable(&out_dir, OutputKind::Plans, opts.overwrite)?;
+    // The projections' GPU is looked for now, not after fine-tuning.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = opts.fit_device {
+        dpllm_grad::cuda::CudaGrad::open(n)
+            .with_context(|| format!("--jl-device {}", opts.fit_device))?;
+    }
     let model = Model::load_with(
         model_dir,
         &LoadOptions {
@@ -621,7 +648,7 @@ pub fn calibrate(
                     .collect()
             })
             .collect();
-        let cache = fit_all(&weights, &calib, &rules, opts);
+        let cache = fit_all(&weights, &calib, &rules, opts)?;
         let mut reports = Vec::new();
         let per_target = opts.targets.iter().zip(&tuned).zip(&statics).zip(&rules);
         for (((&target, ft), st), rules) in per_target {

@@ -59,7 +59,8 @@ fn gpu_fine_tuning_matches_the_cpu() {
     let (model, w) = tiny_quantized(&t);
     let n = w.len();
     let mut cpu = GradModel::from_model(&model);
-    let mut gpu = GradModel::on(CudaGrad::new(dev.clone()).unwrap().poisoned(), &model, None).unwrap();
+    let mut gpu =
+        GradModel::on(CudaGrad::new(dev.clone()).unwrap().poisoned(), &model, None).unwrap();
     let levels = LevelsOn::upload(gpu.backend(), &w).unwrap();
     let index = linear_index(&w);
     let seqs = sequences(4);
@@ -256,6 +257,62 @@ fn gpu_estimator_data_matches_the_cpu() {
                 assert!(a.samples() > 0, "{name}: no sampled inputs");
                 close(format!("{name} samples"), &a.sample, &b.sample);
             }
+        }
+    }
+}
+
+/// A projection estimator fine-tuned on the GPU (`--jl-device cuda`)
+/// against the CPU: the same start (no steps) to f32 rounding, and after 500
+/// steps from the same draws an estimator as good on the held-out rows.
+#[test]
+fn projection_fit_on_the_gpu_matches_the_cpu() {
+    use dpllm_calibrate::estimators::{fit_projection_on, FitOptions};
+    use rand::{Rng, SeedableRng};
+    let Some(dev) = test_device(0) else { return };
+    let be = CudaGrad::new(dev).unwrap().poisoned();
+    // Rows whose direction varies, so that only a projection tracks ||Δx||.
+    let (rows, cols, n) = (48, 32, 1500);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let delta: Vec<f32> = (0..rows * cols)
+        .map(|i| match i % cols < 4 {
+            true => rng.random_range(-1.0..1.0),
+            false => rng.random_range(-0.01..0.01),
+        })
+        .collect();
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let e: Vec<f32> = (x.chunks(cols))
+        .map(|xr| {
+            let y = delta
+                .chunks(cols)
+                .map(|d| d.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>());
+            y.map(|v| v * v).sum::<f32>().sqrt()
+        })
+        .collect();
+    for steps in [0, 500] {
+        let opts = FitOptions {
+            k: 16,
+            steps,
+            ..Default::default()
+        };
+        let cpu =
+            fit_projection_on(&dpllm_grad::CpuGrad, &delta, rows, cols, &x, &e, &opts, 7).unwrap();
+        let gpu = fit_projection_on(&be, &delta, rows, cols, &x, &e, &opts, 7).unwrap();
+        assert!(
+            (cpu.r2 - gpu.r2).abs() <= 0.02,
+            "{steps} steps: held-out R² {} on the CPU, {} on the GPU",
+            cpu.r2,
+            gpu.r2
+        );
+        if steps == 0 {
+            let scale = cpu.g.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = (cpu.g.iter().zip(&gpu.g)).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-4 * scale,
+                "initial projection differs by {worst} (scale {scale})"
+            );
+            assert!((cpu.bias - gpu.bias).abs() <= 1e-3 * cpu.bias.abs().max(1.0));
+        } else {
+            assert!(gpu.r2 > 0.6, "GPU projection R² {}", gpu.r2);
         }
     }
 }

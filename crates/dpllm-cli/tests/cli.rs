@@ -1337,6 +1337,24 @@ fn calibrate_then_run_targets_and_baselines() {
         .concat(),
         &["--lanes 9 must be within 0..=8"],
     );
+    // No driver (CI) or no such GPU for the projections: refused before
+    // fine-tuning, nothing written.
+    fails(
+        &[
+            &[
+                "calibrate",
+                s(&q),
+                "--targets",
+                "3.5",
+                "--force",
+                "--jl-device",
+                "cuda:7",
+            ][..],
+            &small,
+        ]
+        .concat(),
+        &["--jl-device cuda:7"],
+    );
     // A corrupt plan file is named in the error.
     std::fs::write(&plan, "{ not json").unwrap();
     fails(

@@ -105,7 +105,8 @@ fn mix_and_dot_diff_match_the_dequantized_levels() {
                 let mut sums = s.alloc_zeros::<f64>(3).unwrap();
                 gpu.dot_diff(&gd, hi, lo, &mut sums, 1).expect("dot_diff");
                 let got = s.clone_dtoh(&sums).unwrap();
-                let terms = (g.iter().zip(wh).zip(wl)).map(|((&g, &h), &l)| g as f64 * (h - l) as f64);
+                let terms =
+                    (g.iter().zip(wh).zip(wl)).map(|((&g, &h), &l)| g as f64 * (h - l) as f64);
                 let want: f64 = terms.clone().sum();
                 // The kernel sums 4 products in f32, the quads in f64: within
                 // 4 f32 roundings of the terms' absolute sum.

@@ -212,6 +212,19 @@ pub trait GradBackend {
     }
     /// `out[r]` = the L2 norm of row r of `x` (rows of `width` values).
     fn row_norms(&self, x: &Self::Buf, width: usize, out: &mut Self::Buf) -> Result<()>;
+    /// The gradient of mean_r (‖y_r‖ − e_r)² with respect to `y` [n × k], in
+    /// place ([`ops::norm_error_scale`]; n = the length of `e`).
+    fn norm_error_scale(&self, y: &mut Self::Buf, k: usize, e: &Self::Buf) -> Result<()>;
+    /// One Adam step of `w` along `g` with moments `m`, `v` ([`ops::adam_step`]).
+    fn adam_step(
+        &self,
+        w: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        lr: f32,
+        t: i32,
+    ) -> Result<()>;
 }
 
 /// The CPU: buffers are `Vec<f32>`, the ops those of [`crate::ops`] (rayon threads).
@@ -495,6 +508,34 @@ impl GradBackend for CpuGrad {
             .for_each(|(o, v)| *o = v);
         Ok(())
     }
+    fn norm_error_scale(&self, y: &mut Vec<f32>, k: usize, e: &Vec<f32>) -> Result<()> {
+        check_lengths("norm_error_scale", y.len(), &[k * e.len()])?;
+        ops::norm_error_scale(y, k, e);
+        Ok(())
+    }
+    fn adam_step(
+        &self,
+        w: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        lr: f32,
+        t: i32,
+    ) -> Result<()> {
+        check_lengths("adam_step", w.len(), &[g.len(), m.len(), v.len()])?;
+        anyhow::ensure!(t >= 1, "adam_step: step {t} (steps count from 1)");
+        ops::adam_step(w, g, m, v, lr, t);
+        Ok(())
+    }
+}
+
+/// That every length in `others` is `len` (for op `what`'s error).
+pub fn check_lengths(what: &str, len: usize, others: &[usize]) -> Result<()> {
+    anyhow::ensure!(
+        others.iter().all(|&o| o == len),
+        "{what}: buffers of {len} and {others:?} values"
+    );
+    Ok(())
 }
 
 /// `dst` overwritten with as many `src` values (`what` they are, for the error).

@@ -438,6 +438,43 @@ pub fn add_squared(out: &mut [f32], g: &[f32]) {
         });
 }
 
+/// Adam's decay rates (β₁, β₂) and its ε, for the estimators' projections.
+pub const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
+/// Adam's ε (added to the root of the second moment).
+pub const ADAM_EPS: f32 = 1e-12;
+
+/// The gradient of mean_r (‖y_r‖ − e_r)² with respect to `y` [n × k], in
+/// place: each row r times 2(‖y_r‖ − e_r) / (‖y_r‖ · n), ‖y_r‖ at least 1e-12
+/// (the projection estimators' fine-tuning, METHOD.md 2c; n = `e.len()`).
+pub fn norm_error_scale(y: &mut [f32], k: usize, e: &[f32]) {
+    assert_eq!(y.len(), k * e.len());
+    let n = e.len() as f32;
+    for (row, &er) in y.chunks_mut(k).zip(e) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        let c = 2.0 * (norm - er) / (norm * n);
+        row.iter_mut().for_each(|v| *v *= c);
+    }
+}
+
+/// Adam's bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ at step `t` (from 1).
+pub fn adam_corrections(t: i32) -> (f32, f32) {
+    let (b1, b2) = ADAM_BETAS;
+    (1.0 - b1.powi(t), 1.0 - b2.powi(t))
+}
+
+/// One Adam step of `w` along `g` with moments `m` and `v`, step `t` (from 1)
+/// and step size `lr`.
+pub fn adam_step(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: i32) {
+    assert!(g.len() == w.len() && m.len() == w.len() && v.len() == w.len());
+    let (b1, b2) = ADAM_BETAS;
+    let (c1, c2) = adam_corrections(t);
+    for (((w, g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        *w -= lr * (*m / c1) / ((*v / c2).sqrt() + ADAM_EPS);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,5 +733,41 @@ mod tests {
         check_grad("lm_head+CE", &h, &dh, 1e-2, 5e-3, |x| {
             lm_head_cross_entropy(x, d, &w, vocab, &tg, None)
         });
+    }
+    #[test]
+    fn norm_error_scale_is_the_gradient_of_the_squared_error() {
+        let (n, k) = (5, 7);
+        let mut rng = StdRng::seed_from_u64(9);
+        let y = rand_vec(&mut rng, n * k, 1.0);
+        let e = rand_vec(&mut rng, n, 2.0);
+        let loss = |y: &[f32]| -> f64 {
+            (y.chunks(k).zip(&e))
+                .map(|(r, &er)| {
+                    let norm = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                    (norm - er as f64).powi(2)
+                })
+                .sum::<f64>()
+                / n as f64
+        };
+        let mut g = y.clone();
+        norm_error_scale(&mut g, k, &e);
+        check_grad("norm_error_scale", &y, &g, 1e-3, 1e-3, loss);
+    }
+
+    #[test]
+    fn adam_moves_against_the_gradient_by_the_step_size() {
+        // The first step of Adam is −lr·sign(g) (up to ε), whatever |g| is.
+        let g = vec![3.0f32, -1e-4, 0.5, -200.0];
+        let mut w = vec![0f32; 4];
+        let (mut m, mut v) = (vec![0f32; 4], vec![0f32; 4]);
+        adam_step(&mut w, &g, &mut m, &mut v, 0.01, 1);
+        for (wi, gi) in w.iter().zip(&g) {
+            assert!((wi + 0.01 * gi.signum()).abs() < 1e-6, "{w:?}");
+        }
+        // A second step along the same gradient moves as far again.
+        adam_step(&mut w, &g, &mut m, &mut v, 0.01, 2);
+        for (wi, gi) in w.iter().zip(&g) {
+            assert!((wi + 0.02 * gi.signum()).abs() < 1e-5, "{w:?}");
+        }
     }
 }

@@ -15,7 +15,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Option<CudaGrad> {
-    test_device(0).map(|d| CudaGrad::new(d).expect("the gradient kernels load").poisoned())
+    test_device(0).map(|d| {
+        CudaGrad::new(d)
+            .expect("the gradient kernels load")
+            .poisoned()
+    })
 }
 
 fn tiny(arch: &'static str, seed: u64) -> (tempfile::TempDir, Model) {
@@ -264,6 +268,74 @@ fn attention_matches_the_cpu_on_long_sequences() {
     }
 }
 
+/// The projection estimators' fine-tuning ops (the norm-error gradient and
+/// Adam) against the CPU, into poisoned buffers, with refusals.
+#[test]
+fn projection_ops_match_the_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = dpllm_grad::CpuGrad;
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    // 37 rows of 64 (the projection's k) and of 300 (more than a block's threads).
+    for (n, k) in [(37, 64), (5, 300)] {
+        let (y, e) = (rand(n * k), rand(n));
+        let mut want = y.clone();
+        cpu.norm_error_scale(&mut want, k, &e).unwrap();
+        let mut got = be.upload(&y).unwrap();
+        be.norm_error_scale(&mut got, k, &be.upload(&e).unwrap())
+            .unwrap();
+        let (i, err) = max_err(&be.download(&got).unwrap(), &want, 1.0);
+        assert!(
+            err <= 1e-5,
+            "norm_error_scale {n}x{k} at {i}: relative error {err}"
+        );
+    }
+    // Three Adam steps over an odd length, moments starting from the CPU's.
+    let n = 100_003;
+    let (w0, m0, v0) = (
+        rand(n),
+        rand(n),
+        rand(n).iter().map(|v| v.abs()).collect::<Vec<_>>(),
+    );
+    let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+    let up = |x: &Vec<f32>| be.upload(x).unwrap();
+    let (mut dw, mut dm, mut dv) = (up(&w0), up(&m0), up(&v0));
+    for t in 1..=3 {
+        let g = rand(n);
+        cpu.adam_step(&mut w, &g, &mut m, &mut v, 0.01, t).unwrap();
+        be.adam_step(&mut dw, &up(&g), &mut dm, &mut dv, 0.01, t)
+            .unwrap();
+    }
+    for (what, got, want) in [("w", &dw, &w), ("m", &dm, &m), ("v", &dv, &v)] {
+        let (i, err) = max_err(&be.download(got).unwrap(), want, 1.0);
+        assert!(err <= 1e-5, "adam {what} at {i}: relative error {err}");
+    }
+    // Mismatched lengths and step 0 are refused.
+    assert!(be
+        .norm_error_scale(&mut up(&rand(10)), 3, &up(&rand(3)))
+        .is_err());
+    assert!(be
+        .adam_step(
+            &mut up(&rand(4)),
+            &up(&rand(5)),
+            &mut up(&rand(4)),
+            &mut up(&rand(4)),
+            0.1,
+            1
+        )
+        .is_err());
+    assert!(be
+        .adam_step(
+            &mut up(&rand(4)),
+            &up(&rand(4)),
+            &mut up(&rand(4)),
+            &mut up(&rand(4)),
+            0.1,
+            0
+        )
+        .is_err());
+}
+
 /// The kernels compile for the paper's edge and consumer GPUs (sm_87, sm_89)
 /// and for Hopper, wherever NVRTC is found (no GPU needed).
 #[test]
@@ -280,6 +352,8 @@ fn kernels_compile_for_every_target() {
         "cross_entropy",
         "rms_norm_backward_add",
         "join_cols",
+        "norm_error_scale",
+        "adam_step",
     ];
     let sources = [("grad", dpllm_grad::cuda::SOURCE, &kernels[..])];
     dpllm_engine::backend::cuda::compile::check_compiles(&sources).expect("compiles");

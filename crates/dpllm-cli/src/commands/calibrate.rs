@@ -82,6 +82,11 @@ pub struct CalibrationArgs {
     /// Rows of each random projection.
     #[arg(long, default_value_t = 64)]
     pub jl_k: usize,
+    /// Where the random projections are fine-tuned: cpu (every core, linears
+    /// in parallel) or cuda / cuda:N (one linear after another: for the wide
+    /// linears of 7B-class models, where the CPU takes minutes a target).
+    #[arg(long, default_value = "cpu")]
+    pub jl_device: dpllm_engine::Device,
     /// Skip the static layer-wise baseline plans.
     #[arg(long)]
     pub no_static: bool,
@@ -176,6 +181,7 @@ impl CalibrationArgs {
                 k: self.jl_k,
                 ..Default::default()
             },
+            fit_device: self.jl_device,
             static_plans: !self.no_static,
             tf32: self.tf32,
             progress: true,

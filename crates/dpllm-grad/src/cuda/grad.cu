@@ -201,3 +201,30 @@ extern "C" __global__ void dot_diff_levels(const float* g, const float* levels, 
     s = block_sum(s);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
+
+// The estimators' projection fine-tuning (METHOD.md 2c), as ops.rs's
+// norm_error_scale: each row r of y [n x k] times 2(|y_r| - e_r) / (|y_r| n),
+// |y_r| at least 1e-12 (one block a row).
+extern "C" __global__ void norm_error_scale(float* y, const float* e, int k, int n) {
+    float* row = y + (long)blockIdx.x * k;
+    double s = 0.0;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) s += (double)row[j] * row[j];
+    s = block_sum(s);
+    const float norm = fmaxf(sqrtf((float)s), 1e-12f);
+    const float c = 2.0f * (norm - e[blockIdx.x]) / (norm * (float)n);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) row[j] *= c;
+}
+
+// One Adam step, as ops.rs's adam_step: b1, b2 the decay rates, c1, c2 their
+// bias corrections 1 - b^t, eps added to the root of the second moment.
+extern "C" __global__ void adam_step(float* w, const float* g, float* m, float* v, float lr, float b1,
+                                     float b2, float c1, float c2, float eps, long n) {
+    GRID_STRIDE(i, n) {
+        const float gi = g[i];
+        const float mi = b1 * m[i] + (1.0f - b1) * gi;
+        const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        w[i] -= lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    }
+}

@@ -19,10 +19,11 @@ use dpllm_engine::backend::cuda::{pair_words, CudaDevice, Kernels, PAIR_WORDS};
 use dpllm_engine::model::rope::Rope;
 
 use cudarc::cublas::Gemm;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use cudarc::driver::result::memset_d8_async;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use crate::backend::GradBackend;
+use crate::backend::{check_lengths, GradBackend};
+use crate::ops;
 use crate::step::{Pair, Recorder};
 
 mod graph;
@@ -419,10 +420,8 @@ impl GradBackend for CudaGrad {
             // Bytes 0xff: every f32 a NaN.
             let (at, _record) = buf.device_ptr_mut(self.stream());
             // SAFETY: the buffer's own bytes, on its stream.
-            unsafe {
-                memset_d8_async(at, 0xff, 4 * len, self.stream().cu_stream())
-            }
-            .context("CUDA: poisoning a buffer")?;
+            unsafe { memset_d8_async(at, 0xff, 4 * len, self.stream().cu_stream()) }
+                .context("CUDA: poisoning a buffer")?;
         }
         Ok(buf)
     }
@@ -1031,6 +1030,53 @@ impl GradBackend for CudaGrad {
             &a,
             &c,
             &mut *out
+        )
+    }
+    fn norm_error_scale(&self, y: &mut CudaSlice<f32>, k: usize, e: &CudaSlice<f32>) -> Result<()> {
+        let _p = self.span("norm_error_scale");
+        check_lengths("norm_error_scale", y.len(), &[k * e.len()])?;
+        let (k32, n32) = (k as i32, e.len() as i32);
+        launch!(
+            self,
+            kernels,
+            "norm_error_scale",
+            Self::per_row(e.len()),
+            &mut *y,
+            e,
+            &k32,
+            &n32
+        )
+    }
+    fn adam_step(
+        &self,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        lr: f32,
+        t: i32,
+    ) -> Result<()> {
+        let _p = self.span("adam_step");
+        check_lengths("adam_step", w.len(), &[g.len(), m.len(), v.len()])?;
+        anyhow::ensure!(t >= 1, "adam_step: step {t} (steps count from 1)");
+        let ((b1, b2), (c1, c2)) = (ops::ADAM_BETAS, ops::adam_corrections(t));
+        let n = w.len() as i64;
+        launch!(
+            self,
+            kernels,
+            "adam_step",
+            Self::flat(w.len()),
+            &mut *w,
+            g,
+            &mut *m,
+            &mut *v,
+            &lr,
+            &b1,
+            &b2,
+            &c1,
+            &c2,
+            &ops::ADAM_EPS,
+            &n
         )
     }
 }
