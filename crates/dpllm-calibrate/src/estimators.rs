@@ -6,7 +6,7 @@
 
 use anyhow::{ensure, Result};
 use dpllm_grad::ops::linear_forward;
-use dpllm_grad::{CpuGrad, GradBackend};
+use dpllm_grad::GradBackend;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -344,6 +344,7 @@ pub fn fit<G: GradBackend>(
 mod tests {
     use super::*;
     use dpllm_engine::select::estimator::row_norms;
+    use dpllm_grad::CpuGrad;
 
     #[test]
     fn regression_recovers_a_line() {

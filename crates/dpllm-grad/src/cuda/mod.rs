@@ -1035,6 +1035,9 @@ impl GradBackend for CudaGrad {
     fn norm_error_scale(&self, y: &mut CudaSlice<f32>, k: usize, e: &CudaSlice<f32>) -> Result<()> {
         let _p = self.span("norm_error_scale");
         check_lengths("norm_error_scale", y.len(), &[k * e.len()])?;
+        if e.is_empty() {
+            return Ok(());
+        }
         let (k32, n32) = (k as i32, e.len() as i32);
         launch!(
             self,
