@@ -438,7 +438,7 @@ pub fn add_squared(out: &mut [f32], g: &[f32]) {
         });
 }
 
-/// Adam's decay rates (β₁, β₂) and its ε, for the estimators' projections.
+/// Adam's decay rates (β₁, β₂), for the estimators' projections.
 pub const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
 /// Adam's ε (added to the root of the second moment).
 pub const ADAM_EPS: f32 = 1e-12;
