@@ -8,6 +8,9 @@
 # .devcarry/shared/data/wikitext-2/valid.txt and a tokenizer.json (TOK).
 # Disk: the checkpoint (16 GB) and the f32 sensitivities (28 GB) are deleted
 # once the any-precision model (about 9 GB) is written.
+# How it ran on 2026-12-07 (H100): `LAYERS=4 RES=/tmp/cal8b-4 W=/tmp/l4` and
+# then `LAYERS=8 RES=/tmp/cal8b-8 W=/tmp/l8` in one setsid chain, both done
+# within 283 s of the call; results in docs/cuda/calibrate-8b-2026-12-07/.
 #   SENS_SAMPLES (32), SAMPLES (fine-tuning sequences, 16), EPOCHS (1),
 #   EST (estimator sequences, 40), TARGETS (3.5), BUDGET (5), W (/tmp/l8b),
 #   SHAPE (llama3-8b; tiny to try the script), LAYERS (the shape's, or fewer),
