@@ -252,7 +252,7 @@ fn calibrated<'a, G: GradBackend>(
     let held = held.unwrap_or(train);
     let pred: Vec<f32> = (held.norms(be, gd)?.iter()).map(|v| s * v + bias).collect();
     let r2 = r_squared(&pred, held.e);
-    if !(r2 > beat) {
+    if r2.is_nan() || r2 <= beat {
         return Ok(None);
     }
     Ok(Some(Projection {
@@ -267,7 +267,6 @@ fn calibrated<'a, G: GradBackend>(
 struct Scorer<'a, G: GradBackend> {
     x: G::Buf,
     e: &'a [f32],
-    rows: usize,
     cols: usize,
     k: usize,
     gx: G::Buf,
@@ -276,21 +275,27 @@ struct Scorer<'a, G: GradBackend> {
 
 impl<'a, G: GradBackend> Scorer<'a, G> {
     fn new(be: &G, x: &[f32], e: &'a [f32], cols: usize, k: usize) -> Result<Self> {
-        let rows = e.len();
         Ok(Scorer {
             x: be.upload(x)?,
             e,
-            rows,
             cols,
             k,
-            gx: be.scratch(rows * k)?,
-            norms: be.scratch(rows)?,
+            gx: be.scratch(e.len() * k)?,
+            norms: be.scratch(e.len())?,
         })
     }
 
     /// ||G x|| for every row x.
     fn norms(&mut self, be: &G, g: &G::Buf) -> Result<Vec<f32>> {
-        be.linear_forward(&self.x, self.rows, g, self.k, self.cols, None, &mut self.gx)?;
+        be.linear_forward(
+            &self.x,
+            self.e.len(),
+            g,
+            self.k,
+            self.cols,
+            None,
+            &mut self.gx,
+        )?;
         be.row_norms(&self.gx, self.k, &mut self.norms)?;
         be.download(&self.norms)
     }

@@ -339,10 +339,34 @@ fn pair_rule(l: &LinearWeights, calib: &LinearCalib, p: f64) -> PairRule {
     }
 }
 
+/// Where the projection estimators are fine-tuned (`opts.fit_device`),
+/// opened before the long stages so that a missing GPU fails early.
+enum FitBackend {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<dpllm_grad::cuda::CudaGrad>),
+}
+
+impl FitBackend {
+    fn open(device: Device) -> Result<FitBackend> {
+        match device {
+            Device::Cpu => Ok(FitBackend::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(FitBackend::Cuda(Box::new(
+                dpllm_grad::cuda::CudaGrad::open(n)
+                    .with_context(|| format!("--jl-device {device}"))?,
+            ))),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("refused by Device::check"),
+        }
+    }
+}
+
 /// Every estimator the targets' rules need (one rule per linear per target),
-/// on `opts.fit_device`: on the CPU in parallel over linears (each fit is a
-/// long chain of small products), on a GPU one after another.
+/// on `fit`: on the CPU in parallel over linears (each fit is a long chain
+/// of small products), on a GPU one after another.
 fn fit_all(
+    fit: &FitBackend,
     w: &[LinearWeights],
     calib: &[LinearCalib],
     rules: &[Vec<PairRule>],
@@ -356,19 +380,14 @@ fn fit_all(
         .collect();
     pairs.sort_unstable();
     pairs.dedup();
-    match opts.fit_device {
-        Device::Cpu => (pairs.into_par_iter())
+    match fit {
+        FitBackend::Cpu => (pairs.into_par_iter())
             .map(|(g, lo)| Ok(((g, lo), fit_pair(&CpuGrad, g, &w[g], &calib[g], lo, opts)?)))
             .collect(),
         #[cfg(feature = "cuda")]
-        Device::Cuda(n) => {
-            let be = dpllm_grad::cuda::CudaGrad::open(n)?;
-            (pairs.into_iter())
-                .map(|(g, lo)| Ok(((g, lo), fit_pair(&be, g, &w[g], &calib[g], lo, opts)?)))
-                .collect()
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => unreachable!("refused by Device::check"),
+        FitBackend::Cuda(be) => (pairs.into_iter())
+            .map(|(g, lo)| Ok(((g, lo), fit_pair(&**be, g, &w[g], &calib[g], lo, opts)?)))
+            .collect(),
     }
 }
 
@@ -547,12 +566,7 @@ pub fn calibrate(
     );
     let out_dir = plan::budget_dir(model_dir, opts.budget);
     check_replaceable(&out_dir, OutputKind::Plans, opts.overwrite)?;
-    // The projections' GPU is looked for now, not after fine-tuning.
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(n) = opts.fit_device {
-        dpllm_grad::cuda::CudaGrad::open(n)
-            .with_context(|| format!("--jl-device {}", opts.fit_device))?;
-    }
+    let fit_backend = FitBackend::open(opts.fit_device)?;
     let model = Model::load_with(
         model_dir,
         &LoadOptions {
@@ -648,7 +662,7 @@ pub fn calibrate(
                     .collect()
             })
             .collect();
-        let cache = fit_all(&weights, &calib, &rules, opts)?;
+        let cache = fit_all(&fit_backend, &weights, &calib, &rules, opts)?;
         let mut reports = Vec::new();
         let per_target = opts.targets.iter().zip(&tuned).zip(&statics).zip(&rules);
         for (((&target, ft), st), rules) in per_target {

@@ -522,8 +522,7 @@ impl GradBackend for CpuGrad {
         lr: f32,
         t: i32,
     ) -> Result<()> {
-        check_lengths("adam_step", w.len(), &[g.len(), m.len(), v.len()])?;
-        anyhow::ensure!(t >= 1, "adam_step: step {t} (steps count from 1)");
+        check_adam([w.len(), g.len(), m.len(), v.len()], t)?;
         ops::adam_step(w, g, m, v, lr, t);
         Ok(())
     }
@@ -535,6 +534,13 @@ pub fn check_lengths(what: &str, len: usize, others: &[usize]) -> Result<()> {
         others.iter().all(|&o| o == len),
         "{what}: buffers of {len} and {others:?} values"
     );
+    Ok(())
+}
+
+/// An Adam step's arguments: w, g, m and v of one length (`lens`), step `t` from 1.
+pub fn check_adam(lens: [usize; 4], t: i32) -> Result<()> {
+    check_lengths("adam_step", lens[0], &lens[1..])?;
+    anyhow::ensure!(t >= 1, "adam_step: step {t} (steps count from 1)");
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use cudarc::cublas::Gemm;
 use cudarc::driver::result::memset_d8_async;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use crate::backend::{check_lengths, GradBackend};
+use crate::backend::{check_adam, check_lengths, GradBackend};
 use crate::ops;
 use crate::step::{Pair, Recorder};
 
@@ -1060,8 +1060,7 @@ impl GradBackend for CudaGrad {
         t: i32,
     ) -> Result<()> {
         let _p = self.span("adam_step");
-        check_lengths("adam_step", w.len(), &[g.len(), m.len(), v.len()])?;
-        anyhow::ensure!(t >= 1, "adam_step: step {t} (steps count from 1)");
+        check_adam([w.len(), g.len(), m.len(), v.len()], t)?;
         let ((b1, b2), (c1, c2)) = (ops::ADAM_BETAS, ops::adam_corrections(t));
         let n = w.len() as i64;
         launch!(
