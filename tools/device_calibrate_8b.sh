@@ -11,10 +11,13 @@
 # How it ran on 2026-12-07 (H100): `LAYERS=4 RES=/tmp/cal8b-4 W=/tmp/l4` and
 # then `LAYERS=8 RES=/tmp/cal8b-8 W=/tmp/l8` in one setsid chain, both done
 # within 283 s of the call; results in docs/cuda/calibrate-8b-2026-12-07/.
+# Later that day, each in the foreground of one call: `LAYERS=4
+# CAL_VARIANTS="--jl-device cpu|--jl-device cuda"` (155 s) and `LAYERS=16
+# CAL_ARGS="--tf32 --jl-device cuda"` (392 s; the planes path).
 #   SENS_SAMPLES (32), SAMPLES (fine-tuning sequences, 16), EPOCHS (1),
 #   EST (estimator sequences, 40), TARGETS (3.5), BUDGET (5), W (/tmp/l8b),
 #   SHAPE (llama3-8b; tiny to try the script), LAYERS (the shape's, or fewer),
-#   DEV (cuda), CAL_ARGS (--tf32)
+#   DEV (cuda), CAL_ARGS (--tf32), CAL_VARIANTS (one calibrate a variant; below)
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 RES=${RES:-/tmp/cal8b}
@@ -51,10 +54,26 @@ stage sensitivity "$B/$D" sensitivity "$W" --device "${DEV:-cuda}" --calib "$B/$
     --samples "${SENS_SAMPLES:-32}" --seq-len 512 --out "$W.sens.safetensors"
 stage quantize "$B/$D" quantize "$W" --out "$W-ap" --sensitivity "$W.sens.safetensors" --force
 rm -rf "$W" "$W.sens.safetensors"
-stage calibrate "$B/$D" calibrate ${CAL_ARGS---tf32} "$W-ap" --device "${DEV:-cuda}" --budget "${BUDGET:-5}" \
-    --targets "${TARGETS:-3.5}" --calib "$B/$V" --samples "${SAMPLES:-16}" --seq-len 512 \
-    --epochs "${EPOCHS:-1}" --estimator-samples "${EST:-40}" --force
+# One calibrate a variant of CAL_VARIANTS ('|'-separated extra arguments, e.g.
+# "--jl-device cpu|--jl-device cuda"), each on the same model: calibrate-1,
+# calibrate-2, ... with their plans' JSON copied beside (small; the estimator
+# matrices stay behind).
+IFS='|' read -ra VARIANTS <<< "${CAL_VARIANTS:-}"
+[ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=("")
+i=0
+for extra in "${VARIANTS[@]}"; do
+    i=$((i + 1))
+    name=calibrate
+    [ ${#VARIANTS[@]} -gt 1 ] && name=calibrate-$i
+    # shellcheck disable=SC2086 # the arguments split on purpose
+    stage "$name" "$B/$D" calibrate ${CAL_ARGS---tf32} $extra "$W-ap" --device "${DEV:-cuda}" --budget "${BUDGET:-5}" \
+        --targets "${TARGETS:-3.5}" --calib "$B/$V" --samples "${SAMPLES:-16}" --seq-len 512 \
+        --epochs "${EPOCHS:-1}" --estimator-samples "${EST:-40}" --force
+    grep -v "\[" "$name.out" | tail -20 > "$name-summary.txt"
+    for f in "$W-ap"/plans/*/*.json; do
+        [ -e "$f" ] && cp "$f" "$name-$(basename "$(dirname "$f")")-$(basename "$f")"
+    done
+done
 kill $SMI
 du -sh "$W-ap" >> "$RES/disk.txt"
-grep -v "\[" calibrate.out | tail -20 > calibrate-summary.txt
 touch "$RES/done"
