@@ -197,6 +197,9 @@ def main():
         print(f"{name:40s} {regs if regs is not None else '?':>9} {n:12d}")
         if a.loops:
             lines = sass(path, name)
+            spills = sum(opcode(t) in ("LDL", "STL") for _, t in lines)
+            if spills:
+                print(f"    {spills} local-memory loads and stores (register spills)")
             for start, end in hmma_loops(lines):
                 ops = collections.Counter(opcode(t) for _, t in lines[start:end + 1])
                 alu = sum(v for k, v in ops.items() if k in ALU_OPS)
