@@ -52,6 +52,10 @@ stage synth python3 "$B/tools/make_synthetic_llama.py" --shape "${SHAPE:-llama3-
     ${LAYERS:+--layers "$LAYERS"}
 stage sensitivity "$B/$D" sensitivity "$W" --device "${DEV:-cuda}" --calib "$B/$V" \
     --samples "${SENS_SAMPLES:-32}" --seq-len 512 --out "$W.sens.safetensors"
+# The checkpoint and the sensitivities (24 GB at full depth) are still being
+# written back to disk; flush them first so quantize is not timed waiting on
+# the page cache's writeback (suspected at 16 blocks, docs/benchmarks.md).
+stage flush sync
 stage quantize "$B/$D" quantize "$W" --out "$W-ap" --sensitivity "$W.sens.safetensors" --force
 rm -rf "$W" "$W.sens.safetensors"
 # One calibrate a variant of CAL_VARIANTS ('|'-separated extra arguments, e.g.
