@@ -21,6 +21,7 @@ how often it stalls (for that, Nsight Compute on the device).
 import argparse
 import collections
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -128,10 +129,15 @@ def kernel_facts(data):
     }
 
 
+@functools.lru_cache(maxsize=None)
+def disassembly(cubin_path):
+    """The whole cubin's SASS (disassembled once, however many kernels are read)."""
+    return subprocess.run([nvdisasm(), "-c", cubin_path], capture_output=True, text=True, check=True).stdout
+
+
 def sass(cubin_path, kernel):
     """[(label or None, instruction text)] of one kernel."""
-    out = subprocess.run([nvdisasm(), "-c", cubin_path], capture_output=True, text=True, check=True).stdout
-    body = out.split(f".text.{kernel}:\n", 1)
+    body = disassembly(cubin_path).split(f".text.{kernel}:\n", 1)
     if len(body) < 2:
         die(f"no kernel {kernel} in the cubin")
     lines, label = [], None
