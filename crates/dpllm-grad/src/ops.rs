@@ -448,6 +448,9 @@ pub const ADAM_EPS: f32 = 1e-12;
 /// (the projection estimators' fine-tuning, METHOD.md 2c; n = `e.len()`).
 pub fn norm_error_scale(y: &mut [f32], k: usize, e: &[f32]) {
     assert_eq!(y.len(), k * e.len());
+    if k == 0 {
+        return; // rows of no values: nothing to scale (chunks of 0 would panic)
+    }
     let n = e.len() as f32;
     for (row, &er) in y.chunks_mut(k).zip(e) {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
@@ -752,6 +755,10 @@ mod tests {
         let mut g = y.clone();
         norm_error_scale(&mut g, k, &e);
         check_grad("norm_error_scale", &y, &g, 1e-3, 1e-3, loss);
+        // Rows of no values (k = 0): nothing to scale, and no panic.
+        let mut empty: Vec<f32> = Vec::new();
+        norm_error_scale(&mut empty, 0, &e);
+        assert!(empty.is_empty());
     }
 
     #[test]
