@@ -87,9 +87,39 @@ pub fn check_compiles(sources: &[(&str, &str, &[&str])]) -> Result<bool> {
     Ok(true)
 }
 
+/// Environment variable naming a folder of kernel sources that replace the
+/// built-in ones, for timing kernel variants with one binary: a file
+/// `<name>.cu` there (the whole module, headers included, as the built-in
+/// source concatenates them) is compiled instead of module `name`'s source.
+pub const SOURCE_DIR_ENV: &str = "DPLLM_KERNEL_SOURCE_DIR";
+
+/// Module `name`'s source from [`SOURCE_DIR_ENV`]'s folder, when that is set
+/// and holds `<name>.cu`; `None` otherwise. A file that cannot be read is an
+/// error, never a silent fall-back to the built-in source.
+fn source_override(name: &str) -> Result<Option<String>> {
+    let Some(dir) = std::env::var_os(SOURCE_DIR_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let file = PathBuf::from(dir).join(format!("{name}.cu"));
+    if !file.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        EngineError::Device(format!("reading kernel source {}: {e}", file.display()))
+    })?;
+    tracing::warn!(
+        "kernel module {name}: source replaced by {}",
+        file.display()
+    );
+    Ok(Some(text))
+}
+
 /// PTX of `source` (named `name` in messages and cache files) for compute
 /// capability `arch`: from the cache when present, else compiled and cached.
+/// A `<name>.cu` in [`SOURCE_DIR_ENV`]'s folder replaces `source`.
 pub fn ptx(name: &str, source: &str, arch: (i32, i32)) -> Result<Ptx> {
+    let replaced = source_override(name)?;
+    let source = replaced.as_deref().unwrap_or(source);
     // SAFETY: only asks whether the library can be opened.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(EngineError::Device(
@@ -147,6 +177,19 @@ mod tests {
         assert_ne!(a, cache_file(d, "k", "src", (8, 9), v));
         assert_ne!(a, cache_file(d, "k", "src", (9, 0), Some((13, 1))));
         assert!(a.to_string_lossy().starts_with("/c/k-sm90-"));
+    }
+
+    #[test]
+    fn kernel_sources_are_replaced_only_by_a_named_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mine.cu"), "// variant").unwrap();
+        std::env::set_var(SOURCE_DIR_ENV, dir.path());
+        let mine = source_override("mine").unwrap();
+        let other = source_override("other").unwrap();
+        std::env::remove_var(SOURCE_DIR_ENV);
+        assert_eq!(mine.as_deref(), Some("// variant"));
+        assert_eq!(other, None);
+        assert_eq!(source_override("mine").unwrap(), None);
     }
 
     #[test]
