@@ -1,7 +1,7 @@
 //! The CUDA bit-plane GEMV against the CPU's dequantized weights, on fresh
 //! random layers: every precision 3..=8, 1..=8 tokens, shapes with partial
-//! tiles and column blocks, and every split of a tile's columns over warps. Skips
-//! with a message where there is no GPU.
+//! tiles and column blocks, every split of a tile's columns over warps and
+//! every kind of lookup table. Skips with a message where there is no GPU.
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
@@ -42,6 +42,11 @@ fn gemv_matches_the_dequantized_reference() {
                 for v in GemvVariant::all() {
                     // Poisoned output: every element must be written.
                     let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
+                    if !v.available_at(bits) {
+                        let e = gpu.gemv_with(&xd, n, bits, &mut yd, v);
+                        assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
+                        continue;
+                    }
                     gpu.gemv_with(&xd, n, bits, &mut yd, v).expect("gemv");
                     let y = stream.clone_dtoh(&yd).unwrap();
                     for t in 0..n {
@@ -186,7 +191,10 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv(&x, 1, 2, &mut y).is_err(), "2 bits");
     assert!(gpu.gemv(&x, 9, 4, &mut y).is_err(), "9 tokens");
     assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
-    let w17 = GemvVariant { warps: Some(17) };
+    let w17 = GemvVariant {
+        warps: Some(17),
+        ..Default::default()
+    };
     assert!(gpu.gemv_with(&x, 1, 4, &mut y, w17).is_err(), "17 warps");
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
@@ -246,7 +254,12 @@ fn kernels_compile_for_every_target() {
         (
             "bitplane_gemv",
             bitplane::SOURCE,
-            &["bitplane_gemv_b4_t4", "bitplane_mix", "bitplane_dot_diff"][..],
+            &[
+                "bitplane_gemv_b4_t4",
+                "bitplane_gemv_b3_t4sp",
+                "bitplane_mix",
+                "bitplane_dot_diff",
+            ][..],
         ),
         (
             "ops",

@@ -2,7 +2,9 @@
 //! count against cuBLAS on f16 weights (what PyTorch runs at batch 1..8), both
 //! as a fraction of the GPU's read bandwidth measured in the same run.
 
-use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, EstForm, GemvVariant, MAX_TOKENS};
+use dpllm_engine::backend::cuda::bitplane::{
+    CudaAnyPrec, EstForm, GemvVariant, Tables, MAX_TOKENS,
+};
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::{CudaBackend, CudaDevice};
 use dpllm_engine::backend::AnyPrecHost;
@@ -25,13 +27,46 @@ pub struct CudaGemvConfig {
     pub calls: usize,
     /// Also time the kernel with these warps a block (empty: the default split only).
     pub warps: Vec<u32>,
+    /// Also time the kernel with these lookup tables, at the precisions that
+    /// have them (empty: the built-in choice only).
+    #[serde(serialize_with = "table_names")]
+    pub tables: Vec<Tables>,
+    /// Also time each variant with the activations split by a `split_x`
+    /// launch where the block would split them itself.
+    pub split_launch: bool,
 }
 
-/// The variants to time: the default split, then one per given warp count.
-fn variants(warps: &[u32]) -> Vec<GemvVariant> {
+fn table_names<S: serde::Serializer>(t: &[Tables], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(t.iter().map(|t| t.name()))
+}
+
+/// The variants to time at `bits`: the default, then one per given warp
+/// count, then one per given kind of table that `bits` has.
+fn variants(warps: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
+    let split = warps.iter().map(|&w| GemvVariant {
+        warps: Some(w),
+        ..Default::default()
+    });
+    let tables = tables
+        .iter()
+        .filter(|t| t.available_at(bits))
+        .map(|&t| GemvVariant {
+            tables: Some(t),
+            ..Default::default()
+        });
     std::iter::once(GemvVariant::default())
-        .chain(warps.iter().map(|&w| GemvVariant { warps: Some(w) }))
+        .chain(split)
+        .chain(tables)
         .collect()
+}
+
+/// `v`, then each of them with the activations split by a launch when `launch`.
+fn with_split_launch(v: Vec<GemvVariant>, launch: bool) -> Vec<GemvVariant> {
+    let forced = v.iter().filter(|_| launch).map(|&v| GemvVariant {
+        split_launch: true,
+        ..v
+    });
+    v.iter().copied().chain(forced).collect()
 }
 
 /// One timed case.
@@ -149,7 +184,8 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for &(t, f16) in &f16_us {
-                for v in variants(&cfg.warps) {
+                let vs = variants(&cfg.warps, &cfg.tables, b);
+                for v in with_split_launch(vs, cfg.split_launch) {
                     let mut i = 0;
                     let ms = dev.time_ms(cfg.calls, || {
                         i += 1;
@@ -282,10 +318,24 @@ mod tests {
 
     #[test]
     fn variants_and_table() {
-        let v = variants(&[4, 16]);
+        let v = variants(&[4, 16], &[], 3);
         assert_eq!(v.len(), 3);
         assert!(v.iter().any(|v| v.name() == "w16"));
-        assert_eq!(variants(&[]), vec![GemvVariant::default()]);
+        assert_eq!(variants(&[], &[], 5), vec![GemvVariant::default()]);
+        // Only the tables a precision has.
+        let all = Tables::ALL;
+        let names = |b| {
+            variants(&[], &all, b)
+                .iter()
+                .map(|v| v.name())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(3), ["auto", "regs", "pairs"]);
+        assert_eq!(names(4), ["auto", "pairs", "entries"]);
+        assert_eq!(names(8), ["auto", "entries"]);
+        let both = with_split_launch(variants(&[8], &[], 3), true);
+        let both: Vec<_> = both.iter().map(|v| v.name()).collect();
+        assert_eq!(both, ["auto", "w8", "auto-xs", "w8-xs"]);
         let bench = CudaGemvBench {
             config: CudaGemvConfig {
                 shapes: vec![(64, 128)],
@@ -294,6 +344,8 @@ mod tests {
                 working_set_bytes: 1 << 20,
                 calls: 1,
                 warps: vec![],
+                tables: vec![],
+                split_launch: false,
             },
             backend: "cuda:0 (test)".into(),
             copy_gbs: 1000.0,

@@ -48,6 +48,16 @@ pub struct GemvArgs {
     /// (1..=16; they split a 16-row tile's columns); default: the built-in choice only.
     #[arg(long, value_delimiter = ',')]
     pub warps: Vec<u32>,
+    /// On a GPU, also time the bit-plane kernel with these lookup tables, at
+    /// the precisions that have them: regs (3 bits), pairs (3-4), entries
+    /// (4-8); default: the built-in choice only.
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Vec<String>,
+    /// On a GPU, also time each bit-plane variant with the activations split
+    /// into f16 halves by a separate launch where the GEMV block would split
+    /// them itself.
+    #[arg(long)]
+    pub split_launch: bool,
     /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
     /// 8B Llama, and docs-llama-12m's up projection).
     #[arg(
@@ -310,6 +320,15 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
         working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
         calls: a.calls.max(1),
         warps: a.warps,
+        tables: a
+            .tables
+            .iter()
+            .map(|t| {
+                t.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--tables: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        split_launch: a.split_launch,
     };
     let r = bench_gemv_cuda::run(ordinal, &cfg)?;
     publish(&r.table(), a.json.as_deref(), &r)

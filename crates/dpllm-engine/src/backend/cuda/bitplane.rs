@@ -92,30 +92,59 @@ impl EstForm {
     }
 }
 
-/// How a GEMV launch splits the work: the warps of a block, which split the
-/// column blocks of one 16-row tile (`None`: 8, or 16 when the tiles do not
-/// fill the GPU twice over; never more than the column blocks).
+/// How a GEMV launch splits the work and looks its weights up: the warps of
+/// a block, which split the column blocks of one 16-row tile (`None`: 8, or
+/// 16 when the tiles do not fill the GPU twice over; never more than the
+/// column blocks), and the tables (`None`: the built-in choice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GemvVariant {
     /// Warps a block (1..=16), or the default.
     pub warps: Option<u32>,
+    /// Lookup tables, or the default for the precision and layer.
+    pub tables: Option<Tables>,
+    /// Split the activations by a `split_x` launch even where the block
+    /// could split them itself (to time the GEMV kernel that reads them
+    /// split from device memory).
+    pub split_launch: bool,
 }
 
 impl GemvVariant {
-    /// The default and every fixed split worth timing.
+    /// The default, every fixed split worth timing, and every kind of table
+    /// (each where its precision has it: [`Tables::available_at`]).
     pub fn all() -> Vec<GemvVariant> {
-        [None, Some(4), Some(8), Some(16)]
-            .into_iter()
-            .map(|warps| GemvVariant { warps })
-            .collect()
+        let splits = [None, Some(4), Some(8), Some(16)].map(|warps| GemvVariant {
+            warps,
+            ..Default::default()
+        });
+        let tables = Tables::ALL.map(|t| GemvVariant {
+            tables: Some(t),
+            ..Default::default()
+        });
+        let launch = GemvVariant {
+            split_launch: true,
+            ..Default::default()
+        };
+        splits.into_iter().chain(tables).chain([launch]).collect()
     }
 
-    /// "auto", "w8".
+    /// "auto", "w8", "pairs", "w8-pairs", "auto-xs" (split by a launch).
     pub fn name(&self) -> String {
-        match self.warps {
-            Some(w) => format!("w{w}"),
-            None => "auto".into(),
+        let base = match (self.warps, self.tables) {
+            (None, None) => "auto".into(),
+            (Some(w), None) => format!("w{w}"),
+            (None, Some(t)) => t.name().into(),
+            (Some(w), Some(t)) => format!("w{w}-{}", t.name()),
+        };
+        if self.split_launch {
+            base + "-xs"
+        } else {
+            base
         }
+    }
+
+    /// True when this variant has a kernel at `bits`.
+    pub fn available_at(&self, bits: u32) -> bool {
+        self.tables.is_none_or(|t| t.available_at(bits))
     }
 }
 
@@ -126,10 +155,11 @@ fn kernel_name(bits: u32, n: usize) -> String {
 
 /// Where a GEMV kernel looks its weights up (`kernels/bitplane_gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tables {
+pub enum Tables {
     /// Byte tables in registers (3 bits).
     Regs,
-    /// Pair tables in shared memory, 64 KiB a block (4 bits).
+    /// Pair tables in shared memory, one load giving two weights: 32 KiB a
+    /// block at 3 bits, 64 KiB at 4.
     Pairs,
     /// Entry tables in shared memory, 2^bits · 128 bytes a block (4 bits on
     /// layers with many tiles, and above 4 bits).
@@ -137,13 +167,65 @@ enum Tables {
 }
 
 impl Tables {
-    /// The tables a kernel without the `e` suffix takes at `bits`.
+    /// Every kind.
+    pub const ALL: [Tables; 3] = [Tables::Regs, Tables::Pairs, Tables::Entries];
+
+    /// The tables a kernel without a table suffix takes at `bits`.
     fn default_at(bits: u32) -> Tables {
         match bits {
             3 => Tables::Regs,
             4 => Tables::Pairs,
             _ => Tables::Entries,
         }
+    }
+
+    /// True when GEMV kernels with these tables exist at `bits`.
+    pub fn available_at(self, bits: u32) -> bool {
+        match self {
+            Tables::Regs => bits == 3,
+            Tables::Pairs => (3..=4).contains(&bits),
+            Tables::Entries => bits >= 4,
+        }
+    }
+
+    /// "regs", "pairs", "entries".
+    pub fn name(self) -> &'static str {
+        match self {
+            Tables::Regs => "regs",
+            Tables::Pairs => "pairs",
+            Tables::Entries => "entries",
+        }
+    }
+
+    /// The kernel name's suffix at `bits`: none for the default tables, else
+    /// `p` (pairs at 3 bits) or `e` (entries at 4 bits).
+    fn suffix(self, bits: u32) -> &'static str {
+        match self {
+            _ if self == Tables::default_at(bits) => "",
+            Tables::Pairs => "p",
+            Tables::Entries => "e",
+            Tables::Regs => "r",
+        }
+    }
+
+    /// Bytes of shared memory the tables take at `bits` (the lanes' copies).
+    fn shared_bytes(self, bits: u32) -> u32 {
+        match self {
+            Tables::Regs => 0,
+            // 2 regions of (16 · 2^bits-entry pairs) words for 32 lanes.
+            Tables::Pairs => 2 * (16 << bits) * 32 * 4,
+            Tables::Entries => 128u32 << bits,
+        }
+    }
+}
+
+impl std::str::FromStr for Tables {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Tables, String> {
+        Tables::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown tables {s:?} (regs, pairs, entries)"))
     }
 }
 
@@ -404,27 +486,30 @@ impl CudaAnyPrec {
     /// layers of at least 4 tiles a multiprocessor, where several blocks a
     /// multiprocessor hide each other's work, one token does better with
     /// entry tables (H100: 22.5 against 26.0 µs on 14336x4096; pairs win on
-    /// 4096x4096, 7.1 against 9.9 µs, and at 8 tokens).
-    fn tables(&self, bits: u32, n: usize) -> Tables {
-        if bits == 4 && n <= 4 && self.tiles >= 4 * self.device.multiprocessors() {
+    /// 4096x4096, 7.1 against 9.9 µs, and at 8 tokens). At 3 bits one token
+    /// takes pair tables too (H100: 2-5 % faster than tables in registers on
+    /// the 8B's shapes, 8B decode 2-4 %), more tokens the registers (pairs
+    /// lost 10-28 % at 4 and 8 tokens).
+    fn tables(&self, bits: u32, n: usize, v: GemvVariant) -> Tables {
+        if let Some(t) = v.tables {
+            t
+        } else if bits == 4 && n <= 4 && self.tiles >= 4 * self.device.multiprocessors() {
             Tables::Entries
+        } else if bits == 3 && n == 1 {
+            Tables::Pairs
         } else {
             Tables::default_at(bits)
         }
     }
 
     /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
-    /// the lanes' table copies (none in registers; 2 x 256 pair words of 32
-    /// lanes; 2^bits entry words of 32 lanes), the activations of
+    /// the lanes' table copies ([`Tables::shared_bytes`]), the activations of
     /// `split_in_block` tokens split (2 halves of each padded column), then
     /// the warps' sums (4 values of 32 lanes each).
     fn shared_bytes(&self, bits: u32, tables: Tables, warps: u32, split_in_block: usize) -> u32 {
-        let tables = match tables {
-            Tables::Regs => 0,
-            Tables::Pairs => 64 << 10,
-            Tables::Entries => 128u32 << bits,
-        };
-        tables + (4 * split_in_block * padded_cols(self.cols)) as u32 + warps * 4 * 32 * 4
+        tables.shared_bytes(bits)
+            + (4 * split_in_block * padded_cols(self.cols)) as u32
+            + warps * 4 * 32 * 4
     }
 
     /// True when a block of `warps` warps at `bits` splits the activations of
@@ -522,22 +607,24 @@ impl CudaAnyPrec {
                 v.name()
             )));
         }
+        if !v.available_at(bits) {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: no kernel {} at {bits} bits",
+                v.name()
+            )));
+        }
         if select.is_some_and(|(m, _)| m.len() < n) {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: fewer decisions than {n} tokens"
             )));
         }
-        let (warps, tables) = (self.warps(v), self.tables(bits, n));
-        let in_block = self.split_in_block(bits, tables, warps, n);
+        let (warps, tables) = (self.warps(v), self.tables(bits, n, v));
+        let in_block = !v.split_launch && self.split_in_block(bits, tables, warps, n);
         let xs = (!in_block).then(|| self.split(x, n)).transpose()?;
         let split = if in_block { n } else { 0 };
         let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
-        // The kernel: `s` where the block splits x, `e` for 4-bit entry tables.
-        let e = if bits == 4 && tables == Tables::Entries {
-            "e"
-        } else {
-            ""
-        };
+        // The kernel: `s` where the block splits x, then the tables' suffix.
+        let e = tables.suffix(bits);
         let s = if in_block { "s" } else { "" };
         let f = self
             .device
@@ -594,14 +681,19 @@ impl CudaAnyPrec {
     /// hungrier precision takes.
     fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
         let split = self.select_splits_in_block() as usize;
-        let at = |b: u32| self.shared_bytes(b, self.tables(b, 1), warps, split);
+        let at =
+            |b: u32| self.shared_bytes(b, self.tables(b, 1, GemvVariant::default()), warps, split);
         at(low).max(at(low + 1))
     }
 
-    /// True when the in-kernel choice between `low` and `low + 1` bits takes
-    /// the 4-bit side with entry tables (kernels `_e`).
-    fn select_entries(&self, low: u32) -> bool {
-        (3..=4).contains(&low) && self.tables(4, 1) == Tables::Entries
+    /// The suffix of the in-kernel choice between `low` and `low + 1` bits:
+    /// `p` where its 3-bit side takes pair tables, `e` where its 4-bit side
+    /// takes entry tables (as the plain GEMV of one token at those bits).
+    fn select_suffix(&self, low: u32) -> String {
+        let at = |b: u32| self.tables(b, 1, GemvVariant::default());
+        let p = low == 3 && at(3) == Tables::Pairs;
+        let e = (3..=4).contains(&low) && at(4) == Tables::Entries;
+        format!("{}{}", if p { "p" } else { "" }, if e { "e" } else { "" })
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >
@@ -641,7 +733,7 @@ impl CudaAnyPrec {
         let f = self.device.bitplane_kernels()?.get(&format!(
             "bitplane_gemv_select_b{low}{}{}",
             if in_block { "" } else { "x" },
-            if self.select_entries(low) { "e" } else { "" }
+            self.select_suffix(low)
         ))?;
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];

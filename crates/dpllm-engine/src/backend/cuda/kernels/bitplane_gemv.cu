@@ -28,7 +28,9 @@
 // - 3 bits: a row's table sits in registers as two byte tables (the low and
 //   the high bytes of its f16 entries), and `prmt` with the nibble word as
 //   selector picks four entries' bytes at once (two more `prmt` interleave
-//   them into the two f16x2 registers mma takes): no shared memory at all.
+//   them into the two f16x2 registers mma takes): no shared memory at all,
+//   but one ALU-pipe instruction a weight (kernels _p take the pair tables
+//   below instead: half of that, 32 KiB a block).
 // - 4 bits: pair tables in shared memory, one copy a lane (word E·32 + lane:
 //   no bank conflicts): a byte of the nibble word holds the indices of two
 //   neighbouring slots, and one 32-bit load gives both weights as the f16x2
@@ -132,28 +134,34 @@ struct Tables<B, REGS> {
     }
 };
 
-// 4 bits: word (E·32 + lane) of region r holds, as f16x2, entries E % 16 and
-// E / 16 of row g + 8r (lane = 4g + t): a byte of a nibble word (the indices
-// of two neighbouring slots) addresses both weights of one f16x2 register
-// of the A fragment, so one conflict-free load gives two weights.
+// Pairs (3 and 4 bits): word (E·32 + lane) of region r holds, as f16x2,
+// entries E % 16 and E / 16 of row g + 8r (lane = 4g + t): a byte of a
+// nibble word (the indices of two neighbouring slots) addresses both weights
+// of one f16x2 register of the A fragment, so one conflict-free load gives
+// two weights. At 3 bits E < 128 (entries 8..15 of each 16 unused): half
+// the 4-bit tables, and the lookup leaves the ALU pipe for shared memory.
 template <int B>
 struct Tables<B, PAIRS> {
-    static constexpr u32 REGION = 256 * 32 * 4;  // bytes
+    static constexpr int N = 1 << B;                   // entries a row
+    static constexpr u32 REGION = 16 * N * 32 * 4;     // bytes
     u32 base;
     // The block's tables of tile rows row0.. into smem (every thread takes part).
     __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
         // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
         // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        for (int i = threadIdx.x; i < 16 * N; i += blockDim.x) {
             const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
-            const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << 4);
-            const uint4 u = __ldg(reinterpret_cast<const uint4*>(lut));
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(lut) + 1);
-            const u32 top = (u32)lut[hi] << 16;
-            const u32 w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
-            u32* dst = smem + region * (256 * 32) + hi * 16 * 32 + 4 * gp;
+            const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << B);
+            u32 w[8];
 #pragma unroll
-            for (int lo = 0; lo < 16; ++lo) {
+            for (int q = 0; q < N / 8; ++q) {
+                const uint4 u = __ldg(reinterpret_cast<const uint4*>(lut) + q);
+                w[4 * q] = u.x, w[4 * q + 1] = u.y, w[4 * q + 2] = u.z, w[4 * q + 3] = u.w;
+            }
+            const u32 top = (u32)lut[hi] << 16;
+            u32* dst = smem + region * (REGION / 4) + hi * 16 * 32 + 4 * gp;
+#pragma unroll
+            for (int lo = 0; lo < N; ++lo) {
                 const u32 val = ((w[lo >> 1] >> (16 * (lo & 1))) & 0xffffu) | top;
                 *reinterpret_cast<uint4*>(dst + lo * 32) = make_uint4(val, val, val, val);
             }
@@ -277,7 +285,7 @@ __device__ __forceinline__ void gemv(
     // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
     // words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
-    constexpr int TABLE_WORDS = KIND == REGS ? 0 : KIND == PAIRS ? 2 * 256 * 32 : 32 << B;
+    constexpr int TABLE_WORDS = KIND == REGS ? 0 : KIND == PAIRS ? 2 * 16 * 32 << B : 32 << B;
     u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
     float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
 
@@ -404,7 +412,8 @@ __device__ __forceinline__ void gemv(
 // _t4 / _t8: up to 4 / 8 tokens, activations split by split_x; _t4s / _t8s:
 // the block splits them itself into shared memory (when they fit). A suffix
 // e: 4 bits with entry tables (2 KiB a block instead of 64 KiB of pair
-// tables: the host picks them on layers of many tiles, `CudaAnyPrec::tables`).
+// tables: the host picks them on layers of many tiles, `CudaAnyPrec::tables`);
+// p: 3 bits with pair tables (32 KiB) instead of tables in registers.
 #define GEMV_KERNEL_K(B, NT, KIND, E)                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##E(                                                            \
@@ -423,6 +432,8 @@ __device__ __forceinline__ void gemv(
 #define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, default_kind(B), ) GEMV_KERNEL_K(B, 8, default_kind(B), )
 
 GEMV_BITS(3)
+GEMV_KERNEL_K(3, 4, PAIRS, p)
+GEMV_KERNEL_K(3, 8, PAIRS, p)
 GEMV_BITS(4)
 GEMV_KERNEL_K(4, 4, ENTRIES, e)
 GEMV_KERNEL_K(4, 8, ENTRIES, e)
@@ -472,6 +483,8 @@ GEMV_SELECT_KERNEL(7)
 // (`CudaAnyPrec::tables`); the other side's tables need little or no shared
 // memory, so the launch keeps the plain GEMV's occupancy.
 GEMV_SELECT_KERNEL_K(3, REGS, ENTRIES, e) GEMV_SELECT_KERNEL_K(4, ENTRIES, ENTRIES, e)
+// Suffix p: the 3-bit side with pair tables, as the plain GEMV's kernels _p.
+GEMV_SELECT_KERNEL_K(3, PAIRS, PAIRS, p) GEMV_SELECT_KERNEL_K(3, PAIRS, ENTRIES, pe)
 
 // The activations of a launch whose block cannot hold them split (see
 // split_into): the whole grid splits x [n][cols] into xs [2][n][cols_p]. |x|
