@@ -489,7 +489,7 @@ impl CudaAnyPrec {
     /// 4096x4096, 7.1 against 9.9 µs, and at 8 tokens). At 3 bits one token
     /// takes pair tables too (H100: 2-5 % faster than tables in registers on
     /// the 8B's shapes, 8B decode 2-4 %), more tokens the registers (pairs
-    /// lost 10-28 % at 4 and 8 tokens).
+    /// lost 2-28 % at 4 and 8 tokens).
     fn tables(&self, bits: u32, n: usize, v: GemvVariant) -> Tables {
         if let Some(t) = v.tables {
             t
