@@ -5,7 +5,6 @@
 //! SGD (lr 1e-3); its step size depends on the model's scale, so this uses Adam.
 
 use anyhow::{ensure, Result};
-use dpllm_grad::ops::linear_forward;
 use dpllm_grad::GradBackend;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -172,15 +171,19 @@ pub fn fit_projection_on<G: GradBackend>(
             ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
         })
         .collect();
-    // G = A · delta: G [k × cols] = A [k × rows] · delta [rows × cols], via y = x·Wᵀ with x = A, W = deltaᵀ.
-    let mut delta_t = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            delta_t[c * rows + r] = delta[r * cols + c];
-        }
-    }
-    let mut g = vec![0f32; k * cols];
-    linear_forward(&a, k, &delta_t, cols, rows, None, &mut g);
+    // G = A · delta [k × cols] on the backend, as the input gradient of a
+    // linear with weight delta [rows × cols] for the output gradient A [k × rows].
+    let mut gd = be.scratch(k * cols)?;
+    be.linear_backward_input(
+        &be.upload(&a)?,
+        k,
+        &be.upload(delta)?,
+        rows,
+        cols,
+        &mut gd,
+        false,
+    )?;
+    let g = be.download(&gd)?;
     let n = e.len();
     let n_train = (n * 4 / 5).max(1).min(n);
     let rms = (g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / g.len().max(1) as f64).sqrt();
@@ -198,7 +201,6 @@ pub fn fit_projection_on<G: GradBackend>(
         false => None,
     };
     let et = be.upload(&e[..n_train])?;
-    let mut gd = be.upload(&g)?;
     let (mut m, mut v) = (be.zeros(g.len())?, be.zeros(g.len())?);
     let mut grad = be.scratch(g.len())?;
     let (mut xb, mut eb, mut gx) = (be.scratch(b * cols)?, be.scratch(b)?, be.scratch(b * k)?);
@@ -349,6 +351,7 @@ pub fn fit<G: GradBackend>(
 mod tests {
     use super::*;
     use dpllm_engine::select::estimator::row_norms;
+    use dpllm_grad::ops::linear_forward;
     use dpllm_grad::CpuGrad;
 
     #[test]

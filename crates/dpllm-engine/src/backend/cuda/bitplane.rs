@@ -481,25 +481,27 @@ impl CudaAnyPrec {
         v.warps.unwrap_or(auto).min(self.kbs as u32).max(1)
     }
 
-    /// The tables of a GEMV of `n` tokens at `bits`. At 4 bits the pair
-    /// tables halve the lookups but take 64 KiB to fill per 16-row tile: on
-    /// layers of at least 4 tiles a multiprocessor, where several blocks a
-    /// multiprocessor hide each other's work, one token does better with
-    /// entry tables (H100: 22.5 against 26.0 µs on 14336x4096; pairs win on
-    /// 4096x4096, 7.1 against 9.9 µs, and at 8 tokens). At 3 bits one token
-    /// takes pair tables too (H100: 2-5 % faster than tables in registers on
-    /// the 8B's shapes, 8B decode 2-4 %), more tokens the registers (pairs
-    /// lost 2-28 % at 4 and 8 tokens).
+    /// The tables of a GEMV of `n` tokens at `bits`: the default (pairs at 4
+    /// bits, see [`CudaAnyPrec::split_in_block`] for the layers of many
+    /// tiles), except that at 3 bits one token takes pair tables too (H100:
+    /// 2-5 % faster than tables in registers on the 8B's shapes, 8B decode
+    /// 2-4 %), where more tokens keep the registers (pairs lost 2-28 % at 4
+    /// and 8 tokens).
     fn tables(&self, bits: u32, n: usize, v: GemvVariant) -> Tables {
         if let Some(t) = v.tables {
             t
-        } else if bits == 4 && n <= 4 && self.tiles >= 4 * self.device.multiprocessors() {
-            Tables::Entries
         } else if bits == 3 && n == 1 {
             Tables::Pairs
         } else {
             Tables::default_at(bits)
         }
+    }
+
+    /// True on layers of at least 4 row tiles a multiprocessor, where several
+    /// blocks a multiprocessor hide each other's start, and the shared memory
+    /// a block takes decides how many fit.
+    fn many_tiles(&self) -> bool {
+        self.tiles >= 4 * self.device.multiprocessors()
     }
 
     /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
@@ -514,10 +516,15 @@ impl CudaAnyPrec {
 
     /// True when a block of `warps` warps at `bits` splits the activations of
     /// `n` tokens into its own shared memory: when they take at most
-    /// [`SPLIT_IN_BLOCK_MAX`] and the block's total fits the GPU. Else
-    /// `split_x` splits them first (a second launch).
+    /// [`SPLIT_IN_BLOCK_MAX`] and the block's total fits the GPU, except for
+    /// the 64 KiB of 4-bit pair tables on layers of many tiles, where the
+    /// activations beside them cost a block a multiprocessor (H100,
+    /// 14336x4096, one token: 19.98 µs split by `split_x` against 23.66 split
+    /// in the block, and 22.76 for the entry tables split in the block that
+    /// were taken before). Else `split_x` splits them first (a second launch).
     fn split_in_block(&self, bits: u32, tables: Tables, warps: u32, n: usize) -> bool {
         4 * n * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
+            && !(bits == 4 && tables == Tables::Pairs && self.many_tiles())
             && self.shared_bytes(bits, tables, warps, n) as usize <= self.device.max_shared()
     }
 
@@ -681,18 +688,28 @@ impl CudaAnyPrec {
     /// hungrier precision takes.
     fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
         let split = self.select_splits_in_block() as usize;
-        let at =
-            |b: u32| self.shared_bytes(b, self.tables(b, 1, GemvVariant::default()), warps, split);
+        let at = |b: u32| self.shared_bytes(b, self.select_tables(b), warps, split);
         at(low).max(at(low + 1))
+    }
+
+    /// The tables of the in-kernel choice's side at `bits`: the plain GEMV's
+    /// for one token, but entry tables at 4 bits on layers of many tiles (the
+    /// choice splits its token in the block, where the pairs' 64 KiB would
+    /// cost occupancy: H100, 14336x4096, 22.5 against 26.0 µs).
+    fn select_tables(&self, bits: u32) -> Tables {
+        if bits == 4 && self.many_tiles() {
+            Tables::Entries
+        } else {
+            self.tables(bits, 1, GemvVariant::default())
+        }
     }
 
     /// The suffix of the in-kernel choice between `low` and `low + 1` bits:
     /// `p` where its 3-bit side takes pair tables, `e` where its 4-bit side
     /// takes entry tables (as the plain GEMV of one token at those bits).
     fn select_suffix(&self, low: u32) -> String {
-        let at = |b: u32| self.tables(b, 1, GemvVariant::default());
-        let p = low == 3 && at(3) == Tables::Pairs;
-        let e = (3..=4).contains(&low) && at(4) == Tables::Entries;
+        let p = low == 3 && self.select_tables(3) == Tables::Pairs;
+        let e = (3..=4).contains(&low) && self.select_tables(4) == Tables::Entries;
         format!("{}{}", if p { "p" } else { "" }, if e { "e" } else { "" })
     }
 

@@ -34,8 +34,9 @@
 // - 4 bits: pair tables in shared memory, one copy a lane (word E·32 + lane:
 //   no bank conflicts): a byte of the nibble word holds the indices of two
 //   neighbouring slots, and one 32-bit load gives both weights as the f16x2
-//   register mma takes (64 KiB a block; on layers of many tiles the entry
-//   tables below, cheaper to fill, do better: kernels _e).
+//   register mma takes (64 KiB a block; on layers of many tiles the host
+//   leaves the activations to split_x so more blocks fit, and DP-LLM's
+//   in-kernel choice takes the entry tables below there: kernels _e).
 // - above 4 bits: entry tables in shared memory, one copy a lane, one 32-bit
 //   load giving the entry of rows g and g + 8 (2^B · 128 bytes a block).
 // Work split: a block of W warps takes one row tile; warp w takes the column
@@ -412,8 +413,8 @@ __device__ __forceinline__ void gemv(
 // _t4 / _t8: up to 4 / 8 tokens, activations split by split_x; _t4s / _t8s:
 // the block splits them itself into shared memory (when they fit). A suffix
 // e: 4 bits with entry tables (2 KiB a block instead of 64 KiB of pair
-// tables: the host picks them on layers of many tiles, `CudaAnyPrec::tables`);
-// p: 3 bits with pair tables (32 KiB) instead of tables in registers.
+// tables: `CudaAnyPrec::select_tables`, tests and benchmarks); p: 3 bits with
+// pair tables (32 KiB) instead of tables in registers.
 #define GEMV_KERNEL_K(B, NT, KIND, E)                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##E(                                                            \
