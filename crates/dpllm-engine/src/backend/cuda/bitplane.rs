@@ -161,8 +161,8 @@ pub enum Tables {
     /// Pair tables in shared memory, one load giving two weights: 32 KiB a
     /// block at 3 bits, 64 KiB at 4.
     Pairs,
-    /// Entry tables in shared memory, 2^bits · 128 bytes a block (4 bits on
-    /// layers with many tiles, and above 4 bits).
+    /// Entry tables in shared memory, 2^bits · 128 bytes a block (above 4
+    /// bits, and 4 bits in DP-LLM's in-kernel choice on layers of many tiles).
     Entries,
 }
 
@@ -198,7 +198,8 @@ impl Tables {
     }
 
     /// The kernel name's suffix at `bits`: none for the default tables, else
-    /// `p` (pairs at 3 bits) or `e` (entries at 4 bits).
+    /// `p` (pairs at 3 bits) or `e` (entries at 4 bits); registers are the
+    /// default wherever they exist.
     fn suffix(self, bits: u32) -> &'static str {
         match self {
             _ if self == Tables::default_at(bits) => "",
@@ -706,7 +707,7 @@ impl CudaAnyPrec {
 
     /// The suffix of the in-kernel choice between `low` and `low + 1` bits:
     /// `p` where its 3-bit side takes pair tables, `e` where its 4-bit side
-    /// takes entry tables (as the plain GEMV of one token at those bits).
+    /// takes entry tables ([`CudaAnyPrec::select_tables`]).
     fn select_suffix(&self, low: u32) -> String {
         let p = low == 3 && self.select_tables(3) == Tables::Pairs;
         let e = (3..=4).contains(&low) && self.select_tables(4) == Tables::Entries;

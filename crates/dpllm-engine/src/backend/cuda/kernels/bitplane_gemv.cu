@@ -282,7 +282,7 @@ __device__ __forceinline__ void gemv(
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, row0 = tile * 16;
     const int cols_p = kbs * 128;
-    // Shared memory: the tables (none in registers, 2 · 256 · 32 words of
+    // Shared memory: the tables (none in registers, 2 · 16 · 2^B · 32 words of
     // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
     // words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
