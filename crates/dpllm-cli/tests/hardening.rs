@@ -538,6 +538,10 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             vec!["bench", "gemv", "--device", "cuda", "--warps", "17"],
             vec!["--warps 17 is out of range 1..=16"],
         ),
+        (
+            vec!["bench", "gemv", "--device", "cuda", "--tables", "pairs,lut"],
+            vec!["--tables", "unknown tables \"lut\"", "regs, pairs, entries"],
+        ),
         // No driver (CI) or no such GPU: either way a clear error naming it.
         (
             vec!["generate", s(&m), "-p", "x", "--device", "cuda:7"],

@@ -36,6 +36,7 @@ pub struct CudaGemvConfig {
     pub split_launch: bool,
 }
 
+/// The tables' names in the JSON (`["regs", "pairs"]`).
 fn table_names<S: serde::Serializer>(t: &[Tables], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(t.iter().map(|t| t.name()))
 }
