@@ -48,6 +48,45 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     );
 }
 
+/// `rows` rows of `width` values as the bit-plane GEMV's f16 halves hi and lo
+/// (`[2][rows][width padded to 128]`, column c at c ^ 8 where bit 6 of c is
+/// set, zero padding), as bits.
+fn split_host(x: &[f32], rows: usize, width: usize) -> Vec<u16> {
+    let cp = width.div_ceil(128) * 128;
+    let mut out = vec![0u16; 2 * rows * cp];
+    for t in 0..rows {
+        for c in 0..width {
+            let v = x[t * width + c];
+            let hi = f16::from_f32(v);
+            let lo = f16::from_f32(v - hi.to_f32());
+            let slot = c ^ (((c >> 6) & 1) << 3);
+            out[t * cp + slot] = hi.to_bits();
+            out[(rows + t) * cp + slot] = lo.to_bits();
+        }
+    }
+    out
+}
+
+/// The halves the GPU op that wrote `buf` left beside it equal `split_host`
+/// of its values (any NaN matching any NaN).
+fn assert_halves(
+    what: &str,
+    be: &CudaBackend,
+    buf: &dpllm_engine::backend::cuda::CudaBuf,
+    rows: usize,
+    width: usize,
+) {
+    let got =
+        (be.halves_of(buf, rows, width).unwrap()).unwrap_or_else(|| panic!("{what}: no halves"));
+    let want = split_host(&be.read(buf).unwrap(), rows, width);
+    assert_eq!(got.len(), want.len(), "{what}: halves");
+    let nan = |h: u16| f16::from_bits(h).is_nan();
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i] && !(nan(got[i]) && nan(want[i])))
+    {
+        panic!("{what}: half {i} is {:#06x}, not {:#06x}", got[i], want[i]);
+    }
+}
+
 /// Both kinds of KV cache: f16 (the default) and f32.
 const KV_TYPES: [KvDtype; 2] = [KvDtype::F16, KvDtype::F32];
 
@@ -97,33 +136,35 @@ fn attention_matches_the_cpu_over_long_contexts() {
             // The CPU sees the keys and values as the GPU's cache stores them.
             let round = |x: &[f32]| x.iter().map(|&v| kvt.round(v)).collect::<Vec<_>>();
             let (kr, vr) = (round(&keys), round(&values));
+            let what =
+                format!("attention {nh}/{nkv}x{hd} window {window:?} at {pos0}+{m}, {kvt} KV");
+            // Up to 8 queries, the output is split for the o projection too.
+            let halves = |be: &CudaBackend, out: &_| {
+                if m <= 8 {
+                    assert_halves(&what, be, out, m, nh * hd);
+                }
+            };
+            let gpu = gpu.clone().with_kv(kvt);
             assert_close(
-                &format!("attention {nh}/{nkv}x{hd} window {window:?} at {pos0}+{m}, {kvt} KV"),
-                &attend(
-                    &gpu.clone().with_kv(kvt),
-                    &q,
-                    &keys,
-                    &values,
-                    pos0,
-                    kvd,
-                    shape,
-                ),
-                &attend(&CpuBackend, &q, &kr, &vr, pos0, kvd, shape),
+                &what,
+                &attend(&gpu, &q, (&keys, &values), pos0, kvd, shape, halves),
+                &attend(&CpuBackend, &q, (&kr, &vr), pos0, kvd, shape, |_, _| {}),
                 1e-5,
             );
         }
     }
 }
 
-/// Attention of `q` over keys/values appended in two steps (the prefix, then the new positions).
+/// Attention of `q` over keys/values appended in two steps (the prefix, then
+/// the new positions); `check` sees the output buffer (each kind of call).
 fn attend<B: Backend>(
     be: &B,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (k, v): (&[f32], &[f32]),
     pos0: usize,
     kvd: usize,
     shape: AttnShape,
+    check: impl Fn(&B, &B::Buf),
 ) -> Vec<f32> {
     let mut kv = be.kv_new(2, kvd);
     let total = k.len() / kvd;
@@ -142,12 +183,14 @@ fn attend<B: Backend>(
     let mut out = be.zeros(q.len()).unwrap();
     let step = be.step(&[], pos0).unwrap();
     be.attention(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut out);
+    check(be, &out);
     let out = be.download(out).unwrap();
     // The same with the sums of squares of each head's output, where the
     // backend leaves them: the output unchanged, a sum for each head.
     let mut again = be.zeros(q.len()).unwrap();
     let sums =
         (be.attention_sumsq(&be.upload(q).unwrap(), &kv, 1, &step, shape, &mut again)).unwrap();
+    check(be, &again);
     assert_eq!(be.download(again).unwrap(), out, "attention_sumsq's output");
     if let Some(sums) = sums {
         assert_eq!(sums.parts, shape.num_heads, "a part a head");
@@ -179,12 +222,13 @@ fn swiglu_sums_of_squares_match_the_rows() {
     ] {
         let (g, u) = (rand_vec(&mut rng, n * width), rand_vec(&mut rng, n * width));
         let mut want = be.upload(&g).unwrap();
-        be.swiglu(&mut want, &be.upload(&u).unwrap());
+        be.swiglu(&mut want, &be.upload(&u).unwrap(), n);
         let want = be.download(want).unwrap();
         let mut got = be.upload(&g).unwrap();
         let sums = (be.swiglu_sumsq(&mut got, &be.upload(&u).unwrap(), n))
             .unwrap()
             .expect("the CUDA backend leaves the sums");
+        assert_halves(&format!("swiglu_sumsq {n}x{width}"), &be, &got, n, width);
         assert_eq!(be.download(got).unwrap(), want, "{n}x{width}: output");
         let parts = width.div_ceil(1024);
         assert_eq!(sums.parts, parts, "{n}x{width}: parts of 1024");
@@ -313,6 +357,7 @@ fn rms_norm_matches_the_cpu_at_every_width() {
                 &mut gy,
             );
             CpuBackend.rms_norm(&x, &g, 1e-6, &mut cy);
+            assert_halves(&format!("rms_norm {n}x{d}"), &gpu, &gy, n, d);
             assert_close(
                 &format!("rms_norm {n}x{d}"),
                 &gpu.download(gy).unwrap(),
@@ -368,8 +413,21 @@ fn rms_norm_matches_the_cpu_at_every_width() {
                 )
                 .unwrap();
             let what = format!("add_checked_norm {n}x{d}");
+            assert_halves(&what, &gpu, &gy, n, d);
             assert_close(&what, &gpu.download(gh).unwrap(), &ch, 1e-6);
             assert_close(&what, &gpu.read(&gy).unwrap(), &cy, 1e-5);
+            // Rows of another shape never see the halves; any write drops them.
+            if n > 1 {
+                assert!(
+                    gpu.halves_of(&gy, 1, n * d).unwrap().is_none(),
+                    "{what}: other rows"
+                );
+            }
+            gpu.rms_norm_inplace(&mut gy, &gw, 1e-6);
+            assert!(
+                gpu.halves_of(&gy, n, d).unwrap().is_none(),
+                "{what}: after a write"
+            );
             // The estimator inputs' norms (the last token's is NaN on both).
             assert_close(
                 &format!("{what}: norms after"),
@@ -549,7 +607,18 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     // 529 tiles, enough for the 4-bit side's entry tables (kernels _e).
     for (rows, cols) in [(300usize, 200usize), (2048, 576), (64, 4608), (8464, 256)] {
         let w = be.anyprec(AnyPrecHost::random(rows, cols, 8, 3)).unwrap();
-        let x = be.upload(&rand_vec(&mut rng, cols)).unwrap();
+        let x_up = be.upload(&rand_vec(&mut rng, cols)).unwrap();
+        // An input as a norm leaves it, split for the GEMV beside its rows,
+        // and a copy of its rows alone.
+        let mut x_n = be.zeros(cols).unwrap();
+        be.rms_norm(&x_up, &be.upload(&vec![1.0; cols]).unwrap(), 1e-6, &mut x_n);
+        assert!(be.halves_of(&x_n, 1, cols).unwrap().is_some(), "halves");
+        let mut x_n_rows = be.zeros(cols).unwrap();
+        be.copy(&x_n, &mut x_n_rows);
+        assert!(
+            be.halves_of(&x_n_rows, 1, cols).unwrap().is_none(),
+            "a copy's halves"
+        );
         let xe_host = rand_vec(&mut rng, cols);
         let norm = xe_host.iter().map(|v| v * v).sum::<f32>().sqrt();
         let xe = be.upload(&xe_host).unwrap();
@@ -588,7 +657,10 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                 parts: sums.len(),
             },
         ];
-        for low in 3..=7u32 {
+        for ((x, plain, x_kind), low) in [(&x_up, &x_up, "rows"), (&x_n, &x_n_rows, "halves")]
+            .into_iter()
+            .flat_map(|x| (3..=7u32).map(move |low| (x, low)))
+        {
             for ((i, &(est, threshold, high)), input) in cases
                 .iter()
                 .enumerate()
@@ -606,7 +678,7 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                 be.anyprec_linear_decided(
                     &w,
                     (rows, cols),
-                    &x,
+                    x,
                     1,
                     (low, low + 1),
                     decide(),
@@ -619,7 +691,7 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                     &be,
                     &w,
                     (rows, cols),
-                    &x,
+                    x,
                     1,
                     (low, low + 1),
                     decide(),
@@ -633,14 +705,14 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                     EstInput::SumSq { .. } => "sums of squares",
                 };
                 let what = format!(
-                    "{rows}x{cols}, {low} or {} bits, case {i} ({kind})",
+                    "{rows}x{cols} on {x_kind}, {low} or {} bits, case {i} ({kind})",
                     low + 1
                 );
                 let counts = be.download(c1).unwrap();
                 assert_eq!(counts, be.download(c2).unwrap(), "{what}: counts");
                 assert_eq!(counts, [0.0, high as u32 as f32], "{what}: decision");
                 let mut want = be.zeros(rows).unwrap();
-                be.anyprec_linear(&w, &x, 1, low + high as u32, &mut want);
+                be.anyprec_linear(&w, plain, 1, low + high as u32, &mut want);
                 let want = be.download(want).unwrap();
                 assert_close(&what, &be.download(y1).unwrap(), &want, 1e-5);
                 assert_close(&what, &be.download(y2).unwrap(), &want, 1e-5);

@@ -5,7 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
-use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, EstForm, GemvVariant};
+use dpllm_engine::backend::cuda::bitplane::{CudaAnyPrec, EstForm, GemvInput, GemvVariant};
 use dpllm_engine::backend::cuda::test_device;
 use dpllm_engine::backend::AnyPrecHost;
 use rand::{Rng, SeedableRng};
@@ -39,16 +39,7 @@ fn gemv_matches_the_dequantized_reference() {
                     .map(|_| rng.random_range(-1.0..1.0) * 10f32.powi(rng.random_range(-3..3)))
                     .collect();
                 let xd = stream.clone_htod(&x).unwrap();
-                for v in GemvVariant::all() {
-                    // Poisoned output: every element must be written.
-                    let mut yd = stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
-                    if !v.available_at(bits) {
-                        let e = gpu.gemv_with(&xd, n, bits, &mut yd, v);
-                        assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
-                        continue;
-                    }
-                    gpu.gemv_with(&xd, n, bits, &mut yd, v).expect("gemv");
-                    let y = stream.clone_dtoh(&yd).unwrap();
+                let check = |y: &[f32], name: &str| {
                     for t in 0..n {
                         for r in 0..rows {
                             let (wr, xt) =
@@ -60,12 +51,38 @@ fn gemv_matches_the_dequantized_reference() {
                             let got = y[t * rows + r] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5 * scale + 1e-6,
-                                "{rows}x{cols} b={bits} n={n} {} token {t} row {r}: {got} vs {want}",
-                                v.name()
+                                "{rows}x{cols} b={bits} n={n} {name} token {t} row {r}: {got} vs {want}",
                             );
                         }
                     }
+                };
+                // Poisoned outputs: every element must be written.
+                let poisoned = || stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
+                for v in GemvVariant::all() {
+                    let mut yd = poisoned();
+                    if !v.available_at(bits) {
+                        let e = gpu.gemv_with(&xd, n, bits, &mut yd, v);
+                        assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
+                        continue;
+                    }
+                    gpu.gemv_with(&xd, n, bits, &mut yd, v).expect("gemv");
+                    check(&stream.clone_dtoh(&yd).unwrap(), &v.name());
                 }
+                // The activations split beforehand (as the ops that make a
+                // linear's input leave them), read as they are.
+                let xs = gpu.split(&xd.slice(..), n).expect("split");
+                let mut yd = poisoned();
+                let input = GemvInput::Halves(&xs.slice(..));
+                (gpu.gemv_input(
+                    input,
+                    n,
+                    bits,
+                    &mut yd.slice_mut(..),
+                    GemvVariant::default(),
+                    None,
+                ))
+                .expect("gemv on halves");
+                check(&stream.clone_dtoh(&yd).unwrap(), "halves");
             }
         }
     }
@@ -196,6 +213,19 @@ fn bad_calls_are_refused() {
         ..Default::default()
     };
     assert!(gpu.gemv_with(&x, 1, 4, &mut y, w17).is_err(), "17 warps");
+    // Split halves must hold the launch's tokens (2 · n · 128 here).
+    let halves = s.alloc_zeros::<u16>(2 * 128).unwrap();
+    let on_halves =
+        |n: usize, y: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>| {
+            let h = halves.slice(..);
+            let v = GemvVariant::default();
+            gpu.gemv_input(GemvInput::Halves(&h), n, 4, &mut y.slice_mut(..), v, None)
+        };
+    assert!(on_halves(1, &mut y).is_ok(), "one token's halves");
+    assert!(
+        on_halves(2, &mut y).is_err(),
+        "two tokens on one token's halves"
+    );
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     assert!(gpu.gemv(&x, 1, 4, &mut small).is_err(), "output too small");
     // The in-kernel choice refuses estimator inputs shorter than their form
@@ -205,7 +235,7 @@ fn bad_calls_are_refused() {
         |form: EstForm, y: &mut dpllm_engine::backend::cuda::cudarc::driver::CudaSlice<f32>| {
             let (x, e) = (x.slice(..64), e.slice(..));
             gpu.gemv_select(
-                &x,
+                GemvInput::Rows(&x),
                 3,
                 (&e, form),
                 (1.0, 0.0, 0.5),

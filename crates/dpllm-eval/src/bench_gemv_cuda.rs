@@ -3,7 +3,7 @@
 //! as a fraction of the GPU's read bandwidth measured in the same run.
 
 use dpllm_engine::backend::cuda::bitplane::{
-    CudaAnyPrec, EstForm, GemvVariant, Tables, MAX_TOKENS,
+    CudaAnyPrec, EstForm, GemvInput, GemvVariant, Tables, MAX_TOKENS,
 };
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::{CudaBackend, CudaDevice};
@@ -31,9 +31,46 @@ pub struct CudaGemvConfig {
     /// have them (empty: the built-in choice only).
     #[serde(serialize_with = "table_names")]
     pub tables: Vec<Tables>,
-    /// Also time each variant with the activations split by a `split_x`
-    /// launch where the block would split them itself.
+    /// Also time each variant on f32 rows, as a GEMV whose input no op split
+    /// (the block splits them where they fit, else `split_x` first); the
+    /// default cases read halves split beforehand, as the forward pass's
+    /// linears do.
+    pub rows: bool,
+    /// Also time each variant on f32 rows split by a `split_x` launch where
+    /// the block would split them itself.
     pub split_launch: bool,
+}
+
+/// What a timed GEMV reads: halves split beforehand (the forward pass), or
+/// f32 rows split in the block (or by `split_x`), or f32 rows always split
+/// by `split_x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Halves,
+    Rows,
+    RowsSplitLaunch,
+}
+
+impl Input {
+    /// The inputs `cfg` asks for, halves first.
+    fn wanted(cfg: &CudaGemvConfig) -> Vec<Input> {
+        let extra = [
+            (cfg.rows, Input::Rows),
+            (cfg.split_launch, Input::RowsSplitLaunch),
+        ];
+        std::iter::once(Input::Halves)
+            .chain(extra.into_iter().filter(|e| e.0).map(|e| e.1))
+            .collect()
+    }
+
+    /// The case name of variant `v` on this input: "auto", "auto-rows", "auto-xs".
+    fn name(self, v: GemvVariant) -> String {
+        match self {
+            Input::Halves => v.name(),
+            Input::Rows => v.name() + "-rows",
+            Input::RowsSplitLaunch => v.name() + "-xs",
+        }
+    }
 }
 
 /// The tables' names in the JSON (`["regs", "pairs"]`).
@@ -59,15 +96,6 @@ fn variants(warps: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
         .chain(split)
         .chain(tables)
         .collect()
-}
-
-/// `v`, then each of them with the activations split by a launch when `launch`.
-fn with_split_launch(v: Vec<GemvVariant>, launch: bool) -> Vec<GemvVariant> {
-    let forced = v.iter().filter(|_| launch).map(|&v| GemvVariant {
-        split_launch: true,
-        ..v
-    });
-    v.iter().copied().chain(forced).collect()
 }
 
 /// One timed case.
@@ -182,21 +210,40 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
             let c = qs[0].replicate()?;
             qs.push(c);
         }
+        // The activations of each token count split once, outside the timing.
+        let halves = (f16_us.iter())
+            .map(|&(t, _)| qs[0].split(&x32.slice(..t * cols), t))
+            .collect::<Result<Vec<_>, _>>()?;
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
-            for &(t, f16) in &f16_us {
-                let vs = variants(&cfg.warps, &cfg.tables, b);
-                for v in with_split_launch(vs, cfg.split_launch) {
-                    let mut i = 0;
-                    let ms = dev.time_ms(cfg.calls, || {
-                        i += 1;
-                        qs[i % nb].gemv_with(&x32, t, b, &mut y32, v)
-                    })?;
-                    let bytes = qs[0].bytes_at(b);
-                    let name = format!("anyprec-{b}b");
-                    let mut c = case(rows, cols, &name, t, ms * 1e3, bytes, nb, read, f16);
-                    c.variant = Some(v.name());
-                    cases.push(c);
+            for (&(t, f16), xs) in f16_us.iter().zip(&halves) {
+                for v in variants(&cfg.warps, &cfg.tables, b) {
+                    for input in Input::wanted(cfg) {
+                        let mut i = 0;
+                        let ms = dev.time_ms(cfg.calls, || {
+                            i += 1;
+                            let q = &qs[i % nb];
+                            match input {
+                                Input::Halves => {
+                                    let (h, mut y) = (xs.slice(..), y32.slice_mut(..));
+                                    q.gemv_input(GemvInput::Halves(&h), t, b, &mut y, v, None)
+                                }
+                                Input::Rows => q.gemv_with(&x32, t, b, &mut y32, v),
+                                Input::RowsSplitLaunch => {
+                                    let v = GemvVariant {
+                                        split_launch: true,
+                                        ..v
+                                    };
+                                    q.gemv_with(&x32, t, b, &mut y32, v)
+                                }
+                            }
+                        })?;
+                        let bytes = qs[0].bytes_at(b);
+                        let name = format!("anyprec-{b}b");
+                        let mut c = case(rows, cols, &name, t, ms * 1e3, bytes, nb, read, f16);
+                        c.variant = Some(input.name(v));
+                        cases.push(c);
+                    }
                 }
             }
         }
@@ -208,19 +255,27 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         };
         let norm = s.clone_htod(&[1.0f32])?;
         let (e, x) = (norm.slice(..), x32.slice(..cols));
+        let one = qs[0].split(&x, 1)?;
+        let h = one.slice(..);
+        // Halves as decode passes them; rows where asked for.
+        let inputs = [(GemvInput::Halves(&h), ""), (GemvInput::Rows(&x), "-rows")];
+        let inputs = &inputs[..if cfg.rows { 2 } else { 1 }];
         for &b in &cfg.bits {
             let low = b - 1;
             if !qs[0].selects_in_kernel(low) {
                 continue;
             }
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
-            for (chosen, thr) in [(low, 1.0f32), (b, -1.0)] {
+            for ((chosen, thr), &(input, suffix)) in [(low, 1.0f32), (b, -1.0)]
+                .into_iter()
+                .flat_map(|c| inputs.iter().map(move |i| (c, i)))
+            {
                 let mut i = 0;
                 let ms = dev.time_ms(cfg.calls, || {
                     i += 1;
                     let mut y = y32.slice_mut(..rows);
                     qs[i % nb].gemv_select(
-                        &x,
+                        input,
                         low,
                         (&e, EstForm::Norm),
                         (0.0, 0.0, thr),
@@ -230,7 +285,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                 })?;
                 let (bytes, name) = (qs[0].bytes_at(chosen), format!("select-{low}/{b}"));
                 let mut c = case(rows, cols, &name, 1, ms * 1e3, bytes, nb, read, f16);
-                c.variant = Some(format!("{chosen}b"));
+                c.variant = Some(format!("{chosen}b{suffix}"));
                 cases.push(c);
             }
         }
@@ -334,20 +389,29 @@ mod tests {
         assert_eq!(names(3), ["auto", "regs", "pairs"]);
         assert_eq!(names(4), ["auto", "pairs", "entries"]);
         assert_eq!(names(8), ["auto", "entries"]);
-        let both = with_split_launch(variants(&[8], &[], 3), true);
-        let both: Vec<_> = both.iter().map(|v| v.name()).collect();
-        assert_eq!(both, ["auto", "w8", "auto-xs", "w8-xs"]);
+        let mut cfg = CudaGemvConfig {
+            shapes: vec![(64, 128)],
+            bits: vec![4],
+            tokens: vec![1],
+            working_set_bytes: 1 << 20,
+            calls: 1,
+            warps: vec![],
+            tables: vec![],
+            rows: false,
+            split_launch: false,
+        };
+        let names = |cfg: &CudaGemvConfig| {
+            (Input::wanted(cfg).iter())
+                .map(|i| i.name(GemvVariant::default()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&cfg), ["auto"]);
+        (cfg.rows, cfg.split_launch) = (true, true);
+        assert_eq!(names(&cfg), ["auto", "auto-rows", "auto-xs"]);
+        cfg.rows = false;
+        assert_eq!(names(&cfg), ["auto", "auto-xs"]);
         let bench = CudaGemvBench {
-            config: CudaGemvConfig {
-                shapes: vec![(64, 128)],
-                bits: vec![4],
-                tokens: vec![1],
-                working_set_bytes: 1 << 20,
-                calls: 1,
-                warps: vec![],
-                tables: vec![],
-                split_launch: false,
-            },
+            config: cfg,
             backend: "cuda:0 (test)".into(),
             copy_gbs: 1000.0,
             read_gbs: 1000.0,

@@ -53,9 +53,16 @@ pub struct GemvArgs {
     /// (4-8); default: the built-in choice only.
     #[arg(long, value_delimiter = ',')]
     pub tables: Vec<String>,
-    /// On a GPU, also time each bit-plane variant with the activations split
+    /// On a GPU, also time each bit-plane variant on f32 activations, as a
+    /// GEMV whose input no op split ("-rows": the block splits them where
+    /// they fit, else a separate launch does). The default cases read them
+    /// split into f16 halves beforehand, as the forward pass's linears do
+    /// (the norms, attention and SwiGLU leave them so).
+    #[arg(long)]
+    pub rows: bool,
+    /// On a GPU, also time each bit-plane variant on f32 activations split
     /// into f16 halves by a separate launch where the GEMV block would split
-    /// them itself.
+    /// them itself ("-xs").
     #[arg(long)]
     pub split_launch: bool,
     /// Weight shapes ROWSxCOLS (default: the q/o, gate/up and down shapes of an
@@ -328,6 +335,7 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
                     .map_err(|e: String| anyhow::anyhow!("--tables: {e}"))
             })
             .collect::<anyhow::Result<_>>()?,
+        rows: a.rows,
         split_launch: a.split_launch,
     };
     let r = bench_gemv_cuda::run(ordinal, &cfg)?;

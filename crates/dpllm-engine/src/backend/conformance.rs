@@ -266,7 +266,7 @@ pub fn check<B: Backend>(be: &B, seed: u64) -> Result<(), String> {
         1e-6,
     )?;
     let mut g = be.upload(&x).map_err(e)?;
-    be.swiglu(&mut g, &by);
+    be.swiglu(&mut g, &by, n);
     let silu = |v: f64| v / (1.0 + (-v).exp());
     let swiglu_ref: Vec<f64> = (x.iter().zip(&y))
         .map(|(a, b)| silu(*a as f64) * *b as f64)

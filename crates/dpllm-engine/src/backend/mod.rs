@@ -647,8 +647,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         self.attention(q, kv, layer, step, shape, out);
         Ok(None)
     }
-    /// `gate = silu(gate) ⊙ up`.
-    fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `gate = silu(gate) ⊙ up` over `n` rows (a device backend may leave
+    /// the output ready for the linear that reads it).
+    fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf, n: usize);
     /// [`Backend::swiglu`] over `n` rows, also leaving the sums of squares of
     /// the output's rows ([`SumSq`]) where this backend's kernel can;
     /// None where it cannot.
@@ -658,8 +659,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         up: &Self::Buf,
         n: usize,
     ) -> Result<Option<SumSq<Self>>> {
-        let _ = n;
-        self.swiglu(gate, up);
+        self.swiglu(gate, up, n);
         Ok(None)
     }
     /// `h += x`.

@@ -674,7 +674,7 @@ impl<B: Backend> Model<B> {
         let mlp_sums = match run.wants_norms() {
             true => be.swiglu_sumsq(&mut s.gate, &s.up, run.n)?,
             false => {
-                be.swiglu(&mut s.gate, &s.up);
+                be.swiglu(&mut s.gate, &s.up, run.n);
                 None
             }
         };

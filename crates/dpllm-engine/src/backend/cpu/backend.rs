@@ -163,7 +163,7 @@ impl Backend for CpuBackend {
         attention::attention(q, &kv.keys[layer], &kv.values[layer], step.pos0, shape, out)
     }
 
-    fn swiglu(&self, gate: &mut Vec<f32>, up: &Vec<f32>) {
+    fn swiglu(&self, gate: &mut Vec<f32>, up: &Vec<f32>, _n: usize) {
         activation::swiglu_inplace(gate, up)
     }
 

@@ -10,11 +10,10 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{
-    CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, PushKernelArg,
-};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, PushKernelArg};
 
-use super::bitplane::{CudaAnyPrec, EstForm};
+use super::bitplane::{padded_cols, CudaAnyPrec, EstForm, GemvInput};
+use super::buf::CudaBuf;
 use super::dense::CudaDense;
 use super::kv::CudaKv;
 use super::linear::CudaAnyPrecLinear;
@@ -30,30 +29,6 @@ use crate::sampler::Draw;
 /// The id `sample_rows` (`kernels/sample.cu`) writes for a row the host must
 /// draw: more candidates than a block sorts, or a scaled logit that overflowed.
 const SAMPLE_ON_HOST: u32 = 0xffff_fffe;
-
-/// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
-pub struct CudaBuf {
-    pub(super) data: CudaSlice<f32>,
-    pub(super) len: usize,
-}
-
-impl std::fmt::Debug for CudaBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBuf({} floats)", self.len)
-    }
-}
-
-impl CudaBuf {
-    /// The first `len` floats.
-    pub(super) fn view(&self) -> CudaView<'_, f32> {
-        self.data.slice(..self.len)
-    }
-
-    /// The first `len` floats, writable.
-    pub(super) fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
-        self.data.slice_mut(..self.len)
-    }
-}
 
 /// Per-token decisions: 1 = the higher precision.
 pub struct CudaMask {
@@ -104,6 +79,10 @@ pub struct CudaBackend {
     error: Arc<Mutex<Option<EngineError>>>,
     /// Decode steps are recorded as graphs (`DPLLM_CUDA_GRAPHS=0`: not).
     graphs: bool,
+    /// The norms, attention and SwiGLU leave their output split for the
+    /// bit-plane GEMV beside it ([`CudaBuf`]; `DPLLM_CUDA_OP_HALVES=0`: not,
+    /// so every GEMV splits its input itself, for A/B timing).
+    op_halves: bool,
     /// How new KV caches store keys and values.
     kv: KvDtype,
 }
@@ -123,15 +102,30 @@ impl CudaBackend {
                 .alloc_zeros::<f32>(1)
                 .map_err(device_err("allocating"))?,
         );
-        let graphs = std::env::var("DPLLM_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let on = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         Ok(CudaBackend {
             dev,
             ops,
             unused,
             error: Arc::default(),
-            graphs,
+            graphs: on("DPLLM_CUDA_GRAPHS"),
+            op_halves: on("DPLLM_CUDA_OP_HALVES"),
             kv: KvDtype::F16,
         })
+    }
+
+    /// The split halves the op that last wrote `x` left beside it as `rows`
+    /// rows of `width` (`[2][rows][width padded to 128]` f16 bits, what the
+    /// bit-plane GEMV reads), or `None` where it left none in that shape
+    /// (tests, diagnostics).
+    pub fn halves_of(&self, x: &CudaBuf, rows: usize, width: usize) -> Result<Option<Vec<u16>>> {
+        self.check()?;
+        let Some(h) = x.halves(rows, width) else {
+            return Ok(None);
+        };
+        let mut v = (self.stream().clone_dtoh(&h)).map_err(device_err("copying split halves"))?;
+        v.truncate(2 * rows * padded_cols(width));
+        Ok(Some(v))
     }
 
     /// The same backend with KV caches made from now on in `dtype` (f16 by
@@ -193,7 +187,7 @@ impl CudaBackend {
                 bytes: len.saturating_mul(4),
             }
         })?;
-        Ok(CudaBuf { data, len })
+        Ok(CudaBuf::new(data, len))
     }
 
     pub(super) fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
@@ -201,6 +195,19 @@ impl CudaBackend {
         self.stream()
             .clone_htod(if v.is_empty() { &one[..] } else { v })
             .map_err(device_err("copying indices to the GPU"))
+    }
+
+    /// The width of `x` as `n` rows: an error naming `op` where they do not
+    /// divide it (or there are none).
+    fn rows_width(op: &str, x: &CudaBuf, n: usize) -> Result<usize> {
+        let width = x.len.checked_div(n).unwrap_or(0);
+        if n == 0 || width * n != x.len || width > i32::MAX as usize {
+            return Err(EngineError::Device(format!(
+                "{op}: {} values in {n} rows",
+                x.len
+            )));
+        }
+        Ok(width)
     }
 
     /// An error unless `b` holds `want` floats, naming the op.
@@ -476,9 +483,15 @@ impl CudaBackend {
         } else {
             1
         };
-        let mut part = self.for_kernel(part_len, "attention spans")?.data;
+        let mut part = self.for_kernel(part_len, "attention spans")?.into_data();
         let mut sums = sumsq.as_mut().map(|b| b.view_mut());
         let (sums_ptr, _in_use) = optional_ptr(sums.as_mut(), self.stream());
+        // The kernel that writes the output (the merge where there are spans)
+        // splits it for the o projection too.
+        let cp = padded_cols(qd) as i32;
+        let (mut ov, mut halves) = out.write_with_halves(self.stream(), n, qd, self.op_halves)?;
+        let (xs, _h) = optional_ptr(halves.as_mut(), self.stream());
+        let (att_xs, merge_xs) = if spans > 1 { (0, xs) } else { (xs, 0) };
         launch!(
             self,
             kv.kernel("attention"),
@@ -486,7 +499,7 @@ impl CudaBackend {
             &q.view(),
             k,
             v,
-            &mut out.view_mut(),
+            &mut ov,
             &mut part,
             &step.data,
             &h,
@@ -494,7 +507,9 @@ impl CudaBackend {
             &d,
             &window,
             &scale,
-            &sums_ptr
+            &sums_ptr,
+            &att_xs,
+            &cp
         )?;
         if spans > 1 {
             let s = spans as i32;
@@ -503,11 +518,13 @@ impl CudaBackend {
                 "attention_merge",
                 self.ops.attention_merge(nh, n, hd),
                 &part,
-                &mut out.view_mut(),
+                &mut ov,
                 &h,
                 &d,
                 &s,
-                &sums_ptr
+                &sums_ptr,
+                &merge_xs,
+                &cp
             )?;
         }
         Ok(())
@@ -550,10 +567,7 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
         self.check()?;
-        Ok(CudaBuf {
-            data: self.alloc(len, "activations (GPU)")?,
-            len,
-        })
+        Ok(CudaBuf::new(self.alloc(len, "activations (GPU)")?, len))
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
@@ -563,17 +577,14 @@ impl Backend for CudaBackend {
             .stream()
             .clone_htod(if host.is_empty() { &one[..] } else { host })
             .map_err(device_err("copying activations to the GPU"))?;
-        Ok(CudaBuf {
-            data,
-            len: host.len(),
-        })
+        Ok(CudaBuf::new(data, host.len()))
     }
 
     fn download(&self, buf: CudaBuf) -> Result<Vec<f32>> {
         self.check()?;
         let mut v = self
             .stream()
-            .clone_dtoh(&buf.data)
+            .clone_dtoh(buf.data())
             .map_err(device_err("copying activations from the GPU"))?;
         v.truncate(buf.len);
         self.check()?;
@@ -672,7 +683,7 @@ impl Backend for CudaBackend {
         (self.read_ids(&ids)?.into_iter().enumerate())
             .map(|(r, id)| match id {
                 Some(SAMPLE_ON_HOST) => {
-                    let row = x.data.slice(r * width..(r + 1) * width);
+                    let row = x.slice(r * width..(r + 1) * width);
                     let row = self
                         .stream()
                         .clone_dtoh(&row)
@@ -956,16 +967,22 @@ impl Backend for CudaBackend {
                     x.len
                 )));
             }
-            let di = d as i32;
+            let rows = x.len / d;
+            let (di, cp) = (d as i32, padded_cols(d) as i32);
+            let (mut ov, mut halves) =
+                out.write_with_halves(self.stream(), rows, d, self.op_halves)?;
+            let (xs, _in_use) = optional_ptr(halves.as_mut(), self.stream());
             launch!(
                 self,
                 "rms_norm",
-                self.ops.norm_rows(x.len / d, d),
+                self.ops.norm_rows(rows, d),
                 &x.view(),
                 &w.view(),
                 &eps,
-                &mut out.view_mut(),
-                &di
+                &mut ov,
+                &di,
+                &xs,
+                &cp
             )
         })();
         self.keep(r)
@@ -984,8 +1001,19 @@ impl Backend for CudaBackend {
             let cfg = self.ops.norm_rows(x.len / d, d);
             // In place: the kernel's input and output are the same buffer (each
             // thread writes only the values it read).
-            let xv = x.data.slice(..x.len);
-            launch!(self, "rms_norm", cfg, &xv, &w.view(), &eps, &xv, &di)
+            let (xv, no_halves, cp) = (x.in_place(), 0u64, 0i32);
+            launch!(
+                self,
+                "rms_norm",
+                cfg,
+                &xv,
+                &w.view(),
+                &eps,
+                &xv,
+                &di,
+                &no_halves,
+                &cp
+            )
         })();
         self.keep(r)
     }
@@ -1067,17 +1095,32 @@ impl Backend for CudaBackend {
         }))
     }
 
-    fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf) {
+    fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf, n: usize) {
         let r = (|| {
             Self::want_len("swiglu", up, gate.len)?;
-            let n = gate.len as i64;
+            let width = Self::rows_width("swiglu", gate, n)?;
+            let len = gate.len as i64;
+            let (w, rows, cp) = (width as i32, n as i32, padded_cols(width) as i32);
+            let (mut gv, mut halves) =
+                gate.write_with_halves(self.stream(), n, width, self.op_halves)?;
+            let (xs, _in_use) = optional_ptr(halves.as_mut(), self.stream());
+            // With halves the kernel covers the padded rows (their padding too).
+            let cfg = self.ops.stride(if xs != 0 {
+                n * padded_cols(width)
+            } else {
+                width * n
+            });
             launch!(
                 self,
                 "swiglu",
-                self.ops.stride(gate.len),
-                &mut gate.view_mut(),
+                cfg,
+                &mut gv,
                 &up.view(),
-                &n
+                &len,
+                &w,
+                &xs,
+                &rows,
+                &cp
             )
         })();
         self.keep(r)
@@ -1091,25 +1134,24 @@ impl Backend for CudaBackend {
     ) -> Result<Option<SumSq<Self>>> {
         self.check()?;
         Self::want_len("swiglu", up, gate.len)?;
-        let width = gate.len.checked_div(n).unwrap_or(0);
-        if n == 0 || width * n != gate.len || width > i32::MAX as usize {
-            return Err(EngineError::Device(format!(
-                "swiglu: {} values in {n} rows",
-                gate.len
-            )));
-        }
+        let width = Self::rows_width("swiglu", gate, n)?;
         let parts = width.div_ceil(SWIGLU_PART);
         // One block a part writes each sum.
         let mut sums = self.for_kernel(n * parts, "SwiGLU sums of squares")?;
-        let w = width as i32;
+        let (w, cp) = (width as i32, padded_cols(width) as i32);
+        let (mut gv, mut halves) =
+            gate.write_with_halves(self.stream(), n, width, self.op_halves)?;
+        let (xs, _in_use) = optional_ptr(halves.as_mut(), self.stream());
         launch!(
             self,
             "swiglu_sumsq",
             self.ops.parts(parts, n),
-            &mut gate.view_mut(),
+            &mut gv,
             &up.view(),
             &w,
-            &mut sums.view_mut()
+            &mut sums.view_mut(),
+            &xs,
+            &cp
         )?;
         Ok(Some(SumSq { sums, parts }))
     }
@@ -1183,10 +1225,7 @@ impl Backend for CudaBackend {
         let mut norms = norms;
         if let Some(InputNorms { after, before }) = norms.as_mut() {
             for b in [&mut **after, &mut **before] {
-                if b.data.len() < n {
-                    b.data = self.alloc(n, "estimator input norms (GPU)")?;
-                }
-                b.len = n;
+                b.resize_with(n, |n| self.alloc(n, "estimator input norms (GPU)"))?;
             }
         }
         let (mut after, mut before) = match norms {
@@ -1196,7 +1235,9 @@ impl Backend for CudaBackend {
         let stream = self.stream();
         let (after_ptr, _a) = optional_ptr(after.as_mut(), stream);
         let (before_ptr, _b) = optional_ptr(before.as_mut(), stream);
-        let (di, s) = (d as i32, slot as i32);
+        let (mut ov, mut halves) = out.write_with_halves(stream, n, d, self.op_halves)?;
+        let (xs, _h) = optional_ptr(halves.as_mut(), stream);
+        let (di, s, cp) = (d as i32, slot as i32, padded_cols(d) as i32);
         launch!(
             self,
             "add_flag_norm",
@@ -1205,21 +1246,20 @@ impl Backend for CudaBackend {
             &x.view(),
             &w.view(),
             &eps,
-            &mut out.view_mut(),
+            &mut ov,
             &di,
             &mut flags.view_mut(),
             &s,
             &after_ptr,
-            &before_ptr
+            &before_ptr,
+            &xs,
+            &cp
         )
     }
 
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) {
         let r = (|| {
-            if dst.data.len() < src.len {
-                dst.data = self.alloc(src.len, "activations (GPU)")?;
-            }
-            dst.len = src.len;
+            dst.resize_with(src.len, |n| self.alloc(n, "activations (GPU)"))?;
             if src.len > 0 {
                 self.stream()
                     .memcpy_dtod(&src.view(), &mut dst.view_mut())
@@ -1243,7 +1283,7 @@ impl Backend for CudaBackend {
         let mut out = self.zeros(b - a)?;
         if b > a {
             self.stream()
-                .memcpy_dtod(&x.data.slice(a..b), &mut out.view_mut())
+                .memcpy_dtod(&x.slice(a..b), &mut out.view_mut())
                 .map_err(device_err("copying rows"))?;
         }
         Ok(out)
@@ -1470,8 +1510,14 @@ impl Backend for CudaBackend {
             self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
         Self::check_count(&count)?;
         let mut counts = count.map(|(b, slot)| (b.view_mut(), slot));
+        // The input as its producer split it, where it did.
+        let (rows, halves) = (x.view(), x.halves(1, shape.1));
+        let input = match &halves {
+            Some(h) => GemvInput::Halves(h),
+            None => GemvInput::Rows(&rows),
+        };
         w.w.gemv_select(
-            &x.view(),
+            input,
             low,
             (&e.view(), form),
             (a, c, decide.threshold),
@@ -1559,8 +1605,8 @@ impl Backend for CudaBackend {
 
 /// The device address of `v` and the guard that keeps it in use, or 0 (a
 /// kernel's null pointer) for none.
-fn optional_ptr<'a>(
-    v: Option<&'a mut CudaViewMut<'_, f32>>,
+fn optional_ptr<'a, T>(
+    v: Option<&'a mut CudaViewMut<'_, T>>,
     stream: &'a Arc<CudaStream>,
 ) -> (u64, Option<impl Drop + 'a>) {
     match v {

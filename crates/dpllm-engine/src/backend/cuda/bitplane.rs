@@ -56,7 +56,8 @@ fn padded_rows(rows: usize) -> usize {
     rows.div_ceil(TILE_ROWS) * TILE_ROWS
 }
 
-fn padded_cols(cols: usize) -> usize {
+/// Columns padded to a whole column block (the split activations' row length).
+pub(super) fn padded_cols(cols: usize) -> usize {
     cols.div_ceil(BLOCK_COLS) * BLOCK_COLS
 }
 
@@ -88,6 +89,27 @@ impl EstForm {
         match self {
             EstForm::Rows(w) | EstForm::SumSq(w) => w,
             EstForm::Norm => 1,
+        }
+    }
+}
+
+/// A GEMV's activations: f32 rows (`n × cols`), or the same already split
+/// into f16 halves (`[2][n][cols padded to 128]`, as `split_x` and the ops
+/// that make a linear's input leave them), which the kernel reads as they are.
+#[derive(Clone, Copy)]
+pub enum GemvInput<'a> {
+    /// f32 rows.
+    Rows(&'a CudaView<'a, f32>),
+    /// Split halves of exactly the launch's tokens.
+    Halves(&'a CudaView<'a, u16>),
+}
+
+impl GemvInput<'_> {
+    /// "N f32" or "N split" values, for errors.
+    fn describe(&self) -> String {
+        match self {
+            GemvInput::Rows(x) => format!("{} f32", x.len()),
+            GemvInput::Halves(xs) => format!("{} split", xs.len()),
         }
     }
 }
@@ -560,7 +582,7 @@ impl CudaAnyPrec {
 
     /// The activations of `n` tokens split for a kernel that does not split
     /// them itself: f16 halves hi and lo ([2][n][columns padded to 128]).
-    fn split(&self, x: &CudaView<f32>, n: usize) -> Result<CudaSlice<u16>> {
+    pub fn split(&self, x: &CudaView<f32>, n: usize) -> Result<CudaSlice<u16>> {
         let cols_p = padded_cols(self.cols);
         let len = 2 * n * cols_p;
         let s = self.device.stream();
@@ -597,13 +619,35 @@ impl CudaAnyPrec {
         v: GemvVariant,
         select: Option<(&CudaView<u32>, bool)>,
     ) -> Result<()> {
+        self.gemv_input(GemvInput::Rows(x), n, bits, y, v, select)
+    }
+
+    /// True when `x` holds the activations of `n` tokens for this layer.
+    fn input_fits(&self, x: GemvInput<'_>, n: usize) -> bool {
+        match x {
+            GemvInput::Rows(x) => x.len() >= n * self.cols,
+            GemvInput::Halves(xs) => xs.len() >= 2 * n * padded_cols(self.cols),
+        }
+    }
+
+    /// [`CudaAnyPrec::gemv_view`] on activations in either form: halves are
+    /// read as they are (no split in the block nor by `split_x`).
+    pub fn gemv_input(
+        &self,
+        x: GemvInput<'_>,
+        n: usize,
+        bits: u32,
+        y: &mut CudaViewMut<f32>,
+        v: GemvVariant,
+        select: Option<(&CudaView<u32>, bool)>,
+    ) -> Result<()> {
         crate::backend::check_bits_in(bits, self.seed_bits, self.max_bits)
             .map_err(EngineError::Bits)?;
-        if n == 0 || n > MAX_TOKENS || x.len() < n * self.cols || y.len() < n * self.rows {
+        if n == 0 || n > MAX_TOKENS || !self.input_fits(x, n) || y.len() < n * self.rows {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: {n} tokens (1..={MAX_TOKENS}) with {} inputs and {} outputs \
                  do not fit a {}x{} weight",
-                x.len(),
+                x.describe(),
                 y.len(),
                 self.rows,
                 self.cols
@@ -627,8 +671,14 @@ impl CudaAnyPrec {
             )));
         }
         let (warps, tables) = (self.warps(v), self.tables(bits, n, v));
-        let in_block = !v.split_launch && self.split_in_block(bits, tables, warps, n);
-        let xs = (!in_block).then(|| self.split(x, n)).transpose()?;
+        // Rows are split in the block where that pays, else by split_x first.
+        let in_block = matches!(x, GemvInput::Rows(_))
+            && !v.split_launch
+            && self.split_in_block(bits, tables, warps, n);
+        let made = match x {
+            GemvInput::Rows(x) if !in_block => Some(self.split(x, n)?),
+            _ => None,
+        };
         let split = if in_block { n } else { 0 };
         let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
         // The kernel: `s` where the block splits x, then the tables' suffix.
@@ -651,9 +701,10 @@ impl CudaAnyPrec {
         let stride = self.plane_stride();
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&self.planes).arg(&stride).arg(luts);
-        match &xs {
-            Some(xs) => b.arg(xs),
-            None => b.arg(x).arg(&cols),
+        match (x, &made) {
+            (GemvInput::Halves(xs), _) => b.arg(xs),
+            (GemvInput::Rows(_), Some(xs)) => b.arg(xs),
+            (GemvInput::Rows(x), None) => b.arg(x).arg(&cols),
         };
         b.arg(&ni).arg(y).arg(&ys).arg(&rows).arg(&kbs);
         match select {
@@ -674,8 +725,13 @@ impl CudaAnyPrec {
         (3..=7).contains(&low)
             && self.seed_bits <= low
             && low < self.max_bits
-            && self.select_shared_bytes(low, self.warps(GemvVariant::default())) as usize
-                <= self.device.max_shared()
+            && [self.select_splits_in_block(), false]
+                .into_iter()
+                .all(|in_block| {
+                    let warps = self.warps(GemvVariant::default());
+                    self.select_shared_bytes(low, warps, in_block) as usize
+                        <= self.device.max_shared()
+                })
     }
 
     /// True when the in-kernel choice splits its token's activations in the
@@ -685,20 +741,20 @@ impl CudaAnyPrec {
     }
 
     /// Shared memory of the in-kernel choice between `low` and `low + 1` bits
-    /// (one token, each with the tables the plain GEMV takes): what the
-    /// hungrier precision takes.
-    fn select_shared_bytes(&self, low: u32, warps: u32) -> u32 {
-        let split = self.select_splits_in_block() as usize;
-        let at = |b: u32| self.shared_bytes(b, self.select_tables(b), warps, split);
+    /// (one token, each with the tables the plain GEMV takes, its activations
+    /// split in the block or not): what the hungrier precision takes.
+    fn select_shared_bytes(&self, low: u32, warps: u32, in_block: bool) -> u32 {
+        let split = in_block as usize;
+        let at = |b: u32| self.shared_bytes(b, self.select_tables(b, in_block), warps, split);
         at(low).max(at(low + 1))
     }
 
     /// The tables of the in-kernel choice's side at `bits`: the plain GEMV's
-    /// for one token, but entry tables at 4 bits on layers of many tiles (the
-    /// choice splits its token in the block, where the pairs' 64 KiB would
-    /// cost occupancy: H100, 14336x4096, 22.5 against 26.0 µs).
-    fn select_tables(&self, bits: u32) -> Tables {
-        if bits == 4 && self.many_tiles() {
+    /// for one token, but entry tables at 4 bits on layers of many tiles
+    /// where the block splits its token (the pairs' 64 KiB beside the split
+    /// would cost occupancy: H100, 14336x4096, 22.5 against 26.0 µs).
+    fn select_tables(&self, bits: u32, in_block: bool) -> Tables {
+        if bits == 4 && self.many_tiles() && in_block {
             Tables::Entries
         } else {
             self.tables(bits, 1, GemvVariant::default())
@@ -708,9 +764,9 @@ impl CudaAnyPrec {
     /// The suffix of the in-kernel choice between `low` and `low + 1` bits:
     /// `p` where its 3-bit side takes pair tables, `e` where its 4-bit side
     /// takes entry tables ([`CudaAnyPrec::select_tables`]).
-    fn select_suffix(&self, low: u32) -> String {
-        let p = low == 3 && self.select_tables(3) == Tables::Pairs;
-        let e = (3..=4).contains(&low) && self.select_tables(4) == Tables::Entries;
+    fn select_suffix(&self, low: u32, in_block: bool) -> String {
+        let p = low == 3 && self.select_tables(3, in_block) == Tables::Pairs;
+        let e = (3..=4).contains(&low) && self.select_tables(4, in_block) == Tables::Entries;
         format!("{}{}", if p { "p" } else { "" }, if e { "e" } else { "" })
     }
 
@@ -722,14 +778,14 @@ impl CudaAnyPrec {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_select(
         &self,
-        x: &CudaView<f32>,
+        x: GemvInput<'_>,
         low: u32,
         (e, form): (&CudaView<f32>, EstForm),
         (a, c, thr): (f32, f32, f32),
         count: Option<(&mut CudaViewMut<f32>, usize)>,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        if !self.selects_in_kernel(low) || x.len() < self.cols || y.len() < self.rows {
+        if !self.selects_in_kernel(low) || !self.input_fits(x, 1) || y.len() < self.rows {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: no in-kernel choice of {low} or {} bits for a {}x{} weight \
                  holding {}..={} bits, {} inputs and {} outputs",
@@ -738,20 +794,24 @@ impl CudaAnyPrec {
                 self.cols,
                 self.seed_bits,
                 self.max_bits,
-                x.len(),
+                x.describe(),
                 y.len()
             )));
         }
+        // Rows are split in the block where they fit, else by split_x first.
+        let in_block = matches!(x, GemvInput::Rows(_)) && self.select_splits_in_block();
         // Shared memory for whichever precision needs more (4 bits takes the most).
         let warps = self.warps(GemvVariant::default());
-        let shared = self.select_shared_bytes(low, warps);
+        let shared = self.select_shared_bytes(low, warps, in_block);
         let cfg = self.launch_config(warps, shared);
-        let in_block = self.select_splits_in_block();
-        let xs = (!in_block).then(|| self.split(x, 1)).transpose()?;
+        let made = match x {
+            GemvInput::Rows(x) if !in_block => Some(self.split(x, 1)?),
+            _ => None,
+        };
         let f = self.device.bitplane_kernels()?.get(&format!(
             "bitplane_gemv_select_b{low}{}{}",
             if in_block { "" } else { "x" },
-            self.select_suffix(low)
+            self.select_suffix(low, in_block)
         ))?;
         self.device.allow_shared(&f, cfg.shared_mem_bytes)?;
         let lut = |b: u32| &self.luts[(b - self.seed_bits) as usize];
@@ -774,9 +834,10 @@ impl CudaAnyPrec {
             .arg(&stride)
             .arg(lut(low))
             .arg(lut(low + 1));
-        match &xs {
-            Some(xs) => b.arg(xs),
-            None => b.arg(x),
+        match (x, &made) {
+            (GemvInput::Halves(xs), _) => b.arg(xs),
+            (GemvInput::Rows(_), Some(xs)) => b.arg(xs),
+            (GemvInput::Rows(x), None) => b.arg(x),
         };
         b.arg(&cols)
             .arg(y)

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
-use super::backend::{CudaBackend, CudaBuf, CudaMask};
-use super::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
+use super::backend::{CudaBackend, CudaMask};
+use super::bitplane::{CudaAnyPrec, GemvInput, GemvVariant, MAX_TOKENS};
+use super::buf::CudaBuf;
 use super::dense::CudaDense;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
@@ -213,8 +214,8 @@ impl CudaBackend {
             } else {
                 format!("dense_{}_t{nt}", w.kind())
             };
-            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
-            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
+            let xv = x.slice(t0 * cols..(t0 + nt) * cols);
+            let mut yv = y.slice_mut(t0 * rows..(t0 + nt) * rows);
             launch!(
                 self,
                 name,
@@ -266,13 +267,19 @@ impl CudaBackend {
         select: Option<(&CudaMask, bool)>,
     ) -> Result<()> {
         let (rows, cols) = (w.w.rows(), w.w.cols());
+        // The input as its producer split it (all n tokens: one launch), where it did.
+        let halves = x.halves(n, cols);
         for t0 in (0..n).step_by(MAX_TOKENS) {
             let nt = (n - t0).min(MAX_TOKENS);
-            let xv = x.data.slice(t0 * cols..(t0 + nt) * cols);
-            let mut yv = y.data.slice_mut(t0 * rows..(t0 + nt) * rows);
+            let xv = x.slice(t0 * cols..(t0 + nt) * cols);
+            let input = match &halves {
+                Some(h) => GemvInput::Halves(h),
+                None => GemvInput::Rows(&xv),
+            };
+            let mut yv = y.slice_mut(t0 * rows..(t0 + nt) * rows);
             let m = select.map(|(m, want)| (m.flags.slice(t0..t0 + nt), want));
-            w.w.gemv_view(
-                &xv,
+            w.w.gemv_input(
+                input,
                 nt,
                 bits,
                 &mut yv,

@@ -39,6 +39,7 @@ macro_rules! launch {
 
 mod backend;
 pub mod bitplane;
+mod buf;
 pub mod compile;
 pub mod dense;
 mod kv;
@@ -46,7 +47,8 @@ mod levels;
 mod linear;
 pub mod ops;
 
-pub use backend::{CudaBackend, CudaBuf, CudaMask};
+pub use backend::{CudaBackend, CudaMask};
+pub use buf::CudaBuf;
 pub use dense::CudaDense;
 pub use kv::CudaKv;
 pub use levels::{pair_words, PAIR_WORDS};

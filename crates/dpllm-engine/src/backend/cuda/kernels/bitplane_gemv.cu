@@ -12,8 +12,10 @@
 // Activations are split into f16 halves, x = hi + lo ([2][n][128·KB], zero
 // past the last column, each 32-column piece's 16-byte parts placed by
 // x_slot), so products keep f32 accuracy: the tensor cores multiply f16
-// exactly and add in f32. A block splits them into its shared memory itself
-// where they fit (kernels _t4s, _t8s), else split_x does it first.
+// exactly and add in f32. The ops that make a linear's input (the norms,
+// SwiGLU) leave them split beside it (common.cuh); other inputs a block
+// splits into its shared memory itself where they fit (kernels _t4s, _t8s),
+// else split_x does it first.
 //
 // Why this layout: mma's A fragment gives lane (g, t) rows g and g + 8 at the
 // k positions 2t, 2t+1, 2t+8, 2t+9 of each 16-wide k tile, and its B fragment
@@ -217,16 +219,9 @@ struct Tables<B, ENTRIES> {
     }
 };
 
-// Where column c of a token's activations sits in its row of halves: the
-// 16-byte pieces of lane t's 64 bytes (columns 32t .. 32t + 31 of a column
-// block) are swapped in pairs for t = 2, 3, so the four lanes' loads of one
-// piece hit distinct shared-memory banks.
-__device__ __forceinline__ int x_slot(int c) { return c ^ (((c >> 6) & 1) << 3); }
-
-// x [n][cols] f32 (rows x_stride apart) as f16 halves hi (x rounded) and lo
-// (x - hi rounded) into xs [2][n][cols_p] (slots by x_slot, zero from cols
-// on), eight columns per step of each thread of the block (`first`,
-// `stride`: the thread's place and count).
+// x [n][cols] f32 (rows x_stride apart) as f16 halves into xs [2][n][cols_p]
+// (split_store, zero from cols on), eight columns per step of each thread of
+// the block (`first`, `stride`: the thread's place and count).
 __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_stride, int n, int cols,
                                            int cols_p, u16* xs, int first, int stride) {
     const bool vec = (cols & 3) == 0 && (x_stride & 3) == 0 && (((size_t)x) & 15) == 0;
@@ -243,26 +238,13 @@ __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_st
 #pragma unroll
             for (int k = 0; k < 8; ++k) v[k] = c + k < cols ? xt[k] : 0.f;
         }
-        u32 hw[4], lw[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            u16 h0, h1, l0, l1;
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(v[2 * k]));
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h1) : "f"(v[2 * k + 1]));
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l0) : "f"(v[2 * k] - h2f(h0)));
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l1) : "f"(v[2 * k + 1] - h2f(h1)));
-            hw[k] = (u32)h0 | (u32)h1 << 16;
-            lw[k] = (u32)l0 | (u32)l1 << 16;
-        }
-        const long long at = (long long)tok * cols_p + x_slot(c);
-        *reinterpret_cast<uint4*>(xs + at) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-        *reinterpret_cast<uint4*>(xs + (long long)n * cols_p + at) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+        split_store<8>(xs, n, cols_p, tok, c, v);
     }
 }
 
 // SX: the block splits the activations into shared memory itself (xin: x
 // f32, rows x_stride apart); else they come split in global memory (xin: xs
-// from split_x).
+// from split_x or the op that made them).
 template <int B, int NT, bool SX, int KIND = default_kind(B)>
 __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,

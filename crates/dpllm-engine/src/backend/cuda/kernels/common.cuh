@@ -114,3 +114,59 @@ __device__ bool decide_high(const float* v, int n, float a, float c, float thr) 
     volatile float e = block_estimate(v, n, a, c);  // rounded to f32 as an estimate stored in memory is
     return e > thr;
 }
+
+// ---- activations split for the bit-plane GEMV -------------------------------
+// The GEMV (bitplane_gemv.cu) reads each token's activations as f16 halves
+// x = hi + lo, [2][n][cols_p] (cols_p: the columns padded to 128, zero past
+// the last). The ops that make a linear's input (the norms, SwiGLU) can
+// write them beside their f32 output, so no linear reading it splits it again.
+
+// Where column c of a token's activations sits in its row of halves: the
+// 16-byte pieces of lane t's 64 bytes (columns 32t .. 32t + 31 of a column
+// block) are swapped in pairs for t = 2, 3, so the four lanes' loads of one
+// piece hit distinct shared-memory banks.
+__device__ __forceinline__ int x_slot(int c) { return c ^ (((c >> 6) & 1) << 3); }
+
+// v as f16 hi (v rounded) and lo (v - hi rounded).
+__device__ __forceinline__ void split_half(float v, u16& hi, u16& lo) {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(v));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(v - h2f(hi)));
+}
+
+// Columns c .. c + K - 1 (K = 1, 4 or 8; c a multiple of K) of token tok,
+// v[0..K), into xs [2][n][cols_p] as halves (one K-wide store each: x_slot
+// keeps 8 aligned columns together).
+template <int K>
+__device__ __forceinline__ void split_store(u16* xs, int n, int cols_p, int tok, int c, const float* v) {
+    u16* hi = xs + (long long)tok * cols_p + x_slot(c);
+    u16* lo = hi + (long long)n * cols_p;
+    if constexpr (K == 1) {
+        split_half(v[0], hi[0], lo[0]);
+    } else {
+        u32 hw[K / 2], lw[K / 2];
+#pragma unroll
+        for (int k = 0; k < K / 2; ++k) {
+            u16 h0, h1, l0, l1;
+            split_half(v[2 * k], h0, l0);
+            split_half(v[2 * k + 1], h1, l1);
+            hw[k] = (u32)h0 | (u32)h1 << 16;
+            lw[k] = (u32)l0 | (u32)l1 << 16;
+        }
+        if constexpr (K == 8) {
+            *reinterpret_cast<uint4*>(hi) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+            *reinterpret_cast<uint4*>(lo) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+        } else {
+            *reinterpret_cast<uint2*>(hi) = make_uint2(hw[0], hw[1]);
+            *reinterpret_cast<uint2*>(lo) = make_uint2(lw[0], lw[1]);
+        }
+    }
+}
+
+// The padding of token tok's halves (columns cols .. cols_p) set to zero by
+// the block's threads.
+__device__ __forceinline__ void split_pad(u16* xs, int n, int cols, int cols_p, int tok) {
+    for (int c = cols + threadIdx.x; c < cols_p; c += blockDim.x) {
+        const float z = 0.f;
+        split_store<1>(xs, n, cols_p, tok, c, &z);
+    }
+}

@@ -39,11 +39,13 @@ struct RowSums {
 // does). out may be src (each thread writes only what it read). With after
 // and before given, *after = ||out|| and *before = the norm of RMSNorm(src
 // before the add) with w: the DP-LLM estimator inputs' norms, so
-// the linears that follow need not read their rows. A row of at most NORM_V
-// float4s a thread is read once, into registers, with every load in flight;
-// any other row is read twice.
+// the linears that follow need not read their rows. With xs given, out goes
+// there too as the bit-plane GEMV's halves (row `token` of [2][n][cols_p],
+// common.cuh). A row of at most NORM_V float4s a thread is read once, into
+// registers, with every load in flight; any other row is read twice.
 __device__ void norm_row(float* src, const float* add, const float* w, float eps, float* out, int d,
-                         float* flags, int slot, int token, float* after, float* before) {
+                         float* flags, int slot, int token, float* after, float* before, u16* xs, int n,
+                         int cols_p) {
     const int bd = blockDim.x, n4 = d >> 2;
     bool bad = false;
     RowSums sums;
@@ -83,9 +85,12 @@ __device__ void norm_row(float* src, const float* add, const float* w, float eps
 #pragma unroll
         for (int u = 0; u < NORM_V; u++) {
             const int i = threadIdx.x + u * bd;
-            if (i < n4)
-                o4[i] = make_float4(r[u].x * inv * g[u].x, r[u].y * inv * g[u].y, r[u].z * inv * g[u].z,
-                                    r[u].w * inv * g[u].w);
+            if (i < n4) {
+                const float o[4] = {r[u].x * inv * g[u].x, r[u].y * inv * g[u].y, r[u].z * inv * g[u].z,
+                                    r[u].w * inv * g[u].w};
+                o4[i] = make_float4(o[0], o[1], o[2], o[3]);
+                if (xs) split_store<4>(xs, n, cols_p, token, 4 * i, o);
+            }
         }
     } else {
         if (add || after) {
@@ -104,8 +109,13 @@ __device__ void norm_row(float* src, const float* add, const float* w, float eps
             sums.rr = block_sumsq(src, d);
         }
         inv = rsqrtf(sums.rr / (float)d + eps);
-        for (int i = threadIdx.x; i < d; i += bd) out[i] = src[i] * inv * w[i];
+        for (int i = threadIdx.x; i < d; i += bd) {
+            const float o = src[i] * inv * w[i];
+            out[i] = o;
+            if (xs) split_store<1>(xs, n, cols_p, token, i, &o);
+        }
     }
+    if (xs) split_pad(xs, n, d, cols_p, token);
     if (after && threadIdx.x == 0) {
         *after = inv * sqrtf(sums.rw);
         *before = rsqrtf(sums.ss / (float)d + eps) * sqrtf(sums.sw);
@@ -113,21 +123,26 @@ __device__ void norm_row(float* src, const float* add, const float* w, float eps
 }
 
 // One block per segment of d values of x: out = x / sqrt(mean(x^2) + eps) * w.
-// In place when out == x.
-extern "C" __global__ void rms_norm(float* x, const float* w, float eps, float* out, int d) {
+// In place when out == x. With xs, out's n = gridDim.x rows also go there
+// split for the bit-plane GEMV (norm_row).
+extern "C" __global__ void rms_norm(float* x, const float* w, float eps, float* out, int d, u16* xs,
+                                    int cols_p) {
     const long base = (long)blockIdx.x * d;
-    norm_row(x + base, nullptr, w, eps, out + base, d, nullptr, 0, 0, nullptr, nullptr);
+    norm_row(x + base, nullptr, w, eps, out + base, d, nullptr, 0, blockIdx.x, nullptr, nullptr, xs,
+             gridDim.x, cols_p);
 }
 
 // One block per token: h += x, checked as add_flag does, then out = the
 // RMSNorm of h with w (d = the width of a token); with after and before
-// ([n] each, or both null), the norms of the estimator inputs (norm_row).
+// ([n] each, or both null), the norms of the estimator inputs, and with xs
+// out split for the bit-plane GEMV (norm_row).
 extern "C" __global__ void add_flag_norm(float* h, const float* x, const float* w, float eps, float* out, int d,
-                                         float* flags, int slot, float* after, float* before) {
+                                         float* flags, int slot, float* after, float* before, u16* xs,
+                                         int cols_p) {
     const long base = (long)blockIdx.x * d;
     const int t = blockIdx.x;
     norm_row(h + base, x + base, w, eps, out + base, d, flags, slot, t, after ? after + t : nullptr,
-             before ? before + t : nullptr);
+             before ? before + t : nullptr, xs, gridDim.x, cols_p);
 }
 
 // Row `row` of x [. x d], with d = 0 its norm x[row], with d < 0 its -d
@@ -158,20 +173,40 @@ extern "C" __global__ void decide_norm(const float* x, int d, float a, float c, 
 
 // ---- elementwise ----------------------------------------------------------
 
-// gate = silu(gate) * up.
-extern "C" __global__ void swiglu(float* gate, const float* up, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        gate[i] = g / (1.f + expf(-g)) * up[i];
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+// gate = silu(gate) * up over n values; with xs, gate's rows of `width`
+// values also go there split for the bit-plane GEMV ([2][rows][cols_p],
+// common.cuh: each thread takes positions of the padded rows).
+extern "C" __global__ void swiglu(float* gate, const float* up, long n, int width, u16* xs, int rows,
+                                  int cols_p) {
+    const long total = xs ? (long)rows * cols_p : n;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        if (!xs) {
+            gate[i] = silu_mul(gate[i], up[i]);
+            continue;
+        }
+        const int tok = (int)(i / cols_p), c = (int)(i % cols_p);
+        const long at = (long)tok * width + c;
+        float o = 0.f;
+        if (c < width) {
+            o = silu_mul(gate[at], up[at]);
+            gate[at] = o;
+        }
+        split_store<1>(xs, rows, cols_p, tok, c, &o);
     }
 }
 
 // gate = silu(gate) * up for rows of width values, and the sums of squares
 // of each row's output in parts of SWIGLU_PART values: block (p, t) makes
 // part p of row t and writes its sum to sumsq[t * gridDim.x + p] (the down
-// estimator's input, read as block_estimate's n < 0).
+// estimator's input, read as block_estimate's n < 0). With xs, the rows also
+// go there split for the bit-plane GEMV ([2][gridDim.y][cols_p], common.cuh;
+// the last part's block zeroes the padding).
 #define SWIGLU_PART 1024
-extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width, float* sumsq) {
+extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width, float* sumsq, u16* xs,
+                                        int cols_p) {
+    const int tok = blockIdx.y, n = gridDim.y;
     const long row = (long)blockIdx.y * width;
     const int beg = blockIdx.x * SWIGLU_PART, end = min(width, beg + SWIGLU_PART);
     float sq = 0.f;
@@ -181,21 +216,27 @@ extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width,
         for (int i = (beg >> 2) + threadIdx.x; i < (end >> 2); i += blockDim.x) {
             float4 g = g4[i];
             const float4 u = u4[i];
-            g.x = g.x / (1.f + expf(-g.x)) * u.x;
-            g.y = g.y / (1.f + expf(-g.y)) * u.y;
-            g.z = g.z / (1.f + expf(-g.z)) * u.z;
-            g.w = g.w / (1.f + expf(-g.w)) * u.w;
+            g.x = silu_mul(g.x, u.x);
+            g.y = silu_mul(g.y, u.y);
+            g.z = silu_mul(g.z, u.z);
+            g.w = silu_mul(g.w, u.w);
             g4[i] = g;
             sq += g.x * g.x + g.y * g.y + g.z * g.z + g.w * g.w;
+            if (xs) {
+                const float o[4] = {g.x, g.y, g.z, g.w};
+                split_store<4>(xs, n, cols_p, tok, 4 * i, o);
+            }
         }
     } else {
         for (int i = beg + threadIdx.x; i < end; i += blockDim.x) {
             const float g = gate[row + i];
-            const float o = g / (1.f + expf(-g)) * up[row + i];
+            const float o = silu_mul(g, up[row + i]);
             gate[row + i] = o;
             sq += o * o;
+            if (xs) split_store<1>(xs, n, cols_p, tok, i, &o);
         }
     }
+    if (xs && blockIdx.x == gridDim.x - 1) split_pad(xs, n, width, cols_p, tok);
     sq = block_sum(sq);
     if (threadIdx.x == 0) sumsq[(long)blockIdx.y * gridDim.x + blockIdx.x] = sq;
 }
@@ -596,7 +637,9 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 // its (max, sum, unnormalised output) to part, [n][nh][spans][2 + hd], and
 // attention_merge combines them. With sumsq, the sum of squares of each
 // head's output goes to sumsq[t * nh + h] (the o estimator's input, read as
-// block_estimate's n < 0), by whichever kernel writes the output.
+// block_estimate's n < 0), and with xs the output split for the bit-plane
+// GEMV ([2][n][cols_p], common.cuh; the last head's block zeroes the
+// padding), by whichever kernel writes the output.
 
 #define ATT_WARPS 8
 #define ATT_MAXD 256
@@ -605,7 +648,7 @@ extern "C" __global__ void blend_rows(float* y, const float* low, const u32* fla
 template <typename T>
 __device__ __forceinline__ void attention_body(const float* q, const T* k, const T* v, float* out, float* part,
                                                const u32* step, int nh, int nkv, int hd, int window, float scale,
-                                               float* sumsq) {
+                                               float* sumsq, u16* xs, int cols_p) {
     const int pos0 = (int)step[0];
     const int h = blockIdx.x, t = blockIdx.y, spans = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -685,6 +728,7 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
             const float r = o / total;
             out[(long)t * qd + (long)h * hd + i] = r;
             sq += r * r;
+            if (xs) split_store<1>(xs, gridDim.y, cols_p, t, h * hd + i, &r);
         } else {
             mine[2 + i] = o;
             if (i == 0) {
@@ -693,6 +737,7 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
             }
         }
     }
+    if (xs && spans == 1 && h == nh - 1) split_pad(xs, gridDim.y, qd, cols_p, t);
     if (sumsq && spans == 1) {  // the same for the whole block
         sq = block_sum(sq);
         if (threadIdx.x == 0) sumsq[(long)t * nh + h] = sq;
@@ -701,17 +746,18 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
 
 extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
                                      const u32* step, int nh, int nkv, int hd, int window, float scale,
-                                     float* sumsq) {
-    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq);
+                                     float* sumsq, u16* xs, int cols_p) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq, xs, cols_p);
 }
 extern "C" __global__ void attention_h(const float* q, const u16* k, const u16* v, float* out, float* part,
                                        const u32* step, int nh, int nkv, int hd, int window, float scale,
-                                     float* sumsq) {
-    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq);
+                                       float* sumsq, u16* xs, int cols_p) {
+    attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq, xs, cols_p);
 }
 
 // The spans of attention merged: one block per (head, query token) as there.
-extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans, float* sumsq) {
+extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans, float* sumsq,
+                                           u16* xs, int cols_p) {
     const int h = blockIdx.x, t = blockIdx.y;
     const float* p = part + ((long)t * nh + h) * spans * (2 + hd);
     float big = NEG_INF;
@@ -729,7 +775,9 @@ extern "C" __global__ void attention_merge(const float* part, float* out, int nh
         const float r = o / total;
         out[((long)t * nh + h) * hd + i] = r;
         sq += r * r;
+        if (xs) split_store<1>(xs, gridDim.y, cols_p, t, h * hd + i, &r);
     }
+    if (xs && h == nh - 1) split_pad(xs, gridDim.y, nh * hd, cols_p, t);
     if (sumsq) {
         sq = block_sum(sq);
         if (threadIdx.x == 0) sumsq[(long)t * nh + h] = sq;
