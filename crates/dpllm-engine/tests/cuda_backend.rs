@@ -223,6 +223,7 @@ fn swiglu_sums_of_squares_match_the_rows() {
         let (g, u) = (rand_vec(&mut rng, n * width), rand_vec(&mut rng, n * width));
         let mut want = be.upload(&g).unwrap();
         be.swiglu(&mut want, &be.upload(&u).unwrap(), n);
+        assert_halves(&format!("swiglu {n}x{width}"), &be, &want, n, width);
         let want = be.download(want).unwrap();
         let mut got = be.upload(&g).unwrap();
         let sums = (be.swiglu_sumsq(&mut got, &be.upload(&u).unwrap(), n))

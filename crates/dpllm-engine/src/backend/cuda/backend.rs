@@ -141,6 +141,13 @@ impl CudaBackend {
         self
     }
 
+    /// The same backend with the ops that make a linear's input leaving it
+    /// split for the bit-plane GEMV or not (`DPLLM_CUDA_OP_HALVES`).
+    pub fn with_op_halves(mut self, on: bool) -> CudaBackend {
+        self.op_halves = on;
+        self
+    }
+
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev

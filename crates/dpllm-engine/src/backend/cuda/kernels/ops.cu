@@ -173,6 +173,7 @@ extern "C" __global__ void decide_norm(const float* x, int d, float a, float c, 
 
 // ---- elementwise ----------------------------------------------------------
 
+// silu(g) * u, the same arithmetic in every SwiGLU kernel.
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
 // gate = silu(gate) * up over n values; with xs, gate's rows of `width`
