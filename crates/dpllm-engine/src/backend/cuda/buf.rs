@@ -134,22 +134,23 @@ impl CudaBuf {
             return Ok((self.data.slice_mut(..self.len), None));
         }
         let need = 2 * rows * padded_cols(width);
-        if self.halves.as_ref().is_none_or(|h| h.data.len() < need) {
+        let h = match self.halves.take().filter(|h| h.data.len() >= need) {
+            Some(h) => h,
             // SAFETY: plain u16s; the caller's kernel writes all `need` of
             // them (fresh only from that write on).
-            let data =
-                unsafe { stream.alloc::<u16>(need) }.map_err(|_| EngineError::OutOfMemory {
-                    what: "split activations (GPU)",
-                    bytes: 2 * need,
-                })?;
-            self.halves = Some(Halves {
-                data,
+            None => Halves {
+                data: unsafe { stream.alloc::<u16>(need) }.map_err(|_| {
+                    EngineError::OutOfMemory {
+                        what: "split activations (GPU)",
+                        bytes: 2 * need,
+                    }
+                })?,
                 rows,
                 width,
                 fresh: false,
-            });
-        }
-        let h = self.halves.as_mut().expect("made above");
+            },
+        };
+        let h = self.halves.insert(h);
         (h.rows, h.width, h.fresh) = (rows, width, true);
         Ok((
             self.data.slice_mut(..self.len),
