@@ -63,12 +63,20 @@ impl Input {
             .collect()
     }
 
+    /// Variant `v` as this input runs it: split by a launch for `RowsSplitLaunch`.
+    fn variant(self, v: GemvVariant) -> GemvVariant {
+        GemvVariant {
+            split_launch: self == Input::RowsSplitLaunch,
+            ..v
+        }
+    }
+
     /// The case name of variant `v` on this input: "auto", "auto-rows", "auto-xs".
     fn name(self, v: GemvVariant) -> String {
+        let name = self.variant(v).name();
         match self {
-            Input::Halves => v.name(),
-            Input::Rows => v.name() + "-rows",
-            Input::RowsSplitLaunch => v.name() + "-xs",
+            Input::Rows => name + "-rows",
+            Input::Halves | Input::RowsSplitLaunch => name,
         }
     }
 }
@@ -220,21 +228,17 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                 for v in variants(&cfg.warps, &cfg.tables, b) {
                     for input in Input::wanted(cfg) {
                         let mut i = 0;
+                        let run = input.variant(v);
                         let ms = dev.time_ms(cfg.calls, || {
                             i += 1;
                             let q = &qs[i % nb];
                             match input {
                                 Input::Halves => {
                                     let (h, mut y) = (xs.slice(..), y32.slice_mut(..));
-                                    q.gemv_input(GemvInput::Halves(&h), t, b, &mut y, v, None)
+                                    q.gemv_input(GemvInput::Halves(&h), t, b, &mut y, run, None)
                                 }
-                                Input::Rows => q.gemv_with(&x32, t, b, &mut y32, v),
-                                Input::RowsSplitLaunch => {
-                                    let v = GemvVariant {
-                                        split_launch: true,
-                                        ..v
-                                    };
-                                    q.gemv_with(&x32, t, b, &mut y32, v)
+                                Input::Rows | Input::RowsSplitLaunch => {
+                                    q.gemv_with(&x32, t, b, &mut y32, run)
                                 }
                             }
                         })?;
