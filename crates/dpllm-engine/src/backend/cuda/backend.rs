@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut};
 
 use super::bitplane::{padded_cols, CudaAnyPrec, EstForm, GemvInput};
 use super::buf::CudaBuf;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
 use super::{device_err, CudaDevice};
@@ -438,7 +438,7 @@ impl CudaAnyPrec {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.device.stream().launch_builder(&f);
+        let mut l = self.device.launch(&f);
         l.arg(planes)
             .arg(&stride)
             .arg(luts)
@@ -599,7 +599,7 @@ impl CudaAnyPrec {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = s.launch_builder(&f);
+        let mut b = self.device.launch(&f);
         b.arg(x).arg(&stride).arg(&ni).arg(&c).arg(&cp).arg(&mut xs);
         // SAFETY: x holds n rows of cols floats (checked by the callers), xs
         // 2 · n · cols_p halves.
@@ -699,7 +699,7 @@ impl CudaAnyPrec {
         let luts = &self.luts[(bits - self.seed_bits) as usize];
         let (no_mask, want) = (0u64, select.map_or(0u32, |(_, w)| w as u32));
         let stride = self.plane_stride();
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch(&f);
         b.arg(&self.planes).arg(&stride).arg(luts);
         match (x, &made) {
             (GemvInput::Halves(xs), _) => b.arg(xs),
@@ -829,7 +829,7 @@ impl CudaAnyPrec {
             count.as_ref().map_or(0, |c| c.1) as i32,
             self.plane_stride(),
         );
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch(&f);
         b.arg(&self.planes)
             .arg(&stride)
             .arg(lut(low))

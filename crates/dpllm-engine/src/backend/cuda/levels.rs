@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::bitplane::CudaAnyPrec;
 use super::device_err;
@@ -165,7 +165,7 @@ impl CudaAnyPrec {
         };
         let f = self.device().bitplane_kernels()?.get(name)?;
         let (r, c) = (self.rows() as i32, self.cols() as i32);
-        let mut launch = stream.launch_builder(&f);
+        let mut launch = super::launch::Launch::new(&f, stream, self.device().pdl());
         launch.arg(planes).arg(&stride);
         for l in &luts {
             launch.arg(l);

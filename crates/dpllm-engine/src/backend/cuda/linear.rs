@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView};
 
 use super::backend::{CudaBackend, CudaMask};
 use super::bitplane::{CudaAnyPrec, GemvInput, GemvVariant, MAX_TOKENS};

@@ -31,7 +31,7 @@ macro_rules! launch {
         // slices), and sizes its grid and buffers for what the kernel reads
         // and writes (it checks its own bounds).
         let cfg = $cfg;
-        let r = unsafe { $be.stream().launch_builder(&f)$(.arg($arg))+.launch(cfg) };
+        let r = unsafe { $be.device().launch(&f)$(.arg($arg))+.launch(cfg) };
         r.map(|_| ())
             .map_err(|e| EngineError::Device(format!("CUDA: launching {name}: {e}")))
     }};
@@ -43,6 +43,7 @@ mod buf;
 pub mod compile;
 pub mod dense;
 mod kv;
+pub mod launch;
 mod levels;
 mod linear;
 pub mod ops;
@@ -58,6 +59,7 @@ pub use linear::CudaAnyPrecLinear;
 pub use cudarc;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -96,6 +98,9 @@ impl Kernels {
     }
 }
 
+/// The first compute capability with programmatic dependent launch.
+const PDL_ARCH: (i32, i32) = (9, 0);
+
 /// One GPU: its context, the stream all work is queued on, and the kernels
 /// compiled for it (each module compiled on first use).
 pub struct CudaDevice {
@@ -110,6 +115,8 @@ pub struct CudaDevice {
     bitplane: OnceLock<Arc<Kernels>>,
     ops: OnceLock<Arc<Kernels>>,
     blas: OnceLock<Arc<CudaBlas>>,
+    /// Kernels are launched with programmatic dependent launch ([`launch`]).
+    pdl: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -174,13 +181,18 @@ impl CudaDevice {
             bitplane: OnceLock::new(),
             ops: OnceLock::new(),
             blas: OnceLock::new(),
+            pdl: AtomicBool::new(
+                arch >= PDL_ARCH && std::env::var("DPLLM_CUDA_PDL").map_or(true, |v| v != "0"),
+            ),
         }))
     }
 
-    /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
+    /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, PDL)" (PDL: kernels are
+    /// launched with programmatic dependent launch, [`CudaDevice::pdl`]).
     pub fn describe(&self) -> String {
+        let pdl = if self.pdl() { ", PDL" } else { "" };
         format!(
-            "cuda:{} ({}, sm_{}{})",
+            "cuda:{} ({}, sm_{}{}{pdl})",
             self.ordinal, self.name, self.arch.0, self.arch.1
         )
     }
@@ -193,6 +205,25 @@ impl CudaDevice {
     /// The stream every op of this device is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A launch of `f` on this device's stream ([`launch`]), with PDL when on.
+    pub fn launch<'a>(&'a self, f: &'a CudaFunction) -> launch::Launch<'a> {
+        launch::Launch::new(f, &self.stream, self.pdl())
+    }
+
+    /// True when kernels are launched with programmatic dependent launch
+    /// (compute capability 9.0 and later, unless `DPLLM_CUDA_PDL=0`).
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Launch kernels from now on with PDL or not (for A/B timing and tests);
+    /// returns whether it is on (never where the GPU lacks it).
+    pub fn set_pdl(&self, on: bool) -> bool {
+        let on = on && self.arch >= PDL_ARCH;
+        self.pdl.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Compute capability (major, minor).

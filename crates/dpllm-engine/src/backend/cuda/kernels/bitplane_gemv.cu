@@ -250,10 +250,14 @@ __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
     int rows, int kbs, const u32* __restrict__ mask, u32 want) {
+    // Launched with PDL, the next kernel may start once every block is here.
+    pdl_launch_dependents();
     // Per-token precision (DP-LLM): with a mask, only the tokens whose
     // decision equals `want` are written, and a block with none returns at once
-    // (the same for every thread, so before any barrier).
+    // (the same for every thread, so before any barrier; the mask is another
+    // kernel's output, so after pdl_wait).
     if (mask) {
+        pdl_wait();
         bool any = false;
         for (int t = 0; t < n; ++t) any |= mask[t] == want;
         if (!any) return;
@@ -286,6 +290,9 @@ __device__ __forceinline__ void gemv(
     // The tables (shared ones are ready after the barrier below).
     Tables<B, KIND> tab;
     tab.load(luts, row0, lane, smem);
+    // All of the above reads only the weights; the activations and y wait
+    // for the kernel before (PDL), which may still be running until here.
+    pdl_wait();
     if (SX)
         split_into(reinterpret_cast<const float*>(xin), x_stride, n, cols, cols_p, xs_s, threadIdx.x,
                    blockDim.x);
@@ -401,14 +408,14 @@ __device__ __forceinline__ void gemv(
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##E(                                                            \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
-        float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                   \
+        float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                               \
         gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
                                  mask, want);                                                     \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##s##E(                                                         \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
-        int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {            \
+        int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                        \
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
                                 kbs, mask, want);                                                 \
     }
@@ -448,14 +455,14 @@ GEMV_BITS(8)
         bitplane_gemv_select_b##BL##E(                                                             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot) {                                              \
+        float c, float thr, float* count, int slot) { pdl_enter();                                              \
         GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##x##E(                                                          \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot) {                                              \
+        float c, float thr, float* count, int slot) { pdl_enter();                                              \
         GEMV_SELECT_BODY(BL, KL, KH, false, xs, cols)                                              \
     }
 #define GEMV_SELECT_KERNEL(BL) GEMV_SELECT_KERNEL_K(BL, default_kind(BL), default_kind(BL + 1), )
@@ -474,6 +481,7 @@ GEMV_SELECT_KERNEL_K(3, PAIRS, PAIRS, p) GEMV_SELECT_KERNEL_K(3, PAIRS, ENTRIES,
 // above the f16 range becomes inf, which the forward pass's finiteness
 // checks report.
 extern "C" __global__ void split_x(const float* x, int x_stride, int n, int cols, int cols_p, u16* xs) {
+    pdl_enter();
     split_into(x, x_stride, n, cols, cols_p, xs, blockIdx.x * blockDim.x + threadIdx.x,
                gridDim.x * blockDim.x);
 }
@@ -487,6 +495,7 @@ __device__ __forceinline__ int column_bit(int c) { return 16 * ((c >> 2) & 1) + 
 // the row's LUT. Index bits are MSB first: plane j gives bit bits-1-j.
 extern "C" __global__ void bitplane_dequant(const u32* planes, long long plane_stride, const u16* luts,
                                             int bits, u16* out, int rows, int cols, int kbs) {
+    pdl_enter();
     const long long total = (long long)rows * kbs * 4;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {

@@ -90,6 +90,7 @@ __device__ __forceinline__ bool pair_luts(const float* pair, LUT_PARAMS, int* lo
 // out [rows x cols] = a * W_lo + b * W_hi of the pair (NaN where it is not held).
 extern "C" __global__ void bitplane_mix(const u32* planes, long long plane_stride, LUT_PARAMS, int rows, int cols,
                                         int kbs, const float* pair, float* out) {
+    pdl_enter();
     int lo, hi;
     const u16 *lut_lo, *lut_hi;
     if (!pair_luts(pair, LUT_ARGS, &lo, &hi, &lut_lo, &lut_hi)) {
@@ -131,6 +132,7 @@ __device__ double block_sum_f64(double v) {
 // per block (NaN where the pair is not held).
 extern "C" __global__ void bitplane_dot_diff(const u32* planes, long long plane_stride, LUT_PARAMS, int rows,
                                              int cols, int kbs, const float* pair, const float* g, double* out) {
+    pdl_enter();
     int lo, hi;
     const u16 *lut_lo, *lut_hi;
     if (!pair_luts(pair, LUT_ARGS, &lo, &hi, &lut_lo, &lut_hi)) {  // the same for the whole grid

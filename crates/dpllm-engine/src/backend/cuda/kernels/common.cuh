@@ -7,6 +7,30 @@ typedef unsigned short u16;
 #define FULL 0xffffffffu
 #define NEG_INF (__int_as_float(0xff800000))
 
+// Programmatic dependent launch (compute capability 9.0 and later; nothing
+// elsewhere). The host may launch a kernel while the one before it on the
+// stream still runs (launch.rs). pdl_wait() returns once that kernel has
+// finished and its writes are visible: every kernel calls it before it reads
+// anything another kernel wrote or writes anything (only the bit-plane GEMV
+// does work before it, on its weights and tables, which no kernel writes).
+// pdl_launch_dependents() lets the next kernel start early; it still waits
+// in its own pdl_wait().
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Both, first thing in a kernel that needs its inputs before anything else.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_launch_dependents();
+    pdl_wait();
+}
+
 // f16 bits to f32 (no cuda_fp16.h needed).
 __device__ __forceinline__ float h2f(u16 h) {
     float f;

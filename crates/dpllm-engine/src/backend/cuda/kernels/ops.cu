@@ -127,6 +127,7 @@ __device__ void norm_row(float* src, const float* add, const float* w, float eps
 // split for the bit-plane GEMV (norm_row).
 extern "C" __global__ void rms_norm(float* x, const float* w, float eps, float* out, int d, u16* xs,
                                     int cols_p) {
+    pdl_enter();
     const long base = (long)blockIdx.x * d;
     norm_row(x + base, nullptr, w, eps, out + base, d, nullptr, 0, blockIdx.x, nullptr, nullptr, xs,
              gridDim.x, cols_p);
@@ -139,6 +140,7 @@ extern "C" __global__ void rms_norm(float* x, const float* w, float eps, float* 
 extern "C" __global__ void add_flag_norm(float* h, const float* x, const float* w, float eps, float* out, int d,
                                          float* flags, int slot, float* after, float* before, u16* xs,
                                          int cols_p) {
+    pdl_enter();
     const long base = (long)blockIdx.x * d;
     const int t = blockIdx.x;
     norm_row(h + base, x + base, w, eps, out + base, d, flags, slot, t, after ? after + t : nullptr,
@@ -155,6 +157,7 @@ __device__ __forceinline__ const float* est_row(const float* x, int d, int row) 
 // estimates); with d = 0, x holds the rows' norms, with d < 0 their sums of
 // squares in -d parts.
 extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float c, float* out) {
+    pdl_enter();
     const float e = block_estimate(est_row(x, d, blockIdx.x), d, a, c);
     if (threadIdx.x == 0) out[blockIdx.x] = e;
 }
@@ -164,6 +167,7 @@ extern "C" __global__ void row_norm_affine(const float* x, int d, float a, float
 // with count, count[slot] += the rows sent high (count[slot] holds 0 before).
 extern "C" __global__ void decide_norm(const float* x, int d, float a, float c, float thr, u32* flags,
                                        float* count, int slot) {
+    pdl_enter();
     const bool high = decide_high(est_row(x, d, blockIdx.x), d, a, c, thr);
     if (threadIdx.x == 0) {
         flags[blockIdx.x] = high ? 1u : 0u;
@@ -181,6 +185,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + 
 // common.cuh: each thread takes positions of the padded rows).
 extern "C" __global__ void swiglu(float* gate, const float* up, long n, int width, u16* xs, int rows,
                                   int cols_p) {
+    pdl_enter();
     const long total = xs ? (long)rows * cols_p : n;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         if (!xs) {
@@ -207,6 +212,7 @@ extern "C" __global__ void swiglu(float* gate, const float* up, long n, int widt
 #define SWIGLU_PART 1024
 extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width, float* sumsq, u16* xs,
                                         int cols_p) {
+    pdl_enter();
     const int tok = blockIdx.y, n = gridDim.y;
     const long row = (long)blockIdx.y * width;
     const int beg = blockIdx.x * SWIGLU_PART, end = min(width, beg + SWIGLU_PART);
@@ -244,17 +250,20 @@ extern "C" __global__ void swiglu_sumsq(float* gate, const float* up, int width,
 
 // h += x.
 extern "C" __global__ void fill(float* x, long n, float value) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         x[i] = value;
 }
 
 extern "C" __global__ void add(float* h, const float* x, long n) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         h[i] += x[i];
 }
 
 // y[t][r] += bias[r] for y [n x rows].
 extern "C" __global__ void add_bias(float* y, const float* bias, int rows, long n) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] += bias[i % rows];
 }
@@ -263,6 +272,7 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int rows, long 
 // pos0 = step[0].. by the table's angles ([position][cos 0..rot/2 | sin 0..rot/2]).
 // Positions come from the step in device memory, so a recorded graph replays.
 extern "C" __global__ void rope(float* x, const float* table, int n, int heads, int hd, int rot, const u32* step) {
+    pdl_enter();
     const int half = rot / 2, pos0 = (int)step[0];
     const long total = (long)n * heads * half;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x) {
@@ -304,10 +314,12 @@ __device__ __forceinline__ void kv_store_body(const float* k, const float* v, T*
 }
 extern "C" __global__ void kv_store(const float* k, const float* v, float* kc, float* vc, const u32* step,
                                     long nd, int d) {
+    pdl_enter();
     kv_store_body(k, v, kc, vc, step, nd, d);
 }
 extern "C" __global__ void kv_store_h(const float* k, const float* v, u16* kc, u16* vc, const u32* step,
                                       long nd, int d) {
+    pdl_enter();
     kv_store_body(k, v, kc, vc, step, nd, d);
 }
 
@@ -354,11 +366,13 @@ __device__ __forceinline__ void rope_store_body(float* q, const float* k, const 
 extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc, float* vc,
                                       const float* table, int n, int nh, int nkv, int hd, int rot,
                                       const u32* step) {
+    pdl_enter();
     rope_store_body(q, k, v, kc, vc, table, n, nh, nkv, hd, rot, step);
 }
 extern "C" __global__ void rope_store_h(float* q, const float* k, const float* v, u16* kc, u16* vc,
                                         const float* table, int n, int nh, int nkv, int hd, int rot,
                                         const u32* step) {
+    pdl_enter();
     rope_store_body(q, k, v, kc, vc, table, n, nh, nkv, hd, rot, step);
 }
 
@@ -366,6 +380,7 @@ extern "C" __global__ void rope_store_h(float* q, const float* k, const float* v
 // (as the GEMV splits it), so a GEMM on f16 tensor cores over both keeps f32
 // accuracy.
 extern "C" __global__ void split_halves(const float* x, long len, u16* xs) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x) {
         const float v = x[i];
         u16 h, l;
@@ -378,6 +393,7 @@ extern "C" __global__ void split_halves(const float* x, long len, u16* xs) {
 
 // y [len] = c [0, len) + c [len, 2 len): the products of the halves summed.
 extern "C" __global__ void sum_halves(const float* c, long len, float* y) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x)
         y[i] = c[i] + c[len + i];
 }
@@ -386,6 +402,7 @@ extern "C" __global__ void sum_halves(const float* c, long len, float* y) {
 
 // out [n x width] = columns off..off+width of x [n x total].
 extern "C" __global__ void split_cols(const float* x, int n, int total, int off, int width, float* out) {
+    pdl_enter();
     const long count = (long)n * width;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < count; j += (long)gridDim.x * blockDim.x) {
         const long t = j / width;
@@ -395,6 +412,7 @@ extern "C" __global__ void split_cols(const float* x, int n, int total, int off,
 
 // out row i = x row idx[i], for i < count.
 extern "C" __global__ void gather_rows(const float* x, int width, const u32* idx, int count, float* out) {
+    pdl_enter();
     const long total = (long)count * width;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
         out[j] = x[(long)idx[j / width] * width + j % width];
@@ -402,6 +420,7 @@ extern "C" __global__ void gather_rows(const float* x, int width, const u32* idx
 
 // dst row idx[i] = src row i, for i < count.
 extern "C" __global__ void scatter_rows(const float* src, int width, const u32* idx, int count, float* dst) {
+    pdl_enter();
     const long total = (long)count * width;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
         dst[(long)idx[j / width] * width + j % width] = src[j];
@@ -409,6 +428,7 @@ extern "C" __global__ void scatter_rows(const float* src, int width, const u32* 
 
 // Sum of x [n4 float4s] into *out (set to 0 before): a read-bandwidth probe.
 extern "C" __global__ void read_sum(const float4* x, long n4, float* out) {
+    pdl_enter();
     float s = 0.f;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
         const float4 v = x[i];
@@ -428,12 +448,14 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 
 // out[i] = random bits.
 extern "C" __global__ void fill_random_u32(u32* out, long n, unsigned long long seed) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = (u32)(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1)) >> 32);
 }
 
 // out[i] = f16 bits of a uniform value in [-scale, scale).
 extern "C" __global__ void fill_random_f16(u16* out, long n, float scale, unsigned long long seed) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const unsigned long long z = mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
         const float u = (float)(z >> 40) * (1.f / 16777216.f);
@@ -448,6 +470,7 @@ extern "C" __global__ void fill_random_f16(u16* out, long n, float scale, unsign
 
 // h += x, and flags[slot] as flag_non_finite sets it for the sum.
 extern "C" __global__ void add_flag(float* h, const float* x, long n, int width, float* flags, int slot) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const float v = h[i] + x[i];
         h[i] = v;
@@ -458,12 +481,14 @@ extern "C" __global__ void add_flag(float* h, const float* x, long n, int width,
 // flags[slot] = min(flags[slot], first token of x [. x width] holding a NaN or
 // infinity). flags holds non-negative floats, whose bits order as unsigned ints.
 extern "C" __global__ void flag_non_finite(const float* x, long n, int width, float* flags, int slot) {
+    pdl_enter();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         if (!isfinite(x[i])) atomicMin((u32*)(flags + slot), __float_as_uint((float)(i / width)));
 }
 
 // out[slot] = the number of set flags among n (one warp).
 extern "C" __global__ void count_flags(const u32* flags, int n, float* out, int slot) {
+    pdl_enter();
     float c = 0.f;
     for (int t = threadIdx.x; t < n; t += 32) c += flags[t] != 0u ? 1.f : 0.f;
     c = warp_sum(c);
@@ -472,12 +497,14 @@ extern "C" __global__ void count_flags(const u32* flags, int n, float* out, int 
 
 // out[offset + t * stride] = flags[t] != 0 (1 or 0), t < n.
 extern "C" __global__ void store_flags(const u32* flags, int n, float* out, int offset, int stride) {
+    pdl_enter();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n) out[offset + t * stride] = flags[t] != 0u ? 1.f : 0.f;
 }
 
 // flags[t] = values[t] > threshold.
 extern "C" __global__ void threshold(const float* values, int n, float thr, u32* flags) {
+    pdl_enter();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n) flags[t] = values[t] > thr ? 1u : 0u;
 }
@@ -576,7 +603,7 @@ __device__ void dense_gemv_v8(const void* w, const float* x, int xs, const float
 #define DENSE_V8_T(NAME, T, NT)                                                                       \
     extern "C" __global__ void dense_##NAME##_v8_t##NT(const void* w, const u16* scales, const float* x, \
                                                        int xs, const float* bias, int has_bias, float* y,  \
-                                                       int ys, int rows, int cols) {                       \
+                                                       int ys, int rows, int cols) { pdl_enter();                       \
         dense_gemv_v8<T, NT>(w, x, xs, bias, has_bias, y, ys, rows, cols);                                \
     }
 
@@ -590,13 +617,13 @@ DENSE_V8(bf16, 2)
 #define DENSE_T(NAME, T, NT)                                                                        \
     extern "C" __global__ void dense_##NAME##_t##NT(const void* w, const u16* scales, const float* x, \
                                                     int xs, const float* bias, int has_bias, float* y,  \
-                                                    int ys, int rows, int cols) {                       \
+                                                    int ys, int rows, int cols) { pdl_enter();                       \
         dense_gemv<T, NT>(w, scales, x, xs, bias, has_bias, y, ys, rows, cols);                        \
     }
 
 #define DENSE(NAME, T)                                                                              \
     extern "C" __global__ void embed_##NAME(const void* w, const u16* scales, const u32* tokens, int n, \
-                                            int cols, float* out) {                                    \
+                                            int cols, float* out) { pdl_enter();                                    \
         embed<T>(w, scales, tokens, n, cols, out);                                                     \
     }                                                                                               \
     DENSE_T(NAME, T, 1) DENSE_T(NAME, T, 2) DENSE_T(NAME, T, 3) DENSE_T(NAME, T, 4)                 \
@@ -615,12 +642,13 @@ __device__ void widen(const void* w, const u16* scales, int rows, int cols, floa
         out[j] = ldw<T>(w, scales, j / cols, j % cols, cols);
 }
 
-extern "C" __global__ void widen_f16(const void* w, const u16* s, int rows, int cols, float* out) { widen<1>(w, s, rows, cols, out); }
-extern "C" __global__ void widen_bf16(const void* w, const u16* s, int rows, int cols, float* out) { widen<2>(w, s, rows, cols, out); }
-extern "C" __global__ void widen_q8_0(const void* w, const u16* s, int rows, int cols, float* out) { widen<3>(w, s, rows, cols, out); }
+extern "C" __global__ void widen_f16(const void* w, const u16* s, int rows, int cols, float* out) { pdl_enter(); widen<1>(w, s, rows, cols, out); }
+extern "C" __global__ void widen_bf16(const void* w, const u16* s, int rows, int cols, float* out) { pdl_enter(); widen<2>(w, s, rows, cols, out); }
+extern "C" __global__ void widen_q8_0(const void* w, const u16* s, int rows, int cols, float* out) { pdl_enter(); widen<3>(w, s, rows, cols, out); }
 
 // Rows of y [n x width] whose flag is 0 become the rows of low.
 extern "C" __global__ void blend_rows(float* y, const float* low, const u32* flags, int n, int width) {
+    pdl_enter();
     const long total = (long)n * width;
     for (long j = blockIdx.x * (long)blockDim.x + threadIdx.x; j < total; j += (long)gridDim.x * blockDim.x)
         if (flags[j / width] == 0u) y[j] = low[j];
@@ -748,17 +776,20 @@ __device__ __forceinline__ void attention_body(const float* q, const T* k, const
 extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out, float* part,
                                      const u32* step, int nh, int nkv, int hd, int window, float scale,
                                      float* sumsq, u16* xs, int cols_p) {
+    pdl_enter();
     attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq, xs, cols_p);
 }
 extern "C" __global__ void attention_h(const float* q, const u16* k, const u16* v, float* out, float* part,
                                        const u32* step, int nh, int nkv, int hd, int window, float scale,
                                        float* sumsq, u16* xs, int cols_p) {
+    pdl_enter();
     attention_body(q, k, v, out, part, step, nh, nkv, hd, window, scale, sumsq, xs, cols_p);
 }
 
 // The spans of attention merged: one block per (head, query token) as there.
 extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd, int spans, float* sumsq,
                                            u16* xs, int cols_p) {
+    pdl_enter();
     const int h = blockIdx.x, t = blockIdx.y;
     const float* p = part + ((long)t * nh + h) * spans * (2 + hd);
     float big = NEG_INF;

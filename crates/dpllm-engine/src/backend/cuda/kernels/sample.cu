@@ -83,6 +83,7 @@ __device__ __forceinline__ void row_each(const float* r, int width, F f) {
 // The row is read with 16-byte loads, two in flight a thread (row_each):
 // one 4-byte load at a time took 52 us over 128k logits on an H100.
 extern "C" __global__ void argmax_rows(const float* x, int width, u32* out) {
+    pdl_enter();
     const float* r = x + (long)blockIdx.x * width;
     float best = NEG_INF;
     u32 bi = 0xffffffffu;
@@ -318,6 +319,7 @@ __device__ void sample_filtered(const float* r, int width, float inv_t, float u,
 // an infinity, SAMPLE_ON_HOST where the host must draw it. One block of 1024
 // threads a row; thread t walks one contiguous chunk of the row.
 extern "C" __global__ void sample_rows(const float* x, int width, const float* params, u32* out) {
+    pdl_enter();
     const float* r = x + (long)blockIdx.x * width;
     const float* pr = params + 4 * blockIdx.x;
     const float inv_t = pr[0], u = pr[1], top_p = pr[2];
