@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut};
 
-use super::bitplane::{padded_cols, CudaAnyPrec, EstForm, GemvInput};
+use super::bitplane::{padded_cols, CudaAnyPrec, EstForm};
 use super::buf::CudaBuf;
 use super::dense::CudaDense;
 use super::kv::CudaKv;
@@ -1517,20 +1517,16 @@ impl Backend for CudaBackend {
             self.estimator_input(decide.estimator, decide.input, 1, &mut projected)?;
         Self::check_count(&count)?;
         let mut counts = count.map(|(b, slot)| (b.view_mut(), slot));
-        // The input as its producer split it, where it did.
-        let (rows, halves) = (x.view(), x.halves(1, shape.1));
-        let input = match &halves {
-            Some(h) => GemvInput::Halves(h),
-            None => GemvInput::Rows(&rows),
-        };
-        w.w.gemv_select(
-            input,
-            low,
-            (&e.view(), form),
-            (a, c, decide.threshold),
-            counts.as_mut().map(|(v, slot)| (v, *slot)),
-            &mut y.view_mut(),
-        )?;
+        x.with_gemv_input((1, shape.1), 0..1, |input| {
+            w.w.gemv_select(
+                input,
+                low,
+                (&e.view(), form),
+                (a, c, decide.threshold),
+                counts.as_mut().map(|(v, slot)| (v, *slot)),
+                &mut y.view_mut(),
+            )
+        })?;
         self.add_bias(w.bias.as_ref(), shape.0, 1, y)
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
-use super::bitplane::{padded_cols, MAX_TOKENS};
+use super::bitplane::{padded_cols, GemvInput, MAX_TOKENS};
 use crate::error::{EngineError, Result};
 
 /// f32 activations in GPU memory (never an empty allocation: `len` may be 0).
@@ -114,6 +114,24 @@ impl CudaBuf {
     pub(super) fn halves(&self, rows: usize, width: usize) -> Option<CudaView<'_, u16>> {
         let h = self.halves.as_ref()?;
         (h.fresh && h.rows == rows && h.width == width).then(|| h.data.slice(..))
+    }
+
+    /// `f` on what a bit-plane GEMV reads of tokens `tokens` of these `n`
+    /// rows of `width`: the halves the op that wrote them left, where they
+    /// cover exactly those tokens, else the f32 rows (which the GEMV splits).
+    pub(super) fn with_gemv_input<R>(
+        &self,
+        (n, width): (usize, usize),
+        tokens: Range<usize>,
+        f: impl FnOnce(GemvInput<'_>) -> R,
+    ) -> R {
+        let whole = tokens.start == 0 && tokens.end == n;
+        let halves = whole.then(|| self.halves(n, width)).flatten();
+        let rows = self.slice(tokens.start * width..tokens.end * width);
+        f(match &halves {
+            Some(h) => GemvInput::Halves(h),
+            None => GemvInput::Rows(&rows),
+        })
     }
 
     /// The first `len` floats writable, for an op writing them as `rows` rows

@@ -9,7 +9,9 @@
 //! `pdl_wait()` before it reads what another kernel wrote or writes
 //! anything, so any of them may be launched this way; on older GPUs the
 //! calls compile to nothing and launches go through `cuLaunchKernel` as
-//! before. `DPLLM_CUDA_PDL=0` (or [`super::CudaDevice::set_pdl`]) turns it off.
+//! before. It is off unless `DPLLM_CUDA_PDL=1` (or
+//! [`super::CudaDevice::set_pdl`]) until it has been timed and tested on a
+//! GPU (written in a session with none: see `docs/benchmarks.md`).
 
 use std::ffi::c_void;
 

@@ -10,7 +10,7 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView};
 
 use super::backend::{CudaBackend, CudaMask};
-use super::bitplane::{CudaAnyPrec, GemvInput, GemvVariant, MAX_TOKENS};
+use super::bitplane::{CudaAnyPrec, GemvVariant, MAX_TOKENS};
 use super::buf::CudaBuf;
 use super::dense::CudaDense;
 use crate::backend::Backend;
@@ -267,25 +267,20 @@ impl CudaBackend {
         select: Option<(&CudaMask, bool)>,
     ) -> Result<()> {
         let (rows, cols) = (w.w.rows(), w.w.cols());
-        // The input as its producer split it (all n tokens: one launch), where it did.
-        let halves = x.halves(n, cols);
         for t0 in (0..n).step_by(MAX_TOKENS) {
             let nt = (n - t0).min(MAX_TOKENS);
-            let xv = x.slice(t0 * cols..(t0 + nt) * cols);
-            let input = match &halves {
-                Some(h) => GemvInput::Halves(h),
-                None => GemvInput::Rows(&xv),
-            };
             let mut yv = y.slice_mut(t0 * rows..(t0 + nt) * rows);
             let m = select.map(|(m, want)| (m.flags.slice(t0..t0 + nt), want));
-            w.w.gemv_input(
-                input,
-                nt,
-                bits,
-                &mut yv,
-                GemvVariant::default(),
-                m.as_ref().map(|(v, want)| (v, *want)),
-            )?;
+            x.with_gemv_input((n, cols), t0..t0 + nt, |input| {
+                w.w.gemv_input(
+                    input,
+                    nt,
+                    bits,
+                    &mut yv,
+                    GemvVariant::default(),
+                    m.as_ref().map(|(v, want)| (v, *want)),
+                )
+            })?;
         }
         Ok(())
     }

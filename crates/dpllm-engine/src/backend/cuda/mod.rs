@@ -14,10 +14,11 @@
 //! forward call waits for the GPU only for its output, and a decode step is
 //! recorded once as a CUDA graph and replayed per token
 //! (`crate::model::graph`; `DPLLM_CUDA_GRAPHS=0` turns that off). The KV
-//! cache holds f16 by default (`CudaBackend::with_kv`), and greedy decoding
-//! picks its token on the device (`Backend::argmax_rows`), so only the id
-//! comes back. Not yet: temperature / top-k / top-p sampling on the device
-//! (those read the logits back and sample on the host).
+//! cache holds f16 by default (`CudaBackend::with_kv`), and tokens are
+//! picked on the device, greedy (`Backend::argmax_rows`) or drawn with
+//! temperature / top-k / top-p (`Backend::sample_rows`), so only the id
+//! comes back. Kernels may be launched with programmatic dependent launch
+//! ([`launch`], opt-in with `DPLLM_CUDA_PDL=1`).
 
 /// Queue kernel `$name` of the ops module (on a `CudaBackend`) with arguments
 /// `$arg` (references), an error naming the kernel when it cannot be launched.
@@ -181,8 +182,9 @@ impl CudaDevice {
             bitplane: OnceLock::new(),
             ops: OnceLock::new(),
             blas: OnceLock::new(),
+            // Opt-in until it has been timed and tested on a GPU.
             pdl: AtomicBool::new(
-                arch >= PDL_ARCH && std::env::var("DPLLM_CUDA_PDL").map_or(true, |v| v != "0"),
+                arch >= PDL_ARCH && std::env::var("DPLLM_CUDA_PDL").is_ok_and(|v| v == "1"),
             ),
         }))
     }
@@ -213,7 +215,7 @@ impl CudaDevice {
     }
 
     /// True when kernels are launched with programmatic dependent launch
-    /// (compute capability 9.0 and later, unless `DPLLM_CUDA_PDL=0`).
+    /// (compute capability 9.0 and later, with `DPLLM_CUDA_PDL=1`).
     pub fn pdl(&self) -> bool {
         self.pdl.load(Ordering::Relaxed)
     }
