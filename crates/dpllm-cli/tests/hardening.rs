@@ -539,6 +539,10 @@ fn absurd_arguments_are_clear_errors_not_panics_or_hangs() {
             vec!["--warps 17 is out of range 1..=16"],
         ),
         (
+            vec!["bench", "gemv", "--device", "cuda", "--splits", "5"],
+            vec!["--splits 5 is out of range 1..=4"],
+        ),
+        (
             vec!["bench", "gemv", "--device", "cuda", "--tables", "pairs,lut"],
             vec!["--tables", "unknown tables \"lut\"", "regs, pairs, entries"],
         ),

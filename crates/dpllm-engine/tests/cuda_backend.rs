@@ -598,9 +598,19 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         .is_err());
 }
 
+/// With split-K on (layers of fewer tiles than multiprocessors split each
+/// tile over blocks) and off.
 #[test]
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
+    for split_k in [false, true] {
+        be.device().set_split_k(split_k);
+        dp_llm_linears_match(&be, split_k);
+    }
+}
+
+fn dp_llm_linears_match(be: &CudaBackend, split_k: bool) {
+    let be = be.clone();
     let mut rng = StdRng::seed_from_u64(5);
     // 300 rows: a partial 16-row tile; 200 and 576 columns: partial column
     // blocks (2 and 5 of them, so as many warps a block); 4608 columns: too
@@ -706,7 +716,8 @@ fn one_kernel_dp_llm_linears_match_the_two_step_path() {
                     EstInput::SumSq { .. } => "sums of squares",
                 };
                 let what = format!(
-                    "{rows}x{cols} on {x_kind}, {low} or {} bits, case {i} ({kind})",
+                    "{rows}x{cols} on {x_kind}, {low} or {} bits, case {i} ({kind}), \
+                     split-K {split_k}",
                     low + 1
                 );
                 let counts = be.download(c1).unwrap();

@@ -1,7 +1,7 @@
 //! The CUDA bit-plane GEMV against the CPU's dequantized weights, on fresh
 //! random layers: every precision 3..=8, 1..=8 tokens, shapes with partial
-//! tiles and column blocks, every split of a tile's columns over warps and
-//! every kind of lookup table. Skips with a message where there is no GPU.
+//! tiles and column blocks, every split of a tile's columns over warps or
+//! blocks (split-K) and every kind of lookup table. Skips with a message where there is no GPU.
 #![cfg(feature = "cuda")]
 
 use dpllm_engine::backend::cpu::AnyPrecLinear;
@@ -60,7 +60,9 @@ fn gemv_matches_the_dequantized_reference() {
                 let poisoned = || stream.clone_htod(&vec![f32::NAN; n * rows]).unwrap();
                 for v in GemvVariant::all() {
                     let mut yd = poisoned();
-                    if !v.available_at(bits) {
+                    // Split-K runs on layers of fewer tiles than multiprocessors only.
+                    let split_k = v.splits.is_some_and(|k| k > 1) && cols > 128;
+                    if !v.available_at(bits) || (split_k && !gpu.can_split()) {
                         let e = gpu.gemv_with(&xd, n, bits, &mut yd, v);
                         assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
                         continue;
@@ -213,6 +215,14 @@ fn bad_calls_are_refused() {
         ..Default::default()
     };
     assert!(gpu.gemv_with(&x, 1, 4, &mut y, w17).is_err(), "17 warps");
+    let k5 = GemvVariant {
+        splits: Some(5),
+        ..Default::default()
+    };
+    assert!(
+        gpu.gemv_with(&x, 1, 4, &mut y, k5).is_err(),
+        "5 blocks a tile"
+    );
     // Split halves must hold the launch's tokens (2 · n · 128 here).
     let halves = s.alloc_zeros::<u16>(2 * 128).unwrap();
     let on_halves =

@@ -3,7 +3,7 @@
 //! as a fraction of the GPU's read bandwidth measured in the same run.
 
 use dpllm_engine::backend::cuda::bitplane::{
-    CudaAnyPrec, EstForm, GemvInput, GemvVariant, Tables, MAX_TOKENS,
+    CudaAnyPrec, EstForm, GemvInput, GemvVariant, Tables, MAX_SPLITS, MAX_TOKENS,
 };
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::{CudaBackend, CudaDevice};
@@ -27,6 +27,9 @@ pub struct CudaGemvConfig {
     pub calls: usize,
     /// Also time the kernel with these warps a block (empty: the default split only).
     pub warps: Vec<u32>,
+    /// Also time the kernel with each row tile split over this many blocks
+    /// (split-K), on the layers that can (fewer tiles than multiprocessors).
+    pub splits: Vec<u32>,
     /// Also time the kernel with these lookup tables, at the precisions that
     /// have them (empty: the built-in choice only).
     #[serde(serialize_with = "table_names")]
@@ -88,9 +91,13 @@ fn table_names<S: serde::Serializer>(t: &[Tables], s: S) -> Result<S::Ok, S::Err
 
 /// The variants to time at `bits`: the default, then one per given warp
 /// count, then one per given kind of table that `bits` has.
-fn variants(warps: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
+fn variants(warps: &[u32], splits: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
     let split = warps.iter().map(|&w| GemvVariant {
         warps: Some(w),
+        ..Default::default()
+    });
+    let split_k = splits.iter().map(|&k| GemvVariant {
+        splits: Some(k),
         ..Default::default()
     });
     let tables = tables
@@ -102,6 +109,7 @@ fn variants(warps: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
         });
     std::iter::once(GemvVariant::default())
         .chain(split)
+        .chain(split_k)
         .chain(tables)
         .collect()
 }
@@ -160,6 +168,9 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     }
     if let Some(w) = cfg.warps.iter().find(|w| !(1..=16).contains(*w)) {
         anyhow::bail!("--warps {w} is out of range 1..=16");
+    }
+    if let Some(k) = (cfg.splits.iter()).find(|k| !(1..=MAX_SPLITS).contains(*k)) {
+        anyhow::bail!("--splits {k} is out of range 1..={MAX_SPLITS}");
     }
     if cfg.bits.is_empty() || cfg.tokens.is_empty() || cfg.shapes.is_empty() {
         anyhow::bail!("no --bits, --tokens or --shapes to time");
@@ -225,7 +236,9 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         for &b in &cfg.bits {
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for (&(t, f16), xs) in f16_us.iter().zip(&halves) {
-                for v in variants(&cfg.warps, &cfg.tables, b) {
+                let split_k = |v: &GemvVariant| v.splits.is_some_and(|k| k > 1);
+                let runs = variants(&cfg.warps, &cfg.splits, &cfg.tables, b).into_iter();
+                for v in runs.filter(|v| !split_k(v) || qs[0].can_split()) {
                     for input in Input::wanted(cfg) {
                         let mut i = 0;
                         let run = input.variant(v);
@@ -378,14 +391,15 @@ mod tests {
 
     #[test]
     fn variants_and_table() {
-        let v = variants(&[4, 16], &[], 3);
-        assert_eq!(v.len(), 3);
+        let v = variants(&[4, 16], &[2], &[], 3);
+        assert_eq!(v.len(), 4);
+        assert!(v.iter().any(|v| v.name() == "auto-k2"));
         assert!(v.iter().any(|v| v.name() == "w16"));
-        assert_eq!(variants(&[], &[], 5), vec![GemvVariant::default()]);
+        assert_eq!(variants(&[], &[], &[], 5), vec![GemvVariant::default()]);
         // Only the tables a precision has.
         let all = Tables::ALL;
         let names = |b| {
-            variants(&[], &all, b)
+            variants(&[], &[], &all, b)
                 .iter()
                 .map(|v| v.name())
                 .collect::<Vec<_>>()
@@ -400,6 +414,7 @@ mod tests {
             working_set_bytes: 1 << 20,
             calls: 1,
             warps: vec![],
+            splits: vec![],
             tables: vec![],
             rows: false,
             split_launch: false,

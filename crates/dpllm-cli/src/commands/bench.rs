@@ -48,6 +48,13 @@ pub struct GemvArgs {
     /// (1..=16; they split a 16-row tile's columns); default: the built-in choice only.
     #[arg(long, value_delimiter = ',')]
     pub warps: Vec<u32>,
+    /// On a GPU, also time the bit-plane kernel with each 16-row tile split
+    /// over this many blocks (split-K, 1..=4; each adds its part of the
+    /// columns and the tile's last block sums them), on the layers that can
+    /// (fewer tiles than multiprocessors); default: the built-in choice only
+    /// (`DPLLM_CUDA_SPLIT_K=1` turns split-K on there).
+    #[arg(long, value_delimiter = ',')]
+    pub splits: Vec<u32>,
     /// On a GPU, also time the bit-plane kernel with these lookup tables, at
     /// the precisions that have them: regs (3 bits), pairs (3-4), entries
     /// (4-8); default: the built-in choice only.
@@ -327,6 +334,7 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
         working_set_bytes: mib("--working-set-mib", a.working_set_mib)?,
         calls: a.calls.max(1),
         warps: a.warps,
+        splits: a.splits,
         tables: a
             .tables
             .iter()

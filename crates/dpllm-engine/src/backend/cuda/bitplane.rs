@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use rayon::prelude::*;
 
+use super::launch::Launch;
 use super::{device_err, CudaDevice};
 use crate::backend::AnyPrecHost;
 use crate::error::{EngineError, Result};
@@ -19,6 +20,8 @@ pub const SOURCE: &str = concat!(
 );
 /// Most warps a GEMV block takes (its warps split the columns of one row tile).
 const MAX_WARPS: u32 = 16;
+/// Most blocks one row tile is split over (split-K, [`GemvVariant::splits`]).
+pub const MAX_SPLITS: u32 = 4;
 /// Most tokens one launch takes.
 pub const MAX_TOKENS: usize = 8;
 /// Most bytes of split activations a block holds in shared memory: more
@@ -128,6 +131,11 @@ pub struct GemvVariant {
     /// could split them itself (to time the GEMV kernel that reads them
     /// split from device memory).
     pub split_launch: bool,
+    /// Blocks a row tile is split over (split-K, 1..=[`MAX_SPLITS`], at most
+    /// one a column block), or the default: 1, or with split-K on
+    /// ([`CudaDevice::split_k`]) on a layer of fewer tiles than
+    /// multiprocessors as many as give each one block.
+    pub splits: Option<u32>,
 }
 
 impl GemvVariant {
@@ -146,10 +154,17 @@ impl GemvVariant {
             split_launch: true,
             ..Default::default()
         };
-        splits.into_iter().chain(tables).chain([launch]).collect()
+        let split_k = [2, MAX_SPLITS].map(|s| GemvVariant {
+            splits: Some(s),
+            ..Default::default()
+        });
+        (splits.into_iter().chain(tables).chain([launch]))
+            .chain(split_k)
+            .collect()
     }
 
-    /// "auto", "w8", "pairs", "w8-pairs", "auto-xs" (split by a launch).
+    /// "auto", "w8", "pairs", "w8-pairs", "auto-xs" (split by a launch),
+    /// "auto-k2" (split-K over 2 blocks a tile).
     pub fn name(&self) -> String {
         let base = match (self.warps, self.tables) {
             (None, None) => "auto".into(),
@@ -157,10 +172,10 @@ impl GemvVariant {
             (None, Some(t)) => t.name().into(),
             (Some(w), Some(t)) => format!("w{w}-{}", t.name()),
         };
-        if self.split_launch {
-            base + "-xs"
-        } else {
-            base
+        let xs = if self.split_launch { "-xs" } else { "" };
+        match self.splits {
+            Some(k) => format!("{base}{xs}-k{k}"),
+            None => base + xs,
         }
     }
 
@@ -266,7 +281,40 @@ pub struct CudaAnyPrec {
     planes: CudaSlice<u32>,
     /// luts[b − seed_bits]: [rows padded to 16][2^b] f16 bits.
     luts: Vec<CudaSlice<u16>>,
+    /// Split-K's scratch, on layers of fewer tiles than multiprocessors.
+    split_k: Option<SplitScratch>,
     device: Arc<CudaDevice>,
+}
+
+/// What split-K's blocks share: each block's sums of its tile, [tiles]
+/// [`MAX_SPLITS`] [128] floats, and per tile the count of blocks done (0
+/// between launches: the last block resets it). One launch at a time may use
+/// it, as one stream queues them.
+struct SplitScratch {
+    part: CudaSlice<f32>,
+    done: CudaSlice<u32>,
+}
+
+impl SplitScratch {
+    /// The scratch for a layer of `tiles` tiles on `device`, where split-K may
+    /// run (fewer tiles than multiprocessors).
+    fn new(device: &CudaDevice, tiles: usize) -> Result<Option<SplitScratch>> {
+        if tiles >= device.multiprocessors() {
+            return Ok(None);
+        }
+        let s = device.stream();
+        let n = tiles * MAX_SPLITS as usize * 128;
+        let oom = |bytes| {
+            move |_| EngineError::OutOfMemory {
+                what: "split-K scratch (GPU)",
+                bytes,
+            }
+        };
+        Ok(Some(SplitScratch {
+            part: s.alloc_zeros::<f32>(n).map_err(oom(4 * n))?,
+            done: s.alloc_zeros::<u32>(tiles).map_err(oom(4 * tiles))?,
+        }))
+    }
 }
 
 impl CudaAnyPrec {
@@ -337,6 +385,7 @@ impl CudaAnyPrec {
             max_bits: w.max_bits,
             planes,
             luts,
+            split_k: SplitScratch::new(device, tiles)?,
             device: device.clone(),
         })
     }
@@ -382,6 +431,7 @@ impl CudaAnyPrec {
             max_bits,
             planes,
             luts,
+            split_k: SplitScratch::new(device, tiles)?,
             device: device.clone(),
         })
     }
@@ -469,6 +519,7 @@ impl CudaAnyPrec {
                         .map_err(device_err("copying LUTs on the GPU"))
                 })
                 .collect::<Result<_>>()?,
+            split_k: SplitScratch::new(&self.device, self.tiles)?,
             device: self.device.clone(),
             ..*self
         })
@@ -494,14 +545,54 @@ impl CudaAnyPrec {
         padded_rows(self.rows) * (padded_cols(self.cols) / 8 * bits as usize + (2 << bits))
     }
 
-    /// Warps a block of variant `v` takes.
+    /// Blocks a row tile of variant `v` is split over (split-K; at most one
+    /// a column block).
+    fn splits(&self, v: GemvVariant) -> u32 {
+        let auto = match (&self.split_k, self.device.split_k()) {
+            (Some(_), true) => (self.device.multiprocessors() / self.tiles) as u32,
+            _ => 1,
+        };
+        v.splits
+            .unwrap_or(auto)
+            .clamp(1, MAX_SPLITS)
+            .min(self.kbs as u32)
+    }
+
+    /// True when this layer can split its tiles over blocks (it has split-K's
+    /// scratch: fewer tiles than multiprocessors).
+    pub fn can_split(&self) -> bool {
+        self.split_k.is_some()
+    }
+
+    /// Warps a block of variant `v` takes: 16 where the blocks do not fill
+    /// the GPU twice over, else 8; never more than the block's column blocks.
     fn warps(&self, v: GemvVariant) -> u32 {
-        let auto = if self.tiles < 2 * self.device.multiprocessors() {
+        let splits = self.splits(v);
+        let blocks = self.tiles * splits as usize;
+        let auto = if blocks < 2 * self.device.multiprocessors() {
             MAX_WARPS
         } else {
             8
         };
-        v.warps.unwrap_or(auto).min(self.kbs as u32).max(1)
+        let columns = self.kbs.div_ceil(splits as usize) as u32;
+        v.warps.unwrap_or(auto).min(columns).max(1)
+    }
+
+    /// Push split-K's arguments (the scratch, or nulls without a split).
+    fn split_args(&self, b: &mut Launch<'_>, splits: u32) -> Result<()> {
+        match (&self.split_k, splits) {
+            (_, 1) => b.arg(&0u64).arg(&0u64),
+            (Some(k), _) => b.arg(&k.part).arg(&k.done),
+            (None, _) => {
+                return Err(EngineError::Device(format!(
+                    "bit-plane GEMV: split-K on a layer of {} row tiles (only layers of fewer \
+                     tiles than the GPU's {} multiprocessors have its scratch)",
+                    self.tiles,
+                    self.device.multiprocessors()
+                )))
+            }
+        };
+        Ok(())
     }
 
     /// The tables of a GEMV of `n` tokens at `bits`: the default (pairs at 4
@@ -553,7 +644,9 @@ impl CudaAnyPrec {
 
     /// True when variant `v` can run `n` tokens.
     pub fn supports(&self, n: usize, v: GemvVariant) -> bool {
-        (1..=MAX_TOKENS).contains(&n) && v.warps.is_none_or(|w| (1..=MAX_WARPS).contains(&w))
+        (1..=MAX_TOKENS).contains(&n)
+            && v.warps.is_none_or(|w| (1..=MAX_WARPS).contains(&w))
+            && v.splits.is_none_or(|k| (1..=MAX_SPLITS).contains(&k))
     }
 
     /// `y [n × rows] = x [n × cols] · W_bᵀ` at `bits`, for n ≤ [`MAX_TOKENS`],
@@ -655,7 +748,7 @@ impl CudaAnyPrec {
         }
         if !self.supports(n, v) {
             return Err(EngineError::Device(format!(
-                "bit-plane GEMV: no split {} (1..={MAX_WARPS} warps)",
+                "bit-plane GEMV: no split {} (1..={MAX_WARPS} warps, 1..={MAX_SPLITS} blocks a tile)",
                 v.name()
             )));
         }
@@ -670,7 +763,7 @@ impl CudaAnyPrec {
                 "bit-plane GEMV: fewer decisions than {n} tokens"
             )));
         }
-        let (warps, tables) = (self.warps(v), self.tables(bits, n, v));
+        let (warps, tables, splits) = (self.warps(v), self.tables(bits, n, v), self.splits(v));
         // Rows are split in the block where that pays, else by split_x first.
         let in_block = matches!(x, GemvInput::Rows(_))
             && !v.split_launch
@@ -680,7 +773,7 @@ impl CudaAnyPrec {
             _ => None,
         };
         let split = if in_block { n } else { 0 };
-        let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split));
+        let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split), splits);
         // The kernel: `s` where the block splits x, then the tables' suffix.
         let e = tables.suffix(bits);
         let s = if in_block { "s" } else { "" };
@@ -712,6 +805,7 @@ impl CudaAnyPrec {
             None => b.arg(&no_mask),
         };
         b.arg(&want);
+        self.split_args(&mut b, splits)?;
         // SAFETY: the arguments match the kernel's signature in order and type
         // (the `s` kernels take x and its columns where the others take xs);
         // the buffers hold what the kernel reads and writes (checked above and
@@ -801,9 +895,12 @@ impl CudaAnyPrec {
         // Rows are split in the block where they fit, else by split_x first.
         let in_block = matches!(x, GemvInput::Rows(_)) && self.select_splits_in_block();
         // Shared memory for whichever precision needs more (4 bits takes the most).
-        let warps = self.warps(GemvVariant::default());
+        let (warps, splits) = (
+            self.warps(GemvVariant::default()),
+            self.splits(GemvVariant::default()),
+        );
         let shared = self.select_shared_bytes(low, warps, in_block);
-        let cfg = self.launch_config(warps, shared);
+        let cfg = self.launch_config(warps, shared, splits);
         let made = match x {
             GemvInput::Rows(x) if !in_block => Some(self.split(x, 1)?),
             _ => None,
@@ -853,16 +950,18 @@ impl CudaAnyPrec {
             None => b.arg(&no_count),
         };
         b.arg(&slot);
+        self.split_args(&mut b, splits)?;
         // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
         // given) at least `slot + 1`.
         unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;
         Ok(())
     }
 
-    /// One block of `warps` warps per row tile, with `shared` bytes of shared memory.
-    fn launch_config(&self, warps: u32, shared: u32) -> LaunchConfig {
+    /// `splits` blocks of `warps` warps per row tile, with `shared` bytes of
+    /// shared memory each.
+    fn launch_config(&self, warps: u32, shared: u32, splits: u32) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (self.tiles as u32, 1, 1),
+            grid_dim: (self.tiles as u32, splits, 1),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: shared,
         }

@@ -99,6 +99,11 @@ impl Kernels {
     }
 }
 
+/// True when environment variable `var` is "1" (the opt-in switches).
+fn env_on(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
 /// The first compute capability with programmatic dependent launch.
 const PDL_ARCH: (i32, i32) = (9, 0);
 
@@ -118,6 +123,8 @@ pub struct CudaDevice {
     blas: OnceLock<Arc<CudaBlas>>,
     /// Kernels are launched with programmatic dependent launch ([`launch`]).
     pdl: AtomicBool,
+    /// Layers of few tiles split them over blocks ([`bitplane::GemvVariant::splits`]).
+    split_k: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -183,9 +190,8 @@ impl CudaDevice {
             ops: OnceLock::new(),
             blas: OnceLock::new(),
             // Opt-in until it has been timed and tested on a GPU.
-            pdl: AtomicBool::new(
-                arch >= PDL_ARCH && std::env::var("DPLLM_CUDA_PDL").is_ok_and(|v| v == "1"),
-            ),
+            pdl: AtomicBool::new(arch >= PDL_ARCH && env_on("DPLLM_CUDA_PDL")),
+            split_k: AtomicBool::new(env_on("DPLLM_CUDA_SPLIT_K")),
         }))
     }
 
@@ -226,6 +232,18 @@ impl CudaDevice {
         let on = on && self.arch >= PDL_ARCH;
         self.pdl.store(on, Ordering::Relaxed);
         on
+    }
+
+    /// True when the bit-plane GEMV splits the tiles of a layer of fewer
+    /// tiles than multiprocessors over several blocks each (split-K, opt-in
+    /// with `DPLLM_CUDA_SPLIT_K=1` until it has been timed on a GPU).
+    pub fn split_k(&self) -> bool {
+        self.split_k.load(Ordering::Relaxed)
+    }
+
+    /// Split-K on or off from now on (for A/B timing and tests).
+    pub fn set_split_k(&self, on: bool) {
+        self.split_k.store(on, Ordering::Relaxed);
     }
 
     /// Compute capability (major, minor).

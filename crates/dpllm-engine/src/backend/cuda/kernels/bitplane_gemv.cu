@@ -42,7 +42,13 @@
 // - above 4 bits: entry tables in shared memory, one copy a lane, one 32-bit
 //   load giving the entry of rows g and g + 8 (2^B · 128 bytes a block).
 // Work split: a block of W warps takes one row tile; warp w takes the column
-// blocks w, w + W, ..., and the warps' sums meet in shared memory.
+// blocks w, w + W, ..., and the warps' sums meet in shared memory. Split-K
+// (layers of few tiles, which would leave multiprocessors idle): S blocks a
+// tile (gridDim.y), block s over column blocks [s·KB/S, (s+1)·KB/S); each
+// writes its sums to a scratch buffer (part), and the tile's last block to
+// finish, found by a per-tile counter (done) that it resets to 0 for the
+// next launch, adds the S sums in order (so results do not depend on which
+// block finished last) and writes y.
 // Up to 4 tokens one mma does hi and lo at once (B columns 0..3 take the hi
 // halves of tokens 0..3, columns 4..7 the lo halves); up to 8, two do.
 
@@ -249,7 +255,7 @@ template <int B, int NT, bool SX, int KIND = default_kind(B)>
 __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
-    int rows, int kbs, const u32* __restrict__ mask, u32 want) {
+    int rows, int kbs, const u32* __restrict__ mask, u32 want, float* __restrict__ part, u32* done) {
     // Launched with PDL, the next kernel may start once every block is here.
     pdl_launch_dependents();
     // Per-token precision (DP-LLM): with a mask, only the tokens whose
@@ -267,6 +273,9 @@ __device__ __forceinline__ void gemv(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, row0 = tile * 16;
+    // This block's column blocks (all of them without split-K).
+    const int splits = gridDim.y, split = blockIdx.y;
+    const int kb_end = (split + 1) * kbs / splits;
     const int cols_p = kbs * 128;
     // Shared memory: the tables (none in registers, 2 · 16 · 2^B · 32 words of
     // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
@@ -284,8 +293,8 @@ __device__ __forceinline__ void gemv(
         for (int j = 0; j < B; ++j) p[j] = __ldg(pl + j * plane_stride + kb * 32);
     };
     uint2 p[B], pn[B];
-    int kb = warp;
-    if (kb < kbs) load_planes(p, kb);
+    int kb = split * kbs / splits + warp;
+    if (kb < kb_end) load_planes(p, kb);
 
     // The tables (shared ones are ready after the barrier below).
     Tables<B, KIND> tab;
@@ -324,9 +333,9 @@ __device__ __forceinline__ void gemv(
     // precedes their use: holding both ahead takes registers that cost more
     // occupancy than they gain (measured).
     uint4 x[XW][4];
-    if (kb < kbs) load_x(x, kb);
-    for (; kb < kbs; kb += warps) {
-        const bool more = kb + warps < kbs;
+    if (kb < kb_end) load_x(x, kb);
+    for (; kb < kb_end; kb += warps) {
+        const bool more = kb + warps < kb_end;
         if (more) load_planes(pn, kb + warps);
         // Nibble words of rows g (r = 0) and g + 8 (r = 1): low four index bits, and the rest.
         u32 lo[2][4], hi[2][4];
@@ -388,12 +397,34 @@ __device__ __forceinline__ void gemv(
     for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = c[i];
     __syncthreads();
     // Item e < 128 (value e / 32 of lane e % 32), summed over the warps.
+    auto block_sum = [&](int e) {
+        float s = 0.f;
+        for (int w = 0; w < warps; ++w) s += red[(w * 4 + (e >> 5)) * 32 + (e & 31)];
+        return s;
+    };
+    if (splits > 1) {
+        // Split-K: this block's sums to the scratch; the tile's last block adds them.
+        float* tile_part = part + (long long)tile * splits * 128;
+        for (int e = threadIdx.x; e < 128; e += blockDim.x) tile_part[split * 128 + e] = block_sum(e);
+        __threadfence();
+        __syncthreads();
+        __shared__ u32 arrived;
+        if (threadIdx.x == 0) arrived = atomicAdd(done + tile, 1u);
+        __syncthreads();
+        if (arrived != (u32)splits - 1) return;  // the same for the whole block
+        __threadfence();
+        if (threadIdx.x == 0) done[tile] = 0u;
+    }
     for (int e = threadIdx.x; e < 128; e += blockDim.x) {
         const int i = e >> 5, l = e & 31;
         const int tok = 2 * (l & 3) + (i & 1), r = row0 + (l >> 2) + 8 * (i >> 1);
         if (tok < n && r < rows && (!mask || mask[tok] == want)) {
             float s = 0.f;
-            for (int w = 0; w < warps; ++w) s += red[(w * 4 + i) * 32 + l];
+            if (splits > 1) {
+                for (int k = 0; k < splits; ++k) s += __ldcg(part + ((long long)tile * splits + k) * 128 + e);
+            } else {
+                s = block_sum(e);
+            }
             y[(long long)tok * y_stride + r] = s;
         }
     }
@@ -408,16 +439,18 @@ __device__ __forceinline__ void gemv(
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##E(                                                            \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
-        float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                               \
+        float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part,        \
+        u32* done) {                                                                              \
         gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
-                                 mask, want);                                                     \
+                                 mask, want, part, done);                                         \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##s##E(                                                         \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
-        int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want) {                        \
+        int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part, \
+        u32* done) {                                                                              \
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
-                                kbs, mask, want);                                                 \
+                                kbs, mask, want, part, done);                                     \
     }
 #define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, default_kind(B), ) GEMV_KERNEL_K(B, 8, default_kind(B), )
 
@@ -443,26 +476,29 @@ GEMV_BITS(8)
 // by split_x, for layers too wide to split in the block; suffix e below.)
 #define GEMV_SELECT_BODY(BL, KL, KH, SX, XIN, XSTRIDE)                                           \
     const bool high = decide_high(e_in, n_e, a, c, thr);                                         \
-    if (high && count && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(count + slot, 1.f);     \
+    if (high && count && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)                 \
+        atomicAdd(count + slot, 1.f);                                                            \
     if (high)                                                                                    \
         gemv<BL + 1, 4, SX, KH>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y,    \
-                                rows, rows, kbs, nullptr, 0u);                                   \
+                                rows, rows, kbs, nullptr, 0u, part, done);                       \
     else                                                                                         \
         gemv<BL, 4, SX, KL>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows,   \
-                            rows, kbs, nullptr, 0u);
+                            rows, kbs, nullptr, 0u, part, done);
 #define GEMV_SELECT_KERNEL_K(BL, KL, KH, E)                                                        \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##E(                                                             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot) { pdl_enter();                                              \
+        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
+        pdl_enter();                                                                               \
         GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##x##E(                                                          \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot) { pdl_enter();                                              \
+        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
+        pdl_enter();                                                                               \
         GEMV_SELECT_BODY(BL, KL, KH, false, xs, cols)                                              \
     }
 #define GEMV_SELECT_KERNEL(BL) GEMV_SELECT_KERNEL_K(BL, default_kind(BL), default_kind(BL + 1), )
