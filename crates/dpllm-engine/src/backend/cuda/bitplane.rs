@@ -578,21 +578,26 @@ impl CudaAnyPrec {
         v.warps.unwrap_or(auto).min(columns).max(1)
     }
 
-    /// Push split-K's arguments (the scratch, or nulls without a split).
-    fn split_args(&self, b: &mut Launch<'_>, splits: u32) -> Result<()> {
-        match (&self.split_k, splits) {
-            (_, 1) => b.arg(&0u64).arg(&0u64),
-            (Some(k), _) => b.arg(&k.part).arg(&k.done),
-            (None, _) => {
-                return Err(EngineError::Device(format!(
-                    "bit-plane GEMV: split-K on a layer of {} row tiles (only layers of fewer \
-                     tiles than the GPU's {} multiprocessors have its scratch)",
-                    self.tiles,
-                    self.device.multiprocessors()
-                )))
-            }
-        };
+    /// An error when a launch of `splits` blocks a tile has no scratch.
+    fn check_splits(&self, splits: u32) -> Result<()> {
+        if splits > 1 && self.split_k.is_none() {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: split-K on a layer of {} row tiles (only layers of fewer \
+                 tiles than the GPU's {} multiprocessors have its scratch)",
+                self.tiles,
+                self.device.multiprocessors()
+            )));
+        }
         Ok(())
+    }
+
+    /// Push split-K's arguments: the scratch, or nulls without a split
+    /// (checked by [`CudaAnyPrec::check_splits`]).
+    fn split_args(&self, b: &mut Launch<'_>, splits: u32) {
+        match (&self.split_k, splits) {
+            (Some(k), 2..) => b.arg(&k.part).arg(&k.done),
+            _ => b.arg(&0u64).arg(&0u64),
+        };
     }
 
     /// The tables of a GEMV of `n` tokens at `bits`: the default (pairs at 4
@@ -680,7 +685,7 @@ impl CudaAnyPrec {
         let len = 2 * n * cols_p;
         let s = self.device.stream();
         // SAFETY: split_x writes every element before the GEMV reads it.
-        let mut xs = unsafe { s.alloc::<u16>(len) }.map_err(|_| EngineError::OutOfMemory {
+        let xs = unsafe { s.alloc::<u16>(len) }.map_err(|_| EngineError::OutOfMemory {
             what: "GEMV activations (GPU)",
             bytes: 2 * len,
         })?;
@@ -693,7 +698,7 @@ impl CudaAnyPrec {
             shared_mem_bytes: 0,
         };
         let mut b = self.device.launch(&f);
-        b.arg(x).arg(&stride).arg(&ni).arg(&c).arg(&cp).arg(&mut xs);
+        b.arg(x).arg(&stride).arg(&ni).arg(&c).arg(&cp).arg(&xs);
         // SAFETY: x holds n rows of cols floats (checked by the callers), xs
         // 2 · n · cols_p halves.
         unsafe { b.launch(cfg) }.map_err(device_err("launching the activation split"))?;
@@ -764,6 +769,7 @@ impl CudaAnyPrec {
             )));
         }
         let (warps, tables, splits) = (self.warps(v), self.tables(bits, n, v), self.splits(v));
+        self.check_splits(splits)?;
         // Rows are split in the block where that pays, else by split_x first.
         let in_block = matches!(x, GemvInput::Rows(_))
             && !v.split_launch
@@ -805,7 +811,7 @@ impl CudaAnyPrec {
             None => b.arg(&no_mask),
         };
         b.arg(&want);
-        self.split_args(&mut b, splits)?;
+        self.split_args(&mut b, splits);
         // SAFETY: the arguments match the kernel's signature in order and type
         // (the `s` kernels take x and its columns where the others take xs);
         // the buffers hold what the kernel reads and writes (checked above and
@@ -899,6 +905,7 @@ impl CudaAnyPrec {
             self.warps(GemvVariant::default()),
             self.splits(GemvVariant::default()),
         );
+        self.check_splits(splits)?;
         let shared = self.select_shared_bytes(low, warps, in_block);
         let cfg = self.launch_config(warps, shared, splits);
         let made = match x {
@@ -950,7 +957,7 @@ impl CudaAnyPrec {
             None => b.arg(&no_count),
         };
         b.arg(&slot);
-        self.split_args(&mut b, splits)?;
+        self.split_args(&mut b, splits);
         // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
         // given) at least `slot + 1`.
         unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;

@@ -172,7 +172,7 @@ impl CudaAnyPrec {
         }
         launch.arg(&r).arg(&c).arg(&kbs).arg(&pair);
         match &mut op {
-            PairOp::Mix(out) => launch.arg(&mut **out),
+            PairOp::Mix(out) => launch.arg(&**out),
             PairOp::DotDiff(g, out) => launch.arg(*g).arg(&*out),
         };
         // SAFETY: the arguments match the kernels' signatures
