@@ -95,7 +95,27 @@ fn decode_on_split_inputs_matches_decode_splitting_in_the_gemv() {
         model(be.clone().with_op_halves(true)),
         model(be.with_op_halves(false)),
     );
-    let (mut sc, mut oc) = (split.new_cache(64), own.new_cache(64));
+    side_by_side(&split, &own, |s, o, step| {
+        let diff = (s.iter().zip(o))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5,
+            "step {step} at {} bits: logits differ by {diff}",
+            3 + step % 3
+        );
+    });
+}
+
+/// A prompt of 5 tokens, then 29 steps, at 3, 4 and 5 bits in turn, on `a`
+/// and `b` alike (each step feeding `b`'s greedy token to both), `check(a's
+/// logits, b's, step)` at each.
+fn side_by_side(
+    a: &Model<CudaBackend>,
+    b: &Model<CudaBackend>,
+    check: impl Fn(&[f32], &[f32], usize),
+) {
+    let (mut ac, mut bc) = (a.new_cache(64), b.new_cache(64));
     let precisions = [
         Precision::Uniform(3),
         Precision::Uniform(4),
@@ -104,19 +124,10 @@ fn decode_on_split_inputs_matches_decode_splitting_in_the_gemv() {
     let mut tokens = vec![1u32, 5, 9, 200, 4000];
     for step in 0..30 {
         let prec = precisions[step % 3];
-        let s = split
-            .forward_last_with(&tokens, &mut sc, prec, None)
-            .unwrap();
-        let o = own.forward_last_with(&tokens, &mut oc, prec, None).unwrap();
-        let diff = (s.iter().zip(&o))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            diff <= 1e-5,
-            "step {step} at {} bits: logits differ by {diff}",
-            3 + step % 3
-        );
-        tokens = vec![argmax(&o)];
+        let x = a.forward_last_with(&tokens, &mut ac, prec, None).unwrap();
+        let y = b.forward_last_with(&tokens, &mut bc, prec, None).unwrap();
+        check(&x, &y, step);
+        tokens = vec![argmax(&y)];
     }
 }
 
@@ -144,28 +155,17 @@ fn decode_with_launch_options_matches_plain_launches() {
                 model(CudaBackend::on(opt.clone()).unwrap().with_graphs(graphs)),
                 model(CudaBackend::on(plain.clone()).unwrap().with_graphs(graphs)),
             );
-            let (mut ac, mut bc) = (a.new_cache(64), b.new_cache(64));
-            let precisions = [
-                Precision::Uniform(3),
-                Precision::Uniform(4),
-                Precision::Highest,
-            ];
-            let mut tokens = vec![1u32, 5, 9, 200, 4000];
-            for step in 0..30 {
-                let prec = precisions[step % 3];
-                let x = a.forward_last_with(&tokens, &mut ac, prec, None).unwrap();
-                let y = b.forward_last_with(&tokens, &mut bc, prec, None).unwrap();
+            side_by_side(&a, &b, |x, y, step| {
                 let what = format!("PDL {pdl}, split-K {split_k}, graphs {graphs}, step {step}");
                 if split_k {
-                    let diff = (x.iter().zip(&y))
+                    let diff = (x.iter().zip(y))
                         .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
                         .fold(0f32, f32::max);
                     assert!(diff <= 1e-4, "{what}: the logits differ by {diff}");
                 } else {
                     assert_eq!(x, y, "{what}: the logits differ");
                 }
-                tokens = vec![argmax(&y)];
-            }
+            });
         }
     }
 }
