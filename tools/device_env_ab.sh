@@ -4,7 +4,8 @@
 # the 8B-shaped decode (4 and 3 bits, f16, static and DP-LLM 3.5) two rounds
 # alternating, the GEMV on the 8B's shapes at 3 and 4 bits, then the GPU tests
 # with the switch on. Needs .devcarry/ as tools/cuda_device_run.sh does
-# (dpllm, tests/<name>, shared/); unpacks .devparts/pk.tar.xz when given.
+# (dpllm, tests/<name>, shared/); unpacks .devparts/pk.tar.xz when given
+# (made by tools/device_pack.sh on the dev machine; carry ".devparts").
 #   OUT=... tools/device_env_ab.sh DPLLM_CUDA_PDL
 set -uo pipefail
 VAR=${1:?usage: tools/device_env_ab.sh ENV_VAR}
