@@ -195,12 +195,14 @@ impl CudaDevice {
         }))
     }
 
-    /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, PDL)" (PDL: kernels are
-    /// launched with programmatic dependent launch, [`CudaDevice::pdl`]).
+    /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, PDL, split-K)", naming the
+    /// opt-in launch options that are on ([`CudaDevice::pdl`],
+    /// [`CudaDevice::split_k`]), so results say how they were run.
     pub fn describe(&self) -> String {
         let pdl = if self.pdl() { ", PDL" } else { "" };
+        let split_k = if self.split_k() { ", split-K" } else { "" };
         format!(
-            "cuda:{} ({}, sm_{}{}{pdl})",
+            "cuda:{} ({}, sm_{}{}{pdl}{split_k})",
             self.ordinal, self.name, self.arch.0, self.arch.1
         )
     }
