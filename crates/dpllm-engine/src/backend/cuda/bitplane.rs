@@ -267,6 +267,40 @@ impl std::str::FromStr for Tables {
     }
 }
 
+/// How a layer's work is spread: its 16-row tiles and 128-column blocks, the
+/// GPU's multiprocessors, and whether it has split-K's scratch (fewer tiles
+/// than multiprocessors).
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    tiles: usize,
+    kbs: usize,
+    sms: usize,
+    scratch: bool,
+}
+
+impl Split {
+    /// Blocks a row tile is split over: `forced`, else with split-K on (`auto`)
+    /// and a scratch as many as give each multiprocessor one block, else 1;
+    /// within 1..=[`MAX_SPLITS`] and at most one a column block.
+    fn splits(self, forced: Option<u32>, auto: bool) -> u32 {
+        let auto = match auto && self.scratch {
+            true => (self.sms / self.tiles.max(1)) as u32,
+            false => 1,
+        };
+        (forced.unwrap_or(auto).clamp(1, MAX_SPLITS)).min(self.kbs.max(1) as u32)
+    }
+
+    /// Warps a block takes: `forced`, else 16 where the blocks (`splits` a
+    /// tile) do not fill the GPU twice over and 8 where they do; never more
+    /// than the block's column blocks.
+    fn warps(self, forced: Option<u32>, splits: u32) -> u32 {
+        let blocks = self.tiles * splits as usize;
+        let auto = if blocks < 2 * self.sms { MAX_WARPS } else { 8 };
+        let columns = self.kbs.div_ceil(splits.max(1) as usize) as u32;
+        forced.unwrap_or(auto).min(columns).max(1)
+    }
+}
+
 /// An any-precision weight in GPU memory.
 pub struct CudaAnyPrec {
     rows: usize,
@@ -545,17 +579,19 @@ impl CudaAnyPrec {
         padded_rows(self.rows) * (padded_cols(self.cols) / 8 * bits as usize + (2 << bits))
     }
 
-    /// Blocks a row tile of variant `v` is split over (split-K; at most one
-    /// a column block).
+    /// Blocks a row tile of variant `v` is split over ([`Split::splits`]).
     fn splits(&self, v: GemvVariant) -> u32 {
-        let auto = match (&self.split_k, self.device.split_k()) {
-            (Some(_), true) => (self.device.multiprocessors() / self.tiles) as u32,
-            _ => 1,
-        };
-        v.splits
-            .unwrap_or(auto)
-            .clamp(1, MAX_SPLITS)
-            .min(self.kbs as u32)
+        self.split_shape().splits(v.splits, self.device.split_k())
+    }
+
+    /// This layer's shape on this GPU, for choosing the split of its work.
+    fn split_shape(&self) -> Split {
+        Split {
+            tiles: self.tiles,
+            kbs: self.kbs,
+            sms: self.device.multiprocessors(),
+            scratch: self.split_k.is_some(),
+        }
     }
 
     /// True when this layer can split its tiles over blocks (it has split-K's
@@ -564,18 +600,9 @@ impl CudaAnyPrec {
         self.split_k.is_some()
     }
 
-    /// Warps a block of variant `v` takes: 16 where the blocks do not fill
-    /// the GPU twice over, else 8; never more than the block's column blocks.
+    /// Warps a block of variant `v` takes ([`Split::warps`]).
     fn warps(&self, v: GemvVariant) -> u32 {
-        let splits = self.splits(v);
-        let blocks = self.tiles * splits as usize;
-        let auto = if blocks < 2 * self.device.multiprocessors() {
-            MAX_WARPS
-        } else {
-            8
-        };
-        let columns = self.kbs.div_ceil(splits as usize) as u32;
-        v.warps.unwrap_or(auto).min(columns).max(1)
+        self.split_shape().warps(v.warps, self.splits(v))
     }
 
     /// An error when a launch of `splits` blocks a tile has no scratch.
@@ -986,6 +1013,41 @@ mod tests {
         let w = AnyPrecHost::random(6, 40, 4, 1);
         let gpu = device_bytes(w.rows, w.cols, w.seed_bits, w.max_bits);
         assert!(gpu >= dpllm_format::anyprec::bytes_at(6, 40, 4));
+    }
+
+    #[test]
+    fn split_k_fills_the_gpu_once_within_its_limits() {
+        let layer = |tiles, kbs| Split {
+            tiles,
+            kbs,
+            sms: 132,
+            scratch: tiles < 132,
+        };
+        // The 8B's k/v on an H100: 64 tiles, 32 column blocks, two blocks a
+        // tile of 16 warps, one column block a warp.
+        let kv = layer(64, 32);
+        assert_eq!(kv.splits(None, true), 2);
+        assert_eq!(kv.warps(None, 2), 16);
+        assert_eq!(kv.splits(None, false), 1, "split-K off");
+        // SmolLM2's k/v: 12 tiles of 5 column blocks; at most 4 splits, and
+        // the blocks of a 4-way split hold 1-2 column blocks (2 warps).
+        let small = layer(12, 5);
+        assert_eq!(small.splits(None, true), 4);
+        assert_eq!(small.warps(None, 4), 2);
+        // Forced splits stay within 1..=4 and one a column block.
+        assert_eq!(layer(3, 2).splits(Some(4), false), 2);
+        assert_eq!(layer(3, 32).splits(Some(3), false), 3);
+        assert_eq!(layer(1, 1).splits(Some(4), true), 1);
+        // No scratch (as many tiles as multiprocessors or more): no auto split.
+        let gate = layer(896, 32);
+        assert_eq!(gate.splits(None, true), 1);
+        assert_eq!(gate.warps(None, 1), 8, "896 blocks fill the GPU twice over");
+        assert_eq!(layer(256, 32).warps(Some(4), 1), 4, "forced warps");
+        assert_eq!(
+            layer(2, 3).warps(None, 1),
+            3,
+            "no more warps than column blocks"
+        );
     }
 
     #[test]
