@@ -2,8 +2,8 @@
 # On the device machine: A/B of CUDA switches read from the environment
 # (e.g. DPLLM_CUDA_PDL, DPLLM_CUDA_SPLIT_K), every combination of them on (1)
 # and off (0), in one lease: the 8B-shaped decode (4 and 3 bits, f16, static
-# and DP-LLM 3.5) two rounds alternating, the GEMV on the 8B's shapes at 3
-# and 4 bits, then the GPU tests with every switch on. Needs .devcarry/ as
+# and DP-LLM 3.5) two rounds alternating, the GPU tests with every switch on,
+# then the GEMV on the 8B's shapes at 3 and 4 bits. Needs .devcarry/ as
 # tools/cuda_device_run.sh does (dpllm, tests/<name>, shared/); unpacks
 # .devparts/pk.tar.xz when given (made by tools/device_pack.sh on the dev
 # machine; carry ".devparts").
@@ -34,14 +34,14 @@ for r in 1 2; do
   done
 done
 echo "decode: $(( $(date +%s) - t0 )) s"
+all_on=$(assign $(( (1 << n) - 1 )))
+for t in cuda_graphs cuda_backend cuda_bitplane reference_logits cuda; do
+  [ -x ".devcarry/tests/$t" ] || continue
+  env $all_on timeout 150 ".devcarry/tests/$t" --test-threads 1 --skip kernels_compile > "$OUT/test-$t.txt" 2>&1
+  echo "$t rc=$? $(grep -E 'test result' "$OUT/test-$t.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
+done
 for c in $combos; do
   env $(assign "$c") timeout 120 $D bench gemv --device cuda --shapes 14336x4096,4096x14336,4096x4096,1024x4096 \
     --bits 3,4 --tokens 1,8 --calls 100 --seconds 0.1 --json "$OUT/gemv-$(tag "$c").json" > "$OUT/gemv-$(tag "$c").txt" 2>&1
   echo "gemv $(assign "$c"): $(( $(date +%s) - t0 )) s"
-done
-all_on=$(assign $(( (1 << n) - 1 )))
-for t in cuda_graphs cuda_backend cuda_bitplane reference_logits cuda; do
-  [ -x ".devcarry/tests/$t" ] || continue
-  env $all_on timeout 240 ".devcarry/tests/$t" --test-threads 1 --skip kernels_compile > "$OUT/test-$t.txt" 2>&1
-  echo "$t rc=$? $(grep -E 'test result' "$OUT/test-$t.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
 done
