@@ -7,7 +7,8 @@
 # tools/cuda_device_run.sh does (dpllm, tests/<name>, shared/); unpacks
 # .devparts/pk.tar.xz when given (made by tools/device_pack.sh on the dev
 # machine; carry ".devparts").
-#   OUT=... tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
+#   OUT=... [ROUNDS=2] [GEMV=1] tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
+# ROUNDS: decode rounds; GEMV=0 leaves the GEMV table out (a short lease).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: tools/device_env_ab.sh ENV_VAR [ENV_VAR ...]" >&2; exit 2; }
 VARS=("$@")
@@ -24,7 +25,7 @@ combos=$(seq $(( (1 << n) - 1 )) -1 0)
 assign() { local c=$1 i s=""; for i in "${!VARS[@]}"; do s+="${VARS[$i]}=$(( (c >> (n - 1 - i)) & 1 )) "; done; echo "$s"; }
 tag() { assign "$1" | sed -E 's/[A-Z_]+=//g; s/ //g'; }
 t0=$(date +%s)
-for r in 1 2; do
+for r in $(seq "${ROUNDS:-2}"); do
   for c in $combos; do
     for args in "--bits 4" "--bits 3" "" "--static --target 3.5" "--target 3.5"; do
       f="$OUT/decode-$(tag "$c")-r$r-$(echo "x$args" | tr -d ' -').txt"
@@ -40,6 +41,7 @@ for t in cuda_graphs cuda_backend cuda_bitplane reference_logits cuda; do
   env $all_on timeout 150 ".devcarry/tests/$t" --test-threads 1 --skip kernels_compile > "$OUT/test-$t.txt" 2>&1
   echo "$t rc=$? $(grep -E 'test result' "$OUT/test-$t.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
 done
+[ "${GEMV:-1}" = 1 ] || exit 0
 for c in $combos; do
   env $(assign "$c") timeout 120 $D bench gemv --device cuda --shapes 14336x4096,4096x14336,4096x4096,1024x4096 \
     --bits 3,4 --tokens 1,8 --calls 100 --seconds 0.1 --json "$OUT/gemv-$(tag "$c").json" > "$OUT/gemv-$(tag "$c").txt" 2>&1
