@@ -9,6 +9,8 @@
 # machine; carry ".devparts").
 #   OUT=... [ROUNDS=2] [GEMV=1] tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
 # ROUNDS: decode rounds; GEMV=0 leaves the GEMV table out (a short lease).
+# The run tool returns a limited number of files: give OUT a folder in /tmp
+# and tar it into the run's $OUT afterwards.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: tools/device_env_ab.sh ENV_VAR [ENV_VAR ...]" >&2; exit 2; }
 VARS=("$@")

@@ -598,15 +598,18 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         .is_err());
 }
 
-/// With split-K on (layers of fewer tiles than multiprocessors split each
-/// tile over blocks) and off.
+/// With PDL and split-K (layers of fewer tiles than multiprocessors split
+/// each tile over blocks) each on and off.
 #[test]
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
-    for split_k in [false, true] {
+    for (pdl, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
+        be.device().set_pdl(pdl);
         be.device().set_split_k(split_k);
         dp_llm_linears_match(&be, split_k);
     }
+    be.device().set_pdl(true);
+    be.device().set_split_k(false);
 }
 
 fn dp_llm_linears_match(be: &CudaBackend, split_k: bool) {
