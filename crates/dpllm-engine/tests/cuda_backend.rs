@@ -603,13 +603,14 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
 #[test]
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
+    let was = (be.device().pdl(), be.device().split_k());
     for (pdl, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
         be.device().set_pdl(pdl);
         be.device().set_split_k(split_k);
         dp_llm_linears_match(&be, split_k);
     }
-    be.device().set_pdl(true);
-    be.device().set_split_k(false);
+    be.device().set_pdl(was.0);
+    be.device().set_split_k(was.1);
 }
 
 fn dp_llm_linears_match(be: &CudaBackend, split_k: bool) {
