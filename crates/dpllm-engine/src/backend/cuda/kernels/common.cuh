@@ -12,9 +12,13 @@ typedef unsigned short u16;
 // stream still runs (launch.rs). pdl_wait() returns once that kernel has
 // finished and its writes are visible: every kernel calls it before it reads
 // anything another kernel wrote or writes anything (only the bit-plane GEMV
-// does work before it, on its weights and tables, which no kernel writes).
+// does work before it, on its weights and tables).
 // pdl_launch_dependents() lets the next kernel start early; it still waits
-// in its own pdl_wait().
+// in its own pdl_wait(). A kernel that writes weights or tables
+// (fill_random_*) must not call it: a GEMV's work before its wait could then
+// read them half written, even several launches later (each of those may
+// start as soon as the one before has started). Without the call the next
+// kernel starts when it has finished.
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

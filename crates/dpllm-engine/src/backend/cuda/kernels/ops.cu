@@ -439,6 +439,9 @@ extern "C" __global__ void read_sum(const float4* x, long n4, float* out) {
 }
 
 // ---- random weights (benchmarks) ----------------------------------------
+// These write weights and tables, which the GEMV reads before its pdl_wait():
+// they wait for the kernel before but let the next start only when they have
+// finished (no pdl_launch_dependents, see common.cuh).
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -448,14 +451,14 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 
 // out[i] = random bits.
 extern "C" __global__ void fill_random_u32(u32* out, long n, unsigned long long seed) {
-    pdl_enter();
+    pdl_wait();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = (u32)(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1)) >> 32);
 }
 
 // out[i] = f16 bits of a uniform value in [-scale, scale).
 extern "C" __global__ void fill_random_f16(u16* out, long n, float scale, unsigned long long seed) {
-    pdl_enter();
+    pdl_wait();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const unsigned long long z = mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
         const float u = (float)(z >> 40) * (1.f / 16777216.f);
