@@ -9,12 +9,16 @@
 # machine; carry ".devparts").
 #   OUT=... [ROUNDS=2] [GEMV=1] tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
 # ROUNDS: decode rounds; GEMV=0 leaves the GEMV table out (a short lease).
-# The run tool returns a limited number of files: give OUT a folder in /tmp
-# and tar it into the run's $OUT afterwards.
+# The run tool returns a limited number of files, so the results are written
+# to a temporary folder and packed into $OUT/ab.tgz when the script ends
+# (also when `timeout` stops it).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: tools/device_env_ab.sh ENV_VAR [ENV_VAR ...]" >&2; exit 2; }
 VARS=("$@")
-OUT=${OUT:-device-out}; mkdir -p "$OUT"
+DEST=${OUT:-device-out}; mkdir -p "$DEST"
+OUT=$(mktemp -d)
+trap 'tar czf "$DEST/ab.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
+trap 'exit 143' TERM
 [ -f .devparts/pk.tar.xz ] && tar xJf .devparts/pk.tar.xz
 . "$(dirname "$0")/device_env.sh"
 device_tests_setup "$OUT/gpu.txt"
