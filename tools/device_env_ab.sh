@@ -7,8 +7,9 @@
 # tools/cuda_device_run.sh does (dpllm, tests/<name>, shared/); unpacks
 # .devparts/pk.tar.xz when given (made by tools/device_pack.sh on the dev
 # machine; carry ".devparts").
-#   OUT=... [ROUNDS=2] [GEMV=1] tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
-# ROUNDS: decode rounds; GEMV=0 leaves the GEMV table out (a short lease).
+#   OUT=... [ROUNDS=2] [GEMV=1] [GEMV_ARGS=...] tools/device_env_ab.sh DPLLM_CUDA_PDL [DPLLM_CUDA_SPLIT_K ...]
+# ROUNDS: decode rounds; GEMV=0 leaves the GEMV table out (a short lease);
+# GEMV_ARGS: more arguments of `dpllm bench gemv` (e.g. "--tables pairs,half-pairs").
 # The run tool returns a limited number of files, so the results are written
 # to a temporary folder and packed into $OUT/ab.tgz when the script ends
 # (also when `timeout` stops it).
@@ -50,6 +51,6 @@ done
 [ "${GEMV:-1}" = 1 ] || exit 0
 for c in $combos; do
   env $(assign "$c") timeout 120 $D bench gemv --device cuda --shapes 14336x4096,4096x14336,4096x4096,1024x4096 \
-    --bits 3,4 --tokens 1,8 --calls 100 --seconds 0.1 --json "$OUT/gemv-$(tag "$c").json" > "$OUT/gemv-$(tag "$c").txt" 2>&1
+    --bits 3,4 --tokens 1,8 --calls 100 --seconds 0.1 ${GEMV_ARGS:-} --json "$OUT/gemv-$(tag "$c").json" > "$OUT/gemv-$(tag "$c").txt" 2>&1
   echo "gemv $(assign "$c"): $(( $(date +%s) - t0 )) s"
 done

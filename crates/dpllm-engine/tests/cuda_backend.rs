@@ -598,19 +598,23 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
         .is_err());
 }
 
-/// With PDL and split-K (layers of fewer tiles than multiprocessors split
-/// each tile over blocks) each on and off.
+/// With PDL, split-K (layers of fewer tiles than multiprocessors split
+/// each tile over blocks) and half-copy 4-bit pair tables each on and off.
 #[test]
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
-    let was = (be.device().pdl(), be.device().split_k());
-    for (pdl, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
-        be.device().set_pdl(pdl);
-        be.device().set_split_k(split_k);
+    let d = be.device();
+    let was = (d.pdl(), d.split_k(), d.half_pairs());
+    for c in 0..8 {
+        let (pdl, split_k, half) = (c & 1 != 0, c & 2 != 0, c & 4 != 0);
+        d.set_pdl(pdl);
+        d.set_split_k(split_k);
+        d.set_half_pairs(half);
         dp_llm_linears_match(&be, split_k);
     }
-    be.device().set_pdl(was.0);
-    be.device().set_split_k(was.1);
+    d.set_pdl(was.0);
+    d.set_split_k(was.1);
+    d.set_half_pairs(was.2);
 }
 
 fn dp_llm_linears_match(be: &CudaBackend, split_k: bool) {

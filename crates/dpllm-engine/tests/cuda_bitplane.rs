@@ -67,7 +67,9 @@ fn gemv_matches_the_dequantized_reference() {
                         assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
                         continue;
                     }
-                    gpu.gemv_with(&xd, n, bits, &mut yd, v).expect("gemv");
+                    gpu.gemv_with(&xd, n, bits, &mut yd, v).unwrap_or_else(|e| {
+                        panic!("{rows}x{cols} b={bits} n={n} {}: {e}", v.name())
+                    });
                     check(&stream.clone_dtoh(&yd).unwrap(), &v.name());
                 }
                 // The activations split beforehand (as the ops that make a

@@ -57,7 +57,8 @@ pub struct GemvArgs {
     pub splits: Vec<u32>,
     /// On a GPU, also time the bit-plane kernel with these lookup tables, at
     /// the precisions that have them: regs (3 bits), pairs (3-4), entries
-    /// (4-8); default: the built-in choice only.
+    /// (4-8), half-pairs (3-4: pairs with one copy for two lanes, half the
+    /// shared memory); default: the built-in choice only.
     #[arg(long, value_delimiter = ',')]
     pub tables: Vec<String>,
     /// On a GPU, also time each bit-plane variant on f32 activations, as a

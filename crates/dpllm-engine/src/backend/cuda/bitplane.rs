@@ -201,11 +201,19 @@ pub enum Tables {
     /// Entry tables in shared memory, 2^bits · 128 bytes a block (above 4
     /// bits, and 4 bits in DP-LLM's in-kernel choice on layers of many tiles).
     Entries,
+    /// Pair tables with one copy for two lanes: half of [`Tables::Pairs`]'
+    /// shared memory and stores, some bank conflicts on the lookups.
+    HalfPairs,
 }
 
 impl Tables {
     /// Every kind.
-    pub const ALL: [Tables; 3] = [Tables::Regs, Tables::Pairs, Tables::Entries];
+    pub const ALL: [Tables; 4] = [
+        Tables::Regs,
+        Tables::Pairs,
+        Tables::Entries,
+        Tables::HalfPairs,
+    ];
 
     /// The tables a kernel without a table suffix takes at `bits`.
     fn default_at(bits: u32) -> Tables {
@@ -220,28 +228,30 @@ impl Tables {
     pub fn available_at(self, bits: u32) -> bool {
         match self {
             Tables::Regs => bits == 3,
-            Tables::Pairs => (3..=4).contains(&bits),
+            Tables::Pairs | Tables::HalfPairs => (3..=4).contains(&bits),
             Tables::Entries => bits >= 4,
         }
     }
 
-    /// "regs", "pairs", "entries".
+    /// "regs", "pairs", "entries", "half-pairs".
     pub fn name(self) -> &'static str {
         match self {
             Tables::Regs => "regs",
             Tables::Pairs => "pairs",
             Tables::Entries => "entries",
+            Tables::HalfPairs => "half-pairs",
         }
     }
 
     /// The kernel name's suffix at `bits`: none for the default tables, else
-    /// `p` (pairs at 3 bits) or `e` (entries at 4 bits); registers are the
-    /// default wherever they exist.
+    /// `p` (pairs at 3 bits), `e` (entries at 4 bits) or `h` (half pairs);
+    /// registers are the default wherever they exist.
     fn suffix(self, bits: u32) -> &'static str {
         match self {
             _ if self == Tables::default_at(bits) => "",
             Tables::Pairs => "p",
             Tables::Entries => "e",
+            Tables::HalfPairs => "h",
             Tables::Regs => "r",
         }
     }
@@ -252,6 +262,7 @@ impl Tables {
             Tables::Regs => 0,
             // 2 regions of (16 · 2^bits-entry pairs) words for 32 lanes.
             Tables::Pairs => 2 * (16 << bits) * 32 * 4,
+            Tables::HalfPairs => 2 * (16 << bits) * 16 * 4,
             Tables::Entries => 128u32 << bits,
         }
     }
@@ -263,7 +274,7 @@ impl std::str::FromStr for Tables {
         Tables::ALL
             .into_iter()
             .find(|t| t.name() == s)
-            .ok_or_else(|| format!("unknown tables {s:?} (regs, pairs, entries)"))
+            .ok_or_else(|| format!("unknown tables {s:?} (regs, pairs, entries, half-pairs)"))
     }
 }
 
@@ -633,11 +644,15 @@ impl CudaAnyPrec {
     /// 2-5 % faster than tables in registers on the 8B's shapes, 8B decode
     /// 2-4 %), where more tokens keep the registers (pairs lost 2-28 % at 4
     /// and 8 tokens).
+    /// Where the device says so ([`CudaDevice::half_pairs`]), 4-bit pair
+    /// tables take half the copies.
     fn tables(&self, bits: u32, n: usize, v: GemvVariant) -> Tables {
         if let Some(t) = v.tables {
             t
         } else if bits == 3 && n == 1 {
             Tables::Pairs
+        } else if bits == 4 && self.device.half_pairs() {
+            Tables::HalfPairs
         } else {
             Tables::default_at(bits)
         }
@@ -889,12 +904,18 @@ impl CudaAnyPrec {
     }
 
     /// The suffix of the in-kernel choice between `low` and `low + 1` bits:
-    /// `p` where its 3-bit side takes pair tables, `e` where its 4-bit side
-    /// takes entry tables ([`CudaAnyPrec::select_tables`]).
+    /// `p` where its 3-bit side takes pair tables, then `e` or `h` where its
+    /// 4-bit side takes entry tables or half-copy pair tables
+    /// ([`CudaAnyPrec::select_tables`]).
     fn select_suffix(&self, low: u32, in_block: bool) -> String {
         let p = low == 3 && self.select_tables(3, in_block) == Tables::Pairs;
-        let e = (3..=4).contains(&low) && self.select_tables(4, in_block) == Tables::Entries;
-        format!("{}{}", if p { "p" } else { "" }, if e { "e" } else { "" })
+        let four = match self.select_tables(4, in_block) {
+            _ if !(3..=4).contains(&low) => "",
+            Tables::Entries => "e",
+            Tables::HalfPairs => "h",
+            _ => "",
+        };
+        format!("{}{four}", if p { "p" } else { "" })
     }
 
     /// `y = x · W_bᵀ` for one token, with b = `low + 1` when `a·||e|| + c >

@@ -129,6 +129,8 @@ pub struct CudaDevice {
     pdl: AtomicBool,
     /// Layers of few tiles split them over blocks ([`bitplane::GemvVariant::splits`]).
     split_k: AtomicBool,
+    /// 4-bit GEMVs take pair tables of half the copies ([`CudaDevice::half_pairs`]).
+    half_pairs: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -197,17 +199,20 @@ impl CudaDevice {
             pdl: AtomicBool::new(arch >= PDL_ARCH && env_switch("DPLLM_CUDA_PDL", true)),
             // Opt-in: slower where it applies (H100, 8B k/v: 5.9 against 4.5 µs).
             split_k: AtomicBool::new(env_switch("DPLLM_CUDA_SPLIT_K", false)),
+            half_pairs: AtomicBool::new(env_switch("DPLLM_CUDA_HALF_PAIRS", false)),
         }))
     }
 
     /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, PDL, split-K)", naming the
     /// launch options that are on ([`CudaDevice::pdl`],
-    /// [`CudaDevice::split_k`]), so results say how they were run.
+    /// [`CudaDevice::split_k`], [`CudaDevice::half_pairs`]), so results say
+    /// how they were run.
     pub fn describe(&self) -> String {
         let pdl = if self.pdl() { ", PDL" } else { "" };
         let split_k = if self.split_k() { ", split-K" } else { "" };
+        let half = if self.half_pairs() { ", half-pairs" } else { "" };
         format!(
-            "cuda:{} ({}, sm_{}{}{pdl}{split_k})",
+            "cuda:{} ({}, sm_{}{}{pdl}{split_k}{half})",
             self.ordinal, self.name, self.arch.0, self.arch.1
         )
     }
@@ -251,6 +256,20 @@ impl CudaDevice {
     /// Split-K on or off from now on (for A/B timing and tests).
     pub fn set_split_k(&self, on: bool) {
         self.split_k.store(on, Ordering::Relaxed);
+    }
+
+    /// True when 4-bit GEMVs (and the 4-bit side of DP-LLM's in-kernel
+    /// choice) that would take pair tables take them with one copy for two
+    /// lanes instead ([`bitplane::Tables::HalfPairs`]: half the shared
+    /// memory, so the blocks of the 3-bit side fit as many a multiprocessor
+    /// as its plain GEMV's); `DPLLM_CUDA_HALF_PAIRS=1`.
+    pub fn half_pairs(&self) -> bool {
+        self.half_pairs.load(Ordering::Relaxed)
+    }
+
+    /// Half-copy pair tables on or off from now on (for A/B timing and tests).
+    pub fn set_half_pairs(&self, on: bool) {
+        self.half_pairs.store(on, Ordering::Relaxed);
     }
 
     /// Compute capability (major, minor).

@@ -120,8 +120,9 @@ struct RegTable {
 };
 
 // The tables of both rows of a lane: at 3 bits in registers, at 4 bits
-// shared-memory pair tables, above 4 bits shared-memory entry tables.
-enum TableKind { REGS, PAIRS, ENTRIES };
+// shared-memory pair tables, above 4 bits shared-memory entry tables (and
+// pair tables of half the copies, HALF_PAIRS, at 3 and 4 bits on demand).
+enum TableKind { REGS, PAIRS, ENTRIES, HALF_PAIRS };
 // The tables a kernel without the `e` suffix takes at B bits.
 __host__ __device__ constexpr int default_kind(int B) { return B == 3 ? REGS : B == 4 ? PAIRS : ENTRIES; }
 template <int B, int KIND = default_kind(B)>
@@ -143,21 +144,26 @@ struct Tables<B, REGS> {
     }
 };
 
-// Pairs (3 and 4 bits): word (E·32 + lane) of region r holds, as f16x2,
+// Pairs (3 and 4 bits): word (E·C + copy) of region r holds, as f16x2,
 // entries E % 16 and E / 16 of row g + 8r (lane = 4g + t): a byte of a
 // nibble word (the indices of two neighbouring slots) addresses both weights
-// of one f16x2 register of the A fragment, so one conflict-free load gives
-// two weights. At 3 bits E < 128 (entries 8..15 of each 16 unused): half
-// the 4-bit tables, and the lookup leaves the ALU pipe for shared memory.
-template <int B>
-struct Tables<B, PAIRS> {
+// of one f16x2 register of the A fragment, so one load gives two weights. At
+// 3 bits E < 128 (entries 8..15 of each 16 unused): half the 4-bit tables,
+// and the lookup leaves the ALU pipe for shared memory. C = 32 copies (kind
+// PAIRS): one a lane, so no bank conflicts. C = 16 (HALF_PAIRS): lanes
+// 2i, 2i + 1 share copy i, half the shared memory and half the stores to
+// build it; two lanes of a copy that look up different pairs of the same
+// parity hit one bank twice.
+template <int B, int C>
+struct PairTables {
     static constexpr int N = 1 << B;                   // entries a row
-    static constexpr u32 REGION = 16 * N * 32 * 4;     // bytes
+    static constexpr u32 REGION = 16 * N * C * 4;      // bytes
+    static constexpr int SHIFT = C == 32 ? 7 : 6;      // log2 of a pair's C words in bytes
     u32 base;
     // The block's tables of tile rows row0.. into smem (every thread takes part).
     __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
         // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
-        // pair g = rg % 8, region rg / 8, for the four lanes of g at once.
+        // pair g = rg % 8, region rg / 8, for the C/8 copies of g at once.
         for (int i = threadIdx.x; i < 16 * N; i += blockDim.x) {
             const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
             const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << B);
@@ -168,17 +174,20 @@ struct Tables<B, PAIRS> {
                 w[4 * q] = u.x, w[4 * q + 1] = u.y, w[4 * q + 2] = u.z, w[4 * q + 3] = u.w;
             }
             const u32 top = (u32)lut[hi] << 16;
-            u32* dst = smem + region * (REGION / 4) + hi * 16 * 32 + 4 * gp;
+            u32* dst = smem + region * (REGION / 4) + hi * 16 * C + (C / 8) * gp;
 #pragma unroll
             for (int lo = 0; lo < N; ++lo) {
                 const u32 val = ((w[lo >> 1] >> (16 * (lo & 1))) & 0xffffu) | top;
-                *reinterpret_cast<uint4*>(dst + lo * 32) = make_uint4(val, val, val, val);
+                if constexpr (C == 32)
+                    *reinterpret_cast<uint4*>(dst + lo * C) = make_uint4(val, val, val, val);
+                else
+                    *reinterpret_cast<uint2*>(dst + lo * C) = make_uint2(val, val);
             }
         }
-        base = (u32)__cvta_generic_to_shared(smem) + lane * 4;
+        base = (u32)__cvta_generic_to_shared(smem) + (C == 32 ? lane : lane >> 1) * 4;
     }
     __device__ __forceinline__ u32 at(u32 n, u32 sel, u32 region) const {
-        return lds32(base + region + (__byte_perm(n, 0, sel) << 7));
+        return lds32(base + region + (__byte_perm(n, 0, sel) << SHIFT));
     }
     __device__ __forceinline__ void frag(u32 n0, u32 n1, int half, u32 (&a)[4]) const {
         const u32 s0 = 0x4440 + 2 * half, s1 = 0x4441 + 2 * half;
@@ -188,6 +197,11 @@ struct Tables<B, PAIRS> {
         a[3] = at(n1, s1, REGION);
     }
 };
+
+template <int B>
+struct Tables<B, PAIRS> : PairTables<B, 32> {};
+template <int B>
+struct Tables<B, HALF_PAIRS> : PairTables<B, 16> {};
 
 template <int B>
 struct Tables<B, ENTRIES> {
@@ -281,7 +295,10 @@ __device__ __forceinline__ void gemv(
     // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
     // words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
-    constexpr int TABLE_WORDS = KIND == REGS ? 0 : KIND == PAIRS ? 2 * 16 * 32 << B : 32 << B;
+    constexpr int TABLE_WORDS = KIND == REGS         ? 0
+                                : KIND == PAIRS      ? 2 * 16 * 32 << B
+                                : KIND == HALF_PAIRS ? 2 * 16 * 16 << B
+                                                     : 32 << B;
     u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
     float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
 
@@ -434,7 +451,8 @@ __device__ __forceinline__ void gemv(
 // the block splits them itself into shared memory (when they fit). A suffix
 // e: 4 bits with entry tables (2 KiB a block instead of 64 KiB of pair
 // tables: `CudaAnyPrec::select_tables`, tests and benchmarks); p: 3 bits with
-// pair tables (32 KiB) instead of tables in registers.
+// pair tables (32 KiB) instead of tables in registers; h: pair tables of
+// half the copies (16 KiB at 3 bits, 32 KiB at 4).
 #define GEMV_KERNEL_K(B, NT, KIND, E)                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##E(                                                            \
@@ -457,9 +475,13 @@ __device__ __forceinline__ void gemv(
 GEMV_BITS(3)
 GEMV_KERNEL_K(3, 4, PAIRS, p)
 GEMV_KERNEL_K(3, 8, PAIRS, p)
+GEMV_KERNEL_K(3, 4, HALF_PAIRS, h)
+GEMV_KERNEL_K(3, 8, HALF_PAIRS, h)
 GEMV_BITS(4)
 GEMV_KERNEL_K(4, 4, ENTRIES, e)
 GEMV_KERNEL_K(4, 8, ENTRIES, e)
+GEMV_KERNEL_K(4, 4, HALF_PAIRS, h)
+GEMV_KERNEL_K(4, 8, HALF_PAIRS, h)
 GEMV_BITS(5)
 GEMV_BITS(6)
 GEMV_BITS(7)
@@ -511,6 +533,10 @@ GEMV_SELECT_KERNEL(7)
 GEMV_SELECT_KERNEL_K(3, REGS, ENTRIES, e) GEMV_SELECT_KERNEL_K(4, ENTRIES, ENTRIES, e)
 // Suffix p: the 3-bit side with pair tables, as the plain GEMV's kernels _p.
 GEMV_SELECT_KERNEL_K(3, PAIRS, PAIRS, p) GEMV_SELECT_KERNEL_K(3, PAIRS, ENTRIES, pe)
+// Suffix h: the 4-bit side with half-copy pair tables (32 KiB instead of 64:
+// the 3-bit side keeps the occupancy of its plain GEMV).
+GEMV_SELECT_KERNEL_K(3, REGS, HALF_PAIRS, h) GEMV_SELECT_KERNEL_K(3, PAIRS, HALF_PAIRS, ph)
+GEMV_SELECT_KERNEL_K(4, HALF_PAIRS, ENTRIES, h)
 
 // The activations of a launch whose block cannot hold them split (see
 // split_into): the whole grid splits x [n][cols] into xs [2][n][cols_p]. |x|
