@@ -599,22 +599,25 @@ fn a_failed_op_is_reported_by_the_next_result_and_only_once() {
 }
 
 /// With PDL, split-K (layers of fewer tiles than multiprocessors split
-/// each tile over blocks) and half-copy 4-bit pair tables each on and off.
+/// each tile over blocks), half-copy 4-bit pair tables and the GEMV's L2
+/// prefetch each on and off.
 #[test]
 fn one_kernel_dp_llm_linears_match_the_two_step_path() {
     let Some(be) = backend() else { return };
     let d = be.device();
-    let was = (d.pdl(), d.split_k(), d.half_pairs());
-    for c in 0..8 {
-        let (pdl, split_k, half) = (c & 1 != 0, c & 2 != 0, c & 4 != 0);
+    let was = (d.pdl(), d.split_k(), d.half_pairs(), d.prefetch());
+    for c in 0..16 {
+        let (pdl, split_k) = (c & 1 != 0, c & 2 != 0);
         d.set_pdl(pdl);
         d.set_split_k(split_k);
-        d.set_half_pairs(half);
+        d.set_half_pairs(c & 4 != 0);
+        d.set_prefetch(c & 8 != 0);
         dp_llm_linears_match(&be, split_k);
     }
     d.set_pdl(was.0);
     d.set_split_k(was.1);
     d.set_half_pairs(was.2);
+    d.set_prefetch(was.3);
 }
 
 fn dp_llm_linears_match(be: &CudaBackend, split_k: bool) {

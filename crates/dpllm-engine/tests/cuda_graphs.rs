@@ -134,29 +134,39 @@ fn side_by_side(
 /// The launch options give the logits of plain launches, replayed as graphs
 /// and op by op, 30 steps at 3, 4 and 5 bits: programmatic dependent launch
 /// (each kernel may start before the one it follows ends, and waits in the
-/// kernel for its inputs) exactly; split-K (every layer of this model has
-/// fewer tiles than multiprocessors, so each tile is split over blocks whose
-/// last adds their sums, a counter per tile reset for the next replay)
-/// within f32 rounding. Where the GPU has no PDL (before sm_90) its runs
-/// launch plainly, and the test says so.
+/// kernel for its inputs), half-copy 4-bit pair tables and the GEMV's L2
+/// prefetch exactly; split-K (every layer of this model has fewer tiles
+/// than multiprocessors, so each tile is split over blocks whose last adds
+/// their sums, a counter per tile reset for the next replay) within f32
+/// rounding. Where the GPU has no PDL (before sm_90) its runs launch
+/// plainly, and the test says so.
 #[test]
 fn decode_with_launch_options_matches_plain_launches() {
     let Some(plain) = test_device(0) else { return };
     plain.set_pdl(false);
     plain.set_split_k(false);
-    for (pdl, split_k) in [(true, false), (false, true), (true, true)] {
+    plain.set_half_pairs(false);
+    plain.set_prefetch(false);
+    for (pdl, split_k, other) in [
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (true, false, true),
+    ] {
         let Some(opt) = test_device(0) else { return };
         if pdl && !opt.set_pdl(true) {
             eprintln!("{}: no programmatic dependent launch", opt.describe());
         }
         opt.set_split_k(split_k);
+        opt.set_half_pairs(other);
+        opt.set_prefetch(other);
         for graphs in [true, false] {
             let (a, b) = (
                 model(CudaBackend::on(opt.clone()).unwrap().with_graphs(graphs)),
                 model(CudaBackend::on(plain.clone()).unwrap().with_graphs(graphs)),
             );
             side_by_side(&a, &b, |x, y, step| {
-                let what = format!("PDL {pdl}, split-K {split_k}, graphs {graphs}, step {step}");
+                let what = format!("{}, graphs {graphs}, step {step}", opt.describe());
                 if split_k {
                     let diff = (x.iter().zip(y))
                         .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))

@@ -854,6 +854,8 @@ impl CudaAnyPrec {
         };
         b.arg(&want);
         self.split_args(&mut b, splits);
+        let prefetch = self.device.prefetch() as i32;
+        b.arg(&prefetch);
         // SAFETY: the arguments match the kernel's signature in order and type
         // (the `s` kernels take x and its columns where the others take xs);
         // the buffers hold what the kernel reads and writes (checked above and
@@ -1006,6 +1008,8 @@ impl CudaAnyPrec {
         };
         b.arg(&slot);
         self.split_args(&mut b, splits);
+        let prefetch = self.device.prefetch() as i32;
+        b.arg(&prefetch);
         // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
         // given) at least `slot + 1`.
         unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;

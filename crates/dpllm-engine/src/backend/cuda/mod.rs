@@ -131,6 +131,8 @@ pub struct CudaDevice {
     split_k: AtomicBool,
     /// 4-bit GEMVs take pair tables of half the copies ([`CudaDevice::half_pairs`]).
     half_pairs: AtomicBool,
+    /// GEMV blocks ask L2 for their planes first ([`CudaDevice::prefetch`]).
+    prefetch: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -200,6 +202,7 @@ impl CudaDevice {
             // Opt-in: slower where it applies (H100, 8B k/v: 5.9 against 4.5 µs).
             split_k: AtomicBool::new(env_switch("DPLLM_CUDA_SPLIT_K", false)),
             half_pairs: AtomicBool::new(env_switch("DPLLM_CUDA_HALF_PAIRS", false)),
+            prefetch: AtomicBool::new(env_switch("DPLLM_CUDA_PREFETCH", false)),
         }))
     }
 
@@ -211,8 +214,9 @@ impl CudaDevice {
         let pdl = if self.pdl() { ", PDL" } else { "" };
         let split_k = if self.split_k() { ", split-K" } else { "" };
         let half = if self.half_pairs() { ", half-pairs" } else { "" };
+        let prefetch = if self.prefetch() { ", prefetch" } else { "" };
         format!(
-            "cuda:{} ({}, sm_{}{}{pdl}{split_k}{half})",
+            "cuda:{} ({}, sm_{}{}{pdl}{split_k}{half}{prefetch})",
             self.ordinal, self.name, self.arch.0, self.arch.1
         )
     }
@@ -270,6 +274,19 @@ impl CudaDevice {
     /// Half-copy pair tables on or off from now on (for A/B timing and tests).
     pub fn set_half_pairs(&self, on: bool) {
         self.half_pairs.store(on, Ordering::Relaxed);
+    }
+
+    /// True when each bit-plane GEMV block first asks L2 for all the planes
+    /// it will read (before its PDL wait, so they stream while the kernel
+    /// before ends; DP-LLM's in-kernel choice asks for the higher
+    /// precision's before it decides); `DPLLM_CUDA_PREFETCH=1`.
+    pub fn prefetch(&self) -> bool {
+        self.prefetch.load(Ordering::Relaxed)
+    }
+
+    /// The GEMV's L2 prefetch on or off from now on (for A/B timing and tests).
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch.store(on, Ordering::Relaxed);
     }
 
     /// Compute capability (major, minor).

@@ -262,6 +262,24 @@ __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_st
     }
 }
 
+// Asks L2 for the planes this block will read: B planes of its column blocks
+// (tile blockIdx.x, the split blockIdx.y of gridDim.y), 256 bytes each, a
+// 128-byte line a thread at a time, holding no registers. Issued first
+// thing, before the PDL wait, so the tile streams from HBM while the kernel
+// before ends, and later blocks have their whole tile in flight at once
+// instead of one column block a warp ahead.
+template <int B>
+__device__ __forceinline__ void prefetch_planes(const uint2* __restrict__ planes, long long plane_stride,
+                                                int kbs) {
+    const int kb0 = blockIdx.y * kbs / gridDim.y, kb1 = (blockIdx.y + 1) * kbs / gridDim.y;
+    const int lines = 2 * (kb1 - kb0);
+    const uint2* first = planes + ((long long)blockIdx.x * kbs + kb0) * 32;
+    for (int i = threadIdx.x; i < B * lines; i += blockDim.x) {
+        const int j = i / lines, l = i - j * lines;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(first + j * plane_stride + 16 * l));
+    }
+}
+
 // SX: the block splits the activations into shared memory itself (xin: x
 // f32, rows x_stride apart); else they come split in global memory (xin: xs
 // from split_x or the op that made them).
@@ -269,7 +287,8 @@ template <int B, int NT, bool SX, int KIND = default_kind(B)>
 __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
-    int rows, int kbs, const u32* __restrict__ mask, u32 want, float* __restrict__ part, u32* done) {
+    int rows, int kbs, const u32* __restrict__ mask, u32 want, float* __restrict__ part, u32* done,
+    int prefetch) {
     // Launched with PDL, the next kernel may start once every block is here.
     pdl_launch_dependents();
     // Per-token precision (DP-LLM): with a mask, only the tokens whose
@@ -282,6 +301,7 @@ __device__ __forceinline__ void gemv(
         for (int t = 0; t < n; ++t) any |= mask[t] == want;
         if (!any) return;
     }
+    if (prefetch) prefetch_planes<B>(planes, plane_stride, kbs);
     constexpr bool PACK = NT <= 4;   // hi and lo in one mma
     constexpr int XW = PACK ? 1 : 2;  // activation sets a lane loads
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -458,17 +478,17 @@ __device__ __forceinline__ void gemv(
         bitplane_gemv_b##B##_t##NT##E(                                                            \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
         float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part,        \
-        u32* done) {                                                                              \
+        u32* done, int prefetch) {                                                                \
         gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
-                                 mask, want, part, done);                                         \
+                                 mask, want, part, done, prefetch);                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##s##E(                                                         \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
         int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part, \
-        u32* done) {                                                                              \
+        u32* done, int prefetch) {                                                                \
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
-                                kbs, mask, want, part, done);                                     \
+                                kbs, mask, want, part, done, prefetch);                           \
     }
 #define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, default_kind(B), ) GEMV_KERNEL_K(B, 8, default_kind(B), )
 
@@ -497,30 +517,32 @@ GEMV_BITS(8)
 // (Kernels _b<BL> take x and split it in the block; _b<BL>x take it split
 // by split_x, for layers too wide to split in the block; suffix e below.)
 #define GEMV_SELECT_BODY(BL, KL, KH, SX, XIN, XSTRIDE)                                           \
+    pdl_launch_dependents();                                                                     \
+    /* Both precisions read the low one's planes; the high one adds one more. */                 \
+    if (prefetch) prefetch_planes<BL + 1>(planes, plane_stride, kbs);                            \
+    pdl_wait();                                                                                  \
     const bool high = decide_high(e_in, n_e, a, c, thr);                                         \
     if (high && count && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)                 \
         atomicAdd(count + slot, 1.f);                                                            \
     if (high)                                                                                    \
         gemv<BL + 1, 4, SX, KH>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y,    \
-                                rows, rows, kbs, nullptr, 0u, part, done);                       \
+                                rows, rows, kbs, nullptr, 0u, part, done, 0);                    \
     else                                                                                         \
         gemv<BL, 4, SX, KL>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows,   \
-                            rows, kbs, nullptr, 0u, part, done);
+                            rows, kbs, nullptr, 0u, part, done, 0);
 #define GEMV_SELECT_KERNEL_K(BL, KL, KH, E)                                                        \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##E(                                                             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
-        pdl_enter();                                                                               \
+        float c, float thr, float* count, int slot, float* part, u32* done, int prefetch) {        \
         GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##x##E(                                                          \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
-        pdl_enter();                                                                               \
+        float c, float thr, float* count, int slot, float* part, u32* done, int prefetch) {        \
         GEMV_SELECT_BODY(BL, KL, KH, false, xs, cols)                                              \
     }
 #define GEMV_SELECT_KERNEL(BL) GEMV_SELECT_KERNEL_K(BL, default_kind(BL), default_kind(BL + 1), )
