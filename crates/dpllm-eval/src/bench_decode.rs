@@ -111,6 +111,9 @@ pub struct DecodeBench {
     pub effective_bits: Option<f64>,
     /// Estimator multiply-adds as a fraction of the linears' (DP-LLM plans).
     pub estimator_overhead: Option<f64>,
+    /// What estimation and selection cost in time, against a static plan
+    /// that decides alike ([`with_selection_cost`]; synthetic plans).
+    pub selection: Option<SelectionCost>,
     /// Weight bytes per token × tokens/s, GB/s.
     pub achieved_gbs: f64,
     /// Measured machine bandwidth.
@@ -184,12 +187,73 @@ pub fn run<B: Backend>(
         weight_bytes_per_token: bytes,
         effective_bits: stats.effective_bits(),
         estimator_overhead: has_plan.then(|| stats.estimator_overhead()),
+        selection: None,
         achieved_gbs: achieved,
         fraction_of_copy_bandwidth: achieved / bw.copy_gbs,
         fraction_of_read_bandwidth: achieved / bw.read_gbs,
         threads: rayon::current_num_threads(),
         bandwidth: bw,
     })
+}
+
+/// DP-LLM's estimation and selection in time: a dynamic plan's decode
+/// against a static plan that runs every linear at the precision the
+/// dynamic plan's decisions pick, so both do the same GEMV work and the
+/// difference is what estimating and choosing costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SelectionCost {
+    /// Rounds timed, dynamic and static alternating.
+    pub rounds: usize,
+    /// The static plan's median ms/token (the best round).
+    pub static_ms_per_token: f64,
+    /// The static plan's effective bits (equal to the dynamic plan's when
+    /// they decide alike).
+    pub static_effective_bits: Option<f64>,
+    /// (dynamic − static) / dynamic median ms/token, best rounds of each.
+    pub share_of_decode: f64,
+}
+
+/// [`run`] of `dynamic` and `fixed` (a static plan deciding as `dynamic`
+/// does) alternating for `rounds` rounds: the dynamic plan's best round
+/// (lowest median ms/token), with [`SelectionCost`] from the best rounds of
+/// both. An error when their effective bits differ (they do not decide alike).
+pub fn with_selection_cost<B: Backend>(
+    model: Arc<Model<B>>,
+    (dynamic, fixed): (RunPrecision<B>, RunPrecision<B>),
+    cfg: &DecodeBenchConfig,
+    bw: Bandwidth,
+    rounds: usize,
+) -> anyhow::Result<DecodeBench> {
+    let best = |a: Option<DecodeBench>, b: DecodeBench| match a {
+        Some(a) if a.ms_per_token_median <= b.ms_per_token_median => a,
+        _ => b,
+    };
+    let (mut dyn_best, mut static_best) = (None, None);
+    for _ in 0..rounds.max(1) {
+        dyn_best = Some(best(dyn_best, run(model.clone(), dynamic.clone(), cfg, bw.clone())?));
+        static_best = Some(best(static_best, run(model.clone(), fixed.clone(), cfg, bw.clone())?));
+    }
+    let (mut d, s) = (dyn_best.unwrap(), static_best.unwrap());
+    let alike = match (d.effective_bits, s.effective_bits) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+        (a, b) => a == b,
+    };
+    if !alike {
+        anyhow::bail!(
+            "the static reference plan decodes at {:?} effective bits, the dynamic plan at {:?}: \
+             they do not decide alike, so their difference is not the selection's cost",
+            s.effective_bits,
+            d.effective_bits
+        );
+    }
+    d.selection = Some(SelectionCost {
+        rounds: rounds.max(1),
+        static_ms_per_token: s.ms_per_token_median,
+        static_effective_bits: s.effective_bits,
+        share_of_decode: (d.ms_per_token_median - s.ms_per_token_median)
+            / d.ms_per_token_median.max(f64::MIN_POSITIVE),
+    });
+    Ok(d)
 }
 
 impl DecodeBench {
@@ -238,6 +302,16 @@ impl DecodeBench {
                 "estimator work / linear work",
                 self.estimator_overhead
                     .map_or("-".into(), |o| format!("{:.2} %", 100.0 * o)),
+            ),
+            (
+                "estimation + selection",
+                self.selection.as_ref().map_or("-".into(), |c| {
+                    format!(
+                        "{:.1} % of decode time (static plan deciding alike: {:.2} ms/token)",
+                        100.0 * c.share_of_decode,
+                        c.static_ms_per_token
+                    )
+                }),
             ),
             (
                 "achieved weight bandwidth",

@@ -171,6 +171,11 @@ pub struct DecodeArgs {
     /// Decoded tokens to time.
     #[arg(long, default_value_t = 64)]
     pub tokens: usize,
+    /// With --synthetic and a DP-LLM --target: rounds of the dynamic plan and
+    /// of the static plan that decides alike, alternating; the best round of
+    /// each gives the share of decode time spent in estimation and selection.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Size of each bandwidth-test buffer, MiB.
     #[arg(long, default_value_t = 512)]
     pub bandwidth_mib: usize,
@@ -272,6 +277,9 @@ fn decode_on<B: Backend>(
     config: dpllm_format::ModelConfig,
 ) -> anyhow::Result<()> {
     let bw = device_bandwidth(&backend, cfg.bandwidth_bytes)?;
+    // A synthetic dynamic plan is timed against the static plan that decides
+    // alike (its estimation and selection's share of decode time).
+    let mut reference = None;
     let (model, precision) = match (&a.synthetic, &a.model) {
         (Some(name), _) => {
             let target = a.bits.target;
@@ -296,6 +304,10 @@ fn decode_on<B: Backend>(
                         PlanKind::Dynamic
                     };
                     let async_est = !a.bits.exact_estimator_input;
+                    if kind == PlanKind::Dynamic {
+                        let fixed = synthetic_plan(&m, t, PlanKind::Static, async_est)?;
+                        reference = Some(RunPrecision::Plan(Arc::new(fixed)));
+                    }
                     RunPrecision::Plan(Arc::new(synthetic_plan(&m, t, kind, async_est)?))
                 }
                 (None, None) => RunPrecision::Highest,
@@ -308,7 +320,12 @@ fn decode_on<B: Backend>(
         }
         (None, None) => unreachable!("checked by the caller"),
     };
-    let r = bench_decode::run(model, precision, &cfg, bw)?;
+    let r = match reference {
+        Some(fixed) => {
+            bench_decode::with_selection_cost(model, (precision, fixed), &cfg, bw, a.rounds as usize)?
+        }
+        None => bench_decode::run(model, precision, &cfg, bw)?,
+    };
     publish(&r.table(), a.json.as_deref(), &r)
 }
 
