@@ -210,7 +210,9 @@ def main():
                 ops = collections.Counter(opcode(t) for _, t in lines[start:end + 1])
                 alu = sum(v for k, v in ops.items() if k in ALU_OPS)
                 mix = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
-                print(f"    loop of {end - start + 1} instructions, {alu} on the ALU pipe: {mix}")
+                local = ops["LDL"] + ops["STL"]
+                spilled = f", {local} of them spills (LDL/STL)" if local else ""
+                print(f"    loop of {end - start + 1} instructions{spilled}, {alu} on the ALU pipe: {mix}")
 
 
 if __name__ == "__main__":

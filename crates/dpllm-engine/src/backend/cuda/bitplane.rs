@@ -1008,8 +1008,6 @@ impl CudaAnyPrec {
         };
         b.arg(&slot);
         self.split_args(&mut b, splits);
-        let prefetch = self.device.prefetch() as i32;
-        b.arg(&prefetch);
         // SAFETY: as in `gemv_view`; `e` holds `ne` floats and `count` (when
         // given) at least `slot + 1`.
         unsafe { b.launch(cfg) }.map_err(device_err("launching the bit-plane GEMV"))?;

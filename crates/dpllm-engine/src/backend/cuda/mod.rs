@@ -278,8 +278,8 @@ impl CudaDevice {
 
     /// True when each bit-plane GEMV block first asks L2 for all the planes
     /// it will read (before its PDL wait, so they stream while the kernel
-    /// before ends; DP-LLM's in-kernel choice asks for the higher
-    /// precision's before it decides); `DPLLM_CUDA_PREFETCH=1`.
+    /// before ends; not DP-LLM's in-kernel choice, whose 3-bit side spills
+    /// at its register cap with it); `DPLLM_CUDA_PREFETCH=1`.
     pub fn prefetch(&self) -> bool {
         self.prefetch.load(Ordering::Relaxed)
     }

@@ -517,10 +517,7 @@ GEMV_BITS(8)
 // (Kernels _b<BL> take x and split it in the block; _b<BL>x take it split
 // by split_x, for layers too wide to split in the block; suffix e below.)
 #define GEMV_SELECT_BODY(BL, KL, KH, SX, XIN, XSTRIDE)                                           \
-    pdl_launch_dependents();                                                                     \
-    /* Both precisions read the low one's planes; the high one adds one more. */                 \
-    if (prefetch) prefetch_planes<BL + 1>(planes, plane_stride, kbs);                            \
-    pdl_wait();                                                                                  \
+    pdl_enter();                                                                                 \
     const bool high = decide_high(e_in, n_e, a, c, thr);                                         \
     if (high && count && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)                 \
         atomicAdd(count + slot, 1.f);                                                            \
@@ -535,14 +532,14 @@ GEMV_BITS(8)
         bitplane_gemv_select_b##BL##E(                                                             \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const float* x, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot, float* part, u32* done, int prefetch) {        \
+        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
         GEMV_SELECT_BODY(BL, KL, KH, true, x, cols)                                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##x##E(                                                          \
         const uint2* planes, long long plane_stride, const u16* luts_low, const u16* luts_high,    \
         const u16* xs, int cols, float* y, int rows, int kbs, const float* e_in, int n_e, float a, \
-        float c, float thr, float* count, int slot, float* part, u32* done, int prefetch) {        \
+        float c, float thr, float* count, int slot, float* part, u32* done) {                      \
         GEMV_SELECT_BODY(BL, KL, KH, false, xs, cols)                                              \
     }
 #define GEMV_SELECT_KERNEL(BL) GEMV_SELECT_KERNEL_K(BL, default_kind(BL), default_kind(BL + 1), )
