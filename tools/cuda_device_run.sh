@@ -4,7 +4,8 @@
 # executables in .devcarry/tests/). Results land in $OUT (or ./device-out).
 # Test executables look for the repository where it was built (/work/main,
 # linked here when missing) and for ../shared in .devcarry/shared.
-# Optional: BENCH_ARGS (bench gemv), NO_GEMV=1 (skip it), EXTRA (a script run at the end).
+# Optional: BENCH_ARGS (bench gemv), NO_GEMV=1 (skip it), EXTRA (a script run at the end),
+# NCU=<kernel regex> (Nsight Compute on one launch of it: NCU_SHAPE, NCU_BITS, NCU_TOKENS).
 set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -43,7 +44,8 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     ncu --kernel-name "regex:${NCU}" --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats \
-        .devcarry/dpllm bench gemv --device cuda --shapes 14336x4096 --bits ${NCU_BITS:-4} --tokens 1 \
+        .devcarry/dpllm bench gemv --device cuda --shapes ${NCU_SHAPE:-14336x4096} --bits ${NCU_BITS:-4} \
+        --tokens ${NCU_TOKENS:-1} \
         --calls 3 --working-set-mib 64 > "$OUT/ncu.txt" 2>&1
     grep -E "Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles|Issued|Eligible|Pipe|Ipc|No Eligible|Active Warps" "$OUT/ncu.txt" | head -40; grep -A12 -i "pipe utilization" "$OUT/ncu.txt" | head -30
 fi
