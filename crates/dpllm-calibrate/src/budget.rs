@@ -60,7 +60,7 @@ pub fn solve(items: &[Item], min_bits: u32, budget: f64) -> Result<Assignment> {
         );
     }
     let max_bits = min_bits + choices as u32 - 1;
-    if !(budget >= min_bits as f64) {
+    if budget.is_nan() || budget < min_bits as f64 {
         bail!("budget {budget} bits is below the lowest precision {min_bits}");
     }
     let total: usize = items.iter().map(|i| i.size).sum();

@@ -248,7 +248,7 @@ fn calibrated<'a, G: GradBackend>(
     beat: f64,
 ) -> Result<Option<Projection>> {
     let (s, bias, _) = fit_linear(&train.norms(be, gd)?, train.e);
-    if !(s > 0.0) {
+    if s.is_nan() || s <= 0.0 {
         return Ok(None);
     }
     let held = held.unwrap_or(train);

@@ -349,7 +349,8 @@ mod tests {
     fn inconsistent_plans_are_rejected() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("p.json");
-        let cases: Vec<(Box<dyn Fn(&mut Plan)>, &str)> = vec![
+        type Spoil = Box<dyn Fn(&mut Plan)>;
+        let cases: Vec<(Spoil, &str)> = vec![
             (Box::new(|p| p.version = 7), "plan version 7"),
             (Box::new(|p| p.linears[0].high_bits = 6), "inconsistent"),
             (Box::new(|p| p.linears[0].low_bits = 2), "inconsistent"),

@@ -95,7 +95,9 @@ fn quantize_linear(
     };
     let words = anyprec::words_per_row(s.cols);
     let nb = (STORED_BITS - seed_bits + 1) as usize;
-    let rows: Vec<(Vec<u32>, Vec<Vec<f16>>, Vec<f64>)> = (0..s.rows)
+    // Per row: its planes' words, its LUT at every precision, its errors.
+    type Row = (Vec<u32>, Vec<Vec<f16>>, Vec<f64>);
+    let rows: Vec<Row> = (0..s.rows)
         .into_par_iter()
         .map(|r| {
             let (wr, fr) = (

@@ -30,7 +30,7 @@ async fn on_the_gpu_batched_requests_get_what_each_gets_alone() {
     // have their tokens chosen on the device, in the same batched steps.
     let body = |i: usize| {
         let mut b = json!({"prompt": format!("request {i}"), "dpllm": points[i]});
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             b["logit_bias"] = json!({});
         }
         greedy(96, b)

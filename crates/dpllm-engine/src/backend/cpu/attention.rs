@@ -39,7 +39,6 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
     (0..n * nh)
         .into_par_iter()
         .for_each_init(Vec::<f32>::new, |scores, job| {
-            let op = op;
             let (t, h) = (job / nh, job % nh);
             let pos = pos0 + t;
             let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -47,7 +46,7 @@ pub fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape
             let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             attention_probs(qh, k, kvd, kvh, lo, pos, scale, scores);
             // SAFETY: each (t, h) job owns out[(t*nh+h)*hd .. +hd].
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((t * nh + h) * hd), hd) };
+            let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add((t * nh + h) * hd), hd) };
             weighted_rows(scores, &v[lo * kvd + kvh * hd..], kvd, o);
         });
 }
@@ -75,7 +74,6 @@ pub fn attention_tiled(
     (0..nh * tiles)
         .into_par_iter()
         .for_each_init(Vec::<f32>::new, |scores, job| {
-            let op = op;
             let (h, tile) = (job / tiles, job % tiles);
             let kvh = h / group;
             let (t0, t1) = (tile * TILE, ((tile + 1) * TILE).min(n));
@@ -129,7 +127,7 @@ pub fn attention_tiled(
                     rows,
                     hd,
                     cols,
-                    op.0.add(t0 * qd + h * hd),
+                    op.ptr().add(t0 * qd + h * hd),
                     qd,
                     scores.as_ptr(),
                     cols,

@@ -68,14 +68,13 @@ pub fn gemv_row_ranges(
     (0..rows.div_ceil(GEMV_ROWS_PER_TASK))
         .into_par_iter()
         .for_each(|task| {
-            let yp = yp;
             let r0 = task * GEMV_ROWS_PER_TASK;
             let r1 = (r0 + GEMV_ROWS_PER_TASK).min(rows);
             for t in 0..n {
                 // SAFETY: y[t, r0..r1] lies inside y (t < n, r1 ≤ rows) and
                 // belongs to this task alone.
                 let out =
-                    unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * rows + r0), r1 - r0) };
+                    unsafe { std::slice::from_raw_parts_mut(yp.ptr().add(t * rows + r0), r1 - r0) };
                 fill(t, r0..r1, out);
             }
         });
@@ -98,7 +97,6 @@ pub fn matmul_tiled(
     (0..rows.div_ceil(th))
         .into_par_iter()
         .for_each_init(Vec::<f32>::new, |tile, ti| {
-            let yp = yp;
             let r0 = ti * th;
             let nr = th.min(rows - r0);
             tile.resize(nr * cols, 0.0);
@@ -110,7 +108,7 @@ pub fn matmul_tiled(
                     n,
                     nr,
                     cols,
-                    yp.0.add(r0),
+                    yp.ptr().add(r0),
                     rows,
                     x.as_ptr(),
                     cols,

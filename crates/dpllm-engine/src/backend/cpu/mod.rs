@@ -49,3 +49,12 @@ pub(crate) struct SendPtr<T>(pub *mut T);
 // SAFETY: users only write disjoint index ranges from different tasks.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer. A closure that calls this captures the whole `SendPtr`
+    /// (which is `Send`), where naming the field would capture the bare
+    /// pointer (which is not).
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}

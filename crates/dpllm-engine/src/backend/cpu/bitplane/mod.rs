@@ -605,9 +605,7 @@ mod tests {
             for blk in 0..n.div_ceil(64) {
                 for l in 0..4 {
                     let s = avx512_vbmi::run_start(blk, l, n);
-                    for c in s.min(n)..(s + 16).min(n) {
-                        group[c] = blk;
-                    }
+                    group[s.min(n)..(s + 16).min(n)].fill(blk);
                 }
             }
         }
