@@ -643,9 +643,8 @@ impl CudaAnyPrec {
     /// tiles), except that at 3 bits one token takes pair tables too (H100:
     /// 2-5 % faster than tables in registers on the 8B's shapes, 8B decode
     /// 2-4 %), where more tokens keep the registers (pairs lost 2-28 % at 4
-    /// and 8 tokens).
-    /// Where the device says so ([`CudaDevice::half_pairs`]), 4-bit pair
-    /// tables take half the copies.
+    /// and 8 tokens). Where the device says so ([`CudaDevice::half_pairs`]),
+    /// 4-bit pair tables take half the copies.
     fn tables(&self, bits: u32, n: usize, v: GemvVariant) -> Tables {
         if let Some(t) = v.tables {
             t

@@ -208,8 +208,8 @@ impl CudaDevice {
 
     /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, PDL, split-K)", naming the
     /// launch options that are on ([`CudaDevice::pdl`],
-    /// [`CudaDevice::split_k`], [`CudaDevice::half_pairs`]), so results say
-    /// how they were run.
+    /// [`CudaDevice::split_k`], [`CudaDevice::half_pairs`],
+    /// [`CudaDevice::prefetch`]), so results say how they were run.
     pub fn describe(&self) -> String {
         let pdl = if self.pdl() { ", PDL" } else { "" };
         let split_k = if self.split_k() { ", split-K" } else { "" };
