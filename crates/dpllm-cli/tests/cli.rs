@@ -450,7 +450,10 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
     assert_eq!(sel["static_effective_bits"].as_f64(), Some(3.5), "{out}");
     assert!(sel["static_ms_per_token"].as_f64().unwrap() > 0.0, "{out}");
     assert!(sel["share_of_decode"].as_f64().unwrap() < 1.0, "{out}");
-    assert!(out.contains("% of decode time (static plan deciding alike"), "{out}");
+    assert!(
+        out.contains("% of decode time (static plan deciding alike"),
+        "{out}"
+    );
     let (out, _, v) = small(&["--target", "3.5", "--static"]);
     assert_eq!(
         v["weights"], "static plan, target 3.50, budget 4.00",
@@ -458,7 +461,16 @@ fn bench_decode_runs_a_synthetic_model_and_refuses_bad_settings() {
     );
     assert!(v["selection"].is_null(), "{out}");
     fails(
-        &["bench", "decode", "--synthetic", "smollm2-135m", "--target", "3.5", "--rounds", "0"],
+        &[
+            "bench",
+            "decode",
+            "--synthetic",
+            "smollm2-135m",
+            "--target",
+            "3.5",
+            "--rounds",
+            "0",
+        ],
         &["--rounds", "0"],
     );
     let plan_8b = ["bench", "decode", "--synthetic", "llama3-8b", "--target"];

@@ -67,9 +67,14 @@ fn gemv_matches_the_dequantized_reference() {
                         assert!(e.is_err(), "{} at {bits} bits was not refused", v.name());
                         continue;
                     }
-                    gpu.gemv_with(&xd, n, bits, &mut yd, v).unwrap_or_else(|e| {
-                        panic!("{rows}x{cols} b={bits} n={n} {}: {e}", v.name())
-                    });
+                    if let Err(e) = gpu.gemv_with(&xd, n, bits, &mut yd, v) {
+                        // Several tiles' tables may not fit a smaller GPU's block.
+                        let tiles = v.tiles_per_block.is_some_and(|t| t > 1);
+                        if tiles && e.to_string().contains("shared memory") {
+                            continue;
+                        }
+                        panic!("{rows}x{cols} b={bits} n={n} {}: {e}", v.name());
+                    }
                     check(&stream.clone_dtoh(&yd).unwrap(), &v.name());
                 }
                 // The activations split beforehand (as the ops that make a
@@ -225,6 +230,25 @@ fn bad_calls_are_refused() {
         gpu.gemv_with(&x, 1, 4, &mut y, k5).is_err(),
         "5 blocks a tile"
     );
+    let t5 = GemvVariant {
+        tiles_per_block: Some(5),
+        ..Default::default()
+    };
+    assert!(
+        gpu.gemv_with(&x, 1, 4, &mut y, t5).is_err(),
+        "5 tiles a block"
+    );
+    // Tiles a block and split-K do not go together (a layer of one tile and
+    // 4 column blocks has split-K's scratch).
+    let wide = CudaAnyPrec::upload(&dev, &AnyPrecHost::random(8, 512, 6, 1)).unwrap();
+    let x512 = s.alloc_zeros::<f32>(512).unwrap();
+    let t2k2 = GemvVariant {
+        tiles_per_block: Some(2),
+        splits: Some(2),
+        ..Default::default()
+    };
+    let e = wide.gemv_with(&x512, 1, 4, &mut y, t2k2).unwrap_err();
+    assert!(e.to_string().contains("split-K"), "{e}");
     // Split halves must hold the launch's tokens (2 · n · 128 here).
     let halves = s.alloc_zeros::<u16>(2 * 128).unwrap();
     let on_halves =

@@ -230,8 +230,14 @@ pub fn with_selection_cost<B: Backend>(
     };
     let (mut dyn_best, mut static_best) = (None, None);
     for _ in 0..rounds.max(1) {
-        dyn_best = Some(best(dyn_best, run(model.clone(), dynamic.clone(), cfg, bw.clone())?));
-        static_best = Some(best(static_best, run(model.clone(), fixed.clone(), cfg, bw.clone())?));
+        dyn_best = Some(best(
+            dyn_best,
+            run(model.clone(), dynamic.clone(), cfg, bw.clone())?,
+        ));
+        static_best = Some(best(
+            static_best,
+            run(model.clone(), fixed.clone(), cfg, bw.clone())?,
+        ));
     }
     let (mut d, s) = (dyn_best.unwrap(), static_best.unwrap());
     let alike = match (d.effective_bits, s.effective_bits) {

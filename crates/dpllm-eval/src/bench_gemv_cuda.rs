@@ -3,7 +3,8 @@
 //! as a fraction of the GPU's read bandwidth measured in the same run.
 
 use dpllm_engine::backend::cuda::bitplane::{
-    CudaAnyPrec, EstForm, GemvInput, GemvVariant, Tables, MAX_SPLITS, MAX_TOKENS,
+    CudaAnyPrec, EstForm, GemvInput, GemvVariant, Tables, MAX_SPLITS, MAX_TILES_PER_BLOCK,
+    MAX_TOKENS,
 };
 use dpllm_engine::backend::cuda::dense::CudaDenseF16;
 use dpllm_engine::backend::cuda::{CudaBackend, CudaDevice};
@@ -30,6 +31,8 @@ pub struct CudaGemvConfig {
     /// Also time the kernel with each row tile split over this many blocks
     /// (split-K), on the layers that can (fewer tiles than multiprocessors).
     pub splits: Vec<u32>,
+    /// Also time the kernel with this many row tiles a block.
+    pub tiles_per_block: Vec<u32>,
     /// Also time the kernel with these lookup tables, at the precisions that
     /// have them (empty: the built-in choice only).
     #[serde(serialize_with = "table_names")]
@@ -91,7 +94,11 @@ fn table_names<S: serde::Serializer>(t: &[Tables], s: S) -> Result<S::Ok, S::Err
 
 /// The variants to time at `bits`: the default, then one per given warp
 /// count, then one per given kind of table that `bits` has.
-fn variants(warps: &[u32], splits: &[u32], tables: &[Tables], bits: u32) -> Vec<GemvVariant> {
+fn variants(
+    (warps, splits, tiles): (&[u32], &[u32], &[u32]),
+    tables: &[Tables],
+    bits: u32,
+) -> Vec<GemvVariant> {
     let split = warps.iter().map(|&w| GemvVariant {
         warps: Some(w),
         ..Default::default()
@@ -107,10 +114,15 @@ fn variants(warps: &[u32], splits: &[u32], tables: &[Tables], bits: u32) -> Vec<
             tables: Some(t),
             ..Default::default()
         });
+    let tiles = tiles.iter().map(|&t| GemvVariant {
+        tiles_per_block: Some(t),
+        ..Default::default()
+    });
     std::iter::once(GemvVariant::default())
         .chain(split)
         .chain(split_k)
         .chain(tables)
+        .chain(tiles)
         .collect()
 }
 
@@ -171,6 +183,10 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     }
     if let Some(k) = (cfg.splits.iter()).find(|k| !(1..=MAX_SPLITS).contains(*k)) {
         anyhow::bail!("--splits {k} is out of range 1..={MAX_SPLITS}");
+    }
+    let tiles_range = 1..=MAX_TILES_PER_BLOCK;
+    if let Some(t) = (cfg.tiles_per_block.iter()).find(|t| !tiles_range.contains(*t)) {
+        anyhow::bail!("--tiles-per-block {t} is out of range 1..={MAX_TILES_PER_BLOCK}");
     }
     if cfg.bits.is_empty() || cfg.tokens.is_empty() || cfg.shapes.is_empty() {
         anyhow::bail!("no --bits, --tokens or --shapes to time");
@@ -237,7 +253,8 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
             let nb = copies_for(qs[0].bytes_at(b)).min(qs.len());
             for (&(t, f16), xs) in f16_us.iter().zip(&halves) {
                 let split_k = |v: &GemvVariant| v.splits.is_some_and(|k| k > 1);
-                let runs = variants(&cfg.warps, &cfg.splits, &cfg.tables, b).into_iter();
+                let sizes = (&cfg.warps[..], &cfg.splits[..], &cfg.tiles_per_block[..]);
+                let runs = variants(sizes, &cfg.tables, b).into_iter();
                 for v in runs.filter(|v| !split_k(v) || qs[0].can_split()) {
                     for input in Input::wanted(cfg) {
                         let mut i = 0;
@@ -391,21 +408,25 @@ mod tests {
 
     #[test]
     fn variants_and_table() {
-        let v = variants(&[4, 16], &[2], &[], 3);
-        assert_eq!(v.len(), 4);
+        let v = variants((&[4, 16], &[2], &[2]), &[], 3);
+        assert_eq!(v.len(), 5);
+        assert!(v.iter().any(|v| v.name() == "auto-t2"));
         assert!(v.iter().any(|v| v.name() == "auto-k2"));
         assert!(v.iter().any(|v| v.name() == "w16"));
-        assert_eq!(variants(&[], &[], &[], 5), vec![GemvVariant::default()]);
+        assert_eq!(
+            variants((&[], &[], &[]), &[], 5),
+            vec![GemvVariant::default()]
+        );
         // Only the tables a precision has.
         let all = Tables::ALL;
         let names = |b| {
-            variants(&[], &[], &all, b)
+            variants((&[], &[], &[]), &all, b)
                 .iter()
                 .map(|v| v.name())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(3), ["auto", "regs", "pairs"]);
-        assert_eq!(names(4), ["auto", "pairs", "entries"]);
+        assert_eq!(names(3), ["auto", "regs", "pairs", "half-pairs"]);
+        assert_eq!(names(4), ["auto", "pairs", "entries", "half-pairs"]);
         assert_eq!(names(8), ["auto", "entries"]);
         let mut cfg = CudaGemvConfig {
             shapes: vec![(64, 128)],
@@ -415,6 +436,7 @@ mod tests {
             calls: 1,
             warps: vec![],
             splits: vec![],
+            tiles_per_block: vec![],
             tables: vec![],
             rows: false,
             split_launch: false,

@@ -56,7 +56,12 @@ fn fill_row(
     let mid = (lo + hi) / 2;
     let mut best = f64::INFINITY;
     let mut best_m = opt_lo;
-    for (m, &p) in prev.iter().enumerate().take(opt_hi.min(mid) + 1).skip(opt_lo) {
+    for (m, &p) in prev
+        .iter()
+        .enumerate()
+        .take(opt_hi.min(mid) + 1)
+        .skip(opt_lo)
+    {
         let v = p + row.cost(m, mid);
         if v < best {
             best = v;

@@ -55,6 +55,11 @@ pub struct GemvArgs {
     /// (`DPLLM_CUDA_SPLIT_K=1` turns split-K on there).
     #[arg(long, value_delimiter = ',')]
     pub splits: Vec<u32>,
+    /// On a GPU, also time the bit-plane kernel with this many 16-row tiles a
+    /// block (1..=4; the warps split between them, those of one column block
+    /// reading the same activations together; no split-K); default: 1.
+    #[arg(long, value_delimiter = ',')]
+    pub tiles_per_block: Vec<u32>,
     /// On a GPU, also time the bit-plane kernel with these lookup tables, at
     /// the precisions that have them: regs (3 bits), pairs (3-4), entries
     /// (4-8), half-pairs (3-4: pairs with one copy for two lanes, half the
@@ -321,9 +326,13 @@ fn decode_on<B: Backend>(
         (None, None) => unreachable!("checked by the caller"),
     };
     let r = match reference {
-        Some(fixed) => {
-            bench_decode::with_selection_cost(model, (precision, fixed), &cfg, bw, a.rounds as usize)?
-        }
+        Some(fixed) => bench_decode::with_selection_cost(
+            model,
+            (precision, fixed),
+            &cfg,
+            bw,
+            a.rounds as usize,
+        )?,
         None => bench_decode::run(model, precision, &cfg, bw)?,
     };
     publish(&r.table(), a.json.as_deref(), &r)
@@ -353,6 +362,7 @@ fn gemv_cuda(ordinal: usize, a: GemvArgs) -> anyhow::Result<()> {
         calls: a.calls.max(1),
         warps: a.warps,
         splits: a.splits,
+        tiles_per_block: a.tiles_per_block,
         tables: a
             .tables
             .iter()

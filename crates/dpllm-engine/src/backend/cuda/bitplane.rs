@@ -22,6 +22,8 @@ pub const SOURCE: &str = concat!(
 const MAX_WARPS: u32 = 16;
 /// Most blocks one row tile is split over (split-K, [`GemvVariant::splits`]).
 pub const MAX_SPLITS: u32 = 4;
+/// Most row tiles a GEMV block takes ([`GemvVariant::tiles_per_block`]).
+pub const MAX_TILES_PER_BLOCK: u32 = 4;
 /// Most tokens one launch takes.
 pub const MAX_TOKENS: usize = 8;
 /// Most bytes of split activations a block holds in shared memory: more
@@ -136,6 +138,10 @@ pub struct GemvVariant {
     /// ([`CudaDevice::split_k`]) on a layer of fewer tiles than
     /// multiprocessors as many as give each one block.
     pub splits: Option<u32>,
+    /// Row tiles a block takes (1..=[`MAX_TILES_PER_BLOCK`], no split-K
+    /// then), or 1: its warps split between the tiles, those of one column
+    /// block reading the same activations together.
+    pub tiles_per_block: Option<u32>,
 }
 
 impl GemvVariant {
@@ -158,13 +164,18 @@ impl GemvVariant {
             splits: Some(s),
             ..Default::default()
         });
+        let tiles = GemvVariant {
+            tiles_per_block: Some(2),
+            ..Default::default()
+        };
         (splits.into_iter().chain(tables).chain([launch]))
             .chain(split_k)
+            .chain([tiles])
             .collect()
     }
 
     /// "auto", "w8", "pairs", "w8-pairs", "auto-xs" (split by a launch),
-    /// "auto-k2" (split-K over 2 blocks a tile).
+    /// "auto-k2" (split-K over 2 blocks a tile), "auto-t2" (2 tiles a block).
     pub fn name(&self) -> String {
         let base = match (self.warps, self.tables) {
             (None, None) => "auto".into(),
@@ -173,9 +184,12 @@ impl GemvVariant {
             (Some(w), Some(t)) => format!("w{w}-{}", t.name()),
         };
         let xs = if self.split_launch { "-xs" } else { "" };
+        let tiles = self
+            .tiles_per_block
+            .map_or(String::new(), |t| format!("-t{t}"));
         match self.splits {
-            Some(k) => format!("{base}{xs}-k{k}"),
-            None => base + xs,
+            Some(k) => format!("{base}{xs}-k{k}{tiles}"),
+            None => format!("{base}{xs}{tiles}"),
         }
     }
 
@@ -301,14 +315,16 @@ impl Split {
         (forced.unwrap_or(auto).clamp(1, MAX_SPLITS)).min(self.kbs.max(1) as u32)
     }
 
-    /// Warps a block takes: `forced`, else 16 where the blocks (`splits` a
-    /// tile) do not fill the GPU twice over and 8 where they do; never more
-    /// than the block's column blocks.
-    fn warps(self, forced: Option<u32>, splits: u32) -> u32 {
-        let blocks = self.tiles * splits as usize;
+    /// Warps a block of `tiles` row tiles takes: `forced`, else 16 where the
+    /// blocks (`splits` a tile) do not fill the GPU twice over and 8 where
+    /// they do; the same number a tile (at least one), never more a tile than
+    /// the block's column blocks.
+    fn warps(self, forced: Option<u32>, splits: u32, tiles: u32) -> u32 {
+        let tiles = tiles.max(1);
+        let blocks = self.tiles.div_ceil(tiles as usize) * splits as usize;
         let auto = if blocks < 2 * self.sms { MAX_WARPS } else { 8 };
         let columns = self.kbs.div_ceil(splits.max(1) as usize) as u32;
-        forced.unwrap_or(auto).min(columns).max(1)
+        (forced.unwrap_or(auto) / tiles).min(columns).max(1) * tiles
     }
 }
 
@@ -613,7 +629,12 @@ impl CudaAnyPrec {
 
     /// Warps a block of variant `v` takes ([`Split::warps`]).
     fn warps(&self, v: GemvVariant) -> u32 {
-        self.split_shape().warps(v.warps, self.splits(v))
+        (self.split_shape()).warps(v.warps, self.splits(v), Self::tiles_per_block(v))
+    }
+
+    /// Row tiles a block of variant `v` takes.
+    fn tiles_per_block(v: GemvVariant) -> u32 {
+        v.tiles_per_block.unwrap_or(1)
     }
 
     /// An error when a launch of `splits` blocks a tile has no scratch.
@@ -664,12 +685,20 @@ impl CudaAnyPrec {
         self.tiles >= 4 * self.device.multiprocessors()
     }
 
-    /// Bytes of shared memory a launch at `bits` with `warps` warps takes:
-    /// the lanes' table copies ([`Tables::shared_bytes`]), the activations of
-    /// `split_in_block` tokens split (2 halves of each padded column), then
-    /// the warps' sums (4 values of 32 lanes each).
-    fn shared_bytes(&self, bits: u32, tables: Tables, warps: u32, split_in_block: usize) -> u32 {
-        tables.shared_bytes(bits)
+    /// Bytes of shared memory a launch at `bits` with `warps` warps and
+    /// `tiles` row tiles a block takes: the lanes' table copies of each tile
+    /// ([`Tables::shared_bytes`]), the activations of `split_in_block` tokens
+    /// split (2 halves of each padded column), then the warps' sums (4 values
+    /// of 32 lanes each).
+    fn shared_bytes(
+        &self,
+        bits: u32,
+        tables: Tables,
+        warps: u32,
+        split_in_block: usize,
+        tiles: u32,
+    ) -> u32 {
+        tables.shared_bytes(bits) * tiles
             + (4 * split_in_block * padded_cols(self.cols)) as u32
             + warps * 4 * 32 * 4
     }
@@ -682,10 +711,10 @@ impl CudaAnyPrec {
     /// 14336x4096, one token: 19.98 µs split by `split_x` against 23.66 split
     /// in the block, and 22.76 for the entry tables split in the block that
     /// were taken before). Else `split_x` splits them first (a second launch).
-    fn split_in_block(&self, bits: u32, tables: Tables, warps: u32, n: usize) -> bool {
+    fn split_in_block(&self, bits: u32, tables: Tables, warps: u32, n: usize, tiles: u32) -> bool {
         4 * n * padded_cols(self.cols) <= SPLIT_IN_BLOCK_MAX
             && !(bits == 4 && tables == Tables::Pairs && self.many_tiles())
-            && self.shared_bytes(bits, tables, warps, n) as usize <= self.device.max_shared()
+            && self.shared_bytes(bits, tables, warps, n, tiles) as usize <= self.device.max_shared()
     }
 
     /// True when variant `v` can run `n` tokens.
@@ -693,6 +722,7 @@ impl CudaAnyPrec {
         (1..=MAX_TOKENS).contains(&n)
             && v.warps.is_none_or(|w| (1..=MAX_WARPS).contains(&w))
             && v.splits.is_none_or(|k| (1..=MAX_SPLITS).contains(&k))
+            && (v.tiles_per_block).is_none_or(|t| (1..=MAX_TILES_PER_BLOCK).contains(&t))
     }
 
     /// `y [n × rows] = x [n × cols] · W_bᵀ` at `bits`, for n ≤ [`MAX_TOKENS`],
@@ -811,16 +841,32 @@ impl CudaAnyPrec {
         }
         let (warps, tables, splits) = (self.warps(v), self.tables(bits, n, v), self.splits(v));
         self.check_splits(splits)?;
+        let tiles = Self::tiles_per_block(v);
+        if tiles > 1 && splits > 1 {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: {tiles} tiles a block with split-K ({})",
+                v.name()
+            )));
+        }
         // Rows are split in the block where that pays, else by split_x first.
         let in_block = matches!(x, GemvInput::Rows(_))
             && !v.split_launch
-            && self.split_in_block(bits, tables, warps, n);
+            && self.split_in_block(bits, tables, warps, n, tiles);
         let made = match x {
             GemvInput::Rows(x) if !in_block => Some(self.split(x, n)?),
             _ => None,
         };
         let split = if in_block { n } else { 0 };
-        let cfg = self.launch_config(warps, self.shared_bytes(bits, tables, warps, split), splits);
+        let shared = self.shared_bytes(bits, tables, warps, split, tiles);
+        if shared as usize > self.device.max_shared() {
+            return Err(EngineError::Device(format!(
+                "bit-plane GEMV: {} takes {shared} bytes of shared memory at {bits} bits, \
+                 more than the GPU's {}",
+                v.name(),
+                self.device.max_shared()
+            )));
+        }
+        let cfg = self.launch_config(warps, shared, splits, tiles);
         // The kernel: `s` where the block splits x, then the tables' suffix.
         let e = tables.suffix(bits);
         let s = if in_block { "s" } else { "" };
@@ -853,8 +899,8 @@ impl CudaAnyPrec {
         };
         b.arg(&want);
         self.split_args(&mut b, splits);
-        let prefetch = self.device.prefetch() as i32;
-        b.arg(&prefetch);
+        let (prefetch, tiles) = (self.device.prefetch() as i32, tiles as i32);
+        b.arg(&prefetch).arg(&tiles);
         // SAFETY: the arguments match the kernel's signature in order and type
         // (the `s` kernels take x and its columns where the others take xs);
         // the buffers hold what the kernel reads and writes (checked above and
@@ -888,7 +934,7 @@ impl CudaAnyPrec {
     /// split in the block or not): what the hungrier precision takes.
     fn select_shared_bytes(&self, low: u32, warps: u32, in_block: bool) -> u32 {
         let split = in_block as usize;
-        let at = |b: u32| self.shared_bytes(b, self.select_tables(b, in_block), warps, split);
+        let at = |b: u32| self.shared_bytes(b, self.select_tables(b, in_block), warps, split, 1);
         at(low).max(at(low + 1))
     }
 
@@ -956,7 +1002,7 @@ impl CudaAnyPrec {
         );
         self.check_splits(splits)?;
         let shared = self.select_shared_bytes(low, warps, in_block);
-        let cfg = self.launch_config(warps, shared, splits);
+        let cfg = self.launch_config(warps, shared, splits, 1);
         let made = match x {
             GemvInput::Rows(x) if !in_block => Some(self.split(x, 1)?),
             _ => None,
@@ -1013,11 +1059,11 @@ impl CudaAnyPrec {
         Ok(())
     }
 
-    /// `splits` blocks of `warps` warps per row tile, with `shared` bytes of
-    /// shared memory each.
-    fn launch_config(&self, warps: u32, shared: u32, splits: u32) -> LaunchConfig {
+    /// `splits` blocks of `warps` warps per row tile (or one block per
+    /// `tiles` row tiles), with `shared` bytes of shared memory each.
+    fn launch_config(&self, warps: u32, shared: u32, splits: u32, tiles: u32) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (self.tiles as u32, splits, 1),
+            grid_dim: (self.tiles.div_ceil(tiles.max(1) as usize) as u32, splits, 1),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: shared,
         }
@@ -1049,13 +1095,13 @@ mod tests {
         // tile of 16 warps, one column block a warp.
         let kv = layer(64, 32);
         assert_eq!(kv.splits(None, true), 2);
-        assert_eq!(kv.warps(None, 2), 16);
+        assert_eq!(kv.warps(None, 2, 1), 16);
         assert_eq!(kv.splits(None, false), 1, "split-K off");
         // SmolLM2's k/v: 12 tiles of 5 column blocks; at most 4 splits, and
         // the blocks of a 4-way split hold 1-2 column blocks (2 warps).
         let small = layer(12, 5);
         assert_eq!(small.splits(None, true), 4);
-        assert_eq!(small.warps(None, 4), 2);
+        assert_eq!(small.warps(None, 4, 1), 2);
         // Forced splits stay within 1..=4 and one a column block.
         assert_eq!(layer(3, 2).splits(Some(4), false), 2);
         assert_eq!(layer(3, 32).splits(Some(3), false), 3);
@@ -1063,12 +1109,31 @@ mod tests {
         // No scratch (as many tiles as multiprocessors or more): no auto split.
         let gate = layer(896, 32);
         assert_eq!(gate.splits(None, true), 1);
-        assert_eq!(gate.warps(None, 1), 8, "896 blocks fill the GPU twice over");
-        assert_eq!(layer(256, 32).warps(Some(4), 1), 4, "forced warps");
         assert_eq!(
-            layer(2, 3).warps(None, 1),
+            gate.warps(None, 1, 1),
+            8,
+            "896 blocks fill the GPU twice over"
+        );
+        assert_eq!(layer(256, 32).warps(Some(4), 1, 1), 4, "forced warps");
+        assert_eq!(
+            layer(2, 3).warps(None, 1, 1),
             3,
             "no more warps than column blocks"
+        );
+        // Tiles a block: the same warps a tile, and the blocks counted as
+        // launched (448 blocks of 2 tiles still fill the GPU twice over).
+        assert_eq!(gate.warps(None, 1, 2), 8);
+        assert_eq!(layer(200, 32).warps(None, 1, 2), 16, "100 blocks");
+        assert_eq!(
+            layer(2, 3).warps(None, 1, 2),
+            6,
+            "3 column blocks, 3 warps a tile"
+        );
+        assert_eq!(layer(8, 1).warps(None, 1, 4), 4, "one warp a tile at least");
+        assert_eq!(
+            layer(8, 32).warps(Some(6), 1, 4),
+            4,
+            "forced warps rounded down"
         );
     }
 

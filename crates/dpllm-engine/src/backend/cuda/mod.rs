@@ -213,7 +213,11 @@ impl CudaDevice {
     pub fn describe(&self) -> String {
         let pdl = if self.pdl() { ", PDL" } else { "" };
         let split_k = if self.split_k() { ", split-K" } else { "" };
-        let half = if self.half_pairs() { ", half-pairs" } else { "" };
+        let half = if self.half_pairs() {
+            ", half-pairs"
+        } else {
+            ""
+        };
         let prefetch = if self.prefetch() { ", prefetch" } else { "" };
         format!(
             "cuda:{} ({}, sm_{}{}{pdl}{split_k}{half}{prefetch})",

@@ -42,7 +42,11 @@
 // - above 4 bits: entry tables in shared memory, one copy a lane, one 32-bit
 //   load giving the entry of rows g and g + 8 (2^B · 128 bytes a block).
 // Work split: a block of W warps takes one row tile; warp w takes the column
-// blocks w, w + W, ..., and the warps' sums meet in shared memory. Split-K
+// blocks w, w + W, ..., and the warps' sums meet in shared memory. With T
+// tiles a block (tpb), warp w works on tile w % T and column blocks w / T,
+// w / T + W / T, ...: the T warps of a column block read the same
+// activations at about the same time (L1 instead of L2, for many tokens),
+// each tile with its own tables. Split-K
 // (layers of few tiles, which would leave multiprocessors idle): S blocks a
 // tile (gridDim.y), block s over column blocks [s·KB/S, (s+1)·KB/S); each
 // writes its sums to a scratch buffer (part), and the tile's last block to
@@ -132,7 +136,7 @@ template <int B>
 struct Tables<B, REGS> {
     RegTable g, g8;
     // Rows row0 + g and row0 + g + 8 of the lane's tile (lane = 4g + t); no shared memory.
-    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32*) {
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32*, int, int) {
         const int g_ = lane >> 2;
         g.load(luts + (long long)(row0 + g_) * (1 << B));
         g8.load(luts + (long long)(row0 + g_ + 8) * (1 << B));
@@ -160,11 +164,13 @@ struct PairTables {
     static constexpr u32 REGION = 16 * N * C * 4;      // bytes
     static constexpr int SHIFT = C == 32 ? 7 : 6;      // log2 of a pair's C words in bytes
     u32 base;
-    // The block's tables of tile rows row0.. into smem (every thread takes part).
-    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
+    // The tables of tile rows row0.. into smem, by the threads first,
+    // first + stride, ... of the block (the warps of this tile).
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem, int first,
+                                         int stride) {
         // Thread (hi, rg) writes the words of pairs E = 16·hi + lo of row
         // pair g = rg % 8, region rg / 8, for the C/8 copies of g at once.
-        for (int i = threadIdx.x; i < 16 * N; i += blockDim.x) {
+        for (int i = first; i < 16 * N; i += stride) {
             const int rg = i & 15, hi = i >> 4, gp = rg & 7, region = rg >> 3;
             const u16* lut = luts + ((long long)(row0 + gp + 8 * region) << B);
             u32 w[8];
@@ -206,11 +212,13 @@ struct Tables<B, HALF_PAIRS> : PairTables<B, 16> {};
 template <int B>
 struct Tables<B, ENTRIES> {
     u32 base;  // shared address of entry 0 of this lane's copy
-    // The block's tables of tile rows row0.. into smem (every thread takes part).
-    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem) {
+    // The tables of tile rows row0.. into smem, by the threads first,
+    // first + stride, ... of the block (the warps of this tile).
+    __device__ __forceinline__ void load(const u16* __restrict__ luts, int row0, int lane, u32* smem, int first,
+                                         int stride) {
         // Word e·32 + l: entry e of rows g_l and g_l + 8 (g_l = l / 4) as
         // f16x2, the same for the four lanes of a row pair (one 16-byte store).
-        for (int i = threadIdx.x; i < 1 << B; i += blockDim.x) {
+        for (int i = first; i < 1 << B; i += stride) {
             const int gp = i >> (B - 3), e0 = (i & ((1 << (B - 3)) - 1)) * 8;
             const uint4 u = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp) << B) + e0));
             const uint4 v = __ldg(reinterpret_cast<const uint4*>(luts + ((long long)(row0 + gp + 8) << B) + e0));
@@ -263,17 +271,18 @@ __device__ __forceinline__ void split_into(const float* __restrict__ x, int x_st
 }
 
 // Asks L2 for the planes this block will read: B planes of its column blocks
-// (tile blockIdx.x, the split blockIdx.y of gridDim.y), 256 bytes each, a
-// 128-byte line a thread at a time, holding no registers. Issued first
-// thing, before the PDL wait, so the tile streams from HBM while the kernel
-// before ends, and later blocks have their whole tile in flight at once
-// instead of one column block a warp ahead.
+// (its `tiles` tiles from tile0, whole; or with split-K one tile's split
+// blockIdx.y of gridDim.y), 256 bytes each, a 128-byte line a thread at a
+// time, holding no registers. Issued first thing, before the PDL wait, so
+// the tiles stream from HBM while the kernel before ends, and later blocks
+// have their whole tiles in flight at once instead of one column block a
+// warp ahead.
 template <int B>
 __device__ __forceinline__ void prefetch_planes(const uint2* __restrict__ planes, long long plane_stride,
-                                                int kbs) {
+                                                int kbs, int tile0, int tiles) {
     const int kb0 = blockIdx.y * kbs / gridDim.y, kb1 = (blockIdx.y + 1) * kbs / gridDim.y;
-    const int lines = 2 * (kb1 - kb0);
-    const uint2* first = planes + ((long long)blockIdx.x * kbs + kb0) * 32;
+    const int lines = 2 * (gridDim.y > 1 ? kb1 - kb0 : kbs * tiles);
+    const uint2* first = planes + ((long long)tile0 * kbs + kb0) * 32;
     for (int i = threadIdx.x; i < B * lines; i += blockDim.x) {
         const int j = i / lines, l = i - j * lines;
         asm volatile("prefetch.global.L2 [%0];" ::"l"(first + j * plane_stride + 16 * l));
@@ -288,7 +297,7 @@ __device__ __forceinline__ void gemv(
     const uint2* __restrict__ planes, long long plane_stride, const u16* __restrict__ luts,
     const void* __restrict__ xin, int x_stride, int cols, int n, float* __restrict__ y, int y_stride,
     int rows, int kbs, const u32* __restrict__ mask, u32 want, float* __restrict__ part, u32* done,
-    int prefetch) {
+    int prefetch, int tpb) {
     // Launched with PDL, the next kernel may start once every block is here.
     pdl_launch_dependents();
     // Per-token precision (DP-LLM): with a mask, only the tokens whose
@@ -301,26 +310,33 @@ __device__ __forceinline__ void gemv(
         for (int t = 0; t < n; ++t) any |= mask[t] == want;
         if (!any) return;
     }
-    if (prefetch) prefetch_planes<B>(planes, plane_stride, kbs);
+    // tpb tiles a block (no split-K then): warp w takes tile sub = w % tpb of
+    // them, and its column blocks w / tpb, w / tpb + warps / tpb, ...: the
+    // warps of one column block, one a tile, read the same activations
+    // together. A last block's tiles past the layer do nothing.
+    const int tile0 = blockIdx.x * tpb, tiles = min(tpb, (rows + 15) / 16 - tile0);
+    if (prefetch) prefetch_planes<B>(planes, plane_stride, kbs, tile0, tiles);
     constexpr bool PACK = NT <= 4;   // hi and lo in one mma
     constexpr int XW = PACK ? 1 : 2;  // activation sets a lane loads
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x, row0 = tile * 16;
+    const int sub = warp % tpb, wcol = warp / tpb, wstride = warps / tpb;
+    const int tile = tile0 + sub, row0 = tile * 16;
+    const bool live = sub < tiles;
     // This block's column blocks (all of them without split-K).
     const int splits = gridDim.y, split = blockIdx.y;
     const int kb_end = (split + 1) * kbs / splits;
     const int cols_p = kbs * 128;
-    // Shared memory: the tables (none in registers, 2 · 16 · 2^B · 32 words of
-    // pairs, 32 << B words of entries), the split activations (SX: n · cols_p
-    // words), the warps' sums.
+    // Shared memory: the tables of each tile (none in registers, 2 · 16 · 2^B ·
+    // 32 words of pairs, half that of half pairs, 32 << B words of entries),
+    // the split activations (SX: n · cols_p words), the warps' sums.
     extern __shared__ __align__(16) u32 smem[];
     constexpr int TABLE_WORDS = KIND == REGS         ? 0
                                 : KIND == PAIRS      ? 2 * 16 * 32 << B
                                 : KIND == HALF_PAIRS ? 2 * 16 * 16 << B
                                                      : 32 << B;
-    u16* xs_s = reinterpret_cast<u16*>(smem + TABLE_WORDS);
-    float* red = reinterpret_cast<float*>(smem + TABLE_WORDS + (SX ? n * cols_p : 0));
+    u16* xs_s = reinterpret_cast<u16*>(smem + tpb * TABLE_WORDS);
+    float* red = reinterpret_cast<float*>(smem + tpb * TABLE_WORDS + (SX ? n * cols_p : 0));
 
     // This warp's first column block of planes is requested before the
     // tables and activations are set up, so its latency overlaps that work.
@@ -330,12 +346,14 @@ __device__ __forceinline__ void gemv(
         for (int j = 0; j < B; ++j) p[j] = __ldg(pl + j * plane_stride + kb * 32);
     };
     uint2 p[B], pn[B];
-    int kb = split * kbs / splits + warp;
-    if (kb < kb_end) load_planes(p, kb);
+    int kb = split * kbs / splits + wcol;
+    const int kb_stop = live ? kb_end : kb;  // no column blocks past the layer
+    if (kb < kb_stop) load_planes(p, kb);
 
-    // The tables (shared ones are ready after the barrier below).
+    // The tables (shared ones are ready after the barrier below), each
+    // tile's built by its warps.
     Tables<B, KIND> tab;
-    tab.load(luts, row0, lane, smem);
+    if (live) tab.load(luts, row0, lane, smem + sub * TABLE_WORDS, wcol * 32 + lane, wstride * 32);
     // All of the above reads only the weights; the activations and y wait
     // for the kernel before (PDL), which may still be running until here.
     pdl_wait();
@@ -370,10 +388,10 @@ __device__ __forceinline__ void gemv(
     // precedes their use: holding both ahead takes registers that cost more
     // occupancy than they gain (measured).
     uint4 x[XW][4];
-    if (kb < kb_end) load_x(x, kb);
-    for (; kb < kb_end; kb += warps) {
-        const bool more = kb + warps < kb_end;
-        if (more) load_planes(pn, kb + warps);
+    if (kb < kb_stop) load_x(x, kb);
+    for (; kb < kb_stop; kb += wstride) {
+        const bool more = kb + wstride < kb_stop;
+        if (more) load_planes(pn, kb + wstride);
         // Nibble words of rows g (r = 0) and g + 8 (r = 1): low four index bits, and the rest.
         u32 lo[2][4], hi[2][4];
 #pragma unroll
@@ -418,7 +436,7 @@ __device__ __forceinline__ void gemv(
         if (more) {
 #pragma unroll
             for (int j = 0; j < B; ++j) p[j] = pn[j];
-            load_x(x, kb + warps);
+            load_x(x, kb + wstride);
         }
     }
 #pragma unroll
@@ -433,16 +451,17 @@ __device__ __forceinline__ void gemv(
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = c[i];
     __syncthreads();
-    // Item e < 128 (value e / 32 of lane e % 32), summed over the warps.
-    auto block_sum = [&](int e) {
+    // Item e < 128 (value e / 32 of lane e % 32) of tile sub s, summed over
+    // that tile's warps.
+    auto block_sum = [&](int e, int s_) {
         float s = 0.f;
-        for (int w = 0; w < warps; ++w) s += red[(w * 4 + (e >> 5)) * 32 + (e & 31)];
+        for (int w = s_; w < warps; w += tpb) s += red[(w * 4 + (e >> 5)) * 32 + (e & 31)];
         return s;
     };
     if (splits > 1) {
         // Split-K: this block's sums to the scratch; the tile's last block adds them.
         float* tile_part = part + (long long)tile * splits * 128;
-        for (int e = threadIdx.x; e < 128; e += blockDim.x) tile_part[split * 128 + e] = block_sum(e);
+        for (int e = threadIdx.x; e < 128; e += blockDim.x) tile_part[split * 128 + e] = block_sum(e, 0);
         __threadfence();
         __syncthreads();
         __shared__ u32 arrived;
@@ -452,15 +471,15 @@ __device__ __forceinline__ void gemv(
         __threadfence();
         if (threadIdx.x == 0) done[tile] = 0u;
     }
-    for (int e = threadIdx.x; e < 128; e += blockDim.x) {
-        const int i = e >> 5, l = e & 31;
-        const int tok = 2 * (l & 3) + (i & 1), r = row0 + (l >> 2) + 8 * (i >> 1);
+    for (int te = threadIdx.x; te < 128 * tpb; te += blockDim.x) {
+        const int se = te >> 7, e = te & 127, i = e >> 5, l = e & 31;
+        const int tok = 2 * (l & 3) + (i & 1), r = (tile0 + se) * 16 + (l >> 2) + 8 * (i >> 1);
         if (tok < n && r < rows && (!mask || mask[tok] == want)) {
             float s = 0.f;
             if (splits > 1) {
                 for (int k = 0; k < splits; ++k) s += __ldcg(part + ((long long)tile * splits + k) * 128 + e);
             } else {
-                s = block_sum(e);
+                s = block_sum(e, se);
             }
             y[(long long)tok * y_stride + r] = s;
         }
@@ -478,17 +497,17 @@ __device__ __forceinline__ void gemv(
         bitplane_gemv_b##B##_t##NT##E(                                                            \
         const uint2* planes, long long plane_stride, const u16* luts, const u16* xs, int n,       \
         float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part,        \
-        u32* done, int prefetch) {                                                                \
+        u32* done, int prefetch, int tpb) {                                                       \
         gemv<B, NT, false, KIND>(planes, plane_stride, luts, xs, 0, 0, n, y, y_stride, rows, kbs, \
-                                 mask, want, part, done, prefetch);                               \
+                                 mask, want, part, done, prefetch, tpb);                          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(B, NT))                     \
         bitplane_gemv_b##B##_t##NT##s##E(                                                         \
         const uint2* planes, long long plane_stride, const u16* luts, const float* x, int cols,   \
         int n, float* y, int y_stride, int rows, int kbs, const u32* mask, u32 want, float* part, \
-        u32* done, int prefetch) {                                                                \
+        u32* done, int prefetch, int tpb) {                                                       \
         gemv<B, NT, true, KIND>(planes, plane_stride, luts, x, cols, cols, n, y, y_stride, rows,  \
-                                kbs, mask, want, part, done, prefetch);                           \
+                                kbs, mask, want, part, done, prefetch, tpb);                      \
     }
 #define GEMV_BITS(B) GEMV_KERNEL_K(B, 4, default_kind(B), ) GEMV_KERNEL_K(B, 8, default_kind(B), )
 
@@ -523,10 +542,10 @@ GEMV_BITS(8)
         atomicAdd(count + slot, 1.f);                                                            \
     if (high)                                                                                    \
         gemv<BL + 1, 4, SX, KH>(planes, plane_stride, luts_high, XIN, XSTRIDE, XSTRIDE, 1, y,    \
-                                rows, rows, kbs, nullptr, 0u, part, done, 0);                    \
+                                rows, rows, kbs, nullptr, 0u, part, done, 0, 1);                 \
     else                                                                                         \
         gemv<BL, 4, SX, KL>(planes, plane_stride, luts_low, XIN, XSTRIDE, XSTRIDE, 1, y, rows,   \
-                            rows, kbs, nullptr, 0u, part, done, 0);
+                            rows, kbs, nullptr, 0u, part, done, 0, 1);
 #define GEMV_SELECT_KERNEL_K(BL, KL, KH, E)                                                        \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(BL + 1, 4))                 \
         bitplane_gemv_select_b##BL##E(                                                             \
