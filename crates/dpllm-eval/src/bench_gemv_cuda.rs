@@ -168,6 +168,9 @@ pub struct CudaGemvBench {
     pub read_gbs: f64,
     /// Every case.
     pub cases: Vec<CudaGemvCase>,
+    /// Variants asked for that a layer could not launch, and why (their
+    /// tables do not fit a block, for example).
+    pub not_timed: Vec<String>,
 }
 
 /// Run the benchmark on GPU `ordinal`.
@@ -196,7 +199,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
     let s = dev.stream().clone();
     let copies_for = |bytes: usize| cfg.working_set_bytes.div_ceil(bytes.max(1)).max(1);
     let max_t = *cfg.tokens.iter().max().unwrap_or(&1);
-    let mut cases = Vec::new();
+    let (mut cases, mut not_timed) = (Vec::new(), Vec::new());
     for &(rows, cols) in &cfg.shapes {
         let xf: Vec<f32> = (0..max_t * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
@@ -271,7 +274,18 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
                                     q.gemv_with(&x32, t, b, &mut y32, run)
                                 }
                             }
-                        })?;
+                        });
+                        // A variant asked for that this layer cannot launch (its
+                        // tables do not fit a block) is left out, and said so.
+                        let ms = match ms {
+                            Err(e) if v != GemvVariant::default() => {
+                                let v = input.name(v);
+                                not_timed
+                                    .push(format!("{rows}x{cols} {b} bits {t} tokens {v}: {e}"));
+                                continue;
+                            }
+                            r => r?,
+                        };
                         let bytes = qs[0].bytes_at(b);
                         let name = format!("anyprec-{b}b");
                         let mut c = case(rows, cols, &name, t, ms * 1e3, bytes, nb, read, f16);
@@ -330,6 +344,7 @@ pub fn run(ordinal: usize, cfg: &CudaGemvConfig) -> anyhow::Result<CudaGemvBench
         copy_gbs: copy,
         read_gbs: read,
         cases,
+        not_timed,
     })
 }
 
@@ -398,6 +413,9 @@ impl CudaGemvBench {
                 c.speedup_vs_f16
             ));
         }
+        for n in &self.not_timed {
+            out.push_str(&format!("not timed: {n}\n"));
+        }
         out
     }
 }
@@ -463,12 +481,17 @@ mod tests {
                     ..case(64, 128, "anyprec-4b", 1, 1.0, 4096, 1, 1000.0, 2.0)
                 },
             ],
+            not_timed: vec!["64x128 4 bits 1 tokens auto-t4: too big".into()],
         };
         let t = bench.table();
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4, "{t}");
+        assert_eq!(lines.len(), 5, "{t}");
+        assert_eq!(
+            lines[4],
+            "not timed: 64x128 4 bits 1 tokens auto-t4: too big"
+        );
         // Columns line up: every row as wide as the header.
-        assert!(lines[2..].iter().all(|l| l.len() == lines[1].len()), "{t}");
+        assert!(lines[2..4].iter().all(|l| l.len() == lines[1].len()), "{t}");
         // 4096 bytes in 1 us: 4.1 GB/s, 0.4 % of 1000 GB/s, 2x the f16 time.
         assert!(
             lines[3].contains("w8") && lines[3].contains("4.1") && lines[3].contains("2.00x"),
