@@ -217,27 +217,32 @@ fn bad_calls_are_refused() {
     assert!(gpu.gemv(&x, 1, 2, &mut y).is_err(), "2 bits");
     assert!(gpu.gemv(&x, 9, 4, &mut y).is_err(), "9 tokens");
     assert!(gpu.gemv(&x, 0, 4, &mut y).is_err(), "no tokens");
-    let w17 = GemvVariant {
-        warps: Some(17),
-        ..Default::default()
-    };
-    assert!(gpu.gemv_with(&x, 1, 4, &mut y, w17).is_err(), "17 warps");
-    let k5 = GemvVariant {
-        splits: Some(5),
-        ..Default::default()
-    };
-    assert!(
-        gpu.gemv_with(&x, 1, 4, &mut y, k5).is_err(),
-        "5 blocks a tile"
-    );
-    let t5 = GemvVariant {
-        tiles_per_block: Some(5),
-        ..Default::default()
-    };
-    assert!(
-        gpu.gemv_with(&x, 1, 4, &mut y, t5).is_err(),
-        "5 tiles a block"
-    );
+    let d = GemvVariant::default();
+    for (v, what) in [
+        (
+            GemvVariant {
+                warps: Some(17),
+                ..d
+            },
+            "17 warps",
+        ),
+        (
+            GemvVariant {
+                splits: Some(5),
+                ..d
+            },
+            "5 blocks a tile",
+        ),
+        (
+            GemvVariant {
+                tiles_per_block: Some(5),
+                ..d
+            },
+            "5 tiles a block",
+        ),
+    ] {
+        assert!(gpu.gemv_with(&x, 1, 4, &mut y, v).is_err(), "{what}");
+    }
     // Tiles a block and split-K do not go together (a layer of one tile and
     // 4 column blocks has split-K's scratch).
     let wide = CudaAnyPrec::upload(&dev, &AnyPrecHost::random(8, 512, 6, 1)).unwrap();
