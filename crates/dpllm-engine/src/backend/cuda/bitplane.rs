@@ -852,10 +852,6 @@ impl CudaAnyPrec {
         let in_block = matches!(x, GemvInput::Rows(_))
             && !v.split_launch
             && self.split_in_block(bits, tables, warps, n, tiles);
-        let made = match x {
-            GemvInput::Rows(x) if !in_block => Some(self.split(x, n)?),
-            _ => None,
-        };
         let split = if in_block { n } else { 0 };
         let shared = self.shared_bytes(bits, tables, warps, split, tiles);
         if shared as usize > self.device.max_shared() {
@@ -866,6 +862,10 @@ impl CudaAnyPrec {
                 self.device.max_shared()
             )));
         }
+        let made = match x {
+            GemvInput::Rows(x) if !in_block => Some(self.split(x, n)?),
+            _ => None,
+        };
         let cfg = self.launch_config(warps, shared, splits, tiles);
         // The kernel: `s` where the block splits x, then the tables' suffix.
         let e = tables.suffix(bits);
