@@ -50,8 +50,9 @@ if len(starts) >= tokens:
     data = data[starts[-tokens]:]
 by = collections.defaultdict(lambda: [0, 0.0])
 for n, v in data:
-    by[n.split("(")[0]][0] += 1
-    by[n.split("(")[0]][1] += v
+    k = by[n.split("(")[0]]
+    k[0] += 1
+    k[1] += v
 total = sum(v for _, v in data)
 print(f"# {args}: {len(data)} launches over {tokens} decoded tokens, {total / tokens:.1f} us/token (kernels alone)")
 print(f"{'kernel':48} {'launches/token':>14} {'us/token':>10} {'us/launch':>10}")

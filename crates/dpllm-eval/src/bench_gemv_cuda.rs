@@ -93,7 +93,8 @@ fn table_names<S: serde::Serializer>(t: &[Tables], s: S) -> Result<S::Ok, S::Err
 }
 
 /// The variants to time at `bits`: the default, then one per given warp
-/// count, then one per given kind of table that `bits` has.
+/// count, split-K split and kind of table that `bits` has, then one per
+/// given count of tiles a block.
 fn variants(
     (warps, splits, tiles): (&[u32], &[u32], &[u32]),
     tables: &[Tables],

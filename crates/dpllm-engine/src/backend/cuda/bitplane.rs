@@ -193,6 +193,11 @@ impl GemvVariant {
         }
     }
 
+    /// Row tiles a block of this variant takes (1 unless asked for).
+    fn tiles(&self) -> u32 {
+        self.tiles_per_block.unwrap_or(1)
+    }
+
     /// True when this variant has a kernel at `bits`.
     pub fn available_at(&self, bits: u32) -> bool {
         self.tables.is_none_or(|t| t.available_at(bits))
@@ -629,12 +634,7 @@ impl CudaAnyPrec {
 
     /// Warps a block of variant `v` takes ([`Split::warps`]).
     fn warps(&self, v: GemvVariant) -> u32 {
-        (self.split_shape()).warps(v.warps, self.splits(v), Self::tiles_per_block(v))
-    }
-
-    /// Row tiles a block of variant `v` takes.
-    fn tiles_per_block(v: GemvVariant) -> u32 {
-        v.tiles_per_block.unwrap_or(1)
+        (self.split_shape()).warps(v.warps, self.splits(v), v.tiles())
     }
 
     /// An error when a launch of `splits` blocks a tile has no scratch.
@@ -841,7 +841,7 @@ impl CudaAnyPrec {
         }
         let (warps, tables, splits) = (self.warps(v), self.tables(bits, n, v), self.splits(v));
         self.check_splits(splits)?;
-        let tiles = Self::tiles_per_block(v);
+        let tiles = v.tiles();
         if tiles > 1 && splits > 1 {
             return Err(EngineError::Device(format!(
                 "bit-plane GEMV: {tiles} tiles a block with split-K ({})",
